@@ -1,0 +1,302 @@
+//! The command line: what each subcommand does, and the exit codes (0 ok, 1 failure with a
+//! one-line reason on stderr, 2 usage error, printed by clap).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::config::{self, Config, Paths, SharedConfig};
+use crate::registration::RegistrationState;
+use crate::runtime::{Runtime, RuntimeOptions, status_file};
+use crate::timing::Timing;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "studio-worker",
+    version,
+    about = "Lends this PC's GPU to the minis.gg studio.",
+    long_about = "Lends this PC's GPU to the minis.gg studio.\n\n\
+        On first start the worker asks the studio for approval (no account or password: the \
+        studio's operator approves this PC), then takes image jobs while you are not using the GPU.\n\n\
+        Without a command, the worker runs."
+)]
+pub struct Cli {
+    /// Settings file to use instead of the standard one; logs and state go in its folder.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Run the worker.
+    Run {
+        /// Without any window (for servers and terminals).
+        #[arg(long)]
+        headless: bool,
+        /// Talk to this studio for this run instead of the one in the settings.
+        #[arg(long, value_name = "URL")]
+        api_url: Option<String>,
+    },
+    /// Manage this PC's registration with the studio.
+    Register {
+        /// Forget the approval (or pending request, or rejection) and ask the studio again on
+        /// the next start. Keeps the install id and all other settings.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Show the registration, the studio and whether a worker is running.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses the command line, runs the command, and turns the outcome into an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("studio-worker: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let paths = Paths::resolve(cli.config.as_deref())?;
+    match cli.command {
+        None => run_worker(&paths, None),
+        Some(CliCommand::Run {
+            headless: _,
+            api_url,
+        }) => run_worker(&paths, api_url),
+        Some(CliCommand::Register { reset: true }) => reset_registration(&paths),
+        Some(CliCommand::Register { reset: false }) => {
+            bail!("nothing to do: `register --reset` starts the registration over")
+        }
+        Some(CliCommand::Status { json }) => print_status(&paths, json),
+    }
+}
+
+/// The worker, headless, until Ctrl-C / SIGTERM or a fatal error.
+fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
+    let _log_guard = crate::logging::init(Some(&paths.log_dir()));
+    let config = load_config(paths)?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("studio-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tokio.block_on(async {
+        let options = RuntimeOptions {
+            timing: Timing::PRODUCTION,
+            data_dir: paths.data_dir.clone(),
+            api_base_override: api_url,
+        };
+        let runtime = Runtime::start(config, options)?;
+        let outcome = tokio::select! {
+            () = shutdown_signal() => Ok(()),
+            reason = runtime.fatal() => Err(anyhow::anyhow!(reason)),
+        };
+        runtime.shutdown().await;
+        outcome
+    })
+}
+
+/// Loads the settings, moving a broken file aside (and saying so) instead of overwriting it.
+fn load_config(paths: &Paths) -> anyhow::Result<SharedConfig> {
+    let loaded = config::load(&paths.config_file)?;
+    if let Some(broken) = &loaded.recovered_from {
+        tracing::error!(
+            "the settings file could not be read ({}); it was kept as {} and the worker starts from default settings",
+            broken.reason,
+            broken.kept_at.display()
+        );
+    }
+    Ok(SharedConfig::new(paths.config_file.clone(), loaded.config))
+}
+
+fn reset_registration(paths: &Paths) -> anyhow::Result<()> {
+    if let Some(pid) = running_worker_pid(&paths.data_dir) {
+        bail!(
+            "a worker is running (process {pid}); stop it first, or use Reset registration in its Settings tab"
+        );
+    }
+    let loaded = config::load(&paths.config_file)?;
+    if let Some(broken) = &loaded.recovered_from {
+        println!(
+            "The settings file could not be read ({}); it was kept as {}.",
+            broken.reason,
+            broken.kept_at.display()
+        );
+    }
+    let mut config = loaded.config;
+    let before = RegistrationState::from_config(&config);
+    config.reset_registration();
+    config::save(&paths.config_file, &config)?;
+
+    let what = match before {
+        RegistrationState::Pristine => "There was no registration to forget.".to_owned(),
+        RegistrationState::Pending { request_id, .. } => {
+            format!("Forgot the pending request {request_id} and its secret.")
+        }
+        RegistrationState::Approved { worker_id } | RegistrationState::Revoked { worker_id } => {
+            format!("Forgot worker {worker_id} and its access token.")
+        }
+        RegistrationState::Rejected { reason } => format!("Forgot the rejection ({reason})."),
+    };
+    println!("{what}");
+    if let Some(install_id) = &config.install_id {
+        println!("Kept install id {install_id} and all other settings.");
+    } else {
+        println!("Kept all other settings.");
+    }
+    println!("The next start asks the studio for approval again.");
+    Ok(())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusReport {
+    registration: RegistrationState,
+    description: String,
+    worker_id: Option<String>,
+    install_id: Option<String>,
+    /// Masked (`abcd…wxyz`).
+    auth_token: Option<String>,
+    api_base_url: String,
+    worker_name: String,
+    config_path: PathBuf,
+    paused: Option<crate::studio::protocol::PauseReason>,
+    /// What the running worker last wrote to `status.json`, when one is running.
+    running: Option<status_file::StatusFile>,
+}
+
+fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    // Read-only: a broken file is reported, not moved (only a command that writes moves it).
+    let config = match std::fs::read(&paths.config_file) {
+        Ok(bytes) => config::parse(&bytes).map_err(|reason| {
+            anyhow::anyhow!(
+                "{} is not valid settings ({reason}); the worker will keep it aside and start from defaults",
+                paths.config_file.display(),
+            )
+        })?,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Config::default(),
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot read {}", paths.config_file.display()));
+        }
+    };
+    let registration = RegistrationState::from_config(&config);
+    let running = running_status(&paths.data_dir);
+    let report = StatusReport {
+        description: registration.describe(),
+        registration,
+        worker_id: config.worker_id.clone(),
+        install_id: config.install_id.clone(),
+        auth_token: config
+            .auth_token
+            .as_ref()
+            .map(crate::secret::Secret::masked),
+        api_base_url: config.api_base_url.clone(),
+        worker_name: config.worker_name.clone(),
+        config_path: paths.config_file.clone(),
+        paused: crate::runtime::pause_reason(&config),
+        running,
+    };
+
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let none = || "—".to_owned();
+    println!("Registration: {}", report.description);
+    println!(
+        "Worker id:    {}",
+        report.worker_id.clone().unwrap_or_else(none)
+    );
+    println!(
+        "Token:        {}",
+        report.auth_token.clone().unwrap_or_else(none)
+    );
+    println!(
+        "Install id:   {}",
+        report.install_id.clone().unwrap_or_else(none)
+    );
+    println!("Worker name:  {}", report.worker_name);
+    println!("Studio:       {}", report.api_base_url);
+    println!("Settings:     {}", report.config_path.display());
+    println!(
+        "Paused:       {}",
+        report
+            .paused
+            .map_or_else(|| "no".to_owned(), |reason| reason.describe().to_owned())
+    );
+    match &report.running {
+        Some(file) => {
+            let heartbeat = file.status.connection.last_heartbeat_at.map_or_else(
+                || "no heartbeat yet".to_owned(),
+                |at| {
+                    format!(
+                        "last heartbeat {}",
+                        crate::human::ago(at, chrono::Utc::now())
+                    )
+                },
+            );
+            println!("Worker:       running (process {}), {heartbeat}", file.pid);
+            if let Some(problem) = file
+                .status
+                .connection
+                .last_error
+                .as_ref()
+                .or(file.status.registration_problem.as_ref())
+            {
+                println!("Problem:      {problem}");
+            }
+        }
+        None => println!("Worker:       not running"),
+    }
+    Ok(())
+}
+
+/// The running worker's status file, if a worker is running for this data folder.
+fn running_status(data_dir: &Path) -> Option<status_file::StatusFile> {
+    let file = status_file::read(&data_dir.join(status_file::FILE_NAME))?;
+    (file.running && crate::platform::host::process_alive(file.pid)).then_some(file)
+}
+
+fn running_worker_pid(data_dir: &Path) -> Option<u32> {
+    running_status(data_dir).map(|file| file.pid)
+}
+
+/// Ctrl-C, or SIGTERM on Unix (what `kill`, systemd and logout send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("stopping");
+}

@@ -1,0 +1,494 @@
+//! `config.toml`: what it holds, where it lives, and the only ways to read and write it.
+//!
+//! - [`load`] never overwrites a file it cannot parse: the file is renamed
+//!   `config.toml.broken-<timestamp>` and the worker starts from defaults.
+//! - [`save`] is atomic (temp file in the same folder, fsync, rename, fsync the folder) and
+//!   owner-only (0600 on Unix): a crash at any instant leaves the old file or the new one.
+//! - [`SharedConfig`] is the single in-memory source of truth; every change it publishes has
+//!   been saved first.
+//!
+//! Adding a section is one place: a field of [`Config`] whose type is `Default + Serialize +
+//! Deserialize` (see [`PauseSection`]); `#[serde(default)]` makes old files load unchanged.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::secret::Secret;
+
+pub const DEFAULT_API_BASE_URL: &str = "https://studio.minis.gg/api";
+const CONFIG_FILE_NAME: &str = "config.toml";
+
+/// Everything the worker persists between runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// The studio's API root, e.g. `https://studio.minis.gg/api`.
+    pub api_base_url: String,
+    /// How the studio's operator sees this PC.
+    pub worker_name: String,
+
+    // Registration (studio-api.md §1). Which of these are set *is* the registration state:
+    // see `registration::RegistrationState::from_config`.
+    /// UUID v4, invented on first launch, kept across `register --reset`.
+    pub install_id: Option<String>,
+    /// The pending request, once the studio has acknowledged it.
+    pub registration_request_id: Option<String>,
+    /// Proves to the studio that the poller created the request. Never leaves the machine
+    /// except in the poll's `X-Registration-Secret` header.
+    pub registration_secret: Option<Secret>,
+    /// When the pending request was created (for "requested 12 min ago").
+    pub registration_requested_at: Option<DateTime<Utc>>,
+    /// The operator's reason, once rejected. Cleared by a reset.
+    pub registration_rejected_reason: Option<String>,
+    pub worker_id: Option<String>,
+    pub auth_token: Option<Secret>,
+    /// The studio answered 401 to this worker's token; nothing is retried until a reset.
+    pub access_revoked: bool,
+
+    pub pause: PauseSection,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            api_base_url: DEFAULT_API_BASE_URL.to_owned(),
+            worker_name: default_worker_name(),
+            install_id: None,
+            registration_request_id: None,
+            registration_secret: None,
+            registration_requested_at: None,
+            registration_rejected_reason: None,
+            worker_id: None,
+            auth_token: None,
+            access_revoked: false,
+            pause: PauseSection::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Forgets the studio's side of the registration (worker id, token, pending request,
+    /// secret, rejection, revocation) and keeps everything else, the install id included.
+    pub fn reset_registration(&mut self) {
+        self.registration_request_id = None;
+        self.registration_secret = None;
+        self.registration_requested_at = None;
+        self.registration_rejected_reason = None;
+        self.worker_id = None;
+        self.auth_token = None;
+        self.access_revoked = false;
+    }
+}
+
+/// `[pause]`: why this worker is not taking jobs. Persisted so that a person who paused and
+/// rebooted is still paused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PauseSection {
+    /// The person paused (tray, window or CLI).
+    pub by_user: bool,
+    /// The studio's heartbeat answer said `pause: true`.
+    pub by_studio: bool,
+}
+
+/// The host name, or a neutral name when the OS will not say.
+pub fn default_worker_name() -> String {
+    let host = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_owned();
+    if host.is_empty() {
+        "studio-worker".to_owned()
+    } else {
+        host
+    }
+}
+
+/// Where the worker keeps its files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paths {
+    pub config_file: PathBuf,
+    /// Logs, the status snapshot and (later) the outbox.
+    pub data_dir: PathBuf,
+}
+
+impl Paths {
+    /// The OS's standard folders (`directories::ProjectDirs` for `gg.minis.studio-worker`), or,
+    /// with `--config PATH`, that file and its own folder for everything else, so that one
+    /// flag moves a whole installation (tests and portable set-ups rely on this).
+    pub fn resolve(config_override: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(config_file) = config_override {
+            let folder = match config_file.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            return Ok(Self {
+                config_file: config_file.to_path_buf(),
+                data_dir: folder,
+            });
+        }
+        let dirs = directories::ProjectDirs::from("gg", "minis", "studio-worker")
+            .ok_or(ConfigError::NoHomeDirectory)?;
+        Ok(Self {
+            config_file: dirs.config_dir().join(CONFIG_FILE_NAME),
+            data_dir: dirs.data_dir().to_path_buf(),
+        })
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot find the home folder to keep settings in; pass --config PATH")]
+    NoHomeDirectory,
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot save settings to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} could not be parsed and could not be moved aside either ({source}); fix or remove it"
+    )]
+    KeepBroken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot encode settings: {0}")]
+    Encode(#[from] toml::ser::Error),
+}
+
+/// A config file that did not parse, moved aside so the person can look at it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokenConfig {
+    pub kept_at: PathBuf,
+    /// Where and why it failed, without quoting the file (it may hold a token).
+    pub reason: String,
+}
+
+/// What [`load`] found.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Set when the file existed but was unreadable as settings, and was moved aside.
+    pub recovered_from: Option<BrokenConfig>,
+}
+
+/// Reads the config file. A missing file gives defaults; a file that does not parse is
+/// renamed `config.toml.broken-<timestamp>` (never overwritten) and gives defaults.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    remove_interrupted_saves(path);
+    let text = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Loaded {
+                config: Config::default(),
+                recovered_from: None,
+            });
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+
+    match parse(&text) {
+        Ok(config) => Ok(Loaded {
+            config,
+            recovered_from: None,
+        }),
+        Err(reason) => {
+            let kept_at = broken_path(path, Utc::now());
+            std::fs::rename(path, &kept_at).map_err(|source| ConfigError::KeepBroken {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Ok(Loaded {
+                config: Config::default(),
+                recovered_from: Some(BrokenConfig { kept_at, reason }),
+            })
+        }
+    }
+}
+
+/// Deletes temp files left by saves that were killed before their rename (they hold a config
+/// that never became current). Only the file's own temp names are touched, and only those
+/// whose writer (the pid in the name) is gone: another process may be mid-save right now.
+fn remove_interrupted_saves(path: &Path) {
+    let (Some(folder), Some(file_name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let folder = if folder.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        folder
+    };
+    let prefix = format!(".{}.tmp-", file_name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let writer = rest
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if writer.is_some_and(crate::platform::host::process_alive) {
+            continue;
+        }
+        if let Err(err) = std::fs::remove_file(entry.path()) {
+            tracing::debug!("cannot remove {}: {err}", entry.path().display());
+        }
+    }
+}
+
+/// Parses the bytes of a config file. The error says where and why, without quoting the file.
+pub fn parse(bytes: &[u8]) -> Result<Config, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|err| format!("not UTF-8 text (byte {})", err.valid_up_to()))?;
+    let mut config =
+        toml::from_str::<Config>(text).map_err(|err| describe_toml_error(text, &err))?;
+    if config.worker_name.trim().is_empty() {
+        config.worker_name = default_worker_name();
+    }
+    Ok(config)
+}
+
+/// `line L, column C: <message>`. toml's own `Display` quotes the offending line, which may be
+/// the one holding the auth token, so only the position and the message are kept.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim();
+    match err.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+fn broken_path(path: &Path, now: DateTime<Utc>) -> PathBuf {
+    let name = path.file_name().map_or_else(
+        || CONFIG_FILE_NAME.into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let stamp = now.format("%Y%m%dT%H%M%SZ");
+    let mut candidate = path.with_file_name(format!("{name}.broken-{stamp}"));
+    // Two broken files in one second (a crash loop) must not overwrite each other.
+    let mut counter = 1;
+    while candidate.exists() {
+        candidate = path.with_file_name(format!("{name}.broken-{stamp}-{counter}"));
+        counter += 1;
+    }
+    candidate
+}
+
+/// Writes `config` to `path` atomically, readable by the owner only.
+pub fn save(path: &Path, config: &Config) -> Result<(), ConfigError> {
+    let text = toml::to_string_pretty(config)?;
+    write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Temp file in the same folder (so the rename cannot cross file systems), fsync, rename over
+/// the target, fsync the folder so the rename itself survives a power cut.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    create_private_dir_all(&folder)?;
+    let file_name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let temp_path = folder.join(format!(
+        ".{file_name}.tmp-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+
+    let result = (|| {
+        let mut file = private_file_options().open(&temp_path)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&temp_path, path)?;
+        sync_dir(&folder)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp_path); // best effort: the error that matters is `result`
+    }
+    result
+}
+
+fn private_file_options() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options
+}
+
+/// Creates missing folders owner-only (0700 on Unix); existing ones are left as they are.
+pub fn create_private_dir_all(folder: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    builder.create(folder)
+}
+
+#[cfg(unix)]
+fn sync_dir(folder: &Path) -> std::io::Result<()> {
+    std::fs::File::open(folder)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_folder: &Path) -> std::io::Result<()> {
+    Ok(()) // NTFS journals the rename; there is no folder handle to flush.
+}
+
+/// The in-memory config every task reads, published through a `watch` channel.
+///
+/// Readers get an `Arc<Config>` snapshot and never wait on I/O. Writers go through
+/// [`SharedConfig::update`], one at a time: the change is saved to disk first and only then
+/// published, so memory never claims something the disk does not hold.
+#[derive(Clone)]
+pub struct SharedConfig {
+    path: Arc<PathBuf>,
+    sender: Arc<watch::Sender<Arc<Config>>>,
+    writer: Arc<Mutex<()>>,
+}
+
+impl SharedConfig {
+    pub fn new(path: PathBuf, config: Config) -> Self {
+        let (sender, _) = watch::channel(Arc::new(config));
+        Self {
+            path: Arc::new(path),
+            sender: Arc::new(sender),
+            writer: Arc::new(Mutex::new(())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current config (cheap: an `Arc` clone).
+    pub fn snapshot(&self) -> Arc<Config> {
+        self.sender.borrow().clone()
+    }
+
+    /// Notified after every saved change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.sender.subscribe()
+    }
+
+    /// Applies `change` to a copy, saves it, then publishes it. When nothing changed nothing is
+    /// written. When the save fails the in-memory config is left as it was and the error is
+    /// returned.
+    pub fn update<R>(&self, change: impl FnOnce(&mut Config) -> R) -> Result<R, ConfigError> {
+        // A poisoned lock only means another writer panicked; the data it guards is `()`.
+        let _writing = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.snapshot();
+        let mut next = Config::clone(&current);
+        let result = change(&mut next);
+        if next != *current {
+            save(&self.path, &next)?;
+            self.sender.send_replace(Arc::new(next));
+        }
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_path_never_reuses_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let now = Utc::now();
+        let first = broken_path(&path, now);
+        std::fs::write(&first, "x").unwrap();
+        let second = broken_path(&path, now);
+        assert_ne!(first, second);
+        assert!(
+            second
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("config.toml.broken-")
+        );
+    }
+
+    #[test]
+    fn toml_error_gives_position_without_quoting_the_file() {
+        let text = "worker_name = \"ok\"\nauth_token = \"tok_SECRET_VALUE\nx = 1\n";
+        let err = toml::from_str::<Config>(text).unwrap_err();
+        let reason = describe_toml_error(text, &err);
+        assert!(reason.starts_with("line 2"), "{reason}");
+        assert!(!reason.contains("SECRET"), "{reason}");
+    }
+
+    #[test]
+    fn old_files_without_new_sections_load_with_defaults() {
+        let config: Config = toml::from_str("worker_name = \"rig\"\n").unwrap();
+        assert_eq!(config.worker_name, "rig");
+        assert_eq!(config.api_base_url, DEFAULT_API_BASE_URL);
+        assert_eq!(config.pause, PauseSection::default());
+    }
+
+    #[test]
+    fn reset_keeps_install_id_and_settings() {
+        let mut config = Config {
+            install_id: Some("iid".into()),
+            worker_name: "rig".into(),
+            worker_id: Some("w_1".into()),
+            auth_token: Some(Secret::new("t")),
+            access_revoked: true,
+            registration_rejected_reason: Some("no".into()),
+            ..Config::default()
+        };
+        config.pause.by_user = true;
+        config.reset_registration();
+        assert_eq!(config.install_id.as_deref(), Some("iid"));
+        assert_eq!(config.worker_name, "rig");
+        assert!(config.pause.by_user);
+        assert_eq!(config.worker_id, None);
+        assert_eq!(config.auth_token, None);
+        assert!(!config.access_revoked);
+        assert_eq!(config.registration_rejected_reason, None);
+    }
+}

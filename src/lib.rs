@@ -1,0 +1,16 @@
+//! studio-worker: lends this PC's GPU to the minis.gg studio.
+//!
+//! The binary (`src/main.rs`) is a thin shell over [`cli::main`]; tests drive the same code.
+//! Start reading at `ARCHITECTURE.md`, then [`runtime`].
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod human;
+pub mod logging;
+pub mod platform;
+pub mod registration;
+pub mod runtime;
+pub mod secret;
+pub mod studio;
+pub mod timing;

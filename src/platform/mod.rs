@@ -1,0 +1,3 @@
+//! What this computer is, and the operating-system integrations that differ per platform.
+
+pub mod host;

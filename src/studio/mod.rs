@@ -1,0 +1,9 @@
+//! Everything about talking to the studio: its base URL, the protocol's JSON bodies, and the
+//! HTTP client that turns each endpoint of `studio-api.md` into one async method.
+
+mod api_base;
+mod client;
+pub mod protocol;
+
+pub use api_base::{ApiBase, ApiBaseError};
+pub use client::{Credentials, DEFAULT_TIMEOUT, StudioClient, StudioError, USER_AGENT};

@@ -1,0 +1,96 @@
+//! Shared by the integration tests: the in-process studio, fast timings, and a worker's files
+//! in a temporary folder.
+#![allow(dead_code)] // each test module uses a different part of the support code
+
+pub mod studio;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use studio_worker::backoff::BackoffPolicy;
+use studio_worker::config::{self, Config, SharedConfig};
+use studio_worker::runtime::{Runtime, RuntimeOptions};
+use studio_worker::timing::Timing;
+
+/// The production loops on a test clock: every interval in milliseconds.
+pub fn fast_timing() -> Timing {
+    Timing {
+        backoff: BackoffPolicy {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(200),
+        },
+        poll_default: Duration::from_millis(50),
+        poll_floor: Duration::from_millis(10),
+        poll_cap: Duration::from_millis(100),
+        heartbeat_default: Duration::from_millis(50),
+        heartbeat_floor: Duration::from_millis(20),
+        heartbeat_cap: Duration::from_millis(100),
+        refused_retry: Duration::from_millis(100),
+        request_timeout: Duration::from_millis(500),
+    }
+}
+
+/// A worker's config file and data folder in a fresh temporary folder.
+pub struct WorkerHome {
+    pub dir: tempfile::TempDir,
+}
+
+impl WorkerHome {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// Writes a config that points at `studio_url` (as a person would after installing).
+    pub fn write_config(&self, studio_url: &str) -> Config {
+        let config = Config {
+            api_base_url: studio_url.to_owned(),
+            worker_name: "test-rig".to_owned(),
+            ..Config::default()
+        };
+        config::save(&self.config_path(), &config).expect("save config");
+        config
+    }
+
+    /// The config as it is on disk now (what a restart would see).
+    pub fn on_disk(&self) -> Config {
+        config::load(&self.config_path())
+            .expect("load config")
+            .config
+    }
+
+    pub fn shared(&self) -> SharedConfig {
+        SharedConfig::new(self.config_path(), self.on_disk())
+    }
+
+    pub fn start_runtime(&self, timing: Timing) -> Runtime {
+        Runtime::start(
+            self.shared(),
+            RuntimeOptions {
+                timing,
+                data_dir: self.dir.path().to_path_buf(),
+                api_base_override: None,
+            },
+        )
+        .expect("runtime starts")
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds; panics with `what` after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub const PATIENCE: Duration = Duration::from_secs(10);

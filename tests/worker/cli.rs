@@ -1,0 +1,339 @@
+//! The real `studio-worker` binary as a child process: subcommands, exit codes, and a run
+//! against the in-process studio that is killed between every step.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use studio_worker::config::{self, Config};
+use studio_worker::registration::RegistrationState;
+use studio_worker::secret::Secret;
+
+use crate::support::studio::{Route, TestStudio};
+use crate::support::{WorkerHome, eventually};
+
+const TOKEN: &str = "tok_abcdefghijklmnopqrstuvwxyz0123";
+
+fn worker(config: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_studio-worker"));
+    command.arg("--config").arg(config).env_remove("RUST_LOG");
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command
+        .stdin(Stdio::null())
+        .output()
+        .expect("run studio-worker")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn approved_config(home: &WorkerHome) -> Config {
+    let config = Config {
+        install_id: Some("7d0c5a04-0c1e-4a36-9a43-8f3e2c1d5b6a".into()),
+        worker_id: Some("w_42".into()),
+        auth_token: Some(Secret::new(TOKEN)),
+        worker_name: "rig".into(),
+        ..Config::default()
+    };
+    config::save(&home.config_path(), &config).unwrap();
+    config
+}
+
+#[test]
+fn version_help_and_usage_errors() {
+    let home = WorkerHome::new();
+    let version = run(worker(&home.config_path()).arg("--version"));
+    assert!(version.status.success());
+    assert_eq!(
+        text(&version.stdout).trim(),
+        concat!("studio-worker ", env!("CARGO_PKG_VERSION"))
+    );
+
+    let help = run(worker(&home.config_path()).arg("--help"));
+    assert!(help.status.success());
+    for subcommand in ["run", "register", "status"] {
+        assert!(
+            text(&help.stdout).contains(subcommand),
+            "{subcommand} in --help"
+        );
+    }
+
+    let bad = run(worker(&home.config_path()).arg("frobnicate"));
+    assert_eq!(bad.status.code(), Some(2), "usage errors exit 2");
+    let bad_flag = run(worker(&home.config_path()).args(["status", "--jsn"]));
+    assert_eq!(bad_flag.status.code(), Some(2));
+}
+
+#[test]
+fn status_shows_the_token_masked() {
+    let home = WorkerHome::new();
+    approved_config(&home);
+
+    let human = run(worker(&home.config_path()).arg("status"));
+    assert!(human.status.success(), "{}", text(&human.stderr));
+    let out = text(&human.stdout);
+    assert!(out.contains("approved as w_42"), "{out}");
+    assert!(out.contains("tok_…0123"), "{out}");
+    assert!(out.contains("not running"), "{out}");
+    assert!(!out.contains(TOKEN), "the token is never printed whole");
+
+    let json = run(worker(&home.config_path()).args(["status", "--json"]));
+    assert!(json.status.success());
+    let out = text(&json.stdout);
+    assert!(!out.contains(TOKEN));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["registration"]["state"], "approved");
+    assert_eq!(report["workerId"], "w_42");
+    assert_eq!(report["authToken"], "tok_…0123");
+    assert_eq!(
+        report["configPath"],
+        home.config_path().to_string_lossy().as_ref()
+    );
+    assert_eq!(report["running"], serde_json::Value::Null);
+}
+
+#[test]
+fn status_reports_a_broken_file_without_moving_it() {
+    let home = WorkerHome::new();
+    std::fs::write(home.config_path(), format!("auth_token = \"{TOKEN}\"\n[[[")).unwrap();
+    let out = run(worker(&home.config_path()).arg("status"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("is not valid settings"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains(TOKEN));
+    assert!(home.config_path().exists(), "status only reads");
+}
+
+#[test]
+fn register_reset_forgets_the_studio_side_only() {
+    let home = WorkerHome::new();
+    let mut before = approved_config(&home);
+    before.pause.by_user = true;
+    config::save(&home.config_path(), &before).unwrap();
+
+    let out = run(worker(&home.config_path()).args(["register", "--reset"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("Forgot worker w_42 and its access token"),
+        "{said}"
+    );
+    assert!(
+        said.contains("Kept install id 7d0c5a04-0c1e-4a36-9a43-8f3e2c1d5b6a"),
+        "{said}"
+    );
+    assert!(!said.contains(TOKEN));
+
+    let after = home.on_disk();
+    assert_eq!(
+        RegistrationState::from_config(&after),
+        RegistrationState::Pristine
+    );
+    assert_eq!(after.auth_token, None);
+    assert_eq!(after.install_id, before.install_id);
+    assert_eq!(after.worker_name, "rig");
+    assert!(after.pause.by_user, "other settings are kept");
+
+    let again = run(worker(&home.config_path()).args(["register", "--reset"]));
+    assert!(again.status.success());
+    assert!(text(&again.stdout).contains("no registration to forget"));
+}
+
+#[test]
+fn plain_http_to_another_host_is_refused_at_start() {
+    let home = WorkerHome::new();
+    home.write_config("http://studio.example.com/api");
+    let out = run(worker(&home.config_path()).args(["run", "--headless"]));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("studio-worker: "), "{stderr}");
+    assert!(last.contains("plain http"), "{stderr}");
+
+    // The same through the flag, which must not bypass the check.
+    let home = WorkerHome::new();
+    let out = run(worker(&home.config_path()).args([
+        "run",
+        "--headless",
+        "--api-url",
+        "http://10.1.2.3/api",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// A running worker, killed (SIGKILL) when dropped.
+struct Running(Child);
+
+impl Running {
+    fn start(config: &Path) -> Self {
+        let child = worker(config)
+            .args(["run", "--headless"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the worker");
+        Self(child)
+    }
+
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const SLOW: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_at_start_is_kept_and_the_worker_goes_on() {
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    let original = format!(
+        "api_base_url = \"{}\"\nauth_token = \"{TOKEN}\"\nworker_id = \n",
+        studio.url()
+    );
+    std::fs::write(home.config_path(), &original).unwrap();
+
+    // The broken file named the test studio, but the defaults do not: point the run at it.
+    let mut child = worker(&home.config_path())
+        .args(["run", "--headless", "--api-url", &studio.url()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("a registration request from defaults", SLOW, || {
+        studio.count(Route::Register) == 1
+    })
+    .await;
+    child.kill().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("could not be read"), "{stderr}");
+    assert!(stderr.contains("config.toml.broken-"), "{stderr}");
+    assert!(!stderr.contains(TOKEN), "{stderr}");
+
+    let kept: Vec<_> = std::fs::read_dir(home.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("config.toml.broken-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(std::fs::read_to_string(kept[0].path()).unwrap(), original);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_run_survives_being_killed_between_every_step() {
+    let studio = TestStudio::start().await;
+    studio.set_poll_after_s(Some(1));
+    studio.set_next_heartbeat_s(Some(5));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let config_path = home.config_path();
+
+    // Pristine → Pending, then killed.
+    let worker_process = Running::start(&config_path);
+    eventually("a registration request", SLOW, || {
+        studio.count(Route::Register) == 1
+    })
+    .await;
+    eventually("the request id saved", SLOW, || {
+        matches!(
+            RegistrationState::from_config(&home.on_disk()),
+            RegistrationState::Pending { .. }
+        )
+    })
+    .await;
+    worker_process.kill();
+
+    // Restarted while pending: polls the same request.
+    let polls = studio.count(Route::Poll);
+    let worker_process = Running::start(&config_path);
+    eventually("polling again after the restart", SLOW, || {
+        studio.count(Route::Poll) > polls
+    })
+    .await;
+    assert_eq!(studio.count(Route::Register), 1);
+
+    // The operator approves: heartbeats follow.
+    let request_id = studio.pending_request_ids().pop().unwrap();
+    let worker_id = studio.approve(&request_id).unwrap();
+    eventually("a heartbeat", SLOW, || studio.count(Route::Heartbeat) >= 1).await;
+
+    // `status --json` from another process sees the running worker and its heartbeat.
+    let mut report = serde_json::Value::Null;
+    eventually("status shows the heartbeat", SLOW, || {
+        let out = run(worker(&config_path).args(["status", "--json"]));
+        report = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        !report["running"]["status"]["connection"]["last_heartbeat_at"].is_null()
+    })
+    .await;
+    assert_eq!(report["registration"]["state"], "approved");
+    assert_eq!(report["workerId"], worker_id.as_str());
+    assert_eq!(report["running"]["pid"], worker_process.0.id());
+
+    // A reset from the CLI would be overwritten by the running worker: it is refused.
+    let refused = run(worker(&config_path).args(["register", "--reset"]));
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("a worker is running"));
+
+    // Killed while approved, restarted: the same identity goes on heartbeating.
+    worker_process.kill();
+    let heartbeats = studio.count(Route::Heartbeat);
+    let mut worker_process = Running::start(&config_path);
+    eventually("heartbeating after the restart", SLOW, || {
+        studio.count(Route::Heartbeat) > heartbeats
+    })
+    .await;
+    assert_eq!(studio.workers().len(), 1);
+    assert_eq!(studio.count(Route::Register), 1);
+
+    // SIGTERM: a clean exit, and the status file says so.
+    let terminated = Command::new("kill")
+        .args(["-TERM", &worker_process.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let exit = worker_process.0.wait().unwrap();
+    assert!(exit.success(), "SIGTERM exits cleanly: {exit:?}");
+    let out = run(worker(&config_path).arg("status"));
+    assert!(
+        text(&out.stdout).contains("not running"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // Nothing secret in the log file.
+    let token = home.on_disk().auth_token.unwrap();
+    let mut logged = String::new();
+    for entry in std::fs::read_dir(home.dir.path().join("logs")).unwrap() {
+        logged.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    assert!(logged.contains("the studio approved this PC"), "{logged}");
+    assert!(
+        !logged.contains(token.expose()),
+        "the token is never logged"
+    );
+    let secret_hash = studio.log_for(Route::Register)[0].body["registrationSecretHash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!logged.contains(&secret_hash), "not even the secret's hash");
+}

@@ -1,0 +1,10 @@
+//! The integration tests: the real library against the in-process studio over real sockets,
+//! and the real binary as a child process. One test binary, so CI links once.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod config_file;
+mod registration;
+mod runtime;

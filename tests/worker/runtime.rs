@@ -1,0 +1,408 @@
+//! The headless runtime (all its tasks) against the in-process studio over real sockets.
+
+use std::time::Duration;
+
+use studio_worker::registration::RegistrationState;
+use studio_worker::runtime::{Command, Runtime, RuntimeHandle};
+use studio_worker::studio::protocol::PauseReason;
+
+use crate::support::studio::{Decision, Fault, Route, TestStudio};
+use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
+
+fn approved_worker_id(handle: &RuntimeHandle) -> Option<String> {
+    match handle.status().registration {
+        RegistrationState::Approved { worker_id } => Some(worker_id),
+        _ => None,
+    }
+}
+
+/// A studio that approves on the second poll, and a runtime that got approved and heartbeats.
+async fn approved_and_heartbeating() -> (TestStudio, WorkerHome, Runtime, String) {
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(2));
+    studio.set_next_heartbeat_s(Some(0)); // clamped up to the (fast) floor
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime(fast_timing());
+    let handle = runtime.handle();
+    eventually("approved", PATIENCE, || {
+        approved_worker_id(&handle).is_some()
+    })
+    .await;
+    let worker_id = approved_worker_id(&handle).unwrap();
+    eventually("two heartbeats", PATIENCE, || {
+        studio
+            .worker(&worker_id)
+            .is_some_and(|w| w.heartbeats.len() >= 2)
+    })
+    .await;
+    (studio, home, runtime, worker_id)
+}
+
+#[tokio::test]
+async fn registers_then_heartbeats_with_its_token() {
+    let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+
+    let token = home.on_disk().auth_token.unwrap();
+    let heartbeats = studio.log_for(Route::Heartbeat);
+    assert!(!heartbeats.is_empty());
+    for heartbeat in &heartbeats {
+        assert_eq!(
+            heartbeat.path,
+            format!("/api/workers/{worker_id}/heartbeat")
+        );
+        assert_eq!(
+            heartbeat.authorization,
+            Some(format!("Bearer {}", token.expose()))
+        );
+        assert_eq!(heartbeat.body["state"], "idle");
+        assert_eq!(heartbeat.body["pausedReason"], serde_json::Value::Null);
+        assert_eq!(
+            heartbeat.body["capabilities"]["agentVersion"],
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(heartbeat.body["stats"]["uptimeS"].is_u64());
+    }
+    // Nothing before approval carried a token.
+    for request in studio.log().iter().filter(|r| r.route != Route::Heartbeat) {
+        assert_eq!(request.authorization, None);
+    }
+
+    let status = handle.status();
+    assert!(status.connection.last_heartbeat_at.is_some());
+    assert!(status.connection.heartbeats_sent >= 2);
+    assert_eq!(status.connection.last_error, None);
+    assert_eq!(studio.count(Route::Register), 1);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_studio_outage_is_survived_without_a_busy_loop() {
+    let (studio, _home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+
+    studio.inject(Some(Route::Heartbeat), Fault::Status(503), u32::MAX);
+    eventually("failures show in the status", PATIENCE, || {
+        handle.status().connection.consecutive_failures >= 2
+    })
+    .await;
+    let before = studio.count(Route::Heartbeat);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = studio.count(Route::Heartbeat) - before;
+    // With a 20 ms → 200 ms backoff the expected rate is under ~12/s; a busy loop would be
+    // thousands. (Production uses 1 s → 5 min: the same code, a slower clock.)
+    assert!(during <= 30, "{during} heartbeats in 1.5 s of outage");
+    assert!(handle.status().connection.last_error.is_some());
+
+    studio.clear_faults();
+    let good_before = studio.worker(&worker_id).unwrap().heartbeats.len();
+    eventually("recovered", PATIENCE, || {
+        studio.worker(&worker_id).unwrap().heartbeats.len() > good_before
+            && handle.status().connection.consecutive_failures == 0
+    })
+    .await;
+    assert_eq!(handle.status().connection.last_error, None);
+    assert!(
+        approved_worker_id(&handle).is_some(),
+        "an outage never costs the registration"
+    );
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn retry_after_is_waited_out() {
+    let (studio, _home, runtime, _worker_id) = approved_and_heartbeating().await;
+    studio.inject(
+        Some(Route::Heartbeat),
+        Fault::RetryAfter {
+            status: 429,
+            seconds: 1,
+        },
+        1,
+    );
+    eventually("a heartbeat after the 429", PATIENCE, || {
+        studio
+            .log_for(Route::Heartbeat)
+            .iter()
+            .rev()
+            .take(1)
+            .any(|r| r.status == 200)
+            && studio
+                .log_for(Route::Heartbeat)
+                .iter()
+                .any(|r| r.status == 429)
+    })
+    .await;
+    let heartbeats = studio.log_for(Route::Heartbeat);
+    let refused = heartbeats.iter().position(|r| r.status == 429).unwrap();
+    let gap = heartbeats[refused + 1].at - heartbeats[refused].at;
+    assert!(
+        gap >= Duration::from_millis(990),
+        "retried after {gap:?}, asked for 1 s"
+    );
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn revocation_stops_the_worker_until_a_reset() {
+    let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+
+    studio.revoke(&worker_id);
+    eventually("revoked", PATIENCE, || {
+        matches!(
+            handle.status().registration,
+            RegistrationState::Revoked { .. }
+        )
+    })
+    .await;
+    assert!(
+        home.on_disk().access_revoked,
+        "revocation survives a restart"
+    );
+    let requests = studio.log().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        studio.log().len(),
+        requests,
+        "nothing is retried after a 401"
+    );
+    runtime.shutdown().await;
+
+    // A restart stays revoked and silent.
+    let runtime = home.start_runtime(fast_timing());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(
+        runtime.handle().status().registration,
+        RegistrationState::Revoked { .. }
+    ));
+    assert_eq!(studio.log().len(), requests);
+
+    // The person resets: a fresh request, the old worker id is gone.
+    assert!(runtime.handle().send(Command::ResetRegistration));
+    eventually("a new request", PATIENCE, || {
+        studio.count(Route::Register) == 2
+    })
+    .await;
+    assert_eq!(home.on_disk().worker_id, None);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_studio_can_pause_and_resume_the_worker() {
+    let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+
+    studio.set_pause(&worker_id, true);
+    eventually("paused by the studio", PATIENCE, || {
+        handle.status().paused == Some(PauseReason::Studio)
+    })
+    .await;
+    assert!(home.on_disk().pause.by_studio);
+    eventually("a heartbeat reports it", PATIENCE, || {
+        studio
+            .worker(&worker_id)
+            .unwrap()
+            .heartbeats
+            .iter()
+            .any(|h| h["state"] == "paused" && h["pausedReason"] == "studio")
+    })
+    .await;
+
+    studio.set_pause(&worker_id, false);
+    eventually("resumed", PATIENCE, || handle.status().paused.is_none()).await;
+    assert!(!home.on_disk().pause.by_studio);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_users_pause_is_reported_at_once_and_survives_a_restart() {
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    studio.set_next_heartbeat_s(Some(3600)); // clamped to the cap: no regular heartbeat soon
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let mut timing = fast_timing();
+    timing.heartbeat_cap = Duration::from_secs(60);
+    let runtime = home.start_runtime(timing);
+    let handle = runtime.handle();
+    eventually("first heartbeat", PATIENCE, || {
+        studio.count(Route::Heartbeat) == 1
+    })
+    .await;
+
+    assert!(handle.send(Command::Pause));
+    eventually("paused", PATIENCE, || {
+        handle.status().paused == Some(PauseReason::User)
+    })
+    .await;
+    eventually("told the studio without waiting a minute", PATIENCE, || {
+        studio
+            .log_for(Route::Heartbeat)
+            .iter()
+            .any(|h| h.body["state"] == "paused" && h.body["pausedReason"] == "user")
+    })
+    .await;
+    runtime.shutdown().await;
+
+    let runtime = home.start_runtime(timing);
+    assert_eq!(runtime.handle().status().paused, Some(PauseReason::User));
+    assert!(runtime.handle().send(Command::Resume));
+    eventually("resumed", PATIENCE, || {
+        runtime.handle().status().paused.is_none()
+    })
+    .await;
+    assert!(!home.on_disk().pause.by_user);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_users_resume_does_not_lift_the_studios_pause() {
+    let (studio, _home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+    studio.set_pause(&worker_id, true);
+    handle.send(Command::Pause);
+    eventually("paused by user", PATIENCE, || {
+        handle.status().paused == Some(PauseReason::User)
+    })
+    .await;
+    handle.send(Command::Resume);
+    eventually("still paused by studio", PATIENCE, || {
+        handle.status().paused == Some(PauseReason::Studio)
+    })
+    .await;
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn reset_registration_while_approved_asks_again() {
+    let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+    let install_id = home.on_disk().install_id;
+
+    studio.set_decision(Decision::Manual);
+    assert!(handle.send(Command::ResetRegistration));
+    eventually("pending again", PATIENCE, || {
+        matches!(
+            handle.status().registration,
+            RegistrationState::Pending { .. }
+        )
+    })
+    .await;
+    assert_eq!(studio.count(Route::Register), 2);
+    assert_eq!(
+        home.on_disk().install_id,
+        install_id,
+        "the install id is kept"
+    );
+
+    let heartbeats = studio.worker(&worker_id).unwrap().heartbeats.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        studio.worker(&worker_id).unwrap().heartbeats.len(),
+        heartbeats,
+        "the old identity stops heartbeating"
+    );
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_while_pending_keeps_polling_the_same_request() {
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+
+    let runtime = home.start_runtime(fast_timing());
+    eventually("polling", PATIENCE, || studio.count(Route::Poll) >= 2).await;
+    runtime.shutdown().await;
+
+    let runtime = home.start_runtime(fast_timing());
+    let polls = studio.count(Route::Poll);
+    eventually("polling again", PATIENCE, || {
+        studio.count(Route::Poll) > polls + 1
+    })
+    .await;
+    assert_eq!(
+        studio.count(Route::Register),
+        1,
+        "the restart reused the request"
+    );
+
+    let request_id = studio.pending_request_ids().pop().unwrap();
+    let worker_id = studio.approve(&request_id).unwrap();
+    let handle = runtime.handle();
+    eventually("approved", PATIENCE, || {
+        approved_worker_id(&handle).as_deref() == Some(worker_id.as_str())
+    })
+    .await;
+    eventually("heartbeating", PATIENCE, || {
+        studio.count(Route::Heartbeat) >= 1
+    })
+    .await;
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rejected_worker_waits_for_a_reset() {
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::RejectAfterPolls(1, "not today".into()));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime(fast_timing());
+    let handle = runtime.handle();
+
+    eventually("rejected", PATIENCE, || {
+        handle.status().registration
+            == RegistrationState::Rejected {
+                reason: "not today".into(),
+            }
+    })
+    .await;
+    let requests = studio.log().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(studio.log().len(), requests, "no polling after a rejection");
+
+    studio.set_decision(Decision::Manual);
+    handle.send(Command::ResetRegistration);
+    eventually("asked again", PATIENCE, || {
+        matches!(
+            handle.status().registration,
+            RegistrationState::Pending { .. }
+        )
+    })
+    .await;
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn registration_rides_out_a_studio_that_is_down_at_first() {
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    studio.inject(Some(Route::Register), Fault::Status(500), 3);
+    studio.inject(Some(Route::Poll), Fault::Garbage, 2);
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime(fast_timing());
+    let handle = runtime.handle();
+
+    eventually("approved despite the outage", PATIENCE, || {
+        approved_worker_id(&handle).is_some()
+    })
+    .await;
+    assert_eq!(
+        studio.workers().len(),
+        1,
+        "one registration, however many retries"
+    );
+    let creates = studio.log_for(Route::Register);
+    assert_eq!(creates.len(), 4, "three failures, then success");
+    assert!(
+        creates
+            .iter()
+            .all(|c| c.body["registrationSecretHash"] == creates[0].body["registrationSecretHash"]),
+        "every retry names the same secret"
+    );
+    assert_eq!(handle.status().registration_problem, None);
+    runtime.shutdown().await;
+}

@@ -50,6 +50,11 @@ pub enum CliCommand {
         #[arg(long)]
         reset: bool,
     },
+    /// Stop taking jobs (a running job is handed back at its next step). Remembered across
+    /// restarts; acts on the running worker, or on the settings when none is running.
+    Pause,
+    /// Take jobs again after `pause`.
+    Resume,
     /// Show the registration, the studio and whether a worker is running.
     Status {
         /// Machine-readable output.
@@ -83,7 +88,50 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("nothing to do: `register --reset` starts the registration over")
         }
         Some(CliCommand::Status { json }) => print_status(&paths, json),
+        Some(CliCommand::Pause) => set_paused(&paths, true),
+        Some(CliCommand::Resume) => set_paused(&paths, false),
     }
+}
+
+/// `pause` / `resume`: through the running worker's control channel, or in the settings file
+/// when no worker runs (so it starts paused, or not).
+fn set_paused(paths: &Paths, paused: bool) -> anyhow::Result<()> {
+    let command = if paused { "pause" } else { "resume" };
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match tokio.block_on(crate::runtime::control::send(&paths.data_dir, command)) {
+        Ok(()) => {
+            println!(
+                "{}",
+                if paused {
+                    "Paused: the worker takes no jobs and hands back the one it is running."
+                } else {
+                    "Resumed: the worker takes jobs again."
+                }
+            );
+            return Ok(());
+        }
+        Err(crate::runtime::control::ControlError::NotRunning) => {}
+        Err(err) => bail!("{err}"),
+    }
+    if let Some(pid) = running_worker_pid(&paths.data_dir) {
+        bail!("a worker is running (process {pid}) but its control channel is not available");
+    }
+    let loaded = config::load(&paths.config_file)?;
+    let mut config = loaded.config;
+    config.pause.by_user = paused;
+    config::save(&paths.config_file, &config)?;
+    println!(
+        "{}",
+        if paused {
+            "No worker is running; it will start paused."
+        } else {
+            "No worker is running; it will take jobs when it starts."
+        }
+    );
+    Ok(())
 }
 
 /// The worker, headless, until Ctrl-C / SIGTERM or a fatal error.
@@ -101,6 +149,8 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
             timing: Timing::PRODUCTION,
             data_dir: paths.data_dir.clone(),
             api_base_override: api_url,
+            // The candle engine arrives with its own issue; until then no job is claimed.
+            engine: None,
         };
         let runtime = Runtime::start(config, options)?;
         let outcome = tokio::select! {

@@ -51,6 +51,7 @@ pub struct Config {
     pub access_revoked: bool,
 
     pub pause: PauseSection,
+    pub engine: EngineSection,
 }
 
 impl Default for Config {
@@ -67,6 +68,7 @@ impl Default for Config {
             auth_token: None,
             access_revoked: false,
             pause: PauseSection::default(),
+            engine: EngineSection::default(),
         }
     }
 }
@@ -94,6 +96,22 @@ pub struct PauseSection {
     pub by_user: bool,
     /// The studio's heartbeat answer said `pause: true`.
     pub by_studio: bool,
+}
+
+/// `[engine]`: how the image engine uses this PC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineSection {
+    /// Give the GPU memory back while paused (the next job then loads the model again).
+    pub unload_when_paused: bool,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            unload_when_paused: true,
+        }
+    }
 }
 
 /// The host name, or a neutral name when the OS will not say.

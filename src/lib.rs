@@ -6,8 +6,11 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod human;
+pub mod jobs;
 pub mod logging;
+pub mod outbox;
 pub mod platform;
 pub mod registration;
 pub mod runtime;

@@ -27,7 +27,21 @@ pub struct Timing {
     pub refused_retry: Duration,
     /// Per-request timeout (Conventions: 30 s).
     pub request_timeout: Duration,
+    /// The claim long-poll's `waitS` (§3.1).
+    pub claim_wait: Duration,
+    /// After a `204` the studio answered at once (not a held long-poll): wait this long.
+    pub empty_claim_pause: Duration,
+    /// Progress is sent at most this often (§3.2: at most 2 per second).
+    pub progress_min_gap: Duration,
+    /// After [`FAILURES_BEFORE_BACKOFF`] engine failures in a row, claiming waits this out.
+    pub failure_backoff: BackoffPolicy,
+    /// How long a job being handed back on quit may take to say so.
+    pub handback_timeout: Duration,
 }
+
+/// Engine failures in a row after which the worker stops claiming for a while, instead of
+/// burning through the studio's queue.
+pub const FAILURES_BEFORE_BACKOFF: u32 = 3;
 
 impl Timing {
     pub const PRODUCTION: Self = Self {
@@ -40,6 +54,14 @@ impl Timing {
         heartbeat_cap: Duration::from_secs(300),
         refused_retry: Duration::from_secs(30),
         request_timeout: crate::studio::DEFAULT_TIMEOUT,
+        claim_wait: Duration::from_secs(20),
+        empty_claim_pause: Duration::from_secs(5),
+        progress_min_gap: Duration::from_millis(500),
+        failure_backoff: BackoffPolicy {
+            base: Duration::from_secs(30),
+            cap: Duration::from_secs(10 * 60),
+        },
+        handback_timeout: Duration::from_secs(5),
     };
 }
 

@@ -5,13 +5,9 @@
 //! tasks) through the config and status channels. There is one place where "pause" means
 //! something.
 
-use std::sync::Arc;
+use tokio::sync::mpsc;
 
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
-
-use super::WorkerStatus;
-use crate::config::SharedConfig;
+use super::TaskContext;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -23,12 +19,13 @@ pub enum Command {
     ResetRegistration,
 }
 
-pub(super) async fn run(
-    mut commands: mpsc::Receiver<Command>,
-    config: SharedConfig,
-    status: Arc<watch::Sender<WorkerStatus>>,
-    shutdown: CancellationToken,
-) {
+pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskContext) {
+    let TaskContext {
+        config,
+        status,
+        shutdown,
+        ..
+    } = context;
     loop {
         let command = tokio::select! {
             () = shutdown.cancelled() => return,

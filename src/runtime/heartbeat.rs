@@ -1,31 +1,28 @@
 //! The heartbeat (studio-api.md §2): while approved, tell the studio this PC is alive, what it
 //! is doing and what it can do; apply the studio's `pause`; stop for good on 401.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::outage::OutageLog;
 use super::status::worker_state;
-use super::{WorkerStatus, deadline_after, pause_reason, wait_until};
+use super::{TaskContext, approved_credentials, deadline_after, pause_reason, wait_until};
 use crate::backoff::Backoff;
-use crate::config::{Config, SharedConfig};
+use crate::config::SharedConfig;
 use crate::registration::RegistrationState;
-use crate::studio::protocol::{Capabilities, Heartbeat, PauseReason, Stats};
-use crate::studio::{Credentials, StudioClient, StudioError};
-use crate::timing::Timing;
+use crate::studio::StudioError;
+use crate::studio::protocol::{Heartbeat, PauseReason, Stats};
 
-pub(super) async fn run(
-    client: StudioClient,
-    config: SharedConfig,
-    status: Arc<watch::Sender<WorkerStatus>>,
-    capabilities: Capabilities,
-    timing: Timing,
-    shutdown: CancellationToken,
-) {
+pub(super) async fn run(context: TaskContext) {
+    let TaskContext {
+        client,
+        config,
+        status,
+        timing,
+        shutdown,
+        ..
+    } = context.clone();
     let mut config_changes = config.subscribe();
     let mut backoff = Backoff::new(timing.backoff);
     let mut outage = OutageLog::new("heartbeat");
@@ -45,20 +42,31 @@ pub(super) async fn run(
         };
 
         let paused = pause_reason(&snapshot);
-        let started_at = status.borrow().started_at;
-        let body = Heartbeat {
-            state: worker_state(paused),
-            paused_reason: paused,
-            current_job_id: None,
-            capabilities: capabilities.clone(),
-            stats: Stats {
-                uptime_s: (Utc::now() - started_at)
-                    .num_seconds()
-                    .max(0)
-                    .unsigned_abs(),
-                ..Stats::default()
-            },
-            sent_at: Utc::now(),
+        let capabilities = context.capabilities();
+        let body = {
+            let current = status.borrow();
+            let counters = &current.jobs.counters;
+            Heartbeat {
+                state: worker_state(
+                    paused,
+                    current.jobs.current.is_some(),
+                    !capabilities.models.is_empty(),
+                ),
+                paused_reason: paused,
+                current_job_id: current.jobs.current.as_ref().map(|job| job.job_id.clone()),
+                capabilities,
+                stats: Stats {
+                    uptime_s: (Utc::now() - current.started_at)
+                        .num_seconds()
+                        .max(0)
+                        .unsigned_abs(),
+                    jobs_completed: counters.jobs_completed,
+                    jobs_failed: counters.jobs_failed,
+                    images_generated: counters.images_generated,
+                    last_job_ms: counters.last_job_ms,
+                },
+                sent_at: Utc::now(),
+            }
         };
         let reported_pause = body.paused_reason;
 
@@ -90,13 +98,7 @@ pub(super) async fn run(
                     worker_id = %credentials.worker_id,
                     "the studio revoked this worker's access; reset the registration to ask again"
                 );
-                if let Err(err) = config.update(|c| {
-                    if c.worker_id.as_deref() == Some(credentials.worker_id.as_str()) {
-                        c.access_revoked = true;
-                    }
-                }) {
-                    tracing::error!("cannot record the revocation: {err}");
-                }
+                context.revoked(&credentials.worker_id);
                 status.send_modify(|s| {
                     s.connection.last_error = Some("access revoked by the studio".to_owned());
                     s.connection.next_heartbeat_at = None;
@@ -132,16 +134,6 @@ pub(super) async fn run(
         if !go_on {
             return;
         }
-    }
-}
-
-fn approved_credentials(config: &Config) -> Option<Credentials> {
-    match (RegistrationState::from_config(config), &config.auth_token) {
-        (RegistrationState::Approved { worker_id }, Some(auth_token)) => Some(Credentials {
-            worker_id,
-            auth_token: auth_token.clone(),
-        }),
-        _ => None,
     }
 }
 

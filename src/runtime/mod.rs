@@ -6,19 +6,28 @@
 //! |---|---|---|
 //! | `registration` | registration fields of the config, `registration_problem` | its timer, config changes (reset) |
 //! | `heartbeat` | `connection`, `pause.by_studio`, `access_revoked` | its timer, approval, pause changes |
+//! | `job_loop` | `jobs.current/recent/counters/claim_blocked`; writes the outbox | claims, pause, config and status changes |
+//! | `uploader` | `jobs.outbox_len`, delivered counters; deletes from the outbox | new outbox entries, its backoff |
 //! | `commands` | `pause.by_user`, resets | [`Command`]s from the UI, tray, CLI |
+//! | `control` | — (turns local `pause`/`resume` requests into [`Command`]s) | connections on 127.0.0.1 |
 //! | `mirror` | `registration`, `paused` in [`WorkerStatus`] | every saved config change |
 //! | `status_file` | `status.json` in the data folder | status changes (at most 1/s) |
+//!
+//! The engine runs on tokio's blocking pool, one job at a time, driven by `job_loop`.
 //!
 //! Everything a view needs is in [`RuntimeHandle`]: a status snapshot, the config, and a
 //! command sender. Views never wait on the runtime and the runtime never waits on a view.
 
 mod commands;
+pub mod control;
 mod heartbeat;
+mod job_loop;
 mod outage;
+mod progress;
 mod registration_task;
 mod status;
 pub mod status_file;
+mod uploader;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,22 +39,29 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use commands::Command;
-pub use status::{ConnectionStatus, WorkerStatus, pause_reason};
+pub use status::{
+    ConnectionStatus, CurrentJob, FinishedJob, JobCounters, JobOutcome, JobsStatus, WorkerStatus,
+    pause_reason,
+};
 
 use crate::config::{Config, SharedConfig};
+use crate::engine::{Engine, EngineLimits};
+use crate::outbox::Outbox;
 use crate::platform::host;
-use crate::registration::Registrar;
-use crate::studio::protocol::Capabilities;
-use crate::studio::{ApiBase, ApiBaseError, StudioClient, StudioError};
+use crate::registration::{Registrar, RegistrationState};
+use crate::studio::protocol::{Capabilities, DeviceInfo, ModelReadiness};
+use crate::studio::{ApiBase, ApiBaseError, Credentials, StudioClient, StudioError};
 use crate::timing::Timing;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RuntimeOptions {
     pub timing: Timing,
-    /// Where `status.json` goes (the data folder).
+    /// Where `status.json`, the outbox and the control file go (the data folder).
     pub data_dir: PathBuf,
     /// Talk to this studio instead of the config's `api_base_url`, for this run only.
     pub api_base_override: Option<String>,
+    /// What turns jobs into images. `None`: no job is claimed (the heartbeat says `loading`).
+    pub engine: Option<Arc<dyn Engine>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +70,88 @@ pub enum StartError {
     ApiBase(#[from] ApiBaseError),
     #[error(transparent)]
     Client(#[from] StudioError),
+    #[error("cannot open the outbox folder {path}: {source}")]
+    Outbox {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What every background task gets: the studio, the config, the status, the engine.
+#[derive(Clone)]
+pub(crate) struct TaskContext {
+    pub client: StudioClient,
+    pub config: SharedConfig,
+    pub status: Arc<watch::Sender<WorkerStatus>>,
+    pub engine: Option<Arc<dyn Engine>>,
+    pub outbox: Outbox,
+    /// Rung by the job loop after it put a result in the outbox.
+    pub outbox_changed: Arc<tokio::sync::Notify>,
+    pub device: DeviceInfo,
+    pub timing: Timing,
+    pub shutdown: CancellationToken,
+}
+
+impl TaskContext {
+    fn limits(&self) -> EngineLimits {
+        self.engine.as_ref().map_or(
+            EngineLimits {
+                max_width: 0,
+                max_height: 0,
+                max_images: 0,
+            },
+            |engine| engine.limits(),
+        )
+    }
+
+    fn ready_models(&self) -> Vec<String> {
+        self.engine
+            .as_ref()
+            .map_or_else(Vec::new, |engine| engine.ready_models())
+    }
+
+    /// What this worker can do, as §4 describes it.
+    fn capabilities(&self) -> Capabilities {
+        let limits = self.limits();
+        Capabilities {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            os: host::os_name().to_owned(),
+            arch: host::arch_name().to_owned(),
+            device: self.device.clone(),
+            models: self
+                .ready_models()
+                .into_iter()
+                .map(|id| ModelReadiness { id, ready: true })
+                .collect(),
+            max_width: limits.max_width,
+            max_height: limits.max_height,
+            max_images: limits.max_images,
+            kinds: vec!["txt2img".to_owned()],
+        }
+    }
+
+    /// Records a 401: the studio no longer accepts this worker. Every loop then waits for a
+    /// reset (the heartbeat task says so to the person).
+    fn revoked(&self, worker_id: &str) {
+        if let Err(err) = self.config.update(|c| {
+            if c.worker_id.as_deref() == Some(worker_id) {
+                c.access_revoked = true;
+            }
+        }) {
+            tracing::error!("cannot record the revocation: {err}");
+        }
+    }
+}
+
+/// The worker's identity while it is approved and not revoked.
+pub(crate) fn approved_credentials(config: &Config) -> Option<Credentials> {
+    match (RegistrationState::from_config(config), &config.auth_token) {
+        (RegistrationState::Approved { worker_id }, Some(auth_token)) => Some(Credentials {
+            worker_id,
+            auth_token: auth_token.clone(),
+        }),
+        _ => None,
+    }
 }
 
 /// What the UI, tray and CLI hold: cheap to clone, never blocks.
@@ -104,47 +202,49 @@ impl Runtime {
         )?;
         let timing = options.timing;
         let client = StudioClient::with_timeout(api_base.clone(), timing.request_timeout)?;
-        let capabilities = current_capabilities();
+        let outbox_folder = options.data_dir.join("outbox");
+        let outbox = Outbox::open(outbox_folder.clone()).map_err(|source| StartError::Outbox {
+            path: outbox_folder,
+            source,
+        })?;
 
         let mut initial = WorkerStatus::new(&snapshot);
         initial.api_base_url = api_base.to_string();
         let (status_sender, status) = watch::channel(initial);
-        let status_sender = Arc::new(status_sender);
         let (command_sender, command_receiver) = mpsc::channel(32);
-        let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-
-        tasks.spawn(mirror(
-            config.clone(),
-            status_sender.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(registration_task::run(
-            Registrar::new(client.clone(), config.clone(), timing),
-            config.clone(),
-            status_sender.clone(),
-            capabilities.clone(),
-            timing,
-            shutdown.clone(),
-        ));
-        tasks.spawn(heartbeat::run(
+        let context = TaskContext {
             client,
-            config.clone(),
-            status_sender.clone(),
-            capabilities,
+            config: config.clone(),
+            status: Arc::new(status_sender),
+            engine: options.engine,
+            outbox,
+            outbox_changed: Arc::new(tokio::sync::Notify::new()),
+            device: host::cpu_device(),
             timing,
-            shutdown.clone(),
+            shutdown: CancellationToken::new(),
+        };
+        let capabilities = context.capabilities();
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(mirror(context.clone()));
+        tasks.spawn(registration_task::run(
+            Registrar::new(context.client.clone(), config.clone(), timing),
+            capabilities,
+            context.clone(),
         ));
-        tasks.spawn(commands::run(
-            command_receiver,
-            config.clone(),
-            status_sender.clone(),
-            shutdown.clone(),
+        tasks.spawn(heartbeat::run(context.clone()));
+        tasks.spawn(job_loop::run(context.clone()));
+        tasks.spawn(uploader::run(context.clone()));
+        tasks.spawn(commands::run(command_receiver, context.clone()));
+        tasks.spawn(control::serve(
+            options.data_dir.clone(),
+            command_sender.clone(),
+            context.clone(),
         ));
         tasks.spawn(status_file::run(
             options.data_dir.join(status_file::FILE_NAME),
             status.clone(),
-            shutdown.clone(),
+            context.shutdown.clone(),
         ));
 
         tracing::info!(studio = %api_base, "worker started");
@@ -154,7 +254,7 @@ impl Runtime {
                 status,
                 commands: command_sender,
             },
-            shutdown,
+            shutdown: context.shutdown,
             tasks,
         })
     }
@@ -191,34 +291,35 @@ impl Runtime {
     }
 }
 
-/// What this worker can do, as §4 describes it.
+/// What a worker without an engine can do, as §4 describes it (for registration).
 pub fn current_capabilities() -> Capabilities {
     Capabilities {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         os: host::os_name().to_owned(),
         arch: host::arch_name().to_owned(),
         device: host::cpu_device(),
-        // The model manager fills these in; until then nothing is ready and no job is claimed.
         models: Vec::new(),
-        max_width: 1024,
-        max_height: 1024,
-        max_images: 4,
+        max_width: 0,
+        max_height: 0,
+        max_images: 0,
         kinds: vec!["txt2img".to_owned()],
     }
 }
 
 /// Keeps the config-derived parts of the status (registration state, pause) in step with
 /// every saved change, whoever made it.
-async fn mirror(
-    config: SharedConfig,
-    status: Arc<watch::Sender<WorkerStatus>>,
-    shutdown: CancellationToken,
-) {
+async fn mirror(context: TaskContext) {
+    let TaskContext {
+        config,
+        status,
+        shutdown,
+        ..
+    } = context;
     let mut changes = config.subscribe();
     loop {
         {
             let config = changes.borrow_and_update().clone();
-            let registration = crate::registration::RegistrationState::from_config(&config);
+            let registration = RegistrationState::from_config(&config);
             let paused = pause_reason(&config);
             status.send_if_modified(|status| {
                 let changed = status.registration != registration || status.paused != paused;

@@ -1,27 +1,20 @@
 //! The task that drives [`Registrar::tick`] until the studio has decided, then sleeps until
 //! the person resets the registration.
 
-use std::sync::Arc;
-
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-
 use super::outage::OutageLog;
-use super::{WorkerStatus, deadline_after, wait_until};
+use super::{TaskContext, deadline_after, wait_until};
 use crate::backoff::Backoff;
-use crate::config::SharedConfig;
 use crate::registration::{Registrar, RegistrationError, RegistrationState};
 use crate::studio::protocol::Capabilities;
-use crate::timing::Timing;
 
-pub(super) async fn run(
-    registrar: Registrar,
-    config: SharedConfig,
-    status: Arc<watch::Sender<WorkerStatus>>,
-    capabilities: Capabilities,
-    timing: Timing,
-    shutdown: CancellationToken,
-) {
+pub(super) async fn run(registrar: Registrar, capabilities: Capabilities, context: TaskContext) {
+    let TaskContext {
+        config,
+        status,
+        timing,
+        shutdown,
+        ..
+    } = context;
     let mut config_changes = config.subscribe();
     let mut backoff = Backoff::new(timing.backoff);
     let mut outage = OutageLog::new("registration");

@@ -7,9 +7,15 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use std::collections::VecDeque;
+
 use crate::config::Config;
+use crate::jobs::JobSpec;
 use crate::registration::RegistrationState;
-use crate::studio::protocol::{PauseReason, WorkerState};
+use crate::studio::protocol::{FailCode, PauseReason, Stage, WorkerState};
+
+/// How many finished jobs the status keeps for the Jobs tab.
+pub const RECENT_JOBS: usize = 50;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStatus {
@@ -25,6 +31,9 @@ pub struct WorkerStatus {
     pub connection: ConnectionStatus,
     /// Writer: whoever changes the config's pause section (derived on every config change).
     pub paused: Option<PauseReason>,
+    /// Writers: the job loop (current, recent, counters, claim_blocked) and the uploader
+    /// (outbox, delivered counters).
+    pub jobs: JobsStatus,
     /// Writer: the command task. Set when a change could not be saved.
     pub settings_problem: Option<String>,
     /// Writer: the runtime, when a task cannot go on at all (no entropy, config unwritable).
@@ -41,23 +50,155 @@ impl WorkerStatus {
             next_registration_poll_at: None,
             connection: ConnectionStatus::default(),
             paused: pause_reason(config),
+            jobs: JobsStatus::default(),
             settings_problem: None,
             fatal: None,
         }
     }
 
     /// The state the heartbeat reports.
-    pub fn worker_state(&self) -> WorkerState {
-        worker_state(self.paused)
+    pub fn worker_state(&self, models_ready: bool) -> WorkerState {
+        worker_state(self.paused, self.jobs.current.is_some(), models_ready)
     }
 }
 
-pub fn worker_state(paused: Option<PauseReason>) -> WorkerState {
-    if paused.is_some() {
+/// §2's `state`: a running job is `busy` even while it is being handed back after a pause.
+pub fn worker_state(paused: Option<PauseReason>, busy: bool, models_ready: bool) -> WorkerState {
+    if busy {
+        WorkerState::Busy
+    } else if paused.is_some() {
         WorkerState::Paused
+    } else if !models_ready {
+        WorkerState::Loading
     } else {
         WorkerState::Idle
     }
+}
+
+/// The job queue and history as the Jobs tab and the heartbeat see it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobsStatus {
+    pub current: Option<CurrentJob>,
+    /// The last [`RECENT_JOBS`] jobs, newest first.
+    pub recent: VecDeque<FinishedJob>,
+    /// Results on disk waiting for the studio.
+    pub outbox_len: usize,
+    /// The uploader has emptied the outbox once since start; claims wait for this (§3.3).
+    pub outbox_drained_since_start: bool,
+    pub counters: JobCounters,
+    /// Why no job is being claimed right now, in words (none while claiming or working).
+    pub claim_blocked: Option<String>,
+}
+
+impl JobsStatus {
+    pub fn remember(&mut self, finished: FinishedJob) {
+        self.recent.retain(|job| job.job_id != finished.job_id);
+        self.recent.push_front(finished);
+        self.recent.truncate(RECENT_JOBS);
+    }
+
+    pub fn set_outcome(&mut self, job_id: &str, outcome: JobOutcome) {
+        if let Some(job) = self.recent.iter_mut().find(|job| job.job_id == job_id) {
+            job.outcome = outcome;
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounters {
+    /// Results the studio acknowledged.
+    pub jobs_completed: u64,
+    /// Jobs handed back with `fail`, for any reason but a pause.
+    pub jobs_failed: u64,
+    pub images_generated: u64,
+    /// Engine time of the last finished job.
+    pub last_job_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CurrentJob {
+    pub job_id: String,
+    pub prompt: String,
+    pub model: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub num_images: u32,
+    pub seed: u64,
+    pub stage: Stage,
+    pub step: u32,
+    pub total_steps: u32,
+    pub started_at: DateTime<Utc>,
+}
+
+impl CurrentJob {
+    pub fn new(spec: &JobSpec) -> Self {
+        Self {
+            job_id: spec.job_id.clone(),
+            prompt: spec.prompt.clone(),
+            model: spec.model.clone(),
+            width: spec.width,
+            height: spec.height,
+            steps: spec.steps,
+            num_images: spec.num_images,
+            seed: spec.seed,
+            stage: Stage::LoadingModel,
+            step: 0,
+            total_steps: spec.steps,
+            started_at: Utc::now(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinishedJob {
+    pub job_id: String,
+    pub prompt: String,
+    pub model: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub seed: Option<u64>,
+    pub outcome: JobOutcome,
+    pub duration_ms: u64,
+    pub finished_at: DateTime<Utc>,
+}
+
+impl FinishedJob {
+    pub fn new(current: &CurrentJob, outcome: JobOutcome) -> Self {
+        let duration = Utc::now() - current.started_at;
+        Self {
+            job_id: current.job_id.clone(),
+            prompt: current.prompt.clone(),
+            model: current.model.clone(),
+            width: current.width,
+            height: current.height,
+            steps: current.steps,
+            seed: Some(current.seed),
+            outcome,
+            duration_ms: duration.num_milliseconds().max(0).unsigned_abs(),
+            finished_at: Utc::now(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum JobOutcome {
+    /// Images in the outbox, upload pending.
+    Uploading,
+    /// The studio has the images.
+    Delivered,
+    /// Never run: the job broke a rule.
+    Rejected { code: FailCode, message: String },
+    /// Ran and failed; handed back with `fail`.
+    Failed { code: FailCode, message: String },
+    /// Handed back because the worker was paused or quit.
+    HandedBack,
+    /// The submitter cancelled it.
+    Cancelled,
+    /// The studio gave it to someone else (409/410).
+    LeaseLost,
 }
 
 /// The reason to report when the worker is paused, by precedence (see [`PauseReason`]).

@@ -9,8 +9,9 @@ use serde::de::DeserializeOwned;
 
 use super::api_base::ApiBase;
 use super::protocol::{
-    ErrorBody, Heartbeat, HeartbeatResponse, RegisterRequest, RegisterResponse,
-    RegistrationDecision,
+    ClaimRequest, ClaimResponse, ErrorBody, FailRequest, Heartbeat, HeartbeatResponse,
+    ProgressRequest, ProgressResponse, RegisterRequest, RegisterResponse, RegistrationDecision,
+    ResultMeta,
 };
 use crate::secret::Secret;
 
@@ -19,6 +20,11 @@ pub const USER_AGENT: &str = concat!("studio-worker/", env!("CARGO_PKG_VERSION")
 /// studio-api.md, Conventions: the default request timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A long-poll claim may take `waitS` plus this (Conventions).
+const CLAIM_GRACE: Duration = Duration::from_secs(15);
+/// Uploads get the normal timeout plus one second per this many bytes (≈1 Mbit/s), so a
+/// home connection's slow upstream is not mistaken for a dead studio.
+const UPLOAD_BYTES_PER_SECOND: u64 = 128 * 1024;
 /// The most of an error body we keep for a message.
 const MAX_MESSAGE_CHARS: usize = 300;
 
@@ -91,6 +97,7 @@ impl StudioClient {
     pub fn with_timeout(base: ApiBase, timeout: Duration) -> Result<Self, StudioError> {
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
+            .timeout(timeout)
             .connect_timeout(CONNECT_TIMEOUT.min(timeout))
             // Plain http is only ever allowed to loopback (see `ApiBase`); never follow a
             // redirect that could carry the token elsewhere.
@@ -150,6 +157,87 @@ impl StudioClient {
             .await
     }
 
+    /// §3.1: ask for a job, waiting up to `waitS` for one. `None` is the studio's `204`.
+    pub async fn claim(
+        &self,
+        credentials: &Credentials,
+        body: &ClaimRequest,
+    ) -> Result<Option<serde_json::Value>, StudioError> {
+        let url = self
+            .base
+            .endpoint(&["workers", &credentials.worker_id, "jobs", "claim"]);
+        let request = self
+            .authorized_post(url, credentials, body)
+            .timeout(Duration::from_secs(body.wait_s) + CLAIM_GRACE);
+        let response = self.send(request, "worker").await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let claimed: ClaimResponse = parse_body(response).await?;
+        Ok(Some(claimed.job))
+    }
+
+    /// §3.2: report where the job is and renew its lease.
+    pub async fn progress(
+        &self,
+        credentials: &Credentials,
+        job_id: &str,
+        body: &ProgressRequest,
+    ) -> Result<ProgressResponse, StudioError> {
+        let url = self.base.endpoint(&["jobs", job_id, "progress"]);
+        self.send_json(self.authorized_post(url, credentials, body), "job")
+            .await
+    }
+
+    /// §3.3: upload the finished images (PNG bytes, in order) with their metadata.
+    pub async fn upload_result(
+        &self,
+        credentials: &Credentials,
+        job_id: &str,
+        meta: &ResultMeta,
+        images: Vec<Vec<u8>>,
+    ) -> Result<(), StudioError> {
+        let url = self.base.endpoint(&["jobs", job_id, "result"]);
+        let meta = serde_json::to_vec(meta).map_err(|err| StudioError::Transient {
+            reason: format!("cannot encode the result's metadata: {err}"),
+            retry_after: None,
+        })?;
+        let total_bytes: u64 = images.iter().map(|png| png.len() as u64).sum();
+        let mut form = reqwest::multipart::Form::new().part(
+            "meta",
+            reqwest::multipart::Part::bytes(meta)
+                .mime_str("application/json")
+                .map_err(transport_error)?,
+        );
+        for (index, png) in images.into_iter().enumerate() {
+            let part = reqwest::multipart::Part::bytes(png)
+                .file_name(format!("image-{index}.png"))
+                .mime_str("image/png")
+                .map_err(transport_error)?;
+            form = form.part("image", part);
+        }
+        let request = self
+            .http
+            .post(url)
+            .bearer_auth(credentials.auth_token.expose())
+            .multipart(form)
+            .timeout(self.timeout + Duration::from_secs(total_bytes / UPLOAD_BYTES_PER_SECOND));
+        self.send(request, "job").await.map(drop)
+    }
+
+    /// §3.4: hand a job back, saying why.
+    pub async fn fail(
+        &self,
+        credentials: &Credentials,
+        job_id: &str,
+        body: &FailRequest,
+    ) -> Result<(), StudioError> {
+        let url = self.base.endpoint(&["jobs", job_id, "fail"]);
+        self.send(self.authorized_post(url, credentials, body), "job")
+            .await
+            .map(drop)
+    }
+
     fn authorized_post(
         &self,
         url: reqwest::Url,
@@ -167,12 +255,8 @@ impl StudioClient {
         request: reqwest::RequestBuilder,
         what: &'static str,
     ) -> Result<T, StudioError> {
-        let response = self.send(request.timeout(self.timeout), what).await?;
-        let bytes = response.bytes().await.map_err(transport_error)?;
-        serde_json::from_slice(&bytes).map_err(|err| StudioError::Transient {
-            reason: format!("the studio's answer is not valid protocol JSON ({err})"),
-            retry_after: None,
-        })
+        let response = self.send(request, what).await?;
+        parse_body(response).await
     }
 
     /// Sends and sorts the status: 2xx comes back, everything else becomes a [`StudioError`].
@@ -190,6 +274,14 @@ impl StudioClient {
         let message = error_message(response).await;
         Err(classify(status, message, retry_after, what))
     }
+}
+
+async fn parse_body<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, StudioError> {
+    let bytes = response.bytes().await.map_err(transport_error)?;
+    serde_json::from_slice(&bytes).map_err(|err| StudioError::Transient {
+        reason: format!("the studio's answer is not valid protocol JSON ({err})"),
+        retry_after: None,
+    })
 }
 
 fn classify(

@@ -148,6 +148,101 @@ pub struct ModelReadiness {
     pub ready: bool,
 }
 
+/// §3.1 `POST /workers/{workerId}/jobs/claim`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRequest {
+    pub models: Vec<String>,
+    pub max_width: u32,
+    pub max_height: u32,
+    pub wait_s: u64,
+}
+
+/// §3.1 `200 {"job": Job}`. The job stays raw JSON here: it is validated field by field
+/// (`jobs::validate`) so that a hostile or malformed job is answered with `fail`, not a
+/// parse error.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClaimResponse {
+    pub job: serde_json::Value,
+}
+
+/// Where a job is (§3.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    LoadingModel,
+    Encoding,
+    Denoising,
+    Decoding,
+    Uploading,
+}
+
+impl Stage {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::LoadingModel => "loading the model",
+            Self::Encoding => "reading the prompt",
+            Self::Denoising => "drawing",
+            Self::Decoding => "finishing the image",
+            Self::Uploading => "uploading",
+        }
+    }
+}
+
+/// §3.2 `POST /jobs/{jobId}/progress`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressRequest {
+    pub worker_id: String,
+    pub stage: Stage,
+    pub step: u32,
+    pub total_steps: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressResponse {
+    #[serde(default)]
+    pub cancel: bool,
+    /// The renewed lease; absent when cancelling (or when the studio keeps the old one).
+    #[serde(default)]
+    pub lease_s: Option<u64>,
+}
+
+/// §3.3 the `meta` part of a result upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultMeta {
+    pub worker_id: String,
+    pub seed: u64,
+    pub elapsed_ms: u64,
+    pub model: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+}
+
+/// §3.4 `POST /jobs/{jobId}/fail`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailRequest {
+    pub worker_id: String,
+    pub code: FailCode,
+    /// Human-readable, no secrets, no file paths.
+    pub error: String,
+    pub retryable: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailCode {
+    InvalidParams,
+    ModelUnavailable,
+    Oom,
+    Paused,
+    Internal,
+}
+
 /// The most bytes an id may have (studio-api.md, Conventions).
 pub const MAX_ID_BYTES: usize = 128;
 

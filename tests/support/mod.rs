@@ -2,6 +2,7 @@
 //! in a temporary folder.
 #![allow(dead_code)] // each test module uses a different part of the support code
 
+pub mod engine;
 pub mod studio;
 
 use std::path::PathBuf;
@@ -27,6 +28,14 @@ pub fn fast_timing() -> Timing {
         heartbeat_cap: Duration::from_millis(100),
         refused_retry: Duration::from_millis(100),
         request_timeout: Duration::from_millis(500),
+        claim_wait: Duration::from_secs(1),
+        empty_claim_pause: Duration::from_millis(50),
+        progress_min_gap: Duration::from_millis(20),
+        failure_backoff: BackoffPolicy {
+            base: Duration::from_millis(300),
+            cap: Duration::from_millis(600),
+        },
+        handback_timeout: Duration::from_secs(2),
     }
 }
 
@@ -69,12 +78,21 @@ impl WorkerHome {
     }
 
     pub fn start_runtime(&self, timing: Timing) -> Runtime {
+        self.start_runtime_with(timing, None)
+    }
+
+    pub fn start_runtime_with(
+        &self,
+        timing: Timing,
+        engine: Option<std::sync::Arc<dyn studio_worker::engine::Engine>>,
+    ) -> Runtime {
         Runtime::start(
             self.shared(),
             RuntimeOptions {
                 timing,
                 data_dir: self.dir.path().to_path_buf(),
                 api_base_override: None,
+                engine,
             },
         )
         .expect("runtime starts")

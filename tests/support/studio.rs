@@ -26,6 +26,10 @@ pub enum Route {
     Register,
     Poll,
     Heartbeat,
+    Claim,
+    Progress,
+    Result,
+    Fail,
     Other,
 }
 
@@ -37,10 +41,50 @@ impl Route {
             Self::Poll
         } else if path.ends_with("/heartbeat") {
             Self::Heartbeat
+        } else if path.ends_with("/jobs/claim") {
+            Self::Claim
+        } else if path.ends_with("/progress") {
+            Self::Progress
+        } else if path.ends_with("/result") {
+            Self::Result
+        } else if path.ends_with("/fail") {
+            Self::Fail
         } else {
             Self::Other
         }
     }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Leased {
+        worker_id: String,
+    },
+    Done {
+        worker_id: String,
+    },
+    Failed {
+        code: String,
+    },
+    /// The submitter cancelled it (progress answers `cancel: true`; results get 410).
+    Cancelled,
+}
+
+/// A job as the studio keeps it.
+#[derive(Clone, Debug)]
+pub struct StudioJob {
+    pub job_id: String,
+    pub body: Value,
+    pub state: JobState,
+    /// Every progress body received.
+    pub progress: Vec<Value>,
+    /// Every fail body received.
+    pub fails: Vec<Value>,
+    /// Stored results: (meta, PNG images). A repeated upload is answered 200, not stored.
+    pub results: Vec<(Value, Vec<Vec<u8>>)>,
+    pub uploads: u32,
+    pub leases: u32,
 }
 
 /// A way to misbehave, applied to the next matching requests.
@@ -130,6 +174,12 @@ struct StudioState {
     poll_after_s: Option<u64>,
     next_heartbeat_s: Option<u64>,
     next_id: u64,
+    jobs: BTreeMap<String, StudioJob>,
+    queue: VecDeque<String>,
+    /// Woken when a job is queued (held claims wait on it).
+    jobs_added: Arc<tokio::sync::Notify>,
+    /// Answer 413 to result uploads.
+    results_too_large: bool,
 }
 
 impl StudioState {
@@ -198,6 +248,10 @@ impl TestStudio {
             .route("/workers/register-request", post(create_request))
             .route("/workers/register-requests/{request_id}", get(poll_request))
             .route("/workers/{worker_id}/heartbeat", post(heartbeat))
+            .route("/workers/{worker_id}/jobs/claim", post(claim))
+            .route("/jobs/{job_id}/progress", post(progress))
+            .route("/jobs/{job_id}/result", post(upload_result))
+            .route("/jobs/{job_id}/fail", post(fail))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 record_and_misbehave,
@@ -226,6 +280,59 @@ impl TestStudio {
             state,
             server,
         }
+    }
+
+    /// Queues a job body (as the studio would send it in a claim).
+    pub fn enqueue(&self, body: Value) -> String {
+        let mut state = self.state();
+        let job_id = match body.get("jobId").and_then(Value::as_str) {
+            Some(job_id) if !job_id.is_empty() => job_id.to_owned(),
+            _ => state.new_id("nojobid"),
+        };
+        state.jobs.insert(
+            job_id.clone(),
+            StudioJob {
+                job_id: job_id.clone(),
+                body,
+                state: JobState::Queued,
+                progress: Vec::new(),
+                fails: Vec::new(),
+                results: Vec::new(),
+                uploads: 0,
+                leases: 0,
+            },
+        );
+        state.queue.push_back(job_id.clone());
+        state.jobs_added.notify_waiters();
+        job_id
+    }
+
+    pub fn job(&self, job_id: &str) -> Option<StudioJob> {
+        self.state().jobs.get(job_id).cloned()
+    }
+
+    pub fn jobs(&self) -> Vec<StudioJob> {
+        self.state().jobs.values().cloned().collect()
+    }
+
+    /// The submitter cancels the job.
+    pub fn cancel_job(&self, job_id: &str) {
+        if let Some(job) = self.state().jobs.get_mut(job_id) {
+            job.state = JobState::Cancelled;
+        }
+    }
+
+    /// The lease is taken away (expired, reassigned): the worker gets 409 from now on.
+    pub fn steal_job(&self, job_id: &str) {
+        if let Some(job) = self.state().jobs.get_mut(job_id) {
+            job.state = JobState::Leased {
+                worker_id: "w_someone_else".to_owned(),
+            };
+        }
+    }
+
+    pub fn set_results_too_large(&self, too_large: bool) {
+        self.state().results_too_large = too_large;
     }
 
     /// The worker's `api_base_url` for this studio.
@@ -599,6 +706,204 @@ async fn heartbeat(
     });
     Json(json!({ "nextHeartbeatS": next_heartbeat_s.unwrap_or(30), "pause": pause }))
         .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+}
+
+/// The worker whose (unrevoked) bearer token this is.
+fn bearer_worker(state: &StudioState, headers: &HeaderMap) -> Option<String> {
+    let token = bearer(headers);
+    state
+        .workers
+        .values()
+        .find(|w| !w.revoked && w.token == token)
+        .map(|w| w.worker_id.clone())
+}
+
+async fn claim(
+    State(state): State<Shared>,
+    Path(worker_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body is not JSON");
+    };
+    if !body.get("models").is_some_and(Value::is_array) {
+        return error(StatusCode::BAD_REQUEST, "models is required");
+    }
+    let wait = Duration::from_secs(
+        body.get("waitS")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            .min(30),
+    );
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let jobs_added = {
+            let mut state = lock(&state);
+            if bearer_worker(&state, &headers).as_deref() != Some(worker_id.as_str()) {
+                return error(StatusCode::UNAUTHORIZED, "token not accepted");
+            }
+            if let Some(job_id) = state.queue.pop_front() {
+                let job = state.jobs.get_mut(&job_id).expect("queued jobs exist");
+                job.state = JobState::Leased {
+                    worker_id: worker_id.clone(),
+                };
+                job.leases += 1;
+                return Json(json!({ "job": job.body })).into_response();
+            }
+            state.jobs_added.clone()
+        };
+        let added = jobs_added.notified();
+        tokio::pin!(added);
+        added.as_mut().enable();
+        // A job queued between the check and `enable` is caught by checking once more.
+        if !lock(&state).queue.is_empty() {
+            continue;
+        }
+        if tokio::time::timeout_at(deadline, added).await.is_err() {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+    }
+}
+
+async fn progress(
+    State(state): State<Shared>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = lock(&state);
+    let Some(worker_id) = bearer_worker(&state, &headers) else {
+        return error(StatusCode::UNAUTHORIZED, "token not accepted");
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body is not JSON");
+    };
+    let Some(job) = state.jobs.get_mut(&job_id) else {
+        return error(StatusCode::NOT_FOUND, "no such job");
+    };
+    job.progress.push(body);
+    match &job.state {
+        JobState::Cancelled => Json(json!({ "cancel": true })).into_response(),
+        JobState::Leased { worker_id: holder } if *holder == worker_id => {
+            Json(json!({ "cancel": false, "leaseS": 120 })).into_response()
+        }
+        _ => error(StatusCode::CONFLICT, "this job is not yours"),
+    }
+}
+
+async fn upload_result(
+    State(state): State<Shared>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+    mut multipart: axum::extract::Multipart,
+) -> Response {
+    let mut meta = Value::Null;
+    let mut images = Vec::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(err) => return error(StatusCode::BAD_REQUEST, &format!("bad multipart: {err}")),
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        let content_type = field.content_type().unwrap_or_default().to_owned();
+        let Ok(bytes) = field.bytes().await else {
+            return error(StatusCode::BAD_REQUEST, "unreadable part");
+        };
+        match (name.as_str(), content_type.as_str()) {
+            ("meta", "application/json") => {
+                meta = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            }
+            ("image", "image/png") => images.push(bytes.to_vec()),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unexpected part {name} ({content_type})"),
+                );
+            }
+        }
+    }
+    let mut state = lock(&state);
+    let Some(worker_id) = bearer_worker(&state, &headers) else {
+        return error(StatusCode::UNAUTHORIZED, "token not accepted");
+    };
+    if meta.is_null() || images.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "meta and at least one image are required",
+        );
+    }
+    if state.results_too_large {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "too large");
+    }
+    let Some(job) = state.jobs.get_mut(&job_id) else {
+        return error(StatusCode::NOT_FOUND, "no such job");
+    };
+    job.uploads += 1;
+    match job.state.clone() {
+        // A retry after a lost answer: success, nothing stored twice (§3.3).
+        JobState::Done { worker_id: holder } if holder == worker_id => {
+            StatusCode::OK.into_response()
+        }
+        JobState::Leased { worker_id: holder } if holder == worker_id => {
+            job.results.push((meta, images));
+            job.state = JobState::Done { worker_id };
+            StatusCode::CREATED.into_response()
+        }
+        JobState::Cancelled => error(StatusCode::GONE, "cancelled"),
+        _ => error(StatusCode::CONFLICT, "this job is not yours"),
+    }
+}
+
+async fn fail(
+    State(state): State<Shared>,
+    Path(job_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = lock(&state);
+    let Some(worker_id) = bearer_worker(&state, &headers) else {
+        return error(StatusCode::UNAUTHORIZED, "token not accepted");
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body is not JSON");
+    };
+    let code = body
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let retryable = body
+        .get("retryable")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let Some(job) = state.jobs.get_mut(&job_id) else {
+        return error(StatusCode::NOT_FOUND, "no such job");
+    };
+    job.fails.push(body);
+    let holder =
+        matches!(&job.state, JobState::Leased { worker_id: holder } if *holder == worker_id);
+    if !holder {
+        return error(StatusCode::CONFLICT, "this job is not yours");
+    }
+    if retryable {
+        // Back in the queue, for this or another worker.
+        job.state = JobState::Queued;
+        state.queue.push_back(job_id);
+        state.jobs_added.notify_waiters();
+    } else {
+        job.state = JobState::Failed { code };
+    }
+    StatusCode::OK.into_response()
 }
 
 async fn operator_list(State(state): State<Shared>) -> Response {

@@ -6,5 +6,6 @@ mod support;
 
 mod cli;
 mod config_file;
+mod jobs;
 mod registration;
 mod runtime;

@@ -1,0 +1,128 @@
+//! The image engine as the job pipeline sees it: a small trait, so the pipeline is the same
+//! whether the images come from candle on a GPU or from a test engine.
+//!
+//! The contract: [`Engine::generate`] runs on a blocking thread, reports each stage and
+//! denoising step through `progress`, checks `cancel` between steps (and returns
+//! [`EngineError::Cancelled`] when it is set), and returns the images with the seed it used.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::jobs::JobSpec;
+use crate::studio::protocol::Stage;
+
+/// What a running job reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobProgress {
+    pub stage: Stage,
+    pub step: u32,
+    pub total_steps: u32,
+}
+
+/// What this engine can take, reported in capabilities and claims and enforced on every job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_images: u32,
+}
+
+/// Finished images (8-bit RGB, `width × height` each) and the seed that made them.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub images: Vec<image::RgbImage>,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// `cancel` was set; the reason is in the token.
+    #[error("stopped before it finished")]
+    Cancelled,
+    /// Not enough GPU (or CPU) memory for this job; the engine stays usable.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("model unavailable: {0}")]
+    ModelUnavailable(String),
+    /// Anything else. The message is shown to the studio: no paths, no secrets.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why a job is being stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StopReason {
+    /// The person who submitted it cancelled it (`cancel: true`).
+    CancelledByStudio = 1,
+    /// The lease is gone (`409`/`410`): the job belongs to someone else now.
+    LeaseLost = 2,
+    /// The person paused the worker: the job goes back with `paused`.
+    Paused = 3,
+    /// The worker is quitting: the job goes back too.
+    ShuttingDown = 4,
+}
+
+/// Set by the job loop, read by the engine between steps. The first reason wins.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicU8>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self, reason: StopReason) {
+        let _ = self
+            .0
+            .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != 0
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Some(StopReason::CancelledByStudio),
+            2 => Some(StopReason::LeaseLost),
+            3 => Some(StopReason::Paused),
+            4 => Some(StopReason::ShuttingDown),
+            _ => None,
+        }
+    }
+}
+
+pub trait Engine: Send + Sync + 'static {
+    /// Size and count limits.
+    fn limits(&self) -> EngineLimits;
+
+    /// Ids of the models that are on disk, verified and can run now.
+    fn ready_models(&self) -> Vec<String>;
+
+    /// Runs one validated job. Called from a blocking thread, one job at a time.
+    fn generate(
+        &self,
+        job: &JobSpec,
+        progress: &mut dyn FnMut(JobProgress),
+        cancel: &CancelToken,
+    ) -> Result<Generated, EngineError>;
+
+    /// Gives GPU memory back (called while paused, when the setting asks for it).
+    fn unload(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_stop_reason_wins() {
+        let cancel = CancelToken::new();
+        assert!(!cancel.is_cancelled());
+        cancel.cancel(StopReason::Paused);
+        cancel.cancel(StopReason::LeaseLost);
+        assert_eq!(cancel.reason(), Some(StopReason::Paused));
+        assert!(cancel.clone().is_cancelled(), "clones share the flag");
+    }
+}

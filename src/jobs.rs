@@ -1,0 +1,462 @@
+//! A job as the worker runs it ([`JobSpec`]), and the checks that turn the studio's raw JSON
+//! into one before anything touches the GPU (studio-api.md §3.1).
+//!
+//! Validation reads the JSON field by field instead of deserialising it whole, so every bad
+//! job gets a precise `invalid_params` message (never quoting the prompt) and no body,
+//! however malformed, can crash the worker.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::engine::EngineLimits;
+use crate::studio::protocol::{FailCode, check_id};
+
+pub const MIN_SIDE: u32 = 64;
+pub const MAX_SIDE: u32 = 2048;
+pub const MAX_STEPS: u32 = 150;
+pub const MAX_GUIDANCE: f64 = 30.0;
+pub const MAX_IMAGES: u32 = 8;
+pub const MAX_PROMPT_CHARS: usize = 4000;
+/// 2^53 − 1: the largest integer every JSON implementation represents exactly.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+/// When a job names no lease (it should), this is assumed.
+const DEFAULT_LEASE: Duration = Duration::from_secs(120);
+const MIN_LEASE: Duration = Duration::from_secs(10);
+const MAX_LEASE: Duration = Duration::from_secs(3600);
+/// An id longer than this is not even sent back in a `fail` URL; the job is only logged.
+const MAX_ANSWERABLE_ID_BYTES: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    EulerA,
+    Euler,
+    Ddim,
+    DpmPp2mKarras,
+}
+
+impl Scheduler {
+    pub fn from_protocol(name: &str) -> Option<Self> {
+        match name {
+            "euler_a" => Some(Self::EulerA),
+            "euler" => Some(Self::Euler),
+            "ddim" => Some(Self::Ddim),
+            "dpmpp_2m_karras" => Some(Self::DpmPp2mKarras),
+            _ => None,
+        }
+    }
+}
+
+/// A job that passed every check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub job_id: String,
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f64,
+    /// The job's seed, or one the worker picked (reported with the result).
+    pub seed: u64,
+    pub num_images: u32,
+    /// `None`: the model's default.
+    pub scheduler: Option<Scheduler>,
+    pub lease: Duration,
+}
+
+/// Why a job is not run, and how to tell the studio.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// `None` when the body has no usable id: then it can only be logged (§3.1).
+    pub job_id: Option<String>,
+    pub code: FailCode,
+    pub message: String,
+}
+
+/// Checks a claimed job against the protocol's ranges and this engine's limits and models.
+/// `pick_seed` is called only when the job has no seed.
+pub fn validate(
+    raw: &Value,
+    limits: &EngineLimits,
+    ready_models: &[String],
+    pick_seed: impl FnOnce() -> u64,
+) -> Result<JobSpec, Rejection> {
+    let Some(fields) = raw.as_object() else {
+        return Err(unanswerable("the job is not a JSON object"));
+    };
+    let job_id = match fields.get("jobId") {
+        Some(Value::String(job_id)) => job_id.clone(),
+        Some(_) => return Err(unanswerable("jobId is not a string")),
+        None => return Err(unanswerable("the job has no jobId")),
+    };
+    if job_id.is_empty() || job_id.len() > MAX_ANSWERABLE_ID_BYTES {
+        return Err(unanswerable("jobId is empty or absurdly long"));
+    }
+    let invalid = |message: String| Rejection {
+        job_id: Some(job_id.clone()),
+        code: FailCode::InvalidParams,
+        message,
+    };
+    if let Err(err) = check_id(&job_id) {
+        return Err(invalid(format!("jobId is unusable: {err}")));
+    }
+    let spec = read_fields(fields, &job_id, limits, pick_seed).map_err(invalid)?;
+    if !ready_models.contains(&spec.model) {
+        return Err(Rejection {
+            job_id: Some(job_id),
+            code: FailCode::ModelUnavailable,
+            message: format!(
+                "model {:?} is not available on this worker",
+                short(&spec.model)
+            ),
+        });
+    }
+    Ok(spec)
+}
+
+fn unanswerable(message: &str) -> Rejection {
+    Rejection {
+        job_id: None,
+        code: FailCode::InvalidParams,
+        message: message.to_owned(),
+    }
+}
+
+fn read_fields(
+    fields: &Map<String, Value>,
+    job_id: &str,
+    limits: &EngineLimits,
+    pick_seed: impl FnOnce() -> u64,
+) -> Result<JobSpec, String> {
+    match fields.get("kind") {
+        Some(Value::String(kind)) if kind == "txt2img" => {}
+        Some(Value::String(kind)) => {
+            return Err(format!(
+                "kind {:?} is not supported (only txt2img)",
+                short(kind)
+            ));
+        }
+        Some(_) => return Err("kind must be a string".to_owned()),
+        None => return Err("kind is missing".to_owned()),
+    }
+    let model = required_string(fields, "model")?;
+    if model.is_empty() || model.len() > 256 {
+        return Err("model must be a name of 1 to 256 bytes".to_owned());
+    }
+    let prompt = required_string(fields, "prompt")?;
+    check_prompt("prompt", &prompt)?;
+    let negative_prompt = match fields.get("negativePrompt") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => {
+            return Err(format!(
+                "negativePrompt must be a string (got {})",
+                kind_of(other)
+            ));
+        }
+    };
+    check_prompt("negativePrompt", &negative_prompt)?;
+
+    let width = side(fields, "width", limits.max_width)?;
+    let height = side(fields, "height", limits.max_height)?;
+    let steps = integer_in(fields, "steps", 1, u64::from(MAX_STEPS))?;
+    let guidance_scale = match fields.get("guidanceScale") {
+        Some(Value::Number(number)) => number.as_f64().unwrap_or(f64::NAN),
+        Some(other) => {
+            return Err(format!(
+                "guidanceScale must be a number (got {})",
+                kind_of(other)
+            ));
+        }
+        None => return Err("guidanceScale is missing".to_owned()),
+    };
+    if !(0.0..=MAX_GUIDANCE).contains(&guidance_scale) {
+        return Err(format!(
+            "guidanceScale must be from 0 to 30 (got {guidance_scale})"
+        ));
+    }
+    let seed = match fields.get("seed") {
+        None | Some(Value::Null) => pick_seed() & MAX_SEED,
+        Some(_) => integer_in(fields, "seed", 0, MAX_SEED)?,
+    };
+    let num_images = integer_in(fields, "numImages", 1, u64::from(MAX_IMAGES))?;
+    if num_images > u64::from(limits.max_images) {
+        return Err(format!(
+            "numImages {num_images} is over this worker's limit of {}",
+            limits.max_images
+        ));
+    }
+    let scheduler = match fields.get("scheduler") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(
+            Scheduler::from_protocol(name)
+                .ok_or_else(|| format!("scheduler {:?} is not known", short(name)))?,
+        ),
+        Some(other) => {
+            return Err(format!(
+                "scheduler must be a string or null (got {})",
+                kind_of(other)
+            ));
+        }
+    };
+    let lease = match fields.get("leaseS") {
+        None | Some(Value::Null) => DEFAULT_LEASE,
+        Some(_) => Duration::from_secs(integer_in(fields, "leaseS", 1, 86_400)?),
+    }
+    .clamp(MIN_LEASE, MAX_LEASE);
+
+    Ok(JobSpec {
+        job_id: job_id.to_owned(),
+        model,
+        prompt,
+        negative_prompt,
+        width,
+        height,
+        // Both were range-checked to fit in u32 above.
+        steps: u32::try_from(steps).unwrap_or(MAX_STEPS),
+        guidance_scale,
+        seed,
+        num_images: u32::try_from(num_images).unwrap_or(1),
+        scheduler,
+        lease,
+    })
+}
+
+fn required_string(fields: &Map<String, Value>, name: &str) -> Result<String, String> {
+    match fields.get(name) {
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(other) => Err(format!("{name} must be a string (got {})", kind_of(other))),
+        None => Err(format!("{name} is missing")),
+    }
+}
+
+fn check_prompt(name: &str, text: &str) -> Result<(), String> {
+    // Counting stops early: a 10 MB prompt is not walked to the end.
+    if text.chars().nth(MAX_PROMPT_CHARS).is_some() {
+        return Err(format!(
+            "{name} is longer than {MAX_PROMPT_CHARS} characters"
+        ));
+    }
+    Ok(())
+}
+
+fn integer_in(fields: &Map<String, Value>, name: &str, min: u64, max: u64) -> Result<u64, String> {
+    let value = fields
+        .get(name)
+        .ok_or_else(|| format!("{name} is missing"))?;
+    let Value::Number(number) = value else {
+        return Err(format!(
+            "{name} must be an integer (got {})",
+            kind_of(value)
+        ));
+    };
+    match number.as_u64() {
+        Some(integer) if (min..=max).contains(&integer) => Ok(integer),
+        Some(integer) => Err(format!(
+            "{name} must be from {min} to {max} (got {integer})"
+        )),
+        None if number.as_i64().is_some() => {
+            Err(format!("{name} must be from {min} to {max} (got {number})"))
+        }
+        None => Err(format!("{name} must be an integer (got {number})")),
+    }
+}
+
+fn side(fields: &Map<String, Value>, name: &str, engine_max: u32) -> Result<u32, String> {
+    let value = integer_in(fields, name, u64::from(MIN_SIDE), u64::from(MAX_SIDE))?;
+    let value = u32::try_from(value).unwrap_or(MAX_SIDE);
+    if value % 8 != 0 {
+        return Err(format!("{name} must be a multiple of 8 (got {value})"));
+    }
+    if value > engine_max {
+        return Err(format!(
+            "{name} {value} is over this worker's limit of {engine_max}"
+        ));
+    }
+    Ok(value)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A studio-supplied name, cut short for a message.
+fn short(text: &str) -> String {
+    let mut cut: String = text.chars().filter(|c| !c.is_control()).take(40).collect();
+    if text.chars().count() > 40 {
+        cut.push('…');
+    }
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const LIMITS: EngineLimits = EngineLimits {
+        max_width: 1024,
+        max_height: 1024,
+        max_images: 4,
+    };
+
+    fn good() -> Value {
+        json!({
+            "jobId": "j_1", "kind": "txt2img", "model": "sd-turbo",
+            "prompt": "a lighthouse at dusk, oil painting", "negativePrompt": "",
+            "width": 512, "height": 512, "steps": 4, "guidanceScale": 0.0,
+            "seed": 42, "numImages": 1, "scheduler": null, "leaseS": 120
+        })
+    }
+
+    fn check(job: &Value) -> Result<JobSpec, Rejection> {
+        validate(job, &LIMITS, &["sd-turbo".to_owned()], || 7)
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut job = good();
+        job[field] = value;
+        job
+    }
+
+    fn without(field: &str) -> Value {
+        let mut job = good();
+        job.as_object_mut().unwrap().remove(field);
+        job
+    }
+
+    #[test]
+    fn a_good_job_passes_whole() {
+        let spec = check(&good()).unwrap();
+        assert_eq!(spec.job_id, "j_1");
+        assert_eq!(
+            (spec.width, spec.height, spec.steps, spec.num_images),
+            (512, 512, 4, 1)
+        );
+        assert_eq!(spec.seed, 42);
+        assert_eq!(spec.scheduler, None);
+        assert_eq!(spec.lease, Duration::from_secs(120));
+        let spec = check(&with("scheduler", json!("dpmpp_2m_karras"))).unwrap();
+        assert_eq!(spec.scheduler, Some(Scheduler::DpmPp2mKarras));
+    }
+
+    #[test]
+    fn an_absent_seed_is_picked_by_the_worker() {
+        assert_eq!(check(&without("seed")).unwrap().seed, 7);
+        assert_eq!(check(&with("seed", Value::Null)).unwrap().seed, 7);
+        assert_eq!(
+            check(&with("seed", json!(MAX_SEED))).unwrap().seed,
+            MAX_SEED
+        );
+    }
+
+    #[test]
+    fn every_rule_rejects_with_invalid_params() {
+        let cases = [
+            with("width", json!(513)),
+            with("width", json!(56)),
+            with("width", json!(2056)),
+            with("height", json!(1032)), // over this engine's 1024
+            with("width", json!(-512)),
+            with("width", json!(512.5)),
+            with("width", json!("512")),
+            with("steps", json!(0)),
+            with("steps", json!(151)),
+            with("steps", json!(1e300)),
+            with("guidanceScale", json!(30.5)),
+            with("guidanceScale", json!(-0.1)),
+            with("guidanceScale", json!("7")),
+            with("seed", json!(MAX_SEED + 1)),
+            with("seed", json!(-1)),
+            with("seed", json!("42")),
+            with("numImages", json!(0)),
+            with("numImages", json!(9)),
+            with("numImages", json!(5)), // over this engine's 4
+            with("scheduler", json!("plms")),
+            with("scheduler", json!(3)),
+            with("prompt", json!("x".repeat(4001))),
+            with("prompt", json!(null)),
+            with("negativePrompt", json!(["x"])),
+            with("kind", json!("img2img")),
+            with("leaseS", json!(0)),
+            with("jobId", json!("j\u{0}1")),
+            with("jobId", json!("j".repeat(129))),
+            without("width"),
+            without("prompt"),
+            without("kind"),
+            without("numImages"),
+        ];
+        for job in cases {
+            let rejection =
+                check(&job).expect_err(&job.to_string()[..120.min(job.to_string().len())]);
+            assert_eq!(
+                rejection.code,
+                FailCode::InvalidParams,
+                "{}",
+                rejection.message
+            );
+            assert!(rejection.job_id.is_some(), "{}", rejection.message);
+            assert!(
+                rejection.message.len() < 200,
+                "short message: {}",
+                rejection.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_4000_character_prompt_is_fine_and_a_10_mb_one_is_not_quoted() {
+        assert!(check(&with("prompt", json!("é".repeat(4000)))).is_ok());
+        let rejection = check(&with("prompt", json!("x".repeat(10 << 20)))).unwrap_err();
+        assert!(rejection.message.len() < 100);
+    }
+
+    #[test]
+    fn an_unknown_model_is_model_unavailable() {
+        let rejection = check(&with("model", json!("sdxl-turbo"))).unwrap_err();
+        assert_eq!(rejection.code, FailCode::ModelUnavailable);
+        assert_eq!(rejection.job_id.as_deref(), Some("j_1"));
+    }
+
+    #[test]
+    fn a_job_without_a_usable_id_can_only_be_logged() {
+        for job in [
+            json!(null),
+            json!([1]),
+            json!("j_1"),
+            without("jobId"),
+            with("jobId", json!(5)),
+            with("jobId", json!("")),
+        ] {
+            assert_eq!(check(&job).unwrap_err().job_id, None, "{job}");
+        }
+    }
+
+    #[test]
+    fn lease_is_clamped_and_defaulted() {
+        assert_eq!(
+            check(&without("leaseS")).unwrap().lease,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            check(&with("leaseS", json!(2))).unwrap().lease,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            check(&with("leaseS", json!(86_400))).unwrap().lease,
+            Duration::from_secs(3600)
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! A scripted engine for the pipeline tests: real `Engine` contract (stages, steps, cancel
+//! between steps), images whose colour encodes the seed and index, a configurable time per
+//! step, and failures on demand through the prompt (`#oom`, `#fail`, `#panic`).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use studio_worker::engine::{
+    CancelToken, Engine, EngineError, EngineLimits, Generated, JobProgress,
+};
+use studio_worker::jobs::JobSpec;
+use studio_worker::studio::protocol::Stage;
+
+pub struct ScriptedEngine {
+    pub step_time: Duration,
+    pub models: Vec<String>,
+    pub limits: EngineLimits,
+    /// Denoising steps actually run, per job id (a stopped job ran fewer than asked).
+    pub steps_run: Mutex<Vec<(String, u32)>>,
+    pub unloads: AtomicUsize,
+    pub jobs_started: AtomicUsize,
+}
+
+impl ScriptedEngine {
+    pub fn new(step_time: Duration) -> Self {
+        Self {
+            step_time,
+            models: vec!["sd-turbo".to_owned()],
+            limits: EngineLimits {
+                max_width: 1024,
+                max_height: 1024,
+                max_images: 4,
+            },
+            steps_run: Mutex::new(Vec::new()),
+            unloads: AtomicUsize::new(0),
+            jobs_started: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn steps_run(&self, job_id: &str) -> Option<u32> {
+        let steps_run = self.steps_run.lock().unwrap();
+        steps_run
+            .iter()
+            .rev()
+            .find(|(id, _)| id == job_id)
+            .map(|(_, steps)| *steps)
+    }
+}
+
+/// The colour the scripted engine paints image `index` of a job with this seed.
+pub fn colour_for(seed: u64, index: usize) -> [u8; 3] {
+    let mixed = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(index as u64 * 0x51);
+    let bytes = mixed.to_le_bytes();
+    [bytes[0], bytes[1], bytes[2]]
+}
+
+impl Engine for ScriptedEngine {
+    fn limits(&self) -> EngineLimits {
+        self.limits
+    }
+
+    fn ready_models(&self) -> Vec<String> {
+        self.models.clone()
+    }
+
+    fn generate(
+        &self,
+        job: &JobSpec,
+        progress: &mut dyn FnMut(JobProgress),
+        cancel: &CancelToken,
+    ) -> Result<Generated, EngineError> {
+        self.jobs_started.fetch_add(1, Ordering::SeqCst);
+        let total_steps = job.steps;
+        let mut report = |stage, step| {
+            progress(JobProgress {
+                stage,
+                step,
+                total_steps,
+            });
+        };
+        report(Stage::LoadingModel, 0);
+        if job.prompt.contains("#oom") {
+            return Err(EngineError::OutOfMemory("needs 9 GB, 4 GB free".to_owned()));
+        }
+        if job.prompt.contains("#fail") {
+            return Err(EngineError::Internal(
+                "the scripted engine failed".to_owned(),
+            ));
+        }
+        if job.prompt.contains("#panic") {
+            panic!("the scripted engine panicked");
+        }
+        report(Stage::Encoding, 0);
+        let mut done = 0;
+        for step in 1..=total_steps {
+            if cancel.is_cancelled() {
+                self.steps_run
+                    .lock()
+                    .unwrap()
+                    .push((job.job_id.clone(), done));
+                return Err(EngineError::Cancelled);
+            }
+            std::thread::sleep(self.step_time);
+            done = step;
+            report(Stage::Denoising, step);
+        }
+        self.steps_run
+            .lock()
+            .unwrap()
+            .push((job.job_id.clone(), done));
+        report(Stage::Decoding, total_steps);
+        let images = (0..job.num_images as usize)
+            .map(|index| {
+                image::RgbImage::from_pixel(
+                    job.width,
+                    job.height,
+                    image::Rgb(colour_for(job.seed, index)),
+                )
+            })
+            .collect();
+        Ok(Generated {
+            images,
+            seed: job.seed,
+        })
+    }
+
+    fn unload(&self) {
+        self.unloads.fetch_add(1, Ordering::SeqCst);
+    }
+}

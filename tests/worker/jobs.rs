@@ -1,0 +1,686 @@
+//! The job pipeline (§3) end to end: the runtime with the scripted engine against the
+//! in-process studio, with faults, cancels, pauses and crashes along the way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use studio_worker::registration::RegistrationState;
+use studio_worker::runtime::{Command, JobOutcome, Runtime};
+use studio_worker::studio::protocol::PauseReason;
+
+use crate::support::engine::{ScriptedEngine, colour_for};
+use crate::support::studio::{Decision, Fault, JobState, Route, TestStudio};
+use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
+
+struct Pipeline {
+    studio: TestStudio,
+    home: WorkerHome,
+    engine: Arc<ScriptedEngine>,
+    runtime: Runtime,
+}
+
+impl Pipeline {
+    async fn start(step_time: Duration) -> Self {
+        let studio = TestStudio::start().await;
+        studio.set_decision(Decision::ApproveAfterPolls(1));
+        let home = WorkerHome::new();
+        home.write_config(&studio.url());
+        let engine = Arc::new(ScriptedEngine::new(step_time));
+        let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
+        let handle = runtime.handle();
+        eventually("approved", PATIENCE, || {
+            matches!(
+                handle.status().registration,
+                RegistrationState::Approved { .. }
+            )
+        })
+        .await;
+        Self {
+            studio,
+            home,
+            engine,
+            runtime,
+        }
+    }
+
+    /// Shuts the runtime down cleanly and starts a new one over the same files and studio.
+    async fn restart(self) -> Self {
+        let Self {
+            studio,
+            home,
+            engine,
+            runtime,
+        } = self;
+        runtime.shutdown().await;
+        Self {
+            runtime: home.start_runtime_with(fast_timing(), Some(engine.clone())),
+            studio,
+            home,
+            engine,
+        }
+    }
+
+    async fn delivered(&self, job_id: &str) {
+        eventually(&format!("{job_id} delivered"), PATIENCE, || {
+            self.studio
+                .job(job_id)
+                .is_some_and(|job| !job.results.is_empty())
+        })
+        .await;
+    }
+
+    async fn failed_with(&self, job_id: &str, code: &str) -> Value {
+        eventually(&format!("{job_id} failed with {code}"), PATIENCE, || {
+            self.studio
+                .job(job_id)
+                .is_some_and(|job| job.fails.iter().any(|f| f["code"] == code))
+        })
+        .await;
+        let job = self.studio.job(job_id).unwrap();
+        job.fails
+            .iter()
+            .find(|f| f["code"] == code)
+            .unwrap()
+            .clone()
+    }
+}
+
+fn job(job_id: &str) -> Value {
+    json!({
+        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo",
+        "prompt": "a lighthouse at dusk", "negativePrompt": "",
+        "width": 72, "height": 64, "steps": 3, "guidanceScale": 0.0,
+        "seed": 42, "numImages": 1, "scheduler": null, "leaseS": 120
+    })
+}
+
+fn job_with(job_id: &str, field: &str, value: Value) -> Value {
+    let mut body = job(job_id);
+    body[field] = value;
+    body
+}
+
+fn decode(png: &[u8]) -> image::RgbImage {
+    image::load_from_memory_with_format(png, image::ImageFormat::Png)
+        .expect("a real PNG")
+        .to_rgb8()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_jobs_in_a_row_are_delivered_once_each() {
+    // Steps slow enough that a denoising report falls between the 2/s rate limit's slots.
+    let p = Pipeline::start(Duration::from_millis(40)).await;
+    for n in 0..4 {
+        p.studio
+            .enqueue(job_with(&format!("j_{n}"), "seed", json!(100 + n)));
+    }
+    for n in 0..4 {
+        p.delivered(&format!("j_{n}")).await;
+    }
+    for n in 0..4_u64 {
+        let job = p.studio.job(&format!("j_{n}")).unwrap();
+        assert_eq!(job.results.len(), 1);
+        assert_eq!(job.uploads, 1, "no duplicate upload");
+        let (meta, images) = &job.results[0];
+        assert_eq!(meta["seed"], 100 + n);
+        assert_eq!(meta["model"], "sd-turbo");
+        assert_eq!(
+            (
+                meta["width"].as_u64(),
+                meta["height"].as_u64(),
+                meta["steps"].as_u64()
+            ),
+            (Some(72), Some(64), Some(3))
+        );
+        assert!(meta["workerId"].as_str().unwrap().starts_with("w_"));
+        let image = decode(&images[0]);
+        assert_eq!(image.dimensions(), (72, 64));
+        assert_eq!(image.get_pixel(10, 10).0, colour_for(100 + n, 0));
+        // Progress: stages in order (one shorter than the 2/s rate limit may be folded into
+        // the next), denoising seen, ending with uploading.
+        const ORDER: [&str; 5] = [
+            "loading_model",
+            "encoding",
+            "denoising",
+            "decoding",
+            "uploading",
+        ];
+        let stages: Vec<usize> = job
+            .progress
+            .iter()
+            .map(|p| ORDER.iter().position(|s| p["stage"] == *s).unwrap())
+            .collect();
+        assert!(stages.windows(2).all(|w| w[0] <= w[1]), "{stages:?}");
+        assert!(stages.contains(&2), "{stages:?}");
+        assert_eq!(stages.last(), Some(&4), "{stages:?}");
+    }
+
+    let handle = p.runtime.handle();
+    eventually("counters", PATIENCE, || {
+        handle.status().jobs.counters.jobs_completed == 4
+    })
+    .await;
+    let status = handle.status();
+    assert_eq!(status.jobs.counters.images_generated, 4);
+    assert_eq!(status.jobs.outbox_len, 0);
+    assert!(status.jobs.current.is_none());
+    assert!(
+        status
+            .jobs
+            .recent
+            .iter()
+            .all(|j| j.outcome == JobOutcome::Delivered)
+    );
+    assert!(
+        p.home
+            .dir
+            .path()
+            .join("outbox")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none(),
+        "outbox empty"
+    );
+
+    // The heartbeat reports what was done and what can be done.
+    eventually("a heartbeat with stats", PATIENCE, || {
+        p.studio
+            .log_for(Route::Heartbeat)
+            .iter()
+            .any(|h| h.body["stats"]["jobsCompleted"] == 4)
+    })
+    .await;
+    let heartbeat = p
+        .studio
+        .log_for(Route::Heartbeat)
+        .last()
+        .unwrap()
+        .body
+        .clone();
+    assert_eq!(heartbeat["capabilities"]["models"][0]["id"], "sd-turbo");
+    assert_eq!(heartbeat["capabilities"]["maxWidth"], 1024);
+    let claim = p.studio.log_for(Route::Claim).last().unwrap().body.clone();
+    assert_eq!(claim["models"], json!(["sd-turbo"]));
+    assert_eq!(claim["waitS"], 1);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_images_arrive_in_order_and_a_missing_seed_is_picked_and_reported() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    let mut body = job_with("j_multi", "numImages", json!(3));
+    body.as_object_mut().unwrap().remove("seed");
+    p.studio.enqueue(body);
+    p.delivered("j_multi").await;
+
+    let (meta, images) = p.studio.job("j_multi").unwrap().results[0].clone();
+    let seed = meta["seed"]
+        .as_u64()
+        .expect("the worker reports the seed it picked");
+    assert!(seed < 1 << 53);
+    assert_eq!(images.len(), 3);
+    for (index, png) in images.iter().enumerate() {
+        assert_eq!(
+            decode(png).get_pixel(0, 0).0,
+            colour_for(seed, index),
+            "image {index} in order"
+        );
+    }
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_stops_at_the_next_step_and_reports_nothing_more() {
+    let p = Pipeline::start(Duration::from_millis(20)).await;
+    p.studio.enqueue(job_with("j_cancel", "steps", json!(100)));
+    eventually("denoising", PATIENCE, || {
+        p.studio
+            .job("j_cancel")
+            .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
+    })
+    .await;
+    p.studio.cancel_job("j_cancel");
+    eventually("engine stopped", PATIENCE, || {
+        p.engine.steps_run("j_cancel").is_some()
+    })
+    .await;
+    assert!(p.engine.steps_run("j_cancel").unwrap() < 100);
+
+    p.studio.enqueue(job("j_next"));
+    p.delivered("j_next").await;
+    let cancelled = p.studio.job("j_cancel").unwrap();
+    assert!(
+        cancelled.results.is_empty() && cancelled.uploads == 0,
+        "output discarded"
+    );
+    assert!(cancelled.fails.is_empty(), "nothing more reported");
+    let outcome = p
+        .runtime
+        .handle()
+        .status()
+        .jobs
+        .recent
+        .iter()
+        .find(|j| j.job_id == "j_cancel")
+        .unwrap()
+        .outcome
+        .clone();
+    assert_eq!(outcome, JobOutcome::Cancelled);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_stops_the_job_and_discards_it() {
+    let p = Pipeline::start(Duration::from_millis(20)).await;
+    p.studio.enqueue(job_with("j_stolen", "steps", json!(100)));
+    eventually("denoising", PATIENCE, || {
+        p.studio
+            .job("j_stolen")
+            .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
+    })
+    .await;
+    p.studio.steal_job("j_stolen");
+    eventually("engine stopped", PATIENCE, || {
+        p.engine.steps_run("j_stolen").is_some()
+    })
+    .await;
+    assert!(p.engine.steps_run("j_stolen").unwrap() < 100);
+    let stolen = p.studio.job("j_stolen").unwrap();
+    assert_eq!(stolen.uploads, 0);
+    assert!(stolen.fails.is_empty());
+
+    p.studio.enqueue(job("j_after"));
+    p.delivered("j_after").await;
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studio_errors_during_claim_progress_and_upload_lose_nothing() {
+    let p = Pipeline::start(Duration::from_millis(5)).await;
+    p.studio.inject(Some(Route::Claim), Fault::Status(503), 2);
+    p.studio.inject(Some(Route::Claim), Fault::Garbage, 1);
+    p.studio
+        .inject(Some(Route::Progress), Fault::Status(500), 3);
+    p.studio.inject(
+        Some(Route::Progress),
+        Fault::Hang(Duration::from_secs(2)),
+        1,
+    );
+    p.studio.inject(Some(Route::Result), Fault::Status(502), 2);
+    p.studio
+        .inject(Some(Route::Result), Fault::Hang(Duration::from_secs(2)), 1);
+    for n in 0..3 {
+        p.studio.enqueue(job(&format!("j_{n}")));
+    }
+    for n in 0..3 {
+        p.delivered(&format!("j_{n}")).await;
+        let job = p.studio.job(&format!("j_{n}")).unwrap();
+        assert_eq!(job.results.len(), 1);
+        assert!(job.fails.is_empty());
+    }
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_upload_answer_is_retried_without_a_duplicate() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    // The studio stores the result, but the answer never reaches the worker.
+    p.studio.inject(
+        Some(Route::Result),
+        Fault::LoseResponse(Duration::from_secs(2)),
+        1,
+    );
+    p.studio.enqueue(job("j_lost"));
+    let handle = p.runtime.handle();
+    eventually("delivered from the worker's side", PATIENCE, || {
+        handle.status().jobs.counters.jobs_completed == 1
+    })
+    .await;
+    let job = p.studio.job("j_lost").unwrap();
+    assert_eq!(job.uploads, 2, "retried once");
+    assert_eq!(job.results.len(), 1, "stored once");
+    assert_eq!(handle.status().jobs.outbox_len, 0);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_too_large_is_reported_as_failed() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    p.studio.set_results_too_large(true);
+    p.studio.enqueue(job("j_big"));
+    let fail = p.failed_with("j_big", "internal").await;
+    assert!(
+        fail["error"].as_str().unwrap().contains("too large"),
+        "{fail}"
+    );
+    assert_eq!(
+        fail["retryable"], false,
+        "the same job would be too large again"
+    );
+    let handle = p.runtime.handle();
+    eventually("outbox emptied", PATIENCE, || {
+        handle.status().jobs.outbox_len == 0
+    })
+    .await;
+    assert!(
+        p.home
+            .dir
+            .path()
+            .join("outbox")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_outbox_and_upload_delivers_once_before_any_new_claim() {
+    let Pipeline {
+        studio,
+        home,
+        engine,
+        runtime,
+    } = Pipeline::start(Duration::from_millis(1)).await;
+    studio.inject(Some(Route::Result), Fault::Status(503), u32::MAX);
+    studio.enqueue(job("j_crash"));
+    let handle = runtime.handle();
+    eventually("result in the outbox", PATIENCE, || {
+        handle.status().jobs.outbox_len == 1
+    })
+    .await;
+
+    // Crash: every task is dropped where it stands; nothing is shut down cleanly.
+    drop(runtime);
+    // The dead worker's held long-poll claim is still open at the studio until its waitS
+    // (1 s) runs out; a job queued before then would be leased to the dead connection (a
+    // real studio gets it back when the lease expires).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    studio.enqueue(job("j_after_crash"));
+    studio.clear_faults();
+    let log_before = studio.log().len();
+
+    let p = Pipeline {
+        runtime: home.start_runtime_with(fast_timing(), Some(engine.clone())),
+        studio,
+        home,
+        engine,
+    };
+    p.delivered("j_crash").await;
+    p.delivered("j_after_crash").await;
+
+    let log = p.studio.log()[log_before..].to_vec();
+    let first_upload = log
+        .iter()
+        .position(|r| r.route == Route::Result && r.status < 300)
+        .unwrap();
+    let first_claim = log.iter().position(|r| r.route == Route::Claim).unwrap();
+    assert!(
+        first_upload < first_claim,
+        "the outbox is drained before anything new is claimed"
+    );
+    assert_eq!(
+        p.studio.job("j_crash").unwrap().results.len(),
+        1,
+        "exactly once"
+    );
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_hands_the_running_job_back_and_survives_a_restart() {
+    let p = Pipeline::start(Duration::from_millis(20)).await;
+    p.studio.enqueue(job_with("j_paused", "steps", json!(100)));
+    eventually("denoising", PATIENCE, || {
+        p.studio
+            .job("j_paused")
+            .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
+    })
+    .await;
+    let handle = p.runtime.handle();
+    assert!(handle.send(Command::Pause));
+
+    let fail = p.failed_with("j_paused", "paused").await;
+    assert_eq!(fail["retryable"], true);
+    assert!(
+        p.engine.steps_run("j_paused").unwrap() < 100,
+        "stopped at a step boundary"
+    );
+    eventually("model unloaded", PATIENCE, || {
+        p.engine.unloads.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    assert_eq!(
+        handle.status().jobs.claim_blocked.as_deref(),
+        Some(PauseReason::User.describe())
+    );
+
+    // The studio re-queued it; a paused worker does not take it.
+    let claims = p.studio.count(Route::Claim);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        p.studio.count(Route::Claim),
+        claims,
+        "no claims while paused"
+    );
+    assert_eq!(p.studio.job("j_paused").unwrap().state, JobState::Queued);
+
+    // Still paused after a restart.
+    let p = p.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        p.studio.count(Route::Claim),
+        claims,
+        "no claims after a restart either"
+    );
+
+    assert!(p.runtime.handle().send(Command::Resume));
+    p.delivered("j_paused").await;
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quitting_mid_job_hands_it_back() {
+    let p = Pipeline::start(Duration::from_millis(20)).await;
+    p.studio.enqueue(job_with("j_quit", "steps", json!(100)));
+    eventually("running", PATIENCE, || {
+        p.engine
+            .jobs_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1
+    })
+    .await;
+    p.runtime.shutdown().await;
+    let job = p.studio.job("j_quit").unwrap();
+    assert_eq!(job.fails.len(), 1, "{:?}", job.fails);
+    assert_eq!(job.fails[0]["code"], "paused");
+    assert_eq!(job.fails[0]["retryable"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_and_hostile_jobs_are_failed_and_the_worker_goes_on() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    let invalid = [
+        job_with("bad_width", "width", json!(513)),
+        job_with("bad_big", "width", json!(4096)),
+        job_with("bad_negative", "height", json!(-64)),
+        job_with("bad_steps", "steps", json!(151)),
+        job_with("bad_steps_type", "steps", json!("4")),
+        job_with("bad_guidance", "guidanceScale", json!(31)),
+        job_with("bad_images", "numImages", json!(9)),
+        job_with("bad_seed", "seed", json!(-1)),
+        job_with("bad_huge_number", "seed", json!(1e308)),
+        job_with("bad_scheduler", "scheduler", json!("plms")),
+        job_with("bad_prompt_type", "prompt", json!({"text": "x"})),
+        job_with("bad_10mb_prompt", "prompt", json!("x".repeat(10 << 20))),
+        job_with("bad_kind", "kind", json!("img2img")),
+        json!({ "jobId": "bad_missing_fields" }),
+        job_with(&"x".repeat(129), "steps", json!(4)),
+    ];
+    for body in &invalid {
+        p.studio.enqueue(body.clone());
+    }
+    p.studio
+        .enqueue(job_with("unknown_model", "model", json!("sdxl-turbo")));
+    p.studio
+        .enqueue(json!({ "kind": "txt2img", "prompt": "no id" }));
+    p.studio.enqueue(json!(["not", "an", "object"]));
+    p.studio.enqueue(job("good"));
+    p.delivered("good").await;
+
+    for body in &invalid {
+        let job_id = body["jobId"].as_str().unwrap();
+        let job = p.studio.job(job_id).unwrap();
+        assert_eq!(job.fails.len(), 1, "{}", &job_id[..job_id.len().min(20)]);
+        assert_eq!(job.fails[0]["code"], "invalid_params");
+        assert_eq!(job.fails[0]["retryable"], false);
+        let message = job.fails[0]["error"].as_str().unwrap();
+        assert!(!message.is_empty() && message.len() < 200, "{message}");
+        assert_eq!(job.uploads, 0);
+    }
+    let unknown = p.studio.job("unknown_model").unwrap();
+    assert_eq!(unknown.fails[0]["code"], "model_unavailable");
+    assert_eq!(unknown.fails[0]["retryable"], false);
+    // Jobs without a usable id can only be logged: nothing was sent for them.
+    assert_eq!(p.studio.count(Route::Fail), invalid.len() + 1);
+    assert_eq!(
+        p.engine
+            .jobs_started
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the good job ran"
+    );
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_errors_are_reported_and_three_in_a_row_back_off() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    p.studio.enqueue(job_with("j_oom", "prompt", json!("#oom")));
+    p.studio
+        .enqueue(job_with("j_fail", "prompt", json!("#fail")));
+    p.studio
+        .enqueue(job_with("j_panic", "prompt", json!("#panic")));
+    let oom = p.failed_with("j_oom", "oom").await;
+    assert_eq!(oom["retryable"], true);
+    let internal = p.failed_with("j_fail", "internal").await;
+    assert_eq!(internal["error"], "the scripted engine failed");
+    let crashed = p.failed_with("j_panic", "internal").await;
+    assert_eq!(crashed["error"], "the engine crashed");
+
+    let handle = p.runtime.handle();
+    eventually("backing off", PATIENCE, || {
+        handle
+            .status()
+            .jobs
+            .claim_blocked
+            .as_deref()
+            .is_some_and(|why| why.starts_with("3 jobs failed in a row"))
+    })
+    .await;
+    // The failed jobs were re-queued (retryable); after the pause the worker goes on. The
+    // engine still fails them, but every one is answered.
+    eventually("claims again after the backoff", PATIENCE, || {
+        p.studio.job("j_oom").unwrap().fails.len() >= 2
+    })
+    .await;
+    assert!(handle.status().jobs.counters.jobs_failed >= 3);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_job_without_losing_it() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    // The outbox folder becomes unwritable (a file in its place), as on a full disk.
+    let outbox = p.home.dir.path().join("outbox");
+    std::fs::remove_dir_all(&outbox).unwrap();
+    std::fs::write(&outbox, b"").unwrap();
+    p.studio.enqueue(job("j_disk"));
+    let fail = p.failed_with("j_disk", "internal").await;
+    assert_eq!(
+        fail["retryable"], true,
+        "another worker (or this one later) can run it"
+    );
+    let message = fail["error"].as_str().unwrap();
+    assert!(
+        message.starts_with("cannot store the result on this PC"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(&p.home.dir.path().to_string_lossy().into_owned()),
+        "no paths: {message}"
+    );
+    p.runtime.shutdown().await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_reach_a_running_worker_from_the_cli() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    let handle = p.runtime.handle();
+    eventually("control file", PATIENCE, || {
+        p.home.dir.path().join("control.json").exists()
+    })
+    .await;
+
+    let run = |command: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_studio-worker"))
+            .arg("--config")
+            .arg(p.home.config_path())
+            .arg(command)
+            .output()
+            .unwrap()
+    };
+    let paused = tokio::task::spawn_blocking({
+        let run = run("pause");
+        move || run
+    })
+    .await
+    .unwrap();
+    assert!(
+        paused.status.success(),
+        "{}",
+        String::from_utf8_lossy(&paused.stderr)
+    );
+    eventually("paused", PATIENCE, || {
+        handle.status().paused == Some(PauseReason::User)
+    })
+    .await;
+    assert!(p.home.on_disk().pause.by_user);
+
+    let resumed = run("resume");
+    assert!(resumed.status.success());
+    eventually("resumed", PATIENCE, || handle.status().paused.is_none()).await;
+
+    // A wrong token is refused.
+    let mut control: Value =
+        serde_json::from_slice(&std::fs::read(p.home.dir.path().join("control.json")).unwrap())
+            .unwrap();
+    control["token"] = json!("0".repeat(64));
+    let port = control["port"].as_u64().unwrap() as u16;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    stream
+        .write_all(b"{\"token\":\"0000\",\"command\":\"pause\"}\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::io::BufReader::new(stream)
+        .read_line(&mut reply)
+        .await
+        .unwrap();
+    assert!(reply.contains("wrong token"), "{reply}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(handle.status().paused, None);
+
+    p.runtime.shutdown().await;
+    assert!(
+        !p.home.dir.path().join("control.json").exists(),
+        "removed on a clean exit"
+    );
+}

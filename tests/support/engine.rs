@@ -20,6 +20,8 @@ pub struct ScriptedEngine {
     pub steps_run: Mutex<Vec<(String, u32)>>,
     pub unloads: AtomicUsize,
     pub jobs_started: AtomicUsize,
+    /// When the last job noticed its cancel token and stopped.
+    pub stopped_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl ScriptedEngine {
@@ -35,6 +37,7 @@ impl ScriptedEngine {
             steps_run: Mutex::new(Vec::new()),
             unloads: AtomicUsize::new(0),
             jobs_started: AtomicUsize::new(0),
+            stopped_at: Mutex::new(None),
         }
     }
 
@@ -97,6 +100,7 @@ impl Engine for ScriptedEngine {
         let mut done = 0;
         for step in 1..=total_steps {
             if cancel.is_cancelled() {
+                *self.stopped_at.lock().unwrap() = Some(std::time::Instant::now());
                 self.steps_run
                     .lock()
                     .unwrap()

@@ -85,6 +85,19 @@ pub struct StudioJob {
     pub results: Vec<(Value, Vec<Vec<u8>>)>,
     pub uploads: u32,
     pub leases: u32,
+    /// When the current lease runs out (renewed by progress); then the job is queued again.
+    pub lease_until: Option<Instant>,
+}
+
+impl StudioJob {
+    fn lease(&self) -> Duration {
+        Duration::from_secs(
+            self.body
+                .get("leaseS")
+                .and_then(Value::as_u64)
+                .unwrap_or(120),
+        )
+    }
 }
 
 /// A way to misbehave, applied to the next matching requests.
@@ -130,7 +143,10 @@ pub struct RecordedRequest {
     pub user_agent: Option<String>,
     pub registration_secret: Option<String>,
     pub body: Value,
+    /// When the request arrived.
     pub at: Instant,
+    /// When the answer was ready (for a held claim: when the job was handed out).
+    pub answered_at: Instant,
     /// The status the studio answered (after faults).
     pub status: u16,
 }
@@ -300,6 +316,7 @@ impl TestStudio {
                 results: Vec::new(),
                 uploads: 0,
                 leases: 0,
+                lease_until: None,
             },
         );
         state.queue.push_back(job_id.clone());
@@ -484,6 +501,7 @@ async fn record_and_misbehave(
         registration_secret: header("x-registration-secret"),
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         at: Instant::now(),
+        answered_at: Instant::now(),
         status: 0,
     };
 
@@ -541,6 +559,7 @@ async fn record_and_misbehave(
         }
     };
     recorded.status = response.status().as_u16();
+    recorded.answered_at = Instant::now();
     lock(&state).log.push(recorded);
     response
 }
@@ -708,6 +727,28 @@ async fn heartbeat(
         .into_response()
 }
 
+/// Jobs whose lease ran out without progress go back in the queue, as a real studio does
+/// (this is how a claim whose answer never reached the worker gets done after all).
+fn requeue_expired(state: &mut StudioState) {
+    let now = Instant::now();
+    let expired: Vec<String> = state
+        .jobs
+        .values()
+        .filter(|job| {
+            matches!(job.state, JobState::Leased { .. })
+                && job.lease_until.is_some_and(|until| until < now)
+        })
+        .map(|job| job.job_id.clone())
+        .collect();
+    for job_id in expired {
+        if let Some(job) = state.jobs.get_mut(&job_id) {
+            job.state = JobState::Queued;
+            job.lease_until = None;
+        }
+        state.queue.push_back(job_id);
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> &str {
     headers
         .get(header::AUTHORIZATION)
@@ -751,12 +792,25 @@ async fn claim(
             if bearer_worker(&state, &headers).as_deref() != Some(worker_id.as_str()) {
                 return error(StatusCode::UNAUTHORIZED, "token not accepted");
             }
+            requeue_expired(&mut state);
+            // A job cancelled while it waited in the queue is never handed out.
+            while let Some(job_id) = state.queue.front() {
+                if state
+                    .jobs
+                    .get(job_id)
+                    .is_some_and(|job| job.state == JobState::Queued)
+                {
+                    break;
+                }
+                state.queue.pop_front();
+            }
             if let Some(job_id) = state.queue.pop_front() {
                 let job = state.jobs.get_mut(&job_id).expect("queued jobs exist");
                 job.state = JobState::Leased {
                     worker_id: worker_id.clone(),
                 };
                 job.leases += 1;
+                job.lease_until = Some(Instant::now() + job.lease());
                 return Json(json!({ "job": job.body })).into_response();
             }
             state.jobs_added.clone()
@@ -794,7 +848,8 @@ async fn progress(
     match &job.state {
         JobState::Cancelled => Json(json!({ "cancel": true })).into_response(),
         JobState::Leased { worker_id: holder } if *holder == worker_id => {
-            Json(json!({ "cancel": false, "leaseS": 120 })).into_response()
+            job.lease_until = Some(Instant::now() + job.lease());
+            Json(json!({ "cancel": false, "leaseS": job.lease().as_secs() })).into_response()
         }
         _ => error(StatusCode::CONFLICT, "this job is not yours"),
     }

@@ -9,3 +9,4 @@ mod config_file;
 mod jobs;
 mod registration;
 mod runtime;
+mod soak;

@@ -1,0 +1,175 @@
+//! Job pipeline benchmarks (not timed tests): what the worker itself adds to every job, and
+//! how fast a pause takes the GPU back.
+//!
+//! ```sh
+//! cargo bench --bench pipeline
+//! ```
+//!
+//! Both run the real runtime against the in-process studio on 127.0.0.1 with the scripted
+//! engine, whose "GPU work" is a fixed sleep per denoising step, so every number is a ratio
+//! to a known amount of engine time measured in the same process.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use studio_worker::registration::RegistrationState;
+use studio_worker::runtime::Command;
+use support::engine::ScriptedEngine;
+use support::studio::{Decision, Route, TestStudio};
+use support::{PATIENCE, WorkerHome, eventually};
+
+const OVERHEAD_JOBS: usize = 100;
+const ENGINE_STEP: Duration = Duration::from_millis(50);
+const PAUSE_TRIALS: usize = 20;
+
+fn timing() -> studio_worker::timing::Timing {
+    // Production timing, but a short long-poll so an idle claim does not hold a benchmark.
+    let mut timing = studio_worker::timing::Timing::PRODUCTION;
+    timing.claim_wait = Duration::from_secs(2);
+    timing
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+async fn approved(
+    step: Duration,
+) -> (
+    TestStudio,
+    WorkerHome,
+    Arc<ScriptedEngine>,
+    studio_worker::runtime::Runtime,
+) {
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let engine = Arc::new(ScriptedEngine::new(step));
+    let runtime = home.start_runtime_with(timing(), Some(engine.clone()));
+    let handle = runtime.handle();
+    eventually("approved", PATIENCE, || {
+        matches!(
+            handle.status().registration,
+            RegistrationState::Approved { .. }
+        )
+    })
+    .await;
+    (studio, home, engine, runtime)
+}
+
+fn job(job_id: &str, steps: u32) -> serde_json::Value {
+    json!({
+        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo", "prompt": "bench",
+        "width": 512, "height": 512, "steps": steps, "guidanceScale": 0.0,
+        "seed": 1, "numImages": 1, "scheduler": null, "leaseS": 120
+    })
+}
+
+/// Claim answered → upload acknowledged, minus the engine's own time, per job.
+async fn overhead() {
+    let (studio, _home, _engine, runtime) = approved(ENGINE_STEP).await;
+    // One job at a time: each is queued only after the previous one was delivered, so the
+    // claim's long-poll wait is not counted (it is the studio's queue, not the worker).
+    let mut overhead_ms = Vec::new();
+    let mut engine_ms = Vec::new();
+    for n in 0..OVERHEAD_JOBS {
+        let job_id = format!("bench_{n}");
+        studio.enqueue(job(&job_id, 1));
+        eventually("delivered", PATIENCE, || {
+            studio.job(&job_id).is_some_and(|j| !j.results.is_empty())
+        })
+        .await;
+        let log = studio.log();
+        let claimed = log
+            .iter()
+            .rev()
+            .find(|r| r.route == Route::Claim && r.status == 200)
+            .unwrap();
+        let uploaded = log
+            .iter()
+            .rev()
+            .find(|r| r.route == Route::Result && r.path.contains(&format!("/{job_id}/")))
+            .unwrap();
+        let wall = uploaded
+            .answered_at
+            .duration_since(claimed.answered_at)
+            .as_secs_f64()
+            * 1000.0;
+        let engine = studio.job(&job_id).unwrap().results[0].0["elapsedMs"]
+            .as_f64()
+            .unwrap();
+        overhead_ms.push(wall - engine);
+        engine_ms.push(engine);
+    }
+    let engine = median(&mut engine_ms);
+    let overhead = median(&mut overhead_ms);
+    let worst = overhead_ms.iter().copied().fold(f64::MIN, f64::max);
+    println!(
+        "overhead per job (claim answered → upload acknowledged, minus engine time), {OVERHEAD_JOBS} jobs, 512×512, 1 image:\n  \
+         median {overhead:.2} ms = {:.3} × the engine's {engine:.0} ms; worst {worst:.2} ms",
+        overhead / engine
+    );
+    runtime.shutdown().await;
+}
+
+/// Pause requested → the engine stopped working, while denoising.
+async fn pause_latency() {
+    let (studio, _home, engine, runtime) = approved(ENGINE_STEP).await;
+    let handle = runtime.handle();
+    let mut latencies_ms = Vec::new();
+    for n in 0..PAUSE_TRIALS {
+        let job_id = format!("pause_{n}");
+        studio.enqueue(job(&job_id, 150));
+        eventually("denoising", PATIENCE, || {
+            studio
+                .job(&job_id)
+                .is_some_and(|j| j.progress.iter().any(|p| p["stage"] == "denoising"))
+        })
+        .await;
+        // Land the pause at a random point inside a step.
+        tokio::time::sleep(Duration::from_micros(fastrand::u64(0..50_000))).await;
+        *engine.stopped_at.lock().unwrap() = None;
+        let asked = Instant::now();
+        handle.send(Command::Pause);
+        eventually("stopped", PATIENCE, || {
+            engine.stopped_at.lock().unwrap().is_some()
+        })
+        .await;
+        let stopped = engine.stopped_at.lock().unwrap().unwrap();
+        latencies_ms.push(stopped.duration_since(asked).as_secs_f64() * 1000.0);
+        eventually("handed back", PATIENCE, || {
+            studio.job(&job_id).is_some_and(|j| !j.fails.is_empty())
+        })
+        .await;
+        studio.cancel_job(&job_id); // keep the re-queued job from coming back
+        handle.send(Command::Resume);
+    }
+    let step_ms = ENGINE_STEP.as_secs_f64() * 1000.0;
+    let worst = latencies_ms.iter().copied().fold(f64::MIN, f64::max);
+    let median = median(&mut latencies_ms);
+    println!(
+        "pause latency (Pause sent → engine stopped), {PAUSE_TRIALS} trials, {step_ms:.0} ms steps:\n  \
+         median {median:.1} ms = {:.2} step; worst {worst:.1} ms = {:.2} step",
+        median / step_ms,
+        worst / step_ms
+    );
+    runtime.shutdown().await;
+}
+
+fn main() {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    tokio.block_on(async {
+        overhead().await;
+        pause_latency().await;
+    });
+}

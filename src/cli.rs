@@ -137,7 +137,7 @@ fn set_paused(paths: &Paths, paused: bool) -> anyhow::Result<()> {
 /// The worker, headless, until Ctrl-C / SIGTERM or a fatal error.
 fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
-    let config = load_config(paths)?;
+    let (config, recovered_config) = load_config(paths)?;
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("studio-worker")
@@ -151,6 +151,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
             api_base_override: api_url,
             // The candle engine arrives with its own issue; until then no job is claimed.
             engine: None,
+            recovered_config,
         };
         let runtime = Runtime::start(config, options)?;
         let outcome = tokio::select! {
@@ -163,7 +164,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
 }
 
 /// Loads the settings, moving a broken file aside (and saying so) instead of overwriting it.
-fn load_config(paths: &Paths) -> anyhow::Result<SharedConfig> {
+fn load_config(paths: &Paths) -> anyhow::Result<(SharedConfig, Option<config::BrokenConfig>)> {
     let loaded = config::load(&paths.config_file)?;
     if let Some(broken) = &loaded.recovered_from {
         tracing::error!(
@@ -172,7 +173,10 @@ fn load_config(paths: &Paths) -> anyhow::Result<SharedConfig> {
             broken.kept_at.display()
         );
     }
-    Ok(SharedConfig::new(paths.config_file.clone(), loaded.config))
+    Ok((
+        SharedConfig::new(paths.config_file.clone(), loaded.config),
+        loaded.recovered_from,
+    ))
 }
 
 fn reset_registration(paths: &Paths) -> anyhow::Result<()> {
@@ -302,6 +306,9 @@ fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
                 },
             );
             println!("Worker:       running (process {}), {heartbeat}", file.pid);
+            if let Some(notice) = &file.status.settings_recovered {
+                println!("Settings:     {notice}");
+            }
             if let Some(problem) = file
                 .status
                 .connection

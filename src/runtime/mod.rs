@@ -62,6 +62,8 @@ pub struct RuntimeOptions {
     pub api_base_override: Option<String>,
     /// What turns jobs into images. `None`: no job is claimed (the heartbeat says `loading`).
     pub engine: Option<Arc<dyn Engine>>,
+    /// The settings file that `config::load` found broken and kept aside, to tell the person.
+    pub recovered_config: Option<crate::config::BrokenConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +212,13 @@ impl Runtime {
 
         let mut initial = WorkerStatus::new(&snapshot);
         initial.api_base_url = api_base.to_string();
+        initial.settings_recovered = options.recovered_config.map(|broken| {
+            format!(
+                "the settings file could not be read ({}); it was kept as {} and default settings are in use",
+                broken.reason,
+                broken.kept_at.display()
+            )
+        });
         let (status_sender, status) = watch::channel(initial);
         let (command_sender, command_receiver) = mpsc::channel(32);
         let context = TaskContext {

@@ -34,6 +34,9 @@ pub struct WorkerStatus {
     /// Writers: the job loop (current, recent, counters, claim_blocked) and the uploader
     /// (outbox, delivered counters).
     pub jobs: JobsStatus,
+    /// Set at start when the settings file could not be read and was kept aside: where it
+    /// went and why, for the person to see (the reason never quotes the file).
+    pub settings_recovered: Option<String>,
     /// Writer: the command task. Set when a change could not be saved.
     pub settings_problem: Option<String>,
     /// Writer: the runtime, when a task cannot go on at all (no entropy, config unwritable).
@@ -51,6 +54,7 @@ impl WorkerStatus {
             connection: ConnectionStatus::default(),
             paused: pause_reason(config),
             jobs: JobsStatus::default(),
+            settings_recovered: None,
             settings_problem: None,
             fatal: None,
         }

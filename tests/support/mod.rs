@@ -93,6 +93,7 @@ impl WorkerHome {
                 data_dir: self.dir.path().to_path_buf(),
                 api_base_override: None,
                 engine,
+                recovered_config: None,
             },
         )
         .expect("runtime starts")

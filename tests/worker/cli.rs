@@ -218,12 +218,28 @@ async fn a_broken_config_at_start_is_kept_and_the_worker_goes_on() {
         studio.count(Route::Register) == 1
     })
     .await;
+    let status_path = home.dir.path().join("status.json");
+    eventually("the status file", SLOW, || status_path.exists()).await;
     child.kill().unwrap();
     let output = child.wait_with_output().unwrap();
     let stderr = text(&output.stderr);
     assert!(stderr.contains("could not be read"), "{stderr}");
     assert!(stderr.contains("config.toml.broken-"), "{stderr}");
     assert!(!stderr.contains(TOKEN), "{stderr}");
+
+    // The running worker's status says so too (what `status` and the window show).
+    let kept_status =
+        studio_worker::runtime::status_file::read(&home.dir.path().join("status.json"))
+            .expect("status file written");
+    let notice = kept_status
+        .status
+        .settings_recovered
+        .expect("the recovery is reported");
+    assert!(
+        notice.contains("config.toml.broken-") && notice.contains("line 3"),
+        "{notice}"
+    );
+    assert!(!notice.contains(TOKEN));
 
     let kept: Vec<_> = std::fs::read_dir(home.dir.path())
         .unwrap()

@@ -684,3 +684,32 @@ async fn pause_and_resume_reach_a_running_worker_from_the_cli() {
         "removed on a clean exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_go_on_during_a_job_and_say_busy() {
+    let p = Pipeline::start(Duration::from_millis(20)).await;
+    p.studio.set_next_heartbeat_s(Some(0)); // the fast floor: several per job
+    p.studio.enqueue(job_with("j_long", "steps", json!(60)));
+    eventually("a busy heartbeat naming the job", PATIENCE, || {
+        p.studio
+            .log_for(Route::Heartbeat)
+            .iter()
+            .any(|h| h.body["state"] == "busy" && h.body["currentJobId"] == "j_long")
+    })
+    .await;
+    let during = p.studio.count(Route::Heartbeat);
+    eventually("more heartbeats while the engine works", PATIENCE, || {
+        p.studio.count(Route::Heartbeat) >= during + 3
+            && p.runtime.handle().status().jobs.current.is_some()
+    })
+    .await;
+    p.delivered("j_long").await;
+    eventually("idle again", PATIENCE, || {
+        p.studio
+            .log_for(Route::Heartbeat)
+            .last()
+            .is_some_and(|h| h.body["state"] == "idle")
+    })
+    .await;
+    p.runtime.shutdown().await;
+}

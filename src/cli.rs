@@ -21,12 +21,16 @@ use crate::timing::Timing;
     long_about = "Lends this PC's GPU to the minis.gg studio.\n\n\
         On first start the worker asks the studio for approval (no account or password: the \
         studio's operator approves this PC), then takes image jobs while you are not using the GPU.\n\n\
-        Without a command, the worker runs."
+        Without a command, the worker runs with its window and tray icon."
 )]
 pub struct Cli {
     /// Settings file to use instead of the standard one; logs and state go in its folder.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
+
+    /// Start in the tray, without showing the window (used when starting at login).
+    #[arg(long)]
+    pub minimized: bool,
 
     #[command(subcommand)]
     pub command: Option<CliCommand>,
@@ -36,9 +40,12 @@ pub struct Cli {
 pub enum CliCommand {
     /// Run the worker.
     Run {
-        /// Without any window (for servers and terminals).
+        /// Without any window or tray (for servers and terminals).
         #[arg(long)]
         headless: bool,
+        /// Start in the tray, without showing the window.
+        #[arg(long, conflicts_with = "headless")]
+        minimized: bool,
         /// Talk to this studio for this run instead of the one in the settings.
         #[arg(long, value_name = "URL")]
         api_url: Option<String>,
@@ -78,11 +85,17 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = Paths::resolve(cli.config.as_deref())?;
     match cli.command {
-        None => run_worker(&paths, None),
+        None => run_app(&paths, None, cli.minimized),
         Some(CliCommand::Run {
-            headless: _,
+            headless: true,
             api_url,
+            ..
         }) => run_worker(&paths, api_url),
+        Some(CliCommand::Run {
+            headless: false,
+            api_url,
+            minimized,
+        }) => run_app(&paths, api_url, minimized || cli.minimized),
         Some(CliCommand::Register { reset: true }) => reset_registration(&paths),
         Some(CliCommand::Register { reset: false }) => {
             bail!("nothing to do: `register --reset` starts the registration over")
@@ -132,6 +145,38 @@ fn set_paused(paths: &Paths, paused: bool) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// The worker with its window and tray, until the person quits.
+fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::Result<()> {
+    if !display_available() {
+        eprintln!(
+            "studio-worker: no display found; running without a window (as `run --headless`)"
+        );
+        return run_worker(paths, api_url);
+    }
+    let _log_guard = crate::logging::init(Some(&paths.log_dir()));
+    let (config, recovered_config) = load_config(paths)?;
+    crate::ui::run(
+        config,
+        crate::ui::AppOptions {
+            data_dir: paths.data_dir.clone(),
+            api_base_override: api_url,
+            recovered_config,
+            minimized,
+        },
+    )
+}
+
+/// Whether a window can be shown. On Linux and the BSDs that needs an X11 or Wayland display;
+/// Windows and macOS always have one for a logged-in person.
+fn display_available() -> bool {
+    if cfg!(any(target_os = "windows", target_os = "macos")) {
+        return true;
+    }
+    ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
 }
 
 /// The worker, headless, until Ctrl-C / SIGTERM or a fatal error.

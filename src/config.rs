@@ -52,6 +52,7 @@ pub struct Config {
 
     pub pause: PauseSection,
     pub engine: EngineSection,
+    pub ui: UiSection,
 }
 
 impl Default for Config {
@@ -69,6 +70,7 @@ impl Default for Config {
             access_revoked: false,
             pause: PauseSection::default(),
             engine: EngineSection::default(),
+            ui: UiSection::default(),
         }
     }
 }
@@ -110,6 +112,25 @@ impl Default for EngineSection {
     fn default() -> Self {
         Self {
             unload_when_paused: true,
+        }
+    }
+}
+
+/// `[ui]`: how the desktop window behaves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UiSection {
+    /// Closing the window hides it to the tray; the worker goes on.
+    pub close_to_tray: bool,
+    /// The one-time "still running in the tray" hint has been shown.
+    pub close_hint_shown: bool,
+}
+
+impl Default for UiSection {
+    fn default() -> Self {
+        Self {
+            close_to_tray: true,
+            close_hint_shown: false,
         }
     }
 }

@@ -17,3 +17,5 @@ pub mod runtime;
 pub mod secret;
 pub mod studio;
 pub mod timing;
+pub mod tray;
+pub mod ui;

@@ -17,6 +17,19 @@ pub enum Command {
     Resume,
     /// Forget the studio's side of the registration and ask for approval again.
     ResetRegistration,
+    /// Save what the Settings tab changed (validated there; checked again here).
+    SaveSettings(SettingsChange),
+    /// Remember that the "still running in the tray" hint was shown.
+    CloseHintShown,
+}
+
+/// The settings a person can change in the window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingsChange {
+    pub api_base_url: String,
+    pub worker_name: String,
+    pub unload_when_paused: bool,
+    pub close_to_tray: bool,
 }
 
 pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskContext) {
@@ -38,6 +51,8 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
             Command::Pause => config.update(|c| c.pause.by_user = true),
             Command::Resume => config.update(|c| c.pause.by_user = false),
             Command::ResetRegistration => config.update(|c| c.reset_registration()),
+            Command::SaveSettings(change) => save_settings(&config, change),
+            Command::CloseHintShown => config.update(|c| c.ui.close_hint_shown = true),
         };
         match applied {
             Ok(()) => {
@@ -50,4 +65,27 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
             }
         }
     }
+}
+
+fn save_settings(
+    config: &crate::config::SharedConfig,
+    change: &SettingsChange,
+) -> Result<(), crate::config::ConfigError> {
+    // The window validated these; a command from elsewhere gets the same rules.
+    let api_base_url = match crate::studio::ApiBase::parse(&change.api_base_url) {
+        Ok(_) => change.api_base_url.trim().to_owned(),
+        Err(err) => {
+            tracing::warn!("settings not saved: {err}");
+            return Ok(());
+        }
+    };
+    let worker_name = change.worker_name.trim();
+    config.update(|c| {
+        c.api_base_url = api_base_url;
+        if !worker_name.is_empty() {
+            c.worker_name = worker_name.to_owned();
+        }
+        c.engine.unload_when_paused = change.unload_when_paused;
+        c.ui.close_to_tray = change.close_to_tray;
+    })
 }

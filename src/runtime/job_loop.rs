@@ -37,7 +37,7 @@ enum JobEnd {
 pub(super) async fn run(context: TaskContext) {
     let Some(engine) = context.engine.clone() else {
         context.status.send_modify(|s| {
-            s.jobs.claim_blocked = Some("this build has no image engine".to_owned());
+            s.jobs.claim_blocked = Some("this build has no image engine yet".to_owned());
         });
         context.shutdown.cancelled().await;
         return;

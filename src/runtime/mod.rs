@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use commands::Command;
+pub use commands::{Command, SettingsChange};
 pub use status::{
     ConnectionStatus, CurrentJob, FinishedJob, JobCounters, JobOutcome, JobsStatus, WorkerStatus,
     pause_reason,
@@ -165,6 +165,20 @@ pub struct RuntimeHandle {
 }
 
 impl RuntimeHandle {
+    /// A handle over channels the caller owns: for views under test, which play the runtime
+    /// themselves (set the status, read the commands).
+    pub fn new(
+        config: SharedConfig,
+        status: watch::Receiver<WorkerStatus>,
+        commands: mpsc::Sender<Command>,
+    ) -> Self {
+        Self {
+            config,
+            status,
+            commands,
+        }
+    }
+
     /// A copy of the current status.
     pub fn status(&self) -> WorkerStatus {
         self.status.borrow().clone()
@@ -210,8 +224,14 @@ impl Runtime {
             source,
         })?;
 
+        let device = host::cpu_device();
         let mut initial = WorkerStatus::new(&snapshot);
         initial.api_base_url = api_base.to_string();
+        initial.device = Some(device.clone());
+        initial.engine = options
+            .engine
+            .as_ref()
+            .map(|engine| format!("ready models: {}", engine.ready_models().join(", ")));
         initial.settings_recovered = options.recovered_config.map(|broken| {
             format!(
                 "the settings file could not be read ({}); it was kept as {} and default settings are in use",
@@ -228,7 +248,7 @@ impl Runtime {
             engine: options.engine,
             outbox,
             outbox_changed: Arc::new(tokio::sync::Notify::new()),
-            device: host::cpu_device(),
+            device,
             timing,
             shutdown: CancellationToken::new(),
         };

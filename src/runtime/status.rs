@@ -34,6 +34,10 @@ pub struct WorkerStatus {
     /// Writers: the job loop (current, recent, counters, claim_blocked) and the uploader
     /// (outbox, delivered counters).
     pub jobs: JobsStatus,
+    /// Writer: the runtime at start. What the engine runs on.
+    pub device: Option<crate::studio::protocol::DeviceInfo>,
+    /// Writer: the runtime at start. The engine in one line (`None`: no engine).
+    pub engine: Option<String>,
     /// Set at start when the settings file could not be read and was kept aside: where it
     /// went and why, for the person to see (the reason never quotes the file).
     pub settings_recovered: Option<String>,
@@ -54,6 +58,8 @@ impl WorkerStatus {
             connection: ConnectionStatus::default(),
             paused: pause_reason(config),
             jobs: JobsStatus::default(),
+            device: None,
+            engine: None,
             settings_recovered: None,
             settings_problem: None,
             fatal: None,

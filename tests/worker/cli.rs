@@ -353,3 +353,30 @@ async fn a_real_run_survives_being_killed_between_every_step() {
         .to_owned();
     assert!(!logged.contains(&secret_hash), "not even the secret's hash");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_display_the_app_runs_headless() {
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    // `studio-worker` with no command is the desktop app; with no display it says so and
+    // carries on as the headless worker, so the README's run command works on a server.
+    let mut child = worker(&home.config_path())
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("a registration request", SLOW, || {
+        studio.count(Route::Register) == 1
+    })
+    .await;
+    child.kill().unwrap();
+    let stderr = text(&child.wait_with_output().unwrap().stderr);
+    assert!(
+        stderr.contains("no display found; running without a window"),
+        "{stderr}"
+    );
+}

@@ -10,3 +10,4 @@ mod jobs;
 mod registration;
 mod runtime;
 mod soak;
+mod ui;

@@ -1,0 +1,208 @@
+//! The window: view state only. `logic()` applies what arrived (tray clicks, status changes,
+//! a close request); `ui()` draws the tabs from a status snapshot and sends commands. Nothing
+//! here blocks: every change goes to the runtime as a [`Command`].
+
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use super::{jobs_tab, settings_tab, status_tab};
+use crate::runtime::{Command, RuntimeHandle, WorkerStatus};
+use crate::tray::{PauseToggle, Tray, TrayEvent, TrayView};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tab {
+    Status,
+    Jobs,
+    Settings,
+}
+
+/// A command a tab asks for; the app sends it (and keeps what it means for the view).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UiAction {
+    Send(Command),
+    ShowTab(Tab),
+}
+
+pub struct WorkerApp {
+    runtime: RuntimeHandle,
+    tab: Tab,
+    status: WorkerStatus,
+    settings: settings_tab::SettingsForm,
+    status_view: status_tab::StatusView,
+    tray: Option<Tray>,
+    tray_events: Option<Receiver<TrayEvent>>,
+    /// Said once at the top of the window ("no tray", "still running in the tray").
+    notice: Option<String>,
+    quitting: bool,
+    /// `--minimized`: hide (or minimise, without a tray) on the first frame.
+    start_hidden: bool,
+}
+
+impl WorkerApp {
+    /// `tray` and `tray_events` come from the start path (`ui::run`); tests pass `None` and
+    /// never touch the process-wide tray handlers.
+    pub fn new(
+        runtime: RuntimeHandle,
+        tray: Option<Tray>,
+        tray_events: Option<Receiver<TrayEvent>>,
+        notice: Option<String>,
+        start_hidden: bool,
+    ) -> Self {
+        let status = runtime.status();
+        let settings = settings_tab::SettingsForm::from_config(&runtime.config().snapshot());
+        Self {
+            runtime,
+            tab: Tab::Status,
+            status,
+            settings,
+            status_view: status_tab::StatusView::default(),
+            tray,
+            tray_events,
+            notice,
+            quitting: false,
+            start_hidden,
+        }
+    }
+
+    pub fn tab(&self) -> Tab {
+        self.tab
+    }
+
+    pub fn notice(&self) -> Option<&str> {
+        self.notice.as_deref()
+    }
+
+    /// Takes a fresh status snapshot and applies tray clicks. Returns the viewport commands
+    /// the platform should carry out (kept separate so tests can run it without a window).
+    pub fn apply(&mut self) -> Vec<egui::ViewportCommand> {
+        self.status = self.runtime.status();
+        let mut viewport = Vec::new();
+        let events: Vec<TrayEvent> = self
+            .tray_events
+            .as_ref()
+            .map(|events| events.try_iter().collect())
+            .unwrap_or_default();
+        for event in events {
+            match event {
+                TrayEvent::TogglePause => {
+                    let command = match TrayView::from_status(&self.status).toggle {
+                        PauseToggle::Pause => Command::Pause,
+                        PauseToggle::Resume => Command::Resume,
+                    };
+                    self.send(command);
+                }
+                TrayEvent::Open => {
+                    viewport.push(egui::ViewportCommand::Visible(true));
+                    viewport.push(egui::ViewportCommand::Minimized(false));
+                    viewport.push(egui::ViewportCommand::Focus);
+                }
+                TrayEvent::Quit => {
+                    self.quitting = true;
+                    viewport.push(egui::ViewportCommand::Close);
+                }
+            }
+        }
+        if let Some(tray) = &mut self.tray {
+            tray.update(&TrayView::from_status(&self.status));
+        }
+        viewport
+    }
+
+    /// The window's contents (everything `ui()` draws), for the app and for tests.
+    pub fn contents_ui(&mut self, ui: &mut egui::Ui) {
+        let mut actions = Vec::new();
+        egui::Panel::top("tabs").show(ui, |ui| {
+            ui.add_space(4.0);
+            ui.horizontal(|ui| {
+                for (tab, label) in [
+                    (Tab::Status, "Status"),
+                    (Tab::Jobs, "Jobs"),
+                    (Tab::Settings, "Settings"),
+                ] {
+                    if ui.selectable_label(self.tab == tab, label).clicked() {
+                        actions.push(UiAction::ShowTab(tab));
+                    }
+                }
+            });
+            if let Some(notice) = &self.notice {
+                ui.label(notice.as_str());
+            }
+            ui.add_space(2.0);
+        });
+        egui::CentralPanel::default().show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| match self.tab {
+                Tab::Status => {
+                    status_tab::status_tab_ui(ui, &self.status, &mut self.status_view, &mut actions)
+                }
+                Tab::Jobs => jobs_tab::jobs_tab_ui(ui, &self.status),
+                Tab::Settings => {
+                    settings_tab::settings_tab_ui(ui, &mut self.settings, &mut actions)
+                }
+            });
+        });
+        for action in actions {
+            match action {
+                UiAction::Send(command) => self.send(command),
+                UiAction::ShowTab(tab) => self.tab = tab,
+            }
+        }
+    }
+
+    fn send(&mut self, command: Command) {
+        if !self.runtime.send(command) {
+            self.notice = Some("The worker is not answering; try again in a moment.".to_owned());
+        }
+    }
+
+    /// Close button: hide to the tray (if there is one and the setting says so), else quit.
+    fn on_close_requested(&mut self, ctx: &egui::Context) {
+        let config = self.runtime.config().snapshot();
+        if self.quitting || self.tray.is_none() || !config.ui.close_to_tray {
+            return; // really closing: `ui::run` shuts the runtime down after the loop
+        }
+        ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
+        ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
+        if !config.ui.close_hint_shown {
+            self.notice = Some(
+                "studio-worker keeps running in the tray; use Quit in the tray menu to stop it."
+                    .to_owned(),
+            );
+            self.send(Command::CloseHintShown);
+        }
+    }
+}
+
+impl eframe::App for WorkerApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        if std::mem::take(&mut self.start_hidden) {
+            // A root window cannot be created hidden everywhere: hide it on the first frame,
+            // into the tray, or minimised when there is no tray to bring it back from.
+            ctx.send_viewport_cmd(if self.tray.is_some() {
+                egui::ViewportCommand::Visible(false)
+            } else {
+                egui::ViewportCommand::Minimized(true)
+            });
+        }
+        for command in self.apply() {
+            ctx.send_viewport_cmd(command);
+        }
+        if ctx.input(|input| input.viewport().close_requested()) {
+            self.on_close_requested(ctx);
+        }
+        // Status changes wake the UI (see `ui::run`); while visible, relative times ("12 s
+        // ago") and a running job's progress also need a slow tick. Hidden: no tick at all.
+        let visible = ctx.input(|input| input.viewport().visible().unwrap_or(true));
+        if visible {
+            let tick = if self.status.jobs.current.is_some() {
+                Duration::from_millis(250)
+            } else {
+                Duration::from_secs(1)
+            };
+            ctx.request_repaint_after(tick);
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.contents_ui(ui);
+    }
+}

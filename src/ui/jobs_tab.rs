@@ -1,0 +1,80 @@
+//! The Jobs tab: results waiting to upload, and the recent jobs with how each ended.
+
+use chrono::Local;
+
+use crate::human;
+use crate::runtime::{JobOutcome, WorkerStatus};
+
+pub fn jobs_tab_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
+    let waiting = status.jobs.outbox_len;
+    ui.heading("Jobs");
+    ui.label(match waiting {
+        0 => "Every finished result is with the studio.".to_owned(),
+        1 => "1 finished result is waiting to upload.".to_owned(),
+        n => format!("{n} finished results are waiting to upload."),
+    });
+    ui.add_space(8.0);
+
+    if status.jobs.recent.is_empty() {
+        ui.label("No jobs yet since start.");
+        return;
+    }
+    egui::Grid::new("recent-jobs")
+        .striped(true)
+        .num_columns(7)
+        .spacing([12.0, 6.0])
+        .show(ui, |ui| {
+            for title in ["Time", "Prompt", "Model", "Size", "Outcome", "Took", "Seed"] {
+                ui.strong(title);
+            }
+            ui.end_row();
+            for job in &status.jobs.recent {
+                ui.label(
+                    job.finished_at
+                        .with_timezone(&Local)
+                        .format("%H:%M:%S")
+                        .to_string(),
+                );
+                ui.label(short(&job.prompt, 48))
+                    .on_hover_text(job.prompt.as_str());
+                ui.label(job.model.as_str());
+                ui.label(format!("{}×{}, {} steps", job.width, job.height, job.steps));
+                let (text, problem) = outcome(&job.outcome);
+                if problem {
+                    ui.colored_label(ui.visuals().warn_fg_color, text);
+                } else {
+                    ui.label(text);
+                }
+                ui.label(human::duration(std::time::Duration::from_millis(
+                    job.duration_ms,
+                )));
+                ui.label(
+                    job.seed
+                        .map_or_else(|| "—".to_owned(), |seed| seed.to_string()),
+                );
+                ui.end_row();
+            }
+        });
+}
+
+/// The outcome in words, and whether it is a problem.
+fn outcome(outcome: &JobOutcome) -> (String, bool) {
+    match outcome {
+        JobOutcome::Uploading => ("Uploading".to_owned(), false),
+        JobOutcome::Delivered => ("Delivered".to_owned(), false),
+        JobOutcome::Rejected { message, .. } => (format!("Not run: {message}"), true),
+        JobOutcome::Failed { message, .. } => (format!("Failed: {message}"), true),
+        JobOutcome::HandedBack => ("Handed back (paused)".to_owned(), false),
+        JobOutcome::Cancelled => ("Cancelled by the studio".to_owned(), false),
+        JobOutcome::LeaseLost => ("Taken over by another worker".to_owned(), true),
+    }
+}
+
+fn short(text: &str, max_chars: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max_chars {
+        line
+    } else {
+        format!("{}…", line.chars().take(max_chars - 1).collect::<String>())
+    }
+}

@@ -1,0 +1,119 @@
+//! The desktop app: an egui window (Status, Jobs, Settings) over the same runtime the
+//! headless worker runs, and a tray icon whose menu pauses and resumes generation.
+//!
+//! [`run`] owns the threads: the main thread runs eframe's event loop (the window, and the
+//! tray on Windows/macOS), a tokio runtime runs the worker's tasks, and one task there wakes
+//! the UI whenever the worker's status changes, so a hidden window costs nothing until
+//! something happens.
+
+mod app;
+mod jobs_tab;
+mod settings_tab;
+mod status_tab;
+
+use anyhow::Context as _;
+
+pub use app::{Tab, UiAction, WorkerApp};
+pub use settings_tab::SettingsForm;
+
+use crate::config::{BrokenConfig, SharedConfig};
+use crate::runtime::{Runtime, RuntimeOptions};
+use crate::timing::Timing;
+use crate::tray::{Tray, TrayView};
+
+pub struct AppOptions {
+    pub data_dir: std::path::PathBuf,
+    pub api_base_override: Option<String>,
+    pub recovered_config: Option<BrokenConfig>,
+    /// Start hidden in the tray (used for start at login).
+    pub minimized: bool,
+}
+
+/// Runs the worker with its window and tray until the person quits, then shuts the worker
+/// down (handing back a running job).
+pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("studio-worker")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let runtime = {
+        let _entered = tokio.enter();
+        Runtime::start(
+            config,
+            RuntimeOptions {
+                timing: Timing::PRODUCTION,
+                data_dir: options.data_dir,
+                api_base_override: options.api_base_override,
+                engine: None,
+                recovered_config: options.recovered_config,
+            },
+        )?
+    };
+    let handle = runtime.handle();
+    let tokio_handle = tokio.handle().clone();
+
+    let app_icon = crate::tray::decode_rgba(include_bytes!("../../assets/icons/app-256.png"));
+    let viewport = egui::ViewportBuilder::default()
+        .with_title("studio-worker")
+        .with_app_id("gg.minis.studio-worker")
+        .with_inner_size([720.0, 560.0])
+        .with_min_inner_size([480.0, 360.0])
+        .with_icon(egui::IconData {
+            width: app_icon.width(),
+            height: app_icon.height(),
+            rgba: app_icon.into_raw(),
+        });
+    let native_options = eframe::NativeOptions {
+        viewport,
+        ..eframe::NativeOptions::default()
+    };
+
+    let result = eframe::run_native(
+        "studio-worker",
+        native_options,
+        Box::new(move |creation| {
+            let ctx = creation.egui_ctx.clone();
+            // The app's look follows the system's light/dark setting.
+            ctx.set_theme(egui::ThemePreference::System);
+
+            // Status changes wake the UI, even while it is hidden.
+            let mut status = handle.subscribe();
+            let wake = ctx.clone();
+            tokio_handle.spawn(async move {
+                while status.changed().await.is_ok() {
+                    wake.request_repaint();
+                }
+            });
+
+            // The tray is created here, on the event-loop thread, once the loop runs (macOS
+            // and Windows require it).
+            let (sender, receiver) = std::sync::mpsc::channel();
+            crate::tray::forward_events(sender, ctx.clone());
+            let (tray, notice) = match Tray::new(&TrayView::from_status(&handle.status())) {
+                Ok(tray) => (Some(tray), None),
+                Err(err) => {
+                    tracing::warn!("no tray icon: {err}");
+                    (
+                        None,
+                        Some(
+                            "This desktop has no tray: closing the window quits the worker."
+                                .to_owned(),
+                        ),
+                    )
+                }
+            };
+            Ok(Box::new(WorkerApp::new(
+                handle,
+                tray,
+                Some(receiver),
+                notice,
+                options.minimized,
+            )))
+        }),
+    );
+
+    tokio.block_on(runtime.shutdown());
+    result.map_err(|err| anyhow::anyhow!("the window could not run: {err}"))
+}

@@ -1,0 +1,116 @@
+//! The Settings tab: an edit buffer checked before it is saved (through the runtime, which
+//! saves with `config::save`), and the registration reset behind a confirmation.
+
+use super::app::UiAction;
+use super::status_tab::reset_registration_ui;
+use crate::config::Config;
+use crate::runtime::{Command, SettingsChange};
+use crate::studio::ApiBase;
+
+const MAX_NAME_CHARS: usize = 64;
+
+/// What the person is editing, and what happened to the last save.
+#[derive(Debug)]
+pub struct SettingsForm {
+    pub api_base_url: String,
+    pub worker_name: String,
+    pub unload_when_paused: bool,
+    pub close_to_tray: bool,
+    saved_api_base_url: String,
+    pub error: Option<String>,
+    pub saved_note: Option<String>,
+    pub confirming_reset: bool,
+}
+
+impl SettingsForm {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            api_base_url: config.api_base_url.clone(),
+            worker_name: config.worker_name.clone(),
+            unload_when_paused: config.engine.unload_when_paused,
+            close_to_tray: config.ui.close_to_tray,
+            saved_api_base_url: config.api_base_url.clone(),
+            error: None,
+            saved_note: None,
+            confirming_reset: false,
+        }
+    }
+
+    /// The change to save, or why it cannot be saved.
+    pub fn validate(&self) -> Result<SettingsChange, String> {
+        ApiBase::parse(&self.api_base_url).map_err(|err| err.to_string())?;
+        let name = self.worker_name.trim();
+        if name.is_empty() {
+            return Err("the worker name cannot be empty".to_owned());
+        }
+        if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+            return Err(format!(
+                "the worker name must be one line of at most {MAX_NAME_CHARS} characters"
+            ));
+        }
+        Ok(SettingsChange {
+            api_base_url: self.api_base_url.trim().to_owned(),
+            worker_name: name.to_owned(),
+            unload_when_paused: self.unload_when_paused,
+            close_to_tray: self.close_to_tray,
+        })
+    }
+}
+
+pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut Vec<UiAction>) {
+    ui.heading("Settings");
+    egui::Grid::new("settings")
+        .num_columns(2)
+        .spacing([12.0, 8.0])
+        .show(ui, |ui| {
+            let label = ui.label("Studio URL");
+            ui.add(egui::TextEdit::singleline(&mut form.api_base_url).desired_width(360.0))
+                .labelled_by(label.id);
+            ui.end_row();
+            let label = ui.label("Worker name");
+            ui.add(egui::TextEdit::singleline(&mut form.worker_name).desired_width(360.0))
+                .labelled_by(label.id);
+            ui.end_row();
+        });
+    ui.checkbox(
+        &mut form.unload_when_paused,
+        "Give the GPU memory back while paused",
+    );
+    ui.checkbox(
+        &mut form.close_to_tray,
+        "Closing the window keeps the worker running in the tray",
+    );
+
+    ui.add_space(6.0);
+    if ui.button("Save").clicked() {
+        match form.validate() {
+            Ok(change) => {
+                let url_changed = change.api_base_url != form.saved_api_base_url;
+                form.saved_api_base_url.clone_from(&change.api_base_url);
+                form.error = None;
+                form.saved_note = Some(if url_changed {
+                    "Saved. The new studio URL is used after a restart.".to_owned()
+                } else {
+                    "Saved.".to_owned()
+                });
+                actions.push(UiAction::Send(Command::SaveSettings(change)));
+            }
+            Err(reason) => {
+                form.saved_note = None;
+                form.error = Some(format!("Not saved: {reason}"));
+            }
+        }
+    }
+    if let Some(error) = &form.error {
+        ui.colored_label(ui.visuals().error_fg_color, error.as_str());
+    }
+    if let Some(note) = &form.saved_note {
+        ui.label(note.as_str());
+    }
+
+    ui.add_space(12.0);
+    ui.separator();
+    ui.strong("Registration");
+    ui.label("Start over with the studio: this PC asks for approval again.");
+    reset_registration_ui(ui, &mut form.confirming_reset, actions);
+}

@@ -1,0 +1,229 @@
+//! The Status tab: the registration in plain words, the studio connection, pause, the running
+//! job, this PC, and what was done since start.
+
+use chrono::Utc;
+
+use super::app::UiAction;
+use crate::human;
+use crate::registration::RegistrationState;
+use crate::runtime::{Command, WorkerStatus};
+use crate::studio::protocol::PauseReason;
+
+/// View state the tab keeps between frames.
+#[derive(Debug, Default)]
+pub struct StatusView {
+    pub confirming_reset: bool,
+}
+
+pub fn status_tab_ui(
+    ui: &mut egui::Ui,
+    status: &WorkerStatus,
+    view: &mut StatusView,
+    actions: &mut Vec<UiAction>,
+) {
+    if let Some(fatal) = &status.fatal {
+        ui.colored_label(
+            ui.visuals().error_fg_color,
+            format!("The worker stopped: {fatal}"),
+        );
+    }
+    if let Some(notice) = &status.settings_recovered {
+        ui.colored_label(ui.visuals().warn_fg_color, capitalised(notice));
+    }
+
+    registration_ui(ui, status, view, actions);
+    ui.separator();
+    generation_ui(ui, status, actions);
+    ui.separator();
+    current_job_ui(ui, status);
+    ui.separator();
+    connection_ui(ui, status);
+    ui.separator();
+    this_pc_ui(ui, status);
+}
+
+fn registration_ui(
+    ui: &mut egui::Ui,
+    status: &WorkerStatus,
+    view: &mut StatusView,
+    actions: &mut Vec<UiAction>,
+) {
+    let now = Utc::now();
+    match &status.registration {
+        RegistrationState::Pristine => {
+            ui.heading("Asking the studio to approve this PC…");
+        }
+        RegistrationState::Pending { since, .. } => {
+            let requested = since.map_or_else(String::new, |since| {
+                format!(" (requested {})", human::ago(since, now))
+            });
+            ui.heading(format!(
+                "Waiting for the studio to approve this PC{requested}"
+            ));
+            ui.label("The studio's operator approves new PCs. Nothing to do here: this page updates by itself.");
+        }
+        RegistrationState::Approved { worker_id } => {
+            ui.heading(format!("Approved as {worker_id}"));
+        }
+        RegistrationState::Rejected { reason } => {
+            ui.heading(format!("Rejected: {reason}"));
+            reset_registration_ui(ui, &mut view.confirming_reset, actions);
+        }
+        RegistrationState::Revoked { .. } => {
+            ui.heading("Access revoked");
+            ui.label("The studio no longer accepts this PC. Reset the registration to ask again.");
+            reset_registration_ui(ui, &mut view.confirming_reset, actions);
+        }
+    }
+    if let Some(problem) = &status.registration_problem {
+        ui.colored_label(ui.visuals().warn_fg_color, capitalised(problem));
+    }
+}
+
+/// A Reset button that asks first, saying exactly what a reset does.
+pub fn reset_registration_ui(
+    ui: &mut egui::Ui,
+    confirming: &mut bool,
+    actions: &mut Vec<UiAction>,
+) {
+    if !*confirming {
+        if ui.button("Reset registration…").clicked() {
+            *confirming = true;
+        }
+        return;
+    }
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.strong("Reset registration?");
+        ui.label(
+            "This PC forgets its approval (worker id and access token) and asks the studio again; \
+             the studio's operator has to approve it again. Your settings are kept.",
+        );
+        ui.horizontal(|ui| {
+            if ui.button("Reset").clicked() {
+                actions.push(UiAction::Send(Command::ResetRegistration));
+                *confirming = false;
+            }
+            if ui.button("Cancel").clicked() {
+                *confirming = false;
+            }
+        });
+    });
+}
+
+fn generation_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiAction>) {
+    ui.horizontal(|ui| {
+        let paused_by_user = status.paused == Some(PauseReason::User);
+        let (label, command) = if paused_by_user {
+            ("Resume generation", Command::Resume)
+        } else {
+            ("Pause generation", Command::Pause)
+        };
+        let button = egui::Button::new(egui::RichText::new(label).size(18.0))
+            .min_size(egui::vec2(220.0, 40.0));
+        if ui.add(button).clicked() {
+            actions.push(UiAction::Send(command));
+        }
+        ui.vertical(|ui| {
+            match status.paused {
+                Some(reason) => {
+                    ui.strong(capitalised(reason.describe()));
+                    if reason == PauseReason::Studio {
+                        ui.label("The studio resumes this PC when it wants jobs done again.");
+                    }
+                }
+                None => match &status.jobs.claim_blocked {
+                    Some(why) => {
+                        ui.strong("Not taking jobs");
+                        ui.label(capitalised(why));
+                    }
+                    None if status.jobs.current.is_some() => {
+                        ui.strong("Working");
+                    }
+                    None => {
+                        ui.strong("Taking jobs");
+                        ui.label("Your GPU is lent to the studio while this is on.");
+                    }
+                },
+            };
+        });
+    });
+}
+
+fn current_job_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
+    let Some(job) = &status.jobs.current else {
+        ui.label("No job running.");
+        return;
+    };
+    ui.strong("Running job");
+    ui.label(egui::RichText::new(format!("“{}”", job.prompt)).italics());
+    ui.label(format!(
+        "{} · {}×{} · {} steps · {} image{}",
+        job.model,
+        job.width,
+        job.height,
+        job.steps,
+        job.num_images,
+        if job.num_images == 1 { "" } else { "s" }
+    ));
+    let fraction = if job.total_steps == 0 {
+        0.0
+    } else {
+        job.step as f32 / job.total_steps as f32
+    };
+    ui.add(egui::ProgressBar::new(fraction).text(format!(
+        "{}: step {} of {}",
+        capitalised(job.stage.describe()),
+        job.step,
+        job.total_steps
+    )));
+    let elapsed = (Utc::now() - job.started_at).to_std().unwrap_or_default();
+    ui.label(format!("Running for {}", human::duration(elapsed)));
+}
+
+fn connection_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
+    let now = Utc::now();
+    ui.strong("Studio");
+    ui.label(&status.api_base_url);
+    let connection = &status.connection;
+    match connection.last_heartbeat_at {
+        Some(at) => ui.label(format!("Last heartbeat {}", human::ago(at, now))),
+        None => ui.label("No heartbeat yet"),
+    };
+    if let Some(next) = connection.next_heartbeat_at {
+        let wait = (next - now).to_std().unwrap_or_default();
+        ui.label(format!("Next in {}", human::duration(wait)));
+    }
+    if let Some(error) = &connection.last_error {
+        ui.colored_label(ui.visuals().warn_fg_color, format!("Last problem: {error}"));
+    }
+}
+
+fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
+    ui.strong("This PC");
+    if let Some(device) = &status.device {
+        ui.label(format!(
+            "{} · {:.1} GB",
+            device.name,
+            device.memory_mb as f64 / 1024.0
+        ));
+    }
+    if let Some(engine) = &status.engine {
+        ui.label(capitalised(engine));
+    }
+    let counters = &status.jobs.counters;
+    ui.label(format!(
+        "Since start: {} jobs done, {} images, {} failed; {} result{} waiting to upload",
+        counters.jobs_completed,
+        counters.images_generated,
+        counters.jobs_failed,
+        status.jobs.outbox_len,
+        if status.jobs.outbox_len == 1 { "" } else { "s" }
+    ));
+}
+
+pub(super) fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
+}

@@ -1,0 +1,313 @@
+//! The window's tabs, driven through AccessKit with egui_kittest: each tab reacts to the
+//! worker's state, and clicks become the right commands. The test plays the runtime: it sets
+//! the status and reads the commands.
+
+use std::sync::mpsc as std_mpsc;
+
+use chrono::Utc;
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable as _;
+use studio_worker::config::{Config, SharedConfig};
+use studio_worker::registration::RegistrationState;
+use studio_worker::runtime::{
+    Command, CurrentJob, FinishedJob, JobOutcome, RuntimeHandle, SettingsChange, WorkerStatus,
+};
+use studio_worker::studio::protocol::{FailCode, PauseReason, Stage};
+use studio_worker::tray::TrayEvent;
+use studio_worker::ui::{Tab, WorkerApp};
+use tokio::sync::{mpsc, watch};
+
+struct Window {
+    harness: Harness<'static, WorkerApp>,
+    status: watch::Sender<WorkerStatus>,
+    commands: mpsc::Receiver<Command>,
+    tray: std_mpsc::Sender<TrayEvent>,
+    _dir: tempfile::TempDir,
+}
+
+impl Window {
+    fn new(status: WorkerStatus) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SharedConfig::new(dir.path().join("config.toml"), Config::default());
+        let (status_sender, status_receiver) = watch::channel(status);
+        let (command_sender, commands) = mpsc::channel(32);
+        let (tray, tray_events) = std_mpsc::channel();
+        let handle = RuntimeHandle::new(config, status_receiver, command_sender);
+        let app = WorkerApp::new(handle, None, Some(tray_events), None, false);
+        let harness = Harness::builder().with_size([900.0, 800.0]).build_ui_state(
+            |ui, app: &mut WorkerApp| {
+                app.apply();
+                app.contents_ui(ui);
+            },
+            app,
+        );
+        let mut window = Self {
+            harness,
+            status: status_sender,
+            commands,
+            tray,
+            _dir: dir,
+        };
+        window.harness.run();
+        window
+    }
+
+    fn set_status(&mut self, change: impl FnOnce(&mut WorkerStatus)) {
+        self.status.send_modify(change);
+        self.harness.run();
+    }
+
+    fn sent(&mut self) -> Vec<Command> {
+        std::iter::from_fn(|| self.commands.try_recv().ok()).collect()
+    }
+
+    fn shows(&self, text: &str) -> bool {
+        self.harness.query_by_label_contains(text).is_some()
+    }
+}
+
+fn status(registration: RegistrationState) -> WorkerStatus {
+    let mut status = WorkerStatus::new(&Config::default());
+    status.registration = registration;
+    status
+}
+
+fn approved() -> WorkerStatus {
+    status(RegistrationState::Approved {
+        worker_id: "w_42".into(),
+    })
+}
+
+#[test]
+fn the_status_tab_says_each_registration_state_in_words() {
+    let mut window = Window::new(status(RegistrationState::Pending {
+        request_id: "rr_1".into(),
+        since: Some(Utc::now() - chrono::Duration::minutes(12)),
+    }));
+    assert!(window.shows("Waiting for the studio to approve this PC (requested 12 min ago)"));
+    assert!(
+        window
+            .harness
+            .query_by_label("Reset registration…")
+            .is_none(),
+        "nothing to reset while pending"
+    );
+
+    window.set_status(|s| {
+        s.registration = RegistrationState::Approved {
+            worker_id: "w_42".into(),
+        }
+    });
+    assert!(window.shows("Approved as w_42"));
+
+    window.set_status(|s| {
+        s.registration = RegistrationState::Rejected {
+            reason: "we only take RTX cards".into(),
+        }
+    });
+    assert!(window.shows("Rejected: we only take RTX cards"));
+    assert!(
+        window
+            .harness
+            .query_by_label("Reset registration…")
+            .is_some()
+    );
+
+    window.set_status(|s| {
+        s.registration = RegistrationState::Revoked {
+            worker_id: "w_42".into(),
+        }
+    });
+    assert!(window.shows("Access revoked"));
+    assert!(
+        window
+            .harness
+            .query_by_label("Reset registration…")
+            .is_some()
+    );
+}
+
+#[test]
+fn the_status_tab_shows_connection_job_and_problems() {
+    let mut running = approved();
+    running.connection.last_heartbeat_at = Some(Utc::now() - chrono::Duration::seconds(12));
+    running.connection.last_error = Some("studio unreachable: cannot connect".into());
+    running.jobs.current = Some(CurrentJob {
+        job_id: "j_1".into(),
+        prompt: "a lighthouse at dusk".into(),
+        model: "sd-turbo".into(),
+        width: 512,
+        height: 512,
+        steps: 4,
+        num_images: 1,
+        seed: 42,
+        stage: Stage::Denoising,
+        step: 3,
+        total_steps: 4,
+        started_at: Utc::now(),
+    });
+    running.settings_recovered =
+        Some("the settings file could not be read (line 3); it was kept as x".into());
+    let window = Window::new(running);
+    assert!(window.shows("Last heartbeat 12 s ago"));
+    assert!(window.shows("Last problem: studio unreachable: cannot connect"));
+    assert!(window.shows("“a lighthouse at dusk”"));
+    assert!(window.shows("Drawing: step 3 of 4"));
+    assert!(window.shows("The settings file could not be read (line 3)"));
+}
+
+#[test]
+fn pause_and_resume_send_commands_and_follow_the_state() {
+    let mut window = Window::new(approved());
+    window.harness.get_by_label("Pause generation").click();
+    window.harness.run();
+    assert_eq!(window.sent(), vec![Command::Pause]);
+
+    window.set_status(|s| s.paused = Some(PauseReason::User));
+    assert!(window.shows("Paused by you"));
+    window.harness.get_by_label("Resume generation").click();
+    window.harness.run();
+    assert_eq!(window.sent(), vec![Command::Resume]);
+
+    // The studio's pause: the person can add their own, not lift the studio's.
+    window.set_status(|s| s.paused = Some(PauseReason::Studio));
+    assert!(window.shows("Paused by the studio"));
+    assert!(window.harness.query_by_label("Pause generation").is_some());
+}
+
+#[test]
+fn reset_asks_for_confirmation_first() {
+    let mut window = Window::new(status(RegistrationState::Revoked {
+        worker_id: "w_42".into(),
+    }));
+    window.harness.get_by_label("Reset registration…").click();
+    window.harness.run();
+    assert!(window.sent().is_empty(), "one click does not reset");
+    assert!(window.shows("This PC forgets its approval"));
+
+    window.harness.get_by_label("Cancel").click();
+    window.harness.run();
+    assert!(window.sent().is_empty());
+    assert!(!window.shows("This PC forgets its approval"));
+
+    window.harness.get_by_label("Reset registration…").click();
+    window.harness.run();
+    window.harness.get_by_label("Reset").click();
+    window.harness.run();
+    assert_eq!(window.sent(), vec![Command::ResetRegistration]);
+}
+
+fn replace_text(window: &mut Window, field: &str, text: &str) {
+    let node = window.harness.get_by_role_and_label(Role::TextInput, field);
+    node.focus();
+    window.harness.run();
+    window
+        .harness
+        .key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    window.harness.run();
+    window
+        .harness
+        .get_by_role_and_label(Role::TextInput, field)
+        .type_text(text);
+    window.harness.run();
+}
+
+#[test]
+fn settings_refuse_an_insecure_url_and_save_a_good_one() {
+    let mut window = Window::new(approved());
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    assert_eq!(window.harness.state().tab(), Tab::Settings);
+
+    replace_text(&mut window, "Studio URL", "http://studio.example.com/api");
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    assert!(window.shows("Not saved: studio URL"), "a reason is given");
+    assert!(window.shows("plain http"));
+    assert!(window.sent().is_empty(), "nothing saved");
+
+    replace_text(&mut window, "Studio URL", "https://studio.example.com/api");
+    replace_text(&mut window, "Worker name", "Alice's desktop");
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    assert!(window.shows("Saved. The new studio URL is used after a restart."));
+    assert_eq!(
+        window.sent(),
+        vec![Command::SaveSettings(SettingsChange {
+            api_base_url: "https://studio.example.com/api".into(),
+            worker_name: "Alice's desktop".into(),
+            unload_when_paused: true,
+            close_to_tray: true,
+        })]
+    );
+}
+
+#[test]
+fn the_jobs_tab_lists_recent_jobs_and_the_outbox() {
+    let mut with_jobs = approved();
+    with_jobs.jobs.outbox_len = 2;
+    let current = CurrentJob {
+        job_id: "j_1".into(),
+        prompt: "a red fox in snow".into(),
+        model: "sd-turbo".into(),
+        width: 512,
+        height: 768,
+        steps: 4,
+        num_images: 1,
+        seed: 7,
+        stage: Stage::Decoding,
+        step: 4,
+        total_steps: 4,
+        started_at: Utc::now(),
+    };
+    with_jobs
+        .jobs
+        .remember(FinishedJob::new(&current, JobOutcome::Delivered));
+    let mut failed = current.clone();
+    failed.job_id = "j_2".into();
+    with_jobs.jobs.remember(FinishedJob::new(
+        &failed,
+        JobOutcome::Failed {
+            code: FailCode::Oom,
+            message: "out of memory: needs 9 GB".into(),
+        },
+    ));
+    let mut window = Window::new(with_jobs);
+    window.harness.get_by_label("Jobs").click();
+    window.harness.run();
+    assert!(window.shows("2 finished results are waiting to upload."));
+    assert!(window.shows("Delivered"));
+    assert!(window.shows("Failed: out of memory: needs 9 GB"));
+    assert_eq!(
+        window
+            .harness
+            .query_all_by_label("a red fox in snow")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn tray_clicks_become_commands_and_window_actions() {
+    let mut window = Window::new(approved());
+    window.tray.send(TrayEvent::TogglePause).unwrap();
+    window.harness.run();
+    assert_eq!(window.sent(), vec![Command::Pause]);
+
+    window.set_status(|s| s.paused = Some(PauseReason::User));
+    window.tray.send(TrayEvent::TogglePause).unwrap();
+    window.harness.run();
+    assert_eq!(window.sent(), vec![Command::Resume]);
+
+    window.tray.send(TrayEvent::Open).unwrap();
+    let opened = window.harness.state_mut().apply();
+    assert!(opened.contains(&egui::ViewportCommand::Visible(true)));
+    assert!(opened.contains(&egui::ViewportCommand::Focus));
+
+    window.tray.send(TrayEvent::Quit).unwrap();
+    assert_eq!(
+        window.harness.state_mut().apply(),
+        vec![egui::ViewportCommand::Close]
+    );
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Screenshots of the real app for the README: the debug binary under Xvfb, against the dev
+# studio, one PNG per tab. Needs Debian's xvfb, xauth, imagemagick, xdotool, dbus-x11 and
+# libgl1-mesa-dri (software OpenGL).
+#
+#   docs/screenshots/take.sh            # from the project root; writes docs/screenshots/*.png
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+out=docs/screenshots
+target=${CARGO_TARGET_DIR:-target}
+cargo build -q --bin studio-worker --example dev_studio
+work=$(mktemp -d)
+display=:97
+port=8797
+Xvfb "$display" -screen 0 1280x900x24 >/dev/null 2>&1 & xvfb=$!
+"$target/debug/examples/dev_studio" --listen "127.0.0.1:$port" >/dev/null 2>&1 & studio=$!
+trap 'kill $app $studio $xvfb 2>/dev/null || true; rm -rf "$work"' EXIT
+printf 'api_base_url = "http://127.0.0.1:%s/api"\nworker_name = "Alice'"'"'s desktop"\n' "$port" > "$work/config.toml"
+sleep 1
+DISPLAY=$display dbus-run-session -- "$target/debug/studio-worker" --config "$work/config.toml" >"$work/app.log" 2>&1 & app=$!
+sleep 5
+window=$(DISPLAY=$display xdotool search --name '^studio-worker$' | head -1)
+shot() { DISPLAY=$display import -window "$window" "$out/$1.png"; }
+click() { DISPLAY=$display xdotool mousemove --window "$window" "$1" "$2" click 1; sleep 1; }
+
+shot status-pending
+curl -sf -X POST "http://127.0.0.1:$port/operator/requests/rr_0001/approve" >/dev/null
+sleep 4
+shot status-approved
+click 89 16 && shot jobs
+click 150 16 && shot settings
+click 40 16
+echo "screenshots in $out"

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::config::{self, Config, Paths, SharedConfig};
+use crate::platform::single_instance;
 use crate::registration::RegistrationState;
+use crate::runtime::control;
 use crate::runtime::{Runtime, RuntimeOptions, status_file};
 use crate::timing::Timing;
 
@@ -110,11 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// when no worker runs (so it starts paused, or not).
 fn set_paused(paths: &Paths, paused: bool) -> anyhow::Result<()> {
     let command = if paused { "pause" } else { "resume" };
-    let tokio = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    match tokio.block_on(crate::runtime::control::send(&paths.data_dir, command)) {
+    match tokio_current_thread()?.block_on(control::send(&paths.data_dir, command)) {
         Ok(()) => {
             println!(
                 "{}",
@@ -126,7 +124,7 @@ fn set_paused(paths: &Paths, paused: bool) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Err(crate::runtime::control::ControlError::NotRunning) => {}
+        Err(control::ControlError::NotRunning) => {}
         Err(err) => bail!("{err}"),
     }
     if let Some(pid) = running_worker_pid(&paths.data_dir) {
@@ -155,6 +153,16 @@ fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::R
         );
         return run_worker(paths, api_url);
     }
+    let Some(_instance) = single_instance::acquire(&paths.data_dir)? else {
+        // Already running: bring its window forward instead of starting a second worker.
+        return match tokio_current_thread()?.block_on(control::send(&paths.data_dir, "show")) {
+            Ok(()) => {
+                println!("studio-worker is already running; its window was brought forward.");
+                Ok(())
+            }
+            Err(err) => bail!("studio-worker is already running, but did not answer ({err})"),
+        };
+    };
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, recovered_config) = load_config(paths)?;
     crate::ui::run(
@@ -166,6 +174,13 @@ fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::R
             minimized,
         },
     )
+}
+
+fn tokio_current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Whether a window can be shown. On Linux and the BSDs that needs an X11 or Wayland display;
@@ -181,6 +196,14 @@ fn display_available() -> bool {
 
 /// The worker, headless, until Ctrl-C / SIGTERM or a fatal error.
 fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
+    let Some(_instance) = single_instance::acquire(&paths.data_dir)? else {
+        let pid = running_worker_pid(&paths.data_dir)
+            .map_or_else(String::new, |pid| format!(" (process {pid})"));
+        bail!(
+            "a worker is already running for {}{pid}",
+            paths.data_dir.display()
+        );
+    };
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, recovered_config) = load_config(paths)?;
     let tokio = tokio::runtime::Builder::new_multi_thread()

@@ -1,3 +1,4 @@
 //! What this computer is, and the operating-system integrations that differ per platform.
 
 pub mod host;
+pub mod single_instance;

@@ -21,6 +21,8 @@ pub enum Command {
     SaveSettings(SettingsChange),
     /// Remember that the "still running in the tray" hint was shown.
     CloseHintShown,
+    /// Another launch wants this instance's window brought forward.
+    ShowWindow,
 }
 
 /// The settings a person can change in the window.
@@ -53,6 +55,10 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
             Command::ResetRegistration => config.update(|c| c.reset_registration()),
             Command::SaveSettings(change) => save_settings(&config, change),
             Command::CloseHintShown => config.update(|c| c.ui.close_hint_shown = true),
+            Command::ShowWindow => {
+                status.send_modify(|s| s.window_raise_requests += 1);
+                Ok(())
+            }
         };
         match applied {
             Ok(()) => {

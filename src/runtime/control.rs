@@ -113,6 +113,7 @@ async fn answer(stream: TcpStream, token: Secret, commands: mpsc::Sender<Command
         (Ok(Ok(_)), Ok(request)) if request.token == token => match request.command.as_str() {
             "pause" => queue(&commands, Command::Pause),
             "resume" => queue(&commands, Command::Resume),
+            "show" => queue(&commands, Command::ShowWindow),
             other => refusal(format!("unknown command {other:?}")),
         },
         (Ok(Ok(_)), Ok(_)) => refusal("wrong token".to_owned()),
@@ -156,7 +157,7 @@ pub enum ControlError {
     Refused(String),
 }
 
-/// Sends `command` (`pause` or `resume`) to the worker running for this data folder.
+/// Sends `command` (`pause`, `resume` or `show`) to the worker running for this data folder.
 pub async fn send(data_dir: &Path, command: &str) -> Result<(), ControlError> {
     let file = read_file(data_dir).ok_or(ControlError::NotRunning)?;
     if !crate::platform::host::process_alive(file.pid) {

@@ -43,6 +43,9 @@ pub struct WorkerStatus {
     pub settings_recovered: Option<String>,
     /// Writer: the command task. Set when a change could not be saved.
     pub settings_problem: Option<String>,
+    /// Writer: the command task. Counts "bring the window forward" requests from later
+    /// launches; the window raises itself when it sees the count grow.
+    pub window_raise_requests: u64,
     /// Writer: the runtime, when a task cannot go on at all (no entropy, config unwritable).
     pub fatal: Option<String>,
 }
@@ -61,6 +64,7 @@ impl WorkerStatus {
             device: None,
             engine: None,
             settings_recovered: None,
+            window_raise_requests: 0,
             settings_problem: None,
             fatal: None,
         }

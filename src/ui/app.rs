@@ -36,6 +36,8 @@ pub struct WorkerApp {
     quitting: bool,
     /// `--minimized`: hide (or minimise, without a tray) on the first frame.
     start_hidden: bool,
+    /// The raise requests already acted on (see `WorkerStatus::window_raise_requests`).
+    raised: u64,
 }
 
 impl WorkerApp {
@@ -53,7 +55,6 @@ impl WorkerApp {
         Self {
             runtime,
             tab: Tab::Status,
-            status,
             settings,
             status_view: status_tab::StatusView::default(),
             tray,
@@ -61,6 +62,8 @@ impl WorkerApp {
             notice,
             quitting: false,
             start_hidden,
+            raised: status.window_raise_requests,
+            status,
         }
     }
 
@@ -77,6 +80,12 @@ impl WorkerApp {
     pub fn apply(&mut self) -> Vec<egui::ViewportCommand> {
         self.status = self.runtime.status();
         let mut viewport = Vec::new();
+        let mut open = false;
+        if self.status.window_raise_requests > self.raised {
+            // A second launch: show this window instead of starting another worker.
+            self.raised = self.status.window_raise_requests;
+            open = true;
+        }
         let events: Vec<TrayEvent> = self
             .tray_events
             .as_ref()
@@ -91,16 +100,17 @@ impl WorkerApp {
                     };
                     self.send(command);
                 }
-                TrayEvent::Open => {
-                    viewport.push(egui::ViewportCommand::Visible(true));
-                    viewport.push(egui::ViewportCommand::Minimized(false));
-                    viewport.push(egui::ViewportCommand::Focus);
-                }
+                TrayEvent::Open => open = true,
                 TrayEvent::Quit => {
                     self.quitting = true;
                     viewport.push(egui::ViewportCommand::Close);
                 }
             }
+        }
+        if open {
+            viewport.push(egui::ViewportCommand::Visible(true));
+            viewport.push(egui::ViewportCommand::Minimized(false));
+            viewport.push(egui::ViewportCommand::Focus);
         }
         if let Some(tray) = &mut self.tray {
             tray.update(&TrayView::from_status(&self.status));

@@ -380,3 +380,33 @@ async fn without_a_display_the_app_runs_headless() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_for_the_same_folder_is_refused() {
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let first = Running::start(&home.config_path());
+    eventually("the first worker is up", SLOW, || {
+        studio.count(Route::Register) == 1
+    })
+    .await;
+
+    let second = run(worker(&home.config_path()).args(["run", "--headless"]));
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = text(&second.stderr);
+    assert!(stderr.contains("a worker is already running"), "{stderr}");
+    assert_eq!(
+        studio.count(Route::Register),
+        1,
+        "the second one did nothing"
+    );
+
+    // Once the first is gone (even killed), the lock is free again.
+    first.kill();
+    let _third = Running::start(&home.config_path());
+    eventually("a new worker polls", SLOW, || {
+        studio.count(Route::Poll) >= 1
+    })
+    .await;
+}

@@ -407,3 +407,31 @@ async fn registration_rides_out_a_studio_that_is_down_at_first() {
     assert_eq!(handle.status().registration_problem, None);
     runtime.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_show_request_from_another_launch_reaches_the_window() {
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime(fast_timing());
+    let handle = runtime.handle();
+    let control_file = home.dir.path().join("control.json");
+    eventually("control channel", PATIENCE, || control_file.exists()).await;
+
+    studio_worker::runtime::control::send(home.dir.path(), "show")
+        .await
+        .unwrap();
+    eventually("raise requested", PATIENCE, || {
+        handle.status().window_raise_requests == 1
+    })
+    .await;
+    assert!(matches!(
+        studio_worker::runtime::control::send(home.dir.path(), "dance").await,
+        Err(studio_worker::runtime::control::ControlError::Refused(_))
+    ));
+    runtime.shutdown().await;
+    assert!(matches!(
+        studio_worker::runtime::control::send(home.dir.path(), "show").await,
+        Err(studio_worker::runtime::control::ControlError::NotRunning)
+    ));
+}

@@ -311,3 +311,17 @@ fn tray_clicks_become_commands_and_window_actions() {
         vec![egui::ViewportCommand::Close]
     );
 }
+
+#[test]
+fn a_second_launch_brings_the_window_forward() {
+    let mut window = Window::new(approved());
+    assert!(window.harness.state_mut().apply().is_empty());
+    window.status.send_modify(|s| s.window_raise_requests += 1);
+    let raised = window.harness.state_mut().apply();
+    assert!(raised.contains(&egui::ViewportCommand::Visible(true)));
+    assert!(raised.contains(&egui::ViewportCommand::Focus));
+    assert!(
+        window.harness.state_mut().apply().is_empty(),
+        "once per request"
+    );
+}

@@ -1,4 +1,5 @@
 //! What this computer is, and the operating-system integrations that differ per platform.
 
+pub mod autostart;
 pub mod host;
 pub mod single_instance;

@@ -32,6 +32,8 @@ pub struct SettingsChange {
     pub worker_name: String,
     pub unload_when_paused: bool,
     pub close_to_tray: bool,
+    /// Start the worker (in the tray) when the person logs in.
+    pub start_at_login: bool,
 }
 
 pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskContext) {
@@ -86,6 +88,12 @@ fn save_settings(
         }
     };
     let worker_name = change.worker_name.trim();
+    if crate::platform::autostart::is_enabled() != change.start_at_login {
+        match crate::platform::autostart::set_enabled(change.start_at_login) {
+            Ok(()) => tracing::info!(enabled = change.start_at_login, "start at login changed"),
+            Err(err) => tracing::error!("start at login not changed: {err}"),
+        }
+    }
     config.update(|c| {
         c.api_base_url = api_base_url;
         if !worker_name.is_empty() {

@@ -51,7 +51,10 @@ impl WorkerApp {
         start_hidden: bool,
     ) -> Self {
         let status = runtime.status();
-        let settings = settings_tab::SettingsForm::from_config(&runtime.config().snapshot());
+        let settings = settings_tab::SettingsForm::from_config(
+            &runtime.config().snapshot(),
+            crate::platform::autostart::is_enabled(),
+        );
         Self {
             runtime,
             tab: Tab::Status,

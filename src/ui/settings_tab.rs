@@ -16,6 +16,7 @@ pub struct SettingsForm {
     pub worker_name: String,
     pub unload_when_paused: bool,
     pub close_to_tray: bool,
+    pub start_at_login: bool,
     saved_api_base_url: String,
     pub error: Option<String>,
     pub saved_note: Option<String>,
@@ -23,8 +24,10 @@ pub struct SettingsForm {
 }
 
 impl SettingsForm {
-    pub fn from_config(config: &Config) -> Self {
+    /// `start_at_login` is the OS's own state (see `platform::autostart`).
+    pub fn from_config(config: &Config, start_at_login: bool) -> Self {
         Self {
+            start_at_login,
             api_base_url: config.api_base_url.clone(),
             worker_name: config.worker_name.clone(),
             unload_when_paused: config.engine.unload_when_paused,
@@ -53,6 +56,7 @@ impl SettingsForm {
             worker_name: name.to_owned(),
             unload_when_paused: self.unload_when_paused,
             close_to_tray: self.close_to_tray,
+            start_at_login: self.start_at_login,
         })
     }
 }
@@ -79,6 +83,10 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
     ui.checkbox(
         &mut form.close_to_tray,
         "Closing the window keeps the worker running in the tray",
+    );
+    ui.checkbox(
+        &mut form.start_at_login,
+        "Start studio-worker (in the tray) when I log in",
     );
 
     ui.add_space(6.0);

@@ -239,6 +239,7 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
             worker_name: "Alice's desktop".into(),
             unload_when_paused: true,
             close_to_tray: true,
+            start_at_login: studio_worker::platform::autostart::is_enabled(),
         })]
     );
 }

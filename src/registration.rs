@@ -25,7 +25,11 @@ use crate::studio::{StudioClient, StudioError, USER_AGENT};
 use crate::timing::Timing;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(
+    tag = "state",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
 pub enum RegistrationState {
     /// No request yet (or the last one was forgotten by the studio).
     Pristine,

@@ -18,6 +18,7 @@ use crate::studio::protocol::{FailCode, PauseReason, Stage, WorkerState};
 pub const RECENT_JOBS: usize = 50;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
     pub started_at: DateTime<Utc>,
     pub api_base_url: String,
@@ -91,6 +92,7 @@ pub fn worker_state(paused: Option<PauseReason>, busy: bool, models_ready: bool)
 
 /// The job queue and history as the Jobs tab and the heartbeat see it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct JobsStatus {
     pub current: Option<CurrentJob>,
     /// The last [`RECENT_JOBS`] jobs, newest first.
@@ -119,6 +121,7 @@ impl JobsStatus {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct JobCounters {
     /// Results the studio acknowledged.
     pub jobs_completed: u64,
@@ -130,6 +133,7 @@ pub struct JobCounters {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CurrentJob {
     pub job_id: String,
     pub prompt: String,
@@ -165,6 +169,7 @@ impl CurrentJob {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FinishedJob {
     pub job_id: String,
     pub prompt: String,
@@ -197,7 +202,11 @@ impl FinishedJob {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
+#[serde(
+    tag = "outcome",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
 pub enum JobOutcome {
     /// Images in the outbox, upload pending.
     Uploading,
@@ -228,6 +237,7 @@ pub fn pause_reason(config: &Config) -> Option<PauseReason> {
 
 /// How the last exchanges with the studio went. Writer: the heartbeat task.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ConnectionStatus {
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub next_heartbeat_at: Option<DateTime<Utc>>,

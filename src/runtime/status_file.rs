@@ -16,6 +16,7 @@ pub const FILE_NAME: &str = "status.json";
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StatusFile {
     pub pid: u32,
     pub written_at: DateTime<Utc>,

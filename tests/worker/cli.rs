@@ -298,7 +298,7 @@ async fn a_real_run_survives_being_killed_between_every_step() {
     eventually("status shows the heartbeat", SLOW, || {
         let out = run(worker(&config_path).args(["status", "--json"]));
         report = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        !report["running"]["status"]["connection"]["last_heartbeat_at"].is_null()
+        !report["running"]["status"]["connection"]["lastHeartbeatAt"].is_null()
     })
     .await;
     assert_eq!(report["registration"]["state"], "approved");

@@ -12,15 +12,12 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::Command;
-use support::engine::ScriptedEngine;
-use support::studio::{Decision, Route, TestStudio};
-use support::{PATIENCE, WorkerHome, eventually};
+use support::studio::Route;
+use support::{PATIENCE, approved_worker, eventually};
 
 const OVERHEAD_JOBS: usize = 100;
 const ENGINE_STEP: Duration = Duration::from_millis(50);
@@ -38,31 +35,6 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-async fn approved(
-    step: Duration,
-) -> (
-    TestStudio,
-    WorkerHome,
-    Arc<ScriptedEngine>,
-    studio_worker::runtime::Runtime,
-) {
-    let studio = TestStudio::start().await;
-    studio.set_decision(Decision::ApproveAfterPolls(1));
-    let home = WorkerHome::new();
-    home.write_config(&studio.url());
-    let engine = Arc::new(ScriptedEngine::new(step));
-    let runtime = home.start_runtime_with(timing(), Some(engine.clone()));
-    let handle = runtime.handle();
-    eventually("approved", PATIENCE, || {
-        matches!(
-            handle.status().registration,
-            RegistrationState::Approved { .. }
-        )
-    })
-    .await;
-    (studio, home, engine, runtime)
-}
-
 fn job(job_id: &str, steps: u32) -> serde_json::Value {
     json!({
         "jobId": job_id, "kind": "txt2img", "model": "sd-turbo", "prompt": "bench",
@@ -73,7 +45,7 @@ fn job(job_id: &str, steps: u32) -> serde_json::Value {
 
 /// Claim answered → upload acknowledged, minus the engine's own time, per job.
 async fn overhead() {
-    let (studio, _home, _engine, runtime) = approved(ENGINE_STEP).await;
+    let (studio, _home, _engine, runtime) = approved_worker(ENGINE_STEP, timing()).await;
     // One job at a time: each is queued only after the previous one was delivered, so the
     // claim's long-poll wait is not counted (it is the studio's queue, not the worker).
     let mut overhead_ms = Vec::new();
@@ -120,7 +92,7 @@ async fn overhead() {
 
 /// Pause requested → the engine stopped working, while denoising.
 async fn pause_latency() {
-    let (studio, _home, engine, runtime) = approved(ENGINE_STEP).await;
+    let (studio, _home, engine, runtime) = approved_worker(ENGINE_STEP, timing()).await;
     let handle = runtime.handle();
     let mut latencies_ms = Vec::new();
     for n in 0..PAUSE_TRIALS {

@@ -206,12 +206,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     };
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, recovered_config) = load_config(paths)?;
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("studio-worker")
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     tokio.block_on(async {
         let options = RuntimeOptions {
             timing: Timing::PRODUCTION,

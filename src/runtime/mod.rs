@@ -320,6 +320,16 @@ impl Runtime {
     }
 }
 
+/// The tokio runtime the worker's tasks run on. Two threads are plenty: the tasks only wait
+/// on the network and the disk, and the engine runs on tokio's blocking pool.
+pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("studio-worker")
+        .enable_all()
+        .build()
+}
+
 /// What a worker without an engine can do, as §4 describes it (for registration).
 pub fn current_capabilities() -> Capabilities {
     Capabilities {

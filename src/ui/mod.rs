@@ -32,12 +32,7 @@ pub struct AppOptions {
 /// Runs the worker with its window and tray until the person quits, then shuts the worker
 /// down (handing back a running job).
 pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("studio-worker")
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     let runtime = {
         let _entered = tokio.enter();
         Runtime::start(

@@ -100,6 +100,34 @@ impl WorkerHome {
     }
 }
 
+/// A studio that approves on the first poll, and a runtime with the scripted engine that it
+/// approved: the starting point of every pipeline test and benchmark.
+pub async fn approved_worker(
+    step_time: Duration,
+    timing: Timing,
+) -> (
+    studio::TestStudio,
+    WorkerHome,
+    std::sync::Arc<engine::ScriptedEngine>,
+    Runtime,
+) {
+    let studio = studio::TestStudio::start().await;
+    studio.set_decision(studio::Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let engine = std::sync::Arc::new(engine::ScriptedEngine::new(step_time));
+    let runtime = home.start_runtime_with(timing, Some(engine.clone()));
+    let handle = runtime.handle();
+    eventually("approved", PATIENCE, || {
+        matches!(
+            handle.status().registration,
+            studio_worker::registration::RegistrationState::Approved { .. }
+        )
+    })
+    .await;
+    (studio, home, engine, runtime)
+}
+
 /// Polls `condition` every 10 ms until it holds; panics with `what` after `timeout`.
 pub async fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;

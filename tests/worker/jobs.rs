@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::{Command, JobOutcome, Runtime};
 use studio_worker::studio::protocol::PauseReason;
 
 use crate::support::engine::{ScriptedEngine, colour_for};
-use crate::support::studio::{Decision, Fault, JobState, Route, TestStudio};
-use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
+use crate::support::studio::{Fault, JobState, Route, TestStudio};
+use crate::support::{PATIENCE, WorkerHome, approved_worker, eventually, fast_timing};
 
 struct Pipeline {
     studio: TestStudio,
@@ -22,26 +21,33 @@ struct Pipeline {
 
 impl Pipeline {
     async fn start(step_time: Duration) -> Self {
-        let studio = TestStudio::start().await;
-        studio.set_decision(Decision::ApproveAfterPolls(1));
-        let home = WorkerHome::new();
-        home.write_config(&studio.url());
-        let engine = Arc::new(ScriptedEngine::new(step_time));
-        let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
-        let handle = runtime.handle();
-        eventually("approved", PATIENCE, || {
-            matches!(
-                handle.status().registration,
-                RegistrationState::Approved { .. }
-            )
-        })
-        .await;
+        let (studio, home, engine, runtime) = approved_worker(step_time, fast_timing()).await;
         Self {
             studio,
             home,
             engine,
             runtime,
         }
+    }
+
+    /// Queues a 100-step job and waits until the studio has seen it reach step 2.
+    async fn start_long_job(&self, job_id: &str) {
+        self.studio.enqueue(job_with(job_id, "steps", json!(100)));
+        eventually("denoising", PATIENCE, || {
+            self.studio
+                .job(job_id)
+                .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
+        })
+        .await;
+    }
+
+    /// Waits until the engine stopped `job_id`, and returns the steps it ran.
+    async fn engine_stopped(&self, job_id: &str) -> u32 {
+        eventually("engine stopped", PATIENCE, || {
+            self.engine.steps_run(job_id).is_some()
+        })
+        .await;
+        self.engine.steps_run(job_id).unwrap_or_default()
     }
 
     /// Shuts the runtime down cleanly and starts a new one over the same files and studio.
@@ -234,19 +240,9 @@ async fn several_images_arrive_in_order_and_a_missing_seed_is_picked_and_reporte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_job_stops_at_the_next_step_and_reports_nothing_more() {
     let p = Pipeline::start(Duration::from_millis(20)).await;
-    p.studio.enqueue(job_with("j_cancel", "steps", json!(100)));
-    eventually("denoising", PATIENCE, || {
-        p.studio
-            .job("j_cancel")
-            .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
-    })
-    .await;
+    p.start_long_job("j_cancel").await;
     p.studio.cancel_job("j_cancel");
-    eventually("engine stopped", PATIENCE, || {
-        p.engine.steps_run("j_cancel").is_some()
-    })
-    .await;
-    assert!(p.engine.steps_run("j_cancel").unwrap() < 100);
+    assert!(p.engine_stopped("j_cancel").await < 100);
 
     p.studio.enqueue(job("j_next"));
     p.delivered("j_next").await;
@@ -274,19 +270,9 @@ async fn a_cancelled_job_stops_at_the_next_step_and_reports_nothing_more() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lease_stops_the_job_and_discards_it() {
     let p = Pipeline::start(Duration::from_millis(20)).await;
-    p.studio.enqueue(job_with("j_stolen", "steps", json!(100)));
-    eventually("denoising", PATIENCE, || {
-        p.studio
-            .job("j_stolen")
-            .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
-    })
-    .await;
+    p.start_long_job("j_stolen").await;
     p.studio.steal_job("j_stolen");
-    eventually("engine stopped", PATIENCE, || {
-        p.engine.steps_run("j_stolen").is_some()
-    })
-    .await;
-    assert!(p.engine.steps_run("j_stolen").unwrap() < 100);
+    assert!(p.engine_stopped("j_stolen").await < 100);
     let stolen = p.studio.job("j_stolen").unwrap();
     assert_eq!(stolen.uploads, 0);
     assert!(stolen.fails.is_empty());
@@ -433,13 +419,7 @@ async fn a_crash_between_outbox_and_upload_delivers_once_before_any_new_claim() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_hands_the_running_job_back_and_survives_a_restart() {
     let p = Pipeline::start(Duration::from_millis(20)).await;
-    p.studio.enqueue(job_with("j_paused", "steps", json!(100)));
-    eventually("denoising", PATIENCE, || {
-        p.studio
-            .job("j_paused")
-            .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
-    })
-    .await;
+    p.start_long_job("j_paused").await;
     let handle = p.runtime.handle();
     assert!(handle.send(Command::Pause));
 

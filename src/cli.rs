@@ -208,6 +208,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     let (config, recovered_config) = load_config(paths)?;
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     tokio.block_on(async {
+        let mut shutdown = crate::runtime::ShutdownSignal::install();
         let options = RuntimeOptions {
             timing: Timing::PRODUCTION,
             data_dir: paths.data_dir.clone(),
@@ -218,7 +219,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
         };
         let runtime = Runtime::start(config, options)?;
         let outcome = tokio::select! {
-            () = shutdown_signal() => Ok(()),
+            () = shutdown.recv() => Ok(()),
             reason = runtime.fatal() => Err(anyhow::anyhow!(reason)),
         };
         runtime.shutdown().await;
@@ -395,28 +396,4 @@ fn running_status(data_dir: &Path) -> Option<status_file::StatusFile> {
 
 fn running_worker_pid(data_dir: &Path) -> Option<u32> {
     running_status(data_dir).map(|file| file.pid)
-}
-
-/// Ctrl-C, or SIGTERM on Unix (what `kill`, systemd and logout send).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("stopping");
 }

@@ -38,6 +38,9 @@ pub struct WorkerApp {
     start_hidden: bool,
     /// The raise requests already acted on (see `WorkerStatus::window_raise_requests`).
     raised: u64,
+    /// The app hid its window (to the tray). Tracked here because while hidden eframe only
+    /// has the last shown frame's viewport info.
+    hidden: bool,
 }
 
 impl WorkerApp {
@@ -67,6 +70,7 @@ impl WorkerApp {
             start_hidden,
             raised: status.window_raise_requests,
             status,
+            hidden: false,
         }
     }
 
@@ -111,6 +115,7 @@ impl WorkerApp {
             }
         }
         if open {
+            self.hidden = false;
             viewport.push(egui::ViewportCommand::Visible(true));
             viewport.push(egui::ViewportCommand::Minimized(false));
             viewport.push(egui::ViewportCommand::Focus);
@@ -167,6 +172,19 @@ impl WorkerApp {
         }
     }
 
+    /// How soon to draw again without news. Status changes wake the UI by themselves (see
+    /// `ui::run`); a shown window also needs a slow tick for relative times ("12 s ago") and
+    /// a running job's progress. Hidden or minimised: no tick at all, so ~0 CPU.
+    pub fn tick(&self, minimized: Option<bool>) -> Option<Duration> {
+        if self.hidden || minimized == Some(true) {
+            None
+        } else if self.status.jobs.current.is_some() {
+            Some(Duration::from_millis(250))
+        } else {
+            Some(Duration::from_secs(1))
+        }
+    }
+
     /// Close button: hide to the tray (if there is one and the setting says so), else quit.
     fn on_close_requested(&mut self, ctx: &egui::Context) {
         let config = self.runtime.config().snapshot();
@@ -175,6 +193,7 @@ impl WorkerApp {
         }
         ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
         ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
+        self.hidden = true;
         if !config.ui.close_hint_shown {
             self.notice = Some(
                 "studio-worker keeps running in the tray; use Quit in the tray menu to stop it."
@@ -191,6 +210,7 @@ impl eframe::App for WorkerApp {
             // A root window cannot be created hidden everywhere: hide it on the first frame,
             // into the tray, or minimised when there is no tray to bring it back from.
             ctx.send_viewport_cmd(if self.tray.is_some() {
+                self.hidden = true;
                 egui::ViewportCommand::Visible(false)
             } else {
                 egui::ViewportCommand::Minimized(true)
@@ -202,15 +222,8 @@ impl eframe::App for WorkerApp {
         if ctx.input(|input| input.viewport().close_requested()) {
             self.on_close_requested(ctx);
         }
-        // Status changes wake the UI (see `ui::run`); while visible, relative times ("12 s
-        // ago") and a running job's progress also need a slow tick. Hidden: no tick at all.
-        let visible = ctx.input(|input| input.viewport().visible().unwrap_or(true));
-        if visible {
-            let tick = if self.status.jobs.current.is_some() {
-                Duration::from_millis(250)
-            } else {
-                Duration::from_secs(1)
-            };
+        let minimized = ctx.input(|input| input.viewport().minimized);
+        if let Some(tick) = self.tick(minimized) {
             ctx.request_repaint_after(tick);
         }
     }

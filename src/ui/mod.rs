@@ -33,9 +33,10 @@ pub struct AppOptions {
 /// down (handing back a running job).
 pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
-    let runtime = {
+    let (runtime, mut shutdown) = {
         let _entered = tokio.enter();
-        Runtime::start(
+        let shutdown = crate::runtime::ShutdownSignal::install();
+        let runtime = Runtime::start(
             config,
             RuntimeOptions {
                 timing: Timing::PRODUCTION,
@@ -44,7 +45,8 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
                 engine: None,
                 recovered_config: options.recovered_config,
             },
-        )?
+        )?;
+        (runtime, shutdown)
     };
     let handle = runtime.handle();
     let tokio_handle = tokio.handle().clone();
@@ -85,6 +87,15 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
             // The tray is created here, on the event-loop thread, once the loop runs (macOS
             // and Windows require it).
             let (sender, receiver) = std::sync::mpsc::channel();
+            // Logout and `kill` (SIGTERM), or Ctrl-C in a terminal, quit like the tray's Quit:
+            // the running job is handed back before the process ends.
+            let quit = sender.clone();
+            let quit_ctx = ctx.clone();
+            tokio_handle.spawn(async move {
+                shutdown.recv().await;
+                let _ = quit.send(crate::tray::TrayEvent::Quit);
+                quit_ctx.request_repaint();
+            });
             crate::tray::forward_events(sender, ctx.clone());
             let (tray, notice) = match Tray::new(&TrayView::from_status(&handle.status())) {
                 Ok(tray) => (Some(tray), None),

@@ -326,3 +326,35 @@ fn a_second_launch_brings_the_window_forward() {
         "once per request"
     );
 }
+
+#[test]
+fn a_hidden_or_minimised_window_does_no_periodic_work() {
+    let mut window = Window::new(approved());
+    let app = window.harness.state();
+    assert_eq!(
+        app.tick(None),
+        Some(std::time::Duration::from_secs(1)),
+        "shown: relative times tick"
+    );
+    assert_eq!(app.tick(Some(true)), None, "minimised: nothing");
+    window.set_status(|s| {
+        s.jobs.current = Some(CurrentJob {
+            job_id: "j".into(),
+            prompt: "p".into(),
+            model: "sd-turbo".into(),
+            width: 512,
+            height: 512,
+            steps: 4,
+            num_images: 1,
+            seed: 1,
+            stage: Stage::Denoising,
+            step: 1,
+            total_steps: 4,
+            started_at: Utc::now(),
+        })
+    });
+    assert_eq!(
+        window.harness.state().tick(None),
+        Some(std::time::Duration::from_millis(250))
+    );
+}

@@ -410,3 +410,17 @@ async fn a_second_worker_for_the_same_folder_is_refused() {
     })
     .await;
 }
+
+#[test]
+fn pause_and_resume_without_a_running_worker_set_the_saved_state() {
+    let home = WorkerHome::new();
+    home.write_config("https://studio.example.com/api");
+    let paused = run(worker(&home.config_path()).arg("pause"));
+    assert!(paused.status.success(), "{}", text(&paused.stderr));
+    assert!(text(&paused.stdout).contains("it will start paused"));
+    assert!(home.on_disk().pause.by_user);
+
+    let resumed = run(worker(&home.config_path()).arg("resume"));
+    assert!(resumed.status.success());
+    assert!(!home.on_disk().pause.by_user);
+}

@@ -23,6 +23,9 @@ pub enum Command {
     CloseHintShown,
     /// Another launch wants this instance's window brought forward.
     ShowWindow,
+    /// Try the waiting uploads now instead of at the end of the backoff (a `Retry-After`
+    /// from the studio is still honoured).
+    RetryUploads,
 }
 
 /// The settings a person can change in the window.
@@ -41,6 +44,7 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
         config,
         status,
         shutdown,
+        retry_uploads,
         ..
     } = context;
     loop {
@@ -57,6 +61,10 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
             Command::ResetRegistration => config.update(|c| c.reset_registration()),
             Command::SaveSettings(change) => save_settings(&config, change),
             Command::CloseHintShown => config.update(|c| c.ui.close_hint_shown = true),
+            Command::RetryUploads => {
+                retry_uploads.notify_waiters();
+                Ok(())
+            }
             Command::ShowWindow => {
                 status.send_modify(|s| s.window_raise_requests += 1);
                 Ok(())

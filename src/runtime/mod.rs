@@ -89,6 +89,8 @@ pub(crate) struct TaskContext {
     pub outbox: Outbox,
     /// Rung by the job loop after it put a result in the outbox.
     pub outbox_changed: Arc<tokio::sync::Notify>,
+    /// Rung (to current waiters only) when the person asks to retry uploads now.
+    pub retry_uploads: Arc<tokio::sync::Notify>,
     pub device: DeviceInfo,
     pub timing: Timing,
     pub shutdown: CancellationToken,
@@ -248,6 +250,7 @@ impl Runtime {
             engine: options.engine,
             outbox,
             outbox_changed: Arc::new(tokio::sync::Notify::new()),
+            retry_uploads: Arc::new(tokio::sync::Notify::new()),
             device,
             timing,
             shutdown: CancellationToken::new(),

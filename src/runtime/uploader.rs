@@ -136,10 +136,22 @@ pub(super) async fn run(context: TaskContext) {
             }
             Err(err) => {
                 let delay = backoff.next_delay(err.retry_after());
+                let studio_floor = err.retry_after().map(|wait| Instant::now() + wait);
                 outage.failed(&err, delay);
                 tokio::select! {
                     () = context.shutdown.cancelled() => return,
                     () = tokio::time::sleep_until(Instant::now() + delay) => {}
+                    () = context.retry_uploads.notified() => {
+                        // The person asked: go now, but never before the studio's Retry-After.
+                        if let Some(floor) = studio_floor {
+                            tokio::select! {
+                                () = context.shutdown.cancelled() => return,
+                                () = tokio::time::sleep_until(floor) => {}
+                            }
+                        }
+                        tracing::info!("retrying uploads now, as asked");
+                        backoff.reset();
+                    }
                 }
             }
         }

@@ -152,7 +152,7 @@ impl WorkerApp {
                 Tab::Status => {
                     status_tab::status_tab_ui(ui, &self.status, &mut self.status_view, &mut actions)
                 }
-                Tab::Jobs => jobs_tab::jobs_tab_ui(ui, &self.status),
+                Tab::Jobs => jobs_tab::jobs_tab_ui(ui, &self.status, &mut actions),
                 Tab::Settings => {
                     settings_tab::settings_tab_ui(ui, &mut self.settings, &mut actions)
                 }

@@ -2,16 +2,22 @@
 
 use chrono::Local;
 
+use super::app::UiAction;
 use crate::human;
-use crate::runtime::{JobOutcome, WorkerStatus};
+use crate::runtime::{Command, JobOutcome, WorkerStatus};
 
-pub fn jobs_tab_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
+pub fn jobs_tab_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiAction>) {
     let waiting = status.jobs.outbox_len;
     ui.heading("Jobs");
-    ui.label(match waiting {
-        0 => "Every finished result is with the studio.".to_owned(),
-        1 => "1 finished result is waiting to upload.".to_owned(),
-        n => format!("{n} finished results are waiting to upload."),
+    ui.horizontal(|ui| {
+        ui.label(match waiting {
+            0 => "Every finished result is with the studio.".to_owned(),
+            1 => "1 finished result is waiting to upload.".to_owned(),
+            n => format!("{n} finished results are waiting to upload."),
+        });
+        if waiting > 0 && ui.button("Retry now").clicked() {
+            actions.push(UiAction::Send(Command::RetryUploads));
+        }
     });
     ui.add_space(8.0);
 

@@ -693,3 +693,34 @@ async fn heartbeats_go_on_during_a_job_and_say_busy() {
     .await;
     p.runtime.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_now_cuts_the_upload_backoff_short() {
+    let mut timing = fast_timing();
+    // A long backoff: without the command, the next try would (almost surely) be seconds away.
+    timing.backoff = studio_worker::backoff::BackoffPolicy {
+        base: Duration::from_secs(60),
+        cap: Duration::from_secs(60),
+    };
+    let (studio, _home, _engine, runtime) = approved_worker(Duration::from_millis(1), timing).await;
+    studio.inject(Some(Route::Result), Fault::Status(503), 1);
+    studio.enqueue(job("j_retry"));
+    eventually("the first upload failed", PATIENCE, || {
+        studio
+            .log_for(Route::Result)
+            .iter()
+            .any(|r| r.status == 503)
+    })
+    .await;
+    let handle = runtime.handle();
+    let asked = std::time::Instant::now();
+    while studio.job("j_retry").is_some_and(|j| j.results.is_empty()) {
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "retry now did not retry"
+        );
+        handle.send(Command::RetryUploads);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    runtime.shutdown().await;
+}

@@ -287,6 +287,15 @@ fn the_jobs_tab_lists_recent_jobs_and_the_outbox() {
             .count(),
         2
     );
+
+    window.harness.get_by_label("Retry now").click();
+    window.harness.run();
+    assert_eq!(window.sent(), vec![Command::RetryUploads]);
+    window.set_status(|s| s.jobs.outbox_len = 0);
+    assert!(
+        window.harness.query_by_label("Retry now").is_none(),
+        "nothing to retry"
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub mod registration;
 pub mod runtime;
 pub mod secret;
 pub mod studio;
+pub mod thumbnails;
 pub mod timing;
 pub mod tray;
 pub mod ui;

@@ -423,13 +423,23 @@ async fn deliver(
         created_at: Utc::now(),
     };
     let outbox = context.outbox.clone();
+    let thumbnails = context.thumbnails.clone();
+    let job_id = spec.job_id.clone();
     let stored = tokio::task::spawn_blocking(move || {
         let pngs = generated
             .images
             .iter()
             .map(encode_png)
             .collect::<Result<Vec<_>, _>>()?;
-        outbox.put(&meta, &pngs)
+        outbox.put(&meta, &pngs)?;
+        // Only for the Jobs tab: a job is delivered with or without it.
+        let thumbnail = generated.images.first().and_then(|first| {
+            thumbnails
+                .save(&job_id, first)
+                .map_err(|err| tracing::debug!("no preview for {job_id}: {err}"))
+                .ok()
+        });
+        Ok::<_, std::io::Error>(thumbnail)
     })
     .await
     .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
@@ -438,13 +448,30 @@ async fn deliver(
     let mut current = current.clone();
     current.seed = generated.seed;
     match stored {
-        Ok(_) => {
+        Ok(thumbnail) => {
             tracing::info!(job_id = %spec.job_id, engine_ms, "job finished; result saved for upload");
             context.status.send_modify(|s| {
                 s.jobs.counters.last_job_ms = Some(engine_ms);
                 s.jobs.outbox_len += 1;
             });
             finish(context, &current, JobOutcome::Uploading);
+            context.status.send_modify(|s| {
+                if let Some(job) = s.jobs.recent.front_mut() {
+                    job.thumbnail = thumbnail;
+                }
+            });
+            let thumbnails = context.thumbnails.clone();
+            let listed: Vec<String> = context
+                .status
+                .borrow()
+                .jobs
+                .recent
+                .iter()
+                .map(|j| j.job_id.clone())
+                .collect();
+            tokio::task::spawn_blocking(move || {
+                thumbnails.keep_only(&listed.iter().map(String::as_str).collect::<Vec<_>>());
+            });
             progress::send_uploading(context, credentials, spec).await;
             context.outbox_changed.notify_one();
             JobEnd::Delivered
@@ -528,6 +555,7 @@ fn rejected_job(
         },
         duration_ms: 0,
         finished_at: Utc::now(),
+        thumbnail: None,
     }
 }
 

@@ -92,6 +92,7 @@ pub(crate) struct TaskContext {
     /// Rung (to current waiters only) when the person asks to retry uploads now.
     pub retry_uploads: Arc<tokio::sync::Notify>,
     pub device: DeviceInfo,
+    pub thumbnails: crate::thumbnails::Thumbnails,
     pub timing: Timing,
     pub shutdown: CancellationToken,
 }
@@ -252,6 +253,7 @@ impl Runtime {
             outbox_changed: Arc::new(tokio::sync::Notify::new()),
             retry_uploads: Arc::new(tokio::sync::Notify::new()),
             device,
+            thumbnails: crate::thumbnails::Thumbnails::new(options.data_dir.join("thumbnails")),
             timing,
             shutdown: CancellationToken::new(),
         };

@@ -181,6 +181,9 @@ pub struct FinishedJob {
     pub outcome: JobOutcome,
     pub duration_ms: u64,
     pub finished_at: DateTime<Utc>,
+    /// A small preview of the first image, when the job produced one.
+    #[serde(default)]
+    pub thumbnail: Option<std::path::PathBuf>,
 }
 
 impl FinishedJob {
@@ -197,6 +200,7 @@ impl FinishedJob {
             outcome,
             duration_ms: duration.num_milliseconds().max(0).unsigned_abs(),
             finished_at: Utc::now(),
+            thumbnail: None,
         }
     }
 }

@@ -38,6 +38,7 @@ pub struct WorkerApp {
     start_hidden: bool,
     /// The raise requests already acted on (see `WorkerStatus::window_raise_requests`).
     raised: u64,
+    thumbnails: super::thumbnail_cache::ThumbnailCache,
     /// The app hid its window (to the tray). Tracked here because while hidden eframe only
     /// has the last shown frame's viewport info.
     hidden: bool,
@@ -70,12 +71,18 @@ impl WorkerApp {
             start_hidden,
             raised: status.window_raise_requests,
             status,
+            thumbnails: super::thumbnail_cache::ThumbnailCache::default(),
             hidden: false,
         }
     }
 
     pub fn tab(&self) -> Tab {
         self.tab
+    }
+
+    /// How many preview files the Jobs tab has read (each once, however many frames).
+    pub fn thumbnail_loads(&self) -> usize {
+        self.thumbnails.loads_started()
     }
 
     pub fn notice(&self) -> Option<&str> {
@@ -128,6 +135,7 @@ impl WorkerApp {
 
     /// The window's contents (everything `ui()` draws), for the app and for tests.
     pub fn contents_ui(&mut self, ui: &mut egui::Ui) {
+        self.thumbnails.receive(ui.ctx());
         let mut actions = Vec::new();
         egui::Panel::top("tabs").show(ui, |ui| {
             ui.add_space(4.0);
@@ -152,7 +160,9 @@ impl WorkerApp {
                 Tab::Status => {
                     status_tab::status_tab_ui(ui, &self.status, &mut self.status_view, &mut actions)
                 }
-                Tab::Jobs => jobs_tab::jobs_tab_ui(ui, &self.status, &mut actions),
+                Tab::Jobs => {
+                    jobs_tab::jobs_tab_ui(ui, &self.status, &mut self.thumbnails, &mut actions)
+                }
                 Tab::Settings => {
                     settings_tab::settings_tab_ui(ui, &mut self.settings, &mut actions)
                 }

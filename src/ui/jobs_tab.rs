@@ -3,10 +3,16 @@
 use chrono::Local;
 
 use super::app::UiAction;
+use super::thumbnail_cache::ThumbnailCache;
 use crate::human;
 use crate::runtime::{Command, JobOutcome, WorkerStatus};
 
-pub fn jobs_tab_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiAction>) {
+pub fn jobs_tab_ui(
+    ui: &mut egui::Ui,
+    status: &WorkerStatus,
+    thumbnails: &mut ThumbnailCache,
+    actions: &mut Vec<UiAction>,
+) {
     let waiting = status.jobs.outbox_len;
     ui.heading("Jobs");
     ui.horizontal(|ui| {
@@ -27,14 +33,31 @@ pub fn jobs_tab_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<U
     }
     egui::Grid::new("recent-jobs")
         .striped(true)
-        .num_columns(7)
+        .num_columns(8)
         .spacing([12.0, 6.0])
         .show(ui, |ui| {
-            for title in ["Time", "Prompt", "Model", "Size", "Outcome", "Took", "Seed"] {
+            for title in [
+                "", "Time", "Prompt", "Model", "Size", "Outcome", "Took", "Seed",
+            ] {
                 ui.strong(title);
             }
             ui.end_row();
             for job in &status.jobs.recent {
+                let texture = job
+                    .thumbnail
+                    .as_deref()
+                    .and_then(|path| thumbnails.get(ui.ctx(), path));
+                match texture {
+                    Some(texture) => {
+                        ui.add(egui::Image::new(texture).max_height(48.0))
+                            .on_hover_ui(|ui| {
+                                ui.add(egui::Image::new(texture));
+                            });
+                    }
+                    None => {
+                        ui.label("");
+                    }
+                }
                 ui.label(
                     job.finished_at
                         .with_timezone(&Local)

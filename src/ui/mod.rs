@@ -10,6 +10,7 @@ mod app;
 mod jobs_tab;
 mod settings_tab;
 mod status_tab;
+mod thumbnail_cache;
 
 use anyhow::Context as _;
 

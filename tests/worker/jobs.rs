@@ -178,6 +178,13 @@ async fn several_jobs_in_a_row_are_delivered_once_each() {
             .iter()
             .all(|j| j.outcome == JobOutcome::Delivered)
     );
+    for job in &status.jobs.recent {
+        let preview = job
+            .thumbnail
+            .as_ref()
+            .expect("every delivered job has a preview");
+        assert!(preview.exists(), "{}", preview.display());
+    }
     assert!(
         p.home
             .dir

@@ -367,3 +367,48 @@ fn a_hidden_or_minimised_window_does_no_periodic_work() {
         Some(std::time::Duration::from_millis(250))
     );
 }
+
+#[test]
+fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
+    let previews = tempfile::tempdir().unwrap();
+    let thumbnails = studio_worker::thumbnails::Thumbnails::new(previews.path().to_path_buf());
+    let image = image::RgbImage::from_pixel(512, 512, image::Rgb([200, 40, 40]));
+    let mut with_preview = approved();
+    let current = CurrentJob {
+        job_id: "j_1".into(),
+        prompt: "a red square".into(),
+        model: "sd-turbo".into(),
+        width: 512,
+        height: 512,
+        steps: 1,
+        num_images: 1,
+        seed: 1,
+        stage: Stage::Decoding,
+        step: 1,
+        total_steps: 1,
+        started_at: Utc::now(),
+    };
+    let mut finished = FinishedJob::new(&current, JobOutcome::Delivered);
+    finished.thumbnail = Some(thumbnails.save("j_1", &image).unwrap());
+    with_preview.jobs.remember(finished);
+
+    let mut window = Window::new(with_preview);
+    window.harness.get_by_label("Jobs").click();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while window.harness.query_by_role(Role::Image).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the preview never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        window.harness.run();
+    }
+    for _ in 0..20 {
+        window.harness.step();
+    }
+    assert_eq!(
+        window.harness.state().thumbnail_loads(),
+        1,
+        "read once, drawn many times"
+    );
+}

@@ -195,6 +195,18 @@ impl WorkerApp {
         }
     }
 
+    /// Puts the window away while the tray stays. Wayland gives clients no way to hide a
+    /// window and show it again (winit ignores it, and the window could be lost), so there it
+    /// is minimised instead.
+    fn hide(&mut self, ctx: &egui::Context) {
+        if on_wayland() {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Minimized(true));
+        } else {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
+            self.hidden = true;
+        }
+    }
+
     /// Close button: hide to the tray (if there is one and the setting says so), else quit.
     fn on_close_requested(&mut self, ctx: &egui::Context) {
         let config = self.runtime.config().snapshot();
@@ -202,8 +214,7 @@ impl WorkerApp {
             return; // really closing: `ui::run` shuts the runtime down after the loop
         }
         ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
-        ctx.send_viewport_cmd(egui::ViewportCommand::Visible(false));
-        self.hidden = true;
+        self.hide(ctx);
         if !config.ui.close_hint_shown {
             self.notice = Some(
                 "studio-worker keeps running in the tray; use Quit in the tray menu to stop it."
@@ -219,12 +230,11 @@ impl eframe::App for WorkerApp {
         if std::mem::take(&mut self.start_hidden) {
             // A root window cannot be created hidden everywhere: hide it on the first frame,
             // into the tray, or minimised when there is no tray to bring it back from.
-            ctx.send_viewport_cmd(if self.tray.is_some() {
-                self.hidden = true;
-                egui::ViewportCommand::Visible(false)
+            if self.tray.is_some() {
+                self.hide(ctx);
             } else {
-                egui::ViewportCommand::Minimized(true)
-            });
+                ctx.send_viewport_cmd(egui::ViewportCommand::Minimized(true));
+            }
         }
         for command in self.apply() {
             ctx.send_viewport_cmd(command);
@@ -241,4 +251,11 @@ impl eframe::App for WorkerApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.contents_ui(ui);
     }
+}
+
+/// Whether winit runs on Wayland here: on Linux it prefers Wayland whenever a Wayland
+/// display is offered.
+fn on_wayland() -> bool {
+    cfg!(all(unix, not(target_os = "macos")))
+        && std::env::var_os("WAYLAND_DISPLAY").is_some_and(|display| !display.is_empty())
 }

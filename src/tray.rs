@@ -176,12 +176,14 @@ impl Tray {
             &PredefinedMenuItem::separator(),
             &quit_item,
         ])?;
-        let icon = TrayIconBuilder::new()
+        let mut builder = TrayIconBuilder::new()
             .with_menu(Box::new(menu))
             .with_tooltip(&view.tooltip)
-            .with_title("studio-worker")
-            .with_icon(icon(view.icon))
-            .build()?;
+            .with_title("studio-worker");
+        if let Some(icon) = icon(view.icon) {
+            builder = builder.with_icon(icon);
+        }
+        let icon = builder.build()?;
         Ok(Self {
             icon,
             status_item,
@@ -207,7 +209,7 @@ impl Tray {
             tracing::debug!("tray tooltip not updated: {err}");
         }
         if view.icon != self.shown.icon
-            && let Err(err) = self.icon.set_icon(Some(icon(view.icon)))
+            && let Err(err) = self.icon.set_icon(icon(view.icon))
         {
             tracing::debug!("tray icon not updated: {err}");
         }
@@ -244,7 +246,7 @@ pub fn forward_events(sender: std::sync::mpsc::Sender<TrayEvent>, ctx: egui::Con
 }
 
 /// The tray image for a state, from `assets/icons` (64 px: sharp at 200 % scaling too).
-fn icon(kind: TrayIconKind) -> tray_icon::Icon {
+fn icon(kind: TrayIconKind) -> Option<tray_icon::Icon> {
     let png: &[u8] = match kind {
         TrayIconKind::Working => include_bytes!("../assets/icons/tray-working-64.png"),
         TrayIconKind::Idle => include_bytes!("../assets/icons/tray-idle-64.png"),
@@ -252,9 +254,9 @@ fn icon(kind: TrayIconKind) -> tray_icon::Icon {
         TrayIconKind::Attention => include_bytes!("../assets/icons/tray-attention-64.png"),
     };
     let rgba = decode_rgba(png);
-    // The assets are valid 64×64 PNGs (a unit test decodes each), so this cannot fail.
     tray_icon::Icon::from_rgba(rgba.to_vec(), rgba.width(), rgba.height())
-        .unwrap_or_else(|_| unreachable!("bundled tray icons are valid"))
+        .map_err(|err| tracing::error!("bundled tray icon unusable: {err}"))
+        .ok()
 }
 
 /// Decodes a bundled PNG; a broken asset yields a transparent 1×1 image rather than a crash.
@@ -374,7 +376,7 @@ mod tests {
             TrayIconKind::Paused,
             TrayIconKind::Attention,
         ] {
-            let _ = icon(kind);
+            assert!(icon(kind).is_some(), "{kind:?}");
         }
         let app = decode_rgba(include_bytes!("../assets/icons/tray-paused-64.png"));
         assert_eq!(app.dimensions(), (64, 64));

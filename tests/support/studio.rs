@@ -828,6 +828,20 @@ async fn claim(
     }
 }
 
+/// Who is calling (by bearer token) and the JSON body, or the error to answer with.
+#[allow(clippy::result_large_err)] // a test server: clarity over the size of `Response`
+fn job_call(
+    state: &StudioState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, Value), Response> {
+    let worker_id = bearer_worker(state, headers)
+        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "token not accepted"))?;
+    let body = serde_json::from_slice::<Value>(body)
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "body is not JSON"))?;
+    Ok((worker_id, body))
+}
+
 async fn progress(
     State(state): State<Shared>,
     Path(job_id): Path<String>,
@@ -835,11 +849,9 @@ async fn progress(
     body: Bytes,
 ) -> Response {
     let mut state = lock(&state);
-    let Some(worker_id) = bearer_worker(&state, &headers) else {
-        return error(StatusCode::UNAUTHORIZED, "token not accepted");
-    };
-    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "body is not JSON");
+    let (worker_id, body) = match job_call(&state, &headers, &body) {
+        Ok(call) => call,
+        Err(answer) => return answer,
     };
     let Some(job) = state.jobs.get_mut(&job_id) else {
         return error(StatusCode::NOT_FOUND, "no such job");
@@ -926,11 +938,9 @@ async fn fail(
     body: Bytes,
 ) -> Response {
     let mut state = lock(&state);
-    let Some(worker_id) = bearer_worker(&state, &headers) else {
-        return error(StatusCode::UNAUTHORIZED, "token not accepted");
-    };
-    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "body is not JSON");
+    let (worker_id, body) = match job_call(&state, &headers, &body) {
+        Ok(call) => call,
+        Err(answer) => return answer,
     };
     let code = body
         .get("code")

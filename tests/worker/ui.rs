@@ -73,6 +73,29 @@ fn status(registration: RegistrationState) -> WorkerStatus {
     status
 }
 
+fn running_job(
+    job_id: &str,
+    prompt: &str,
+    stage: Stage,
+    step: u32,
+    total_steps: u32,
+) -> CurrentJob {
+    CurrentJob {
+        job_id: job_id.into(),
+        prompt: prompt.into(),
+        model: "sd-turbo".into(),
+        width: 512,
+        height: 512,
+        steps: total_steps,
+        num_images: 1,
+        seed: 42,
+        stage,
+        step,
+        total_steps,
+        started_at: Utc::now(),
+    }
+}
+
 fn approved() -> WorkerStatus {
     status(RegistrationState::Approved {
         worker_id: "w_42".into(),
@@ -133,20 +156,13 @@ fn the_status_tab_shows_connection_job_and_problems() {
     let mut running = approved();
     running.connection.last_heartbeat_at = Some(Utc::now() - chrono::Duration::seconds(12));
     running.connection.last_error = Some("studio unreachable: cannot connect".into());
-    running.jobs.current = Some(CurrentJob {
-        job_id: "j_1".into(),
-        prompt: "a lighthouse at dusk".into(),
-        model: "sd-turbo".into(),
-        width: 512,
-        height: 512,
-        steps: 4,
-        num_images: 1,
-        seed: 42,
-        stage: Stage::Denoising,
-        step: 3,
-        total_steps: 4,
-        started_at: Utc::now(),
-    });
+    running.jobs.current = Some(running_job(
+        "j_1",
+        "a lighthouse at dusk",
+        Stage::Denoising,
+        3,
+        4,
+    ));
     running.settings_recovered =
         Some("the settings file could not be read (line 3); it was kept as x".into());
     let window = Window::new(running);
@@ -248,20 +264,7 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
 fn the_jobs_tab_lists_recent_jobs_and_the_outbox() {
     let mut with_jobs = approved();
     with_jobs.jobs.outbox_len = 2;
-    let current = CurrentJob {
-        job_id: "j_1".into(),
-        prompt: "a red fox in snow".into(),
-        model: "sd-turbo".into(),
-        width: 512,
-        height: 768,
-        steps: 4,
-        num_images: 1,
-        seed: 7,
-        stage: Stage::Decoding,
-        step: 4,
-        total_steps: 4,
-        started_at: Utc::now(),
-    };
+    let current = running_job("j_1", "a red fox in snow", Stage::Decoding, 4, 4);
     with_jobs
         .jobs
         .remember(FinishedJob::new(&current, JobOutcome::Delivered));
@@ -346,22 +349,7 @@ fn a_hidden_or_minimised_window_does_no_periodic_work() {
         "shown: relative times tick"
     );
     assert_eq!(app.tick(Some(true)), None, "minimised: nothing");
-    window.set_status(|s| {
-        s.jobs.current = Some(CurrentJob {
-            job_id: "j".into(),
-            prompt: "p".into(),
-            model: "sd-turbo".into(),
-            width: 512,
-            height: 512,
-            steps: 4,
-            num_images: 1,
-            seed: 1,
-            stage: Stage::Denoising,
-            step: 1,
-            total_steps: 4,
-            started_at: Utc::now(),
-        })
-    });
+    window.set_status(|s| s.jobs.current = Some(running_job("j", "p", Stage::Denoising, 1, 4)));
     assert_eq!(
         window.harness.state().tick(None),
         Some(std::time::Duration::from_millis(250))
@@ -374,20 +362,7 @@ fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
     let thumbnails = studio_worker::thumbnails::Thumbnails::new(previews.path().to_path_buf());
     let image = image::RgbImage::from_pixel(512, 512, image::Rgb([200, 40, 40]));
     let mut with_preview = approved();
-    let current = CurrentJob {
-        job_id: "j_1".into(),
-        prompt: "a red square".into(),
-        model: "sd-turbo".into(),
-        width: 512,
-        height: 512,
-        steps: 1,
-        num_images: 1,
-        seed: 1,
-        stage: Stage::Decoding,
-        step: 1,
-        total_steps: 1,
-        started_at: Utc::now(),
-    };
+    let current = running_job("j_1", "a red square", Stage::Decoding, 1, 1);
     let mut finished = FinishedJob::new(&current, JobOutcome::Delivered);
     finished.thumbnail = Some(thumbnails.save("j_1", &image).unwrap());
     with_preview.jobs.remember(finished);

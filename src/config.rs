@@ -53,6 +53,7 @@ pub struct Config {
     pub pause: PauseSection,
     pub engine: EngineSection,
     pub ui: UiSection,
+    pub images: ImagesSection,
 }
 
 impl Default for Config {
@@ -71,6 +72,7 @@ impl Default for Config {
             pause: PauseSection::default(),
             engine: EngineSection::default(),
             ui: UiSection::default(),
+            images: ImagesSection::default(),
         }
     }
 }
@@ -114,6 +116,14 @@ impl Default for EngineSection {
             unload_when_paused: true,
         }
     }
+}
+
+/// `[images]`: what happens to finished images besides going to the studio.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImagesSection {
+    /// Keep a copy of every finished image in this folder.
+    pub save_copies_to: Option<PathBuf>,
 }
 
 /// `[ui]`: how the desktop window behaves.

@@ -2,4 +2,5 @@
 
 pub mod autostart;
 pub mod host;
+pub mod open;
 pub mod single_instance;

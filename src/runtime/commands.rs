@@ -37,6 +37,8 @@ pub struct SettingsChange {
     pub close_to_tray: bool,
     /// Start the worker (in the tray) when the person logs in.
     pub start_at_login: bool,
+    /// Keep a copy of every finished image here (`None`: no copies).
+    pub save_copies_to: Option<std::path::PathBuf>,
 }
 
 pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskContext) {
@@ -109,5 +111,6 @@ fn save_settings(
         }
         c.engine.unload_when_paused = change.unload_when_paused;
         c.ui.close_to_tray = change.close_to_tray;
+        c.images.save_copies_to.clone_from(&change.save_copies_to);
     })
 }

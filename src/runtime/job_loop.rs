@@ -425,6 +425,8 @@ async fn deliver(
     let outbox = context.outbox.clone();
     let thumbnails = context.thumbnails.clone();
     let job_id = spec.job_id.clone();
+    let copies_folder = context.config.snapshot().images.save_copies_to.clone();
+    let copy_stem = copy_stem(spec, generated.seed);
     let stored = tokio::task::spawn_blocking(move || {
         let pngs = generated
             .images
@@ -439,7 +441,13 @@ async fn deliver(
                 .map_err(|err| tracing::debug!("no preview for {job_id}: {err}"))
                 .ok()
         });
-        Ok::<_, std::io::Error>(thumbnail)
+        // Also only for the person: a failed copy never fails the job.
+        let copies = copies_folder.map_or_else(Vec::new, |folder| {
+            save_copies(&folder, &copy_stem, &pngs)
+                .map_err(|err| tracing::warn!("no copy saved in {}: {err}", folder.display()))
+                .unwrap_or_default()
+        });
+        Ok::<_, std::io::Error>((thumbnail, copies))
     })
     .await
     .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
@@ -448,7 +456,7 @@ async fn deliver(
     let mut current = current.clone();
     current.seed = generated.seed;
     match stored {
-        Ok(thumbnail) => {
+        Ok((thumbnail, copies)) => {
             tracing::info!(job_id = %spec.job_id, engine_ms, "job finished; result saved for upload");
             context.status.send_modify(|s| {
                 s.jobs.counters.last_job_ms = Some(engine_ms);
@@ -458,6 +466,7 @@ async fn deliver(
             context.status.send_modify(|s| {
                 if let Some(job) = s.jobs.recent.front_mut() {
                     job.thumbnail = thumbnail;
+                    job.saved_copies = copies;
                 }
             });
             let thumbnails = context.thumbnails.clone();
@@ -503,6 +512,52 @@ async fn deliver(
             JobEnd::EngineFailed
         }
     }
+}
+
+/// `2026-11-27 14.03.12 sd-turbo 42`: sorts by time, says what made it.
+fn copy_stem(spec: &JobSpec, seed: u64) -> String {
+    let model: String = spec
+        .model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!(
+        "{} {model} {seed}",
+        chrono::Local::now().format("%Y-%m-%d %H.%M.%S")
+    )
+}
+
+/// Writes the PNGs as `<stem>.png` (or `<stem>-N.png` for several), never over a file.
+fn save_copies(
+    folder: &std::path::Path,
+    stem: &str,
+    pngs: &[Vec<u8>],
+) -> std::io::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(folder)?;
+    let mut saved = Vec::new();
+    for (index, png) in pngs.iter().enumerate() {
+        let base = if pngs.len() == 1 {
+            stem.to_owned()
+        } else {
+            format!("{stem}-{}", index + 1)
+        };
+        let mut path = folder.join(format!("{base}.png"));
+        let mut attempt = 1;
+        while path.exists() {
+            attempt += 1;
+            path = folder.join(format!("{base} ({attempt}).png"));
+        }
+        std::fs::write(&path, png)?;
+        saved.push(path);
+    }
+    Ok(saved)
 }
 
 fn encode_png(image: &image::RgbImage) -> std::io::Result<Vec<u8>> {
@@ -556,6 +611,7 @@ fn rejected_job(
         duration_ms: 0,
         finished_at: Utc::now(),
         thumbnail: None,
+        saved_copies: Vec::new(),
     }
 }
 

@@ -184,6 +184,9 @@ pub struct FinishedJob {
     /// A small preview of the first image, when the job produced one.
     #[serde(default)]
     pub thumbnail: Option<std::path::PathBuf>,
+    /// Copies of the images, when `[images] save_copies_to` is set.
+    #[serde(default)]
+    pub saved_copies: Vec<std::path::PathBuf>,
 }
 
 impl FinishedJob {
@@ -201,6 +204,7 @@ impl FinishedJob {
             duration_ms: duration.num_milliseconds().max(0).unsigned_abs(),
             finished_at: Utc::now(),
             thumbnail: None,
+            saved_copies: Vec::new(),
         }
     }
 }

@@ -21,6 +21,8 @@ pub enum Tab {
 pub enum UiAction {
     Send(Command),
     ShowTab(Tab),
+    /// Show a saved image in the person's default viewer.
+    OpenFile(std::path::PathBuf),
 }
 
 pub struct WorkerApp {
@@ -172,6 +174,11 @@ impl WorkerApp {
             match action {
                 UiAction::Send(command) => self.send(command),
                 UiAction::ShowTab(tab) => self.tab = tab,
+                UiAction::OpenFile(path) => {
+                    if let Err(err) = crate::platform::open::open_path(&path) {
+                        self.notice = Some(format!("Cannot open {}: {err}", path.display()));
+                    }
+                }
             }
         }
     }

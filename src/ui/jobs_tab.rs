@@ -33,11 +33,11 @@ pub fn jobs_tab_ui(
     }
     egui::Grid::new("recent-jobs")
         .striped(true)
-        .num_columns(8)
+        .num_columns(9)
         .spacing([12.0, 6.0])
         .show(ui, |ui| {
             for title in [
-                "", "Time", "Prompt", "Model", "Size", "Outcome", "Took", "Seed",
+                "", "Time", "Prompt", "Model", "Size", "Outcome", "Took", "Seed", "",
             ] {
                 ui.strong(title);
             }
@@ -81,6 +81,20 @@ pub fn jobs_tab_ui(
                     job.seed
                         .map_or_else(|| "—".to_owned(), |seed| seed.to_string()),
                 );
+                match job.saved_copies.first() {
+                    Some(path) => {
+                        if ui
+                            .button("Open")
+                            .on_hover_text(path.display().to_string())
+                            .clicked()
+                        {
+                            actions.push(UiAction::OpenFile(path.clone()));
+                        }
+                    }
+                    None => {
+                        ui.label("");
+                    }
+                }
                 ui.end_row();
             }
         });

@@ -17,6 +17,10 @@ pub struct SettingsForm {
     pub unload_when_paused: bool,
     pub close_to_tray: bool,
     pub start_at_login: bool,
+    pub save_copies: bool,
+    pub copies_folder: Option<std::path::PathBuf>,
+    /// The folder picker's answer, while it is open.
+    folder_pick: Option<std::sync::mpsc::Receiver<Option<std::path::PathBuf>>>,
     saved_api_base_url: String,
     pub error: Option<String>,
     pub saved_note: Option<String>,
@@ -32,10 +36,38 @@ impl SettingsForm {
             worker_name: config.worker_name.clone(),
             unload_when_paused: config.engine.unload_when_paused,
             close_to_tray: config.ui.close_to_tray,
+            save_copies: config.images.save_copies_to.is_some(),
+            copies_folder: config.images.save_copies_to.clone(),
+            folder_pick: None,
             saved_api_base_url: config.api_base_url.clone(),
             error: None,
             saved_note: None,
             confirming_reset: false,
+        }
+    }
+
+    /// Opens the system's folder picker without blocking the UI: the dialog's future is
+    /// made here (macOS wants dialogs started from the main thread) and awaited on a helper
+    /// thread, which reports back through a channel and wakes the UI.
+    fn pick_folder(&mut self, ctx: &egui::Context) {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let dialog = rfd::AsyncFileDialog::new()
+            .set_title("Folder for copies of finished images")
+            .pick_folder();
+        let ctx = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("folder-picker".to_owned())
+            .spawn(move || {
+                let picked = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .ok()
+                    .and_then(|runtime| runtime.block_on(dialog))
+                    .map(|handle| handle.path().to_path_buf());
+                let _ = sender.send(picked);
+                ctx.request_repaint();
+            });
+        if spawned.is_ok() {
+            self.folder_pick = Some(receiver);
         }
     }
 
@@ -51,12 +83,16 @@ impl SettingsForm {
                 "the worker name must be one line of at most {MAX_NAME_CHARS} characters"
             ));
         }
+        if self.save_copies && self.copies_folder.is_none() {
+            return Err("choose a folder for the copies of finished images".to_owned());
+        }
         Ok(SettingsChange {
             api_base_url: self.api_base_url.trim().to_owned(),
             worker_name: name.to_owned(),
             unload_when_paused: self.unload_when_paused,
             close_to_tray: self.close_to_tray,
             start_at_login: self.start_at_login,
+            save_copies_to: self.copies_folder.clone().filter(|_| self.save_copies),
         })
     }
 }
@@ -88,6 +124,33 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
         &mut form.start_at_login,
         "Start studio-worker (in the tray) when I log in",
     );
+    if let Some(answer) = form
+        .folder_pick
+        .as_ref()
+        .and_then(|pick| pick.try_recv().ok())
+    {
+        if let Some(folder) = answer {
+            form.copies_folder = Some(folder);
+        }
+        form.folder_pick = None;
+    }
+    ui.horizontal(|ui| {
+        ui.checkbox(
+            &mut form.save_copies,
+            "Save a copy of each image to a folder",
+        );
+        if form.save_copies {
+            let folder = form.copies_folder.as_ref().map_or_else(
+                || "no folder chosen".to_owned(),
+                |folder| folder.display().to_string(),
+            );
+            ui.label(folder);
+            let choose = egui::Button::new("Choose folder…");
+            if ui.add_enabled(form.folder_pick.is_none(), choose).clicked() {
+                form.pick_folder(ui.ctx());
+            }
+        }
+    });
 
     ui.add_space(6.0);
     if ui.button("Save").clicked() {

@@ -731,3 +731,47 @@ async fn retry_now_cuts_the_upload_backoff_short() {
     }
     runtime.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_finished_images_go_to_the_chosen_folder() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    let copies = p.home.dir.path().join("my pictures");
+    // Changed through the running worker's own config, as the Settings tab does.
+    p.runtime
+        .handle()
+        .config()
+        .update(|c| c.images.save_copies_to = Some(copies.clone()))
+        .unwrap();
+    p.studio.enqueue(job_with("j_copy", "numImages", json!(2)));
+    p.delivered("j_copy").await;
+
+    let handle = p.runtime.handle();
+    eventually("copies listed", PATIENCE, || {
+        handle
+            .status()
+            .jobs
+            .recent
+            .front()
+            .is_some_and(|j| j.saved_copies.len() == 2)
+    })
+    .await;
+    let saved = handle
+        .status()
+        .jobs
+        .recent
+        .front()
+        .unwrap()
+        .saved_copies
+        .clone();
+    for (index, path) in saved.iter().enumerate() {
+        assert!(path.starts_with(&copies), "{}", path.display());
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.ends_with(&format!("sd-turbo 42-{}.png", index + 1)),
+            "{name}"
+        );
+        let image = decode(&std::fs::read(path).unwrap());
+        assert_eq!(image.get_pixel(0, 0).0, colour_for(42, index));
+    }
+    p.runtime.shutdown().await;
+}

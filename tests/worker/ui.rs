@@ -256,6 +256,7 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
             unload_when_paused: true,
             close_to_tray: true,
             start_at_login: studio_worker::platform::autostart::is_enabled(),
+            save_copies_to: None,
         })]
     );
 }
@@ -388,4 +389,34 @@ fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
         1,
         "read once, drawn many times"
     );
+}
+
+#[test]
+fn saving_copies_needs_a_folder_and_saved_copies_can_be_opened() {
+    let mut window = Window::new(approved());
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    window
+        .harness
+        .get_by_label("Save a copy of each image to a folder")
+        .click();
+    window.harness.run();
+    assert!(window.shows("no folder chosen"));
+    assert!(window.harness.query_by_label("Choose folder…").is_some());
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    assert!(window.shows("Not saved: choose a folder for the copies"));
+    assert!(window.sent().is_empty());
+
+    let mut with_copy = approved();
+    let mut finished = FinishedJob::new(
+        &running_job("j_1", "a blue fox", Stage::Decoding, 4, 4),
+        JobOutcome::Delivered,
+    );
+    finished.saved_copies = vec!["/tmp/copies/fox.png".into()];
+    with_copy.jobs.remember(finished);
+    let mut window = Window::new(with_copy);
+    window.harness.get_by_label("Jobs").click();
+    window.harness.run();
+    assert!(window.harness.query_by_label("Open").is_some());
 }

@@ -41,6 +41,41 @@ pub fn duration(duration: Duration) -> String {
     }
 }
 
+/// `text` on one line: runs of whitespace become one space, control characters are dropped,
+/// and at most `max_chars` characters remain, a cut marked with `…`. Reads no further into
+/// `text` than it needs (a 10 MB prompt costs no more than a short one).
+pub fn one_line(text: &str, max_chars: usize) -> String {
+    let mut cleaned = Vec::with_capacity(max_chars + 1);
+    let mut pending_space = false;
+    for c in text.chars() {
+        if c.is_whitespace() {
+            pending_space = !cleaned.is_empty();
+        } else if !c.is_control() {
+            if pending_space {
+                cleaned.push(' ');
+                pending_space = false;
+            }
+            cleaned.push(c);
+        }
+        if cleaned.len() > max_chars {
+            break;
+        }
+    }
+    if cleaned.len() <= max_chars {
+        return cleaned.into_iter().collect();
+    }
+    let kept: String = cleaned[..max_chars.saturating_sub(1)].iter().collect();
+    format!("{}…", kept.trim_end())
+}
+
+/// The text with its first letter in capitals.
+pub fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +94,24 @@ mod tests {
         assert_eq!(ago(now - chrono::Duration::days(1), now), "1 day ago");
         assert_eq!(ago(now + chrono::Duration::seconds(5), now), "just now");
         assert_eq!(duration(Duration::from_secs(7200)), "2 h");
+    }
+
+    #[test]
+    fn one_line_collapses_strips_and_cuts() {
+        assert_eq!(
+            one_line("  a lighthouse\n at\tdusk  ", 40),
+            "a lighthouse at dusk"
+        );
+        assert_eq!(one_line("bell\u{7}ring", 40), "bellring");
+        assert_eq!(one_line("abcdef", 6), "abcdef");
+        assert_eq!(one_line("abcdefg", 6), "abcde…");
+        assert_eq!(
+            one_line("abcd efg", 6),
+            "abcd…",
+            "no space before the ellipsis"
+        );
+        assert_eq!(one_line(&"x".repeat(10 << 20), 3), "xx…");
+        assert_eq!(capitalise("paused by you"), "Paused by you");
+        assert_eq!(capitalise(""), "");
     }
 }

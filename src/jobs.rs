@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::engine::EngineLimits;
+use crate::human;
 use crate::studio::protocol::{FailCode, check_id};
 
 pub const MIN_SIDE: u32 = 64;
@@ -111,7 +112,7 @@ pub fn validate(
             code: FailCode::ModelUnavailable,
             message: format!(
                 "model {:?} is not available on this worker",
-                short(&spec.model)
+                human::one_line(&spec.model, 41)
             ),
         });
     }
@@ -137,7 +138,7 @@ fn read_fields(
         Some(Value::String(kind)) => {
             return Err(format!(
                 "kind {:?} is not supported (only txt2img)",
-                short(kind)
+                human::one_line(kind, 41)
             ));
         }
         Some(_) => return Err("kind must be a string".to_owned()),
@@ -194,7 +195,7 @@ fn read_fields(
         None | Some(Value::Null) => None,
         Some(Value::String(name)) => Some(
             Scheduler::from_protocol(name)
-                .ok_or_else(|| format!("scheduler {:?} is not known", short(name)))?,
+                .ok_or_else(|| format!("scheduler {:?} is not known", human::one_line(name, 41)))?,
         ),
         Some(other) => {
             return Err(format!(
@@ -289,15 +290,6 @@ fn kind_of(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// A studio-supplied name, cut short for a message.
-fn short(text: &str) -> String {
-    let mut cut: String = text.chars().filter(|c| !c.is_control()).take(40).collect();
-    if text.chars().count() > 40 {
-        cut.push('…');
-    }
-    cut
 }
 
 #[cfg(test)]

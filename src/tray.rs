@@ -62,7 +62,7 @@ impl TrayView {
         let (icon, status_line) = if let Some(fatal) = &status.fatal {
             (TrayIconKind::Attention, format!("Stopped: {fatal}"))
         } else if let Some(job) = &status.jobs.current {
-            let prompt = shorten(&job.prompt, 32);
+            let prompt = crate::human::one_line(&job.prompt, 32);
             (
                 TrayIconKind::Working,
                 format!("Working: “{prompt}” ({}/{})", job.step, job.total_steps),
@@ -82,7 +82,10 @@ impl TrayView {
                 ),
                 RegistrationState::Approved { .. } => {
                     if let Some(reason) = status.paused {
-                        (TrayIconKind::Paused, capitalise(reason.describe()))
+                        (
+                            TrayIconKind::Paused,
+                            crate::human::capitalise(reason.describe()),
+                        )
                     } else if status.connection.consecutive_failures >= UNREACHABLE_AFTER {
                         (
                             TrayIconKind::Attention,
@@ -101,23 +104,6 @@ impl TrayView {
             toggle,
         }
     }
-}
-
-fn shorten(text: &str, max_chars: usize) -> String {
-    let single_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if single_line.chars().count() <= max_chars {
-        single_line
-    } else {
-        let cut: String = single_line.chars().take(max_chars - 1).collect();
-        format!("{}…", cut.trim_end())
-    }
-}
-
-fn capitalise(text: &str) -> String {
-    let mut chars = text.chars();
-    chars.next().map_or_else(String::new, |first| {
-        first.to_uppercase().chain(chars).collect()
-    })
 }
 
 /// What a click on the tray asks for.

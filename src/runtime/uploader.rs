@@ -12,8 +12,8 @@ use super::status::JobOutcome;
 use super::{TaskContext, approved_credentials};
 use crate::backoff::Backoff;
 use crate::outbox::OutboxEntry;
-use crate::studio::StudioError;
 use crate::studio::protocol::FailCode;
+use crate::studio::{Credentials, StudioError};
 
 pub(super) async fn run(context: TaskContext) {
     let mut backoff = Backoff::new(context.timing.backoff);
@@ -63,23 +63,14 @@ pub(super) async fn run(context: TaskContext) {
             Ok(Err(err)) => {
                 // The files are damaged: nothing can be delivered; give the job back.
                 tracing::error!(job_id = %entry.meta.job_id, "outbox entry unreadable ({err}); reporting the job as failed");
-                hand_back(
+                give_up(
                     &context,
                     &credentials,
-                    &entry.meta.job_id,
-                    FailCode::Internal,
-                    "the finished images were lost on this PC",
+                    &entry,
+                    "the finished images were lost on this PC".to_owned(),
                     true,
                 )
                 .await;
-                drop_entry(
-                    &context,
-                    &entry,
-                    JobOutcome::Failed {
-                        code: FailCode::Internal,
-                        message: "images lost before upload".to_owned(),
-                    },
-                );
                 continue;
             }
             Err(err) => {
@@ -116,23 +107,7 @@ pub(super) async fn run(context: TaskContext) {
                     format!("the studio refused the result ({status}): {message}")
                 };
                 tracing::error!(job_id = %entry.meta.job_id, "{reason}");
-                hand_back(
-                    &context,
-                    &credentials,
-                    &entry.meta.job_id,
-                    FailCode::Internal,
-                    &reason,
-                    false,
-                )
-                .await;
-                drop_entry(
-                    &context,
-                    &entry,
-                    JobOutcome::Failed {
-                        code: FailCode::Internal,
-                        message: reason,
-                    },
-                );
+                give_up(&context, &credentials, &entry, reason, false).await;
             }
             Err(err) => {
                 let delay = backoff.next_delay(err.retry_after());
@@ -156,6 +131,33 @@ pub(super) async fn run(context: TaskContext) {
             }
         }
     }
+}
+
+/// The entry cannot be delivered: tell the studio with `fail` and drop it.
+async fn give_up(
+    context: &TaskContext,
+    credentials: &Credentials,
+    entry: &OutboxEntry,
+    reason: String,
+    retryable: bool,
+) {
+    hand_back(
+        context,
+        credentials,
+        &entry.meta.job_id,
+        FailCode::Internal,
+        &reason,
+        retryable,
+    )
+    .await;
+    drop_entry(
+        context,
+        entry,
+        JobOutcome::Failed {
+            code: FailCode::Internal,
+            message: reason,
+        },
+    );
 }
 
 fn drop_entry(context: &TaskContext, entry: &OutboxEntry, outcome: JobOutcome) {

@@ -64,7 +64,7 @@ pub fn jobs_tab_ui(
                         .format("%H:%M:%S")
                         .to_string(),
                 );
-                ui.label(short(&job.prompt, 48))
+                ui.label(human::one_line(&job.prompt, 48))
                     .on_hover_text(job.prompt.as_str());
                 ui.label(job.model.as_str());
                 ui.label(format!("{}×{}, {} steps", job.width, job.height, job.steps));
@@ -110,14 +110,5 @@ fn outcome(outcome: &JobOutcome) -> (String, bool) {
         JobOutcome::HandedBack => ("Handed back (paused)".to_owned(), false),
         JobOutcome::Cancelled => ("Cancelled by the studio".to_owned(), false),
         JobOutcome::LeaseLost => ("Taken over by another worker".to_owned(), true),
-    }
-}
-
-fn short(text: &str, max_chars: usize) -> String {
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if line.chars().count() <= max_chars {
-        line
-    } else {
-        format!("{}…", line.chars().take(max_chars - 1).collect::<String>())
     }
 }

@@ -28,7 +28,7 @@ pub fn status_tab_ui(
         );
     }
     if let Some(notice) = &status.settings_recovered {
-        ui.colored_label(ui.visuals().warn_fg_color, capitalised(notice));
+        ui.colored_label(ui.visuals().warn_fg_color, human::capitalise(notice));
     }
 
     registration_ui(ui, status, view, actions);
@@ -76,7 +76,7 @@ fn registration_ui(
         }
     }
     if let Some(problem) = &status.registration_problem {
-        ui.colored_label(ui.visuals().warn_fg_color, capitalised(problem));
+        ui.colored_label(ui.visuals().warn_fg_color, human::capitalise(problem));
     }
 }
 
@@ -126,7 +126,7 @@ fn generation_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiA
         ui.vertical(|ui| {
             match status.paused {
                 Some(reason) => {
-                    ui.strong(capitalised(reason.describe()));
+                    ui.strong(human::capitalise(reason.describe()));
                     if reason == PauseReason::Studio {
                         ui.label("The studio resumes this PC when it wants jobs done again.");
                     }
@@ -134,7 +134,7 @@ fn generation_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiA
                 None => match &status.jobs.claim_blocked {
                     Some(why) => {
                         ui.strong("Not taking jobs");
-                        ui.label(capitalised(why));
+                        ui.label(human::capitalise(why));
                     }
                     None if status.jobs.current.is_some() => {
                         ui.strong("Working");
@@ -172,7 +172,7 @@ fn current_job_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     };
     ui.add(egui::ProgressBar::new(fraction).text(format!(
         "{}: step {} of {}",
-        capitalised(job.stage.describe()),
+        human::capitalise(job.stage.describe()),
         job.step,
         job.total_steps
     )));
@@ -208,7 +208,7 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
         ));
     }
     if let Some(engine) = &status.engine {
-        ui.label(capitalised(engine));
+        ui.label(human::capitalise(engine));
     }
     let counters = &status.jobs.counters;
     ui.label(format!(
@@ -219,11 +219,4 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
         status.jobs.outbox_len,
         if status.jobs.outbox_len == 1 { "" } else { "s" }
     ));
-}
-
-pub(super) fn capitalised(text: &str) -> String {
-    let mut chars = text.chars();
-    chars.next().map_or_else(String::new, |first| {
-        first.to_uppercase().chain(chars).collect()
-    })
 }

@@ -28,7 +28,9 @@ pub enum UiAction {
 pub struct WorkerApp {
     runtime: RuntimeHandle,
     tab: Tab,
+    /// The last status snapshot, replaced only when the runtime published a new one.
     status: WorkerStatus,
+    status_updates: tokio::sync::watch::Receiver<WorkerStatus>,
     settings: settings_tab::SettingsForm,
     status_view: status_tab::StatusView,
     tray: Option<Tray>,
@@ -56,7 +58,8 @@ impl WorkerApp {
         notice: Option<String>,
         start_hidden: bool,
     ) -> Self {
-        let status = runtime.status();
+        let mut status_updates = runtime.subscribe();
+        let status = status_updates.borrow_and_update().clone();
         let settings = settings_tab::SettingsForm::from_config(
             &runtime.config().snapshot(),
             crate::platform::autostart::is_enabled(),
@@ -73,6 +76,7 @@ impl WorkerApp {
             start_hidden,
             raised: status.window_raise_requests,
             status,
+            status_updates,
             thumbnails: super::thumbnail_cache::ThumbnailCache::default(),
             hidden: false,
         }
@@ -94,7 +98,10 @@ impl WorkerApp {
     /// Takes a fresh status snapshot and applies tray clicks. Returns the viewport commands
     /// the platform should carry out (kept separate so tests can run it without a window).
     pub fn apply(&mut self) -> Vec<egui::ViewportCommand> {
-        self.status = self.runtime.status();
+        // Copied only when it changed: a frame without news costs no clone.
+        if self.status_updates.has_changed().unwrap_or(false) {
+            self.status = self.status_updates.borrow_and_update().clone();
+        }
         let mut viewport = Vec::new();
         let mut open = false;
         if self.status.window_raise_requests > self.raised {

@@ -8,7 +8,7 @@
 //! | `heartbeat` | `connection`, `pause.by_studio`, `access_revoked` | its timer, approval, pause changes |
 //! | `job_loop` | `jobs.current/recent/counters/claim_blocked`; writes the outbox | claims, pause, config and status changes |
 //! | `uploader` | `jobs.outbox_len`, delivered counters; deletes from the outbox | new outbox entries, its backoff |
-//! | `commands` | `pause.by_user`, resets | [`Command`]s from the UI, tray, CLI |
+//! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, `window_raise_requests` | [`Command`]s from the UI, tray, CLI |
 //! | `control` | — (turns local `pause`/`resume` requests into [`Command`]s) | connections on 127.0.0.1 |
 //! | `mirror` | `registration`, `paused` in [`WorkerStatus`] | every saved config change |
 //! | `status_file` | `status.json` in the data folder | status changes (at most 1/s) |

@@ -5,6 +5,9 @@
 //! denoising step through `progress`, checks `cancel` between steps (and returns
 //! [`EngineError::Cancelled`] when it is set), and returns the images with the seed it used.
 
+pub mod noise;
+pub mod sd;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 

@@ -1,0 +1,449 @@
+//! Stable Diffusion text-to-image on candle: SD 1.x, 2.x (v-prediction included), SD-Turbo,
+//! SDXL and SDXL-Turbo from any diffusers-layout folder.
+//!
+//! One straight sequence per job ([`StableDiffusion::generate`]): tokenize → text encoder(s)
+//! → seeded initial latents → denoise loop with classifier-free guidance (skipped when the
+//! guidance is ≤ 1) → VAE decode → RGB. The stages are public on their own so the parity
+//! tests can check each against the reference.
+
+pub mod model_folder;
+pub mod schedulers;
+pub mod text_encoder;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use self::model_folder::{Family, FolderError, ModelFolder};
+use self::schedulers::{NoiseSchedule, Sampler};
+use self::text_encoder::ClipTextEncoder;
+use self::tokenizer::ClipTokenizer;
+use self::unet::{TextTimeConditioning, Unet};
+use self::vae::Vae;
+use super::noise::NoiseSource;
+use crate::jobs::Scheduler;
+
+/// Why loading or running failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SdError {
+    #[error(transparent)]
+    Folder(#[from] FolderError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("stopped before it finished")]
+    Cancelled,
+}
+
+/// One text-to-image request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// Image `k` of the request uses seed `seed + k`, so it equals image 0 of a request
+    /// with that seed.
+    pub seed: u64,
+    pub num_images: usize,
+    /// `None`: the model's default sampler.
+    pub scheduler: Option<Scheduler>,
+}
+
+/// Where a running request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Encoding,
+    /// Step `n` of `total` is done.
+    Denoising {
+        step: usize,
+        total: usize,
+    },
+    Decoding,
+}
+
+/// The prompt's conditioning, batched `[negative…, positive…]` when guided.
+pub struct Conditioning {
+    pub hidden_states: Tensor,
+    /// SDXL: `(pooled text embeddings, time ids)`.
+    pub text_time: Option<(Tensor, Tensor)>,
+    pub guided: bool,
+}
+
+struct TextStack {
+    tokenizer: ClipTokenizer,
+    encoder: ClipTextEncoder,
+}
+
+/// A loaded pipeline: weights on `device`, ready to run jobs.
+pub struct StableDiffusion {
+    folder: ModelFolder,
+    device: Device,
+    dtype: DType,
+    text: TextStack,
+    text_2: Option<TextStack>,
+    unet: Unet,
+    vae: Vae,
+    schedule: NoiseSchedule,
+}
+
+impl StableDiffusion {
+    /// Loads the folder's weights (memory-mapped safetensors) onto `device` in `dtype`.
+    pub fn load(root: &Path, device: &Device, dtype: DType) -> Result<Self, SdError> {
+        let folder = ModelFolder::open(root)?;
+        let files = folder.weight_files(dtype)?;
+        let schedule =
+            NoiseSchedule::from_file(&folder.scheduler).map_err(|reason| FolderError::Invalid {
+                file: "scheduler/scheduler_config.json".to_owned(),
+                reason,
+            })?;
+        let weights = |path: &Path, dtype: DType| -> Result<VarBuilder<'static>, SdError> {
+            // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's
+            // own examples, safetensors' Python side) we assume it is not truncated while
+            // in use. The model manager never rewrites a file that is loaded.
+            Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? })
+        };
+
+        let max_length = folder.text_encoder.max_position_embeddings;
+        let text = TextStack {
+            tokenizer: ClipTokenizer::load(root, "tokenizer", max_length)?,
+            encoder: ClipTextEncoder::new(
+                weights(&files.text_encoder, dtype)?,
+                &folder.text_encoder,
+            )?,
+        };
+        let text_2 = match (&folder.text_encoder_2, &files.text_encoder_2) {
+            (Some(config), Some(path)) => Some(TextStack {
+                tokenizer: ClipTokenizer::load(
+                    root,
+                    "tokenizer_2",
+                    config.max_position_embeddings,
+                )?,
+                encoder: ClipTextEncoder::new(weights(path, dtype)?, config)?,
+            }),
+            _ => None,
+        };
+        let unet = Unet::new(weights(&files.unet, dtype)?, &folder.unet)?;
+        // A VAE that overflows in f16 (force_upcast) decodes in f32: no black images.
+        let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = Vae::new(weights(&files.vae, vae_dtype)?, &folder.vae)?;
+        Ok(Self {
+            folder,
+            device: device.clone(),
+            dtype,
+            text,
+            text_2,
+            unet,
+            vae,
+            schedule,
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.folder.family
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Pixels per latent cell along each side (8 for real models).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.folder.vae.scale_factor()
+    }
+
+    pub fn default_sampler(&self) -> Scheduler {
+        self.schedule.default_sampler()
+    }
+
+    pub fn noise_schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    /// Runs a whole request: the one sequence every job goes through.
+    pub fn generate(
+        &self,
+        request: &Request,
+        progress: &mut dyn FnMut(Stage),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<image::RgbImage>, SdError> {
+        let guided = request.guidance_scale > 1.0;
+
+        progress(Stage::Encoding);
+        let conditioning = self.encode_prompt(
+            &request.prompt,
+            &request.negative_prompt,
+            guided,
+            request.num_images,
+            (request.height, request.width),
+        )?;
+
+        let scheduler = request.scheduler.unwrap_or_else(|| self.default_sampler());
+        let mut sampler = schedulers::build(scheduler, &self.schedule, request.steps);
+        let factor = self.vae_scale_factor();
+        let shape = [
+            1,
+            self.folder.vae.latent_channels,
+            request.height / factor,
+            request.width / factor,
+        ];
+        // One generator per image: its initial noise, then its ancestral noise.
+        let mut sources: Vec<NoiseSource> = (0..request.num_images as u64)
+            .map(|image| NoiseSource::new(request.seed.wrapping_add(image)))
+            .collect();
+        let initial = Tensor::cat(
+            &sources
+                .iter_mut()
+                .map(|source| source.tensor(&shape, &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
+        let mut noise = || -> candle_core::Result<Tensor> {
+            let parts = sources
+                .iter_mut()
+                .map(|source| source.tensor(&shape, &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        };
+
+        let latents = self.denoise(
+            &conditioning,
+            &initial,
+            sampler.as_mut(),
+            request.guidance_scale,
+            &mut noise,
+            &mut |step, total| {
+                progress(Stage::Denoising { step, total });
+                !cancelled()
+            },
+        )?;
+
+        progress(Stage::Decoding);
+        let pixels = self.decode(&latents)?;
+        to_images(&pixels)
+    }
+
+    /// The text conditioning for `prompt` (and `negative` when guided), repeated for
+    /// `images` images. `size` is `(height, width)`, for SDXL's size conditioning.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative: &str,
+        guided: bool,
+        images: usize,
+        size: (usize, usize),
+    ) -> Result<Conditioning, SdError> {
+        let (positive, positive_pooled) = self.encode_text(prompt)?;
+        let repeat_rows = |tensor: &Tensor| -> candle_core::Result<Tensor> {
+            let mut counts = vec![1; tensor.rank()];
+            counts[0] = images;
+            tensor.repeat(counts.as_slice())
+        };
+        let (hidden_states, pooled) = if guided {
+            // SDXL conditions an empty negative prompt on zeros, not on the encoded "".
+            let (negative, negative_pooled) =
+                if negative.is_empty() && self.folder.index.force_zeros_for_empty_prompt {
+                    (
+                        positive.zeros_like()?,
+                        positive_pooled
+                            .as_ref()
+                            .map(Tensor::zeros_like)
+                            .transpose()?,
+                    )
+                } else {
+                    self.encode_text(negative)?
+                };
+            let hidden_states =
+                Tensor::cat(&[repeat_rows(&negative)?, repeat_rows(&positive)?], 0)?;
+            let pooled = match (negative_pooled, positive_pooled) {
+                (Some(negative), Some(positive)) => Some(Tensor::cat(
+                    &[repeat_rows(&negative)?, repeat_rows(&positive)?],
+                    0,
+                )?),
+                _ => None,
+            };
+            (hidden_states, pooled)
+        } else {
+            (
+                repeat_rows(&positive)?,
+                positive_pooled.as_ref().map(repeat_rows).transpose()?,
+            )
+        };
+        let text_time = match pooled {
+            Some(pooled) => {
+                let (height, width) = size;
+                let (h, w) = (height as f32, width as f32);
+                let rows = pooled.dim(0)?;
+                // Original size, crop top-left (0, 0), target size: the reference defaults.
+                let time_ids = Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?
+                    .unsqueeze(0)?
+                    .repeat((rows, 1))?;
+                Some((pooled, time_ids))
+            }
+            None => None,
+        };
+        Ok(Conditioning {
+            hidden_states,
+            text_time,
+            guided,
+        })
+    }
+
+    /// One prompt through the text encoder(s): `(hidden states (1, L, C), pooled (1, P))`.
+    /// SD 1.x/2.x use the last layer; SDXL concatenates both encoders' penultimate layers
+    /// and pools the second.
+    pub fn encode_text(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>), SdError> {
+        let run = |stack: &TextStack| -> Result<text_encoder::TextEncoding, SdError> {
+            let ids = stack
+                .tokenizer
+                .encode(prompt)
+                .map_err(|error| SdError::Tokenizer(error.to_string()))?;
+            Ok(stack
+                .encoder
+                .forward(&[ids], stack.tokenizer.end_id(), &self.device)?)
+        };
+        let first = run(&self.text)?;
+        match &self.text_2 {
+            None => Ok((first.last_hidden_state, None)),
+            Some(stack) => {
+                let second = run(stack)?;
+                let hidden = Tensor::cat(
+                    &[
+                        &first.penultimate_hidden_state,
+                        &second.penultimate_hidden_state,
+                    ],
+                    D::Minus1,
+                )?;
+                Ok((hidden, Some(second.pooled)))
+            }
+        }
+    }
+
+    /// The token ids the first (`second == false`) or second tokenizer gives `prompt`.
+    pub fn token_ids(&self, prompt: &str, second: bool) -> Result<Vec<u32>, SdError> {
+        let stack = if second {
+            self.text_2
+                .as_ref()
+                .ok_or_else(|| SdError::Tokenizer("this model has one tokenizer".to_owned()))?
+        } else {
+            &self.text
+        };
+        stack
+            .tokenizer
+            .encode(prompt)
+            .map_err(|error| SdError::Tokenizer(error.to_string()))
+    }
+
+    /// One UNet evaluation (for parity tests and benchmarks).
+    pub fn unet_forward(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        hidden_states: &Tensor,
+        text_time: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor, SdError> {
+        let conditioning = text_time.map(|(text_embeds, time_ids)| TextTimeConditioning {
+            text_embeds,
+            time_ids,
+        });
+        Ok(self
+            .unet
+            .forward(
+                &latents.to_dtype(self.dtype)?,
+                timestep,
+                &hidden_states.to_dtype(self.dtype)?,
+                conditioning,
+            )?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// The denoise loop from standard-normal `initial` latents (f32). `on_step(done, total)`
+    /// runs after each step; returning `false` stops with [`SdError::Cancelled`].
+    pub fn denoise(
+        &self,
+        conditioning: &Conditioning,
+        initial: &Tensor,
+        sampler: &mut dyn Sampler,
+        guidance_scale: f64,
+        noise: &mut dyn FnMut() -> candle_core::Result<Tensor>,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Tensor, SdError> {
+        let timesteps = sampler.timesteps().to_vec();
+        let total = timesteps.len();
+        let mut latents = (initial.to_dtype(DType::F32)? * sampler.init_noise_sigma())?;
+        let text_time = conditioning
+            .text_time
+            .as_ref()
+            .map(|(pooled, time_ids)| (pooled, time_ids));
+        for (index, &timestep) in timesteps.iter().enumerate() {
+            let input = sampler.scale_model_input(&latents, index)?;
+            let input = if conditioning.guided {
+                Tensor::cat(&[&input, &input], 0)?
+            } else {
+                input
+            };
+            let output =
+                self.unet_forward(&input, timestep, &conditioning.hidden_states, text_time)?;
+            let prediction = if conditioning.guided {
+                let halves = output.chunk(2, 0)?;
+                let (unconditional, conditional) = (&halves[0], &halves[1]);
+                (unconditional + ((conditional - unconditional)? * guidance_scale)?)?
+            } else {
+                output
+            };
+            latents = sampler.step(&prediction, index, &latents, noise)?;
+            if !on_step(index + 1, total) {
+                return Err(SdError::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Latents to f32 RGB in `[0, 1]`, `(batch, 3, H, W)`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SdError> {
+        Ok(self.vae.decode(latents)?)
+    }
+}
+
+/// `(batch, 3, H, W)` floats in `[0, 1]` to 8-bit images (rounded, as the reference).
+pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>, SdError> {
+    let (batch, _, height, width) = pixels.dims4()?;
+    let bytes = (pixels * 255.0)?
+        .round()?
+        .clamp(0.0, 255.0)?
+        .to_dtype(DType::U8)?
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let per_image = height * width * 3;
+    (0..batch)
+        .map(|index| {
+            let start = index * per_image;
+            image::RgbImage::from_raw(
+                width as u32,
+                height as u32,
+                bytes[start..start + per_image].to_vec(),
+            )
+            .ok_or_else(|| {
+                SdError::Tensor(candle_core::Error::Msg(
+                    "decoded image has the wrong size".to_owned(),
+                ))
+            })
+        })
+        .collect()
+}

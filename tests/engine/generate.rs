@@ -1,0 +1,1 @@
+//! Whole requests through `StableDiffusion::generate`: seeds, batches, progress, cancelling.

@@ -1,5 +1,5 @@
 //! The command line: what each subcommand does, and the exit codes (0 ok, 1 failure with a
-//! one-line reason on stderr, 2 usage error, printed by clap).
+//! one-line reason on stderr, 2 usage error, printed by clap or by `generate`'s checks).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -64,6 +64,8 @@ pub enum CliCommand {
     Pause,
     /// Take jobs again after `pause`.
     Resume,
+    /// Make an image on this PC, without the studio (also a quick check that the GPU works).
+    Generate(crate::generate::GenerateArgs),
     /// Show the registration, the studio and whether a worker is running.
     Status {
         /// Machine-readable output.
@@ -79,7 +81,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("studio-worker: {err:#}");
-            ExitCode::FAILURE
+            if err.downcast_ref::<crate::generate::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -103,6 +109,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("nothing to do: `register --reset` starts the registration over")
         }
         Some(CliCommand::Status { json }) => print_status(&paths, json),
+        Some(CliCommand::Generate(args)) => {
+            let _log_guard = crate::logging::init(None);
+            crate::generate::run(&paths, args)
+        }
         Some(CliCommand::Pause) => set_paused(&paths, true),
         Some(CliCommand::Resume) => set_paused(&paths, false),
     }
@@ -209,12 +219,12 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     tokio.block_on(async {
         let mut shutdown = crate::runtime::ShutdownSignal::install();
+        let engine = crate::engine::candle_engine::from_settings(&config.snapshot());
         let options = RuntimeOptions {
             timing: Timing::PRODUCTION,
             data_dir: paths.data_dir.clone(),
             api_base_override: api_url,
-            // The candle engine arrives with its own issue; until then no job is claimed.
-            engine: None,
+            engine,
             recovered_config,
         };
         let runtime = Runtime::start(config, options)?;

@@ -10,6 +10,7 @@
 //! Adding a section is one place: a field of [`Config`] whose type is `Default + Serialize +
 //! Deserialize` (see [`PauseSection`]); `#[serde(default)]` makes old files load unchanged.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::engine::device::DevicePreference;
 use crate::secret::Secret;
 
 pub const DEFAULT_API_BASE_URL: &str = "https://studio.minis.gg/api";
@@ -52,6 +54,7 @@ pub struct Config {
 
     pub pause: PauseSection,
     pub engine: EngineSection,
+    pub models: ModelsSection,
     pub ui: UiSection,
     pub images: ImagesSection,
 }
@@ -71,6 +74,7 @@ impl Default for Config {
             access_revoked: false,
             pause: PauseSection::default(),
             engine: EngineSection::default(),
+            models: ModelsSection::default(),
             ui: UiSection::default(),
             images: ImagesSection::default(),
         }
@@ -108,14 +112,28 @@ pub struct PauseSection {
 pub struct EngineSection {
     /// Give the GPU memory back while paused (the next job then loads the model again).
     pub unload_when_paused: bool,
+    /// `auto` (the GPU when one works, else the CPU), `cuda`, `metal` or `cpu`.
+    pub device: DevicePreference,
+    /// How much memory loaded models may take, in MB; 0: 80 % of the device's.
+    pub memory_budget_mb: u64,
 }
 
 impl Default for EngineSection {
     fn default() -> Self {
         Self {
             unload_when_paused: true,
+            device: DevicePreference::Auto,
+            memory_budget_mb: 0,
         }
     }
+}
+
+/// `[models]`: which models this worker serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelsSection {
+    /// Model id → a diffusers-layout folder on this PC (`model_index.json`, `unet/`, …).
+    pub local: BTreeMap<String, PathBuf>,
 }
 
 /// `[images]`: what happens to finished images besides going to the studio.

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod generate;
 pub mod human;
 pub mod jobs;
 pub mod logging;

@@ -5,6 +5,8 @@
 //! denoising step through `progress`, checks `cancel` between steps (and returns
 //! [`EngineError::Cancelled`] when it is set), and returns the images with the seed it used.
 
+pub mod candle_engine;
+pub mod device;
 pub mod noise;
 pub mod sd;
 
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::jobs::JobSpec;
-use crate::studio::protocol::Stage;
+use crate::studio::protocol::{DeviceInfo, Stage};
 
 /// What a running job reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +101,11 @@ impl CancelToken {
 pub trait Engine: Send + Sync + 'static {
     /// Size and count limits.
     fn limits(&self) -> EngineLimits;
+
+    /// The device it runs on, for capabilities and the window.
+    fn device_info(&self) -> DeviceInfo {
+        crate::platform::host::cpu_device()
+    }
 
     /// Ids of the models that are on disk, verified and can run now.
     fn ready_models(&self) -> Vec<String>;

@@ -227,7 +227,10 @@ impl Runtime {
             source,
         })?;
 
-        let device = host::cpu_device();
+        let device = options
+            .engine
+            .as_ref()
+            .map_or_else(host::cpu_device, |engine| engine.device_info());
         let mut initial = WorkerStatus::new(&snapshot);
         initial.api_base_url = api_base.to_string();
         initial.device = Some(device.clone());

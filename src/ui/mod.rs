@@ -37,13 +37,14 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
     let (runtime, mut shutdown) = {
         let _entered = tokio.enter();
         let shutdown = crate::runtime::ShutdownSignal::install();
+        let engine = crate::engine::candle_engine::from_settings(&config.snapshot());
         let runtime = Runtime::start(
             config,
             RuntimeOptions {
                 timing: Timing::PRODUCTION,
                 data_dir: options.data_dir,
                 api_base_override: options.api_base_override,
-                engine: None,
+                engine,
                 recovered_config: options.recovered_config,
             },
         )?;

@@ -1,1 +1,205 @@
-//! Whole requests through `StableDiffusion::generate`: seeds, batches, progress, cancelling.
+//! Whole requests through `StableDiffusion::generate` and the `CandleEngine`: seeds mean
+//! something, batches equal single runs, progress and cancelling work, the cache behaves.
+
+use std::collections::BTreeMap;
+
+use studio_worker::engine::candle_engine::CandleEngine;
+use studio_worker::engine::device::{self, DevicePreference};
+use studio_worker::engine::sd::{Request, Stage};
+use studio_worker::engine::{CancelToken, Engine, EngineError, StopReason};
+use studio_worker::jobs::{JobSpec, Scheduler};
+
+use crate::support::{fixture, load};
+
+fn request(seed: u64, num_images: usize) -> Request {
+    Request {
+        prompt: "a red fox in the snow".to_owned(),
+        negative_prompt: "blurry".to_owned(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        guidance_scale: 5.0,
+        seed,
+        num_images,
+        scheduler: Some(Scheduler::EulerA),
+    }
+}
+
+#[test]
+fn the_same_job_gives_the_same_image_and_another_seed_another() {
+    let model = load("tiny-sd1");
+    let run = |request: &Request| {
+        model
+            .generate(request, &mut |_| {}, &|| false)
+            .expect("runs")
+    };
+    let first = run(&request(11, 1));
+    assert_eq!(first, run(&request(11, 1)), "same job, same pixels");
+    assert_ne!(first, run(&request(12, 1)), "another seed, another image");
+    assert_eq!(first[0].dimensions(), (64, 64));
+}
+
+#[test]
+fn image_k_of_a_batch_is_image_0_of_seed_plus_k() {
+    let model = load("tiny-sdxl");
+    let run = |request: &Request| {
+        model
+            .generate(request, &mut |_| {}, &|| false)
+            .expect("runs")
+    };
+    let batch = run(&request(40, 2));
+    let single = run(&request(41, 1));
+    assert_eq!(batch.len(), 2);
+    // The batch runs through the UNet together: equal up to float summation order, which
+    // moves a few pixels by a level or two.
+    let worst = batch[1]
+        .as_raw()
+        .iter()
+        .zip(single[0].as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max();
+    assert!(
+        worst <= Some(3),
+        "image 1 of the batch differs from seed 41 by up to {worst:?}"
+    );
+    let other = batch[0]
+        .as_raw()
+        .iter()
+        .zip(single[0].as_raw())
+        .filter(|(a, b)| a.abs_diff(**b) > 3)
+        .count();
+    assert!(other > 1000, "image 0 (seed 40) should differ from seed 41");
+}
+
+#[test]
+fn progress_names_every_stage_and_cancelling_stops_between_steps() {
+    let model = load("tiny-sd2-v");
+    let mut stages = Vec::new();
+    model
+        .generate(&request(1, 1), &mut |stage| stages.push(stage), &|| false)
+        .expect("runs");
+    assert_eq!(
+        stages,
+        vec![
+            Stage::Encoding,
+            Stage::Denoising { step: 1, total: 3 },
+            Stage::Denoising { step: 2, total: 3 },
+            Stage::Denoising { step: 3, total: 3 },
+            Stage::Decoding,
+        ]
+    );
+
+    let steps = std::cell::Cell::new(0);
+    let outcome = model.generate(
+        &request(1, 1),
+        &mut |stage| {
+            if let Stage::Denoising { .. } = stage {
+                steps.set(steps.get() + 1);
+            }
+        },
+        &|| steps.get() >= 1,
+    );
+    assert!(
+        matches!(outcome, Err(studio_worker::engine::sd::SdError::Cancelled)),
+        "cancelled after the first step"
+    );
+    assert_eq!(steps.get(), 1);
+}
+
+fn job(model: &str, seed: u64) -> JobSpec {
+    JobSpec {
+        job_id: format!("job-{seed}"),
+        model: model.to_owned(),
+        prompt: "a lighthouse".to_owned(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance_scale: 7.0,
+        seed,
+        num_images: 1,
+        scheduler: None,
+        lease: std::time::Duration::from_secs(60),
+    }
+}
+
+fn engine(budget_mb: u64) -> CandleEngine {
+    let mut models = BTreeMap::new();
+    models.insert("tiny-sd1".to_owned(), fixture("tiny-sd1"));
+    models.insert("tiny-sdxl".to_owned(), fixture("tiny-sdxl"));
+    models.insert("broken".to_owned(), fixture("does-not-exist"));
+    let device = device::select(DevicePreference::Cpu).expect("the CPU opens");
+    let (engine, refused) = CandleEngine::new(device, &models, budget_mb);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].model_id, "broken");
+    assert!(
+        refused[0].reason.contains("model_index.json"),
+        "{}",
+        refused[0].reason
+    );
+    engine
+}
+
+#[test]
+fn the_engine_serves_checked_folders_keeps_models_warm_and_unloads() {
+    let engine = engine(1024);
+    assert_eq!(engine.ready_models(), vec!["tiny-sd1", "tiny-sdxl"]);
+    let mut progress = Vec::new();
+    let generated = engine
+        .generate(
+            &job("tiny-sd1", 3),
+            &mut |update| progress.push(update),
+            &CancelToken::new(),
+        )
+        .expect("runs");
+    assert_eq!(generated.seed, 3);
+    assert_eq!(generated.images.len(), 1);
+    assert_eq!(progress.first().map(|update| update.step), Some(0));
+    assert_eq!(progress.last().map(|update| update.step), Some(2));
+    engine
+        .generate(&job("tiny-sdxl", 3), &mut |_| {}, &CancelToken::new())
+        .expect("runs");
+    assert_eq!(engine.loaded_models(), vec!["tiny-sd1", "tiny-sdxl"]);
+    engine
+        .generate(&job("tiny-sd1", 4), &mut |_| {}, &CancelToken::new())
+        .expect("runs");
+    assert_eq!(
+        engine.loaded_models(),
+        vec!["tiny-sdxl", "tiny-sd1"],
+        "most recent last"
+    );
+    engine.unload();
+    assert!(engine.loaded_models().is_empty());
+
+    let unknown = engine.generate(&job("sd-9", 1), &mut |_| {}, &CancelToken::new());
+    assert!(
+        matches!(unknown, Err(EngineError::ModelUnavailable(_))),
+        "{unknown:?}"
+    );
+    let cancel = CancelToken::new();
+    cancel.cancel(StopReason::Paused);
+    let stopped = engine.generate(&job("tiny-sd1", 1), &mut |_| {}, &cancel);
+    assert_eq!(stopped.err(), Some(EngineError::Cancelled));
+}
+
+#[test]
+fn a_model_over_the_memory_budget_is_refused_and_lru_makes_room() {
+    // 4 MB holds one tiny model at a time (each is ~1.5–2.5 MB of f32 weights).
+    let engine = engine(4);
+    engine
+        .generate(&job("tiny-sd1", 1), &mut |_| {}, &CancelToken::new())
+        .expect("runs");
+    engine
+        .generate(&job("tiny-sdxl", 1), &mut |_| {}, &CancelToken::new())
+        .expect("runs");
+    assert_eq!(engine.loaded_models(), vec!["tiny-sdxl"], "sd1 made room");
+
+    let tiny_budget = self::engine(1);
+    let refused = tiny_budget.generate(&job("tiny-sdxl", 1), &mut |_| {}, &CancelToken::new());
+    match refused {
+        Err(EngineError::OutOfMemory(message)) => {
+            assert!(message.contains("memory budget is 1 MB"), "{message}")
+        }
+        other => panic!("expected an out-of-memory refusal, got {other:?}"),
+    }
+}

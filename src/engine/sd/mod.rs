@@ -167,6 +167,20 @@ impl StableDiffusion {
         self.folder.vae.scale_factor()
     }
 
+    /// The image side the model was trained at (512 for SD 1.5, 1024 for SDXL).
+    pub fn native_size(&self) -> usize {
+        self.folder
+            .unet
+            .sample_size
+            .map_or(512, |latent| latent * self.vae_scale_factor())
+    }
+
+    /// Distilled few-step models (SD-Turbo, SDXL-Turbo) ship trailing timestep spacing;
+    /// they want 1–4 steps and no guidance.
+    pub fn is_few_step(&self) -> bool {
+        self.schedule.spacing == schedulers::Spacing::Trailing
+    }
+
     pub fn default_sampler(&self) -> Scheduler {
         self.schedule.default_sampler()
     }

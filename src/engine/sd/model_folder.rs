@@ -114,6 +114,9 @@ pub struct UnetFile {
     pub mid_block_type: Option<String>,
     #[serde(default = "three")]
     pub conv_in_kernel: usize,
+    /// The latent size it was trained at (64 → 512 px for SD 1.5).
+    #[serde(default)]
+    pub sample_size: Option<usize>,
 }
 
 /// The only UNet GroupNorm group count candle's blocks support.
@@ -147,6 +150,7 @@ pub struct UnetConfig {
     /// SDXL's `text_time` conditioning: `(time embedding width, projection input width)`.
     pub text_time: Option<(usize, usize)>,
     pub upcast_attention: bool,
+    pub sample_size: Option<usize>,
 }
 
 impl UnetFile {
@@ -214,13 +218,13 @@ impl UnetFile {
                 ));
             }
             let out_channels = self.block_out_channels[index];
-            if heads[index] == 0 || out_channels % heads[index] != 0 {
+            if heads[index] == 0 || !out_channels.is_multiple_of(heads[index]) {
                 return Err(format!(
                     "{out_channels} channels cannot split into {} attention heads",
                     heads[index]
                 ));
             }
-            if out_channels % self.norm_num_groups != 0 {
+            if !out_channels.is_multiple_of(self.norm_num_groups) {
                 return Err(format!(
                     "{out_channels} channels cannot split into {} norm groups",
                     self.norm_num_groups
@@ -263,6 +267,7 @@ impl UnetFile {
             center_input_sample: self.center_input_sample,
             text_time,
             upcast_attention: self.upcast_attention,
+            sample_size: self.sample_size,
         })
     }
 }
@@ -336,7 +341,9 @@ impl TextEncoderConfig {
         {
             return Err(format!("text encoder type {model_type} is not supported"));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err("hidden_size must split evenly into num_attention_heads".to_owned());
         }
         if !matches!(

@@ -1,0 +1,320 @@
+//! [`CandleEngine`]: the [`Engine`] the worker runs, on candle.
+//!
+//! It owns the device, the list of model folders it may serve (checked when the engine is
+//! made, so only runnable models are advertised), and the loaded pipelines: warm between
+//! jobs, least recently used first out when a new one would not fit the memory budget, all
+//! dropped by [`Engine::unload`] so a paused worker gives the GPU back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::DType;
+
+use super::device::{DevicePreference, SelectedDevice};
+use super::sd::model_folder::ModelFolder;
+use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
+use super::{CancelToken, Engine, EngineError, EngineLimits, Generated, JobProgress};
+use crate::jobs::JobSpec;
+use crate::studio::protocol::{DeviceInfo, Stage};
+
+/// Share of the device's memory loaded models may take when no budget is set.
+const DEFAULT_BUDGET_SHARE: f64 = 0.8;
+
+/// A model folder that passed the checks.
+#[derive(Clone, Debug)]
+struct ServedModel {
+    root: PathBuf,
+    /// Bytes its weights take in memory at the engine's dtype (an estimate).
+    memory_bytes: u64,
+}
+
+struct Loaded {
+    model_id: String,
+    pipeline: Arc<StableDiffusion>,
+    memory_bytes: u64,
+}
+
+pub struct CandleEngine {
+    device: SelectedDevice,
+    models: BTreeMap<String, ServedModel>,
+    /// Most recently used last.
+    loaded: Mutex<Vec<Loaded>>,
+    budget_bytes: u64,
+}
+
+/// A model the engine was asked to serve but cannot, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedModel {
+    pub model_id: String,
+    pub reason: String,
+}
+
+impl CandleEngine {
+    /// An engine on `device` serving the folders in `models` (id → diffusers folder).
+    /// Folders that fail the checks are left out and returned with their reason.
+    /// `budget_mb == 0` means 80 % of the device's memory.
+    pub fn new(
+        device: SelectedDevice,
+        models: &BTreeMap<String, PathBuf>,
+        budget_mb: u64,
+    ) -> (Self, Vec<RefusedModel>) {
+        let mut served = BTreeMap::new();
+        let mut refused = Vec::new();
+        for (model_id, root) in models {
+            match check_folder(root, device.dtype) {
+                Ok(memory_bytes) => {
+                    served.insert(
+                        model_id.clone(),
+                        ServedModel {
+                            root: root.clone(),
+                            memory_bytes,
+                        },
+                    );
+                }
+                Err(reason) => refused.push(RefusedModel {
+                    model_id: model_id.clone(),
+                    reason,
+                }),
+            }
+        }
+        let budget_bytes = if budget_mb > 0 {
+            budget_mb * 1024 * 1024
+        } else {
+            (device.info.memory_mb as f64 * DEFAULT_BUDGET_SHARE) as u64 * 1024 * 1024
+        };
+        let engine = Self {
+            device,
+            models: served,
+            loaded: Mutex::new(Vec::new()),
+            budget_bytes,
+        };
+        (engine, refused)
+    }
+
+    /// Opens `preference` and serves `models`; the device's fallback reason and each refused
+    /// model are logged.
+    pub fn start(
+        preference: DevicePreference,
+        models: &BTreeMap<String, PathBuf>,
+        budget_mb: u64,
+    ) -> Result<Self, String> {
+        let device = super::device::select(preference)?;
+        if let Some(reason) = &device.fallback_reason {
+            tracing::warn!("{reason}");
+        }
+        tracing::info!(
+            "image engine on {} ({} MB)",
+            device.info.name,
+            device.info.memory_mb
+        );
+        let (engine, refused) = Self::new(device, models, budget_mb);
+        for RefusedModel { model_id, reason } in refused {
+            tracing::error!("model {model_id} cannot be served: {reason}");
+        }
+        Ok(engine)
+    }
+
+    pub fn device(&self) -> &SelectedDevice {
+        &self.device
+    }
+
+    /// The pipeline for `model_id`, loading it (and making room) when it is not warm.
+    fn pipeline(&self, model_id: &str) -> Result<Arc<StableDiffusion>, EngineError> {
+        let served = self
+            .models
+            .get(model_id)
+            .ok_or_else(|| EngineError::ModelUnavailable(format!("{model_id} is not served")))?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(index) = loaded.iter().position(|entry| entry.model_id == model_id) {
+            let entry = loaded.remove(index);
+            let pipeline = entry.pipeline.clone();
+            loaded.push(entry);
+            return Ok(pipeline);
+        }
+        if served.memory_bytes > self.budget_bytes {
+            return Err(EngineError::OutOfMemory(format!(
+                "{model_id} needs about {} MB and the memory budget is {} MB",
+                served.memory_bytes / (1024 * 1024),
+                self.budget_bytes / (1024 * 1024)
+            )));
+        }
+        while !loaded.is_empty()
+            && loaded.iter().map(|entry| entry.memory_bytes).sum::<u64>() + served.memory_bytes
+                > self.budget_bytes
+        {
+            let evicted = loaded.remove(0);
+            tracing::info!("unloading {} to make room for {model_id}", evicted.model_id);
+        }
+        let pipeline = StableDiffusion::load(&served.root, &self.device.device, self.device.dtype)
+            .map_err(|error| engine_error(error, model_id))?;
+        let pipeline = Arc::new(pipeline);
+        loaded.push(Loaded {
+            model_id: model_id.to_owned(),
+            pipeline: pipeline.clone(),
+            memory_bytes: served.memory_bytes,
+        });
+        Ok(pipeline)
+    }
+
+    /// Ids of the models warm in memory, least recently used first.
+    pub fn loaded_models(&self) -> Vec<String> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|entry| entry.model_id.clone())
+            .collect()
+    }
+}
+
+impl Engine for CandleEngine {
+    fn limits(&self) -> EngineLimits {
+        let side = if self.device.device.is_cpu() {
+            1024
+        } else {
+            2048
+        };
+        EngineLimits {
+            max_width: side,
+            max_height: side,
+            max_images: 4,
+        }
+    }
+
+    fn ready_models(&self) -> Vec<String> {
+        self.models.keys().cloned().collect()
+    }
+
+    fn device_info(&self) -> DeviceInfo {
+        self.device.info.clone()
+    }
+
+    fn generate(
+        &self,
+        job: &JobSpec,
+        progress: &mut dyn FnMut(JobProgress),
+        cancel: &CancelToken,
+    ) -> Result<Generated, EngineError> {
+        let total_steps = job.steps;
+        let mut report = |stage: Stage, step: u32| {
+            progress(JobProgress {
+                stage,
+                step,
+                total_steps,
+            });
+        };
+        report(Stage::LoadingModel, 0);
+        let pipeline = self.pipeline(&job.model)?;
+        if cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        let request = Request {
+            prompt: job.prompt.clone(),
+            negative_prompt: job.negative_prompt.clone(),
+            width: job.width as usize,
+            height: job.height as usize,
+            steps: job.steps as usize,
+            guidance_scale: job.guidance_scale,
+            seed: job.seed,
+            num_images: job.num_images as usize,
+            scheduler: job.scheduler,
+        };
+        let result = pipeline.generate(
+            &request,
+            &mut |stage| match stage {
+                SdStage::Encoding => report(Stage::Encoding, 0),
+                SdStage::Denoising { step, .. } => report(Stage::Denoising, step as u32),
+                SdStage::Decoding => report(Stage::Decoding, total_steps),
+            },
+            &|| cancel.is_cancelled(),
+        );
+        match result {
+            Ok(images) => Ok(Generated {
+                images,
+                seed: job.seed,
+            }),
+            Err(error) => {
+                let error = engine_error(error, &job.model);
+                if matches!(error, EngineError::OutOfMemory(_)) {
+                    // Give back everything so the next job starts from a clean device.
+                    self.unload();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn unload(&self) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if !loaded.is_empty() {
+            tracing::info!("unloading {} model(s)", loaded.len());
+            loaded.clear();
+        }
+    }
+}
+
+/// The folder's checks, and its weights' size in memory at `dtype`.
+fn check_folder(root: &Path, dtype: DType) -> Result<u64, String> {
+    let folder = ModelFolder::open(root).map_err(|error| error.to_string())?;
+    let files = folder
+        .weight_files(dtype)
+        .map_err(|error| error.to_string())?;
+    let mut bytes = 0;
+    for path in [
+        Some(&files.unet),
+        Some(&files.vae),
+        Some(&files.text_encoder),
+    ]
+    .into_iter()
+    .chain([files.text_encoder_2.as_ref()])
+    .flatten()
+    {
+        let size = std::fs::metadata(path)
+            .map_err(|error| format!("{}: {error}", path.display()))?
+            .len();
+        let half_file = path
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().contains(".fp16."));
+        // An f32 file loaded in f16 takes half its size; an f16 file loaded in f32 twice.
+        bytes += match (half_file, dtype) {
+            (false, DType::F16 | DType::BF16) => size / 2,
+            (true, DType::F32) => size * 2,
+            _ => size,
+        };
+    }
+    Ok(bytes)
+}
+
+fn engine_error(error: SdError, model_id: &str) -> EngineError {
+    match error {
+        SdError::Cancelled => EngineError::Cancelled,
+        SdError::Folder(error) => EngineError::ModelUnavailable(format!("{model_id}: {error}")),
+        SdError::Tokenizer(reason) => EngineError::Internal(format!("tokenizer: {reason}")),
+        SdError::Tensor(error) => {
+            let message = error.to_string();
+            let lower = message.to_lowercase();
+            if lower.contains("out of memory") || lower.contains("out_of_memory") {
+                EngineError::OutOfMemory(message)
+            } else {
+                EngineError::Internal(message)
+            }
+        }
+    }
+}
+
+/// The engine the settings ask for, or `None` (logged) when the device they name cannot
+/// open: the worker then stays registered and heartbeating without taking jobs.
+pub fn from_settings(config: &crate::config::Config) -> Option<Arc<dyn Engine>> {
+    match CandleEngine::start(
+        config.engine.device,
+        &config.models.local,
+        config.engine.memory_budget_mb,
+    ) {
+        Ok(engine) => Some(Arc::new(engine)),
+        Err(reason) => {
+            tracing::error!("the image engine cannot start: {reason}");
+            None
+        }
+    }
+}

@@ -775,3 +775,66 @@ async fn copies_of_finished_images_go_to_the_chosen_folder() {
     }
     p.runtime.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_candle_engine_runs_a_real_model_and_the_studio_gets_its_exact_image() {
+    use std::collections::BTreeMap;
+    use studio_worker::engine::candle_engine::CandleEngine;
+    use studio_worker::engine::device::{self, DevicePreference};
+    use studio_worker::engine::sd::{Request, StableDiffusion};
+
+    let folder =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
+    let cpu = device::select(DevicePreference::Cpu).unwrap();
+    let models = BTreeMap::from([("tiny-sd1".to_owned(), folder.clone())]);
+    let (engine, refused) = CandleEngine::new(cpu.clone(), &models, 0);
+    assert!(refused.is_empty());
+
+    let studio = TestStudio::start().await;
+    studio.set_decision(crate::support::studio::Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime_with(fast_timing(), Some(Arc::new(engine)));
+    let mut body = job("real");
+    body["model"] = json!("tiny-sd1");
+    body["width"] = json!(64);
+    body["guidanceScale"] = json!(3.0);
+    body["negativePrompt"] = json!("fog");
+    studio.enqueue(body);
+    eventually("delivered", PATIENCE, || {
+        studio
+            .job("real")
+            .is_some_and(|job| !job.results.is_empty())
+    })
+    .await;
+
+    let record = studio.job("real").unwrap();
+    let uploaded = decode(&record.results[0].1[0]);
+    // The same job run locally through the pipeline gives the same pixels.
+    let pipeline = StableDiffusion::load(&folder, &cpu.device, cpu.dtype).unwrap();
+    let local = pipeline
+        .generate(
+            &Request {
+                prompt: "a lighthouse at dusk".to_owned(),
+                negative_prompt: "fog".to_owned(),
+                width: 64,
+                height: 64,
+                steps: 3,
+                guidance_scale: 3.0,
+                seed: 42,
+                num_images: 1,
+                scheduler: None,
+            },
+            &mut |_| {},
+            &|| false,
+        )
+        .unwrap();
+    assert_eq!(uploaded, local[0]);
+
+    // Capabilities name the served model and the device the engine runs on.
+    let worker = studio.workers().pop().unwrap();
+    let capabilities = &worker.heartbeats.last().unwrap()["capabilities"];
+    assert_eq!(capabilities["models"][0]["id"], "tiny-sd1");
+    assert_eq!(capabilities["device"]["kind"], "cpu");
+    runtime.shutdown().await;
+}

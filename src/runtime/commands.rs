@@ -34,6 +34,8 @@ pub struct SettingsChange {
     pub api_base_url: String,
     pub worker_name: String,
     pub unload_when_paused: bool,
+    /// Which device the engine uses (from the next start).
+    pub device: crate::engine::device::DevicePreference,
     pub close_to_tray: bool,
     /// Start the worker (in the tray) when the person logs in.
     pub start_at_login: bool,
@@ -110,6 +112,7 @@ fn save_settings(
             c.worker_name = worker_name.to_owned();
         }
         c.engine.unload_when_paused = change.unload_when_paused;
+        c.engine.device = change.device;
         c.ui.close_to_tray = change.close_to_tray;
         c.images.save_copies_to.clone_from(&change.save_copies_to);
     })

@@ -4,6 +4,7 @@
 use super::app::UiAction;
 use super::status_tab::reset_registration_ui;
 use crate::config::Config;
+use crate::engine::device::DevicePreference;
 use crate::runtime::{Command, SettingsChange};
 use crate::studio::ApiBase;
 
@@ -15,6 +16,7 @@ pub struct SettingsForm {
     pub api_base_url: String,
     pub worker_name: String,
     pub unload_when_paused: bool,
+    pub device: DevicePreference,
     pub close_to_tray: bool,
     pub start_at_login: bool,
     pub save_copies: bool,
@@ -22,6 +24,7 @@ pub struct SettingsForm {
     /// The folder picker's answer, while it is open.
     folder_pick: Option<std::sync::mpsc::Receiver<Option<std::path::PathBuf>>>,
     saved_api_base_url: String,
+    saved_device: DevicePreference,
     pub error: Option<String>,
     pub saved_note: Option<String>,
     pub confirming_reset: bool,
@@ -35,6 +38,8 @@ impl SettingsForm {
             api_base_url: config.api_base_url.clone(),
             worker_name: config.worker_name.clone(),
             unload_when_paused: config.engine.unload_when_paused,
+            device: config.engine.device,
+            saved_device: config.engine.device,
             close_to_tray: config.ui.close_to_tray,
             save_copies: config.images.save_copies_to.is_some(),
             copies_folder: config.images.save_copies_to.clone(),
@@ -90,6 +95,7 @@ impl SettingsForm {
             api_base_url: self.api_base_url.trim().to_owned(),
             worker_name: name.to_owned(),
             unload_when_paused: self.unload_when_paused,
+            device: self.device,
             close_to_tray: self.close_to_tray,
             start_at_login: self.start_at_login,
             save_copies_to: self.copies_folder.clone().filter(|_| self.save_copies),
@@ -109,6 +115,22 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
             ui.end_row();
             let label = ui.label("Worker name");
             ui.add(egui::TextEdit::singleline(&mut form.worker_name).desired_width(360.0))
+                .labelled_by(label.id);
+            ui.end_row();
+            let label = ui.label("Make images on");
+            egui::ComboBox::from_id_salt("device")
+                .selected_text(device_label(form.device))
+                .show_ui(ui, |ui| {
+                    for device in [
+                        DevicePreference::Auto,
+                        DevicePreference::Cuda,
+                        DevicePreference::Metal,
+                        DevicePreference::Cpu,
+                    ] {
+                        ui.selectable_value(&mut form.device, device, device_label(device));
+                    }
+                })
+                .response
                 .labelled_by(label.id);
             ui.end_row();
         });
@@ -157,12 +179,19 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
         match form.validate() {
             Ok(change) => {
                 let url_changed = change.api_base_url != form.saved_api_base_url;
+                let device_changed = change.device != form.saved_device;
                 form.saved_api_base_url.clone_from(&change.api_base_url);
+                form.saved_device = change.device;
                 form.error = None;
-                form.saved_note = Some(if url_changed {
-                    "Saved. The new studio URL is used after a restart.".to_owned()
-                } else {
-                    "Saved.".to_owned()
+                form.saved_note = Some(match (url_changed, device_changed) {
+                    (false, false) => "Saved.".to_owned(),
+                    (true, false) => {
+                        "Saved. The new studio URL is used after a restart.".to_owned()
+                    }
+                    (false, true) => "Saved. The new device is used after a restart.".to_owned(),
+                    (true, true) => {
+                        "Saved. The new studio URL and device are used after a restart.".to_owned()
+                    }
                 });
                 actions.push(UiAction::Send(Command::SaveSettings(change)));
             }
@@ -184,4 +213,13 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
     ui.strong("Registration");
     ui.label("Start over with the studio: this PC asks for approval again.");
     reset_registration_ui(ui, &mut form.confirming_reset, actions);
+}
+
+fn device_label(device: DevicePreference) -> &'static str {
+    match device {
+        DevicePreference::Auto => "Best available (GPU, else CPU)",
+        DevicePreference::Cuda => "NVIDIA GPU (CUDA)",
+        DevicePreference::Metal => "Apple GPU (Metal)",
+        DevicePreference::Cpu => "CPU only (slow)",
+    }
 }

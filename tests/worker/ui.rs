@@ -9,6 +9,7 @@ use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable as _;
 use studio_worker::config::{Config, SharedConfig};
+use studio_worker::engine::device::DevicePreference;
 use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::{
     Command, CurrentJob, FinishedJob, JobOutcome, RuntimeHandle, SettingsChange, WorkerStatus,
@@ -254,11 +255,30 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
             api_base_url: "https://studio.example.com/api".into(),
             worker_name: "Alice's desktop".into(),
             unload_when_paused: true,
+            device: DevicePreference::Auto,
             close_to_tray: true,
             start_at_login: studio_worker::platform::autostart::is_enabled(),
             save_copies_to: None,
         })]
     );
+}
+
+#[test]
+fn settings_choose_the_device_used_from_the_next_start() {
+    let mut window = Window::new(approved());
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    window.harness.get_by_label("Make images on").click();
+    window.harness.run();
+    window.harness.get_by_label("CPU only (slow)").click();
+    window.harness.run();
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    assert!(window.shows("Saved. The new device is used after a restart."));
+    match window.sent().as_slice() {
+        [Command::SaveSettings(change)] => assert_eq!(change.device, DevicePreference::Cpu),
+        other => panic!("expected one save, got {other:?}"),
+    }
 }
 
 #[test]

@@ -41,6 +41,28 @@ pub fn duration(duration: Duration) -> String {
     }
 }
 
+/// "812 B", "4.2 MB", "2.58 GB" (decimal units, as download sizes are quoted).
+pub fn bytes(count: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if count < 1000 {
+        return format!("{count} B");
+    }
+    let mut value = count as f64 / 1000.0;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    let digits = if value < 10.0 {
+        2
+    } else if value < 100.0 {
+        1
+    } else {
+        0
+    };
+    format!("{value:.digits$} {}", UNITS[unit])
+}
+
 /// `text` on one line: runs of whitespace become one space, control characters are dropped,
 /// and at most `max_chars` characters remain, a cut marked with `…`. Reads no further into
 /// `text` than it needs (a 10 MB prompt costs no more than a short one).
@@ -79,6 +101,14 @@ pub fn capitalise(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_counts_read_like_download_sizes() {
+        assert_eq!(bytes(812), "812 B");
+        assert_eq!(bytes(4_200_000), "4.20 MB");
+        assert_eq!(bytes(2_580_000_000), "2.58 GB");
+        assert_eq!(bytes(123_456_789), "123 MB");
+    }
 
     #[test]
     fn reads_like_a_person_would_say_it() {

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod human;
 pub mod jobs;
 pub mod logging;
+pub mod models;
 pub mod outbox;
 pub mod platform;
 pub mod registration;

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test module uses a different part of the support code
 
 pub mod engine;
+pub mod hub;
 pub mod studio;
 
 use std::path::PathBuf;

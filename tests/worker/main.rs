@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod config_file;
 mod jobs;
+mod models;
 mod registration;
 mod runtime;
 mod soak;

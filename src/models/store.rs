@@ -1,0 +1,549 @@
+//! Catalog models on this PC: fetching them into the Hugging Face cache (sized first,
+//! resumable, cancellable, verified), telling which are ready, verifying and removing them.
+//!
+//! A model counts as ready only when its manifest (`<data>/models/<id>.json`, written last,
+//! atomically) exists and every file it lists is in the cache with its size. The manifest
+//! holds each file's hash, so `verify` works offline, and a worker with a complete cache
+//! starts without any network.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha1::Digest as _;
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::{self, CatalogEntry};
+use super::hub::{HubClient, HubError, RepoFile};
+use super::hub_cache::HubCache;
+use crate::engine::sd::model_folder::ModelFolder;
+
+/// Room left on the disk after a download, so the system does not run dry.
+const DISK_MARGIN: u64 = 200 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error(
+        "not enough free disk space: the download needs {} more and {} is free in {}",
+        crate::human::bytes(*needed),
+        crate::human::bytes(*available),
+        folder.display()
+    )]
+    DiskShort {
+        needed: u64,
+        available: u64,
+        folder: PathBuf,
+    },
+    #[error("{path} was corrupt twice in a row (its hash does not match the hub's)")]
+    Corrupt { path: String },
+    #[error("the downloaded model cannot be used: {0}")]
+    Unusable(String),
+    #[error("cannot write the model files: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where a download is, for the window and the terminal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DownloadProgress {
+    pub model_id: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub bytes_per_second: f64,
+    pub eta: Option<Duration>,
+    /// The file being fetched now.
+    pub file: String,
+}
+
+/// What is on disk for a catalog model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelState {
+    Ready {
+        path: PathBuf,
+        bytes: u64,
+    },
+    /// Some files (or parts of files) are here; a pull resumes from them.
+    Partial {
+        bytes: u64,
+    },
+    Absent,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Manifest {
+    repo: String,
+    revision: String,
+    commit: String,
+    files: Vec<ManifestFile>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ManifestFile {
+    path: String,
+    size: u64,
+    sha256: Option<String>,
+    blob_id: String,
+}
+
+impl From<&RepoFile> for ManifestFile {
+    fn from(file: &RepoFile) -> Self {
+        Self {
+            path: file.path.clone(),
+            size: file.size,
+            sha256: file.sha256.clone(),
+            blob_id: file.blob_id.clone(),
+        }
+    }
+}
+
+impl ManifestFile {
+    fn as_repo_file(&self) -> RepoFile {
+        RepoFile {
+            path: self.path.clone(),
+            size: self.size,
+            sha256: self.sha256.clone(),
+            blob_id: self.blob_id.clone(),
+        }
+    }
+}
+
+/// A file that failed `verify`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadFile {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelStore {
+    cache: HubCache,
+    manifests: PathBuf,
+    /// Tests stand in for the disk's free space.
+    free_space_override: Option<u64>,
+}
+
+impl ModelStore {
+    pub fn new(cache: HubCache, data_dir: &Path) -> Self {
+        Self {
+            cache,
+            manifests: data_dir.join("models"),
+            free_space_override: None,
+        }
+    }
+
+    pub fn with_free_space(mut self, bytes: u64) -> Self {
+        self.free_space_override = Some(bytes);
+        self
+    }
+
+    pub fn cache(&self) -> &HubCache {
+        &self.cache
+    }
+
+    fn manifest_path(&self, model_id: &str) -> PathBuf {
+        self.manifests.join(format!("{model_id}.json"))
+    }
+
+    fn read_manifest(&self, model_id: &str) -> Option<Manifest> {
+        let text = std::fs::read_to_string(self.manifest_path(model_id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The model's folder when every file it needs is in place.
+    pub fn ready_path(&self, entry: &CatalogEntry) -> Option<PathBuf> {
+        match self.state(entry) {
+            ModelState::Ready { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    pub fn state(&self, entry: &CatalogEntry) -> ModelState {
+        if let Some(manifest) = self.read_manifest(entry.id) {
+            let snapshot = self.cache.snapshot_dir(&manifest.repo, &manifest.commit);
+            let complete = manifest.files.iter().all(|file| {
+                std::fs::metadata(snapshot.join(&file.path))
+                    .is_ok_and(|metadata| metadata.len() == file.size)
+            });
+            if complete {
+                return ModelState::Ready {
+                    path: snapshot,
+                    bytes: manifest.files.iter().map(|file| file.size).sum(),
+                };
+            }
+        }
+        let blobs = self.cache.repo_dir(entry.repo).join("blobs");
+        let bytes: u64 = std::fs::read_dir(blobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|item| item.metadata().ok())
+            .map(|metadata| metadata.len())
+            .sum();
+        if bytes > 0 {
+            ModelState::Partial { bytes }
+        } else {
+            ModelState::Absent
+        }
+    }
+
+    /// Fetches what `entry` needs that is not here yet, and returns its folder.
+    pub async fn pull(
+        &self,
+        hub: &HubClient,
+        entry: &CatalogEntry,
+        on_progress: &mut (dyn FnMut(&DownloadProgress) + Send),
+        cancel: &CancellationToken,
+    ) -> Result<PathBuf, PullError> {
+        let info = hub.repo_info(entry.repo, entry.revision).await?;
+        let paths: Vec<&str> = info.files.iter().map(|file| file.path.as_str()).collect();
+        let needed_paths = catalog::needed_files(&paths, entry.prefer_fp16);
+        if !needed_paths.iter().any(|path| path == "model_index.json") {
+            return Err(PullError::Unusable(format!(
+                "{} is not a diffusers pipeline (no model_index.json)",
+                entry.repo
+            )));
+        }
+        let needed: Vec<RepoFile> = info
+            .files
+            .iter()
+            .filter(|file| needed_paths.contains(&file.path))
+            .cloned()
+            .collect();
+        let total_bytes: u64 = needed.iter().map(|file| file.size).sum();
+
+        // What is already here (whole blobs, or partial ones to resume).
+        let mut already = 0;
+        let mut missing = 0;
+        for file in &needed {
+            let blob = self.cache.blob_path(entry.repo, file.blob_name());
+            if blob
+                .metadata()
+                .is_ok_and(|metadata| metadata.len() == file.size)
+            {
+                already += file.size;
+            } else {
+                let partial = self
+                    .cache
+                    .incomplete_path(entry.repo, file.blob_name())
+                    .metadata()
+                    .map_or(0, |metadata| metadata.len().min(file.size));
+                already += partial;
+                missing += file.size - partial;
+            }
+        }
+        let folder = self.cache.root().to_owned();
+        std::fs::create_dir_all(&folder)?;
+        let available = self.free_space(&folder);
+        if let Some(available) = available
+            && missing + DISK_MARGIN > available
+        {
+            return Err(PullError::DiskShort {
+                needed: missing + DISK_MARGIN,
+                available,
+                folder,
+            });
+        }
+
+        let started = Instant::now();
+        let mut meter = SpeedMeter::new(already);
+        let mut done_before_file = 0;
+        for file in &needed {
+            let blob = self.cache.blob_path(entry.repo, file.blob_name());
+            if !blob
+                .metadata()
+                .is_ok_and(|metadata| metadata.len() == file.size)
+            {
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    self.fetch(hub, entry, &info.commit, file, cancel, &mut |on_disk| {
+                        let done = done_before_file + on_disk;
+                        let rate = meter.update(done);
+                        on_progress(&DownloadProgress {
+                            model_id: entry.id.to_owned(),
+                            done_bytes: done,
+                            total_bytes,
+                            bytes_per_second: rate,
+                            eta: (rate > 0.0).then(|| {
+                                Duration::from_secs_f64(
+                                    total_bytes.saturating_sub(done) as f64 / rate,
+                                )
+                            }),
+                            file: file.path.clone(),
+                        });
+                    })
+                    .await?;
+                    if verify_file(
+                        &self.cache.incomplete_path(entry.repo, file.blob_name()),
+                        file,
+                    )? {
+                        break;
+                    }
+                    // A corrupt transfer is thrown away and fetched once more, never used.
+                    std::fs::remove_file(self.cache.incomplete_path(entry.repo, file.blob_name()))?;
+                    tracing::warn!("{} arrived corrupt; fetching it again", file.path);
+                    if attempts >= 2 {
+                        return Err(PullError::Corrupt {
+                            path: file.path.clone(),
+                        });
+                    }
+                }
+                std::fs::rename(
+                    self.cache.incomplete_path(entry.repo, file.blob_name()),
+                    &blob,
+                )?;
+            }
+            self.cache
+                .link(entry.repo, &info.commit, &file.path, file.blob_name())?;
+            done_before_file += file.size;
+        }
+        self.cache
+            .write_ref(entry.repo, entry.revision, &info.commit)?;
+
+        let snapshot = self.cache.snapshot_dir(entry.repo, &info.commit);
+        check_usable(&snapshot)?;
+        let manifest = Manifest {
+            repo: entry.repo.to_owned(),
+            revision: entry.revision.to_owned(),
+            commit: info.commit.clone(),
+            files: needed.iter().map(ManifestFile::from).collect(),
+        };
+        self.write_manifest(entry.id, &manifest)?;
+        tracing::info!(
+            "{} is ready ({} in {:.0} s)",
+            entry.id,
+            crate::human::bytes(total_bytes),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(snapshot)
+    }
+
+    async fn fetch(
+        &self,
+        hub: &HubClient,
+        entry: &CatalogEntry,
+        commit: &str,
+        file: &RepoFile,
+        cancel: &CancellationToken,
+        on_progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(), PullError> {
+        let partial = self.cache.incomplete_path(entry.repo, file.blob_name());
+        if let Some(parent) = partial.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        hub.download(entry.repo, commit, file, &partial, on_progress, cancel)
+            .await?;
+        let on_disk = partial.metadata().map_or(0, |metadata| metadata.len());
+        if on_disk != file.size {
+            return Err(PullError::Hub(HubError::Network(format!(
+                "the transfer of {} ended early ({} of {}); it resumes on the next try",
+                file.path,
+                crate::human::bytes(on_disk),
+                crate::human::bytes(file.size)
+            ))));
+        }
+        Ok(())
+    }
+
+    fn write_manifest(&self, model_id: &str, manifest: &Manifest) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.manifests)?;
+        let path = self.manifest_path(model_id);
+        let temporary = path.with_extension("json.tmp");
+        let json = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
+        std::fs::write(&temporary, json)?;
+        std::fs::File::open(&temporary)?.sync_all()?;
+        std::fs::rename(&temporary, &path)
+    }
+
+    /// Re-hashes every file of a ready model. A bad file is deleted (blob and link) and the
+    /// model stops counting as ready, so the next pull fetches it again.
+    pub fn verify(&self, entry: &CatalogEntry) -> Result<Vec<BadFile>, PullError> {
+        let Some(manifest) = self.read_manifest(entry.id) else {
+            return Err(PullError::Unusable(format!(
+                "{} is not downloaded",
+                entry.id
+            )));
+        };
+        let mut bad = Vec::new();
+        for file in &manifest.files {
+            let repo_file = file.as_repo_file();
+            let blob = self.cache.blob_path(&manifest.repo, repo_file.blob_name());
+            let reason = match verify_file(&blob, &repo_file) {
+                Ok(true) => continue,
+                Ok(false) => "its size or hash does not match the hub's".to_owned(),
+                Err(error) => error.to_string(),
+            };
+            let _ = std::fs::remove_file(&blob);
+            let _ = std::fs::remove_file(
+                self.cache
+                    .snapshot_dir(&manifest.repo, &manifest.commit)
+                    .join(&file.path),
+            );
+            bad.push(BadFile {
+                path: file.path.clone(),
+                reason,
+            });
+        }
+        if !bad.is_empty() {
+            std::fs::remove_file(self.manifest_path(entry.id))?;
+        }
+        Ok(bad)
+    }
+
+    /// Deletes the model's files from the cache (its snapshot and the blobs only it uses)
+    /// and its manifest. Returns the bytes freed.
+    pub fn remove(&self, entry: &CatalogEntry) -> Result<u64, PullError> {
+        let repo_dir = self.cache.repo_dir(entry.repo);
+        let mut freed = 0;
+        if let Some(manifest) = self.read_manifest(entry.id) {
+            std::fs::remove_file(self.manifest_path(entry.id))?;
+            let snapshot = self.cache.snapshot_dir(&manifest.repo, &manifest.commit);
+            if snapshot.exists() {
+                std::fs::remove_dir_all(&snapshot)?;
+            }
+            let still_linked = linked_blobs(&repo_dir.join("snapshots"));
+            for file in &manifest.files {
+                let blob_name = file.sha256.as_deref().unwrap_or(&file.blob_id);
+                if still_linked.iter().any(|name| name == blob_name) {
+                    continue;
+                }
+                let blob = self.cache.blob_path(&manifest.repo, blob_name);
+                if let Ok(metadata) = blob.metadata() {
+                    freed += metadata.len();
+                    std::fs::remove_file(&blob)?;
+                }
+            }
+        }
+        // Partial downloads go too.
+        for item in std::fs::read_dir(repo_dir.join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if item.file_name().to_string_lossy().ends_with(".incomplete") {
+                freed += item.metadata().map_or(0, |metadata| metadata.len());
+                std::fs::remove_file(item.path())?;
+            }
+        }
+        Ok(freed)
+    }
+
+    fn free_space(&self, folder: &Path) -> Option<u64> {
+        if self.free_space_override.is_some() {
+            return self.free_space_override;
+        }
+        let folder = folder.canonicalize().ok()?;
+        let disks = sysinfo::Disks::new_with_refreshed_list().ok()?;
+        (&disks)
+            .into_iter()
+            .filter(|disk| folder.starts_with(disk.mount_point()))
+            .max_by_key(|disk| disk.mount_point().as_os_str().len())
+            .map(sysinfo::Disk::available_space)
+    }
+}
+
+/// The blob names the links under `snapshots` point at.
+fn linked_blobs(snapshots: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut folders = vec![snapshots.to_owned()];
+    while let Some(folder) = folders.pop() {
+        for item in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = item.path();
+            if let Ok(target) = std::fs::read_link(&path) {
+                if let Some(name) = target.file_name() {
+                    names.push(name.to_string_lossy().into_owned());
+                }
+            } else if path.is_dir() {
+                folders.push(path);
+            }
+        }
+    }
+    names
+}
+
+/// Whether the file at `path` has `file`'s size and hash (SHA-256 for LFS files, git's
+/// blob SHA-1 for small ones).
+fn verify_file(path: &Path, file: &RepoFile) -> std::io::Result<bool> {
+    use std::io::Read as _;
+    let mut input = std::fs::File::open(path)?;
+    if input.metadata()?.len() != file.size {
+        return Ok(false);
+    }
+    let mut buffer = vec![0; 1 << 20];
+    let digest = match &file.sha256 {
+        Some(expected) => {
+            let mut hasher = sha2::Sha256::new();
+            loop {
+                let read = input.read(&mut buffer)?;
+                if read == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..read]);
+            }
+            (hex::encode(hasher.finalize()), expected)
+        }
+        None => {
+            let mut hasher = sha1::Sha1::new();
+            hasher.update(format!("blob {}\0", file.size).as_bytes());
+            loop {
+                let read = input.read(&mut buffer)?;
+                if read == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..read]);
+            }
+            (hex::encode(hasher.finalize()), &file.blob_id)
+        }
+    };
+    Ok(digest.0.eq_ignore_ascii_case(digest.1))
+}
+
+/// The folder parses as a pipeline this engine runs, with every weight file present.
+fn check_usable(folder: &Path) -> Result<(), PullError> {
+    let model =
+        ModelFolder::open(folder).map_err(|error| PullError::Unusable(error.to_string()))?;
+    model
+        .weight_files(candle_core::DType::F16)
+        .map_err(|error| PullError::Unusable(error.to_string()))?;
+    Ok(())
+}
+
+/// Bytes per second over the last few seconds.
+struct SpeedMeter {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl SpeedMeter {
+    const WINDOW: Duration = Duration::from_secs(5);
+
+    fn new(start_bytes: u64) -> Self {
+        Self {
+            samples: std::collections::VecDeque::from([(Instant::now(), start_bytes)]),
+        }
+    }
+
+    fn update(&mut self, done: u64) -> f64 {
+        let now = Instant::now();
+        self.samples.push_back((now, done));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > Self::WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        match (self.samples.front(), self.samples.back()) {
+            (Some((first_at, first)), Some((last_at, last))) => {
+                let seconds = last_at.duration_since(*first_at).as_secs_f64();
+                if seconds > 0.0 {
+                    last.saturating_sub(*first) as f64 / seconds
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        }
+    }
+}

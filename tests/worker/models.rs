@@ -1,0 +1,275 @@
+//! The model manager against the in-process hub: fresh, resumed, corrupt, short of disk,
+//! gated, offline, verified and removed downloads of a real (tiny) diffusers pipeline.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use studio_worker::engine::sd::StableDiffusion;
+use studio_worker::jobs::Scheduler;
+use studio_worker::models::catalog::{CatalogEntry, JobDefaults};
+use studio_worker::models::hub::{HubClient, HubError};
+use studio_worker::models::hub_cache::HubCache;
+use studio_worker::models::store::{DownloadProgress, ModelState, ModelStore, PullError};
+use studio_worker::secret::Secret;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::hub::TestHub;
+
+const REPO: &str = "test-org/tiny-sd1";
+const UNET: &str = "unet/diffusion_pytorch_model.safetensors";
+
+const ENTRY: CatalogEntry = CatalogEntry {
+    id: "tiny",
+    display_name: "Tiny SD",
+    repo: REPO,
+    revision: "main",
+    prefer_fp16: true,
+    download_bytes: 2_300_000,
+    min_gpu_mb: 1,
+    defaults: JobDefaults {
+        size: 64,
+        steps: 2,
+        guidance_scale: 0.0,
+        scheduler: Scheduler::Euler,
+    },
+};
+
+struct Setup {
+    hub: TestHub,
+    client: HubClient,
+    store: ModelStore,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1")
+}
+
+async fn setup() -> Setup {
+    let hub = TestHub::start().await;
+    hub.publish_folder(REPO, &fixture());
+    let cache_dir = tempfile::tempdir().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(HubCache::new(cache_dir.path().to_owned()), data_dir.path());
+    Setup {
+        client: HubClient::new(&hub.endpoint(), None).unwrap(),
+        hub,
+        store,
+        _dirs: (cache_dir, data_dir),
+    }
+}
+
+async fn pull(setup: &Setup) -> (Result<PathBuf, PullError>, Vec<DownloadProgress>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let result = setup
+        .store
+        .pull(
+            &setup.client,
+            &ENTRY,
+            &mut move |progress| sink.lock().unwrap().push(progress.clone()),
+            &CancellationToken::new(),
+        )
+        .await;
+    let seen = seen.lock().unwrap().clone();
+    (result, seen)
+}
+
+#[tokio::test]
+async fn a_fresh_download_lands_in_the_hub_cache_and_loads() {
+    let setup = setup().await;
+    assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
+    let (result, progress) = pull(&setup).await;
+    let folder = result.expect("pulls");
+
+    // The huggingface_hub layout: snapshots/<commit>/… linking to blobs, and refs/main.
+    assert!(folder.starts_with(setup.store.cache().repo_dir(REPO).join("snapshots")));
+    assert_eq!(
+        setup.store.cache().read_ref(REPO, "main").as_deref(),
+        Some("0123456789abcdef0123456789abcdef01234567")
+    );
+    assert!(
+        folder
+            .join(UNET)
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // Only what the pipeline needs: no README, no .bin duplicate.
+    let fetched: Vec<String> = setup.hub.downloads().into_iter().map(|d| d.path).collect();
+    assert!(
+        !fetched
+            .iter()
+            .any(|path| path.ends_with(".bin") || path == "README.md")
+    );
+    assert!(fetched.contains(&UNET.to_owned()));
+
+    // Progress climbs to the total.
+    let last = progress.last().expect("progress was reported");
+    assert_eq!(last.done_bytes, last.total_bytes);
+    assert!(
+        progress
+            .windows(2)
+            .all(|pair| pair[0].done_bytes <= pair[1].done_bytes)
+    );
+    assert!(matches!(
+        setup.store.state(&ENTRY),
+        ModelState::Ready { .. }
+    ));
+
+    // It is a model the engine runs.
+    let device = candle_core::Device::Cpu;
+    StableDiffusion::load(&folder, &device, candle_core::DType::F32).expect("loads");
+
+    // A second pull fetches nothing.
+    let before = setup.hub.downloads().len();
+    pull(&setup).await.0.expect("pulls again");
+    assert_eq!(setup.hub.downloads().len(), before, "nothing fetched twice");
+}
+
+#[tokio::test]
+async fn an_interrupted_transfer_resumes_where_it_stopped() {
+    let setup = setup().await;
+    let size = setup.hub.file_size(REPO, UNET);
+    setup.hub.cut_next_transfer(UNET, 300_000);
+    let (result, _) = pull(&setup).await;
+    let error = result.expect_err("the cut transfer fails the pull");
+    assert!(
+        matches!(&error, PullError::Hub(hub) if hub.is_transient()),
+        "{error}"
+    );
+    assert!(matches!(
+        setup.store.state(&ENTRY),
+        ModelState::Partial { .. }
+    ));
+    assert!(
+        setup.store.ready_path(&ENTRY).is_none(),
+        "a half model is never ready"
+    );
+
+    pull(&setup).await.0.expect("the second pull completes");
+    let unet: Vec<_> = setup
+        .hub
+        .downloads()
+        .into_iter()
+        .filter(|download| download.path == UNET)
+        .collect();
+    assert_eq!(unet.len(), 2);
+    assert_eq!(unet[0].range_start, None);
+    assert_eq!(
+        unet[1].range_start,
+        Some(300_000),
+        "resumed with a Range request"
+    );
+    assert_eq!(
+        unet[0].bytes_sent + unet[1].bytes_sent,
+        size,
+        "no byte fetched twice"
+    );
+    assert!(setup.store.ready_path(&ENTRY).is_some());
+}
+
+#[tokio::test]
+async fn a_corrupt_file_is_fetched_again_and_never_used() {
+    let setup = setup().await;
+    setup.hub.corrupt_next_transfers(UNET, 1);
+    pull(&setup).await.0.expect("the second transfer is good");
+    let unet_transfers = setup
+        .hub
+        .downloads()
+        .iter()
+        .filter(|d| d.path == UNET)
+        .count();
+    assert_eq!(unet_transfers, 2);
+    assert!(setup.store.verify(&ENTRY).unwrap().is_empty());
+
+    // Corrupt every time: the pull fails and nothing is marked ready.
+    let setup = self::setup().await;
+    setup.hub.corrupt_next_transfers(UNET, 10);
+    let error = pull(&setup).await.0.expect_err("corrupt twice");
+    assert!(
+        matches!(error, PullError::Corrupt { ref path } if path == UNET),
+        "{error}"
+    );
+    assert!(setup.store.ready_path(&ENTRY).is_none());
+}
+
+#[tokio::test]
+async fn too_little_disk_space_is_refused_before_downloading() {
+    let mut setup = setup().await;
+    setup.store = setup.store.clone().with_free_space(50_000_000);
+    let error = pull(&setup).await.0.expect_err("short of disk");
+    let message = error.to_string();
+    assert!(
+        matches!(
+            error,
+            PullError::DiskShort {
+                available: 50_000_000,
+                ..
+            }
+        ),
+        "{message}"
+    );
+    assert!(message.contains("50.0 MB is free"), "{message}");
+    assert!(setup.hub.downloads().is_empty(), "nothing fetched");
+    assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
+}
+
+#[tokio::test]
+async fn a_gated_repository_says_a_token_is_needed_and_works_with_one() {
+    let setup = setup().await;
+    setup.hub.gate(REPO, "hf_secret_token_123");
+    let error = pull(&setup).await.0.expect_err("gated");
+    let message = error.to_string();
+    assert!(
+        matches!(error, PullError::Hub(HubError::Unauthorized { .. })),
+        "{message}"
+    );
+    assert!(message.contains("HF_TOKEN"), "{message}");
+
+    let with_token = Setup {
+        client: HubClient::new(
+            &setup.hub.endpoint(),
+            Some(Secret::new("hf_secret_token_123".to_owned())),
+        )
+        .unwrap(),
+        ..setup
+    };
+    pull(&with_token).await.0.expect("the token opens it");
+}
+
+#[tokio::test]
+async fn a_complete_cache_is_ready_offline_and_verify_and_remove_work_on_it() {
+    let setup = setup().await;
+    pull(&setup).await.0.expect("pulls");
+    let listings = setup.hub.listings();
+
+    // A new store over the same folders, with no hub at all.
+    let ready = setup.store.ready_path(&ENTRY).expect("ready offline");
+    assert!(ready.join("model_index.json").exists());
+    assert_eq!(setup.hub.listings(), listings, "readiness needs no network");
+
+    // Tampering is found by verify, and the model stops being ready.
+    let blob = std::fs::canonicalize(ready.join(UNET)).unwrap();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let bad = setup.store.verify(&ENTRY).unwrap();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0].path, UNET);
+    assert!(setup.store.ready_path(&ENTRY).is_none());
+
+    // The next pull fetches only the bad file.
+    let before = setup.hub.downloads().len();
+    pull(&setup).await.0.expect("repairs");
+    let fetched: Vec<_> = setup.hub.downloads()[before..]
+        .iter()
+        .map(|d| d.path.clone())
+        .collect();
+    assert_eq!(fetched, vec![UNET.to_owned()]);
+
+    let freed = setup.store.remove(&ENTRY).unwrap();
+    assert!(freed > 1_000_000, "freed {freed}");
+    assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
+}

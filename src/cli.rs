@@ -64,6 +64,9 @@ pub enum CliCommand {
     Pause,
     /// Take jobs again after `pause`.
     Resume,
+    /// The models this worker can serve: list, pull, remove, verify, add a local folder.
+    #[command(subcommand)]
+    Models(crate::models::commands::ModelsCommand),
     /// Make an image on this PC, without the studio (also a quick check that the GPU works).
     Generate(crate::generate::GenerateArgs),
     /// Show the registration, the studio and whether a worker is running.
@@ -109,6 +112,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bail!("nothing to do: `register --reset` starts the registration over")
         }
         Some(CliCommand::Status { json }) => print_status(&paths, json),
+        Some(CliCommand::Models(command)) => {
+            let _log_guard = crate::logging::init(None);
+            crate::models::commands::run(&paths, command)
+        }
         Some(CliCommand::Generate(args)) => {
             let _log_guard = crate::logging::init(None);
             crate::generate::run(&paths, args)
@@ -219,13 +226,17 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     tokio.block_on(async {
         let mut shutdown = crate::runtime::ShutdownSignal::install();
-        let engine = crate::engine::candle_engine::from_settings(&config.snapshot());
+        let store = crate::models::store::ModelStore::standard(&paths.data_dir);
+        let engine =
+            crate::engine::candle_engine::from_settings(&config.snapshot(), store.as_ref());
+        let model_supply = crate::runtime::ModelSupply::standard(store);
         let options = RuntimeOptions {
             timing: Timing::PRODUCTION,
             data_dir: paths.data_dir.clone(),
             api_base_override: api_url,
             engine,
             recovered_config,
+            model_supply,
         };
         let runtime = Runtime::start(config, options)?;
         let outcome = tokio::select! {

@@ -129,11 +129,22 @@ impl Default for EngineSection {
 }
 
 /// `[models]`: which models this worker serves.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ModelsSection {
+    /// Catalog models to download (when missing) and serve.
+    pub enabled: Vec<String>,
     /// Model id → a diffusers-layout folder on this PC (`model_index.json`, `unet/`, …).
     pub local: BTreeMap<String, PathBuf>,
+}
+
+impl Default for ModelsSection {
+    fn default() -> Self {
+        Self {
+            enabled: vec!["sd-turbo".to_owned()],
+            local: BTreeMap::new(),
+        }
+    }
 }
 
 /// `[images]`: what happens to finished images besides going to the studio.

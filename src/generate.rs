@@ -27,7 +27,7 @@ pub struct GenerateArgs {
     /// What to keep out of the image.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// A model id from the settings' `[models.local]`.
+    /// A catalog model (downloaded with `models pull`) or a `[models.local]` id.
     #[arg(long, value_name = "ID", conflicts_with = "model_dir")]
     pub model: Option<String>,
     /// A diffusers-layout model folder.
@@ -146,17 +146,24 @@ fn resolve_model(paths: &Paths, args: &GenerateArgs) -> anyhow::Result<(String, 
         ));
     };
     let settings = config::load(&paths.config_file)?.config;
-    match settings.models.local.get(model_id) {
-        Some(root) => Ok((model_id.clone(), root.clone())),
-        None => {
-            let known: Vec<&str> = settings.models.local.keys().map(String::as_str).collect();
-            Err(usage(if known.is_empty() {
-                format!("no model {model_id:?}: the settings list no models (use --model-dir)")
-            } else {
-                format!("no model {model_id:?} (known: {})", known.join(", "))
-            }))
-        }
+    if let Some(root) = settings.models.local.get(model_id) {
+        return Ok((model_id.clone(), root.clone()));
     }
+    if let Some(entry) = crate::models::catalog::find(model_id) {
+        let store = crate::models::store::ModelStore::standard(&paths.data_dir);
+        return match store.and_then(|store| store.ready_path(entry)) {
+            Some(root) => Ok((model_id.clone(), root)),
+            None => Err(usage(format!(
+                "{model_id} is not downloaded yet: `studio-worker models pull {model_id}`"
+            ))),
+        };
+    }
+    let mut known: Vec<&str> = settings.models.local.keys().map(String::as_str).collect();
+    known.extend(crate::models::catalog::CATALOG.iter().map(|entry| entry.id));
+    Err(usage(format!(
+        "no model {model_id:?} (known: {})",
+        known.join(", ")
+    )))
 }
 
 fn request_for(

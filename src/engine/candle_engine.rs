@@ -37,7 +37,8 @@ struct Loaded {
 
 pub struct CandleEngine {
     device: SelectedDevice,
-    models: BTreeMap<String, ServedModel>,
+    /// Grows when a download finishes.
+    models: Mutex<BTreeMap<String, ServedModel>>,
     /// Most recently used last.
     loaded: Mutex<Vec<Loaded>>,
     budget_bytes: u64,
@@ -85,7 +86,7 @@ impl CandleEngine {
         };
         let engine = Self {
             device,
-            models: served,
+            models: Mutex::new(served),
             loaded: Mutex::new(Vec::new()),
             budget_bytes,
         };
@@ -123,7 +124,10 @@ impl CandleEngine {
     fn pipeline(&self, model_id: &str) -> Result<Arc<StableDiffusion>, EngineError> {
         let served = self
             .models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(model_id)
+            .cloned()
             .ok_or_else(|| EngineError::ModelUnavailable(format!("{model_id} is not served")))?;
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(index) = loaded.iter().position(|entry| entry.model_id == model_id) {
@@ -183,7 +187,27 @@ impl Engine for CandleEngine {
     }
 
     fn ready_models(&self) -> Vec<String> {
-        self.models.keys().cloned().collect()
+        self.models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn serve(&self, model_id: &str, folder: &Path) -> Result<(), String> {
+        let memory_bytes = check_folder(folder, self.device.dtype)?;
+        self.models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                model_id.to_owned(),
+                ServedModel {
+                    root: folder.to_owned(),
+                    memory_bytes,
+                },
+            );
+        Ok(())
     }
 
     fn device_info(&self) -> DeviceInfo {
@@ -303,12 +327,17 @@ fn engine_error(error: SdError, model_id: &str) -> EngineError {
     }
 }
 
-/// The engine the settings ask for, or `None` (logged) when the device they name cannot
+/// The engine the settings ask for, serving the local folders and the enabled catalog
+/// models already downloaded into `store`; `None` (logged) when the device they name cannot
 /// open: the worker then stays registered and heartbeating without taking jobs.
-pub fn from_settings(config: &crate::config::Config) -> Option<Arc<dyn Engine>> {
+pub fn from_settings(
+    config: &crate::config::Config,
+    store: Option<&crate::models::store::ModelStore>,
+) -> Option<Arc<dyn Engine>> {
+    let models = served_models(config, store);
     match CandleEngine::start(
         config.engine.device,
-        &config.models.local,
+        &models,
         config.engine.memory_budget_mb,
     ) {
         Ok(engine) => Some(Arc::new(engine)),
@@ -317,4 +346,27 @@ pub fn from_settings(config: &crate::config::Config) -> Option<Arc<dyn Engine>> 
             None
         }
     }
+}
+
+/// Model id → folder for everything the settings ask to serve that is on this PC now.
+pub fn served_models(
+    config: &crate::config::Config,
+    store: Option<&crate::models::store::ModelStore>,
+) -> BTreeMap<String, PathBuf> {
+    let mut models = config.models.local.clone();
+    for model_id in &config.models.enabled {
+        let Some(entry) = crate::models::catalog::find(model_id) else {
+            tracing::warn!("[models] enabled names {model_id:?}, which is not in the catalog");
+            continue;
+        };
+        match store.and_then(|store| store.ready_path(entry)) {
+            Some(folder) => {
+                models.insert(model_id.clone(), folder);
+            }
+            None => tracing::info!(
+                "{model_id} is not downloaded yet (`studio-worker models pull {model_id}`)"
+            ),
+        }
+    }
+    models
 }

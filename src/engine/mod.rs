@@ -118,6 +118,13 @@ pub trait Engine: Send + Sync + 'static {
         cancel: &CancelToken,
     ) -> Result<Generated, EngineError>;
 
+    /// Starts serving a model that just arrived (a finished download). Engines that serve a
+    /// fixed set refuse.
+    fn serve(&self, model_id: &str, folder: &std::path::Path) -> Result<(), String> {
+        let _ = folder;
+        Err(format!("this engine cannot add {model_id} while running"))
+    }
+
     /// Gives GPU memory back (called while paused, when the setting asks for it).
     fn unload(&self) {}
 }

@@ -3,6 +3,7 @@
 //! what is on this PC ([`store`]: pull, ready, verify, remove).
 
 pub mod catalog;
+pub mod commands;
 pub mod hub;
 pub mod hub_cache;
 pub mod store;

@@ -132,6 +132,11 @@ impl ModelStore {
         }
     }
 
+    /// Over the standard Hugging Face cache (`None` without a home folder).
+    pub fn standard(data_dir: &Path) -> Option<Self> {
+        HubCache::from_env().map(|cache| Self::new(cache, data_dir))
+    }
+
     pub fn with_free_space(mut self, bytes: u64) -> Self {
         self.free_space_override = Some(bytes);
         self

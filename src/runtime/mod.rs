@@ -20,6 +20,7 @@
 
 mod commands;
 pub mod control;
+mod downloads;
 mod heartbeat;
 mod job_loop;
 mod outage;
@@ -39,9 +40,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use commands::{Command, SettingsChange};
+pub use downloads::ModelSupply;
 pub use status::{
-    ConnectionStatus, CurrentJob, FinishedJob, JobCounters, JobOutcome, JobsStatus, WorkerStatus,
-    pause_reason,
+    ConnectionStatus, CurrentJob, FinishedJob, JobCounters, JobOutcome, JobsStatus, ModelDownload,
+    WorkerStatus, pause_reason,
 };
 
 use crate::config::{Config, SharedConfig};
@@ -64,6 +66,8 @@ pub struct RuntimeOptions {
     pub engine: Option<Arc<dyn Engine>>,
     /// The settings file that `config::load` found broken and kept aside, to tell the person.
     pub recovered_config: Option<crate::config::BrokenConfig>,
+    /// Where enabled catalog models are downloaded from and to; `None`: no downloads.
+    pub model_supply: Option<ModelSupply>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +276,9 @@ impl Runtime {
         tasks.spawn(heartbeat::run(context.clone()));
         tasks.spawn(job_loop::run(context.clone()));
         tasks.spawn(uploader::run(context.clone()));
+        if let Some(supply) = options.model_supply {
+            tasks.spawn(downloads::run(supply, context.clone()));
+        }
         tasks.spawn(commands::run(command_receiver, context.clone()));
         tasks.spawn(control::serve(
             options.data_dir.clone(),

@@ -17,6 +17,20 @@ use crate::studio::protocol::{FailCode, PauseReason, Stage, WorkerState};
 /// How many finished jobs the status keeps for the Jobs tab.
 pub const RECENT_JOBS: usize = 50;
 
+/// A model download in progress, for the window and `status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDownload {
+    pub model_id: String,
+    pub done_bytes: u64,
+    /// 0 until the hub said how much there is.
+    pub total_bytes: u64,
+    pub bytes_per_second: f64,
+    pub eta: Option<std::time::Duration>,
+    /// Why it is not moving (waiting to resume, or stopped for good), in one line.
+    pub problem: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
@@ -39,6 +53,8 @@ pub struct WorkerStatus {
     pub device: Option<crate::studio::protocol::DeviceInfo>,
     /// Writer: the runtime at start. The engine in one line (`None`: no engine).
     pub engine: Option<String>,
+    /// Writer: the downloads task. Catalog models being fetched (or that could not be).
+    pub downloads: Vec<ModelDownload>,
     /// Set at start when the settings file could not be read and was kept aside: where it
     /// went and why, for the person to see (the reason never quotes the file).
     pub settings_recovered: Option<String>,
@@ -64,6 +80,7 @@ impl WorkerStatus {
             jobs: JobsStatus::default(),
             device: None,
             engine: None,
+            downloads: Vec::new(),
             settings_recovered: None,
             window_raise_requests: 0,
             settings_problem: None,

@@ -37,7 +37,10 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
     let (runtime, mut shutdown) = {
         let _entered = tokio.enter();
         let shutdown = crate::runtime::ShutdownSignal::install();
-        let engine = crate::engine::candle_engine::from_settings(&config.snapshot());
+        let store = crate::models::store::ModelStore::standard(&options.data_dir);
+        let engine =
+            crate::engine::candle_engine::from_settings(&config.snapshot(), store.as_ref());
+        let model_supply = crate::runtime::ModelSupply::standard(store);
         let runtime = Runtime::start(
             config,
             RuntimeOptions {
@@ -46,6 +49,7 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
                 api_base_override: options.api_base_override,
                 engine,
                 recovered_config: options.recovered_config,
+                model_supply,
             },
         )?;
         (runtime, shutdown)

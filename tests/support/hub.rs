@@ -115,6 +115,16 @@ impl TestHub {
             .token = Some(token.to_owned());
     }
 
+    pub fn ungate(&self, repo: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .repos
+            .get_mut(repo)
+            .expect("repo")
+            .token = None;
+    }
+
     pub fn cut_next_transfer(&self, path: &str, after_bytes: u64) {
         self.state
             .lock()

@@ -95,6 +95,7 @@ impl WorkerHome {
                 api_base_override: None,
                 engine,
                 recovered_config: None,
+                model_supply: None,
             },
         )
         .expect("runtime starts")

@@ -273,3 +273,97 @@ async fn a_complete_cache_is_ready_offline_and_verify_and_remove_work_on_it() {
     assert!(freed > 1_000_000, "freed {freed}");
     assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_them() {
+    use std::collections::BTreeMap;
+    use studio_worker::config::{self, Config};
+    use studio_worker::engine::candle_engine::CandleEngine;
+    use studio_worker::engine::device::{self, DevicePreference};
+    use studio_worker::runtime::{ModelSupply, Runtime, RuntimeOptions};
+
+    use crate::support::studio::{Decision, TestStudio};
+    use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
+
+    let hub_setup = setup().await;
+    hub_setup.hub.gate(REPO, "hf_needed");
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    let mut settings: Config = home.write_config(&studio.url());
+    settings.models.enabled = vec!["tiny".to_owned()];
+    config::save(&home.config_path(), &settings).unwrap();
+
+    let start = |home: &WorkerHome| -> Runtime {
+        let cpu = device::select(DevicePreference::Cpu).unwrap();
+        let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
+        Runtime::start(
+            home.shared(),
+            RuntimeOptions {
+                timing: fast_timing(),
+                data_dir: home.dir.path().to_path_buf(),
+                api_base_override: None,
+                engine: Some(Arc::new(engine)),
+                recovered_config: None,
+                model_supply: Some(ModelSupply {
+                    store: hub_setup.store.clone(),
+                    hub: hub_setup.client.clone(),
+                    catalog: vec![ENTRY],
+                }),
+            },
+        )
+        .unwrap()
+    };
+
+    // Gated: the status says why, and the worker heartbeats as `loading`, claiming nothing.
+    let runtime = start(&home);
+    let handle = runtime.handle();
+    eventually("the download problem is shown", PATIENCE, || {
+        handle.status().downloads.iter().any(|download| {
+            download
+                .problem
+                .as_deref()
+                .is_some_and(|p| p.contains("HF_TOKEN"))
+        })
+    })
+    .await;
+    eventually("a loading heartbeat", PATIENCE, || {
+        studio.workers().iter().any(|worker| {
+            worker.heartbeats.iter().any(|beat| {
+                beat["state"] == "loading"
+                    && beat["capabilities"]["models"] == serde_json::json!([])
+            })
+        })
+    })
+    .await;
+    runtime.shutdown().await;
+
+    // Open again: the next start downloads it and serves it without a restart in between.
+    hub_setup.hub.ungate(REPO);
+    let runtime = start(&home);
+    let handle = runtime.handle();
+    eventually("served after the download", PATIENCE, || {
+        studio.workers().iter().any(|worker| {
+            worker
+                .heartbeats
+                .last()
+                .is_some_and(|beat| beat["capabilities"]["models"][0]["id"] == "tiny")
+        })
+    })
+    .await;
+    assert!(handle.status().downloads.is_empty());
+    let job = serde_json::json!({
+        "jobId": "after-download", "kind": "txt2img", "model": "tiny",
+        "prompt": "a lighthouse", "negativePrompt": "", "width": 64, "height": 64,
+        "steps": 2, "guidanceScale": 0.0, "seed": 1, "numImages": 1, "scheduler": null,
+        "leaseS": 120
+    });
+    studio.enqueue(job);
+    eventually("delivered", PATIENCE, || {
+        studio
+            .job("after-download")
+            .is_some_and(|job| !job.results.is_empty())
+    })
+    .await;
+    runtime.shutdown().await;
+}

@@ -12,6 +12,7 @@ pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+mod weight_check;
 
 use std::path::Path;
 
@@ -432,6 +433,43 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SdError> {
         Ok(self.vae.decode(latents)?)
     }
+}
+
+/// Checks that the folder's weight files hold every tensor its architecture needs, with the
+/// right shapes, without loading them.
+pub fn check_weights(root: &Path) -> Result<(), SdError> {
+    let folder = ModelFolder::open(root)?;
+    let files = folder.weight_files(DType::F32)?;
+    let context = |component: &str, error: candle_core::Error| {
+        SdError::Folder(FolderError::Invalid {
+            file: format!("{component} weights"),
+            reason: error.to_string(),
+        })
+    };
+    ClipTextEncoder::new(
+        weight_check::header_builder(&files.text_encoder)
+            .map_err(|e| context("text_encoder", e))?,
+        &folder.text_encoder,
+    )
+    .map_err(|error| context("text_encoder", error))?;
+    if let (Some(path), Some(config)) = (&files.text_encoder_2, &folder.text_encoder_2) {
+        ClipTextEncoder::new(
+            weight_check::header_builder(path).map_err(|e| context("text_encoder_2", e))?,
+            config,
+        )
+        .map_err(|error| context("text_encoder_2", error))?;
+    }
+    Unet::new(
+        weight_check::header_builder(&files.unet).map_err(|e| context("unet", e))?,
+        &folder.unet,
+    )
+    .map_err(|error| context("unet", error))?;
+    Vae::new(
+        weight_check::header_builder(&files.vae).map_err(|e| context("vae", e))?,
+        &folder.vae,
+    )
+    .map_err(|error| context("vae", error))?;
+    Ok(())
 }
 
 /// `(batch, 3, H, W)` floats in `[0, 1]` to 8-bit images (rounded, as the reference).

@@ -1,0 +1,158 @@
+//! The downloads task: fetches the enabled catalog models that are not on this PC yet, one
+//! at a time, with progress in `WorkerStatus.downloads`, and hands each finished model to
+//! the engine. It never blocks heartbeats or jobs; a network failure is retried with
+//! backoff, a lasting one (gated repository, full disk) is shown and left until restart.
+
+use std::time::Duration;
+
+use super::TaskContext;
+use super::status::ModelDownload;
+use crate::backoff::Backoff;
+use crate::models::catalog::CatalogEntry;
+use crate::models::hub::HubClient;
+use crate::models::store::{ModelStore, PullError};
+
+/// Where catalog models come from and go to.
+#[derive(Clone)]
+pub struct ModelSupply {
+    pub store: ModelStore,
+    pub hub: HubClient,
+    /// The catalog to take enabled ids from (the real one, or a test's).
+    pub catalog: Vec<CatalogEntry>,
+}
+
+impl ModelSupply {
+    /// The real catalog from the real hub (`HF_ENDPOINT`, `HF_TOKEN` honoured) into `store`;
+    /// `None` (logged) when either is unavailable.
+    pub fn standard(store: Option<ModelStore>) -> Option<Self> {
+        let Some(store) = store else {
+            tracing::warn!("no home folder for the Hugging Face cache: models are not downloaded");
+            return None;
+        };
+        match HubClient::from_env() {
+            Ok(hub) => Some(Self {
+                store,
+                hub,
+                catalog: crate::models::catalog::CATALOG.to_vec(),
+            }),
+            Err(error) => {
+                tracing::warn!("models are not downloaded: {error}");
+                None
+            }
+        }
+    }
+}
+
+pub(super) async fn run(supply: ModelSupply, context: TaskContext) {
+    let Some(engine) = context.engine.clone() else {
+        return;
+    };
+    let enabled = context.config.snapshot().models.enabled.clone();
+    let wanted: Vec<CatalogEntry> = enabled
+        .iter()
+        .filter_map(|model_id| supply.catalog.iter().find(|entry| entry.id == model_id))
+        .filter(|entry| !engine.ready_models().iter().any(|ready| ready == entry.id))
+        .copied()
+        .collect();
+    for entry in wanted {
+        let mut backoff = Backoff::new(context.timing.backoff);
+        loop {
+            set_download(&context, entry.id, |download| download.problem = None);
+            let cancel = context.shutdown.child_token();
+            let status = context.status.clone();
+            let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
+            let pulled = supply
+                .store
+                .pull(
+                    &supply.hub,
+                    &entry,
+                    &mut |progress| {
+                        // At most 4 updates a second: the window redraws on each.
+                        if last_shown.elapsed() < Duration::from_millis(250)
+                            && progress.done_bytes < progress.total_bytes
+                        {
+                            return;
+                        }
+                        last_shown = std::time::Instant::now();
+                        status.send_modify(|status| {
+                            if let Some(download) = status
+                                .downloads
+                                .iter_mut()
+                                .find(|download| download.model_id == progress.model_id)
+                            {
+                                download.done_bytes = progress.done_bytes;
+                                download.total_bytes = progress.total_bytes;
+                                download.bytes_per_second = progress.bytes_per_second;
+                                download.eta = progress.eta;
+                            }
+                        });
+                    },
+                    &cancel,
+                )
+                .await;
+            match pulled {
+                Ok(folder) => {
+                    match engine.serve(entry.id, &folder) {
+                        Ok(()) => tracing::info!("{} downloaded and served", entry.id),
+                        Err(reason) => tracing::error!("{} cannot be served: {reason}", entry.id),
+                    }
+                    context.status.send_modify(|status| {
+                        status
+                            .downloads
+                            .retain(|download| download.model_id != entry.id);
+                    });
+                    break;
+                }
+                Err(PullError::Hub(error)) if context.shutdown.is_cancelled() => {
+                    tracing::debug!("download of {} stopped: {error}", entry.id);
+                    return;
+                }
+                Err(PullError::Hub(error)) if error.is_transient() => {
+                    let wait = backoff.next_delay(None);
+                    tracing::warn!(
+                        "download of {} interrupted ({error}); resuming in {}",
+                        entry.id,
+                        crate::human::duration(wait)
+                    );
+                    set_download(&context, entry.id, |download| {
+                        download.problem = Some(format!("{error}; resuming soon"));
+                    });
+                    tokio::select! {
+                        () = context.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::error!("{} cannot be downloaded: {error}", entry.id);
+                    set_download(&context, entry.id, |download| {
+                        download.problem = Some(error.to_string());
+                    });
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Changes (or first adds) the model's entry in `WorkerStatus.downloads`.
+fn set_download(context: &TaskContext, model_id: &str, change: impl FnOnce(&mut ModelDownload)) {
+    context.status.send_modify(|status| {
+        if !status
+            .downloads
+            .iter()
+            .any(|download| download.model_id == model_id)
+        {
+            status.downloads.push(ModelDownload {
+                model_id: model_id.to_owned(),
+                ..ModelDownload::default()
+            });
+        }
+        if let Some(download) = status
+            .downloads
+            .iter_mut()
+            .find(|download| download.model_id == model_id)
+        {
+            change(download);
+        }
+    });
+}

@@ -239,16 +239,28 @@ fn pull(store: &ModelStore, entry: &'static CatalogEntry) -> anyhow::Result<()> 
 #[derive(Default)]
 struct ProgressLine {
     last_decile: Option<u64>,
-    drawn: bool,
+    last_drawn: Option<std::time::Instant>,
+    finished: bool,
 }
 
 impl ProgressLine {
     fn show(&mut self, progress: &DownloadProgress, interactive: bool) {
         let percent = 100.0 * progress.done_bytes as f64 / progress.total_bytes.max(1) as f64;
-        let eta = progress.eta.map_or_else(
-            || "…".to_owned(),
-            |eta| format!("~{} left", human::duration(eta)),
-        );
+        let complete = progress.done_bytes >= progress.total_bytes;
+        if interactive
+            && !complete
+            && self
+                .last_drawn
+                .is_some_and(|at| at.elapsed() < std::time::Duration::from_millis(200))
+        {
+            return;
+        }
+        let eta = match progress.eta {
+            _ if complete => "done".to_owned(),
+            Some(eta) if eta.as_secs() == 0 => "almost done".to_owned(),
+            Some(eta) => format!("~{} left", human::duration(eta)),
+            None => "…".to_owned(),
+        };
         let text = format!(
             "{}  {} / {}  {percent:5.1}%  {}/s  {eta}",
             progress.model_id,
@@ -259,8 +271,13 @@ impl ProgressLine {
         let mut stderr = std::io::stderr().lock();
         if interactive {
             let _ = write!(stderr, "\r{text:<78}");
+            if complete && !self.finished {
+                // End the line now, so the log lines after it start on their own.
+                let _ = writeln!(stderr);
+                self.finished = true;
+            }
             let _ = stderr.flush();
-            self.drawn = true;
+            self.last_drawn = Some(std::time::Instant::now());
         } else {
             let decile = (percent / 10.0) as u64;
             if self.last_decile != Some(decile) {
@@ -271,7 +288,7 @@ impl ProgressLine {
     }
 
     fn finish(&mut self, interactive: bool) {
-        if interactive && self.drawn {
+        if interactive && self.last_drawn.is_some() && !self.finished {
             eprintln!();
         }
     }

@@ -54,6 +54,10 @@ pub struct TestHub {
 
 impl TestHub {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    pub async fn start_on(addr: &str) -> Self {
         let state = Arc::new(Mutex::new(HubState::default()));
         let app = Router::new()
             .route(
@@ -62,9 +66,7 @@ impl TestHub {
             )
             .route("/{owner}/{name}/resolve/{revision}/{*path}", get(resolve))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("address");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

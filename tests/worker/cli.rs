@@ -424,3 +424,170 @@ fn pause_and_resume_without_a_running_worker_set_the_saved_state() {
     assert!(resumed.status.success());
     assert!(!home.on_disk().pause.by_user);
 }
+
+fn tiny_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for item in std::fs::read_dir(from).unwrap() {
+        let item = item.unwrap();
+        let target = to.join(item.file_name());
+        if item.file_type().unwrap().is_dir() {
+            copy_folder(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
+    let home = WorkerHome::new();
+    let out = home.dir.path().join("fox.png");
+    let model = tiny_fixture("tiny-sd1");
+    let generate = |extra: &[&str]| {
+        let mut command = worker(&home.config_path());
+        command
+            .args(["generate", "--prompt", "a red fox", "--model-dir"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .args(extra);
+        run(&mut command)
+    };
+
+    let refused = generate(&["--scheduler", "plms"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(text(&refused.stderr).contains("unknown scheduler"));
+    let refused = generate(&["--width", "100"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(text(&refused.stderr).contains("--width must be a multiple of 8"));
+    assert!(!out.exists(), "nothing written for bad arguments");
+
+    let made = generate(&[
+        "--seed", "77", "--steps", "2", "--width", "64", "--height", "48",
+    ]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    assert!(text(&made.stdout).contains("seed: 77"));
+    let png = std::fs::read(&out).unwrap();
+    let image = image::load_from_memory(&png).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 48));
+    let decoder = png::Decoder::new(std::io::Cursor::new(&png));
+    let reader = decoder.read_info().unwrap();
+    let parameters = reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|chunk| chunk.keyword == "parameters")
+        .expect("a parameters chunk")
+        .get_text()
+        .unwrap();
+    assert!(parameters.starts_with("a red fox\n"), "{parameters}");
+    assert!(
+        parameters.contains("Steps: 2") && parameters.contains("Seed: 77"),
+        "{parameters}"
+    );
+
+    // The same seed gives the same image.
+    let again = generate(&[
+        "--seed", "77", "--steps", "2", "--width", "64", "--height", "48",
+    ]);
+    assert!(again.status.success());
+    let second = image::load_from_memory(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(image.to_rgb8(), second.to_rgb8());
+}
+
+#[test]
+fn models_add_checks_the_folder_tensor_by_tensor_before_serving_it() {
+    let home = WorkerHome::new();
+    let broken = home.dir.path().join("broken-model");
+    copy_folder(&tiny_fixture("tiny-sd1"), &broken);
+    // An architecture the weights do not have: more layers per block.
+    let config_path = broken.join("unet/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace("\"layers_per_block\": 1", "\"layers_per_block\": 2"),
+    )
+    .unwrap();
+    let refused = run(worker(&home.config_path())
+        .args(["models", "add", "--id", "mine"])
+        .arg(&broken));
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("no tensor"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let refused = run(worker(&home.config_path())
+        .args(["models", "add", "--id", "sd-turbo"])
+        .arg(tiny_fixture("tiny-sd1")));
+    assert_eq!(refused.status.code(), Some(2), "a catalog id is refused");
+
+    let added = run(worker(&home.config_path())
+        .args(["models", "add", "--id", "mine"])
+        .arg(tiny_fixture("tiny-sd1")));
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    assert!(home.on_disk().models.local.contains_key("mine"));
+    let listed = run(worker(&home.config_path())
+        .args(["models", "list", "--json"])
+        .env("HF_HUB_CACHE", home.dir.path().join("hub")));
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mine = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == "mine")
+        .unwrap();
+    assert_eq!(mine["state"], "local");
+    let turbo = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == "sd-turbo")
+        .unwrap();
+    assert_eq!(turbo["state"], "not downloaded");
+    assert!(turbo["size_bytes"].as_u64().unwrap() > 2_000_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_pull_shows_progress_and_the_model_is_then_ready_and_verified() {
+    let hub = crate::support::hub::TestHub::start().await;
+    hub.publish_folder("stabilityai/sd-turbo", &tiny_fixture("tiny-sd1"));
+    let home = WorkerHome::new();
+    let cache = home.dir.path().join("hub");
+    let models = |args: &[&str]| {
+        let mut command = worker(&home.config_path());
+        command
+            .arg("models")
+            .args(args)
+            .env("HF_ENDPOINT", hub.endpoint())
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_TOKEN");
+        run(&mut command)
+    };
+    let pulled = tokio::task::block_in_place(|| models(&["pull", "sd-turbo"]));
+    let stderr = text(&pulled.stderr);
+    assert!(pulled.status.success(), "{stderr}");
+    assert!(stderr.contains("100.0%"), "{stderr}");
+    assert!(text(&pulled.stdout).contains("sd-turbo is ready"));
+    let listed = tokio::task::block_in_place(|| models(&["list"]));
+    let listing = text(&listed.stdout);
+    let row = listing
+        .lines()
+        .find(|line| line.starts_with("sd-turbo"))
+        .unwrap();
+    assert!(row.contains("ready"), "{listing}");
+    let verified = tokio::task::block_in_place(|| models(&["verify", "sd-turbo"]));
+    assert!(verified.status.success(), "{}", text(&verified.stderr));
+    let unknown = tokio::task::block_in_place(|| models(&["pull", "sd-9"]));
+    assert_eq!(unknown.status.code(), Some(2));
+    let removed = tokio::task::block_in_place(|| models(&["remove", "sd-turbo"]));
+    assert!(removed.status.success());
+    assert!(text(&removed.stdout).contains("freed"));
+}

@@ -440,3 +440,29 @@ fn saving_copies_needs_a_folder_and_saved_copies_can_be_opened() {
     window.harness.run();
     assert!(window.harness.query_by_label("Open").is_some());
 }
+
+#[test]
+fn the_status_tab_shows_model_downloads_and_why_one_stopped() {
+    let mut downloading = approved();
+    downloading.downloads = vec![
+        studio_worker::runtime::ModelDownload {
+            model_id: "sd-turbo".into(),
+            done_bytes: 1_290_000_000,
+            total_bytes: 2_580_000_000,
+            bytes_per_second: 18_200_000.0,
+            eta: Some(std::time::Duration::from_secs(71)),
+            problem: None,
+        },
+        studio_worker::runtime::ModelDownload {
+            model_id: "sdxl-turbo".into(),
+            problem: Some("not enough free disk space: the download needs 7.14 GB more".into()),
+            ..Default::default()
+        },
+    ];
+    let window = Window::new(downloading);
+    assert!(
+        window.shows("Downloading sd-turbo: 1.29 GB of 2.58 GB · 18.2 MB/s · about 1 min left"),
+        "progress with size, speed and time left"
+    );
+    assert!(window.shows("sdxl-turbo: not enough free disk space"));
+}

@@ -107,24 +107,10 @@ impl TestHub {
         );
     }
 
-    pub fn gate(&self, repo: &str, token: &str) {
-        self.state
-            .lock()
-            .unwrap()
-            .repos
-            .get_mut(repo)
-            .expect("repo")
-            .token = Some(token.to_owned());
-    }
-
-    pub fn ungate(&self, repo: &str) {
-        self.state
-            .lock()
-            .unwrap()
-            .repos
-            .get_mut(repo)
-            .expect("repo")
-            .token = None;
+    /// `Some(token)`: the repository answers 401 to requests without this token.
+    pub fn gate(&self, repo: &str, token: Option<&str>) {
+        let mut state = self.state.lock().unwrap();
+        state.repos.get_mut(repo).expect("repo").token = token.map(str::to_owned);
     }
 
     pub fn cut_next_transfer(&self, path: &str, after_bytes: u64) {

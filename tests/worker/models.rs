@@ -219,7 +219,7 @@ async fn too_little_disk_space_is_refused_before_downloading() {
 #[tokio::test]
 async fn a_gated_repository_says_a_token_is_needed_and_works_with_one() {
     let setup = setup().await;
-    setup.hub.gate(REPO, "hf_secret_token_123");
+    setup.hub.gate(REPO, Some("hf_secret_token_123"));
     let error = pull(&setup).await.0.expect_err("gated");
     let message = error.to_string();
     assert!(
@@ -286,7 +286,7 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
 
     let hub_setup = setup().await;
-    hub_setup.hub.gate(REPO, "hf_needed");
+    hub_setup.hub.gate(REPO, Some("hf_needed"));
     let studio = TestStudio::start().await;
     studio.set_decision(Decision::ApproveAfterPolls(1));
     let home = WorkerHome::new();
@@ -339,7 +339,7 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     runtime.shutdown().await;
 
     // Open again: the next start downloads it and serves it without a restart in between.
-    hub_setup.hub.ungate(REPO);
+    hub_setup.hub.gate(REPO, None);
     let runtime = start(&home);
     let handle = runtime.handle();
     eventually("served after the download", PATIENCE, || {

@@ -79,14 +79,6 @@ impl Sampler for DpmPp2mKarras {
         Some(&self.sigmas)
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, latents: &Tensor, _index: usize) -> Result<Tensor> {
-        Ok(latents.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -248,11 +248,17 @@ pub trait Sampler: Send {
         None
     }
 
-    /// Standard deviation of the initial noise.
-    fn init_noise_sigma(&self) -> f64;
+    /// Standard deviation of the initial noise (1 for samplers on variance-preserving
+    /// latents).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// The UNet's input at step `index`.
-    fn scale_model_input(&self, latents: &Tensor, index: usize) -> Result<Tensor>;
+    /// The UNet's input at step `index` (the latents themselves, unless the sampler works
+    /// in σ-scaled latents).
+    fn scale_model_input(&self, latents: &Tensor, _index: usize) -> Result<Tensor> {
+        Ok(latents.clone())
+    }
 
     /// The latents after step `index`. `noise` gives fresh standard-normal noise shaped like
     /// the latents, for ancestral samplers.

@@ -84,6 +84,8 @@ pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
         .and_then(|tensor| tensor.max_all())
         .and_then(|tensor| tensor.to_scalar::<f32>())
         .expect("max error");
+    // Printed for the record (`cargo test --test engine -- --nocapture`).
+    eprintln!("{what}: max |Δ| = {error:.2e} (scale {scale:.2})");
     assert!(
         error <= TOLERANCE * scale,
         "{what}: max abs error {error:e} > {:e} (reference scale {scale})",

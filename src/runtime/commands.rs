@@ -36,6 +36,8 @@ pub struct SettingsChange {
     pub unload_when_paused: bool,
     /// Which device the engine uses (from the next start).
     pub device: crate::engine::device::DevicePreference,
+    /// Catalog models to download and serve (`[models] enabled`).
+    pub enabled_models: Vec<String>,
     pub close_to_tray: bool,
     /// Start the worker (in the tray) when the person logs in.
     pub start_at_login: bool,
@@ -113,6 +115,7 @@ fn save_settings(
         }
         c.engine.unload_when_paused = change.unload_when_paused;
         c.engine.device = change.device;
+        c.models.enabled.clone_from(&change.enabled_models);
         c.ui.close_to_tray = change.close_to_tray;
         c.images.save_copies_to.clone_from(&change.save_copies_to);
     })

@@ -47,91 +47,118 @@ pub(super) async fn run(supply: ModelSupply, context: TaskContext) {
     let Some(engine) = context.engine.clone() else {
         return;
     };
-    let enabled = context.config.snapshot().models.enabled.clone();
-    let wanted: Vec<CatalogEntry> = enabled
-        .iter()
-        .filter_map(|model_id| supply.catalog.iter().find(|entry| entry.id == model_id))
-        .filter(|entry| !engine.ready_models().iter().any(|ready| ready == entry.id))
-        .copied()
-        .collect();
-    for entry in wanted {
-        let mut backoff = Backoff::new(context.timing.backoff);
+    let mut changes = context.config.subscribe();
+    loop {
+        let enabled = changes.borrow_and_update().models.enabled.clone();
+        let wanted: Vec<CatalogEntry> = enabled
+            .iter()
+            .filter_map(|model_id| supply.catalog.iter().find(|entry| entry.id == model_id))
+            .filter(|entry| !engine.ready_models().iter().any(|ready| ready == entry.id))
+            .copied()
+            .collect();
+        for entry in wanted {
+            if !fetch(&supply, &entry, engine.as_ref(), &context).await {
+                return;
+            }
+        }
+        // Wait until the person enables another model (Settings or `config.toml`); a model
+        // that could not be fetched is tried again then too.
         loop {
-            set_download(&context, entry.id, |download| download.problem = None);
-            let cancel = context.shutdown.child_token();
-            let status = context.status.clone();
-            let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
-            let pulled = supply
-                .store
-                .pull(
-                    &supply.hub,
-                    &entry,
-                    &mut |progress| {
-                        // At most 4 updates a second: the window redraws on each.
-                        if last_shown.elapsed() < Duration::from_millis(250)
-                            && progress.done_bytes < progress.total_bytes
-                        {
-                            return;
-                        }
-                        last_shown = std::time::Instant::now();
-                        status.send_modify(|status| {
-                            if let Some(download) = status
-                                .downloads
-                                .iter_mut()
-                                .find(|download| download.model_id == progress.model_id)
-                            {
-                                download.done_bytes = progress.done_bytes;
-                                download.total_bytes = progress.total_bytes;
-                                download.bytes_per_second = progress.bytes_per_second;
-                                download.eta = progress.eta;
-                            }
-                        });
-                    },
-                    &cancel,
-                )
-                .await;
-            match pulled {
-                Ok(folder) => {
-                    match engine.serve(entry.id, &folder) {
-                        Ok(()) => tracing::info!("{} downloaded and served", entry.id),
-                        Err(reason) => tracing::error!("{} cannot be served: {reason}", entry.id),
-                    }
-                    context.status.send_modify(|status| {
-                        status
-                            .downloads
-                            .retain(|download| download.model_id != entry.id);
-                    });
-                    break;
-                }
-                Err(PullError::Hub(error)) if context.shutdown.is_cancelled() => {
-                    tracing::debug!("download of {} stopped: {error}", entry.id);
-                    return;
-                }
-                Err(PullError::Hub(error)) if error.is_transient() => {
-                    let wait = backoff.next_delay(None);
-                    tracing::warn!(
-                        "download of {} interrupted ({error}); resuming in {}",
-                        entry.id,
-                        crate::human::duration(wait)
-                    );
-                    set_download(&context, entry.id, |download| {
-                        download.problem = Some(format!("{error}; resuming soon"));
-                    });
-                    tokio::select! {
-                        () = context.shutdown.cancelled() => return,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
-                Err(error) => {
-                    tracing::error!("{} cannot be downloaded: {error}", entry.id);
-                    set_download(&context, entry.id, |download| {
-                        download.problem = Some(error.to_string());
-                    });
-                    break;
-                }
+            tokio::select! {
+                () = context.shutdown.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            if changes.borrow().models.enabled != enabled {
+                break;
             }
         }
     }
+}
+
+/// Fetches one model until it is served or cannot be; `false` when the worker is stopping.
+async fn fetch(
+    supply: &ModelSupply,
+    entry: &CatalogEntry,
+    engine: &dyn crate::engine::Engine,
+    context: &TaskContext,
+) -> bool {
+    let mut backoff = Backoff::new(context.timing.backoff);
+    loop {
+        set_download(context, entry.id, |download| download.problem = None);
+        let cancel = context.shutdown.child_token();
+        let status = context.status.clone();
+        let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
+        let pulled = supply
+            .store
+            .pull(
+                &supply.hub,
+                entry,
+                &mut |progress| {
+                    // At most 4 updates a second: the window redraws on each.
+                    if last_shown.elapsed() < Duration::from_millis(250)
+                        && progress.done_bytes < progress.total_bytes
+                    {
+                        return;
+                    }
+                    last_shown = std::time::Instant::now();
+                    status.send_modify(|status| {
+                        if let Some(download) = status
+                            .downloads
+                            .iter_mut()
+                            .find(|download| download.model_id == progress.model_id)
+                        {
+                            download.done_bytes = progress.done_bytes;
+                            download.total_bytes = progress.total_bytes;
+                            download.bytes_per_second = progress.bytes_per_second;
+                            download.eta = progress.eta;
+                        }
+                    });
+                },
+                &cancel,
+            )
+            .await;
+        match pulled {
+            Ok(folder) => {
+                match engine.serve(entry.id, &folder) {
+                    Ok(()) => tracing::info!("{} downloaded and served", entry.id),
+                    Err(reason) => tracing::error!("{} cannot be served: {reason}", entry.id),
+                }
+                context.status.send_modify(|status| {
+                    status
+                        .downloads
+                        .retain(|download| download.model_id != entry.id);
+                });
+                break;
+            }
+            Err(PullError::Hub(error)) if context.shutdown.is_cancelled() => {
+                tracing::debug!("download of {} stopped: {error}", entry.id);
+                return false;
+            }
+            Err(PullError::Hub(error)) if error.is_transient() => {
+                let wait = backoff.next_delay(None);
+                tracing::warn!(
+                    "download of {} interrupted ({error}); resuming in {}",
+                    entry.id,
+                    crate::human::duration(wait)
+                );
+                set_download(context, entry.id, |download| {
+                    download.problem = Some(format!("{error}; resuming soon"));
+                });
+                tokio::select! {
+                    () = context.shutdown.cancelled() => return false,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(error) => {
+                tracing::error!("{} cannot be downloaded: {error}", entry.id);
+                set_download(context, entry.id, |download| {
+                    download.problem = Some(error.to_string());
+                });
+                break;
+            }
+        }
+    }
+    true
 }
 
 /// Changes (or first adds) the model's entry in `WorkerStatus.downloads`.

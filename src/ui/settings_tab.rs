@@ -17,6 +17,8 @@ pub struct SettingsForm {
     pub worker_name: String,
     pub unload_when_paused: bool,
     pub device: DevicePreference,
+    /// Catalog ids to serve, in catalog order.
+    pub enabled_models: Vec<String>,
     pub close_to_tray: bool,
     pub start_at_login: bool,
     pub save_copies: bool,
@@ -40,6 +42,7 @@ impl SettingsForm {
             unload_when_paused: config.engine.unload_when_paused,
             device: config.engine.device,
             saved_device: config.engine.device,
+            enabled_models: config.models.enabled.clone(),
             close_to_tray: config.ui.close_to_tray,
             save_copies: config.images.save_copies_to.is_some(),
             copies_folder: config.images.save_copies_to.clone(),
@@ -96,6 +99,7 @@ impl SettingsForm {
             worker_name: name.to_owned(),
             unload_when_paused: self.unload_when_paused,
             device: self.device,
+            enabled_models: self.enabled_models.clone(),
             close_to_tray: self.close_to_tray,
             start_at_login: self.start_at_login,
             save_copies_to: self.copies_folder.clone().filter(|_| self.save_copies),
@@ -134,6 +138,7 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
                 .labelled_by(label.id);
             ui.end_row();
         });
+    models_ui(ui, &mut form.enabled_models);
     ui.checkbox(
         &mut form.unload_when_paused,
         "Give the GPU memory back while paused",
@@ -222,4 +227,27 @@ fn device_label(device: DevicePreference) -> &'static str {
         DevicePreference::Metal => "Apple GPU (Metal)",
         DevicePreference::Cpu => "CPU only (slow)",
     }
+}
+
+/// One checkbox per catalog model: checked models are downloaded (the Status tab shows the
+/// progress) and served.
+fn models_ui(ui: &mut egui::Ui, enabled: &mut Vec<String>) {
+    ui.label("Models to serve (downloaded when missing):");
+    ui.indent("models", |ui| {
+        for entry in crate::models::catalog::CATALOG {
+            let mut serve = enabled.iter().any(|id| id == entry.id);
+            let label = format!(
+                "{} (~{} download, {} GB of GPU memory)",
+                entry.display_name,
+                crate::human::bytes(entry.download_bytes),
+                entry.min_gpu_mb / 1024
+            );
+            if ui.checkbox(&mut serve, label).changed() {
+                enabled.retain(|id| id != entry.id);
+                if serve {
+                    enabled.push(entry.id.to_owned());
+                }
+            }
+        }
+    });
 }

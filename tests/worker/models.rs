@@ -367,3 +367,68 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     .await;
     runtime.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
+    use std::collections::BTreeMap;
+    use studio_worker::config::{self, Config};
+    use studio_worker::engine::candle_engine::CandleEngine;
+    use studio_worker::engine::device::{self, DevicePreference};
+    use studio_worker::runtime::{ModelSupply, Runtime, RuntimeOptions};
+
+    use crate::support::studio::{Decision, TestStudio};
+    use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
+
+    let hub_setup = setup().await;
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    let mut settings: Config = home.write_config(&studio.url());
+    settings.models.enabled = Vec::new();
+    config::save(&home.config_path(), &settings).unwrap();
+    let cpu = device::select(DevicePreference::Cpu).unwrap();
+    let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
+    let runtime = Runtime::start(
+        home.shared(),
+        RuntimeOptions {
+            timing: fast_timing(),
+            data_dir: home.dir.path().to_path_buf(),
+            api_base_override: None,
+            engine: Some(Arc::new(engine)),
+            recovered_config: None,
+            model_supply: Some(ModelSupply {
+                store: hub_setup.store.clone(),
+                hub: hub_setup.client.clone(),
+                catalog: vec![ENTRY],
+            }),
+        },
+    )
+    .unwrap();
+    let handle = runtime.handle();
+    eventually("a heartbeat", PATIENCE, || {
+        studio
+            .workers()
+            .iter()
+            .any(|worker| !worker.heartbeats.is_empty())
+    })
+    .await;
+    assert!(
+        hub_setup.hub.downloads().is_empty(),
+        "nothing enabled, nothing fetched"
+    );
+
+    handle
+        .config()
+        .update(|config| config.models.enabled = vec!["tiny".to_owned()])
+        .unwrap();
+    eventually("served without a restart", PATIENCE, || {
+        studio.workers().iter().any(|worker| {
+            worker
+                .heartbeats
+                .last()
+                .is_some_and(|beat| beat["capabilities"]["models"][0]["id"] == "tiny")
+        })
+    })
+    .await;
+    runtime.shutdown().await;
+}

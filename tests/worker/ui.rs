@@ -256,6 +256,7 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
             worker_name: "Alice's desktop".into(),
             unload_when_paused: true,
             device: DevicePreference::Auto,
+            enabled_models: vec!["sd-turbo".into()],
             close_to_tray: true,
             start_at_login: studio_worker::platform::autostart::is_enabled(),
             save_copies_to: None,
@@ -277,6 +278,31 @@ fn settings_choose_the_device_used_from_the_next_start() {
     assert!(window.shows("Saved. The new device is used after a restart."));
     match window.sent().as_slice() {
         [Command::SaveSettings(change)] => assert_eq!(change.device, DevicePreference::Cpu),
+        other => panic!("expected one save, got {other:?}"),
+    }
+}
+
+#[test]
+fn settings_choose_which_catalog_models_to_serve() {
+    let mut window = Window::new(approved());
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    window
+        .harness
+        .get_by_label_contains("SDXL-Turbo (~6.94 GB download")
+        .click();
+    window.harness.run();
+    window
+        .harness
+        .get_by_label_contains("SD-Turbo (~2.59 GB download")
+        .click();
+    window.harness.run();
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    match window.sent().as_slice() {
+        [Command::SaveSettings(change)] => {
+            assert_eq!(change.enabled_models, vec!["sdxl-turbo".to_owned()]);
+        }
         other => panic!("expected one save, got {other:?}"),
     }
 }

@@ -165,7 +165,7 @@ impl HubClient {
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|error| HubError::Network(error.without_url().to_string()))?;
+            .map_err(network_error)?;
         Self::check(&response, repo, &what)?;
         let body: ApiRepo = response.json().await.map_err(|error| HubError::Garbled {
             what: what.clone(),
@@ -229,7 +229,7 @@ impl HubClient {
         }
         let mut response = tokio::select! {
             () = cancel.cancelled() => return Err(HubError::Cancelled),
-            sent = request.send() => sent.map_err(|error| HubError::Network(error.without_url().to_string()))?,
+            sent = request.send() => sent.map_err(network_error)?,
         };
         Self::check(&response, repo, &file.path)?;
         let resumed = response.status() == reqwest::StatusCode::PARTIAL_CONTENT;
@@ -256,7 +256,7 @@ impl HubClient {
                 Err(error) => {
                     // Keep what arrived: the next try resumes after it.
                     output.flush().await?;
-                    return Err(HubError::Network(error.without_url().to_string()));
+                    return Err(network_error(error));
                 }
             };
             let Some(chunk) = chunk else { break };
@@ -268,4 +268,25 @@ impl HubClient {
         output.sync_all().await?;
         Ok(())
     }
+}
+
+/// A transport failure in words a person can act on.
+fn network_error(error: reqwest::Error) -> HubError {
+    HubError::Network(if error.is_timeout() {
+        "it did not answer in time".to_owned()
+    } else if error.is_connect() {
+        "cannot connect (is this PC online?)".to_owned()
+    } else if error.is_body() || error.is_decode() {
+        "the transfer broke off".to_owned()
+    } else {
+        // Without the URL: it may carry a token in a query on some mirrors.
+        let error = error.without_url();
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
+        text
+    })
 }

@@ -123,10 +123,12 @@ async fn fetch(
                     Ok(()) => tracing::info!("{} downloaded and served", entry.id),
                     Err(reason) => tracing::error!("{} cannot be served: {reason}", entry.id),
                 }
+                let summary = super::engine_summary(&engine.ready_models());
                 context.status.send_modify(|status| {
                     status
                         .downloads
                         .retain(|download| download.model_id != entry.id);
+                    status.engine = Some(summary);
                 });
                 break;
             }

@@ -241,7 +241,7 @@ impl Runtime {
         initial.engine = options
             .engine
             .as_ref()
-            .map(|engine| format!("ready models: {}", engine.ready_models().join(", ")));
+            .map(|engine| engine_summary(&engine.ready_models()));
         initial.settings_recovered = options.recovered_config.map(|broken| {
             format!(
                 "the settings file could not be read ({}); it was kept as {} and default settings are in use",
@@ -396,6 +396,15 @@ impl ShutdownSignal {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("stopping");
+    }
+}
+
+/// `WorkerStatus.engine`: which models can run now.
+fn engine_summary(ready_models: &[String]) -> String {
+    if ready_models.is_empty() {
+        "no model ready yet".to_owned()
+    } else {
+        format!("models ready: {}", ready_models.join(", "))
     }
 }
 

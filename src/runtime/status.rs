@@ -51,7 +51,8 @@ pub struct WorkerStatus {
     pub jobs: JobsStatus,
     /// Writer: the runtime at start. What the engine runs on.
     pub device: Option<crate::studio::protocol::DeviceInfo>,
-    /// Writer: the runtime at start. The engine in one line (`None`: no engine).
+    /// Writers: the runtime at start, the downloads task when a model joins. Which models
+    /// can run, in one line (`None`: no engine).
     pub engine: Option<String>,
     /// Writer: the downloads task. Catalog models being fetched (or that could not be).
     pub downloads: Vec<ModelDownload>,

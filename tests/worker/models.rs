@@ -352,6 +352,10 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     })
     .await;
     assert!(handle.status().downloads.is_empty());
+    assert_eq!(
+        handle.status().engine.as_deref(),
+        Some("models ready: tiny")
+    );
     let job = serde_json::json!({
         "jobId": "after-download", "kind": "txt2img", "model": "tiny",
         "prompt": "a lighthouse", "negativePrompt": "", "width": 64, "height": 64,

@@ -278,9 +278,12 @@ impl Engine for CandleEngine {
     }
 }
 
-/// The folder's checks, and its weights' size in memory at `dtype`.
+/// The folder's checks (configs, weight files, tensor names and shapes), and its weights'
+/// size in memory at `dtype`.
 fn check_folder(root: &Path, dtype: DType) -> Result<u64, String> {
     let folder = ModelFolder::open(root).map_err(|error| error.to_string())?;
+    // Every tensor the architecture needs, with its shape (headers only, no weights read).
+    super::sd::check_weights(root).map_err(|error| error.to_string())?;
     let files = folder
         .weight_files(dtype)
         .map_err(|error| error.to_string())?;

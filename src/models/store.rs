@@ -504,14 +504,15 @@ fn verify_file(path: &Path, file: &RepoFile) -> std::io::Result<bool> {
     Ok(digest.0.eq_ignore_ascii_case(digest.1))
 }
 
-/// The folder parses as a pipeline this engine runs, with every weight file present.
+/// The folder parses as a pipeline this engine runs, with every weight file present and
+/// every tensor the architecture needs in it.
 fn check_usable(folder: &Path) -> Result<(), PullError> {
     let model =
         ModelFolder::open(folder).map_err(|error| PullError::Unusable(error.to_string()))?;
     model
         .weight_files(candle_core::DType::F16)
         .map_err(|error| PullError::Unusable(error.to_string()))?;
-    Ok(())
+    crate::engine::sd::check_weights(folder).map_err(|error| PullError::Unusable(error.to_string()))
 }
 
 /// Bytes per second over the last few seconds.

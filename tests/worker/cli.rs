@@ -10,7 +10,7 @@ use studio_worker::registration::RegistrationState;
 use studio_worker::secret::Secret;
 
 use crate::support::studio::{Route, TestStudio};
-use crate::support::{WorkerHome, eventually};
+use crate::support::{WorkerHome, copy_folder, eventually};
 
 const TOKEN: &str = "tok_abcdefghijklmnopqrstuvwxyz0123";
 
@@ -429,19 +429,6 @@ fn tiny_fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/models")
         .join(name)
-}
-
-fn copy_folder(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for item in std::fs::read_dir(from).unwrap() {
-        let item = item.unwrap();
-        let target = to.join(item.file_name());
-        if item.file_type().unwrap().is_dir() {
-            copy_folder(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]

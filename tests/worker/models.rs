@@ -436,3 +436,35 @@ async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
     .await;
     runtime.shutdown().await;
 }
+
+#[test]
+fn the_engine_leaves_out_a_local_folder_whose_weights_do_not_fit_its_config() {
+    use std::collections::BTreeMap;
+    use studio_worker::engine::Engine;
+    use studio_worker::engine::candle_engine::CandleEngine;
+    use studio_worker::engine::device::{self, DevicePreference};
+
+    let dir = tempfile::tempdir().unwrap();
+    let spoiled = dir.path().join("spoiled");
+    crate::support::copy_folder(&fixture(), &spoiled);
+    let config_path = spoiled.join("text_encoder/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace("\"intermediate_size\": 37", "\"intermediate_size\": 64"),
+    )
+    .unwrap();
+    let models = BTreeMap::from([
+        ("good".to_owned(), fixture()),
+        ("spoiled".to_owned(), spoiled),
+    ]);
+    let cpu = device::select(DevicePreference::Cpu).unwrap();
+    let (engine, refused) = CandleEngine::new(cpu, &models, 0);
+    assert_eq!(engine.ready_models(), vec!["good"]);
+    assert_eq!(refused.len(), 1);
+    assert!(
+        refused[0].reason.contains("mlp.fc1.weight") && refused[0].reason.contains("shape"),
+        "{}",
+        refused[0].reason
+    );
+}

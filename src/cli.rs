@@ -237,6 +237,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
             engine,
             recovered_config,
             model_supply,
+            tolerate_invalid_studio_url: false,
         };
         let runtime = Runtime::start(config, options)?;
         let outcome = tokio::select! {

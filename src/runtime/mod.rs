@@ -68,6 +68,10 @@ pub struct RuntimeOptions {
     pub recovered_config: Option<crate::config::BrokenConfig>,
     /// Where enabled catalog models are downloaded from and to; `None`: no downloads.
     pub model_supply: Option<ModelSupply>,
+    /// The app: a studio URL in the settings that does not parse does not stop the start.
+    /// Nothing talks to the studio, the status says why, and Settings can fix it. Headless
+    /// runs (`false`) fail instead, with the reason on stderr.
+    pub tolerate_invalid_studio_url: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,12 +221,30 @@ impl Runtime {
     /// Checks the studio URL and starts the background tasks on the current tokio runtime.
     pub fn start(config: SharedConfig, options: RuntimeOptions) -> Result<Self, StartError> {
         let snapshot = config.snapshot();
-        let api_base = ApiBase::parse(
+        let parsed = ApiBase::parse(
             options
                 .api_base_override
                 .as_deref()
                 .unwrap_or(&snapshot.api_base_url),
-        )?;
+        );
+        // An invalid URL from the settings (never from `--api-url`, which the person just
+        // typed) parks the studio tasks when the caller tolerates it.
+        let (api_base, url_problem) = match parsed {
+            Ok(api_base) => (api_base, None),
+            Err(error)
+                if options.tolerate_invalid_studio_url && options.api_base_override.is_none() =>
+            {
+                tracing::error!("the studio URL in the settings is not valid: {error}");
+                (
+                    ApiBase::parse(crate::config::DEFAULT_API_BASE_URL)?,
+                    Some(format!(
+                        "the studio URL in the settings is not valid ({error}); fix it in \
+                         Settings, then restart studio-worker"
+                    )),
+                )
+            }
+            Err(error) => return Err(error.into()),
+        };
         let timing = options.timing;
         let client = StudioClient::with_timeout(api_base.clone(), timing.request_timeout)?;
         let outbox_folder = options.data_dir.join("outbox");
@@ -236,7 +258,12 @@ impl Runtime {
             .as_ref()
             .map_or_else(host::cpu_device, |engine| engine.device_info());
         let mut initial = WorkerStatus::new(&snapshot);
-        initial.api_base_url = api_base.to_string();
+        initial.api_base_url = if url_problem.is_some() {
+            snapshot.api_base_url.clone()
+        } else {
+            api_base.to_string()
+        };
+        initial.studio_url_problem.clone_from(&url_problem);
         initial.device = Some(device.clone());
         initial.engine = options
             .engine
@@ -268,14 +295,16 @@ impl Runtime {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(mirror(context.clone()));
-        tasks.spawn(registration_task::run(
-            Registrar::new(context.client.clone(), config.clone(), timing),
-            capabilities,
-            context.clone(),
-        ));
-        tasks.spawn(heartbeat::run(context.clone()));
-        tasks.spawn(job_loop::run(context.clone()));
-        tasks.spawn(uploader::run(context.clone()));
+        if url_problem.is_none() {
+            tasks.spawn(registration_task::run(
+                Registrar::new(context.client.clone(), config.clone(), timing),
+                capabilities,
+                context.clone(),
+            ));
+            tasks.spawn(heartbeat::run(context.clone()));
+            tasks.spawn(job_loop::run(context.clone()));
+            tasks.spawn(uploader::run(context.clone()));
+        }
         if let Some(supply) = options.model_supply {
             tasks.spawn(downloads::run(supply, context.clone()));
         }

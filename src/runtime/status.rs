@@ -59,6 +59,9 @@ pub struct WorkerStatus {
     /// Set at start when the settings file could not be read and was kept aside: where it
     /// went and why, for the person to see (the reason never quotes the file).
     pub settings_recovered: Option<String>,
+    /// Writer: the runtime at start (app only). The settings' studio URL does not parse, so
+    /// no studio task runs until it is fixed and the worker restarted.
+    pub studio_url_problem: Option<String>,
     /// Writer: the command task. Set when a change could not be saved.
     pub settings_problem: Option<String>,
     /// Writer: the command task. Counts "bring the window forward" requests from later
@@ -85,6 +88,7 @@ impl WorkerStatus {
             settings_recovered: None,
             window_raise_requests: 0,
             settings_problem: None,
+            studio_url_problem: None,
             fatal: None,
         }
     }

@@ -50,6 +50,7 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
                 engine,
                 recovered_config: options.recovered_config,
                 model_supply,
+                tolerate_invalid_studio_url: true,
             },
         )?;
         (runtime, shutdown)

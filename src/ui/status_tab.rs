@@ -30,10 +30,19 @@ pub fn status_tab_ui(
     if let Some(notice) = &status.settings_recovered {
         ui.colored_label(ui.visuals().warn_fg_color, human::capitalise(notice));
     }
+    if let Some(problem) = &status.settings_problem {
+        ui.colored_label(ui.visuals().error_fg_color, human::capitalise(problem));
+    }
 
-    registration_ui(ui, status, view, actions);
-    ui.separator();
-    generation_ui(ui, status, actions);
+    if let Some(problem) = &status.studio_url_problem {
+        // Nothing talks to the studio: registration and job state would only mislead.
+        ui.heading("Not connected to the studio");
+        ui.colored_label(ui.visuals().error_fg_color, human::capitalise(problem));
+    } else {
+        registration_ui(ui, status, view, actions);
+        ui.separator();
+        generation_ui(ui, status, actions);
+    }
     ui.separator();
     current_job_ui(ui, status);
     ui.separator();

@@ -96,6 +96,7 @@ impl WorkerHome {
                 engine,
                 recovered_config: None,
                 model_supply: None,
+                tolerate_invalid_studio_url: false,
             },
         )
         .expect("runtime starts")

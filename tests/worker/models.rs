@@ -310,6 +310,7 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
                     hub: hub_setup.client.clone(),
                     catalog: vec![ENTRY],
                 }),
+                tolerate_invalid_studio_url: false,
             },
         )
         .unwrap()
@@ -405,6 +406,7 @@ async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
                 hub: hub_setup.client.clone(),
                 catalog: vec![ENTRY],
             }),
+            tolerate_invalid_studio_url: false,
         },
     )
     .unwrap();

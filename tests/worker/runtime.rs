@@ -435,3 +435,48 @@ async fn a_show_request_from_another_launch_reaches_the_window() {
         Err(studio_worker::runtime::control::ControlError::NotRunning)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_starts_with_a_broken_studio_url_and_says_why_while_headless_refuses() {
+    use studio_worker::runtime::RuntimeOptions;
+
+    let home = WorkerHome::new();
+    // Plain http to a non-loopback host is refused (the token would cross a network in
+    // clear text).
+    home.write_config("http://studio.example.com/api");
+    let options = |tolerate: bool| RuntimeOptions {
+        timing: fast_timing(),
+        data_dir: home.dir.path().to_path_buf(),
+        api_base_override: None,
+        engine: None,
+        recovered_config: None,
+        model_supply: None,
+        tolerate_invalid_studio_url: tolerate,
+    };
+
+    let refused = Runtime::start(home.shared(), options(false));
+    assert!(refused.is_err(), "headless runs fail on a bad URL");
+
+    let runtime = Runtime::start(home.shared(), options(true)).expect("the app starts anyway");
+    let handle = runtime.handle();
+    let problem = handle
+        .status()
+        .studio_url_problem
+        .expect("the problem is shown");
+    assert!(
+        problem.contains("not valid") && problem.contains("Settings"),
+        "{problem}"
+    );
+    assert_eq!(
+        handle.status().api_base_url,
+        "http://studio.example.com/api"
+    );
+    // Nothing talks to a studio: registration never starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(matches!(
+        handle.status().registration,
+        RegistrationState::Pristine
+    ));
+    assert!(handle.config().snapshot().install_id.is_none());
+    runtime.shutdown().await;
+}

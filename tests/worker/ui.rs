@@ -492,3 +492,17 @@ fn the_status_tab_shows_model_downloads_and_why_one_stopped() {
     );
     assert!(window.shows("sdxl-turbo: not enough free disk space"));
 }
+
+#[test]
+fn a_broken_studio_url_is_the_status_tabs_headline() {
+    let mut broken = status(RegistrationState::Pristine);
+    broken.studio_url_problem =
+        Some("the studio URL in the settings is not valid (plain http); fix it in Settings".into());
+    let window = Window::new(broken);
+    assert!(window.shows("Not connected to the studio"));
+    assert!(window.shows("The studio URL in the settings is not valid"));
+    assert!(
+        !window.shows("Asking the studio"),
+        "no registration progress is claimed while nothing talks to the studio"
+    );
+}

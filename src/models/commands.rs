@@ -295,23 +295,7 @@ impl ProgressLine {
 }
 
 fn add(paths: &Paths, model_id: &str, folder: &Path) -> anyhow::Result<()> {
-    if model_id.is_empty()
-        || model_id.len() > 64
-        || !model_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(UsageError(format!(
-            "model id {model_id:?} must be 1–64 letters, digits, '-', '_' or '.'"
-        ))
-        .into());
-    }
-    if catalog::find(model_id).is_some() {
-        return Err(UsageError(format!(
-            "{model_id} is a catalog model's id; choose another name for a local folder"
-        ))
-        .into());
-    }
+    super::local::check_model_id(model_id).map_err(UsageError)?;
     let folder = folder
         .canonicalize()
         .map_err(|error| UsageError(format!("{}: {error}", folder.display())))?;

@@ -6,4 +6,5 @@ pub mod catalog;
 pub mod commands;
 pub mod hub;
 pub mod hub_cache;
+pub mod local;
 pub mod store;

@@ -21,6 +21,12 @@ pub enum Command {
     SaveSettings(SettingsChange),
     /// Remember that the "still running in the tray" hint was shown.
     CloseHintShown,
+    /// Serve a diffusers folder on this PC under `model_id`, at once and from every start
+    /// after (checked first, tensor by tensor).
+    AddLocalModel {
+        model_id: String,
+        folder: std::path::PathBuf,
+    },
     /// Another launch wants this instance's window brought forward.
     ShowWindow,
     /// Try the waiting uploads now instead of at the end of the backoff (a `Retry-After`
@@ -51,6 +57,7 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
         status,
         shutdown,
         retry_uploads,
+        engine,
         ..
     } = context;
     loop {
@@ -61,12 +68,23 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
                 None => return,
             },
         };
+        if let Command::AddLocalModel { model_id, folder } = &command {
+            let outcome = add_local_model(&config, engine.clone(), model_id, folder).await;
+            if let Err(reason) = &outcome {
+                tracing::error!("model {model_id} not added: {reason}");
+            } else {
+                tracing::info!("model {model_id} added from {}", folder.display());
+            }
+            status.send_modify(|s| s.settings_problem = outcome.err());
+            continue;
+        }
         let applied = match &command {
             Command::Pause => config.update(|c| c.pause.by_user = true),
             Command::Resume => config.update(|c| c.pause.by_user = false),
             Command::ResetRegistration => config.update(|c| c.reset_registration()),
             Command::SaveSettings(change) => save_settings(&config, change),
             Command::CloseHintShown => config.update(|c| c.ui.close_hint_shown = true),
+            Command::AddLocalModel { .. } => Ok(()),
             Command::RetryUploads => {
                 retry_uploads.notify_waiters();
                 Ok(())
@@ -87,6 +105,39 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
             }
         }
     }
+}
+
+/// Checks the folder (off the async threads: it reads files), serves it, and saves it in
+/// `[models.local]`.
+async fn add_local_model(
+    config: &crate::config::SharedConfig,
+    engine: Option<std::sync::Arc<dyn crate::engine::Engine>>,
+    model_id: &str,
+    folder: &std::path::Path,
+) -> Result<(), String> {
+    crate::models::local::check_model_id(model_id)?;
+    if config.snapshot().models.local.contains_key(model_id) {
+        return Err(format!("a local model is already called {model_id}"));
+    }
+    let folder = folder.to_owned();
+    let id = model_id.to_owned();
+    let checked = tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf, String> {
+        let folder = folder
+            .canonicalize()
+            .map_err(|error| format!("{}: {error}", folder.display()))?;
+        match &engine {
+            Some(engine) => engine.serve(&id, &folder)?,
+            None => crate::engine::sd::check_weights(&folder).map_err(|error| error.to_string())?,
+        }
+        Ok(folder)
+    })
+    .await
+    .map_err(|error| error.to_string())??;
+    config
+        .update(|c| {
+            c.models.local.insert(model_id.to_owned(), checked);
+        })
+        .map_err(|error| error.to_string())
 }
 
 fn save_settings(

@@ -173,7 +173,14 @@ impl WorkerApp {
                     jobs_tab::jobs_tab_ui(ui, &self.status, &mut self.thumbnails, &mut actions)
                 }
                 Tab::Settings => {
-                    settings_tab::settings_tab_ui(ui, &mut self.settings, &mut actions)
+                    let config = self.runtime.config().snapshot();
+                    settings_tab::settings_tab_ui(
+                        ui,
+                        &mut self.settings,
+                        &config.models.local,
+                        self.status.settings_problem.as_deref(),
+                        &mut actions,
+                    )
                 }
             });
         });

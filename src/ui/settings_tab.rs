@@ -23,8 +23,14 @@ pub struct SettingsForm {
     pub start_at_login: bool,
     pub save_copies: bool,
     pub copies_folder: Option<std::path::PathBuf>,
-    /// The folder picker's answer, while it is open.
-    folder_pick: Option<std::sync::mpsc::Receiver<Option<std::path::PathBuf>>>,
+    /// The folder picker's answer, while it is open, and what the folder is for.
+    folder_pick: Option<(
+        FolderPurpose,
+        std::sync::mpsc::Receiver<Option<std::path::PathBuf>>,
+    )>,
+    /// A picked model folder being checked by the runtime: `(model id, folder)`, until it is
+    /// listed or a problem is reported.
+    pub adding_model: Option<(String, std::path::PathBuf)>,
     saved_api_base_url: String,
     saved_device: DevicePreference,
     pub error: Option<String>,
@@ -47,6 +53,7 @@ impl SettingsForm {
             save_copies: config.images.save_copies_to.is_some(),
             copies_folder: config.images.save_copies_to.clone(),
             folder_pick: None,
+            adding_model: None,
             saved_api_base_url: config.api_base_url.clone(),
             error: None,
             saved_note: None,
@@ -57,11 +64,13 @@ impl SettingsForm {
     /// Opens the system's folder picker without blocking the UI: the dialog's future is
     /// made here (macOS wants dialogs started from the main thread) and awaited on a helper
     /// thread, which reports back through a channel and wakes the UI.
-    fn pick_folder(&mut self, ctx: &egui::Context) {
+    fn pick_folder(&mut self, ctx: &egui::Context, purpose: FolderPurpose) {
         let (sender, receiver) = std::sync::mpsc::channel();
-        let dialog = rfd::AsyncFileDialog::new()
-            .set_title("Folder for copies of finished images")
-            .pick_folder();
+        let title = match purpose {
+            FolderPurpose::Copies => "Folder for copies of finished images",
+            FolderPurpose::LocalModel => "A diffusers model folder (with model_index.json)",
+        };
+        let dialog = rfd::AsyncFileDialog::new().set_title(title).pick_folder();
         let ctx = ctx.clone();
         let spawned = std::thread::Builder::new()
             .name("folder-picker".to_owned())
@@ -75,8 +84,15 @@ impl SettingsForm {
                 ctx.request_repaint();
             });
         if spawned.is_ok() {
-            self.folder_pick = Some(receiver);
+            self.folder_pick = Some((purpose, receiver));
         }
+    }
+
+    /// Asks the runtime to check and serve `folder` under an id made from its name.
+    pub fn add_local_model(&mut self, folder: std::path::PathBuf, actions: &mut Vec<UiAction>) {
+        let model_id = crate::models::local::suggest_model_id(&folder);
+        self.adding_model = Some((model_id.clone(), folder.clone()));
+        actions.push(UiAction::Send(Command::AddLocalModel { model_id, folder }));
     }
 
     /// The change to save, or why it cannot be saved.
@@ -107,7 +123,20 @@ impl SettingsForm {
     }
 }
 
-pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut Vec<UiAction>) {
+/// What a folder picked in the Settings tab is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FolderPurpose {
+    Copies,
+    LocalModel,
+}
+
+pub fn settings_tab_ui(
+    ui: &mut egui::Ui,
+    form: &mut SettingsForm,
+    local_models: &std::collections::BTreeMap<String, std::path::PathBuf>,
+    problem: Option<&str>,
+    actions: &mut Vec<UiAction>,
+) {
     ui.heading("Settings");
     egui::Grid::new("settings")
         .num_columns(2)
@@ -139,6 +168,7 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
             ui.end_row();
         });
     models_ui(ui, &mut form.enabled_models);
+    local_models_ui(ui, form, local_models, problem);
     ui.checkbox(
         &mut form.unload_when_paused,
         "Give the GPU memory back while paused",
@@ -151,15 +181,17 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
         &mut form.start_at_login,
         "Start studio-worker (in the tray) when I log in",
     );
-    if let Some(answer) = form
+    if let Some((purpose, answer)) = form
         .folder_pick
         .as_ref()
-        .and_then(|pick| pick.try_recv().ok())
+        .and_then(|(purpose, pick)| pick.try_recv().ok().map(|answer| (*purpose, answer)))
     {
-        if let Some(folder) = answer {
-            form.copies_folder = Some(folder);
-        }
         form.folder_pick = None;
+        match (purpose, answer) {
+            (FolderPurpose::Copies, Some(folder)) => form.copies_folder = Some(folder),
+            (FolderPurpose::LocalModel, Some(folder)) => form.add_local_model(folder, actions),
+            (_, None) => {}
+        }
     }
     ui.horizontal(|ui| {
         ui.checkbox(
@@ -174,7 +206,7 @@ pub fn settings_tab_ui(ui: &mut egui::Ui, form: &mut SettingsForm, actions: &mut
             ui.label(folder);
             let choose = egui::Button::new("Choose folder…");
             if ui.add_enabled(form.folder_pick.is_none(), choose).clicked() {
-                form.pick_folder(ui.ctx());
+                form.pick_folder(ui.ctx(), FolderPurpose::Copies);
             }
         }
     });
@@ -250,4 +282,38 @@ fn models_ui(ui: &mut egui::Ui, enabled: &mut Vec<String>) {
             }
         }
     });
+}
+
+/// The folders served from this PC, and a button to add one (checked by the runtime, then
+/// served at once).
+fn local_models_ui(
+    ui: &mut egui::Ui,
+    form: &mut SettingsForm,
+    local_models: &std::collections::BTreeMap<String, std::path::PathBuf>,
+    problem: Option<&str>,
+) {
+    ui.horizontal(|ui| {
+        ui.label("Model folders on this PC:");
+        let add = egui::Button::new("Add a model folder…");
+        if ui.add_enabled(form.folder_pick.is_none(), add).clicked() {
+            form.pick_folder(ui.ctx(), FolderPurpose::LocalModel);
+        }
+    });
+    ui.indent("local models", |ui| {
+        if local_models.is_empty() {
+            ui.weak("none");
+        }
+        for (model_id, folder) in local_models {
+            ui.label(format!("{model_id} — {}", folder.display()));
+        }
+    });
+    if let Some((model_id, folder)) = &form.adding_model {
+        if local_models.contains_key(model_id) {
+            form.adding_model = None;
+        } else if let Some(problem) = problem {
+            ui.colored_label(ui.visuals().error_fg_color, format!("Not added: {problem}"));
+        } else {
+            ui.label(format!("Checking {} as {model_id}…", folder.display()));
+        }
+    }
 }

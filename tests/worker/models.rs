@@ -470,3 +470,53 @@ fn the_engine_leaves_out_a_local_folder_whose_weights_do_not_fit_its_config() {
         refused[0].reason
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
+    use std::collections::BTreeMap;
+    use studio_worker::engine::candle_engine::CandleEngine;
+    use studio_worker::engine::device::{self, DevicePreference};
+    use studio_worker::runtime::Command;
+
+    use crate::support::studio::TestStudio;
+    use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
+
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let cpu = device::select(DevicePreference::Cpu).unwrap();
+    let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
+    let engine = Arc::new(engine);
+    let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
+    let handle = runtime.handle();
+
+    // A folder that is not a model: refused, with the reason where the window shows it.
+    let empty = tempfile::tempdir().unwrap();
+    handle.send(Command::AddLocalModel {
+        model_id: "nothing".into(),
+        folder: empty.path().to_owned(),
+    });
+    eventually("the refusal is shown", PATIENCE, || {
+        handle
+            .status()
+            .settings_problem
+            .is_some_and(|problem| problem.contains("model_index.json"))
+    })
+    .await;
+    assert!(home.on_disk().models.local.is_empty());
+
+    handle.send(Command::AddLocalModel {
+        model_id: "mine".into(),
+        folder: fixture(),
+    });
+    eventually("saved and served", PATIENCE, || {
+        home.on_disk().models.local.contains_key("mine")
+    })
+    .await;
+    assert_eq!(
+        studio_worker::engine::Engine::ready_models(engine.as_ref()),
+        vec!["mine"]
+    );
+    assert_eq!(handle.status().settings_problem, None);
+    runtime.shutdown().await;
+}

@@ -179,6 +179,18 @@ impl HubClient {
                     Some(lfs) => (Some(lfs.size), Some(lfs.sha256)),
                     None => (sibling.size, None),
                 };
+                // Blob names become file names in the cache: hex only, so no answer can
+                // reach outside it.
+                let hex = |text: &str| {
+                    (40..=64).contains(&text.len()) && text.chars().all(|c| c.is_ascii_hexdigit())
+                };
+                if !sibling.blob_id.as_deref().is_none_or(hex) || !sha256.as_deref().is_none_or(hex)
+                {
+                    return Err(HubError::Garbled {
+                        what: what.clone(),
+                        reason: format!("{} has a malformed hash", sibling.rfilename),
+                    });
+                }
                 match (size, sibling.blob_id) {
                     (Some(size), Some(blob_id)) => Ok(RepoFile {
                         path: sibling.rfilename,

@@ -509,14 +509,15 @@ async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
         model_id: "mine".into(),
         folder: fixture(),
     });
-    eventually("saved and served", PATIENCE, || {
+    // Saved, and the earlier refusal cleared (the status follows the save).
+    eventually("saved", PATIENCE, || {
         home.on_disk().models.local.contains_key("mine")
+            && handle.status().settings_problem.is_none()
     })
     .await;
     assert_eq!(
         studio_worker::engine::Engine::ready_models(engine.as_ref()),
         vec!["mine"]
     );
-    assert_eq!(handle.status().settings_problem, None);
     runtime.shutdown().await;
 }

@@ -319,7 +319,10 @@ fn engine_error(error: SdError, model_id: &str) -> EngineError {
         SdError::Folder(error) => EngineError::ModelUnavailable(format!("{model_id}: {error}")),
         SdError::Tokenizer(reason) => EngineError::Internal(format!("tokenizer: {reason}")),
         SdError::Tensor(error) => {
-            let message = error.to_string();
+            // One short line: candle appends a backtrace when one was captured, and this
+            // message goes to the studio.
+            let full = error.to_string();
+            let message = crate::human::one_line(full.lines().next().unwrap_or_default(), 200);
             let lower = message.to_lowercase();
             if lower.contains("out of memory") || lower.contains("out_of_memory") {
                 EngineError::OutOfMemory(message)

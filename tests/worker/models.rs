@@ -13,7 +13,17 @@ use studio_worker::models::store::{DownloadProgress, ModelState, ModelStore, Pul
 use studio_worker::secret::Secret;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::BTreeMap;
+
+use studio_worker::config::{self, Config};
+use studio_worker::engine::Engine;
+use studio_worker::engine::candle_engine::CandleEngine;
+use studio_worker::engine::device::{self, DevicePreference};
+use studio_worker::runtime::{Command, ModelSupply, Runtime, RuntimeOptions};
+
 use crate::support::hub::TestHub;
+use crate::support::studio::{Decision, TestStudio};
+use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
 
 const REPO: &str = "test-org/tiny-sd1";
 const UNET: &str = "unet/diffusion_pytorch_model.safetensors";
@@ -57,6 +67,33 @@ async fn setup() -> Setup {
         store,
         _dirs: (cache_dir, data_dir),
     }
+}
+
+/// A worker over `home` with a CPU engine serving nothing yet, fetching `ENTRY` from the
+/// setup's hub when the settings enable it.
+fn start_with_downloads(
+    home: &crate::support::WorkerHome,
+    setup: &Setup,
+) -> studio_worker::runtime::Runtime {
+    let cpu = device::select(DevicePreference::Cpu).unwrap();
+    let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
+    Runtime::start(
+        home.shared(),
+        RuntimeOptions {
+            timing: fast_timing(),
+            data_dir: home.dir.path().to_path_buf(),
+            api_base_override: None,
+            engine: Some(Arc::new(engine)),
+            recovered_config: None,
+            model_supply: Some(ModelSupply {
+                store: setup.store.clone(),
+                hub: setup.client.clone(),
+                catalog: vec![ENTRY],
+            }),
+            tolerate_invalid_studio_url: false,
+        },
+    )
+    .unwrap()
 }
 
 async fn pull(setup: &Setup) -> (Result<PathBuf, PullError>, Vec<DownloadProgress>) {
@@ -276,15 +313,6 @@ async fn a_complete_cache_is_ready_offline_and_verify_and_remove_work_on_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_them() {
-    use std::collections::BTreeMap;
-    use studio_worker::config::{self, Config};
-    use studio_worker::engine::candle_engine::CandleEngine;
-    use studio_worker::engine::device::{self, DevicePreference};
-    use studio_worker::runtime::{ModelSupply, Runtime, RuntimeOptions};
-
-    use crate::support::studio::{Decision, TestStudio};
-    use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
-
     let hub_setup = setup().await;
     hub_setup.hub.gate(REPO, Some("hf_needed"));
     let studio = TestStudio::start().await;
@@ -294,30 +322,8 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     settings.models.enabled = vec!["tiny".to_owned()];
     config::save(&home.config_path(), &settings).unwrap();
 
-    let start = |home: &WorkerHome| -> Runtime {
-        let cpu = device::select(DevicePreference::Cpu).unwrap();
-        let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
-        Runtime::start(
-            home.shared(),
-            RuntimeOptions {
-                timing: fast_timing(),
-                data_dir: home.dir.path().to_path_buf(),
-                api_base_override: None,
-                engine: Some(Arc::new(engine)),
-                recovered_config: None,
-                model_supply: Some(ModelSupply {
-                    store: hub_setup.store.clone(),
-                    hub: hub_setup.client.clone(),
-                    catalog: vec![ENTRY],
-                }),
-                tolerate_invalid_studio_url: false,
-            },
-        )
-        .unwrap()
-    };
-
     // Gated: the status says why, and the worker heartbeats as `loading`, claiming nothing.
-    let runtime = start(&home);
+    let runtime = start_with_downloads(&home, &hub_setup);
     let handle = runtime.handle();
     eventually("the download problem is shown", PATIENCE, || {
         handle.status().downloads.iter().any(|download| {
@@ -341,7 +347,7 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
 
     // Open again: the next start downloads it and serves it without a restart in between.
     hub_setup.hub.gate(REPO, None);
-    let runtime = start(&home);
+    let runtime = start_with_downloads(&home, &hub_setup);
     let handle = runtime.handle();
     eventually("served after the download", PATIENCE, || {
         studio.workers().iter().any(|worker| {
@@ -375,15 +381,6 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
-    use std::collections::BTreeMap;
-    use studio_worker::config::{self, Config};
-    use studio_worker::engine::candle_engine::CandleEngine;
-    use studio_worker::engine::device::{self, DevicePreference};
-    use studio_worker::runtime::{ModelSupply, Runtime, RuntimeOptions};
-
-    use crate::support::studio::{Decision, TestStudio};
-    use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
-
     let hub_setup = setup().await;
     let studio = TestStudio::start().await;
     studio.set_decision(Decision::ApproveAfterPolls(1));
@@ -391,25 +388,7 @@ async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
     let mut settings: Config = home.write_config(&studio.url());
     settings.models.enabled = Vec::new();
     config::save(&home.config_path(), &settings).unwrap();
-    let cpu = device::select(DevicePreference::Cpu).unwrap();
-    let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
-    let runtime = Runtime::start(
-        home.shared(),
-        RuntimeOptions {
-            timing: fast_timing(),
-            data_dir: home.dir.path().to_path_buf(),
-            api_base_override: None,
-            engine: Some(Arc::new(engine)),
-            recovered_config: None,
-            model_supply: Some(ModelSupply {
-                store: hub_setup.store.clone(),
-                hub: hub_setup.client.clone(),
-                catalog: vec![ENTRY],
-            }),
-            tolerate_invalid_studio_url: false,
-        },
-    )
-    .unwrap();
+    let runtime = start_with_downloads(&home, &hub_setup);
     let handle = runtime.handle();
     eventually("a heartbeat", PATIENCE, || {
         studio
@@ -441,11 +420,6 @@ async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
 
 #[test]
 fn the_engine_leaves_out_a_local_folder_whose_weights_do_not_fit_its_config() {
-    use std::collections::BTreeMap;
-    use studio_worker::engine::Engine;
-    use studio_worker::engine::candle_engine::CandleEngine;
-    use studio_worker::engine::device::{self, DevicePreference};
-
     let dir = tempfile::tempdir().unwrap();
     let spoiled = dir.path().join("spoiled");
     crate::support::copy_folder(&fixture(), &spoiled);
@@ -473,14 +447,6 @@ fn the_engine_leaves_out_a_local_folder_whose_weights_do_not_fit_its_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
-    use std::collections::BTreeMap;
-    use studio_worker::engine::candle_engine::CandleEngine;
-    use studio_worker::engine::device::{self, DevicePreference};
-    use studio_worker::runtime::Command;
-
-    use crate::support::studio::TestStudio;
-    use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
-
     let studio = TestStudio::start().await;
     let home = WorkerHome::new();
     home.write_config(&studio.url());
@@ -515,9 +481,6 @@ async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
             && handle.status().settings_problem.is_none()
     })
     .await;
-    assert_eq!(
-        studio_worker::engine::Engine::ready_models(engine.as_ref()),
-        vec!["mine"]
-    );
+    assert_eq!(engine.ready_models(), vec!["mine"]);
     runtime.shutdown().await;
 }

@@ -404,6 +404,12 @@ fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
             {
                 println!("Problem:      {problem}");
             }
+            if let Some(models) = &file.status.engine {
+                println!("Models:       {models}");
+            }
+            for download in &file.status.downloads {
+                println!("Download:     {}", download_line(download));
+            }
         }
         None => println!("Worker:       not running"),
     }
@@ -418,4 +424,62 @@ fn running_status(data_dir: &Path) -> Option<status_file::StatusFile> {
 
 fn running_worker_pid(data_dir: &Path) -> Option<u32> {
     running_status(data_dir).map(|file| file.pid)
+}
+
+/// "sd-turbo: 1.29 GB of 2.58 GB, 18.2 MB/s, about 1 min left" (or why it stopped).
+fn download_line(download: &crate::runtime::ModelDownload) -> String {
+    let mut line = format!("{}: ", download.model_id);
+    if download.total_bytes > 0 {
+        line.push_str(&format!(
+            "{} of {}",
+            crate::human::bytes(download.done_bytes),
+            crate::human::bytes(download.total_bytes)
+        ));
+        if download.bytes_per_second > 0.0 {
+            line.push_str(&format!(
+                ", {}/s",
+                crate::human::bytes(download.bytes_per_second as u64)
+            ));
+        }
+        if let Some(eta) = download.eta {
+            line.push_str(&format!(", about {} left", crate::human::duration(eta)));
+        }
+    } else {
+        line.push_str("starting");
+    }
+    if let Some(problem) = &download.problem {
+        line.push_str(&format!(" ({problem})"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::ModelDownload;
+
+    #[test]
+    fn a_download_reads_as_one_status_line() {
+        let moving = ModelDownload {
+            model_id: "sd-turbo".into(),
+            done_bytes: 1_290_000_000,
+            total_bytes: 2_580_000_000,
+            bytes_per_second: 18_200_000.0,
+            eta: Some(std::time::Duration::from_secs(71)),
+            problem: None,
+        };
+        assert_eq!(
+            download_line(&moving),
+            "sd-turbo: 1.29 GB of 2.58 GB, 18.2 MB/s, about 1 min left"
+        );
+        let stuck = ModelDownload {
+            model_id: "sdxl-turbo".into(),
+            problem: Some("needs HF_TOKEN".into()),
+            ..ModelDownload::default()
+        };
+        assert_eq!(
+            download_line(&stuck),
+            "sdxl-turbo: starting (needs HF_TOKEN)"
+        );
+    }
 }

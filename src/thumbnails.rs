@@ -1,12 +1,13 @@
-//! Small previews of finished jobs for the Jobs tab: one PNG per job (at most 160 px on its
-//! longer side) in `<data>/thumbnails/`, kept only for the jobs the status still lists.
+//! Previews of finished jobs for the Jobs tab: one PNG per job (at most 512 px on its longer
+//! side: small in the list, large when clicked) in `<data>/thumbnails/`, kept only for the
+//! jobs the status still lists.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-pub const MAX_SIDE: u32 = 160;
+pub const MAX_SIDE: u32 = 512;
 
 #[derive(Clone, Debug)]
 pub struct Thumbnails {

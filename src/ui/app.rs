@@ -43,6 +43,7 @@ pub struct WorkerApp {
     /// The raise requests already acted on (see `WorkerStatus::window_raise_requests`).
     raised: u64,
     thumbnails: super::thumbnail_cache::ThumbnailCache,
+    jobs_view: jobs_tab::JobsView,
     /// The app hid its window (to the tray). Tracked here because while hidden eframe only
     /// has the last shown frame's viewport info.
     hidden: bool,
@@ -78,6 +79,7 @@ impl WorkerApp {
             status,
             status_updates,
             thumbnails: super::thumbnail_cache::ThumbnailCache::default(),
+            jobs_view: jobs_tab::JobsView::default(),
             hidden: false,
         }
     }
@@ -169,9 +171,13 @@ impl WorkerApp {
                 Tab::Status => {
                     status_tab::status_tab_ui(ui, &self.status, &mut self.status_view, &mut actions)
                 }
-                Tab::Jobs => {
-                    jobs_tab::jobs_tab_ui(ui, &self.status, &mut self.thumbnails, &mut actions)
-                }
+                Tab::Jobs => jobs_tab::jobs_tab_ui(
+                    ui,
+                    &self.status,
+                    &mut self.thumbnails,
+                    &mut self.jobs_view,
+                    &mut actions,
+                ),
                 Tab::Settings => {
                     let config = self.runtime.config().snapshot();
                     settings_tab::settings_tab_ui(

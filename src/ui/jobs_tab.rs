@@ -7,10 +7,18 @@ use super::thumbnail_cache::ThumbnailCache;
 use crate::human;
 use crate::runtime::{Command, JobOutcome, WorkerStatus};
 
+/// The Jobs tab's own view state.
+#[derive(Debug, Default)]
+pub struct JobsView {
+    /// The job whose preview is shown large.
+    pub enlarged: Option<String>,
+}
+
 pub fn jobs_tab_ui(
     ui: &mut egui::Ui,
     status: &WorkerStatus,
     thumbnails: &mut ThumbnailCache,
+    view: &mut JobsView,
     actions: &mut Vec<UiAction>,
 ) {
     let waiting = status.jobs.outbox_len;
@@ -49,10 +57,23 @@ pub fn jobs_tab_ui(
                     .and_then(|path| thumbnails.get(ui.ctx(), path));
                 match texture {
                     Some(texture) => {
-                        ui.add(egui::Image::new(texture).max_height(48.0))
-                            .on_hover_ui(|ui| {
-                                ui.add(egui::Image::new(texture));
-                            });
+                        let response = ui
+                            .add(
+                                egui::Image::new(texture)
+                                    .max_height(48.0)
+                                    .sense(egui::Sense::click()),
+                            )
+                            .on_hover_text("Click to see it larger");
+                        response.widget_info(|| {
+                            egui::WidgetInfo::labeled(
+                                egui::Role::Button,
+                                true,
+                                "Show the image larger",
+                            )
+                        });
+                        if response.clicked() {
+                            view.enlarged = Some(job.job_id.clone());
+                        }
                     }
                     None => {
                         ui.label("");
@@ -98,6 +119,56 @@ pub fn jobs_tab_ui(
                 ui.end_row();
             }
         });
+    preview_ui(ui, status, thumbnails, view, actions);
+}
+
+/// The preview of one job, as large as it was kept (512 px), over the tab; Escape, a
+/// click outside or Close dismisses it.
+fn preview_ui(
+    ui: &mut egui::Ui,
+    status: &WorkerStatus,
+    thumbnails: &mut ThumbnailCache,
+    view: &mut JobsView,
+    actions: &mut Vec<UiAction>,
+) {
+    let Some(job_id) = &view.enlarged else {
+        return;
+    };
+    let Some(job) = status.jobs.recent.iter().find(|job| &job.job_id == job_id) else {
+        view.enlarged = None;
+        return;
+    };
+    let texture = job
+        .thumbnail
+        .as_deref()
+        .and_then(|path| thumbnails.get(ui.ctx(), path));
+    let modal = egui::Modal::new(egui::Id::unique("job-preview")).show(ui.ctx(), |ui| {
+        if let Some(texture) = texture {
+            ui.add(egui::Image::new(texture).max_size(egui::vec2(512.0, 512.0)));
+        }
+        ui.label(human::one_line(&job.prompt, 200));
+        ui.weak(format!(
+            "{}, {}×{}, {} steps, seed {}",
+            job.model,
+            job.width,
+            job.height,
+            job.steps,
+            job.seed
+                .map_or_else(|| "—".to_owned(), |seed| seed.to_string())
+        ));
+        ui.horizontal(|ui| {
+            if let Some(path) = job.saved_copies.first()
+                && ui.button("Open the full image").clicked()
+            {
+                actions.push(UiAction::OpenFile(path.clone()));
+            }
+            ui.button("Close").clicked()
+        })
+        .inner
+    });
+    if modal.inner || modal.should_close() {
+        view.enlarged = None;
+    }
 }
 
 /// The outcome in words, and whether it is a problem.

@@ -417,7 +417,7 @@ fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
     let mut window = Window::new(with_preview);
     window.harness.get_by_label("Jobs").click();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while window.harness.query_by_role(Role::Image).is_none() {
+    while window.harness.query_by_label("Show the image larger").is_none() {
         assert!(
             std::time::Instant::now() < deadline,
             "the preview never appeared"
@@ -505,4 +505,46 @@ fn a_broken_studio_url_is_the_status_tabs_headline() {
         !window.shows("Asking the studio"),
         "no registration progress is claimed while nothing talks to the studio"
     );
+}
+
+#[test]
+fn a_jobs_preview_opens_large_and_closes() {
+    let previews = tempfile::tempdir().unwrap();
+    let thumbnails = studio_worker::thumbnails::Thumbnails::new(previews.path().to_path_buf());
+    let image = image::RgbImage::from_pixel(1024, 768, image::Rgb([30, 90, 200]));
+    let mut with_preview = approved();
+    let current = running_job("j_9", "a blue lake at dawn", Stage::Decoding, 1, 1);
+    let mut finished = FinishedJob::new(&current, JobOutcome::Delivered);
+    let saved = thumbnails.save("j_9", &image).unwrap();
+    let kept = image::open(&saved).unwrap();
+    assert_eq!(
+        (kept.width(), kept.height()),
+        (512, 384),
+        "kept at 512 px on its longer side"
+    );
+    finished.thumbnail = Some(saved);
+    with_preview.jobs.remember(finished);
+
+    let mut window = Window::new(with_preview);
+    window.harness.get_by_label("Jobs").click();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while window
+        .harness
+        .query_by_label("Show the image larger")
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the preview never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let _ = window.harness.run_ok();
+    }
+    assert!(window.harness.query_by_label("Close").is_none());
+    window.harness.get_by_label("Show the image larger").click();
+    let _ = window.harness.run_ok();
+    assert!(window.shows("seed"), "the large view names the parameters");
+    window.harness.get_by_label("Close").click();
+    let _ = window.harness.run_ok();
+    assert!(window.harness.query_by_label("Close").is_none(), "closed");
 }

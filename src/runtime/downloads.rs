@@ -138,11 +138,19 @@ async fn fetch(
             }
             Err(PullError::Hub(error)) if error.is_transient() => {
                 let wait = backoff.next_delay(None);
-                tracing::warn!(
-                    "download of {} interrupted ({error}); resuming in {}",
-                    entry.id,
-                    crate::human::duration(wait)
-                );
+                // One warning per outage; the retries after it are debug lines.
+                if backoff.failures() == 1 {
+                    tracing::warn!(
+                        "download of {} interrupted ({error}); it resumes when the hub answers",
+                        entry.id
+                    );
+                } else {
+                    tracing::debug!(
+                        "download of {} still interrupted ({error}); next try in {}",
+                        entry.id,
+                        crate::human::duration(wait)
+                    );
+                }
                 set_download(context, entry.id, |download| {
                     download.problem = Some(format!("{error}; resuming soon"));
                 });

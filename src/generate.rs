@@ -33,10 +33,11 @@ pub struct GenerateArgs {
     /// A diffusers-layout model folder.
     #[arg(long, value_name = "DIR")]
     pub model_dir: Option<PathBuf>,
-    /// Denoising steps (default: 25, or 4 for turbo models).
+    /// Denoising steps (default: the catalog model's, else 25, or 4 for turbo folders).
     #[arg(long)]
     pub steps: Option<u32>,
-    /// Classifier-free guidance (default: 7.5, or 0 for turbo models; ≤ 1 turns it off).
+    /// Classifier-free guidance (default: the catalog model's, else 7.5, or 0 for turbo
+    /// folders; ≤ 1 turns it off).
     #[arg(long)]
     pub guidance: Option<f64>,
     /// Image width in pixels, a multiple of 8 (default: the model's native size).
@@ -103,7 +104,10 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let request = request_for(&args, &pipeline, scheduler)?;
+    let defaults = crate::models::catalog::find(&model_name)
+        .filter(|_| args.model.is_some())
+        .map(|entry| entry.defaults);
+    let request = request_for(&args, &pipeline, scheduler, defaults)?;
     let sampler = request
         .scheduler
         .unwrap_or_else(|| pipeline.default_sampler());
@@ -166,16 +170,29 @@ fn resolve_model(paths: &Paths, args: &GenerateArgs) -> anyhow::Result<(String, 
     )))
 }
 
+/// The request the arguments describe. What they leave out comes from the catalog entry
+/// when the model is a catalog one, else from the model folder (turbo models, which ship
+/// trailing spacing, get 4 steps without guidance; others 25 steps at 7.5).
 fn request_for(
     args: &GenerateArgs,
     pipeline: &StableDiffusion,
     scheduler: Option<Scheduler>,
+    defaults: Option<crate::models::catalog::JobDefaults>,
 ) -> anyhow::Result<Request> {
     let usage = |message: String| anyhow::Error::new(UsageError(message));
     let few_step = pipeline.is_few_step();
-    let native = pipeline.native_size() as u32;
-    let steps = args.steps.unwrap_or(if few_step { 4 } else { 25 });
-    let guidance = args.guidance.unwrap_or(if few_step { 0.0 } else { 7.5 });
+    let native = defaults.map_or(pipeline.native_size() as u32, |defaults| defaults.size);
+    let steps = args.steps.unwrap_or(match defaults {
+        Some(defaults) => defaults.steps,
+        None if few_step => 4,
+        None => 25,
+    });
+    let guidance = args.guidance.unwrap_or(match defaults {
+        Some(defaults) => defaults.guidance_scale,
+        None if few_step => 0.0,
+        None => 7.5,
+    });
+    let scheduler = scheduler.or(defaults.map(|defaults| defaults.scheduler));
     let (width, height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
     let factor = pipeline.vae_scale_factor() as u32;
     for (name, value) in [("--width", width), ("--height", height)] {
@@ -314,5 +331,65 @@ impl ProgressBar {
                 let _ = writeln!(stderr, "finishing the image…");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::catalog::JobDefaults;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    fn args(extra: &[&str]) -> GenerateArgs {
+        let mut argv = vec![
+            "generate", "--prompt", "a fox", "--out", "fox.png", "--seed", "1",
+        ];
+        argv.extend_from_slice(extra);
+        Wrapper::parse_from(argv).args
+    }
+
+    #[test]
+    fn what_the_arguments_leave_out_comes_from_the_catalog_then_the_folder() {
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
+        let pipeline =
+            StableDiffusion::load(&folder, &candle_core::Device::Cpu, candle_core::DType::F32)
+                .expect("fixture loads");
+
+        // A folder alone: its trained size (32 latents × 2), 25 steps at 7.5, its own sampler.
+        let request = request_for(&args(&[]), &pipeline, None, None).unwrap();
+        assert_eq!(
+            (request.width, request.steps, request.guidance_scale),
+            (64, 25, 7.5)
+        );
+        assert_eq!(request.scheduler, None);
+
+        // A catalog model: its defaults, unless an argument says otherwise.
+        let turbo = JobDefaults {
+            size: 128,
+            steps: 1,
+            guidance_scale: 0.0,
+            scheduler: Scheduler::EulerA,
+        };
+        let request = request_for(&args(&[]), &pipeline, None, Some(turbo)).unwrap();
+        assert_eq!(
+            (request.width, request.steps, request.guidance_scale),
+            (128, 1, 0.0)
+        );
+        assert_eq!(request.scheduler, Some(Scheduler::EulerA));
+        let request = request_for(
+            &args(&["--steps", "3", "--width", "64"]),
+            &pipeline,
+            Some(Scheduler::Ddim),
+            Some(turbo),
+        )
+        .unwrap();
+        assert_eq!((request.width, request.height, request.steps), (64, 128, 3));
+        assert_eq!(request.scheduler, Some(Scheduler::Ddim));
     }
 }

@@ -417,7 +417,11 @@ fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
     let mut window = Window::new(with_preview);
     window.harness.get_by_label("Jobs").click();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while window.harness.query_by_label("Show the image larger").is_none() {
+    while window
+        .harness
+        .query_by_label("Show the image larger")
+        .is_none()
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "the preview never appeared"

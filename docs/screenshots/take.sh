@@ -17,7 +17,10 @@ Xvfb "$display" -screen 0 1280x900x24 >/dev/null 2>&1 & xvfb=$!
 trap 'kill $app $studio $xvfb 2>/dev/null || true; rm -rf "$work"' EXIT
 printf 'api_base_url = "http://127.0.0.1:%s/api"\nworker_name = "Alice'"'"'s desktop"\n' "$port" > "$work/config.toml"
 sleep 1
-DISPLAY=$display dbus-run-session -- "$target/debug/studio-worker" --config "$work/config.toml" >"$work/app.log" 2>&1 & app=$!
+# No real hub: the app would start downloading the default model (the Status tab then shows
+# why it cannot).
+DISPLAY=$display HF_ENDPOINT=http://127.0.0.1:9 HF_HUB_CACHE="$work/hf-cache" \
+  dbus-run-session -- "$target/debug/studio-worker" --config "$work/config.toml" >"$work/app.log" 2>&1 & app=$!
 sleep 5
 window=$(DISPLAY=$display xdotool search --name '^studio-worker$' | head -1)
 shot() { DISPLAY=$display import -window "$window" "$out/$1.png"; }

@@ -17,6 +17,13 @@ const TOKEN: &str = "tok_abcdefghijklmnopqrstuvwxyz0123";
 fn worker(config: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_studio-worker"));
     command.arg("--config").arg(config).env_remove("RUST_LOG");
+    // Never the real hub: a worker run would start downloading the default model. Port 9
+    // (discard) on loopback refuses at once; the cache stays beside the config.
+    let folder = config.parent().unwrap_or(config);
+    command
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HUB_CACHE", folder.join("hf-cache"))
+        .env_remove("HF_TOKEN");
     command
 }
 

@@ -78,13 +78,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn previews_are_small_and_pruned() {
+    fn previews_are_bounded_and_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let thumbnails = Thumbnails::new(dir.path().join("thumbnails"));
-        let big = image::RgbImage::from_pixel(512, 256, image::Rgb([10, 20, 30]));
+        let big = image::RgbImage::from_pixel(2048, 1024, image::Rgb([10, 20, 30]));
         let path = thumbnails.save("j_1", &big).unwrap();
         let preview = load(&path).unwrap();
-        assert_eq!(preview.size, [160, 80]);
+        assert_eq!(preview.size, [512, 256]);
+        let small = image::RgbImage::from_pixel(64, 48, image::Rgb([10, 20, 30]));
+        let kept = thumbnails.save("j_3", &small).unwrap();
+        assert_eq!(load(&kept).unwrap().size, [64, 48], "never enlarged");
         let other = thumbnails.save("j_2", &big).unwrap();
 
         thumbnails.keep_only(&["j_2"]);

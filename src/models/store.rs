@@ -250,6 +250,18 @@ impl ModelStore {
             });
         }
 
+        tracing::info!(
+            "{}: {} to download ({} of {} already here){}",
+            entry.id,
+            crate::human::bytes(missing),
+            crate::human::bytes(already),
+            crate::human::bytes(total_bytes),
+            available.map_or_else(String::new, |free| format!(
+                ", {} free in {}",
+                crate::human::bytes(free),
+                folder.display()
+            ))
+        );
         let started = Instant::now();
         let mut meter = SpeedMeter::new(already);
         let mut done_before_file = 0;

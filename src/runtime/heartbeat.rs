@@ -50,7 +50,7 @@ pub(super) async fn run(context: TaskContext) {
                 state: worker_state(
                     paused,
                     current.jobs.current.is_some(),
-                    !capabilities.models.is_empty(),
+                    capabilities.models.iter().any(|model| model.ready),
                 ),
                 paused_reason: paused,
                 current_job_id: current.jobs.current.as_ref().map(|job| job.job_id.clone()),

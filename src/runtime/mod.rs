@@ -123,6 +123,29 @@ impl TaskContext {
             .map_or_else(Vec::new, |engine| engine.ready_models())
     }
 
+    /// The ready models, then the ones still downloading (`ready: false`), so the studio
+    /// knows what is coming.
+    fn model_readiness(&self) -> Vec<ModelReadiness> {
+        let ready = self.ready_models();
+        let coming: Vec<String> = self
+            .status
+            .borrow()
+            .downloads
+            .iter()
+            .map(|download| download.model_id.clone())
+            .filter(|model_id| !ready.contains(model_id))
+            .collect();
+        ready
+            .into_iter()
+            .map(|id| ModelReadiness { id, ready: true })
+            .chain(
+                coming
+                    .into_iter()
+                    .map(|id| ModelReadiness { id, ready: false }),
+            )
+            .collect()
+    }
+
     /// What this worker can do, as §4 describes it.
     fn capabilities(&self) -> Capabilities {
         let limits = self.limits();
@@ -131,11 +154,7 @@ impl TaskContext {
             os: host::os_name().to_owned(),
             arch: host::arch_name().to_owned(),
             device: self.device.clone(),
-            models: self
-                .ready_models()
-                .into_iter()
-                .map(|id| ModelReadiness { id, ready: true })
-                .collect(),
+            models: self.model_readiness(),
             max_width: limits.max_width,
             max_height: limits.max_height,
             max_images: limits.max_images,

@@ -337,8 +337,10 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     eventually("a loading heartbeat", PATIENCE, || {
         studio.workers().iter().any(|worker| {
             worker.heartbeats.iter().any(|beat| {
+                // Announced as coming, not ready, and not claimed.
                 beat["state"] == "loading"
-                    && beat["capabilities"]["models"] == serde_json::json!([])
+                    && beat["capabilities"]["models"]
+                        == serde_json::json!([{ "id": "tiny", "ready": false }])
             })
         })
     })
@@ -351,10 +353,10 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     let handle = runtime.handle();
     eventually("served after the download", PATIENCE, || {
         studio.workers().iter().any(|worker| {
-            worker
-                .heartbeats
-                .last()
-                .is_some_and(|beat| beat["capabilities"]["models"][0]["id"] == "tiny")
+            worker.heartbeats.last().is_some_and(|beat| {
+                beat["capabilities"]["models"]
+                    == serde_json::json!([{ "id": "tiny", "ready": true }])
+            })
         })
     })
     .await;
@@ -408,10 +410,10 @@ async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
         .unwrap();
     eventually("served without a restart", PATIENCE, || {
         studio.workers().iter().any(|worker| {
-            worker
-                .heartbeats
-                .last()
-                .is_some_and(|beat| beat["capabilities"]["models"][0]["id"] == "tiny")
+            worker.heartbeats.last().is_some_and(|beat| {
+                beat["capabilities"]["models"]
+                    == serde_json::json!([{ "id": "tiny", "ready": true }])
+            })
         })
     })
     .await;

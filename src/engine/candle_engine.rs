@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::DType;
 
 use super::device::{DevicePreference, SelectedDevice};
-use super::sd::model_folder::ModelFolder;
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
 use super::{CancelToken, Engine, EngineError, EngineLimits, Generated, JobProgress};
 use crate::jobs::JobSpec;
@@ -114,10 +113,6 @@ impl CandleEngine {
             tracing::error!("model {model_id} cannot be served: {reason}");
         }
         Ok(engine)
-    }
-
-    pub fn device(&self) -> &SelectedDevice {
-        &self.device
     }
 
     /// The pipeline for `model_id`, loading it (and making room) when it is not warm.
@@ -281,9 +276,8 @@ impl Engine for CandleEngine {
 /// The folder's checks (configs, weight files, tensor names and shapes), and its weights'
 /// size in memory at `dtype`.
 fn check_folder(root: &Path, dtype: DType) -> Result<u64, String> {
-    let folder = ModelFolder::open(root).map_err(|error| error.to_string())?;
-    // Every tensor the architecture needs, with its shape (headers only, no weights read).
-    super::sd::check_weights(root).map_err(|error| error.to_string())?;
+    // Configs, and every tensor the architecture needs with its shape (headers only).
+    let folder = super::sd::open_checked(root).map_err(|error| error.to_string())?;
     let files = folder
         .weight_files(dtype)
         .map_err(|error| error.to_string())?;
@@ -321,8 +315,7 @@ fn engine_error(error: SdError, model_id: &str) -> EngineError {
         SdError::Tensor(error) => {
             // One short line: candle appends a backtrace when one was captured, and this
             // message goes to the studio.
-            let full = error.to_string();
-            let message = crate::human::one_line(full.lines().next().unwrap_or_default(), 200);
+            let message = crate::human::one_line(&super::first_line(&error), 200);
             let lower = message.to_lowercase();
             if lower.contains("out of memory") || lower.contains("out_of_memory") {
                 EngineError::OutOfMemory(message)

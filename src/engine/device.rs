@@ -72,7 +72,7 @@ fn open_cuda() -> Result<SelectedDevice, String> {
         return Err("this build has no CUDA support (build with --features cuda)".to_owned());
     }
     let device = Device::new_cuda(0)
-        .map_err(|error| format!("the CUDA GPU did not open: {}", first_line(&error)))?;
+        .map_err(|error| format!("the CUDA GPU did not open: {}", super::first_line(&error)))?;
     let (name, memory_mb) = nvidia_smi_facts().unwrap_or_else(|| ("NVIDIA GPU".to_owned(), 0));
     Ok(SelectedDevice {
         device,
@@ -91,7 +91,7 @@ fn open_metal() -> Result<SelectedDevice, String> {
         return Err("this build has no Metal support (build with --features metal)".to_owned());
     }
     let device = Device::new_metal(0)
-        .map_err(|error| format!("the Metal GPU did not open: {}", first_line(&error)))?;
+        .map_err(|error| format!("the Metal GPU did not open: {}", super::first_line(&error)))?;
     // Apple GPUs share the machine's memory.
     let memory_mb = host::cpu_device().memory_mb;
     Ok(SelectedDevice {
@@ -104,16 +104,6 @@ fn open_metal() -> Result<SelectedDevice, String> {
         },
         fallback_reason: None,
     })
-}
-
-/// An error's first line: candle appends a backtrace when one was captured.
-fn first_line(error: &candle_core::Error) -> String {
-    error
-        .to_string()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// The first GPU's name and total memory from the NVIDIA driver's own tool.

@@ -98,6 +98,17 @@ impl CancelToken {
     }
 }
 
+/// A candle error's first line: candle appends a backtrace when one was captured, which
+/// must not reach the person or the studio.
+pub(crate) fn first_line(error: &candle_core::Error) -> String {
+    error
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 pub trait Engine: Send + Sync + 'static {
     /// Size and count limits.
     fn limits(&self) -> EngineLimits;

@@ -299,12 +299,7 @@ fn add(paths: &Paths, model_id: &str, folder: &Path) -> anyhow::Result<()> {
     let folder = folder
         .canonicalize()
         .map_err(|error| UsageError(format!("{}: {error}", folder.display())))?;
-    let model = ModelFolder::open(&folder)
-        .map_err(|error| UsageError(format!("{} cannot be served: {error}", folder.display())))?;
-    model
-        .weight_files(candle_core::DType::F32)
-        .map_err(|error| UsageError(format!("{} cannot be served: {error}", folder.display())))?;
-    crate::engine::sd::check_weights(&folder)
+    crate::engine::sd::open_checked(&folder)
         .map_err(|error| UsageError(format!("{} cannot be served: {error}", folder.display())))?;
     let mut settings = config::load(&paths.config_file)?.config;
     settings

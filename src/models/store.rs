@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use super::catalog::{self, CatalogEntry};
 use super::hub::{HubClient, HubError, RepoFile};
 use super::hub_cache::HubCache;
-use crate::engine::sd::model_folder::ModelFolder;
 
 /// Room left on the disk after a download, so the system does not run dry.
 const DISK_MARGIN: u64 = 200 * 1024 * 1024;
@@ -98,6 +97,11 @@ impl From<&RepoFile> for ManifestFile {
 }
 
 impl ManifestFile {
+    /// The same name as [`RepoFile::blob_name`].
+    fn blob_name(&self) -> &str {
+        self.sha256.as_deref().unwrap_or(&self.blob_id)
+    }
+
     fn as_repo_file(&self) -> RepoFile {
         RepoFile {
             path: self.path.clone(),
@@ -421,7 +425,7 @@ impl ModelStore {
             }
             let still_linked = linked_blobs(&repo_dir.join("snapshots"));
             for file in &manifest.files {
-                let blob_name = file.sha256.as_deref().unwrap_or(&file.blob_id);
+                let blob_name = file.blob_name();
                 if still_linked.iter().any(|name| name == blob_name) {
                     continue;
                 }
@@ -482,49 +486,32 @@ fn linked_blobs(snapshots: &Path) -> Vec<String> {
 /// Whether the file at `path` has `file`'s size and hash (SHA-256 for LFS files, git's
 /// blob SHA-1 for small ones).
 fn verify_file(path: &Path, file: &RepoFile) -> std::io::Result<bool> {
-    use std::io::Read as _;
-    let mut input = std::fs::File::open(path)?;
-    if input.metadata()?.len() != file.size {
+    let mut input = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    if input.get_ref().metadata()?.len() != file.size {
         return Ok(false);
     }
-    let mut buffer = vec![0; 1 << 20];
-    let digest = match &file.sha256 {
+    let (digest, expected) = match &file.sha256 {
         Some(expected) => {
             let mut hasher = sha2::Sha256::new();
-            loop {
-                let read = input.read(&mut buffer)?;
-                if read == 0 {
-                    break;
-                }
-                hasher.update(&buffer[..read]);
-            }
+            std::io::copy(&mut input, &mut hasher)?;
             (hex::encode(hasher.finalize()), expected)
         }
         None => {
             let mut hasher = sha1::Sha1::new();
             hasher.update(format!("blob {}\0", file.size).as_bytes());
-            loop {
-                let read = input.read(&mut buffer)?;
-                if read == 0 {
-                    break;
-                }
-                hasher.update(&buffer[..read]);
-            }
+            std::io::copy(&mut input, &mut hasher)?;
             (hex::encode(hasher.finalize()), &file.blob_id)
         }
     };
-    Ok(digest.0.eq_ignore_ascii_case(digest.1))
+    Ok(digest.eq_ignore_ascii_case(expected))
 }
 
 /// The folder parses as a pipeline this engine runs, with every weight file present and
 /// every tensor the architecture needs in it.
 fn check_usable(folder: &Path) -> Result<(), PullError> {
-    let model =
-        ModelFolder::open(folder).map_err(|error| PullError::Unusable(error.to_string()))?;
-    model
-        .weight_files(candle_core::DType::F16)
-        .map_err(|error| PullError::Unusable(error.to_string()))?;
-    crate::engine::sd::check_weights(folder).map_err(|error| PullError::Unusable(error.to_string()))
+    crate::engine::sd::open_checked(folder)
+        .map(drop)
+        .map_err(|error| PullError::Unusable(error.to_string()))
 }
 
 /// Bytes per second over the last few seconds.

@@ -127,7 +127,9 @@ async fn add_local_model(
             .map_err(|error| format!("{}: {error}", folder.display()))?;
         match &engine {
             Some(engine) => engine.serve(&id, &folder)?,
-            None => crate::engine::sd::check_weights(&folder).map_err(|error| error.to_string())?,
+            None => {
+                crate::engine::sd::open_checked(&folder).map_err(|error| error.to_string())?;
+            }
         }
         Ok(folder)
     })

@@ -63,6 +63,25 @@ impl Window {
         std::iter::from_fn(|| self.commands.try_recv().ok()).collect()
     }
 
+    /// Waits until a job's preview, loaded off the UI thread, is on screen.
+    fn wait_for_preview(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self
+            .harness
+            .query_by_label("Show the image larger")
+            .is_none()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the preview never appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            // The loader thread's repaint can land while the new image's layout settles,
+            // which may take more passes than `run` allows: keep going until it is there.
+            let _ = self.harness.run_ok();
+        }
+    }
+
     fn shows(&self, text: &str) -> bool {
         self.harness.query_by_label_contains(text).is_some()
     }
@@ -416,21 +435,7 @@ fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
 
     let mut window = Window::new(with_preview);
     window.harness.get_by_label("Jobs").click();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while window
-        .harness
-        .query_by_label("Show the image larger")
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the preview never appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        // The loader thread's repaint can land while the new image's layout settles, which
-        // may take more passes than `run` allows: keep going until the image is there.
-        let _ = window.harness.run_ok();
-    }
+    window.wait_for_preview();
     for _ in 0..20 {
         window.harness.step();
     }
@@ -531,19 +536,7 @@ fn a_jobs_preview_opens_large_and_closes() {
 
     let mut window = Window::new(with_preview);
     window.harness.get_by_label("Jobs").click();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while window
-        .harness
-        .query_by_label("Show the image larger")
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the preview never appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        let _ = window.harness.run_ok();
-    }
+    window.wait_for_preview();
     assert!(window.harness.query_by_label("Close").is_none());
     window.harness.get_by_label("Show the image larger").click();
     let _ = window.harness.run_ok();

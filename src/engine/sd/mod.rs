@@ -155,14 +155,6 @@ impl StableDiffusion {
         self.folder.family
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// Pixels per latent cell along each side (8 for real models).
     pub fn vae_scale_factor(&self) -> usize {
         self.folder.vae.scale_factor()
@@ -435,9 +427,9 @@ impl StableDiffusion {
     }
 }
 
-/// Checks that the folder's weight files hold every tensor its architecture needs, with the
-/// right shapes, without loading them.
-pub fn check_weights(root: &Path) -> Result<(), SdError> {
+/// Opens the folder and checks that its weight files hold every tensor its architecture
+/// needs, with the right shapes, without loading them.
+pub fn open_checked(root: &Path) -> Result<ModelFolder, SdError> {
     let folder = ModelFolder::open(root)?;
     let files = folder.weight_files(DType::F32)?;
     let context = |component: &str, error: candle_core::Error| {
@@ -469,7 +461,7 @@ pub fn check_weights(root: &Path) -> Result<(), SdError> {
         &folder.vae,
     )
     .map_err(|error| context("vae", error))?;
-    Ok(())
+    Ok(folder)
 }
 
 /// `(batch, 3, H, W)` floats in `[0, 1]` to 8-bit images (rounded, as the reference).

@@ -178,10 +178,6 @@ impl ClipTextEncoder {
         })
     }
 
-    pub fn max_positions(&self) -> usize {
-        self.max_positions
-    }
-
     /// Encodes a batch of token-id rows (each `max_positions` long). `end_id` marks where
     /// each prompt ends, for the pooled output.
     pub fn forward(
@@ -206,20 +202,11 @@ impl ClipTextEncoder {
             .forward(&ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let causal_mask = causal_mask(length, self.dtype, device)?;
+        // hidden_states[-2] is what the last layer reads (the embeddings, for one layer).
         let mut penultimate = hidden.clone();
-        let last_index = self.layers.len().saturating_sub(1);
-        for (index, layer) in self.layers.iter().enumerate() {
-            hidden = layer.forward(&hidden, &causal_mask)?;
-            if index + 1 == last_index {
-                penultimate = hidden.clone();
-            }
-        }
-        if self.layers.len() == 1 {
-            // hidden_states[-2] of a one-layer model is the embedding output itself.
-            penultimate = self
-                .token_embedding
-                .forward(&ids)?
-                .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        for layer in &self.layers {
+            penultimate = hidden;
+            hidden = layer.forward(&penultimate, &causal_mask)?;
         }
         let last_hidden_state = self.final_layer_norm.forward(&hidden)?;
         // The first end token of each row; transformers pools at the same position.

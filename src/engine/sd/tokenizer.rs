@@ -90,17 +90,8 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
-    /// How many of the prompt's tokens fit; the rest are dropped (as the reference does).
-    pub fn token_count(&self, prompt: &str) -> Result<usize, tokenizers::Error> {
-        Ok(self.tokenizer.encode(prompt, false)?.get_ids().len())
-    }
-
     pub fn end_id(&self) -> u32 {
         self.end_id
-    }
-
-    pub fn max_length(&self) -> usize {
-        self.max_length
     }
 }
 

@@ -11,4 +11,5 @@ mod models;
 mod registration;
 mod runtime;
 mod soak;
+mod tray;
 mod ui;

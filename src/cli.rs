@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -75,6 +76,19 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show which device the image engine uses on this PC (GPU or CPU, and why).
+    Device {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running worker to quit: it finishes or hands back its job first. Installers
+    /// use this before replacing the program.
+    Quit {
+        /// Seconds to wait for it to exit.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        wait: u64,
+    },
 }
 
 /// Parses the command line, runs the command, and turns the outcome into an exit code.
@@ -95,6 +109,14 @@ pub fn main() -> ExitCode {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = Paths::resolve(cli.config.as_deref())?;
+    // The commands that run the engine hand over to the CUDA build shipped beside this one
+    // when it can run here (it replaces this process); the others never touch the GPU.
+    if matches!(
+        cli.command,
+        None | Some(CliCommand::Run { .. } | CliCommand::Generate(_) | CliCommand::Device { .. })
+    ) {
+        crate::platform::gpu_build::hand_over_if_usable();
+    }
     match cli.command {
         None => run_app(&paths, None, cli.minimized),
         Some(CliCommand::Run {
@@ -122,7 +144,71 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(CliCommand::Pause) => set_paused(&paths, true),
         Some(CliCommand::Resume) => set_paused(&paths, false),
+        Some(CliCommand::Device { json }) => print_device(&paths, json),
+        Some(CliCommand::Quit { wait }) => quit_running(&paths, Duration::from_secs(wait)),
     }
+}
+
+/// `device`: the device `auto` (or the settings' choice) opens here, and why not a GPU.
+fn print_device(paths: &Paths, json: bool) -> anyhow::Result<()> {
+    // Read-only, like `status`: a broken settings file counts as the defaults here.
+    let preference = std::fs::read(&paths.config_file)
+        .ok()
+        .and_then(|bytes| config::parse(&bytes).ok())
+        .map(|config| config.engine.device)
+        .unwrap_or_default();
+    let selected = crate::engine::device::select(preference).map_err(anyhow::Error::msg)?;
+    let info = &selected.info;
+    if json {
+        let report = serde_json::json!({
+            "kind": info.kind,
+            "name": info.name,
+            "memoryMb": info.memory_mb,
+            "fallbackReason": selected.fallback_reason,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "{} · {} · {:.1} GB",
+            crate::human::device_kind(info.kind),
+            info.name,
+            info.memory_mb as f64 / 1024.0
+        );
+        if let Some(reason) = &selected.fallback_reason {
+            println!("Why not a GPU: {reason}");
+        }
+    }
+    Ok(())
+}
+
+/// `quit`: asks the running worker to stop (handing back or finishing its job), then waits
+/// until its process is gone.
+fn quit_running(paths: &Paths, wait: Duration) -> anyhow::Result<()> {
+    let pid = running_worker_pid(&paths.data_dir);
+    match tokio_current_thread()?.block_on(control::send(&paths.data_dir, "quit")) {
+        Ok(()) => {}
+        Err(control::ControlError::NotRunning) if pid.is_none() => {
+            println!("No worker is running.");
+            return Ok(());
+        }
+        Err(err) => bail!("{err}"),
+    }
+    let Some(pid) = pid else {
+        println!("The worker is quitting.");
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + wait;
+    while crate::platform::host::process_alive(pid) {
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the worker (process {pid}) is still stopping after {} s",
+                wait.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("The worker has quit.");
+    Ok(())
 }
 
 /// `pause` / `resume`: through the running worker's control channel, or in the settings file
@@ -242,6 +328,10 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
         let runtime = Runtime::start(config, options)?;
         let outcome = tokio::select! {
             () = shutdown.recv() => Ok(()),
+            () = runtime.quit_requested() => {
+                tracing::info!("stopping: asked to quit");
+                Ok(())
+            }
             reason = runtime.fatal() => Err(anyhow::anyhow!(reason)),
         };
         runtime.shutdown().await;

@@ -209,6 +209,10 @@ impl Engine for CandleEngine {
         self.device.info.clone()
     }
 
+    fn device_note(&self) -> Option<String> {
+        self.device.fallback_reason.clone()
+    }
+
     fn generate(
         &self,
         job: &JobSpec,

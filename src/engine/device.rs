@@ -20,6 +20,16 @@ pub enum DevicePreference {
     Cpu,
 }
 
+/// Why the CUDA build shipped beside this one is not running (see
+/// [`crate::platform::gpu_build`]); set once, at start.
+static GPU_BUILD_NOTE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records why this process runs without the GPU build next to it, for `auto`'s fallback
+/// reason (the log, `device` and the Status tab).
+pub fn note_gpu_build_unavailable(reason: String) {
+    let _ = GPU_BUILD_NOTE.set(reason);
+}
+
 /// A device that opened.
 #[derive(Clone, Debug)]
 pub struct SelectedDevice {
@@ -48,11 +58,12 @@ pub fn select(preference: DevicePreference) -> Result<SelectedDevice, String> {
             match attempt {
                 Some(Ok(selected)) => Ok(selected),
                 Some(Err(reason)) => Ok(cpu(Some(format!("{reason}; using the CPU")))),
-                None => Ok(cpu(Some(
-                    "this build has no GPU backend (built without the cuda or metal feature); \
-                     using the CPU"
+                None => Ok(cpu(Some(match GPU_BUILD_NOTE.get() {
+                    Some(note) => format!("{note}; using the CPU"),
+                    None => "this build has no GPU backend (built without the cuda or metal \
+                             feature); using the CPU"
                         .to_owned(),
-                ))),
+                }))),
             }
         }
     }

@@ -118,6 +118,11 @@ pub trait Engine: Send + Sync + 'static {
         crate::platform::host::cpu_device()
     }
 
+    /// Why it runs on the CPU when a GPU was wanted (`auto`'s fallback reason), if it does.
+    fn device_note(&self) -> Option<String> {
+        None
+    }
+
     /// Ids of the models that are on disk, verified and can run now.
     fn ready_models(&self) -> Vec<String>;
 

@@ -38,15 +38,18 @@ pub fn cpu_device() -> DeviceInfo {
     }
 }
 
-/// Whether a process with this id exists (it may, rarely, be another program that got a
-/// recycled id; callers use this for advice, never to decide anything destructive alone).
+/// Whether a process with this id is running (it may, rarely, be another program that got a
+/// recycled id; callers use this for advice, never to decide anything destructive alone). A
+/// process that exited but was not yet reaped by its parent (a zombie) is not running.
 pub fn process_alive(pid: u32) -> bool {
     let pid = sysinfo::Pid::from_u32(pid);
     let Ok(mut system) = sysinfo::System::new() else {
         return false;
     };
     system.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), true);
-    system.process(pid).is_some()
+    system
+        .process(pid)
+        .is_some_and(|process| process.status() != sysinfo::ProcessStatus::Zombie)
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ pub enum Command {
     },
     /// Another launch wants this instance's window brought forward.
     ShowWindow,
+    /// Stop: finish or hand back the running job, then exit (`studio-worker quit`, which
+    /// installers run before replacing the program).
+    Quit,
     /// Try the waiting uploads now instead of at the end of the backoff (a `Retry-After`
     /// from the studio is still honoured).
     RetryUploads,
@@ -91,6 +94,10 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
             }
             Command::ShowWindow => {
                 status.send_modify(|s| s.window_raise_requests += 1);
+                Ok(())
+            }
+            Command::Quit => {
+                status.send_modify(|s| s.quit_requested = true);
                 Ok(())
             }
         };

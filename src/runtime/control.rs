@@ -114,6 +114,7 @@ async fn answer(stream: TcpStream, token: Secret, commands: mpsc::Sender<Command
             "pause" => queue(&commands, Command::Pause),
             "resume" => queue(&commands, Command::Resume),
             "show" => queue(&commands, Command::ShowWindow),
+            "quit" => queue(&commands, Command::Quit),
             other => refusal(format!("unknown command {other:?}")),
         },
         (Ok(Ok(_)), Ok(_)) => refusal("wrong token".to_owned()),
@@ -157,7 +158,7 @@ pub enum ControlError {
     Refused(String),
 }
 
-/// Sends `command` (`pause`, `resume` or `show`) to the worker running for this data folder.
+/// Sends `command` (`pause`, `resume`, `show` or `quit`) to the worker running for this data folder.
 pub async fn send(data_dir: &Path, command: &str) -> Result<(), ControlError> {
     let file = read_file(data_dir).ok_or(ControlError::NotRunning)?;
     if !crate::platform::host::process_alive(file.pid) {

@@ -284,6 +284,10 @@ impl Runtime {
         };
         initial.studio_url_problem.clone_from(&url_problem);
         initial.device = Some(device.clone());
+        initial.device_note = options
+            .engine
+            .as_ref()
+            .and_then(|engine| engine.device_note());
         initial.engine = options
             .engine
             .as_ref()
@@ -362,6 +366,19 @@ impl Runtime {
         loop {
             if let Some(reason) = status.borrow_and_update().fatal.clone() {
                 return reason;
+            }
+            if status.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Resolves when `studio-worker quit` asked this worker to stop.
+    pub async fn quit_requested(&self) {
+        let mut status = self.handle.subscribe();
+        loop {
+            if status.borrow_and_update().quit_requested {
+                return;
             }
             if status.changed().await.is_err() {
                 std::future::pending::<()>().await;

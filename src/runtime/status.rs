@@ -51,6 +51,9 @@ pub struct WorkerStatus {
     pub jobs: JobsStatus,
     /// Writer: the runtime at start. What the engine runs on.
     pub device: Option<crate::studio::protocol::DeviceInfo>,
+    /// Why the engine runs on the CPU although a GPU was wanted (no driver, the CUDA build
+    /// could not start, the GPU did not open…).
+    pub device_note: Option<String>,
     /// Writers: the runtime at start, the downloads task when a model joins. Which models
     /// can run, in one line (`None`: no engine).
     pub engine: Option<String>,
@@ -67,6 +70,9 @@ pub struct WorkerStatus {
     /// Writer: the command task. Counts "bring the window forward" requests from later
     /// launches; the window raises itself when it sees the count grow.
     pub window_raise_requests: u64,
+    /// `studio-worker quit` asked this worker to stop; the window or the headless loop ends
+    /// the process as it would on the tray's Quit.
+    pub quit_requested: bool,
     /// Writer: the runtime, when a task cannot go on at all (no entropy, config unwritable).
     pub fatal: Option<String>,
 }
@@ -83,10 +89,12 @@ impl WorkerStatus {
             paused: pause_reason(config),
             jobs: JobsStatus::default(),
             device: None,
+            device_note: None,
             engine: None,
             downloads: Vec::new(),
             settings_recovered: None,
             window_raise_requests: 0,
+            quit_requested: false,
             settings_problem: None,
             studio_url_problem: None,
             fatal: None,

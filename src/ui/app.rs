@@ -111,11 +111,16 @@ impl WorkerApp {
             self.raised = self.status.window_raise_requests;
             open = true;
         }
-        let events: Vec<TrayEvent> = self
+        let mut events: Vec<TrayEvent> = self
             .tray_events
             .as_ref()
             .map(|events| events.try_iter().collect())
             .unwrap_or_default();
+        if self.status.quit_requested && !self.quitting {
+            // `studio-worker quit` (an installer about to replace the program): as the tray's
+            // Quit.
+            events.push(TrayEvent::Quit);
+        }
         for event in events {
             match event {
                 TrayEvent::TogglePause => {

@@ -211,10 +211,14 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     ui.strong("This PC");
     if let Some(device) = &status.device {
         ui.label(format!(
-            "{} · {:.1} GB",
+            "Runs on: {} · {} · {:.1} GB",
+            human::device_kind(device.kind),
             device.name,
             device.memory_mb as f64 / 1024.0
         ));
+    }
+    if let Some(note) = &status.device_note {
+        ui.label(egui::RichText::new(human::capitalise(note)).weak());
     }
     if let Some(engine) = &status.engine {
         ui.label(human::capitalise(engine));

@@ -585,3 +585,33 @@ async fn models_pull_shows_progress_and_the_model_is_then_ready_and_verified() {
     assert!(removed.status.success());
     assert!(text(&removed.stdout).contains("freed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_stops_the_running_worker_and_waits_for_it() {
+    let home = WorkerHome::new();
+    let nothing = run(worker(&home.config_path()).arg("quit"));
+    assert!(nothing.status.success(), "{}", text(&nothing.stderr));
+    assert!(text(&nothing.stdout).contains("No worker is running"));
+
+    let studio = TestStudio::start().await;
+    studio.set_decision(crate::support::studio::Decision::ApproveAfterPolls(1));
+    home.write_config(&studio.url());
+    let mut worker_process = Running::start(&home.config_path());
+    eventually("a heartbeat", SLOW, || studio.count(Route::Heartbeat) >= 1).await;
+    eventually("the control channel", SLOW, || {
+        home.config_path()
+            .parent()
+            .is_some_and(|folder| folder.join("control.json").exists())
+    })
+    .await;
+
+    let quit = run(worker(&home.config_path()).args(["quit", "--wait", "30"]));
+    assert!(quit.status.success(), "{}", text(&quit.stderr));
+    assert!(text(&quit.stdout).contains("The worker has quit."));
+    let exit = worker_process.0.try_wait().expect("wait");
+    assert_eq!(
+        exit.and_then(|status| status.code()),
+        Some(0),
+        "gone, and cleanly, by the time quit returns"
+    );
+}

@@ -6,6 +6,8 @@ mod support;
 
 mod cli;
 mod config_file;
+#[cfg(target_os = "linux")]
+mod gpu_build;
 mod jobs;
 mod models;
 mod registration;

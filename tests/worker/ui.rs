@@ -392,6 +392,47 @@ fn tray_clicks_become_commands_and_window_actions() {
 }
 
 #[test]
+fn studio_worker_quit_closes_the_app_as_the_trays_quit_does() {
+    let mut window = Window::new(approved());
+    assert!(window.harness.state_mut().apply().is_empty());
+    window.status.send_modify(|s| s.quit_requested = true);
+    assert_eq!(
+        window.harness.state_mut().apply(),
+        vec![egui::ViewportCommand::Close]
+    );
+    assert!(
+        window.harness.state_mut().apply().is_empty(),
+        "closed once, not every frame"
+    );
+}
+
+#[test]
+fn the_status_tab_says_which_backend_runs_and_why_not_a_gpu() {
+    let mut window = Window::new(approved());
+    window.set_status(|s| {
+        s.device = Some(studio_worker::studio::protocol::DeviceInfo {
+            kind: studio_worker::studio::protocol::DeviceKind::Cpu,
+            name: "AMD Ryzen 7".into(),
+            memory_mb: 32768,
+        });
+        s.device_note = Some("no NVIDIA driver found; using the CPU".into());
+    });
+    assert!(window.shows("Runs on: CPU · AMD Ryzen 7 · 32.0 GB"));
+    assert!(window.shows("No NVIDIA driver found; using the CPU"));
+
+    window.set_status(|s| {
+        s.device = Some(studio_worker::studio::protocol::DeviceInfo {
+            kind: studio_worker::studio::protocol::DeviceKind::Cuda,
+            name: "NVIDIA GeForce RTX 4070".into(),
+            memory_mb: 12282,
+        });
+        s.device_note = None;
+    });
+    assert!(window.shows("Runs on: CUDA · NVIDIA GeForce RTX 4070 · 12.0 GB"));
+    assert!(!window.shows("NVIDIA driver"));
+}
+
+#[test]
 fn a_second_launch_brings_the_window_forward() {
     let mut window = Window::new(approved());
     assert!(window.harness.state_mut().apply().is_empty());

@@ -1,0 +1,194 @@
+//! Choosing between the two builds an installer ships: `studio-worker` (CPU only, starts
+//! anywhere) and, beside it, `studio-worker-cuda` (the same program built with
+//! `--features cuda`).
+//!
+//! candle links the CUDA libraries at load time (`libcuda`, `libcublas`, `libcurand`), so the
+//! CUDA build cannot even start on a PC without them: the dynamic loader refuses it before
+//! `main`. The CPU build therefore starts first and hands over only when the CUDA build can
+//! run here:
+//!
+//! 1. no `studio-worker-cuda` beside this program → stay (a plain CPU or Metal build);
+//! 2. the NVIDIA driver's library does not load → stay, with that reason;
+//! 3. `studio-worker-cuda device --json` (a probe process) fails to start or finds no usable
+//!    GPU → stay, with the loader's or the probe's first line as the reason;
+//! 4. otherwise replace this process with the CUDA build (same arguments, same environment).
+//!
+//! The reason for staying is recorded ([`crate::engine::device::note_gpu_build_unavailable`])
+//! so the log, `device` and the Status tab say why the CPU is used.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// File name of the CUDA build, next to the CPU build.
+pub const CUDA_BUILD_NAME: &str = if cfg!(windows) {
+    "studio-worker-cuda.exe"
+} else {
+    "studio-worker-cuda"
+};
+
+/// The NVIDIA driver's user-space library, present exactly when a driver is installed.
+const DRIVER_LIBRARY: &str = if cfg!(windows) {
+    "nvcuda.dll"
+} else {
+    "libcuda.so.1"
+};
+
+/// How long the probe may take to open the GPU before it counts as failed.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the CPU build decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// No CUDA build beside this one: nothing to choose.
+    NoGpuBuild,
+    /// A CUDA build is there but cannot run on this PC, and why.
+    StayOnCpu(String),
+    /// The CUDA build opened a GPU: run it instead.
+    HandOver(PathBuf),
+}
+
+/// Decides for the program at `exe` (this process's own path in production).
+pub fn decide(exe: &Path) -> Decision {
+    let gpu_build = exe.with_file_name(CUDA_BUILD_NAME);
+    if !gpu_build.is_file() {
+        return Decision::NoGpuBuild;
+    }
+    if let Err(reason) = driver_loads() {
+        return Decision::StayOnCpu(reason);
+    }
+    match probe(&gpu_build) {
+        Ok(()) => Decision::HandOver(gpu_build),
+        Err(reason) => Decision::StayOnCpu(reason),
+    }
+}
+
+/// Runs the CUDA build in this process's place when it can run here; returns (with the
+/// reason recorded) when this build should go on. Only meaningful in a build without CUDA.
+pub fn hand_over_if_usable() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            crate::engine::device::note_gpu_build_unavailable(format!(
+                "cannot find this program's own path ({err})"
+            ));
+            return;
+        }
+    };
+    match decide(&exe) {
+        Decision::NoGpuBuild => {}
+        Decision::StayOnCpu(reason) => crate::engine::device::note_gpu_build_unavailable(reason),
+        Decision::HandOver(gpu_build) => {
+            let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+            let reason = replace_process(&gpu_build, &args);
+            crate::engine::device::note_gpu_build_unavailable(reason);
+        }
+    }
+}
+
+fn driver_loads() -> Result<(), String> {
+    // SAFETY: loading the NVIDIA driver library runs its initialisers, which is what the
+    // CUDA build would do at start anyway; nothing from it is called here.
+    match unsafe { libloading::Library::new(DRIVER_LIBRARY) } {
+        Ok(_library) => Ok(()),
+        Err(err) => Err(format!(
+            "no NVIDIA driver found ({DRIVER_LIBRARY} does not load: {})",
+            first_line(&err.to_string())
+        )),
+    }
+}
+
+/// Starts `gpu_build device --json` and waits for it to say it opened a CUDA GPU.
+fn probe(gpu_build: &Path) -> Result<(), String> {
+    let mut child = Command::new(gpu_build)
+        .args(["device", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("the CUDA build did not start: {err}"))?;
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() < PROBE_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the CUDA build did not open the GPU within {} s",
+                    PROBE_TIMEOUT.as_secs()
+                ));
+            }
+            Err(err) => return Err(format!("the CUDA build did not finish: {err}")),
+        }
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|err| format!("the CUDA build's answer was unreadable: {err}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_default();
+    if output.status.success() && report["kind"] == "cuda" {
+        return Ok(());
+    }
+    // The loader's own words ("error while loading shared libraries: libcublas.so.13: cannot
+    // open shared object file"), or the probe's fallback reason.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let said = report["fallbackReason"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| {
+            stderr
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("it exited with {}", output.status));
+    Err(format!(
+        "the CUDA build cannot run here: {}",
+        first_line(&said)
+    ))
+}
+
+/// Replaces this process with `program` (Unix `exec`); on Windows runs it and exits with its
+/// code. Returns only when that failed, with the reason.
+fn replace_process(program: &Path, args: &[OsString]) -> String {
+    tracing::debug!("handing over to {}", program.display());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        let err = Command::new(program).args(args).exec();
+        format!("the CUDA build did not start: {err}")
+    }
+    #[cfg(not(unix))]
+    {
+        match Command::new(program).args(args).status() {
+            Ok(status) => std::process::exit(status.code().unwrap_or(1)),
+            Err(err) => format!("the CUDA build did not start: {err}"),
+        }
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("").trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_cuda_build_beside_it_nothing_is_chosen() {
+        let folder = tempfile::tempdir().unwrap();
+        assert_eq!(
+            decide(&folder.path().join("studio-worker")),
+            Decision::NoGpuBuild
+        );
+    }
+}

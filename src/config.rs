@@ -163,6 +163,9 @@ pub struct UiSection {
     pub close_to_tray: bool,
     /// The one-time "still running in the tray" hint has been shown.
     pub close_hint_shown: bool,
+    /// Start at login was turned on by the first launch of the app (the installers' default;
+    /// Settings turns it off, and it is never turned on again by itself).
+    pub start_at_login_default_applied: bool,
 }
 
 impl Default for UiSection {
@@ -170,6 +173,7 @@ impl Default for UiSection {
         Self {
             close_to_tray: true,
             close_hint_shown: false,
+            start_at_login_default_applied: false,
         }
     }
 }

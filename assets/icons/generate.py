@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Draws the app icon and the tray icon variants as PNGs (no dependencies beyond Python).
+"""Draws the app icon (PNGs and a multi-size Windows .ico) and the tray icon variants (no
+dependencies beyond Python).
 
     python3 assets/icons/generate.py
 
@@ -95,9 +96,43 @@ def write_png(path, pixels):
         f.write(png)
 
 
+def png_bytes(pixels):
+    height, width = len(pixels), len(pixels[0])
+    raw = b"".join(b"\x00" + bytes(v for p in row for v in p) for row in pixels)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_ico(path, images):
+    """A Windows icon with one PNG-compressed image per size (Windows Vista and later)."""
+    header = struct.pack("<HHH", 0, 1, len(images))
+    offset = len(header) + 16 * len(images)
+    entries, data = b"", b""
+    for size, png in images:
+        side = 0 if size >= 256 else size  # 0 means 256 in an ICONDIRENTRY
+        entries += struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(png), offset + len(data))
+        data += png
+    with open(path, "wb") as f:
+        f.write(header + entries + data)
+
+
 def main():
-    for size in (32, 64, 128, 256):
-        write_png(os.path.join(HERE, f"app-{size}.png"), draw(size, None))
+    ico_images = []
+    for size in (16, 32, 48, 64, 128, 256):
+        pixels = draw(size, None)
+        if size in (32, 64, 128, 256):
+            write_png(os.path.join(HERE, f"app-{size}.png"), pixels)
+        ico_images.append((size, png_bytes(pixels)))
+    # Windows: the installer's and the shortcuts' icon, sharp from 100 % to 200 % scaling.
+    write_ico(os.path.join(HERE, "app.ico"), ico_images)
     for state in ("idle", "working", "paused", "attention"):
         for size in (32, 64):
             write_png(os.path.join(HERE, f"tray-{state}-{size}.png"), draw(size, None if state == "idle" else state))

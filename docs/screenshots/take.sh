@@ -19,7 +19,7 @@ printf 'api_base_url = "http://127.0.0.1:%s/api"\nworker_name = "Alice'"'"'s des
 sleep 1
 # No real hub: the app would start downloading the default model (the Status tab then shows
 # why it cannot).
-DISPLAY=$display HF_ENDPOINT=http://127.0.0.1:9 HF_HUB_CACHE="$work/hf-cache" \
+DISPLAY=$display HF_ENDPOINT=http://127.0.0.1:9 HF_HUB_CACHE="$work/hf-cache" XDG_CONFIG_HOME="$work/xdg" \
   dbus-run-session -- "$target/debug/studio-worker" --config "$work/config.toml" >"$work/app.log" 2>&1 & app=$!
 sleep 5
 window=$(DISPLAY=$display xdotool search --name '^studio-worker$' | head -1)

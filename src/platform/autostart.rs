@@ -8,6 +8,8 @@
 //! | Windows | `HKCU\Software\Microsoft\Windows\CurrentVersion\Run\studio-worker`, set with `reg.exe` |
 //!
 //! Every entry starts `studio-worker --minimized`, so login puts the worker in the tray.
+//! The first launch of the app turns it on ([`apply_default_once`]), as installers do.
+//! The Linux entry carries `TryExec`, so once the package is removed the desktop ignores it.
 
 use std::path::{Path, PathBuf};
 
@@ -59,6 +61,23 @@ pub fn set_enabled(enabled: bool) -> Result<(), AutostartError> {
     Ok(())
 }
 
+/// Turns start-at-login on the first time the app starts for this person, and never again
+/// (so turning it off in Settings sticks).
+pub fn apply_default_once(config: &crate::config::SharedConfig) {
+    if config.snapshot().ui.start_at_login_default_applied {
+        return;
+    }
+    match set_enabled(true) {
+        Ok(()) => tracing::info!(
+            "studio-worker now starts when you log in (Settings → Start at login turns it off)"
+        ),
+        Err(err) => tracing::warn!("could not turn on start at login: {err}"),
+    }
+    if let Err(err) = config.update(|c| c.ui.start_at_login_default_applied = true) {
+        tracing::warn!("could not remember that start at login was set up: {err}");
+    }
+}
+
 fn entry_path() -> Option<PathBuf> {
     let dirs = directories::BaseDirs::new()?;
     Some(if cfg!(target_os = "macos") {
@@ -77,10 +96,12 @@ pub fn desktop_entry(exe: &Path) -> String {
          Type=Application\n\
          Name=studio-worker\n\
          Comment=Lends this PC's GPU to the minis.gg studio\n\
+         TryExec={}\n\
          Exec={} --minimized\n\
          Icon=studio-worker\n\
          Terminal=false\n\
          X-GNOME-Autostart-enabled=true\n",
+        exe.to_string_lossy().replace('\\', "\\\\"),
         desktop_exec_quote(&exe.to_string_lossy())
     )
 }
@@ -181,6 +202,10 @@ mod tests {
         assert!(entry.contains("Exec=\"/opt/studio worker/bin/studio-worker\" --minimized\n"));
         let plain = desktop_entry(Path::new("/usr/bin/studio-worker"));
         assert!(plain.contains("Exec=/usr/bin/studio-worker --minimized\n"));
+        assert!(
+            plain.contains("TryExec=/usr/bin/studio-worker\n"),
+            "ignored by the desktop once the package is removed"
+        );
         assert_eq!(desktop_exec_quote("/a/$HOME\"x"), "\"/a/\\$HOME\\\"x\"");
     }
 

@@ -7,7 +7,8 @@
 //! `main`. The CPU build therefore starts first and hands over only when the CUDA build can
 //! run here:
 //!
-//! 1. no `studio-worker-cuda` beside this program → stay (a plain CPU or Metal build);
+//! 1. no `studio-worker-cuda` beside this program (or in `../lib/studio-worker/`) → stay
+//!    (a plain CPU or Metal build);
 //! 2. the NVIDIA driver's library does not load → stay, with that reason;
 //! 3. `studio-worker-cuda device --json` (a probe process) fails to start or finds no usable
 //!    GPU → stay, with the loader's or the probe's first line as the reason;
@@ -49,12 +50,22 @@ pub enum Decision {
     HandOver(PathBuf),
 }
 
+/// Where an installer puts the CUDA build: beside this program (Windows, a portable
+/// folder), or in the package's library folder (Linux: `/usr/lib/studio-worker/`, next to
+/// the CUDA libraries it brings).
+pub fn candidates(exe: &Path) -> Vec<PathBuf> {
+    let mut places = vec![exe.with_file_name(CUDA_BUILD_NAME)];
+    if let Some(prefix) = exe.parent().and_then(Path::parent) {
+        places.push(prefix.join("lib/studio-worker").join(CUDA_BUILD_NAME));
+    }
+    places
+}
+
 /// Decides for the program at `exe` (this process's own path in production).
 pub fn decide(exe: &Path) -> Decision {
-    let gpu_build = exe.with_file_name(CUDA_BUILD_NAME);
-    if !gpu_build.is_file() {
+    let Some(gpu_build) = candidates(exe).into_iter().find(|path| path.is_file()) else {
         return Decision::NoGpuBuild;
-    }
+    };
     if let Err(reason) = driver_loads() {
         return Decision::StayOnCpu(reason);
     }
@@ -182,6 +193,17 @@ fn first_line(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cuda_build_is_looked_for_beside_and_in_the_packages_library_folder() {
+        assert_eq!(
+            candidates(Path::new("/usr/bin/studio-worker")),
+            [
+                PathBuf::from("/usr/bin").join(CUDA_BUILD_NAME),
+                PathBuf::from("/usr/lib/studio-worker").join(CUDA_BUILD_NAME),
+            ]
+        );
+    }
 
     #[test]
     fn without_a_cuda_build_beside_it_nothing_is_chosen() {

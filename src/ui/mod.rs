@@ -33,6 +33,7 @@ pub struct AppOptions {
 /// Runs the worker with its window and tray until the person quits, then shuts the worker
 /// down (handing back a running job).
 pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
+    crate::platform::autostart::apply_default_once(&config);
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     let (runtime, mut shutdown) = {
         let _entered = tokio.enter();

@@ -186,6 +186,8 @@ impl App {
             .env("HF_ENDPOINT", "http://127.0.0.1:9")
             .env("HF_HUB_CACHE", folder.join("hf-cache"))
             .env_remove("HF_TOKEN")
+            // Start at login is turned on by the first launch: into this test's folder.
+            .env("XDG_CONFIG_HOME", folder.join("xdg-config"))
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
@@ -297,6 +299,20 @@ async fn the_tray_menu_pauses_resumes_opens_and_quits_the_real_app() {
         !desktop.window_visible()
     })
     .await;
+
+    // The first launch turned start at login on, pointing at this very program.
+    let autostart = home
+        .config_path()
+        .with_file_name("xdg-config")
+        .join("autostart/studio-worker.desktop");
+    let entry = std::fs::read_to_string(&autostart).expect("an autostart entry");
+    assert!(
+        entry.contains(&format!(
+            "Exec={} --minimized",
+            env!("CARGO_BIN_EXE_studio-worker")
+        )),
+        "{entry}"
+    );
 
     // The operator approves: the first line and the tooltip follow.
     let request_id = loop {

@@ -82,6 +82,10 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Crash on purpose, to check crash reporting end to end (the report and the log must
+    /// show neither the token nor the home folder).
+    #[command(hide = true)]
+    CrashTest,
     /// Ask the running worker to quit: it finishes or hands back its job first. Installers
     /// use this before replacing the program.
     Quit {
@@ -146,7 +150,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(CliCommand::Resume) => set_paused(&paths, false),
         Some(CliCommand::Device { json }) => print_device(&paths, json),
         Some(CliCommand::Quit { wait }) => quit_running(&paths, Duration::from_secs(wait)),
+        Some(CliCommand::CrashTest) => crash_test(&paths),
     }
+}
+
+/// `crash-test`: a panic carrying a secret and a home-folder path, through the same hooks as
+/// a real crash.
+fn crash_test(paths: &Paths) -> anyhow::Result<()> {
+    let _log_guard = crate::logging::init(Some(&paths.log_dir()));
+    let (config, _) = load_config(paths)?;
+    let config = config.snapshot();
+    let _crash_guard = crate::crash::init(&config);
+    let token = config
+        .auth_token
+        .as_ref()
+        .map_or("(no token)", |token| token.expose());
+    panic!(
+        "crash test: token {token}, settings in {}",
+        paths.config_file.display()
+    );
 }
 
 /// `device`: the device `auto` (or the settings' choice) opens here, and why not a GPU.
@@ -268,6 +290,7 @@ fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::R
     };
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, recovered_config) = load_config(paths)?;
+    let _crash_guard = crate::crash::init(&config.snapshot());
     crate::ui::run(
         config,
         crate::ui::AppOptions {
@@ -309,6 +332,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     };
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, recovered_config) = load_config(paths)?;
+    let _crash_guard = crate::crash::init(&config.snapshot());
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     tokio.block_on(async {
         let mut shutdown = crate::runtime::ShutdownSignal::install();

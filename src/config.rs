@@ -57,6 +57,7 @@ pub struct Config {
     pub models: ModelsSection,
     pub ui: UiSection,
     pub images: ImagesSection,
+    pub crash_reports: CrashReportsSection,
 }
 
 impl Default for Config {
@@ -77,6 +78,7 @@ impl Default for Config {
             models: ModelsSection::default(),
             ui: UiSection::default(),
             images: ImagesSection::default(),
+            crash_reports: CrashReportsSection::default(),
         }
     }
 }
@@ -153,6 +155,14 @@ impl Default for ModelsSection {
 pub struct ImagesSection {
     /// Keep a copy of every finished image in this folder.
     pub save_copies_to: Option<PathBuf>,
+}
+
+/// `[crash_reports]`: whether panics are reported to minis.gg (see `crash`). Off until the
+/// person turns it on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CrashReportsSection {
+    pub send: bool,
 }
 
 /// `[ui]`: how the desktop window behaves.

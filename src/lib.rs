@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod crash;
 pub mod engine;
 pub mod generate;
 pub mod human;

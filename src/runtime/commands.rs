@@ -52,6 +52,8 @@ pub struct SettingsChange {
     pub start_at_login: bool,
     /// Keep a copy of every finished image here (`None`: no copies).
     pub save_copies_to: Option<std::path::PathBuf>,
+    /// Report crashes to minis.gg (from the next start).
+    pub send_crash_reports: bool,
 }
 
 pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskContext) {
@@ -178,5 +180,6 @@ fn save_settings(
         c.models.enabled.clone_from(&change.enabled_models);
         c.ui.close_to_tray = change.close_to_tray;
         c.images.save_copies_to.clone_from(&change.save_copies_to);
+        c.crash_reports.send = change.send_crash_reports;
     })
 }

@@ -21,6 +21,9 @@ pub struct SettingsForm {
     pub enabled_models: Vec<String>,
     pub close_to_tray: bool,
     pub start_at_login: bool,
+    /// `[crash_reports] send`; offered only when this build has a collector.
+    pub send_crash_reports: bool,
+    saved_send_crash_reports: bool,
     pub save_copies: bool,
     pub copies_folder: Option<std::path::PathBuf>,
     /// The folder picker's answer, while it is open, and what the folder is for.
@@ -50,6 +53,8 @@ impl SettingsForm {
             saved_device: config.engine.device,
             enabled_models: config.models.enabled.clone(),
             close_to_tray: config.ui.close_to_tray,
+            send_crash_reports: config.crash_reports.send,
+            saved_send_crash_reports: config.crash_reports.send,
             save_copies: config.images.save_copies_to.is_some(),
             copies_folder: config.images.save_copies_to.clone(),
             folder_pick: None,
@@ -118,8 +123,21 @@ impl SettingsForm {
             enabled_models: self.enabled_models.clone(),
             close_to_tray: self.close_to_tray,
             start_at_login: self.start_at_login,
+            send_crash_reports: self.send_crash_reports,
             save_copies_to: self.copies_folder.clone().filter(|_| self.save_copies),
         })
+    }
+}
+
+/// "Saved.", plus which of the changes wait for a restart.
+fn saved_note(after_restart: &[&str]) -> String {
+    match after_restart {
+        [] => "Saved.".to_owned(),
+        [one] => format!("Saved. The new {one} is used after a restart."),
+        [first @ .., last] => format!(
+            "Saved. The new {} and {last} are used after a restart.",
+            first.join(", ")
+        ),
     }
 }
 
@@ -181,6 +199,12 @@ pub fn settings_tab_ui(
         &mut form.start_at_login,
         "Start studio-worker (in the tray) when I log in",
     );
+    if crate::crash::collector_available() {
+        ui.checkbox(
+            &mut form.send_crash_reports,
+            "Send crash reports to minis.gg (without prompts, paths or secrets)",
+        );
+    }
     if let Some((purpose, answer)) = form
         .folder_pick
         .as_ref()
@@ -215,21 +239,22 @@ pub fn settings_tab_ui(
     if ui.button("Save").clicked() {
         match form.validate() {
             Ok(change) => {
-                let url_changed = change.api_base_url != form.saved_api_base_url;
-                let device_changed = change.device != form.saved_device;
+                let after_restart: Vec<&str> = [
+                    (change.api_base_url != form.saved_api_base_url, "studio URL"),
+                    (change.device != form.saved_device, "device"),
+                    (
+                        change.send_crash_reports != form.saved_send_crash_reports,
+                        "crash-report choice",
+                    ),
+                ]
+                .into_iter()
+                .filter_map(|(changed, what)| changed.then_some(what))
+                .collect();
                 form.saved_api_base_url.clone_from(&change.api_base_url);
                 form.saved_device = change.device;
+                form.saved_send_crash_reports = change.send_crash_reports;
                 form.error = None;
-                form.saved_note = Some(match (url_changed, device_changed) {
-                    (false, false) => "Saved.".to_owned(),
-                    (true, false) => {
-                        "Saved. The new studio URL is used after a restart.".to_owned()
-                    }
-                    (false, true) => "Saved. The new device is used after a restart.".to_owned(),
-                    (true, true) => {
-                        "Saved. The new studio URL and device are used after a restart.".to_owned()
-                    }
-                });
+                form.saved_note = Some(saved_note(&after_restart));
                 actions.push(UiAction::Send(Command::SaveSettings(change)));
             }
             Err(reason) => {
@@ -315,5 +340,23 @@ fn local_models_ui(
         } else {
             ui.label(format!("Checking {} as {model_id}…", folder.display()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_saved_note_names_what_waits_for_a_restart() {
+        assert_eq!(saved_note(&[]), "Saved.");
+        assert_eq!(
+            saved_note(&["device"]),
+            "Saved. The new device is used after a restart."
+        );
+        assert_eq!(
+            saved_note(&["studio URL", "device", "crash-report choice"]),
+            "Saved. The new studio URL, device and crash-report choice are used after a restart."
+        );
     }
 }

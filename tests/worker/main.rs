@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod config_file;
+mod crash;
 #[cfg(target_os = "linux")]
 mod gpu_build;
 mod jobs;

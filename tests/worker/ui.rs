@@ -279,6 +279,7 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
             close_to_tray: true,
             start_at_login: studio_worker::platform::autostart::is_enabled(),
             save_copies_to: None,
+            send_crash_reports: false,
         })]
     );
 }

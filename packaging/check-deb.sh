@@ -14,7 +14,10 @@ profile=${1:-debug}
 target=${CARGO_TARGET_DIR:-target}
 tools="$HOME/.cache/studio-worker/tools"
 packager_version=0.11.8
-packager="$tools/bin/cargo-packager"
+packager=$(command -v cargo-packager || echo "$tools/bin/cargo-packager")
+if ! "$packager" --version 2>/dev/null | grep -q "$packager_version"; then
+  packager="$tools/bin/cargo-packager"
+fi
 
 if ! "$packager" --version 2>/dev/null | grep -q "$packager_version"; then
   echo "check-deb: installing cargo-packager $packager_version"

@@ -159,8 +159,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn crash_test(paths: &Paths) -> anyhow::Result<()> {
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, _) = load_config(paths)?;
-    let config = config.snapshot();
     let _crash_guard = crate::crash::init(&config);
+    let config = config.snapshot();
     let token = config
         .auth_token
         .as_ref()
@@ -290,7 +290,7 @@ fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::R
     };
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, recovered_config) = load_config(paths)?;
-    let _crash_guard = crate::crash::init(&config.snapshot());
+    let _crash_guard = crate::crash::init(&config);
     crate::ui::run(
         config,
         crate::ui::AppOptions {
@@ -332,7 +332,7 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     };
     let _log_guard = crate::logging::init(Some(&paths.log_dir()));
     let (config, recovered_config) = load_config(paths)?;
-    let _crash_guard = crate::crash::init(&config.snapshot());
+    let _crash_guard = crate::crash::init(&config);
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     tokio.block_on(async {
         let mut shutdown = crate::runtime::ShutdownSignal::install();

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::SharedConfig;
 
 /// The collector this build reports to, if any.
 const BUILT_IN_DSN: Option<&str> = option_env!("STUDIO_WORKER_SENTRY_DSN");
@@ -36,41 +36,52 @@ fn collector_dsn() -> Option<String> {
 }
 
 /// Removes what identifies the person from crash text.
-#[derive(Clone, Debug, Default)]
 pub struct Scrubber {
-    secrets: Vec<String>,
+    /// Read at each scrub, so a token that arrives after start (an approval) is hidden too.
+    secrets: Box<dyn Fn() -> Vec<String> + Send + Sync>,
     home: Option<String>,
 }
 
 impl Scrubber {
-    /// Scrubs the secrets in `config`, `HF_TOKEN`, and the home folder.
-    pub fn for_config(config: &Config) -> Self {
-        let mut secrets: Vec<String> = [&config.auth_token, &config.registration_secret]
-            .into_iter()
-            .flatten()
-            .map(|secret| secret.expose().to_owned())
-            .collect();
-        secrets.extend(std::env::var("HF_TOKEN").ok());
-        Self::new(
+    /// Scrubs the secrets `config` holds when the crash happens, `HF_TOKEN`, and the home
+    /// folder.
+    pub fn for_config(config: SharedConfig) -> Self {
+        let hf_token = std::env::var("HF_TOKEN").ok();
+        let secrets = move || {
+            let current = config.snapshot();
+            [&current.auth_token, &current.registration_secret]
+                .into_iter()
+                .flatten()
+                .map(|secret| secret.expose().to_owned())
+                .chain(hf_token.clone())
+                .collect()
+        };
+        Self::with_secrets(
             secrets,
             directories::BaseDirs::new().map(|dirs| dirs.home_dir().to_string_lossy().into_owned()),
         )
     }
 
     pub fn new(secrets: Vec<String>, home: Option<String>) -> Self {
-        // Short strings would blank out ordinary words; real secrets are long.
-        let secrets = secrets
-            .into_iter()
-            .filter(|secret| secret.len() >= 8)
-            .collect();
+        Self::with_secrets(move || secrets.clone(), home)
+    }
+
+    fn with_secrets(
+        secrets: impl Fn() -> Vec<String> + Send + Sync + 'static,
+        home: Option<String>,
+    ) -> Self {
         // "/" as a home folder (a service account) would turn every path into "~".
         let home = home.filter(|home| home.len() > 1);
-        Self { secrets, home }
+        Self {
+            secrets: Box::new(secrets),
+            home,
+        }
     }
 
     pub fn scrub(&self, text: &str) -> String {
         let mut text = text.to_owned();
-        for secret in &self.secrets {
+        // Short strings would blank out ordinary words; real secrets are long.
+        for secret in (self.secrets)().iter().filter(|secret| secret.len() >= 8) {
             if text.contains(secret.as_str()) {
                 text = text.replace(secret.as_str(), "[secret]");
             }
@@ -123,10 +134,10 @@ pub struct CrashGuard {
 
 /// Installs the panic hook; starts reporting when `config` says the person agreed and a
 /// collector exists. Call after logging is set up, once, in the long-running commands.
-pub fn init(config: &Config) -> CrashGuard {
-    let scrubber = Arc::new(Scrubber::for_config(config));
+pub fn init(config: &SharedConfig) -> CrashGuard {
+    let scrubber = Arc::new(Scrubber::for_config(config.clone()));
     install_local_hook(Arc::clone(&scrubber));
-    if !config.crash_reports.send {
+    if !config.snapshot().crash_reports.send {
         return CrashGuard { _client: None };
     }
     let Some(dsn) = collector_dsn() else {
@@ -191,6 +202,25 @@ mod tests {
         assert_eq!(
             Scrubber::new(vec![], Some("/".into())).scrub("/usr/bin"),
             "/usr/bin"
+        );
+    }
+
+    #[test]
+    fn a_token_that_arrives_after_start_is_scrubbed_too() {
+        let folder = tempfile::tempdir().unwrap();
+        let config = SharedConfig::new(
+            folder.path().join("config.toml"),
+            crate::config::Config::default(),
+        );
+        let scrubber = Scrubber::for_config(config.clone());
+        config
+            .update(|c| {
+                c.auth_token = Some(crate::secret::Secret::new("tok_approvedlater0123456789"));
+            })
+            .unwrap();
+        assert_eq!(
+            scrubber.scrub("token tok_approvedlater0123456789"),
+            "token [secret]"
         );
     }
 

@@ -23,6 +23,7 @@ pub struct SettingsForm {
     pub start_at_login: bool,
     /// `[crash_reports] send`; offered only when this build has a collector.
     pub send_crash_reports: bool,
+    crash_reports_offered: bool,
     saved_send_crash_reports: bool,
     pub save_copies: bool,
     pub copies_folder: Option<std::path::PathBuf>,
@@ -54,6 +55,7 @@ impl SettingsForm {
             enabled_models: config.models.enabled.clone(),
             close_to_tray: config.ui.close_to_tray,
             send_crash_reports: config.crash_reports.send,
+            crash_reports_offered: crate::crash::collector_available(),
             saved_send_crash_reports: config.crash_reports.send,
             save_copies: config.images.save_copies_to.is_some(),
             copies_folder: config.images.save_copies_to.clone(),
@@ -199,7 +201,7 @@ pub fn settings_tab_ui(
         &mut form.start_at_login,
         "Start studio-worker (in the tray) when I log in",
     );
-    if crate::crash::collector_available() {
+    if form.crash_reports_offered {
         ui.checkbox(
             &mut form.send_crash_reports,
             "Send crash reports to minis.gg (without prompts, paths or secrets)",

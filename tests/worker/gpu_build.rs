@@ -103,10 +103,30 @@ impl Install {
         if let Some(driver) = driver {
             command.env("LD_LIBRARY_PATH", driver);
         }
-        let out = command.output().expect("run device");
+        let out = run(&mut command);
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("json: {}", text(&out)))
     }
+}
+
+fn run(command: &mut Command) -> Output {
+    retry_while_text_busy(|| command.output())
+}
+
+/// Runs `start` again while the freshly copied binary is "text file busy": another test
+/// thread's fork may still hold the copy's write handle for a moment before its exec closes
+/// it (ETXTBSY).
+fn retry_while_text_busy<T>(mut start: impl FnMut() -> std::io::Result<T>) -> T {
+    const ETXTBSY: i32 = 26;
+    for _ in 0..50 {
+        match start() {
+            Err(err) if err.raw_os_error() == Some(ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result.expect("start the copied binary"),
+        }
+    }
+    panic!("the copied binary stayed busy for a second");
 }
 
 fn text(out: &Output) -> String {
@@ -175,12 +195,10 @@ fn a_cuda_build_that_opens_a_gpu_takes_over_the_process() {
     let install = Install::new();
     install.add_working_cuda_build();
     let driver = install.add_driver();
-    let out = install
+    let out = run(install
         .command()
         .arg("device")
-        .env("LD_LIBRARY_PATH", &driver)
-        .output()
-        .expect("run device");
+        .env("LD_LIBRARY_PATH", &driver));
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("the CUDA build ran:"),
@@ -211,24 +229,21 @@ async fn with_cuda_libraries_absent_the_worker_still_comes_up_on_the_cpu() {
     let studio = TestStudio::start().await;
     studio.set_decision(Decision::ApproveAfterPolls(1));
     install.home.write_config(&studio.url());
-    let mut worker = install
-        .command()
-        .args(["run", "--headless"])
-        .env("LD_LIBRARY_PATH", &driver)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the worker");
+    let mut worker = retry_while_text_busy(|| {
+        install
+            .command()
+            .args(["run", "--headless"])
+            .env("LD_LIBRARY_PATH", &driver)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    });
     let mut status = serde_json::Value::Null;
     eventually(
         "a heartbeat from the worker on the CPU",
         Duration::from_secs(30),
         || {
-            let out = install
-                .command()
-                .args(["status", "--json"])
-                .output()
-                .expect("status");
+            let out = run(install.command().args(["status", "--json"]));
             status = serde_json::from_slice(&out.stdout).unwrap_or_default();
             !status["running"]["status"]["connection"]["lastHeartbeatAt"].is_null()
         },

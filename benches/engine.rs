@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use studio_worker::engine::sd::model_folder::UnetFile;
 use studio_worker::engine::sd::unet::{TextTimeConditioning, Unet};
 use studio_worker::engine::sd::{Request, StableDiffusion};
-use studio_worker::jobs::Scheduler;
+use studio_worker::vocab::job::Scheduler;
 
 fn median_time(runs: usize, mut function: impl FnMut()) -> f64 {
     function();

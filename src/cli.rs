@@ -192,7 +192,7 @@ fn print_device(paths: &Paths, json: bool) -> anyhow::Result<()> {
     } else {
         println!(
             "{} · {} · {:.1} GB",
-            crate::human::device_kind(info.kind),
+            info.kind.label(),
             info.name,
             info.memory_mb as f64 / 1024.0
         );
@@ -430,7 +430,7 @@ struct StatusReport {
     api_base_url: String,
     worker_name: String,
     config_path: PathBuf,
-    paused: Option<crate::studio::protocol::PauseReason>,
+    paused: Option<crate::vocab::pause::PauseReason>,
     /// What the running worker last wrote to `status.json`, when one is running.
     running: Option<status_file::StatusFile>,
 }

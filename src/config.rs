@@ -11,7 +11,6 @@
 //! Deserialize` (see [`PauseSection`]); `#[serde(default)]` makes old files load unchanged.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,8 +18,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::engine::device::DevicePreference;
 use crate::secret::Secret;
+use crate::vocab::device::DevicePreference;
 
 pub const DEFAULT_API_BASE_URL: &str = "https://studio.minis.gg/api";
 const CONFIG_FILE_NAME: &str = "config.toml";
@@ -329,7 +328,7 @@ fn remove_interrupted_saves(path: &Path) {
     } else {
         folder
     };
-    let prefix = format!(".{}.tmp-", file_name.to_string_lossy());
+    let prefix = crate::files::temp_prefix(&file_name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(folder) else {
         return;
     };
@@ -397,74 +396,10 @@ fn broken_path(path: &Path, now: DateTime<Utc>) -> PathBuf {
 /// Writes `config` to `path` atomically, readable by the owner only.
 pub fn save(path: &Path, config: &Config) -> Result<(), ConfigError> {
     let text = toml::to_string_pretty(config)?;
-    write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
+    crate::files::write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Temp file in the same folder (so the rename cannot cross file systems), fsync, rename over
-/// the target, fsync the folder so the rename itself survives a power cut.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let folder = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    create_private_dir_all(&folder)?;
-    let file_name = path
-        .file_name()
-        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let temp_path = folder.join(format!(
-        ".{file_name}.tmp-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-
-    let result = (|| {
-        let mut file = private_file_options().open(&temp_path)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&temp_path, path)?;
-        sync_dir(&folder)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp_path); // best effort: the error that matters is `result`
-    }
-    result
-}
-
-fn private_file_options() -> std::fs::OpenOptions {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    options
-}
-
-/// Creates missing folders owner-only (0700 on Unix); existing ones are left as they are.
-pub fn create_private_dir_all(folder: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt as _;
-        builder.mode(0o700);
-    }
-    builder.create(folder)
-}
-
-#[cfg(unix)]
-fn sync_dir(folder: &Path) -> std::io::Result<()> {
-    std::fs::File::open(folder)?.sync_all()
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_folder: &Path) -> std::io::Result<()> {
-    Ok(()) // NTFS journals the rename; there is no folder handle to flush.
 }
 
 /// The in-memory config every task reads, published through a `watch` channel.

@@ -10,9 +10,10 @@ use std::time::Instant;
 use anyhow::Context as _;
 
 use crate::config::{self, Paths};
-use crate::engine::device::{self, DevicePreference};
+use crate::engine::device;
 use crate::engine::sd::{Request, StableDiffusion, Stage};
-use crate::jobs::{self, Scheduler};
+use crate::vocab::device::DevicePreference;
+use crate::vocab::job::{self as jobs, Scheduler};
 
 /// Arguments that cannot run: exit code 2, like clap's own usage errors.
 #[derive(Debug, thiserror::Error)]

@@ -98,16 +98,6 @@ pub fn capitalise(text: &str) -> String {
     })
 }
 
-/// The engine's backend, as the window and `device` name it.
-pub fn device_kind(kind: crate::studio::protocol::DeviceKind) -> &'static str {
-    use crate::studio::protocol::DeviceKind;
-    match kind {
-        DeviceKind::Cuda => "CUDA",
-        DeviceKind::Metal => "Metal",
-        DeviceKind::Cpu => "CPU",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,7 +63,7 @@ pub fn init(log_dir: Option<&Path>) -> LogGuard {
 }
 
 fn open_log_file(log_dir: &Path) -> Result<tracing_appender::rolling::RollingFileAppender, String> {
-    crate::config::create_private_dir_all(log_dir)
+    crate::files::create_private_dir_all(log_dir)
         .map_err(|err| format!("cannot create {}: {err}", log_dir.display()))?;
     tracing_appender::rolling::Builder::new()
         .rotation(tracing_appender::rolling::Rotation::DAILY)

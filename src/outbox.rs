@@ -6,14 +6,13 @@
 //! a crash at any instant leaves either a complete entry or a temp folder that the next start
 //! deletes. Entries are removed only after the studio answered `2xx`/`409`/`410`.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::config::create_private_dir_all;
+use crate::files::{create_private_dir_all, sync_folder, write_synced};
 use crate::studio::protocol::ResultMeta;
 
 const META_FILE: &str = "meta.json";
@@ -147,22 +146,6 @@ impl Outbox {
             _ => sync_folder(&self.folder),
         }
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-#[cfg(unix)]
-fn sync_folder(folder: &Path) -> std::io::Result<()> {
-    std::fs::File::open(folder)?.sync_all()
-}
-
-#[cfg(not(unix))]
-fn sync_folder(_folder: &Path) -> std::io::Result<()> {
-    Ok(())
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ impl Thumbnails {
 
     /// Writes a preview of `image` for `job_id` and returns its path.
     pub fn save(&self, job_id: &str, image: &image::RgbImage) -> std::io::Result<PathBuf> {
-        crate::config::create_private_dir_all(&self.folder)?;
+        crate::files::create_private_dir_all(&self.folder)?;
         let (width, height) = image.dimensions();
         let scale = f64::from(MAX_SIDE) / f64::from(width.max(height).max(1));
         let preview = if scale < 1.0 {
@@ -41,7 +41,7 @@ impl Thumbnails {
         preview
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .map_err(std::io::Error::other)?;
-        crate::config::write_atomic(&path, &png)?;
+        crate::files::write_atomic(&path, &png)?;
         Ok(path)
     }
 

@@ -12,7 +12,7 @@ use tray_icon::{MouseButton, MouseButtonState, TrayIcon, TrayIconBuilder, TrayIc
 
 use crate::registration::RegistrationState;
 use crate::runtime::WorkerStatus;
-use crate::studio::protocol::PauseReason;
+use crate::vocab::pause::PauseReason;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrayIconKind {
@@ -257,7 +257,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::runtime::CurrentJob;
-    use crate::studio::protocol::Stage;
+    use crate::vocab::progress::Stage;
 
     fn approved() -> WorkerStatus {
         let mut status = WorkerStatus::new(&Config::default());

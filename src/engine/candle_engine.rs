@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::DType;
 
-use super::device::{DevicePreference, SelectedDevice};
+use super::device::SelectedDevice;
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
-use super::{CancelToken, Engine, EngineError, EngineLimits, Generated, JobProgress};
-use crate::jobs::JobSpec;
-use crate::studio::protocol::{DeviceInfo, Stage};
+use super::{CancelToken, Engine, EngineError, Generated};
+use crate::vocab::device::{DeviceInfo, DevicePreference};
+use crate::vocab::job::{EngineLimits, JobSpec};
+use crate::vocab::progress::{JobProgress, Stage};
 
 /// Share of the device's memory loaded models may take when no budget is set.
 const DEFAULT_BUDGET_SHARE: f64 = 0.8;

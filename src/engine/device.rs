@@ -5,30 +5,9 @@
 //! fall back on a failed open by itself). Models run in f16 on a GPU and f32 on the CPU.
 
 use candle_core::{DType, Device};
-use serde::{Deserialize, Serialize};
 
 use crate::platform::host;
-use crate::studio::protocol::{DeviceInfo, DeviceKind};
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DevicePreference {
-    #[default]
-    Auto,
-    Cuda,
-    Metal,
-    Cpu,
-}
-
-/// Why the CUDA build shipped beside this one is not running (see
-/// [`crate::platform::gpu_build`]); set once, at start.
-static GPU_BUILD_NOTE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Records why this process runs without the GPU build next to it, for `auto`'s fallback
-/// reason (the log, `device` and the Status tab).
-pub fn note_gpu_build_unavailable(reason: String) {
-    let _ = GPU_BUILD_NOTE.set(reason);
-}
+use crate::vocab::device::{DeviceInfo, DeviceKind, DevicePreference};
 
 /// A device that opened.
 #[derive(Clone, Debug)]
@@ -58,12 +37,14 @@ pub fn select(preference: DevicePreference) -> Result<SelectedDevice, String> {
             match attempt {
                 Some(Ok(selected)) => Ok(selected),
                 Some(Err(reason)) => Ok(cpu(Some(format!("{reason}; using the CPU")))),
-                None => Ok(cpu(Some(match GPU_BUILD_NOTE.get() {
-                    Some(note) => format!("{note}; using the CPU"),
-                    None => "this build has no GPU backend (built without the cuda or metal \
+                None => Ok(cpu(Some(
+                    match crate::platform::gpu_build::unavailable_note() {
+                        Some(note) => format!("{note}; using the CPU"),
+                        None => "this build has no GPU backend (built without the cuda or metal \
                              feature); using the CPU"
-                        .to_owned(),
-                }))),
+                            .to_owned(),
+                    },
+                ))),
             }
         }
     }

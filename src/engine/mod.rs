@@ -13,24 +13,9 @@ pub mod sd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::jobs::JobSpec;
-use crate::studio::protocol::{DeviceInfo, Stage};
-
-/// What a running job reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JobProgress {
-    pub stage: Stage,
-    pub step: u32,
-    pub total_steps: u32,
-}
-
-/// What this engine can take, reported in capabilities and claims and enforced on every job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EngineLimits {
-    pub max_width: u32,
-    pub max_height: u32,
-    pub max_images: u32,
-}
+use crate::vocab::device::DeviceInfo;
+use crate::vocab::job::{EngineLimits, JobSpec};
+use crate::vocab::progress::JobProgress;
 
 /// Finished images (8-bit RGB, `width × height` each) and the seed that made them.
 #[derive(Clone, Debug)]

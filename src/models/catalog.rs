@@ -2,7 +2,7 @@
 //! which of its files the engine needs, about how big they are, and the settings a job gets
 //! when it names none.
 
-use crate::jobs::Scheduler;
+use crate::vocab::job::Scheduler;
 
 /// One model of the catalog.
 #[derive(Clone, Copy, Debug, PartialEq)]

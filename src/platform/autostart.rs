@@ -52,7 +52,7 @@ pub fn set_enabled(enabled: bool) -> Result<(), AutostartError> {
         } else {
             desktop_entry(&exe)
         };
-        crate::config::write_atomic(&path, text.as_bytes())?;
+        crate::files::write_atomic(&path, text.as_bytes())?;
     } else if let Err(err) = std::fs::remove_file(&path)
         && err.kind() != std::io::ErrorKind::NotFound
     {

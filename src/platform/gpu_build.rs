@@ -14,8 +14,8 @@
 //!    GPU → stay, with the loader's or the probe's first line as the reason;
 //! 4. otherwise replace this process with the CUDA build (same arguments, same environment).
 //!
-//! The reason for staying is recorded ([`crate::engine::device::note_gpu_build_unavailable`])
-//! so the log, `device` and the Status tab say why the CPU is used.
+//! The reason for staying is recorded ([`unavailable_note`]) so the log, `device` and the
+//! Status tab say why the CPU is used.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,19 @@ const DRIVER_LIBRARY: &str = if cfg!(windows) {
 
 /// How long the probe may take to open the GPU before it counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the CUDA build shipped beside this one is not running; set once, at start.
+static UNAVAILABLE_NOTE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Why this process runs without the CUDA build next to it (for `auto`'s fallback reason in
+/// the log, `device` and the Status tab), when it was there and could not run.
+pub fn unavailable_note() -> Option<&'static str> {
+    UNAVAILABLE_NOTE.get().map(String::as_str)
+}
+
+fn note_unavailable(reason: String) {
+    let _ = UNAVAILABLE_NOTE.set(reason);
+}
 
 /// What the CPU build decided.
 #[derive(Debug, PartialEq, Eq)]
@@ -84,19 +97,17 @@ pub fn hand_over_if_usable() {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(err) => {
-            crate::engine::device::note_gpu_build_unavailable(format!(
-                "cannot find this program's own path ({err})"
-            ));
+            note_unavailable(format!("cannot find this program's own path ({err})"));
             return;
         }
     };
     match decide(&exe) {
         Decision::NoGpuBuild => {}
-        Decision::StayOnCpu(reason) => crate::engine::device::note_gpu_build_unavailable(reason),
+        Decision::StayOnCpu(reason) => note_unavailable(reason),
         Decision::HandOver(gpu_build) => {
             let args: Vec<OsString> = std::env::args_os().skip(1).collect();
             let reason = replace_process(&gpu_build, &args);
-            crate::engine::device::note_gpu_build_unavailable(reason);
+            note_unavailable(reason);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Facts about this computer for the studio's capabilities (studio-api.md §4): OS, CPU
 //! architecture, and (until a GPU engine reports better) the CPU and its memory.
 
-use crate::studio::protocol::{DeviceInfo, DeviceKind};
+use crate::vocab::device::{DeviceInfo, DeviceKind};
 
 /// `windows`, `macos` or `linux` (the protocol's names); other systems report Rust's name.
 pub fn os_name() -> &'static str {

@@ -15,7 +15,7 @@ pub struct InstanceLock {
 
 /// `Ok(None)` when another process already holds the lock.
 pub fn acquire(data_dir: &Path) -> std::io::Result<Option<InstanceLock>> {
-    crate::config::create_private_dir_all(data_dir)?;
+    crate::files::create_private_dir_all(data_dir)?;
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -44,7 +44,7 @@ pub struct SettingsChange {
     pub worker_name: String,
     pub unload_when_paused: bool,
     /// Which device the engine uses (from the next start).
-    pub device: crate::engine::device::DevicePreference,
+    pub device: crate::vocab::device::DevicePreference,
     /// Catalog models to download and serve (`[models] enabled`).
     pub enabled_models: Vec<String>,
     pub close_to_tray: bool,

@@ -76,7 +76,7 @@ pub(super) async fn serve(
     };
     let written = serde_json::to_vec(&file)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| crate::config::write_atomic(&path, &bytes));
+        .and_then(|bytes| crate::files::write_atomic(&path, &bytes));
     if let Err(err) = written {
         tracing::warn!(
             "no local control channel: cannot write {}: {err}",

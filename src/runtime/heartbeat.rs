@@ -12,7 +12,8 @@ use crate::backoff::Backoff;
 use crate::config::SharedConfig;
 use crate::registration::RegistrationState;
 use crate::studio::StudioError;
-use crate::studio::protocol::{Heartbeat, PauseReason, Stats};
+use crate::studio::protocol::{Heartbeat, Stats};
+use crate::vocab::pause::PauseReason;
 
 pub(super) async fn run(context: TaskContext) {
     let TaskContext {

@@ -17,12 +17,14 @@ use super::progress;
 use super::status::{CurrentJob, FinishedJob, JobOutcome};
 use super::{TaskContext, approved_credentials, pause_reason};
 use crate::backoff::Backoff;
-use crate::engine::{CancelToken, Engine, EngineError, Generated, JobProgress, StopReason};
-use crate::jobs::{self, JobSpec, MAX_SEED};
+use crate::engine::{CancelToken, Engine, EngineError, Generated, StopReason};
 use crate::outbox::OutboxMeta;
-use crate::studio::protocol::{ClaimRequest, FailCode, FailRequest, ResultMeta, Stage};
+use crate::studio::job::read_job;
+use crate::studio::protocol::{ClaimRequest, FailCode, FailRequest, ResultMeta};
 use crate::studio::{Credentials, StudioError};
 use crate::timing::FAILURES_BEFORE_BACKOFF;
+use crate::vocab::job::{JobSpec, MAX_SEED};
+use crate::vocab::progress::{JobProgress, Stage};
 
 /// How a claimed job ended, for the failure streak.
 enum JobEnd {
@@ -202,7 +204,7 @@ async fn run_job(
     credentials: &Credentials,
     raw_job: serde_json::Value,
 ) -> JobEnd {
-    let spec = match jobs::validate(&raw_job, &engine.limits(), &engine.ready_models(), || {
+    let spec = match read_job(&raw_job, &engine.limits(), &engine.ready_models(), || {
         fastrand::u64(..=MAX_SEED)
     }) {
         Ok(spec) => spec,

@@ -47,13 +47,15 @@ pub use status::{
 };
 
 use crate::config::{Config, SharedConfig};
-use crate::engine::{Engine, EngineLimits};
+use crate::engine::Engine;
 use crate::outbox::Outbox;
 use crate::platform::host;
 use crate::registration::{Registrar, RegistrationState};
-use crate::studio::protocol::{Capabilities, DeviceInfo, ModelReadiness};
+use crate::studio::protocol::{Capabilities, ModelReadiness};
 use crate::studio::{ApiBase, ApiBaseError, Credentials, StudioClient, StudioError};
 use crate::timing::Timing;
+use crate::vocab::device::DeviceInfo;
+use crate::vocab::job::EngineLimits;
 
 #[derive(Clone)]
 pub struct RuntimeOptions {

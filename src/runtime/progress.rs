@@ -9,10 +9,11 @@ use tokio::time::Instant;
 
 use super::TaskContext;
 use crate::backoff::Backoff;
-use crate::engine::{CancelToken, JobProgress, StopReason};
-use crate::jobs::JobSpec;
-use crate::studio::protocol::{ProgressRequest, Stage};
+use crate::engine::{CancelToken, StopReason};
+use crate::studio::protocol::ProgressRequest;
 use crate::studio::{Credentials, StudioError};
+use crate::vocab::job::JobSpec;
+use crate::vocab::progress::{JobProgress, Stage};
 
 /// Runs until the job's progress channel closes or the studio stops the job.
 pub(super) async fn report(

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 use crate::config::Config;
-use crate::jobs::JobSpec;
 use crate::registration::RegistrationState;
-use crate::studio::protocol::{FailCode, PauseReason, Stage, WorkerState};
+use crate::studio::protocol::{FailCode, WorkerState};
+use crate::vocab::job::JobSpec;
+use crate::vocab::pause::PauseReason;
+use crate::vocab::progress::Stage;
 
 /// How many finished jobs the status keeps for the Jobs tab.
 pub const RECENT_JOBS: usize = 50;
@@ -50,7 +52,7 @@ pub struct WorkerStatus {
     /// (outbox, delivered counters).
     pub jobs: JobsStatus,
     /// Writer: the runtime at start. What the engine runs on.
-    pub device: Option<crate::studio::protocol::DeviceInfo>,
+    pub device: Option<crate::vocab::device::DeviceInfo>,
     /// Why the engine runs on the CPU although a GPU was wanted (no driver, the CUDA build
     /// could not start, the GPU did not open…).
     pub device_note: Option<String>,

@@ -61,7 +61,7 @@ async fn write(path: &Path, status: WorkerStatus, running: bool) {
     let path = path.to_path_buf();
     let written = tokio::task::spawn_blocking(move || {
         let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-        crate::config::write_atomic(&path, &bytes)
+        crate::files::write_atomic(&path, &bytes)
     })
     .await;
     match written {

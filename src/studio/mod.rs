@@ -3,6 +3,7 @@
 
 mod api_base;
 mod client;
+pub mod job;
 pub mod protocol;
 
 pub use api_base::{ApiBase, ApiBaseError};

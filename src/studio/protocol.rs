@@ -6,6 +6,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
+use crate::vocab::device::DeviceInfo;
+use crate::vocab::pause::PauseReason;
+use crate::vocab::progress::Stage;
 
 /// §1.1 `POST /workers/register-request`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,28 +70,6 @@ pub enum WorkerState {
     Error,
 }
 
-/// Why a worker is not taking jobs. Ordered by precedence: when several hold, the first is
-/// the one reported (a person's own pause is what they want to see).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PauseReason {
-    User,
-    Game,
-    Schedule,
-    Studio,
-}
-
-impl PauseReason {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::User => "paused by you",
-            Self::Game => "paused while a game runs",
-            Self::Schedule => "paused by schedule",
-            Self::Studio => "paused by the studio",
-        }
-    }
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
@@ -125,22 +106,6 @@ pub struct Capabilities {
     pub kinds: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceInfo {
-    pub kind: DeviceKind,
-    pub name: String,
-    pub memory_mb: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Cuda,
-    Metal,
-    Cpu,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelReadiness {
@@ -164,29 +129,6 @@ pub struct ClaimRequest {
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClaimResponse {
     pub job: serde_json::Value,
-}
-
-/// Where a job is (§3.2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stage {
-    LoadingModel,
-    Encoding,
-    Denoising,
-    Decoding,
-    Uploading,
-}
-
-impl Stage {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::LoadingModel => "loading the model",
-            Self::Encoding => "reading the prompt",
-            Self::Denoising => "drawing",
-            Self::Decoding => "finishing the image",
-            Self::Uploading => "uploading",
-        }
-    }
 }
 
 /// §3.2 `POST /jobs/{jobId}/progress`.
@@ -279,6 +221,7 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocab::device::DeviceKind;
 
     #[test]
     fn decisions_parse_with_unknown_fields_and_refuse_missing_ones() {

@@ -4,9 +4,9 @@
 use super::app::UiAction;
 use super::status_tab::reset_registration_ui;
 use crate::config::Config;
-use crate::engine::device::DevicePreference;
 use crate::runtime::{Command, SettingsChange};
 use crate::studio::ApiBase;
+use crate::vocab::device::DevicePreference;
 
 const MAX_NAME_CHARS: usize = 64;
 

@@ -7,7 +7,7 @@ use super::app::UiAction;
 use crate::human;
 use crate::registration::RegistrationState;
 use crate::runtime::{Command, WorkerStatus};
-use crate::studio::protocol::PauseReason;
+use crate::vocab::pause::PauseReason;
 
 /// View state the tab keeps between frames.
 #[derive(Debug, Default)]
@@ -212,7 +212,7 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     if let Some(device) = &status.device {
         ui.label(format!(
             "Runs on: {} · {} · {:.1} GB",
-            human::device_kind(device.kind),
+            device.kind.label(),
             device.name,
             device.memory_mb as f64 / 1024.0
         ));

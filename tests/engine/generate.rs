@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use studio_worker::engine::candle_engine::CandleEngine;
-use studio_worker::engine::device::{self, DevicePreference};
+use studio_worker::engine::device;
 use studio_worker::engine::sd::{Request, Stage};
 use studio_worker::engine::{CancelToken, Engine, EngineError, StopReason};
-use studio_worker::jobs::{JobSpec, Scheduler};
+use studio_worker::vocab::device::DevicePreference;
+use studio_worker::vocab::job::{JobSpec, Scheduler};
 
 use crate::support::{fixture, load};
 

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use studio_worker::engine::sd::model_folder::Family;
 use studio_worker::engine::sd::schedulers;
-use studio_worker::jobs::Scheduler;
+use studio_worker::vocab::job::Scheduler;
 
 use crate::support::{FIXTURES, GUIDANCE, Golden, PROMPTS, SIZE, STEPS, assert_close, load};
 

@@ -6,11 +6,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use studio_worker::engine::{
-    CancelToken, Engine, EngineError, EngineLimits, Generated, JobProgress,
-};
-use studio_worker::jobs::JobSpec;
-use studio_worker::studio::protocol::Stage;
+use studio_worker::engine::{CancelToken, Engine, EngineError, Generated};
+use studio_worker::vocab::job::{EngineLimits, JobSpec};
+use studio_worker::vocab::progress::{JobProgress, Stage};
 
 pub struct ScriptedEngine {
     pub step_time: Duration,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use studio_worker::runtime::{Command, JobOutcome, Runtime};
-use studio_worker::studio::protocol::PauseReason;
+use studio_worker::vocab::pause::PauseReason;
 
 use crate::support::engine::{ScriptedEngine, colour_for};
 use crate::support::studio::{Fault, JobState, Route, TestStudio};
@@ -780,8 +780,9 @@ async fn copies_of_finished_images_go_to_the_chosen_folder() {
 async fn the_candle_engine_runs_a_real_model_and_the_studio_gets_its_exact_image() {
     use std::collections::BTreeMap;
     use studio_worker::engine::candle_engine::CandleEngine;
-    use studio_worker::engine::device::{self, DevicePreference};
+    use studio_worker::engine::device;
     use studio_worker::engine::sd::{Request, StableDiffusion};
+    use studio_worker::vocab::device::DevicePreference;
 
     let folder =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use studio_worker::engine::sd::StableDiffusion;
-use studio_worker::jobs::Scheduler;
 use studio_worker::models::catalog::{CatalogEntry, JobDefaults};
 use studio_worker::models::hub::{HubClient, HubError};
 use studio_worker::models::hub_cache::HubCache;
 use studio_worker::models::store::{DownloadProgress, ModelState, ModelStore, PullError};
 use studio_worker::secret::Secret;
+use studio_worker::vocab::job::Scheduler;
 use tokio_util::sync::CancellationToken;
 
 use std::collections::BTreeMap;
@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 use studio_worker::config::{self, Config};
 use studio_worker::engine::Engine;
 use studio_worker::engine::candle_engine::CandleEngine;
-use studio_worker::engine::device::{self, DevicePreference};
+use studio_worker::engine::device;
 use studio_worker::runtime::{Command, ModelSupply, Runtime, RuntimeOptions};
+use studio_worker::vocab::device::DevicePreference;
 
 use crate::support::hub::TestHub;
 use crate::support::studio::{Decision, TestStudio};

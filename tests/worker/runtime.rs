@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::{Command, Runtime, RuntimeHandle};
-use studio_worker::studio::protocol::PauseReason;
+use studio_worker::vocab::pause::PauseReason;
 
 use crate::support::studio::{Decision, Fault, Route, TestStudio};
 use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};

@@ -9,14 +9,16 @@ use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable as _;
 use studio_worker::config::{Config, SharedConfig};
-use studio_worker::engine::device::DevicePreference;
 use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::{
     Command, CurrentJob, FinishedJob, JobOutcome, RuntimeHandle, SettingsChange, WorkerStatus,
 };
-use studio_worker::studio::protocol::{FailCode, PauseReason, Stage};
+use studio_worker::studio::protocol::FailCode;
 use studio_worker::tray::TrayEvent;
 use studio_worker::ui::{Tab, WorkerApp};
+use studio_worker::vocab::device::DevicePreference;
+use studio_worker::vocab::pause::PauseReason;
+use studio_worker::vocab::progress::Stage;
 use tokio::sync::{mpsc, watch};
 
 struct Window {
@@ -411,8 +413,8 @@ fn studio_worker_quit_closes_the_app_as_the_trays_quit_does() {
 fn the_status_tab_says_which_backend_runs_and_why_not_a_gpu() {
     let mut window = Window::new(approved());
     window.set_status(|s| {
-        s.device = Some(studio_worker::studio::protocol::DeviceInfo {
-            kind: studio_worker::studio::protocol::DeviceKind::Cpu,
+        s.device = Some(studio_worker::vocab::device::DeviceInfo {
+            kind: studio_worker::vocab::device::DeviceKind::Cpu,
             name: "AMD Ryzen 7".into(),
             memory_mb: 32768,
         });
@@ -422,8 +424,8 @@ fn the_status_tab_says_which_backend_runs_and_why_not_a_gpu() {
     assert!(window.shows("No NVIDIA driver found; using the CPU"));
 
     window.set_status(|s| {
-        s.device = Some(studio_worker::studio::protocol::DeviceInfo {
-            kind: studio_worker::studio::protocol::DeviceKind::Cuda,
+        s.device = Some(studio_worker::vocab::device::DeviceInfo {
+            kind: studio_worker::vocab::device::DeviceKind::Cuda,
             name: "NVIDIA GeForce RTX 4070".into(),
             memory_mb: 12282,
         });

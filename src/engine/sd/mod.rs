@@ -26,7 +26,7 @@ use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
 use super::noise::NoiseSource;
-use crate::jobs::Scheduler;
+use crate::vocab::job::Scheduler;
 
 /// Why loading or running failed.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ mod euler;
 use candle_core::{Result, Tensor};
 
 use super::model_folder::SchedulerFile;
-use crate::jobs::Scheduler;
+use crate::vocab::job::Scheduler;
 
 pub use ddim::Ddim;
 pub use dpm_solver::DpmPp2mKarras;

@@ -1,73 +1,25 @@
-//! A job as the worker runs it ([`JobSpec`]), and the checks that turn the studio's raw JSON
-//! into one before anything touches the GPU (studio-api.md §3.1).
+//! The `Job` of studio-api.md §3.1: the checks that turn the studio's raw JSON into a
+//! [`JobSpec`] before anything touches the GPU.
 //!
 //! Validation reads the JSON field by field instead of deserialising it whole, so every bad
 //! job gets a precise `invalid_params` message (never quoting the prompt) and no body,
-//! however malformed, can crash the worker.
+//! however malformed, can crash the worker. The ranges themselves are the vocabulary's
+//! (`vocab::job`), shared with `studio-worker generate`.
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::engine::EngineLimits;
+use super::protocol::{FailCode, check_id};
 use crate::human;
-use crate::studio::protocol::{FailCode, check_id};
+use crate::vocab::job::{self, EngineLimits, JobSpec, MAX_SEED, MIN_SIDE, OutOfRange, Scheduler};
 
-pub const MIN_SIDE: u32 = 64;
-pub const MAX_SIDE: u32 = 2048;
-pub const MAX_STEPS: u32 = 150;
-pub const MAX_GUIDANCE: f64 = 30.0;
-pub const MAX_IMAGES: u32 = 8;
-pub const MAX_PROMPT_CHARS: usize = 4000;
-/// 2^53 − 1: the largest integer every JSON implementation represents exactly.
-pub const MAX_SEED: u64 = (1 << 53) - 1;
 /// When a job names no lease (it should), this is assumed.
 const DEFAULT_LEASE: Duration = Duration::from_secs(120);
 const MIN_LEASE: Duration = Duration::from_secs(10);
 const MAX_LEASE: Duration = Duration::from_secs(3600);
 /// An id longer than this is not even sent back in a `fail` URL; the job is only logged.
 const MAX_ANSWERABLE_ID_BYTES: usize = 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Scheduler {
-    EulerA,
-    Euler,
-    Ddim,
-    DpmPp2mKarras,
-}
-
-impl Scheduler {
-    pub fn from_protocol(name: &str) -> Option<Self> {
-        match name {
-            "euler_a" => Some(Self::EulerA),
-            "euler" => Some(Self::Euler),
-            "ddim" => Some(Self::Ddim),
-            "dpmpp_2m_karras" => Some(Self::DpmPp2mKarras),
-            _ => None,
-        }
-    }
-}
-
-/// A job that passed every check.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JobSpec {
-    pub job_id: String,
-    pub model: String,
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    pub guidance_scale: f64,
-    /// The job's seed, or one the worker picked (reported with the result).
-    pub seed: u64,
-    pub num_images: u32,
-    /// `None`: the model's default.
-    pub scheduler: Option<Scheduler>,
-    pub lease: Duration,
-}
 
 /// Why a job is not run, and how to tell the studio.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,7 +32,7 @@ pub struct Rejection {
 
 /// Checks a claimed job against the protocol's ranges and this engine's limits and models.
 /// `pick_seed` is called only when the job has no seed.
-pub fn validate(
+pub fn read_job(
     raw: &Value,
     limits: &EngineLimits,
     ready_models: &[String],
@@ -149,7 +101,7 @@ fn read_fields(
         return Err("model must be a name of 1 to 256 bytes".to_owned());
     }
     let prompt = required_string(fields, "prompt")?;
-    check_prompt("prompt", &prompt)?;
+    job::check_prompt("prompt", &prompt).map_err(text)?;
     let negative_prompt = match fields.get("negativePrompt") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(text)) => text.clone(),
@@ -160,11 +112,23 @@ fn read_fields(
             ));
         }
     };
-    check_prompt("negativePrompt", &negative_prompt)?;
+    job::check_prompt("negativePrompt", &negative_prompt).map_err(text)?;
 
-    let width = side(fields, "width", limits.max_width)?;
-    let height = side(fields, "height", limits.max_height)?;
-    let steps = integer_in(fields, "steps", 1, u64::from(MAX_STEPS))?;
+    let width = job::check_side(
+        "width",
+        integer(fields, "width")?,
+        MIN_SIDE,
+        limits.max_width,
+    )
+    .map_err(text)?;
+    let height = job::check_side(
+        "height",
+        integer(fields, "height")?,
+        MIN_SIDE,
+        limits.max_height,
+    )
+    .map_err(text)?;
+    let steps = job::check_steps("steps", integer(fields, "steps")?).map_err(text)?;
     let guidance_scale = match fields.get("guidanceScale") {
         Some(Value::Number(number)) => number.as_f64().unwrap_or(f64::NAN),
         Some(other) => {
@@ -175,22 +139,17 @@ fn read_fields(
         }
         None => return Err("guidanceScale is missing".to_owned()),
     };
-    if !(0.0..=MAX_GUIDANCE).contains(&guidance_scale) {
-        return Err(format!(
-            "guidanceScale must be from 0 to 30 (got {guidance_scale})"
-        ));
-    }
+    let guidance_scale = job::check_guidance("guidanceScale", guidance_scale).map_err(text)?;
     let seed = match fields.get("seed") {
         None | Some(Value::Null) => pick_seed() & MAX_SEED,
-        Some(_) => integer_in(fields, "seed", 0, MAX_SEED)?,
+        Some(_) => job::check_seed("seed", integer(fields, "seed")?).map_err(text)?,
     };
-    let num_images = integer_in(fields, "numImages", 1, u64::from(MAX_IMAGES))?;
-    if num_images > u64::from(limits.max_images) {
-        return Err(format!(
-            "numImages {num_images} is over this worker's limit of {}",
-            limits.max_images
-        ));
-    }
+    let num_images = job::check_images(
+        "numImages",
+        integer(fields, "numImages")?,
+        limits.max_images,
+    )
+    .map_err(text)?;
     let scheduler = match fields.get("scheduler") {
         None | Some(Value::Null) => None,
         Some(Value::String(name)) => Some(
@@ -206,7 +165,9 @@ fn read_fields(
     };
     let lease = match fields.get("leaseS") {
         None | Some(Value::Null) => DEFAULT_LEASE,
-        Some(_) => Duration::from_secs(integer_in(fields, "leaseS", 1, 86_400)?),
+        Some(_) => Duration::from_secs(
+            job::check_integer("leaseS", integer(fields, "leaseS")?, 1, 86_400).map_err(text)?,
+        ),
     }
     .clamp(MIN_LEASE, MAX_LEASE);
 
@@ -217,14 +178,17 @@ fn read_fields(
         negative_prompt,
         width,
         height,
-        // Both were range-checked to fit in u32 above.
-        steps: u32::try_from(steps).unwrap_or(MAX_STEPS),
+        steps,
         guidance_scale,
         seed,
-        num_images: u32::try_from(num_images).unwrap_or(1),
+        num_images,
         scheduler,
         lease,
     })
+}
+
+fn text(error: OutOfRange) -> String {
+    error.0
 }
 
 fn required_string(fields: &Map<String, Value>, name: &str) -> Result<String, String> {
@@ -235,17 +199,8 @@ fn required_string(fields: &Map<String, Value>, name: &str) -> Result<String, St
     }
 }
 
-fn check_prompt(name: &str, text: &str) -> Result<(), String> {
-    // Counting stops early: a 10 MB prompt is not walked to the end.
-    if text.chars().nth(MAX_PROMPT_CHARS).is_some() {
-        return Err(format!(
-            "{name} is longer than {MAX_PROMPT_CHARS} characters"
-        ));
-    }
-    Ok(())
-}
-
-fn integer_in(fields: &Map<String, Value>, name: &str, min: u64, max: u64) -> Result<u64, String> {
+/// A non-negative JSON integer (its range is checked by the caller).
+fn integer(fields: &Map<String, Value>, name: &str) -> Result<u64, String> {
     let value = fields
         .get(name)
         .ok_or_else(|| format!("{name} is missing"))?;
@@ -256,29 +211,12 @@ fn integer_in(fields: &Map<String, Value>, name: &str, min: u64, max: u64) -> Re
         ));
     };
     match number.as_u64() {
-        Some(integer) if (min..=max).contains(&integer) => Ok(integer),
-        Some(integer) => Err(format!(
-            "{name} must be from {min} to {max} (got {integer})"
-        )),
+        Some(integer) => Ok(integer),
         None if number.as_i64().is_some() => {
-            Err(format!("{name} must be from {min} to {max} (got {number})"))
+            Err(format!("{name} must not be negative (got {number})"))
         }
         None => Err(format!("{name} must be an integer (got {number})")),
     }
-}
-
-fn side(fields: &Map<String, Value>, name: &str, engine_max: u32) -> Result<u32, String> {
-    let value = integer_in(fields, name, u64::from(MIN_SIDE), u64::from(MAX_SIDE))?;
-    let value = u32::try_from(value).unwrap_or(MAX_SIDE);
-    if value % 8 != 0 {
-        return Err(format!("{name} must be a multiple of 8 (got {value})"));
-    }
-    if value > engine_max {
-        return Err(format!(
-            "{name} {value} is over this worker's limit of {engine_max}"
-        ));
-    }
-    Ok(value)
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -314,7 +252,7 @@ mod tests {
     }
 
     fn check(job: &Value) -> Result<JobSpec, Rejection> {
-        validate(job, &LIMITS, &["sd-turbo".to_owned()], || 7)
+        read_job(job, &LIMITS, &["sd-turbo".to_owned()], || 7)
     }
 
     fn with(field: &str, value: Value) -> Value {

@@ -1,0 +1,87 @@
+//! The PNG files the worker makes: 8-bit RGB with an iTXt `parameters` chunk (prompt, steps,
+//! sampler, guidance, seed, size, model), the layout other Stable Diffusion tools read. The
+//! same bytes go to the studio, into the person's copies, and out of `generate`.
+
+use crate::vocab::job::{JobSpec, Scheduler};
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode the PNG: {0}")]
+pub struct EncodeError(#[from] png::EncodingError);
+
+/// The parameters line other Stable Diffusion tools write and read. `sampler` is the one
+/// that ran (the job's, or the model's default).
+pub fn parameters_text(spec: &JobSpec, sampler: Scheduler) -> String {
+    let mut text = spec.prompt.clone();
+    if !spec.negative_prompt.is_empty() {
+        text.push_str(&format!("\nNegative prompt: {}", spec.negative_prompt));
+    }
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        spec.steps,
+        sampler.display_name(),
+        spec.guidance_scale,
+        spec.seed,
+        spec.width,
+        spec.height,
+        spec.model
+    ));
+    text
+}
+
+/// The PNG bytes of `image` with `parameters` in an iTXt chunk (UTF-8, so any prompt fits).
+pub fn encode_png(image: &image::RgbImage, parameters: &str) -> Result<Vec<u8>, EncodeError> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.add_itxt_chunk("parameters".to_owned(), parameters.to_owned())?;
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(image.as_raw())?;
+    writer.finish()?;
+    Ok(bytes)
+}
+
+/// The `parameters` text a PNG carries, if any (for tests and tools).
+pub fn read_parameters(png_bytes: &[u8]) -> Option<String> {
+    let reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
+        .read_info()
+        .ok()?;
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|chunk| chunk.keyword == "parameters")
+        .and_then(|chunk| chunk.get_text().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_png_carries_its_parameters_and_its_pixels() {
+        let spec = JobSpec {
+            job_id: "j_1".into(),
+            model: "sd-turbo".into(),
+            prompt: "a lighthouse at dusk, «oil»".into(),
+            negative_prompt: "blurry".into(),
+            width: 2,
+            height: 1,
+            steps: 4,
+            guidance_scale: 0.0,
+            seed: 42,
+            num_images: 1,
+            scheduler: None,
+            lease: std::time::Duration::from_secs(120),
+        };
+        let image = image::RgbImage::from_raw(2, 1, vec![255, 0, 0, 0, 0, 255]).unwrap();
+        let bytes = encode_png(&image, &parameters_text(&spec, Scheduler::EulerA)).unwrap();
+        assert_eq!(
+            read_parameters(&bytes).unwrap(),
+            "a lighthouse at dusk, «oil»\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, \
+             CFG scale: 0, Seed: 42, Size: 2x1, Model: sd-turbo"
+        );
+        let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
+        assert_eq!(decoded, image);
+    }
+}

@@ -63,6 +63,53 @@ pub fn bytes(count: u64) -> String {
     format!("{value:.digits$} {}", UNITS[unit])
 }
 
+/// A download's progress in words: the same in the window, `status` and `models pull`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownloadWords {
+    /// "1.29 GB of 2.58 GB".
+    pub amount: String,
+    /// "50.0%".
+    pub percent: String,
+    /// "18.2 MB/s", once a speed is known.
+    pub speed: Option<String>,
+    /// "about 1 min left" (or "almost done"), once it can be told.
+    pub time_left: Option<String>,
+}
+
+pub fn download_words(
+    done_bytes: u64,
+    total_bytes: u64,
+    bytes_per_second: f64,
+    eta: Option<Duration>,
+) -> DownloadWords {
+    DownloadWords {
+        amount: format!("{} of {}", bytes(done_bytes), bytes(total_bytes)),
+        percent: format!(
+            "{:.1}%",
+            100.0 * done_bytes as f64 / total_bytes.max(1) as f64
+        ),
+        speed: (bytes_per_second > 0.0).then(|| format!("{}/s", bytes(bytes_per_second as u64))),
+        time_left: eta.map(|eta| {
+            if eta.as_secs() == 0 {
+                "almost done".to_owned()
+            } else {
+                format!("about {} left", duration(eta))
+            }
+        }),
+    }
+}
+
+impl DownloadWords {
+    /// The amount, speed and time left, as known, joined by `separator`.
+    pub fn join(&self, separator: &str) -> String {
+        std::iter::once(self.amount.as_str())
+            .chain(self.speed.as_deref())
+            .chain(self.time_left.as_deref())
+            .collect::<Vec<_>>()
+            .join(separator)
+    }
+}
+
 /// `text` on one line: runs of whitespace become one space, control characters are dropped,
 /// and at most `max_chars` characters remain, a cut marked with `…`. Reads no further into
 /// `text` than it needs (a 10 MB prompt costs no more than a short one).

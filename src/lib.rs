@@ -9,7 +9,6 @@ pub mod config;
 pub mod crash;
 pub mod engine;
 pub mod files;
-pub mod generate;
 pub mod human;
 pub mod image_file;
 pub mod logging;

@@ -233,17 +233,8 @@ impl Engine for CandleEngine {
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
-        let request = Request {
-            prompt: job.prompt.clone(),
-            negative_prompt: job.negative_prompt.clone(),
-            width: job.width as usize,
-            height: job.height as usize,
-            steps: job.steps as usize,
-            guidance_scale: job.guidance_scale,
-            seed: job.seed,
-            num_images: job.num_images as usize,
-            scheduler: job.scheduler,
-        };
+        let request = Request::from(job);
+        let sampler = job.scheduler.unwrap_or_else(|| pipeline.default_sampler());
         let result = pipeline.generate(
             &request,
             &mut |stage| match stage {
@@ -257,6 +248,7 @@ impl Engine for CandleEngine {
             Ok(images) => Ok(Generated {
                 images,
                 seed: job.seed,
+                sampler,
             }),
             Err(error) => {
                 let error = engine_error(error, &job.model);
@@ -329,48 +321,4 @@ fn engine_error(error: SdError, model_id: &str) -> EngineError {
             }
         }
     }
-}
-
-/// The engine the settings ask for, serving the local folders and the enabled catalog
-/// models already downloaded into `store`; `None` (logged) when the device they name cannot
-/// open: the worker then stays registered and heartbeating without taking jobs.
-pub fn from_settings(
-    config: &crate::config::Config,
-    store: Option<&crate::models::store::ModelStore>,
-) -> Option<Arc<dyn Engine>> {
-    let models = served_models(config, store);
-    match CandleEngine::start(
-        config.engine.device,
-        &models,
-        config.engine.memory_budget_mb,
-    ) {
-        Ok(engine) => Some(Arc::new(engine)),
-        Err(reason) => {
-            tracing::error!("the image engine cannot start: {reason}");
-            None
-        }
-    }
-}
-
-/// Model id → folder for everything the settings ask to serve that is on this PC now.
-pub fn served_models(
-    config: &crate::config::Config,
-    store: Option<&crate::models::store::ModelStore>,
-) -> BTreeMap<String, PathBuf> {
-    let mut models = config.models.local.clone();
-    for model_id in &config.models.enabled {
-        let Some(entry) = crate::models::catalog::find(model_id) else {
-            tracing::warn!("[models] enabled names {model_id:?}, which is not in the catalog");
-            continue;
-        };
-        match store.and_then(|store| store.ready_path(entry)) {
-            Some(folder) => {
-                models.insert(model_id.clone(), folder);
-            }
-            None => tracing::info!(
-                "{model_id} is not downloaded yet (`studio-worker models pull {model_id}`)"
-            ),
-        }
-    }
-    models
 }

@@ -14,14 +14,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::vocab::device::DeviceInfo;
-use crate::vocab::job::{EngineLimits, JobSpec};
+use crate::vocab::job::{EngineLimits, JobSpec, Scheduler};
 use crate::vocab::progress::JobProgress;
 
-/// Finished images (8-bit RGB, `width × height` each) and the seed that made them.
+/// Finished images (8-bit RGB, `width × height` each), the seed and the sampler that made
+/// them.
 #[derive(Clone, Debug)]
 pub struct Generated {
     pub images: Vec<image::RgbImage>,
     pub seed: u64,
+    /// The job's sampler, or the model's default when the job named none.
+    pub sampler: Scheduler,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -8,7 +8,7 @@
 //! | Windows | `HKCU\Software\Microsoft\Windows\CurrentVersion\Run\studio-worker`, set with `reg.exe` |
 //!
 //! Every entry starts `studio-worker --minimized`, so login puts the worker in the tray.
-//! The first launch of the app turns it on ([`apply_default_once`]), as installers do.
+//! The first launch of the app turns it on (`ui::run`), as installers do.
 //! The Linux entry carries `TryExec`, so once the package is removed the desktop ignores it.
 
 use std::path::{Path, PathBuf};
@@ -59,23 +59,6 @@ pub fn set_enabled(enabled: bool) -> Result<(), AutostartError> {
         return Err(err.into());
     }
     Ok(())
-}
-
-/// Turns start-at-login on the first time the app starts for this person, and never again
-/// (so turning it off in Settings sticks).
-pub fn apply_default_once(config: &crate::config::SharedConfig) {
-    if config.snapshot().ui.start_at_login_default_applied {
-        return;
-    }
-    match set_enabled(true) {
-        Ok(()) => tracing::info!(
-            "studio-worker now starts when you log in (Settings → Start at login turns it off)"
-        ),
-        Err(err) => tracing::warn!("could not turn on start at login: {err}"),
-    }
-    if let Err(err) = config.update(|c| c.ui.start_at_login_default_applied = true) {
-        tracing::warn!("could not remember that start at login was set up: {err}");
-    }
 }
 
 fn entry_path() -> Option<PathBuf> {

@@ -26,6 +26,7 @@ mod job_loop;
 mod outage;
 mod progress;
 mod registration_task;
+mod setup;
 mod status;
 pub mod status_file;
 mod uploader;
@@ -41,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use commands::{Command, SettingsChange};
 pub use downloads::ModelSupply;
+pub use setup::Launch;
 pub use status::{
     ConnectionStatus, CurrentJob, FinishedJob, JobCounters, JobOutcome, JobsStatus, ModelDownload,
     WorkerStatus, pause_reason,

@@ -33,6 +33,18 @@ pub struct ModelDownload {
     pub problem: Option<String>,
 }
 
+impl ModelDownload {
+    /// Its progress in the words every view uses.
+    pub fn words(&self) -> crate::human::DownloadWords {
+        crate::human::download_words(
+            self.done_bytes,
+            self.total_bytes,
+            self.bytes_per_second,
+            self.eta,
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {

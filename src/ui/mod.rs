@@ -18,8 +18,7 @@ pub use app::{Tab, UiAction, WorkerApp};
 pub use settings_tab::SettingsForm;
 
 use crate::config::{BrokenConfig, SharedConfig};
-use crate::runtime::{Runtime, RuntimeOptions};
-use crate::timing::Timing;
+use crate::runtime::{Launch, Runtime};
 use crate::tray::{Tray, TrayView};
 
 pub struct AppOptions {
@@ -33,25 +32,18 @@ pub struct AppOptions {
 /// Runs the worker with its window and tray until the person quits, then shuts the worker
 /// down (handing back a running job).
 pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
-    crate::platform::autostart::apply_default_once(&config);
+    start_at_login_once(&config);
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     let (runtime, mut shutdown) = {
         let _entered = tokio.enter();
         let shutdown = crate::runtime::ShutdownSignal::install();
-        let store = crate::models::store::ModelStore::standard(&options.data_dir);
-        let engine =
-            crate::engine::candle_engine::from_settings(&config.snapshot(), store.as_ref());
-        let model_supply = crate::runtime::ModelSupply::standard(store);
-        let runtime = Runtime::start(
+        let runtime = Runtime::launch(
             config,
-            RuntimeOptions {
-                timing: Timing::PRODUCTION,
+            Launch {
                 data_dir: options.data_dir,
                 api_base_override: options.api_base_override,
-                engine,
                 recovered_config: options.recovered_config,
-                model_supply,
-                tolerate_invalid_studio_url: true,
+                with_window: true,
             },
         )?;
         (runtime, shutdown)
@@ -130,4 +122,21 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
 
     tokio.block_on(runtime.shutdown());
     result.map_err(|err| anyhow::anyhow!("the window could not run: {err}"))
+}
+
+/// Turns start-at-login on the first time the app starts for this person, and never again
+/// (so turning it off in Settings sticks): what installers do, done by the app itself.
+fn start_at_login_once(config: &SharedConfig) {
+    if config.snapshot().ui.start_at_login_default_applied {
+        return;
+    }
+    match crate::platform::autostart::set_enabled(true) {
+        Ok(()) => tracing::info!(
+            "studio-worker now starts when you log in (Settings → Start at login turns it off)"
+        ),
+        Err(err) => tracing::warn!("could not turn on start at login: {err}"),
+    }
+    if let Err(err) = config.update(|c| c.ui.start_at_login_default_applied = true) {
+        tracing::warn!("could not remember that start at login was set up: {err}");
+    }
 }

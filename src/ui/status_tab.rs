@@ -248,21 +248,11 @@ fn download_ui(ui: &mut egui::Ui, download: &crate::runtime::ModelDownload) {
     }
     if download.total_bytes > 0 {
         let fraction = download.done_bytes as f32 / download.total_bytes as f32;
-        let mut text = format!(
-            "Downloading {}: {} of {}",
+        let text = format!(
+            "Downloading {}: {}",
             download.model_id,
-            human::bytes(download.done_bytes),
-            human::bytes(download.total_bytes)
+            download.words().join(" · ")
         );
-        if download.bytes_per_second > 0.0 {
-            text.push_str(&format!(
-                " · {}/s",
-                human::bytes(download.bytes_per_second as u64)
-            ));
-        }
-        if let Some(eta) = download.eta {
-            text.push_str(&format!(" · about {} left", human::duration(eta)));
-        }
         ui.add(egui::ProgressBar::new(fraction).text(text));
     }
     if let Some(problem) = &download.problem {

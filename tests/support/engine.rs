@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use studio_worker::engine::{CancelToken, Engine, EngineError, Generated};
-use studio_worker::vocab::job::{EngineLimits, JobSpec};
+use studio_worker::vocab::job::{EngineLimits, JobSpec, Scheduler};
 use studio_worker::vocab::progress::{JobProgress, Stage};
 
 pub struct ScriptedEngine {
@@ -126,6 +126,7 @@ impl Engine for ScriptedEngine {
         Ok(Generated {
             images,
             seed: job.seed,
+            sampler: job.scheduler.unwrap_or(Scheduler::EulerA),
         })
     }
 

@@ -26,7 +26,7 @@ use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
 use super::noise::NoiseSource;
-use crate::vocab::job::Scheduler;
+use crate::vocab::job::{JobSpec, Scheduler};
 
 /// Why loading or running failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,22 @@ pub struct Request {
     pub num_images: usize,
     /// `None`: the model's default sampler.
     pub scheduler: Option<Scheduler>,
+}
+
+impl From<&JobSpec> for Request {
+    fn from(spec: &JobSpec) -> Self {
+        Self {
+            prompt: spec.prompt.clone(),
+            negative_prompt: spec.negative_prompt.clone(),
+            width: spec.width as usize,
+            height: spec.height as usize,
+            steps: spec.steps as usize,
+            guidance_scale: spec.guidance_scale,
+            seed: spec.seed,
+            num_images: spec.num_images as usize,
+            scheduler: spec.scheduler,
+        }
+    }
 }
 
 /// Where a running request is.

@@ -8,13 +8,13 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::catalog::{self, CATALOG, CatalogEntry};
-use super::hub::HubClient;
-use super::store::{DownloadProgress, ModelState, ModelStore};
+use super::UsageError;
 use crate::config::{self, Paths};
 use crate::engine::sd::model_folder::ModelFolder;
-use crate::generate::UsageError;
 use crate::human;
+use crate::models::catalog::{self, CATALOG, CatalogEntry};
+use crate::models::hub::{HubClient, HubError};
+use crate::models::store::{DownloadProgress, ModelState, ModelStore, PullError};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelsCommand {
@@ -227,14 +227,14 @@ fn pull(store: &ModelStore, entry: &'static CatalogEntry) -> anyhow::Result<()> 
             println!("{} is ready: {}", entry.id, folder.display());
             Ok(())
         }
-        Err(super::store::PullError::Hub(super::hub::HubError::Cancelled)) => {
+        Err(PullError::Hub(HubError::Cancelled)) => {
             bail!("stopped; run the same command again to resume where it stopped")
         }
         Err(error) => Err(error.into()),
     }
 }
 
-/// `sd-turbo  1.23 GB / 2.58 GB  47.7%  18.2 MB/s  ~1 min left`, redrawn in place on a
+/// `sd-turbo  1.23 GB of 2.58 GB  47.7%  18.2 MB/s  about 1 min left`, redrawn in place on a
 /// terminal and printed every 10 % otherwise.
 #[derive(Default)]
 struct ProgressLine {
@@ -245,7 +245,12 @@ struct ProgressLine {
 
 impl ProgressLine {
     fn show(&mut self, progress: &DownloadProgress, interactive: bool) {
-        let percent = 100.0 * progress.done_bytes as f64 / progress.total_bytes.max(1) as f64;
+        let words = human::download_words(
+            progress.done_bytes,
+            progress.total_bytes,
+            progress.bytes_per_second,
+            progress.eta,
+        );
         let complete = progress.done_bytes >= progress.total_bytes;
         if interactive
             && !complete
@@ -255,19 +260,23 @@ impl ProgressLine {
         {
             return;
         }
-        let eta = match progress.eta {
-            _ if complete => "done".to_owned(),
-            Some(eta) if eta.as_secs() == 0 => "almost done".to_owned(),
-            Some(eta) => format!("~{} left", human::duration(eta)),
-            None => "…".to_owned(),
+        let time_left = if complete {
+            Some("done")
+        } else {
+            words.time_left.as_deref()
         };
-        let text = format!(
-            "{}  {} / {}  {percent:5.1}%  {}/s  {eta}",
-            progress.model_id,
-            human::bytes(progress.done_bytes),
-            human::bytes(progress.total_bytes),
-            human::bytes(progress.bytes_per_second as u64),
-        );
+        let text = [
+            Some(progress.model_id.as_str()),
+            Some(words.amount.as_str()),
+            Some(words.percent.as_str()),
+            words.speed.as_deref(),
+            time_left,
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("  ");
+        let decile = (100 * progress.done_bytes / progress.total_bytes.max(1)) / 10;
         let mut stderr = std::io::stderr().lock();
         if interactive {
             let _ = write!(stderr, "\r{text:<78}");
@@ -278,12 +287,9 @@ impl ProgressLine {
             }
             let _ = stderr.flush();
             self.last_drawn = Some(std::time::Instant::now());
-        } else {
-            let decile = (percent / 10.0) as u64;
-            if self.last_decile != Some(decile) {
-                self.last_decile = Some(decile);
-                let _ = writeln!(stderr, "{text}");
-            }
+        } else if self.last_decile != Some(decile) {
+            self.last_decile = Some(decile);
+            let _ = writeln!(stderr, "{text}");
         }
     }
 
@@ -295,7 +301,7 @@ impl ProgressLine {
 }
 
 fn add(paths: &Paths, model_id: &str, folder: &Path) -> anyhow::Result<()> {
-    super::local::check_model_id(model_id).map_err(UsageError)?;
+    crate::models::local::check_model_id(model_id).map_err(UsageError)?;
     let folder = folder
         .canonicalize()
         .map_err(|error| UsageError(format!("{}: {error}", folder.display())))?;

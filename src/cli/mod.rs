@@ -1,5 +1,11 @@
 //! The command line: what each subcommand does, and the exit codes (0 ok, 1 failure with a
-//! one-line reason on stderr, 2 usage error, printed by clap or by `generate`'s checks).
+//! one-line reason on stderr, 2 usage error, printed by clap or by a command's own checks).
+//!
+//! `generate` and `models …` have their own files; `status` too.
+
+mod generate;
+mod models;
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,14 +13,17 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use serde::Serialize;
 
-use crate::config::{self, Config, Paths, SharedConfig};
+use crate::config::{self, Paths, SharedConfig};
 use crate::platform::single_instance;
 use crate::registration::RegistrationState;
 use crate::runtime::control;
-use crate::runtime::{Runtime, RuntimeOptions, status_file};
-use crate::timing::Timing;
+use crate::runtime::{Launch, Runtime};
+
+/// Arguments that cannot run: exit code 2, like clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,9 +76,9 @@ pub enum CliCommand {
     Resume,
     /// The models this worker can serve: list, pull, remove, verify, add a local folder.
     #[command(subcommand)]
-    Models(crate::models::commands::ModelsCommand),
+    Models(models::ModelsCommand),
     /// Make an image on this PC, without the studio (also a quick check that the GPU works).
-    Generate(crate::generate::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Show the registration, the studio and whether a worker is running.
     Status {
         /// Machine-readable output.
@@ -102,7 +111,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("studio-worker: {err:#}");
-            if err.downcast_ref::<crate::generate::UsageError>().is_some() {
+            if err.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -137,14 +146,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(CliCommand::Register { reset: false }) => {
             bail!("nothing to do: `register --reset` starts the registration over")
         }
-        Some(CliCommand::Status { json }) => print_status(&paths, json),
+        Some(CliCommand::Status { json }) => status::print_status(&paths, json),
         Some(CliCommand::Models(command)) => {
             let _log_guard = crate::logging::init(None);
-            crate::models::commands::run(&paths, command)
+            models::run(&paths, command)
         }
         Some(CliCommand::Generate(args)) => {
             let _log_guard = crate::logging::init(None);
-            crate::generate::run(&paths, args)
+            generate::run(&paths, args)
         }
         Some(CliCommand::Pause) => set_paused(&paths, true),
         Some(CliCommand::Resume) => set_paused(&paths, false),
@@ -157,9 +166,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// `crash-test`: a panic carrying a secret and a home-folder path, through the same hooks as
 /// a real crash.
 fn crash_test(paths: &Paths) -> anyhow::Result<()> {
-    let _log_guard = crate::logging::init(Some(&paths.log_dir()));
-    let (config, _) = load_config(paths)?;
-    let _crash_guard = crate::crash::init(&config);
+    let (config, _, _guards) = open_worker(paths)?;
     let config = config.snapshot();
     let token = config
         .auth_token
@@ -288,9 +295,7 @@ fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::R
             Err(err) => bail!("studio-worker is already running, but did not answer ({err})"),
         };
     };
-    let _log_guard = crate::logging::init(Some(&paths.log_dir()));
-    let (config, recovered_config) = load_config(paths)?;
-    let _crash_guard = crate::crash::init(&config);
+    let (config, recovered_config, _guards) = open_worker(paths)?;
     crate::ui::run(
         config,
         crate::ui::AppOptions {
@@ -330,26 +335,19 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
             paths.data_dir.display()
         );
     };
-    let _log_guard = crate::logging::init(Some(&paths.log_dir()));
-    let (config, recovered_config) = load_config(paths)?;
-    let _crash_guard = crate::crash::init(&config);
+    let (config, recovered_config, _guards) = open_worker(paths)?;
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     tokio.block_on(async {
         let mut shutdown = crate::runtime::ShutdownSignal::install();
-        let store = crate::models::store::ModelStore::standard(&paths.data_dir);
-        let engine =
-            crate::engine::candle_engine::from_settings(&config.snapshot(), store.as_ref());
-        let model_supply = crate::runtime::ModelSupply::standard(store);
-        let options = RuntimeOptions {
-            timing: Timing::PRODUCTION,
-            data_dir: paths.data_dir.clone(),
-            api_base_override: api_url,
-            engine,
-            recovered_config,
-            model_supply,
-            tolerate_invalid_studio_url: false,
-        };
-        let runtime = Runtime::start(config, options)?;
+        let runtime = Runtime::launch(
+            config,
+            Launch {
+                data_dir: paths.data_dir.clone(),
+                api_base_override: api_url,
+                recovered_config,
+                with_window: false,
+            },
+        )?;
         let outcome = tokio::select! {
             () = shutdown.recv() => Ok(()),
             () = runtime.quit_requested() => {
@@ -363,8 +361,18 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
     })
 }
 
-/// Loads the settings, moving a broken file aside (and saying so) instead of overwriting it.
-fn load_config(paths: &Paths) -> anyhow::Result<(SharedConfig, Option<config::BrokenConfig>)> {
+/// What keeps logging and crash reporting going while a worker runs.
+struct WorkerGuards {
+    _log: crate::logging::LogGuard,
+    _crash: crate::crash::CrashGuard,
+}
+
+/// The start of every command that runs the worker: logging to the log folder, the settings
+/// (a broken file moved aside and said so, never overwritten), and crash reporting.
+fn open_worker(
+    paths: &Paths,
+) -> anyhow::Result<(SharedConfig, Option<config::BrokenConfig>, WorkerGuards)> {
+    let log = crate::logging::init(Some(&paths.log_dir()));
     let loaded = config::load(&paths.config_file)?;
     if let Some(broken) = &loaded.recovered_from {
         tracing::error!(
@@ -373,9 +381,15 @@ fn load_config(paths: &Paths) -> anyhow::Result<(SharedConfig, Option<config::Br
             broken.kept_at.display()
         );
     }
+    let config = SharedConfig::new(paths.config_file.clone(), loaded.config);
+    let crash = crate::crash::init(&config);
     Ok((
-        SharedConfig::new(paths.config_file.clone(), loaded.config),
+        config,
         loaded.recovered_from,
+        WorkerGuards {
+            _log: log,
+            _crash: crash,
+        },
     ))
 }
 
@@ -418,182 +432,13 @@ fn reset_registration(paths: &Paths) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StatusReport {
-    registration: RegistrationState,
-    description: String,
-    worker_id: Option<String>,
-    install_id: Option<String>,
-    /// Masked (`abcd…wxyz`).
-    auth_token: Option<String>,
-    api_base_url: String,
-    worker_name: String,
-    config_path: PathBuf,
-    paused: Option<crate::vocab::pause::PauseReason>,
-    /// What the running worker last wrote to `status.json`, when one is running.
-    running: Option<status_file::StatusFile>,
-}
-
-fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
-    // Read-only: a broken file is reported, not moved (only a command that writes moves it).
-    let config = match std::fs::read(&paths.config_file) {
-        Ok(bytes) => config::parse(&bytes).map_err(|reason| {
-            anyhow::anyhow!(
-                "{} is not valid settings ({reason}); the worker will keep it aside and start from defaults",
-                paths.config_file.display(),
-            )
-        })?,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Config::default(),
-        Err(err) => {
-            return Err(err).with_context(|| format!("cannot read {}", paths.config_file.display()));
-        }
-    };
-    let registration = RegistrationState::from_config(&config);
-    let running = running_status(&paths.data_dir);
-    let report = StatusReport {
-        description: registration.describe(),
-        registration,
-        worker_id: config.worker_id.clone(),
-        install_id: config.install_id.clone(),
-        auth_token: config
-            .auth_token
-            .as_ref()
-            .map(crate::secret::Secret::masked),
-        api_base_url: config.api_base_url.clone(),
-        worker_name: config.worker_name.clone(),
-        config_path: paths.config_file.clone(),
-        paused: crate::runtime::pause_reason(&config),
-        running,
-    };
-
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    let none = || "—".to_owned();
-    println!("Registration: {}", report.description);
-    println!(
-        "Worker id:    {}",
-        report.worker_id.clone().unwrap_or_else(none)
-    );
-    println!(
-        "Token:        {}",
-        report.auth_token.clone().unwrap_or_else(none)
-    );
-    println!(
-        "Install id:   {}",
-        report.install_id.clone().unwrap_or_else(none)
-    );
-    println!("Worker name:  {}", report.worker_name);
-    println!("Studio:       {}", report.api_base_url);
-    println!("Settings:     {}", report.config_path.display());
-    println!(
-        "Paused:       {}",
-        report
-            .paused
-            .map_or_else(|| "no".to_owned(), |reason| reason.describe().to_owned())
-    );
-    match &report.running {
-        Some(file) => {
-            let heartbeat = file.status.connection.last_heartbeat_at.map_or_else(
-                || "no heartbeat yet".to_owned(),
-                |at| {
-                    format!(
-                        "last heartbeat {}",
-                        crate::human::ago(at, chrono::Utc::now())
-                    )
-                },
-            );
-            println!("Worker:       running (process {}), {heartbeat}", file.pid);
-            if let Some(notice) = &file.status.settings_recovered {
-                println!("Settings:     {notice}");
-            }
-            if let Some(problem) = file
-                .status
-                .connection
-                .last_error
-                .as_ref()
-                .or(file.status.registration_problem.as_ref())
-            {
-                println!("Problem:      {problem}");
-            }
-            if let Some(models) = &file.status.engine {
-                println!("Models:       {models}");
-            }
-            for download in &file.status.downloads {
-                println!("Download:     {}", download_line(download));
-            }
-        }
-        None => println!("Worker:       not running"),
-    }
-    Ok(())
-}
-
 /// The running worker's status file, if a worker is running for this data folder.
-fn running_status(data_dir: &Path) -> Option<status_file::StatusFile> {
-    let file = status_file::read(&data_dir.join(status_file::FILE_NAME))?;
+fn running_status(data_dir: &Path) -> Option<crate::runtime::status_file::StatusFile> {
+    let file =
+        crate::runtime::status_file::read(&data_dir.join(crate::runtime::status_file::FILE_NAME))?;
     (file.running && crate::platform::host::process_alive(file.pid)).then_some(file)
 }
 
 fn running_worker_pid(data_dir: &Path) -> Option<u32> {
     running_status(data_dir).map(|file| file.pid)
-}
-
-/// "sd-turbo: 1.29 GB of 2.58 GB, 18.2 MB/s, about 1 min left" (or why it stopped).
-fn download_line(download: &crate::runtime::ModelDownload) -> String {
-    let mut line = format!("{}: ", download.model_id);
-    if download.total_bytes > 0 {
-        line.push_str(&format!(
-            "{} of {}",
-            crate::human::bytes(download.done_bytes),
-            crate::human::bytes(download.total_bytes)
-        ));
-        if download.bytes_per_second > 0.0 {
-            line.push_str(&format!(
-                ", {}/s",
-                crate::human::bytes(download.bytes_per_second as u64)
-            ));
-        }
-        if let Some(eta) = download.eta {
-            line.push_str(&format!(", about {} left", crate::human::duration(eta)));
-        }
-    } else {
-        line.push_str("starting");
-    }
-    if let Some(problem) = &download.problem {
-        line.push_str(&format!(" ({problem})"));
-    }
-    line
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::runtime::ModelDownload;
-
-    #[test]
-    fn a_download_reads_as_one_status_line() {
-        let moving = ModelDownload {
-            model_id: "sd-turbo".into(),
-            done_bytes: 1_290_000_000,
-            total_bytes: 2_580_000_000,
-            bytes_per_second: 18_200_000.0,
-            eta: Some(std::time::Duration::from_secs(71)),
-            problem: None,
-        };
-        assert_eq!(
-            download_line(&moving),
-            "sd-turbo: 1.29 GB of 2.58 GB, 18.2 MB/s, about 1 min left"
-        );
-        let stuck = ModelDownload {
-            model_id: "sdxl-turbo".into(),
-            problem: Some("needs HF_TOKEN".into()),
-            ..ModelDownload::default()
-        };
-        assert_eq!(
-            download_line(&stuck),
-            "sdxl-turbo: starting (needs HF_TOKEN)"
-        );
-    }
 }

@@ -9,16 +9,13 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 
+use super::UsageError;
 use crate::config::{self, Paths};
 use crate::engine::device;
 use crate::engine::sd::{Request, StableDiffusion, Stage};
+use crate::image_file;
 use crate::vocab::device::DevicePreference;
-use crate::vocab::job::{self as jobs, Scheduler};
-
-/// Arguments that cannot run: exit code 2, like clap's own usage errors.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+use crate::vocab::job::{self, EngineLimits, JobSpec, Scheduler};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -76,13 +73,8 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
         })?),
         None => None,
     };
-    if !(1..=jobs::MAX_IMAGES).contains(&args.num_images) {
-        return Err(usage(format!(
-            "--num-images must be 1 to {} (got {})",
-            jobs::MAX_IMAGES,
-            args.num_images
-        )));
-    }
+    job::check_images("--num-images", u64::from(args.num_images), job::MAX_IMAGES)
+        .map_err(|error| usage(error.0))?;
     if args
         .out
         .extension()
@@ -108,25 +100,25 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
     let defaults = crate::models::catalog::find(&model_name)
         .filter(|_| args.model.is_some())
         .map(|entry| entry.defaults);
-    let request = request_for(&args, &pipeline, scheduler, defaults)?;
-    let sampler = request
-        .scheduler
-        .unwrap_or_else(|| pipeline.default_sampler());
+    let spec = job_for(&args, &model_name, &pipeline, scheduler, defaults)?;
+    let sampler = spec.scheduler.unwrap_or_else(|| pipeline.default_sampler());
     let mut bar = ProgressBar::new();
     let started = Instant::now();
     let images = pipeline
-        .generate(&request, &mut |stage| bar.show(stage), &|| false)
+        .generate(&Request::from(&spec), &mut |stage| bar.show(stage), &|| {
+            false
+        })
         .context("generation failed")?;
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 
-    let parameters = parameters_text(&request, sampler, &model_name);
+    let parameters = image_file::parameters_text(&spec, sampler);
     for (index, image) in images.iter().enumerate() {
         let path = output_path(&args.out, index, images.len());
-        write_png(&path, image, &parameters)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let png = image_file::encode_png(image, &parameters)?;
+        std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
         println!("{}", path.display());
     }
-    println!("seed: {}", request.seed);
+    println!("seed: {}", spec.seed);
     Ok(())
 }
 
@@ -151,36 +143,24 @@ fn resolve_model(paths: &Paths, args: &GenerateArgs) -> anyhow::Result<(String, 
         ));
     };
     let settings = config::load(&paths.config_file)?.config;
-    if let Some(root) = settings.models.local.get(model_id) {
-        return Ok((model_id.clone(), root.clone()));
-    }
-    if let Some(entry) = crate::models::catalog::find(model_id) {
-        let store = crate::models::store::ModelStore::standard(&paths.data_dir);
-        return match store.and_then(|store| store.ready_path(entry)) {
-            Some(root) => Ok((model_id.clone(), root)),
-            None => Err(usage(format!(
-                "{model_id} is not downloaded yet: `studio-worker models pull {model_id}`"
-            ))),
-        };
-    }
-    let mut known: Vec<&str> = settings.models.local.keys().map(String::as_str).collect();
-    known.extend(crate::models::catalog::CATALOG.iter().map(|entry| entry.id));
-    Err(usage(format!(
-        "no model {model_id:?} (known: {})",
-        known.join(", ")
-    )))
+    let store = crate::models::store::ModelStore::standard(&paths.data_dir);
+    let folder = crate::models::served::folder_for(&settings, store.as_ref(), model_id)
+        .map_err(|error| usage(error.to_string()))?;
+    Ok((model_id.clone(), folder))
 }
 
-/// The request the arguments describe. What they leave out comes from the catalog entry
-/// when the model is a catalog one, else from the model folder (turbo models, which ship
-/// trailing spacing, get 4 steps without guidance; others 25 steps at 7.5).
-fn request_for(
+/// The job the arguments describe, checked against the same ranges as the studio's jobs.
+/// What they leave out comes from the catalog entry when the model is a catalog one, else
+/// from the model folder (turbo models, which ship trailing spacing, get 4 steps without
+/// guidance; others 25 steps at 7.5).
+fn job_for(
     args: &GenerateArgs,
+    model_name: &str,
     pipeline: &StableDiffusion,
     scheduler: Option<Scheduler>,
     defaults: Option<crate::models::catalog::JobDefaults>,
-) -> anyhow::Result<Request> {
-    let usage = |message: String| anyhow::Error::new(UsageError(message));
+) -> anyhow::Result<JobSpec> {
+    let usage = |error: job::OutOfRange| anyhow::Error::new(UsageError(error.0));
     let few_step = pipeline.is_few_step();
     let native = defaults.map_or(pipeline.native_size() as u32, |defaults| defaults.size);
     let steps = args.steps.unwrap_or(match defaults {
@@ -193,72 +173,55 @@ fn request_for(
         None if few_step => 0.0,
         None => 7.5,
     });
-    let scheduler = scheduler.or(defaults.map(|defaults| defaults.scheduler));
-    let (width, height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
-    let factor = pipeline.vae_scale_factor() as u32;
-    for (name, value) in [("--width", width), ("--height", height)] {
-        if !(factor.max(8)..=jobs::MAX_SIDE).contains(&value) || value % 8 != 0 {
-            return Err(usage(format!(
-                "{name} must be a multiple of 8 from 8 to {} (got {value})",
-                jobs::MAX_SIDE
-            )));
-        }
-    }
-    if !(1..=jobs::MAX_STEPS).contains(&steps) {
-        return Err(usage(format!(
-            "--steps must be 1 to {} (got {steps})",
-            jobs::MAX_STEPS
-        )));
-    }
-    if !(0.0..=jobs::MAX_GUIDANCE).contains(&guidance) {
-        return Err(usage(format!(
-            "--guidance must be 0 to {} (got {guidance})",
-            jobs::MAX_GUIDANCE
-        )));
-    }
+    // Tiny test models have a smaller latent factor; a side still needs one latent cell.
+    let min_side = (pipeline.vae_scale_factor() as u32).max(8);
+    let unlimited = EngineLimits {
+        max_width: job::MAX_SIDE,
+        max_height: job::MAX_SIDE,
+        max_images: job::MAX_IMAGES,
+    };
+    let width = job::check_side(
+        "--width",
+        u64::from(args.width.unwrap_or(native)),
+        min_side,
+        unlimited.max_width,
+    )
+    .map_err(usage)?;
+    let height = job::check_side(
+        "--height",
+        u64::from(args.height.unwrap_or(native)),
+        min_side,
+        unlimited.max_height,
+    )
+    .map_err(usage)?;
     let seed = match args.seed {
-        Some(seed) if seed > jobs::MAX_SEED => {
-            return Err(usage(format!("--seed must be at most {}", jobs::MAX_SEED)));
-        }
-        Some(seed) => seed,
+        Some(seed) => job::check_seed("--seed", seed).map_err(usage)?,
         None => random_seed()?,
     };
-    Ok(Request {
+    Ok(JobSpec {
+        job_id: "local".to_owned(),
+        model: model_name.to_owned(),
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
-        width: width as usize,
-        height: height as usize,
-        steps: steps as usize,
-        guidance_scale: guidance,
+        width,
+        height,
+        steps: job::check_steps("--steps", u64::from(steps)).map_err(usage)?,
+        guidance_scale: job::check_guidance("--guidance", guidance).map_err(usage)?,
         seed,
-        num_images: args.num_images as usize,
-        scheduler,
+        num_images: job::check_images(
+            "--num-images",
+            u64::from(args.num_images),
+            unlimited.max_images,
+        )
+        .map_err(usage)?,
+        scheduler: scheduler.or(defaults.map(|defaults| defaults.scheduler)),
+        lease: std::time::Duration::ZERO,
     })
 }
 
 fn random_seed() -> anyhow::Result<u64> {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(|error| anyhow::anyhow!("no randomness: {error}"))?;
-    Ok(u64::from_le_bytes(bytes) & jobs::MAX_SEED)
-}
-
-/// The parameters line other Stable Diffusion tools write and read.
-pub fn parameters_text(request: &Request, sampler: Scheduler, model: &str) -> String {
-    let mut text = request.prompt.clone();
-    if !request.negative_prompt.is_empty() {
-        text.push_str(&format!("\nNegative prompt: {}", request.negative_prompt));
-    }
-    let sampler = match sampler {
-        Scheduler::EulerA => "Euler a",
-        Scheduler::Euler => "Euler",
-        Scheduler::Ddim => "DDIM",
-        Scheduler::DpmPp2mKarras => "DPM++ 2M Karras",
-    };
-    text.push_str(&format!(
-        "\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
-        request.steps, request.guidance_scale, request.seed, request.width, request.height
-    ));
-    text
+    let bytes = crate::secret::random_bytes::<8>()?;
+    Ok(u64::from_le_bytes(bytes) & job::MAX_SEED)
 }
 
 /// `out` itself for one image; `stem-1.png`, `stem-2.png`… for several.
@@ -271,20 +234,6 @@ fn output_path(out: &Path, index: usize, count: usize) -> PathBuf {
         |stem| stem.to_string_lossy().into_owned(),
     );
     out.with_file_name(format!("{stem}-{}.png", index + 1))
-}
-
-/// An 8-bit RGB PNG with an iTXt `parameters` chunk (UTF-8, so any prompt fits).
-pub fn write_png(path: &Path, image: &image::RgbImage, parameters: &str) -> anyhow::Result<()> {
-    let file = std::fs::File::create(path)?;
-    let mut encoder =
-        png::Encoder::new(std::io::BufWriter::new(file), image.width(), image.height());
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.add_itxt_chunk("parameters".to_owned(), parameters.to_owned())?;
-    let mut writer = encoder.write_header()?;
-    writer.write_image_data(image.as_raw())?;
-    writer.finish()?;
-    Ok(())
 }
 
 /// A one-line bar on a terminal; one line per stage otherwise (logs, pipes).
@@ -363,7 +312,7 @@ mod tests {
                 .expect("fixture loads");
 
         // A folder alone: its trained size (32 latents × 2), 25 steps at 7.5, its own sampler.
-        let request = request_for(&args(&[]), &pipeline, None, None).unwrap();
+        let request = job_for(&args(&[]), "tiny", &pipeline, None, None).unwrap();
         assert_eq!(
             (request.width, request.steps, request.guidance_scale),
             (64, 25, 7.5)
@@ -377,14 +326,15 @@ mod tests {
             guidance_scale: 0.0,
             scheduler: Scheduler::EulerA,
         };
-        let request = request_for(&args(&[]), &pipeline, None, Some(turbo)).unwrap();
+        let request = job_for(&args(&[]), "tiny", &pipeline, None, Some(turbo)).unwrap();
         assert_eq!(
             (request.width, request.steps, request.guidance_scale),
             (128, 1, 0.0)
         );
         assert_eq!(request.scheduler, Some(Scheduler::EulerA));
-        let request = request_for(
+        let request = job_for(
             &args(&["--steps", "3", "--width", "64"]),
+            "tiny",
             &pipeline,
             Some(Scheduler::Ddim),
             Some(turbo),

@@ -18,7 +18,7 @@ use crate::config::{self, Paths, SharedConfig};
 use crate::platform::single_instance;
 use crate::registration::RegistrationState;
 use crate::runtime::control;
-use crate::runtime::{Launch, Runtime};
+use crate::runtime::{Launch, Runtime, StopRequest};
 
 /// Arguments that cannot run: exit code 2, like clap's own usage errors.
 #[derive(Debug, thiserror::Error)]
@@ -350,11 +350,13 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
         )?;
         let outcome = tokio::select! {
             () = shutdown.recv() => Ok(()),
-            () = runtime.quit_requested() => {
-                tracing::info!("stopping: asked to quit");
-                Ok(())
-            }
-            reason = runtime.fatal() => Err(anyhow::anyhow!(reason)),
+            stop = runtime.stop_requested() => match stop {
+                StopRequest::Quit => {
+                    tracing::info!("stopping: asked to quit");
+                    Ok(())
+                }
+                StopRequest::Fatal(reason) => Err(anyhow::anyhow!(reason)),
+            },
         };
         runtime.shutdown().await;
         outcome

@@ -111,7 +111,7 @@ pub(super) fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
             {
                 println!("Problem:      {problem}");
             }
-            if let Some(models) = &file.status.engine {
+            if let Some(models) = file.status.models_summary() {
                 println!("Models:       {models}");
             }
             for download in &file.status.downloads {

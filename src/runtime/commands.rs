@@ -5,9 +5,15 @@
 //! tasks) through the config and status channels. There is one place where "pause" means
 //! something.
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
 
-use super::TaskContext;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::StatusSender;
+use super::signals::{HostRequestSender, StopRequest};
+use crate::config::SharedConfig;
+use crate::engine::Engine;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -56,15 +62,27 @@ pub struct SettingsChange {
     pub send_crash_reports: bool,
 }
 
-pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskContext) {
-    let TaskContext {
+pub(super) struct CommandsTask {
+    pub commands: mpsc::Receiver<Command>,
+    pub config: SharedConfig,
+    pub engine: Option<Arc<dyn Engine>>,
+    /// Wakes the uploader's current wait.
+    pub retry_uploads: Arc<Notify>,
+    pub host: HostRequestSender,
+    pub status: StatusSender,
+    pub shutdown: CancellationToken,
+}
+
+pub(super) async fn run(task: CommandsTask) {
+    let CommandsTask {
+        mut commands,
         config,
+        engine,
+        retry_uploads,
+        host,
         status,
         shutdown,
-        retry_uploads,
-        engine,
-        ..
-    } = context;
+    } = task;
     loop {
         let command = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -80,7 +98,11 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
             } else {
                 tracing::info!("model {model_id} added from {}", folder.display());
             }
-            status.send_modify(|s| s.settings_problem = outcome.err());
+            let ready = engine.as_ref().map(|engine| engine.ready_models());
+            status.send_modify(|s| {
+                s.settings_problem = outcome.err();
+                s.models_ready = ready;
+            });
             continue;
         }
         let applied = match &command {
@@ -95,11 +117,11 @@ pub(super) async fn run(mut commands: mpsc::Receiver<Command>, context: TaskCont
                 Ok(())
             }
             Command::ShowWindow => {
-                status.send_modify(|s| s.window_raise_requests += 1);
+                host.raise_window();
                 Ok(())
             }
             Command::Quit => {
-                status.send_modify(|s| s.quit_requested = true);
+                host.stop(StopRequest::Quit);
                 Ok(())
             }
         };

@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::{Command, TaskContext};
+use super::Command;
 use crate::secret::Secret;
 
 pub const FILE_NAME: &str = "control.json";
@@ -47,7 +48,7 @@ pub struct Reply {
 pub(super) async fn serve(
     data_dir: PathBuf,
     commands: mpsc::Sender<Command>,
-    context: TaskContext,
+    shutdown: CancellationToken,
 ) {
     let path = data_dir.join(FILE_NAME);
     let listener = match TcpListener::bind(("127.0.0.1", 0)).await {
@@ -87,7 +88,7 @@ pub(super) async fn serve(
 
     loop {
         tokio::select! {
-            () = context.shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break,
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     tokio::spawn(answer(stream, token.clone(), commands.clone()));

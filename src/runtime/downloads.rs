@@ -3,14 +3,21 @@
 //! the engine. It never blocks heartbeats or jobs; a network failure is retried with
 //! backoff, a lasting one (gated repository, full disk) is shown and left until restart.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::TaskContext;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::StatusSender;
 use super::status::ModelDownload;
 use crate::backoff::Backoff;
+use crate::config::SharedConfig;
+use crate::engine::Engine;
 use crate::models::catalog::CatalogEntry;
 use crate::models::hub::HubClient;
 use crate::models::store::{ModelStore, PullError};
+use crate::timing::Timing;
 
 /// Where catalog models come from and go to.
 #[derive(Clone)]
@@ -43,21 +50,40 @@ impl ModelSupply {
     }
 }
 
-pub(super) async fn run(supply: ModelSupply, context: TaskContext) {
-    let Some(engine) = context.engine.clone() else {
-        return;
-    };
-    let mut changes = context.config.subscribe();
+pub(super) struct Downloads {
+    pub supply: ModelSupply,
+    pub engine: Arc<dyn Engine>,
+    pub config: SharedConfig,
+    /// The models being fetched, for capabilities (`ready: false`) and the job loop.
+    pub coming: watch::Sender<Vec<String>>,
+    pub status: StatusSender,
+    pub timing: Timing,
+    pub shutdown: CancellationToken,
+}
+
+pub(super) async fn run(task: Downloads) {
+    let mut changes = task.config.subscribe();
     loop {
         let enabled = changes.borrow_and_update().models.enabled.clone();
         let wanted: Vec<CatalogEntry> = enabled
             .iter()
-            .filter_map(|model_id| supply.catalog.iter().find(|entry| entry.id == model_id))
-            .filter(|entry| !engine.ready_models().iter().any(|ready| ready == entry.id))
+            .filter_map(|model_id| {
+                task.supply
+                    .catalog
+                    .iter()
+                    .find(|entry| entry.id == model_id)
+            })
+            .filter(|entry| {
+                !task
+                    .engine
+                    .ready_models()
+                    .iter()
+                    .any(|ready| ready == entry.id)
+            })
             .copied()
             .collect();
         for entry in wanted {
-            if !fetch(&supply, &entry, engine.as_ref(), &context).await {
+            if !task.fetch(&entry).await {
                 return;
             }
         }
@@ -65,7 +91,7 @@ pub(super) async fn run(supply: ModelSupply, context: TaskContext) {
         // that could not be fetched is tried again then too.
         loop {
             tokio::select! {
-                () = context.shutdown.cancelled() => return,
+                () = task.shutdown.cancelled() => return,
                 changed = changes.changed() => if changed.is_err() { return },
             }
             if changes.borrow().models.enabled != enabled {
@@ -75,121 +101,127 @@ pub(super) async fn run(supply: ModelSupply, context: TaskContext) {
     }
 }
 
-/// Fetches one model until it is served or cannot be; `false` when the worker is stopping.
-async fn fetch(
-    supply: &ModelSupply,
-    entry: &CatalogEntry,
-    engine: &dyn crate::engine::Engine,
-    context: &TaskContext,
-) -> bool {
-    let mut backoff = Backoff::new(context.timing.backoff);
-    loop {
-        set_download(context, entry.id, |download| download.problem = None);
-        let cancel = context.shutdown.child_token();
-        let status = context.status.clone();
-        let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
-        let pulled = supply
-            .store
-            .pull(
-                &supply.hub,
-                entry,
-                &mut |progress| {
-                    // At most 4 updates a second: the window redraws on each.
-                    if last_shown.elapsed() < Duration::from_millis(250)
-                        && progress.done_bytes < progress.total_bytes
-                    {
-                        return;
-                    }
-                    last_shown = std::time::Instant::now();
-                    status.send_modify(|status| {
-                        if let Some(download) = status
-                            .downloads
-                            .iter_mut()
-                            .find(|download| download.model_id == progress.model_id)
+impl Downloads {
+    /// Fetches one model until it is served or cannot be; `false` when the worker is stopping.
+    async fn fetch(&self, entry: &CatalogEntry) -> bool {
+        let mut backoff = Backoff::new(self.timing.backoff);
+        self.coming.send_modify(|coming| {
+            if !coming.iter().any(|model_id| model_id == entry.id) {
+                coming.push(entry.id.to_owned());
+            }
+        });
+        loop {
+            self.set_download(entry.id, |download| download.problem = None);
+            let cancel = self.shutdown.child_token();
+            let status = self.status.clone();
+            let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
+            let pulled = self
+                .supply
+                .store
+                .pull(
+                    &self.supply.hub,
+                    entry,
+                    &mut |progress| {
+                        // At most 4 updates a second: the window redraws on each.
+                        if last_shown.elapsed() < Duration::from_millis(250)
+                            && progress.done_bytes < progress.total_bytes
                         {
-                            download.done_bytes = progress.done_bytes;
-                            download.total_bytes = progress.total_bytes;
-                            download.bytes_per_second = progress.bytes_per_second;
-                            download.eta = progress.eta;
+                            return;
                         }
+                        last_shown = std::time::Instant::now();
+                        status.send_modify(|status| {
+                            if let Some(download) = status
+                                .downloads
+                                .iter_mut()
+                                .find(|download| download.model_id == progress.model_id)
+                            {
+                                download.done_bytes = progress.done_bytes;
+                                download.total_bytes = progress.total_bytes;
+                                download.bytes_per_second = progress.bytes_per_second;
+                                download.eta = progress.eta;
+                            }
+                        });
+                    },
+                    &cancel,
+                )
+                .await;
+            match pulled {
+                Ok(folder) => {
+                    match self.engine.serve(entry.id, &folder) {
+                        Ok(()) => tracing::info!("{} downloaded and served", entry.id),
+                        Err(reason) => tracing::error!("{} cannot be served: {reason}", entry.id),
+                    }
+                    let ready = self.engine.ready_models();
+                    self.status.send_modify(|status| {
+                        status
+                            .downloads
+                            .retain(|download| download.model_id != entry.id);
+                        status.models_ready = Some(ready);
                     });
-                },
-                &cancel,
-            )
-            .await;
-        match pulled {
-            Ok(folder) => {
-                match engine.serve(entry.id, &folder) {
-                    Ok(()) => tracing::info!("{} downloaded and served", entry.id),
-                    Err(reason) => tracing::error!("{} cannot be served: {reason}", entry.id),
+                    // Served (or refused): no longer coming. Wakes the job loop.
+                    self.coming
+                        .send_modify(|coming| coming.retain(|model_id| model_id != entry.id));
+                    break;
                 }
-                let summary = super::engine_summary(&engine.ready_models());
-                context.status.send_modify(|status| {
-                    status
-                        .downloads
-                        .retain(|download| download.model_id != entry.id);
-                    status.engine = Some(summary);
-                });
-                break;
-            }
-            Err(PullError::Hub(error)) if context.shutdown.is_cancelled() => {
-                tracing::debug!("download of {} stopped: {error}", entry.id);
-                return false;
-            }
-            Err(PullError::Hub(error)) if error.is_transient() => {
-                let wait = backoff.next_delay(None);
-                // One warning per outage; the retries after it are debug lines.
-                if backoff.failures() == 1 {
-                    tracing::warn!(
-                        "download of {} interrupted ({error}); it resumes when the hub answers",
-                        entry.id
-                    );
-                } else {
-                    tracing::debug!(
-                        "download of {} still interrupted ({error}); next try in {}",
-                        entry.id,
-                        crate::human::duration(wait)
-                    );
+                Err(PullError::Hub(error)) if self.shutdown.is_cancelled() => {
+                    tracing::debug!("download of {} stopped: {error}", entry.id);
+                    return false;
                 }
-                set_download(context, entry.id, |download| {
-                    download.problem = Some(format!("{error}; resuming soon"));
-                });
-                tokio::select! {
-                    () = context.shutdown.cancelled() => return false,
-                    () = tokio::time::sleep(wait) => {}
+                Err(PullError::Hub(error)) if error.is_transient() => {
+                    let wait = backoff.next_delay(None);
+                    // One warning per outage; the retries after it are debug lines.
+                    if backoff.failures() == 1 {
+                        tracing::warn!(
+                            "download of {} interrupted ({error}); it resumes when the hub answers",
+                            entry.id
+                        );
+                    } else {
+                        tracing::debug!(
+                            "download of {} still interrupted ({error}); next try in {}",
+                            entry.id,
+                            crate::human::duration(wait)
+                        );
+                    }
+                    self.set_download(entry.id, |download| {
+                        download.problem = Some(format!("{error}; resuming soon"));
+                    });
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(wait) => {}
+                    }
                 }
-            }
-            Err(error) => {
-                tracing::error!("{} cannot be downloaded: {error}", entry.id);
-                set_download(context, entry.id, |download| {
-                    download.problem = Some(error.to_string());
-                });
-                break;
+                Err(error) => {
+                    tracing::error!("{} cannot be downloaded: {error}", entry.id);
+                    self.set_download(entry.id, |download| {
+                        download.problem = Some(error.to_string());
+                    });
+                    break;
+                }
             }
         }
+        true
     }
-    true
-}
 
-/// Changes (or first adds) the model's entry in `WorkerStatus.downloads`.
-fn set_download(context: &TaskContext, model_id: &str, change: impl FnOnce(&mut ModelDownload)) {
-    context.status.send_modify(|status| {
-        if !status
-            .downloads
-            .iter()
-            .any(|download| download.model_id == model_id)
-        {
-            status.downloads.push(ModelDownload {
-                model_id: model_id.to_owned(),
-                ..ModelDownload::default()
-            });
-        }
-        if let Some(download) = status
-            .downloads
-            .iter_mut()
-            .find(|download| download.model_id == model_id)
-        {
-            change(download);
-        }
-    });
+    /// Changes (or first adds) the model's entry in `WorkerStatus.downloads`.
+    fn set_download(&self, model_id: &str, change: impl FnOnce(&mut ModelDownload)) {
+        self.status.send_modify(|status| {
+            if !status
+                .downloads
+                .iter()
+                .any(|download| download.model_id == model_id)
+            {
+                status.downloads.push(ModelDownload {
+                    model_id: model_id.to_owned(),
+                    ..ModelDownload::default()
+                });
+            }
+            if let Some(download) = status
+                .downloads
+                .iter_mut()
+                .find(|download| download.model_id == model_id)
+            {
+                change(download);
+            }
+        });
+    }
 }

@@ -1,39 +1,67 @@
 //! The heartbeat (studio-api.md §2): while approved, tell the studio this PC is alive, what it
 //! is doing and what it can do; apply the studio's `pause`; stop for good on 401.
+//!
+//! Everything it sends comes from the tasks' own channels (the running job's id, the tally,
+//! the capabilities), never from the window's status.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
+use super::capabilities::CapabilitySource;
 use super::outage::OutageLog;
-use super::status::worker_state;
-use super::{TaskContext, approved_credentials, deadline_after, pause_reason, wait_until};
+use super::session::Session;
+use super::signals::Tally;
+use super::{StatusSender, deadline_after, pause_reason, wait_until};
 use crate::backoff::Backoff;
 use crate::config::SharedConfig;
 use crate::registration::RegistrationState;
-use crate::studio::StudioError;
-use crate::studio::protocol::{Heartbeat, Stats};
+use crate::studio::protocol::{Heartbeat, Stats, WorkerState};
+use crate::studio::{StudioClient, StudioError};
+use crate::timing::Timing;
 use crate::vocab::pause::PauseReason;
 
-pub(super) async fn run(context: TaskContext) {
-    let TaskContext {
+pub(super) struct HeartbeatTask {
+    pub client: StudioClient,
+    pub config: SharedConfig,
+    pub capabilities: CapabilitySource,
+    /// Owner: the job loop.
+    pub current_job: watch::Receiver<Option<String>>,
+    /// Owners: the job loop and the uploader.
+    pub tally: Arc<Tally>,
+    pub status: StatusSender,
+    pub timing: Timing,
+    pub shutdown: CancellationToken,
+}
+
+pub(super) async fn run(task: HeartbeatTask) {
+    let HeartbeatTask {
         client,
         config,
+        capabilities,
+        current_job,
+        tally,
         status,
         timing,
         shutdown,
-        ..
-    } = context.clone();
+    } = task;
+    let started_at = Utc::now();
     let mut config_changes = config.subscribe();
     let mut backoff = Backoff::new(timing.backoff);
     let mut outage = OutageLog::new("heartbeat");
 
     loop {
         let snapshot = config.snapshot();
-        let Some(credentials) = approved_credentials(&snapshot) else {
+        let Some(session) = Session::current(&client, &config) else {
             status.send_modify(|s| s.connection.next_heartbeat_at = None);
             let approved = wait_until(None, &mut config_changes, &shutdown, |config| {
-                approved_credentials(config).is_some()
+                matches!(
+                    RegistrationState::from_config(config),
+                    RegistrationState::Approved { .. }
+                )
             })
             .await;
             if !approved {
@@ -43,37 +71,35 @@ pub(super) async fn run(context: TaskContext) {
         };
 
         let paused = pause_reason(&snapshot);
-        let capabilities = context.capabilities();
-        let body = {
-            let current = status.borrow();
-            let counters = &current.jobs.counters;
-            Heartbeat {
-                state: worker_state(
-                    paused,
-                    current.jobs.current.is_some(),
-                    capabilities.models.iter().any(|model| model.ready),
-                ),
-                paused_reason: paused,
-                current_job_id: current.jobs.current.as_ref().map(|job| job.job_id.clone()),
-                capabilities,
-                stats: Stats {
-                    uptime_s: (Utc::now() - current.started_at)
-                        .num_seconds()
-                        .max(0)
-                        .unsigned_abs(),
-                    jobs_completed: counters.jobs_completed,
-                    jobs_failed: counters.jobs_failed,
-                    images_generated: counters.images_generated,
-                    last_job_ms: counters.last_job_ms,
-                },
-                sent_at: Utc::now(),
-            }
+        let capabilities = capabilities.capabilities();
+        let current_job_id = current_job.borrow().clone();
+        let counters = tally.counters();
+        let body = Heartbeat {
+            state: worker_state(
+                paused,
+                current_job_id.is_some(),
+                capabilities.models.iter().any(|model| model.ready),
+            ),
+            paused_reason: paused,
+            current_job_id,
+            capabilities,
+            stats: Stats {
+                uptime_s: (Utc::now() - started_at)
+                    .num_seconds()
+                    .max(0)
+                    .unsigned_abs(),
+                jobs_completed: counters.jobs_completed,
+                jobs_failed: counters.jobs_failed,
+                images_generated: counters.images_generated,
+                last_job_ms: counters.last_job_ms,
+            },
+            sent_at: Utc::now(),
         };
         let reported_pause = body.paused_reason;
 
         let sent = tokio::select! {
             () = shutdown.cancelled() => return,
-            sent = client.heartbeat(&credentials, &body) => sent,
+            sent = session.heartbeat(&body) => sent,
         };
         let (delay, may_wake_early) = match sent {
             Ok(answer) => {
@@ -95,16 +121,12 @@ pub(super) async fn run(context: TaskContext) {
                 (interval, true)
             }
             Err(StudioError::Unauthorized) => {
-                tracing::warn!(
-                    worker_id = %credentials.worker_id,
-                    "the studio revoked this worker's access; reset the registration to ask again"
-                );
-                context.revoked(&credentials.worker_id);
+                // The session recorded it; the loop head now finds no usable credentials and
+                // waits for a reset.
                 status.send_modify(|s| {
                     s.connection.last_error = Some("access revoked by the studio".to_owned());
                     s.connection.next_heartbeat_at = None;
                 });
-                // The loop head now finds no usable credentials and waits for a reset.
                 continue;
             }
             Err(err) => {
@@ -120,7 +142,7 @@ pub(super) async fn run(context: TaskContext) {
 
         let (deadline, wall) = deadline_after(delay);
         status.send_modify(|s| s.connection.next_heartbeat_at = Some(wall));
-        let worker_id = credentials.worker_id;
+        let worker_id = session.worker_id().to_owned();
         let go_on = wait_until(Some(deadline), &mut config_changes, &shutdown, |config| {
             // Credentials gone (reset, revoked): go to the loop head at once. A pause or
             // resume is told to the studio at once too, unless we are backing off, where
@@ -135,6 +157,19 @@ pub(super) async fn run(context: TaskContext) {
         if !go_on {
             return;
         }
+    }
+}
+
+/// §2's `state`: a running job is `busy` even while it is being handed back after a pause.
+fn worker_state(paused: Option<PauseReason>, busy: bool, models_ready: bool) -> WorkerState {
+    if busy {
+        WorkerState::Busy
+    } else if paused.is_some() {
+        WorkerState::Paused
+    } else if !models_ready {
+        WorkerState::Loading
+    } else {
+        WorkerState::Idle
     }
 }
 

@@ -1,6 +1,6 @@
 //! The job loop (studio-api.md §3): claim a job when the worker may, validate it, run it on the
-//! engine (on the blocking pool, so heartbeats go on), and put the images in the outbox, or
-//! hand the job back with the right `fail`.
+//! engine (on the blocking pool, so heartbeats go on), and hand the images to delivery, or
+//! report the job back with the right `fail`.
 //!
 //! A job is stopped at its next denoising step when the studio cancels it or takes the lease
 //! back (discarded), or when the person pauses or the worker quits (handed back `paused`).
@@ -9,22 +9,45 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
+use super::delivery::Delivery;
 use super::outage::OutageLog;
 use super::progress;
+use super::session::Session;
+use super::signals::{OutboxState, Tally};
 use super::status::{CurrentJob, FinishedJob, JobOutcome};
-use super::{TaskContext, approved_credentials, pause_reason};
+use super::{StatusSender, pause_reason};
 use crate::backoff::Backoff;
+use crate::config::SharedConfig;
 use crate::engine::{CancelToken, Engine, EngineError, Generated, StopReason};
-use crate::outbox::OutboxMeta;
 use crate::studio::job::read_job;
-use crate::studio::protocol::{ClaimRequest, FailCode, FailRequest, ResultMeta};
-use crate::studio::{Credentials, StudioError};
-use crate::timing::FAILURES_BEFORE_BACKOFF;
+use crate::studio::protocol::{ClaimRequest, FailCode, FailRequest};
+use crate::studio::{StudioClient, StudioError};
+use crate::timing::{FAILURES_BEFORE_BACKOFF, Timing};
 use crate::vocab::job::{JobSpec, MAX_SEED};
 use crate::vocab::progress::{JobProgress, Stage};
+
+pub(super) struct JobLoop {
+    pub client: StudioClient,
+    pub config: SharedConfig,
+    pub engine: Option<Arc<dyn Engine>>,
+    pub delivery: Delivery,
+    /// Owner: the uploader. Claims wait until it has emptied the outbox once.
+    pub outbox_state: watch::Receiver<OutboxState>,
+    /// Owner: the downloads task. Changes when a model finished downloading (and can run).
+    pub models_coming: watch::Receiver<Vec<String>>,
+    /// Rung after a result went into the outbox (wakes the uploader).
+    pub outbox_changed: Arc<Notify>,
+    /// The running job's id, for the heartbeat.
+    pub current_job: watch::Sender<Option<String>>,
+    pub tally: Arc<Tally>,
+    pub status: StatusSender,
+    pub timing: Timing,
+    pub shutdown: CancellationToken,
+}
 
 /// How a claimed job ended, for the failure streak.
 enum JobEnd {
@@ -36,25 +59,31 @@ enum JobEnd {
     Neutral,
 }
 
-pub(super) async fn run(context: TaskContext) {
-    let Some(engine) = context.engine.clone() else {
-        context.status.send_modify(|s| {
+pub(super) async fn run(mut task: JobLoop) {
+    let Some(engine) = task.engine.clone() else {
+        task.status.send_modify(|s| {
             s.jobs.claim_blocked = Some("this build has no image engine yet".to_owned());
         });
-        context.shutdown.cancelled().await;
+        task.shutdown.cancelled().await;
         return;
     };
-    let mut config_changes = context.config.subscribe();
-    let mut status_changes = context.status.subscribe();
-    let mut claim_backoff = Backoff::new(context.timing.backoff);
+    let mut config_changes = task.config.subscribe();
+    let mut claim_backoff = Backoff::new(task.timing.backoff);
     let mut claim_outage = OutageLog::new("claim");
-    let mut failure_backoff = Backoff::new(context.timing.failure_backoff);
+    let mut failure_backoff = Backoff::new(task.timing.failure_backoff);
     let mut failures_in_a_row = 0_u32;
     let mut not_before: Option<(Instant, String)> = None;
     let mut unloaded_for_pause = false;
 
     loop {
-        let config = context.config.snapshot();
+        let gate = task.claim_gate(engine.as_ref(), not_before.as_ref());
+        task.status.send_if_modified(|s| {
+            let blocked = gate.as_ref().err().cloned();
+            let changed = s.jobs.claim_blocked != blocked;
+            s.jobs.claim_blocked = blocked;
+            changed
+        });
+        let config = task.config.snapshot();
         if pause_reason(&config).is_some() {
             if config.engine.unload_when_paused && !unloaded_for_pause {
                 unloaded_for_pause = true;
@@ -66,21 +95,15 @@ pub(super) async fn run(context: TaskContext) {
         } else {
             unloaded_for_pause = false;
         }
-        let gate = claim_gate(&context, engine.as_ref(), not_before.as_ref());
-        context.status.send_if_modified(|s| {
-            let blocked = gate.as_ref().err().cloned();
-            let changed = s.jobs.claim_blocked != blocked;
-            s.jobs.claim_blocked = blocked;
-            changed
-        });
-        let credentials = match gate {
-            Ok(credentials) => credentials,
+        let session = match gate {
+            Ok(session) => session,
             Err(_) => {
                 let wake_at = not_before.as_ref().map(|(at, _)| *at);
                 let go_on = tokio::select! {
-                    () = context.shutdown.cancelled() => false,
+                    () = task.shutdown.cancelled() => false,
                     changed = config_changes.changed() => changed.is_ok(),
-                    changed = status_changes.changed() => changed.is_ok(),
+                    () = changed(&mut task.outbox_state) => true,
+                    () = changed(&mut task.models_coming) => true,
                     () = sleep_until_or_forever(wake_at) => true,
                 };
                 if !go_on {
@@ -101,12 +124,12 @@ pub(super) async fn run(context: TaskContext) {
             models: engine.ready_models(),
             max_width: limits.max_width,
             max_height: limits.max_height,
-            wait_s: context.timing.claim_wait.as_secs().max(1),
+            wait_s: task.timing.claim_wait.as_secs().max(1),
         };
         let asked_at = Instant::now();
         let claimed = tokio::select! {
-            () = context.shutdown.cancelled() => return,
-            claimed = context.client.claim(&credentials, &request) => claimed,
+            () = task.shutdown.cancelled() => return,
+            claimed = session.claim(&request) => claimed,
         };
         let raw_job = match claimed {
             Ok(Some(raw_job)) => {
@@ -117,20 +140,17 @@ pub(super) async fn run(context: TaskContext) {
             Ok(None) => {
                 claim_backoff.reset();
                 claim_outage.recovered();
-                // After a held long-poll, claim again at once; a studio that answered at once
-                // is asked again a little later (§3.1).
-                if asked_at.elapsed() < context.timing.claim_wait / 2 {
+                // A studio that answers 204 at once (no long-poll) is not asked again at once.
+                if asked_at.elapsed() < task.timing.claim_wait / 2 {
                     not_before = Some((
-                        Instant::now() + context.timing.empty_claim_pause,
+                        Instant::now() + task.timing.empty_claim_pause,
                         "no jobs waiting".to_owned(),
                     ));
                 }
                 continue;
             }
-            Err(StudioError::Unauthorized) => {
-                context.revoked(&credentials.worker_id);
-                continue;
-            }
+            // Revoked (recorded by the session): the gate now says so.
+            Err(StudioError::Unauthorized) => continue,
             Err(err) => {
                 let delay = claim_backoff.next_delay(err.retry_after());
                 claim_outage.failed(&err, delay);
@@ -142,7 +162,7 @@ pub(super) async fn run(context: TaskContext) {
             }
         };
 
-        match run_job(&context, &engine, &credentials, raw_job).await {
+        match task.run_job(&engine, &session, raw_job).await {
             JobEnd::Delivered => {
                 failures_in_a_row = 0;
                 failure_backoff.reset();
@@ -164,31 +184,12 @@ pub(super) async fn run(context: TaskContext) {
     }
 }
 
-/// `Ok(credentials)` when a job may be claimed now; otherwise why not, in words.
-fn claim_gate(
-    context: &TaskContext,
-    engine: &dyn Engine,
-    not_before: Option<&(Instant, String)>,
-) -> Result<Credentials, String> {
-    let config = context.config.snapshot();
-    let Some(credentials) = approved_credentials(&config) else {
-        return Err("not approved by the studio".to_owned());
-    };
-    if let Some(reason) = pause_reason(&config) {
-        return Err(reason.describe().to_owned());
+/// Resolves when the signal changes; a signal whose owner is gone (no downloads task, say)
+/// never changes again.
+async fn changed<T>(signal: &mut watch::Receiver<T>) {
+    if signal.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
-    if !context.status.borrow().jobs.outbox_drained_since_start {
-        return Err("delivering finished results first".to_owned());
-    }
-    if engine.ready_models().is_empty() {
-        return Err("no model is ready".to_owned());
-    }
-    if let Some((at, why)) = not_before
-        && *at > Instant::now()
-    {
-        return Err(why.clone());
-    }
-    Ok(credentials)
 }
 
 async fn sleep_until_or_forever(deadline: Option<Instant>) {
@@ -198,384 +199,312 @@ async fn sleep_until_or_forever(deadline: Option<Instant>) {
     }
 }
 
-async fn run_job(
-    context: &TaskContext,
-    engine: &Arc<dyn Engine>,
-    credentials: &Credentials,
-    raw_job: serde_json::Value,
-) -> JobEnd {
-    let spec = match read_job(&raw_job, &engine.limits(), &engine.ready_models(), || {
-        fastrand::u64(..=MAX_SEED)
-    }) {
-        Ok(spec) => spec,
-        Err(rejection) => {
-            match rejection.job_id {
-                None => tracing::warn!("ignored a job the studio sent: {}", rejection.message),
-                Some(job_id) => {
-                    tracing::warn!(job_id = %job_id, "not running this job: {}", rejection.message);
-                    hand_back(
-                        context,
-                        credentials,
-                        &job_id,
-                        rejection.code,
-                        &rejection.message,
-                        false,
-                    )
-                    .await;
-                    context.status.send_modify(|s| {
-                        s.jobs.counters.jobs_failed += 1;
-                        s.jobs.remember(rejected_job(
+impl JobLoop {
+    /// `Ok(session)` when a job may be claimed now; otherwise why not, in words.
+    fn claim_gate(
+        &self,
+        engine: &dyn Engine,
+        not_before: Option<&(Instant, String)>,
+    ) -> Result<Session, String> {
+        let config = self.config.snapshot();
+        let Some(session) = Session::current(&self.client, &self.config) else {
+            return Err("not approved by the studio".to_owned());
+        };
+        if let Some(reason) = pause_reason(&config) {
+            return Err(reason.describe().to_owned());
+        }
+        if !self.outbox_state.borrow().drained_once {
+            return Err("delivering finished results first".to_owned());
+        }
+        if engine.ready_models().is_empty() {
+            return Err("no model is ready".to_owned());
+        }
+        if let Some((at, why)) = not_before
+            && *at > Instant::now()
+        {
+            return Err(why.clone());
+        }
+        Ok(session)
+    }
+
+    async fn run_job(
+        &self,
+        engine: &Arc<dyn Engine>,
+        session: &Session,
+        raw_job: serde_json::Value,
+    ) -> JobEnd {
+        let spec = match read_job(&raw_job, &engine.limits(), &engine.ready_models(), || {
+            fastrand::u64(..=MAX_SEED)
+        }) {
+            Ok(spec) => spec,
+            Err(rejection) => {
+                match rejection.job_id {
+                    None => tracing::warn!("ignored a job the studio sent: {}", rejection.message),
+                    Some(job_id) => {
+                        tracing::warn!(job_id = %job_id, "not running this job: {}", rejection.message);
+                        report_fail(
+                            session,
+                            &self.timing,
                             &job_id,
-                            &raw_job,
                             rejection.code,
                             &rejection.message,
-                        ));
+                            false,
+                        )
+                        .await;
+                        self.tally.failed();
+                        self.status.send_modify(|s| {
+                            s.jobs.counters = self.tally.counters();
+                            s.jobs.remember(rejected_job(
+                                &job_id,
+                                &raw_job,
+                                rejection.code,
+                                &rejection.message,
+                            ));
+                        });
+                    }
+                }
+                return JobEnd::Neutral;
+            }
+        };
+
+        tracing::info!(
+            job_id = %spec.job_id, model = %spec.model, width = spec.width, height = spec.height,
+            steps = spec.steps, images = spec.num_images, "job started"
+        );
+        let current = CurrentJob::new(&spec);
+        self.current_job.send_replace(Some(spec.job_id.clone()));
+        self.status
+            .send_modify(|s| s.jobs.current = Some(current.clone()));
+
+        let cancel = CancelToken::new();
+        let (progress_sender, progress_receiver) = watch::channel(JobProgress {
+            stage: Stage::LoadingModel,
+            step: 0,
+            total_steps: spec.steps,
+        });
+        let reporter = tokio::spawn(progress::report(
+            session.clone(),
+            self.timing,
+            spec.job_id.clone(),
+            spec.lease,
+            progress_receiver,
+            cancel.clone(),
+        ));
+
+        let started = Instant::now();
+        let generated = self
+            .run_engine(engine, &spec, progress_sender, &cancel)
+            .await;
+        let engine_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        reporter.abort();
+
+        match (generated, cancel.reason()) {
+            (_, Some(StopReason::CancelledByStudio)) => {
+                tracing::info!(job_id = %spec.job_id, "the studio cancelled the job; output discarded");
+                self.finish(&current, JobOutcome::Cancelled);
+                JobEnd::Neutral
+            }
+            (_, Some(StopReason::LeaseLost)) => {
+                tracing::warn!(job_id = %spec.job_id, "the studio gave the job to another worker; output discarded");
+                self.finish(&current, JobOutcome::LeaseLost);
+                JobEnd::Neutral
+            }
+            // Finished before the pause reached a step boundary: the work is done, deliver it.
+            (Ok(generated), _) => {
+                self.deliver(session, &spec, current, generated, engine_ms)
+                    .await
+            }
+            (
+                Err(EngineError::Cancelled),
+                Some(reason @ (StopReason::Paused | StopReason::ShuttingDown)),
+            ) => {
+                let message = if reason == StopReason::Paused {
+                    "the person using this PC paused the worker"
+                } else {
+                    "the worker is shutting down"
+                };
+                tracing::info!(job_id = %spec.job_id, "handing the job back: {message}");
+                let handed_back = report_fail(
+                    session,
+                    &self.timing,
+                    &spec.job_id,
+                    FailCode::Paused,
+                    message,
+                    true,
+                );
+                if reason == StopReason::ShuttingDown {
+                    // Quitting must not hang on a studio that does not answer.
+                    let _ = tokio::time::timeout(self.timing.handback_timeout, handed_back).await;
+                } else {
+                    handed_back.await;
+                }
+                self.finish(&current, JobOutcome::HandedBack);
+                JobEnd::Neutral
+            }
+            (Err(err), _) => {
+                let (code, message) = match &err {
+                    EngineError::OutOfMemory(detail) => {
+                        (FailCode::Oom, format!("out of memory: {detail}"))
+                    }
+                    EngineError::ModelUnavailable(detail) => {
+                        (FailCode::ModelUnavailable, detail.clone())
+                    }
+                    EngineError::Internal(detail) => (FailCode::Internal, detail.clone()),
+                    EngineError::Cancelled => (
+                        FailCode::Internal,
+                        "the engine stopped on its own".to_owned(),
+                    ),
+                };
+                tracing::error!(job_id = %spec.job_id, "job failed: {message}");
+                // Another worker (more memory, a different model store) may well succeed.
+                report_fail(session, &self.timing, &spec.job_id, code, &message, true).await;
+                self.count_failure();
+                self.finish(&current, JobOutcome::Failed { code, message });
+                JobEnd::EngineFailed
+            }
+        }
+    }
+
+    /// Runs the engine on the blocking pool, turning a pause or a shutdown into a stop at the
+    /// next step; its progress goes to the reporter and the status.
+    async fn run_engine(
+        &self,
+        engine: &Arc<dyn Engine>,
+        spec: &JobSpec,
+        progress_sender: watch::Sender<JobProgress>,
+        cancel: &CancelToken,
+    ) -> Result<Generated, EngineError> {
+        let mut blocking = {
+            let engine = engine.clone();
+            let spec = spec.clone();
+            let cancel = cancel.clone();
+            let status = self.status.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut on_progress = |progress: JobProgress| {
+                    progress_sender.send_replace(progress);
+                    status.send_modify(|s| {
+                        if let Some(current) = s.jobs.current.as_mut() {
+                            current.stage = progress.stage;
+                            current.step = progress.step;
+                            current.total_steps = progress.total_steps;
+                        }
+                    });
+                };
+                engine.generate(&spec, &mut on_progress, &cancel)
+            })
+        };
+        let mut config_changes = self.config.subscribe();
+        loop {
+            if pause_reason(&config_changes.borrow_and_update()).is_some() {
+                cancel.cancel(StopReason::Paused);
+            }
+            tokio::select! {
+                joined = &mut blocking => {
+                    return joined.unwrap_or_else(|err| {
+                        tracing::error!("the engine panicked: {err}");
+                        Err(EngineError::Internal("the engine crashed".to_owned()))
                     });
                 }
-            }
-            return JobEnd::Neutral;
-        }
-    };
-
-    tracing::info!(
-        job_id = %spec.job_id, model = %spec.model, width = spec.width, height = spec.height,
-        steps = spec.steps, images = spec.num_images, "job started"
-    );
-    let current = CurrentJob::new(&spec);
-    context
-        .status
-        .send_modify(|s| s.jobs.current = Some(current.clone()));
-
-    let cancel = CancelToken::new();
-    let (progress_sender, progress_receiver) = watch::channel(JobProgress {
-        stage: Stage::LoadingModel,
-        step: 0,
-        total_steps: spec.steps,
-    });
-    let reporter = tokio::spawn(progress::report(
-        context.clone(),
-        credentials.clone(),
-        spec.job_id.clone(),
-        spec.lease,
-        progress_receiver,
-        cancel.clone(),
-    ));
-
-    let started = Instant::now();
-    let generated = run_engine(context, engine, &spec, progress_sender, &cancel).await;
-    let engine_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-
-    match (generated, cancel.reason()) {
-        (_, Some(StopReason::CancelledByStudio)) => {
-            tracing::info!(job_id = %spec.job_id, "the studio cancelled the job; output discarded");
-            reporter.abort();
-            finish(context, &current, JobOutcome::Cancelled);
-            JobEnd::Neutral
-        }
-        (_, Some(StopReason::LeaseLost)) => {
-            tracing::warn!(job_id = %spec.job_id, "the studio gave the job to another worker; output discarded");
-            reporter.abort();
-            finish(context, &current, JobOutcome::LeaseLost);
-            JobEnd::Neutral
-        }
-        // Finished before the pause reached a step boundary: the work is done, deliver it.
-        (Ok(generated), _) => {
-            deliver(
-                context,
-                credentials,
-                &spec,
-                &current,
-                generated,
-                engine_ms,
-                reporter,
-            )
-            .await
-        }
-        (
-            Err(EngineError::Cancelled),
-            Some(reason @ (StopReason::Paused | StopReason::ShuttingDown)),
-        ) => {
-            reporter.abort();
-            let message = if reason == StopReason::Paused {
-                "the person using this PC paused the worker"
-            } else {
-                "the worker is shutting down"
-            };
-            tracing::info!(job_id = %spec.job_id, "handing the job back: {message}");
-            let handed_back = hand_back(
-                context,
-                credentials,
-                &spec.job_id,
-                FailCode::Paused,
-                message,
-                true,
-            );
-            if reason == StopReason::ShuttingDown {
-                // Quitting must not hang on a studio that does not answer.
-                let _ = tokio::time::timeout(context.timing.handback_timeout, handed_back).await;
-            } else {
-                handed_back.await;
-            }
-            finish(context, &current, JobOutcome::HandedBack);
-            JobEnd::Neutral
-        }
-        (Err(err), _) => {
-            reporter.abort();
-            let (code, message) = match &err {
-                EngineError::OutOfMemory(detail) => {
-                    (FailCode::Oom, format!("out of memory: {detail}"))
-                }
-                EngineError::ModelUnavailable(detail) => {
-                    (FailCode::ModelUnavailable, detail.clone())
-                }
-                EngineError::Internal(detail) => (FailCode::Internal, detail.clone()),
-                EngineError::Cancelled => (
-                    FailCode::Internal,
-                    "the engine stopped on its own".to_owned(),
-                ),
-            };
-            tracing::error!(job_id = %spec.job_id, "job failed: {message}");
-            // Another worker (more memory, a different model store) may well succeed.
-            hand_back(context, credentials, &spec.job_id, code, &message, true).await;
-            context
-                .status
-                .send_modify(|s| s.jobs.counters.jobs_failed += 1);
-            finish(context, &current, JobOutcome::Failed { code, message });
-            JobEnd::EngineFailed
-        }
-    }
-}
-
-/// Runs the engine on the blocking pool, turning a pause or a shutdown into a stop at the
-/// next step; its progress goes to the reporter and the status.
-async fn run_engine(
-    context: &TaskContext,
-    engine: &Arc<dyn Engine>,
-    spec: &JobSpec,
-    progress_sender: watch::Sender<JobProgress>,
-    cancel: &CancelToken,
-) -> Result<Generated, EngineError> {
-    let mut blocking = {
-        let engine = engine.clone();
-        let spec = spec.clone();
-        let cancel = cancel.clone();
-        let status = context.status.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut on_progress = |progress: JobProgress| {
-                progress_sender.send_replace(progress);
-                status.send_modify(|s| {
-                    if let Some(current) = s.jobs.current.as_mut() {
-                        current.stage = progress.stage;
-                        current.step = progress.step;
-                        current.total_steps = progress.total_steps;
-                    }
-                });
-            };
-            engine.generate(&spec, &mut on_progress, &cancel)
-        })
-    };
-    let mut config_changes = context.config.subscribe();
-    loop {
-        if pause_reason(&config_changes.borrow_and_update()).is_some() {
-            cancel.cancel(StopReason::Paused);
-        }
-        tokio::select! {
-            joined = &mut blocking => {
-                return joined.unwrap_or_else(|err| {
-                    tracing::error!("the engine panicked: {err}");
-                    Err(EngineError::Internal("the engine crashed".to_owned()))
-                });
-            }
-            () = context.shutdown.cancelled(), if !cancel.is_cancelled() => {
-                cancel.cancel(StopReason::ShuttingDown);
-            }
-            changed = config_changes.changed() => {
-                if changed.is_err() {
+                () = self.shutdown.cancelled(), if !cancel.is_cancelled() => {
                     cancel.cancel(StopReason::ShuttingDown);
                 }
+                changed = config_changes.changed() => {
+                    if changed.is_err() {
+                        cancel.cancel(StopReason::ShuttingDown);
+                    }
+                }
             }
         }
     }
-}
 
-/// PNG-encodes the images, stores them durably in the outbox, tells the studio the job is
-/// uploading, and wakes the uploader.
-async fn deliver(
-    context: &TaskContext,
-    credentials: &Credentials,
-    spec: &JobSpec,
-    current: &CurrentJob,
-    generated: Generated,
-    engine_ms: u64,
-    reporter: tokio::task::JoinHandle<()>,
-) -> JobEnd {
-    let meta = OutboxMeta {
-        job_id: spec.job_id.clone(),
-        result: ResultMeta {
-            worker_id: credentials.worker_id.clone(),
-            seed: generated.seed,
-            elapsed_ms: engine_ms,
-            model: spec.model.clone(),
-            width: spec.width,
-            height: spec.height,
-            steps: spec.steps,
-        },
-        image_count: generated.images.len(),
-        prompt: spec.prompt.clone(),
-        created_at: Utc::now(),
-    };
-    let outbox = context.outbox.clone();
-    let thumbnails = context.thumbnails.clone();
-    let job_id = spec.job_id.clone();
-    let copies_folder = context.config.snapshot().images.save_copies_to.clone();
-    let copy_stem = copy_stem(spec, generated.seed);
-    let stored = tokio::task::spawn_blocking(move || {
-        let pngs = generated
-            .images
-            .iter()
-            .map(encode_png)
-            .collect::<Result<Vec<_>, _>>()?;
-        outbox.put(&meta, &pngs)?;
-        // Only for the Jobs tab: a job is delivered with or without it.
-        let thumbnail = generated.images.first().and_then(|first| {
-            thumbnails
-                .save(&job_id, first)
-                .map_err(|err| tracing::debug!("no preview for {job_id}: {err}"))
-                .ok()
-        });
-        // Also only for the person: a failed copy never fails the job.
-        let copies = copies_folder.map_or_else(Vec::new, |folder| {
-            save_copies(&folder, &copy_stem, &pngs)
-                .map_err(|err| tracing::warn!("no copy saved in {}: {err}", folder.display()))
-                .unwrap_or_default()
-        });
-        Ok::<_, std::io::Error>((thumbnail, copies))
-    })
-    .await
-    .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
-
-    reporter.abort();
-    let mut current = current.clone();
-    current.seed = generated.seed;
-    match stored {
-        Ok((thumbnail, copies)) => {
-            tracing::info!(job_id = %spec.job_id, engine_ms, "job finished; result saved for upload");
-            context.status.send_modify(|s| {
-                s.jobs.counters.last_job_ms = Some(engine_ms);
-                s.jobs.outbox_len += 1;
-            });
-            finish(context, &current, JobOutcome::Uploading);
-            context.status.send_modify(|s| {
-                if let Some(job) = s.jobs.recent.front_mut() {
-                    job.thumbnail = thumbnail;
-                    job.saved_copies = copies;
-                }
-            });
-            let thumbnails = context.thumbnails.clone();
-            let listed: Vec<String> = context
-                .status
-                .borrow()
-                .jobs
-                .recent
-                .iter()
-                .map(|j| j.job_id.clone())
-                .collect();
-            tokio::task::spawn_blocking(move || {
-                thumbnails.keep_only(&listed.iter().map(String::as_str).collect::<Vec<_>>());
-            });
-            progress::send_uploading(context, credentials, spec).await;
-            context.outbox_changed.notify_one();
-            JobEnd::Delivered
-        }
-        Err(err) => {
-            // No path in the message: it goes to the studio.
-            let message = format!("cannot store the result on this PC ({})", err.kind());
-            tracing::error!(job_id = %spec.job_id, "{message}: {err}");
-            hand_back(
-                context,
-                credentials,
-                &spec.job_id,
-                FailCode::Internal,
-                &message,
-                true,
+    /// Stores the result durably, tells the studio the job is uploading, and wakes the
+    /// uploader; a result that cannot be stored is reported back.
+    async fn deliver(
+        &self,
+        session: &Session,
+        spec: &JobSpec,
+        mut current: CurrentJob,
+        generated: Generated,
+        engine_ms: u64,
+    ) -> JobEnd {
+        current.seed = generated.seed;
+        let copies_folder = self.config.snapshot().images.save_copies_to.clone();
+        let stored = self
+            .delivery
+            .store(
+                spec,
+                generated,
+                session.worker_id(),
+                engine_ms,
+                copies_folder,
             )
             .await;
-            context
-                .status
-                .send_modify(|s| s.jobs.counters.jobs_failed += 1);
-            finish(
-                context,
-                &current,
-                JobOutcome::Failed {
-                    code: FailCode::Internal,
-                    message,
-                },
-            );
-            JobEnd::EngineFailed
-        }
-    }
-}
-
-/// `2026-11-27 14.03.12 sd-turbo 42`: sorts by time, says what made it.
-fn copy_stem(spec: &JobSpec, seed: u64) -> String {
-    let model: String = spec
-        .model
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
+        match stored {
+            Ok(stored) => {
+                tracing::info!(job_id = %spec.job_id, engine_ms, "job finished; result saved for upload");
+                self.tally.finished_in(engine_ms);
+                self.status.send_modify(|s| {
+                    s.jobs.counters = self.tally.counters();
+                    s.jobs.current = None;
+                    let mut finished = FinishedJob::new(&current, JobOutcome::WAITING);
+                    finished.thumbnail = stored.thumbnail;
+                    finished.saved_copies = stored.copies;
+                    s.jobs.remember(finished);
+                });
+                self.current_job.send_replace(None);
+                let listed: Vec<String> = self
+                    .status
+                    .borrow()
+                    .jobs
+                    .recent
+                    .iter()
+                    .map(|job| job.job_id.clone())
+                    .collect();
+                self.delivery.keep_previews_of(listed);
+                progress::send_uploading(session, spec).await;
+                self.outbox_changed.notify_one();
+                JobEnd::Delivered
             }
-        })
-        .take(40)
-        .collect();
-    format!(
-        "{} {model} {seed}",
-        chrono::Local::now().format("%Y-%m-%d %H.%M.%S")
-    )
-}
-
-/// Writes the PNGs as `<stem>.png` (or `<stem>-N.png` for several), never over a file.
-fn save_copies(
-    folder: &std::path::Path,
-    stem: &str,
-    pngs: &[Vec<u8>],
-) -> std::io::Result<Vec<std::path::PathBuf>> {
-    std::fs::create_dir_all(folder)?;
-    let mut saved = Vec::new();
-    for (index, png) in pngs.iter().enumerate() {
-        let base = if pngs.len() == 1 {
-            stem.to_owned()
-        } else {
-            format!("{stem}-{}", index + 1)
-        };
-        let mut path = folder.join(format!("{base}.png"));
-        let mut attempt = 1;
-        while path.exists() {
-            attempt += 1;
-            path = folder.join(format!("{base} ({attempt}).png"));
+            Err(err) => {
+                // No path in the message: it goes to the studio.
+                let message = format!("cannot store the result on this PC ({})", err.kind());
+                tracing::error!(job_id = %spec.job_id, "{message}: {err}");
+                report_fail(
+                    session,
+                    &self.timing,
+                    &spec.job_id,
+                    FailCode::Internal,
+                    &message,
+                    true,
+                )
+                .await;
+                self.count_failure();
+                self.finish(
+                    &current,
+                    JobOutcome::Failed {
+                        code: FailCode::Internal,
+                        message,
+                    },
+                );
+                JobEnd::EngineFailed
+            }
         }
-        std::fs::write(&path, png)?;
-        saved.push(path);
     }
-    Ok(saved)
-}
 
-fn encode_png(image: &image::RgbImage) -> std::io::Result<Vec<u8>> {
-    let mut png = Vec::new();
-    image
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(std::io::Error::other)?;
-    Ok(png)
-}
+    fn count_failure(&self) {
+        self.tally.failed();
+        self.status
+            .send_modify(|s| s.jobs.counters = self.tally.counters());
+    }
 
-/// Clears the current job and remembers how it ended.
-fn finish(context: &TaskContext, current: &CurrentJob, outcome: JobOutcome) {
-    context.status.send_modify(|s| {
-        s.jobs.current = None;
-        s.jobs.remember(FinishedJob::new(current, outcome));
-    });
+    /// Clears the current job and remembers how it ended.
+    fn finish(&self, current: &CurrentJob, outcome: JobOutcome) {
+        self.current_job.send_replace(None);
+        self.status.send_modify(|s| {
+            s.jobs.current = None;
+            s.jobs.remember(FinishedJob::new(current, outcome));
+        });
+    }
 }
 
 fn rejected_job(
@@ -617,30 +546,32 @@ fn rejected_job(
     }
 }
 
-/// §3.4. Retried a few times on transient errors; after that the lease runs out and the
-/// studio reassigns the job anyway.
-pub(super) async fn hand_back(
-    context: &TaskContext,
-    credentials: &Credentials,
+/// §3.4: tells the studio this worker will not finish the job (handed back, refused, or
+/// failed), `retryable` saying whether another worker may try. Retried a few times on
+/// transient errors; after that the studio's lease expiry takes over.
+pub(super) async fn report_fail(
+    session: &Session,
+    timing: &Timing,
     job_id: &str,
     code: FailCode,
     message: &str,
     retryable: bool,
 ) {
     let body = FailRequest {
-        worker_id: credentials.worker_id.clone(),
+        worker_id: session.worker_id().to_owned(),
         code,
         error: message.to_owned(),
         retryable,
     };
-    let mut backoff = Backoff::new(context.timing.backoff);
+    let mut backoff = Backoff::new(timing.backoff);
     for _ in 0..4 {
-        match context.client.fail(credentials, job_id, &body).await {
-            Ok(()) | Err(StudioError::NotFound { .. } | StudioError::Conflict { .. }) => return,
-            Err(StudioError::Unauthorized) => {
-                context.revoked(&credentials.worker_id);
-                return;
-            }
+        match session.fail(job_id, &body).await {
+            Ok(())
+            | Err(
+                StudioError::NotFound { .. }
+                | StudioError::Conflict { .. }
+                | StudioError::Unauthorized,
+            ) => return,
             Err(err) if err.is_transient() => {
                 let delay = backoff.next_delay(err.retry_after());
                 tracing::debug!(job_id, "fail not delivered ({err}); retrying in {delay:?}");
@@ -654,6 +585,6 @@ pub(super) async fn hand_back(
     }
     tracing::warn!(
         job_id,
-        "could not hand the job back; the studio will reassign it when its lease runs out"
+        "could not report the job back; the studio will reassign it when its lease runs out"
     );
 }

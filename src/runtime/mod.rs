@@ -1,32 +1,42 @@
-//! The headless worker: the background tasks, who owns which state, and the one door in.
+//! The worker's background tasks, who owns which state, and the one door in.
 //!
 //! [`Runtime::start`] spawns, on the caller's tokio runtime:
 //!
 //! | task | owns (only writer) | wakes on |
 //! |---|---|---|
-//! | `registration` | registration fields of the config, `registration_problem` | its timer, config changes (reset) |
-//! | `heartbeat` | `connection`, `pause.by_studio`, `access_revoked` | its timer, approval, pause changes |
-//! | `job_loop` | `jobs.current/recent/counters/claim_blocked`; writes the outbox | claims, pause, config and status changes |
-//! | `uploader` | `jobs.outbox_len`, delivered counters; deletes from the outbox | new outbox entries, its backoff |
-//! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, `window_raise_requests` | [`Command`]s from the UI, tray, CLI |
-//! | `control` | — (turns local `pause`/`resume` requests into [`Command`]s) | connections on 127.0.0.1 |
+//! | `registration` | registration fields of the config, `registration_problem`, fatal stops | its timer, config changes (reset) |
+//! | `heartbeat` | `connection`, `pause.by_studio` | its timer, approval, pause changes |
+//! | `job_loop` | `jobs.current/recent/claim_blocked`, the running job's id; writes the outbox | claims, pause, config and outbox changes |
+//! | `uploader` | [`signals::OutboxState`], delivered counts; deletes from the outbox | new outbox entries, its backoff |
+//! | `downloads` | `downloads`, `models_ready`, the models still coming | enabled models changing |
+//! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, [`HostRequests`] | [`Command`]s from the UI, tray, CLI |
+//! | `control` | — (turns local `pause`/`resume`/`quit` requests into [`Command`]s) | connections on 127.0.0.1 |
 //! | `mirror` | `registration`, `paused` in [`WorkerStatus`] | every saved config change |
 //! | `status_file` | `status.json` in the data folder | status changes (at most 1/s) |
 //!
-//! The engine runs on tokio's blocking pool, one job at a time, driven by `job_loop`.
+//! Tasks talk to each other through channels with one owner each ([`signals`]), never
+//! through [`WorkerStatus`], which is only what the views show. Each task is given exactly
+//! what it uses. The engine runs on tokio's blocking pool, one job at a time, driven by
+//! `job_loop`.
 //!
-//! Everything a view needs is in [`RuntimeHandle`]: a status snapshot, the config, and a
-//! command sender. Views never wait on the runtime and the runtime never waits on a view.
+//! Everything a view needs is in [`RuntimeHandle`]: a status snapshot, the config, the
+//! runtime's requests of its host, and a command sender. Views never wait on the runtime and
+//! the runtime never waits on a view.
 
+mod capabilities;
 mod commands;
 pub mod control;
+mod delivery;
 mod downloads;
 mod heartbeat;
 mod job_loop;
+mod os_signals;
 mod outage;
 mod progress;
 mod registration_task;
+mod session;
 mod setup;
+pub mod signals;
 mod status;
 pub mod status_file;
 mod uploader;
@@ -35,29 +45,31 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use commands::{Command, SettingsChange};
 pub use downloads::ModelSupply;
+pub use os_signals::ShutdownSignal;
 pub use setup::Launch;
+pub use signals::{HostRequests, StopRequest, host_requests};
 pub use status::{
-    ConnectionStatus, CurrentJob, FinishedJob, JobCounters, JobOutcome, JobsStatus, ModelDownload,
-    WorkerStatus, pause_reason,
+    ConnectionStatus, CurrentJob, Delivery, FinishedJob, JobCounters, JobOutcome, JobsStatus,
+    ModelDownload, WorkerStatus, pause_reason,
 };
 
+use self::capabilities::CapabilitySource;
+use self::signals::{OutboxState, Tally};
 use crate::config::{Config, SharedConfig};
 use crate::engine::Engine;
 use crate::outbox::Outbox;
 use crate::platform::host;
 use crate::registration::{Registrar, RegistrationState};
-use crate::studio::protocol::{Capabilities, ModelReadiness};
-use crate::studio::{ApiBase, ApiBaseError, Credentials, StudioClient, StudioError};
+use crate::studio::{ApiBase, ApiBaseError, StudioClient, StudioError};
+use crate::thumbnails::Thumbnails;
 use crate::timing::Timing;
-use crate::vocab::device::DeviceInfo;
-use crate::vocab::job::EngineLimits;
 
 #[derive(Clone)]
 pub struct RuntimeOptions {
@@ -91,104 +103,8 @@ pub enum StartError {
     },
 }
 
-/// What every background task gets: the studio, the config, the status, the engine.
-#[derive(Clone)]
-pub(crate) struct TaskContext {
-    pub client: StudioClient,
-    pub config: SharedConfig,
-    pub status: Arc<watch::Sender<WorkerStatus>>,
-    pub engine: Option<Arc<dyn Engine>>,
-    pub outbox: Outbox,
-    /// Rung by the job loop after it put a result in the outbox.
-    pub outbox_changed: Arc<tokio::sync::Notify>,
-    /// Rung (to current waiters only) when the person asks to retry uploads now.
-    pub retry_uploads: Arc<tokio::sync::Notify>,
-    pub device: DeviceInfo,
-    pub thumbnails: crate::thumbnails::Thumbnails,
-    pub timing: Timing,
-    pub shutdown: CancellationToken,
-}
-
-impl TaskContext {
-    fn limits(&self) -> EngineLimits {
-        self.engine.as_ref().map_or(
-            EngineLimits {
-                max_width: 0,
-                max_height: 0,
-                max_images: 0,
-            },
-            |engine| engine.limits(),
-        )
-    }
-
-    fn ready_models(&self) -> Vec<String> {
-        self.engine
-            .as_ref()
-            .map_or_else(Vec::new, |engine| engine.ready_models())
-    }
-
-    /// The ready models, then the ones still downloading (`ready: false`), so the studio
-    /// knows what is coming.
-    fn model_readiness(&self) -> Vec<ModelReadiness> {
-        let ready = self.ready_models();
-        let coming: Vec<String> = self
-            .status
-            .borrow()
-            .downloads
-            .iter()
-            .map(|download| download.model_id.clone())
-            .filter(|model_id| !ready.contains(model_id))
-            .collect();
-        ready
-            .into_iter()
-            .map(|id| ModelReadiness { id, ready: true })
-            .chain(
-                coming
-                    .into_iter()
-                    .map(|id| ModelReadiness { id, ready: false }),
-            )
-            .collect()
-    }
-
-    /// What this worker can do, as §4 describes it.
-    fn capabilities(&self) -> Capabilities {
-        let limits = self.limits();
-        Capabilities {
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            os: host::os_name().to_owned(),
-            arch: host::arch_name().to_owned(),
-            device: self.device.clone(),
-            models: self.model_readiness(),
-            max_width: limits.max_width,
-            max_height: limits.max_height,
-            max_images: limits.max_images,
-            kinds: vec!["txt2img".to_owned()],
-        }
-    }
-
-    /// Records a 401: the studio no longer accepts this worker. Every loop then waits for a
-    /// reset (the heartbeat task says so to the person).
-    fn revoked(&self, worker_id: &str) {
-        if let Err(err) = self.config.update(|c| {
-            if c.worker_id.as_deref() == Some(worker_id) {
-                c.access_revoked = true;
-            }
-        }) {
-            tracing::error!("cannot record the revocation: {err}");
-        }
-    }
-}
-
-/// The worker's identity while it is approved and not revoked.
-pub(crate) fn approved_credentials(config: &Config) -> Option<Credentials> {
-    match (RegistrationState::from_config(config), &config.auth_token) {
-        (RegistrationState::Approved { worker_id }, Some(auth_token)) => Some(Credentials {
-            worker_id,
-            auth_token: auth_token.clone(),
-        }),
-        _ => None,
-    }
-}
+/// The view's side of the status: one writer per field (see [`WorkerStatus`]).
+pub(crate) type StatusSender = Arc<watch::Sender<WorkerStatus>>;
 
 /// What the UI, tray and CLI hold: cheap to clone, never blocks.
 #[derive(Clone)]
@@ -196,20 +112,23 @@ pub struct RuntimeHandle {
     config: SharedConfig,
     status: watch::Receiver<WorkerStatus>,
     commands: mpsc::Sender<Command>,
+    requests: HostRequests,
 }
 
 impl RuntimeHandle {
     /// A handle over channels the caller owns: for views under test, which play the runtime
-    /// themselves (set the status, read the commands).
+    /// themselves (set the status and the requests, read the commands).
     pub fn new(
         config: SharedConfig,
         status: watch::Receiver<WorkerStatus>,
         commands: mpsc::Sender<Command>,
+        requests: HostRequests,
     ) -> Self {
         Self {
             config,
             status,
             commands,
+            requests,
         }
     }
 
@@ -225,6 +144,11 @@ impl RuntimeHandle {
 
     pub fn config(&self) -> &SharedConfig {
         &self.config
+    }
+
+    /// What the runtime asks of the window (come forward, stop).
+    pub fn requests(&self) -> &HostRequests {
+        &self.requests
     }
 
     /// Queues a command. Returns `false` when the runtime has stopped or is hopelessly
@@ -275,9 +199,9 @@ impl Runtime {
             path: outbox_folder,
             source,
         })?;
+        let engine = options.engine;
 
-        let device = options
-            .engine
+        let device = engine
             .as_ref()
             .map_or_else(host::cpu_device, |engine| engine.device_info());
         let mut initial = WorkerStatus::new(&snapshot);
@@ -288,14 +212,8 @@ impl Runtime {
         };
         initial.studio_url_problem.clone_from(&url_problem);
         initial.device = Some(device.clone());
-        initial.device_note = options
-            .engine
-            .as_ref()
-            .and_then(|engine| engine.device_note());
-        initial.engine = options
-            .engine
-            .as_ref()
-            .map(|engine| engine_summary(&engine.ready_models()));
+        initial.device_note = engine.as_ref().and_then(|engine| engine.device_note());
+        initial.models_ready = engine.as_ref().map(|engine| engine.ready_models());
         initial.settings_recovered = options.recovered_config.map(|broken| {
             format!(
                 "the settings file could not be read ({}); it was kept as {} and default settings are in use",
@@ -303,48 +221,107 @@ impl Runtime {
                 broken.kept_at.display()
             )
         });
+
         let (status_sender, status) = watch::channel(initial);
+        let status_sender: StatusSender = Arc::new(status_sender);
         let (command_sender, command_receiver) = mpsc::channel(32);
-        let context = TaskContext {
-            client,
-            config: config.clone(),
-            status: Arc::new(status_sender),
-            engine: options.engine,
-            outbox,
-            outbox_changed: Arc::new(tokio::sync::Notify::new()),
-            retry_uploads: Arc::new(tokio::sync::Notify::new()),
-            device,
-            thumbnails: crate::thumbnails::Thumbnails::new(options.data_dir.join("thumbnails")),
-            timing,
-            shutdown: CancellationToken::new(),
-        };
-        let capabilities = context.capabilities();
+        let (host, requests) = host_requests();
+        let (coming_sender, coming) = watch::channel(Vec::new());
+        let (outbox_state_sender, outbox_state) = watch::channel(OutboxState::default());
+        let (current_job_sender, current_job) = watch::channel(None);
+        let tally = Arc::new(Tally::default());
+        let outbox_changed = Arc::new(Notify::new());
+        let retry_uploads = Arc::new(Notify::new());
+        let capabilities = CapabilitySource::new(engine.clone(), device, coming.clone());
+        let shutdown = CancellationToken::new();
 
         let mut tasks = JoinSet::new();
-        tasks.spawn(mirror(context.clone()));
+        tasks.spawn(mirror(
+            config.clone(),
+            status_sender.clone(),
+            shutdown.clone(),
+        ));
         if url_problem.is_none() {
             tasks.spawn(registration_task::run(
-                Registrar::new(context.client.clone(), config.clone(), timing),
-                capabilities,
-                context.clone(),
+                registration_task::RegistrationTask {
+                    registrar: Registrar::new(client.clone(), config.clone(), timing),
+                    capabilities: capabilities.clone(),
+                    config: config.clone(),
+                    status: status_sender.clone(),
+                    host: host.clone(),
+                    timing,
+                    shutdown: shutdown.clone(),
+                },
             ));
-            tasks.spawn(heartbeat::run(context.clone()));
-            tasks.spawn(job_loop::run(context.clone()));
-            tasks.spawn(uploader::run(context.clone()));
+            tasks.spawn(heartbeat::run(heartbeat::HeartbeatTask {
+                client: client.clone(),
+                config: config.clone(),
+                capabilities: capabilities.clone(),
+                current_job,
+                tally: tally.clone(),
+                status: status_sender.clone(),
+                timing,
+                shutdown: shutdown.clone(),
+            }));
+            tasks.spawn(job_loop::run(job_loop::JobLoop {
+                client: client.clone(),
+                config: config.clone(),
+                engine: engine.clone(),
+                delivery: delivery::Delivery::new(
+                    outbox.clone(),
+                    Thumbnails::new(options.data_dir.join("thumbnails")),
+                ),
+                outbox_state,
+                models_coming: coming,
+                outbox_changed: outbox_changed.clone(),
+                current_job: current_job_sender,
+                tally: tally.clone(),
+                status: status_sender.clone(),
+                timing,
+                shutdown: shutdown.clone(),
+            }));
+            tasks.spawn(uploader::run(uploader::Uploader {
+                client: client.clone(),
+                config: config.clone(),
+                outbox,
+                outbox_state: outbox_state_sender,
+                outbox_changed,
+                retry_uploads: retry_uploads.clone(),
+                tally,
+                status: status_sender.clone(),
+                timing,
+                shutdown: shutdown.clone(),
+            }));
         }
-        if let Some(supply) = options.model_supply {
-            tasks.spawn(downloads::run(supply, context.clone()));
+        if let (Some(supply), Some(engine)) = (options.model_supply, engine.clone()) {
+            tasks.spawn(downloads::run(downloads::Downloads {
+                supply,
+                engine,
+                config: config.clone(),
+                coming: coming_sender,
+                status: status_sender.clone(),
+                timing,
+                shutdown: shutdown.clone(),
+            }));
         }
-        tasks.spawn(commands::run(command_receiver, context.clone()));
+        tasks.spawn(commands::run(commands::CommandsTask {
+            commands: command_receiver,
+            config: config.clone(),
+            engine,
+            retry_uploads,
+            host,
+            status: status_sender.clone(),
+            shutdown: shutdown.clone(),
+        }));
         tasks.spawn(control::serve(
             options.data_dir.clone(),
             command_sender.clone(),
-            context.clone(),
+            shutdown.clone(),
         ));
         tasks.spawn(status_file::run(
             options.data_dir.join(status_file::FILE_NAME),
             status.clone(),
-            context.shutdown.clone(),
+            shutdown.clone(),
         ));
 
         tracing::info!(studio = %api_base, "worker started");
@@ -353,8 +330,9 @@ impl Runtime {
                 config,
                 status,
                 commands: command_sender,
+                requests,
             },
-            shutdown: context.shutdown,
+            shutdown,
             tasks,
         })
     }
@@ -363,31 +341,10 @@ impl Runtime {
         self.handle.clone()
     }
 
-    /// Resolves when a task hit something it cannot get past (no entropy, say), with the
-    /// reason; never resolves otherwise.
-    pub async fn fatal(&self) -> String {
-        let mut status = self.handle.subscribe();
-        loop {
-            if let Some(reason) = status.borrow_and_update().fatal.clone() {
-                return reason;
-            }
-            if status.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    /// Resolves when `studio-worker quit` asked this worker to stop.
-    pub async fn quit_requested(&self) {
-        let mut status = self.handle.subscribe();
-        loop {
-            if status.borrow_and_update().quit_requested {
-                return;
-            }
-            if status.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+    /// Resolves when the runtime asks to stop: `studio-worker quit`, or a task that hit
+    /// something it cannot get past (no entropy, say).
+    pub async fn stop_requested(&self) -> StopRequest {
+        self.handle.requests.stopped().await
     }
 
     /// Stops every task at its next await point and waits for them.
@@ -414,93 +371,9 @@ pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Ctrl-C, or SIGTERM on Unix (what `kill`, systemd and a logout send).
-///
-/// [`ShutdownSignal::install`] registers the handlers at once, so call it before any work
-/// starts: a signal that arrives before anyone waits is kept, not met by the default action
-/// (which would kill the process without handing back a running job).
-pub struct ShutdownSignal {
-    #[cfg(unix)]
-    unix: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-}
-
-impl ShutdownSignal {
-    /// Must be called inside a tokio runtime.
-    pub fn install() -> Self {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let unix = match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                (Ok(terminate), Ok(interrupt)) => Some((terminate, interrupt)),
-                (Err(err), _) | (_, Err(err)) => {
-                    tracing::warn!("cannot watch for SIGTERM/SIGINT: {err}");
-                    None
-                }
-            };
-            Self { unix }
-        }
-        #[cfg(not(unix))]
-        {
-            Self {}
-        }
-    }
-
-    /// Resolves when a shutdown signal arrived (or at once, if one already did).
-    pub async fn recv(&mut self) {
-        #[cfg(unix)]
-        match &mut self.unix {
-            Some((terminate, interrupt)) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = interrupt.recv() => {}
-                }
-            }
-            None => std::future::pending().await,
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-        tracing::info!("stopping");
-    }
-}
-
-/// `WorkerStatus.engine`: which models can run now.
-fn engine_summary(ready_models: &[String]) -> String {
-    if ready_models.is_empty() {
-        "no model ready yet".to_owned()
-    } else {
-        format!("models ready: {}", ready_models.join(", "))
-    }
-}
-
-/// What a worker without an engine can do, as §4 describes it (for registration).
-pub fn current_capabilities() -> Capabilities {
-    Capabilities {
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        os: host::os_name().to_owned(),
-        arch: host::arch_name().to_owned(),
-        device: host::cpu_device(),
-        models: Vec::new(),
-        max_width: 0,
-        max_height: 0,
-        max_images: 0,
-        kinds: vec!["txt2img".to_owned()],
-    }
-}
-
 /// Keeps the config-derived parts of the status (registration state, pause) in step with
 /// every saved change, whoever made it.
-async fn mirror(context: TaskContext) {
-    let TaskContext {
-        config,
-        status,
-        shutdown,
-        ..
-    } = context;
+async fn mirror(config: SharedConfig, status: StatusSender, shutdown: CancellationToken) {
     let mut changes = config.subscribe();
     loop {
         {

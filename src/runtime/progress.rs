@@ -7,25 +7,26 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::TaskContext;
+use super::session::Session;
 use crate::backoff::Backoff;
 use crate::engine::{CancelToken, StopReason};
+use crate::studio::StudioError;
 use crate::studio::protocol::ProgressRequest;
-use crate::studio::{Credentials, StudioError};
+use crate::timing::Timing;
 use crate::vocab::job::JobSpec;
 use crate::vocab::progress::{JobProgress, Stage};
 
 /// Runs until the job's progress channel closes or the studio stops the job.
 pub(super) async fn report(
-    context: TaskContext,
-    credentials: Credentials,
+    session: Session,
+    timing: Timing,
     job_id: String,
     mut lease: Duration,
     mut progress: watch::Receiver<JobProgress>,
     cancel: CancelToken,
 ) {
-    let min_gap = context.timing.progress_min_gap;
-    let mut backoff = Backoff::new(context.timing.backoff);
+    let min_gap = timing.progress_min_gap;
+    let mut backoff = Backoff::new(timing.backoff);
     let mut last_sent: Option<(Instant, JobProgress)> = None;
     let mut retry_at: Option<Instant> = None;
 
@@ -48,12 +49,12 @@ pub(super) async fn report(
 
         if due_at <= now {
             let body = ProgressRequest {
-                worker_id: credentials.worker_id.clone(),
+                worker_id: session.worker_id().to_owned(),
                 stage: current.stage,
                 step: current.step,
                 total_steps: current.total_steps,
             };
-            match context.client.progress(&credentials, &job_id, &body).await {
+            match session.progress(&job_id, &body).await {
                 Ok(answer) if answer.cancel => {
                     cancel.cancel(StopReason::CancelledByStudio);
                     return;
@@ -71,7 +72,7 @@ pub(super) async fn report(
                     return;
                 }
                 Err(StudioError::Unauthorized) => {
-                    context.revoked(&credentials.worker_id);
+                    // Revoked (recorded by the session): the job is no longer ours either.
                     cancel.cancel(StopReason::LeaseLost);
                     return;
                 }
@@ -102,22 +103,14 @@ pub(super) async fn report(
 /// The last report of a job whose images are safely in the outbox. A cancel or a lost lease
 /// now means the studio does not want the result; the uploader hears the same `409`/`410`
 /// and drops it, so this only needs to be tried once.
-pub(super) async fn send_uploading(
-    context: &TaskContext,
-    credentials: &Credentials,
-    spec: &JobSpec,
-) {
+pub(super) async fn send_uploading(session: &Session, spec: &JobSpec) {
     let body = ProgressRequest {
-        worker_id: credentials.worker_id.clone(),
+        worker_id: session.worker_id().to_owned(),
         stage: Stage::Uploading,
         step: spec.steps,
         total_steps: spec.steps,
     };
-    if let Err(err) = context
-        .client
-        .progress(credentials, &spec.job_id, &body)
-        .await
-    {
+    if let Err(err) = session.progress(&spec.job_id, &body).await {
         tracing::debug!(job_id = %spec.job_id, "upload progress not delivered: {err}");
     }
 }

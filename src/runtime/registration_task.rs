@@ -1,20 +1,39 @@
 //! The task that drives [`Registrar::tick`] until the studio has decided, then sleeps until
 //! the person resets the registration.
 
-use super::outage::OutageLog;
-use super::{TaskContext, deadline_after, wait_until};
-use crate::backoff::Backoff;
-use crate::registration::{Registrar, RegistrationError, RegistrationState};
-use crate::studio::protocol::Capabilities;
+use tokio_util::sync::CancellationToken;
 
-pub(super) async fn run(registrar: Registrar, capabilities: Capabilities, context: TaskContext) {
-    let TaskContext {
+use super::StatusSender;
+use super::capabilities::CapabilitySource;
+use super::outage::OutageLog;
+use super::signals::{HostRequestSender, StopRequest};
+use super::{deadline_after, wait_until};
+use crate::backoff::Backoff;
+use crate::config::SharedConfig;
+use crate::registration::{Registrar, RegistrationError, RegistrationState};
+use crate::timing::Timing;
+
+pub(super) struct RegistrationTask {
+    pub registrar: Registrar,
+    pub capabilities: CapabilitySource,
+    pub config: SharedConfig,
+    pub status: StatusSender,
+    /// Told when registration cannot go on at all (no entropy).
+    pub host: HostRequestSender,
+    pub timing: Timing,
+    pub shutdown: CancellationToken,
+}
+
+pub(super) async fn run(task: RegistrationTask) {
+    let RegistrationTask {
+        registrar,
+        capabilities,
         config,
         status,
+        host,
         timing,
         shutdown,
-        ..
-    } = context;
+    } = task;
     let mut config_changes = config.subscribe();
     let mut backoff = Backoff::new(timing.backoff);
     let mut outage = OutageLog::new("registration");
@@ -25,6 +44,7 @@ pub(super) async fn run(registrar: Registrar, capabilities: Capabilities, contex
         let delay = if before.is_settled() {
             None
         } else {
+            let capabilities = capabilities.capabilities();
             let ticked = tokio::select! {
                 () = shutdown.cancelled() => return,
                 ticked = registrar.tick(&capabilities) => ticked,
@@ -63,6 +83,7 @@ pub(super) async fn run(registrar: Registrar, capabilities: Capabilities, contex
                 Err(RegistrationError::NoEntropy(err)) => {
                     tracing::error!("{err}");
                     status.send_modify(|s| s.fatal = Some(err.to_string()));
+                    host.stop(StopRequest::Fatal(err.to_string()));
                     return;
                 }
             }

@@ -1,7 +1,9 @@
-//! The runtime's state as the window, the tray, `status` and the heartbeat see it.
+//! The runtime's state as the window, the tray and `studio-worker status` see it.
 //!
 //! One [`WorkerStatus`] value behind a `watch` channel. Each field has one writer (named on
 //! the field); readers clone a snapshot and never hold the channel while drawing or doing I/O.
+//! It is a view only: no task reads it to decide anything (they have their own channels, see
+//! `runtime::signals`), so a field added for the window cannot change the worker's behaviour.
 //! It holds nothing secret, so it can be written to `status.json` and shown as it is.
 
 use chrono::{DateTime, Utc};
@@ -11,7 +13,7 @@ use std::collections::VecDeque;
 
 use crate::config::Config;
 use crate::registration::RegistrationState;
-use crate::studio::protocol::{FailCode, WorkerState};
+use crate::studio::protocol::FailCode;
 use crate::vocab::job::JobSpec;
 use crate::vocab::pause::PauseReason;
 use crate::vocab::progress::Stage;
@@ -50,7 +52,7 @@ impl ModelDownload {
 pub struct WorkerStatus {
     pub started_at: DateTime<Utc>,
     pub api_base_url: String,
-    /// Writer: the registration task (and the command task on reset).
+    /// Writer: the mirror task (derived from every config change).
     pub registration: RegistrationState,
     /// Writer: the registration task. The last problem while registering, in one line.
     pub registration_problem: Option<String>,
@@ -68,9 +70,9 @@ pub struct WorkerStatus {
     /// Why the engine runs on the CPU although a GPU was wanted (no driver, the CUDA build
     /// could not start, the GPU did not open…).
     pub device_note: Option<String>,
-    /// Writers: the runtime at start, the downloads task when a model joins. Which models
-    /// can run, in one line (`None`: no engine).
-    pub engine: Option<String>,
+    /// Writers: the runtime at start, the downloads task when a model joins. The models
+    /// that can run now (`None`: no engine).
+    pub models_ready: Option<Vec<String>>,
     /// Writer: the downloads task. Catalog models being fetched (or that could not be).
     pub downloads: Vec<ModelDownload>,
     /// Set at start when the settings file could not be read and was kept aside: where it
@@ -81,13 +83,7 @@ pub struct WorkerStatus {
     pub studio_url_problem: Option<String>,
     /// Writer: the command task. Set when a change could not be saved.
     pub settings_problem: Option<String>,
-    /// Writer: the command task. Counts "bring the window forward" requests from later
-    /// launches; the window raises itself when it sees the count grow.
-    pub window_raise_requests: u64,
-    /// `studio-worker quit` asked this worker to stop; the window or the headless loop ends
-    /// the process as it would on the tray's Quit.
-    pub quit_requested: bool,
-    /// Writer: the runtime, when a task cannot go on at all (no entropy, config unwritable).
+    /// Writer: the registration task, when it cannot go on at all (no entropy).
     pub fatal: Option<String>,
 }
 
@@ -104,33 +100,24 @@ impl WorkerStatus {
             jobs: JobsStatus::default(),
             device: None,
             device_note: None,
-            engine: None,
+            models_ready: None,
             downloads: Vec::new(),
             settings_recovered: None,
-            window_raise_requests: 0,
-            quit_requested: false,
             settings_problem: None,
             studio_url_problem: None,
             fatal: None,
         }
     }
 
-    /// The state the heartbeat reports.
-    pub fn worker_state(&self, models_ready: bool) -> WorkerState {
-        worker_state(self.paused, self.jobs.current.is_some(), models_ready)
-    }
-}
-
-/// §2's `state`: a running job is `busy` even while it is being handed back after a pause.
-pub fn worker_state(paused: Option<PauseReason>, busy: bool, models_ready: bool) -> WorkerState {
-    if busy {
-        WorkerState::Busy
-    } else if paused.is_some() {
-        WorkerState::Paused
-    } else if !models_ready {
-        WorkerState::Loading
-    } else {
-        WorkerState::Idle
+    /// Which models can run, in one line (`None`: no engine).
+    pub fn models_summary(&self) -> Option<String> {
+        self.models_ready.as_ref().map(|ready| {
+            if ready.is_empty() {
+                "no model ready yet".to_owned()
+            } else {
+                format!("models ready: {}", ready.join(", "))
+            }
+        })
     }
 }
 
@@ -141,10 +128,9 @@ pub struct JobsStatus {
     pub current: Option<CurrentJob>,
     /// The last [`RECENT_JOBS`] jobs, newest first.
     pub recent: VecDeque<FinishedJob>,
-    /// Results on disk waiting for the studio.
+    /// Writer: the uploader. Results on disk waiting for the studio.
     pub outbox_len: usize,
-    /// The uploader has emptied the outbox once since start; claims wait for this (§3.3).
-    pub outbox_drained_since_start: bool,
+    /// Writers: the job loop and the uploader, each after adding to the tally.
     pub counters: JobCounters,
     /// Why no job is being claimed right now, in words (none while claiming or working).
     pub claim_blocked: Option<String>,
@@ -260,10 +246,8 @@ impl FinishedJob {
     rename_all_fields = "camelCase"
 )]
 pub enum JobOutcome {
-    /// Images in the outbox, upload pending.
-    Uploading,
-    /// The studio has the images.
-    Delivered,
+    /// Made on this PC; the images are in the outbox until the studio takes them.
+    Finished { delivery: Delivery },
     /// Never run: the job broke a rule.
     Rejected { code: FailCode, message: String },
     /// Ran and failed; handed back with `fail`.
@@ -272,8 +256,31 @@ pub enum JobOutcome {
     HandedBack,
     /// The submitter cancelled it.
     Cancelled,
-    /// The studio gave it to someone else (409/410).
+    /// The studio gave it to someone else (409/410) while it ran.
     LeaseLost,
+}
+
+impl JobOutcome {
+    /// Made here, waiting in the outbox.
+    pub const WAITING: Self = Self::Finished {
+        delivery: Delivery::Waiting,
+    };
+    /// Made here and taken by the studio.
+    pub const DELIVERED: Self = Self::Finished {
+        delivery: Delivery::Delivered,
+    };
+}
+
+/// Where the images of a finished job are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Delivery {
+    /// In the outbox, on their way to the studio.
+    Waiting,
+    /// The studio has them.
+    Delivered,
+    /// The studio answered 404/409/410: the job was no longer this worker's; dropped.
+    NotWanted,
 }
 
 /// The reason to report when the worker is paused, by precedence (see [`PauseReason`]).

@@ -6,7 +6,7 @@ use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use super::{jobs_tab, settings_tab, status_tab};
-use crate::runtime::{Command, RuntimeHandle, WorkerStatus};
+use crate::runtime::{Command, RuntimeHandle, StopRequest, WorkerStatus};
 use crate::tray::{PauseToggle, Tray, TrayEvent, TrayView};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct WorkerApp {
     quitting: bool,
     /// `--minimized`: hide (or minimise, without a tray) on the first frame.
     start_hidden: bool,
-    /// The raise requests already acted on (see `WorkerStatus::window_raise_requests`).
+    /// The raise requests already acted on (see `HostRequests::window_raises`).
     raised: u64,
     thumbnails: super::thumbnail_cache::ThumbnailCache,
     jobs_view: jobs_tab::JobsView,
@@ -60,6 +60,7 @@ impl WorkerApp {
         start_hidden: bool,
     ) -> Self {
         let mut status_updates = runtime.subscribe();
+        let raised = runtime.requests().window_raises();
         let status = status_updates.borrow_and_update().clone();
         let settings = settings_tab::SettingsForm::from_config(
             &runtime.config().snapshot(),
@@ -75,7 +76,7 @@ impl WorkerApp {
             notice,
             quitting: false,
             start_hidden,
-            raised: status.window_raise_requests,
+            raised,
             status,
             status_updates,
             thumbnails: super::thumbnail_cache::ThumbnailCache::default(),
@@ -106,9 +107,10 @@ impl WorkerApp {
         }
         let mut viewport = Vec::new();
         let mut open = false;
-        if self.status.window_raise_requests > self.raised {
+        let raises = self.runtime.requests().window_raises();
+        if raises > self.raised {
             // A second launch: show this window instead of starting another worker.
-            self.raised = self.status.window_raise_requests;
+            self.raised = raises;
             open = true;
         }
         let mut events: Vec<TrayEvent> = self
@@ -116,7 +118,7 @@ impl WorkerApp {
             .as_ref()
             .map(|events| events.try_iter().collect())
             .unwrap_or_default();
-        if self.status.quit_requested && !self.quitting {
+        if self.runtime.requests().stop_request() == Some(StopRequest::Quit) && !self.quitting {
             // `studio-worker quit` (an installer about to replace the program): as the tray's
             // Quit.
             events.push(TrayEvent::Quit);

@@ -5,7 +5,7 @@ use chrono::Local;
 use super::app::UiAction;
 use super::thumbnail_cache::ThumbnailCache;
 use crate::human;
-use crate::runtime::{Command, JobOutcome, WorkerStatus};
+use crate::runtime::{Command, Delivery, JobOutcome, WorkerStatus};
 
 /// The Jobs tab's own view state.
 #[derive(Debug, Default)]
@@ -174,8 +174,11 @@ fn preview_ui(
 /// The outcome in words, and whether it is a problem.
 fn outcome(outcome: &JobOutcome) -> (String, bool) {
     match outcome {
-        JobOutcome::Uploading => ("Uploading".to_owned(), false),
-        JobOutcome::Delivered => ("Delivered".to_owned(), false),
+        JobOutcome::Finished { delivery } => match delivery {
+            Delivery::Waiting => ("Uploading".to_owned(), false),
+            Delivery::Delivered => ("Delivered".to_owned(), false),
+            Delivery::NotWanted => ("Made, but the studio no longer wanted it".to_owned(), true),
+        },
         JobOutcome::Rejected { message, .. } => (format!("Not run: {message}"), true),
         JobOutcome::Failed { message, .. } => (format!("Failed: {message}"), true),
         JobOutcome::HandedBack => ("Handed back (paused)".to_owned(), false),

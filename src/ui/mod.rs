@@ -75,11 +75,16 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
             // The app's look follows the system's light/dark setting.
             ctx.set_theme(egui::ThemePreference::System);
 
-            // Status changes wake the UI, even while it is hidden.
+            // Status changes and the runtime's requests wake the UI, even while it is hidden.
             let mut status = handle.subscribe();
+            let mut requests = handle.requests().clone();
             let wake = ctx.clone();
             tokio_handle.spawn(async move {
-                while status.changed().await.is_ok() {
+                loop {
+                    tokio::select! {
+                        changed = status.changed() => if changed.is_err() { return },
+                        () = requests.changed() => {}
+                    }
                     wake.request_repaint();
                 }
             });

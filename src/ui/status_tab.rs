@@ -220,8 +220,8 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     if let Some(note) = &status.device_note {
         ui.label(egui::RichText::new(human::capitalise(note)).weak());
     }
-    if let Some(engine) = &status.engine {
-        ui.label(human::capitalise(engine));
+    if let Some(models) = status.models_summary() {
+        ui.label(human::capitalise(&models));
     }
     for download in &status.downloads {
         download_ui(ui, download);

@@ -176,7 +176,7 @@ async fn several_jobs_in_a_row_are_delivered_once_each() {
             .jobs
             .recent
             .iter()
-            .all(|j| j.outcome == JobOutcome::Delivered)
+            .all(|j| j.outcome == JobOutcome::DELIVERED)
     );
     for job in &status.jobs.recent {
         let preview = job

@@ -363,7 +363,7 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
     .await;
     assert!(handle.status().downloads.is_empty());
     assert_eq!(
-        handle.status().engine.as_deref(),
+        handle.status().models_summary().as_deref(),
         Some("models ready: tiny")
     );
     let job = serde_json::json!({

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use studio_worker::registration::{Registrar, RegistrationError, RegistrationState};
-use studio_worker::runtime::current_capabilities;
+use studio_worker::studio::protocol::Capabilities;
 use studio_worker::studio::{ApiBase, StudioClient, StudioError};
+use studio_worker::vocab::device::{DeviceInfo, DeviceKind};
 
 use crate::support::studio::{Fault, Route, TestStudio};
 use crate::support::{WorkerHome, fast_timing};
@@ -15,6 +16,25 @@ use crate::support::{WorkerHome, fast_timing};
 struct Fixture {
     studio: TestStudio,
     home: WorkerHome,
+}
+
+/// What a worker without an engine announces (§4).
+fn capabilities() -> Capabilities {
+    Capabilities {
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+        device: DeviceInfo {
+            kind: DeviceKind::Cpu,
+            name: "CPU".to_owned(),
+            memory_mb: 1024,
+        },
+        models: Vec::new(),
+        max_width: 0,
+        max_height: 0,
+        max_images: 0,
+        kinds: vec!["txt2img".to_owned()],
+    }
 }
 
 impl Fixture {
@@ -34,7 +54,7 @@ impl Fixture {
 
     async fn tick(&self) -> Result<RegistrationState, RegistrationError> {
         self.registrar()
-            .tick(&current_capabilities())
+            .tick(&capabilities())
             .await
             .map(|outcome| outcome.state)
     }
@@ -112,7 +132,7 @@ async fn polling_a_pending_request_changes_nothing_on_disk() {
     let before = f.file_bytes();
 
     for _ in 0..3 {
-        let outcome = f.registrar().tick(&current_capabilities()).await.unwrap();
+        let outcome = f.registrar().tick(&capabilities()).await.unwrap();
         assert!(matches!(outcome.state, RegistrationState::Pending { .. }));
         // pollAfterS is honoured, within the timing's clamp (fast timing caps at 100 ms).
         assert_eq!(outcome.next_tick, Some(fast_timing().poll_cap));

@@ -422,7 +422,7 @@ async fn a_show_request_from_another_launch_reaches_the_window() {
         .await
         .unwrap();
     eventually("raise requested", PATIENCE, || {
-        handle.status().window_raise_requests == 1
+        handle.requests().window_raises() == 1
     })
     .await;
     assert!(matches!(

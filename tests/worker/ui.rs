@@ -10,8 +10,10 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable as _;
 use studio_worker::config::{Config, SharedConfig};
 use studio_worker::registration::RegistrationState;
+use studio_worker::runtime::signals::HostRequestSender;
 use studio_worker::runtime::{
-    Command, CurrentJob, FinishedJob, JobOutcome, RuntimeHandle, SettingsChange, WorkerStatus,
+    Command, CurrentJob, FinishedJob, JobOutcome, RuntimeHandle, SettingsChange, StopRequest,
+    WorkerStatus, host_requests,
 };
 use studio_worker::studio::protocol::FailCode;
 use studio_worker::tray::TrayEvent;
@@ -24,6 +26,8 @@ use tokio::sync::{mpsc, watch};
 struct Window {
     harness: Harness<'static, WorkerApp>,
     status: watch::Sender<WorkerStatus>,
+    /// The runtime's requests of the window (quit, come forward).
+    host: HostRequestSender,
     commands: mpsc::Receiver<Command>,
     tray: std_mpsc::Sender<TrayEvent>,
     _dir: tempfile::TempDir,
@@ -36,7 +40,8 @@ impl Window {
         let (status_sender, status_receiver) = watch::channel(status);
         let (command_sender, commands) = mpsc::channel(32);
         let (tray, tray_events) = std_mpsc::channel();
-        let handle = RuntimeHandle::new(config, status_receiver, command_sender);
+        let (host, requests) = host_requests();
+        let handle = RuntimeHandle::new(config, status_receiver, command_sender, requests);
         let app = WorkerApp::new(handle, None, Some(tray_events), None, false);
         let harness = Harness::builder().with_size([900.0, 800.0]).build_ui_state(
             |ui, app: &mut WorkerApp| {
@@ -48,6 +53,7 @@ impl Window {
         let mut window = Self {
             harness,
             status: status_sender,
+            host,
             commands,
             tray,
             _dir: dir,
@@ -336,7 +342,7 @@ fn the_jobs_tab_lists_recent_jobs_and_the_outbox() {
     let current = running_job("j_1", "a red fox in snow", Stage::Decoding, 4, 4);
     with_jobs
         .jobs
-        .remember(FinishedJob::new(&current, JobOutcome::Delivered));
+        .remember(FinishedJob::new(&current, JobOutcome::DELIVERED));
     let mut failed = current.clone();
     failed.job_id = "j_2".into();
     with_jobs.jobs.remember(FinishedJob::new(
@@ -398,7 +404,7 @@ fn tray_clicks_become_commands_and_window_actions() {
 fn studio_worker_quit_closes_the_app_as_the_trays_quit_does() {
     let mut window = Window::new(approved());
     assert!(window.harness.state_mut().apply().is_empty());
-    window.status.send_modify(|s| s.quit_requested = true);
+    window.host.stop(StopRequest::Quit);
     assert_eq!(
         window.harness.state_mut().apply(),
         vec![egui::ViewportCommand::Close]
@@ -439,7 +445,7 @@ fn the_status_tab_says_which_backend_runs_and_why_not_a_gpu() {
 fn a_second_launch_brings_the_window_forward() {
     let mut window = Window::new(approved());
     assert!(window.harness.state_mut().apply().is_empty());
-    window.status.send_modify(|s| s.window_raise_requests += 1);
+    window.host.raise_window();
     let raised = window.harness.state_mut().apply();
     assert!(raised.contains(&egui::ViewportCommand::Visible(true)));
     assert!(raised.contains(&egui::ViewportCommand::Focus));
@@ -473,7 +479,7 @@ fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
     let image = image::RgbImage::from_pixel(512, 512, image::Rgb([200, 40, 40]));
     let mut with_preview = approved();
     let current = running_job("j_1", "a red square", Stage::Decoding, 1, 1);
-    let mut finished = FinishedJob::new(&current, JobOutcome::Delivered);
+    let mut finished = FinishedJob::new(&current, JobOutcome::DELIVERED);
     finished.thumbnail = Some(thumbnails.save("j_1", &image).unwrap());
     with_preview.jobs.remember(finished);
 
@@ -510,7 +516,7 @@ fn saving_copies_needs_a_folder_and_saved_copies_can_be_opened() {
     let mut with_copy = approved();
     let mut finished = FinishedJob::new(
         &running_job("j_1", "a blue fox", Stage::Decoding, 4, 4),
-        JobOutcome::Delivered,
+        JobOutcome::DELIVERED,
     );
     finished.saved_copies = vec!["/tmp/copies/fox.png".into()];
     with_copy.jobs.remember(finished);
@@ -567,7 +573,7 @@ fn a_jobs_preview_opens_large_and_closes() {
     let image = image::RgbImage::from_pixel(1024, 768, image::Rgb([30, 90, 200]));
     let mut with_preview = approved();
     let current = running_job("j_9", "a blue lake at dawn", Stage::Decoding, 1, 1);
-    let mut finished = FinishedJob::new(&current, JobOutcome::Delivered);
+    let mut finished = FinishedJob::new(&current, JobOutcome::DELIVERED);
     let saved = thumbnails.save("j_9", &image).unwrap();
     let kept = image::open(&saved).unwrap();
     assert_eq!(

@@ -1,0 +1,115 @@
+//! The studio as the approved worker talks to it: every call carries the worker's
+//! credentials, and a `401` on any of them is recorded here, once, as "revoked" (§2). Callers
+//! still get [`StudioError::Unauthorized`] back, to stop what they were doing.
+
+use crate::config::SharedConfig;
+use crate::registration::RegistrationState;
+use crate::studio::protocol::{
+    ClaimRequest, FailRequest, Heartbeat, HeartbeatResponse, ProgressRequest, ProgressResponse,
+    ResultMeta,
+};
+use crate::studio::{Credentials, StudioClient, StudioError};
+
+#[derive(Clone)]
+pub(super) struct Session {
+    client: StudioClient,
+    config: SharedConfig,
+    credentials: Credentials,
+}
+
+impl Session {
+    /// The session of the worker the config holds, while it is approved and not revoked.
+    pub(super) fn current(client: &StudioClient, config: &SharedConfig) -> Option<Self> {
+        let snapshot = config.snapshot();
+        match (
+            RegistrationState::from_config(&snapshot),
+            &snapshot.auth_token,
+        ) {
+            (RegistrationState::Approved { worker_id }, Some(auth_token)) => Some(Self {
+                client: client.clone(),
+                config: config.clone(),
+                credentials: Credentials {
+                    worker_id,
+                    auth_token: auth_token.clone(),
+                },
+            }),
+            _ => None,
+        }
+    }
+
+    pub(super) fn worker_id(&self) -> &str {
+        &self.credentials.worker_id
+    }
+
+    /// §2.
+    pub(super) async fn heartbeat(
+        &self,
+        body: &Heartbeat,
+    ) -> Result<HeartbeatResponse, StudioError> {
+        self.checked(self.client.heartbeat(&self.credentials, body).await)
+    }
+
+    /// §3.1: `None` is the studio's `204`.
+    pub(super) async fn claim(
+        &self,
+        body: &ClaimRequest,
+    ) -> Result<Option<serde_json::Value>, StudioError> {
+        self.checked(self.client.claim(&self.credentials, body).await)
+    }
+
+    /// §3.2.
+    pub(super) async fn progress(
+        &self,
+        job_id: &str,
+        body: &ProgressRequest,
+    ) -> Result<ProgressResponse, StudioError> {
+        self.checked(self.client.progress(&self.credentials, job_id, body).await)
+    }
+
+    /// §3.3.
+    pub(super) async fn upload_result(
+        &self,
+        job_id: &str,
+        meta: &ResultMeta,
+        images: Vec<Vec<u8>>,
+    ) -> Result<(), StudioError> {
+        self.checked(
+            self.client
+                .upload_result(&self.credentials, job_id, meta, images)
+                .await,
+        )
+    }
+
+    /// §3.4.
+    pub(super) async fn fail(&self, job_id: &str, body: &FailRequest) -> Result<(), StudioError> {
+        self.checked(self.client.fail(&self.credentials, job_id, body).await)
+    }
+
+    fn checked<T>(&self, answer: Result<T, StudioError>) -> Result<T, StudioError> {
+        if matches!(answer, Err(StudioError::Unauthorized)) {
+            self.revoked();
+        }
+        answer
+    }
+
+    /// The studio no longer accepts this worker: every loop waits for a reset from now on
+    /// (the heartbeat tells the person). A reset made meanwhile is not undone.
+    fn revoked(&self) {
+        let worker_id = &self.credentials.worker_id;
+        match self.config.update(|c| {
+            let ours = c.worker_id.as_deref() == Some(worker_id.as_str());
+            let newly = ours && !c.access_revoked;
+            if ours {
+                c.access_revoked = true;
+            }
+            newly
+        }) {
+            Ok(true) => tracing::warn!(
+                worker_id = %worker_id,
+                "the studio revoked this worker's access; reset the registration to ask again"
+            ),
+            Ok(false) => {}
+            Err(err) => tracing::error!("cannot record the revocation: {err}"),
+        }
+    }
+}

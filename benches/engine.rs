@@ -6,6 +6,9 @@
 //! Prints one JSON object of median seconds, keyed like the reference script's, so
 //! `benches/engine_vs_diffusers.sh` can put the two side by side as ratios.
 
+// Test and tool code: an unwrap that fails is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

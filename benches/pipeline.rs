@@ -9,6 +9,9 @@
 //! engine, whose "GPU work" is a fixed sleep per denoising step, so every number is a ratio
 //! to a known amount of engine time measured in the same process.
 
+// Test and tool code: an unwrap that fails is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 

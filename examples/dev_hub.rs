@@ -6,6 +6,9 @@
 //! HF_ENDPOINT=http://127.0.0.1:8788 HF_HUB_CACHE=/tmp/hub cargo run -- models pull sd-turbo
 //! ```
 
+// Test and tool code: an unwrap that fails is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[allow(dead_code)] // the integration tests use the rest of the hub
 #[path = "../tests/support/hub.rs"]
 mod hub;

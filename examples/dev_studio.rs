@@ -9,6 +9,9 @@
 //! revoke it. The same operator actions are plain HTTP for scripts:
 //! `curl -X POST http://127.0.0.1:8787/operator/requests/rr_0001/approve`.
 
+// Test and tool code: an unwrap that fails is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[allow(dead_code)] // the integration tests use the rest of the studio
 #[path = "../tests/support/studio.rs"]
 mod studio;

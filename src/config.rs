@@ -302,7 +302,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             config,
             recovered_from: None,
         }),
-        Err(reason) => {
+        Err(NotSettings(reason)) => {
             let kept_at = broken_path(path, Utc::now());
             std::fs::rename(path, &kept_at).map_err(|source| ConfigError::KeepBroken {
                 path: path.to_path_buf(),
@@ -350,12 +350,19 @@ fn remove_interrupted_saves(path: &Path) {
     }
 }
 
-/// Parses the bytes of a config file. The error says where and why, without quoting the file.
-pub fn parse(bytes: &[u8]) -> Result<Config, String> {
+/// A settings file that is not valid settings: it is kept aside (never overwritten) and the
+/// worker starts from defaults. The reason says where and why, without quoting the file (it
+/// may hold a token).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotSettings(pub String);
+
+/// Parses the bytes of a config file.
+pub fn parse(bytes: &[u8]) -> Result<Config, NotSettings> {
     let text = std::str::from_utf8(bytes)
-        .map_err(|err| format!("not UTF-8 text (byte {})", err.valid_up_to()))?;
-    let mut config =
-        toml::from_str::<Config>(text).map_err(|err| describe_toml_error(text, &err))?;
+        .map_err(|err| NotSettings(format!("not UTF-8 text (byte {})", err.valid_up_to())))?;
+    let mut config = toml::from_str::<Config>(text)
+        .map_err(|err| NotSettings(describe_toml_error(text, &err)))?;
     if config.worker_name.trim().is_empty() {
         config.worker_name = default_worker_name();
     }
@@ -422,10 +429,6 @@ impl SharedConfig {
             sender: Arc::new(sender),
             writer: Arc::new(Mutex::new(())),
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The current config (cheap: an `Arc` clone).

@@ -62,7 +62,8 @@ impl Scrubber {
         )
     }
 
-    pub fn new(secrets: Vec<String>, home: Option<String>) -> Self {
+    #[cfg(test)]
+    fn new(secrets: Vec<String>, home: Option<String>) -> Self {
         Self::with_secrets(move || secrets.clone(), home)
     }
 

@@ -1,26 +1,37 @@
 //! studio-worker: lends this PC's GPU to the minis.gg studio.
 //!
 //! The binary (`src/main.rs`) is a thin shell over [`cli::main`]; tests drive the same code.
-//! Start reading at `ARCHITECTURE.md`, then [`runtime`].
+//! Start reading at `ARCHITECTURE.md` (its "Layers" picture says which module may use which),
+//! then [`runtime`].
+//!
+//! Public here is what the binary, the integration tests and the benchmarks use; everything
+//! else is private to the crate.
 
+// Leaves: they import nothing of ours (but each other, in this order).
 pub mod backoff;
-pub mod cli;
-pub mod config;
-pub mod crash;
-pub mod engine;
-pub mod files;
-pub mod human;
-pub mod image_file;
-pub mod logging;
-pub mod models;
-pub mod outbox;
-pub mod platform;
-pub mod registration;
-pub mod runtime;
+mod files;
+mod human;
+mod image_file;
 pub mod secret;
-pub mod studio;
-pub mod thumbnails;
 pub mod timing;
+pub mod vocab;
+
+// The machine, the settings, the studio, the engine, the models.
+pub mod config;
+pub mod engine;
+pub mod models;
+pub mod platform;
+pub mod studio;
+
+// What the worker keeps on disk and how it registers.
+mod crash;
+mod logging;
+mod outbox;
+pub mod registration;
+pub mod thumbnails;
+
+// The tasks, the views, the commands.
+pub mod cli;
+pub mod runtime;
 pub mod tray;
 pub mod ui;
-pub mod vocab;

@@ -6,7 +6,7 @@
 //! a crash at any instant leaves either a complete entry or a temp folder that the next start
 //! deletes. Entries are removed only after the studio answered `2xx`/`409`/`410`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -57,10 +57,6 @@ impl Outbox {
             }
         }
         Ok(Self { folder })
-    }
-
-    pub fn folder(&self) -> &Path {
-        &self.folder
     }
 
     /// Stores a result durably; when this returns `Ok` the result survives a crash or a

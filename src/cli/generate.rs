@@ -84,7 +84,7 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
     }
     let (model_name, root) = resolve_model(paths, &args)?;
 
-    let selected = device::select(args.device).map_err(usage)?;
+    let selected = device::select(args.device).map_err(|error| usage(error.to_string()))?;
     if let Some(reason) = &selected.fallback_reason {
         eprintln!("note: {reason}");
     }

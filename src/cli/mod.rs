@@ -186,7 +186,7 @@ fn print_device(paths: &Paths, json: bool) -> anyhow::Result<()> {
         .and_then(|bytes| config::parse(&bytes).ok())
         .map(|config| config.engine.device)
         .unwrap_or_default();
-    let selected = crate::engine::device::select(preference).map_err(anyhow::Error::msg)?;
+    let selected = crate::engine::device::select(preference)?;
     let info = &selected.info;
     if json {
         let report = serde_json::json!({

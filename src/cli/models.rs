@@ -301,7 +301,8 @@ impl ProgressLine {
 }
 
 fn add(paths: &Paths, model_id: &str, folder: &Path) -> anyhow::Result<()> {
-    crate::models::local::check_model_id(model_id).map_err(UsageError)?;
+    crate::models::local::check_model_id(model_id)
+        .map_err(|error| UsageError(error.to_string()))?;
     let folder = folder
         .canonicalize()
         .map_err(|error| UsageError(format!("{}: {error}", folder.display())))?;

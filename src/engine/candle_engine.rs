@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::DType;
 
-use super::device::SelectedDevice;
+use super::device::{DeviceError, SelectedDevice};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
-use super::{CancelToken, Engine, EngineError, Generated};
+use super::{CancelToken, Engine, EngineError, Generated, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
 use crate::vocab::job::{EngineLimits, JobSpec};
 use crate::vocab::progress::{JobProgress, Stage};
@@ -99,7 +99,7 @@ impl CandleEngine {
         preference: DevicePreference,
         models: &BTreeMap<String, PathBuf>,
         budget_mb: u64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DeviceError> {
         let device = super::device::select(preference)?;
         if let Some(reason) = &device.fallback_reason {
             tracing::warn!("{reason}");
@@ -191,8 +191,8 @@ impl Engine for CandleEngine {
             .collect()
     }
 
-    fn serve(&self, model_id: &str, folder: &Path) -> Result<(), String> {
-        let memory_bytes = check_folder(folder, self.device.dtype)?;
+    fn serve(&self, model_id: &str, folder: &Path) -> Result<(), ServeError> {
+        let memory_bytes = check_folder(folder, self.device.dtype).map_err(ServeError::Unusable)?;
         self.models
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -19,9 +19,27 @@ pub struct SelectedDevice {
     pub fallback_reason: Option<String>,
 }
 
+/// Why an explicitly named GPU cannot be used: the person picks another device in Settings
+/// (or `auto`, which falls back to the CPU by itself).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// This build was made without the backend.
+    #[error("this build has no {backend} support (build with --features {feature})")]
+    NotBuilt {
+        backend: &'static str,
+        feature: &'static str,
+    },
+    /// The backend is there but the GPU did not open (no driver, no device, …).
+    #[error("the {backend} GPU did not open: {reason}")]
+    DidNotOpen {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
 /// Opens the preferred device. An explicit `cuda` or `metal` that cannot open is an error;
 /// `auto` never fails.
-pub fn select(preference: DevicePreference) -> Result<SelectedDevice, String> {
+pub fn select(preference: DevicePreference) -> Result<SelectedDevice, DeviceError> {
     match preference {
         DevicePreference::Cpu => Ok(cpu(None)),
         DevicePreference::Cuda => open_cuda(),
@@ -59,12 +77,17 @@ fn cpu(fallback_reason: Option<String>) -> SelectedDevice {
     }
 }
 
-fn open_cuda() -> Result<SelectedDevice, String> {
+fn open_cuda() -> Result<SelectedDevice, DeviceError> {
     if !candle_core::utils::cuda_is_available() {
-        return Err("this build has no CUDA support (build with --features cuda)".to_owned());
+        return Err(DeviceError::NotBuilt {
+            backend: "CUDA",
+            feature: "cuda",
+        });
     }
-    let device = Device::new_cuda(0)
-        .map_err(|error| format!("the CUDA GPU did not open: {}", super::first_line(&error)))?;
+    let device = Device::new_cuda(0).map_err(|error| DeviceError::DidNotOpen {
+        backend: "CUDA",
+        reason: super::first_line(&error),
+    })?;
     let (name, memory_mb) = nvidia_smi_facts().unwrap_or_else(|| ("NVIDIA GPU".to_owned(), 0));
     Ok(SelectedDevice {
         device,
@@ -78,12 +101,17 @@ fn open_cuda() -> Result<SelectedDevice, String> {
     })
 }
 
-fn open_metal() -> Result<SelectedDevice, String> {
+fn open_metal() -> Result<SelectedDevice, DeviceError> {
     if !candle_core::utils::metal_is_available() {
-        return Err("this build has no Metal support (build with --features metal)".to_owned());
+        return Err(DeviceError::NotBuilt {
+            backend: "Metal",
+            feature: "metal",
+        });
     }
-    let device = Device::new_metal(0)
-        .map_err(|error| format!("the Metal GPU did not open: {}", super::first_line(&error)))?;
+    let device = Device::new_metal(0).map_err(|error| DeviceError::DidNotOpen {
+        backend: "Metal",
+        reason: super::first_line(&error),
+    })?;
     // Apple GPUs share the machine's memory.
     let memory_mb = host::cpu_device().memory_mb;
     Ok(SelectedDevice {
@@ -139,7 +167,7 @@ mod tests {
                 .contains("feature")
         );
         let refused = select(DevicePreference::Cuda).expect_err("no CUDA in this build");
-        assert!(refused.contains("--features cuda"), "{refused}");
+        assert!(refused.to_string().contains("--features cuda"), "{refused}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 pub mod candle_engine;
 pub mod device;
-pub mod noise;
+pub(crate) mod noise;
 pub mod sd;
 
 use std::sync::Arc;
@@ -40,6 +40,18 @@ pub enum EngineError {
     /// Anything else. The message is shown to the studio: no paths, no secrets.
     #[error("{0}")]
     Internal(String),
+}
+
+/// Why a model folder is not served.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    /// The folder cannot run (a missing file, an architecture the engine does not know, a
+    /// tensor of the wrong shape…): the person fixes or replaces it.
+    #[error("{0}")]
+    Unusable(String),
+    /// This engine serves a fixed set of models.
+    #[error("this engine cannot add models while running")]
+    Fixed,
 }
 
 /// Why a job is being stopped.
@@ -124,9 +136,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Starts serving a model that just arrived (a finished download). Engines that serve a
     /// fixed set refuse.
-    fn serve(&self, model_id: &str, folder: &std::path::Path) -> Result<(), String> {
-        let _ = folder;
-        Err(format!("this engine cannot add {model_id} while running"))
+    fn serve(&self, model_id: &str, folder: &std::path::Path) -> Result<(), ServeError> {
+        let _ = (model_id, folder);
+        Err(ServeError::Fixed)
     }
 
     /// Gives GPU memory back (called while paused, when the setting asks for it).

@@ -2,22 +2,27 @@
 
 use super::catalog;
 
+/// An id a person may not give a local folder: they choose another.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelIdError {
+    #[error("model id {0:?} must be 1–64 letters, digits, '-', '_' or '.'")]
+    Malformed(String),
+    #[error("{0} is a catalog model's id; choose another name for a local folder")]
+    CatalogId(String),
+}
+
 /// 1–64 letters, digits, `-`, `_` or `.`, and not a catalog model's id.
-pub fn check_model_id(model_id: &str) -> Result<(), String> {
+pub fn check_model_id(model_id: &str) -> Result<(), ModelIdError> {
     if model_id.is_empty()
         || model_id.len() > 64
         || !model_id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return Err(format!(
-            "model id {model_id:?} must be 1–64 letters, digits, '-', '_' or '.'"
-        ));
+        return Err(ModelIdError::Malformed(model_id.to_owned()));
     }
     if catalog::find(model_id).is_some() {
-        return Err(format!(
-            "{model_id} is a catalog model's id; choose another name for a local folder"
-        ));
+        return Err(ModelIdError::CatalogId(model_id.to_owned()));
     }
     Ok(())
 }
@@ -54,7 +59,12 @@ mod tests {
         assert!(check_model_id("my-finetune_v2.1").is_ok());
         assert!(check_model_id("").is_err());
         assert!(check_model_id("has space").is_err());
-        assert!(check_model_id("sd-turbo").unwrap_err().contains("catalog"));
+        assert!(
+            check_model_id("sd-turbo")
+                .unwrap_err()
+                .to_string()
+                .contains("catalog")
+        );
         assert_eq!(
             suggest_model_id(std::path::Path::new("/models/My Fine Tune")),
             "my-fine-tune"

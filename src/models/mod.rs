@@ -6,6 +6,6 @@
 pub mod catalog;
 pub mod hub;
 pub mod hub_cache;
-pub mod local;
-pub mod served;
+pub(crate) mod local;
+pub(crate) mod served;
 pub mod store;

@@ -1,7 +1,7 @@
 //! What this computer is, and the operating-system integrations that differ per platform.
 
 pub mod autostart;
-pub mod gpu_build;
-pub mod host;
-pub mod open;
-pub mod single_instance;
+pub(crate) mod gpu_build;
+pub(crate) mod host;
+pub(crate) mod open;
+pub(crate) mod single_instance;

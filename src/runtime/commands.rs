@@ -12,8 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::StatusSender;
 use super::signals::{HostRequestSender, StopRequest};
-use crate::config::SharedConfig;
+use crate::config::{ConfigError, SharedConfig};
 use crate::engine::Engine;
+use crate::models::local::ModelIdError;
+use crate::platform::autostart::{self, AutostartError};
+use crate::studio::{ApiBase, ApiBaseError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -91,27 +94,29 @@ pub(super) async fn run(task: CommandsTask) {
                 None => return,
             },
         };
-        if let Command::AddLocalModel { model_id, folder } = &command {
-            let outcome = add_local_model(&config, engine.clone(), model_id, folder).await;
-            if let Err(reason) = &outcome {
-                tracing::error!("model {model_id} not added: {reason}");
-            } else {
-                tracing::info!("model {model_id} added from {}", folder.display());
-            }
-            let ready = engine.as_ref().map(|engine| engine.ready_models());
-            status.send_modify(|s| {
-                s.settings_problem = outcome.err();
-                s.models_ready = ready;
-            });
-            continue;
-        }
         let applied = match &command {
-            Command::Pause => config.update(|c| c.pause.by_user = true),
-            Command::Resume => config.update(|c| c.pause.by_user = false),
-            Command::ResetRegistration => config.update(|c| c.reset_registration()),
+            Command::Pause => config
+                .update(|c| c.pause.by_user = true)
+                .map_err(CommandError::from),
+            Command::Resume => config
+                .update(|c| c.pause.by_user = false)
+                .map_err(CommandError::from),
+            Command::ResetRegistration => config
+                .update(|c| c.reset_registration())
+                .map_err(CommandError::from),
             Command::SaveSettings(change) => save_settings(&config, change),
-            Command::CloseHintShown => config.update(|c| c.ui.close_hint_shown = true),
-            Command::AddLocalModel { .. } => Ok(()),
+            Command::CloseHintShown => config
+                .update(|c| c.ui.close_hint_shown = true)
+                .map_err(CommandError::from),
+            Command::AddLocalModel { model_id, folder } => {
+                let added = add_local_model(&config, engine.clone(), model_id, folder).await;
+                if added.is_ok() {
+                    tracing::info!("model {model_id} added from {}", folder.display());
+                    let ready = engine.as_ref().map(|engine| engine.ready_models());
+                    status.send_modify(|s| s.models_ready = ready);
+                }
+                added.map_err(CommandError::from)
+            }
             Command::RetryUploads => {
                 retry_uploads.notify_waiters();
                 Ok(())
@@ -125,6 +130,8 @@ pub(super) async fn run(task: CommandsTask) {
                 Ok(())
             }
         };
+        // Each outcome is handled here once: logged, and shown in the window until the next
+        // command succeeds.
         match applied {
             Ok(()) => {
                 tracing::info!(?command, "applied");
@@ -138,60 +145,85 @@ pub(super) async fn run(task: CommandsTask) {
     }
 }
 
+/// Why a command did not (fully) take effect, as the person reads it in the window.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error(transparent)]
+    NotSaved(#[from] ConfigError),
+    #[error("settings not saved: {0}")]
+    InvalidStudioUrl(#[from] ApiBaseError),
+    #[error("the other settings were saved, but start at login could not be changed: {0}")]
+    StartAtLogin(#[from] AutostartError),
+    #[error(transparent)]
+    Model(#[from] AddModelError),
+}
+
+/// Why a local model folder was not added.
+#[derive(Debug, thiserror::Error)]
+enum AddModelError {
+    #[error(transparent)]
+    BadId(#[from] ModelIdError),
+    #[error("a local model is already called {0}")]
+    Taken(String),
+    #[error("{path}: {source}")]
+    Unreadable {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unusable(String),
+    #[error("the check stopped before it finished: {0}")]
+    Interrupted(String),
+    #[error(transparent)]
+    NotSaved(#[from] ConfigError),
+}
+
 /// Checks the folder (off the async threads: it reads files), serves it, and saves it in
 /// `[models.local]`.
 async fn add_local_model(
-    config: &crate::config::SharedConfig,
-    engine: Option<std::sync::Arc<dyn crate::engine::Engine>>,
+    config: &SharedConfig,
+    engine: Option<Arc<dyn Engine>>,
     model_id: &str,
     folder: &std::path::Path,
-) -> Result<(), String> {
+) -> Result<(), AddModelError> {
     crate::models::local::check_model_id(model_id)?;
     if config.snapshot().models.local.contains_key(model_id) {
-        return Err(format!("a local model is already called {model_id}"));
+        return Err(AddModelError::Taken(model_id.to_owned()));
     }
     let folder = folder.to_owned();
     let id = model_id.to_owned();
-    let checked = tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf, String> {
+    let checked = tokio::task::spawn_blocking(move || {
         let folder = folder
             .canonicalize()
-            .map_err(|error| format!("{}: {error}", folder.display()))?;
-        match &engine {
-            Some(engine) => engine.serve(&id, &folder)?,
-            None => {
-                crate::engine::sd::open_checked(&folder).map_err(|error| error.to_string())?;
-            }
-        }
-        Ok(folder)
+            .map_err(|source| AddModelError::Unreadable {
+                path: folder.clone(),
+                source,
+            })?;
+        let served = match &engine {
+            Some(engine) => engine
+                .serve(&id, &folder)
+                .map_err(|error| AddModelError::Unusable(error.to_string())),
+            None => crate::engine::sd::open_checked(&folder)
+                .map(drop)
+                .map_err(|error| AddModelError::Unusable(error.to_string())),
+        };
+        served.map(|()| folder)
     })
     .await
-    .map_err(|error| error.to_string())??;
-    config
-        .update(|c| {
-            c.models.local.insert(model_id.to_owned(), checked);
-        })
-        .map_err(|error| error.to_string())
+    .map_err(|error| AddModelError::Interrupted(error.to_string()))??;
+    config.update(|c| {
+        c.models.local.insert(model_id.to_owned(), checked);
+    })?;
+    Ok(())
 }
 
-fn save_settings(
-    config: &crate::config::SharedConfig,
-    change: &SettingsChange,
-) -> Result<(), crate::config::ConfigError> {
+/// Saves what the Settings tab changed. An invalid studio URL saves nothing; a start-at-login
+/// change the OS refuses is reported after the rest is saved.
+fn save_settings(config: &SharedConfig, change: &SettingsChange) -> Result<(), CommandError> {
     // The window validated these; a command from elsewhere gets the same rules.
-    let api_base_url = match crate::studio::ApiBase::parse(&change.api_base_url) {
-        Ok(_) => change.api_base_url.trim().to_owned(),
-        Err(err) => {
-            tracing::warn!("settings not saved: {err}");
-            return Ok(());
-        }
-    };
+    ApiBase::parse(&change.api_base_url)?;
+    let api_base_url = change.api_base_url.trim().to_owned();
     let worker_name = change.worker_name.trim();
-    if crate::platform::autostart::is_enabled() != change.start_at_login {
-        match crate::platform::autostart::set_enabled(change.start_at_login) {
-            Ok(()) => tracing::info!(enabled = change.start_at_login, "start at login changed"),
-            Err(err) => tracing::error!("start at login not changed: {err}"),
-        }
-    }
     config.update(|c| {
         c.api_base_url = api_base_url;
         if !worker_name.is_empty() {
@@ -203,5 +235,10 @@ fn save_settings(
         c.ui.close_to_tray = change.close_to_tray;
         c.images.save_copies_to.clone_from(&change.save_copies_to);
         c.crash_reports.send = change.send_crash_reports;
-    })
+    })?;
+    if autostart::is_enabled() != change.start_at_login {
+        autostart::set_enabled(change.start_at_login)?;
+        tracing::info!(enabled = change.start_at_login, "start at login changed");
+    }
+    Ok(())
 }

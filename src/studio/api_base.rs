@@ -59,10 +59,6 @@ impl ApiBase {
         // `path_segments_mut` only fails for cannot-be-a-base URLs, which `parse` refused.
         url
     }
-
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
 }
 
 impl std::fmt::Display for ApiBase {

@@ -63,16 +63,6 @@ impl StudioError {
             _ => None,
         }
     }
-
-    /// The HTTP status, when the studio answered at all.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Transient { .. } => None,
-            Self::Unauthorized => Some(401),
-            Self::NotFound { status, .. } | Self::Refused { status, .. } => Some(*status),
-            Self::Conflict { .. } => Some(409),
-        }
-    }
 }
 
 /// An approved worker's identity, sent as `Authorization: Bearer` on every call after §1.
@@ -90,10 +80,6 @@ pub struct StudioClient {
 }
 
 impl StudioClient {
-    pub fn new(base: ApiBase) -> Result<Self, StudioError> {
-        Self::with_timeout(base, DEFAULT_TIMEOUT)
-    }
-
     pub fn with_timeout(base: ApiBase, timeout: Duration) -> Result<Self, StudioError> {
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -112,10 +98,6 @@ impl StudioClient {
             base,
             timeout,
         })
-    }
-
-    pub fn base(&self) -> &ApiBase {
-        &self.base
     }
 
     /// §1.1: create a registration request.

@@ -94,10 +94,6 @@ impl WorkerApp {
         self.thumbnails.loads_started()
     }
 
-    pub fn notice(&self) -> Option<&str> {
-        self.notice.as_deref()
-    }
-
     /// Takes a fresh status snapshot and applies tray clicks. Returns the viewport commands
     /// the platform should carry out (kept separate so tests can run it without a window).
     pub fn apply(&mut self) -> Vec<egui::ViewportCommand> {

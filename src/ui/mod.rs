@@ -14,8 +14,7 @@ mod thumbnail_cache;
 
 use anyhow::Context as _;
 
-pub use app::{Tab, UiAction, WorkerApp};
-pub use settings_tab::SettingsForm;
+pub use app::{Tab, WorkerApp};
 
 use crate::config::{BrokenConfig, SharedConfig};
 use crate::runtime::{Launch, Runtime};

@@ -1,6 +1,9 @@
 //! The integration tests: the real library against the in-process studio over real sockets,
 //! and the real binary as a child process. One test binary, so CI links once.
 
+// Test and tool code: an unwrap that fails is the test failing, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../support/mod.rs"]
 mod support;
 

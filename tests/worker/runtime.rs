@@ -480,3 +480,45 @@ async fn the_app_starts_with_a_broken_studio_url_and_says_why_while_headless_ref
     assert!(handle.config().snapshot().install_id.is_none());
     runtime.shutdown().await;
 }
+
+#[tokio::test]
+async fn settings_that_cannot_be_applied_are_reported_not_claimed_as_saved() {
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime(fast_timing());
+    let handle = runtime.handle();
+    let before = handle.config().snapshot();
+    let change = |api_base_url: &str| studio_worker::runtime::SettingsChange {
+        api_base_url: api_base_url.to_owned(),
+        worker_name: "renamed-rig".to_owned(),
+        unload_when_paused: before.engine.unload_when_paused,
+        device: before.engine.device,
+        enabled_models: before.models.enabled.clone(),
+        close_to_tray: before.ui.close_to_tray,
+        start_at_login: studio_worker::platform::autostart::is_enabled(),
+        save_copies_to: None,
+        send_crash_reports: false,
+    };
+
+    // A command from elsewhere than the window (which checks first) with a URL that would
+    // send the token in clear text: nothing is saved, and the person is told.
+    assert!(handle.send(Command::SaveSettings(change(
+        "http://studio.example.com/api"
+    ))));
+    eventually("the problem is shown", PATIENCE, || {
+        handle.status().settings_problem.is_some()
+    })
+    .await;
+    let problem = handle.status().settings_problem.unwrap();
+    assert!(problem.contains("not saved"), "{problem}");
+    assert_eq!(home.on_disk().worker_name, "test-rig", "nothing saved");
+
+    // A good one clears the problem.
+    assert!(handle.send(Command::SaveSettings(change(&studio.url()))));
+    eventually("saved", PATIENCE, || {
+        handle.status().settings_problem.is_none() && home.on_disk().worker_name == "renamed-rig"
+    })
+    .await;
+    runtime.shutdown().await;
+}

@@ -8,10 +8,10 @@
 
 pub mod model_folder;
 pub mod schedulers;
-pub mod text_encoder;
-pub mod tokenizer;
+pub(crate) mod text_encoder;
+pub(crate) mod tokenizer;
 pub mod unet;
-pub mod vae;
+pub(crate) mod vae;
 mod weight_check;
 
 use std::path::Path;

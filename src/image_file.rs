@@ -41,22 +41,22 @@ pub fn encode_png(image: &image::RgbImage, parameters: &str) -> Result<Vec<u8>, 
     Ok(bytes)
 }
 
+/// The `parameters` text a PNG carries, if any (for tests and tools).
+pub fn read_parameters(png_bytes: &[u8]) -> Option<String> {
+    let reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
+        .read_info()
+        .ok()?;
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|chunk| chunk.keyword == "parameters")
+        .and_then(|chunk| chunk.get_text().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The `parameters` text a PNG carries, if any (for tests and tools).
-    fn read_parameters(png_bytes: &[u8]) -> Option<String> {
-        let reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
-            .read_info()
-            .ok()?;
-        reader
-            .info()
-            .utf8_text
-            .iter()
-            .find(|chunk| chunk.keyword == "parameters")
-            .and_then(|chunk| chunk.get_text().ok())
-    }
 
     #[test]
     fn the_png_carries_its_parameters_and_its_pixels() {

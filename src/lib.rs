@@ -11,7 +11,7 @@
 pub mod backoff;
 mod files;
 mod human;
-mod image_file;
+pub mod image_file;
 pub mod secret;
 pub mod timing;
 pub mod vocab;
@@ -35,3 +35,7 @@ pub mod cli;
 pub mod runtime;
 pub mod tray;
 pub mod ui;
+
+// The layer picture above, checked against the source files.
+#[cfg(test)]
+mod layers;

@@ -53,7 +53,8 @@ impl Timing {
         heartbeat_floor: Duration::from_secs(5),
         heartbeat_cap: Duration::from_secs(300),
         refused_retry: Duration::from_secs(30),
-        request_timeout: crate::studio::DEFAULT_TIMEOUT,
+        // studio-api.md, Conventions: the default request timeout.
+        request_timeout: Duration::from_secs(30),
         claim_wait: Duration::from_secs(20),
         empty_claim_pause: Duration::from_secs(5),
         progress_min_gap: Duration::from_millis(500),

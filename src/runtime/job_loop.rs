@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::delivery::Delivery;
 use super::outage::OutageLog;
 use super::progress;
-use super::session::Session;
+use super::session::{Session, report_fail};
 use super::signals::{OutboxState, Tally};
 use super::status::{CurrentJob, FinishedJob, JobOutcome};
 use super::{StatusSender, pause_reason};
@@ -24,7 +23,7 @@ use crate::backoff::Backoff;
 use crate::config::SharedConfig;
 use crate::engine::{CancelToken, Engine, EngineError, Generated, StopReason};
 use crate::studio::job::read_job;
-use crate::studio::protocol::{ClaimRequest, FailCode, FailRequest};
+use crate::studio::protocol::{ClaimRequest, FailCode};
 use crate::studio::{StudioClient, StudioError};
 use crate::timing::{FAILURES_BEFORE_BACKOFF, Timing};
 use crate::vocab::job::{JobSpec, MAX_SEED};
@@ -254,7 +253,7 @@ impl JobLoop {
                         self.tally.failed();
                         self.status.send_modify(|s| {
                             s.jobs.counters = self.tally.counters();
-                            s.jobs.remember(rejected_job(
+                            s.jobs.remember(FinishedJob::rejected(
                                 &job_id,
                                 &raw_job,
                                 rejection.code,
@@ -505,86 +504,4 @@ impl JobLoop {
             s.jobs.remember(FinishedJob::new(current, outcome));
         });
     }
-}
-
-fn rejected_job(
-    job_id: &str,
-    raw_job: &serde_json::Value,
-    code: FailCode,
-    message: &str,
-) -> FinishedJob {
-    let text = |field: &str| {
-        raw_job
-            .get(field)
-            .and_then(serde_json::Value::as_str)
-            .map(|text| text.chars().take(200).collect())
-            .unwrap_or_default()
-    };
-    let number = |field: &str| {
-        raw_job
-            .get(field)
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(0)
-    };
-    FinishedJob {
-        job_id: job_id.chars().take(200).collect(),
-        prompt: text("prompt"),
-        model: text("model"),
-        width: number("width"),
-        height: number("height"),
-        steps: number("steps"),
-        seed: None,
-        outcome: JobOutcome::Rejected {
-            code,
-            message: message.to_owned(),
-        },
-        duration_ms: 0,
-        finished_at: Utc::now(),
-        thumbnail: None,
-        saved_copies: Vec::new(),
-    }
-}
-
-/// §3.4: tells the studio this worker will not finish the job (handed back, refused, or
-/// failed), `retryable` saying whether another worker may try. Retried a few times on
-/// transient errors; after that the studio's lease expiry takes over.
-pub(super) async fn report_fail(
-    session: &Session,
-    timing: &Timing,
-    job_id: &str,
-    code: FailCode,
-    message: &str,
-    retryable: bool,
-) {
-    let body = FailRequest {
-        worker_id: session.worker_id().to_owned(),
-        code,
-        error: message.to_owned(),
-        retryable,
-    };
-    let mut backoff = Backoff::new(timing.backoff);
-    for _ in 0..4 {
-        match session.fail(job_id, &body).await {
-            Ok(())
-            | Err(
-                StudioError::NotFound { .. }
-                | StudioError::Conflict { .. }
-                | StudioError::Unauthorized,
-            ) => return,
-            Err(err) if err.is_transient() => {
-                let delay = backoff.next_delay(err.retry_after());
-                tracing::debug!(job_id, "fail not delivered ({err}); retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-            }
-            Err(err) => {
-                tracing::warn!(job_id, "the studio refused the fail report: {err}");
-                return;
-            }
-        }
-    }
-    tracing::warn!(
-        job_id,
-        "could not report the job back; the studio will reassign it when its lease runs out"
-    );
 }

@@ -2,13 +2,16 @@
 //! credentials, and a `401` on any of them is recorded here, once, as "revoked" (§2). Callers
 //! still get [`StudioError::Unauthorized`] back, to stop what they were doing.
 
+use crate::backoff::Backoff;
 use crate::config::SharedConfig;
 use crate::registration::RegistrationState;
+use crate::studio::protocol::FailCode;
 use crate::studio::protocol::{
     ClaimRequest, FailRequest, Heartbeat, HeartbeatResponse, ProgressRequest, ProgressResponse,
     ResultMeta,
 };
 use crate::studio::{Credentials, StudioClient, StudioError};
+use crate::timing::Timing;
 
 #[derive(Clone)]
 pub(super) struct Session {
@@ -112,4 +115,47 @@ impl Session {
             Err(err) => tracing::error!("cannot record the revocation: {err}"),
         }
     }
+}
+
+/// §3.4: tells the studio this worker will not finish the job (handed back, refused, or
+/// failed), `retryable` saying whether another worker may try. Retried a few times on
+/// transient errors; after that the studio's lease expiry takes over.
+pub(super) async fn report_fail(
+    session: &Session,
+    timing: &Timing,
+    job_id: &str,
+    code: FailCode,
+    message: &str,
+    retryable: bool,
+) {
+    let body = FailRequest {
+        worker_id: session.worker_id().to_owned(),
+        code,
+        error: message.to_owned(),
+        retryable,
+    };
+    let mut backoff = Backoff::new(timing.backoff);
+    for _ in 0..4 {
+        match session.fail(job_id, &body).await {
+            Ok(())
+            | Err(
+                StudioError::NotFound { .. }
+                | StudioError::Conflict { .. }
+                | StudioError::Unauthorized,
+            ) => return,
+            Err(err) if err.is_transient() => {
+                let delay = backoff.next_delay(err.retry_after());
+                tracing::debug!(job_id, "fail not delivered ({err}); retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => {
+                tracing::warn!(job_id, "the studio refused the fail report: {err}");
+                return;
+            }
+        }
+    }
+    tracing::warn!(
+        job_id,
+        "could not report the job back; the studio will reassign it when its lease runs out"
+    );
 }

@@ -220,6 +220,46 @@ pub struct FinishedJob {
 }
 
 impl FinishedJob {
+    /// A job that was never run (it broke a rule), from what its raw JSON says.
+    pub(super) fn rejected(
+        job_id: &str,
+        raw_job: &serde_json::Value,
+        code: FailCode,
+        message: &str,
+    ) -> FinishedJob {
+        let text = |field: &str| {
+            raw_job
+                .get(field)
+                .and_then(serde_json::Value::as_str)
+                .map(|text| text.chars().take(200).collect())
+                .unwrap_or_default()
+        };
+        let number = |field: &str| {
+            raw_job
+                .get(field)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0)
+        };
+        FinishedJob {
+            job_id: job_id.chars().take(200).collect(),
+            prompt: text("prompt"),
+            model: text("model"),
+            width: number("width"),
+            height: number("height"),
+            steps: number("steps"),
+            seed: None,
+            outcome: JobOutcome::Rejected {
+                code,
+                message: message.to_owned(),
+            },
+            duration_ms: 0,
+            finished_at: Utc::now(),
+            thumbnail: None,
+            saved_copies: Vec::new(),
+        }
+    }
+
     pub fn new(current: &CurrentJob, outcome: JobOutcome) -> Self {
         let duration = Utc::now() - current.started_at;
         Self {

@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::StatusSender;
-use super::job_loop::report_fail;
 use super::outage::OutageLog;
 use super::session::Session;
+use super::session::report_fail;
 use super::signals::{OutboxState, Tally};
 use super::status::{Delivery, JobOutcome};
 use crate::backoff::Backoff;

@@ -17,8 +17,6 @@ use crate::secret::Secret;
 
 /// `studio-worker/<version>`, sent on every request.
 pub const USER_AGENT: &str = concat!("studio-worker/", env!("CARGO_PKG_VERSION"));
-/// studio-api.md, Conventions: the default request timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A long-poll claim may take `waitS` plus this (Conventions).
 const CLAIM_GRACE: Duration = Duration::from_secs(15);

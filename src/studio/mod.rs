@@ -7,4 +7,4 @@ pub mod job;
 pub mod protocol;
 
 pub use api_base::{ApiBase, ApiBaseError};
-pub use client::{Credentials, DEFAULT_TIMEOUT, StudioClient, StudioError, USER_AGENT};
+pub use client::{Credentials, StudioClient, StudioError, USER_AGENT};

@@ -470,16 +470,7 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
     let png = std::fs::read(&out).unwrap();
     let image = image::load_from_memory(&png).unwrap();
     assert_eq!((image.width(), image.height()), (64, 48));
-    let decoder = png::Decoder::new(std::io::Cursor::new(&png));
-    let reader = decoder.read_info().unwrap();
-    let parameters = reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|chunk| chunk.keyword == "parameters")
-        .expect("a parameters chunk")
-        .get_text()
-        .unwrap();
+    let parameters = studio_worker::image_file::read_parameters(&png).expect("a parameters chunk");
     assert!(parameters.starts_with("a red fox\n"), "{parameters}");
     assert!(
         parameters.contains("Steps: 2") && parameters.contains("Seed: 77"),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use studio_worker::image_file::read_parameters;
 use studio_worker::runtime::{Command, JobOutcome, Runtime};
 use studio_worker::vocab::pause::PauseReason;
 
@@ -239,6 +240,14 @@ async fn several_images_arrive_in_order_and_a_missing_seed_is_picked_and_reporte
             decode(png).get_pixel(0, 0).0,
             colour_for(seed, index),
             "image {index} in order"
+        );
+        // The same parameters chunk `generate` writes, with the seed the worker picked.
+        let parameters = read_parameters(png).expect("a parameters chunk");
+        assert!(
+            parameters.starts_with("a lighthouse at dusk")
+                && parameters.contains(&format!("Seed: {seed},"))
+                && parameters.contains("Model: sd-turbo"),
+            "{parameters}"
         );
     }
     p.runtime.shutdown().await;

@@ -60,9 +60,14 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], NoEntropy> {
     Ok(bytes)
 }
 
-/// A fresh registration secret: 32 bytes from the OS CSPRNG as 64 lowercase hex characters.
-pub fn new_registration_secret() -> Result<Secret, NoEntropy> {
+/// A fresh random token: 32 bytes from the OS CSPRNG as 64 lowercase hex characters.
+pub fn new_token() -> Result<Secret, NoEntropy> {
     Ok(Secret(hex::encode(random_bytes::<32>()?)))
+}
+
+/// A fresh registration secret (studio-api.md §1: 64 lowercase hex characters).
+pub fn new_registration_secret() -> Result<Secret, NoEntropy> {
+    new_token()
 }
 
 /// A fresh install id: a random (version 4) UUID from the OS CSPRNG.

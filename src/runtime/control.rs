@@ -60,7 +60,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    let token = match crate::secret::new_registration_secret() {
+    let token = match crate::secret::new_token() {
         Ok(token) => token,
         Err(err) => {
             tracing::warn!("no local control channel: {err}");

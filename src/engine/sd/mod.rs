@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use self::model_folder::{Family, FolderError, ModelFolder};
+use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::schedulers::{NoiseSchedule, Sampler};
 use self::text_encoder::ClipTextEncoder;
 use self::tokenizer::ClipTokenizer;
@@ -117,9 +117,11 @@ impl StableDiffusion {
         let folder = ModelFolder::open(root)?;
         let files = folder.weight_files(dtype)?;
         let schedule =
-            NoiseSchedule::from_file(&folder.scheduler).map_err(|reason| FolderError::Invalid {
-                file: "scheduler/scheduler_config.json".to_owned(),
-                reason,
+            NoiseSchedule::from_file(&folder.scheduler).map_err(|Unrunnable(reason)| {
+                FolderError::Invalid {
+                    file: "scheduler/scheduler_config.json".to_owned(),
+                    reason,
+                }
             })?;
         let weights = |path: &Path, dtype: DType| -> Result<VarBuilder<'static>, SdError> {
             // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's

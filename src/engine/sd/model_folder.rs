@@ -24,6 +24,12 @@ pub enum FolderError {
     Unsupported(String),
 }
 
+/// A config value the engine cannot run, in words that name the field. The folder is
+/// refused ([`FolderError::Invalid`] names the file).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unrunnable(pub String);
+
 /// Which family of pipeline the folder holds, from `model_index.json`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -154,7 +160,12 @@ pub struct UnetConfig {
 }
 
 impl UnetFile {
-    pub fn check(&self) -> Result<UnetConfig, String> {
+    /// The architecture this file describes, or why the engine cannot run it.
+    pub fn check(&self) -> Result<UnetConfig, Unrunnable> {
+        self.checked_fields().map_err(Unrunnable)
+    }
+
+    fn checked_fields(&self) -> Result<UnetConfig, String> {
         let blocks = self.block_out_channels.len();
         if blocks == 0 {
             return Err("block_out_channels is empty".to_owned());
@@ -335,7 +346,11 @@ impl TextEncoderConfig {
             .any(|name| name == "CLIPTextModelWithProjection")
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Unrunnable> {
+        self.checked_fields().map_err(Unrunnable)
+    }
+
+    fn checked_fields(&self) -> Result<(), String> {
         if let Some(model_type) = &self.model_type
             && model_type != "clip_text_model"
         {
@@ -426,10 +441,12 @@ impl ModelFolder {
             }
         };
         let unet_file: UnetFile = read_json(root, "unet/config.json")?;
-        let unet = unet_file.check().map_err(|reason| FolderError::Invalid {
-            file: "unet/config.json".to_owned(),
-            reason,
-        })?;
+        let unet = unet_file
+            .check()
+            .map_err(|Unrunnable(reason)| FolderError::Invalid {
+                file: "unet/config.json".to_owned(),
+                reason,
+            })?;
         let vae: VaeConfig = read_json(root, "vae/config.json")?;
         if vae.block_out_channels.is_empty()
             || vae
@@ -538,10 +555,12 @@ impl ModelFolder {
 
 fn read_text_encoder(root: &Path, file: &str) -> Result<TextEncoderConfig, FolderError> {
     let config: TextEncoderConfig = read_json(root, file)?;
-    config.check().map_err(|reason| FolderError::Invalid {
-        file: file.to_owned(),
-        reason,
-    })?;
+    config
+        .check()
+        .map_err(|Unrunnable(reason)| FolderError::Invalid {
+            file: file.to_owned(),
+            reason,
+        })?;
     Ok(config)
 }
 

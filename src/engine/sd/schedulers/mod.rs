@@ -17,7 +17,7 @@ mod euler;
 
 use candle_core::{Result, Tensor};
 
-use super::model_folder::SchedulerFile;
+use super::model_folder::{SchedulerFile, Unrunnable};
 use crate::vocab::job::Scheduler;
 
 pub use ddim::Ddim;
@@ -59,7 +59,12 @@ pub struct NoiseSchedule {
 }
 
 impl NoiseSchedule {
-    pub fn from_file(file: &SchedulerFile) -> std::result::Result<Self, String> {
+    /// The schedule `scheduler_config.json` describes, or why the engine cannot run it.
+    pub fn from_file(file: &SchedulerFile) -> std::result::Result<Self, Unrunnable> {
+        Self::checked(file).map_err(Unrunnable)
+    }
+
+    fn checked(file: &SchedulerFile) -> std::result::Result<Self, String> {
         let train_steps = file.num_train_timesteps;
         if train_steps < 2 {
             return Err("num_train_timesteps must be at least 2".to_owned());

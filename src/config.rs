@@ -52,6 +52,7 @@ pub struct Config {
     pub access_revoked: bool,
 
     pub pause: PauseSection,
+    pub policy: PolicySection,
     pub engine: EngineSection,
     pub models: ModelsSection,
     pub ui: UiSection,
@@ -73,6 +74,7 @@ impl Default for Config {
             auth_token: None,
             access_revoked: false,
             pause: PauseSection::default(),
+            policy: PolicySection::default(),
             engine: EngineSection::default(),
             models: ModelsSection::default(),
             ui: UiSection::default(),
@@ -105,6 +107,59 @@ pub struct PauseSection {
     pub by_user: bool,
     /// The studio's heartbeat answer said `pause: true`.
     pub by_studio: bool,
+}
+
+/// `[policy]`: when the worker steps aside by itself, so the PC's owner never notices it.
+/// The defaults are what a gamer would pick: pause for games, heat and battery; run at any
+/// hour, whether or not someone is at the PC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicySection {
+    /// Pause while a game (or any program using the GPU heavily, or a full-screen window)
+    /// runs.
+    pub pause_for_games: bool,
+    /// Take jobs again this long after the game ended (a loading screen or an alt-tab does
+    /// not flap the worker).
+    pub resume_after_game_s: u64,
+    /// Another program using at least this share of the GPU counts as a game.
+    pub gpu_busy_percent: u32,
+    /// Programs that always pause the worker while they run (a game launcher, a video
+    /// editor), by program name, case-insensitive (`obs64.exe`, `resolve`).
+    pub always_pause_for: Vec<String>,
+    /// Programs whose full screen or GPU use never pauses the worker (a video player).
+    pub never_pause_for: Vec<String>,
+    /// Run only after this PC has had no keyboard or mouse input for `away_after_min`.
+    pub only_when_away: bool,
+    pub away_after_min: u64,
+    /// Run only in the hours of `schedule` (this PC's local time).
+    pub use_schedule: bool,
+    pub schedule: crate::vocab::schedule::WeeklyHours,
+    /// Pause while the GPU is hotter than this (°C); resume 5 °C below. 0: no limit.
+    pub temperature_limit_c: u32,
+    /// Use at most this share of the GPU's time, resting between denoising steps (less heat
+    /// and fan noise); 100: no rests.
+    pub max_gpu_share_percent: u32,
+    /// Pause while a laptop runs on battery.
+    pub pause_on_battery: bool,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            pause_for_games: true,
+            resume_after_game_s: 120,
+            gpu_busy_percent: 25,
+            always_pause_for: Vec::new(),
+            never_pause_for: Vec::new(),
+            only_when_away: false,
+            away_after_min: 5,
+            use_schedule: false,
+            schedule: crate::vocab::schedule::WeeklyHours::default(),
+            temperature_limit_c: 83,
+            max_gpu_share_percent: 100,
+            pause_on_battery: true,
+        }
+    }
 }
 
 /// `[engine]`: how the image engine uses this PC.

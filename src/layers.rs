@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["vocab", "files", "human", "secret", "backoff"],
     &["timing", "image_file", "platform", "logging", "thumbnails"],
     &["config", "studio", "engine"],
-    &["models", "outbox", "crash", "registration"],
+    &["models", "outbox", "crash", "registration", "policy"],
     &["runtime"],
     &["tray"],
     &["ui"],

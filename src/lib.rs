@@ -27,6 +27,7 @@ pub mod studio;
 mod crash;
 mod logging;
 mod outbox;
+pub mod policy;
 pub mod registration;
 pub mod thumbnails;
 

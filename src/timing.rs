@@ -37,6 +37,10 @@ pub struct Timing {
     pub failure_backoff: BackoffPolicy,
     /// How long a job being handed back on quit may take to say so.
     pub handback_timeout: Duration,
+    /// How often the policy reads its probes while the worker may take jobs (a game must
+    /// stop it within 2 s), and while it is paused by the person or the studio anyway.
+    pub policy_tick: Duration,
+    pub policy_paused_tick: Duration,
 }
 
 /// Engine failures in a row after which the worker stops claiming for a while, instead of
@@ -63,6 +67,8 @@ impl Timing {
             cap: Duration::from_secs(10 * 60),
         },
         handback_timeout: Duration::from_secs(5),
+        policy_tick: Duration::from_secs(1),
+        policy_paused_tick: Duration::from_secs(5),
     };
 }
 

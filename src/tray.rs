@@ -54,10 +54,10 @@ const UNREACHABLE_AFTER: u32 = 3;
 
 impl TrayView {
     pub fn from_status(status: &WorkerStatus) -> Self {
-        let toggle = if status.paused == Some(PauseReason::User) {
-            PauseToggle::Resume
-        } else {
-            PauseToggle::Pause
+        // The person can lift their own pause and the policy's, never the studio's.
+        let toggle = match status.paused {
+            Some(reason) if reason != PauseReason::Studio => PauseToggle::Resume,
+            _ => PauseToggle::Pause,
         };
         let (icon, status_line) = if let Some(fatal) = &status.fatal {
             (TrayIconKind::Attention, format!("Stopped: {fatal}"))
@@ -81,11 +81,8 @@ impl TrayView {
                     "Waiting for the studio to approve this PC".to_owned(),
                 ),
                 RegistrationState::Approved { .. } => {
-                    if let Some(reason) = status.paused {
-                        (
-                            TrayIconKind::Paused,
-                            crate::human::capitalise(reason.describe()),
-                        )
+                    if let Some(line) = status.pause_line() {
+                        (TrayIconKind::Paused, line)
                     } else if status.connection.consecutive_failures >= UNREACHABLE_AFTER {
                         (
                             TrayIconKind::Attention,
@@ -284,6 +281,28 @@ mod tests {
         );
         assert_eq!(view.status_line, "Paused by you");
         assert_eq!(view.toggle.label(), "Resume generation");
+
+        let mut gaming = approved();
+        gaming.paused = Some(PauseReason::Game);
+        gaming.policy.pause = Some(crate::policy::AutoPause {
+            reason: PauseReason::Game,
+            detail: "Cyberpunk 2077 is running".into(),
+            resumes: "resumes 2 min after it closes".into(),
+        });
+        let view = TrayView::from_status(&gaming);
+        assert_eq!(
+            view.status_line,
+            "Paused: Cyberpunk 2077 is running — resumes 2 min after it closes"
+        );
+        assert_eq!(
+            view.tooltip,
+            "studio-worker: Paused: Cyberpunk 2077 is running — resumes 2 min after it closes"
+        );
+        assert_eq!(
+            (view.icon, view.toggle),
+            (TrayIconKind::Paused, PauseToggle::Resume),
+            "the person may resume over a game"
+        );
 
         paused.paused = Some(PauseReason::Studio);
         let view = TrayView::from_status(&paused);

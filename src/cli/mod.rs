@@ -5,6 +5,7 @@
 
 mod generate;
 mod models;
+mod policy;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -85,6 +86,13 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show what the worker sees on this PC (other programs on the GPU, a full-screen window,
+    /// input idle time, temperature, battery) and whether it would step aside now.
+    Policy {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show which device the image engine uses on this PC (GPU or CPU, and why).
     Device {
         /// Machine-readable output.
@@ -158,6 +166,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(CliCommand::Pause) => set_paused(&paths, true),
         Some(CliCommand::Resume) => set_paused(&paths, false),
         Some(CliCommand::Device { json }) => print_device(&paths, json),
+        Some(CliCommand::Policy { json }) => policy::print_policy(&paths, json),
         Some(CliCommand::Quit { wait }) => quit_running(&paths, Duration::from_secs(wait)),
         Some(CliCommand::CrashTest) => crash_test(&paths),
     }

@@ -23,6 +23,8 @@ struct StatusReport {
     api_base_url: String,
     worker_name: String,
     config_path: PathBuf,
+    /// The pause the settings hold (the person's or the studio's); a running worker's own,
+    /// policy included, is in `running.status.paused`.
     paused: Option<crate::vocab::pause::PauseReason>,
     /// What the running worker last wrote to `status.json`, when one is running.
     running: Option<status_file::StatusFile>,
@@ -56,7 +58,7 @@ pub(super) fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
         api_base_url: config.api_base_url.clone(),
         worker_name: config.worker_name.clone(),
         config_path: paths.config_file.clone(),
-        paused: crate::runtime::pause_reason(&config),
+        paused: crate::runtime::pause_reason(&config, &crate::policy::Decision::default()),
         running,
     };
 
@@ -81,11 +83,16 @@ pub(super) fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
     println!("Worker name:  {}", report.worker_name);
     println!("Studio:       {}", report.api_base_url);
     println!("Settings:     {}", report.config_path.display());
+    // A running worker knows more (a game, the schedule…) than the settings file.
+    let paused = match &report.running {
+        Some(file) => file.status.pause_line(),
+        None => report
+            .paused
+            .map(|reason| crate::human::capitalise(reason.describe())),
+    };
     println!(
         "Paused:       {}",
-        report
-            .paused
-            .map_or_else(|| "no".to_owned(), |reason| reason.describe().to_owned())
+        paused.unwrap_or_else(|| "no".to_owned())
     );
     match &report.running {
         Some(file) => {

@@ -4,4 +4,5 @@ pub mod autostart;
 pub(crate) mod gpu_build;
 pub(crate) mod host;
 pub(crate) mod open;
+pub mod probes;
 pub(crate) mod single_instance;

@@ -22,7 +22,8 @@ use crate::studio::{ApiBase, ApiBaseError};
 pub enum Command {
     /// The person wants the GPU back: stop taking jobs.
     Pause,
-    /// Take jobs again. A pause the studio asked for stays until the studio lifts it.
+    /// Take jobs again, also over an automatic pause (a game, the schedule, …) until its
+    /// reason next starts again. A pause the studio asked for stays until the studio lifts it.
     Resume,
     /// Forget the studio's side of the registration and ask for approval again.
     ResetRegistration,
@@ -63,6 +64,8 @@ pub struct SettingsChange {
     pub save_copies_to: Option<std::path::PathBuf>,
     /// Report crashes to minis.gg (from the next start).
     pub send_crash_reports: bool,
+    /// When the worker steps aside by itself (`[policy]`).
+    pub policy: crate::config::PolicySection,
 }
 
 pub(super) struct CommandsTask {
@@ -71,6 +74,8 @@ pub(super) struct CommandsTask {
     pub engine: Option<Arc<dyn Engine>>,
     /// Wakes the uploader's current wait.
     pub retry_uploads: Arc<Notify>,
+    /// Tells the policy task the person pressed Resume (it lifts its automatic pauses).
+    pub resumed: Arc<Notify>,
     pub host: HostRequestSender,
     pub status: StatusSender,
     pub shutdown: CancellationToken,
@@ -82,6 +87,7 @@ pub(super) async fn run(task: CommandsTask) {
         config,
         engine,
         retry_uploads,
+        resumed,
         host,
         status,
         shutdown,
@@ -98,9 +104,13 @@ pub(super) async fn run(task: CommandsTask) {
             Command::Pause => config
                 .update(|c| c.pause.by_user = true)
                 .map_err(CommandError::from),
-            Command::Resume => config
-                .update(|c| c.pause.by_user = false)
-                .map_err(CommandError::from),
+            Command::Resume => {
+                // The person wins over the policy too, until its reasons next start again.
+                resumed.notify_one();
+                config
+                    .update(|c| c.pause.by_user = false)
+                    .map_err(CommandError::from)
+            }
             Command::ResetRegistration => config
                 .update(|c| c.reset_registration())
                 .map_err(CommandError::from),
@@ -235,6 +245,7 @@ fn save_settings(config: &SharedConfig, change: &SettingsChange) -> Result<(), C
         c.ui.close_to_tray = change.close_to_tray;
         c.images.save_copies_to.clone_from(&change.save_copies_to);
         c.crash_reports.send = change.send_crash_reports;
+        c.policy.clone_from(&change.policy);
     })?;
     if autostart::is_enabled() != change.start_at_login {
         autostart::set_enabled(change.start_at_login)?;

@@ -15,9 +15,10 @@ use super::capabilities::CapabilitySource;
 use super::outage::OutageLog;
 use super::session::Session;
 use super::signals::Tally;
-use super::{StatusSender, deadline_after, pause_reason, wait_until};
+use super::{StatusSender, changed, deadline_after, pause_reason, wait_until};
 use crate::backoff::Backoff;
 use crate::config::SharedConfig;
+use crate::policy::Decision;
 use crate::registration::RegistrationState;
 use crate::studio::protocol::{Heartbeat, Stats, WorkerState};
 use crate::studio::{StudioClient, StudioError};
@@ -30,6 +31,8 @@ pub(super) struct HeartbeatTask {
     pub capabilities: CapabilitySource,
     /// Owner: the job loop.
     pub current_job: watch::Receiver<Option<String>>,
+    /// Owner: the policy task (its automatic pause is reported as `pausedReason`).
+    pub policy: watch::Receiver<Decision>,
     /// Owners: the job loop and the uploader.
     pub tally: Arc<Tally>,
     pub status: StatusSender,
@@ -43,6 +46,7 @@ pub(super) async fn run(task: HeartbeatTask) {
         config,
         capabilities,
         current_job,
+        mut policy,
         tally,
         status,
         timing,
@@ -70,7 +74,7 @@ pub(super) async fn run(task: HeartbeatTask) {
             continue;
         };
 
-        let paused = pause_reason(&snapshot);
+        let paused = pause_reason(&snapshot, &policy.borrow_and_update());
         let capabilities = capabilities.capabilities();
         let current_job_id = current_job.borrow().clone();
         let counters = tally.counters();
@@ -143,18 +147,38 @@ pub(super) async fn run(task: HeartbeatTask) {
         let (deadline, wall) = deadline_after(delay);
         status.send_modify(|s| s.connection.next_heartbeat_at = Some(wall));
         let worker_id = session.worker_id().to_owned();
-        let go_on = wait_until(Some(deadline), &mut config_changes, &shutdown, |config| {
-            // Credentials gone (reset, revoked): go to the loop head at once. A pause or
-            // resume is told to the studio at once too, unless we are backing off, where
-            // the studio asked us to wait (Retry-After) or is down.
-            let still_ours = matches!(
-                RegistrationState::from_config(config),
-                RegistrationState::Approved { worker_id: ref id } if *id == worker_id
-            );
-            !still_ours || (may_wake_early && pause_reason(config) != reported_pause)
-        })
-        .await;
-        if !go_on {
+        let woken = {
+            let policy_now = policy.clone();
+            let config_wait =
+                wait_until(Some(deadline), &mut config_changes, &shutdown, |config| {
+                    // Credentials gone (reset, revoked): go to the loop head at once. A pause or
+                    // resume is told to the studio at once too, unless we are backing off, where
+                    // the studio asked us to wait (Retry-After) or is down.
+                    let still_ours = matches!(
+                        RegistrationState::from_config(config),
+                        RegistrationState::Approved { worker_id: ref id } if *id == worker_id
+                    );
+                    !still_ours
+                        || (may_wake_early
+                            && pause_reason(config, &policy_now.borrow()) != reported_pause)
+                });
+            // The policy pausing or resuming by itself is news too.
+            let policy_wait = async {
+                loop {
+                    changed(&mut policy).await;
+                    if may_wake_early
+                        && pause_reason(&config.snapshot(), &policy.borrow()) != reported_pause
+                    {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                go_on = config_wait => go_on,
+                () = policy_wait => true,
+            }
+        };
+        if !woken {
             return;
         }
     }

@@ -18,10 +18,11 @@ use super::progress;
 use super::session::{Session, report_fail};
 use super::signals::{OutboxState, Tally};
 use super::status::{CurrentJob, FinishedJob, JobOutcome};
-use super::{StatusSender, pause_reason};
+use super::{StatusSender, changed, pause_reason};
 use crate::backoff::Backoff;
 use crate::config::SharedConfig;
 use crate::engine::{CancelToken, Engine, EngineError, Generated, StopReason};
+use crate::policy::{Decision, rest_after_step};
 use crate::studio::job::read_job;
 use crate::studio::protocol::{ClaimRequest, FailCode};
 use crate::studio::{StudioClient, StudioError};
@@ -34,6 +35,8 @@ pub(super) struct JobLoop {
     pub config: SharedConfig,
     pub engine: Option<Arc<dyn Engine>>,
     pub delivery: Delivery,
+    /// Owner: the policy task. Its automatic pause stops claims and the running job.
+    pub policy: watch::Receiver<Decision>,
     /// Owner: the uploader. Claims wait until it has emptied the outbox once.
     pub outbox_state: watch::Receiver<OutboxState>,
     /// Owner: the downloads task. Changes when a model finished downloading (and can run).
@@ -83,7 +86,7 @@ pub(super) async fn run(mut task: JobLoop) {
             changed
         });
         let config = task.config.snapshot();
-        if pause_reason(&config).is_some() {
+        if pause_reason(&config, &task.policy.borrow()).is_some() {
             if config.engine.unload_when_paused && !unloaded_for_pause {
                 unloaded_for_pause = true;
                 let engine = engine.clone();
@@ -102,6 +105,7 @@ pub(super) async fn run(mut task: JobLoop) {
                     () = task.shutdown.cancelled() => false,
                     changed = config_changes.changed() => changed.is_ok(),
                     () = changed(&mut task.outbox_state) => true,
+                    () = changed(&mut task.policy) => true,
                     () = changed(&mut task.models_coming) => true,
                     () = sleep_until_or_forever(wake_at) => true,
                 };
@@ -183,14 +187,6 @@ pub(super) async fn run(mut task: JobLoop) {
     }
 }
 
-/// Resolves when the signal changes; a signal whose owner is gone (no downloads task, say)
-/// never changes again.
-async fn changed<T>(signal: &mut watch::Receiver<T>) {
-    if signal.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 async fn sleep_until_or_forever(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -209,7 +205,7 @@ impl JobLoop {
         let Some(session) = Session::current(&self.client, &self.config) else {
             return Err("not approved by the studio".to_owned());
         };
-        if let Some(reason) = pause_reason(&config) {
+        if let Some(reason) = pause_reason(&config, &self.policy.borrow()) {
             return Err(reason.describe().to_owned());
         }
         if !self.outbox_state.borrow().drained_once {
@@ -378,7 +374,9 @@ impl JobLoop {
             let spec = spec.clone();
             let cancel = cancel.clone();
             let status = self.status.clone();
+            let gpu_share = self.config.snapshot().policy.max_gpu_share_percent;
             tokio::task::spawn_blocking(move || {
+                let mut last_mark = std::time::Instant::now();
                 let mut on_progress = |progress: JobProgress| {
                     progress_sender.send_replace(progress);
                     status.send_modify(|s| {
@@ -388,13 +386,32 @@ impl JobLoop {
                             current.total_steps = progress.total_steps;
                         }
                     });
+                    if progress.stage == Stage::Denoising {
+                        // The GPU-share cap: rest in proportion to the step, in short naps
+                        // so a pause still stops the job at once.
+                        let rest = rest_after_step(last_mark.elapsed(), gpu_share);
+                        let until = std::time::Instant::now() + rest;
+                        while !cancel.is_cancelled() && std::time::Instant::now() < until {
+                            std::thread::sleep(
+                                until
+                                    .saturating_duration_since(std::time::Instant::now())
+                                    .min(std::time::Duration::from_millis(20)),
+                            );
+                        }
+                    }
+                    last_mark = std::time::Instant::now();
                 };
                 engine.generate(&spec, &mut on_progress, &cancel)
             })
         };
         let mut config_changes = self.config.subscribe();
+        let mut policy = self.policy.clone();
         loop {
-            if pause_reason(&config_changes.borrow_and_update()).is_some() {
+            let paused = pause_reason(
+                &config_changes.borrow_and_update(),
+                &policy.borrow_and_update(),
+            );
+            if paused.is_some() {
                 cancel.cancel(StopReason::Paused);
             }
             tokio::select! {
@@ -412,6 +429,7 @@ impl JobLoop {
                         cancel.cancel(StopReason::ShuttingDown);
                     }
                 }
+                () = changed(&mut policy) => {}
             }
         }
     }

@@ -32,6 +32,7 @@ mod heartbeat;
 mod job_loop;
 mod os_signals;
 mod outage;
+mod policy_task;
 mod progress;
 mod registration_task;
 mod session;
@@ -66,12 +67,13 @@ use crate::config::{Config, SharedConfig};
 use crate::engine::Engine;
 use crate::outbox::Outbox;
 use crate::platform::host;
+use crate::platform::probes::Probes;
+use crate::policy::Decision;
 use crate::registration::{Registrar, RegistrationState};
 use crate::studio::{ApiBase, ApiBaseError, StudioClient, StudioError};
 use crate::thumbnails::Thumbnails;
 use crate::timing::Timing;
 
-#[derive(Clone)]
 pub struct RuntimeOptions {
     pub timing: Timing,
     /// Where `status.json`, the outbox and the control file go (the data folder).
@@ -84,6 +86,9 @@ pub struct RuntimeOptions {
     pub recovered_config: Option<crate::config::BrokenConfig>,
     /// Where enabled catalog models are downloaded from and to; `None`: no downloads.
     pub model_supply: Option<ModelSupply>,
+    /// What the good-guest policy watches (games, input, heat, power); `None`: no policy
+    /// (the worker pauses only when told to).
+    pub probes: Option<Probes>,
     /// The app: a studio URL in the settings that does not parse does not stop the start.
     /// Nothing talks to the studio, the status says why, and Settings can fix it. Headless
     /// runs (`false`) fail instead, with the reason on stderr.
@@ -229,6 +234,8 @@ impl Runtime {
         let (coming_sender, coming) = watch::channel(Vec::new());
         let (outbox_state_sender, outbox_state) = watch::channel(OutboxState::default());
         let (current_job_sender, current_job) = watch::channel(None);
+        let (policy_sender, policy) = watch::channel(Decision::default());
+        let resumed = Arc::new(Notify::new());
         let tally = Arc::new(Tally::default());
         let outbox_changed = Arc::new(Notify::new());
         let retry_uploads = Arc::new(Notify::new());
@@ -238,9 +245,21 @@ impl Runtime {
         let mut tasks = JoinSet::new();
         tasks.spawn(mirror(
             config.clone(),
+            policy.clone(),
             status_sender.clone(),
             shutdown.clone(),
         ));
+        if let Some(probes) = options.probes {
+            tasks.spawn(policy_task::run(policy_task::PolicyTask {
+                config: config.clone(),
+                probes,
+                resumed: resumed.clone(),
+                decision: policy_sender,
+                status: status_sender.clone(),
+                timing,
+                shutdown: shutdown.clone(),
+            }));
+        }
         if url_problem.is_none() {
             tasks.spawn(registration_task::run(
                 registration_task::RegistrationTask {
@@ -258,6 +277,7 @@ impl Runtime {
                 config: config.clone(),
                 capabilities: capabilities.clone(),
                 current_job,
+                policy: policy.clone(),
                 tally: tally.clone(),
                 status: status_sender.clone(),
                 timing,
@@ -271,6 +291,7 @@ impl Runtime {
                     outbox.clone(),
                     Thumbnails::new(options.data_dir.join("thumbnails")),
                 ),
+                policy: policy.clone(),
                 outbox_state,
                 models_coming: coming,
                 outbox_changed: outbox_changed.clone(),
@@ -309,6 +330,7 @@ impl Runtime {
             config: config.clone(),
             engine,
             retry_uploads,
+            resumed,
             host,
             status: status_sender.clone(),
             shutdown: shutdown.clone(),
@@ -371,15 +393,20 @@ pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Keeps the config-derived parts of the status (registration state, pause) in step with
-/// every saved change, whoever made it.
-async fn mirror(config: SharedConfig, status: StatusSender, shutdown: CancellationToken) {
+/// Keeps the derived parts of the status (registration state, the pause reason) in step
+/// with every saved config change and every policy decision, whoever made them.
+async fn mirror(
+    config: SharedConfig,
+    mut policy: watch::Receiver<Decision>,
+    status: StatusSender,
+    shutdown: CancellationToken,
+) {
     let mut changes = config.subscribe();
     loop {
         {
             let config = changes.borrow_and_update().clone();
             let registration = RegistrationState::from_config(&config);
-            let paused = pause_reason(&config);
+            let paused = pause_reason(&config, &policy.borrow_and_update());
             status.send_if_modified(|status| {
                 let changed = status.registration != registration || status.paused != paused;
                 status.registration = registration;
@@ -390,7 +417,16 @@ async fn mirror(config: SharedConfig, status: StatusSender, shutdown: Cancellati
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
+            () = changed(&mut policy) => {}
         }
+    }
+}
+
+/// Resolves when the signal changes; a signal whose owner is gone (no policy, no downloads
+/// task) never changes again. For `select!` arms beside a shutdown arm.
+async fn changed<T>(signal: &mut watch::Receiver<T>) {
+    if signal.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

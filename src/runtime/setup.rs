@@ -11,6 +11,7 @@ use crate::engine::Engine;
 use crate::engine::candle_engine::CandleEngine;
 use crate::models::served::served_models;
 use crate::models::store::ModelStore;
+use crate::platform::probes::Probes;
 use crate::timing::Timing;
 
 /// What the command line decided about this run.
@@ -40,6 +41,7 @@ impl Runtime {
                 engine,
                 recovered_config: launch.recovered_config,
                 model_supply,
+                probes: Some(Probes::for_this_pc()),
                 tolerate_invalid_studio_url: launch.with_window,
             },
         )

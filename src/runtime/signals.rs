@@ -145,8 +145,8 @@ impl HostRequests {
     /// Resolves when either request changes (the window's wake-up).
     pub async fn changed(&mut self) {
         tokio::select! {
-            changed = self.raise_window.changed() => if changed.is_err() { std::future::pending::<()>().await },
-            changed = self.stop.changed() => if changed.is_err() { std::future::pending::<()>().await },
+            () = super::changed(&mut self.raise_window) => {}
+            () = super::changed(&mut self.stop) => {}
         }
     }
 }

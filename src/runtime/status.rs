@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 use crate::config::Config;
+use crate::policy::Decision;
 use crate::registration::RegistrationState;
 use crate::studio::protocol::FailCode;
 use crate::vocab::job::JobSpec;
@@ -60,8 +61,12 @@ pub struct WorkerStatus {
     pub next_registration_poll_at: Option<DateTime<Utc>>,
     /// Writer: the heartbeat task.
     pub connection: ConnectionStatus,
-    /// Writer: whoever changes the config's pause section (derived on every config change).
+    /// Writer: the mirror task (from the config's pause section and the policy's decision).
     pub paused: Option<PauseReason>,
+    /// Writer: the policy task. Its automatic pause (with what holds and when it ends), the
+    /// reasons the person overrode, and the signals this PC cannot give.
+    #[serde(default)]
+    pub policy: Decision,
     /// Writers: the job loop (current, recent, counters, claim_blocked) and the uploader
     /// (outbox, delivered counters).
     pub jobs: JobsStatus,
@@ -96,7 +101,8 @@ impl WorkerStatus {
             registration_problem: None,
             next_registration_poll_at: None,
             connection: ConnectionStatus::default(),
-            paused: pause_reason(config),
+            paused: pause_reason(config, &Decision::default()),
+            policy: Decision::default(),
             jobs: JobsStatus::default(),
             device: None,
             device_note: None,
@@ -107,6 +113,18 @@ impl WorkerStatus {
             studio_url_problem: None,
             fatal: None,
         }
+    }
+
+    /// Why the worker is paused, in the one line the tray, the Status tab and `status` show:
+    /// "Paused: Cyberpunk 2077 is running — resumes 2 min after it closes".
+    pub fn pause_line(&self) -> Option<String> {
+        let reason = self.paused?;
+        Some(match &self.policy.pause {
+            Some(pause) if pause.reason == reason => {
+                format!("Paused: {} — {}", pause.detail, pause.resumes)
+            }
+            _ => crate::human::capitalise(reason.describe()),
+        })
     }
 
     /// Which models can run, in one line (`None`: no engine).
@@ -323,10 +341,13 @@ pub enum Delivery {
     NotWanted,
 }
 
-/// The reason to report when the worker is paused, by precedence (see [`PauseReason`]).
-pub fn pause_reason(config: &Config) -> Option<PauseReason> {
+/// The reason to report when the worker is paused, by precedence (see [`PauseReason`]): the
+/// person's own pause, then the policy's (a game, the schedule, heat, …), then the studio's.
+pub fn pause_reason(config: &Config, policy: &Decision) -> Option<PauseReason> {
     if config.pause.by_user {
         Some(PauseReason::User)
+    } else if let Some(pause) = &policy.pause {
+        Some(pause.reason)
     } else if config.pause.by_studio {
         Some(PauseReason::Studio)
     } else {

@@ -187,7 +187,7 @@ impl WorkerApp {
                         ui,
                         &mut self.settings,
                         &config.models.local,
-                        self.status.settings_problem.as_deref(),
+                        &self.status,
                         &mut actions,
                     )
                 }

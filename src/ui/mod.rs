@@ -8,6 +8,7 @@
 
 mod app;
 mod jobs_tab;
+mod policy_settings;
 mod settings_tab;
 mod status_tab;
 mod thumbnail_cache;

@@ -2,6 +2,7 @@
 //! saves with `config::save`), and the registration reset behind a confirmation.
 
 use super::app::UiAction;
+use super::policy_settings::{PolicyForm, policy_settings_ui};
 use super::status_tab::reset_registration_ui;
 use crate::config::Config;
 use crate::runtime::{Command, SettingsChange};
@@ -27,6 +28,8 @@ pub struct SettingsForm {
     saved_send_crash_reports: bool,
     pub save_copies: bool,
     pub copies_folder: Option<std::path::PathBuf>,
+    /// `[policy]`: when the worker steps aside by itself.
+    pub policy: PolicyForm,
     /// The folder picker's answer, while it is open, and what the folder is for.
     folder_pick: Option<(
         FolderPurpose,
@@ -59,6 +62,7 @@ impl SettingsForm {
             saved_send_crash_reports: config.crash_reports.send,
             save_copies: config.images.save_copies_to.is_some(),
             copies_folder: config.images.save_copies_to.clone(),
+            policy: PolicyForm::from_settings(&config.policy),
             folder_pick: None,
             adding_model: None,
             saved_api_base_url: config.api_base_url.clone(),
@@ -117,6 +121,7 @@ impl SettingsForm {
         if self.save_copies && self.copies_folder.is_none() {
             return Err("choose a folder for the copies of finished images".to_owned());
         }
+        let policy = self.policy.validate()?;
         Ok(SettingsChange {
             api_base_url: self.api_base_url.trim().to_owned(),
             worker_name: name.to_owned(),
@@ -127,6 +132,7 @@ impl SettingsForm {
             start_at_login: self.start_at_login,
             send_crash_reports: self.send_crash_reports,
             save_copies_to: self.copies_folder.clone().filter(|_| self.save_copies),
+            policy,
         })
     }
 }
@@ -154,9 +160,10 @@ pub fn settings_tab_ui(
     ui: &mut egui::Ui,
     form: &mut SettingsForm,
     local_models: &std::collections::BTreeMap<String, std::path::PathBuf>,
-    problem: Option<&str>,
+    status: &crate::runtime::WorkerStatus,
     actions: &mut Vec<UiAction>,
 ) {
+    let problem = status.settings_problem.as_deref();
     ui.heading("Settings");
     egui::Grid::new("settings")
         .num_columns(2)
@@ -236,6 +243,9 @@ pub fn settings_tab_ui(
             }
         }
     });
+
+    ui.add_space(8.0);
+    policy_settings_ui(ui, &mut form.policy, &status.policy.blind);
 
     ui.add_space(6.0);
     if ui.button("Save").clicked() {

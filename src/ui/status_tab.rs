@@ -121,8 +121,11 @@ pub fn reset_registration_ui(
 
 fn generation_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiAction>) {
     ui.horizontal(|ui| {
-        let paused_by_user = status.paused == Some(PauseReason::User);
-        let (label, command) = if paused_by_user {
+        // The person can lift their own pause and the policy's, never the studio's.
+        let may_resume = status
+            .paused
+            .is_some_and(|reason| reason != PauseReason::Studio);
+        let (label, command) = if may_resume {
             ("Resume generation", Command::Resume)
         } else {
             ("Pause generation", Command::Pause)
@@ -135,7 +138,23 @@ fn generation_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiA
         ui.vertical(|ui| {
             match status.paused {
                 Some(reason) => {
-                    ui.strong(human::capitalise(reason.describe()));
+                    match status
+                        .policy
+                        .pause
+                        .as_ref()
+                        .filter(|pause| pause.reason == reason)
+                    {
+                        Some(pause) => {
+                            ui.strong(format!("Paused: {}", pause.detail));
+                            ui.label(format!(
+                                "{}. Resume generation to work anyway until it next starts.",
+                                human::capitalise(&pause.resumes)
+                            ));
+                        }
+                        None => {
+                            ui.strong(human::capitalise(reason.describe()));
+                        }
+                    }
                     if reason == PauseReason::Studio {
                         ui.label("The studio resumes this PC when it wants jobs done again.");
                     }
@@ -154,8 +173,35 @@ fn generation_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiA
                     }
                 },
             };
+            if !status.policy.overridden.is_empty() && status.paused.is_none() {
+                let reasons: Vec<&str> = status
+                    .policy
+                    .overridden
+                    .iter()
+                    .map(|reason| override_name(*reason))
+                    .collect();
+                ui.label(
+                    egui::RichText::new(format!(
+                        "You resumed over {}: the worker pauses again when it next starts.",
+                        reasons.join(" and ")
+                    ))
+                    .weak(),
+                );
+            }
         });
     });
+}
+
+/// What the person overrode, in a sentence ("You resumed over a game").
+fn override_name(reason: PauseReason) -> &'static str {
+    match reason {
+        PauseReason::Game => "a game",
+        PauseReason::Active => "your being at the PC",
+        PauseReason::Schedule => "the schedule",
+        PauseReason::Temperature => "the temperature limit",
+        PauseReason::Battery => "battery power",
+        PauseReason::User | PauseReason::Studio => "a pause",
+    }
 }
 
 fn current_job_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
@@ -219,6 +265,15 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     }
     if let Some(note) = &status.device_note {
         ui.label(egui::RichText::new(human::capitalise(note)).weak());
+    }
+    for (signal, why) in &status.policy.blind {
+        ui.label(
+            egui::RichText::new(format!(
+                "Not watched on this PC: {} ({why})",
+                crate::policy::Signal::describe(*signal)
+            ))
+            .weak(),
+        );
     }
     if let Some(models) = status.models_summary() {
         ui.label(human::capitalise(&models));

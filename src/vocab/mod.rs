@@ -10,3 +10,4 @@ pub mod device;
 pub mod job;
 pub mod pause;
 pub mod progress;
+pub mod schedule;

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod hub;
+pub mod probes;
 pub mod studio;
 
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ pub fn fast_timing() -> Timing {
             cap: Duration::from_millis(600),
         },
         handback_timeout: Duration::from_secs(2),
+        policy_tick: Duration::from_millis(20),
+        policy_paused_tick: Duration::from_millis(50),
     }
 }
 
@@ -87,6 +90,16 @@ impl WorkerHome {
         timing: Timing,
         engine: Option<std::sync::Arc<dyn studio_worker::engine::Engine>>,
     ) -> Runtime {
+        self.start_runtime_on(timing, engine, None)
+    }
+
+    /// A runtime whose good-guest policy watches `pc` (`None`: no policy).
+    pub fn start_runtime_on(
+        &self,
+        timing: Timing,
+        engine: Option<std::sync::Arc<dyn studio_worker::engine::Engine>>,
+        pc: Option<&probes::FakePc>,
+    ) -> Runtime {
         Runtime::start(
             self.shared(),
             RuntimeOptions {
@@ -96,6 +109,7 @@ impl WorkerHome {
                 engine,
                 recovered_config: None,
                 model_supply: None,
+                probes: pc.map(probes::FakePc::probes),
                 tolerate_invalid_studio_url: false,
             },
         )

@@ -14,6 +14,7 @@ mod crash;
 mod gpu_build;
 mod jobs;
 mod models;
+mod policy;
 mod registration;
 mod runtime;
 mod soak;

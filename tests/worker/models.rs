@@ -91,6 +91,7 @@ fn start_with_downloads(
                 hub: setup.client.clone(),
                 catalog: vec![ENTRY],
             }),
+            probes: None,
             tolerate_invalid_studio_url: false,
         },
     )

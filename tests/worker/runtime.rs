@@ -451,6 +451,7 @@ async fn the_app_starts_with_a_broken_studio_url_and_says_why_while_headless_ref
         engine: None,
         recovered_config: None,
         model_supply: None,
+        probes: None,
         tolerate_invalid_studio_url: tolerate,
     };
 
@@ -499,6 +500,7 @@ async fn settings_that_cannot_be_applied_are_reported_not_claimed_as_saved() {
         start_at_login: studio_worker::platform::autostart::is_enabled(),
         save_copies_to: None,
         send_crash_reports: false,
+        policy: before.policy.clone(),
     };
 
     // A command from elsewhere than the window (which checks first) with a URL that would

@@ -288,6 +288,7 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
             start_at_login: studio_worker::platform::autostart::is_enabled(),
             save_copies_to: None,
             send_crash_reports: false,
+            policy: studio_worker::config::PolicySection::default(),
         })]
     );
 }

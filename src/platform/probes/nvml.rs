@@ -1,0 +1,90 @@
+//! The GPU probe on NVIDIA cards (every OS with an NVIDIA driver): other processes' share of
+//! the GPU's compute and the GPU's temperature, through the driver's NVML library, loaded at
+//! run time (`libnvidia-ml.so.1`, `nvml.dll`). Without it this probe says so and the policy
+//! goes on without it.
+//!
+//! Per-process use is NVML's process utilisation sampling: each reading asks only for the
+//! samples since the previous one (passing the last timestamp back), and "no sample since
+//! then" means nobody used the GPU. This worker's own process never counts.
+
+use std::collections::BTreeMap;
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::error::NvmlError;
+
+use super::{GpuProbe, GpuReading, GpuUser, Probed, Unavailable};
+
+pub(super) struct NvmlGpu {
+    nvml: Nvml,
+    /// The newest sample's timestamp seen (µs, the driver's clock).
+    last_seen: u64,
+    /// Program names by pid, read once per process.
+    names: BTreeMap<u32, Option<String>>,
+}
+
+impl NvmlGpu {
+    /// The probe, or one that says why NVML is not there.
+    pub(super) fn open() -> Box<dyn GpuProbe> {
+        match Nvml::init() {
+            Ok(nvml) => Box::new(Self {
+                nvml,
+                last_seen: 0,
+                names: BTreeMap::new(),
+            }),
+            Err(error) => Box::new(super::Blind(match error {
+                NvmlError::LibloadingError(_) | NvmlError::LibraryNotFound => {
+                    "no NVIDIA driver (NVML) found"
+                }
+                _ => "the NVIDIA driver's NVML did not start",
+            })),
+        }
+    }
+}
+
+impl GpuProbe for NvmlGpu {
+    fn read(&mut self) -> Probed<GpuReading> {
+        let device = self
+            .nvml
+            .device_by_index(0)
+            .map_err(|error| Unavailable(format!("NVML sees no GPU ({error})")))?;
+        let temperature_c = device.temperature(TemperatureSensor::Gpu).ok();
+        let samples = match device.process_utilization_stats(self.last_seen) {
+            Ok(samples) => samples,
+            // No sample since the last reading: nobody used the GPU.
+            Err(NvmlError::NotFound) => Vec::new(),
+            Err(error) => {
+                return Err(Unavailable(format!(
+                    "this GPU does not report other programs' use ({error})"
+                )));
+            }
+        };
+        let own_pid = std::process::id();
+        let mut busiest: BTreeMap<u32, u32> = BTreeMap::new();
+        for sample in &samples {
+            self.last_seen = self.last_seen.max(sample.timestamp);
+            if sample.pid != own_pid {
+                let percent = busiest.entry(sample.pid).or_default();
+                *percent = (*percent).max(sample.sm_util);
+            }
+        }
+        // Forget the names of processes gone from the GPU, so a reused pid is named anew.
+        self.names.retain(|pid, _| busiest.contains_key(pid));
+        let users = busiest
+            .into_iter()
+            .map(|(pid, percent)| GpuUser {
+                pid,
+                program: self
+                    .names
+                    .entry(pid)
+                    .or_insert_with(|| super::program_name(pid))
+                    .clone(),
+                percent,
+            })
+            .collect();
+        Ok(GpuReading {
+            users,
+            temperature_c,
+        })
+    }
+}

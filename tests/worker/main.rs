@@ -15,6 +15,8 @@ mod gpu_build;
 mod jobs;
 mod models;
 mod policy;
+#[cfg(target_os = "linux")]
+mod policy_desktop;
 mod registration;
 mod runtime;
 mod soak;

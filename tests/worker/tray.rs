@@ -7,138 +7,18 @@
 //! xdotool, plus libgl1-mesa-dri for software OpenGL). Without them the test says so and
 //! passes, unless `STUDIO_WORKER_DESKTOP_TESTS=require` (set by `.ci/run`) makes it fail.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
+use crate::support::desktop::Desktop;
 use crate::support::studio::TestStudio;
 use crate::support::{WorkerHome, eventually};
 
 const SLOW: Duration = Duration::from_secs(30);
+const TOOLS: [&str; 4] = ["Xvfb", "dbus-daemon", "gdbus", "xdotool"];
 const MENU_PATH: &str = "/MenuBar";
 const ITEM_PATH: &str = "/StatusNotifierItem";
-
-/// A virtual X display and a session bus, both ended when dropped.
-struct Desktop {
-    xvfb: Child,
-    bus: Child,
-    display: String,
-    bus_address: String,
-}
-
-impl Desktop {
-    /// Starts both, or says why not: `None` when a tool is missing and not required.
-    fn start() -> Option<Self> {
-        let required = std::env::var("STUDIO_WORKER_DESKTOP_TESTS").as_deref() == Ok("require");
-        let missing: Vec<&str> = ["Xvfb", "dbus-daemon", "gdbus", "xdotool"]
-            .into_iter()
-            .filter(|tool| !on_path(tool))
-            .collect();
-        if !missing.is_empty() {
-            assert!(
-                !required,
-                "desktop tests required, but {missing:?} not installed"
-            );
-            eprintln!("skipping the tray end-to-end test: {missing:?} not installed");
-            return None;
-        }
-        // Both print where they listen once they are ready: no sleeps, no fixed numbers.
-        let (xvfb, display) = spawn_and_read_line(Command::new("Xvfb").args([
-            "-displayfd",
-            "1",
-            "-screen",
-            "0",
-            "1280x900x24",
-        ]));
-        let (bus, bus_address) = spawn_and_read_line(Command::new("dbus-daemon").args([
-            "--session",
-            "--nofork",
-            "--print-address=1",
-        ]));
-        Some(Self {
-            xvfb,
-            bus,
-            display: format!(":{display}"),
-            bus_address,
-        })
-    }
-
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new(program);
-        command
-            .env("DISPLAY", &self.display)
-            .env("DBUS_SESSION_BUS_ADDRESS", &self.bus_address)
-            .env_remove("WAYLAND_DISPLAY")
-            .stdin(Stdio::null());
-        command
-    }
-
-    /// `gdbus call` on the session bus; the reply in GVariant text form.
-    fn call(&self, dest: &str, path: &str, method: &str, args: &[&str]) -> Result<String, String> {
-        let out = self
-            .command("gdbus")
-            .args(["call", "--session", "--dest", dest, "--object-path", path])
-            .args(["--method", method, "--"])
-            .args(args)
-            .output()
-            .map_err(|err| err.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn bus_names(&self) -> String {
-        self.call(
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus.ListNames",
-            &[],
-        )
-        .unwrap_or_default()
-    }
-
-    fn window_visible(&self) -> bool {
-        self.command("xdotool")
-            .args(["search", "--onlyvisible", "--name", "^studio-worker$"])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    }
-}
-
-impl Drop for Desktop {
-    fn drop(&mut self) {
-        for child in [&mut self.xvfb, &mut self.bus] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|folder| folder.join(tool).is_file())
-    })
-}
-
-fn spawn_and_read_line(command: &mut Command) -> (Child, String) {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a desktop service");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read where it listens");
-    assert!(!line.trim().is_empty(), "{command:?} printed nothing");
-    (child, line.trim().to_owned())
-}
 
 /// One dbusmenu item as a panel would show it.
 #[derive(Debug, PartialEq)]
@@ -276,7 +156,7 @@ fn the_layout_parser_reads_labels_ids_and_enabled_flags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tray_menu_pauses_resumes_opens_and_quits_the_real_app() {
-    let Some(desktop) = Desktop::start() else {
+    let Some(desktop) = Desktop::start("the tray end-to-end test", &TOOLS) else {
         return;
     };
     let studio = TestStudio::start().await;

@@ -223,14 +223,17 @@ fn power_probe() -> Box<dyn PowerProbe> {
 }
 
 /// A probe that cannot see, for a reason found at run time.
+#[cfg(all(unix, not(target_os = "macos")))]
 struct BlindWith(String);
 
+#[cfg(all(unix, not(target_os = "macos")))]
 impl ForegroundProbe for BlindWith {
     fn full_screen(&mut self) -> Probed<Option<FullScreen>> {
         Err(Unavailable(self.0.clone()))
     }
 }
 
+#[cfg(all(unix, not(target_os = "macos")))]
 impl IdleProbe for BlindWith {
     fn idle_for(&mut self) -> Probed<Duration> {
         Err(Unavailable(self.0.clone()))

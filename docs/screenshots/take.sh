@@ -15,7 +15,7 @@ port=8797
 Xvfb "$display" -screen 0 1280x900x24 >/dev/null 2>&1 & xvfb=$!
 "$target/debug/examples/dev_studio" --listen "127.0.0.1:$port" >/dev/null 2>&1 & studio=$!
 trap 'kill $app $studio $xvfb 2>/dev/null || true; rm -rf "$work"' EXIT
-printf 'api_base_url = "http://127.0.0.1:%s/api"\nworker_name = "Alice'"'"'s desktop"\n' "$port" > "$work/config.toml"
+printf 'api_base_url = "http://127.0.0.1:%s/api"\nworker_name = "Alice'"'"'s desktop"\n\n[policy]\nalways_pause_for = ["Cyberpunk2077.exe"]\n' "$port" > "$work/config.toml"
 sleep 1
 # No real hub: the app would start downloading the default model (the Status tab then shows
 # why it cannot).
@@ -32,5 +32,17 @@ sleep 4
 shot status-approved
 click 89 16 && shot jobs
 click 150 16 && shot settings
-click 40 16
+# The policy's section, further down the Settings tab.
+DISPLAY=$display xdotool mousemove --window "$window" 360 400 click --repeat 12 5; sleep 1
+# Show the schedule's grid (ticked in the form, not saved).
+click 15 342
+DISPLAY=$display xdotool mousemove --window "$window" 360 400 click --repeat 12 5; sleep 1
+shot settings-policy
+# A "game" starts (a program on the person's always-pause list; the policy reads the process
+# list every few seconds): the Status tab says which and when work resumes.
+cp "$(command -v sleep)" "$work/Cyberpunk2077"
+"$work/Cyberpunk2077" 600 & game=$!
+trap 'kill $app $studio $xvfb $game 2>/dev/null || true; rm -rf "$work"' EXIT
+sleep 8
+click 40 16 && shot status-game
 echo "screenshots in $out"

@@ -173,7 +173,13 @@ pub fn policy_settings_ui(ui: &mut egui::Ui, form: &mut PolicyForm, blind: &[(Si
         "Only in these hours (this PC's clock)",
     );
     if policy.use_schedule {
-        ui.indent("schedule", |ui| schedule_grid_ui(ui, &mut policy.schedule));
+        ui.indent("schedule", |ui| {
+            schedule_grid_ui(ui, &mut policy.schedule);
+            ui.label(
+                egui::RichText::new("Coloured hours may be worked. Click or drag to change them.")
+                    .weak(),
+            );
+        });
     }
 
     ui.horizontal(|ui| {
@@ -213,17 +219,22 @@ fn schedule_grid_ui(ui: &mut egui::Ui, hours: &mut WeeklyHours) {
     }
     egui::Grid::new("schedule-grid")
         .spacing([2.0, 2.0])
+        .min_col_width(CELL)
         .show(ui, |ui| {
             ui.label("");
             for hour in 0..24 {
-                ui.label(
-                    egui::RichText::new(if hour % 3 == 0 {
-                        format!("{hour}")
-                    } else {
-                        String::new()
-                    })
-                    .small(),
-                );
+                // Every third hour named, in a cell's width (the label may overhang).
+                let (rect, _) =
+                    ui.allocate_exact_size(egui::vec2(CELL, CELL), egui::Sense::hover());
+                if hour % 3 == 0 {
+                    ui.painter().text(
+                        rect.left_center(),
+                        egui::Align2::LEFT_CENTER,
+                        hour.to_string(),
+                        egui::FontId::proportional(10.0),
+                        ui.visuals().weak_text_color(),
+                    );
+                }
             }
             ui.end_row();
             for (day, name) in DAYS.iter().enumerate() {

@@ -307,7 +307,10 @@ fn settings_choose_the_device_used_from_the_next_start() {
     assert!(window.shows("Saved. The new device is used after a restart."));
     match window.sent().as_slice() {
         [Command::SaveSettings(change)] => assert_eq!(change.device, DevicePreference::Cpu),
-        other => panic!("expected one save, got {other:?}"),
+        other => panic!(
+            "expected one save, got {other:?}; error shown: {}",
+            window.shows("Not saved")
+        ),
     }
 }
 
@@ -332,7 +335,10 @@ fn settings_choose_which_catalog_models_to_serve() {
         [Command::SaveSettings(change)] => {
             assert_eq!(change.enabled_models, vec!["sdxl-turbo".to_owned()]);
         }
-        other => panic!("expected one save, got {other:?}"),
+        other => panic!(
+            "expected one save, got {other:?}; error shown: {}",
+            window.shows("Not saved")
+        ),
     }
 }
 
@@ -595,4 +601,103 @@ fn a_jobs_preview_opens_large_and_closes() {
     window.harness.get_by_label("Close").click();
     let _ = window.harness.run_ok();
     assert!(window.harness.query_by_label("Close").is_none(), "closed");
+}
+
+#[test]
+fn the_status_tab_says_which_game_paused_it_and_the_person_may_resume_over_it() {
+    let mut window = Window::new(approved());
+    window.set_status(|s| {
+        s.paused = Some(PauseReason::Game);
+        s.policy.pause = Some(studio_worker::policy::AutoPause {
+            reason: PauseReason::Game,
+            detail: "Cyberpunk 2077 is running".into(),
+            resumes: "resumes 2 min after it closes".into(),
+        });
+        s.policy.blind = vec![(
+            studio_worker::policy::Signal::FullScreen,
+            "Wayland does not let a program see other programs' windows".into(),
+        )];
+    });
+    assert!(window.shows("Paused: Cyberpunk 2077 is running"));
+    assert!(window.shows("Resumes 2 min after it closes."));
+    assert!(
+        window.shows(
+            "Not watched on this PC: full-screen windows (Wayland does not let a program see"
+        )
+    );
+    window.harness.get_by_label("Resume generation").click();
+    window.harness.run();
+    assert_eq!(window.sent(), vec![Command::Resume]);
+
+    // Resumed over the game: working, and saying it pauses again when the game restarts.
+    window.set_status(|s| {
+        s.paused = None;
+        s.policy.pause = None;
+        s.policy.overridden = vec![PauseReason::Game];
+    });
+    assert!(window.shows("You resumed over a game: the worker pauses again when it next starts."));
+    assert!(window.harness.query_by_label("Pause generation").is_some());
+}
+
+#[test]
+fn the_policy_settings_save_with_the_rest() {
+    let mut window = Window::new(approved());
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    assert!(window.shows("When to step aside"));
+    window
+        .harness
+        .get_by_label_contains("Only while I am away")
+        .click();
+    window.harness.run();
+    assert!(window.shows("A gamepad may not count as input"));
+    let list = window
+        .harness
+        .get_by_role_and_label(Role::MultilineTextInput, "Always pause while these run:");
+    list.focus();
+    window.harness.run();
+    window
+        .harness
+        .get_by_role_and_label(Role::MultilineTextInput, "Always pause while these run:")
+        .type_text("obs64.exe\nresolve");
+    window.harness.run();
+    window
+        .harness
+        .get_by_label("Only in these hours (this PC's clock)")
+        .click();
+    window.harness.run();
+    // Sunday 03:00 is allowed (every hour is, at first): one click forbids it.
+    window.harness.get_by_label("Sun 03:00").scroll_to_me();
+    window.harness.run();
+    window.harness.get_by_label("Sun 03:00").click();
+    window.harness.run();
+    // The section makes the tab longer than the window: scroll down, as a person would.
+    window
+        .harness
+        .get_by_label_contains("Pause while on battery")
+        .scroll_to_me();
+    window.harness.run();
+    window
+        .harness
+        .get_by_label_contains("Pause while on battery")
+        .click();
+    window.harness.run();
+    window.harness.get_by_label("Save").scroll_to_me();
+    window.harness.run();
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    match window.sent().as_slice() {
+        [Command::SaveSettings(change)] => {
+            let policy = &change.policy;
+            assert!(policy.only_when_away && policy.use_schedule);
+            assert!(!policy.pause_on_battery);
+            assert_eq!(policy.always_pause_for, vec!["obs64.exe", "resolve"]);
+            assert!(!policy.schedule.allows(6, 3) && policy.schedule.allows(6, 4));
+            assert_eq!(policy.temperature_limit_c, 83, "unchanged: the default");
+        }
+        other => panic!(
+            "expected one save, got {other:?}; error shown: {}",
+            window.shows("Not saved")
+        ),
+    }
 }

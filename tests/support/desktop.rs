@@ -32,14 +32,36 @@ impl Desktop {
             eprintln!("skipping {test}: {missing:?} not installed");
             return None;
         }
-        // Both print where they listen once they are ready: no sleeps, no fixed numbers.
-        let (xvfb, display) = spawn_and_read_line(Command::new("Xvfb").args([
-            "-displayfd",
-            "1",
-            "-screen",
-            "0",
-            "1280x900x24",
-        ]));
+        // Both print where they listen once they are ready: no sleeps. The display number is
+        // ours to choose, above the usual ones and apart for each test process (Xvfb's own
+        // choice can collide with a stale socket of an earlier server); one taken already
+        // (its lock file exists) is skipped.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let base = 100 + (std::process::id() % 400) * 20;
+        let (xvfb, display) = loop {
+            let number = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 20;
+            if std::path::Path::new(&format!("/tmp/.X{number}-lock")).exists() {
+                continue;
+            }
+            break spawn_and_read_line(Command::new("Xvfb").args([
+                &format!(":{number}"),
+                "-displayfd",
+                "1",
+                "-screen",
+                "0",
+                "1280x900x24",
+            ]));
+        };
+        // Xvfb may say its number a moment before it takes connections: wait until it does.
+        let socket = format!("/tmp/.X11-unix/X{}", display.trim());
+        let ready_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                std::time::Instant::now() < ready_by,
+                "Xvfb never listened on {socket}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let (bus, bus_address) = spawn_and_read_line(Command::new("dbus-daemon").args([
             "--session",
             "--nofork",
@@ -96,9 +118,8 @@ impl Desktop {
         .unwrap_or_default()
     }
 
-    /// Starts `program` on this desktop for as long as it lives (a window manager, a window);
-    /// its process id.
-    pub fn launch(&mut self, program: &str, args: &[&str]) -> u32 {
+    /// Starts `program` on this desktop for as long as it lives (a window manager, a window).
+    pub fn launch(&mut self, program: &str, args: &[&str]) {
         let log =
             std::env::temp_dir().join(format!("desktop-{program}-{}.log", std::process::id()));
         let child = self
@@ -108,9 +129,7 @@ impl Desktop {
             .stderr(std::fs::File::create(log).map_or_else(|_| Stdio::null(), Stdio::from))
             .spawn()
             .unwrap_or_else(|err| panic!("start {program}: {err}"));
-        let pid = child.id();
         self.programs.push(child);
-        pid
     }
 
     /// Runs a desktop tool (`wmctrl`, `xdotool`) to its end; whether it succeeded.

@@ -2,70 +2,115 @@
 //! window made full screen with `wmctrl` pauses the real worker as a game, and leaving full
 //! screen resumes it after the grace; moving the pointer with `xdotool` is input.
 //!
-//! Needs Xvfb, dbus-daemon, openbox, xlogo (x11-apps), wmctrl and xdotool. Without them the
-//! tests say so and pass, unless `STUDIO_WORKER_DESKTOP_TESTS=require` (set by `.ci/run`).
+//! Needs Xvfb, dbus-daemon, openbox, wmctrl and xdotool. Without them the tests say so and
+//! pass, unless `STUDIO_WORKER_DESKTOP_TESTS=require` (set by `.ci/run`).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use studio_worker::config;
+use x11rb::connection::Connection as _;
+use x11rb::protocol::xproto::{
+    AtomEnum, ConnectionExt as _, CreateWindowAux, PropMode, WindowClass,
+};
+use x11rb::rust_connection::RustConnection;
+use x11rb::wrapper::ConnectionExt as _;
 
 use crate::support::desktop::Desktop;
 use crate::support::studio::{Decision, Route, TestStudio};
 use crate::support::{WorkerHome, eventually};
 
 const SLOW: Duration = Duration::from_secs(30);
-const TOOLS: [&str; 6] = [
-    "Xvfb",
-    "dbus-daemon",
-    "openbox",
-    "xlogo",
-    "wmctrl",
-    "xdotool",
-];
+const TOOLS: [&str; 5] = ["Xvfb", "dbus-daemon", "openbox", "wmctrl", "xdotool"];
+/// The "game" window's title, as wmctrl finds it and the worker names it.
+const GAME: &str = "Fake Game";
 
-/// A desktop with a window manager and one ordinary window (xlogo), not full screen yet.
-async fn desktop_with_a_window(test: &str) -> Option<Desktop> {
+/// A window opened as a game opens one: titled, and saying which process it is (EWMH's
+/// `_NET_WM_PID`, as SDL, GTK and Qt set it). It lives as long as its connection.
+struct GameWindow {
+    _connection: RustConnection,
+}
+
+fn open_game_window(display: &str) -> GameWindow {
+    let (connection, screen_number) =
+        x11rb::connect(Some(display)).expect("connect to the test display");
+    let screen = &connection.setup().roots[screen_number];
+    let window = connection.generate_id().expect("a window id");
+    connection
+        .create_window(
+            x11rb::COPY_DEPTH_FROM_PARENT,
+            window,
+            screen.root,
+            40,
+            40,
+            200,
+            150,
+            0,
+            WindowClass::INPUT_OUTPUT,
+            0,
+            &CreateWindowAux::new().background_pixel(screen.white_pixel),
+        )
+        .expect("create the window");
+    let atom = |name: &str| {
+        connection
+            .intern_atom(false, name.as_bytes())
+            .expect("intern")
+            .reply()
+            .expect("atom")
+            .atom
+    };
+    let (net_wm_name, utf8_string, net_wm_pid) = (
+        atom("_NET_WM_NAME"),
+        atom("UTF8_STRING"),
+        atom("_NET_WM_PID"),
+    );
+    connection
+        .change_property8(
+            PropMode::REPLACE,
+            window,
+            AtomEnum::WM_NAME,
+            AtomEnum::STRING,
+            GAME.as_bytes(),
+        )
+        .expect("WM_NAME");
+    connection
+        .change_property8(
+            PropMode::REPLACE,
+            window,
+            net_wm_name,
+            utf8_string,
+            GAME.as_bytes(),
+        )
+        .expect("_NET_WM_NAME");
+    connection
+        .change_property32(
+            PropMode::REPLACE,
+            window,
+            net_wm_pid,
+            AtomEnum::CARDINAL,
+            &[std::process::id()],
+        )
+        .expect("_NET_WM_PID");
+    connection.map_window(window).expect("map");
+    connection.sync().expect("sync");
+    GameWindow {
+        _connection: connection,
+    }
+}
+
+/// A desktop with a window manager and one ordinary window, not full screen yet.
+async fn desktop_with_a_window(test: &str) -> Option<(Desktop, GameWindow)> {
     let mut desktop = Desktop::start(test, &TOOLS)?;
     // The window first, the window manager after it: a window manager adopts the windows
     // it finds when it starts, but may miss one mapped while it is starting.
-    let pid = desktop.launch("xlogo", &["-geometry", "200x150+40+40"]);
-    eventually("the xlogo window", SLOW, || {
-        desktop.run("xdotool", &["search", "--name", "^xlogo$"])
-    })
-    .await;
+    let game = open_game_window(&desktop.display);
     desktop.launch("openbox", &[]);
-    eventually("xlogo managed by the window manager", SLOW, || {
-        desktop.run("wmctrl", &["-a", "xlogo"])
+    eventually("the window managed by the window manager", SLOW, || {
+        desktop.run("wmctrl", &["-a", GAME])
     })
     .await;
-    // Xaw programs do not say which process they are (EWMH's _NET_WM_PID); most toolkits
-    // do. Say it for xlogo, as SDL, GTK or Qt would.
-    let window = desktop
-        .command("xdotool")
-        .args(["search", "--name", "^xlogo$"])
-        .output()
-        .expect("xdotool search");
-    let window = String::from_utf8_lossy(&window.stdout)
-        .lines()
-        .next()
-        .expect("the xlogo window")
-        .to_owned();
-    assert!(desktop.run(
-        "xprop",
-        &[
-            "-id",
-            &window,
-            "-f",
-            "_NET_WM_PID",
-            "32c",
-            "-set",
-            "_NET_WM_PID",
-            &pid.to_string()
-        ]
-    ));
-    Some(desktop)
+    Some((desktop, game))
 }
 
 fn set_full_screen(desktop: &Desktop, on: bool) {
@@ -74,8 +119,8 @@ fn set_full_screen(desktop: &Desktop, on: bool) {
     } else {
         "remove,fullscreen"
     };
-    assert!(desktop.run("wmctrl", &["-r", "xlogo", "-b", change]));
-    assert!(desktop.run("wmctrl", &["-a", "xlogo"]));
+    assert!(desktop.run("wmctrl", &["-r", GAME, "-b", change]));
+    assert!(desktop.run("wmctrl", &["-a", GAME]));
 }
 
 /// `studio-worker policy --json` on this desktop.
@@ -99,7 +144,7 @@ fn what_the_worker_sees(desktop: &Desktop, home: &WorkerHome) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_x11_probes_see_a_full_screen_window_and_input() {
-    let Some(desktop) = desktop_with_a_window("the X11 policy probes test").await else {
+    let Some((desktop, _game)) = desktop_with_a_window("the X11 policy probes test").await else {
         return;
     };
     let home = WorkerHome::new();
@@ -118,11 +163,21 @@ async fn the_x11_probes_see_a_full_screen_window_and_input() {
         !seen["fullScreen"]["seen"].is_null()
     })
     .await;
-    assert_eq!(seen["fullScreen"]["seen"]["title"], "xlogo", "{seen}");
-    assert_eq!(seen["fullScreen"]["seen"]["program"], "xlogo", "{seen}");
+    assert_eq!(seen["fullScreen"]["seen"]["title"], GAME, "{seen}");
+    // The program is this test process, found through the window's _NET_WM_PID (Linux
+    // keeps 15 characters of a process name).
+    let this_program = std::env::current_exe().unwrap();
+    let this_program = this_program.file_name().unwrap().to_string_lossy();
+    let program = seen["fullScreen"]["seen"]["program"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        !program.is_empty() && this_program.starts_with(program),
+        "{seen}"
+    );
     assert_eq!(seen["decision"]["pause"]["reason"], "game", "{seen}");
     assert_eq!(
-        seen["decision"]["pause"]["detail"], "xlogo is running",
+        seen["decision"]["pause"]["detail"], "Fake Game is running",
         "{seen}"
     );
 
@@ -142,7 +197,7 @@ async fn the_x11_probes_see_a_full_screen_window_and_input() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_screen_window_pauses_the_real_worker_until_after_the_grace() {
-    let Some(desktop) = desktop_with_a_window("the full-screen pause test").await else {
+    let Some((desktop, _game)) = desktop_with_a_window("the full-screen pause test").await else {
         return;
     };
     let studio = TestStudio::start().await;
@@ -185,6 +240,20 @@ async fn a_full_screen_window_pauses_the_real_worker_until_after_the_grace() {
     })
     .await;
     let pause_reported = full_screen_at.elapsed();
+    // `studio-worker status` in another terminal says it in the same words.
+    eventually("`status` names the game", SLOW, || {
+        let output = desktop
+            .command(env!("CARGO_BIN_EXE_studio-worker"))
+            .arg("--config")
+            .arg(home.config_path())
+            .arg("status")
+            .stdout(Stdio::piped())
+            .output()
+            .expect("run studio-worker status");
+        String::from_utf8_lossy(&output.stdout)
+            .contains("Paused:       Paused: Fake Game is running — resumes 3 s after it closes")
+    })
+    .await;
 
     set_full_screen(&desktop, false);
     let left_at = Instant::now();

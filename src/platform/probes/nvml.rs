@@ -4,16 +4,24 @@
 //! goes on without it.
 //!
 //! Per-process use is NVML's process utilisation sampling: each reading asks only for the
-//! samples since the previous one (passing the last timestamp back), and "no sample since
-//! then" means nobody used the GPU. This worker's own process never counts.
+//! samples since the previous one (passing the last timestamp back, at most a few seconds
+//! old), and "no sample since then" means nobody used the GPU. This worker's own process
+//! never counts. That query costs milliseconds, so it is made only while the whole GPU is
+//! busy (the cheap device-wide rate says so); an idle GPU needs no names.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::error::NvmlError;
 
 use super::{GpuProbe, GpuReading, GpuUser, Probed, Unavailable};
+
+/// Below this device-wide share nobody uses the GPU heavily: no per-process query.
+const QUIET_PERCENT: u32 = 5;
+/// Samples older than this are not asked for (a game that ended then has ended).
+const LOOK_BACK: Duration = Duration::from_secs(3);
 
 pub(super) struct NvmlGpu {
     nvml: Nvml,
@@ -49,7 +57,20 @@ impl GpuProbe for NvmlGpu {
             .device_by_index(0)
             .map_err(|error| Unavailable(format!("NVML sees no GPU ({error})")))?;
         let temperature_c = device.temperature(TemperatureSensor::Gpu).ok();
-        let samples = match device.process_utilization_stats(self.last_seen) {
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |now| u64::try_from(now.as_micros()).unwrap_or(u64::MAX));
+        let device_busy = device.utilization_rates().map_or(100, |rates| rates.gpu);
+        if device_busy < QUIET_PERCENT {
+            self.last_seen = now_us;
+            self.names.clear();
+            return Ok(GpuReading {
+                users: Vec::new(),
+                temperature_c,
+            });
+        }
+        let since = samples_since(self.last_seen, now_us);
+        let samples = match device.process_utilization_stats(since) {
             Ok(samples) => samples,
             // No sample since the last reading: nobody used the GPU.
             Err(NvmlError::NotFound) => Vec::new(),
@@ -86,5 +107,25 @@ impl GpuProbe for NvmlGpu {
             users,
             temperature_c,
         })
+    }
+}
+
+/// The timestamp (µs) to ask for samples after: the last one seen, but never further back
+/// than [`LOOK_BACK`] (after a quiet spell, old samples describe the past).
+fn samples_since(last_seen: u64, now_us: u64) -> u64 {
+    let look_back = u64::try_from(LOOK_BACK.as_micros()).unwrap_or(u64::MAX);
+    last_seen.max(now_us.saturating_sub(look_back))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_asked_for_since_the_last_one_but_never_from_long_ago() {
+        let now = 1_800_000_000_000_000;
+        assert_eq!(samples_since(now - 1_000_000, now), now - 1_000_000);
+        assert_eq!(samples_since(0, now), now - 3_000_000);
+        assert_eq!(samples_since(0, 5), 0);
     }
 }

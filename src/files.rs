@@ -46,7 +46,14 @@ pub fn temp_prefix(file_name: &str) -> String {
 /// Creates (or replaces) `path` with `bytes` and flushes it to the disk before returning.
 /// Not atomic: for files inside a folder that is itself renamed into place.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::File::create(path)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }

@@ -37,6 +37,10 @@ pub struct Timing {
     pub failure_backoff: BackoffPolicy,
     /// How long a job being handed back on quit may take to say so.
     pub handback_timeout: Duration,
+    /// Uploads the studio refused (404, another 4xx) are retried with this backoff…
+    pub refused_upload_backoff: BackoffPolicy,
+    /// …until this long after the first refusal; then they are reported failed.
+    pub give_up_refused_upload_after: Duration,
     /// How often the policy reads its probes while the worker may take jobs (a game must
     /// stop it within 2 s), and while it is paused by the person or the studio anyway.
     pub policy_tick: Duration,
@@ -67,6 +71,11 @@ impl Timing {
             cap: Duration::from_secs(10 * 60),
         },
         handback_timeout: Duration::from_secs(5),
+        refused_upload_backoff: BackoffPolicy {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60 * 60),
+        },
+        give_up_refused_upload_after: Duration::from_secs(7 * 24 * 60 * 60),
         policy_tick: Duration::from_secs(1),
         policy_paused_tick: Duration::from_secs(5),
     };

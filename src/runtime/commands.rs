@@ -45,6 +45,9 @@ pub enum Command {
     /// Try the waiting uploads now instead of at the end of the backoff (a `Retry-After`
     /// from the studio is still honoured).
     RetryUploads,
+    /// Give up on a result waiting in the outbox (`key`: its folder name, as the Jobs tab
+    /// lists it): the studio hears `fail internal`, and the result is removed.
+    DiscardResult { key: String },
 }
 
 /// The settings a person can change in the window.
@@ -74,6 +77,8 @@ pub(super) struct CommandsTask {
     pub engine: Option<Arc<dyn Engine>>,
     /// Wakes the uploader's current wait.
     pub retry_uploads: Arc<Notify>,
+    /// Results the person discarded, for the uploader (the outbox's owner).
+    pub discards: mpsc::Sender<String>,
     /// Tells the policy task the person pressed Resume (it lifts its automatic pauses).
     pub resumed: Arc<Notify>,
     pub host: HostRequestSender,
@@ -87,6 +92,7 @@ pub(super) async fn run(task: CommandsTask) {
         config,
         engine,
         retry_uploads,
+        discards,
         resumed,
         host,
         status,
@@ -129,6 +135,11 @@ pub(super) async fn run(task: CommandsTask) {
             }
             Command::RetryUploads => {
                 retry_uploads.notify_waiters();
+                Ok(())
+            }
+            Command::DiscardResult { key } => {
+                // The uploader may be mid-upload: it takes the discard at its next turn.
+                let _ = discards.try_send(key.clone());
                 Ok(())
             }
             Command::ShowWindow => {

@@ -22,6 +22,8 @@ pub(super) struct Delivery {
 
 /// What a stored result left for the Jobs tab.
 pub(super) struct Stored {
+    /// The bytes of the images in the outbox.
+    pub bytes: u64,
     pub thumbnail: Option<PathBuf>,
     pub copies: Vec<PathBuf>,
 }
@@ -58,6 +60,7 @@ impl Delivery {
             image_count: generated.images.len(),
             prompt: spec.prompt.clone(),
             created_at: Utc::now(),
+            lease_s: spec.lease.as_secs(),
         };
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -68,7 +71,7 @@ impl Delivery {
                 .map(|image| image_file::encode_png(image, &parameters))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(std::io::Error::other)?;
-            this.outbox.put(&meta, &pngs)?;
+            let stored = this.outbox.put(&meta, &pngs)?;
             let job_id = &spec.job_id;
             let thumbnail = generated.images.first().and_then(|first| {
                 this.thumbnails
@@ -81,7 +84,11 @@ impl Delivery {
                     .map_err(|err| tracing::warn!("no copy saved in {}: {err}", folder.display()))
                     .unwrap_or_default()
             });
-            Ok(Stored { thumbnail, copies })
+            Ok(Stored {
+                bytes: stored.bytes,
+                thumbnail,
+                copies,
+            })
         })
         .await
         .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))

@@ -16,7 +16,7 @@ use super::delivery::Delivery;
 use super::outage::OutageLog;
 use super::progress;
 use super::session::{Session, report_fail};
-use super::signals::{OutboxState, Tally};
+use super::signals::{MAX_WAITING_BYTES, MAX_WAITING_RESULTS, OutboxState, Tally};
 use super::status::{CurrentJob, FinishedJob, JobOutcome};
 use super::{StatusSender, changed, pause_reason};
 use crate::backoff::Backoff;
@@ -37,7 +37,7 @@ pub(super) struct JobLoop {
     pub delivery: Delivery,
     /// Owner: the policy task. Its automatic pause stops claims and the running job.
     pub policy: watch::Receiver<Decision>,
-    /// Owner: the uploader. Claims wait until it has emptied the outbox once.
+    /// Owner: the uploader. Claims wait while it says so (results first, a full outbox).
     pub outbox_state: watch::Receiver<OutboxState>,
     /// Owner: the downloads task. Changes when a model finished downloading (and can run).
     pub models_coming: watch::Receiver<Vec<String>>,
@@ -49,6 +49,9 @@ pub(super) struct JobLoop {
     pub status: StatusSender,
     pub timing: Timing,
     pub shutdown: CancellationToken,
+    /// Results stored but maybe not yet counted by the uploader: the listing count read
+    /// after each was stored, and its bytes.
+    pub unlisted: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 /// How a claimed job ended, for the failure streak.
@@ -208,8 +211,28 @@ impl JobLoop {
         if let Some(reason) = pause_reason(&config, &self.policy.borrow()) {
             return Err(reason.describe().to_owned());
         }
-        if !self.outbox_state.borrow().drained_once {
-            return Err("delivering finished results first".to_owned());
+        let outbox = self.outbox_state.borrow().clone();
+        if let Some(why) = outbox.hold_claims {
+            return Err(why);
+        }
+        // The uploader's count, plus what was stored since its last listing began.
+        let (count, bytes) = {
+            let mut unlisted = self
+                .unlisted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            unlisted.retain(|(listing, _)| *listing >= outbox.listings);
+            (
+                outbox.waiting + unlisted.len(),
+                outbox.bytes + unlisted.iter().map(|(_, bytes)| bytes).sum::<u64>(),
+            )
+        };
+        if count >= MAX_WAITING_RESULTS || bytes >= MAX_WAITING_BYTES {
+            return Err(format!(
+                "{count} finished results ({}) are waiting for the studio; new jobs wait until \
+                 some are delivered",
+                crate::human::bytes(bytes)
+            ));
         }
         if engine.ready_models().is_empty() {
             return Err("no model is ready".to_owned());
@@ -459,6 +482,11 @@ impl JobLoop {
         match stored {
             Ok(stored) => {
                 tracing::info!(job_id = %spec.job_id, engine_ms, "job finished; result saved for upload");
+                let listing = self.outbox_state.borrow().listings;
+                self.unlisted
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push((listing, stored.bytes));
                 self.tally.finished_in(engine_ms);
                 self.status.send_modify(|s| {
                     s.jobs.counters = self.tally.counters();

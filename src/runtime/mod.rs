@@ -7,7 +7,8 @@
 //! | `registration` | registration fields of the config, `registration_problem`, fatal stops | its timer, config changes (reset) |
 //! | `heartbeat` | `connection`, `pause.by_studio` | its timer, approval, pause changes |
 //! | `job_loop` | `jobs.current/recent/claim_blocked`, the running job's id; writes the outbox | claims, pause, config and outbox changes |
-//! | `uploader` | [`signals::OutboxState`], delivered counts; deletes from the outbox | new outbox entries, its backoff |
+//! | `uploader` | [`signals::OutboxState`], the waiting results; removes from the outbox | new outbox entries, its backoffs, Retry now, Discard |
+//! | `lease keeper` | — (renews the leases of waiting results; tells the uploader what the studio no longer wants) | its timer, the waiting results |
 //! | `downloads` | `downloads`, `models_ready`, the models still coming | enabled models changing |
 //! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, [`HostRequests`] | [`Command`]s from the UI, tray, CLI |
 //! | `control` | — (turns local `pause`/`resume`/`quit` requests into [`Command`]s) | connections on 127.0.0.1 |
@@ -58,7 +59,7 @@ pub use setup::Launch;
 pub use signals::{HostRequests, StopRequest, host_requests};
 pub use status::{
     ConnectionStatus, CurrentJob, Delivery, FinishedJob, JobCounters, JobOutcome, JobsStatus,
-    ModelDownload, WorkerStatus, pause_reason,
+    ModelDownload, WaitingResult, WaitingState, WorkerStatus, pause_reason,
 };
 
 use self::capabilities::CapabilitySource;
@@ -232,7 +233,14 @@ impl Runtime {
         let (command_sender, command_receiver) = mpsc::channel(32);
         let (host, requests) = host_requests();
         let (coming_sender, coming) = watch::channel(Vec::new());
-        let (outbox_state_sender, outbox_state) = watch::channel(OutboxState::default());
+        // Until the uploader has looked, results from before come first (§3.3).
+        let (outbox_state_sender, outbox_state) = watch::channel(OutboxState {
+            hold_claims: Some("delivering finished results first".to_owned()),
+            ..OutboxState::default()
+        });
+        let (discard_sender, discards) = mpsc::channel(32);
+        let (not_wanted_sender, not_wanted) = mpsc::channel(32);
+        let (lease_sender, leases) = watch::channel(Vec::new());
         let (current_job_sender, current_job) = watch::channel(None);
         let (policy_sender, policy) = watch::channel(Decision::default());
         let resumed = Arc::new(Notify::new());
@@ -296,6 +304,7 @@ impl Runtime {
                 models_coming: coming,
                 outbox_changed: outbox_changed.clone(),
                 current_job: current_job_sender,
+                unlisted: std::sync::Mutex::new(Vec::new()),
                 tally: tally.clone(),
                 status: status_sender.clone(),
                 timing,
@@ -308,11 +317,22 @@ impl Runtime {
                 outbox_state: outbox_state_sender,
                 outbox_changed,
                 retry_uploads: retry_uploads.clone(),
+                discards,
+                not_wanted,
+                leases: lease_sender,
                 tally,
                 status: status_sender.clone(),
                 timing,
                 shutdown: shutdown.clone(),
             }));
+            tasks.spawn(uploader::keep_leases(
+                client.clone(),
+                config.clone(),
+                leases,
+                not_wanted_sender,
+                timing,
+                shutdown.clone(),
+            ));
         }
         if let (Some(supply), Some(engine)) = (options.model_supply, engine.clone()) {
             tasks.spawn(downloads::run(downloads::Downloads {
@@ -330,6 +350,7 @@ impl Runtime {
             config: config.clone(),
             engine,
             retry_uploads,
+            discards: discard_sender,
             resumed,
             host,
             status: status_sender.clone(),

@@ -4,7 +4,7 @@
 //!
 //! | signal | owner (writer) | readers |
 //! |---|---|---|
-//! | [`OutboxState`] | uploader | job loop (claims wait for the first drain) |
+//! | [`OutboxState`] | uploader | job loop (claims wait for the first offers, and while the outbox is full or unreadable) |
 //! | models still downloading | downloads task | capabilities (registration, heartbeat) |
 //! | the running job's id | job loop | heartbeat (`currentJobId`, `state`) |
 //! | [`Tally`] | job loop (engine results), uploader (deliveries) | heartbeat (`stats`) |
@@ -18,13 +18,22 @@ use tokio::sync::watch;
 use super::status::JobCounters;
 
 /// The outbox as the uploader last saw it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OutboxState {
     /// Results on disk waiting for the studio.
     pub waiting: usize,
-    /// The uploader has emptied the outbox once since start; claims wait for this (§3.3).
-    pub drained_once: bool,
+    pub bytes: u64,
+    /// Why the job loop must not claim now: results from before are offered first (§3.3),
+    /// or the outbox cannot be read. `None`: claim away (if it is not full).
+    pub hold_claims: Option<String>,
+    /// How many times the uploader has listed the outbox: a result stored before a listing
+    /// that came after it is counted in `waiting`.
+    pub listings: u64,
 }
+
+/// Claims stop while this many results wait, or this many bytes.
+pub const MAX_WAITING_RESULTS: usize = 20;
+pub const MAX_WAITING_BYTES: u64 = 500 * 1000 * 1000;
 
 /// What the worker has done since start, as the heartbeat's `stats` report it (§2).
 #[derive(Debug, Default)]

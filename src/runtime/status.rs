@@ -148,6 +148,10 @@ pub struct JobsStatus {
     pub recent: VecDeque<FinishedJob>,
     /// Writer: the uploader. Results on disk waiting for the studio.
     pub outbox_len: usize,
+    /// Writer: the uploader. Each waiting result (and damaged outbox folder), and where it
+    /// stands with the studio.
+    #[serde(default)]
+    pub waiting: Vec<WaitingResult>,
     /// Writers: the job loop and the uploader, each after adding to the tally.
     pub counters: JobCounters,
     /// Why no job is being claimed right now, in words (none while claiming or working).
@@ -166,6 +170,43 @@ impl JobsStatus {
             job.outcome = outcome;
         }
     }
+}
+
+/// A result waiting in the outbox, for the Jobs tab (Retry now, Discard).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingResult {
+    /// The outbox entry's folder name: what Discard names.
+    pub key: String,
+    pub job_id: String,
+    pub prompt: String,
+    pub created_at: DateTime<Utc>,
+    pub state: WaitingState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "state",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
+pub enum WaitingState {
+    /// Next in line.
+    Queued,
+    /// The studio could not be reached or failed (5xx…); retrying with backoff.
+    Retrying { problem: String },
+    /// The studio refused it (404, 4xx) without saying the job is done or gone: kept and
+    /// retried until `gives_up_at`.
+    Refused {
+        studio_answer: String,
+        gives_up_at: DateTime<Utc>,
+    },
+    /// Its files cannot be read back: kept for the person to look at.
+    Unreadable { problem: String },
+    /// A folder in the outbox whose metadata cannot be read.
+    Damaged { problem: String },
+    /// Delivered, but it could not be taken out of the outbox.
+    DeliveredNotRemoved,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,27 +1,61 @@
-//! The uploader (studio-api.md §3.3): takes results out of the outbox, oldest first, and
-//! uploads them until the studio has them. An entry is deleted only after `2xx`, `409` or
-//! `410` (or a `413`/other refusal, which is reported with `fail`); anything transient is
-//! retried with backoff for as long as it takes. On start, the job loop claims nothing until
-//! this task has emptied the outbox once ([`OutboxState::drained_once`]).
+//! The uploader (studio-api.md §3.3): takes results out of the outbox, oldest first, until
+//! the studio has them. A result leaves the outbox only on the studio's word:
+//!
+//! | the studio answers the upload | the result |
+//! |---|---|
+//! | `2xx` | delivered: removed |
+//! | `409`, `410` (or the lease keeper heard `cancel`, `409`, `410`) | not wanted: removed |
+//! | `413` | too large: reported `fail internal`, removed |
+//! | `404`, another `4xx` | kept, retried with backoff up to an hour, for 7 days; then `fail internal`, removed |
+//! | transient (network, `5xx`, `429`…) | kept, retried with backoff, forever |
+//!
+//! The person can retry every waiting result now, or discard one (reported `fail internal`).
+//! A result whose files cannot be read back, or a folder whose metadata cannot, is kept and
+//! shown, never failed and deleted by itself.
+//!
+//! Every result is offered once before the job loop claims anything new (results from before
+//! a crash go first), and claims stop while the outbox cannot be listed
+//! ([`OutboxState::hold_claims`]) or is full (the job loop counts: 20 results or 500 MB). The lease of each waiting result is
+//! renewed by the lease keeper ([`keep_leases`]), also while a slow upload is in flight.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use chrono::Utc;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::StatusSender;
 use super::outage::OutageLog;
-use super::session::Session;
-use super::session::report_fail;
+use super::session::{Session, report_fail};
 use super::signals::{OutboxState, Tally};
-use super::status::{Delivery, JobOutcome};
+use super::status::{Delivery, JobOutcome, WaitingResult, WaitingState};
+use super::{StatusSender, changed};
 use crate::backoff::Backoff;
 use crate::config::SharedConfig;
-use crate::outbox::{Outbox, OutboxEntry};
-use crate::studio::protocol::FailCode;
+use crate::outbox::{DamagedEntry, Outbox, OutboxEntry};
+use crate::studio::protocol::{FailCode, ProgressRequest};
 use crate::studio::{StudioClient, StudioError};
 use crate::timing::Timing;
+use crate::vocab::progress::Stage;
+
+/// A waiting result's lease, for the lease keeper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Lease {
+    /// The entry's folder name.
+    pub key: String,
+    pub job_id: String,
+    pub lease: Duration,
+    pub steps: u32,
+}
+
+/// The studio no longer wants a waiting result (`cancel`, `409` or `410` to a renewal).
+#[derive(Clone, Debug)]
+pub(super) struct NotWanted {
+    pub key: String,
+    pub why: String,
+}
 
 pub(super) struct Uploader {
     pub client: StudioClient,
@@ -32,142 +66,399 @@ pub(super) struct Uploader {
     pub outbox_changed: Arc<Notify>,
     /// Rung (to current waiters only) when the person asks to retry uploads now.
     pub retry_uploads: Arc<Notify>,
+    /// Entries (by folder name) the person discarded (the commands task).
+    pub discards: mpsc::Receiver<String>,
+    /// Results the studio no longer wants (the lease keeper).
+    pub not_wanted: mpsc::Receiver<NotWanted>,
+    /// The waiting results' leases, for the lease keeper.
+    pub leases: watch::Sender<Vec<Lease>>,
     pub tally: Arc<Tally>,
     pub status: StatusSender,
     pub timing: Timing,
     pub shutdown: CancellationToken,
 }
 
-pub(super) async fn run(task: Uploader) {
-    let mut backoff = Backoff::new(task.timing.backoff);
+/// One waiting result, as the uploader tracks it.
+struct Waiting {
+    entry: OutboxEntry,
+    /// Offered to the studio since start (claims wait until every result was).
+    offered: bool,
+    next_try: Instant,
+    /// Transient failures (studio down, 5xx) and refusals (4xx) back off separately.
+    backoff: Backoff,
+    refused_backoff: Backoff,
+    /// The studio's last transient problem, for the Jobs tab.
+    problem: Option<String>,
+    /// The studio's `Retry-After`: not before this, even when the person says "now".
+    studio_floor: Option<Instant>,
+    /// The files cannot be read back: kept and shown, not tried until the person retries.
+    unreadable: Option<String>,
+    /// Delivered, but it could not be taken out of the outbox: never uploaded again.
+    delivered: bool,
+}
+
+impl Waiting {
+    fn new(entry: OutboxEntry, timing: &Timing) -> Self {
+        Self {
+            entry,
+            offered: false,
+            next_try: Instant::now(),
+            backoff: Backoff::new(timing.backoff),
+            refused_backoff: Backoff::new(timing.refused_upload_backoff),
+            problem: None,
+            studio_floor: None,
+            unreadable: None,
+            delivered: false,
+        }
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.unreadable.is_none() && !self.delivered && self.next_try <= now
+    }
+}
+
+/// What an upload attempt came to.
+enum Attempt {
+    /// Handled (delivered, dropped, backed off…): go on with the next.
+    Done,
+    /// The worker is not approved: results wait for a new approval.
+    NotApproved,
+    /// Shutting down.
+    Stop,
+}
+
+pub(super) async fn run(mut task: Uploader) {
+    let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
+    let mut damaged: Vec<DamagedEntry> = Vec::new();
+    let mut list_error: Option<String> = None;
     let mut outage = OutageLog::new("upload");
     let mut config_changes = task.config.subscribe();
+    let mut relist = true;
+    let mut listings = 0_u64;
 
     loop {
-        let outbox = task.outbox.clone();
-        let entries = match tokio::task::spawn_blocking(move || outbox.list()).await {
-            Ok(Ok(entries)) => entries,
-            Ok(Err(err)) => {
-                tracing::error!("cannot read the outbox: {err}");
-                Vec::new()
+        if relist {
+            relist = false;
+            // Counted before listing: a result stored before this count was read is in it.
+            listings += 1;
+            let outbox = task.outbox.clone();
+            match tokio::task::spawn_blocking(move || outbox.list()).await {
+                Ok(Ok(listing)) => {
+                    if list_error.take().is_some() {
+                        tracing::info!("the outbox can be read again");
+                    }
+                    let mut listed = BTreeMap::new();
+                    for entry in listing.entries {
+                        let key = entry.name();
+                        let tracked = match waiting.remove(&key) {
+                            Some(mut known) => {
+                                known.entry = entry;
+                                known
+                            }
+                            None => Waiting::new(entry, &task.timing),
+                        };
+                        listed.insert(key, tracked);
+                    }
+                    waiting = listed;
+                    for damage in &listing.damaged {
+                        if !damaged.iter().any(|known| known.folder == damage.folder) {
+                            tracing::warn!(
+                                "outbox entry {} is damaged and kept: {}",
+                                damage.folder.display(),
+                                damage.reason
+                            );
+                        }
+                    }
+                    damaged = listing.damaged;
+                }
+                Ok(Err(err)) => {
+                    if list_error.is_none() {
+                        tracing::error!("cannot read the outbox: {err}");
+                    }
+                    list_error = Some(err.to_string());
+                }
+                Err(err) => list_error = Some(format!("the outbox reader stopped: {err}")),
             }
-            Err(err) => {
-                tracing::error!("outbox reader stopped: {err}");
-                Vec::new()
-            }
-        };
-        task.outbox_state.send_if_modified(|state| {
-            let before = *state;
-            state.waiting = entries.len();
-            state.drained_once |= entries.is_empty();
-            before != *state
-        });
-        task.status.send_if_modified(|s| {
-            let changed = s.jobs.outbox_len != entries.len();
-            s.jobs.outbox_len = entries.len();
-            changed
-        });
+        }
+        // The person's discards and the studio's "not wanted" verdicts, as they came.
+        while let Ok(key) = task.discards.try_recv() {
+            task.discard(&key, &mut waiting, &mut damaged).await;
+        }
+        while let Ok(verdict) = task.not_wanted.try_recv() {
+            task.not_wanted(&verdict, &mut waiting).await;
+        }
+        task.publish(&waiting, &damaged, list_error.as_deref(), listings);
 
-        let Some(entry) = entries.into_iter().next() else {
+        let now = Instant::now();
+        let due = waiting
+            .iter()
+            .filter(|(_, tracked)| tracked.due(now))
+            .min_by_key(|(_, tracked)| (tracked.entry.meta.created_at, tracked.entry.name()))
+            .map(|(key, _)| key.clone());
+        let Some(key) = due else {
+            let next = waiting
+                .values()
+                .filter(|tracked| tracked.unreadable.is_none() && !tracked.delivered)
+                .map(|tracked| tracked.next_try)
+                .min();
             tokio::select! {
                 () = task.shutdown.cancelled() => return,
-                () = task.outbox_changed.notified() => {}
+                () = task.outbox_changed.notified() => relist = true,
+                () = task.retry_uploads.notified() => {
+                    tracing::info!("retrying uploads now, as asked");
+                    retry_now(&mut waiting);
+                    relist = true;
+                }
+                () = sleep_until_or_forever(next) => {}
+                key = task.discards.recv() => if let Some(key) = key {
+                    task.discard(&key, &mut waiting, &mut damaged).await;
+                },
+                verdict = task.not_wanted.recv() => if let Some(verdict) = verdict {
+                    task.not_wanted(&verdict, &mut waiting).await;
+                },
             }
             continue;
         };
+
         let Some(session) = Session::current(&task.client, &task.config) else {
             // Not approved (yet, or any more): results wait on disk.
             tokio::select! {
                 () = task.shutdown.cancelled() => return,
-                _ = config_changes.changed() => {}
+                () = changed(&mut config_changes) => {}
+                () = task.outbox_changed.notified() => relist = true,
             }
             continue;
         };
+        match task
+            .attempt(&session, &key, &mut waiting, &mut outage)
+            .await
+        {
+            Attempt::Done => {}
+            Attempt::NotApproved => {}
+            Attempt::Stop => return,
+        }
+    }
+}
 
-        let outbox = task.outbox.clone();
+/// "Retry now": every waiting result is due again, and unreadable ones are read again. A
+/// `Retry-After` from the studio still holds (the attempt waits it out).
+fn retry_now(waiting: &mut BTreeMap<String, Waiting>) {
+    let now = Instant::now();
+    for tracked in waiting.values_mut() {
+        tracked.unreadable = None;
+        tracked.next_try = tracked.studio_floor.map_or(now, |floor| floor.max(now));
+        tracked.backoff.reset();
+        tracked.refused_backoff.reset();
+    }
+}
+
+async fn sleep_until_or_forever(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Uploader {
+    /// One upload of the entry `key`, and what its answer means for it.
+    async fn attempt(
+        &self,
+        session: &Session,
+        key: &str,
+        waiting: &mut BTreeMap<String, Waiting>,
+        outage: &mut OutageLog,
+    ) -> Attempt {
+        let Some(tracked) = waiting.get_mut(key) else {
+            return Attempt::Done;
+        };
+        tracked.offered = true;
+        let entry = tracked.entry.clone();
+        let outbox = self.outbox.clone();
         let reading = entry.clone();
         let images = match tokio::task::spawn_blocking(move || outbox.images(&reading)).await {
             Ok(Ok(images)) => images,
             Ok(Err(err)) => {
-                // The files are damaged: nothing can be delivered; give the job back.
-                tracing::error!(job_id = %entry.meta.job_id, "outbox entry unreadable ({err}); reporting the job as failed");
-                task.give_up(
-                    &session,
-                    &entry,
-                    "the finished images were lost on this PC".to_owned(),
-                    true,
-                )
-                .await;
-                continue;
+                tracing::error!(job_id = %entry.meta.job_id, "the result's images cannot be read back ({err}); kept for you to look at");
+                tracked.unreadable = Some(format!("its images cannot be read: {err}"));
+                return Attempt::Done;
             }
             Err(err) => {
-                tracing::error!("outbox reader stopped: {err}");
-                continue;
+                tracked.unreadable = Some(format!("its images could not be read: {err}"));
+                return Attempt::Done;
             }
         };
 
         let mut meta = entry.meta.result.clone();
         meta.worker_id = session.worker_id().to_owned();
         let uploaded = tokio::select! {
-            () = task.shutdown.cancelled() => return,
+            () = self.shutdown.cancelled() => return Attempt::Stop,
             uploaded = session.upload_result(&entry.meta.job_id, &meta, images) => uploaded,
         };
+        let job_id = &entry.meta.job_id;
         match uploaded {
             Ok(()) => {
-                backoff.reset();
                 outage.recovered();
-                tracing::info!(job_id = %entry.meta.job_id, images = entry.meta.image_count, "result delivered");
-                task.drop_entry(&entry, JobOutcome::DELIVERED);
+                tracing::info!(job_id = %job_id, images = entry.meta.image_count, "result delivered");
+                self.tally.delivered(entry.meta.image_count as u64);
+                if self.take_out(&entry, JobOutcome::DELIVERED).await {
+                    waiting.remove(key);
+                } else if let Some(tracked) = waiting.get_mut(key) {
+                    // Kept aside in memory: never uploaded again in a loop (a restart offers
+                    // it once more, and the studio answers a repeat with 200).
+                    tracked.delivered = true;
+                }
             }
-            Err(StudioError::NotFound { .. } | StudioError::Conflict { .. }) => {
-                backoff.reset();
-                tracing::info!(job_id = %entry.meta.job_id, "the studio no longer wants this result; dropped");
-                task.drop_entry(
+            Err(StudioError::Conflict { .. } | StudioError::NotFound { status: 410, .. }) => {
+                outage.recovered();
+                tracing::info!(job_id = %job_id, "the studio no longer wants this result; dropped");
+                waiting.remove(key);
+                self.take_out(
                     &entry,
                     JobOutcome::Finished {
                         delivery: Delivery::NotWanted,
                     },
-                );
+                )
+                .await;
+            }
+            Err(StudioError::Refused { status: 413, .. }) => {
+                outage.recovered();
+                // The studio's word: the same job gives the same result, here or elsewhere.
+                let reason = "the result is too large for the studio".to_owned();
+                tracing::error!(job_id = %job_id, "{reason}");
+                waiting.remove(key);
+                self.give_up(session, &entry, reason, false).await;
+            }
+            Err(err @ (StudioError::NotFound { .. } | StudioError::Refused { .. })) => {
+                outage.recovered();
+                self.refused(session, key, waiting, &err).await;
             }
             // Revoked (recorded by the session): results wait on disk for a new approval.
-            Err(StudioError::Unauthorized) => {}
-            Err(StudioError::Refused { status, message }) => {
-                // Retrying cannot help, here or elsewhere: the same job gives the same result
-                // (a 413 stays a 413). Say so with a final `fail`.
-                let reason = if status == 413 {
-                    "the result is too large for the studio".to_owned()
-                } else {
-                    format!("the studio refused the result ({status}): {message}")
-                };
-                tracing::error!(job_id = %entry.meta.job_id, "{reason}");
-                task.give_up(&session, &entry, reason, false).await;
-            }
+            Err(StudioError::Unauthorized) => return Attempt::NotApproved,
             Err(err) => {
-                let delay = backoff.next_delay(err.retry_after());
-                let studio_floor = err.retry_after().map(|wait| Instant::now() + wait);
+                let Some(tracked) = waiting.get_mut(key) else {
+                    return Attempt::Done;
+                };
+                let delay = tracked.backoff.next_delay(err.retry_after());
                 outage.failed(&err, delay);
-                tokio::select! {
-                    () = task.shutdown.cancelled() => return,
-                    () = tokio::time::sleep_until(Instant::now() + delay) => {}
-                    () = task.retry_uploads.notified() => {
-                        // The person asked: go now, but never before the studio's Retry-After.
-                        if let Some(floor) = studio_floor {
-                            tokio::select! {
-                                () = task.shutdown.cancelled() => return,
-                                () = tokio::time::sleep_until(floor) => {}
-                            }
-                        }
-                        tracing::info!("retrying uploads now, as asked");
-                        backoff.reset();
-                    }
+                tracked.problem = Some(err.to_string());
+                tracked.studio_floor = err.retry_after().map(|wait| Instant::now() + wait);
+                tracked.next_try = Instant::now() + delay;
+            }
+        }
+        Attempt::Done
+    }
+
+    /// A `404` or another `4xx`: the studio refused without saying the job is done or gone.
+    /// Kept and retried (backing off up to an hour) until the give-up time has passed.
+    async fn refused(
+        &self,
+        session: &Session,
+        key: &str,
+        waiting: &mut BTreeMap<String, Waiting>,
+        err: &StudioError,
+    ) {
+        let Some(tracked) = waiting.get_mut(key) else {
+            return;
+        };
+        let now = Utc::now();
+        let refusals = &mut tracked.entry.refusals;
+        let since = *refusals.since.get_or_insert(now);
+        refusals.count += 1;
+        let answer = crate::human::one_line(&err.to_string(), 160);
+        refusals.last_answer = Some(answer.clone());
+        let first_refusal = refusals.count == 1;
+        let entry = tracked.entry.clone();
+        let waited = (now - since).to_std().unwrap_or_default();
+        if waited >= self.timing.give_up_refused_upload_after {
+            let reason = format!(
+                "the studio refused the result for {} ({answer})",
+                crate::human::duration(waited),
+            );
+            tracing::error!(job_id = %entry.meta.job_id, "{reason}; giving up on it");
+            waiting.remove(key);
+            self.give_up(session, &entry, reason, true).await;
+            return;
+        }
+        let delay = tracked.refused_backoff.next_delay(err.retry_after());
+        tracked.next_try = Instant::now() + delay;
+        tracked.problem = None;
+        if first_refusal {
+            tracing::warn!(job_id = %entry.meta.job_id, "the studio refused the result ({err}); keeping it and trying again");
+        }
+        let outbox = self.outbox.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || outbox.save_refusals(&entry, &entry.refusals))
+                .await;
+        if let Ok(Err(err)) | Err(err) = saved.map_err(std::io::Error::other) {
+            // Only the clock of giving up is lost (it starts again after a restart).
+            tracing::debug!("cannot record the refusal: {err}");
+        }
+    }
+
+    /// The lease keeper heard that the studio no longer wants a result: it is dropped.
+    async fn not_wanted(&self, verdict: &NotWanted, waiting: &mut BTreeMap<String, Waiting>) {
+        if let Some(dropped) = waiting.remove(&verdict.key) {
+            tracing::info!(job_id = %dropped.entry.meta.job_id, "{}; the result is dropped", verdict.why);
+            self.take_out(
+                &dropped.entry,
+                JobOutcome::Finished {
+                    delivery: Delivery::NotWanted,
+                },
+            )
+            .await;
+        }
+    }
+
+    /// The person discarded a waiting result (or a damaged folder): told to the studio as
+    /// `fail internal` (another worker may redo the job), then removed.
+    async fn discard(
+        &self,
+        key: &str,
+        waiting: &mut BTreeMap<String, Waiting>,
+        damaged: &mut Vec<DamagedEntry>,
+    ) {
+        if let Some(tracked) = waiting.remove(key) {
+            tracing::info!(job_id = %tracked.entry.meta.job_id, "discarding the result, as asked");
+            match Session::current(&self.client, &self.config) {
+                Some(session) => {
+                    self.give_up(
+                        &session,
+                        &tracked.entry,
+                        "the person using this PC discarded the result".to_owned(),
+                        true,
+                    )
+                    .await;
                 }
+                None => {
+                    self.take_out(
+                        &tracked.entry,
+                        JobOutcome::Failed {
+                            code: FailCode::Internal,
+                            message: "discarded".to_owned(),
+                        },
+                    )
+                    .await;
+                }
+            }
+        } else if let Some(index) = damaged
+            .iter()
+            .position(|damage| damage.folder.file_name().is_some_and(|name| name == key))
+        {
+            let damage = damaged.remove(index);
+            tracing::info!(
+                "discarding the damaged outbox entry {}, as asked",
+                damage.folder.display()
+            );
+            let outbox = self.outbox.clone();
+            let folder = damage.folder.clone();
+            let removed = tokio::task::spawn_blocking(move || outbox.remove(&folder)).await;
+            if let Ok(Err(err)) | Err(err) = removed.map_err(std::io::Error::other) {
+                tracing::error!("cannot remove {}: {err}", damage.folder.display());
             }
         }
     }
-}
 
-impl Uploader {
-    /// The entry cannot be delivered: tell the studio with `fail` and drop it.
+    /// Tells the studio with `fail internal` and takes the entry out.
     async fn give_up(
         &self,
         session: &Session,
@@ -184,35 +475,247 @@ impl Uploader {
             retryable,
         )
         .await;
-        self.drop_entry(
+        self.tally.failed();
+        self.take_out(
             entry,
             JobOutcome::Failed {
                 code: FailCode::Internal,
                 message: reason,
             },
-        );
+        )
+        .await;
     }
 
-    fn drop_entry(&self, entry: &OutboxEntry, outcome: JobOutcome) {
-        if let Err(err) = self.outbox.remove(entry) {
-            // Left on disk, it would be uploaded again: the studio answers 200 or 409 then.
-            tracing::error!(job_id = %entry.meta.job_id, "cannot remove the delivered result: {err}");
+    /// Removes an entry from the outbox (off the async threads: renames and fsyncs) and
+    /// records how it ended. `false` when it could not be removed.
+    async fn take_out(&self, entry: &OutboxEntry, outcome: JobOutcome) -> bool {
+        let outbox = self.outbox.clone();
+        let folder = entry.folder.clone();
+        let removed = tokio::task::spawn_blocking(move || outbox.remove(&folder))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|removed| removed);
+        if let Err(err) = &removed {
+            tracing::error!(job_id = %entry.meta.job_id, "cannot take the result out of the outbox: {err}");
         }
-        match &outcome {
-            JobOutcome::Finished {
-                delivery: Delivery::Delivered,
-            } => self.tally.delivered(entry.meta.image_count as u64),
-            JobOutcome::Failed { .. } => self.tally.failed(),
-            _ => {}
-        }
-        self.outbox_state
-            .send_modify(|state| state.waiting = state.waiting.saturating_sub(1));
-        // One status update, so no reader sees the counters and the outbox disagree.
+        let job_id = entry.meta.job_id.clone();
         self.status.send_modify(|s| {
-            s.jobs.outbox_len = s.jobs.outbox_len.saturating_sub(1);
             // Read under the status lock, so the last writer always leaves the latest counts.
             s.jobs.counters = self.tally.counters();
-            s.jobs.set_outcome(&entry.meta.job_id, outcome);
+            s.jobs.set_outcome(&job_id, outcome);
         });
+        removed.is_ok()
+    }
+
+    /// Tells the job loop (claims), the lease keeper and the window what waits.
+    fn publish(
+        &self,
+        waiting: &BTreeMap<String, Waiting>,
+        damaged: &[DamagedEntry],
+        list_error: Option<&str>,
+        listings: u64,
+    ) {
+        let count = waiting
+            .values()
+            .filter(|tracked| !tracked.delivered)
+            .count();
+        let bytes: u64 = waiting
+            .values()
+            .filter(|tracked| !tracked.delivered)
+            .map(|tracked| tracked.entry.bytes)
+            .sum();
+        let all_offered = waiting.values().all(|tracked| tracked.offered);
+        let hold_claims = if let Some(error) = list_error {
+            Some(format!("the outbox cannot be read ({error})"))
+        } else if !all_offered {
+            Some("delivering finished results first".to_owned())
+        } else {
+            None
+        };
+        let state = OutboxState {
+            waiting: count,
+            bytes,
+            hold_claims,
+            listings,
+        };
+        self.outbox_state.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state.clone();
+            changed
+        });
+        let leases: Vec<Lease> = waiting
+            .iter()
+            .filter(|(_, tracked)| !tracked.delivered)
+            .map(|(key, tracked)| Lease {
+                key: key.clone(),
+                job_id: tracked.entry.meta.job_id.clone(),
+                lease: Duration::from_secs(tracked.entry.meta.lease_s.clamp(10, 3600)),
+                steps: tracked.entry.meta.result.steps,
+            })
+            .collect();
+        self.leases.send_if_modified(|current| {
+            let changed = *current != leases;
+            if changed {
+                current.clone_from(&leases);
+            }
+            changed
+        });
+        let give_up_after = chrono::Duration::from_std(self.timing.give_up_refused_upload_after)
+            .unwrap_or_else(|_| chrono::Duration::days(7));
+        let mut shown: Vec<WaitingResult> = waiting
+            .iter()
+            .map(|(key, tracked)| WaitingResult {
+                key: key.clone(),
+                job_id: tracked.entry.meta.job_id.clone(),
+                prompt: crate::human::one_line(&tracked.entry.meta.prompt, 200),
+                created_at: tracked.entry.meta.created_at,
+                state: if tracked.delivered {
+                    WaitingState::DeliveredNotRemoved
+                } else if let Some(problem) = &tracked.unreadable {
+                    WaitingState::Unreadable {
+                        problem: problem.clone(),
+                    }
+                } else if let (Some(since), Some(answer)) = (
+                    tracked.entry.refusals.since,
+                    &tracked.entry.refusals.last_answer,
+                ) {
+                    WaitingState::Refused {
+                        studio_answer: answer.clone(),
+                        gives_up_at: since + give_up_after,
+                    }
+                } else if let Some(problem) = &tracked.problem {
+                    WaitingState::Retrying {
+                        problem: problem.clone(),
+                    }
+                } else {
+                    WaitingState::Queued
+                },
+            })
+            .collect();
+        shown.extend(damaged.iter().map(|damage| {
+            let key = damage
+                .folder
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            WaitingResult {
+                job_id: key.clone(),
+                key,
+                prompt: String::new(),
+                created_at: Utc::now(),
+                state: WaitingState::Damaged {
+                    problem: damage.reason.clone(),
+                },
+            }
+        }));
+        self.status.send_if_modified(|s| {
+            let changed = s.jobs.outbox_len != count || s.jobs.waiting != shown;
+            s.jobs.outbox_len = count;
+            s.jobs.waiting.clone_from(&shown);
+            changed
+        });
+    }
+}
+
+/// The lease keeper: renews the lease of every result waiting in the outbox (an `uploading`
+/// progress at least every `leaseS / 3`, at most two requests a second), also while a slow
+/// upload is in flight, so the studio does not give a finished job to someone else. A
+/// `cancel`, `409` or `410` tells the uploader to drop the result (§3.2).
+pub(super) async fn keep_leases(
+    client: StudioClient,
+    config: SharedConfig,
+    mut leases: watch::Receiver<Vec<Lease>>,
+    not_wanted: mpsc::Sender<NotWanted>,
+    timing: Timing,
+    shutdown: CancellationToken,
+) {
+    let mut renewed: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut lease_of: BTreeMap<String, Duration> = BTreeMap::new();
+    loop {
+        let current = leases.borrow_and_update().clone();
+        let now = Instant::now();
+        // A result first seen now was just reported `uploading` by the job loop.
+        renewed.retain(|key, _| current.iter().any(|lease| lease.key == *key));
+        lease_of.retain(|key, _| current.iter().any(|lease| lease.key == *key));
+        for lease in &current {
+            renewed.entry(lease.key.clone()).or_insert(now);
+            lease_of.entry(lease.key.clone()).or_insert(lease.lease);
+        }
+        let due = current
+            .iter()
+            .filter(|lease| {
+                let every = lease_of.get(&lease.key).copied().unwrap_or(lease.lease) / 3;
+                renewed.get(&lease.key).is_none_or(|at| *at + every <= now)
+            })
+            .min_by_key(|lease| renewed.get(&lease.key).copied())
+            .cloned();
+        match (due, Session::current(&client, &config)) {
+            (Some(lease), Some(session)) => {
+                let body = ProgressRequest {
+                    worker_id: session.worker_id().to_owned(),
+                    stage: Stage::Uploading,
+                    step: lease.steps,
+                    total_steps: lease.steps,
+                };
+                let answer = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    answer = session.progress(&lease.job_id, &body) => answer,
+                };
+                let verdict = match answer {
+                    Ok(answer) if answer.cancel => Some("the submitter cancelled the job"),
+                    Ok(answer) => {
+                        if let Some(lease_s) = answer.lease_s {
+                            lease_of.insert(
+                                lease.key.clone(),
+                                Duration::from_secs(lease_s.clamp(10, 3600)),
+                            );
+                        }
+                        None
+                    }
+                    Err(
+                        StudioError::Conflict { .. } | StudioError::NotFound { status: 410, .. },
+                    ) => Some("the studio gave the job to someone else"),
+                    // Anything else: the lease has slack; the next renewal is soon.
+                    Err(err) => {
+                        tracing::debug!(job_id = %lease.job_id, "lease not renewed: {err}");
+                        None
+                    }
+                };
+                renewed.insert(lease.key.clone(), Instant::now());
+                if let Some(why) = verdict {
+                    let _ = not_wanted
+                        .send(NotWanted {
+                            key: lease.key.clone(),
+                            why: why.to_owned(),
+                        })
+                        .await;
+                }
+                // At most two requests a second.
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(timing.progress_min_gap) => {}
+                }
+            }
+            (due, _) => {
+                let next = if due.is_some() {
+                    // Not approved now: look again in a while.
+                    Some(Instant::now() + Duration::from_secs(1))
+                } else {
+                    current
+                        .iter()
+                        .filter_map(|lease| {
+                            let every =
+                                lease_of.get(&lease.key).copied().unwrap_or(lease.lease) / 3;
+                            renewed.get(&lease.key).map(|at| *at + every)
+                        })
+                        .min()
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = changed(&mut leases) => {}
+                    () = sleep_until_or_forever(next) => {}
+                }
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@ use chrono::Local;
 use super::app::UiAction;
 use super::thumbnail_cache::ThumbnailCache;
 use crate::human;
-use crate::runtime::{Command, Delivery, JobOutcome, WorkerStatus};
+use crate::runtime::{Command, Delivery, JobOutcome, WaitingState, WorkerStatus};
 
 /// The Jobs tab's own view state.
 #[derive(Debug, Default)]
@@ -29,10 +29,11 @@ pub fn jobs_tab_ui(
             1 => "1 finished result is waiting to upload.".to_owned(),
             n => format!("{n} finished results are waiting to upload."),
         });
-        if waiting > 0 && ui.button("Retry now").clicked() {
+        if (waiting > 0 || !status.jobs.waiting.is_empty()) && ui.button("Retry now").clicked() {
             actions.push(UiAction::Send(Command::RetryUploads));
         }
     });
+    waiting_ui(ui, status, actions);
     ui.add_space(8.0);
 
     if status.jobs.recent.is_empty() {
@@ -120,6 +121,81 @@ pub fn jobs_tab_ui(
             }
         });
     preview_ui(ui, status, thumbnails, view, actions);
+}
+
+/// The results that wait for more than their turn (the studio refused them, their files
+/// cannot be read), each with what the studio said and a Discard button.
+fn waiting_ui(ui: &mut egui::Ui, status: &WorkerStatus, actions: &mut Vec<UiAction>) {
+    let troubled: Vec<_> = status
+        .jobs
+        .waiting
+        .iter()
+        .filter(|result| !matches!(result.state, WaitingState::Queued))
+        .collect();
+    if troubled.is_empty() {
+        return;
+    }
+    ui.add_space(4.0);
+    egui::Grid::new("waiting-results")
+        .striped(true)
+        .num_columns(3)
+        .spacing([12.0, 6.0])
+        .show(ui, |ui| {
+            for result in troubled {
+                let title = if result.prompt.is_empty() {
+                    result.job_id.clone()
+                } else {
+                    human::one_line(&result.prompt, 40)
+                };
+                ui.label(title).on_hover_text(&result.job_id);
+                let (text, problem) = waiting_words(&result.state);
+                if problem {
+                    ui.colored_label(ui.visuals().warn_fg_color, text);
+                } else {
+                    ui.label(text);
+                }
+                let discard = ui.button("Discard").on_hover_text(
+                    "Give up on this result: the studio hears it failed, and it is deleted",
+                );
+                discard.widget_info(|| {
+                    egui::WidgetInfo::labeled(
+                        egui::Role::Button,
+                        true,
+                        format!("Discard {}", result.job_id),
+                    )
+                });
+                if discard.clicked() {
+                    actions.push(UiAction::Send(Command::DiscardResult {
+                        key: result.key.clone(),
+                    }));
+                }
+                ui.end_row();
+            }
+        });
+}
+
+/// A waiting result's state in words, and whether it is a problem.
+fn waiting_words(state: &WaitingState) -> (String, bool) {
+    match state {
+        WaitingState::Queued => ("Uploading".to_owned(), false),
+        WaitingState::Retrying { problem } => (format!("Retrying: {problem}"), true),
+        WaitingState::Refused {
+            studio_answer,
+            gives_up_at,
+        } => (
+            format!(
+                "Waiting for the studio ({studio_answer}); given up {}",
+                gives_up_at.with_timezone(&Local).format("%a %d %b %H:%M")
+            ),
+            true,
+        ),
+        WaitingState::Unreadable { problem } => (format!("Kept: {problem}"), true),
+        WaitingState::Damaged { problem } => (format!("Damaged, kept: {problem}"), true),
+        WaitingState::DeliveredNotRemoved => (
+            "Delivered (could not be deleted from this PC)".to_owned(),
+            false,
+        ),
+    }
 }
 
 /// The preview of one job, as large as it was kept (512 px), over the tab; Escape, a

@@ -39,6 +39,11 @@ pub fn fast_timing() -> Timing {
             cap: Duration::from_millis(600),
         },
         handback_timeout: Duration::from_secs(2),
+        refused_upload_backoff: BackoffPolicy {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(200),
+        },
+        give_up_refused_upload_after: Duration::from_secs(3600),
         policy_tick: Duration::from_millis(20),
         policy_paused_tick: Duration::from_millis(50),
     }

@@ -14,6 +14,7 @@ mod crash;
 mod gpu_build;
 mod jobs;
 mod models;
+mod outbox;
 mod policy;
 #[cfg(target_os = "linux")]
 mod policy_desktop;

@@ -314,6 +314,8 @@ pub enum ConfigError {
     },
     #[error("cannot encode settings: {0}")]
     Encode(#[from] toml::ser::Error),
+    #[error("the settings were not saved: {0}")]
+    Interrupted(String),
 }
 
 /// A config file that did not parse, moved aside so the person can look at it.
@@ -466,23 +468,32 @@ pub fn save(path: &Path, config: &Config) -> Result<(), ConfigError> {
 
 /// The in-memory config every task reads, published through a `watch` channel.
 ///
-/// Readers get an `Arc<Config>` snapshot and never wait on I/O. Writers go through
-/// [`SharedConfig::update`], one at a time: the change is saved to disk first and only then
-/// published, so memory never claims something the disk does not hold.
+/// Readers get an `Arc<Config>` snapshot and never wait on I/O. Writers go one at a time:
+/// [`SharedConfig::update`] saves the change to disk first and only then publishes it, so
+/// memory never claims something the disk does not hold. A few changes must hold even when
+/// the disk refuses them (a revocation must stop all traffic; a pause must pause):
+/// [`SharedConfig::apply_even_unsaved`] publishes them anyway, says so
+/// ([`SharedConfig::save_problems`]), and the next successful save writes them too.
+///
+/// Saving fsyncs: async tasks use the `apply…` methods, which save on the blocking pool.
 #[derive(Clone)]
 pub struct SharedConfig {
     path: Arc<PathBuf>,
     sender: Arc<watch::Sender<Arc<Config>>>,
     writer: Arc<Mutex<()>>,
+    /// Why the last save failed (`None`: what memory holds is on disk).
+    save_problem: Arc<watch::Sender<Option<String>>>,
 }
 
 impl SharedConfig {
     pub fn new(path: PathBuf, config: Config) -> Self {
         let (sender, _) = watch::channel(Arc::new(config));
+        let (save_problem, _) = watch::channel(None);
         Self {
             path: Arc::new(path),
             sender: Arc::new(sender),
             writer: Arc::new(Mutex::new(())),
+            save_problem: Arc::new(save_problem),
         }
     }
 
@@ -491,15 +502,55 @@ impl SharedConfig {
         self.sender.borrow().clone()
     }
 
-    /// Notified after every saved change.
+    /// Notified after every published change.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
         self.sender.subscribe()
     }
 
-    /// Applies `change` to a copy, saves it, then publishes it. When nothing changed nothing is
-    /// written. When the save fails the in-memory config is left as it was and the error is
-    /// returned.
+    /// Why the settings in memory are not on disk (the settings folder is not writable…),
+    /// or `None`.
+    pub fn save_problems(&self) -> watch::Receiver<Option<String>> {
+        self.save_problem.subscribe()
+    }
+
+    /// Applies `change` to a copy, saves it, then publishes it. When nothing changed (and
+    /// everything is saved) nothing is written. When the save fails the in-memory config is
+    /// left as it was and the error is returned. Blocking (it fsyncs): from async code, use
+    /// [`SharedConfig::apply`].
     pub fn update<R>(&self, change: impl FnOnce(&mut Config) -> R) -> Result<R, ConfigError> {
+        let (result, saved) = self.write(change, false);
+        saved.map(|()| result)
+    }
+
+    /// [`SharedConfig::update`], on the blocking pool.
+    pub async fn apply<R: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut Config) -> R + Send + 'static,
+    ) -> Result<R, ConfigError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.update(change))
+            .await
+            .unwrap_or_else(|err| Err(ConfigError::Interrupted(err.to_string())))
+    }
+
+    /// Applies and publishes `change` whether or not it can be saved (on the blocking pool);
+    /// the outcome of the save is returned beside the change's own result.
+    pub async fn apply_even_unsaved<R: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut Config) -> R + Send + 'static,
+    ) -> (Option<R>, Result<(), ConfigError>) {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.write(change, true)).await {
+            Ok((result, saved)) => (Some(result), saved),
+            Err(err) => (None, Err(ConfigError::Interrupted(err.to_string()))),
+        }
+    }
+
+    fn write<R>(
+        &self,
+        change: impl FnOnce(&mut Config) -> R,
+        publish_unsaved: bool,
+    ) -> (R, Result<(), ConfigError>) {
         // A poisoned lock only means another writer panicked; the data it guards is `()`.
         let _writing = self
             .writer
@@ -508,11 +559,29 @@ impl SharedConfig {
         let current = self.snapshot();
         let mut next = Config::clone(&current);
         let result = change(&mut next);
-        if next != *current {
-            save(&self.path, &next)?;
+        let unsaved = self.save_problem.borrow().is_some();
+        if next == *current && !unsaved {
+            return (result, Ok(()));
+        }
+        let saved = save(&self.path, &next);
+        match &saved {
+            Ok(()) => {
+                self.save_problem
+                    .send_if_modified(|problem| problem.take().is_some());
+            }
+            Err(err) => {
+                let problem = err.to_string();
+                self.save_problem.send_if_modified(|current| {
+                    let changed = current.as_deref() != Some(problem.as_str());
+                    *current = Some(problem.clone());
+                    changed
+                });
+            }
+        }
+        if (saved.is_ok() || publish_unsaved) && next != *current {
             self.sender.send_replace(Arc::new(next));
         }
-        Ok(result)
+        (result, saved)
     }
 }
 

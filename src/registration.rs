@@ -184,10 +184,13 @@ impl Registrar {
                         Some(registration_secret) => registration_secret.clone(),
                         None => secret::new_registration_secret()?,
                     };
-                    self.config.update(|c| {
-                        c.install_id = Some(install_id.clone());
-                        c.registration_secret = Some(registration_secret.clone());
-                    })?;
+                    let (id, secret) = (install_id.clone(), registration_secret.clone());
+                    self.config
+                        .apply(move |c| {
+                            c.install_id = Some(id);
+                            c.registration_secret = Some(secret);
+                        })
+                        .await?;
                     (install_id, registration_secret)
                 }
             };
@@ -210,17 +213,21 @@ impl Registrar {
         }
 
         let now = Utc::now();
-        let state = self.config.update(|c| {
-            // A reset while the request was in flight leaves the secret we used behind; only
-            // then is the new request ours to keep.
-            if c.registration_secret.as_ref() == Some(&registration_secret)
-                && RegistrationState::from_config(c) == RegistrationState::Pristine
-            {
-                c.registration_request_id = Some(request_id.clone());
-                c.registration_requested_at = Some(now);
-            }
-            RegistrationState::from_config(c)
-        })?;
+        let ours = request_id.clone();
+        let state = self
+            .config
+            .apply(move |c| {
+                // A reset while the request was in flight leaves the secret we used behind;
+                // only then is the new request ours to keep.
+                if c.registration_secret.as_ref() == Some(&registration_secret)
+                    && RegistrationState::from_config(c) == RegistrationState::Pristine
+                {
+                    c.registration_request_id = Some(ours);
+                    c.registration_requested_at = Some(now);
+                }
+                RegistrationState::from_config(c)
+            })
+            .await?;
         tracing::info!(request_id = %request_id, "asked the studio to approve this PC");
         Ok(TickOutcome {
             state,
@@ -237,8 +244,10 @@ impl Registrar {
             // `from_config` only says Pending when both are set.
             return Ok(TickOutcome::settled(RegistrationState::from_config(config)));
         };
-        let still_ours =
-            |c: &Config| c.registration_request_id.as_deref() == Some(request_id.as_str());
+        let still_ours = {
+            let request_id = request_id.clone();
+            move |c: &Config| c.registration_request_id.as_deref() == Some(request_id.as_str())
+        };
 
         match self
             .client
@@ -270,14 +279,18 @@ impl Registrar {
                     }
                     .into());
                 }
-                let state = self.config.update(|c| {
-                    if still_ours(c) {
-                        c.reset_registration();
-                        c.worker_id = Some(worker_id.clone());
-                        c.auth_token = Some(auth_token);
-                    }
-                    RegistrationState::from_config(c)
-                })?;
+                let approved = worker_id.clone();
+                let state = self
+                    .config
+                    .apply(move |c| {
+                        if still_ours(c) {
+                            c.reset_registration();
+                            c.worker_id = Some(approved);
+                            c.auth_token = Some(auth_token);
+                        }
+                        RegistrationState::from_config(c)
+                    })
+                    .await?;
                 tracing::info!(worker_id = %worker_id, "the studio approved this PC");
                 Ok(TickOutcome::settled(state))
             }
@@ -286,13 +299,17 @@ impl Registrar {
                     .map(|r| r.trim().to_owned())
                     .filter(|r| !r.is_empty())
                     .unwrap_or_else(|| "no reason given".to_owned());
-                let state = self.config.update(|c| {
-                    if still_ours(c) {
-                        c.reset_registration();
-                        c.registration_rejected_reason = Some(reason.clone());
-                    }
-                    RegistrationState::from_config(c)
-                })?;
+                let rejected = reason.clone();
+                let state = self
+                    .config
+                    .apply(move |c| {
+                        if still_ours(c) {
+                            c.reset_registration();
+                            c.registration_rejected_reason = Some(rejected);
+                        }
+                        RegistrationState::from_config(c)
+                    })
+                    .await?;
                 tracing::warn!(reason = %reason, "the studio rejected this PC");
                 Ok(TickOutcome::settled(state))
             }
@@ -301,14 +318,17 @@ impl Registrar {
                 | StudioError::Unauthorized
                 | StudioError::Refused { status: 403, .. }),
             ) => {
-                let state = self.config.update(|c| {
-                    if still_ours(c) {
-                        c.registration_request_id = None;
-                        c.registration_secret = None;
-                        c.registration_requested_at = None;
-                    }
-                    RegistrationState::from_config(c)
-                })?;
+                let state = self
+                    .config
+                    .apply(move |c| {
+                        if still_ours(c) {
+                            c.registration_request_id = None;
+                            c.registration_secret = None;
+                            c.registration_requested_at = None;
+                        }
+                        RegistrationState::from_config(c)
+                    })
+                    .await?;
                 tracing::warn!(
                     "the studio no longer knows registration request {request_id} ({err}); asking again"
                 );

@@ -107,22 +107,30 @@ pub(super) async fn run(task: CommandsTask) {
             },
         };
         let applied = match &command {
+            // A pause that cannot be saved still pauses (and a resume resumes): the person's
+            // wish holds in memory, and the window says it is not saved.
             Command::Pause => config
-                .update(|c| c.pause.by_user = true)
-                .map_err(CommandError::from),
+                .apply_even_unsaved(|c| c.pause.by_user = true)
+                .await
+                .1
+                .map_err(CommandError::Unsaved),
             Command::Resume => {
                 // The person wins over the policy too, until its reasons next start again.
                 resumed.notify_one();
                 config
-                    .update(|c| c.pause.by_user = false)
-                    .map_err(CommandError::from)
+                    .apply_even_unsaved(|c| c.pause.by_user = false)
+                    .await
+                    .1
+                    .map_err(CommandError::Unsaved)
             }
             Command::ResetRegistration => config
-                .update(|c| c.reset_registration())
+                .apply(|c| c.reset_registration())
+                .await
                 .map_err(CommandError::from),
-            Command::SaveSettings(change) => save_settings(&config, change),
+            Command::SaveSettings(change) => save_settings(&config, change.clone()).await,
             Command::CloseHintShown => config
-                .update(|c| c.ui.close_hint_shown = true)
+                .apply(|c| c.ui.close_hint_shown = true)
+                .await
                 .map_err(CommandError::from),
             Command::AddLocalModel { model_id, folder } => {
                 let added = add_local_model(&config, engine.clone(), model_id, folder).await;
@@ -171,6 +179,8 @@ pub(super) async fn run(task: CommandsTask) {
 enum CommandError {
     #[error(transparent)]
     NotSaved(#[from] ConfigError),
+    #[error("{0}; it holds until studio-worker restarts")]
+    Unsaved(ConfigError),
     #[error("settings not saved: {0}")]
     InvalidStudioUrl(#[from] ApiBaseError),
     #[error("the other settings were saved, but start at login could not be changed: {0}")]
@@ -232,35 +242,46 @@ async fn add_local_model(
     })
     .await
     .map_err(|error| AddModelError::Interrupted(error.to_string()))??;
-    config.update(|c| {
-        c.models.local.insert(model_id.to_owned(), checked);
-    })?;
+    let model_id = model_id.to_owned();
+    config
+        .apply(move |c| {
+            c.models.local.insert(model_id, checked);
+        })
+        .await?;
     Ok(())
 }
 
 /// Saves what the Settings tab changed. An invalid studio URL saves nothing; a start-at-login
 /// change the OS refuses is reported after the rest is saved.
-fn save_settings(config: &SharedConfig, change: &SettingsChange) -> Result<(), CommandError> {
+async fn save_settings(config: &SharedConfig, change: SettingsChange) -> Result<(), CommandError> {
     // The window validated these; a command from elsewhere gets the same rules.
     ApiBase::parse(&change.api_base_url)?;
-    let api_base_url = change.api_base_url.trim().to_owned();
-    let worker_name = change.worker_name.trim();
-    config.update(|c| {
-        c.api_base_url = api_base_url;
-        if !worker_name.is_empty() {
-            c.worker_name = worker_name.to_owned();
+    let start_at_login = change.start_at_login;
+    config
+        .apply(move |c| {
+            c.api_base_url = change.api_base_url.trim().to_owned();
+            let worker_name = change.worker_name.trim();
+            if !worker_name.is_empty() {
+                c.worker_name = worker_name.to_owned();
+            }
+            c.engine.unload_when_paused = change.unload_when_paused;
+            c.engine.device = change.device;
+            c.models.enabled = change.enabled_models;
+            c.ui.close_to_tray = change.close_to_tray;
+            c.images.save_copies_to = change.save_copies_to;
+            c.crash_reports.send = change.send_crash_reports;
+            c.policy = change.policy;
+        })
+        .await?;
+    // Writes a file in the person's autostart folder (or the registry): off the async threads.
+    tokio::task::spawn_blocking(move || {
+        if autostart::is_enabled() != start_at_login {
+            autostart::set_enabled(start_at_login)?;
+            tracing::info!(enabled = start_at_login, "start at login changed");
         }
-        c.engine.unload_when_paused = change.unload_when_paused;
-        c.engine.device = change.device;
-        c.models.enabled.clone_from(&change.enabled_models);
-        c.ui.close_to_tray = change.close_to_tray;
-        c.images.save_copies_to.clone_from(&change.save_copies_to);
-        c.crash_reports.send = change.send_crash_reports;
-        c.policy.clone_from(&change.policy);
-    })?;
-    if autostart::is_enabled() != change.start_at_login {
-        autostart::set_enabled(change.start_at_login)?;
-        tracing::info!(enabled = change.start_at_login, "start at login changed");
-    }
+        Ok::<(), AutostartError>(())
+    })
+    .await
+    .map_err(|err| CommandError::NotSaved(ConfigError::Interrupted(err.to_string())))??;
     Ok(())
 }

@@ -110,7 +110,7 @@ pub(super) async fn run(task: HeartbeatTask) {
                 backoff.reset();
                 outage.recovered();
                 if answer.pause != snapshot.pause.by_studio {
-                    apply_studio_pause(&config, answer.pause);
+                    apply_studio_pause(&config, answer.pause).await;
                 }
                 status.send_modify(|s| {
                     s.connection.last_heartbeat_at = Some(Utc::now());
@@ -197,10 +197,17 @@ fn worker_state(paused: Option<PauseReason>, busy: bool, models_ready: bool) -> 
     }
 }
 
-fn apply_studio_pause(config: &SharedConfig, pause: bool) {
-    match config.update(|c| c.pause.by_studio = pause) {
-        Ok(()) if pause => tracing::info!("{}", PauseReason::Studio.describe()),
-        Ok(()) => tracing::info!("the studio lifted its pause"),
-        Err(err) => tracing::error!("cannot record the studio's pause: {err}"),
+/// The studio's pause holds in memory even when it cannot be saved.
+async fn apply_studio_pause(config: &SharedConfig, pause: bool) {
+    let (_, saved) = config
+        .apply_even_unsaved(move |c| c.pause.by_studio = pause)
+        .await;
+    if pause {
+        tracing::info!("{}", PauseReason::Studio.describe());
+    } else {
+        tracing::info!("the studio lifted its pause");
+    }
+    if let Err(err) = saved {
+        tracing::error!("the studio's pause holds, but cannot be saved: {err}");
     }
 }

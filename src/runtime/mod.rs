@@ -423,15 +423,20 @@ async fn mirror(
     shutdown: CancellationToken,
 ) {
     let mut changes = config.subscribe();
+    let mut save_problems = config.save_problems();
     loop {
         {
             let config = changes.borrow_and_update().clone();
             let registration = RegistrationState::from_config(&config);
             let paused = pause_reason(&config, &policy.borrow_and_update());
+            let unsaved = save_problems.borrow_and_update().clone();
             status.send_if_modified(|status| {
-                let changed = status.registration != registration || status.paused != paused;
+                let changed = status.registration != registration
+                    || status.paused != paused
+                    || status.settings_unsaved != unsaved;
                 status.registration = registration;
                 status.paused = paused;
+                status.settings_unsaved = unsaved;
                 changed
             });
         }
@@ -439,6 +444,7 @@ async fn mirror(
             () = shutdown.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
             () = changed(&mut policy) => {}
+            () = changed(&mut save_problems) => {}
         }
     }
 }

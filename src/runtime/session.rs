@@ -50,6 +50,7 @@ impl Session {
         body: &Heartbeat,
     ) -> Result<HeartbeatResponse, StudioError> {
         self.checked(self.client.heartbeat(&self.credentials, body).await)
+            .await
     }
 
     /// §3.1: `None` is the studio's `204`.
@@ -58,6 +59,7 @@ impl Session {
         body: &ClaimRequest,
     ) -> Result<Option<serde_json::Value>, StudioError> {
         self.checked(self.client.claim(&self.credentials, body).await)
+            .await
     }
 
     /// §3.2.
@@ -67,6 +69,7 @@ impl Session {
         body: &ProgressRequest,
     ) -> Result<ProgressResponse, StudioError> {
         self.checked(self.client.progress(&self.credentials, job_id, body).await)
+            .await
     }
 
     /// §3.3.
@@ -81,38 +84,47 @@ impl Session {
                 .upload_result(&self.credentials, job_id, meta, images)
                 .await,
         )
+        .await
     }
 
     /// §3.4.
     pub(super) async fn fail(&self, job_id: &str, body: &FailRequest) -> Result<(), StudioError> {
         self.checked(self.client.fail(&self.credentials, job_id, body).await)
+            .await
     }
 
-    fn checked<T>(&self, answer: Result<T, StudioError>) -> Result<T, StudioError> {
+    async fn checked<T>(&self, answer: Result<T, StudioError>) -> Result<T, StudioError> {
         if matches!(answer, Err(StudioError::Unauthorized)) {
-            self.revoked();
+            self.revoked().await;
         }
         answer
     }
 
     /// The studio no longer accepts this worker: every loop waits for a reset from now on
-    /// (the heartbeat tells the person). A reset made meanwhile is not undone.
-    fn revoked(&self) {
-        let worker_id = &self.credentials.worker_id;
-        match self.config.update(|c| {
-            let ours = c.worker_id.as_deref() == Some(worker_id.as_str());
-            let newly = ours && !c.access_revoked;
-            if ours {
-                c.access_revoked = true;
-            }
-            newly
-        }) {
-            Ok(true) => tracing::warn!(
+    /// (the heartbeat tells the person). A reset made meanwhile is not undone. Recorded in
+    /// memory even when the settings cannot be saved: all traffic stops either way.
+    async fn revoked(&self) {
+        let worker_id = self.credentials.worker_id.clone();
+        let ours = worker_id.clone();
+        let (newly, saved) = self
+            .config
+            .apply_even_unsaved(move |c| {
+                let ours = c.worker_id.as_deref() == Some(ours.as_str());
+                let newly = ours && !c.access_revoked;
+                if ours {
+                    c.access_revoked = true;
+                }
+                newly
+            })
+            .await;
+        if newly == Some(true) {
+            tracing::warn!(
                 worker_id = %worker_id,
                 "the studio revoked this worker's access; reset the registration to ask again"
-            ),
-            Ok(false) => {}
-            Err(err) => tracing::error!("cannot record the revocation: {err}"),
+            );
+        }
+        if let Err(err) = saved {
+            tracing::error!("the revocation holds, but cannot be saved: {err}");
         }
     }
 }

@@ -88,6 +88,10 @@ pub struct WorkerStatus {
     pub studio_url_problem: Option<String>,
     /// Writer: the command task. Set when a change could not be saved.
     pub settings_problem: Option<String>,
+    /// Writer: the mirror task. Why the settings in memory are not on disk (the settings
+    /// folder is not writable): they hold until the worker restarts.
+    #[serde(default)]
+    pub settings_unsaved: Option<String>,
     /// Writer: the registration task, when it cannot go on at all (no entropy).
     pub fatal: Option<String>,
 }
@@ -110,6 +114,7 @@ impl WorkerStatus {
             downloads: Vec::new(),
             settings_recovered: None,
             settings_problem: None,
+            settings_unsaved: None,
             studio_url_problem: None,
             fatal: None,
         }

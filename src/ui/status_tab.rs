@@ -33,6 +33,15 @@ pub fn status_tab_ui(
     if let Some(problem) = &status.settings_problem {
         ui.colored_label(ui.visuals().error_fg_color, human::capitalise(problem));
     }
+    if let Some(problem) = &status.settings_unsaved {
+        ui.colored_label(
+            ui.visuals().error_fg_color,
+            format!(
+                "Your settings cannot be saved ({problem}): the ones in use hold until \
+                 studio-worker restarts."
+            ),
+        );
+    }
 
     if let Some(problem) = &status.studio_url_problem {
         // Nothing talks to the studio: registration and job state would only mislead.

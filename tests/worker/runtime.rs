@@ -524,3 +524,77 @@ async fn settings_that_cannot_be_applied_are_reported_not_claimed_as_saved() {
     .await;
     runtime.shutdown().await;
 }
+
+/// Makes every later save of the home's settings fail: the file's place is taken by a
+/// folder that is not empty (a rename onto it fails, as on a read-only or broken disk).
+fn block_settings_saves(home: &WorkerHome) {
+    let path = home.config_path();
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("keep"), "").unwrap();
+}
+
+#[tokio::test]
+async fn a_revocation_holds_even_when_the_settings_cannot_be_saved() {
+    let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+    block_settings_saves(&home);
+
+    studio.revoke(&worker_id);
+    eventually("revoked in memory", PATIENCE, || {
+        matches!(
+            handle.status().registration,
+            RegistrationState::Revoked { .. }
+        )
+    })
+    .await;
+    eventually("the person is told it is not saved", PATIENCE, || {
+        handle.status().settings_unsaved.is_some()
+    })
+    .await;
+    // Before: the failed save left memory approved, and every loop went on asking with a
+    // token the studio refuses.
+    let requests = studio.log().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(studio.log().len(), requests, "all traffic stopped");
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pause_holds_even_when_it_cannot_be_saved_and_is_saved_once_it_can() {
+    let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
+    let handle = runtime.handle();
+    block_settings_saves(&home);
+
+    assert!(handle.send(Command::Pause));
+    eventually("paused", PATIENCE, || {
+        handle.status().paused == Some(PauseReason::User)
+    })
+    .await;
+    eventually("the studio hears it", PATIENCE, || {
+        studio
+            .worker(&worker_id)
+            .unwrap()
+            .heartbeats
+            .iter()
+            .any(|h| h["state"] == "paused" && h["pausedReason"] == "user")
+    })
+    .await;
+    let unsaved = handle.status().settings_unsaved.expect("said unsaved");
+    assert!(!unsaved.is_empty());
+    // The command's own report says the same, not "failed".
+    let problem = handle.status().settings_problem.unwrap_or_default();
+    assert!(problem.contains("holds until"), "{problem}");
+
+    // The disk is back: the next change saves everything memory holds, pause included.
+    std::fs::remove_dir_all(home.config_path()).unwrap();
+    assert!(handle.send(Command::CloseHintShown));
+    eventually("saved at last", PATIENCE, || {
+        handle.status().settings_unsaved.is_none()
+    })
+    .await;
+    let on_disk = home.on_disk();
+    assert!(on_disk.pause.by_user, "the pause reached the disk");
+    assert!(on_disk.ui.close_hint_shown);
+    runtime.shutdown().await;
+}

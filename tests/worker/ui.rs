@@ -193,12 +193,14 @@ fn the_status_tab_shows_connection_job_and_problems() {
     ));
     running.settings_recovered =
         Some("the settings file could not be read (line 3); it was kept as x".into());
+    running.settings_unsaved = Some("cannot write config.toml: read-only file system".into());
     let window = Window::new(running);
     assert!(window.shows("Last heartbeat 12 s ago"));
     assert!(window.shows("Last problem: studio unreachable: cannot connect"));
     assert!(window.shows("“a lighthouse at dusk”"));
     assert!(window.shows("Drawing: step 3 of 4"));
     assert!(window.shows("The settings file could not be read (line 3)"));
+    assert!(window.shows("Your settings cannot be saved (cannot write config.toml"));
 }
 
 #[test]

@@ -62,6 +62,9 @@ enum JobEnd {
     EngineFailed,
     /// Not run (invalid), cancelled, lease lost, or handed back: says nothing about the engine.
     Neutral,
+    /// The studio sent a job that cannot even be answered (no usable id): a studio error, so
+    /// the next claim backs off as after any other.
+    Unanswerable(String),
 }
 
 pub(super) async fn run(mut task: JobLoop) {
@@ -138,11 +141,8 @@ pub(super) async fn run(mut task: JobLoop) {
             claimed = session.claim(&request) => claimed,
         };
         let raw_job = match claimed {
-            Ok(Some(raw_job)) => {
-                claim_backoff.reset();
-                claim_outage.recovered();
-                raw_job
-            }
+            // The backoff is reset once the job proves answerable (below).
+            Ok(Some(raw_job)) => raw_job,
             Ok(None) => {
                 claim_backoff.reset();
                 claim_outage.recovered();
@@ -168,7 +168,12 @@ pub(super) async fn run(mut task: JobLoop) {
             }
         };
 
-        match task.run_job(&engine, &session, raw_job).await {
+        let end = task.run_job(&engine, &session, raw_job).await;
+        if !matches!(end, JobEnd::Unanswerable(_)) {
+            claim_backoff.reset();
+            claim_outage.recovered();
+        }
+        match end {
             JobEnd::Delivered => {
                 failures_in_a_row = 0;
                 failure_backoff.reset();
@@ -186,6 +191,11 @@ pub(super) async fn run(mut task: JobLoop) {
                 }
             }
             JobEnd::Neutral => {}
+            JobEnd::Unanswerable(why) => {
+                let delay = claim_backoff.next_delay(None);
+                claim_outage.failed(&why, delay);
+                not_before = Some((Instant::now() + delay, why));
+            }
         }
     }
 }
@@ -257,7 +267,12 @@ impl JobLoop {
             Ok(spec) => spec,
             Err(rejection) => {
                 match rejection.job_id {
-                    None => tracing::warn!("ignored a job the studio sent: {}", rejection.message),
+                    None => {
+                        return JobEnd::Unanswerable(format!(
+                            "the studio sent a job that cannot be answered: {}",
+                            rejection.message
+                        ));
+                    }
                     Some(job_id) => {
                         tracing::warn!(job_id = %job_id, "not running this job: {}", rejection.message);
                         report_fail(

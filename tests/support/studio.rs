@@ -111,6 +111,8 @@ pub enum Fault {
     Garbage,
     /// `200` with JSON that lacks the required fields.
     MissingFields,
+    /// `200` with this JSON body, without touching state.
+    Body(Value),
     /// Wait this long, then answer 503 (the client has usually given up by then).
     Hang(Duration),
     /// Handle the request for real, then wait this long before answering: the studio's
@@ -548,6 +550,7 @@ async fn record_and_misbehave(
         Some(Fault::MissingFields) => {
             (StatusCode::OK, Json(json!({ "unexpected": true }))).into_response()
         }
+        Some(Fault::Body(body)) => (StatusCode::OK, Json(body)).into_response(),
         Some(Fault::Hang(duration)) => {
             tokio::time::sleep(duration).await;
             error(StatusCode::SERVICE_UNAVAILABLE, "hung")

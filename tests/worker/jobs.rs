@@ -553,6 +553,40 @@ async fn invalid_and_hostile_jobs_are_failed_and_the_worker_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_studio_that_keeps_sending_unanswerable_jobs_is_backed_off_from() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    // Every claim answers at once with a job that has no id: nothing can be reported for it.
+    p.studio.inject(
+        Some(Route::Claim),
+        Fault::Body(json!({ "job": { "kind": "txt2img", "prompt": "no id" } })),
+        u32::MAX,
+    );
+    let handle = p.runtime.handle();
+    eventually("the worker says why it waits", PATIENCE, || {
+        handle
+            .status()
+            .jobs
+            .claim_blocked
+            .as_deref()
+            .is_some_and(|why| why.contains("cannot be answered"))
+    })
+    .await;
+    let before = p.studio.count(Route::Claim);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = p.studio.count(Route::Claim) - before;
+    // A 20 ms → 200 ms backoff allows ~10 claims in 1.5 s; ignoring the job and claiming again
+    // at once made hundreds.
+    assert!(during <= 30, "{during} claims in 1.5 s");
+
+    // The studio recovers: the backoff is over with the first good job.
+    p.studio.clear_faults();
+    p.studio.enqueue(job("good"));
+    p.delivered("good").await;
+    assert_eq!(handle.status().jobs.claim_blocked, None);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_errors_are_reported_and_three_in_a_row_back_off() {
     let p = Pipeline::start(Duration::from_millis(1)).await;
     p.studio.enqueue(job_with("j_oom", "prompt", json!("#oom")));

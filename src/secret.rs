@@ -8,9 +8,20 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 /// Text that must never reach a log, the UI (unmasked), an error message or a crash report.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Equality takes the same time wherever two secrets differ (only their lengths leak), so a
+/// local program that guesses the control token learns nothing from how fast it is refused.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        subtle::ConstantTimeEq::ct_eq(self.0.as_bytes(), other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     pub fn new(text: impl Into<String>) -> Self {
@@ -94,6 +105,19 @@ mod tests {
             "Some(Secret(…))",
             "nested Debug stays masked"
         );
+    }
+
+    #[test]
+    fn equality_compares_the_whole_text() {
+        let token = Secret::new("a".repeat(64));
+        assert_eq!(token, Secret::new("a".repeat(64)));
+        assert_ne!(token, Secret::new(format!("{}b", "a".repeat(63))));
+        assert_ne!(
+            token,
+            Secret::new("a".repeat(63)),
+            "a prefix is not the token"
+        );
+        assert_ne!(token, Secret::new(""));
     }
 
     #[test]

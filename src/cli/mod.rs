@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Paths, SharedConfig};
 use crate::platform::single_instance;
 use crate::registration::RegistrationState;
-use crate::runtime::control;
+use crate::runtime::control::{self, ControlCommand, ControlError};
 use crate::runtime::{Launch, Runtime, StopRequest};
 
 /// Arguments that cannot run: exit code 2, like clap's own usage errors.
@@ -223,9 +223,9 @@ fn print_device(paths: &Paths, json: bool) -> anyhow::Result<()> {
 /// until its process is gone.
 fn quit_running(paths: &Paths, wait: Duration) -> anyhow::Result<()> {
     let pid = running_worker_pid(&paths.data_dir);
-    match tokio_current_thread()?.block_on(control::send(&paths.data_dir, "quit")) {
-        Ok(()) => {}
-        Err(control::ControlError::NotRunning) if pid.is_none() => {
+    match tokio_current_thread()?.block_on(control::send(&paths.data_dir, &ControlCommand::Quit)) {
+        Ok(_) => {}
+        Err(ControlError::NotRunning) if pid.is_none() => {
             println!("No worker is running.");
             return Ok(());
         }
@@ -249,27 +249,45 @@ fn quit_running(paths: &Paths, wait: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Has the worker running for this data folder apply `command` (it is the only writer of its
+/// settings while it runs). `false`: no worker runs, and the caller may change the settings
+/// file itself. A note from the worker (applied, but not saved) goes to stderr.
+pub(crate) fn tell_running_worker(paths: &Paths, command: &ControlCommand) -> anyhow::Result<bool> {
+    match tokio_current_thread()?.block_on(control::send(&paths.data_dir, command)) {
+        Ok(note) => {
+            if let Some(note) = note {
+                eprintln!("studio-worker: {note}");
+            }
+            Ok(true)
+        }
+        Err(ControlError::NotRunning) => match running_worker_pid(&paths.data_dir) {
+            Some(pid) => bail!(
+                "a worker is running (process {pid}) but its control channel is not available"
+            ),
+            None => Ok(false),
+        },
+        Err(err) => bail!("{err}"),
+    }
+}
+
 /// `pause` / `resume`: through the running worker's control channel, or in the settings file
 /// when no worker runs (so it starts paused, or not).
 fn set_paused(paths: &Paths, paused: bool) -> anyhow::Result<()> {
-    let command = if paused { "pause" } else { "resume" };
-    match tokio_current_thread()?.block_on(control::send(&paths.data_dir, command)) {
-        Ok(()) => {
-            println!(
-                "{}",
-                if paused {
-                    "Paused: the worker takes no jobs and hands back the one it is running."
-                } else {
-                    "Resumed: the worker takes jobs again."
-                }
-            );
-            return Ok(());
-        }
-        Err(control::ControlError::NotRunning) => {}
-        Err(err) => bail!("{err}"),
-    }
-    if let Some(pid) = running_worker_pid(&paths.data_dir) {
-        bail!("a worker is running (process {pid}) but its control channel is not available");
+    let command = if paused {
+        ControlCommand::Pause
+    } else {
+        ControlCommand::Resume
+    };
+    if tell_running_worker(paths, &command)? {
+        println!(
+            "{}",
+            if paused {
+                "Paused: the worker takes no jobs and hands back the one it is running."
+            } else {
+                "Resumed: the worker takes jobs again."
+            }
+        );
+        return Ok(());
     }
     let loaded = config::load(&paths.config_file)?;
     let mut config = loaded.config;
@@ -296,8 +314,10 @@ fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::R
     }
     let Some(_instance) = single_instance::acquire(&paths.data_dir)? else {
         // Already running: bring its window forward instead of starting a second worker.
-        return match tokio_current_thread()?.block_on(control::send(&paths.data_dir, "show")) {
-            Ok(()) => {
+        return match tokio_current_thread()?
+            .block_on(control::send(&paths.data_dir, &ControlCommand::Show))
+        {
+            Ok(_) => {
                 println!("studio-worker is already running; its window was brought forward.");
                 Ok(())
             }
@@ -404,24 +424,32 @@ fn open_worker(
     ))
 }
 
+/// `register --reset`: through the running worker (which asks the studio again at once), or
+/// in the settings file when none runs.
 fn reset_registration(paths: &Paths) -> anyhow::Result<()> {
-    if let Some(pid) = running_worker_pid(&paths.data_dir) {
-        bail!(
-            "a worker is running (process {pid}); stop it first, or use Reset registration in its Settings tab"
-        );
-    }
-    let loaded = config::load(&paths.config_file)?;
-    if let Some(broken) = &loaded.recovered_from {
-        println!(
-            "The settings file could not be read ({}); it was kept as {}.",
-            broken.reason,
-            broken.kept_at.display()
-        );
-    }
-    let mut config = loaded.config;
-    let before = RegistrationState::from_config(&config);
-    config.reset_registration();
-    config::save(&paths.config_file, &config)?;
+    // What the worker forgets, read before it does (read-only: a broken file is its business).
+    let on_disk = std::fs::read(&paths.config_file)
+        .ok()
+        .and_then(|bytes| config::parse(&bytes).ok());
+    let running = tell_running_worker(paths, &ControlCommand::ResetRegistration)?;
+    let (before, config) = if running {
+        let config = on_disk.unwrap_or_default();
+        (RegistrationState::from_config(&config), config)
+    } else {
+        let loaded = config::load(&paths.config_file)?;
+        if let Some(broken) = &loaded.recovered_from {
+            println!(
+                "The settings file could not be read ({}); it was kept as {}.",
+                broken.reason,
+                broken.kept_at.display()
+            );
+        }
+        let mut config = loaded.config;
+        let before = RegistrationState::from_config(&config);
+        config.reset_registration();
+        config::save(&paths.config_file, &config)?;
+        (before, config)
+    };
 
     let what = match before {
         RegistrationState::Pristine => "There was no registration to forget.".to_owned(),
@@ -439,7 +467,11 @@ fn reset_registration(paths: &Paths) -> anyhow::Result<()> {
     } else {
         println!("Kept all other settings.");
     }
-    println!("The next start asks the studio for approval again.");
+    if running {
+        println!("The running worker asks the studio for approval again now.");
+    } else {
+        println!("The next start asks the studio for approval again.");
+    }
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use crate::human;
 use crate::models::catalog::{self, CATALOG, CatalogEntry};
 use crate::models::hub::{HubClient, HubError};
 use crate::models::store::{DownloadProgress, ModelState, ModelStore, PullError};
+use crate::runtime::control::ControlCommand;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelsCommand {
@@ -308,6 +309,18 @@ fn add(paths: &Paths, model_id: &str, folder: &Path) -> anyhow::Result<()> {
         .map_err(|error| UsageError(format!("{}: {error}", folder.display())))?;
     crate::engine::sd::open_checked(&folder)
         .map_err(|error| UsageError(format!("{} cannot be served: {error}", folder.display())))?;
+    // A running worker owns the settings: it adds the model (and serves it at once).
+    let command = ControlCommand::AddModel {
+        model_id: model_id.to_owned(),
+        folder: folder.clone(),
+    };
+    if super::tell_running_worker(paths, &command)? {
+        println!(
+            "Added {model_id} ({}): the running worker serves it now.",
+            folder.display()
+        );
+        return Ok(());
+    }
     let mut settings = config::load(&paths.config_file)?.config;
     settings
         .models

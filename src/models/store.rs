@@ -242,8 +242,15 @@ impl ModelStore {
             }
         }
         let folder = self.cache.root().to_owned();
-        std::fs::create_dir_all(&folder)?;
-        let available = self.free_space(&folder);
+        let available = self
+            .off_runtime({
+                let folder = folder.clone();
+                move |store| {
+                    std::fs::create_dir_all(&folder)?;
+                    Ok(store.free_space(&folder))
+                }
+            })
+            .await?;
         if let Some(available) = available
             && missing + DISK_MARGIN > available
         {
@@ -295,14 +302,16 @@ impl ModelStore {
                         });
                     })
                     .await?;
-                    if verify_file(
-                        &self.cache.incomplete_path(entry.repo, file.blob_name()),
-                        file,
-                    )? {
+                    // Hashing gigabytes takes seconds: never on the runtime's threads.
+                    let settled = self
+                        .off_runtime({
+                            let (repo, file) = (entry.repo, file.clone());
+                            move |store| store.settle_download(repo, &file)
+                        })
+                        .await?;
+                    if settled {
                         break;
                     }
-                    // A corrupt transfer is thrown away and fetched once more, never used.
-                    std::fs::remove_file(self.cache.incomplete_path(entry.repo, file.blob_name()))?;
                     tracing::warn!("{} arrived corrupt; fetching it again", file.path);
                     if attempts >= 2 {
                         return Err(PullError::Corrupt {
@@ -310,33 +319,74 @@ impl ModelStore {
                         });
                     }
                 }
-                std::fs::rename(
-                    self.cache.incomplete_path(entry.repo, file.blob_name()),
-                    &blob,
-                )?;
             }
-            self.cache
-                .link(entry.repo, &info.commit, &file.path, file.blob_name())?;
             done_before_file += file.size;
         }
-        self.cache
-            .write_ref(entry.repo, entry.revision, &info.commit)?;
 
-        let snapshot = self.cache.snapshot_dir(entry.repo, &info.commit);
-        check_usable(&snapshot)?;
         let manifest = Manifest {
             repo: entry.repo.to_owned(),
             revision: entry.revision.to_owned(),
             commit: info.commit.clone(),
             files: needed.iter().map(ManifestFile::from).collect(),
         };
-        self.write_manifest(entry.id, &manifest)?;
+        let (model_id, revision) = (entry.id, entry.revision);
+        let snapshot = self
+            .off_runtime(move |store| store.complete(model_id, revision, &manifest))
+            .await?;
         tracing::info!(
             "{} is ready ({} in {:.0} s)",
             entry.id,
             crate::human::bytes(total_bytes),
             started.elapsed().as_secs_f64()
         );
+        Ok(snapshot)
+    }
+
+    /// Runs `work` (file system work that may take long: hashing, fsync, deleting) on the
+    /// blocking pool, with a copy of this store.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Self) -> Result<T, PullError> + Send + 'static,
+    ) -> Result<T, PullError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|error| PullError::Io(std::io::Error::other(error.to_string())))?
+    }
+
+    /// A fetched file is hashed; whole and right, it becomes the blob (`true`), otherwise it
+    /// is thrown away to be fetched once more, never used (`false`).
+    fn settle_download(&self, repo: &str, file: &RepoFile) -> Result<bool, PullError> {
+        let partial = self.cache.incomplete_path(repo, file.blob_name());
+        if !verify_file(&partial, file)? {
+            std::fs::remove_file(&partial)?;
+            return Ok(false);
+        }
+        std::fs::rename(&partial, self.cache.blob_path(repo, file.blob_name()))?;
+        Ok(true)
+    }
+
+    /// Every blob is here: links the snapshot, records the revision, checks the pipeline
+    /// opens, and writes the manifest last (the model is ready from then on).
+    fn complete(
+        &self,
+        model_id: &str,
+        revision: &str,
+        manifest: &Manifest,
+    ) -> Result<PathBuf, PullError> {
+        for file in &manifest.files {
+            self.cache.link(
+                &manifest.repo,
+                &manifest.commit,
+                &file.path,
+                file.blob_name(),
+            )?;
+        }
+        self.cache
+            .write_ref(&manifest.repo, revision, &manifest.commit)?;
+        let snapshot = self.cache.snapshot_dir(&manifest.repo, &manifest.commit);
+        check_usable(&snapshot)?;
+        self.write_manifest(model_id, manifest)?;
         Ok(snapshot)
     }
 

@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::StatusSender;
+use super::control::ControlRequest;
 use super::signals::{HostRequestSender, StopRequest};
 use crate::config::{ConfigError, SharedConfig};
 use crate::engine::Engine;
@@ -73,6 +74,8 @@ pub struct SettingsChange {
 
 pub(super) struct CommandsTask {
     pub commands: mpsc::Receiver<Command>,
+    /// Commands from the terminal (the control channel), each waiting for its outcome.
+    pub control: mpsc::Receiver<ControlRequest>,
     pub config: SharedConfig,
     pub engine: Option<Arc<dyn Engine>>,
     /// Wakes the uploader's current wait.
@@ -89,6 +92,7 @@ pub(super) struct CommandsTask {
 pub(super) async fn run(task: CommandsTask) {
     let CommandsTask {
         mut commands,
+        mut control,
         config,
         engine,
         retry_uploads,
@@ -99,12 +103,13 @@ pub(super) async fn run(task: CommandsTask) {
         shutdown,
     } = task;
     loop {
-        let command = tokio::select! {
+        let (command, outcome): (Command, Option<oneshot::Sender<_>>) = tokio::select! {
             () = shutdown.cancelled() => return,
             command = commands.recv() => match command {
-                Some(command) => command,
+                Some(command) => (command, None),
                 None => return,
             },
+            Some((command, outcome)) = control.recv() => (command, Some(outcome)),
         };
         let applied = match &command {
             // A pause that cannot be saved still pauses (and a resume resumes): the person's
@@ -159,17 +164,27 @@ pub(super) async fn run(task: CommandsTask) {
                 Ok(())
             }
         };
-        // Each outcome is handled here once: logged, and shown in the window until the next
-        // command succeeds.
-        match applied {
+        // Each outcome is handled here once: logged, shown in the window until the next
+        // command succeeds, and told to the terminal that sent the command.
+        let told = match applied {
             Ok(()) => {
                 tracing::info!(?command, "applied");
                 status.send_modify(|s| s.settings_problem = None);
+                Ok(None)
+            }
+            Err(err @ CommandError::Unsaved(_)) => {
+                tracing::error!(?command, "applied, not saved: {err}");
+                status.send_modify(|s| s.settings_problem = Some(err.to_string()));
+                Ok(Some(err.to_string()))
             }
             Err(err) => {
                 tracing::error!(?command, "not applied: {err}");
                 status.send_modify(|s| s.settings_problem = Some(err.to_string()));
+                Err(err.to_string())
             }
+        };
+        if let Some(outcome) = outcome {
+            let _ = outcome.send(told);
         }
     }
 }

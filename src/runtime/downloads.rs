@@ -147,9 +147,16 @@ impl Downloads {
                 .await;
             match pulled {
                 Ok(folder) => {
-                    match self.engine.serve(entry.id, &folder) {
-                        Ok(()) => tracing::info!("{} downloaded and served", entry.id),
-                        Err(reason) => tracing::error!("{} cannot be served: {reason}", entry.id),
+                    // Serving opens the model's files: on the blocking pool.
+                    let engine = self.engine.clone();
+                    let model_id = entry.id;
+                    match tokio::task::spawn_blocking(move || engine.serve(model_id, &folder)).await
+                    {
+                        Ok(Ok(())) => tracing::info!("{} downloaded and served", entry.id),
+                        Ok(Err(reason)) => {
+                            tracing::error!("{} cannot be served: {reason}", entry.id);
+                        }
+                        Err(error) => tracing::error!("serving {} broke off: {error}", entry.id),
                     }
                     let ready = self.engine.ready_models();
                     self.status.send_modify(|status| {

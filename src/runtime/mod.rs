@@ -345,8 +345,10 @@ impl Runtime {
                 shutdown: shutdown.clone(),
             }));
         }
+        let (control_sender, control_receiver) = mpsc::channel(8);
         tasks.spawn(commands::run(commands::CommandsTask {
             commands: command_receiver,
+            control: control_receiver,
             config: config.clone(),
             engine,
             retry_uploads,
@@ -358,7 +360,7 @@ impl Runtime {
         }));
         tasks.spawn(control::serve(
             options.data_dir.clone(),
-            command_sender.clone(),
+            control_sender,
             shutdown.clone(),
         ));
         tasks.spawn(status_file::run(

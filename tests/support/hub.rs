@@ -19,10 +19,28 @@ use sha1::Digest as _;
 /// Files above this size are served as LFS files (with a SHA-256), as on the real hub.
 const LFS_THRESHOLD: usize = 1024;
 
+/// A published file, hashed once (a test may publish a gigabyte).
+#[derive(Debug)]
+struct HubFile {
+    content: Vec<u8>,
+    sha256: String,
+    blob_id: String,
+}
+
+impl HubFile {
+    fn new(content: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
+            sha256: hex::encode(sha2::Sha256::digest(&content)),
+            blob_id: git_blob_id(&content),
+            content,
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Repo {
     commit: String,
-    files: BTreeMap<String, Vec<u8>>,
+    files: BTreeMap<String, Arc<HubFile>>,
     /// The token a gated repository wants.
     token: Option<String>,
 }
@@ -90,13 +108,22 @@ impl TestHub {
                 } else {
                     let relative = path.strip_prefix(folder).expect("inside");
                     let name = relative.to_string_lossy().replace('\\', "/");
-                    files.insert(name, std::fs::read(&path).expect("fixture file"));
+                    files.insert(
+                        name,
+                        HubFile::new(std::fs::read(&path).expect("fixture file")),
+                    );
                 }
             }
         }
         // Extra files a real repository has and the worker must not fetch.
-        files.insert("README.md".to_owned(), b"# a model\n".to_vec());
-        files.insert("unet/diffusion_pytorch_model.bin".to_owned(), vec![7; 4096]);
+        files.insert(
+            "README.md".to_owned(),
+            HubFile::new(b"# a model\n".to_vec()),
+        );
+        files.insert(
+            "unet/diffusion_pytorch_model.bin".to_owned(),
+            HubFile::new(vec![7; 4096]),
+        );
         self.state.lock().unwrap().repos.insert(
             repo.to_owned(),
             Repo {
@@ -138,7 +165,29 @@ impl TestHub {
     }
 
     pub fn file_size(&self, repo: &str, path: &str) -> u64 {
-        self.state.lock().unwrap().repos[repo].files[path].len() as u64
+        self.state.lock().unwrap().repos[repo].files[path]
+            .content
+            .len() as u64
+    }
+
+    /// The SHA-256 the listing gives for the file (the name of its blob in the cache).
+    pub fn file_sha256(&self, repo: &str, path: &str) -> String {
+        self.state.lock().unwrap().repos[repo].files[path]
+            .sha256
+            .clone()
+    }
+
+    /// Publishes `content` as `path` in `repo` (replacing what was there).
+    pub fn put_file(&self, repo: &str, path: &str, content: Vec<u8>) {
+        let file = HubFile::new(content);
+        self.state
+            .lock()
+            .unwrap()
+            .repos
+            .get_mut(repo)
+            .expect("repo")
+            .files
+            .insert(path.to_owned(), file);
     }
 }
 
@@ -168,16 +217,16 @@ async fn listing(
     let siblings: Vec<_> = repo
         .files
         .iter()
-        .map(|(path, content)| {
+        .map(|(path, file)| {
             let mut sibling = json!({
                 "rfilename": path,
-                "size": content.len(),
-                "blobId": git_blob_id(content),
+                "size": file.content.len(),
+                "blobId": file.blob_id,
             });
-            if content.len() > LFS_THRESHOLD {
+            if file.content.len() > LFS_THRESHOLD {
                 sibling["lfs"] = json!({
-                    "sha256": hex::encode(sha2::Sha256::digest(content)),
-                    "size": content.len(),
+                    "sha256": file.sha256,
+                    "size": file.content.len(),
                     "pointerSize": 134,
                 });
             }
@@ -200,10 +249,10 @@ async fn resolve(
     if !authorised(&repo, &headers) {
         return (StatusCode::UNAUTHORIZED, "gated").into_response();
     }
-    let Some(content) = repo.files.get(&path) else {
+    let Some(file) = repo.files.get(&path) else {
         return (StatusCode::NOT_FOUND, "Entry not found").into_response();
     };
-    let mut content = content.clone();
+    let mut content = file.content.clone();
     if let Some(left) = state.corrupt.get_mut(&path)
         && *left > 0
     {

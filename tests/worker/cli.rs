@@ -312,11 +312,6 @@ async fn a_real_run_survives_being_killed_between_every_step() {
     assert_eq!(report["workerId"], worker_id.as_str());
     assert_eq!(report["running"]["pid"], worker_process.0.id());
 
-    // A reset from the CLI would be overwritten by the running worker: it is refused.
-    let refused = run(worker(&config_path).args(["register", "--reset"]));
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(text(&refused.stderr).contains("a worker is running"));
-
     // Killed while approved, restarted: the same identity goes on heartbeating.
     worker_process.kill();
     let heartbeats = studio.count(Route::Heartbeat);
@@ -605,4 +600,66 @@ async fn quit_stops_the_running_worker_and_waits_for_it() {
         Some(0),
         "gone, and cleanly, by the time quit returns"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_changed_from_the_terminal_reach_the_running_worker_and_survive_its_saves() {
+    let studio = TestStudio::start().await;
+    studio.set_decision(crate::support::studio::Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime(crate::support::fast_timing());
+    let handle = runtime.handle();
+    eventually("approved", SLOW, || {
+        matches!(
+            handle.status().registration,
+            RegistrationState::Approved { .. }
+        )
+    })
+    .await;
+    eventually("the control channel", SLOW, || {
+        home.dir.path().join("control.json").exists()
+    })
+    .await;
+
+    // `models add` while the worker runs: the worker adds it (and says it serves it now).
+    let added = tokio::task::block_in_place(|| {
+        run(worker(&home.config_path())
+            .args(["models", "add", "--id", "mine"])
+            .arg(tiny_fixture("tiny-sd1")))
+    });
+    assert!(added.status.success(), "{}", text(&added.stderr));
+    assert!(text(&added.stdout).contains("the running worker serves it now"));
+    assert!(handle.config().snapshot().models.local.contains_key("mine"));
+
+    // The worker saves a change of its own: the model stays. (When the terminal wrote
+    // config.toml itself, this save put back the worker's older settings, without it.)
+    assert!(handle.send(studio_worker::runtime::Command::Pause));
+    eventually("paused and saved", SLOW, || home.on_disk().pause.by_user).await;
+    assert!(home.on_disk().models.local.contains_key("mine"));
+
+    // A model the worker refuses: the terminal hears why, and nothing changed.
+    let refused = tokio::task::block_in_place(|| {
+        run(worker(&home.config_path())
+            .args(["models", "add", "--id", "other"])
+            .arg(home.dir.path()))
+    });
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+
+    // `register --reset` while it runs: the worker forgets and asks the studio again now.
+    let reset = tokio::task::block_in_place(|| {
+        run(worker(&home.config_path()).args(["register", "--reset"]))
+    });
+    assert!(reset.status.success(), "{}", text(&reset.stderr));
+    let said = text(&reset.stdout);
+    assert!(said.contains("Forgot worker"), "{said}");
+    assert!(
+        said.contains("asks the studio for approval again now"),
+        "{said}"
+    );
+    eventually("asked again", SLOW, || studio.count(Route::Register) == 2).await;
+    let on_disk = home.on_disk();
+    assert!(on_disk.models.local.contains_key("mine"), "kept");
+    assert!(on_disk.pause.by_user, "kept");
+    runtime.shutdown().await;
 }

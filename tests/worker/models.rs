@@ -23,7 +23,7 @@ use studio_worker::runtime::{Command, ModelSupply, Runtime, RuntimeOptions};
 use studio_worker::vocab::device::DevicePreference;
 
 use crate::support::hub::TestHub;
-use crate::support::studio::{Decision, TestStudio};
+use crate::support::studio::{Decision, Route, TestStudio};
 use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
 
 const REPO: &str = "test-org/tiny-sd1";
@@ -487,4 +487,101 @@ async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
     .await;
     assert_eq!(engine.ready_models(), vec!["mine"]);
     runtime.shutdown().await;
+}
+
+/// One runtime thread (the default for `tokio::test`): anything that blocks it stalls every
+/// task of the worker, the lease renewals of a running job first.
+#[tokio::test]
+async fn a_running_jobs_lease_renewals_keep_their_cadence_while_a_large_download_is_verified() {
+    const BIG: u64 = 1 << 30;
+    let hub_setup = setup().await;
+    // A gigabyte of weights (zeros, so neither the hub's copy nor the cache's costs memory or
+    // disk), already transferred whole: only hashing it remains.
+    let hashing = std::time::Instant::now();
+    hub_setup.hub.put_file(REPO, UNET, vec![0; BIG as usize]);
+    // The hub hashed it twice (SHA-256 and git's SHA-1); the worker's verify is about half.
+    let verify_takes = hashing.elapsed() / 2;
+    let partial = hub_setup
+        .store
+        .cache()
+        .incomplete_path(REPO, &hub_setup.hub.file_sha256(REPO, UNET));
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    std::fs::File::create(&partial)
+        .unwrap()
+        .set_len(BIG)
+        .unwrap();
+
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    let mut settings = home.write_config(&studio.url());
+    settings.models.enabled = Vec::new();
+    config::save(&home.config_path(), &settings).unwrap();
+    let engine = Arc::new(crate::support::engine::ScriptedEngine::new(
+        std::time::Duration::from_millis(40),
+    ));
+    let runtime = Runtime::start(
+        home.shared(),
+        RuntimeOptions {
+            timing: fast_timing(),
+            data_dir: home.dir.path().to_path_buf(),
+            api_base_override: None,
+            engine: Some(engine),
+            recovered_config: None,
+            model_supply: Some(ModelSupply {
+                store: hub_setup.store.clone(),
+                hub: hub_setup.client.clone(),
+                catalog: vec![ENTRY],
+            }),
+            probes: None,
+            tolerate_invalid_studio_url: false,
+        },
+    )
+    .unwrap();
+    let handle = runtime.handle();
+
+    // A job of 150 steps, 40 ms each: a progress report (a lease renewal) every step.
+    let mut job = serde_json::json!({
+        "jobId": "j_long", "kind": "txt2img", "model": "sd-turbo", "prompt": "a lighthouse",
+        "width": 64, "height": 64, "steps": 150, "guidanceScale": 0.0, "seed": 1,
+        "numImages": 1, "leaseS": 120
+    });
+    studio.enqueue(job.take());
+    eventually("denoising", PATIENCE, || {
+        studio
+            .job("j_long")
+            .is_some_and(|j| j.progress.iter().any(|p| p["step"].as_u64() >= Some(2)))
+    })
+    .await;
+    handle
+        .config()
+        .update(|config| config.models.enabled = vec!["tiny".to_owned()])
+        .unwrap();
+    eventually("the download verified and settled", PATIENCE, || {
+        !partial.exists()
+    })
+    .await;
+    eventually("delivered", PATIENCE, || {
+        studio.job("j_long").is_some_and(|j| j.uploads > 0)
+    })
+    .await;
+    runtime.shutdown().await;
+
+    // Every report while the job ran (denoising only: the verify happened in that time).
+    let reports: Vec<std::time::Instant> = studio
+        .log_for(Route::Progress)
+        .iter()
+        .filter(|request| request.body["stage"] == "denoising")
+        .map(|request| request.at)
+        .collect();
+    let longest_gap = reports
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .unwrap();
+    let allowed = (verify_takes / 2).max(std::time::Duration::from_millis(250));
+    assert!(
+        longest_gap < allowed,
+        "no lease renewal for {longest_gap:?} while the verify took ~{verify_takes:?}"
+    );
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use studio_worker::registration::RegistrationState;
+use studio_worker::runtime::control::{self, ControlCommand};
 use studio_worker::runtime::{Command, Runtime, RuntimeHandle};
 use studio_worker::vocab::pause::PauseReason;
 
@@ -417,23 +418,33 @@ async fn a_show_request_from_another_launch_reaches_the_window() {
     let handle = runtime.handle();
     let control_file = home.dir.path().join("control.json");
     eventually("control channel", PATIENCE, || control_file.exists()).await;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&control_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "its token must not be readable by other users");
+    }
 
-    studio_worker::runtime::control::send(home.dir.path(), "show")
+    control::send(home.dir.path(), &ControlCommand::Show)
         .await
         .unwrap();
     eventually("raise requested", PATIENCE, || {
         handle.requests().window_raises() == 1
     })
     .await;
-    assert!(matches!(
-        studio_worker::runtime::control::send(home.dir.path(), "dance").await,
-        Err(studio_worker::runtime::control::ControlError::Refused(_))
-    ));
     runtime.shutdown().await;
     assert!(matches!(
-        studio_worker::runtime::control::send(home.dir.path(), "show").await,
-        Err(studio_worker::runtime::control::ControlError::NotRunning)
+        control::send(home.dir.path(), &ControlCommand::Show).await,
+        Err(control::ControlError::NotRunning)
     ));
+    assert!(
+        !control_file.exists(),
+        "the control file goes with the worker"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

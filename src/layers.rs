@@ -9,7 +9,14 @@ use std::path::{Path, PathBuf};
 /// of ours. Keep in step with the picture in ARCHITECTURE.md ("Layers").
 const LAYERS: &[&[&str]] = &[
     &["vocab", "files", "human", "secret", "backoff"],
-    &["timing", "image_file", "platform", "logging", "thumbnails"],
+    &[
+        "timing",
+        "image_file",
+        "platform",
+        "logging",
+        "thumbnails",
+        "http_body",
+    ],
     &["config", "studio", "engine"],
     &["models", "outbox", "crash", "registration", "policy"],
     &["runtime"],

@@ -10,6 +10,7 @@
 // Leaves: they import nothing of ours (but each other, in this order).
 pub mod backoff;
 mod files;
+mod http_body;
 mod human;
 pub mod image_file;
 pub mod secret;

@@ -12,6 +12,9 @@ pub struct CatalogEntry {
     pub display_name: &'static str,
     /// `owner/name` on the hub.
     pub repo: &'static str,
+    /// The commit fetched: pinned, never a branch, so what a worker downloads is what was
+    /// reviewed here (and a repository that changes under its name changes nothing). Moving
+    /// to a newer commit is a change to this file.
     pub revision: &'static str,
     /// Prefer `*.fp16.safetensors` weights (half the download; GPUs run f16 anyway).
     pub prefer_fp16: bool,
@@ -38,7 +41,7 @@ pub const CATALOG: &[CatalogEntry] = &[
         id: "sd-turbo",
         display_name: "SD-Turbo",
         repo: "stabilityai/sd-turbo",
-        revision: "main",
+        revision: "b261bac6fd2cf515557d5d0707481eafa0485ec2",
         prefer_fp16: true,
         download_bytes: 2 * GB + 590 * MB,
         min_gpu_mb: 4096,
@@ -53,7 +56,7 @@ pub const CATALOG: &[CatalogEntry] = &[
         id: "sdxl-turbo",
         display_name: "SDXL-Turbo",
         repo: "stabilityai/sdxl-turbo",
-        revision: "main",
+        revision: "71153311d3dbb46851df1931d3ca6e939de83304",
         prefer_fp16: true,
         download_bytes: 6 * GB + 940 * MB,
         min_gpu_mb: 8192,
@@ -68,7 +71,7 @@ pub const CATALOG: &[CatalogEntry] = &[
         id: "sd-1.5",
         display_name: "Stable Diffusion 1.5",
         repo: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        revision: "main",
+        revision: "451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
         prefer_fp16: true,
         download_bytes: 2 * GB + 130 * MB,
         min_gpu_mb: 4096,
@@ -83,7 +86,7 @@ pub const CATALOG: &[CatalogEntry] = &[
         id: "sd-2.1",
         display_name: "Stable Diffusion 2.1",
         repo: "stabilityai/stable-diffusion-2-1",
-        revision: "main",
+        revision: "5cae40e6a2745ae2b01ad92ae5043f95f23644d6",
         prefer_fp16: true,
         download_bytes: 2 * GB + 590 * MB,
         min_gpu_mb: 6144,
@@ -98,7 +101,7 @@ pub const CATALOG: &[CatalogEntry] = &[
         id: "sdxl-base-1.0",
         display_name: "SDXL 1.0 (base)",
         repo: "stabilityai/stable-diffusion-xl-base-1.0",
-        revision: "main",
+        revision: "462165984030d82259a11f4367a4eed129e94a7b",
         prefer_fp16: true,
         download_bytes: 6 * GB + 940 * MB,
         min_gpu_mb: 10240,
@@ -177,6 +180,22 @@ pub fn needed_files(repo_files: &[&str], prefer_fp16: bool) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_entry_pins_a_commit() {
+        for entry in CATALOG {
+            assert!(
+                entry.revision.len() == 40
+                    && entry
+                        .revision
+                        .chars()
+                        .all(|c| matches!(c, '0'..='9' | 'a'..='f')),
+                "{} fetches {:?}, not a commit",
+                entry.id,
+                entry.revision
+            );
+        }
+    }
 
     #[test]
     fn ids_are_unique_and_findable() {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::http_body;
 use crate::secret::Secret;
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -167,46 +168,36 @@ impl HubClient {
             .await
             .map_err(network_error)?;
         Self::check(&response, repo, &what)?;
-        let body: ApiRepo = response.json().await.map_err(|error| HubError::Garbled {
+        let garbled = |reason: String| HubError::Garbled {
             what: what.clone(),
-            reason: error.without_url().to_string(),
-        })?;
+            reason,
+        };
+        let bytes = match http_body::read_capped(response, http_body::MAX_JSON_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(http_body::BodyError::Transport(error)) => return Err(network_error(error)),
+            Err(error @ http_body::BodyError::TooLarge { .. }) => {
+                return Err(garbled(error.to_string()));
+            }
+        };
+        let body: ApiRepo =
+            serde_json::from_slice(&bytes).map_err(|error| garbled(error.to_string()))?;
+        // The commit names a folder in the cache: exactly a git hash, nothing else.
+        if !is_hex(&body.sha, 40) {
+            return Err(garbled("its commit is not a git hash".to_owned()));
+        }
+        if is_hex(revision, 40) && !body.sha.eq_ignore_ascii_case(revision) {
+            return Err(garbled(format!(
+                "it answered for commit {} instead of {revision}",
+                body.sha
+            )));
+        }
         let files = body
             .siblings
             .into_iter()
-            .map(|sibling| {
-                let (size, sha256) = match sibling.lfs {
-                    Some(lfs) => (Some(lfs.size), Some(lfs.sha256)),
-                    None => (sibling.size, None),
-                };
-                // Blob names become file names in the cache: hex only, so no answer can
-                // reach outside it.
-                let hex = |text: &str| {
-                    (40..=64).contains(&text.len()) && text.chars().all(|c| c.is_ascii_hexdigit())
-                };
-                if !sibling.blob_id.as_deref().is_none_or(hex) || !sha256.as_deref().is_none_or(hex)
-                {
-                    return Err(HubError::Garbled {
-                        what: what.clone(),
-                        reason: format!("{} has a malformed hash", sibling.rfilename),
-                    });
-                }
-                match (size, sibling.blob_id) {
-                    (Some(size), Some(blob_id)) => Ok(RepoFile {
-                        path: sibling.rfilename,
-                        size,
-                        sha256,
-                        blob_id,
-                    }),
-                    _ => Err(HubError::Garbled {
-                        what: what.clone(),
-                        reason: format!("{} has no size or blob id", sibling.rfilename),
-                    }),
-                }
-            })
+            .map(|sibling| read_sibling(sibling).map_err(garbled))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RepoInfo {
-            commit: body.sha,
+            commit: body.sha.to_ascii_lowercase(),
             files,
         })
     }
@@ -272,14 +263,79 @@ impl HubClient {
                 }
             };
             let Some(chunk) = chunk else { break };
-            output.write_all(&chunk).await?;
-            on_disk += chunk.len() as u64;
+            // Never more than the hub declared: a server that keeps sending cannot fill the
+            // disk. The surplus is dropped and the file (whole by size) fails its hash.
+            let room = usize::try_from(file.size.saturating_sub(on_disk)).unwrap_or(usize::MAX);
+            let kept = &chunk[..chunk.len().min(room)];
+            output.write_all(kept).await?;
+            on_disk += kept.len() as u64;
             on_progress(on_disk);
+            if kept.len() < chunk.len() {
+                output.flush().await?;
+                output.sync_all().await?;
+                return Err(HubError::Network(format!(
+                    "the hub sent more of {} than the {} it declared",
+                    file.path,
+                    crate::human::bytes(file.size)
+                )));
+            }
         }
         output.flush().await?;
         output.sync_all().await?;
         Ok(())
     }
+}
+
+/// `text` is exactly `length` hex digits.
+fn is_hex(text: &str, length: usize) -> bool {
+    text.len() == length && text.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// A file of the listing, checked before any of it becomes a path: blob names are hashes
+/// (hex of the right length) and the file's path stays inside the snapshot folder.
+fn read_sibling(sibling: ApiSibling) -> Result<RepoFile, String> {
+    let path = sibling.rfilename;
+    check_repo_path(&path)?;
+    let (size, sha256) = match sibling.lfs {
+        Some(lfs) => (Some(lfs.size), Some(lfs.sha256)),
+        None => (sibling.size, None),
+    };
+    let Some(blob_id) = sibling.blob_id else {
+        return Err(format!("{path} has no blob id"));
+    };
+    let Some(size) = size else {
+        return Err(format!("{path} has no size"));
+    };
+    if !is_hex(&blob_id, 40) || !sha256.as_deref().is_none_or(|sha256| is_hex(sha256, 64)) {
+        return Err(format!("{path} has a malformed hash"));
+    }
+    Ok(RepoFile {
+        path,
+        size,
+        sha256: sha256.map(|sha256| sha256.to_ascii_lowercase()),
+        blob_id: blob_id.to_ascii_lowercase(),
+    })
+}
+
+/// A repository path the cache may create: relative, `/`-separated, no empty, `.` or `..`
+/// part, no backslash, drive colon or control character.
+fn check_repo_path(path: &str) -> Result<(), String> {
+    let shown = crate::human::one_line(path, 80);
+    if path.is_empty() || path.len() > 1024 {
+        return Err(format!("a file name is empty or too long ({shown:?})"));
+    }
+    if path.contains(['\\', ':']) || path.chars().any(char::is_control) {
+        return Err(format!(
+            "the file name {shown:?} has a character paths cannot hold"
+        ));
+    }
+    if path
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!("the file name {shown:?} leaves its folder"));
+    }
+    Ok(())
 }
 
 /// A transport failure in words a person can act on.
@@ -301,4 +357,70 @@ fn network_error(error: reqwest::Error) -> HubError {
         }
         text
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sibling(path: &str, blob_id: &str, sha256: Option<&str>) -> ApiSibling {
+        ApiSibling {
+            rfilename: path.to_owned(),
+            size: Some(10),
+            blob_id: Some(blob_id.to_owned()),
+            lfs: sha256.map(|sha256| ApiLfs {
+                sha256: sha256.to_owned(),
+                size: 10,
+            }),
+        }
+    }
+
+    #[test]
+    fn paths_that_leave_the_snapshot_folder_are_refused() {
+        for bad in [
+            "",
+            "../../.bashrc",
+            "unet/../../x",
+            "/etc/passwd",
+            "unet//x",
+            "./x",
+            "unet\\..\\x",
+            "C:/Windows/x",
+            "a\u{0}b",
+            "line\nbreak",
+            &"a/".repeat(600),
+        ] {
+            assert!(check_repo_path(bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "model_index.json",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            ".gitattributes",
+            "text_encoder_2/model..safetensors",
+        ] {
+            assert!(check_repo_path(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn blob_names_must_be_hashes_of_the_right_length() {
+        let sha1 = "a".repeat(40);
+        let sha256 = "B".repeat(64);
+        let file = read_sibling(sibling("unet/w.safetensors", &sha1, Some(&sha256))).unwrap();
+        assert_eq!(file.blob_name(), "b".repeat(64), "lowercased");
+        assert!(read_sibling(sibling("x", &"a".repeat(39), None)).is_err());
+        assert!(read_sibling(sibling("x", &"a".repeat(64), None)).is_err());
+        assert!(read_sibling(sibling("x", &sha1, Some(&"a".repeat(40)))).is_err());
+        assert!(
+            read_sibling(sibling(
+                "x",
+                "../../../../etc/passwd00000000000000000",
+                None
+            ))
+            .is_err()
+        );
+        let mut sizeless = sibling("x", &sha1, None);
+        sizeless.size = None;
+        assert!(read_sibling(sizeless).is_err());
+    }
 }

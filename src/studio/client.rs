@@ -13,6 +13,7 @@ use super::protocol::{
     ProgressRequest, ProgressResponse, RegisterRequest, RegisterResponse, RegistrationDecision,
     ResultMeta,
 };
+use crate::http_body;
 use crate::secret::Secret;
 
 /// `studio-worker/<version>`, sent on every request.
@@ -257,7 +258,16 @@ impl StudioClient {
 }
 
 async fn parse_body<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, StudioError> {
-    let bytes = response.bytes().await.map_err(transport_error)?;
+    let bytes = match http_body::read_capped(response, http_body::MAX_JSON_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(http_body::BodyError::Transport(err)) => return Err(transport_error(err)),
+        Err(err @ http_body::BodyError::TooLarge { .. }) => {
+            return Err(StudioError::Transient {
+                reason: format!("the studio's {err}"),
+                retry_after: None,
+            });
+        }
+    };
     serde_json::from_slice(&bytes).map_err(|err| StudioError::Transient {
         reason: format!("the studio's answer is not valid protocol JSON ({err})"),
         retry_after: None,
@@ -323,9 +333,7 @@ fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
 /// The studio's `{"error": "…"}`, or the start of whatever it sent, as one printable line.
 async fn error_message(response: reqwest::Response) -> String {
     let status = response.status();
-    let Ok(bytes) = response.bytes().await else {
-        return status.to_string();
-    };
+    let bytes = http_body::read_prefix(response, http_body::MAX_ERROR_BYTES).await;
     let text = match serde_json::from_slice::<ErrorBody>(&bytes) {
         Ok(body) => body.error,
         Err(_) => String::from_utf8_lossy(&bytes).into_owned(),

@@ -62,6 +62,10 @@ struct HubState {
     corrupt: BTreeMap<String, u32>,
     downloads: Vec<Download>,
     listings: u32,
+    /// Answers every listing with this body instead of the real one.
+    listing_override: Option<serde_json::Value>,
+    /// Path → bytes sent beyond the file's end on every transfer of it.
+    oversend: BTreeMap<String, usize>,
 }
 
 #[derive(Clone)]
@@ -96,8 +100,14 @@ impl TestHub {
         format!("http://{}", self.addr)
     }
 
-    /// Publishes every file under `folder` as `repo` at a fixed commit.
+    /// Publishes every file under `folder` as `repo` at a fixed commit (also its `main`).
     pub fn publish_folder(&self, repo: &str, folder: &Path) {
+        self.publish_folder_at(repo, folder, "0123456789abcdef0123456789abcdef01234567");
+    }
+
+    /// Publishes every file under `folder` as `repo` at `commit` (also its `main`); other
+    /// commits are not found.
+    pub fn publish_folder_at(&self, repo: &str, folder: &Path, commit: &str) {
         let mut files = BTreeMap::new();
         let mut pending = vec![folder.to_owned()];
         while let Some(dir) = pending.pop() {
@@ -127,7 +137,7 @@ impl TestHub {
         self.state.lock().unwrap().repos.insert(
             repo.to_owned(),
             Repo {
-                commit: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+                commit: commit.to_owned(),
                 files,
                 token: None,
             },
@@ -177,6 +187,20 @@ impl TestHub {
             .clone()
     }
 
+    /// `Some(body)`: every listing answers this instead (a broken or hostile hub).
+    pub fn override_listing(&self, body: Option<serde_json::Value>) {
+        self.state.lock().unwrap().listing_override = body;
+    }
+
+    /// Every transfer of `path` goes on `extra` bytes past the size the listing declared.
+    pub fn oversend(&self, path: &str, extra: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .oversend
+            .insert(path.to_owned(), extra);
+    }
+
     /// Publishes `content` as `path` in `repo` (replacing what was there).
     pub fn put_file(&self, repo: &str, path: &str, content: Vec<u8>) {
         let file = HubFile::new(content);
@@ -203,16 +227,22 @@ fn authorised(repo: &Repo, headers: &HeaderMap) -> bool {
 
 async fn listing(
     State(state): State<Arc<Mutex<HubState>>>,
-    UrlPath((owner, name, _revision)): UrlPath<(String, String, String)>,
+    UrlPath((owner, name, revision)): UrlPath<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
     let mut state = state.lock().unwrap();
     state.listings += 1;
+    if let Some(body) = &state.listing_override {
+        return axum::Json(body.clone()).into_response();
+    }
     let Some(repo) = state.repos.get(&format!("{owner}/{name}")) else {
         return (StatusCode::NOT_FOUND, "Repository not found").into_response();
     };
     if !authorised(repo, &headers) {
         return (StatusCode::UNAUTHORIZED, "gated").into_response();
+    }
+    if revision != "main" && revision != repo.commit {
+        return (StatusCode::NOT_FOUND, "Revision not found").into_response();
     }
     let siblings: Vec<_> = repo
         .files
@@ -266,6 +296,8 @@ async fn resolve(
         .and_then(|value| value.strip_prefix("bytes="))
         .and_then(|value| value.strip_suffix('-'))
         .and_then(|value| value.parse::<u64>().ok());
+    let extra = state.oversend.get(&path).copied().unwrap_or(0);
+    content.extend(std::iter::repeat_n(0x5a, extra));
     let start = range_start.unwrap_or(0).min(content.len() as u64) as usize;
     let body = content[start..].to_vec();
     let cut = state.cut_after.remove(&path);

@@ -538,7 +538,10 @@ fn models_add_checks_the_folder_tensor_by_tensor_before_serving_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_pull_shows_progress_and_the_model_is_then_ready_and_verified() {
     let hub = crate::support::hub::TestHub::start().await;
-    hub.publish_folder("stabilityai/sd-turbo", &tiny_fixture("tiny-sd1"));
+    let pinned = studio_worker::models::catalog::find("sd-turbo")
+        .unwrap()
+        .revision;
+    hub.publish_folder_at("stabilityai/sd-turbo", &tiny_fixture("tiny-sd1"), pinned);
     let home = WorkerHome::new();
     let cache = home.dir.path().join("hub");
     let models = |args: &[&str]| {

@@ -511,7 +511,7 @@ async fn invalid_and_hostile_jobs_are_failed_and_the_worker_goes_on() {
         job_with("bad_huge_number", "seed", json!(1e308)),
         job_with("bad_scheduler", "scheduler", json!("plms")),
         job_with("bad_prompt_type", "prompt", json!({"text": "x"})),
-        job_with("bad_10mb_prompt", "prompt", json!("x".repeat(10 << 20))),
+        job_with("bad_long_prompt", "prompt", json!("x".repeat(100_000))),
         job_with("bad_kind", "kind", json!("img2img")),
         json!({ "jobId": "bad_missing_fields" }),
         job_with(&"x".repeat(129), "steps", json!(4)),
@@ -583,6 +583,48 @@ async fn a_studio_that_keeps_sending_unanswerable_jobs_is_backed_off_from() {
     p.studio.enqueue(job("good"));
     p.delivered("good").await;
     assert_eq!(handle.status().jobs.claim_blocked, None);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_larger_than_a_mebibyte_are_refused_unread_and_backed_off_from() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    let handle = p.runtime.handle();
+    // A claim answer of 10 MB (a job with a 10 MB prompt), then heartbeat answers of 2 MB:
+    // each is a broken studio, never parsed.
+    let mut huge = job("j_huge");
+    huge["prompt"] = json!("x".repeat(10 << 20));
+    p.studio
+        .inject(Some(Route::Claim), Fault::Body(json!({ "job": huge })), 3);
+    p.studio.inject(
+        Some(Route::Heartbeat),
+        Fault::Body(json!({ "padding": "x".repeat(2 << 20) })),
+        u32::MAX,
+    );
+    eventually("the worker says why it waits", PATIENCE, || {
+        handle
+            .status()
+            .jobs
+            .claim_blocked
+            .as_deref()
+            .is_some_and(|why| why.contains("larger than"))
+    })
+    .await;
+    eventually("the heartbeat problem is shown", PATIENCE, || {
+        handle
+            .status()
+            .connection
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("larger than"))
+    })
+    .await;
+    assert_eq!(p.studio.count(Route::Fail), 0, "nothing to answer for");
+
+    // Once the studio answers sensibly again, work goes on.
+    p.studio.clear_faults();
+    p.studio.enqueue(job("good"));
+    p.delivered("good").await;
     p.runtime.shutdown().await;
 }
 

@@ -279,6 +279,91 @@ async fn a_gated_repository_says_a_token_is_needed_and_works_with_one() {
 }
 
 #[tokio::test]
+async fn hostile_hub_answers_never_become_paths_and_never_fill_the_disk() {
+    let setup = setup().await;
+    let listing = |commit: &str, path: &str| {
+        serde_json::json!({
+            "id": REPO, "sha": commit,
+            "siblings": [{ "rfilename": path, "size": 10, "blobId": "a".repeat(40) }]
+        })
+    };
+    let refused = |error: PullError, what: &str| {
+        let message = error.to_string();
+        assert!(
+            matches!(error, PullError::Hub(HubError::Garbled { .. })),
+            "{message}"
+        );
+        assert!(message.contains(what), "{message}");
+    };
+
+    setup
+        .hub
+        .override_listing(Some(listing("../../../../tmp/evil", "model_index.json")));
+    refused(pull(&setup).await.0.unwrap_err(), "not a git hash");
+    setup.hub.override_listing(Some(listing(
+        "0123456789abcdef0123456789abcdef01234567",
+        "../../../escape.json",
+    )));
+    refused(pull(&setup).await.0.unwrap_err(), "leaves its folder");
+    setup.hub.override_listing(Some(listing(
+        "0123456789abcdef0123456789abcdef01234567",
+        "unet\\..\\..\\escape.json",
+    )));
+    refused(pull(&setup).await.0.unwrap_err(), "paths cannot hold");
+    // Asked for a pinned commit, it answers for another.
+    let pinned = CatalogEntry {
+        revision: "1111111111111111111111111111111111111111",
+        ..ENTRY
+    };
+    let error = setup
+        .store
+        .pull(
+            &setup.client,
+            &pinned,
+            &mut |_| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    refused(error, "instead of 1111111111111111111111111111111111111111");
+    // Two megabytes of listing: refused before it is parsed.
+    let mut huge = listing(
+        "0123456789abcdef0123456789abcdef01234567",
+        "model_index.json",
+    );
+    huge["padding"] = serde_json::json!("x".repeat(2 << 20));
+    setup.hub.override_listing(Some(huge));
+    refused(pull(&setup).await.0.unwrap_err(), "larger than");
+    assert!(setup.hub.downloads().is_empty(), "nothing was fetched");
+    assert!(
+        !setup
+            .store
+            .cache()
+            .repo_dir(REPO)
+            .join("snapshots")
+            .exists(),
+        "no folder was made from any of these answers"
+    );
+
+    // A hub that sends more than it declared: the file stops at its declared size.
+    setup.hub.override_listing(None);
+    setup.hub.oversend(UNET, 8 << 20);
+    let error = pull(&setup).await.0.unwrap_err();
+    assert!(error.to_string().contains("more of"), "{error}");
+    let declared = setup.hub.file_size(REPO, UNET);
+    let partial = setup
+        .store
+        .cache()
+        .incomplete_path(REPO, &setup.hub.file_sha256(REPO, UNET));
+    assert_eq!(std::fs::metadata(&partial).unwrap().len(), declared);
+    // What arrived up to the declared size is the file: the next pull verifies and keeps it.
+    pull(&setup)
+        .await
+        .0
+        .expect("the declared bytes are the file");
+}
+
+#[tokio::test]
 async fn a_complete_cache_is_ready_offline_and_verify_and_remove_work_on_it() {
     let setup = setup().await;
     pull(&setup).await.0.expect("pulls");

@@ -389,4 +389,75 @@ mod tests {
             Duration::from_secs(3600)
         );
     }
+
+    /// Values a broken or hostile studio may send where a number, a string or a choice
+    /// belongs.
+    fn hostile_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<i64>().prop_map(|number| json!(number)),
+            any::<u64>().prop_map(|number| json!(number)),
+            any::<f64>()
+                .prop_filter("JSON has no NaN", |number| number.is_finite())
+                .prop_map(|number| json!(number)),
+            Just(json!(512)),
+            Just(json!(0)),
+            Just(json!(1e300)),
+            Just(Value::Null),
+            Just(json!(true)),
+            ".{0,40}".prop_map(Value::String),
+            Just(json!("euler_a")),
+            Just(json!("x".repeat(5000))),
+            Just(json!([])),
+            Just(json!({ "nested": [1, 2] })),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 5000,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+
+        /// Thousands of jobs with fields replaced, removed or added: each is run within the
+        /// limits or refused with a message, never a panic.
+        #[test]
+        fn mutated_jobs_are_taken_within_limits_or_refused(
+            field in proptest::sample::select(vec![
+                "jobId", "kind", "model", "prompt", "negativePrompt", "width", "height",
+                "steps", "guidanceScale", "seed", "numImages", "scheduler", "leaseS", "extra",
+            ]),
+            value in proptest::option::weighted(0.9, hostile_value()),
+            second in proptest::option::of((
+                proptest::sample::select(vec!["width", "steps", "seed", "prompt", "leaseS"]),
+                hostile_value(),
+            )),
+        ) {
+            let mut job = match value {
+                Some(value) => with(field, value),
+                None => without(field),
+            };
+            if let Some((field, value)) = second {
+                job[field] = value;
+            }
+            match check(&job) {
+                Ok(spec) => {
+                    proptest::prop_assert!(spec.width <= LIMITS.max_width && spec.width >= 64);
+                    proptest::prop_assert!(spec.height <= LIMITS.max_height && spec.height >= 64);
+                    proptest::prop_assert!(spec.width % 8 == 0 && spec.height % 8 == 0);
+                    proptest::prop_assert!((1..=150).contains(&spec.steps));
+                    proptest::prop_assert!((1..=LIMITS.max_images).contains(&spec.num_images));
+                    proptest::prop_assert!((0.0..=30.0).contains(&spec.guidance_scale));
+                    proptest::prop_assert!(spec.seed <= MAX_SEED);
+                    proptest::prop_assert!(spec.prompt.chars().count() <= 4000);
+                    proptest::prop_assert!(spec.job_id.len() <= 128);
+                }
+                Err(rejection) => {
+                    proptest::prop_assert!(!rejection.message.is_empty());
+                    proptest::prop_assert!(rejection.message.len() < 300, "{}", rejection.message);
+                }
+            }
+        }
+    }
 }

@@ -126,8 +126,19 @@ pub fn check_guidance(name: &str, value: f64) -> Result<f64, OutOfRange> {
         Ok(value)
     } else {
         Err(OutOfRange(format!(
-            "{name} must be from 0 to {MAX_GUIDANCE} (got {value})"
+            "{name} must be from 0 to {MAX_GUIDANCE} (got {})",
+            short_number(value)
         )))
+    }
+}
+
+/// `value` in at most a few characters: huge and tiny numbers in exponent form (`1e300`,
+/// not three hundred digits).
+fn short_number(value: f64) -> String {
+    if value == 0.0 || (1e-4..1e6).contains(&value.abs()) {
+        format!("{value}")
+    } else {
+        format!("{value:e}")
     }
 }
 

@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod generate;
+mod hostile_configs;
 mod parity;
 mod support;

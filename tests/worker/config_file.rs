@@ -206,3 +206,64 @@ fn an_update_that_changes_nothing_writes_nothing() {
             .by_user
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config {
+        cases: 2000,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })]
+
+    /// A settings file with one line's value replaced (or the line dropped): read, or refused
+    /// with a reason, never a panic; what is read saves and reads back the same.
+    #[test]
+    fn mutated_settings_files_are_read_or_refused(
+        line in proptest::prelude::any::<proptest::sample::Index>(),
+        value in proptest::option::weighted(0.9, proptest::prop_oneof![
+            proptest::strategy::Strategy::prop_map(
+                proptest::prelude::any::<i64>(),
+                |number| number.to_string()
+            ),
+            proptest::strategy::Just("-1".to_owned()),
+            proptest::strategy::Just("1e400".to_owned()),
+            proptest::strategy::Just("nan".to_owned()),
+            proptest::strategy::Just("\"\"".to_owned()),
+            proptest::strategy::Just("\"x\"".to_owned()),
+            proptest::strategy::Just("[]".to_owned()),
+            proptest::strategy::Just("[1, 2]".to_owned()),
+            proptest::strategy::Just("{}".to_owned()),
+            proptest::strategy::Just("true".to_owned()),
+            proptest::strategy::Just("\"1979-05-27T07:32:00Z\"".to_owned()),
+            "[ -~]{0,20}",
+        ]),
+    ) {
+        let mut full = Config {
+            worker_id: Some("w_1".to_owned()),
+            auth_token: Some(Secret::new("tok_0123456789abcdef")),
+            ..Config::default()
+        };
+        full.policy.always_pause_for = vec!["game.exe".to_owned()];
+        let text = toml::to_string(&full).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let index = line.index(lines.len());
+        let mutated: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .filter_map(|(at, original)| match (&value, at == index) {
+                (_, false) => Some((*original).to_owned()),
+                (None, true) => None,
+                (Some(value), true) => Some(match original.split_once(" = ") {
+                    Some((key, _)) => format!("{key} = {value}"),
+                    None => (*original).to_owned(),
+                }),
+            })
+            .collect();
+        match config::parse(mutated.join("\n").as_bytes()) {
+            Ok(read) => {
+                let saved = toml::to_string(&read).unwrap();
+                proptest::prop_assert_eq!(config::parse(saved.as_bytes()).unwrap(), read);
+            }
+            Err(reason) => proptest::prop_assert!(!reason.to_string().is_empty()),
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! the engine cannot run (an inpainting UNet, LCM's guidance embedding, a non-CLIP text
 //! encoder) is refused here with a reason, before a byte of weights is read.
 
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
@@ -128,6 +129,53 @@ pub struct UnetFile {
 /// The only UNet GroupNorm group count candle's blocks support.
 const UNET_NORM_GROUPS: usize = 32;
 
+// Sizes well past any released model: a config beyond them is broken or hostile, and building
+// it would allocate without end (and Rust aborts on a failed allocation).
+const MAX_BLOCKS: usize = 8;
+const MAX_CHANNELS: usize = 8192;
+const MAX_LAYERS: usize = 64;
+const MAX_HEADS: usize = 1024;
+const MAX_IMAGE_CHANNELS: usize = 16;
+const MAX_LATENT_CHANNELS: usize = 64;
+const MAX_VOCABULARY: usize = 1 << 20;
+const MAX_POSITIONS: usize = 4096;
+const MAX_SAMPLE_SIZE: usize = 1024;
+
+/// `field` is in `range`, or says what it is and what it must be.
+pub(crate) fn within(
+    field: &str,
+    value: usize,
+    range: RangeInclusive<usize>,
+) -> Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} is {value}; it must be from {} to {}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+/// `field` is a finite number above zero.
+pub(crate) fn positive(field: &str, value: f64) -> Result<(), String> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(format!("{field} is {value}; it must be a number above 0"))
+    }
+}
+
+/// `field` is a finite number.
+fn finite(field: &str, value: f64) -> Result<(), String> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("{field} is {value}; it must be a finite number"))
+    }
+}
+
 /// One UNet block as the model builds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnetBlock {
@@ -167,8 +215,27 @@ impl UnetFile {
 
     fn checked_fields(&self) -> Result<UnetConfig, String> {
         let blocks = self.block_out_channels.len();
-        if blocks == 0 {
-            return Err("block_out_channels is empty".to_owned());
+        within("the number of block_out_channels", blocks, 1..=MAX_BLOCKS)?;
+        for (index, channels) in self.block_out_channels.iter().enumerate() {
+            within(
+                &format!("block_out_channels[{index}]"),
+                *channels,
+                1..=MAX_CHANNELS,
+            )?;
+        }
+        within("out_channels", self.out_channels, 1..=MAX_IMAGE_CHANNELS)?;
+        within("layers_per_block", self.layers_per_block, 1..=MAX_LAYERS)?;
+        within(
+            "cross_attention_dim",
+            self.cross_attention_dim,
+            1..=MAX_CHANNELS,
+        )?;
+        within("downsample_padding", self.downsample_padding, 0..=8)?;
+        positive("norm_eps", self.norm_eps)?;
+        finite("freq_shift", self.freq_shift)?;
+        finite("mid_block_scale_factor", self.mid_block_scale_factor)?;
+        if let Some(sample_size) = self.sample_size {
+            within("sample_size", sample_size, 1..=MAX_SAMPLE_SIZE)?;
         }
         if self.down_block_types.len() != blocks || self.up_block_types.len() != blocks {
             return Err("down_block_types and up_block_types must match block_out_channels".into());
@@ -229,7 +296,11 @@ impl UnetFile {
                 ));
             }
             let out_channels = self.block_out_channels[index];
-            if heads[index] == 0 || !out_channels.is_multiple_of(heads[index]) {
+            within("attention heads", heads[index], 1..=MAX_HEADS)?;
+            if let Some(depth) = cross_attention {
+                within("transformer_layers_per_block", depth, 1..=MAX_LAYERS)?;
+            }
+            if !out_channels.is_multiple_of(heads[index]) {
                 return Err(format!(
                     "{out_channels} channels cannot split into {} attention heads",
                     heads[index]
@@ -253,7 +324,15 @@ impl UnetFile {
                 self.addition_time_embed_dim,
                 self.projection_class_embeddings_input_dim,
             ) {
-                (Some(time_dim), Some(input_dim)) => Some((time_dim, input_dim)),
+                (Some(time_dim), Some(input_dim)) => {
+                    within("addition_time_embed_dim", time_dim, 1..=MAX_CHANNELS)?;
+                    within(
+                        "projection_class_embeddings_input_dim",
+                        input_dim,
+                        1..=16 * MAX_CHANNELS,
+                    )?;
+                    Some((time_dim, input_dim))
+                }
                 _ => {
                     return Err("text_time conditioning needs addition_time_embed_dim and \
                                 projection_class_embeddings_input_dim"
@@ -311,6 +390,43 @@ pub struct VaeConfig {
 }
 
 impl VaeConfig {
+    /// Why the engine cannot build this VAE, if it cannot.
+    pub fn check(&self) -> Result<(), Unrunnable> {
+        self.checked_fields().map_err(Unrunnable)
+    }
+
+    fn checked_fields(&self) -> Result<(), String> {
+        within(
+            "the number of block_out_channels",
+            self.block_out_channels.len(),
+            1..=MAX_BLOCKS,
+        )?;
+        within("norm_num_groups", self.norm_num_groups, 1..=MAX_CHANNELS)?;
+        for (index, channels) in self.block_out_channels.iter().enumerate() {
+            let field = format!("block_out_channels[{index}]");
+            within(&field, *channels, 1..=MAX_CHANNELS)?;
+            if !channels.is_multiple_of(self.norm_num_groups) {
+                return Err(format!(
+                    "{field} ({channels}) cannot split into {} norm groups",
+                    self.norm_num_groups
+                ));
+            }
+        }
+        within("in_channels", self.in_channels, 1..=MAX_IMAGE_CHANNELS)?;
+        within("out_channels", self.out_channels, 1..=MAX_IMAGE_CHANNELS)?;
+        within(
+            "latent_channels",
+            self.latent_channels,
+            1..=MAX_LATENT_CHANNELS,
+        )?;
+        within("layers_per_block", self.layers_per_block, 1..=MAX_LAYERS)?;
+        positive("scaling_factor", self.scaling_factor)?;
+        if let Some(shift) = self.shift_factor {
+            finite("shift_factor", shift)?;
+        }
+        Ok(())
+    }
+
     /// How many pixels one latent cell covers along each side.
     pub fn scale_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
@@ -356,9 +472,29 @@ impl TextEncoderConfig {
         {
             return Err(format!("text encoder type {model_type} is not supported"));
         }
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
+        within("vocab_size", self.vocab_size, 1..=MAX_VOCABULARY)?;
+        within("hidden_size", self.hidden_size, 1..=MAX_CHANNELS)?;
+        within(
+            "intermediate_size",
+            self.intermediate_size,
+            1..=8 * MAX_CHANNELS,
+        )?;
+        within("num_hidden_layers", self.num_hidden_layers, 1..=MAX_LAYERS)?;
+        within(
+            "num_attention_heads",
+            self.num_attention_heads,
+            1..=MAX_HEADS,
+        )?;
+        within(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            1..=MAX_POSITIONS,
+        )?;
+        positive("layer_norm_eps", self.layer_norm_eps)?;
+        if let Some(projection_dim) = self.projection_dim {
+            within("projection_dim", projection_dim, 1..=MAX_CHANNELS)?;
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err("hidden_size must split evenly into num_attention_heads".to_owned());
         }
         if !matches!(
@@ -448,17 +584,11 @@ impl ModelFolder {
                 reason,
             })?;
         let vae: VaeConfig = read_json(root, "vae/config.json")?;
-        if vae.block_out_channels.is_empty()
-            || vae
-                .block_out_channels
-                .iter()
-                .any(|channels| channels % vae.norm_num_groups != 0)
-        {
-            return Err(FolderError::Invalid {
+        vae.check()
+            .map_err(|Unrunnable(reason)| FolderError::Invalid {
                 file: "vae/config.json".to_owned(),
-                reason: "block_out_channels must be non-empty multiples of norm_num_groups".into(),
-            });
-        }
+                reason,
+            })?;
         let text_encoder = read_text_encoder(root, "text_encoder/config.json")?;
         let text_encoder_2 = match family {
             Family::StableDiffusion => None,
@@ -503,6 +633,12 @@ impl ModelFolder {
             _ => {}
         }
         let scheduler: SchedulerFile = read_json(root, "scheduler/scheduler_config.json")?;
+        super::schedulers::NoiseSchedule::from_file(&scheduler).map_err(|Unrunnable(reason)| {
+            FolderError::Invalid {
+                file: "scheduler/scheduler_config.json".to_owned(),
+                reason,
+            }
+        })?;
         Ok(Self {
             root: root.to_owned(),
             family,
@@ -575,10 +711,13 @@ pub(crate) fn read_json<T: DeserializeOwned>(root: &Path, file: &str) -> Result<
             reason: error.to_string(),
         },
     })?;
-    serde_json::from_str(&text).map_err(|error| FolderError::Invalid {
-        file: file.to_owned(),
-        reason: error.to_string(),
-    })
+    // The error names the field (`block_out_channels[2]: invalid value: integer -1, …`).
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text)).map_err(
+        |error| FolderError::Invalid {
+            file: file.to_owned(),
+            reason: error.to_string(),
+        },
+    )
 }
 
 fn one_layer() -> PerBlock<usize> {

@@ -17,8 +17,11 @@ mod euler;
 
 use candle_core::{Result, Tensor};
 
-use super::model_folder::{SchedulerFile, Unrunnable};
+use super::model_folder::{SchedulerFile, Unrunnable, positive, within};
 use crate::vocab::job::Scheduler;
+
+/// Training timesteps past any released model (1,000 is usual): more would only allocate.
+const MAX_TRAIN_STEPS: usize = 100_000;
 
 pub use ddim::Ddim;
 pub use dpm_solver::DpmPp2mKarras;
@@ -66,8 +69,25 @@ impl NoiseSchedule {
 
     fn checked(file: &SchedulerFile) -> std::result::Result<Self, String> {
         let train_steps = file.num_train_timesteps;
-        if train_steps < 2 {
-            return Err("num_train_timesteps must be at least 2".to_owned());
+        within("num_train_timesteps", train_steps, 2..=MAX_TRAIN_STEPS)?;
+        within("steps_offset", file.steps_offset, 0..=train_steps - 1)?;
+        positive("clip_sample_range", file.clip_sample_range)?;
+        if file.trained_betas.is_none() {
+            positive("beta_start", file.beta_start)?;
+            positive("beta_end", file.beta_end)?;
+            if file.beta_start > file.beta_end || file.beta_end >= 1.0 {
+                return Err(format!(
+                    "beta_start {} and beta_end {} must rise from above 0 to below 1",
+                    file.beta_start, file.beta_end
+                ));
+            }
+        }
+        if let Some(betas) = &file.trained_betas
+            && betas
+                .iter()
+                .any(|beta| !beta.is_finite() || *beta <= 0.0 || *beta >= 1.0)
+        {
+            return Err("trained_betas must all be above 0 and below 1".to_owned());
         }
         if file.rescale_betas_zero_snr {
             return Err("rescale_betas_zero_snr is not supported".to_owned());

@@ -10,7 +10,7 @@
 //! time points a build at another collector (for testing your own).
 //!
 //! Scrubbing replaces this person's secrets (the worker token, the registration secret,
-//! `HF_TOKEN`) with `[secret]` and their home folder with `~` in every string of the event,
+//! `HF_TOKEN` or `HUGGING_FACE_HUB_TOKEN`, the control channel's token) with `[secret]` and their home folder with `~` in every string of the event,
 //! and drops the host name. Native crashes (a segfault in a GPU driver) are not captured: only
 //! panics.
 
@@ -46,14 +46,19 @@ impl Scrubber {
     /// Scrubs the secrets `config` holds when the crash happens, `HF_TOKEN`, and the home
     /// folder.
     pub fn for_config(config: SharedConfig) -> Self {
-        let hf_token = std::env::var("HF_TOKEN").ok();
+        let hub_tokens: Vec<String> = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
+            .iter()
+            .filter_map(|name| std::env::var(name).ok())
+            .collect();
         let secrets = move || {
             let current = config.snapshot();
             [&current.auth_token, &current.registration_secret]
                 .into_iter()
                 .flatten()
                 .map(|secret| secret.expose().to_owned())
-                .chain(hf_token.clone())
+                .chain(hub_tokens.iter().cloned())
+                // The control channel's token, and whatever else the process holds.
+                .chain(crate::secret::known())
                 .collect()
         };
         Self::with_secrets(
@@ -222,6 +227,23 @@ mod tests {
         assert_eq!(
             scrubber.scrub("token tok_approvedlater0123456789"),
             "token [secret]"
+        );
+    }
+
+    #[test]
+    fn the_control_channels_token_is_scrubbed_too() {
+        let folder = tempfile::tempdir().unwrap();
+        let config = SharedConfig::new(
+            folder.path().join("config.toml"),
+            crate::config::Config::default(),
+        );
+        let scrubber = Scrubber::for_config(config);
+        // What the control channel does with its token when it starts.
+        let control_token = crate::secret::new_token().unwrap();
+        crate::secret::keep_hidden(&control_token);
+        assert_eq!(
+            scrubber.scrub(&format!("control {}", control_token.expose())),
+            "control [secret]"
         );
     }
 

@@ -11,6 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["vocab", "files", "human", "secret", "backoff"],
     &[
         "timing",
+        "redact",
         "image_file",
         "platform",
         "logging",

@@ -13,6 +13,7 @@ mod files;
 mod http_body;
 mod human;
 pub mod image_file;
+mod redact;
 pub mod secret;
 pub mod timing;
 pub mod vocab;

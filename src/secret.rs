@@ -56,6 +56,44 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Secrets this process holds besides the settings' own (the control channel's token, the
+/// Hugging Face token): crash reports and error texts hide them too.
+static KNOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Remembers `secret` until the process ends, so that no report or error text shows it.
+/// Short ones are left out: they would blank out ordinary words, and real secrets are long.
+pub fn keep_hidden(secret: &Secret) {
+    if secret.0.len() < 8 {
+        return;
+    }
+    // A poisoned lock only means a panic elsewhere while it was held; the list is intact.
+    let mut known = KNOWN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !known.contains(&secret.0) {
+        known.push(secret.0.clone());
+    }
+}
+
+/// The secrets [`keep_hidden`] was given.
+pub fn known() -> Vec<String> {
+    KNOWN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// `text` with every secret [`keep_hidden`] was given replaced by `[secret]`.
+pub fn hide_known(text: &str) -> String {
+    let mut text = text.to_owned();
+    for secret in known() {
+        if text.contains(&secret) {
+            text = text.replace(&secret, "[secret]");
+        }
+    }
+    text
+}
+
 /// The OS has no usable entropy source. There is no fallback: a guessable secret or install
 /// id would let anyone on the internet impersonate this machine.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +142,18 @@ mod tests {
             format!("{:?}", Some(&secret)),
             "Some(Secret(…))",
             "nested Debug stays masked"
+        );
+    }
+
+    #[test]
+    fn kept_secrets_are_hidden_from_text() {
+        let token = Secret::new("ctl_0123456789abcdef_kept");
+        assert!(hide_known("token ctl_0123456789abcdef_kept").contains("ctl_"));
+        keep_hidden(&token);
+        keep_hidden(&Secret::new("short"));
+        assert_eq!(
+            hide_known("token ctl_0123456789abcdef_kept, short"),
+            "token [secret], short"
         );
     }
 

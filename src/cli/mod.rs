@@ -172,8 +172,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `crash-test`: a panic carrying a secret and a home-folder path, through the same hooks as
-/// a real crash.
+/// `crash-test`: a panic carrying the secrets and a home-folder path, through the same hooks
+/// as a real crash.
 fn crash_test(paths: &Paths) -> anyhow::Result<()> {
     let (config, _, _guards) = open_worker(paths)?;
     let config = config.snapshot();
@@ -181,8 +181,13 @@ fn crash_test(paths: &Paths) -> anyhow::Result<()> {
         .auth_token
         .as_ref()
         .map_or("(no token)", |token| token.expose());
+    // The Hugging Face token too, when there is one: it must be hidden as well.
+    let hub_token = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok())
+        .unwrap_or_default();
     panic!(
-        "crash test: token {token}, settings in {}",
+        "crash test: token {token}, settings in {}, hub token {hub_token}",
         paths.config_file.display()
     );
 }

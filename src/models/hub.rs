@@ -112,6 +112,9 @@ impl HubClient {
             .iter()
             .find_map(|name| std::env::var(name).ok().filter(|token| !token.is_empty()))
             .map(Secret::new);
+        if let Some(token) = &token {
+            crate::secret::keep_hidden(token);
+        }
         Self::new(&endpoint, token)
     }
 

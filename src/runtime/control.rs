@@ -124,7 +124,10 @@ pub(super) async fn serve(
         }
     };
     let token = match crate::secret::new_token() {
-        Ok(token) => token,
+        Ok(token) => {
+            crate::secret::keep_hidden(&token);
+            token
+        }
         Err(err) => {
             tracing::warn!("no local control channel: {err}");
             return;

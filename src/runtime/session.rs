@@ -143,7 +143,9 @@ pub(super) async fn report_fail(
     let body = FailRequest {
         worker_id: session.worker_id().to_owned(),
         code,
-        error: message.to_owned(),
+        // Errors from libraries carry file paths (and so user names): the one place where
+        // text leaves for the studio takes them out.
+        error: crate::redact::for_studio(message),
         retryable,
     };
     let mut backoff = Backoff::new(timing.backoff);

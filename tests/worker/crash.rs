@@ -19,6 +19,7 @@ use studio_worker::secret::Secret;
 use crate::support::WorkerHome;
 
 const TOKEN: &str = "tok_crashcrashcrashcrash0123456789";
+const HUB_TOKEN: &str = "hf_hubhubhubhubhub0123456789";
 
 /// Envelopes the fake collector received.
 type Received = Arc<Mutex<Vec<String>>>;
@@ -57,6 +58,9 @@ async fn crash_off_the_runtime(home: &WorkerHome, dsn: String) -> Output {
             .env("STUDIO_WORKER_CRASH_DSN", dsn)
             // The home folder the scrubber must hide.
             .env("HOME", home_path)
+            // The older name of the Hugging Face token variable, which the hub client reads.
+            .env_remove("HF_TOKEN")
+            .env("HUGGING_FACE_HUB_TOKEN", HUB_TOKEN)
             .env_remove("RUST_LOG")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
@@ -102,6 +106,10 @@ fn walk(folder: &Path) -> Vec<std::path::PathBuf> {
 
 fn assert_scrubbed(what: &str, text: &str, home: &WorkerHome) {
     assert!(!text.contains(TOKEN), "{what} shows the token: {text}");
+    assert!(
+        !text.contains(HUB_TOKEN),
+        "{what} shows the hub token: {text}"
+    );
     let home_path = home.dir.path().to_string_lossy();
     assert!(
         !text.contains(home_path.as_ref()),
@@ -122,6 +130,7 @@ async fn without_consent_a_crash_is_only_logged_scrubbed() {
         stderr.contains("crash test: token [secret], settings in ~/"),
         "{stderr}"
     );
+    assert!(stderr.contains("hub token [secret]"), "{stderr}");
     assert_scrubbed("stderr", &stderr, &home);
     let log = log_text(home.dir.path());
     assert!(

@@ -924,3 +924,59 @@ async fn the_candle_engine_runs_a_real_model_and_the_studio_gets_its_exact_image
     assert_eq!(capabilities["device"]["kind"], "cpu");
     runtime.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_the_studio_hears_of_names_no_folder_of_this_pc() {
+    use std::collections::BTreeMap;
+    use studio_worker::engine::candle_engine::CandleEngine;
+    use studio_worker::engine::device;
+    use studio_worker::vocab::device::DevicePreference;
+
+    let home = WorkerHome::new();
+    // A model folder whose path says whose PC this is.
+    let folder = home.dir.path().join("Users").join("alice").join("my-model");
+    crate::support::copy_folder(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1"),
+        &folder,
+    );
+    let cpu = device::select(DevicePreference::Cpu).unwrap();
+    let models = BTreeMap::from([("tiny-sd1".to_owned(), folder.clone())]);
+    let (engine, refused) = CandleEngine::new(cpu, &models, 0);
+    assert!(refused.is_empty());
+    // Served, then its weights are cut short (a failing disk, a sync tool mid-copy).
+    std::fs::write(
+        folder.join("unet/diffusion_pytorch_model.safetensors"),
+        b"\x10\0\0\0\0\0\0\0{\"broken",
+    )
+    .unwrap();
+
+    let studio = TestStudio::start().await;
+    studio.set_decision(crate::support::studio::Decision::ApproveAfterPolls(1));
+    home.write_config(&studio.url());
+    let runtime = home.start_runtime_with(fast_timing(), Some(Arc::new(engine)));
+    let mut body = job("j_gone");
+    body["model"] = json!("tiny-sd1");
+    body["width"] = json!(64);
+    studio.enqueue(body);
+    eventually("reported", PATIENCE, || {
+        studio
+            .job("j_gone")
+            .is_some_and(|job| !job.fails.is_empty())
+    })
+    .await;
+    runtime.shutdown().await;
+
+    let fail = &studio.job("j_gone").unwrap().fails[0];
+    let error = fail["error"].as_str().unwrap();
+    assert!(
+        error.contains("diffusion_pytorch_model.safetensors"),
+        "{error}"
+    );
+    let folder_text = folder.to_string_lossy();
+    assert!(!error.contains(&*folder_text), "{error}");
+    assert!(!error.contains("alice"), "{error}");
+    assert!(
+        !error.contains(&*home.dir.path().to_string_lossy()),
+        "{error}"
+    );
+}

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::DType;
 
 use super::device::{DeviceError, SelectedDevice};
+use super::sd::working_memory::WorkingMemory;
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
 use super::{CancelToken, Engine, EngineError, Generated, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
@@ -27,7 +28,17 @@ struct ServedModel {
     root: PathBuf,
     /// Bytes its weights take in memory at the engine's dtype (an estimate).
     memory_bytes: u64,
+    /// What a job takes on top of the weights.
+    working: WorkingMemory,
 }
+
+/// The bytes of memory free now (on the CPU: the machine's available RAM).
+type AvailableMemory = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Jobs of this side (and this many images) are what a CPU engine takes at most.
+const CPU_MAX_SIDE: u32 = 1024;
+const MIN_SIDE: u32 = 256;
+const MAX_IMAGES: u32 = 4;
 
 struct Loaded {
     model_id: String,
@@ -42,6 +53,7 @@ pub struct CandleEngine {
     /// Most recently used last.
     loaded: Mutex<Vec<Loaded>>,
     budget_bytes: u64,
+    available_memory: AvailableMemory,
 }
 
 /// A model the engine was asked to serve but cannot, and why.
@@ -64,14 +76,8 @@ impl CandleEngine {
         let mut refused = Vec::new();
         for (model_id, root) in models {
             match check_folder(root, device.dtype) {
-                Ok(memory_bytes) => {
-                    served.insert(
-                        model_id.clone(),
-                        ServedModel {
-                            root: root.clone(),
-                            memory_bytes,
-                        },
-                    );
+                Ok(model) => {
+                    served.insert(model_id.clone(), model);
                 }
                 Err(reason) => refused.push(RefusedModel {
                     model_id: model_id.clone(),
@@ -89,8 +95,105 @@ impl CandleEngine {
             models: Mutex::new(served),
             loaded: Mutex::new(Vec::new()),
             budget_bytes,
+            available_memory: Arc::new(available_ram),
         };
         (engine, refused)
+    }
+
+    /// The same engine, told the memory free by `probe` instead of asking the machine (tests).
+    pub fn with_available_memory(
+        mut self,
+        probe: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.available_memory = Arc::new(probe);
+        self
+    }
+
+    /// On the CPU, a job whose tensors would not fit in the RAM free now is refused as out of
+    /// memory before anything is allocated (other models are unloaded first when that makes
+    /// room). A GPU reports its own out-of-memory as an error instead.
+    fn make_room(&self, job: &JobSpec) -> Result<(), EngineError> {
+        if !self.device.device.is_cpu() {
+            return Ok(());
+        }
+        let Some(served) = self
+            .models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&job.model)
+            .cloned()
+        else {
+            return Ok(()); // `pipeline` says it is not served
+        };
+        let working = served.working.bytes(
+            job.width,
+            job.height,
+            job.num_images,
+            job.guidance_scale > 1.0,
+        );
+        let (warm, others) = {
+            let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+            let warm = loaded.iter().any(|entry| entry.model_id == job.model);
+            let others: u64 = loaded
+                .iter()
+                .filter(|entry| entry.model_id != job.model)
+                .map(|entry| entry.memory_bytes)
+                .sum();
+            (warm, others)
+        };
+        let needed = working + if warm { 0 } else { served.memory_bytes };
+        let available = (self.available_memory)();
+        if needed <= available {
+            return Ok(());
+        }
+        if needed <= available.saturating_add(others) {
+            tracing::info!("unloading the other models to make room for this job");
+            self.loaded
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|entry| entry.model_id == job.model);
+            return Ok(());
+        }
+        Err(EngineError::OutOfMemory(format!(
+            "a {}×{} job of {} image(s) needs about {} of memory and {} is free",
+            job.width,
+            job.height,
+            job.num_images,
+            crate::human::bytes(needed),
+            crate::human::bytes(available)
+        )))
+    }
+
+    /// What a CPU engine advertises: the largest side (and image count) whose job fits the
+    /// memory budget beside every served model's weights, guided (the worst case).
+    fn cpu_limits(&self) -> EngineLimits {
+        let models: Vec<ServedModel> = self
+            .models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let fits = |side: u32, images: u32| {
+            models.iter().all(|model| {
+                model.memory_bytes + model.working.bytes(side, side, images, true)
+                    <= self.budget_bytes
+            })
+        };
+        let side = (MIN_SIDE / 64..=CPU_MAX_SIDE / 64)
+            .rev()
+            .map(|sixty_fours| sixty_fours * 64)
+            .find(|side| fits(*side, 1))
+            .unwrap_or(MIN_SIDE);
+        let images = (1..=MAX_IMAGES)
+            .rev()
+            .find(|images| fits(side.min(512), *images))
+            .unwrap_or(1);
+        EngineLimits {
+            max_width: side,
+            max_height: side,
+            max_images: images,
+        }
     }
 
     /// Opens `preference` and serves `models`; the device's fallback reason and each refused
@@ -170,15 +273,13 @@ impl CandleEngine {
 
 impl Engine for CandleEngine {
     fn limits(&self) -> EngineLimits {
-        let side = if self.device.device.is_cpu() {
-            1024
-        } else {
-            2048
-        };
+        if self.device.device.is_cpu() {
+            return self.cpu_limits();
+        }
         EngineLimits {
-            max_width: side,
-            max_height: side,
-            max_images: 4,
+            max_width: 2048,
+            max_height: 2048,
+            max_images: MAX_IMAGES,
         }
     }
 
@@ -192,17 +293,11 @@ impl Engine for CandleEngine {
     }
 
     fn serve(&self, model_id: &str, folder: &Path) -> Result<(), ServeError> {
-        let memory_bytes = check_folder(folder, self.device.dtype).map_err(ServeError::Unusable)?;
+        let model = check_folder(folder, self.device.dtype).map_err(ServeError::Unusable)?;
         self.models
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                model_id.to_owned(),
-                ServedModel {
-                    root: folder.to_owned(),
-                    memory_bytes,
-                },
-            );
+            .insert(model_id.to_owned(), model);
         Ok(())
     }
 
@@ -229,6 +324,7 @@ impl Engine for CandleEngine {
             });
         };
         report(Stage::LoadingModel, 0);
+        self.make_room(job)?;
         let pipeline = self.pipeline(&job.model)?;
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
@@ -270,9 +366,21 @@ impl Engine for CandleEngine {
     }
 }
 
-/// The folder's checks (configs, weight files, tensor names and shapes), and its weights'
-/// size in memory at `dtype`.
-fn check_folder(root: &Path, dtype: DType) -> Result<u64, String> {
+/// The machine's RAM available now.
+fn available_ram() -> u64 {
+    match sysinfo::System::new() {
+        Ok(mut system) => {
+            system.refresh_memory();
+            system.available_memory()
+        }
+        // Unknown: do not refuse on a guess.
+        Err(_) => u64::MAX,
+    }
+}
+
+/// The folder's checks (configs, weight files, tensor names and shapes), its weights' size
+/// in memory at `dtype`, and what its jobs take beside them.
+fn check_folder(root: &Path, dtype: DType) -> Result<ServedModel, String> {
     // Configs, and every tensor the architecture needs with its shape (headers only).
     let folder = super::sd::open_checked(root).map_err(|error| error.to_string())?;
     let files = folder
@@ -301,7 +409,11 @@ fn check_folder(root: &Path, dtype: DType) -> Result<u64, String> {
             _ => size,
         };
     }
-    Ok(bytes)
+    Ok(ServedModel {
+        root: root.to_owned(),
+        memory_bytes: bytes,
+        working: WorkingMemory::of(&folder, dtype),
+    })
 }
 
 fn engine_error(error: SdError, model_id: &str) -> EngineError {

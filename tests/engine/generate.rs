@@ -204,3 +204,53 @@ fn a_model_over_the_memory_budget_is_refused_and_lru_makes_room() {
         other => panic!("expected an out-of-memory refusal, got {other:?}"),
     }
 }
+
+#[test]
+fn a_cpu_job_that_would_not_fit_the_free_memory_is_refused_before_anything_loads() {
+    let engine = engine(1024).with_available_memory(|| 3_000_000);
+    let mut big = job("tiny-sd1", 1);
+    (big.width, big.height, big.num_images) = (1024, 1024, 4);
+    match engine.generate(&big, &mut |_| {}, &CancelToken::new()) {
+        Err(EngineError::OutOfMemory(message)) => {
+            assert!(
+                message.contains("1024×1024 job of 4 image(s) needs about"),
+                "{message}"
+            );
+            assert!(message.ends_with("3.00 MB is free"), "{message}");
+        }
+        other => panic!("expected an out-of-memory refusal, got {other:?}"),
+    }
+    assert!(
+        engine.loaded_models().is_empty(),
+        "nothing was loaded for it"
+    );
+    // A small job of the same model fits in the same memory… once the model is warm.
+    let engine = engine.with_available_memory(|| 200_000_000);
+    engine
+        .generate(&job("tiny-sd1", 1), &mut |_| {}, &CancelToken::new())
+        .expect("fits");
+}
+
+#[test]
+fn a_cpu_engine_advertises_the_largest_job_its_memory_takes() {
+    // The tiny fixtures' VAE halves the size once (a real one three times), so their
+    // attention runs on 16 times the cells of a real model's at the same side: 8.6 GB of
+    // scores at 256², 43 GB at 384².
+    let sides: Vec<u32> = [2 * 1024, 16 * 1024, 64 * 1024]
+        .into_iter()
+        .map(|budget_mb| engine(budget_mb).limits())
+        .inspect(|limits| assert_eq!(limits.max_width, limits.max_height))
+        .map(|limits| limits.max_width)
+        .collect();
+    assert_eq!(
+        sides,
+        [256, 256, 384],
+        "never less than 256, more with more memory"
+    );
+
+    // Serving nothing, nothing limits it.
+    let device = device::select(DevicePreference::Cpu).expect("the CPU opens");
+    let (idle, _) = CandleEngine::new(device, &BTreeMap::new(), 64);
+    let limits = idle.limits();
+    assert_eq!((limits.max_width, limits.max_images), (1024, 4));
+}

@@ -11,8 +11,9 @@ pub mod schedulers;
 pub(crate) mod text_encoder;
 pub(crate) mod tokenizer;
 pub mod unet;
-pub(crate) mod vae;
+pub mod vae;
 mod weight_check;
+pub mod working_memory;
 
 use std::path::Path;
 

@@ -1,0 +1,121 @@
+//! Checks the working-memory estimate (`engine::sd::working_memory`) against what candle
+//! really allocates: SD 1.5's UNet and VAE decoder (their real configs, all-zero weights, so
+//! no download is needed) run one guided UNet step and one decode at a few sizes on the CPU,
+//! and the peak resident memory each adds is compared with the estimate.
+//!
+//! `cargo bench --bench working_memory` (Linux: it reads the peak from /proc/self/status).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use studio_worker::engine::sd::model_folder::ModelFolder;
+use studio_worker::engine::sd::unet::Unet;
+use studio_worker::engine::sd::vae::Vae;
+use studio_worker::engine::sd::working_memory::WorkingMemory;
+
+const SD15_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+  "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+  "out_channels": 4, "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+const SD15_VAE: &str = r#"{
+  "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+  "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+  "out_channels": 3, "sample_size": 512, "scaling_factor": 0.18215
+}"#;
+const CLIP_L: &str = r#"{
+  "architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": 768,
+  "intermediate_size": 3072, "max_position_embeddings": 77, "model_type": "clip_text_model",
+  "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 49408
+}"#;
+
+/// The process's resident memory now and at its peak since the last reset, in bytes.
+fn resident() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Measures the peak resident memory `work` adds.
+fn peak_of(work: impl FnOnce()) -> u64 {
+    // Resets the peak to what is resident now.
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let (before, _) = resident();
+    work();
+    resident().1.saturating_sub(before)
+}
+
+fn main() {
+    if !std::path::Path::new("/proc/self/clear_refs").exists() {
+        eprintln!("working_memory: needs Linux's /proc; skipped");
+        return;
+    }
+    let folder = tempfile::tempdir().unwrap();
+    for (file, text) in [
+        (
+            "model_index.json",
+            r#"{"_class_name": "StableDiffusionPipeline"}"#,
+        ),
+        ("unet/config.json", SD15_UNET),
+        ("vae/config.json", SD15_VAE),
+        ("text_encoder/config.json", CLIP_L),
+        ("scheduler/scheduler_config.json", "{}"),
+    ] {
+        let path = folder.path().join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let model = ModelFolder::open(folder.path()).unwrap();
+    let estimate = WorkingMemory::of(&model, DType::F32);
+    let device = Device::Cpu;
+    // All-zero weights: never touched pages, so they add almost nothing resident.
+    let unet = Unet::new(VarBuilder::zeros(DType::F32, &device), &model.unet).unwrap();
+    let vae = Vae::new(VarBuilder::zeros(DType::F32, &device), &model.vae).unwrap();
+
+    println!("SD 1.5 architecture, f32, CPU: peak resident memory added, against the estimate");
+    println!(
+        "{:<28} {:>10} {:>10} {:>7}",
+        "stage", "measured", "estimate", "ratio"
+    );
+    for side in [256_usize, 384, 512] {
+        let latent = side / 8;
+        let guided = Tensor::zeros((2, 4, latent, latent), DType::F32, &device).unwrap();
+        let context = Tensor::zeros((2, 77, 768), DType::F32, &device).unwrap();
+        let unet_peak = peak_of(|| {
+            unet.forward(&guided, 999.0, &context, None).unwrap();
+        });
+        let one = guided.narrow(0, 0, 1).unwrap();
+        let decode_peak = peak_of(|| {
+            vae.decode(&one).unwrap();
+        });
+        let side = side as u32;
+        // The estimate's whole-job figure is the larger of the two stages.
+        let estimated = estimate.bytes(side, side, 1, true);
+        for (stage, measured) in [
+            ("UNet step (guided)", unet_peak),
+            ("VAE decode", decode_peak),
+        ] {
+            println!(
+                "{:<28} {:>8} MB {:>8} MB {:>7.2}",
+                format!("{side}²: {stage}"),
+                measured >> 20,
+                estimated >> 20,
+                estimated as f64 / measured.max(1) as f64
+            );
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! How much memory a job takes beyond the model's weights: the tensors the denoise loop and
+//! the decode hold at their peak, from the model's configs and the job's size.
+//!
+//! The estimate follows what candle does on the CPU: attention scores are computed in f32
+//! whatever the model runs in, whole (no slicing), and held twice (the scores and their
+//! softmax; four times in the VAE, whose softmax is not fused); the UNet keeps every down
+//! block's outputs for the skip connections; a 3×3 convolution holds its input, a channels-last
+//! copy of it, its output and a copy of its kernel; the VAE decodes all images of a job at
+//! once, its last blocks at full resolution with the channels of the block before. The
+//! UNet's and the decode's peaks do not overlap. It errs high, by a tenth and more: refusing a
+//! job that would have fitted costs a retry elsewhere, allocating past the RAM there is aborts
+//! the worker (Rust aborts on a failed allocation) or wakes the OOM killer.
+//!
+//! Checked against what candle really allocates by `cargo bench --bench working_memory`
+//! (SD 1.5 at 256², 384² and 512²; the table is in `benches/README.md`).
+
+use candle_core::DType;
+
+use super::model_folder::ModelFolder;
+
+/// Working tensors a resnet step holds at once, in units of its block's activation.
+const RESNET_TEMPORARIES: u64 = 6;
+/// Copies of the attention matrix alive at once: the scores and their softmax (UNet), or
+/// the scores, their shifted exponentials and the quotient (the VAE's unfused softmax).
+const UNET_ATTENTION_COPIES: u64 = 2;
+const VAE_ATTENTION_COPIES: u64 = 4;
+/// Working tensors of the VAE at full resolution, in units of one activation with the
+/// channels that enter the last block: the resnet's input kept for its residual, the
+/// convolution's input, channels-last copy and output, and the group norm's.
+const VAE_TEMPORARIES: u64 = 6;
+/// What candle's CPU kernels hold besides tensors (matmul packing buffers, per-thread
+/// scratch): an allowance for the part of the measured peaks no tensor explains.
+const KERNEL_SCRATCH: u64 = 64 << 20;
+/// The margin over the sum, in tenths.
+const MARGIN_TENTHS: u64 = 11;
+const F32_BYTES: u64 = 4;
+
+/// The sizes the estimate depends on, taken from a model folder once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkingMemory {
+    /// Per UNet block: its channels and, with cross-attention, its head count.
+    unet_blocks: Vec<(u64, Option<u64>)>,
+    layers_per_block: u64,
+    unet_bytes: u64,
+    vae_scale: u64,
+    /// The channels that enter the VAE decoder's full-resolution block (its upsampled
+    /// input): the second of `block_out_channels`.
+    vae_full_channels: u64,
+    vae_bytes: u64,
+}
+
+impl WorkingMemory {
+    /// For `folder` run in `dtype` (its VAE in f32 when it must upcast).
+    pub fn of(folder: &ModelFolder, dtype: DType) -> Self {
+        let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        Self {
+            unet_blocks: folder
+                .unet
+                .blocks
+                .iter()
+                .map(|block| {
+                    (
+                        block.out_channels as u64,
+                        block.cross_attention.map(|_| block.attention_heads as u64),
+                    )
+                })
+                .collect(),
+            layers_per_block: folder.unet.layers_per_block as u64,
+            unet_bytes: dtype.size_in_bytes() as u64,
+            vae_scale: folder.vae.scale_factor() as u64,
+            vae_full_channels: folder
+                .vae
+                .block_out_channels
+                .get(1)
+                .or(folder.vae.block_out_channels.first())
+                .copied()
+                .unwrap_or(0) as u64,
+            vae_bytes: vae_dtype.size_in_bytes() as u64,
+        }
+    }
+
+    /// Peak bytes of a job making `images` images of `width`×`height` (`guided`: with
+    /// classifier-free guidance, which doubles the UNet's batch).
+    pub fn bytes(&self, width: u32, height: u32, images: u32, guided: bool) -> u64 {
+        let images = u64::from(images.max(1));
+        let batch = images * if guided { 2 } else { 1 };
+        let latent_h = u64::from(height) / self.vae_scale.max(1);
+        let latent_w = u64::from(width) / self.vae_scale.max(1);
+
+        let mut skips = 0;
+        let mut largest = 0;
+        let mut attention = 0;
+        for (index, (channels, heads)) in self.unet_blocks.iter().enumerate() {
+            let cells = (latent_h >> index).max(1) * (latent_w >> index).max(1);
+            let activation = channels * cells;
+            skips += (self.layers_per_block + 1) * activation;
+            largest = largest.max(activation);
+            if let Some(heads) = heads {
+                attention = attention.max(heads * cells * cells);
+            }
+        }
+        let unet = batch
+            * ((skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
+                + UNET_ATTENTION_COPIES * attention * F32_BYTES);
+
+        let latent_cells = latent_h * latent_w;
+        let full = u64::from(width) * u64::from(height);
+        let decode = images
+            * (VAE_TEMPORARIES * self.vae_full_channels * full * self.vae_bytes
+                + VAE_ATTENTION_COPIES * latent_cells * latent_cells * F32_BYTES);
+
+        // The copy of the largest 3×3 kernel a convolution makes, and the kernels' scratch.
+        let widest = self
+            .unet_blocks
+            .iter()
+            .map(|(channels, _)| *channels)
+            .max()
+            .unwrap_or(0);
+        let overhead = widest * widest * 9 * self.unet_bytes + KERNEL_SCRATCH;
+        // The finished pictures, as f32 and as 8-bit RGB.
+        let pictures = images * full * 3 * (F32_BYTES + 1);
+        (unet.max(decode) + overhead) / 10 * MARGIN_TENTHS + pictures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SD 1.5's sizes (its configs' numbers).
+    fn sd15() -> WorkingMemory {
+        WorkingMemory {
+            unet_blocks: vec![
+                (320, Some(8)),
+                (640, Some(8)),
+                (1280, Some(8)),
+                (1280, None),
+            ],
+            layers_per_block: 2,
+            unet_bytes: 4,
+            vae_scale: 8,
+            vae_full_channels: 256,
+            vae_bytes: 4,
+        }
+    }
+
+    #[test]
+    fn attention_at_the_first_block_dominates_sd15() {
+        let memory = sd15();
+        let one = memory.bytes(512, 512, 1, true);
+        // 2 (guidance) × 8 heads × 4096² cells × f32, held twice: 2.1 GB of it.
+        assert!((2_100_000_000..3_000_000_000).contains(&one), "{one}");
+        // Attention grows with the square of the cells: twice the side, sixteen times it.
+        let big = memory.bytes(1024, 1024, 1, true);
+        assert!(big > 14 * (one / 2), "{big}");
+        assert!(memory.bytes(512, 512, 1, false) < one);
+        assert!(memory.bytes(512, 512, 4, true) > 3 * one);
+    }
+
+    #[test]
+    fn no_size_overflows() {
+        let mut memory = sd15();
+        memory.unet_blocks = vec![(8192, Some(1024)); 8];
+        assert!(memory.bytes(2048, 2048, 8, true) > 0);
+    }
+}

@@ -393,17 +393,27 @@ impl Runtime {
     }
 
     /// Stops every task at its next await point and waits for them.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(mut self) -> Stopped {
         self.shutdown.cancel();
+        let mut stopped = Stopped::default();
         while let Some(joined) = self.tasks.join_next().await {
             if let Err(err) = joined
                 && err.is_panic()
             {
                 tracing::error!("a background task panicked: {err}");
+                stopped.panicked_tasks += 1;
             }
         }
         tracing::info!("worker stopped");
+        stopped
     }
+}
+
+/// How the worker's tasks ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stopped {
+    /// Background tasks that had died of a panic (each was logged).
+    pub panicked_tasks: usize,
 }
 
 /// The tokio runtime the worker's tasks run on. Two threads are plenty: the tasks only wait

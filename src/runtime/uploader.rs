@@ -13,8 +13,9 @@
 //! A result whose files cannot be read back, or a folder whose metadata cannot, is kept and
 //! shown, never failed and deleted by itself.
 //!
-//! Every result is offered once before the job loop claims anything new (results from before
-//! a crash go first), and claims stop while the outbox cannot be listed
+//! The results found at start (from before a crash, or a day offline) are each offered once
+//! before the job loop claims anything new; later results upload while the next job runs.
+//! Claims stop while the outbox cannot be listed
 //! ([`OutboxState::hold_claims`]) or is full (the job loop counts: 20 results or 500 MB). The lease of each waiting result is
 //! renewed by the lease keeper ([`keep_leases`]), also while a slow upload is in flight.
 
@@ -81,7 +82,9 @@ pub(super) struct Uploader {
 /// One waiting result, as the uploader tracks it.
 struct Waiting {
     entry: OutboxEntry,
-    /// Offered to the studio since start (claims wait until every result was).
+    /// In the outbox when the worker started: offered before anything new is claimed.
+    goes_first: bool,
+    /// Offered to the studio since start.
     offered: bool,
     next_try: Instant,
     /// Transient failures (studio down, 5xx) and refusals (4xx) back off separately.
@@ -98,9 +101,10 @@ struct Waiting {
 }
 
 impl Waiting {
-    fn new(entry: OutboxEntry, timing: &Timing) -> Self {
+    fn new(entry: OutboxEntry, timing: &Timing, goes_first: bool) -> Self {
         Self {
             entry,
+            goes_first,
             offered: false,
             next_try: Instant::now(),
             backoff: Backoff::new(timing.backoff),
@@ -127,76 +131,100 @@ enum Attempt {
     Stop,
 }
 
+/// What the uploader knows of the outbox: the results waiting in it, the folders that are
+/// damaged, and whether it could be listed.
+#[derive(Default)]
+struct Ledger {
+    waiting: BTreeMap<String, Waiting>,
+    damaged: Vec<DamagedEntry>,
+    list_error: Option<String>,
+    /// Listings begun since start; a result stored before a listing began is counted in it.
+    listings: u64,
+    /// Whether the outbox was listed since start (what it held then goes first).
+    listed_once: bool,
+}
+
+impl Ledger {
+    /// Lists the outbox again, keeping what is known of the results still in it.
+    async fn relist(&mut self, outbox: &Outbox, timing: &Timing) {
+        // Counted before listing: a result stored before this count was read is in it.
+        self.listings += 1;
+        let outbox = outbox.clone();
+        match tokio::task::spawn_blocking(move || outbox.list()).await {
+            Ok(Ok(listing)) => {
+                if self.list_error.take().is_some() {
+                    tracing::info!("the outbox can be read again");
+                }
+                let mut listed = BTreeMap::new();
+                for entry in listing.entries {
+                    let key = entry.name();
+                    let tracked = match self.waiting.remove(&key) {
+                        Some(mut known) => {
+                            known.entry = entry;
+                            known
+                        }
+                        None => Waiting::new(entry, timing, !self.listed_once),
+                    };
+                    listed.insert(key, tracked);
+                }
+                self.waiting = listed;
+                self.listed_once = true;
+                for damage in &listing.damaged {
+                    if !self
+                        .damaged
+                        .iter()
+                        .any(|known| known.folder == damage.folder)
+                    {
+                        tracing::warn!(
+                            "outbox entry {} is damaged and kept: {}",
+                            damage.folder.display(),
+                            damage.reason
+                        );
+                    }
+                }
+                self.damaged = listing.damaged;
+            }
+            Ok(Err(err)) => {
+                if self.list_error.is_none() {
+                    tracing::error!("cannot read the outbox: {err}");
+                }
+                self.list_error = Some(err.to_string());
+            }
+            Err(err) => self.list_error = Some(format!("the outbox reader stopped: {err}")),
+        }
+    }
+}
+
 pub(super) async fn run(mut task: Uploader) {
-    let mut waiting: BTreeMap<String, Waiting> = BTreeMap::new();
-    let mut damaged: Vec<DamagedEntry> = Vec::new();
-    let mut list_error: Option<String> = None;
+    let mut ledger = Ledger::default();
     let mut outage = OutageLog::new("upload");
     let mut config_changes = task.config.subscribe();
     let mut relist = true;
-    let mut listings = 0_u64;
 
     loop {
         if relist {
             relist = false;
-            // Counted before listing: a result stored before this count was read is in it.
-            listings += 1;
-            let outbox = task.outbox.clone();
-            match tokio::task::spawn_blocking(move || outbox.list()).await {
-                Ok(Ok(listing)) => {
-                    if list_error.take().is_some() {
-                        tracing::info!("the outbox can be read again");
-                    }
-                    let mut listed = BTreeMap::new();
-                    for entry in listing.entries {
-                        let key = entry.name();
-                        let tracked = match waiting.remove(&key) {
-                            Some(mut known) => {
-                                known.entry = entry;
-                                known
-                            }
-                            None => Waiting::new(entry, &task.timing),
-                        };
-                        listed.insert(key, tracked);
-                    }
-                    waiting = listed;
-                    for damage in &listing.damaged {
-                        if !damaged.iter().any(|known| known.folder == damage.folder) {
-                            tracing::warn!(
-                                "outbox entry {} is damaged and kept: {}",
-                                damage.folder.display(),
-                                damage.reason
-                            );
-                        }
-                    }
-                    damaged = listing.damaged;
-                }
-                Ok(Err(err)) => {
-                    if list_error.is_none() {
-                        tracing::error!("cannot read the outbox: {err}");
-                    }
-                    list_error = Some(err.to_string());
-                }
-                Err(err) => list_error = Some(format!("the outbox reader stopped: {err}")),
-            }
+            ledger.relist(&task.outbox, &task.timing).await;
         }
         // The person's discards and the studio's "not wanted" verdicts, as they came.
         while let Ok(key) = task.discards.try_recv() {
-            task.discard(&key, &mut waiting, &mut damaged).await;
+            task.discard(&key, &mut ledger).await;
         }
         while let Ok(verdict) = task.not_wanted.try_recv() {
-            task.not_wanted(&verdict, &mut waiting).await;
+            task.not_wanted(&verdict, &mut ledger.waiting).await;
         }
-        task.publish(&waiting, &damaged, list_error.as_deref(), listings);
+        task.publish(&ledger);
 
         let now = Instant::now();
-        let due = waiting
+        let due = ledger
+            .waiting
             .iter()
             .filter(|(_, tracked)| tracked.due(now))
             .min_by_key(|(_, tracked)| (tracked.entry.meta.created_at, tracked.entry.name()))
             .map(|(key, _)| key.clone());
         let Some(key) = due else {
-            let next = waiting
+            let next = ledger
+                .waiting
                 .values()
                 .filter(|tracked| tracked.unreadable.is_none() && !tracked.delivered)
                 .map(|tracked| tracked.next_try)
@@ -206,15 +234,16 @@ pub(super) async fn run(mut task: Uploader) {
                 () = task.outbox_changed.notified() => relist = true,
                 () = task.retry_uploads.notified() => {
                     tracing::info!("retrying uploads now, as asked");
-                    retry_now(&mut waiting);
+                    retry_now(&mut ledger.waiting);
+                    task.remove_delivered(&mut ledger.waiting).await;
                     relist = true;
                 }
                 () = sleep_until_or_forever(next) => {}
                 key = task.discards.recv() => if let Some(key) = key {
-                    task.discard(&key, &mut waiting, &mut damaged).await;
+                    task.discard(&key, &mut ledger).await;
                 },
                 verdict = task.not_wanted.recv() => if let Some(verdict) = verdict {
-                    task.not_wanted(&verdict, &mut waiting).await;
+                    task.not_wanted(&verdict, &mut ledger.waiting).await;
                 },
             }
             continue;
@@ -229,10 +258,7 @@ pub(super) async fn run(mut task: Uploader) {
             }
             continue;
         };
-        match task
-            .attempt(&session, &key, &mut waiting, &mut outage)
-            .await
-        {
+        match task.attempt(&session, &key, &mut ledger, &mut outage).await {
             Attempt::Done => {}
             Attempt::NotApproved => {}
             Attempt::Stop => return,
@@ -265,10 +291,10 @@ impl Uploader {
         &self,
         session: &Session,
         key: &str,
-        waiting: &mut BTreeMap<String, Waiting>,
+        ledger: &mut Ledger,
         outage: &mut OutageLog,
     ) -> Attempt {
-        let Some(tracked) = waiting.get_mut(key) else {
+        let Some(tracked) = ledger.waiting.get_mut(key) else {
             return Attempt::Done;
         };
         tracked.offered = true;
@@ -290,10 +316,21 @@ impl Uploader {
 
         let mut meta = entry.meta.result.clone();
         meta.worker_id = session.worker_id().to_owned();
-        let uploaded = tokio::select! {
-            () = self.shutdown.cancelled() => return Attempt::Stop,
-            uploaded = session.upload_result(&entry.meta.job_id, &meta, images) => uploaded,
+        let upload = session.upload_result(&entry.meta.job_id, &meta, images);
+        tokio::pin!(upload);
+        let uploaded = loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Attempt::Stop,
+                uploaded = &mut upload => break uploaded,
+                // Results stored while a slow upload is in flight are counted (claims stop
+                // at 20) and shown now, not when it ends.
+                () = self.outbox_changed.notified() => {
+                    ledger.relist(&self.outbox, &self.timing).await;
+                    self.publish(ledger);
+                }
+            }
         };
+        let waiting = &mut ledger.waiting;
         let job_id = &entry.meta.job_id;
         match uploaded {
             Ok(()) => {
@@ -411,12 +448,10 @@ impl Uploader {
 
     /// The person discarded a waiting result (or a damaged folder): told to the studio as
     /// `fail internal` (another worker may redo the job), then removed.
-    async fn discard(
-        &self,
-        key: &str,
-        waiting: &mut BTreeMap<String, Waiting>,
-        damaged: &mut Vec<DamagedEntry>,
-    ) {
+    async fn discard(&self, key: &str, ledger: &mut Ledger) {
+        let Ledger {
+            waiting, damaged, ..
+        } = ledger;
         if let Some(tracked) = waiting.remove(key) {
             tracing::info!(job_id = %tracked.entry.meta.job_id, "discarding the result, as asked");
             match Session::current(&self.client, &self.config) {
@@ -507,14 +542,30 @@ impl Uploader {
         removed.is_ok()
     }
 
+    /// Tries again to take out the results that were delivered but could not be removed
+    /// (the person's "Retry now", after they fixed the folder).
+    async fn remove_delivered(&self, waiting: &mut BTreeMap<String, Waiting>) {
+        let delivered: Vec<(String, OutboxEntry)> = waiting
+            .iter()
+            .filter(|(_, tracked)| tracked.delivered)
+            .map(|(key, tracked)| (key.clone(), tracked.entry.clone()))
+            .collect();
+        for (key, entry) in delivered {
+            if self.take_out(&entry, JobOutcome::DELIVERED).await {
+                waiting.remove(&key);
+            }
+        }
+    }
+
     /// Tells the job loop (claims), the lease keeper and the window what waits.
-    fn publish(
-        &self,
-        waiting: &BTreeMap<String, Waiting>,
-        damaged: &[DamagedEntry],
-        list_error: Option<&str>,
-        listings: u64,
-    ) {
+    fn publish(&self, ledger: &Ledger) {
+        let Ledger {
+            waiting,
+            damaged,
+            list_error,
+            listings,
+            ..
+        } = ledger;
         let count = waiting
             .values()
             .filter(|tracked| !tracked.delivered)
@@ -524,7 +575,9 @@ impl Uploader {
             .filter(|tracked| !tracked.delivered)
             .map(|tracked| tracked.entry.bytes)
             .sum();
-        let all_offered = waiting.values().all(|tracked| tracked.offered);
+        let all_offered = waiting
+            .values()
+            .all(|tracked| tracked.offered || !tracked.goes_first);
         let hold_claims = if let Some(error) = list_error {
             Some(format!("the outbox cannot be read ({error})"))
         } else if !all_offered {
@@ -536,7 +589,7 @@ impl Uploader {
             waiting: count,
             bytes,
             hold_claims,
-            listings,
+            listings: *listings,
         };
         self.outbox_state.send_if_modified(|current| {
             let changed = *current != state;
@@ -617,10 +670,16 @@ impl Uploader {
     }
 }
 
+/// Renewal attempts after a failed one, within one third of a lease: a renewal that
+/// failed (network, `5xx`) is tried again after `leaseS / 3 / RETRIES_PER_THIRD`, so two
+/// unlucky requests in a row do not cost the lease.
+const RETRIES_PER_THIRD: u32 = 6;
+
 /// The lease keeper: renews the lease of every result waiting in the outbox (an `uploading`
-/// progress at least every `leaseS / 3`, at most two requests a second), also while a slow
-/// upload is in flight, so the studio does not give a finished job to someone else. A
-/// `cancel`, `409` or `410` tells the uploader to drop the result (§3.2).
+/// progress at least every `leaseS / 3`, sooner after a failed renewal, at most one request
+/// per `progress_min_gap`), also while a slow upload is in flight, so the studio does not give
+/// a finished job to someone else. A `cancel`, `409` or `410` tells the uploader to drop the
+/// result (§3.2).
 pub(super) async fn keep_leases(
     client: StudioClient,
     config: SharedConfig,
@@ -629,25 +688,26 @@ pub(super) async fn keep_leases(
     timing: Timing,
     shutdown: CancellationToken,
 ) {
-    let mut renewed: BTreeMap<String, Instant> = BTreeMap::new();
+    // Per waiting result (by entry key): when its lease is next renewed, and how long the
+    // studio last said a lease lasts.
+    let mut due_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut lease_of: BTreeMap<String, Duration> = BTreeMap::new();
     loop {
         let current = leases.borrow_and_update().clone();
         let now = Instant::now();
-        // A result first seen now was just reported `uploading` by the job loop.
-        renewed.retain(|key, _| current.iter().any(|lease| lease.key == *key));
+        due_at.retain(|key, _| current.iter().any(|lease| lease.key == *key));
         lease_of.retain(|key, _| current.iter().any(|lease| lease.key == *key));
         for lease in &current {
-            renewed.entry(lease.key.clone()).or_insert(now);
+            // A result first seen now was just reported `uploading` by the job loop.
+            due_at
+                .entry(lease.key.clone())
+                .or_insert(now + lease.lease / 3);
             lease_of.entry(lease.key.clone()).or_insert(lease.lease);
         }
         let due = current
             .iter()
-            .filter(|lease| {
-                let every = lease_of.get(&lease.key).copied().unwrap_or(lease.lease) / 3;
-                renewed.get(&lease.key).is_none_or(|at| *at + every <= now)
-            })
-            .min_by_key(|lease| renewed.get(&lease.key).copied())
+            .filter(|lease| due_at.get(&lease.key).is_none_or(|at| *at <= now))
+            .min_by_key(|lease| due_at.get(&lease.key).copied())
             .cloned();
         match (due, Session::current(&client, &config)) {
             (Some(lease), Some(session)) => {
@@ -661,27 +721,30 @@ pub(super) async fn keep_leases(
                     () = shutdown.cancelled() => return,
                     answer = session.progress(&lease.job_id, &body) => answer,
                 };
-                let verdict = match answer {
-                    Ok(answer) if answer.cancel => Some("the submitter cancelled the job"),
+                let third = lease_of.get(&lease.key).copied().unwrap_or(lease.lease) / 3;
+                let (verdict, next) = match answer {
+                    Ok(answer) if answer.cancel => (Some("the submitter cancelled the job"), third),
                     Ok(answer) => {
-                        if let Some(lease_s) = answer.lease_s {
-                            lease_of.insert(
-                                lease.key.clone(),
-                                Duration::from_secs(lease_s.clamp(10, 3600)),
-                            );
-                        }
-                        None
+                        let third = match answer.lease_s {
+                            Some(lease_s) => {
+                                let granted = Duration::from_secs(lease_s.clamp(10, 3600));
+                                lease_of.insert(lease.key.clone(), granted);
+                                granted / 3
+                            }
+                            None => third,
+                        };
+                        (None, third)
                     }
                     Err(
                         StudioError::Conflict { .. } | StudioError::NotFound { status: 410, .. },
-                    ) => Some("the studio gave the job to someone else"),
-                    // Anything else: the lease has slack; the next renewal is soon.
+                    ) => (Some("the studio gave the job to someone else"), third),
+                    // Anything else: the lease has slack; try again soon.
                     Err(err) => {
                         tracing::debug!(job_id = %lease.job_id, "lease not renewed: {err}");
-                        None
+                        (None, third / RETRIES_PER_THIRD)
                     }
                 };
-                renewed.insert(lease.key.clone(), Instant::now());
+                due_at.insert(lease.key.clone(), Instant::now() + next);
                 if let Some(why) = verdict {
                     let _ = not_wanted
                         .send(NotWanted {
@@ -690,7 +753,6 @@ pub(super) async fn keep_leases(
                         })
                         .await;
                 }
-                // At most two requests a second.
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(timing.progress_min_gap) => {}
@@ -701,14 +763,7 @@ pub(super) async fn keep_leases(
                     // Not approved now: look again in a while.
                     Some(Instant::now() + Duration::from_secs(1))
                 } else {
-                    current
-                        .iter()
-                        .filter_map(|lease| {
-                            let every =
-                                lease_of.get(&lease.key).copied().unwrap_or(lease.lease) / 3;
-                            renewed.get(&lease.key).map(|at| *at + every)
-                        })
-                        .min()
+                    due_at.values().min().copied()
                 };
                 tokio::select! {
                     () = shutdown.cancelled() => return,

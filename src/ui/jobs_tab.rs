@@ -192,7 +192,7 @@ fn waiting_words(state: &WaitingState) -> (String, bool) {
         WaitingState::Unreadable { problem } => (format!("Kept: {problem}"), true),
         WaitingState::Damaged { problem } => (format!("Damaged, kept: {problem}"), true),
         WaitingState::DeliveredNotRemoved => (
-            "Delivered (could not be deleted from this PC)".to_owned(),
+            "Delivered, but could not be deleted from this PC (Retry now tries again)".to_owned(),
             false,
         ),
     }

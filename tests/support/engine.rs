@@ -1,6 +1,7 @@
 //! A scripted engine for the pipeline tests: real `Engine` contract (stages, steps, cancel
 //! between steps), images whose colour encodes the seed and index, a configurable time per
-//! step, and failures on demand through the prompt (`#oom`, `#fail`, `#panic`).
+//! step, and failures on demand through the prompt (`#oom`, `#fail`, `#panic`). `#noise`
+//! makes images of random pixels instead, which PNG cannot shrink (a large upload).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -114,13 +115,21 @@ impl Engine for ScriptedEngine {
             .unwrap()
             .push((job.job_id.clone(), done));
         report(Stage::Decoding, total_steps);
+        let noise = job.prompt.contains("#noise");
         let images = (0..job.num_images as usize)
             .map(|index| {
-                image::RgbImage::from_pixel(
-                    job.width,
-                    job.height,
-                    image::Rgb(colour_for(job.seed, index)),
-                )
+                if noise {
+                    let mut rng = fastrand::Rng::with_seed(job.seed + index as u64);
+                    image::RgbImage::from_fn(job.width, job.height, |_, _| {
+                        image::Rgb([rng.u8(..), rng.u8(..), rng.u8(..)])
+                    })
+                } else {
+                    image::RgbImage::from_pixel(
+                        job.width,
+                        job.height,
+                        image::Rgb(colour_for(job.seed, index)),
+                    )
+                }
             })
             .collect();
         Ok(Generated {

@@ -83,6 +83,21 @@ impl WorkerHome {
             .config
     }
 
+    /// Makes every later save of the settings fail: the file's place is taken by a folder
+    /// that is not empty (a rename onto it fails, as in a settings folder that is read-only;
+    /// root, which runs CI, ignores permissions).
+    pub fn block_settings_saves(&self) {
+        let path = self.config_path();
+        std::fs::remove_file(&path).expect("remove config");
+        std::fs::create_dir(&path).expect("block config");
+        std::fs::write(path.join("keep"), "").expect("block config");
+    }
+
+    /// Undoes [`Self::block_settings_saves`]: the next save writes the file again.
+    pub fn unblock_settings_saves(&self) {
+        std::fs::remove_dir_all(self.config_path()).expect("unblock config");
+    }
+
     pub fn shared(&self) -> SharedConfig {
         SharedConfig::new(self.config_path(), self.on_disk())
     }

@@ -3,7 +3,8 @@
 //!
 //! It keeps real state (registration requests, workers, tokens), decides like an operator
 //! (by hand, or after N polls), can be told to misbehave per route (status codes, garbage
-//! bodies, hangs, lost responses, `Retry-After`), and records every request it gets.
+//! bodies, hangs, lost responses, `Retry-After`, a slow uplink), and records every request it
+//! gets.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -198,6 +199,8 @@ struct StudioState {
     jobs_added: Arc<tokio::sync::Notify>,
     /// Answer 413 to result uploads.
     results_too_large: bool,
+    /// The worker's uplink: request bodies arrive no faster than this many bytes a second.
+    uplink_bytes_per_second: Option<u64>,
 }
 
 impl StudioState {
@@ -270,6 +273,8 @@ impl TestStudio {
             .route("/jobs/{job_id}/progress", post(progress))
             .route("/jobs/{job_id}/result", post(upload_result))
             .route("/jobs/{job_id}/fail", post(fail))
+            // Results of four 2048² images are well over axum's 2 MB default.
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 record_and_misbehave,
@@ -352,6 +357,13 @@ impl TestStudio {
 
     pub fn set_results_too_large(&self, too_large: bool) {
         self.state().results_too_large = too_large;
+    }
+
+    /// A slow home uplink: every request body is read no faster than `bytes_per_second`
+    /// (the worker's request is not finished until its last byte arrived). `None`: as fast
+    /// as loopback.
+    pub fn set_uplink(&self, bytes_per_second: Option<u64>) {
+        self.state().uplink_bytes_per_second = bytes_per_second;
     }
 
     /// The worker's `api_base_url` for this studio.
@@ -477,16 +489,41 @@ async fn record_and_misbehave(
     request: Request,
     next: Next,
 ) -> Response {
+    let arrived = Instant::now();
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 * 1024 * 1024)
-        .await
-        .unwrap_or_default();
     // Inside `nest("/api", …)` the URI is stripped of `/api`; record what the worker sent.
     let path = parts
         .extensions
         .get::<axum::extract::OriginalUri>()
         .map_or_else(|| parts.uri.path().to_owned(), |uri| uri.path().to_owned());
     let route = Route::of(&path);
+    // The fault is chosen when the request arrives, as a real server's trouble would be.
+    let (fault, uplink) = {
+        let mut state = lock(&state);
+        let index = state
+            .faults
+            .iter()
+            .position(|rule| rule.route.is_none_or(|r| r == route));
+        let fault = index.map(|index| {
+            let rule = &mut state.faults[index];
+            rule.remaining = rule.remaining.saturating_sub(1);
+            let fault = rule.fault.clone();
+            if rule.remaining == 0 {
+                state.faults.remove(index);
+            }
+            fault
+        });
+        (fault, state.uplink_bytes_per_second)
+    };
+    // A slow uplink slows the requests the studio reads to the end; a fault answered at once
+    // reads the rest of the body at full speed.
+    let handled_for_real = matches!(fault, None | Some(Fault::LoseResponse(_)));
+    let bytes = match uplink {
+        Some(bytes_per_second) if handled_for_real => read_slowly(body, bytes_per_second).await,
+        _ => axum::body::to_bytes(body, 64 * 1024 * 1024)
+            .await
+            .unwrap_or_default(),
+    };
     let header = |name: &str| {
         parts
             .headers
@@ -502,26 +539,9 @@ async fn record_and_misbehave(
         user_agent: header("user-agent"),
         registration_secret: header("x-registration-secret"),
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        at: Instant::now(),
+        at: arrived,
         answered_at: Instant::now(),
         status: 0,
-    };
-
-    let fault = {
-        let mut state = lock(&state);
-        let index = state
-            .faults
-            .iter()
-            .position(|rule| rule.route.is_none_or(|r| r == route));
-        index.map(|index| {
-            let rule = &mut state.faults[index];
-            rule.remaining = rule.remaining.saturating_sub(1);
-            let fault = rule.fault.clone();
-            if rule.remaining == 0 {
-                state.faults.remove(index);
-            }
-            fault
-        })
     };
 
     let response = match fault {
@@ -565,6 +585,21 @@ async fn record_and_misbehave(
     recorded.answered_at = Instant::now();
     lock(&state).log.push(recorded);
     response
+}
+
+/// Reads a request body no faster than `bytes_per_second`: after each chunk, waits until the
+/// bytes so far would have taken that long.
+async fn read_slowly(body: axum::body::Body, bytes_per_second: u64) -> Bytes {
+    use futures_util::StreamExt as _;
+    let started = tokio::time::Instant::now();
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(Ok(chunk)) = stream.next().await {
+        bytes.extend_from_slice(&chunk);
+        let due = Duration::from_secs_f64(bytes.len() as f64 / bytes_per_second.max(1) as f64);
+        tokio::time::sleep_until(started + due).await;
+    }
+    Bytes::from(bytes)
 }
 
 fn is_hex64(text: &str) -> bool {

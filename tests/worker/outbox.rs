@@ -1,8 +1,8 @@
 //! The outbox against a hostile studio: a result leaves the PC only on the studio's word.
 //! `404` and other `4xx` keep it (retried, then given up on after the limit, or discarded by
 //! the person), files that cannot be read are kept and shown, an entry that cannot be
-//! removed is never uploaded in a loop, leases are renewed while results wait, claims stop
-//! while the outbox is full or cannot be read.
+//! removed is never uploaded in a loop, leases are renewed while results wait, the next jobs
+//! run while a large result uploads, claims stop while the outbox is full or cannot be read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,7 +228,8 @@ async fn a_result_whose_files_cannot_be_read_is_kept_and_the_others_flow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_result_that_cannot_be_removed_after_delivery_is_not_uploaded_again() {
+async fn a_result_that_cannot_be_removed_after_delivery_is_not_uploaded_again_and_retry_removes_it()
+{
     let rig = Rig::start(fast_timing()).await;
     rig.studio
         .inject(Some(Route::Result), Fault::Status(503), u32::MAX);
@@ -257,6 +258,14 @@ async fn a_result_that_cannot_be_removed_after_delivery_is_not_uploaded_again() 
         1,
         "uploaded once, not again in a loop"
     );
+    // The person clears the way and retries: the removal is tried again, not the upload.
+    std::fs::remove_dir_all(&trash).unwrap();
+    assert!(rig.runtime.handle().send(Command::RetryUploads));
+    eventually("taken out on Retry now", PATIENCE, || {
+        !entry.exists() && rig.waiting_state("j_stuck").is_none()
+    })
+    .await;
+    assert_eq!(rig.studio.job("j_stuck").unwrap().uploads, 1);
     rig.runtime.shutdown().await;
 }
 
@@ -281,7 +290,10 @@ async fn leases_are_renewed_while_results_wait_and_a_cancel_drops_one() {
     })
     .await;
 
-    // The other waits longer than its 10 s lease: renewed all along, never re-queued.
+    // The other waits longer than its 10 s lease: renewed all along, never re-queued, even
+    // though three renewals in a row fail (each is tried again soon, not a third later).
+    rig.studio
+        .inject(Some(Route::Progress), Fault::Status(503), 3);
     tokio::time::sleep(Duration::from_secs(12)).await;
     let waiting = rig.studio.job("j_wait").unwrap();
     assert!(
@@ -333,6 +345,42 @@ async fn claims_stop_while_20_results_wait_and_start_again_when_they_are_deliver
     assert!(handle.send(Command::RetryUploads));
     for n in 0..25 {
         rig.delivered(&format!("j_full_{n:02}")).await;
+    }
+    rig.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_jobs_run_while_a_large_result_crawls_up_a_slow_uplink() {
+    let rig = Rig::start(fast_timing()).await;
+    // ≈2 Mbit/s up: a 512² image of noise (≈0.8 MB) takes about 3 s.
+    rig.studio.set_uplink(Some(256 * 1024));
+    let mut large = job("j_large");
+    large["prompt"] = json!("a lighthouse at dusk #noise");
+    large["width"] = json!(512);
+    large["height"] = json!(512);
+    rig.studio.enqueue(large);
+    let next = ["j_next_1", "j_next_2", "j_next_3"];
+    for job_id in next {
+        rig.studio.enqueue(job(job_id));
+    }
+    let handle = rig.runtime.handle();
+    eventually(
+        "the next jobs finished behind the large upload",
+        PATIENCE,
+        || {
+            let waiting = handle.status().jobs.waiting;
+            next.iter()
+                .all(|job_id| waiting.iter().any(|result| result.job_id == *job_id))
+        },
+    )
+    .await;
+    assert!(
+        rig.studio.job("j_large").unwrap().results.is_empty(),
+        "the large result was still on its way"
+    );
+    rig.delivered("j_large").await;
+    for job_id in next {
+        rig.delivered(job_id).await;
     }
     rig.runtime.shutdown().await;
 }

@@ -71,9 +71,13 @@ async fn registers_then_heartbeats_with_its_token() {
         assert_eq!(request.authorization, None);
     }
 
+    // The studio counted two heartbeats; the worker counts each once it read the answer.
+    eventually("two heartbeats answered", PATIENCE, || {
+        handle.status().connection.heartbeats_sent >= 2
+    })
+    .await;
     let status = handle.status();
     assert!(status.connection.last_heartbeat_at.is_some());
-    assert!(status.connection.heartbeats_sent >= 2);
     assert_eq!(status.connection.last_error, None);
     assert_eq!(studio.count(Route::Register), 1);
     runtime.shutdown().await;
@@ -536,20 +540,11 @@ async fn settings_that_cannot_be_applied_are_reported_not_claimed_as_saved() {
     runtime.shutdown().await;
 }
 
-/// Makes every later save of the home's settings fail: the file's place is taken by a
-/// folder that is not empty (a rename onto it fails, as on a read-only or broken disk).
-fn block_settings_saves(home: &WorkerHome) {
-    let path = home.config_path();
-    std::fs::remove_file(&path).unwrap();
-    std::fs::create_dir(&path).unwrap();
-    std::fs::write(path.join("keep"), "").unwrap();
-}
-
 #[tokio::test]
 async fn a_revocation_holds_even_when_the_settings_cannot_be_saved() {
     let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
     let handle = runtime.handle();
-    block_settings_saves(&home);
+    home.block_settings_saves();
 
     studio.revoke(&worker_id);
     eventually("revoked in memory", PATIENCE, || {
@@ -575,7 +570,7 @@ async fn a_revocation_holds_even_when_the_settings_cannot_be_saved() {
 async fn a_pause_holds_even_when_it_cannot_be_saved_and_is_saved_once_it_can() {
     let (studio, home, runtime, worker_id) = approved_and_heartbeating().await;
     let handle = runtime.handle();
-    block_settings_saves(&home);
+    home.block_settings_saves();
 
     assert!(handle.send(Command::Pause));
     eventually("paused", PATIENCE, || {

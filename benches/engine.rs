@@ -67,6 +67,7 @@ fn main() {
             seed: 0,
             num_images: 1,
             scheduler: Some(Scheduler::Euler),
+            vae_tiling: None,
         };
         let image = median_time(runs * 4, || {
             pipeline

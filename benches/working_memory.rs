@@ -104,7 +104,7 @@ fn main() {
         });
         let side = side as u32;
         // The estimate's whole-job figure is the larger of the two stages.
-        let estimated = estimate.bytes(side, side, 1, true);
+        let estimated = estimate.bytes(side, side, 1, true, None);
         for (stage, measured) in [
             ("UNet step (guided)", unet_peak),
             ("VAE decode", decode_peak),

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::DType;
 
 use super::device::{DeviceError, SelectedDevice};
+use super::sd::vae::Tiling;
 use super::sd::working_memory::WorkingMemory;
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
 use super::{CancelToken, Engine, EngineError, Generated, ServeError};
@@ -109,12 +110,13 @@ impl CandleEngine {
         self
     }
 
-    /// On the CPU, a job whose tensors would not fit in the RAM free now is refused as out of
-    /// memory before anything is allocated (other models are unloaded first when that makes
-    /// room). A GPU reports its own out-of-memory as an error instead.
-    fn make_room(&self, job: &JobSpec) -> Result<(), EngineError> {
+    /// On the CPU, how the job fits in the RAM free now: whole, or with its decode in tiles
+    /// (`Some`); a job that fits neither way is refused as out of memory before anything is
+    /// allocated (other models are unloaded first when that makes room). A GPU reports its
+    /// own out-of-memory as an error instead, and decodes whole.
+    fn make_room(&self, job: &JobSpec) -> Result<Option<Tiling>, EngineError> {
         if !self.device.device.is_cpu() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(served) = self
             .models
@@ -123,14 +125,14 @@ impl CandleEngine {
             .get(&job.model)
             .cloned()
         else {
-            return Ok(()); // `pipeline` says it is not served
+            return Ok(None); // `pipeline` says it is not served
         };
-        let working = served.working.bytes(
-            job.width,
-            job.height,
-            job.num_images,
-            job.guidance_scale > 1.0,
-        );
+        let guided = job.guidance_scale > 1.0;
+        let working = |tiling| {
+            served
+                .working
+                .bytes(job.width, job.height, job.num_images, guided, tiling)
+        };
         let (warm, others) = {
             let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
             let warm = loaded.iter().any(|entry| entry.model_id == job.model);
@@ -141,19 +143,27 @@ impl CandleEngine {
                 .sum();
             (warm, others)
         };
-        let needed = working + if warm { 0 } else { served.memory_bytes };
+        let weights = if warm { 0 } else { served.memory_bytes };
         let available = (self.available_memory)();
-        if needed <= available {
-            return Ok(());
+        // Whole if it fits, else tiled; then the same after unloading the other models.
+        let plans = [None, Some(Tiling::DEFAULT)];
+        let fits = |room: u64| {
+            plans
+                .into_iter()
+                .find(|tiling| weights + working(*tiling) <= room)
+        };
+        if let Some(tiling) = fits(available) {
+            return Ok(tiling);
         }
-        if needed <= available.saturating_add(others) {
+        if let Some(tiling) = fits(available.saturating_add(others)) {
             tracing::info!("unloading the other models to make room for this job");
             self.loaded
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|entry| entry.model_id == job.model);
-            return Ok(());
+            return Ok(tiling);
         }
+        let needed = weights + working(Some(Tiling::DEFAULT));
         Err(EngineError::OutOfMemory(format!(
             "a {}×{} job of {} image(s) needs about {} of memory and {} is free",
             job.width,
@@ -176,7 +186,10 @@ impl CandleEngine {
             .collect();
         let fits = |side: u32, images: u32| {
             models.iter().all(|model| {
-                model.memory_bytes + model.working.bytes(side, side, images, true)
+                model.memory_bytes
+                    + model
+                        .working
+                        .bytes(side, side, images, true, Some(Tiling::DEFAULT))
                     <= self.budget_bytes
             })
         };
@@ -324,12 +337,21 @@ impl Engine for CandleEngine {
             });
         };
         report(Stage::LoadingModel, 0);
-        self.make_room(job)?;
+        let vae_tiling = self.make_room(job)?;
         let pipeline = self.pipeline(&job.model)?;
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
-        let request = Request::from(job);
+        let request = Request {
+            vae_tiling,
+            ..Request::from(job)
+        };
+        if let Some(tiling) = vae_tiling {
+            tracing::info!(
+                tile = tiling.tile,
+                "decoding in tiles: a whole decode would not fit the free memory"
+            );
+        }
         let sampler = job.scheduler.unwrap_or_else(|| pipeline.default_sampler());
         let result = pipeline.generate(
             &request,

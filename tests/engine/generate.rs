@@ -23,6 +23,7 @@ fn request(seed: u64, num_images: usize) -> Request {
         seed,
         num_images,
         scheduler: Some(Scheduler::EulerA),
+        vae_tiling: None,
     }
 }
 

@@ -6,5 +6,6 @@
 
 mod generate;
 mod hostile_configs;
+mod memory_paths;
 mod parity;
 mod support;

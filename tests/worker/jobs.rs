@@ -910,6 +910,7 @@ async fn the_candle_engine_runs_a_real_model_and_the_studio_gets_its_exact_image
                 seed: 42,
                 num_images: 1,
                 scheduler: None,
+                vae_tiling: None,
             },
             &mut |_| {},
             &|| false,

@@ -25,7 +25,7 @@ use self::schedulers::{NoiseSchedule, Sampler};
 use self::text_encoder::ClipTextEncoder;
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
-use self::vae::Vae;
+use self::vae::{Tiling, Vae};
 use super::noise::NoiseSource;
 use crate::vocab::job::{JobSpec, Scheduler};
 
@@ -57,6 +57,8 @@ pub struct Request {
     pub num_images: usize,
     /// `None`: the model's default sampler.
     pub scheduler: Option<Scheduler>,
+    /// Decode in overlapping tiles (less memory, a slightly different image); `None`: whole.
+    pub vae_tiling: Option<Tiling>,
 }
 
 impl From<&JobSpec> for Request {
@@ -71,6 +73,7 @@ impl From<&JobSpec> for Request {
             seed: spec.seed,
             num_images: spec.num_images as usize,
             scheduler: spec.scheduler,
+            vae_tiling: None,
         }
     }
 }
@@ -260,7 +263,7 @@ impl StableDiffusion {
         )?;
 
         progress(Stage::Decoding);
-        let pixels = self.decode(&latents)?;
+        let pixels = self.decode_each(&latents, request.vae_tiling)?;
         to_images(&pixels)
     }
 
@@ -440,9 +443,24 @@ impl StableDiffusion {
         Ok(latents)
     }
 
-    /// Latents to f32 RGB in `[0, 1]`, `(batch, 3, H, W)`.
+    /// Latents to f32 RGB in `[0, 1]`, `(batch, 3, H, W)`, the whole batch at once.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SdError> {
         Ok(self.vae.decode(latents)?)
+    }
+
+    /// The same, one image at a time (a batch's decode needs the batch's memory), each
+    /// whole or in `tiling`'s tiles.
+    pub fn decode_each(&self, latents: &Tensor, tiling: Option<Tiling>) -> Result<Tensor, SdError> {
+        let images = (0..latents.dim(0)?)
+            .map(|image| {
+                let latent = latents.narrow(0, image, 1)?;
+                match tiling {
+                    Some(tiling) => self.vae.decode_tiled(&latent, tiling),
+                    None => self.vae.decode(&latent),
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&images, 0)?)
     }
 }
 

@@ -5,8 +5,8 @@
 //! whatever the model runs in, whole (no slicing), and held twice (the scores and their
 //! softmax; four times in the VAE, whose softmax is not fused); the UNet keeps every down
 //! block's outputs for the skip connections; a 3×3 convolution holds its input, a channels-last
-//! copy of it, its output and a copy of its kernel; the VAE decodes all images of a job at
-//! once, its last blocks at full resolution with the channels of the block before. The
+//! copy of it, its output and a copy of its kernel; the VAE decodes one image (or one tile)
+//! at a time, its last blocks at full resolution with the channels of the block before. The
 //! UNet's and the decode's peaks do not overlap. It errs high, by a tenth and more: refusing a
 //! job that would have fitted costs a retry elsewhere, allocating past the RAM there is aborts
 //! the worker (Rust aborts on a failed allocation) or wakes the OOM killer.
@@ -17,6 +17,7 @@
 use candle_core::DType;
 
 use super::model_folder::ModelFolder;
+use super::vae::Tiling;
 
 /// Working tensors a resnet step holds at once, in units of its block's activation.
 const RESNET_TEMPORARIES: u64 = 6;
@@ -84,12 +85,21 @@ impl WorkingMemory {
     }
 
     /// Peak bytes of a job making `images` images of `width`×`height` (`guided`: with
-    /// classifier-free guidance, which doubles the UNet's batch).
-    pub fn bytes(&self, width: u32, height: u32, images: u32, guided: bool) -> u64 {
+    /// classifier-free guidance, which doubles the UNet's batch), decoding one image at a
+    /// time, whole or (`tiling`) in tiles.
+    pub fn bytes(
+        &self,
+        width: u32,
+        height: u32,
+        images: u32,
+        guided: bool,
+        tiling: Option<Tiling>,
+    ) -> u64 {
         let images = u64::from(images.max(1));
         let batch = images * if guided { 2 } else { 1 };
-        let latent_h = u64::from(height) / self.vae_scale.max(1);
-        let latent_w = u64::from(width) / self.vae_scale.max(1);
+        let scale = self.vae_scale.max(1);
+        let latent_h = u64::from(height) / scale;
+        let latent_w = u64::from(width) / scale;
 
         let mut skips = 0;
         let mut largest = 0;
@@ -107,11 +117,18 @@ impl WorkingMemory {
             * ((skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
                 + UNET_ATTENTION_COPIES * attention * F32_BYTES);
 
-        let latent_cells = latent_h * latent_w;
-        let full = u64::from(width) * u64::from(height);
-        let decode = images
-            * (VAE_TEMPORARIES * self.vae_full_channels * full * self.vae_bytes
-                + VAE_ATTENTION_COPIES * latent_cells * latent_cells * F32_BYTES);
+        // One image (or one tile of it) through the decoder at a time.
+        let (decoded_h, decoded_w) = match tiling {
+            Some(tiling) => {
+                let tile = tiling.tile as u64;
+                (latent_h.min(tile), latent_w.min(tile))
+            }
+            None => (latent_h, latent_w),
+        };
+        let decoded_cells = decoded_h * decoded_w;
+        let decoded_pixels = decoded_cells * scale * scale;
+        let decode = VAE_TEMPORARIES * self.vae_full_channels * decoded_pixels * self.vae_bytes
+            + VAE_ATTENTION_COPIES * decoded_cells * decoded_cells * F32_BYTES;
 
         // The copy of the largest 3×3 kernel a convolution makes, and the kernels' scratch.
         let widest = self
@@ -121,8 +138,9 @@ impl WorkingMemory {
             .max()
             .unwrap_or(0);
         let overhead = widest * widest * 9 * self.unet_bytes + KERNEL_SCRATCH;
-        // The finished pictures, as f32 and as 8-bit RGB.
-        let pictures = images * full * 3 * (F32_BYTES + 1);
+        // The finished pictures, as f32 (twice while tiles are blended in) and as 8-bit RGB.
+        let full = u64::from(width) * u64::from(height);
+        let pictures = images * full * 3 * (2 * F32_BYTES + 1);
         (unet.max(decode) + overhead) / 10 * MARGIN_TENTHS + pictures
     }
 }
@@ -151,20 +169,41 @@ mod tests {
     #[test]
     fn attention_at_the_first_block_dominates_sd15() {
         let memory = sd15();
-        let one = memory.bytes(512, 512, 1, true);
+        let one = memory.bytes(512, 512, 1, true, None);
         // 2 (guidance) × 8 heads × 4096² cells × f32, held twice: 2.1 GB of it.
         assert!((2_100_000_000..3_000_000_000).contains(&one), "{one}");
         // Attention grows with the square of the cells: twice the side, sixteen times it.
-        let big = memory.bytes(1024, 1024, 1, true);
+        let big = memory.bytes(1024, 1024, 1, true, None);
         assert!(big > 14 * (one / 2), "{big}");
-        assert!(memory.bytes(512, 512, 1, false) < one);
-        assert!(memory.bytes(512, 512, 4, true) > 3 * one);
+        assert!(memory.bytes(512, 512, 1, false, None) < one);
+        assert!(memory.bytes(512, 512, 4, true, None) > 3 * one);
+    }
+
+    #[test]
+    fn tiles_bound_the_decode_by_the_tile() {
+        // SD 1.5's VAE behind a UNet without attention, so the decode is the peak: a whole
+        // decode of 1024² is four 512² ones, a tiled one costs what a 512² decode does, plus
+        // the picture.
+        let memory = WorkingMemory {
+            unet_blocks: vec![(32, None)],
+            ..sd15()
+        };
+        let whole = memory.bytes(1024, 1024, 1, false, None);
+        let tiled = memory.bytes(1024, 1024, 1, false, Some(Tiling::DEFAULT));
+        let small = memory.bytes(512, 512, 1, false, None);
+        assert!(tiled < whole / 2, "{tiled} vs {whole}");
+        assert!(tiled < small + 50_000_000, "{tiled} vs {small}");
+        // A latent within one tile costs the same either way.
+        assert_eq!(
+            memory.bytes(512, 512, 1, false, Some(Tiling::DEFAULT)),
+            memory.bytes(512, 512, 1, false, None)
+        );
     }
 
     #[test]
     fn no_size_overflows() {
         let mut memory = sd15();
         memory.unet_blocks = vec![(8192, Some(1024)); 8];
-        assert!(memory.bytes(2048, 2048, 8, true) > 0);
+        assert!(memory.bytes(2048, 2048, 8, true, None) > 0);
     }
 }

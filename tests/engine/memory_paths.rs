@@ -1,0 +1,97 @@
+//! The memory-saving paths against the plain ones, on the fixtures, so none of them can
+//! silently change images:
+//! - a job's images are decoded one at a time, each exactly as it decodes alone. (candle
+//!   0.11's VAE decode of a whole batch does not: every image but the first comes out
+//!   different from its own decode, by up to 29/255 on these fixtures, while the reference
+//!   decodes each image of a batch as it would alone.)
+//! - decoding in overlapping tiles stays within the stated tolerance of the whole decode
+//!   (tiles see only their neighbourhood, so it is close, not equal; on these tiny random
+//!   models, whose group norms over a few cells swing much more than a trained VAE's, the
+//!   difference is larger than on real ones).
+
+use candle_core::{DType, Tensor};
+use studio_worker::engine::sd::vae::Tiling;
+
+use crate::support::{FIXTURES, Golden, load};
+
+/// Tiled decode against whole, in `[0, 1]` pixel units: the largest difference of any
+/// channel of any pixel, and the mean over all of them (measured: at most 25/255 and
+/// 2.7/255; a blend that did not add up to one would be off by half the image's brightness
+/// along every seam).
+const TILED_MAX: f32 = 32.0 / 255.0;
+const TILED_MEAN: f32 = 3.5 / 255.0;
+
+/// The fixtures' reference latents (32×32 cells, 64² pixels), two images of them (the
+/// second at half strength, so the images differ).
+fn latents(name: &str) -> Tensor {
+    let one = Golden::of(name).batched("vae.latents");
+    let other = (&one * 0.5).expect("scale");
+    Tensor::cat(&[&one, &other], 0).expect("batch")
+}
+
+fn differences(ours: &Tensor, whole: &Tensor) -> (f32, f32) {
+    let delta = (ours - whole).and_then(|d| d.abs()).expect("difference");
+    let max = delta
+        .max_all()
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("max");
+    let mean = delta
+        .mean_all()
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("mean");
+    (max, mean)
+}
+
+#[test]
+fn each_image_of_a_job_decodes_as_it_does_alone() {
+    for name in FIXTURES {
+        let model = load(name);
+        let latents = latents(name);
+        let each = model.decode_each(&latents, None).expect("decodes");
+        for image in 0..2 {
+            let alone = model
+                .decode(&latents.narrow(0, image, 1).expect("narrow"))
+                .expect("decodes");
+            let (max, _) = differences(&each.narrow(0, image, 1).expect("narrow"), &alone);
+            assert_eq!(max, 0.0, "{name}: image {image} of the job");
+        }
+    }
+}
+
+#[test]
+fn a_tiled_decode_stays_within_the_stated_tolerance_of_the_whole_decode() {
+    // 2×2 tiles of 24 cells over the 32×32 latents, overlapping by 8.
+    let tiling = Tiling {
+        tile: 24,
+        overlap: 8,
+    };
+    for name in FIXTURES {
+        let model = load(name);
+        let latents = latents(name);
+        let whole = model.decode_each(&latents, None).expect("decodes");
+        let tiled = model.decode_each(&latents, Some(tiling)).expect("decodes");
+        assert_eq!(tiled.dims(), whole.dims());
+        assert_eq!(tiled.dtype(), DType::F32);
+        let (max, mean) = differences(&tiled, &whole);
+        eprintln!(
+            "{name}: tiled vs whole decode: max |Δ| {:.1}/255, mean {:.2}/255",
+            max * 255.0,
+            mean * 255.0
+        );
+        assert!(max <= TILED_MAX, "{name}: max |Δ| {max} > {TILED_MAX}");
+        assert!(mean <= TILED_MEAN, "{name}: mean |Δ| {mean} > {TILED_MEAN}");
+    }
+}
+
+#[test]
+fn a_latent_within_one_tile_is_decoded_whole() {
+    let name = FIXTURES[0];
+    let model = load(name);
+    let latents = latents(name);
+    let whole = model.decode_each(&latents, None).expect("decodes");
+    let tiled = model
+        .decode_each(&latents, Some(Tiling::DEFAULT))
+        .expect("decodes");
+    let (max, _) = differences(&tiled, &whole);
+    assert_eq!(max, 0.0, "32×32 cells fit one 64-cell tile");
+}

@@ -9,7 +9,9 @@
 //!
 //! 1. no `studio-worker-cuda` beside this program (or in `../lib/studio-worker/`) → stay
 //!    (a plain CPU or Metal build);
-//! 2. the NVIDIA driver's library does not load → stay, with that reason;
+//! 2. the NVIDIA driver's library does not load, or the driver is older than the CUDA the
+//!    build was made with (its kernels are PTX, which only a driver at least that new can
+//!    compile) → stay, with that reason and the driver version to update to;
 //! 3. `studio-worker-cuda device --json` (a probe process) fails to start or finds no usable
 //!    GPU → stay, with the loader's or the probe's first line as the reason;
 //! 4. otherwise replace this process with the CUDA build (same arguments, same environment).
@@ -35,6 +37,12 @@ const DRIVER_LIBRARY: &str = if cfg!(windows) {
 } else {
     "libcuda.so.1"
 };
+
+/// The CUDA version the release's CUDA build is made with (`.github/workflows/release.yml`),
+/// as `cuDriverGetVersion` counts it (1000 × major + 10 × minor), and the first NVIDIA
+/// driver release that speaks it. CUDA 13.0: drivers 580 and newer, Turing (sm_75) and newer.
+const BUILT_WITH_CUDA: i32 = 13_000;
+const DRIVER_FLOOR: &str = "580";
 
 /// How long the probe may take to open the GPU before it counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,14 +122,41 @@ pub fn hand_over_if_usable() {
 
 fn driver_loads() -> Result<(), String> {
     // SAFETY: loading the NVIDIA driver library runs its initialisers, which is what the
-    // CUDA build would do at start anyway; nothing from it is called here.
-    match unsafe { libloading::Library::new(DRIVER_LIBRARY) } {
-        Ok(_library) => Ok(()),
-        Err(err) => Err(format!(
-            "no NVIDIA driver found ({DRIVER_LIBRARY} does not load: {})",
-            first_line(&err.to_string())
+    // CUDA build would do at start anyway.
+    let library = match unsafe { libloading::Library::new(DRIVER_LIBRARY) } {
+        Ok(library) => library,
+        Err(err) => {
+            return Err(format!(
+                "no NVIDIA driver found ({DRIVER_LIBRARY} does not load: {})",
+                first_line(&err.to_string())
+            ));
+        }
+    };
+    match driver_cuda_version(&library) {
+        Some(version) if version < BUILT_WITH_CUDA => Err(format!(
+            "the NVIDIA driver is too old for the GPU build (it speaks CUDA {}.{}, the build \
+             needs {}.{}): update the NVIDIA driver to {DRIVER_FLOOR} or newer",
+            version / 1000,
+            version % 1000 / 10,
+            BUILT_WITH_CUDA / 1000,
+            BUILT_WITH_CUDA % 1000 / 10,
         )),
+        // Newer, or a driver that does not say: the probe finds out.
+        _ => Ok(()),
     }
+}
+
+/// The CUDA version the loaded driver speaks (`cuDriverGetVersion`, which needs no
+/// `cuInit`), or `None` when it does not say.
+fn driver_cuda_version(library: &libloading::Library) -> Option<i32> {
+    type DriverGetVersion = unsafe extern "C" fn(*mut i32) -> i32;
+    // SAFETY: `cuDriverGetVersion(int *driverVersion)` is the CUDA driver API's signature
+    // since CUDA 2.2; it writes one int and returns a status.
+    let get_version = unsafe { library.get::<DriverGetVersion>(b"cuDriverGetVersion\0") }.ok()?;
+    let mut version = 0_i32;
+    // SAFETY: `version` outlives the call, and the function only writes through it.
+    let status = unsafe { get_version(&mut version) };
+    (status == 0 && version > 0).then_some(version)
 }
 
 /// Starts `gpu_build device --json` and waits for it to say it opened a CUDA GPU.

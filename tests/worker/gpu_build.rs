@@ -48,12 +48,21 @@ impl Install {
         command
     }
 
-    /// A fake NVIDIA driver (`libcuda.so.1`) for the commands given `with_driver`.
+    /// A fake NVIDIA driver (`libcuda.so.1`) that speaks CUDA 13.0, for the commands given
+    /// `LD_LIBRARY_PATH` to its folder.
     fn add_driver(&self) -> PathBuf {
-        let folder = self.path("driver");
+        self.add_driver_speaking(13_000)
+    }
+
+    /// A fake NVIDIA driver whose `cuDriverGetVersion` says `cuda_version` (12040: 12.4).
+    fn add_driver_speaking(&self, cuda_version: i32) -> PathBuf {
+        let folder = self.path(&format!("driver-{cuda_version}"));
         std::fs::create_dir_all(&folder).expect("driver folder");
         compile(
-            "int cuInit(unsigned int flags) { return flags ? 1 : 0; }\n",
+            &format!(
+                "int cuInit(unsigned int flags) {{ return flags ? 1 : 0; }}\n\
+                 int cuDriverGetVersion(int *version) {{ *version = {cuda_version}; return 0; }}\n"
+            ),
             &["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1"],
             &folder.join("libcuda.so.1"),
         );
@@ -188,6 +197,22 @@ fn without_an_nvidia_driver_the_cuda_build_is_never_started() {
     assert!(reason.contains("no NVIDIA driver found"), "{reason}");
     assert!(reason.contains("libcuda.so.1"), "{reason}");
     assert!(!install.path("cuda-build-ran").exists());
+}
+
+#[test]
+fn a_driver_too_old_for_the_cuda_build_is_named_with_the_version_to_update_to() {
+    let install = Install::new();
+    install.add_working_cuda_build();
+    let driver = install.add_driver_speaking(12_040);
+    let report = install.device_report(Some(&driver));
+    assert_eq!(report["kind"], "cpu");
+    let reason = report["fallbackReason"].as_str().unwrap_or_default();
+    assert!(reason.contains("speaks CUDA 12.4"), "{reason}");
+    assert!(
+        reason.contains("update the NVIDIA driver to 580 or newer"),
+        "{reason}"
+    );
+    assert!(!install.path("cuda-build-ran").exists(), "never started");
 }
 
 #[test]

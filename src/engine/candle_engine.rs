@@ -305,6 +305,18 @@ impl Engine for CandleEngine {
             .collect()
     }
 
+    fn needs_preparing(&self) -> bool {
+        !self.device.device.is_cpu()
+    }
+
+    fn prepare(&self) -> Result<(), EngineError> {
+        if !self.needs_preparing() {
+            return Ok(());
+        }
+        super::sd::warmup::run(&self.device.device, self.device.dtype)
+            .map_err(|error| EngineError::Internal(format!("preparing the GPU failed: {error}")))
+    }
+
     fn serve(&self, model_id: &str, folder: &Path) -> Result<(), ServeError> {
         let model = check_folder(folder, self.device.dtype).map_err(ServeError::Unusable)?;
         self.models

@@ -143,6 +143,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Gives GPU memory back (called while paused, when the setting asks for it).
     fn unload(&self) {}
+
+    /// Whether [`Engine::prepare`] has work to do (a GPU whose kernels the driver compiles).
+    fn needs_preparing(&self) -> bool {
+        false
+    }
+
+    /// Makes the device ready before the first job (compiles the GPU's kernels, once after
+    /// an install or a driver update). Called from a blocking thread before the first claim.
+    fn prepare(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

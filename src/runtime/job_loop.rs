@@ -75,6 +75,9 @@ pub(super) async fn run(mut task: JobLoop) {
         task.shutdown.cancelled().await;
         return;
     };
+    if engine.needs_preparing() && !prepare(&task, &engine).await {
+        return;
+    }
     let mut config_changes = task.config.subscribe();
     let mut claim_backoff = Backoff::new(task.timing.backoff);
     let mut claim_outage = OutageLog::new("claim");
@@ -206,6 +209,37 @@ async fn sleep_until_or_forever(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// Makes the engine's device ready before the first claim (the GPU's kernels compiled once,
+/// not in the middle of a job), saying so in the status. `false`: shutting down.
+async fn prepare(task: &JobLoop, engine: &Arc<dyn Engine>) -> bool {
+    task.status.send_modify(|s| {
+        s.jobs.claim_blocked = Some(PREPARING.to_owned());
+    });
+    let started = Instant::now();
+    let preparing = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || engine.prepare())
+    };
+    let prepared = tokio::select! {
+        () = task.shutdown.cancelled() => return false,
+        prepared = preparing => prepared,
+    };
+    match prepared {
+        Ok(Ok(())) => tracing::info!(
+            "the GPU is ready ({:.1} s to prepare)",
+            started.elapsed().as_secs_f64()
+        ),
+        // The first job then compiles what it needs, as it would have anyway.
+        Ok(Err(err)) => tracing::warn!("{err}; going on without it"),
+        Err(err) => tracing::error!("preparing the GPU stopped: {err}"),
+    }
+    true
+}
+
+/// What the Status tab says while the GPU is prepared.
+pub(super) const PREPARING: &str = "Preparing the GPU, once: compiling its kernels (after an install or a driver update \
+     this takes up to half a minute)";
 
 impl JobLoop {
     /// `Ok(session)` when a job may be claimed now; otherwise why not, in words.

@@ -21,6 +21,10 @@ pub struct ScriptedEngine {
     pub jobs_started: AtomicUsize,
     /// When the last job noticed its cancel token and stopped.
     pub stopped_at: Mutex<Option<std::time::Instant>>,
+    /// A device to prepare before the first job, taking this long (a GPU's kernels).
+    pub prepare_for: Option<Duration>,
+    /// When preparing finished.
+    pub prepared_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl ScriptedEngine {
@@ -37,6 +41,8 @@ impl ScriptedEngine {
             unloads: AtomicUsize::new(0),
             jobs_started: AtomicUsize::new(0),
             stopped_at: Mutex::new(None),
+            prepare_for: None,
+            prepared_at: Mutex::new(None),
         }
     }
 
@@ -141,5 +147,17 @@ impl Engine for ScriptedEngine {
 
     fn unload(&self) {
         self.unloads.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn needs_preparing(&self) -> bool {
+        self.prepare_for.is_some()
+    }
+
+    fn prepare(&self) -> Result<(), EngineError> {
+        if let Some(time) = self.prepare_for {
+            std::thread::sleep(time);
+            *self.prepared_at.lock().unwrap() = Some(std::time::Instant::now());
+        }
+        Ok(())
     }
 }

@@ -115,6 +115,45 @@ fn decode(png: &[u8]) -> image::RgbImage {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_is_prepared_before_the_first_claim_and_the_status_says_so() {
+    let studio = TestStudio::start().await;
+    studio.set_decision(crate::support::studio::Decision::ApproveAfterPolls(1));
+    studio.enqueue(job("j_after_prepare"));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let mut engine = ScriptedEngine::new(Duration::from_millis(1));
+    engine.prepare_for = Some(Duration::from_millis(800));
+    let engine = Arc::new(engine);
+    let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
+    let handle = runtime.handle();
+    eventually(
+        "the Status tab says the GPU is being prepared",
+        PATIENCE,
+        || {
+            handle
+                .status()
+                .jobs
+                .claim_blocked
+                .is_some_and(|why| why.starts_with("Preparing the GPU, once"))
+        },
+    )
+    .await;
+    eventually("j_after_prepare delivered", PATIENCE, || {
+        studio
+            .job("j_after_prepare")
+            .is_some_and(|job| !job.results.is_empty())
+    })
+    .await;
+    let prepared_at = engine.prepared_at.lock().unwrap().expect("prepared");
+    let first_claim = studio.log_for(Route::Claim)[0].at;
+    assert!(
+        first_claim >= prepared_at,
+        "the first claim waited for the GPU to be ready"
+    );
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_jobs_in_a_row_are_delivered_once_each() {
     // Steps slow enough that a denoising report falls between the 2/s rate limit's slots.
     let p = Pipeline::start(Duration::from_millis(40)).await;

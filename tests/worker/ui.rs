@@ -204,6 +204,19 @@ fn the_status_tab_shows_connection_job_and_problems() {
 }
 
 #[test]
+fn the_status_tab_says_the_gpu_is_being_prepared() {
+    let mut preparing = approved();
+    preparing.jobs.claim_blocked = Some(
+        "Preparing the GPU, once: compiling its kernels (after an install or a driver \
+         update this takes up to half a minute)"
+            .into(),
+    );
+    let window = Window::new(preparing);
+    assert!(window.shows("Not taking jobs"));
+    assert!(window.shows("Preparing the GPU, once: compiling its kernels"));
+}
+
+#[test]
 fn pause_and_resume_send_commands_and_follow_the_state() {
     let mut window = Window::new(approved());
     window.harness.get_by_label("Pause generation").click();

@@ -12,6 +12,7 @@ pub(crate) mod text_encoder;
 pub(crate) mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod warmup;
 mod weight_check;
 pub mod working_memory;
 

@@ -180,6 +180,36 @@ pub async fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut
 
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Waits until the worker says it takes no jobs for a reason whose words contain `part`.
+pub async fn claims_held_saying(handle: &studio_worker::runtime::RuntimeHandle, part: &str) {
+    eventually(
+        &format!("claims held, saying “{part}”"),
+        PATIENCE,
+        || {
+            handle
+                .status()
+                .jobs
+                .claim_blocked
+                .is_some_and(|why| why.contains(part))
+        },
+    )
+    .await;
+}
+
+/// Where the worker's result for `job_id` stands in its outbox (`None`: not in it).
+pub fn waiting_state(
+    handle: &studio_worker::runtime::RuntimeHandle,
+    job_id: &str,
+) -> Option<studio_worker::runtime::WaitingState> {
+    handle
+        .status()
+        .jobs
+        .waiting
+        .iter()
+        .find(|result| result.job_id == job_id)
+        .map(|result| result.state.clone())
+}
+
 /// Copies a folder tree (a model fixture to spoil, say).
 pub fn copy_folder(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).expect("create folder");

@@ -241,6 +241,16 @@ fn rand_bytes() -> [u8; 16] {
     bytes
 }
 
+/// A valid txt2img job for the scripted engine's `sd-turbo`: 64×64, 3 steps, one image.
+pub fn job_body(job_id: &str) -> Value {
+    json!({
+        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo",
+        "prompt": "a lighthouse at dusk", "negativePrompt": "",
+        "width": 64, "height": 64, "steps": 3, "guidanceScale": 0.0,
+        "seed": 42, "numImages": 1, "scheduler": null, "leaseS": 120
+    })
+}
+
 /// A running studio. Dropping it stops the server.
 pub struct TestStudio {
     addr: SocketAddr,

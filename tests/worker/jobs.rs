@@ -10,8 +10,10 @@ use studio_worker::runtime::{Command, JobOutcome, Runtime};
 use studio_worker::vocab::pause::PauseReason;
 
 use crate::support::engine::{ScriptedEngine, colour_for};
-use crate::support::studio::{Fault, JobState, Route, TestStudio};
-use crate::support::{PATIENCE, WorkerHome, approved_worker, eventually, fast_timing};
+use crate::support::studio::{Fault, JobState, Route, TestStudio, job_body};
+use crate::support::{
+    PATIENCE, WorkerHome, approved_worker, claims_held_saying, eventually, fast_timing,
+};
 
 struct Pipeline {
     studio: TestStudio,
@@ -93,13 +95,11 @@ impl Pipeline {
     }
 }
 
+/// The support's job, not square (72×64), so width and height cannot be swapped unseen.
 fn job(job_id: &str) -> Value {
-    json!({
-        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo",
-        "prompt": "a lighthouse at dusk", "negativePrompt": "",
-        "width": 72, "height": 64, "steps": 3, "guidanceScale": 0.0,
-        "seed": 42, "numImages": 1, "scheduler": null, "leaseS": 120
-    })
+    let mut body = job_body(job_id);
+    body["width"] = json!(72);
+    body
 }
 
 fn job_with(job_id: &str, field: &str, value: Value) -> Value {
@@ -126,18 +126,7 @@ async fn a_gpu_is_prepared_before_the_first_claim_and_the_status_says_so() {
     let engine = Arc::new(engine);
     let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
     let handle = runtime.handle();
-    eventually(
-        "the Status tab says the GPU is being prepared",
-        PATIENCE,
-        || {
-            handle
-                .status()
-                .jobs
-                .claim_blocked
-                .is_some_and(|why| why.starts_with("Preparing the GPU, once"))
-        },
-    )
-    .await;
+    claims_held_saying(&handle, "Preparing the GPU, once").await;
     eventually("j_after_prepare delivered", PATIENCE, || {
         studio
             .job("j_after_prepare")
@@ -601,15 +590,7 @@ async fn a_studio_that_keeps_sending_unanswerable_jobs_is_backed_off_from() {
         u32::MAX,
     );
     let handle = p.runtime.handle();
-    eventually("the worker says why it waits", PATIENCE, || {
-        handle
-            .status()
-            .jobs
-            .claim_blocked
-            .as_deref()
-            .is_some_and(|why| why.contains("cannot be answered"))
-    })
-    .await;
+    claims_held_saying(&handle, "cannot be answered").await;
     let before = p.studio.count(Route::Claim);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let during = p.studio.count(Route::Claim) - before;
@@ -640,15 +621,7 @@ async fn answers_larger_than_a_mebibyte_are_refused_unread_and_backed_off_from()
         Fault::Body(json!({ "padding": "x".repeat(2 << 20) })),
         u32::MAX,
     );
-    eventually("the worker says why it waits", PATIENCE, || {
-        handle
-            .status()
-            .jobs
-            .claim_blocked
-            .as_deref()
-            .is_some_and(|why| why.contains("larger than"))
-    })
-    .await;
+    claims_held_saying(&handle, "larger than").await;
     eventually("the heartbeat problem is shown", PATIENCE, || {
         handle
             .status()
@@ -683,15 +656,7 @@ async fn engine_errors_are_reported_and_three_in_a_row_back_off() {
     assert_eq!(crashed["error"], "the engine crashed");
 
     let handle = p.runtime.handle();
-    eventually("backing off", PATIENCE, || {
-        handle
-            .status()
-            .jobs
-            .claim_blocked
-            .as_deref()
-            .is_some_and(|why| why.starts_with("3 jobs failed in a row"))
-    })
-    .await;
+    claims_held_saying(&handle, "3 jobs failed in a row").await;
     // The failed jobs were re-queued (retryable); after the pause the worker goes on. The
     // engine still fails them, but every one is answered.
     eventually("claims again after the backoff", PATIENCE, || {

@@ -11,8 +11,11 @@ use serde_json::{Value, json};
 use studio_worker::runtime::{Command, Runtime, WaitingState};
 
 use crate::support::engine::ScriptedEngine;
-use crate::support::studio::{Fault, JobState, Route, TestStudio};
-use crate::support::{PATIENCE, WorkerHome, approved_worker, eventually, fast_timing};
+use crate::support::studio::{Fault, JobState, Route, TestStudio, job_body};
+use crate::support::{
+    PATIENCE, WorkerHome, approved_worker, claims_held_saying, eventually, fast_timing,
+    waiting_state,
+};
 
 struct Rig {
     studio: TestStudio,
@@ -48,14 +51,7 @@ impl Rig {
     }
 
     fn waiting_state(&self, job_id: &str) -> Option<WaitingState> {
-        self.runtime
-            .handle()
-            .status()
-            .jobs
-            .waiting
-            .iter()
-            .find(|result| result.job_id == job_id)
-            .map(|result| result.state.clone())
+        waiting_state(&self.runtime.handle(), job_id)
     }
 
     async fn in_outbox(&self, job_id: &str) {
@@ -91,12 +87,7 @@ fn uploads(studio: &TestStudio, job_id: &str) -> usize {
 }
 
 fn job(job_id: &str) -> Value {
-    json!({
-        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo",
-        "prompt": "a lighthouse at dusk", "negativePrompt": "",
-        "width": 64, "height": 64, "steps": 2, "guidanceScale": 0.0,
-        "seed": 42, "numImages": 1, "scheduler": null, "leaseS": 120
-    })
+    job_body(job_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,14 +314,7 @@ async fn claims_stop_while_20_results_wait_and_start_again_when_they_are_deliver
         rig.studio.enqueue(job(&format!("j_full_{n:02}")));
     }
     let handle = rig.runtime.handle();
-    eventually("claims held with the reason", PATIENCE, || {
-        handle
-            .status()
-            .jobs
-            .claim_blocked
-            .is_some_and(|why| why.contains("20 finished results"))
-    })
-    .await;
+    claims_held_saying(&handle, "20 finished results").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(handle.status().jobs.outbox_len, 20, "no more than 20");
     let queued = rig
@@ -395,14 +379,7 @@ async fn an_outbox_that_cannot_be_read_holds_claims() {
     std::fs::write(rig.outbox(), b"not a folder").unwrap();
     let handle = rig.runtime.handle();
     assert!(handle.send(Command::RetryUploads));
-    eventually("claims held, saying why", PATIENCE, || {
-        handle
-            .status()
-            .jobs
-            .claim_blocked
-            .is_some_and(|why| why.contains("outbox cannot be read"))
-    })
-    .await;
+    claims_held_saying(&handle, "outbox cannot be read").await;
     rig.studio.enqueue(job("j_held"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(

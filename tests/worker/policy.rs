@@ -15,7 +15,7 @@ use studio_worker::vocab::pause::PauseReason;
 
 use crate::support::engine::ScriptedEngine;
 use crate::support::probes::FakePc;
-use crate::support::studio::{Decision, JobState, Route, TestStudio};
+use crate::support::studio::{Decision, JobState, Route, TestStudio, job_body};
 use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
 
 struct Rig {
@@ -94,12 +94,7 @@ impl Rig {
 }
 
 fn job(job_id: &str) -> Value {
-    json!({
-        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo",
-        "prompt": "a lighthouse at dusk", "negativePrompt": "",
-        "width": 64, "height": 64, "steps": 3, "guidanceScale": 0.0,
-        "seed": 42, "numImages": 1, "scheduler": null, "leaseS": 120
-    })
+    job_body(job_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use studio_worker::runtime::{Command, RuntimeHandle, WaitingState};
+use studio_worker::runtime::{Command, WaitingState};
 
 use crate::support::engine::ScriptedEngine;
 use crate::support::studio::{Decision, Fault, JobState, Route, TestStudio};
-use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing};
+use crate::support::{PATIENCE, WorkerHome, eventually, fast_timing, waiting_state};
 
 const JOBS: usize = 200;
 /// The shortest lease a worker keeps (the uploader's floor), so the slow upload outlasts it.
@@ -97,16 +97,6 @@ fn block_removal(entry: &std::path::Path) -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(trash.join("occupied")).unwrap();
     trash
-}
-
-fn waiting_state(handle: &RuntimeHandle, job_id: &str) -> Option<WaitingState> {
-    handle
-        .status()
-        .jobs
-        .waiting
-        .iter()
-        .find(|result| result.job_id == job_id)
-        .map(|result| result.state.clone())
 }
 
 /// The studio's lease on `job_id` held from `from` to `to`: its last accepted progress before

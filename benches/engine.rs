@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use studio_worker::engine::sd::model_folder::UnetFile;
 use studio_worker::engine::sd::unet::{TextTimeConditioning, Unet};
+use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::{Request, StableDiffusion};
 use studio_worker::vocab::job::Scheduler;
 
@@ -68,6 +69,7 @@ fn main() {
             num_images: 1,
             scheduler: Some(Scheduler::Euler),
             vae_tiling: None,
+            attention: AttentionPlan::default(),
         };
         let image = median_time(runs * 4, || {
             pipeline
@@ -89,8 +91,14 @@ fn main() {
                         time_ids,
                     }
                 });
-                unet.forward(&latents, 500.0, &context.hidden_states, text_time)
-                    .expect("UNet runs");
+                unet.forward(
+                    &latents,
+                    500.0,
+                    &context.hidden_states,
+                    text_time,
+                    AttentionPlan::default(),
+                )
+                .expect("UNet runs");
             });
         results.insert(format!("{name}.unet_step"), step.into());
     }
@@ -100,7 +108,7 @@ fn main() {
         let latents = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &device).expect("latents");
         let hidden = Tensor::randn(0f32, 1.0, (2, 77, 1024), &device).expect("hidden");
         let step = median_time((runs / 2).max(2), || {
-            unet.forward(&latents, 500.0, &hidden, None)
+            unet.forward(&latents, 500.0, &hidden, None, AttentionPlan::default())
                 .expect("UNet runs");
         });
         results.insert("sd21-512.unet_step".to_owned(), step.into());

@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
+use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Vae;
-use studio_worker::engine::sd::working_memory::WorkingMemory;
+use studio_worker::engine::sd::working_memory::{Plan, WorkingMemory};
 
 const SD15_UNET: &str = r#"{
   "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
@@ -96,7 +97,8 @@ fn main() {
         let guided = Tensor::zeros((2, 4, latent, latent), DType::F32, &device).unwrap();
         let context = Tensor::zeros((2, 77, 768), DType::F32, &device).unwrap();
         let unet_peak = peak_of(|| {
-            unet.forward(&guided, 999.0, &context, None).unwrap();
+            unet.forward(&guided, 999.0, &context, None, AttentionPlan::default())
+                .unwrap();
         });
         let one = guided.narrow(0, 0, 1).unwrap();
         let decode_peak = peak_of(|| {
@@ -104,7 +106,7 @@ fn main() {
         });
         let side = side as u32;
         // The estimate's whole-job figure is the larger of the two stages.
-        let estimated = estimate.bytes(side, side, 1, true, None);
+        let estimated = estimate.bytes(side, side, 1, true, Plan::default());
         for (stage, measured) in [
             ("UNet step (guided)", unet_peak),
             ("VAE decode", decode_peak),

@@ -13,7 +13,7 @@ use candle_core::DType;
 
 use super::device::{DeviceError, SelectedDevice};
 use super::sd::vae::Tiling;
-use super::sd::working_memory::WorkingMemory;
+use super::sd::working_memory::{Plan, WorkingMemory};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
 use super::{CancelToken, Engine, EngineError, Generated, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
@@ -110,13 +110,13 @@ impl CandleEngine {
         self
     }
 
-    /// On the CPU, how the job fits in the RAM free now: whole, or with its decode in tiles
-    /// (`Some`); a job that fits neither way is refused as out of memory before anything is
-    /// allocated (other models are unloaded first when that makes room). A GPU reports its
-    /// own out-of-memory as an error instead, and decodes whole.
-    fn make_room(&self, job: &JobSpec) -> Result<Option<Tiling>, EngineError> {
+    /// On the CPU, how the job fits in the RAM free now: as it is, with its decode in tiles,
+    /// or also with its attention a chunk at a time; a job that fits no way is refused as out
+    /// of memory before anything is allocated (other models are unloaded first when that
+    /// makes room). A GPU reports its own out-of-memory as an error instead, and runs whole.
+    fn make_room(&self, job: &JobSpec) -> Result<Plan, EngineError> {
         if !self.device.device.is_cpu() {
-            return Ok(None);
+            return Ok(Plan::default());
         }
         let Some(served) = self
             .models
@@ -125,13 +125,13 @@ impl CandleEngine {
             .get(&job.model)
             .cloned()
         else {
-            return Ok(None); // `pipeline` says it is not served
+            return Ok(Plan::default()); // `pipeline` says it is not served
         };
         let guided = job.guidance_scale > 1.0;
-        let working = |tiling| {
+        let working = |plan| {
             served
                 .working
-                .bytes(job.width, job.height, job.num_images, guided, tiling)
+                .bytes(job.width, job.height, job.num_images, guided, plan)
         };
         let (warm, others) = {
             let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
@@ -145,25 +145,33 @@ impl CandleEngine {
         };
         let weights = if warm { 0 } else { served.memory_bytes };
         let available = (self.available_memory)();
-        // Whole if it fits, else tiled; then the same after unloading the other models.
-        let plans = [None, Some(Tiling::DEFAULT)];
+        // As it is if it fits, else saving what it must; then the same after unloading the
+        // other models.
+        let plans = [
+            Plan::default(),
+            Plan {
+                vae_tiling: Some(Tiling::DEFAULT),
+                ..Plan::default()
+            },
+            Plan::SAVING,
+        ];
         let fits = |room: u64| {
             plans
                 .into_iter()
-                .find(|tiling| weights + working(*tiling) <= room)
+                .find(|plan| weights + working(*plan) <= room)
         };
-        if let Some(tiling) = fits(available) {
-            return Ok(tiling);
+        if let Some(plan) = fits(available) {
+            return Ok(plan);
         }
-        if let Some(tiling) = fits(available.saturating_add(others)) {
+        if let Some(plan) = fits(available.saturating_add(others)) {
             tracing::info!("unloading the other models to make room for this job");
             self.loaded
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|entry| entry.model_id == job.model);
-            return Ok(tiling);
+            return Ok(plan);
         }
-        let needed = weights + working(Some(Tiling::DEFAULT));
+        let needed = weights + working(Plan::SAVING);
         Err(EngineError::OutOfMemory(format!(
             "a {}×{} job of {} image(s) needs about {} of memory and {} is free",
             job.width,
@@ -186,10 +194,7 @@ impl CandleEngine {
             .collect();
         let fits = |side: u32, images: u32| {
             models.iter().all(|model| {
-                model.memory_bytes
-                    + model
-                        .working
-                        .bytes(side, side, images, true, Some(Tiling::DEFAULT))
+                model.memory_bytes + model.working.bytes(side, side, images, true, Plan::SAVING)
                     <= self.budget_bytes
             })
         };
@@ -349,19 +354,19 @@ impl Engine for CandleEngine {
             });
         };
         report(Stage::LoadingModel, 0);
-        let vae_tiling = self.make_room(job)?;
+        let plan = self.make_room(job)?;
         let pipeline = self.pipeline(&job.model)?;
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
         let request = Request {
-            vae_tiling,
+            vae_tiling: plan.vae_tiling,
+            attention: plan.attention,
             ..Request::from(job)
         };
-        if let Some(tiling) = vae_tiling {
+        if plan != Plan::default() {
             tracing::info!(
-                tile = tiling.tile,
-                "decoding in tiles: a whole decode would not fit the free memory"
+                "saving memory: the job would not fit the free memory as it is ({plan:?})"
             );
         }
         let sampler = job.scheduler.unwrap_or_else(|| pipeline.default_sampler());

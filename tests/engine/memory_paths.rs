@@ -4,13 +4,18 @@
 //!   0.11's VAE decode of a whole batch does not: every image but the first comes out
 //!   different from its own decode, by up to 29/255 on these fixtures, while the reference
 //!   decodes each image of a batch as it would alone.)
+//! - attention a chunk of queries at a time gives the same image as whole attention (the
+//!   same numbers per query row; at most a level of rounding on any pixel);
 //! - decoding in overlapping tiles stays within the stated tolerance of the whole decode
 //!   (tiles see only their neighbourhood, so it is close, not equal; on these tiny random
 //!   models, whose group norms over a few cells swing much more than a trained VAE's, the
 //!   difference is larger than on real ones).
 
 use candle_core::{DType, Tensor};
+use studio_worker::engine::sd::Request;
+use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Tiling;
+use studio_worker::vocab::job::Scheduler;
 
 use crate::support::{FIXTURES, Golden, load};
 
@@ -94,4 +99,44 @@ fn a_latent_within_one_tile_is_decoded_whole() {
         .expect("decodes");
     let (max, _) = differences(&tiled, &whole);
     assert_eq!(max, 0.0, "32×32 cells fit one 64-cell tile");
+}
+
+#[test]
+fn attention_a_chunk_at_a_time_gives_the_same_image() {
+    for name in FIXTURES {
+        let model = load(name);
+        let request = |attention: AttentionPlan| Request {
+            prompt: "a red fox in the snow".to_owned(),
+            negative_prompt: "blurry".to_owned(),
+            width: 64,
+            height: 64,
+            steps: 3,
+            guidance_scale: 5.0,
+            seed: 7,
+            num_images: 1,
+            scheduler: Some(Scheduler::EulerA),
+            vae_tiling: None,
+            attention,
+        };
+        let run = |attention| {
+            model
+                .generate(&request(attention), &mut |_| {}, &|| false)
+                .expect("runs")
+        };
+        let whole = run(AttentionPlan::default());
+        // One query row per chunk at the largest block.
+        let chunked = run(AttentionPlan {
+            max_score_bytes: Some(4096),
+        });
+        let worst = whole[0]
+            .as_raw()
+            .iter()
+            .zip(chunked[0].as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max();
+        assert!(
+            worst <= Some(1),
+            "{name}: differs by up to {worst:?} levels"
+        );
+    }
 }

@@ -2,10 +2,17 @@
 
 use candle_core::{Result, Tensor};
 use studio_worker::engine::sd::model_folder::Family;
-use studio_worker::engine::sd::schedulers;
+use studio_worker::engine::sd::unet_blocks::AttentionPlan;
+use studio_worker::engine::sd::{DenoiseSettings, schedulers};
 use studio_worker::vocab::job::Scheduler;
 
 use crate::support::{FIXTURES, GUIDANCE, Golden, PROMPTS, SIZE, STEPS, assert_close, load};
+
+/// Attention scores a few query rows at a time: 4 kB of them, against the fixtures' 16×16
+/// latents' 256 keys, is one row per chunk at the largest block.
+const CHUNKED: AttentionPlan = AttentionPlan {
+    max_score_bytes: Some(4096),
+};
 
 #[test]
 fn tokenizers_give_the_reference_ids() {
@@ -86,19 +93,26 @@ fn one_unet_forward_matches_the_reference() {
             None
         };
         let timestep = golden.f64s("unet.timestep")[0];
-        let out = model
-            .unet_forward(
-                &golden.batched("unet.sample"),
-                timestep,
-                &golden.batched("unet.hidden"),
-                text_time,
-            )
-            .expect("UNet runs");
-        assert_close(
-            &format!("{name} UNet output"),
-            &out,
-            &golden.batched("unet.out"),
-        );
+        // The attention whole, and a few query rows at a time (what tight memory picks).
+        for (plan, how) in [
+            (AttentionPlan::default(), "whole attention"),
+            (CHUNKED, "chunked attention"),
+        ] {
+            let out = model
+                .unet_forward(
+                    &golden.batched("unet.sample"),
+                    timestep,
+                    &golden.batched("unet.hidden"),
+                    text_time,
+                    plan,
+                )
+                .expect("UNet runs");
+            assert_close(
+                &format!("{name} UNet output, {how}"),
+                &out,
+                &golden.batched("unet.out"),
+            );
+        }
     }
 }
 
@@ -146,7 +160,10 @@ fn run(name: &str, scheduler: Scheduler, negative: &str, guidance: f64) -> (Tens
             &conditioning,
             &golden.batched("run.initial"),
             sampler.as_mut(),
-            guidance,
+            DenoiseSettings {
+                guidance_scale: guidance,
+                attention: AttentionPlan::default(),
+            },
             &mut noise,
             &mut |_, _| true,
         )

@@ -11,6 +11,7 @@ pub mod schedulers;
 pub(crate) mod text_encoder;
 pub(crate) mod tokenizer;
 pub mod unet;
+pub mod unet_blocks;
 pub mod vae;
 pub mod warmup;
 mod weight_check;
@@ -26,6 +27,7 @@ use self::schedulers::{NoiseSchedule, Sampler};
 use self::text_encoder::ClipTextEncoder;
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
+use self::unet_blocks::AttentionPlan;
 use self::vae::{Tiling, Vae};
 use super::noise::NoiseSource;
 use crate::vocab::job::{JobSpec, Scheduler};
@@ -60,6 +62,8 @@ pub struct Request {
     pub scheduler: Option<Scheduler>,
     /// Decode in overlapping tiles (less memory, a slightly different image); `None`: whole.
     pub vae_tiling: Option<Tiling>,
+    /// How much of the attention scores may be held at once (chunking is exact).
+    pub attention: AttentionPlan,
 }
 
 impl From<&JobSpec> for Request {
@@ -75,6 +79,7 @@ impl From<&JobSpec> for Request {
             num_images: spec.num_images as usize,
             scheduler: spec.scheduler,
             vae_tiling: None,
+            attention: AttentionPlan::default(),
         }
     }
 }
@@ -89,6 +94,14 @@ pub enum Stage {
         total: usize,
     },
     Decoding,
+}
+
+/// How the denoise loop runs each step.
+#[derive(Clone, Copy, Debug)]
+pub struct DenoiseSettings {
+    /// Classifier-free guidance (used when the conditioning is guided).
+    pub guidance_scale: f64,
+    pub attention: AttentionPlan,
 }
 
 /// The prompt's conditioning, batched `[negative…, positive…]` when guided.
@@ -255,7 +268,10 @@ impl StableDiffusion {
             &conditioning,
             &initial,
             sampler.as_mut(),
-            request.guidance_scale,
+            DenoiseSettings {
+                guidance_scale: request.guidance_scale,
+                attention: request.attention,
+            },
             &mut noise,
             &mut |step, total| {
                 progress(Stage::Denoising { step, total });
@@ -386,6 +402,7 @@ impl StableDiffusion {
         timestep: f64,
         hidden_states: &Tensor,
         text_time: Option<(&Tensor, &Tensor)>,
+        attention: AttentionPlan,
     ) -> Result<Tensor, SdError> {
         let conditioning = text_time.map(|(text_embeds, time_ids)| TextTimeConditioning {
             text_embeds,
@@ -398,6 +415,7 @@ impl StableDiffusion {
                 timestep,
                 &hidden_states.to_dtype(self.dtype)?,
                 conditioning,
+                attention,
             )?
             .to_dtype(DType::F32)?)
     }
@@ -409,7 +427,7 @@ impl StableDiffusion {
         conditioning: &Conditioning,
         initial: &Tensor,
         sampler: &mut dyn Sampler,
-        guidance_scale: f64,
+        settings: DenoiseSettings,
         noise: &mut dyn FnMut() -> candle_core::Result<Tensor>,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Tensor, SdError> {
@@ -427,12 +445,17 @@ impl StableDiffusion {
             } else {
                 input
             };
-            let output =
-                self.unet_forward(&input, timestep, &conditioning.hidden_states, text_time)?;
+            let output = self.unet_forward(
+                &input,
+                timestep,
+                &conditioning.hidden_states,
+                text_time,
+                settings.attention,
+            )?;
             let prediction = if conditioning.guided {
                 let halves = output.chunk(2, 0)?;
                 let (unconditional, conditional) = (&halves[0], &halves[1]);
-                (unconditional + ((conditional - unconditional)? * guidance_scale)?)?
+                (unconditional + ((conditional - unconditional)? * settings.guidance_scale)?)?
             } else {
                 output
             };

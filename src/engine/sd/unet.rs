@@ -1,21 +1,19 @@
-//! The denoising UNet, assembled from candle's UNet blocks by our own top level.
+//! The denoising UNet: diffusers' `UNet2DConditionModel`, built from the folder's config.
 //!
 //! candle's `UNet2DConditionModel` has no `add_embedding`, so SDXL's extra conditioning
 //! (the pooled text embedding and the size/crop time ids) would be silently dropped. This top
-//! level builds the same blocks from the folder's config and adds that embedding to the
-//! timestep embedding exactly as diffusers does. Attention in candle's blocks always runs in
-//! f32, which is what `upcast_attention` asks for (SD 2.x) and costs little elsewhere.
+//! level adds that embedding to the timestep embedding exactly as diffusers does, over our
+//! own blocks (`unet_blocks`), whose attention runs in f32 (what `upcast_attention` asks for,
+//! SD 2.x) and can hold its scores a chunk at a time.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
-    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
-    UpBlock2D, UpBlock2DConfig,
-};
 
 use super::model_folder::UnetConfig;
+use super::unet_blocks::{
+    AttentionPlan, DownBlock, MidBlock, ResnetSettings, TransformerConfig, UpBlock,
+};
 
 /// SDXL's added conditioning, batched like the latents.
 pub struct TextTimeConditioning<'a> {
@@ -23,25 +21,6 @@ pub struct TextTimeConditioning<'a> {
     pub text_embeds: &'a Tensor,
     /// `(batch, 6)`: original size, crop top-left, target size.
     pub time_ids: &'a Tensor,
-}
-
-enum DownBlock {
-    Plain(DownBlock2D),
-    CrossAttention(CrossAttnDownBlock2D),
-}
-
-enum UpBlock {
-    Plain(UpBlock2D),
-    CrossAttention(CrossAttnUpBlock2D),
-}
-
-impl UpBlock {
-    fn resnet_count(&self) -> usize {
-        match self {
-            Self::Plain(block) => block.resnets.len(),
-            Self::CrossAttention(block) => block.upblock.resnets.len(),
-        }
-    }
 }
 
 struct TextTimeEmbedding {
@@ -55,7 +34,7 @@ pub struct Unet {
     time_embedding: TimestepEmbedding,
     text_time: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
-    mid_block: UNetMidBlock2DCrossAttn,
+    mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -96,6 +75,19 @@ impl Unet {
             None => None,
         };
 
+        let resnet = ResnetSettings {
+            temb_channels: time_embed_dim,
+            groups: config.norm_num_groups,
+            eps: config.norm_eps,
+        };
+        let transformer = |heads: usize, depth: usize| TransformerConfig {
+            heads,
+            depth,
+            context_dim: config.cross_attention_dim,
+            linear_projection: config.use_linear_projection,
+            groups: config.norm_num_groups,
+        };
+
         let count = blocks.len();
         let mut down_blocks = Vec::with_capacity(count);
         for (index, block) in blocks.iter().enumerate() {
@@ -104,56 +96,25 @@ impl Unet {
             } else {
                 blocks[index - 1].out_channels
             };
-            let plain = DownBlock2DConfig {
-                num_layers: config.layers_per_block,
-                resnet_eps: config.norm_eps,
-                resnet_groups: config.norm_num_groups,
-                add_downsample: index + 1 < count,
-                downsample_padding: config.downsample_padding,
-                ..Default::default()
-            };
-            let vb = vb.pp(format!("down_blocks.{index}"));
-            down_blocks.push(match block.cross_attention {
-                Some(depth) => DownBlock::CrossAttention(CrossAttnDownBlock2D::new(
-                    vb,
-                    in_channels,
-                    block.out_channels,
-                    Some(time_embed_dim),
-                    false,
-                    CrossAttnDownBlock2DConfig {
-                        downblock: plain,
-                        attn_num_head_channels: block.attention_heads,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block: depth,
-                    },
-                )?),
-                None => DownBlock::Plain(DownBlock2D::new(
-                    vb,
-                    in_channels,
-                    block.out_channels,
-                    Some(time_embed_dim),
-                    plain,
-                )?),
-            });
+            down_blocks.push(DownBlock::new(
+                vb.pp(format!("down_blocks.{index}")),
+                in_channels,
+                block.out_channels,
+                config.layers_per_block,
+                resnet,
+                block
+                    .cross_attention
+                    .map(|depth| transformer(block.attention_heads, depth)),
+                (index + 1 < count).then_some(config.downsample_padding),
+            )?);
         }
 
-        let mid_block = UNetMidBlock2DCrossAttn::new(
+        let mid_block = MidBlock::new(
             vb.pp("mid_block"),
             last.out_channels,
-            Some(time_embed_dim),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                resnet_eps: config.norm_eps,
-                resnet_groups: Some(config.norm_num_groups),
-                attn_num_head_channels: last.attention_heads,
-                output_scale_factor: config.mid_block_scale_factor,
-                cross_attn_dim: config.cross_attention_dim,
-                use_linear_projection: config.use_linear_projection,
-                transformer_layers_per_block: last.cross_attention.unwrap_or(1),
-                ..Default::default()
-            },
+            resnet,
+            transformer(last.attention_heads, last.cross_attention.unwrap_or(1)),
+            config.mid_block_scale_factor,
         )?;
 
         // Up blocks mirror the down blocks: up block `index` pairs with down block
@@ -167,40 +128,18 @@ impl Unet {
                 blocks[count - index].out_channels
             };
             let in_channels = blocks[(count - 1 - index).saturating_sub(1)].out_channels;
-            let plain = UpBlock2DConfig {
-                num_layers: config.layers_per_block + 1,
-                resnet_eps: config.norm_eps,
-                resnet_groups: config.norm_num_groups,
-                add_upsample: index + 1 < count,
-                ..Default::default()
-            };
-            let vb = vb.pp(format!("up_blocks.{index}"));
-            up_blocks.push(match block.cross_attention {
-                Some(depth) => UpBlock::CrossAttention(CrossAttnUpBlock2D::new(
-                    vb,
-                    in_channels,
-                    previous_out,
-                    block.out_channels,
-                    Some(time_embed_dim),
-                    false,
-                    CrossAttnUpBlock2DConfig {
-                        upblock: plain,
-                        attn_num_head_channels: block.attention_heads,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block: depth,
-                    },
-                )?),
-                None => UpBlock::Plain(UpBlock2D::new(
-                    vb,
-                    in_channels,
-                    previous_out,
-                    block.out_channels,
-                    Some(time_embed_dim),
-                    plain,
-                )?),
-            });
+            up_blocks.push(UpBlock::new(
+                vb.pp(format!("up_blocks.{index}")),
+                in_channels,
+                previous_out,
+                block.out_channels,
+                config.layers_per_block + 1,
+                resnet,
+                block
+                    .cross_attention
+                    .map(|depth| transformer(block.attention_heads, depth)),
+                index + 1 < count,
+            )?);
         }
 
         let conv_norm_out = candle_nn::group_norm(
@@ -238,6 +177,7 @@ impl Unet {
         timestep: f64,
         encoder_hidden_states: &Tensor,
         text_time: Option<TextTimeConditioning<'_>>,
+        attention: AttentionPlan,
     ) -> Result<Tensor> {
         let (batch, _channels, height, width) = latents.dims4()?;
         let dtype = latents.dtype();
@@ -275,25 +215,21 @@ impl Unet {
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
-            let (out, residuals) = match block {
-                DownBlock::Plain(block) => block.forward(&xs, Some(&embedding))?,
-                DownBlock::CrossAttention(block) => {
-                    block.forward(&xs, Some(&embedding), Some(encoder_hidden_states))?
-                }
-            };
+            let (out, residuals) =
+                block.forward(&xs, &embedding, encoder_hidden_states, attention)?;
             skips.extend(residuals);
             xs = out;
         }
         xs = self
             .mid_block
-            .forward(&xs, Some(&embedding), Some(encoder_hidden_states))?;
+            .forward(&xs, &embedding, encoder_hidden_states, attention)?;
 
         // Sizes that do not divide by the total downsampling need explicit upsample sizes.
         let factor = 1usize << (self.up_blocks.len() - 1);
         let explicit_sizes = height % factor != 0 || width % factor != 0;
         let last_up = self.up_blocks.len() - 1;
         for (index, block) in self.up_blocks.iter().enumerate() {
-            let residuals = skips.split_off(skips.len() - block.resnet_count());
+            let residuals = skips.split_off(skips.len().saturating_sub(block.resnet_count()));
             let upsample_size = match skips.last() {
                 Some(next) if explicit_sizes && index < last_up => {
                     let (_, _, h, w) = next.dims4()?;
@@ -301,18 +237,14 @@ impl Unet {
                 }
                 _ => None,
             };
-            xs = match block {
-                UpBlock::Plain(block) => {
-                    block.forward(&xs, &residuals, Some(&embedding), upsample_size)?
-                }
-                UpBlock::CrossAttention(block) => block.forward(
-                    &xs,
-                    &residuals,
-                    Some(&embedding),
-                    upsample_size,
-                    Some(encoder_hidden_states),
-                )?,
-            };
+            xs = block.forward(
+                &xs,
+                &residuals,
+                &embedding,
+                encoder_hidden_states,
+                upsample_size,
+                attention,
+            )?;
         }
         let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)

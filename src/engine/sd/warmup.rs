@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use super::model_folder::{TextEncoderConfig, UnetFile, VaeConfig};
 use super::text_encoder::ClipTextEncoder;
 use super::unet::{TextTimeConditioning, Unet};
+use super::unet_blocks::AttentionPlan;
 use super::vae::Vae;
 
 const UNET: &str = r#"{
@@ -65,6 +66,10 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
             text_embeds: &encoding.pooled,
             time_ids: &time_ids,
         }),
+        // Chunked, so the chunks' kernels are compiled too.
+        AttentionPlan {
+            max_score_bytes: Some(64 << 10),
+        },
     )?;
     let halves = predicted.chunk(2, 0)?;
     let guided = (&halves[0] + ((&halves[1] - &halves[0])? * 7.5)?)?;

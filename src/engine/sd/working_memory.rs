@@ -1,15 +1,16 @@
 //! How much memory a job takes beyond the model's weights: the tensors the denoise loop and
-//! the decode hold at their peak, from the model's configs and the job's size.
+//! the decode hold at their peak, from the model's configs, the job's size and the [`Plan`].
 //!
-//! The estimate follows what candle does on the CPU: attention scores are computed in f32
-//! whatever the model runs in, whole (no slicing), and held twice (the scores and their
-//! softmax; four times in the VAE, whose softmax is not fused); the UNet keeps every down
-//! block's outputs for the skip connections; a 3×3 convolution holds its input, a channels-last
-//! copy of it, its output and a copy of its kernel; the VAE decodes one image (or one tile)
-//! at a time, its last blocks at full resolution with the channels of the block before. The
-//! UNet's and the decode's peaks do not overlap. It errs high, by a tenth and more: refusing a
-//! job that would have fitted costs a retry elsewhere, allocating past the RAM there is aborts
-//! the worker (Rust aborts on a failed allocation) or wakes the OOM killer.
+//! The estimate follows what the engine does on the CPU: attention scores are computed in
+//! f32 whatever the model runs in, whole or a chunk of query rows at a time, and held twice
+//! (the scores and their softmax; four times in the VAE, whose softmax is not fused); the
+//! UNet keeps every down block's outputs for the skip connections; a 3×3 convolution holds
+//! its input, a channels-last copy of it, its output and a copy of its kernel; the VAE decodes
+//! one image (or one tile) at a time, its last blocks at full resolution with the channels of
+//! the block before. The UNet's and the decode's peaks do not overlap. It errs high, by a
+//! tenth and more: refusing a job that would have fitted costs a retry elsewhere, allocating
+//! past the RAM there is aborts the worker (Rust aborts on a failed allocation) or wakes the
+//! OOM killer.
 //!
 //! Checked against what candle really allocates by `cargo bench --bench working_memory`
 //! (SD 1.5 at 256², 384² and 512²; the table is in `benches/README.md`).
@@ -17,6 +18,7 @@
 use candle_core::DType;
 
 use super::model_folder::ModelFolder;
+use super::unet_blocks::AttentionPlan;
 use super::vae::Tiling;
 
 /// Working tensors a resnet step holds at once, in units of its block's activation.
@@ -35,6 +37,24 @@ const KERNEL_SCRATCH: u64 = 64 << 20;
 /// The margin over the sum, in tenths.
 const MARGIN_TENTHS: u64 = 11;
 const F32_BYTES: u64 = 4;
+
+/// How a job is run to save memory: both choices cost time, neither changes the image
+/// beyond what `tests/engine/memory_paths.rs` states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub attention: AttentionPlan,
+    pub vae_tiling: Option<Tiling>,
+}
+
+impl Plan {
+    /// Attention in chunks of 256 MB of scores, and the decode in tiles.
+    pub const SAVING: Self = Self {
+        attention: AttentionPlan {
+            max_score_bytes: Some(256 << 20),
+        },
+        vae_tiling: Some(Tiling::DEFAULT),
+    };
+}
 
 /// The sizes the estimate depends on, taken from a model folder once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,16 +105,9 @@ impl WorkingMemory {
     }
 
     /// Peak bytes of a job making `images` images of `width`×`height` (`guided`: with
-    /// classifier-free guidance, which doubles the UNet's batch), decoding one image at a
-    /// time, whole or (`tiling`) in tiles.
-    pub fn bytes(
-        &self,
-        width: u32,
-        height: u32,
-        images: u32,
-        guided: bool,
-        tiling: Option<Tiling>,
-    ) -> u64 {
+    /// classifier-free guidance, which doubles the UNet's batch) the way `plan` says:
+    /// attention whole or a chunk of scores at a time, each image decoded whole or in tiles.
+    pub fn bytes(&self, width: u32, height: u32, images: u32, guided: bool, plan: Plan) -> u64 {
         let images = u64::from(images.max(1));
         let batch = images * if guided { 2 } else { 1 };
         let scale = self.vae_scale.max(1);
@@ -113,12 +126,18 @@ impl WorkingMemory {
                 attention = attention.max(heads * cells * cells);
             }
         }
-        let unet = batch
-            * ((skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
-                + UNET_ATTENTION_COPIES * attention * F32_BYTES);
+        // The scores of the widest attention, for the whole batch, or one chunk of them (at
+        // least one query row of every head).
+        let mut scores = batch * attention * F32_BYTES;
+        if let Some(budget) = plan.attention.max_score_bytes {
+            let row = scores / (latent_h * latent_w).max(1);
+            scores = scores.min(budget.max(row));
+        }
+        let unet = batch * (skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
+            + UNET_ATTENTION_COPIES * scores;
 
         // One image (or one tile of it) through the decoder at a time.
-        let (decoded_h, decoded_w) = match tiling {
+        let (decoded_h, decoded_w) = match plan.vae_tiling {
             Some(tiling) => {
                 let tile = tiling.tile as u64;
                 (latent_h.min(tile), latent_w.min(tile))
@@ -169,14 +188,24 @@ mod tests {
     #[test]
     fn attention_at_the_first_block_dominates_sd15() {
         let memory = sd15();
-        let one = memory.bytes(512, 512, 1, true, None);
+        let one = memory.bytes(512, 512, 1, true, Plan::default());
         // 2 (guidance) × 8 heads × 4096² cells × f32, held twice: 2.1 GB of it.
         assert!((2_100_000_000..3_000_000_000).contains(&one), "{one}");
         // Attention grows with the square of the cells: twice the side, sixteen times it.
-        let big = memory.bytes(1024, 1024, 1, true, None);
+        let big = memory.bytes(1024, 1024, 1, true, Plan::default());
         assert!(big > 14 * (one / 2), "{big}");
-        assert!(memory.bytes(512, 512, 1, false, None) < one);
-        assert!(memory.bytes(512, 512, 4, true, None) > 3 * one);
+        assert!(memory.bytes(512, 512, 1, false, Plan::default()) < one);
+        assert!(memory.bytes(512, 512, 4, true, Plan::default()) > 3 * one);
+    }
+
+    #[test]
+    fn chunked_attention_bounds_the_scores() {
+        let memory = sd15();
+        // 1024², guided: 2 × 8 heads × 16384² cells of f32 scores, 34 GB held twice whole.
+        let whole = memory.bytes(1024, 1024, 1, true, Plan::default());
+        let chunked = memory.bytes(1024, 1024, 1, true, Plan::SAVING);
+        assert!(whole > 30_000_000_000, "{whole}");
+        assert!(chunked < 4_000_000_000, "{chunked}");
     }
 
     #[test]
@@ -188,15 +217,19 @@ mod tests {
             unet_blocks: vec![(32, None)],
             ..sd15()
         };
-        let whole = memory.bytes(1024, 1024, 1, false, None);
-        let tiled = memory.bytes(1024, 1024, 1, false, Some(Tiling::DEFAULT));
-        let small = memory.bytes(512, 512, 1, false, None);
+        let in_tiles = Plan {
+            vae_tiling: Some(Tiling::DEFAULT),
+            ..Plan::default()
+        };
+        let whole = memory.bytes(1024, 1024, 1, false, Plan::default());
+        let tiled = memory.bytes(1024, 1024, 1, false, in_tiles);
+        let small = memory.bytes(512, 512, 1, false, Plan::default());
         assert!(tiled < whole / 2, "{tiled} vs {whole}");
         assert!(tiled < small + 50_000_000, "{tiled} vs {small}");
         // A latent within one tile costs the same either way.
         assert_eq!(
-            memory.bytes(512, 512, 1, false, Some(Tiling::DEFAULT)),
-            memory.bytes(512, 512, 1, false, None)
+            memory.bytes(512, 512, 1, false, in_tiles),
+            memory.bytes(512, 512, 1, false, Plan::default())
         );
     }
 
@@ -204,6 +237,6 @@ mod tests {
     fn no_size_overflows() {
         let mut memory = sd15();
         memory.unet_blocks = vec![(8192, Some(1024)); 8];
-        assert!(memory.bytes(2048, 2048, 8, true, None) > 0);
+        assert!(memory.bytes(2048, 2048, 8, true, Plan::default()) > 0);
     }
 }

@@ -1,0 +1,545 @@
+//! The UNet's blocks, ours (diffusers' `UNet2DConditionModel` layout and weight names), so the
+//! attention is ours too: computed in f32 (what `upcast_attention` asks for), and, when
+//! memory is tight, over a chunk of queries at a time, so the score matrix of a
+//! high-resolution block is never held whole (8 heads × 4096² cells of f32 is 512 MB per
+//! image at SD 1.5's 512², 1.3 GB per image at SDXL's 1024²). Chunking is exact: each query's
+//! softmax only ever sees its own row. candle's own blocks hold the whole matrix, and their
+//! sliced path fails on its own output shape (candle-transformers 0.11).
+//!
+//! The residual blocks are candle's `ResnetBlock2D`.
+
+use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+/// How the attention holds its scores: whole, or at most this many bytes of them at a time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttentionPlan {
+    /// `None`: the whole score matrix at once (fastest where it fits).
+    pub max_score_bytes: Option<u64>,
+}
+
+impl AttentionPlan {
+    /// Query rows per chunk, for `batch_heads` × `keys` scores of f32 per row.
+    fn rows(self, batch_heads: usize, queries: usize, keys: usize) -> usize {
+        match self.max_score_bytes {
+            None => queries,
+            Some(budget) => {
+                let per_row = (batch_heads * keys * 4).max(1) as u64;
+                usize::try_from(budget / per_row)
+                    .unwrap_or(usize::MAX)
+                    .clamp(1, queries.max(1))
+            }
+        }
+    }
+}
+
+/// Multi-head attention: self-attention, or cross-attention over the text states.
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        let head_dim = dim / heads.max(1);
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// `(batch, tokens, dim)` → `(batch · heads, tokens, head_dim)` in f32.
+    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (batch, tokens, dim) = xs.dims3()?;
+        xs.reshape((batch, tokens, self.heads, dim / self.heads))?
+            .transpose(1, 2)?
+            .reshape((batch * self.heads, tokens, dim / self.heads))?
+            .to_dtype(DType::F32)
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        plan: AttentionPlan,
+    ) -> Result<Tensor> {
+        let in_dtype = xs.dtype();
+        let (batch, tokens, dim) = xs.dims3()?;
+        let context = context.unwrap_or(xs);
+        let query = (self.split_heads(&self.to_q.forward(xs)?)? * self.scale)?;
+        let key_t = self
+            .split_heads(&self.to_k.forward(context)?)?
+            .t()?
+            .contiguous()?;
+        let value = self.split_heads(&self.to_v.forward(context)?)?;
+        let (batch_heads, _, keys) = key_t.dims3()?;
+        let rows = plan.rows(batch_heads, tokens, keys);
+        let mut chunks = Vec::with_capacity(tokens.div_ceil(rows.max(1)));
+        let mut start = 0;
+        while start < tokens {
+            let end = (start + rows).min(tokens);
+            let scores = query.i((.., start..end, ..))?.matmul(&key_t)?;
+            let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+            chunks.push(weights.matmul(&value)?);
+            start = end;
+        }
+        let attended = if chunks.len() == 1 {
+            chunks.remove(0)
+        } else {
+            Tensor::cat(&chunks, 1)?
+        };
+        let merged = attended
+            .reshape((batch, self.heads, tokens, dim / self.heads))?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, dim))?
+            .to_dtype(in_dtype)?;
+        self.to_out.forward(&merged)
+    }
+}
+
+/// GEGLU feed-forward: a projection to twice the inner width, one half gating the other.
+struct FeedForward {
+    project_in: Linear,
+    project_out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            project_in: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let projected = self.project_in.forward(xs)?;
+        let halves = projected.chunk(2, D::Minus1)?;
+        let gated = (&halves[0] * halves[1].gelu_erf()?)?;
+        self.project_out.forward(&gated)
+    }
+}
+
+/// Self-attention, cross-attention over the text, feed-forward; each pre-normed, residual.
+struct TransformerLayer {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerLayer {
+    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads)?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor, plan: AttentionPlan) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, plan)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context), plan)?
+            + &xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// Projects in and out either by a 1×1 convolution (SD 1.x) or a linear layer (SD 2.x, SDXL).
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: the spatial cells become tokens for `depth` layers.
+pub struct Transformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    layers: Vec<TransformerLayer>,
+    proj_out: Projection,
+}
+
+/// What a cross-attention block's transformers are made of.
+#[derive(Clone, Copy, Debug)]
+pub struct TransformerConfig {
+    pub heads: usize,
+    pub depth: usize,
+    pub context_dim: usize,
+    pub linear_projection: bool,
+    pub groups: usize,
+}
+
+impl Transformer {
+    pub fn new(vb: VarBuilder, channels: usize, config: TransformerConfig) -> Result<Self> {
+        let projection = |vb: VarBuilder| -> Result<Projection> {
+            Ok(if config.linear_projection {
+                Projection::Linear(candle_nn::linear(channels, channels, vb)?)
+            } else {
+                Projection::Conv(candle_nn::conv2d(
+                    channels,
+                    channels,
+                    1,
+                    Conv2dConfig::default(),
+                    vb,
+                )?)
+            })
+        };
+        let layers = (0..config.depth)
+            .map(|index| {
+                TransformerLayer::new(
+                    vb.pp(format!("transformer_blocks.{index}")),
+                    channels,
+                    config.context_dim,
+                    config.heads,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: candle_nn::group_norm(config.groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: projection(vb.pp("proj_in"))?,
+            layers,
+            proj_out: projection(vb.pp("proj_out"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, plan: AttentionPlan) -> Result<Tensor> {
+        let (batch, channels, height, width) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens = |xs: Tensor| -> Result<Tensor> {
+            xs.permute((0, 2, 3, 1))?
+                .reshape((batch, height * width, channels))
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&normed)?)?,
+            Projection::Linear(linear) => linear.forward(&to_tokens(normed)?)?,
+        };
+        for layer in &self.layers {
+            tokens = layer.forward(&tokens, context, plan)?;
+        }
+        let to_cells = |tokens: Tensor| -> Result<Tensor> {
+            tokens
+                .reshape((batch, height, width, channels))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_cells(tokens)?)?,
+            Projection::Linear(linear) => to_cells(linear.forward(&tokens)?)?,
+        };
+        out + xs
+    }
+}
+
+/// A 3×3 convolution with stride 2 (diffusers' `Downsample2D` with a convolution).
+pub struct Downsample {
+    conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample {
+    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        let config = Conv2dConfig {
+            stride: 2,
+            padding,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, config, vb.pp("conv"))?,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            // No symmetric padding: one row and column of zeros after, as diffusers pads.
+            let padded = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&padded)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// Nearest-neighbour upsampling (×2, or to a given size), then a 3×3 convolution.
+pub struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        let config = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, config, vb.pp("conv"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, height, width) = xs.dims4()?;
+        let (height, width) = size.unwrap_or((2 * height, 2 * width));
+        self.conv.forward(&xs.upsample_nearest2d(height, width)?)
+    }
+}
+
+/// The residual blocks' settings shared by a whole UNet.
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetSettings {
+    pub temb_channels: usize,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl ResnetSettings {
+    pub fn block(
+        self,
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        output_scale_factor: f64,
+    ) -> Result<ResnetBlock2D> {
+        ResnetBlock2D::new(
+            vb,
+            in_channels,
+            ResnetBlock2DConfig {
+                out_channels: Some(out_channels),
+                temb_channels: Some(self.temb_channels),
+                groups: self.groups,
+                groups_out: None,
+                eps: self.eps,
+                use_in_shortcut: None,
+                output_scale_factor,
+            },
+        )
+    }
+}
+
+/// A down block: residual blocks (each followed by a transformer when the block has
+/// cross-attention), then an optional downsampler. Returns its output and every state the
+/// up blocks take as skip connections.
+pub struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer>,
+    downsampler: Option<Downsample>,
+}
+
+impl DownBlock {
+    #[allow(clippy::too_many_arguments)] // one per diffusers block parameter
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        layers: usize,
+        resnet: ResnetSettings,
+        transformer: Option<TransformerConfig>,
+        downsample_padding: Option<usize>,
+    ) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(layers);
+        let mut attentions = Vec::new();
+        for index in 0..layers {
+            let from = if index == 0 {
+                in_channels
+            } else {
+                out_channels
+            };
+            resnets.push(resnet.block(
+                vb.pp(format!("resnets.{index}")),
+                from,
+                out_channels,
+                1.0,
+            )?);
+            if let Some(config) = transformer {
+                attentions.push(Transformer::new(
+                    vb.pp(format!("attentions.{index}")),
+                    out_channels,
+                    config,
+                )?);
+            }
+        }
+        let downsampler = match downsample_padding {
+            Some(padding) => Some(Downsample::new(
+                vb.pp("downsamplers.0"),
+                out_channels,
+                padding,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        plan: AttentionPlan,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
+        for (index, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attention) = self.attentions.get(index) {
+                xs = attention.forward(&xs, context, plan)?;
+            }
+            skips.push(xs.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            xs = downsampler.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok((xs, skips))
+    }
+}
+
+/// The middle: a residual block, then (transformer, residual block) pairs.
+pub struct MidBlock {
+    first: ResnetBlock2D,
+    pairs: Vec<(Transformer, ResnetBlock2D)>,
+}
+
+impl MidBlock {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        resnet: ResnetSettings,
+        transformer: TransformerConfig,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        let first = resnet.block(vb.pp("resnets.0"), channels, channels, output_scale_factor)?;
+        let pairs = vec![(
+            Transformer::new(vb.pp("attentions.0"), channels, transformer)?,
+            resnet.block(vb.pp("resnets.1"), channels, channels, output_scale_factor)?,
+        )];
+        Ok(Self { first, pairs })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        plan: AttentionPlan,
+    ) -> Result<Tensor> {
+        let mut xs = self.first.forward(xs, Some(temb))?;
+        for (attention, resnet) in &self.pairs {
+            xs = attention.forward(&xs, context, plan)?;
+            xs = resnet.forward(&xs, Some(temb))?;
+        }
+        Ok(xs)
+    }
+}
+
+/// An up block: each residual block takes the running state concatenated with one skip
+/// connection (the latest first), followed by a transformer when the block has
+/// cross-attention; then an optional upsampler.
+pub struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer>,
+    upsampler: Option<Upsample>,
+}
+
+impl UpBlock {
+    #[allow(clippy::too_many_arguments)] // one per diffusers block parameter
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        previous_out: usize,
+        out_channels: usize,
+        layers: usize,
+        resnet: ResnetSettings,
+        transformer: Option<TransformerConfig>,
+        upsample: bool,
+    ) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(layers);
+        let mut attentions = Vec::new();
+        for index in 0..layers {
+            let skip = if index + 1 == layers {
+                in_channels
+            } else {
+                out_channels
+            };
+            let from = if index == 0 {
+                previous_out
+            } else {
+                out_channels
+            };
+            resnets.push(resnet.block(
+                vb.pp(format!("resnets.{index}")),
+                from + skip,
+                out_channels,
+                1.0,
+            )?);
+            if let Some(config) = transformer {
+                attentions.push(Transformer::new(
+                    vb.pp(format!("attentions.{index}")),
+                    out_channels,
+                    config,
+                )?);
+            }
+        }
+        let upsampler = if upsample {
+            Some(Upsample::new(vb.pp("upsamplers.0"), out_channels)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    pub fn resnet_count(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// `skips` are this block's skip connections, in the order the down blocks made them.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+        plan: AttentionPlan,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (index, resnet) in self.resnets.iter().enumerate() {
+            let Some(skip) = skips.get(skips.len().wrapping_sub(index + 1)) else {
+                candle_core::bail!("an up block needs one skip connection per residual block");
+            };
+            xs = Tensor::cat(&[&xs, skip], 1)?;
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attention) = self.attentions.get(index) {
+                xs = attention.forward(&xs, context, plan)?;
+            }
+        }
+        match &self.upsampler {
+            Some(upsampler) => upsampler.forward(&xs, upsample_size),
+            None => Ok(xs),
+        }
+    }
+}

@@ -1,8 +1,8 @@
 //! The UNet's blocks, ours (diffusers' `UNet2DConditionModel` layout and weight names), so the
 //! attention is ours too: computed in f32 (what `upcast_attention` asks for), and, when
 //! memory is tight, over a chunk of queries at a time, so the score matrix of a
-//! high-resolution block is never held whole (8 heads × 4096² cells of f32 is 512 MB per
-//! image at SD 1.5's 512², 1.3 GB per image at SDXL's 1024²). Chunking is exact: each query's
+//! high-resolution block is never held whole (8 heads × 4096² cells of f32 is 537 MB per
+//! image at SD 1.5's 512²; a guided SDXL step at 1024² holds 1.34 GB of them). Chunking is exact: each query's
 //! softmax only ever sees its own row. candle's own blocks hold the whole matrix, and their
 //! sliced path fails on its own output shape (candle-transformers 0.11).
 //!

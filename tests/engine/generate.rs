@@ -10,7 +10,7 @@ use studio_worker::engine::{CancelToken, Engine, EngineError, StopReason};
 use studio_worker::vocab::device::DevicePreference;
 use studio_worker::vocab::job::{JobSpec, Scheduler};
 
-use crate::support::{fixture, load};
+use crate::support::{fixture, load, worst_level_difference};
 
 fn request(seed: u64, num_images: usize) -> Request {
     Request {
@@ -55,12 +55,7 @@ fn image_k_of_a_batch_is_image_0_of_seed_plus_k() {
     assert_eq!(batch.len(), 2);
     // The batch runs through the UNet together: equal up to float summation order, which
     // moves a few pixels by a level or two.
-    let worst = batch[1]
-        .as_raw()
-        .iter()
-        .zip(single[0].as_raw())
-        .map(|(a, b)| a.abs_diff(*b))
-        .max();
+    let worst = worst_level_difference(&batch[1], &single[0]);
     assert!(
         worst <= Some(3),
         "image 1 of the batch differs from seed 41 by up to {worst:?}"

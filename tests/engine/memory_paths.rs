@@ -17,7 +17,7 @@ use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Tiling;
 use studio_worker::vocab::job::Scheduler;
 
-use crate::support::{FIXTURES, Golden, load};
+use crate::support::{FIXTURES, Golden, load, worst_level_difference};
 
 /// Tiled decode against whole, in `[0, 1]` pixel units: the largest difference of any
 /// channel of any pixel, and the mean over all of them (measured: at most 25/255 and
@@ -128,12 +128,7 @@ fn attention_a_chunk_at_a_time_gives_the_same_image() {
         let chunked = run(AttentionPlan {
             max_score_bytes: Some(4096),
         });
-        let worst = whole[0]
-            .as_raw()
-            .iter()
-            .zip(chunked[0].as_raw())
-            .map(|(a, b)| a.abs_diff(*b))
-            .max();
+        let worst = worst_level_difference(&whole[0], &chunked[0]);
         assert!(
             worst <= Some(1),
             "{name}: differs by up to {worst:?} levels"

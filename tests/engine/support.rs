@@ -92,3 +92,12 @@ pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
         TOLERANCE * scale
     );
 }
+
+/// The largest difference of any channel of any pixel between two images, in levels.
+pub fn worst_level_difference(a: &image::RgbImage, b: &image::RgbImage) -> Option<u8> {
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+}

@@ -333,6 +333,47 @@ impl ResnetSettings {
     }
 }
 
+/// A block's layers as they are built: residual blocks, each followed by a transformer when
+/// the block has cross-attention (diffusers' `resnets.N` and `attentions.N`).
+struct Layers {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer>,
+}
+
+impl Layers {
+    fn with_capacity(layers: usize) -> Self {
+        Self {
+            resnets: Vec::with_capacity(layers),
+            attentions: Vec::new(),
+        }
+    }
+
+    fn push(
+        &mut self,
+        vb: &VarBuilder,
+        index: usize,
+        in_channels: usize,
+        out_channels: usize,
+        resnet: ResnetSettings,
+        transformer: Option<TransformerConfig>,
+    ) -> Result<()> {
+        self.resnets.push(resnet.block(
+            vb.pp(format!("resnets.{index}")),
+            in_channels,
+            out_channels,
+            1.0,
+        )?);
+        if let Some(config) = transformer {
+            self.attentions.push(Transformer::new(
+                vb.pp(format!("attentions.{index}")),
+                out_channels,
+                config,
+            )?);
+        }
+        Ok(())
+    }
+}
+
 /// A down block: residual blocks (each followed by a transformer when the block has
 /// cross-attention), then an optional downsampler. Returns its output and every state the
 /// up blocks take as skip connections.
@@ -353,28 +394,19 @@ impl DownBlock {
         transformer: Option<TransformerConfig>,
         downsample_padding: Option<usize>,
     ) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(layers);
-        let mut attentions = Vec::new();
+        let mut layers_built = Layers::with_capacity(layers);
         for index in 0..layers {
             let from = if index == 0 {
                 in_channels
             } else {
                 out_channels
             };
-            resnets.push(resnet.block(
-                vb.pp(format!("resnets.{index}")),
-                from,
-                out_channels,
-                1.0,
-            )?);
-            if let Some(config) = transformer {
-                attentions.push(Transformer::new(
-                    vb.pp(format!("attentions.{index}")),
-                    out_channels,
-                    config,
-                )?);
-            }
+            layers_built.push(&vb, index, from, out_channels, resnet, transformer)?;
         }
+        let Layers {
+            resnets,
+            attentions,
+        } = layers_built;
         let downsampler = match downsample_padding {
             Some(padding) => Some(Downsample::new(
                 vb.pp("downsamplers.0"),
@@ -473,8 +505,7 @@ impl UpBlock {
         transformer: Option<TransformerConfig>,
         upsample: bool,
     ) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(layers);
-        let mut attentions = Vec::new();
+        let mut layers_built = Layers::with_capacity(layers);
         for index in 0..layers {
             let skip = if index + 1 == layers {
                 in_channels
@@ -486,20 +517,12 @@ impl UpBlock {
             } else {
                 out_channels
             };
-            resnets.push(resnet.block(
-                vb.pp(format!("resnets.{index}")),
-                from + skip,
-                out_channels,
-                1.0,
-            )?);
-            if let Some(config) = transformer {
-                attentions.push(Transformer::new(
-                    vb.pp(format!("attentions.{index}")),
-                    out_channels,
-                    config,
-                )?);
-            }
+            layers_built.push(&vb, index, from + skip, out_channels, resnet, transformer)?;
         }
+        let Layers {
+            resnets,
+            attentions,
+        } = layers_built;
         let upsampler = if upsample {
             Some(Upsample::new(vb.pp("upsamplers.0"), out_channels)?)
         } else {

@@ -8,25 +8,9 @@ use studio_worker::engine::device;
 use studio_worker::engine::sd::{Request, Stage};
 use studio_worker::engine::{CancelToken, Engine, EngineError, StopReason};
 use studio_worker::vocab::device::DevicePreference;
-use studio_worker::vocab::job::{JobSpec, Scheduler};
+use studio_worker::vocab::job::JobSpec;
 
-use crate::support::{fixture, load, worst_level_difference};
-
-fn request(seed: u64, num_images: usize) -> Request {
-    Request {
-        prompt: "a red fox in the snow".to_owned(),
-        negative_prompt: "blurry".to_owned(),
-        width: 64,
-        height: 64,
-        steps: 3,
-        guidance_scale: 5.0,
-        seed,
-        num_images,
-        scheduler: Some(Scheduler::EulerA),
-        vae_tiling: None,
-        attention: Default::default(),
-    }
-}
+use crate::support::{fixture, load, request, worst_level_difference};
 
 #[test]
 fn the_same_job_gives_the_same_image_and_another_seed_another() {

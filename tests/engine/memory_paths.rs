@@ -15,9 +15,8 @@ use candle_core::{DType, Tensor};
 use studio_worker::engine::sd::Request;
 use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Tiling;
-use studio_worker::vocab::job::Scheduler;
 
-use crate::support::{FIXTURES, Golden, load, worst_level_difference};
+use crate::support::{FIXTURES, Golden, load, request, worst_level_difference};
 
 /// Tiled decode against whole, in `[0, 1]` pixel units: the largest difference of any
 /// channel of any pixel, and the mean over all of them (measured: at most 25/255 and
@@ -106,17 +105,8 @@ fn attention_a_chunk_at_a_time_gives_the_same_image() {
     for name in FIXTURES {
         let model = load(name);
         let request = |attention: AttentionPlan| Request {
-            prompt: "a red fox in the snow".to_owned(),
-            negative_prompt: "blurry".to_owned(),
-            width: 64,
-            height: 64,
-            steps: 3,
-            guidance_scale: 5.0,
-            seed: 7,
-            num_images: 1,
-            scheduler: Some(Scheduler::EulerA),
-            vae_tiling: None,
             attention,
+            ..request(7, 1)
         };
         let run = |attention| {
             model

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use studio_worker::engine::sd::StableDiffusion;
+use studio_worker::engine::sd::{Request, StableDiffusion};
+use studio_worker::vocab::job::Scheduler;
 
 /// The prompts `make_fixtures.py` encoded, in order.
 pub const PROMPTS: [&str; 4] = [
@@ -100,4 +101,21 @@ pub fn worst_level_difference(a: &image::RgbImage, b: &image::RgbImage) -> Optio
         .zip(b.as_raw())
         .map(|(x, y)| x.abs_diff(*y))
         .max()
+}
+
+/// A guided 64×64, 3-step Euler ancestral request of `num_images` images from `seed`.
+pub fn request(seed: u64, num_images: usize) -> Request {
+    Request {
+        prompt: "a red fox in the snow".to_owned(),
+        negative_prompt: "blurry".to_owned(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        guidance_scale: 5.0,
+        seed,
+        num_images,
+        scheduler: Some(Scheduler::EulerA),
+        vae_tiling: None,
+        attention: Default::default(),
+    }
 }

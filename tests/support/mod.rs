@@ -180,6 +180,16 @@ pub async fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut
 
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Waits until `studio` stored a result for `job_id`.
+pub async fn delivered(studio: &studio::TestStudio, job_id: &str) {
+    eventually(&format!("{job_id} delivered"), PATIENCE, || {
+        studio
+            .job(job_id)
+            .is_some_and(|job| !job.results.is_empty())
+    })
+    .await;
+}
+
 /// Waits until the worker says it takes no jobs for a reason whose words contain `part`.
 pub async fn claims_held_saying(handle: &studio_worker::runtime::RuntimeHandle, part: &str) {
     eventually(

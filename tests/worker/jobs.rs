@@ -71,12 +71,7 @@ impl Pipeline {
     }
 
     async fn delivered(&self, job_id: &str) {
-        eventually(&format!("{job_id} delivered"), PATIENCE, || {
-            self.studio
-                .job(job_id)
-                .is_some_and(|job| !job.results.is_empty())
-        })
-        .await;
+        crate::support::delivered(&self.studio, job_id).await;
     }
 
     async fn failed_with(&self, job_id: &str, code: &str) -> Value {
@@ -127,12 +122,7 @@ async fn a_gpu_is_prepared_before_the_first_claim_and_the_status_says_so() {
     let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
     let handle = runtime.handle();
     claims_held_saying(&handle, "Preparing the GPU, once").await;
-    eventually("j_after_prepare delivered", PATIENCE, || {
-        studio
-            .job("j_after_prepare")
-            .is_some_and(|job| !job.results.is_empty())
-    })
-    .await;
+    crate::support::delivered(&studio, "j_after_prepare").await;
     let prepared_at = engine.prepared_at.lock().unwrap().expect("prepared");
     let first_claim = studio.log_for(Route::Claim)[0].at;
     assert!(

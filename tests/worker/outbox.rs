@@ -68,12 +68,7 @@ impl Rig {
     }
 
     async fn delivered(&self, job_id: &str) {
-        eventually(&format!("{job_id} delivered"), PATIENCE, || {
-            self.studio
-                .job(job_id)
-                .is_some_and(|job| !job.results.is_empty())
-        })
-        .await;
+        crate::support::delivered(&self.studio, job_id).await;
     }
 }
 

@@ -76,14 +76,15 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
     let stepped = (latents.to_dtype(DType::F32)? - (guided.to_dtype(DType::F32)? * 0.1)?)?;
 
     // The decode, in the pipeline's dtype and in f32 (a VAE that must upcast).
-    for vae_dtype in [dtype, DType::F32] {
+    let mut vae_dtypes = vec![dtype];
+    if dtype != DType::F32 {
+        vae_dtypes.push(DType::F32);
+    }
+    for vae_dtype in vae_dtypes {
         let vae = Vae::new(VarBuilder::zeros(vae_dtype, device), &vae_config)?;
         let pixels = vae.decode(&stepped)?;
         // Read back, as `to_images` does: the device finished everything.
         pixels.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
-        if vae_dtype == DType::F32 {
-            break;
-        }
     }
     Ok(())
 }

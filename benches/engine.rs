@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use studio_worker::engine::sd::conv::ConvPlan;
 use studio_worker::engine::sd::model_folder::UnetFile;
 use studio_worker::engine::sd::unet::{TextTimeConditioning, Unet};
 use studio_worker::engine::sd::unet_blocks::AttentionPlan;
@@ -70,6 +71,7 @@ fn main() {
             scheduler: Some(Scheduler::Euler),
             vae_tiling: None,
             attention: AttentionPlan::default(),
+            conv: ConvPlan::default(),
         };
         let image = median_time(runs * 4, || {
             pipeline

@@ -13,6 +13,7 @@ use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
 use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Vae;
+use studio_worker::engine::sd::vae_decoder::DecodePlan;
 use studio_worker::engine::sd::working_memory::{Plan, WorkingMemory};
 
 const SD15_UNET: &str = r#"{
@@ -102,7 +103,7 @@ fn main() {
         });
         let one = guided.narrow(0, 0, 1).unwrap();
         let decode_peak = peak_of(|| {
-            vae.decode(&one).unwrap();
+            vae.decode(&one, DecodePlan::default()).unwrap();
         });
         let side = side as u32;
         // The estimate's whole-job figure is the larger of the two stages.

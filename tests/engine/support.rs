@@ -117,5 +117,6 @@ pub fn request(seed: u64, num_images: usize) -> Request {
         scheduler: Some(Scheduler::EulerA),
         vae_tiling: None,
         attention: Default::default(),
+        conv: Default::default(),
     }
 }

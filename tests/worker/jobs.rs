@@ -906,6 +906,7 @@ async fn the_candle_engine_runs_a_real_model_and_the_studio_gets_its_exact_image
                 scheduler: None,
                 vae_tiling: None,
                 attention: Default::default(),
+                conv: Default::default(),
             },
             &mut |_| {},
             &|| false,

@@ -6,6 +6,7 @@
 //! guidance is ≤ 1) → VAE decode → RGB. The stages are public on their own so the parity
 //! tests can check each against the reference.
 
+pub mod conv;
 pub mod model_folder;
 pub mod schedulers;
 pub(crate) mod text_encoder;
@@ -13,6 +14,7 @@ pub(crate) mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
+pub mod vae_decoder;
 pub mod warmup;
 mod weight_check;
 pub mod working_memory;
@@ -22,6 +24,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use self::conv::ConvPlan;
 use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::schedulers::{NoiseSchedule, Sampler};
 use self::text_encoder::ClipTextEncoder;
@@ -29,6 +32,7 @@ use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::unet_blocks::AttentionPlan;
 use self::vae::{Tiling, Vae};
+use self::vae_decoder::DecodePlan;
 use super::noise::NoiseSource;
 use crate::vocab::job::{JobSpec, Scheduler};
 
@@ -64,6 +68,8 @@ pub struct Request {
     pub vae_tiling: Option<Tiling>,
     /// How much of the attention scores may be held at once (chunking is exact).
     pub attention: AttentionPlan,
+    /// How much of a convolution's column buffer may be held at once (banding is exact).
+    pub conv: ConvPlan,
 }
 
 impl From<&JobSpec> for Request {
@@ -80,6 +86,7 @@ impl From<&JobSpec> for Request {
             scheduler: spec.scheduler,
             vae_tiling: None,
             attention: AttentionPlan::default(),
+            conv: ConvPlan::default(),
         }
     }
 }
@@ -280,7 +287,14 @@ impl StableDiffusion {
         )?;
 
         progress(Stage::Decoding);
-        let pixels = self.decode_each(&latents, request.vae_tiling)?;
+        let pixels = self.decode_each(
+            &latents,
+            DecodePlan {
+                tiling: request.vae_tiling,
+                conv: request.conv,
+                attention: request.attention,
+            },
+        )?;
         to_images(&pixels)
     }
 
@@ -469,20 +483,14 @@ impl StableDiffusion {
 
     /// Latents to f32 RGB in `[0, 1]`, `(batch, 3, H, W)`, the whole batch at once.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SdError> {
-        Ok(self.vae.decode(latents)?)
+        Ok(self.vae.decode(latents, DecodePlan::default())?)
     }
 
     /// The same, one image at a time (a batch's decode needs the batch's memory), each
-    /// whole or in `tiling`'s tiles.
-    pub fn decode_each(&self, latents: &Tensor, tiling: Option<Tiling>) -> Result<Tensor, SdError> {
+    /// the way `plan` says (whole or in tiles, convolutions in bands, attention in chunks).
+    pub fn decode_each(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor, SdError> {
         let images = (0..latents.dim(0)?)
-            .map(|image| {
-                let latent = latents.narrow(0, image, 1)?;
-                match tiling {
-                    Some(tiling) => self.vae.decode_tiled(&latent, tiling),
-                    None => self.vae.decode(&latent),
-                }
-            })
+            .map(|image| self.vae.decode(&latents.narrow(0, image, 1)?, plan))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
     }

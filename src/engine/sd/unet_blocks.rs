@@ -81,28 +81,40 @@ impl Attention {
             .t()?
             .contiguous()?;
         let value = self.split_heads(&self.to_v.forward(context)?)?;
-        let (batch_heads, _, keys) = key_t.dims3()?;
-        let rows = plan.rows(batch_heads, tokens, keys);
-        let mut chunks = Vec::with_capacity(tokens.div_ceil(rows.max(1)));
-        let mut start = 0;
-        while start < tokens {
-            let end = (start + rows).min(tokens);
-            let scores = query.i((.., start..end, ..))?.matmul(&key_t)?;
-            let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-            chunks.push(weights.matmul(&value)?);
-            start = end;
-        }
-        let attended = if chunks.len() == 1 {
-            chunks.remove(0)
-        } else {
-            Tensor::cat(&chunks, 1)?
-        };
-        let merged = attended
+        let merged = attend(&query, &key_t, &value, plan)?
             .reshape((batch, self.heads, tokens, dim / self.heads))?
             .transpose(1, 2)?
             .reshape((batch, tokens, dim))?
             .to_dtype(in_dtype)?;
         self.to_out.forward(&merged)
+    }
+}
+
+/// Softmax attention of f32 `query` `(batch·heads, queries, d)` (already scaled) over
+/// `key_t` `(batch·heads, d, keys)` and `value` `(batch·heads, keys, d)`, a chunk of query
+/// rows at a time as `plan` allows. Shared with the VAE's mid-block attention.
+pub(super) fn attend(
+    query: &Tensor,
+    key_t: &Tensor,
+    value: &Tensor,
+    plan: AttentionPlan,
+) -> Result<Tensor> {
+    let (batch_heads, queries, _) = query.dims3()?;
+    let keys = key_t.dim(2)?;
+    let rows = plan.rows(batch_heads, queries, keys);
+    let mut chunks = Vec::with_capacity(queries.div_ceil(rows.max(1)));
+    let mut start = 0;
+    while start < queries {
+        let end = (start + rows).min(queries);
+        let scores = query.i((.., start..end, ..))?.matmul(key_t)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        chunks.push(weights.matmul(value)?);
+        start = end;
+    }
+    if chunks.len() == 1 {
+        Ok(chunks.remove(0))
+    } else {
+        Tensor::cat(&chunks, 1)
     }
 }
 

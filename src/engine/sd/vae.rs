@@ -1,4 +1,4 @@
-//! The VAE decoder: latents to RGB, built from `vae/config.json` on candle's `AutoEncoderKL`.
+//! The VAE decoder: latents to RGB, built from `vae/config.json` on our [`Decoder`].
 //!
 //! Two ways to decode: whole (the reference), or in overlapping tiles blended into each
 //! other (what diffusers calls VAE tiling), which bounds the decoder's working memory by the
@@ -10,9 +10,9 @@
 
 use candle_core::{DType, IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 
 use super::model_folder::VaeConfig;
+use super::vae_decoder::{DecodePlan, Decoder, DecoderConfig};
 
 /// Overlapping tiles of the latent image, in latent cells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl Tiling {
 }
 
 pub struct Vae {
-    model: AutoEncoderKL,
+    decoder: Decoder,
     scaling_factor: f64,
     shift_factor: f64,
     dtype: DType,
@@ -55,39 +55,45 @@ pub struct Vae {
 impl Vae {
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
         let dtype = vb.dtype();
-        let model = AutoEncoderKL::new(
+        let decoder = Decoder::new(
             vb,
-            config.in_channels,
-            config.out_channels,
-            AutoEncoderKLConfig {
+            &DecoderConfig {
+                latent_channels: config.latent_channels,
+                out_channels: config.out_channels,
                 block_out_channels: config.block_out_channels.clone(),
                 layers_per_block: config.layers_per_block,
-                latent_channels: config.latent_channels,
-                norm_num_groups: config.norm_num_groups,
-                use_quant_conv: config.use_quant_conv,
+                groups: config.norm_num_groups,
                 use_post_quant_conv: config.use_post_quant_conv,
             },
         )?;
         Ok(Self {
-            model,
+            decoder,
             scaling_factor: config.scaling_factor,
             shift_factor: config.shift_factor.unwrap_or(0.0),
             dtype,
         })
     }
 
-    /// Latents `(batch, 4, h, w)` to f32 RGB `(batch, 3, h·f, w·f)` in `[0, 1]`, whole.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        to_unit_range(&self.decode_raw(&self.unscale(latents)?)?)
+    /// Latents `(batch, 4, h, w)` to f32 RGB `(batch, 3, h·f, w·f)` in `[0, 1]`, whole or in
+    /// the plan's tiles (a latent no larger than one tile is decoded whole).
+    pub fn decode(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor> {
+        let (_, _, height, width) = latents.dims4()?;
+        match plan.tiling {
+            Some(tiling) if height > tiling.tile || width > tiling.tile => {
+                self.decode_in_tiles(latents, tiling, plan)
+            }
+            _ => to_unit_range(&self.decode_raw(&self.unscale(latents)?, plan)?),
+        }
     }
 
-    /// The same as [`Self::decode`], one tile of `tiling` at a time. A latent no larger than
-    /// one tile is decoded whole.
-    pub fn decode_tiled(&self, latents: &Tensor, tiling: Tiling) -> Result<Tensor> {
+    /// The same as [`Self::decode`], one tile of `tiling` at a time, blended.
+    fn decode_in_tiles(
+        &self,
+        latents: &Tensor,
+        tiling: Tiling,
+        plan: DecodePlan,
+    ) -> Result<Tensor> {
         let (batch, _, height, width) = latents.dims4()?;
-        if height <= tiling.tile && width <= tiling.tile {
-            return self.decode(latents);
-        }
         let latents = self.unscale(latents)?;
         let rows = tiling.starts(height);
         let columns = tiling.starts(width);
@@ -97,7 +103,7 @@ impl Vae {
             for &left in &columns {
                 let right = (left + tiling.tile).min(width);
                 let tile = latents.i((.., .., top..bottom, left..right))?;
-                let pixels = self.decode_raw(&tile)?;
+                let pixels = self.decode_raw(&tile, plan)?;
                 let (_, channels, tile_h, tile_w) = pixels.dims4()?;
                 // Pixels per latent cell, from what the decoder made.
                 let scale = tile_h / (bottom - top);
@@ -139,8 +145,8 @@ impl Vae {
     }
 
     /// The decoder's output in f32, in `[-1, 1]` (roughly).
-    fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        self.model.decode(latents)?.to_dtype(DType::F32)
+    fn decode_raw(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor> {
+        self.decoder.forward(latents, plan)?.to_dtype(DType::F32)
     }
 }
 

@@ -10,11 +10,13 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::conv::ConvPlan;
 use super::model_folder::{TextEncoderConfig, UnetFile, VaeConfig};
 use super::text_encoder::ClipTextEncoder;
 use super::unet::{TextTimeConditioning, Unet};
 use super::unet_blocks::AttentionPlan;
-use super::vae::Vae;
+use super::vae::{Tiling, Vae};
+use super::vae_decoder::DecodePlan;
 
 const UNET: &str = r#"{
   "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 32],
@@ -33,6 +35,20 @@ const TEXT_ENCODER: &str = r#"{
   "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "gelu",
   "projection_dim": 32
 }"#;
+
+/// Small tiles, bands and chunks for the 16² latent.
+const DECODE_SAVING: DecodePlan = DecodePlan {
+    tiling: Some(Tiling {
+        tile: 8,
+        overlap: 2,
+    }),
+    conv: ConvPlan {
+        max_column_bytes: Some(16 << 10),
+    },
+    attention: AttentionPlan {
+        max_score_bytes: Some(16 << 10),
+    },
+};
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> candle_core::Result<T> {
     serde_json::from_str(text)
@@ -82,9 +98,13 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
     }
     for vae_dtype in vae_dtypes {
         let vae = Vae::new(VarBuilder::zeros(vae_dtype, device), &vae_config)?;
-        let pixels = vae.decode(&stepped)?;
-        // Read back, as `to_images` does: the device finished everything.
-        pixels.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
+        // Whole, then in tiles with banded convolutions and chunked attention, so the
+        // kernels of every memory-saving path are compiled too.
+        for plan in [DecodePlan::default(), DECODE_SAVING] {
+            let pixels = vae.decode(&stepped, plan)?;
+            // Read back, as `to_images` does: the device finished everything.
+            pixels.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,249 @@
+//! The VAE's decoder, ours (diffusers' `AutoencoderKL` decoder layout and weight names), so
+//! that its memory is ours to bound: its 3×3 convolutions can run in bands of rows
+//! ([`Conv3x3`]), and its mid-block attention over every latent cell a chunk of queries at a
+//! time (a whole 1024² decode holds 16384² f32 scores, 1.07 GB, several times over in
+//! candle's). Only the decoder is loaded: text-to-image never encodes an image.
+//!
+//! The sequence: `post_quant_conv` → `conv_in` → mid block (resnet, attention, resnet) → up
+//! blocks (resnets, then ×2 nearest upsampling and a convolution, but the last) → group norm,
+//! SiLU → `conv_out`.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::conv::{Conv3x3, ConvPlan, conv1x1};
+use super::unet_blocks::{AttentionPlan, attend};
+use super::vae::Tiling;
+
+/// How a decode bounds its working memory: bands and chunks change nothing in the image,
+/// tiles change it slightly (`tests/engine/memory_paths.rs` states by how much).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// Decode in overlapping tiles; `None`: whole.
+    pub tiling: Option<Tiling>,
+    pub conv: ConvPlan,
+    pub attention: AttentionPlan,
+}
+
+/// The decoder's shape, from `vae/config.json`.
+#[derive(Clone, Debug)]
+pub struct DecoderConfig {
+    pub latent_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub groups: usize,
+    pub use_post_quant_conv: bool,
+}
+
+/// Every group norm of the VAE uses this epsilon.
+const EPS: f64 = 1e-6;
+
+/// A residual block without a time embedding: norm, SiLU, conv, twice, plus the input
+/// (through a 1×1 convolution when the channels change).
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv3x3,
+    norm2: GroupNorm,
+    conv2: Conv3x3,
+    shortcut: Option<Conv2d>,
+}
+
+impl Resnet {
+    fn new(vb: VarBuilder, in_channels: usize, out_channels: usize, groups: usize) -> Result<Self> {
+        let shortcut: Option<Conv2d> = if in_channels == out_channels {
+            None
+        } else {
+            Some(conv1x1(vb.pp("conv_shortcut"), in_channels, out_channels)?)
+        };
+        Ok(Self {
+            norm1: candle_nn::group_norm(groups, in_channels, EPS, vb.pp("norm1"))?,
+            conv1: Conv3x3::new(vb.pp("conv1"), in_channels, out_channels)?,
+            norm2: candle_nn::group_norm(groups, out_channels, EPS, vb.pp("norm2"))?,
+            conv2: Conv3x3::new(vb.pp("conv2"), out_channels, out_channels)?,
+            shortcut,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
+        let hidden = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?, plan)?;
+        let hidden = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?, plan)?;
+        match &self.shortcut {
+            Some(shortcut) => shortcut.forward(xs)? + hidden,
+            None => xs + hidden,
+        }
+    }
+}
+
+/// Single-head self-attention over the cells, in f32, residual.
+struct MidAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    scale: f64,
+}
+
+impl MidAttention {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        // Folders converted from old checkpoints name the projections differently.
+        let names = if vb.contains_tensor("to_q.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        let [to_q, to_k, to_v, to_out] = names.map(|name| projection(vb.pp(name), channels));
+        Ok(Self {
+            group_norm: candle_nn::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            to_q: to_q?,
+            to_k: to_k?,
+            to_v: to_v?,
+            to_out: to_out?,
+            scale: (channels as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, plan: AttentionPlan) -> Result<Tensor> {
+        let in_dtype = xs.dtype();
+        let (batch, channels, height, width) = xs.dims4()?;
+        let tokens = self
+            .group_norm
+            .forward(xs)?
+            .reshape((batch, channels, height * width))?
+            .transpose(1, 2)?;
+        let f32_of = |linear: &Linear| linear.forward(&tokens)?.to_dtype(DType::F32);
+        let query = (f32_of(&self.to_q)? * self.scale)?;
+        let key_t = f32_of(&self.to_k)?.t()?.contiguous()?;
+        let value = f32_of(&self.to_v)?;
+        let attended = attend(&query, &key_t, &value, plan)?.to_dtype(in_dtype)?;
+        let out = self
+            .to_out
+            .forward(&attended)?
+            .transpose(1, 2)?
+            .reshape((batch, channels, height, width))?;
+        out + xs
+    }
+}
+
+/// A projection stored as a linear layer, or as a 1×1 convolution's 4-D weight.
+fn projection(vb: VarBuilder, channels: usize) -> Result<Linear> {
+    let weight = match vb.get((channels, channels), "weight") {
+        Ok(weight) => weight,
+        Err(_) => vb
+            .get((channels, channels, 1, 1), "weight")?
+            .reshape((channels, channels))?,
+    };
+    Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+}
+
+/// Resnets, then (but in the last block) ×2 nearest upsampling and a convolution.
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    upsampler: Option<Conv3x3>,
+}
+
+pub struct Decoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv3x3,
+    mid_resnets: [Resnet; 2],
+    mid_attention: MidAttention,
+    up_blocks: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv3x3,
+}
+
+impl Decoder {
+    /// From the VAE folder's weights (`vb` at its root).
+    pub fn new(vb: VarBuilder, config: &DecoderConfig) -> Result<Self> {
+        let groups = config.groups;
+        let channels: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
+        let Some(&deepest) = channels.first() else {
+            candle_core::bail!("the VAE config has no block_out_channels");
+        };
+        let post_quant_conv: Option<Conv2d> = if config.use_post_quant_conv {
+            Some(conv1x1(
+                vb.pp("post_quant_conv"),
+                config.latent_channels,
+                config.latent_channels,
+            )?)
+        } else {
+            None
+        };
+        let vb = vb.pp("decoder");
+        let mid = vb.pp("mid_block");
+        let mid_resnet = |index: usize| {
+            Resnet::new(mid.pp(format!("resnets.{index}")), deepest, deepest, groups)
+        };
+        let mut up_blocks = Vec::with_capacity(channels.len());
+        let mut in_channels = deepest;
+        for (index, &out_channels) in channels.iter().enumerate() {
+            let block = vb.pp(format!("up_blocks.{index}"));
+            let resnets = (0..=config.layers_per_block)
+                .map(|layer| {
+                    let from = if layer == 0 {
+                        in_channels
+                    } else {
+                        out_channels
+                    };
+                    Resnet::new(
+                        block.pp(format!("resnets.{layer}")),
+                        from,
+                        out_channels,
+                        groups,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsampler = if index + 1 < channels.len() {
+                Some(Conv3x3::new(
+                    block.pp("upsamplers.0.conv"),
+                    out_channels,
+                    out_channels,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsampler });
+            in_channels = out_channels;
+        }
+        Ok(Self {
+            post_quant_conv,
+            conv_in: Conv3x3::new(vb.pp("conv_in"), config.latent_channels, deepest)?,
+            mid_resnets: [mid_resnet(0)?, mid_resnet(1)?],
+            mid_attention: MidAttention::new(mid.pp("attentions.0"), deepest, groups)?,
+            up_blocks,
+            norm_out: candle_nn::group_norm(groups, in_channels, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: Conv3x3::new(vb.pp("conv_out"), in_channels, config.out_channels)?,
+        })
+    }
+
+    /// Unscaled latents `(batch, latent_channels, h, w)` → pixels `(batch, 3, h·f, w·f)` in
+    /// roughly `[-1, 1]`, in the decoder's dtype.
+    pub fn forward(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor> {
+        let latents = match &self.post_quant_conv {
+            Some(conv) => conv.forward(latents)?,
+            None => latents.clone(),
+        };
+        let [first, second] = &self.mid_resnets;
+        let mut xs = self.conv_in.forward(&latents, plan.conv)?;
+        xs = first.forward(&xs, plan.conv)?;
+        xs = self.mid_attention.forward(&xs, plan.attention)?;
+        xs = second.forward(&xs, plan.conv)?;
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, plan.conv)?;
+            }
+            if let Some(upsampler) = &block.upsampler {
+                let (_, _, height, width) = xs.dims4()?;
+                let upsampled = xs.upsample_nearest2d(2 * height, 2 * width)?;
+                xs = upsampler.forward(&upsampled, plan.conv)?;
+            }
+        }
+        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs, plan.conv)
+    }
+}

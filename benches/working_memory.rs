@@ -14,7 +14,7 @@ use studio_worker::engine::sd::unet::Unet;
 use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Vae;
 use studio_worker::engine::sd::vae_decoder::DecodePlan;
-use studio_worker::engine::sd::working_memory::{Plan, WorkingMemory};
+use studio_worker::engine::sd::working_memory::{Convolutions, Plan, WorkingMemory};
 
 const SD15_UNET: &str = r#"{
   "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
@@ -82,7 +82,7 @@ fn main() {
         std::fs::write(path, text).unwrap();
     }
     let model = ModelFolder::open(folder.path()).unwrap();
-    let estimate = WorkingMemory::of(&model, DType::F32);
+    let estimate = WorkingMemory::of(&model, DType::F32, Convolutions::Direct);
     let device = Device::Cpu;
     // All-zero weights: never touched pages, so they add almost nothing resident.
     let unet = Unet::new(VarBuilder::zeros(DType::F32, &device), &model.unet).unwrap();

@@ -12,8 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::DType;
 
 use super::device::{DeviceError, SelectedDevice};
-use super::sd::vae::Tiling;
-use super::sd::working_memory::{Plan, WorkingMemory};
+use super::sd::working_memory::{Convolutions, Plan, WorkingMemory};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
 use super::{CancelToken, Engine, EngineError, Generated, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
@@ -33,11 +32,13 @@ struct ServedModel {
     working: WorkingMemory,
 }
 
-/// The bytes of memory free now (on the CPU: the machine's available RAM).
+/// The bytes of memory free now: the GPU's, or on the CPU the machine's available RAM.
 type AvailableMemory = Arc<dyn Fn() -> u64 + Send + Sync>;
 
-/// Jobs of this side (and this many images) are what a CPU engine takes at most.
+/// Jobs of this side (and this many images) are what an engine takes at most: a CPU needs
+/// minutes for a 1024² image already.
 const CPU_MAX_SIDE: u32 = 1024;
+const GPU_MAX_SIDE: u32 = 2048;
 const MIN_SIDE: u32 = 256;
 const MAX_IMAGES: u32 = 4;
 
@@ -55,6 +56,7 @@ pub struct CandleEngine {
     loaded: Mutex<Vec<Loaded>>,
     budget_bytes: u64,
     available_memory: AvailableMemory,
+    convolutions: Convolutions,
 }
 
 /// A model the engine was asked to serve but cannot, and why.
@@ -67,16 +69,18 @@ pub struct RefusedModel {
 impl CandleEngine {
     /// An engine on `device` serving the folders in `models` (id → diffusers folder).
     /// Folders that fail the checks are left out and returned with their reason.
-    /// `budget_mb == 0` means 80 % of the device's memory.
+    /// `budget_mb == 0` means 80 % of the device's memory (no limit when the device does not
+    /// say how much it has).
     pub fn new(
         device: SelectedDevice,
         models: &BTreeMap<String, PathBuf>,
         budget_mb: u64,
     ) -> (Self, Vec<RefusedModel>) {
+        let convolutions = Convolutions::of(&device.device);
         let mut served = BTreeMap::new();
         let mut refused = Vec::new();
         for (model_id, root) in models {
-            match check_folder(root, device.dtype) {
+            match check_folder(root, device.dtype, convolutions) {
                 Ok(model) => {
                     served.insert(model_id.clone(), model);
                 }
@@ -88,15 +92,25 @@ impl CandleEngine {
         }
         let budget_bytes = if budget_mb > 0 {
             budget_mb * 1024 * 1024
-        } else {
+        } else if device.info.memory_mb > 0 {
             (device.info.memory_mb as f64 * DEFAULT_BUDGET_SHARE) as u64 * 1024 * 1024
+        } else {
+            u64::MAX
+        };
+        let available_memory: AvailableMemory = if device.device.is_cpu() {
+            Arc::new(available_ram)
+        } else {
+            let gpu = device.device.clone();
+            // Unknown: do not refuse on a guess.
+            Arc::new(move || super::gpu_memory::free_bytes(&gpu).unwrap_or(u64::MAX))
         };
         let engine = Self {
             device,
             models: Mutex::new(served),
             loaded: Mutex::new(Vec::new()),
             budget_bytes,
-            available_memory: Arc::new(available_ram),
+            available_memory,
+            convolutions,
         };
         (engine, refused)
     }
@@ -110,14 +124,12 @@ impl CandleEngine {
         self
     }
 
-    /// On the CPU, how the job fits in the RAM free now: as it is, with its decode in tiles,
-    /// or also with its attention a chunk at a time; a job that fits no way is refused as out
-    /// of memory before anything is allocated (other models are unloaded first when that
-    /// makes room). A GPU reports its own out-of-memory as an error instead, and runs whole.
+    /// How the job fits the memory free now (the GPU's, or the CPU's RAM): the fastest of
+    /// the device's [`Plan::choices`] that fits, unloading the other models first when only
+    /// that makes room. A job that fits no way is refused as out of memory before anything
+    /// is allocated. (The budget bounds the loaded weights and what is advertised; the free
+    /// memory is what a job can really have, with a game beside it.)
     fn make_room(&self, job: &JobSpec) -> Result<Plan, EngineError> {
-        if !self.device.device.is_cpu() {
-            return Ok(Plan::default());
-        }
         let Some(served) = self
             .models
             .lock()
@@ -145,19 +157,10 @@ impl CandleEngine {
         };
         let weights = if warm { 0 } else { served.memory_bytes };
         let available = (self.available_memory)();
-        // As it is if it fits, else saving what it must; then the same after unloading the
-        // other models.
-        let plans = [
-            Plan::default(),
-            Plan {
-                vae_tiling: Some(Tiling::DEFAULT),
-                ..Plan::default()
-            },
-            Plan::SAVING,
-        ];
         let fits = |room: u64| {
-            plans
-                .into_iter()
+            Plan::choices(self.convolutions)
+                .iter()
+                .copied()
                 .find(|plan| weights + working(*plan) <= room)
         };
         if let Some(plan) = fits(available) {
@@ -171,7 +174,7 @@ impl CandleEngine {
                 .retain(|entry| entry.model_id == job.model);
             return Ok(plan);
         }
-        let needed = weights + working(Plan::SAVING);
+        let needed = weights + working(Plan::most_saving(self.convolutions));
         Err(EngineError::OutOfMemory(format!(
             "a {}×{} job of {} image(s) needs about {} of memory and {} is free",
             job.width,
@@ -182,9 +185,10 @@ impl CandleEngine {
         )))
     }
 
-    /// What a CPU engine advertises: the largest side (and image count) whose job fits the
-    /// memory budget beside every served model's weights, guided (the worst case).
-    fn cpu_limits(&self) -> EngineLimits {
+    /// What the engine advertises: the largest side (and image count) whose job fits the
+    /// memory budget beside every served model's weights, guided (the worst case), with the
+    /// device's most saving plan.
+    fn limits_within_budget(&self) -> EngineLimits {
         let models: Vec<ServedModel> = self
             .models
             .lock()
@@ -192,13 +196,19 @@ impl CandleEngine {
             .values()
             .cloned()
             .collect();
+        let plan = Plan::most_saving(self.convolutions);
         let fits = |side: u32, images: u32| {
             models.iter().all(|model| {
-                model.memory_bytes + model.working.bytes(side, side, images, true, Plan::SAVING)
+                model.memory_bytes + model.working.bytes(side, side, images, true, plan)
                     <= self.budget_bytes
             })
         };
-        let side = (MIN_SIDE / 64..=CPU_MAX_SIDE / 64)
+        let max_side = if self.device.device.is_cpu() {
+            CPU_MAX_SIDE
+        } else {
+            GPU_MAX_SIDE
+        };
+        let side = (MIN_SIDE / 64..=max_side / 64)
             .rev()
             .map(|sixty_fours| sixty_fours * 64)
             .find(|side| fits(*side, 1))
@@ -291,14 +301,7 @@ impl CandleEngine {
 
 impl Engine for CandleEngine {
     fn limits(&self) -> EngineLimits {
-        if self.device.device.is_cpu() {
-            return self.cpu_limits();
-        }
-        EngineLimits {
-            max_width: 2048,
-            max_height: 2048,
-            max_images: MAX_IMAGES,
-        }
+        self.limits_within_budget()
     }
 
     fn ready_models(&self) -> Vec<String> {
@@ -323,7 +326,8 @@ impl Engine for CandleEngine {
     }
 
     fn serve(&self, model_id: &str, folder: &Path) -> Result<(), ServeError> {
-        let model = check_folder(folder, self.device.dtype).map_err(ServeError::Unusable)?;
+        let model = check_folder(folder, self.device.dtype, self.convolutions)
+            .map_err(ServeError::Unusable)?;
         self.models
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -355,6 +359,8 @@ impl Engine for CandleEngine {
         };
         report(Stage::LoadingModel, 0);
         let plan = self.make_room(job)?;
+        // Freed memory stays pooled through the job and goes back after it.
+        let _pool = super::gpu_memory::hold_pool(&self.device.device);
         let pipeline = self.pipeline(&job.model)?;
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
@@ -362,12 +368,11 @@ impl Engine for CandleEngine {
         let request = Request {
             vae_tiling: plan.vae_tiling,
             attention: plan.attention,
+            conv: plan.conv,
             ..Request::from(job)
         };
-        if plan != Plan::default() {
-            tracing::info!(
-                "saving memory: the job would not fit the free memory as it is ({plan:?})"
-            );
+        if plan != Plan::choices(self.convolutions)[0] {
+            tracing::info!("saving memory: the job would not fit as it is ({plan:?})");
         }
         let sampler = job.scheduler.unwrap_or_else(|| pipeline.default_sampler());
         let result = pipeline.generate(
@@ -419,7 +424,11 @@ fn available_ram() -> u64 {
 
 /// The folder's checks (configs, weight files, tensor names and shapes), its weights' size
 /// in memory at `dtype`, and what its jobs take beside them.
-fn check_folder(root: &Path, dtype: DType) -> Result<ServedModel, String> {
+fn check_folder(
+    root: &Path,
+    dtype: DType,
+    convolutions: Convolutions,
+) -> Result<ServedModel, String> {
     // Configs, and every tensor the architecture needs with its shape (headers only).
     let folder = super::sd::open_checked(root).map_err(|error| error.to_string())?;
     let files = folder
@@ -451,7 +460,7 @@ fn check_folder(root: &Path, dtype: DType) -> Result<ServedModel, String> {
     Ok(ServedModel {
         root: root.to_owned(),
         memory_bytes: bytes,
-        working: WorkingMemory::of(&folder, dtype),
+        working: WorkingMemory::of(&folder, dtype, convolutions),
     })
 }
 

@@ -88,7 +88,10 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
         backend: "CUDA",
         reason: super::first_line(&error),
     })?;
-    let (name, memory_mb) = nvidia_smi_facts().unwrap_or_else(|| ("NVIDIA GPU".to_owned(), 0));
+    let (name, memory_mb) = match super::gpu_memory::name_and_total(&device) {
+        Some((name, total_bytes)) => (name, total_bytes / (1024 * 1024)),
+        None => ("NVIDIA GPU".to_owned(), 0),
+    };
     Ok(SelectedDevice {
         device,
         dtype: DType::F16,
@@ -126,28 +129,6 @@ fn open_metal() -> Result<SelectedDevice, DeviceError> {
     })
 }
 
-/// The first GPU's name and total memory from the NVIDIA driver's own tool.
-fn nvidia_smi_facts() -> Option<(String, u64)> {
-    let output = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,memory.total",
-            "--format=csv,noheader,nounits",
-            "--id=0",
-        ])
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    parse_nvidia_smi(&String::from_utf8_lossy(&output.stdout))
-}
-
-fn parse_nvidia_smi(text: &str) -> Option<(String, u64)> {
-    let line = text.lines().next()?;
-    let (name, memory) = line.rsplit_once(',')?;
-    Some((name.trim().to_owned(), memory.trim().parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,14 +149,5 @@ mod tests {
         );
         let refused = select(DevicePreference::Cuda).expect_err("no CUDA in this build");
         assert!(refused.to_string().contains("--features cuda"), "{refused}");
-    }
-
-    #[test]
-    fn nvidia_smi_output_parses() {
-        assert_eq!(
-            parse_nvidia_smi("NVIDIA GeForce RTX 4090, 24564\n"),
-            Some(("NVIDIA GeForce RTX 4090".to_owned(), 24564))
-        );
-        assert_eq!(parse_nvidia_smi("garbage"), None);
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod candle_engine;
 pub mod device;
+pub mod gpu_memory;
 pub(crate) mod noise;
 pub mod sd;
 

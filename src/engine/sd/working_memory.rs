@@ -1,32 +1,39 @@
 //! How much memory a job takes beyond the model's weights: the tensors the denoise loop and
-//! the decode hold at their peak, from the model's configs, the job's size and the [`Plan`].
+//! the decode hold at their peak, from the model's configs, the job's size, the device's way
+//! of convolving and the [`Plan`].
 //!
-//! The estimate follows what the engine does on the CPU: attention scores are computed in
-//! f32 whatever the model runs in, whole or a chunk of query rows at a time, and held twice
-//! (the scores and their softmax; four times in the VAE, whose softmax is not fused); the
-//! UNet keeps every down block's outputs for the skip connections; a 3×3 convolution holds
-//! its input, a channels-last copy of it, its output and a copy of its kernel; the VAE decodes
-//! one image (or one tile) at a time, its last blocks at full resolution with the channels of
-//! the block before. The UNet's and the decode's peaks do not overlap. It errs high, by a
-//! tenth and more: refusing a job that would have fitted costs a retry elsewhere, allocating
-//! past the RAM there is aborts the worker (Rust aborts on a failed allocation) or wakes the
-//! OOM killer.
+//! The estimate follows what the engine does: attention scores are computed in f32 whatever
+//! the model runs in, whole or a chunk of query rows at a time, and held twice (the scores
+//! and their softmax); the UNet keeps every down block's outputs for the skip connections; a
+//! 3×3 convolution holds its input, its output and a copy of its kernel, and on a GPU also
+//! its im2col column buffer (nine times its input; in the VAE bounded by the plan's bands);
+//! the VAE decodes one image (or one tile) at a time, its last blocks at full resolution
+//! with the channels of the block before. The UNet's and the decode's peaks do not overlap.
+//! It errs high, by a tenth and more: refusing a job that would have fitted costs a retry
+//! elsewhere, allocating past the memory there is aborts the worker on the CPU (Rust aborts
+//! on a failed allocation) and fails the job halfway on a GPU.
 //!
-//! Checked against what candle really allocates by `cargo bench --bench working_memory`
-//! (SD 1.5 at 256², 384² and 512²; the table is in `benches/README.md`).
+//! Checked against what candle really allocates on the CPU by `cargo bench --bench
+//! working_memory` (SD 1.5 at 256², 384² and 512²; the table is in `benches/README.md`). The
+//! GPU's terms (the column buffers) are from candle's CUDA source, not yet measured.
 
 use candle_core::DType;
 
+use super::conv::ConvPlan;
 use super::model_folder::ModelFolder;
 use super::unet_blocks::AttentionPlan;
 use super::vae::Tiling;
 
 /// Working tensors a resnet step holds at once, in units of its block's activation.
 const RESNET_TEMPORARIES: u64 = 6;
-/// Copies of the attention matrix alive at once: the scores and their softmax (UNet), or
-/// the scores, their shifted exponentials and the quotient (the VAE's unfused softmax).
-const UNET_ATTENTION_COPIES: u64 = 2;
-const VAE_ATTENTION_COPIES: u64 = 4;
+/// Copies of the attention matrix alive at once: the scores and their softmax.
+const ATTENTION_COPIES: u64 = 2;
+/// A 3×3 convolution's taps: its im2col buffer holds nine values per input value.
+const TAPS: u64 = 9;
+/// The widest input of a UNet convolution, in units of its level's channels: an up block's
+/// first resnet takes the block below's output and the skip beside it (3× at SD's first
+/// level, 320 + 640; 2× elsewhere).
+const UNET_CONV_INPUT: u64 = 3;
 /// Working tensors of the VAE at full resolution, in units of one activation with the
 /// channels that enter the last block: the resnet's input kept for its residual, the
 /// convolution's input, channels-last copy and output, and the group norm's.
@@ -38,22 +45,111 @@ const KERNEL_SCRATCH: u64 = 64 << 20;
 const MARGIN_TENTHS: u64 = 11;
 const F32_BYTES: u64 = 4;
 
-/// How a job is run to save memory: both choices cost time, neither changes the image
+/// How a job is run to save memory: each choice costs some time, none changes the image
 /// beyond what `tests/engine/memory_paths.rs` states.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub attention: AttentionPlan,
     pub vae_tiling: Option<Tiling>,
+    /// The decoder's convolutions in bands (what matters on a GPU; the CPU has no columns).
+    pub conv: ConvPlan,
 }
 
 impl Plan {
-    /// Attention in chunks of 256 MB of scores, and the decode in tiles.
+    /// Everything whole: the fastest, where it fits (the default).
+    pub const WHOLE: Self = Self {
+        attention: AttentionPlan {
+            max_score_bytes: None,
+        },
+        vae_tiling: None,
+        conv: ConvPlan {
+            max_column_bytes: None,
+        },
+    };
+
+    /// Attention in chunks of 256 MB of scores, the decode in tiles, its convolutions in bands.
     pub const SAVING: Self = Self {
         attention: AttentionPlan {
             max_score_bytes: Some(256 << 20),
         },
         vae_tiling: Some(Tiling::DEFAULT),
+        conv: ConvPlan::BANDED,
     };
+
+    /// What a GPU runs when memory is plentiful: bands and 256 MB chunks of scores cost
+    /// little there (each is still a large GEMM) and keep the peak below diffusers'; tiles,
+    /// which change the image slightly, only when needed.
+    pub const GPU: Self = Self {
+        attention: AttentionPlan {
+            max_score_bytes: Some(256 << 20),
+        },
+        vae_tiling: None,
+        conv: ConvPlan::BANDED,
+    };
+
+    /// A GPU's last resort: half-size tiles, smaller bands and chunks.
+    pub const GPU_LEAST: Self = Self {
+        attention: AttentionPlan {
+            max_score_bytes: Some(64 << 20),
+        },
+        vae_tiling: Some(Tiling {
+            tile: 32,
+            overlap: 8,
+        }),
+        conv: ConvPlan {
+            max_column_bytes: Some(64 << 20),
+        },
+    };
+
+    /// The plans a device tries, fastest first; the engine takes the first that fits.
+    pub fn choices(convolutions: Convolutions) -> &'static [Plan] {
+        const TILED: Option<Tiling> = Some(Tiling::DEFAULT);
+        match convolutions {
+            Convolutions::Direct => &[
+                Plan::WHOLE,
+                Plan {
+                    vae_tiling: TILED,
+                    ..Plan::WHOLE
+                },
+                Plan::SAVING,
+            ],
+            Convolutions::Im2col => &[
+                Plan::GPU,
+                Plan {
+                    vae_tiling: TILED,
+                    ..Plan::GPU
+                },
+                Plan::GPU_LEAST,
+            ],
+        }
+    }
+
+    /// The plan that needs the least memory of `choices`.
+    pub fn most_saving(convolutions: Convolutions) -> Plan {
+        Self::choices(convolutions)
+            .last()
+            .copied()
+            .unwrap_or(Plan::SAVING)
+    }
+}
+
+/// How the device convolves, which decides whether a convolution holds column buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convolutions {
+    /// candle's CPU backend: directly, over a channels-last copy of the input.
+    Direct,
+    /// candle's CUDA and Metal backends: im2col, then one GEMM.
+    Im2col,
+}
+
+impl Convolutions {
+    pub fn of(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Self::Direct
+        } else {
+            Self::Im2col
+        }
+    }
 }
 
 /// The sizes the estimate depends on, taken from a model folder once.
@@ -68,11 +164,13 @@ pub struct WorkingMemory {
     /// input): the second of `block_out_channels`.
     vae_full_channels: u64,
     vae_bytes: u64,
+    convolutions: Convolutions,
 }
 
 impl WorkingMemory {
-    /// For `folder` run in `dtype` (its VAE in f32 when it must upcast).
-    pub fn of(folder: &ModelFolder, dtype: DType) -> Self {
+    /// For `folder` run in `dtype` (its VAE in f32 when it must upcast) on a device that
+    /// convolves the way `convolutions` says.
+    pub fn of(folder: &ModelFolder, dtype: DType, convolutions: Convolutions) -> Self {
         let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
             DType::F32
         } else {
@@ -101,6 +199,7 @@ impl WorkingMemory {
                 .copied()
                 .unwrap_or(0) as u64,
             vae_bytes: vae_dtype.size_in_bytes() as u64,
+            convolutions,
         }
     }
 
@@ -128,13 +227,18 @@ impl WorkingMemory {
         }
         // The scores of the widest attention, for the whole batch, or one chunk of them (at
         // least one query row of every head).
-        let mut scores = batch * attention * F32_BYTES;
-        if let Some(budget) = plan.attention.max_score_bytes {
-            let row = scores / (latent_h * latent_w).max(1);
-            scores = scores.min(budget.max(row));
-        }
-        let unet = batch * (skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
-            + UNET_ATTENTION_COPIES * scores;
+        let scores = chunked(
+            batch * attention * F32_BYTES,
+            latent_h * latent_w,
+            plan.attention.max_score_bytes,
+        );
+        // On a GPU, the widest convolution's column buffer (the UNet's are not banded).
+        let unet_columns = match self.convolutions {
+            Convolutions::Direct => 0,
+            Convolutions::Im2col => UNET_CONV_INPUT * largest * TAPS,
+        };
+        let unet = batch * (skips + RESNET_TEMPORARIES * largest + unet_columns) * self.unet_bytes
+            + ATTENTION_COPIES * scores;
 
         // One image (or one tile of it) through the decoder at a time.
         let (decoded_h, decoded_w) = match plan.vae_tiling {
@@ -146,8 +250,23 @@ impl WorkingMemory {
         };
         let decoded_cells = decoded_h * decoded_w;
         let decoded_pixels = decoded_cells * scale * scale;
-        let decode = VAE_TEMPORARIES * self.vae_full_channels * decoded_pixels * self.vae_bytes
-            + VAE_ATTENTION_COPIES * decoded_cells * decoded_cells * F32_BYTES;
+        let full_resolution = self.vae_full_channels * decoded_pixels;
+        let decode_columns = match self.convolutions {
+            Convolutions::Direct => 0,
+            Convolutions::Im2col => chunked(
+                full_resolution * TAPS * self.vae_bytes,
+                decoded_h * scale,
+                plan.conv.max_column_bytes,
+            ),
+        };
+        let decode_scores = chunked(
+            decoded_cells * decoded_cells * F32_BYTES,
+            decoded_cells,
+            plan.attention.max_score_bytes,
+        );
+        let decode = VAE_TEMPORARIES * full_resolution * self.vae_bytes
+            + decode_columns
+            + ATTENTION_COPIES * decode_scores;
 
         // The copy of the largest 3×3 kernel a convolution makes, and the kernels' scratch.
         let widest = self
@@ -161,6 +280,14 @@ impl WorkingMemory {
         let full = u64::from(width) * u64::from(height);
         let pictures = images * full * 3 * (2 * F32_BYTES + 1);
         (unet.max(decode) + overhead) / 10 * MARGIN_TENTHS + pictures
+    }
+}
+
+/// `whole` bytes made of `rows` equal rows, or as many rows as fit `budget` (at least one).
+fn chunked(whole: u64, rows: u64, budget: Option<u64>) -> u64 {
+    match budget {
+        None => whole,
+        Some(budget) => whole.min(budget.max(whole / rows.max(1))),
     }
 }
 
@@ -182,7 +309,107 @@ mod tests {
             vae_scale: 8,
             vae_full_channels: 256,
             vae_bytes: 4,
+            convolutions: Convolutions::Direct,
         }
+    }
+
+    /// SD 1.5 on a GPU: f16 throughout.
+    fn sd15_gpu() -> WorkingMemory {
+        WorkingMemory {
+            unet_bytes: 2,
+            vae_bytes: 2,
+            convolutions: Convolutions::Im2col,
+            ..sd15()
+        }
+    }
+
+    /// SDXL on a GPU: an f16 UNet, its stock VAE upcast to f32.
+    fn sdxl_gpu() -> WorkingMemory {
+        WorkingMemory {
+            unet_blocks: vec![(320, None), (640, Some(10)), (1280, Some(20))],
+            layers_per_block: 2,
+            unet_bytes: 2,
+            vae_scale: 8,
+            vae_full_channels: 256,
+            vae_bytes: 4,
+            convolutions: Convolutions::Im2col,
+        }
+    }
+
+    const GB: u64 = 1_000_000_000;
+    /// The fp16 weights: SD 1.5's UNet, text encoder and VAE; SDXL's, its VAE in f32.
+    const SD15_WEIGHTS: u64 = 2_130_000_000;
+    const SDXL_WEIGHTS: u64 = 7_110_000_000;
+
+    /// The first of `plans` whose job fits `room` beside `weights`.
+    fn first_fitting(memory: &WorkingMemory, weights: u64, room: u64, side: u32) -> Option<Plan> {
+        Plan::choices(Convolutions::Im2col)
+            .iter()
+            .copied()
+            .find(|plan| weights + memory.bytes(side, side, 1, true, *plan) <= room)
+    }
+
+    #[test]
+    fn on_a_gpu_sd15_at_512_runs_whole_within_4_gb() {
+        let memory = sd15_gpu();
+        let job = memory.bytes(512, 512, 1, true, Plan::GPU);
+        eprintln!("SD 1.5 512², guided, GPU plan: {job} bytes beside the weights");
+        assert!(SD15_WEIGHTS + job <= 4 * GB, "{job}");
+        // Plenty of memory: the first (fastest) plan, which never tiles.
+        assert_eq!(
+            first_fitting(&memory, SD15_WEIGHTS, 100 * GB, 512),
+            Some(Plan::GPU)
+        );
+        // Without bands the decode's column buffers alone are 1.2 GB.
+        let unbanded = memory.bytes(512, 512, 1, true, Plan::WHOLE);
+        assert!(unbanded > job + GB / 2, "{unbanded} vs {job}");
+    }
+
+    #[test]
+    fn on_a_12_gb_card_sdxl_at_1024_finds_a_plan_within_10_gb() {
+        let memory = sdxl_gpu();
+        // Whole, the f32 decode at 1024² needs more than a 12 GB card has.
+        let whole = memory.bytes(1024, 1024, 1, true, Plan::WHOLE);
+        assert!(SDXL_WEIGHTS + whole > 12 * GB, "{whole}");
+        let plan = first_fitting(&memory, SDXL_WEIGHTS, 10 * GB, 1024).expect("a plan fits");
+        eprintln!(
+            "SDXL 1024², guided: whole {whole}, within 10 GB {} with {plan:?}",
+            memory.bytes(1024, 1024, 1, true, plan)
+        );
+        assert!(plan.vae_tiling.is_some(), "{plan:?}");
+        // And on a card with memory to spare, nothing is tiled.
+        assert_eq!(
+            first_fitting(&memory, SDXL_WEIGHTS, 100 * GB, 1024),
+            Some(Plan::GPU)
+        );
+    }
+
+    #[test]
+    fn each_gpu_choice_needs_less_than_the_one_before() {
+        for memory in [sd15_gpu(), sdxl_gpu()] {
+            let needs: Vec<u64> = Plan::choices(Convolutions::Im2col)
+                .iter()
+                .map(|plan| memory.bytes(1024, 1024, 1, true, *plan))
+                .collect();
+            assert!(needs.windows(2).all(|pair| pair[1] < pair[0]), "{needs:?}");
+            assert_eq!(
+                Plan::most_saving(Convolutions::Im2col),
+                *Plan::choices(Convolutions::Im2col).last().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_cpu_holds_no_column_buffers() {
+        let cpu = sd15();
+        let banded = Plan {
+            conv: ConvPlan::BANDED,
+            ..Plan::WHOLE
+        };
+        assert_eq!(
+            cpu.bytes(512, 512, 1, true, Plan::WHOLE),
+            cpu.bytes(512, 512, 1, true, banded)
+        );
     }
 
     #[test]

@@ -1,0 +1,149 @@
+//! The GPU's memory as the engine plans with it: how much is free now (other programs, a
+//! game above all, use the same card), and the allocator's pool, held through a job and
+//! given back after it.
+//!
+//! candle allocates on CUDA from the device's stream-ordered pool (`cuMemAllocAsync`). With
+//! the pool's default release threshold of 0 every synchronisation hands freed memory back
+//! to the driver, and the next step asks for it again. During a job the threshold is raised
+//! so freed blocks stay for reuse; after it the pool is trimmed and the threshold lowered, so
+//! an idle worker holds only its loaded weights. On Metal and the CPU there is nothing to
+//! ask or hold: the engine plans with the machine's available RAM there.
+
+use candle_core::Device;
+
+/// Bytes of the GPU's memory free now; `None` where the device cannot say (CPU, Metal, or
+/// a failed query), and the caller plans with what it knows otherwise.
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::free_bytes(cuda),
+        _ => None,
+    }
+}
+
+/// The GPU's name and total memory in bytes, from its driver (`None` off CUDA or when the
+/// driver does not say).
+pub fn name_and_total(device: &Device) -> Option<(String, u64)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::name_and_total(cuda),
+        _ => None,
+    }
+}
+
+/// Keeps the allocator's freed memory pooled until dropped, then gives it back.
+#[must_use = "the pool is given back when this is dropped"]
+pub struct PoolHold {
+    /// The device whose pool is held (`None`: nothing was).
+    held: Option<Device>,
+}
+
+/// Holds `device`'s pool for the length of a job.
+pub fn hold_pool(device: &Device) -> PoolHold {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            cuda_pool::set_release_threshold(cuda, u64::MAX);
+            PoolHold {
+                held: Some(device.clone()),
+            }
+        }
+        _ => PoolHold { held: None },
+    }
+}
+
+impl Drop for PoolHold {
+    fn drop(&mut self) {
+        let Some(device) = &self.held else {
+            return;
+        };
+        if let Err(error) = device.synchronize() {
+            tracing::warn!("the GPU did not finish its work: {error}");
+        }
+        match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => cuda_pool::give_back(cuda),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::CudaDevice;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+
+    pub fn free_bytes(cuda: &CudaDevice) -> Option<u64> {
+        match cuda.cuda_stream().context().mem_get_info() {
+            Ok((free, _total)) => Some(free as u64),
+            Err(error) => {
+                tracing::warn!("cannot read the GPU's free memory: {error}");
+                None
+            }
+        }
+    }
+
+    pub fn name_and_total(cuda: &CudaDevice) -> Option<(String, u64)> {
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        match (context.name(), context.total_mem()) {
+            (Ok(name), Ok(total)) => Some((name, total as u64)),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!("the GPU's driver did not name it or its memory: {error}");
+                None
+            }
+        }
+    }
+
+    /// The device's default pool (the one `cuMemAllocAsync` draws from), its context bound.
+    fn default_pool(cuda: &CudaDevice) -> Option<sys::CUmemoryPool> {
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        if !context.has_async_alloc() {
+            return None; // plain cuMemAlloc: no pool to hold or trim
+        }
+        if let Err(error) = context.bind_to_thread() {
+            tracing::warn!("cannot reach the GPU's memory pool: {error}");
+            return None;
+        }
+        // SAFETY: the device handle comes from a live context, as the call requires.
+        match unsafe { result::device::get_mem_pool(context.cu_device()) } {
+            Ok(pool) => Some(pool),
+            Err(error) => {
+                tracing::warn!("cannot reach the GPU's memory pool: {error}");
+                None
+            }
+        }
+    }
+
+    pub fn set_release_threshold(cuda: &CudaDevice, bytes: u64) {
+        let Some(pool) = default_pool(cuda) else {
+            return;
+        };
+        let mut value = bytes;
+        // SAFETY: the pool is the device's live default pool; the release threshold
+        // attribute is a cuuint64_t, which `value` is.
+        let set = unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&raw mut value).cast(),
+            )
+        };
+        if let Err(error) = set {
+            tracing::debug!("the GPU pool's release threshold stays as it was: {error}");
+        }
+    }
+
+    /// Lowers the threshold back to 0 and trims the pool empty (the device is idle).
+    pub fn give_back(cuda: &CudaDevice) {
+        set_release_threshold(cuda, 0);
+        let Some(pool) = default_pool(cuda) else {
+            return;
+        };
+        // SAFETY: the device's live default pool; nothing is in flight after the sync.
+        if let Err(error) = unsafe { result::mem_pool::trim_to(pool, 0) } {
+            tracing::debug!("the GPU pool was not trimmed: {error}");
+        }
+    }
+}

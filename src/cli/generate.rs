@@ -1,7 +1,9 @@
-//! `studio-worker generate`: one job on this PC, without the studio. It shows a progress
+//! `studio-worker generate`: one job on this PC, without the studio, through the same engine
+//! as a studio job (memory plan, GPU preparation, out-of-memory refusal). It shows a progress
 //! bar, writes PNGs that carry their generation parameters (an iTXt `parameters` chunk, the
 //! layout other Stable Diffusion tools read) and prints the seed. It is also how a person
-//! checks that their GPU works before registering.
+//! checks that their GPU works before registering, and, with `--repeat`, how the GPU bench
+//! times warm jobs.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -11,11 +13,13 @@ use anyhow::Context as _;
 
 use super::UsageError;
 use crate::config::{self, Paths};
-use crate::engine::device;
-use crate::engine::sd::{Request, StableDiffusion, Stage};
+use crate::engine::candle_engine::CandleEngine;
+use crate::engine::sd::ModelFacts;
+use crate::engine::{CancelToken, Engine as _, device};
 use crate::image_file;
 use crate::vocab::device::DevicePreference;
 use crate::vocab::job::{self, EngineLimits, JobSpec, Scheduler};
+use crate::vocab::progress::{JobProgress, Stage};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -58,6 +62,10 @@ pub struct GenerateArgs {
     /// Where to write the PNG; with several images, `NAME-1.png`, `NAME-2.png`…
     #[arg(long, value_name = "FILE.png")]
     pub out: PathBuf,
+    /// Run the same job this many times, each timed (the images of the last are written):
+    /// the first shows the model's loading, the others a warm engine.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
 }
 
 pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
@@ -84,36 +92,56 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
     }
     let (model_name, root) = resolve_model(paths, &args)?;
 
+    let facts = ModelFacts::read(&root).with_context(|| format!("cannot read {model_name}"))?;
+    let defaults = crate::models::catalog::find(&model_name)
+        .filter(|_| args.model.is_some())
+        .map(|entry| entry.defaults);
+    let spec = job_for(&args, &model_name, facts, scheduler, defaults)?;
+
     let selected = device::select(args.device).map_err(|error| usage(error.to_string()))?;
     if let Some(reason) = &selected.fallback_reason {
         eprintln!("note: {reason}");
     }
     eprintln!("device: {} ({:?})", selected.info.name, selected.dtype);
-    let started = Instant::now();
-    let pipeline = StableDiffusion::load(&root, &selected.device, selected.dtype)
-        .with_context(|| format!("cannot load {model_name}"))?;
-    eprintln!(
-        "loaded {model_name} in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    let models = [(model_name.clone(), root)].into_iter().collect();
+    let (engine, refused) = CandleEngine::new(selected, &models, 0);
+    if let Some(refused) = refused.first() {
+        anyhow::bail!("{model_name} cannot run: {}", refused.reason);
+    }
+    if engine.needs_preparing() {
+        eprintln!("preparing the GPU (once after a driver update)…");
+        let started = Instant::now();
+        engine.prepare().context("the GPU could not be prepared")?;
+        eprintln!("prepared in {:.2} s", started.elapsed().as_secs_f64());
+    }
 
-    let defaults = crate::models::catalog::find(&model_name)
-        .filter(|_| args.model.is_some())
-        .map(|entry| entry.defaults);
-    let spec = job_for(&args, &model_name, &pipeline, scheduler, defaults)?;
-    let sampler = spec.scheduler.unwrap_or_else(|| pipeline.default_sampler());
-    let mut bar = ProgressBar::new();
-    let started = Instant::now();
-    let images = pipeline
-        .generate(&Request::from(&spec), &mut |stage| bar.show(stage), &|| {
-            false
-        })
-        .context("generation failed")?;
-    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    let mut generated = None;
+    for run in 1..=args.repeat {
+        let mut bar = ProgressBar::new();
+        let started = Instant::now();
+        let images = engine
+            .generate(
+                &spec,
+                &mut |progress| bar.show(progress),
+                &CancelToken::new(),
+            )
+            .context("generation failed")?;
+        let seconds = started.elapsed().as_secs_f64();
+        if args.repeat > 1 {
+            eprintln!("run {run}/{}: done in {seconds:.3} s", args.repeat);
+        } else {
+            eprintln!("done in {seconds:.1} s");
+        }
+        generated = Some(images);
+    }
+    let Some(generated) = generated else {
+        anyhow::bail!("--repeat is at least 1");
+    };
 
-    let parameters = image_file::parameters_text(&spec, sampler);
-    for (index, image) in images.iter().enumerate() {
-        let path = output_path(&args.out, index, images.len());
+    let parameters = image_file::parameters_text(&spec, generated.sampler);
+    let count = generated.images.len();
+    for (index, image) in generated.images.iter().enumerate() {
+        let path = output_path(&args.out, index, count);
         let png = image_file::encode_png(image, &parameters)?;
         std::fs::write(&path, png).with_context(|| format!("cannot write {}", path.display()))?;
         println!("{}", path.display());
@@ -156,13 +184,13 @@ fn resolve_model(paths: &Paths, args: &GenerateArgs) -> anyhow::Result<(String, 
 fn job_for(
     args: &GenerateArgs,
     model_name: &str,
-    pipeline: &StableDiffusion,
+    facts: ModelFacts,
     scheduler: Option<Scheduler>,
     defaults: Option<crate::models::catalog::JobDefaults>,
 ) -> anyhow::Result<JobSpec> {
     let usage = |error: job::OutOfRange| anyhow::Error::new(UsageError(error.0));
-    let few_step = pipeline.is_few_step();
-    let native = defaults.map_or(pipeline.native_size() as u32, |defaults| defaults.size);
+    let few_step = facts.few_step;
+    let native = defaults.map_or(facts.native_size as u32, |defaults| defaults.size);
     let steps = args.steps.unwrap_or(match defaults {
         Some(defaults) => defaults.steps,
         None if few_step => 4,
@@ -174,7 +202,7 @@ fn job_for(
         None => 7.5,
     });
     // Tiny test models have a smaller latent factor; a side still needs one latent cell.
-    let min_side = (pipeline.vae_scale_factor() as u32).max(8);
+    let min_side = (facts.vae_scale_factor as u32).max(8);
     let unlimited = EngineLimits {
         max_width: job::MAX_SIDE,
         max_height: job::MAX_SIDE,
@@ -250,22 +278,25 @@ impl ProgressBar {
         }
     }
 
-    fn show(&mut self, stage: Stage) {
+    fn show(&mut self, progress: JobProgress) {
         let mut stderr = std::io::stderr().lock();
-        match stage {
+        match progress.stage {
+            // Loading is silent: a warm engine reports it too, and it takes no time then.
+            Stage::LoadingModel | Stage::Uploading => {}
             Stage::Encoding => {
                 let _ = writeln!(stderr, "reading the prompt…");
                 self.started = Instant::now();
             }
-            Stage::Denoising { step, total } => {
-                let per_step = self.started.elapsed().as_secs_f64() / step.max(1) as f64;
-                let remaining = per_step * total.saturating_sub(step) as f64;
+            Stage::Denoising => {
+                let (step, total) = (progress.step, progress.total_steps);
+                let per_step = self.started.elapsed().as_secs_f64() / f64::from(step.max(1));
+                let remaining = per_step * f64::from(total.saturating_sub(step));
                 let width = 30;
-                let filled = width * step / total.max(1);
+                let filled = (width * step / total.max(1)) as usize;
                 let line = format!(
                     "drawing [{}{}] {step}/{total}  {per_step:.2} s/step  ~{remaining:.0} s left",
                     "#".repeat(filled),
-                    "-".repeat(width - filled)
+                    "-".repeat(width as usize - filled)
                 );
                 if self.interactive {
                     let _ = write!(stderr, "\r{line}");
@@ -307,12 +338,10 @@ mod tests {
     #[test]
     fn what_the_arguments_leave_out_comes_from_the_catalog_then_the_folder() {
         let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
-        let pipeline =
-            StableDiffusion::load(&folder, &candle_core::Device::Cpu, candle_core::DType::F32)
-                .expect("fixture loads");
+        let facts = ModelFacts::read(&folder).expect("fixture reads");
 
         // A folder alone: its trained size (32 latents × 2), 25 steps at 7.5, its own sampler.
-        let request = job_for(&args(&[]), "tiny", &pipeline, None, None).unwrap();
+        let request = job_for(&args(&[]), "tiny", facts, None, None).unwrap();
         assert_eq!(
             (request.width, request.steps, request.guidance_scale),
             (64, 25, 7.5)
@@ -326,7 +355,7 @@ mod tests {
             guidance_scale: 0.0,
             scheduler: Scheduler::EulerA,
         };
-        let request = job_for(&args(&[]), "tiny", &pipeline, None, Some(turbo)).unwrap();
+        let request = job_for(&args(&[]), "tiny", facts, None, Some(turbo)).unwrap();
         assert_eq!(
             (request.width, request.steps, request.guidance_scale),
             (128, 1, 0.0)
@@ -335,7 +364,7 @@ mod tests {
         let request = job_for(
             &args(&["--steps", "3", "--width", "64"]),
             "tiny",
-            &pipeline,
+            facts,
             Some(Scheduler::Ddim),
             Some(turbo),
         )

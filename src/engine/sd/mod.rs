@@ -141,13 +141,7 @@ impl StableDiffusion {
     pub fn load(root: &Path, device: &Device, dtype: DType) -> Result<Self, SdError> {
         let folder = ModelFolder::open(root)?;
         let files = folder.weight_files(dtype)?;
-        let schedule =
-            NoiseSchedule::from_file(&folder.scheduler).map_err(|Unrunnable(reason)| {
-                FolderError::Invalid {
-                    file: "scheduler/scheduler_config.json".to_owned(),
-                    reason,
-                }
-            })?;
+        let schedule = noise_schedule(&folder)?;
         let weights = |path: &Path, dtype: DType| -> Result<VarBuilder<'static>, SdError> {
             // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's
             // own examples, safetensors' Python side) we assume it is not truncated while
@@ -198,23 +192,9 @@ impl StableDiffusion {
         self.folder.family
     }
 
-    /// Pixels per latent cell along each side (8 for real models).
-    pub fn vae_scale_factor(&self) -> usize {
-        self.folder.vae.scale_factor()
-    }
-
-    /// The image side the model was trained at (512 for SD 1.5, 1024 for SDXL).
-    pub fn native_size(&self) -> usize {
-        self.folder
-            .unet
-            .sample_size
-            .map_or(512, |latent| latent * self.vae_scale_factor())
-    }
-
-    /// Distilled few-step models (SD-Turbo, SDXL-Turbo) ship trailing timestep spacing;
-    /// they want 1–4 steps and no guidance.
-    pub fn is_few_step(&self) -> bool {
-        self.schedule.spacing == schedulers::Spacing::Trailing
+    /// What the folder says about the jobs it wants.
+    pub fn facts(&self) -> ModelFacts {
+        ModelFacts::of(&self.folder, &self.schedule)
     }
 
     pub fn default_sampler(&self) -> Scheduler {
@@ -245,7 +225,7 @@ impl StableDiffusion {
 
         let scheduler = request.scheduler.unwrap_or_else(|| self.default_sampler());
         let mut sampler = schedulers::build(scheduler, &self.schedule, request.steps);
-        let factor = self.vae_scale_factor();
+        let factor = self.folder.vae.scale_factor();
         let shape = [
             1,
             self.folder.vae.latent_channels,
@@ -494,6 +474,49 @@ impl StableDiffusion {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&images, 0)?)
     }
+}
+
+/// What a model folder says about the jobs it wants, read without loading its weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelFacts {
+    /// The image side the model was trained at (512 for SD 1.5, 1024 for SDXL).
+    pub native_size: usize,
+    /// Pixels per latent cell along each side (8 for real models).
+    pub vae_scale_factor: usize,
+    /// Distilled few-step models (SD-Turbo, SDXL-Turbo) ship trailing timestep spacing;
+    /// they want 1–4 steps and no guidance.
+    pub few_step: bool,
+    pub default_sampler: Scheduler,
+}
+
+impl ModelFacts {
+    pub fn read(root: &Path) -> Result<Self, SdError> {
+        let folder = ModelFolder::open(root)?;
+        let schedule = noise_schedule(&folder)?;
+        Ok(Self::of(&folder, &schedule))
+    }
+
+    fn of(folder: &ModelFolder, schedule: &NoiseSchedule) -> Self {
+        let vae_scale_factor = folder.vae.scale_factor();
+        Self {
+            native_size: folder
+                .unet
+                .sample_size
+                .map_or(512, |latent| latent * vae_scale_factor),
+            vae_scale_factor,
+            few_step: schedule.spacing == schedulers::Spacing::Trailing,
+            default_sampler: schedule.default_sampler(),
+        }
+    }
+}
+
+fn noise_schedule(folder: &ModelFolder) -> Result<NoiseSchedule, SdError> {
+    NoiseSchedule::from_file(&folder.scheduler).map_err(|Unrunnable(reason)| {
+        SdError::Folder(FolderError::Invalid {
+            file: "scheduler/scheduler_config.json".to_owned(),
+            reason,
+        })
+    })
 }
 
 /// Opens the folder and checks that its weight files hold every tensor its architecture

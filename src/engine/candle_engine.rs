@@ -13,7 +13,7 @@ use candle_core::DType;
 
 use super::device::{DeviceError, SelectedDevice};
 use super::sd::working_memory::{Convolutions, Plan, WorkingMemory};
-use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage};
+use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage, TextPlacement};
 use super::{CancelToken, Engine, EngineError, Generated, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
 use crate::vocab::job::{EngineLimits, JobSpec};
@@ -28,6 +28,8 @@ struct ServedModel {
     root: PathBuf,
     /// Bytes its weights take in memory at the engine's dtype (an estimate).
     memory_bytes: u64,
+    /// Of which its text encoders'.
+    text_bytes: u64,
     /// What a job takes on top of the weights.
     working: WorkingMemory,
 }
@@ -45,7 +47,15 @@ const MAX_IMAGES: u32 = 4;
 struct Loaded {
     model_id: String,
     pipeline: Arc<StableDiffusion>,
+    /// What it holds on the device (its text encoders' share not, when they are on the CPU).
     memory_bytes: u64,
+}
+
+/// How a job runs: its memory plan, and where its model's text encoders go if it loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Placement {
+    plan: Plan,
+    text: TextPlacement,
 }
 
 pub struct CandleEngine {
@@ -57,6 +67,9 @@ pub struct CandleEngine {
     budget_bytes: u64,
     available_memory: AvailableMemory,
     convolutions: Convolutions,
+    /// Whether a model's text encoders may go to the CPU to leave the device room (on a
+    /// GPU; on the CPU they are there already).
+    text_can_move: bool,
 }
 
 /// A model the engine was asked to serve but cannot, and why.
@@ -104,6 +117,7 @@ impl CandleEngine {
             // Unknown: do not refuse on a guess.
             Arc::new(move || super::gpu_memory::free_bytes(&gpu).unwrap_or(u64::MAX))
         };
+        let text_can_move = !device.device.is_cpu();
         let engine = Self {
             device,
             models: Mutex::new(served),
@@ -111,6 +125,7 @@ impl CandleEngine {
             budget_bytes,
             available_memory,
             convolutions,
+            text_can_move,
         };
         (engine, refused)
     }
@@ -125,11 +140,12 @@ impl CandleEngine {
     }
 
     /// How the job fits the memory free now (the GPU's, or the CPU's RAM): the fastest of
-    /// the device's [`Plan::choices`] that fits, unloading the other models first when only
-    /// that makes room. A job that fits no way is refused as out of memory before anything
-    /// is allocated. (The budget bounds the loaded weights and what is advertised; the free
-    /// memory is what a job can really have, with a game beside it.)
-    fn make_room(&self, job: &JobSpec) -> Result<Plan, EngineError> {
+    /// the device's [`Plan::choices`] that fits; on a GPU, when none does, the same with the
+    /// model's text encoders on the CPU (if it is not loaded yet); and only then after
+    /// unloading the other models. A job that fits no way is refused as out of memory before
+    /// anything is allocated. (The budget bounds the loaded weights and what is advertised;
+    /// the free memory is what a job can really have, with a game beside it.)
+    fn make_room(&self, job: &JobSpec) -> Result<Placement, EngineError> {
         let Some(served) = self
             .models
             .lock()
@@ -137,7 +153,7 @@ impl CandleEngine {
             .get(&job.model)
             .cloned()
         else {
-            return Ok(Plan::default()); // `pipeline` says it is not served
+            return Ok(Placement::default()); // `pipeline` says it is not served
         };
         let guided = job.guidance_scale > 1.0;
         let working = |plan| {
@@ -155,26 +171,44 @@ impl CandleEngine {
                 .sum();
             (warm, others)
         };
-        let weights = if warm { 0 } else { served.memory_bytes };
+        // The weights that would come onto the device, by where the text encoders go.
+        let mut placements = vec![(TextPlacement::WithModel, served.memory_bytes)];
+        if self.text_can_move && served.text_bytes > 0 {
+            placements.push((
+                TextPlacement::Cpu,
+                served.memory_bytes.saturating_sub(served.text_bytes),
+            ));
+        }
+        if warm {
+            placements = vec![(TextPlacement::WithModel, 0)]; // as it was loaded
+        }
         let available = (self.available_memory)();
         let fits = |room: u64| {
-            Plan::choices(self.convolutions)
-                .iter()
-                .copied()
-                .find(|plan| weights + working(*plan) <= room)
+            placements.iter().find_map(|&(text, weights)| {
+                Plan::choices(self.convolutions)
+                    .iter()
+                    .copied()
+                    .find(|plan| weights + working(*plan) <= room)
+                    .map(|plan| Placement { plan, text })
+            })
         };
-        if let Some(plan) = fits(available) {
-            return Ok(plan);
+        if let Some(placement) = fits(available) {
+            return Ok(placement);
         }
-        if let Some(plan) = fits(available.saturating_add(others)) {
+        if let Some(placement) = fits(available.saturating_add(others)) {
             tracing::info!("unloading the other models to make room for this job");
             self.loaded
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|entry| entry.model_id == job.model);
-            return Ok(plan);
+            return Ok(placement);
         }
-        let needed = weights + working(Plan::most_saving(self.convolutions));
+        let least_weights = placements
+            .iter()
+            .map(|&(_, weights)| weights)
+            .min()
+            .unwrap_or(0);
+        let needed = least_weights + working(Plan::most_saving(self.convolutions));
         Err(EngineError::OutOfMemory(format!(
             "a {}×{} job of {} image(s) needs about {} of memory and {} is free",
             job.width,
@@ -247,8 +281,13 @@ impl CandleEngine {
         Ok(engine)
     }
 
-    /// The pipeline for `model_id`, loading it (and making room) when it is not warm.
-    fn pipeline(&self, model_id: &str) -> Result<Arc<StableDiffusion>, EngineError> {
+    /// The pipeline for `model_id`, loading it (its text encoders where `text` says, and
+    /// making room) when it is not warm.
+    fn pipeline(
+        &self,
+        model_id: &str,
+        text: TextPlacement,
+    ) -> Result<Arc<StableDiffusion>, EngineError> {
         let served = self
             .models
             .lock()
@@ -277,13 +316,25 @@ impl CandleEngine {
             let evicted = loaded.remove(0);
             tracing::info!("unloading {} to make room for {model_id}", evicted.model_id);
         }
-        let pipeline = StableDiffusion::load(&served.root, &self.device.device, self.device.dtype)
-            .map_err(|error| engine_error(error, model_id))?;
+        if text == TextPlacement::Cpu {
+            tracing::info!("the text encoders of {model_id} run on the CPU, to leave the GPU room");
+        }
+        let pipeline = StableDiffusion::load_placed(
+            &served.root,
+            &self.device.device,
+            self.device.dtype,
+            text,
+        )
+        .map_err(|error| engine_error(error, model_id))?;
         let pipeline = Arc::new(pipeline);
+        let memory_bytes = match text {
+            TextPlacement::WithModel => served.memory_bytes,
+            TextPlacement::Cpu => served.memory_bytes.saturating_sub(served.text_bytes),
+        };
         loaded.push(Loaded {
             model_id: model_id.to_owned(),
             pipeline: pipeline.clone(),
-            memory_bytes: served.memory_bytes,
+            memory_bytes,
         });
         Ok(pipeline)
     }
@@ -358,10 +409,10 @@ impl Engine for CandleEngine {
             });
         };
         report(Stage::LoadingModel, 0);
-        let plan = self.make_room(job)?;
+        let Placement { plan, text } = self.make_room(job)?;
         // Freed memory stays pooled through the job and goes back after it.
         let _pool = super::gpu_memory::hold_pool(&self.device.device);
-        let pipeline = self.pipeline(&job.model)?;
+        let pipeline = self.pipeline(&job.model, text)?;
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
@@ -434,16 +485,7 @@ fn check_folder(
     let files = folder
         .weight_files(dtype)
         .map_err(|error| error.to_string())?;
-    let mut bytes = 0;
-    for path in [
-        Some(&files.unet),
-        Some(&files.vae),
-        Some(&files.text_encoder),
-    ]
-    .into_iter()
-    .chain([files.text_encoder_2.as_ref()])
-    .flatten()
-    {
+    let in_memory = |path: &PathBuf, dtype: DType| -> Result<u64, String> {
         let size = std::fs::metadata(path)
             .map_err(|error| format!("{}: {error}", path.display()))?
             .len();
@@ -451,15 +493,30 @@ fn check_folder(
             .file_name()
             .is_some_and(|name| name.to_string_lossy().contains(".fp16."));
         // An f32 file loaded in f16 takes half its size; an f16 file loaded in f32 twice.
-        bytes += match (half_file, dtype) {
+        Ok(match (half_file, dtype) {
             (false, DType::F16 | DType::BF16) => size / 2,
             (true, DType::F32) => size * 2,
             _ => size,
-        };
+        })
+    };
+    let mut text_bytes = 0;
+    for path in [Some(&files.text_encoder), files.text_encoder_2.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        text_bytes += in_memory(path, dtype)?;
     }
+    // A VAE that must upcast runs in f32 on a GPU.
+    let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    };
+    let bytes = text_bytes + in_memory(&files.unet, dtype)? + in_memory(&files.vae, vae_dtype)?;
     Ok(ServedModel {
         root: root.to_owned(),
         memory_bytes: bytes,
+        text_bytes,
         working: WorkingMemory::of(&folder, dtype, convolutions),
     })
 }
@@ -480,5 +537,86 @@ fn engine_error(error: SdError, model_id: &str) -> EngineError {
                 EngineError::Internal(message)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::CancelToken;
+    use crate::vocab::job::Scheduler;
+
+    fn tiny_sdxl_engine() -> CandleEngine {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sdxl");
+        let models = [("tiny-sdxl".to_owned(), root)].into_iter().collect();
+        let device = super::super::device::select(DevicePreference::Cpu).unwrap();
+        let (engine, refused) = CandleEngine::new(device, &models, 0);
+        assert!(refused.is_empty(), "{refused:?}");
+        engine
+    }
+
+    fn job() -> JobSpec {
+        JobSpec {
+            job_id: "j1".to_owned(),
+            model: "tiny-sdxl".to_owned(),
+            prompt: "a red fox".to_owned(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            steps: 2,
+            guidance_scale: 5.0,
+            seed: 3,
+            num_images: 1,
+            scheduler: Some(Scheduler::Euler),
+            lease: std::time::Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn text_encoders_go_to_the_cpu_when_only_that_leaves_the_device_room() {
+        let plain = tiny_sdxl_engine();
+        let served = plain.models.lock().unwrap()["tiny-sdxl"].clone();
+        assert!(served.text_bytes > 0 && served.text_bytes < served.memory_bytes);
+        let working = served
+            .working
+            .bytes(64, 64, 1, true, Plan::most_saving(plain.convolutions));
+        let whole = plain
+            .generate(&job(), &mut |_| {}, &CancelToken::new())
+            .unwrap();
+
+        // Room for everything but the text encoders, as on a GPU.
+        let room = served.memory_bytes - served.text_bytes / 2 + working;
+        let mut engine = tiny_sdxl_engine().with_available_memory(move || room);
+        engine.text_can_move = true;
+        assert_eq!(engine.make_room(&job()).unwrap().text, TextPlacement::Cpu);
+        let moved = engine
+            .generate(&job(), &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        assert_eq!(moved.images, whole.images, "where they run changes nothing");
+        let loaded = engine.loaded.lock().unwrap();
+        assert_eq!(
+            loaded[0].memory_bytes,
+            served.memory_bytes - served.text_bytes
+        );
+        drop(loaded);
+        // Warm, it stays as it was loaded.
+        assert_eq!(
+            engine.make_room(&job()).unwrap().text,
+            TextPlacement::WithModel
+        );
+
+        // With room for everything, they stay with the model; where they cannot move, a
+        // device without the room refuses before loading.
+        let mut roomy = tiny_sdxl_engine().with_available_memory(|| u64::MAX);
+        roomy.text_can_move = true;
+        assert_eq!(
+            roomy.make_room(&job()).unwrap().text,
+            TextPlacement::WithModel
+        );
+        let fixed = tiny_sdxl_engine().with_available_memory(move || room);
+        assert!(matches!(
+            fixed.make_room(&job()),
+            Err(EngineError::OutOfMemory(_))
+        ));
     }
 }

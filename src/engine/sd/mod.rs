@@ -122,6 +122,20 @@ pub struct Conditioning {
 struct TextStack {
     tokenizer: ClipTokenizer,
     encoder: ClipTextEncoder,
+    /// Where the encoder's weights are (the model's device, or the CPU).
+    device: Device,
+}
+
+/// Where a pipeline's text encoders live. Encoding is one pass over 77 tokens per prompt, so
+/// on the CPU it costs a fraction of a second and frees their GPU memory for the UNet and the
+/// decode (SDXL's two encoders are 1.6 GB in f16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TextPlacement {
+    /// On the model's device, in its dtype.
+    #[default]
+    WithModel,
+    /// On the CPU in f32; their output moves to the model's device.
+    Cpu,
 }
 
 /// A loaded pipeline: weights on `device`, ready to run jobs.
@@ -139,23 +153,39 @@ pub struct StableDiffusion {
 impl StableDiffusion {
     /// Loads the folder's weights (memory-mapped safetensors) onto `device` in `dtype`.
     pub fn load(root: &Path, device: &Device, dtype: DType) -> Result<Self, SdError> {
+        Self::load_placed(root, device, dtype, TextPlacement::WithModel)
+    }
+
+    /// The same, with the text encoders where `text` says.
+    pub fn load_placed(
+        root: &Path,
+        device: &Device,
+        dtype: DType,
+        text: TextPlacement,
+    ) -> Result<Self, SdError> {
         let folder = ModelFolder::open(root)?;
         let files = folder.weight_files(dtype)?;
         let schedule = noise_schedule(&folder)?;
-        let weights = |path: &Path, dtype: DType| -> Result<VarBuilder<'static>, SdError> {
-            // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's
-            // own examples, safetensors' Python side) we assume it is not truncated while
-            // in use. The model manager never rewrites a file that is loaded.
-            Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? })
+        let weights =
+            |path: &Path, dtype: DType, device: &Device| -> Result<VarBuilder<'static>, SdError> {
+                // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's
+                // own examples, safetensors' Python side) we assume it is not truncated while
+                // in use. The model manager never rewrites a file that is loaded.
+                Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? })
+            };
+        let (text_device, text_dtype) = match text {
+            TextPlacement::WithModel => (device.clone(), dtype),
+            TextPlacement::Cpu => (Device::Cpu, DType::F32),
         };
 
         let max_length = folder.text_encoder.max_position_embeddings;
         let text = TextStack {
             tokenizer: ClipTokenizer::load(root, "tokenizer", max_length)?,
             encoder: ClipTextEncoder::new(
-                weights(&files.text_encoder, dtype)?,
+                weights(&files.text_encoder, text_dtype, &text_device)?,
                 &folder.text_encoder,
             )?,
+            device: text_device.clone(),
         };
         let text_2 = match (&folder.text_encoder_2, &files.text_encoder_2) {
             (Some(config), Some(path)) => Some(TextStack {
@@ -164,18 +194,19 @@ impl StableDiffusion {
                     "tokenizer_2",
                     config.max_position_embeddings,
                 )?,
-                encoder: ClipTextEncoder::new(weights(path, dtype)?, config)?,
+                encoder: ClipTextEncoder::new(weights(path, text_dtype, &text_device)?, config)?,
+                device: text_device,
             }),
             _ => None,
         };
-        let unet = Unet::new(weights(&files.unet, dtype)?, &folder.unet)?;
+        let unet = Unet::new(weights(&files.unet, dtype, device)?, &folder.unet)?;
         // A VAE that overflows in f16 (force_upcast) decodes in f32: no black images.
         let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let vae = Vae::new(weights(&files.vae, vae_dtype)?, &folder.vae)?;
+        let vae = Vae::new(weights(&files.vae, vae_dtype, device)?, &folder.vae)?;
         Ok(Self {
             folder,
             device: device.clone(),
@@ -344,9 +375,9 @@ impl StableDiffusion {
         })
     }
 
-    /// One prompt through the text encoder(s): `(hidden states (1, L, C), pooled (1, P))`.
-    /// SD 1.x/2.x use the last layer; SDXL concatenates both encoders' penultimate layers
-    /// and pools the second.
+    /// One prompt through the text encoder(s): `(hidden states (1, L, C), pooled (1, P))`,
+    /// on the model's device in its dtype. SD 1.x/2.x use the last layer; SDXL concatenates
+    /// both encoders' penultimate layers and pools the second.
     pub fn encode_text(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>), SdError> {
         let run = |stack: &TextStack| -> Result<text_encoder::TextEncoding, SdError> {
             let ids = stack
@@ -355,11 +386,14 @@ impl StableDiffusion {
                 .map_err(|error| SdError::Tokenizer(error.to_string()))?;
             Ok(stack
                 .encoder
-                .forward(&[ids], stack.tokenizer.end_id(), &self.device)?)
+                .forward(&[ids], stack.tokenizer.end_id(), &stack.device)?)
+        };
+        let to_model = |tensor: Tensor| -> candle_core::Result<Tensor> {
+            tensor.to_device(&self.device)?.to_dtype(self.dtype)
         };
         let first = run(&self.text)?;
         match &self.text_2 {
-            None => Ok((first.last_hidden_state, None)),
+            None => Ok((to_model(first.last_hidden_state)?, None)),
             Some(stack) => {
                 let second = run(stack)?;
                 let hidden = Tensor::cat(
@@ -369,7 +403,7 @@ impl StableDiffusion {
                     ],
                     D::Minus1,
                 )?;
-                Ok((hidden, Some(second.pooled)))
+                Ok((to_model(hidden)?, Some(to_model(second.pooled)?)))
             }
         }
     }

@@ -1,0 +1,303 @@
+"""The worker's engine against diffusers fp16 on one NVIDIA GPU, side by side, in one run.
+
+Run by benches/gpu/run.sh on the GPU machine (see its header). Each measurement runs in a
+process of its own, so each peak is that process's alone:
+
+  1. `make`: full-size random-weight pipelines written by diffusers itself from configs
+     (no download): SD-Turbo's architecture (SD 2.1 at 512²), SD 1.5's and SDXL's, saved
+     as fp16 variants. Tokenizers are the test fixtures' (real CLIP BPE, cut down).
+  2. diffusers fp16 (default SDPA attention; the SDXL VAE upcast to f32, as diffusers does
+     for a VAE with force_upcast): the first image, then the median of warm images.
+  3. the worker (`studio-worker generate --repeat`, the engine a studio job runs through):
+     the GPU preparation, the first image, the median of warm images. The first case runs
+     with an empty driver kernel cache (CUDA_CACHE_PATH), as on a fresh install.
+  4. SDXL again, with the card filled by a ballast process until about 12 GB are free (an
+     RTX 3060/4070's), so the engine must plan within it.
+
+Peak memory is the device's used memory above what it was before the process started,
+sampled every 5 ms through NVML: what the process holds, context included.
+
+Prints one table, ratios against diffusers, and writes it as JSON beside the models.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "models")
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+NEGATIVE = "blurry"
+
+# name, model, side, steps, guidance
+CASES = [
+    ("SD-Turbo arch 512², 1 step", "sd-turbo", 512, 1, 0.0),
+    ("SD-Turbo arch 512², 4 steps", "sd-turbo", 512, 4, 0.0),
+    ("SD 1.5 arch 512², 20 steps, CFG 7.5", "sd15", 512, 20, 7.5),
+    ("SDXL arch 1024², 20 steps, CFG 5", "sdxl", 1024, 20, 5.0),
+]
+TIGHT_CARD_GB = 12
+
+
+# ---------------------------------------------------------------- device memory (NVML)
+
+class _Memory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+class DeviceMemory:
+    """The first GPU's used and total bytes, from the driver (no CUDA context here)."""
+
+    def __init__(self):
+        self.nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if self.nvml.nvmlInit_v2() != 0:
+            raise RuntimeError("NVML did not start")
+        self.handle = ctypes.c_void_p()
+        if self.nvml.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle)) != 0:
+            raise RuntimeError("NVML has no GPU 0")
+
+    def read(self):
+        memory = _Memory()
+        self.nvml.nvmlDeviceGetMemoryInfo(self.handle, ctypes.byref(memory))
+        return memory.used, memory.total
+
+    def name(self):
+        buffer = ctypes.create_string_buffer(96)
+        self.nvml.nvmlDeviceGetName(self.handle, buffer, 96)
+        return buffer.value.decode()
+
+    def driver(self):
+        buffer = ctypes.create_string_buffer(80)
+        self.nvml.nvmlSystemGetDriverVersion(buffer, 80)
+        return buffer.value.decode()
+
+
+def run_measured(memory, command, env=None, timeout=300):
+    """Runs `command`, sampling the device's used memory; returns (stdout+stderr, peak
+    bytes above the used memory before it started, seconds)."""
+    baseline, _ = memory.read()
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            used, _ = memory.read()
+            peak[0] = max(peak[0], used)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        done.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    output = finished.stdout + finished.stderr
+    if finished.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])}… exited {finished.returncode}:\n{output[-3000:]}")
+    return output, peak[0] - baseline, seconds
+
+
+# ---------------------------------------------------------------- 1. the pipelines
+
+def make_pipelines(models):
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPTokenizer, CLIPTokenizerFast)
+
+    tokenizer = CLIPTokenizerFast.from_pretrained(os.path.join(FIXTURES, "tiny-sdxl", "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(FIXTURES, "tiny-sdxl", "tokenizer_2"))
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1)
+
+    def text(hidden, layers, heads, intermediate, act, projection):
+        return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, num_hidden_layers=layers,
+                              num_attention_heads=heads, intermediate_size=intermediate,
+                              hidden_act=act, projection_dim=projection,
+                              max_position_embeddings=77, **special)
+
+    def vae(scaling, upcast):
+        return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                             down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+                             sample_size=512, scaling_factor=scaling, force_upcast=upcast)
+
+    def scheduler(spacing):
+        return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      timestep_spacing=spacing, steps_offset=1)
+
+    def save(pipeline, name):
+        folder = os.path.join(models, name)
+        pipeline.to(torch.float16).save_pretrained(folder, safe_serialization=True, variant="fp16")
+        print(f"wrote {folder}", flush=True)
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        if not os.path.isdir(os.path.join(models, "sd-turbo")):
+            unet = UNet2DConditionModel(sample_size=64, attention_head_dim=(5, 10, 20, 20),
+                                        cross_attention_dim=1024, use_linear_projection=True)
+            encoder = CLIPTextModel(text(1024, 23, 16, 4096, "gelu", 512))
+            save(StableDiffusionPipeline(vae=vae(0.18215, False), text_encoder=encoder, tokenizer=tokenizer,
+                                         unet=unet, scheduler=scheduler("trailing"), safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False), "sd-turbo")
+        if not os.path.isdir(os.path.join(models, "sd15")):
+            unet = UNet2DConditionModel(sample_size=64, attention_head_dim=8, cross_attention_dim=768)
+            encoder = CLIPTextModel(text(768, 12, 12, 3072, "quick_gelu", 768))
+            save(StableDiffusionPipeline(vae=vae(0.18215, False), text_encoder=encoder, tokenizer=tokenizer,
+                                         unet=unet, scheduler=scheduler("leading"), safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False), "sd15")
+        if not os.path.isdir(os.path.join(models, "sdxl")):
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+            encoder = CLIPTextModel(text(768, 12, 12, 3072, "quick_gelu", 768))
+            encoder_2 = CLIPTextModelWithProjection(text(1280, 32, 20, 5120, "gelu", 1280))
+            save(StableDiffusionXLPipeline(vae=vae(0.13025, True), text_encoder=encoder,
+                                           text_encoder_2=encoder_2, tokenizer=tokenizer,
+                                           tokenizer_2=tokenizer_2, unet=unet,
+                                           scheduler=scheduler("leading")), "sdxl")
+
+
+# ---------------------------------------------------------------- 2. diffusers (child)
+
+def diffusers_child(folder, side, steps, guidance, runs):
+    import torch
+    from diffusers import AutoPipelineForText2Image, EulerDiscreteScheduler
+
+    pipeline = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=torch.float16, variant="fp16")
+    pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to("cuda")
+    times = []
+    for run in range(runs):
+        generator = torch.Generator("cuda").manual_seed(run)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        pipeline(PROMPT, negative_prompt=NEGATIVE if guidance > 1 else None, width=side, height=side,
+                 num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                 output_type="pil")
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    print(json.dumps({"times": times, "allocated_peak": torch.cuda.max_memory_allocated()}))
+
+
+def run_diffusers(memory, folder, side, steps, guidance, runs):
+    output, peak, _ = run_measured(memory, [sys.executable, __file__, "diffusers", folder, str(side),
+                                            str(steps), str(guidance), str(runs)])
+    result = json.loads(output.strip().splitlines()[-1])
+    return {"first": result["times"][0], "warm": statistics.median(result["times"][1:]), "peak": peak,
+            "allocated": result["allocated_peak"]}
+
+
+# ---------------------------------------------------------------- 3. the worker
+
+def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home):
+    env = dict(os.environ, CUDA_CACHE_PATH=cache, RUST_LOG="info")
+    command = [worker, "--config", os.path.join(home, "config.toml"), "generate", "--device", "cuda",
+               "--model-dir", folder, "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+               "--width", str(side), "--height", str(side), "--steps", str(steps),
+               "--guidance", str(guidance), "--scheduler", "euler", "--seed", "1",
+               "--repeat", str(runs), "--out", os.path.join(home, "out.png")]
+    output, peak, seconds = run_measured(memory, command, env=env)
+    times = [float(match) for match in re.findall(r"run \d+/\d+: done in ([0-9.]+) s", output)]
+    prepared = re.search(r"prepared in ([0-9.]+) s", output)
+    plans = sorted(set(re.findall(r"saving memory: .*", output)))
+    return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
+            "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
+            "plans": plans}
+
+
+# ---------------------------------------------------------------- 4. a 12 GB card
+
+def ballast_child(keep_free_gb):
+    import torch
+    free, _ = torch.cuda.mem_get_info()
+    hold = max(0, free - int(keep_free_gb * 1024**3))
+    ballast = torch.empty(hold, dtype=torch.uint8, device="cuda")
+    print(f"ballast {hold / 1e9:.1f} GB", flush=True)
+    sys.stdin.read()  # until the parent closes it
+    del ballast
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", default=os.path.join(ROOT, "cuda-build", "studio-worker"))
+    parser.add_argument("--models", default="/tmp/gpu-bench/models")
+    parser.add_argument("--runs", type=int, default=4)
+    args = parser.parse_args()
+
+    memory = DeviceMemory()
+    os.makedirs(args.models, exist_ok=True)
+    started = time.perf_counter()
+    make = [sys.executable, __file__, "make", args.models]
+    subprocess.run(make, check=True)
+    print(f"pipelines ready in {time.perf_counter() - started:.0f} s", flush=True)
+
+    home = tempfile.mkdtemp(prefix="gpu-bench-home-")
+    cold_cache = tempfile.mkdtemp(prefix="cuda-cache-")
+    rows = []
+    for index, (name, model, side, steps, guidance) in enumerate(CASES):
+        folder = os.path.join(args.models, model)
+        reference = run_diffusers(memory, folder, side, steps, guidance, args.runs)
+        # The first case finds the driver's kernel cache empty, as a fresh install does.
+        ours = run_worker(memory, args.worker, folder, side, steps, guidance, args.runs, cold_cache, home)
+        rows.append({"case": name, "diffusers": reference, "worker": ours, "cold_cache": index == 0})
+        print(json.dumps(rows[-1]), flush=True)
+
+    # SDXL on a card with 12 GB free.
+    ballast = subprocess.Popen([sys.executable, __file__, "ballast", str(TIGHT_CARD_GB)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    print(ballast.stdout.readline().strip(), flush=True)
+    try:
+        name, model, side, steps, guidance = CASES[3]
+        tight = run_worker(memory, args.worker, os.path.join(args.models, model), side, steps, guidance,
+                           args.runs, cold_cache, home)
+    finally:
+        ballast.stdin.close()
+        ballast.wait()
+    print(json.dumps({"tight": tight}), flush=True)
+
+    used, total = memory.read()
+    print(f"\n{memory.name()}, driver {memory.driver()}, {total / 1024**3:.0f} GiB, "
+          f"{time.strftime('%Y-%m-%d')}; {args.runs} runs per case, warm = median of runs 2..")
+    print(f"{'case':38} {'diffusers':>10} {'worker':>10} {'ratio':>6}   {'peak diffusers':>14} "
+          f"{'peak worker':>11} {'ratio':>6}   {'worker first':>12} {'prepare':>8}")
+    for row in rows:
+        reference, ours = row["diffusers"], row["worker"]
+        print(f"{row['case']:38} {reference['warm'] * 1000:8.0f}ms {ours['warm'] * 1000:8.0f}ms "
+              f"{ours['warm'] / reference['warm']:5.2f}×   {reference['peak'] / 1e9:12.2f}GB "
+              f"{ours['peak'] / 1e9:9.2f}GB {ours['peak'] / reference['peak']:5.2f}×   "
+              f"{ours['first'] * 1000:10.0f}ms {ours['prepare']:7.1f}s"
+              + ("  (cold kernel cache)" if row["cold_cache"] else ""))
+    print(f"{'SDXL 1024², 12 GB free (ballast)':38} {'':>10} {tight['warm'] * 1000:8.0f}ms {'':>6}   "
+          f"{'':>14} {tight['peak'] / 1e9:9.2f}GB {'':>6}   {tight['first'] * 1000:10.0f}ms "
+          f"{tight['prepare']:7.1f}s  {' '.join(tight['plans'])}")
+    with open(os.path.join(args.models, "results.json"), "w") as out:
+        json.dump({"device": memory.name(), "driver": memory.driver(), "rows": rows, "tight": tight}, out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "make":
+        make_pipelines(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "diffusers":
+        diffusers_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "ballast":
+        ballast_child(float(sys.argv[2]))
+    else:
+        main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Here (no GPU needed): everything benches/gpu/run.sh needs on the GPU machine.
+#
+#   benches/gpu/prepare.sh
+#
+# - cuda-build/studio-worker: the release binary with --features cuda, PTX for sm_75 (every
+#   RTX, as the installers ship it), built by ../shared/tools/cuda-cross-build.sh and stripped
+#   (the device tool carries 64 MiB at most);
+# - .whl/: diffusers and the one package it needs that the GPU machine lacks, as wheels.
+# Then, with the device tool: carry ["cuda-build", ".whl"], command "benches/gpu/run.sh".
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CUDA_COMPUTE_CAP=75 ../shared/tools/cuda-cross-build.sh
+strip cuda-build/studio-worker
+ls -l cuda-build/studio-worker
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+rm -rf .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+  diffusers==0.42.1 importlib_metadata==8.7.0
+ls -l .whl
+du -shc cuda-build .whl | tail -1

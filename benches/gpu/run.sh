@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the project root, after benches/gpu/prepare.sh here:
+#
+#   device tool: carry ["cuda-build", ".whl"], command "benches/gpu/run.sh", timeout 600
+#
+# Installs the carried wheels, puts the CUDA 13 libraries PyTorch ships on the loader path
+# (the worker links cuBLAS, cuRAND and NVRTC), and runs bench.py: the pipelines, diffusers,
+# the worker, one table. About 5 minutes on an H200; the table is also in $OUT/gpu-bench.txt
+# when the device tool's OUT is set.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+CUDA_LIBS=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
+export LD_LIBRARY_PATH=$CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+cuobjdump --list-ptx --list-elf cuda-build/studio-worker | sort | uniq -c | head -20 || true
+python3 benches/gpu/bench.py "$@" 2>&1 | tee /tmp/gpu-bench.txt
+if [ -n "${OUT:-}" ]; then cp /tmp/gpu-bench.txt "$OUT/gpu-bench.txt"; fi

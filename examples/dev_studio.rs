@@ -7,7 +7,10 @@
 //! ```
 //! Then open <http://127.0.0.1:8787/operator/> to approve or reject the worker, pause it or
 //! revoke it. The same operator actions are plain HTTP for scripts:
-//! `curl -X POST http://127.0.0.1:8787/operator/requests/rr_0001/approve`.
+//! `curl -X POST http://127.0.0.1:8787/operator/requests/rr_0001/approve`. Jobs too:
+//! `curl -d @job.json http://127.0.0.1:8787/operator/jobs` queues one (the claim's job JSON),
+//! `curl http://127.0.0.1:8787/operator/jobs/JOB_ID` says where it is (`benches/gpu` uses
+//! both).
 
 // Test and tool code: an unwrap that fails is the test failing, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

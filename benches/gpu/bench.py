@@ -8,9 +8,11 @@ process of its own, so each peak is that process's alone:
      as fp16 variants. Tokenizers are the test fixtures' (real CLIP BPE, cut down).
   2. diffusers fp16 (default SDPA attention; the SDXL VAE upcast to f32, as diffusers does
      for a VAE with force_upcast): the first image, then the median of warm images.
-  3. the worker (`studio-worker generate --repeat`, the engine a studio job runs through):
-     the GPU preparation, the first image, the median of warm images. The first case runs
-     with an empty driver kernel cache (CUDA_CACHE_PATH), as on a fresh install.
+  3. the worker, twice: `studio-worker generate --repeat` (the engine a studio job runs
+     through): the GPU preparation, the first image, the median of warm images, the first
+     case with an empty driver kernel cache (CUDA_CACHE_PATH), as on a fresh install; and
+     as studio jobs: the dev studio, the worker registered with it (`run --headless`), the
+     jobs queued at once, the median gap between deliveries (claim, image, PNG, upload).
   4. SDXL again, with the card filled by a ballast process until about 12 GB are free (an
      RTX 3060/4070's), so the engine must plan within it.
 
@@ -81,32 +83,46 @@ class DeviceMemory:
         return buffer.value.decode()
 
 
-def run_measured(memory, command, env=None, timeout=300):
-    """Runs `command`, sampling the device's used memory; returns (stdout+stderr, peak
-    bytes above the used memory before it started, seconds)."""
-    baseline, _ = memory.read()
-    peak = [baseline]
-    done = threading.Event()
+class PeakSampler:
+    """Samples the device's used memory every 5 ms from start() to stop(); stop() returns
+    the peak above what was used at start()."""
 
-    def sample():
-        while not done.is_set():
-            used, _ = memory.read()
-            peak[0] = max(peak[0], used)
+    def __init__(self, memory):
+        self.memory = memory
+
+    def start(self):
+        self.baseline, _ = self.memory.read()
+        self.peak = self.baseline
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.is_set():
+            used, _ = self.memory.read()
+            self.peak = max(self.peak, used)
             time.sleep(0.005)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak - self.baseline
+
+
+def run_measured(memory, command, env=None, timeout=300):
+    """Runs `command`; returns (stdout+stderr, its peak memory above idle, seconds)."""
+    sampler = PeakSampler(memory).start()
     started = time.perf_counter()
     try:
         finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     finally:
-        done.set()
-        sampler.join()
+        peak = sampler.stop()
     seconds = time.perf_counter() - started
     output = finished.stdout + finished.stderr
     if finished.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])}… exited {finished.returncode}:\n{output[-3000:]}")
-    return output, peak[0] - baseline, seconds
+    return output, peak, seconds
 
 
 # ---------------------------------------------------------------- 1. the pipelines
@@ -223,6 +239,82 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home)
             "plans": plans}
 
 
+def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, runs, cache, device="cuda"):
+    """The same job as studio jobs: the dev studio (auto-approving), the worker registered
+    with it (`run --headless`), jobs queued one after another through the operator routes;
+    queued at once; each timed from one delivery to the next (claim, generation, PNG,
+    upload)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    studio = subprocess.Popen([dev_studio, "--listen", f"127.0.0.1:{port}", "--auto-approve"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    home = tempfile.mkdtemp(prefix="gpu-bench-worker-")
+    config = os.path.join(home, "worker.toml")
+    with open(config, "w") as out:
+        out.write(f'[engine]\ndevice = "{device}"\n\n[models]\nenabled = []\n\n'
+                  f'[models.local]\nbench = "{folder}"\n\n'
+                  "[policy]\npause_for_games = false\npause_on_battery = false\n")
+    env = dict(os.environ, CUDA_CACHE_PATH=cache, XDG_DATA_HOME=os.path.join(home, "data"),
+               XDG_CONFIG_HOME=os.path.join(home, "config"))
+    sampler = PeakSampler(memory).start()
+    log = open(os.path.join(home, "worker.log"), "w")
+    running = subprocess.Popen([worker, "--config", config, "run", "--headless", "--api-url",
+                                f"http://127.0.0.1:{port}/api"], env=env, stdout=log, stderr=log)
+    operator = f"http://127.0.0.1:{port}/operator/jobs"
+
+    def call(url, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    jobs = [{"jobId": f"bench-{run}", "kind": "txt2img", "model": "bench", "prompt": PROMPT,
+             "negativePrompt": NEGATIVE if guidance > 1 else "", "width": side, "height": side,
+             "steps": steps, "guidanceScale": guidance, "seed": run, "numImages": 1,
+             "scheduler": "euler", "leaseS": 300} for run in range(runs)]
+    done_at = {}
+    deadline = time.time() + 240  # registration, preparing the GPU, loading, the jobs
+    try:
+        while True:
+            try:
+                call(operator, jobs[0])
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        for job in jobs[1:]:
+            call(operator, job)
+        # All queued at once, as a busy studio has them: the worker claims the next as soon
+        # as one is delivered, so the gaps between deliveries are what a job costs.
+        while len(done_at) < len(jobs):
+            for job in jobs:
+                if job["jobId"] in done_at:
+                    continue
+                state = call(f"{operator}/{job['jobId']}")
+                if state["state"] == "done":
+                    done_at[job["jobId"]] = time.perf_counter()
+                elif state["state"] in ("failed", "cancelled"):
+                    raise RuntimeError(f"{job['jobId']} {state['state']} ({state.get('code')}); see {log.name}")
+            if time.time() > deadline or running.poll() is not None:
+                raise RuntimeError(f"{len(done_at)} of {len(jobs)} jobs delivered; see {log.name}")
+            time.sleep(0.005)
+        finished = sorted(done_at.values())
+        times = [later - earlier for earlier, later in zip(finished, finished[1:])]
+    finally:
+        running.terminate()
+        running.wait(timeout=60)
+        peak = sampler.stop()
+        studio.terminate()
+        studio.wait(timeout=10)
+        log.close()
+    return {"warm": statistics.median(times), "peak": peak}
+
+
 # ---------------------------------------------------------------- 4. a 12 GB card
 
 def ballast_child(keep_free_gb):
@@ -235,9 +327,28 @@ def ballast_child(keep_free_gb):
     del ballast
 
 
+class NoMemory:
+    """Where there is no NVIDIA driver: nothing to sample."""
+
+    def read(self):
+        return 0, 0
+
+
+def check_here():
+    """The studio-job harness on this machine's CPU with a tiny fixture and the debug
+    binaries (`cargo build --example dev_studio && cargo build` first): no GPU needed."""
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    result = run_worker_jobs(NoMemory(), os.path.join(target, "debug", "studio-worker"),
+                             os.path.join(target, "debug", "examples", "dev_studio"),
+                             os.path.join(FIXTURES, "tiny-sd1"), 64, 3, 5.0, 3,
+                             tempfile.mkdtemp(prefix="cuda-cache-"), device="cpu")
+    print(f"3 tiny studio jobs on the CPU: {result['warm'] * 1000:.0f} ms between deliveries")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", default=os.path.join(ROOT, "cuda-build", "studio-worker"))
+    parser.add_argument("--dev-studio", default=os.path.join(ROOT, "cuda-build", "dev_studio"))
     parser.add_argument("--models", default="/tmp/gpu-bench/models")
     parser.add_argument("--runs", type=int, default=4)
     args = parser.parse_args()
@@ -257,7 +368,10 @@ def main():
         reference = run_diffusers(memory, folder, side, steps, guidance, args.runs)
         # The first case finds the driver's kernel cache empty, as a fresh install does.
         ours = run_worker(memory, args.worker, folder, side, steps, guidance, args.runs, cold_cache, home)
-        rows.append({"case": name, "diffusers": reference, "worker": ours, "cold_cache": index == 0})
+        jobs = run_worker_jobs(memory, args.worker, args.dev_studio, folder, side, steps, guidance,
+                               args.runs, cold_cache)
+        rows.append({"case": name, "diffusers": reference, "worker": ours, "jobs": jobs,
+                     "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
 
     # SDXL on a card with 12 GB free.
@@ -276,18 +390,18 @@ def main():
     used, total = memory.read()
     print(f"\n{memory.name()}, driver {memory.driver()}, {total / 1024**3:.0f} GiB, "
           f"{time.strftime('%Y-%m-%d')}; {args.runs} runs per case, warm = median of runs 2..")
-    print(f"{'case':38} {'diffusers':>10} {'worker':>10} {'ratio':>6}   {'peak diffusers':>14} "
-          f"{'peak worker':>11} {'ratio':>6}   {'worker first':>12} {'prepare':>8}")
+    print(f"{'case':38} {'diffusers':>10} {'generate':>10} {'ratio':>6} {'studio job':>10} {'ratio':>6}   "
+          f"{'peak diffusers':>14} {'generate':>9} {'ratio':>6} {'studio':>7}   {'first job':>10} {'prepare':>8}")
     for row in rows:
-        reference, ours = row["diffusers"], row["worker"]
+        reference, ours, jobs = row["diffusers"], row["worker"], row["jobs"]
         print(f"{row['case']:38} {reference['warm'] * 1000:8.0f}ms {ours['warm'] * 1000:8.0f}ms "
-              f"{ours['warm'] / reference['warm']:5.2f}×   {reference['peak'] / 1e9:12.2f}GB "
-              f"{ours['peak'] / 1e9:9.2f}GB {ours['peak'] / reference['peak']:5.2f}×   "
-              f"{ours['first'] * 1000:10.0f}ms {ours['prepare']:7.1f}s"
+              f"{ours['warm'] / reference['warm']:5.2f}× {jobs['warm'] * 1000:8.0f}ms "
+              f"{jobs['warm'] / reference['warm']:5.2f}×   {reference['peak'] / 1e9:12.2f}GB "
+              f"{ours['peak'] / 1e9:7.2f}GB {ours['peak'] / reference['peak']:5.2f}× {jobs['peak'] / 1e9:5.2f}GB   "
+              f"{ours['first'] * 1000:8.0f}ms {ours['prepare']:7.1f}s"
               + ("  (cold kernel cache)" if row["cold_cache"] else ""))
-    print(f"{'SDXL 1024², 12 GB free (ballast)':38} {'':>10} {tight['warm'] * 1000:8.0f}ms {'':>6}   "
-          f"{'':>14} {tight['peak'] / 1e9:9.2f}GB {'':>6}   {tight['first'] * 1000:10.0f}ms "
-          f"{tight['prepare']:7.1f}s  {' '.join(tight['plans'])}")
+    print(f"SDXL 1024², 12 GB free (ballast): generate {tight['warm'] * 1000:.0f} ms warm, peak "
+          f"{tight['peak'] / 1e9:.2f} GB, first {tight['first'] * 1000:.0f} ms; {' '.join(tight['plans'])}")
     with open(os.path.join(args.models, "results.json"), "w") as out:
         json.dump({"device": memory.name(), "driver": memory.driver(), "rows": rows, "tight": tight}, out)
 
@@ -299,5 +413,7 @@ if __name__ == "__main__":
         diffusers_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]))
     elif len(sys.argv) > 1 and sys.argv[1] == "ballast":
         ballast_child(float(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--check-here":
+        check_here()
     else:
         main()

@@ -6,13 +6,17 @@
 # - cuda-build/studio-worker: the release binary with --features cuda, PTX for sm_75 (every
 #   RTX, as the installers ship it), built by ../shared/tools/cuda-cross-build.sh and stripped
 #   (the device tool carries 64 MiB at most);
+# - cuda-build/dev_studio: the dev studio (no CUDA in it), for the studio-job runs;
 # - .whl/: diffusers and the one package it needs that the GPU machine lacks, as wheels.
 # Then, with the device tool: carry ["cuda-build", ".whl"], command "benches/gpu/run.sh".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CUDA_COMPUTE_CAP=75 ../shared/tools/cuda-cross-build.sh
 strip cuda-build/studio-worker
-ls -l cuda-build/studio-worker
+cargo build --release --example dev_studio
+cp "${CARGO_TARGET_DIR:-target}/release/examples/dev_studio" cuda-build/dev_studio
+strip cuda-build/dev_studio
+ls -l cuda-build/
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -204,6 +204,31 @@ struct StudioState {
 }
 
 impl StudioState {
+    /// Queues a job body; its `jobId`, or a new one when it has none.
+    fn enqueue(&mut self, body: Value) -> String {
+        let job_id = match body.get("jobId").and_then(Value::as_str) {
+            Some(job_id) if !job_id.is_empty() => job_id.to_owned(),
+            _ => self.new_id("nojobid"),
+        };
+        self.jobs.insert(
+            job_id.clone(),
+            StudioJob {
+                job_id: job_id.clone(),
+                body,
+                state: JobState::Queued,
+                progress: Vec::new(),
+                fails: Vec::new(),
+                results: Vec::new(),
+                uploads: 0,
+                leases: 0,
+                lease_until: None,
+            },
+        );
+        self.queue.push_back(job_id.clone());
+        self.jobs_added.notify_waiters();
+        job_id
+    }
+
     fn new_id(&mut self, prefix: &str) -> String {
         self.next_id += 1;
         format!("{prefix}_{:04}", self.next_id)
@@ -296,7 +321,9 @@ impl TestStudio {
             .route("/requests/{request_id}/reject", post(operator_reject))
             .route("/workers/{worker_id}/revoke", post(operator_revoke))
             .route("/workers/{worker_id}/pause", post(operator_pause))
-            .route("/workers/{worker_id}/resume", post(operator_resume));
+            .route("/workers/{worker_id}/resume", post(operator_resume))
+            .route("/jobs", post(operator_enqueue))
+            .route("/jobs/{job_id}", get(operator_job));
         let app = Router::new()
             .nest("/api", api)
             .nest("/operator", operator)
@@ -317,28 +344,7 @@ impl TestStudio {
 
     /// Queues a job body (as the studio would send it in a claim).
     pub fn enqueue(&self, body: Value) -> String {
-        let mut state = self.state();
-        let job_id = match body.get("jobId").and_then(Value::as_str) {
-            Some(job_id) if !job_id.is_empty() => job_id.to_owned(),
-            _ => state.new_id("nojobid"),
-        };
-        state.jobs.insert(
-            job_id.clone(),
-            StudioJob {
-                job_id: job_id.clone(),
-                body,
-                state: JobState::Queued,
-                progress: Vec::new(),
-                fails: Vec::new(),
-                results: Vec::new(),
-                uploads: 0,
-                leases: 0,
-                lease_until: None,
-            },
-        );
-        state.queue.push_back(job_id.clone());
-        state.jobs_added.notify_waiters();
-        job_id
+        self.state().enqueue(body)
     }
 
     pub fn job(&self, job_id: &str) -> Option<StudioJob> {
@@ -1063,6 +1069,39 @@ fn answer_operator(headers: &HeaderMap, answer: Response) -> Response {
     } else {
         answer
     }
+}
+
+/// Queues the job in the body (the claim's job JSON), for scripts: `{"jobId": …}`.
+async fn operator_enqueue(State(state): State<Shared>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(job) if job.is_object() => {
+            let job_id = lock(&state).enqueue(job);
+            Json(json!({ "jobId": job_id })).into_response()
+        }
+        _ => error(StatusCode::BAD_REQUEST, "the body is not a job object"),
+    }
+}
+
+/// Where a job is: `{"jobId", "state": queued|leased|done|failed|cancelled, "code"?,
+/// "images", "progressReports"}`.
+async fn operator_job(State(state): State<Shared>, Path(job_id): Path<String>) -> Response {
+    let state = lock(&state);
+    let Some(job) = state.jobs.get(&job_id) else {
+        return error(StatusCode::NOT_FOUND, "no such job");
+    };
+    let (name, code) = match &job.state {
+        JobState::Queued => ("queued", None),
+        JobState::Leased { .. } => ("leased", None),
+        JobState::Done { .. } => ("done", None),
+        JobState::Failed { code } => ("failed", Some(code.clone())),
+        JobState::Cancelled => ("cancelled", None),
+    };
+    let images: usize = job.results.iter().map(|(_, images)| images.len()).sum();
+    Json(json!({
+        "jobId": job.job_id, "state": name, "code": code, "images": images,
+        "progressReports": job.progress.len(),
+    }))
+    .into_response()
 }
 
 async fn operator_approve(

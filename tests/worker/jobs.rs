@@ -240,6 +240,49 @@ async fn several_jobs_in_a_row_are_delivered_once_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_queues_jobs_and_follows_them_through_the_operator_routes() {
+    // What benches/gpu drives the dev studio with.
+    let p = Pipeline::start(Duration::from_millis(5)).await;
+    let http = reqwest::Client::new();
+    let operator = format!("http://{}/operator", p.studio.addr());
+    let queued: Value = http
+        .post(format!("{operator}/jobs"))
+        .json(&job("op_1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(queued["jobId"], "op_1");
+    let state = |job_id: &'static str| {
+        let http = http.clone();
+        let url = format!("{operator}/jobs/{job_id}");
+        async move {
+            let answer = http.get(url).send().await.unwrap();
+            (answer.status().as_u16(), answer.json::<Value>().await.ok())
+        }
+    };
+    p.delivered("op_1").await;
+    let (status, done) = state("op_1").await;
+    assert_eq!(status, 200);
+    let done = done.unwrap();
+    assert_eq!(
+        (done["state"].as_str(), done["images"].as_u64()),
+        (Some("done"), Some(1))
+    );
+    assert!(done["progressReports"].as_u64() >= Some(1), "{done}");
+    assert_eq!(state("nope").await.0, 404);
+    let refused = http
+        .post(format!("{operator}/jobs"))
+        .body("[1, 2]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_images_arrive_in_order_and_a_missing_seed_is_picked_and_reported() {
     let p = Pipeline::start(Duration::from_millis(1)).await;
     let mut body = job_with("j_multi", "numImages", json!(3));

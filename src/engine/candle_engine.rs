@@ -549,7 +549,7 @@ mod tests {
     fn tiny_sdxl_engine() -> CandleEngine {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sdxl");
         let models = [("tiny-sdxl".to_owned(), root)].into_iter().collect();
-        let device = super::super::device::select(DevicePreference::Cpu).unwrap();
+        let device = crate::engine::device::select(DevicePreference::Cpu).unwrap();
         let (engine, refused) = CandleEngine::new(device, &models, 0);
         assert!(refused.is_empty(), "{refused:?}");
         engine

@@ -10,6 +10,8 @@
 //!   same numbers per query row; at most a level of rounding on any pixel);
 //! - the decoder's convolutions in bands of rows and its attention in chunks of queries give
 //!   the same image as whole (the same sums, up to their order);
+//! - attention scores in f16 (what a GPU computes unless the config asks for
+//!   `upcast_attention`) stay within the stated tolerance of f32 scores, in an f16 UNet;
 //! - decoding in overlapping tiles stays within the stated tolerance of the whole decode
 //!   (tiles see only their neighbourhood, so it is close, not equal; on these tiny random
 //!   models, whose group norms over a few cells swing much more than a trained VAE's, the
@@ -167,6 +169,69 @@ fn attention_a_chunk_at_a_time_gives_the_same_image() {
         assert!(
             worst <= Some(1),
             "{name}: differs by up to {worst:?} levels"
+        );
+    }
+}
+
+/// An f16 UNet's output with f16 attention scores against the same UNet with f32 scores
+/// (diffusers' `upcast_attention`), both against the f32 reference: at most this much
+/// further from it, relative to the output's scale. Measured: f32 scores 1.6–2.9e-3 (the
+/// f16 UNet's own rounding), f16 scores at most 0.8e-3 more.
+const HALF_SCORES_EXTRA: f32 = 1.5e-3;
+
+#[test]
+fn attention_scores_in_f16_stay_close_to_f32_scores() {
+    use candle_core::Device;
+    use candle_nn::VarBuilder;
+    use studio_worker::engine::sd::model_folder::{Family, ModelFolder};
+    use studio_worker::engine::sd::unet::{TextTimeConditioning, Unet};
+
+    for name in FIXTURES {
+        let folder = ModelFolder::open(&crate::support::fixture(name)).expect("opens");
+        let files = folder.weight_files(DType::F16).expect("weights");
+        let golden = Golden::of(name);
+        let half = |key: &str| golden.batched(key).to_dtype(DType::F16).expect("f16");
+        let text_time = (folder.family == Family::StableDiffusionXl)
+            .then(|| (half("unet.text_embeds"), half("unet.time_ids")));
+        let reference = golden.batched("unet.out");
+        let scale = reference
+            .abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("scale")
+            .max(1.0);
+        let error_with = |upcast: bool| -> f32 {
+            let mut config = folder.unet.clone();
+            config.upcast_attention = upcast;
+            // SAFETY: the fixture is not modified while mapped.
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(&[&files.unet], DType::F16, &Device::Cpu)
+            }
+            .expect("weights map");
+            let unet = Unet::new(vb, &config).expect("UNet builds");
+            let out = unet
+                .forward(
+                    &half("unet.sample"),
+                    golden.f64s("unet.timestep")[0],
+                    &half("unet.hidden"),
+                    text_time
+                        .as_ref()
+                        .map(|(text_embeds, time_ids)| TextTimeConditioning {
+                            text_embeds,
+                            time_ids,
+                        }),
+                    AttentionPlan::default(),
+                )
+                .expect("UNet runs");
+            differences(&out.to_dtype(DType::F32).expect("f32"), &reference).0 / scale
+        };
+        let (f32_scores, f16_scores) = (error_with(true), error_with(false));
+        eprintln!(
+            "{name}: f16 UNet vs reference, relative max |Δ|: f32 scores {f32_scores:.2e}, f16 scores {f16_scores:.2e}"
+        );
+        assert!(
+            f16_scores <= f32_scores + HALF_SCORES_EXTRA,
+            "{name}: {f16_scores} vs {f32_scores}"
         );
     }
 }

@@ -3,8 +3,8 @@
 //! candle's `UNet2DConditionModel` has no `add_embedding`, so SDXL's extra conditioning
 //! (the pooled text embedding and the size/crop time ids) would be silently dropped. This top
 //! level adds that embedding to the timestep embedding exactly as diffusers does, over our
-//! own blocks (`unet_blocks`), whose attention runs in f32 (what `upcast_attention` asks for,
-//! SD 2.x) and can hold its scores a chunk at a time.
+//! own blocks (`unet_blocks`), whose attention scores are in the model's dtype, or in f32
+//! where the config says `upcast_attention` (SD 2.x 768-v), and can be held a chunk at a time.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
@@ -86,6 +86,7 @@ impl Unet {
             context_dim: config.cross_attention_dim,
             linear_projection: config.use_linear_projection,
             groups: config.norm_num_groups,
+            upcast_attention: config.upcast_attention,
         };
 
         let count = blocks.len();

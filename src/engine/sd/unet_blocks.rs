@@ -1,5 +1,6 @@
 //! The UNet's blocks, ours (diffusers' `UNet2DConditionModel` layout and weight names), so the
-//! attention is ours too: computed in f32 (what `upcast_attention` asks for), and, when
+//! attention is ours too: its scores in the model's dtype (f16 on a GPU: half the memory, and
+//! the GPU's tensor cores), or in f32 where the config says `upcast_attention`; and, when
 //! memory is tight, over a chunk of queries at a time, so the score matrix of a
 //! high-resolution block is never held whole (8 heads × 4096² cells of f32 is 537 MB per
 //! image at SD 1.5's 512²; a guided SDXL step at 1024² holds 1.34 GB of them). Chunking is exact: each query's
@@ -20,12 +21,12 @@ pub struct AttentionPlan {
 }
 
 impl AttentionPlan {
-    /// Query rows per chunk, for `batch_heads` × `keys` scores of f32 per row.
-    fn rows(self, batch_heads: usize, queries: usize, keys: usize) -> usize {
+    /// Query rows per chunk, for `batch_heads` × `keys` scores of `score_bytes` per row.
+    fn rows(self, batch_heads: usize, queries: usize, keys: usize, score_bytes: usize) -> usize {
         match self.max_score_bytes {
             None => queries,
             Some(budget) => {
-                let per_row = (batch_heads * keys * 4).max(1) as u64;
+                let per_row = (batch_heads * keys * score_bytes).max(1) as u64;
                 usize::try_from(budget / per_row)
                     .unwrap_or(usize::MAX)
                     .clamp(1, queries.max(1))
@@ -42,10 +43,18 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// Scores in f32 (else in the model's dtype).
+    upcast: bool,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
         let head_dim = dim / heads.max(1);
         Ok(Self {
             to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
@@ -54,16 +63,22 @@ impl Attention {
             to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
             heads,
             scale: (head_dim as f64).powf(-0.5),
+            upcast,
         })
     }
 
-    /// `(batch, tokens, dim)` → `(batch · heads, tokens, head_dim)` in f32.
+    /// `(batch, tokens, dim)` → `(batch · heads, tokens, head_dim)`, in f32 when upcast.
     fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
         let (batch, tokens, dim) = xs.dims3()?;
-        xs.reshape((batch, tokens, self.heads, dim / self.heads))?
+        let heads = xs
+            .reshape((batch, tokens, self.heads, dim / self.heads))?
             .transpose(1, 2)?
-            .reshape((batch * self.heads, tokens, dim / self.heads))?
-            .to_dtype(DType::F32)
+            .reshape((batch * self.heads, tokens, dim / self.heads))?;
+        if self.upcast {
+            heads.to_dtype(DType::F32)
+        } else {
+            heads.contiguous()
+        }
     }
 
     fn forward(
@@ -90,9 +105,10 @@ impl Attention {
     }
 }
 
-/// Softmax attention of f32 `query` `(batch·heads, queries, d)` (already scaled) over
+/// Softmax attention of `query` `(batch·heads, queries, d)` (already scaled) over
 /// `key_t` `(batch·heads, d, keys)` and `value` `(batch·heads, keys, d)`, a chunk of query
-/// rows at a time as `plan` allows. Shared with the VAE's mid-block attention.
+/// rows at a time as `plan` allows, in the inputs' dtype (candle's softmax sums in f32 for
+/// f16 inputs). Shared with the VAE's mid-block attention.
 pub(super) fn attend(
     query: &Tensor,
     key_t: &Tensor,
@@ -101,7 +117,7 @@ pub(super) fn attend(
 ) -> Result<Tensor> {
     let (batch_heads, queries, _) = query.dims3()?;
     let keys = key_t.dim(2)?;
-    let rows = plan.rows(batch_heads, queries, keys);
+    let rows = plan.rows(batch_heads, queries, keys, query.dtype().size_in_bytes());
     let mut chunks = Vec::with_capacity(queries.div_ceil(rows.max(1)));
     let mut start = 0;
     while start < queries {
@@ -152,12 +168,18 @@ struct TransformerLayer {
 }
 
 impl TransformerLayer {
-    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, dim: usize, config: TransformerConfig) -> Result<Self> {
+        let TransformerConfig {
+            heads,
+            context_dim,
+            upcast_attention,
+            ..
+        } = config;
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, upcast_attention)?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, upcast_attention)?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -195,6 +217,9 @@ pub struct TransformerConfig {
     pub context_dim: usize,
     pub linear_projection: bool,
     pub groups: usize,
+    /// Attention scores in f32 whatever the model's dtype (diffusers' `upcast_attention`:
+    /// SD 2.x 768-v overflows f16 scores).
+    pub upcast_attention: bool,
 }
 
 impl Transformer {
@@ -217,8 +242,7 @@ impl Transformer {
                 TransformerLayer::new(
                     vb.pp(format!("transformer_blocks.{index}")),
                     channels,
-                    config.context_dim,
-                    config.heads,
+                    config,
                 )
             })
             .collect::<Result<Vec<_>>>()?;

@@ -2,9 +2,9 @@
 //! the decode hold at their peak, from the model's configs, the job's size, the device's way
 //! of convolving and the [`Plan`].
 //!
-//! The estimate follows what the engine does: attention scores are computed in f32 whatever
-//! the model runs in, whole or a chunk of query rows at a time, and held twice (the scores
-//! and their softmax); the UNet keeps every down block's outputs for the skip connections; a
+//! The estimate follows what the engine does: the UNet's attention scores are in the model's
+//! dtype (f32 where it upcasts; the VAE's always f32), whole or a chunk of query rows at a
+//! time, and held twice (the scores and their softmax); the UNet keeps every down block's outputs for the skip connections; a
 //! 3×3 convolution holds its input, its output and a copy of its kernel, and on a GPU also
 //! its im2col column buffer (nine times its input; in the VAE bounded by the plan's bands);
 //! the VAE decodes one image (or one tile) at a time, its last blocks at full resolution
@@ -159,6 +159,8 @@ pub struct WorkingMemory {
     unet_blocks: Vec<(u64, Option<u64>)>,
     layers_per_block: u64,
     unet_bytes: u64,
+    /// Bytes of one UNet attention score: the model's dtype, or f32 when it upcasts.
+    score_bytes: u64,
     vae_scale: u64,
     /// The channels that enter the VAE decoder's full-resolution block (its upsampled
     /// input): the second of `block_out_channels`.
@@ -190,6 +192,11 @@ impl WorkingMemory {
                 .collect(),
             layers_per_block: folder.unet.layers_per_block as u64,
             unet_bytes: dtype.size_in_bytes() as u64,
+            score_bytes: if folder.unet.upcast_attention {
+                F32_BYTES
+            } else {
+                dtype.size_in_bytes() as u64
+            },
             vae_scale: folder.vae.scale_factor() as u64,
             vae_full_channels: folder
                 .vae
@@ -228,7 +235,7 @@ impl WorkingMemory {
         // The scores of the widest attention, for the whole batch, or one chunk of them (at
         // least one query row of every head).
         let scores = chunked(
-            batch * attention * F32_BYTES,
+            batch * attention * self.score_bytes,
             latent_h * latent_w,
             plan.attention.max_score_bytes,
         );
@@ -306,6 +313,7 @@ mod tests {
             ],
             layers_per_block: 2,
             unet_bytes: 4,
+            score_bytes: 4,
             vae_scale: 8,
             vae_full_channels: 256,
             vae_bytes: 4,
@@ -317,6 +325,7 @@ mod tests {
     fn sd15_gpu() -> WorkingMemory {
         WorkingMemory {
             unet_bytes: 2,
+            score_bytes: 2,
             vae_bytes: 2,
             convolutions: Convolutions::Im2col,
             ..sd15()
@@ -329,6 +338,7 @@ mod tests {
             unet_blocks: vec![(320, None), (640, Some(10)), (1280, Some(20))],
             layers_per_block: 2,
             unet_bytes: 2,
+            score_bytes: 2,
             vae_scale: 8,
             vae_full_channels: 256,
             vae_bytes: 4,

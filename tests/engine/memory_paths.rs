@@ -18,13 +18,13 @@
 //!   difference is larger than on real ones).
 
 use candle_core::{DType, Tensor};
-use studio_worker::engine::sd::Request;
 use studio_worker::engine::sd::conv::ConvPlan;
 use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Tiling;
 use studio_worker::engine::sd::vae_decoder::DecodePlan;
+use studio_worker::engine::sd::{Request, StableDiffusion};
 
-use crate::support::{FIXTURES, Golden, load, request, worst_level_difference};
+use crate::support::{FIXTURES, Golden, load, reference_scale, request, worst_level_difference};
 
 /// Tiled decode against whole, in `[0, 1]` pixel units: the largest difference of any
 /// channel of any pixel, and the mean over all of them (measured: at most 25/255 and
@@ -63,14 +63,20 @@ fn differences(ours: &Tensor, whole: &Tensor) -> (f32, f32) {
     (max, mean)
 }
 
+/// The fixture's pipeline, its two-image latents, and their plain decode, one at a time.
+fn decoded_whole(name: &str) -> (StableDiffusion, Tensor, Tensor) {
+    let model = load(name);
+    let latents = latents(name);
+    let whole = model
+        .decode_each(&latents, DecodePlan::default())
+        .expect("decodes");
+    (model, latents, whole)
+}
+
 #[test]
 fn each_image_of_a_job_decodes_as_it_does_alone() {
     for name in FIXTURES {
-        let model = load(name);
-        let latents = latents(name);
-        let each = model
-            .decode_each(&latents, DecodePlan::default())
-            .expect("decodes");
+        let (model, latents, each) = decoded_whole(name);
         for image in 0..2 {
             let alone = model
                 .decode(&latents.narrow(0, image, 1).expect("narrow"))
@@ -84,11 +90,7 @@ fn each_image_of_a_job_decodes_as_it_does_alone() {
 #[test]
 fn banded_convolutions_and_chunked_attention_decode_the_same_image() {
     for name in FIXTURES {
-        let model = load(name);
-        let latents = latents(name);
-        let whole = model
-            .decode_each(&latents, DecodePlan::default())
-            .expect("decodes");
+        let (model, latents, whole) = decoded_whole(name);
         // Bands of one or two rows at the full resolution, one query row per chunk.
         let saving = DecodePlan {
             tiling: None,
@@ -113,11 +115,7 @@ fn a_tiled_decode_stays_within_the_stated_tolerance_of_the_whole_decode() {
         overlap: 8,
     };
     for name in FIXTURES {
-        let model = load(name);
-        let latents = latents(name);
-        let whole = model
-            .decode_each(&latents, DecodePlan::default())
-            .expect("decodes");
+        let (model, latents, whole) = decoded_whole(name);
         let tiled = model.decode_each(&latents, tiled(tiling)).expect("decodes");
         assert_eq!(tiled.dims(), whole.dims());
         assert_eq!(tiled.dtype(), DType::F32);
@@ -135,11 +133,7 @@ fn a_tiled_decode_stays_within_the_stated_tolerance_of_the_whole_decode() {
 #[test]
 fn a_latent_within_one_tile_is_decoded_whole() {
     let name = FIXTURES[0];
-    let model = load(name);
-    let latents = latents(name);
-    let whole = model
-        .decode_each(&latents, DecodePlan::default())
-        .expect("decodes");
+    let (model, latents, whole) = decoded_whole(name);
     let tiled = model
         .decode_each(&latents, tiled(Tiling::DEFAULT))
         .expect("decodes");
@@ -194,12 +188,7 @@ fn attention_scores_in_f16_stay_close_to_f32_scores() {
         let text_time = (folder.family == Family::StableDiffusionXl)
             .then(|| (half("unet.text_embeds"), half("unet.time_ids")));
         let reference = golden.batched("unet.out");
-        let scale = reference
-            .abs()
-            .and_then(|t| t.max_all())
-            .and_then(|t| t.to_scalar::<f32>())
-            .expect("scale")
-            .max(1.0);
+        let scale = reference_scale(&reference);
         let error_with = |upcast: bool| -> f32 {
             let mut config = folder.unet.clone();
             config.upcast_attention = upcast;

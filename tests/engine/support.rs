@@ -63,6 +63,16 @@ impl Golden {
     }
 }
 
+/// What an error is measured against: the reference's largest magnitude, at least 1.
+pub fn reference_scale(reference: &Tensor) -> f32 {
+    reference
+        .abs()
+        .and_then(|tensor| tensor.max_all())
+        .and_then(|tensor| tensor.to_scalar::<f32>())
+        .expect("max")
+        .max(1.0)
+}
+
 /// Asserts `ours` matches `reference` within [`TOLERANCE`], naming what differs.
 pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
     let ours = ours.to_dtype(DType::F32).expect("f32");
@@ -74,12 +84,7 @@ pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
         ours.dims(),
         reference.dims()
     );
-    let scale = reference
-        .abs()
-        .and_then(|tensor| tensor.max_all())
-        .and_then(|tensor| tensor.to_scalar::<f32>())
-        .expect("max")
-        .max(1.0);
+    let scale = reference_scale(&reference);
     let error = (&ours - &reference)
         .and_then(|tensor| tensor.abs())
         .and_then(|tensor| tensor.max_all())

@@ -457,6 +457,8 @@ impl Engine for CandleEngine {
         if !loaded.is_empty() {
             tracing::info!("unloading {} model(s)", loaded.len());
             loaded.clear();
+            // Freed blocks go back to the pool; the pool hands them to the driver now.
+            super::gpu_memory::give_back(&self.device.device);
         }
     }
 }

@@ -54,17 +54,25 @@ pub fn hold_pool(device: &Device) -> PoolHold {
 
 impl Drop for PoolHold {
     fn drop(&mut self) {
-        let Some(device) = &self.held else {
-            return;
-        };
-        if let Err(error) = device.synchronize() {
-            tracing::warn!("the GPU did not finish its work: {error}");
+        if let Some(device) = &self.held {
+            give_back(device);
         }
-        match device {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(cuda) => cuda_pool::give_back(cuda),
-            _ => {}
+    }
+}
+
+/// Waits for `device`, then hands the memory its pool holds unused back to the driver (and
+/// lowers the pool's release threshold back to 0): after a job, and after unloading models,
+/// so that what a game sees free is what the worker does not use.
+pub fn give_back(device: &Device) {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            if let Err(error) = device.synchronize() {
+                tracing::warn!("the GPU did not finish its work: {error}");
+            }
+            cuda_pool::give_back(cuda);
         }
+        _ => {}
     }
 }
 

@@ -233,7 +233,7 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home)
     output, peak, seconds = run_measured(memory, command, env=env)
     times = [float(match) for match in re.findall(r"run \d+/\d+: done in ([0-9.]+) s", output)]
     prepared = re.search(r"prepared in ([0-9.]+) s", output)
-    plans = sorted(set(re.findall(r"saving memory: .*", output)))
+    plans = sorted(set(re.findall(r"saving memory: .*|the text encoders of .* on the CPU.*", output)))
     return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
             "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
             "plans": plans}
@@ -363,13 +363,26 @@ def main():
     home = tempfile.mkdtemp(prefix="gpu-bench-home-")
     cold_cache = tempfile.mkdtemp(prefix="cuda-cache-")
     rows = []
+
+    def attempt(what, run):
+        """One measurement; a failure is reported and the bench goes on with the others."""
+        try:
+            return run()
+        except Exception as error:  # noqa: BLE001 - any failure of a child process
+            print(f"{what} failed: {error}", flush=True)
+            return None
+
     for index, (name, model, side, steps, guidance) in enumerate(CASES):
         folder = os.path.join(args.models, model)
-        reference = run_diffusers(memory, folder, side, steps, guidance, args.runs)
+        reference = attempt(f"{name}: diffusers",
+                            lambda: run_diffusers(memory, folder, side, steps, guidance, args.runs))
         # The first case finds the driver's kernel cache empty, as a fresh install does.
-        ours = run_worker(memory, args.worker, folder, side, steps, guidance, args.runs, cold_cache, home)
-        jobs = run_worker_jobs(memory, args.worker, args.dev_studio, folder, side, steps, guidance,
-                               args.runs, cold_cache)
+        ours = attempt(f"{name}: generate",
+                       lambda: run_worker(memory, args.worker, folder, side, steps, guidance, args.runs,
+                                          cold_cache, home))
+        jobs = attempt(f"{name}: studio jobs",
+                       lambda: run_worker_jobs(memory, args.worker, args.dev_studio, folder, side, steps,
+                                               guidance, args.runs, cold_cache))
         rows.append({"case": name, "diffusers": reference, "worker": ours, "jobs": jobs,
                      "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
@@ -380,8 +393,9 @@ def main():
     print(ballast.stdout.readline().strip(), flush=True)
     try:
         name, model, side, steps, guidance = CASES[3]
-        tight = run_worker(memory, args.worker, os.path.join(args.models, model), side, steps, guidance,
-                           args.runs, cold_cache, home)
+        tight = attempt("SDXL with 12 GB free",
+                        lambda: run_worker(memory, args.worker, os.path.join(args.models, model), side,
+                                           steps, guidance, args.runs, cold_cache, home))
     finally:
         ballast.stdin.close()
         ballast.wait()
@@ -392,16 +406,25 @@ def main():
           f"{time.strftime('%Y-%m-%d')}; {args.runs} runs per case, warm = median of runs 2..")
     print(f"{'case':38} {'diffusers':>10} {'generate':>10} {'ratio':>6} {'studio job':>10} {'ratio':>6}   "
           f"{'peak diffusers':>14} {'generate':>9} {'ratio':>6} {'studio':>7}   {'first job':>10} {'prepare':>8}")
+    def ms(result, key="warm"):
+        return f"{result[key] * 1000:8.0f}ms" if result else f"{'failed':>10}"
+
+    def gb(result):
+        return f"{result['peak'] / 1e9:7.2f}GB" if result else f"{'failed':>9}"
+
+    def ratio(result, reference, key):
+        return f"{result[key] / reference[key]:5.2f}×" if result and reference else f"{'—':>6}"
+
     for row in rows:
         reference, ours, jobs = row["diffusers"], row["worker"], row["jobs"]
-        print(f"{row['case']:38} {reference['warm'] * 1000:8.0f}ms {ours['warm'] * 1000:8.0f}ms "
-              f"{ours['warm'] / reference['warm']:5.2f}× {jobs['warm'] * 1000:8.0f}ms "
-              f"{jobs['warm'] / reference['warm']:5.2f}×   {reference['peak'] / 1e9:12.2f}GB "
-              f"{ours['peak'] / 1e9:7.2f}GB {ours['peak'] / reference['peak']:5.2f}× {jobs['peak'] / 1e9:5.2f}GB   "
-              f"{ours['first'] * 1000:8.0f}ms {ours['prepare']:7.1f}s"
+        print(f"{row['case']:38} {ms(reference)} {ms(ours)} {ratio(ours, reference, 'warm')} {ms(jobs)} "
+              f"{ratio(jobs, reference, 'warm')}   {gb(reference):>14} {gb(ours)} "
+              f"{ratio(ours, reference, 'peak')} {gb(jobs)}   {ms(ours, 'first')} "
+              + (f"{ours['prepare']:7.1f}s" if ours else "")
               + ("  (cold kernel cache)" if row["cold_cache"] else ""))
-    print(f"SDXL 1024², 12 GB free (ballast): generate {tight['warm'] * 1000:.0f} ms warm, peak "
-          f"{tight['peak'] / 1e9:.2f} GB, first {tight['first'] * 1000:.0f} ms; {' '.join(tight['plans'])}")
+    if tight:
+        print(f"SDXL 1024², 12 GB free (ballast): generate {tight['warm'] * 1000:.0f} ms warm, peak "
+              f"{tight['peak'] / 1e9:.2f} GB, first {tight['first'] * 1000:.0f} ms; {' '.join(tight['plans'])}")
     with open(os.path.join(args.models, "results.json"), "w") as out:
         json.dump({"device": memory.name(), "driver": memory.driver(), "rows": rows, "tight": tight}, out)
 

@@ -3,19 +3,22 @@
 #
 #   benches/gpu/prepare.sh
 #
-# - cuda-build/studio-worker: the release binary with --features cuda, PTX for sm_75 (every
-#   RTX, as the installers ship it), built by ../shared/tools/cuda-cross-build.sh and stripped
-#   (the device tool carries 64 MiB at most);
-# - cuda-build/dev_studio: the dev studio (no CUDA in it), for the studio-job runs;
+# - cuda-build/studio-worker.xz: the release binary with --features cuda, PTX for sm_75
+#   (every RTX, as the installers ship it), built by ../shared/tools/cuda-cross-build.sh,
+#   stripped and compressed (42 MiB stripped, 9 MiB as xz: the device tool carries 64 MiB at
+#   most; run.sh unpacks it);
+# - cuda-build/dev_studio.xz: the dev studio (no CUDA in it), for the studio-job runs;
 # - .whl/: diffusers and the one package it needs that the GPU machine lacks, as wheels.
 # Then, with the device tool: carry ["cuda-build", ".whl"], command "benches/gpu/run.sh".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CUDA_COMPUTE_CAP=75 ../shared/tools/cuda-cross-build.sh
-strip cuda-build/studio-worker
 cargo build --release --example dev_studio
 cp "${CARGO_TARGET_DIR:-target}/release/examples/dev_studio" cuda-build/dev_studio
-strip cuda-build/dev_studio
+for binary in cuda-build/studio-worker cuda-build/dev_studio; do
+  strip "$binary"
+  xz -T0 -6 -f "$binary"
+done
 ls -l cuda-build/
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 rm -rf .whl

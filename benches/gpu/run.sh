@@ -13,6 +13,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 CUDA_LIBS=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
 export LD_LIBRARY_PATH=$CUDA_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The binaries travel compressed (prepare.sh): unpack them with Python's own lzma.
+for packed in cuda-build/*.xz; do
+  python3 -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as packed, open(sys.argv[2], "wb") as out: shutil.copyfileobj(packed, out)' \
+    "$packed" "${packed%.xz}"
+  chmod +x "${packed%.xz}"
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 cuobjdump --list-ptx --list-elf cuda-build/studio-worker | sort | uniq -c | head -20 || true
 python3 benches/gpu/bench.py "$@" 2>&1 | tee /tmp/gpu-bench.txt

@@ -621,4 +621,33 @@ mod tests {
             Err(EngineError::OutOfMemory(_))
         ));
     }
+
+    #[test]
+    fn a_gpu_plans_with_bands_and_chunks_first_and_tiles_only_when_short() {
+        // The CPU engine, told it convolves as a GPU does (column buffers).
+        let gpu_like = |room: u64| {
+            let mut engine = tiny_sdxl_engine().with_available_memory(move || room);
+            engine.convolutions = Convolutions::Im2col;
+            engine
+        };
+        let served = gpu_like(0).models.lock().unwrap()["tiny-sdxl"].clone();
+        let mut big = job();
+        (big.width, big.height) = (1024, 1024);
+        let need = |plan| served.memory_bytes + served.working.bytes(1024, 1024, 1, true, plan);
+        let [first, tiled, least] = Plan::choices(Convolutions::Im2col) else {
+            panic!("three GPU plans");
+        };
+        for (room, expected) in [
+            (u64::MAX, *first),
+            (need(*tiled), *tiled),
+            (need(*least), *least),
+        ] {
+            assert_eq!(gpu_like(room).make_room(&big).unwrap().plan, expected);
+        }
+        assert!(first.vae_tiling.is_none() && first.conv.max_column_bytes.is_some());
+        assert!(matches!(
+            gpu_like(need(*least) - 1).make_room(&big),
+            Err(EngineError::OutOfMemory(_))
+        ));
+    }
 }

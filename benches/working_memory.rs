@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
-use studio_worker::engine::sd::unet_blocks::AttentionPlan;
+use studio_worker::engine::sd::unet_blocks::UnetPlan;
 use studio_worker::engine::sd::vae::Vae;
 use studio_worker::engine::sd::vae_decoder::DecodePlan;
 use studio_worker::engine::sd::working_memory::{Convolutions, Plan, WorkingMemory};
@@ -98,7 +98,7 @@ fn main() {
         let guided = Tensor::zeros((2, 4, latent, latent), DType::F32, &device).unwrap();
         let context = Tensor::zeros((2, 77, 768), DType::F32, &device).unwrap();
         let unet_peak = peak_of(|| {
-            unet.forward(&guided, 999.0, &context, None, AttentionPlan::default())
+            unet.forward(&guided, 999.0, &context, None, UnetPlan::default())
                 .unwrap();
         });
         let one = guided.narrow(0, 0, 1).unwrap();

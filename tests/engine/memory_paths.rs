@@ -19,7 +19,7 @@
 
 use candle_core::{DType, Tensor};
 use studio_worker::engine::sd::conv::ConvPlan;
-use studio_worker::engine::sd::unet_blocks::AttentionPlan;
+use studio_worker::engine::sd::unet_blocks::{AttentionPlan, UnetPlan};
 use studio_worker::engine::sd::vae::Tiling;
 use studio_worker::engine::sd::vae_decoder::DecodePlan;
 use studio_worker::engine::sd::{Request, StableDiffusion};
@@ -209,7 +209,7 @@ fn attention_scores_in_f16_stay_close_to_f32_scores() {
                             text_embeds,
                             time_ids,
                         }),
-                    AttentionPlan::default(),
+                    UnetPlan::default(),
                 )
                 .expect("UNet runs");
             differences(&out.to_dtype(DType::F32).expect("f32"), &reference).0 / scale

@@ -1,8 +1,9 @@
 //! Each stage of each fixture pipeline against the tensors diffusers computed.
 
 use candle_core::{Result, Tensor};
+use studio_worker::engine::sd::conv::ConvPlan;
 use studio_worker::engine::sd::model_folder::Family;
-use studio_worker::engine::sd::unet_blocks::AttentionPlan;
+use studio_worker::engine::sd::unet_blocks::{AttentionPlan, UnetPlan};
 use studio_worker::engine::sd::{DenoiseSettings, schedulers};
 use studio_worker::vocab::job::Scheduler;
 
@@ -93,10 +94,20 @@ fn one_unet_forward_matches_the_reference() {
             None
         };
         let timestep = golden.f64s("unet.timestep")[0];
-        // The attention whole, and a few query rows at a time (what tight memory picks).
+        // The attention whole, a few query rows at a time (what tight memory picks), and with
+        // the convolutions in bands of a row or two too (what a GPU runs).
         for (plan, how) in [
-            (AttentionPlan::default(), "whole attention"),
-            (CHUNKED, "chunked attention"),
+            (UnetPlan::default(), "whole attention"),
+            (CHUNKED.into(), "chunked attention"),
+            (
+                UnetPlan {
+                    attention: CHUNKED,
+                    conv: ConvPlan {
+                        max_column_bytes: Some(16 << 10),
+                    },
+                },
+                "chunked attention, banded convolutions",
+            ),
         ] {
             let out = model
                 .unet_forward(
@@ -162,7 +173,7 @@ fn run(name: &str, scheduler: Scheduler, negative: &str, guidance: f64) -> (Tens
             sampler.as_mut(),
             DenoiseSettings {
                 guidance_scale: guidance,
-                attention: AttentionPlan::default(),
+                plan: UnetPlan::default(),
             },
             &mut noise,
             &mut |_, _| true,

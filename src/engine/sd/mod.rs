@@ -8,6 +8,7 @@
 
 pub mod conv;
 pub mod model_folder;
+pub mod resnet;
 pub mod schedulers;
 pub(crate) mod text_encoder;
 pub(crate) mod tokenizer;
@@ -30,7 +31,7 @@ use self::schedulers::{NoiseSchedule, Sampler};
 use self::text_encoder::ClipTextEncoder;
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
-use self::unet_blocks::AttentionPlan;
+use self::unet_blocks::{AttentionPlan, UnetPlan};
 use self::vae::{Tiling, Vae};
 use self::vae_decoder::DecodePlan;
 use super::noise::NoiseSource;
@@ -68,7 +69,8 @@ pub struct Request {
     pub vae_tiling: Option<Tiling>,
     /// How much of the attention scores may be held at once (chunking is exact).
     pub attention: AttentionPlan,
-    /// How much of a convolution's column buffer may be held at once (banding is exact).
+    /// How much of a convolution's column buffer may be held at once, in the UNet and the
+    /// decoder (banding is exact).
     pub conv: ConvPlan,
 }
 
@@ -108,7 +110,8 @@ pub enum Stage {
 pub struct DenoiseSettings {
     /// Classifier-free guidance (used when the conditioning is guided).
     pub guidance_scale: f64,
-    pub attention: AttentionPlan,
+    /// How the UNet bounds its attention scores and convolution columns.
+    pub plan: UnetPlan,
 }
 
 /// The prompt's conditioning, batched `[negative…, positive…]` when guided.
@@ -288,7 +291,10 @@ impl StableDiffusion {
             sampler.as_mut(),
             DenoiseSettings {
                 guidance_scale: request.guidance_scale,
-                attention: request.attention,
+                plan: UnetPlan {
+                    attention: request.attention,
+                    conv: request.conv,
+                },
             },
             &mut noise,
             &mut |step, total| {
@@ -430,7 +436,7 @@ impl StableDiffusion {
         timestep: f64,
         hidden_states: &Tensor,
         text_time: Option<(&Tensor, &Tensor)>,
-        attention: AttentionPlan,
+        plan: UnetPlan,
     ) -> Result<Tensor, SdError> {
         let conditioning = text_time.map(|(text_embeds, time_ids)| TextTimeConditioning {
             text_embeds,
@@ -443,7 +449,7 @@ impl StableDiffusion {
                 timestep,
                 &hidden_states.to_dtype(self.dtype)?,
                 conditioning,
-                attention,
+                plan,
             )?
             .to_dtype(DType::F32)?)
     }
@@ -478,7 +484,7 @@ impl StableDiffusion {
                 timestep,
                 &conditioning.hidden_states,
                 text_time,
-                settings.attention,
+                settings.plan,
             )?;
             let prediction = if conditioning.guided {
                 let halves = output.chunk(2, 0)?;

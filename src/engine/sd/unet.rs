@@ -10,9 +10,10 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
+use super::conv::Conv3x3;
 use super::model_folder::UnetConfig;
 use super::unet_blocks::{
-    AttentionPlan, DownBlock, MidBlock, ResnetSettings, TransformerConfig, UpBlock,
+    DownBlock, MidBlock, ResnetSettings, TransformerConfig, UnetPlan, UpBlock,
 };
 
 /// SDXL's added conditioning, batched like the latents.
@@ -37,7 +38,7 @@ pub struct Unet {
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
     config: UnetConfig,
 }
 
@@ -149,13 +150,7 @@ impl Unet {
             config.norm_eps,
             vb.pp("conv_norm_out"),
         )?;
-        let conv_out = candle_nn::conv2d(
-            base_channels,
-            config.out_channels,
-            3,
-            padded,
-            vb.pp("conv_out"),
-        )?;
+        let conv_out = Conv3x3::new(vb.pp("conv_out"), base_channels, config.out_channels)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -178,7 +173,7 @@ impl Unet {
         timestep: f64,
         encoder_hidden_states: &Tensor,
         text_time: Option<TextTimeConditioning<'_>>,
-        attention: AttentionPlan,
+        plan: UnetPlan,
     ) -> Result<Tensor> {
         let (batch, _channels, height, width) = latents.dims4()?;
         let dtype = latents.dtype();
@@ -216,14 +211,13 @@ impl Unet {
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
-            let (out, residuals) =
-                block.forward(&xs, &embedding, encoder_hidden_states, attention)?;
+            let (out, residuals) = block.forward(&xs, &embedding, encoder_hidden_states, plan)?;
             skips.extend(residuals);
             xs = out;
         }
         xs = self
             .mid_block
-            .forward(&xs, &embedding, encoder_hidden_states, attention)?;
+            .forward(&xs, &embedding, encoder_hidden_states, plan)?;
 
         // Sizes that do not divide by the total downsampling need explicit upsample sizes.
         let factor = 1usize << (self.up_blocks.len() - 1);
@@ -244,10 +238,10 @@ impl Unet {
                 &embedding,
                 encoder_hidden_states,
                 upsample_size,
-                attention,
+                plan,
             )?;
         }
         let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&xs, plan.conv)
     }
 }

@@ -7,11 +7,14 @@
 //! softmax only ever sees its own row. candle's own blocks hold the whole matrix, and their
 //! sliced path fails on its own output shape (candle-transformers 0.11).
 //!
-//! The residual blocks are candle's `ResnetBlock2D`.
+//! The residual blocks are ours too ([`Resnet`]), so their convolutions, like the
+//! upsamplers', can run in bands of rows ([`ConvPlan`]).
 
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+use super::conv::{Conv3x3, ConvPlan};
+use super::resnet::{Resnet, ResnetConfig};
 
 /// How the attention holds its scores: whole, or at most this many bytes of them at a time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,6 +34,23 @@ impl AttentionPlan {
                     .unwrap_or(usize::MAX)
                     .clamp(1, queries.max(1))
             }
+        }
+    }
+}
+
+/// How the UNet bounds its working memory: the attention's scores and the convolutions'
+/// column buffers (neither changes the result beyond rounding).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnetPlan {
+    pub attention: AttentionPlan,
+    pub conv: ConvPlan,
+}
+
+impl From<AttentionPlan> for UnetPlan {
+    fn from(attention: AttentionPlan) -> Self {
+        Self {
+            attention,
+            conv: ConvPlan::default(),
         }
     }
 }
@@ -316,24 +336,26 @@ impl Downsample {
 
 /// Nearest-neighbour upsampling (×2, or to a given size), then a 3×3 convolution.
 pub struct Upsample {
-    conv: Conv2d,
+    conv: Conv3x3,
 }
 
 impl Upsample {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        let config = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, config, vb.pp("conv"))?,
+            conv: Conv3x3::new(vb.pp("conv"), channels, channels)?,
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        size: Option<(usize, usize)>,
+        plan: ConvPlan,
+    ) -> Result<Tensor> {
         let (_, _, height, width) = xs.dims4()?;
         let (height, width) = size.unwrap_or((2 * height, 2 * width));
-        self.conv.forward(&xs.upsample_nearest2d(height, width)?)
+        self.conv
+            .forward(&xs.upsample_nearest2d(height, width)?, plan)
     }
 }
 
@@ -352,17 +374,15 @@ impl ResnetSettings {
         in_channels: usize,
         out_channels: usize,
         output_scale_factor: f64,
-    ) -> Result<ResnetBlock2D> {
-        ResnetBlock2D::new(
+    ) -> Result<Resnet> {
+        Resnet::new(
             vb,
-            in_channels,
-            ResnetBlock2DConfig {
-                out_channels: Some(out_channels),
-                temb_channels: Some(self.temb_channels),
+            ResnetConfig {
+                in_channels,
+                out_channels,
                 groups: self.groups,
-                groups_out: None,
                 eps: self.eps,
-                use_in_shortcut: None,
+                temb_channels: Some(self.temb_channels),
                 output_scale_factor,
             },
         )
@@ -372,7 +392,7 @@ impl ResnetSettings {
 /// A block's layers as they are built: residual blocks, each followed by a transformer when
 /// the block has cross-attention (diffusers' `resnets.N` and `attentions.N`).
 struct Layers {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Resnet>,
     attentions: Vec<Transformer>,
 }
 
@@ -414,7 +434,7 @@ impl Layers {
 /// cross-attention), then an optional downsampler. Returns its output and every state the
 /// up blocks take as skip connections.
 pub struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Resnet>,
     attentions: Vec<Transformer>,
     downsampler: Option<Downsample>,
 }
@@ -463,14 +483,14 @@ impl DownBlock {
         xs: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        plan: AttentionPlan,
+        plan: UnetPlan,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (index, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(&xs, Some(temb), plan.conv)?;
             if let Some(attention) = self.attentions.get(index) {
-                xs = attention.forward(&xs, context, plan)?;
+                xs = attention.forward(&xs, context, plan.attention)?;
             }
             skips.push(xs.clone());
         }
@@ -484,8 +504,8 @@ impl DownBlock {
 
 /// The middle: a residual block, then (transformer, residual block) pairs.
 pub struct MidBlock {
-    first: ResnetBlock2D,
-    pairs: Vec<(Transformer, ResnetBlock2D)>,
+    first: Resnet,
+    pairs: Vec<(Transformer, Resnet)>,
 }
 
 impl MidBlock {
@@ -509,12 +529,12 @@ impl MidBlock {
         xs: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        plan: AttentionPlan,
+        plan: UnetPlan,
     ) -> Result<Tensor> {
-        let mut xs = self.first.forward(xs, Some(temb))?;
+        let mut xs = self.first.forward(xs, Some(temb), plan.conv)?;
         for (attention, resnet) in &self.pairs {
-            xs = attention.forward(&xs, context, plan)?;
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = attention.forward(&xs, context, plan.attention)?;
+            xs = resnet.forward(&xs, Some(temb), plan.conv)?;
         }
         Ok(xs)
     }
@@ -524,7 +544,7 @@ impl MidBlock {
 /// connection (the latest first), followed by a transformer when the block has
 /// cross-attention; then an optional upsampler.
 pub struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Resnet>,
     attentions: Vec<Transformer>,
     upsampler: Option<Upsample>,
 }
@@ -583,7 +603,7 @@ impl UpBlock {
         temb: &Tensor,
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
-        plan: AttentionPlan,
+        plan: UnetPlan,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (index, resnet) in self.resnets.iter().enumerate() {
@@ -591,13 +611,13 @@ impl UpBlock {
                 candle_core::bail!("an up block needs one skip connection per residual block");
             };
             xs = Tensor::cat(&[&xs, skip], 1)?;
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(&xs, Some(temb), plan.conv)?;
             if let Some(attention) = self.attentions.get(index) {
-                xs = attention.forward(&xs, context, plan)?;
+                xs = attention.forward(&xs, context, plan.attention)?;
             }
         }
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&xs, upsample_size),
+            Some(upsampler) => upsampler.forward(&xs, upsample_size, plan.conv),
             None => Ok(xs),
         }
     }

@@ -12,6 +12,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan, conv1x1};
+use super::resnet::{Resnet, ResnetConfig};
 use super::unet_blocks::{AttentionPlan, attend};
 use super::vae::Tiling;
 
@@ -39,44 +40,24 @@ pub struct DecoderConfig {
 /// Every group norm of the VAE uses this epsilon.
 const EPS: f64 = 1e-6;
 
-/// A residual block without a time embedding: norm, SiLU, conv, twice, plus the input
-/// (through a 1×1 convolution when the channels change).
-struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv3x3,
-    norm2: GroupNorm,
-    conv2: Conv3x3,
-    shortcut: Option<Conv2d>,
-}
-
-impl Resnet {
-    fn new(vb: VarBuilder, in_channels: usize, out_channels: usize, groups: usize) -> Result<Self> {
-        let shortcut: Option<Conv2d> = if in_channels == out_channels {
-            None
-        } else {
-            Some(conv1x1(vb.pp("conv_shortcut"), in_channels, out_channels)?)
-        };
-        Ok(Self {
-            norm1: candle_nn::group_norm(groups, in_channels, EPS, vb.pp("norm1"))?,
-            conv1: Conv3x3::new(vb.pp("conv1"), in_channels, out_channels)?,
-            norm2: candle_nn::group_norm(groups, out_channels, EPS, vb.pp("norm2"))?,
-            conv2: Conv3x3::new(vb.pp("conv2"), out_channels, out_channels)?,
-            shortcut,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
-        let hidden = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?, plan)?;
-        let hidden = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?, plan)?;
-        match &self.shortcut {
-            Some(shortcut) => shortcut.forward(xs)? + hidden,
-            None => xs + hidden,
-        }
-    }
+/// One of the decoder's residual blocks (no timestep embedding).
+fn resnet(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    groups: usize,
+) -> Result<Resnet> {
+    Resnet::new(
+        vb,
+        ResnetConfig {
+            in_channels,
+            out_channels,
+            groups,
+            eps: EPS,
+            temb_channels: None,
+            output_scale_factor: 1.0,
+        },
+    )
 }
 
 /// Single-head self-attention over the cells, in f32, residual.
@@ -176,9 +157,8 @@ impl Decoder {
         };
         let vb = vb.pp("decoder");
         let mid = vb.pp("mid_block");
-        let mid_resnet = |index: usize| {
-            Resnet::new(mid.pp(format!("resnets.{index}")), deepest, deepest, groups)
-        };
+        let mid_resnet =
+            |index: usize| resnet(mid.pp(format!("resnets.{index}")), deepest, deepest, groups);
         let mut up_blocks = Vec::with_capacity(channels.len());
         let mut in_channels = deepest;
         for (index, &out_channels) in channels.iter().enumerate() {
@@ -190,7 +170,7 @@ impl Decoder {
                     } else {
                         out_channels
                     };
-                    Resnet::new(
+                    resnet(
                         block.pp(format!("resnets.{layer}")),
                         from,
                         out_channels,
@@ -230,12 +210,12 @@ impl Decoder {
         };
         let [first, second] = &self.mid_resnets;
         let mut xs = self.conv_in.forward(&latents, plan.conv)?;
-        xs = first.forward(&xs, plan.conv)?;
+        xs = first.forward(&xs, None, plan.conv)?;
         xs = self.mid_attention.forward(&xs, plan.attention)?;
-        xs = second.forward(&xs, plan.conv)?;
+        xs = second.forward(&xs, None, plan.conv)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {
-                xs = resnet.forward(&xs, plan.conv)?;
+                xs = resnet.forward(&xs, None, plan.conv)?;
             }
             if let Some(upsampler) = &block.upsampler {
                 let (_, _, height, width) = xs.dims4()?;

@@ -14,7 +14,7 @@ use super::conv::ConvPlan;
 use super::model_folder::{TextEncoderConfig, UnetFile, VaeConfig};
 use super::text_encoder::ClipTextEncoder;
 use super::unet::{TextTimeConditioning, Unet};
-use super::unet_blocks::AttentionPlan;
+use super::unet_blocks::{AttentionPlan, UnetPlan};
 use super::vae::{Tiling, Vae};
 use super::vae_decoder::DecodePlan;
 
@@ -36,7 +36,7 @@ const TEXT_ENCODER: &str = r#"{
   "projection_dim": 32
 }"#;
 
-/// Small tiles, bands and chunks for the 16² latent.
+/// Small tiles, bands and chunks for the 16² latent (the bands and chunks for the UNet too).
 const DECODE_SAVING: DecodePlan = DecodePlan {
     tiling: Some(Tiling {
         tile: 8,
@@ -82,9 +82,10 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
             text_embeds: &encoding.pooled,
             time_ids: &time_ids,
         }),
-        // Chunked, so the chunks' kernels are compiled too.
-        AttentionPlan {
-            max_score_bytes: Some(64 << 10),
+        // Chunked and banded, so those paths' kernels are compiled too.
+        UnetPlan {
+            attention: DECODE_SAVING.attention,
+            conv: DECODE_SAVING.conv,
         },
     )?;
     let halves = predicted.chunk(2, 0)?;

@@ -6,7 +6,7 @@
 //! dtype (f32 where it upcasts; the VAE's always f32), whole or a chunk of query rows at a
 //! time, and held twice (the scores and their softmax); the UNet keeps every down block's outputs for the skip connections; a
 //! 3×3 convolution holds its input, its output and a copy of its kernel, and on a GPU also
-//! its im2col column buffer (nine times its input; in the VAE bounded by the plan's bands);
+//! its im2col column buffer (nine times its input, or one band of it);
 //! the VAE decodes one image (or one tile) at a time, its last blocks at full resolution
 //! with the channels of the block before. The UNet's and the decode's peaks do not overlap.
 //! It errs high, by a tenth and more: refusing a job that would have fitted costs a retry
@@ -51,7 +51,7 @@ const F32_BYTES: u64 = 4;
 pub struct Plan {
     pub attention: AttentionPlan,
     pub vae_tiling: Option<Tiling>,
-    /// The decoder's convolutions in bands (what matters on a GPU; the CPU has no columns).
+    /// The 3×3 convolutions in bands (what matters on a GPU; the CPU has no columns).
     pub conv: ConvPlan,
 }
 
@@ -239,12 +239,17 @@ impl WorkingMemory {
             latent_h * latent_w,
             plan.attention.max_score_bytes,
         );
-        // On a GPU, the widest convolution's column buffer (the UNet's are not banded).
+        // On a GPU, the widest convolution's column buffer, whole or in the plan's bands.
         let unet_columns = match self.convolutions {
             Convolutions::Direct => 0,
-            Convolutions::Im2col => UNET_CONV_INPUT * largest * TAPS,
+            Convolutions::Im2col => chunked(
+                batch * UNET_CONV_INPUT * largest * TAPS * self.unet_bytes,
+                latent_h,
+                plan.conv.max_column_bytes,
+            ),
         };
-        let unet = batch * (skips + RESNET_TEMPORARIES * largest + unet_columns) * self.unet_bytes
+        let unet = batch * (skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
+            + unet_columns
             + ATTENTION_COPIES * scores;
 
         // One image (or one tile of it) through the decoder at a time.

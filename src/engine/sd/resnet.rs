@@ -1,0 +1,93 @@
+//! The residual block both the UNet and the VAE decoder are made of (diffusers'
+//! `ResnetBlock2D`): group norm, SiLU, 3×3 convolution, plus the timestep embedding (the
+//! UNet's), group norm, SiLU, 3×3 convolution, plus the input (through a 1×1 convolution when
+//! the channels change), divided by the output scale. Ours rather than candle's so its
+//! convolutions can run in bands ([`ConvPlan`]).
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::conv::{Conv3x3, ConvPlan, conv1x1};
+
+/// What a residual block is made of.
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub groups: usize,
+    pub eps: f64,
+    /// The timestep embedding's width (the UNet's blocks); `None`: no embedding (the VAE's).
+    pub temb_channels: Option<usize>,
+    pub output_scale_factor: f64,
+}
+
+pub struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv3x3,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv3x3,
+    shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl Resnet {
+    pub fn new(vb: VarBuilder, config: ResnetConfig) -> Result<Self> {
+        let ResnetConfig {
+            in_channels,
+            out_channels,
+            groups,
+            eps,
+            ..
+        } = config;
+        let shortcut = if in_channels == out_channels {
+            None
+        } else {
+            Some(conv1x1(vb.pp("conv_shortcut"), in_channels, out_channels)?)
+        };
+        let time_emb_proj = match config.temb_channels {
+            Some(temb_channels) => Some(candle_nn::linear(
+                temb_channels,
+                out_channels,
+                vb.pp("time_emb_proj"),
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            norm1: candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
+            conv1: Conv3x3::new(vb.pp("conv1"), in_channels, out_channels)?,
+            time_emb_proj,
+            norm2: candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
+            conv2: Conv3x3::new(vb.pp("conv2"), out_channels, out_channels)?,
+            shortcut,
+            output_scale_factor: config.output_scale_factor,
+        })
+    }
+
+    /// `xs` `(batch, in, h, w)` → `(batch, out, h, w)`; `temb` `(batch, temb_channels)` where
+    /// the block takes one.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>, plan: ConvPlan) -> Result<Tensor> {
+        let mut hidden = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?, plan)?;
+        if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
+            let added = projection
+                .forward(&candle_nn::ops::silu(temb)?)?
+                .unsqueeze(D::Minus1)?
+                .unsqueeze(D::Minus1)?;
+            hidden = hidden.broadcast_add(&added)?;
+        }
+        let hidden = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?, plan)?;
+        let out = match &self.shortcut {
+            Some(shortcut) => (shortcut.forward(xs)? + hidden)?,
+            None => (xs + hidden)?,
+        };
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}

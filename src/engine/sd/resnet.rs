@@ -9,16 +9,27 @@ use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan, conv1x1};
 
-/// What a residual block is made of.
+/// What the residual blocks of one model share.
 #[derive(Clone, Copy, Debug)]
-pub struct ResnetConfig {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub groups: usize,
-    pub eps: f64,
+pub struct ResnetSettings {
     /// The timestep embedding's width (the UNet's blocks); `None`: no embedding (the VAE's).
     pub temb_channels: Option<usize>,
-    pub output_scale_factor: f64,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl ResnetSettings {
+    /// One block from `in_channels` to `out_channels`, its output divided by
+    /// `output_scale_factor`.
+    pub fn block(
+        self,
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        output_scale_factor: f64,
+    ) -> Result<Resnet> {
+        Resnet::new(vb, self, in_channels, out_channels, output_scale_factor)
+    }
 }
 
 pub struct Resnet {
@@ -32,20 +43,24 @@ pub struct Resnet {
 }
 
 impl Resnet {
-    pub fn new(vb: VarBuilder, config: ResnetConfig) -> Result<Self> {
-        let ResnetConfig {
-            in_channels,
-            out_channels,
+    fn new(
+        vb: VarBuilder,
+        settings: ResnetSettings,
+        in_channels: usize,
+        out_channels: usize,
+        output_scale_factor: f64,
+    ) -> Result<Self> {
+        let ResnetSettings {
+            temb_channels,
             groups,
             eps,
-            ..
-        } = config;
+        } = settings;
         let shortcut = if in_channels == out_channels {
             None
         } else {
             Some(conv1x1(vb.pp("conv_shortcut"), in_channels, out_channels)?)
         };
-        let time_emb_proj = match config.temb_channels {
+        let time_emb_proj = match temb_channels {
             Some(temb_channels) => Some(candle_nn::linear(
                 temb_channels,
                 out_channels,
@@ -60,7 +75,7 @@ impl Resnet {
             norm2: candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
             conv2: Conv3x3::new(vb.pp("conv2"), out_channels, out_channels)?,
             shortcut,
-            output_scale_factor: config.output_scale_factor,
+            output_scale_factor,
         })
     }
 

@@ -12,9 +12,8 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 
 use super::conv::Conv3x3;
 use super::model_folder::UnetConfig;
-use super::unet_blocks::{
-    DownBlock, MidBlock, ResnetSettings, TransformerConfig, UnetPlan, UpBlock,
-};
+use super::resnet::ResnetSettings;
+use super::unet_blocks::{DownBlock, MidBlock, TransformerConfig, UnetPlan, UpBlock};
 
 /// SDXL's added conditioning, batched like the latents.
 pub struct TextTimeConditioning<'a> {
@@ -77,7 +76,7 @@ impl Unet {
         };
 
         let resnet = ResnetSettings {
-            temb_channels: time_embed_dim,
+            temb_channels: Some(time_embed_dim),
             groups: config.norm_num_groups,
             eps: config.norm_eps,
         };

@@ -14,7 +14,7 @@ use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan};
-use super::resnet::{Resnet, ResnetConfig};
+use super::resnet::{Resnet, ResnetSettings};
 
 /// How the attention holds its scores: whole, or at most this many bytes of them at a time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -356,36 +356,6 @@ impl Upsample {
         let (height, width) = size.unwrap_or((2 * height, 2 * width));
         self.conv
             .forward(&xs.upsample_nearest2d(height, width)?, plan)
-    }
-}
-
-/// The residual blocks' settings shared by a whole UNet.
-#[derive(Clone, Copy, Debug)]
-pub struct ResnetSettings {
-    pub temb_channels: usize,
-    pub groups: usize,
-    pub eps: f64,
-}
-
-impl ResnetSettings {
-    pub fn block(
-        self,
-        vb: VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        output_scale_factor: f64,
-    ) -> Result<Resnet> {
-        Resnet::new(
-            vb,
-            ResnetConfig {
-                in_channels,
-                out_channels,
-                groups: self.groups,
-                eps: self.eps,
-                temb_channels: Some(self.temb_channels),
-                output_scale_factor,
-            },
-        )
     }
 }
 

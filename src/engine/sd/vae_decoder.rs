@@ -12,7 +12,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan, conv1x1};
-use super::resnet::{Resnet, ResnetConfig};
+use super::resnet::{Resnet, ResnetSettings};
 use super::unet_blocks::{AttentionPlan, attend};
 use super::vae::Tiling;
 
@@ -47,17 +47,12 @@ fn resnet(
     out_channels: usize,
     groups: usize,
 ) -> Result<Resnet> {
-    Resnet::new(
-        vb,
-        ResnetConfig {
-            in_channels,
-            out_channels,
-            groups,
-            eps: EPS,
-            temb_channels: None,
-            output_scale_factor: 1.0,
-        },
-    )
+    let settings = ResnetSettings {
+        temb_channels: None,
+        groups,
+        eps: EPS,
+    };
+    settings.block(vb, in_channels, out_channels, 1.0)
 }
 
 /// Single-head self-attention over the cells, in f32, residual.

@@ -14,10 +14,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use studio_worker::engine::sd::conv::ConvPlan;
 use studio_worker::engine::sd::model_folder::UnetFile;
 use studio_worker::engine::sd::unet::{TextTimeConditioning, Unet};
-use studio_worker::engine::sd::unet_blocks::{AttentionPlan, UnetPlan};
+use studio_worker::engine::sd::working_memory::Plan;
 use studio_worker::engine::sd::{Request, StableDiffusion};
 use studio_worker::vocab::job::Scheduler;
 
@@ -69,9 +68,7 @@ fn main() {
             seed: 0,
             num_images: 1,
             scheduler: Some(Scheduler::Euler),
-            vae_tiling: None,
-            attention: AttentionPlan::default(),
-            conv: ConvPlan::default(),
+            memory: Plan::default(),
         };
         let image = median_time(runs * 4, || {
             pipeline
@@ -98,7 +95,7 @@ fn main() {
                     500.0,
                     &context.hidden_states,
                     text_time,
-                    UnetPlan::default(),
+                    Plan::default(),
                 )
                 .expect("UNet runs");
             });
@@ -110,7 +107,7 @@ fn main() {
         let latents = Tensor::randn(0f32, 1.0, (2, 4, 64, 64), &device).expect("latents");
         let hidden = Tensor::randn(0f32, 1.0, (2, 77, 1024), &device).expect("hidden");
         let step = median_time((runs / 2).max(2), || {
-            unet.forward(&latents, 500.0, &hidden, None, UnetPlan::default())
+            unet.forward(&latents, 500.0, &hidden, None, Plan::default())
                 .expect("UNet runs");
         });
         results.insert("sd21-512.unet_step".to_owned(), step.into());

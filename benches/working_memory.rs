@@ -11,9 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
-use studio_worker::engine::sd::unet_blocks::UnetPlan;
 use studio_worker::engine::sd::vae::Vae;
-use studio_worker::engine::sd::vae_decoder::DecodePlan;
 use studio_worker::engine::sd::working_memory::{Convolutions, Plan, WorkingMemory};
 
 const SD15_UNET: &str = r#"{
@@ -98,12 +96,12 @@ fn main() {
         let guided = Tensor::zeros((2, 4, latent, latent), DType::F32, &device).unwrap();
         let context = Tensor::zeros((2, 77, 768), DType::F32, &device).unwrap();
         let unet_peak = peak_of(|| {
-            unet.forward(&guided, 999.0, &context, None, UnetPlan::default())
+            unet.forward(&guided, 999.0, &context, None, Plan::default())
                 .unwrap();
         });
         let one = guided.narrow(0, 0, 1).unwrap();
         let decode_peak = peak_of(|| {
-            vae.decode(&one, DecodePlan::default()).unwrap();
+            vae.decode(&one, Plan::default()).unwrap();
         });
         let side = side as u32;
         // The estimate's whole-job figure is the larger of the two stages.

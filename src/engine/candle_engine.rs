@@ -417,9 +417,7 @@ impl Engine for CandleEngine {
             return Err(EngineError::Cancelled);
         }
         let request = Request {
-            vae_tiling: plan.vae_tiling,
-            attention: plan.attention,
-            conv: plan.conv,
+            memory: plan,
             ..Request::from(job)
         };
         if plan != Plan::choices(self.convolutions)[0] {

@@ -19,9 +19,9 @@
 
 use candle_core::{DType, Tensor};
 use studio_worker::engine::sd::conv::ConvPlan;
-use studio_worker::engine::sd::unet_blocks::{AttentionPlan, UnetPlan};
+use studio_worker::engine::sd::unet_blocks::AttentionPlan;
 use studio_worker::engine::sd::vae::Tiling;
-use studio_worker::engine::sd::vae_decoder::DecodePlan;
+use studio_worker::engine::sd::working_memory::Plan;
 use studio_worker::engine::sd::{Request, StableDiffusion};
 
 use crate::support::{FIXTURES, Golden, load, reference_scale, request, worst_level_difference};
@@ -35,10 +35,10 @@ const TILED_MEAN: f32 = 3.5 / 255.0;
 /// Bands and chunks against whole, in `[0, 1]` pixel units: rounding only.
 const BANDED_MAX: f32 = 1e-5;
 
-fn tiled(tiling: Tiling) -> DecodePlan {
-    DecodePlan {
-        tiling: Some(tiling),
-        ..DecodePlan::default()
+fn tiled(tiling: Tiling) -> Plan {
+    Plan {
+        vae_tiling: Some(tiling),
+        ..Plan::default()
     }
 }
 
@@ -68,7 +68,7 @@ fn decoded_whole(name: &str) -> (StableDiffusion, Tensor, Tensor) {
     let model = load(name);
     let latents = latents(name);
     let whole = model
-        .decode_each(&latents, DecodePlan::default())
+        .decode_each(&latents, Plan::default())
         .expect("decodes");
     (model, latents, whole)
 }
@@ -92,8 +92,8 @@ fn banded_convolutions_and_chunked_attention_decode_the_same_image() {
     for name in FIXTURES {
         let (model, latents, whole) = decoded_whole(name);
         // Bands of one or two rows at the full resolution, one query row per chunk.
-        let saving = DecodePlan {
-            tiling: None,
+        let saving = Plan {
+            vae_tiling: None,
             conv: ConvPlan {
                 max_column_bytes: Some(16 << 10),
             },
@@ -146,7 +146,10 @@ fn attention_a_chunk_at_a_time_gives_the_same_image() {
     for name in FIXTURES {
         let model = load(name);
         let request = |attention: AttentionPlan| Request {
-            attention,
+            memory: Plan {
+                attention,
+                ..Plan::default()
+            },
             ..request(7, 1)
         };
         let run = |attention| {
@@ -209,7 +212,7 @@ fn attention_scores_in_f16_stay_close_to_f32_scores() {
                             text_embeds,
                             time_ids,
                         }),
-                    UnetPlan::default(),
+                    Plan::default(),
                 )
                 .expect("UNet runs");
             differences(&out.to_dtype(DType::F32).expect("f32"), &reference).0 / scale

@@ -3,7 +3,8 @@
 use candle_core::{Result, Tensor};
 use studio_worker::engine::sd::conv::ConvPlan;
 use studio_worker::engine::sd::model_folder::Family;
-use studio_worker::engine::sd::unet_blocks::{AttentionPlan, UnetPlan};
+use studio_worker::engine::sd::unet_blocks::AttentionPlan;
+use studio_worker::engine::sd::working_memory::Plan;
 use studio_worker::engine::sd::{DenoiseSettings, schedulers};
 use studio_worker::vocab::job::Scheduler;
 
@@ -97,14 +98,21 @@ fn one_unet_forward_matches_the_reference() {
         // The attention whole, a few query rows at a time (what tight memory picks), and with
         // the convolutions in bands of a row or two too (what a GPU runs).
         for (plan, how) in [
-            (UnetPlan::default(), "whole attention"),
-            (CHUNKED.into(), "chunked attention"),
+            (Plan::default(), "whole attention"),
             (
-                UnetPlan {
+                Plan {
+                    attention: CHUNKED,
+                    ..Plan::default()
+                },
+                "chunked attention",
+            ),
+            (
+                Plan {
                     attention: CHUNKED,
                     conv: ConvPlan {
                         max_column_bytes: Some(16 << 10),
                     },
+                    vae_tiling: None,
                 },
                 "chunked attention, banded convolutions",
             ),
@@ -173,7 +181,7 @@ fn run(name: &str, scheduler: Scheduler, negative: &str, guidance: f64) -> (Tens
             sampler.as_mut(),
             DenoiseSettings {
                 guidance_scale: guidance,
-                plan: UnetPlan::default(),
+                plan: Plan::default(),
             },
             &mut noise,
             &mut |_, _| true,

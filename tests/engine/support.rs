@@ -120,8 +120,6 @@ pub fn request(seed: u64, num_images: usize) -> Request {
         seed,
         num_images,
         scheduler: Some(Scheduler::EulerA),
-        vae_tiling: None,
-        attention: Default::default(),
-        conv: Default::default(),
+        memory: Default::default(),
     }
 }

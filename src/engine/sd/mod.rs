@@ -25,15 +25,13 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use self::conv::ConvPlan;
 use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::schedulers::{NoiseSchedule, Sampler};
 use self::text_encoder::ClipTextEncoder;
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
-use self::unet_blocks::{AttentionPlan, UnetPlan};
-use self::vae::{Tiling, Vae};
-use self::vae_decoder::DecodePlan;
+use self::vae::Vae;
+use self::working_memory::Plan;
 use super::noise::NoiseSource;
 use crate::vocab::job::{JobSpec, Scheduler};
 
@@ -65,13 +63,9 @@ pub struct Request {
     pub num_images: usize,
     /// `None`: the model's default sampler.
     pub scheduler: Option<Scheduler>,
-    /// Decode in overlapping tiles (less memory, a slightly different image); `None`: whole.
-    pub vae_tiling: Option<Tiling>,
-    /// How much of the attention scores may be held at once (chunking is exact).
-    pub attention: AttentionPlan,
-    /// How much of a convolution's column buffer may be held at once, in the UNet and the
-    /// decoder (banding is exact).
-    pub conv: ConvPlan,
+    /// How it bounds its working memory: attention in chunks and convolutions in bands
+    /// (exact), the decode in tiles (a slightly different image). Default: all whole.
+    pub memory: Plan,
 }
 
 impl From<&JobSpec> for Request {
@@ -86,9 +80,7 @@ impl From<&JobSpec> for Request {
             seed: spec.seed,
             num_images: spec.num_images as usize,
             scheduler: spec.scheduler,
-            vae_tiling: None,
-            attention: AttentionPlan::default(),
-            conv: ConvPlan::default(),
+            memory: Plan::default(),
         }
     }
 }
@@ -110,8 +102,9 @@ pub enum Stage {
 pub struct DenoiseSettings {
     /// Classifier-free guidance (used when the conditioning is guided).
     pub guidance_scale: f64,
-    /// How the UNet bounds its attention scores and convolution columns.
-    pub plan: UnetPlan,
+    /// How the UNet bounds its attention scores and convolution columns (tiles are the
+    /// decode's).
+    pub plan: Plan,
 }
 
 /// The prompt's conditioning, batched `[negative…, positive…]` when guided.
@@ -226,11 +219,6 @@ impl StableDiffusion {
         self.folder.family
     }
 
-    /// What the folder says about the jobs it wants.
-    pub fn facts(&self) -> ModelFacts {
-        ModelFacts::of(&self.folder, &self.schedule)
-    }
-
     pub fn default_sampler(&self) -> Scheduler {
         self.schedule.default_sampler()
     }
@@ -291,10 +279,7 @@ impl StableDiffusion {
             sampler.as_mut(),
             DenoiseSettings {
                 guidance_scale: request.guidance_scale,
-                plan: UnetPlan {
-                    attention: request.attention,
-                    conv: request.conv,
-                },
+                plan: request.memory,
             },
             &mut noise,
             &mut |step, total| {
@@ -304,14 +289,7 @@ impl StableDiffusion {
         )?;
 
         progress(Stage::Decoding);
-        let pixels = self.decode_each(
-            &latents,
-            DecodePlan {
-                tiling: request.vae_tiling,
-                conv: request.conv,
-                attention: request.attention,
-            },
-        )?;
+        let pixels = self.decode_each(&latents, request.memory)?;
         to_images(&pixels)
     }
 
@@ -436,7 +414,7 @@ impl StableDiffusion {
         timestep: f64,
         hidden_states: &Tensor,
         text_time: Option<(&Tensor, &Tensor)>,
-        plan: UnetPlan,
+        plan: Plan,
     ) -> Result<Tensor, SdError> {
         let conditioning = text_time.map(|(text_embeds, time_ids)| TextTimeConditioning {
             text_embeds,
@@ -503,12 +481,12 @@ impl StableDiffusion {
 
     /// Latents to f32 RGB in `[0, 1]`, `(batch, 3, H, W)`, the whole batch at once.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SdError> {
-        Ok(self.vae.decode(latents, DecodePlan::default())?)
+        Ok(self.vae.decode(latents, Plan::default())?)
     }
 
     /// The same, one image at a time (a batch's decode needs the batch's memory), each
     /// the way `plan` says (whole or in tiles, convolutions in bands, attention in chunks).
-    pub fn decode_each(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor, SdError> {
+    pub fn decode_each(&self, latents: &Tensor, plan: Plan) -> Result<Tensor, SdError> {
         let images = (0..latents.dim(0)?)
             .map(|image| self.vae.decode(&latents.narrow(0, image, 1)?, plan))
             .collect::<candle_core::Result<Vec<_>>>()?;

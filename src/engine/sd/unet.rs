@@ -13,7 +13,8 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 use super::conv::Conv3x3;
 use super::model_folder::UnetConfig;
 use super::resnet::ResnetSettings;
-use super::unet_blocks::{DownBlock, MidBlock, TransformerConfig, UnetPlan, UpBlock};
+use super::unet_blocks::{DownBlock, MidBlock, TransformerConfig, UpBlock};
+use super::working_memory::Plan;
 
 /// SDXL's added conditioning, batched like the latents.
 pub struct TextTimeConditioning<'a> {
@@ -172,7 +173,7 @@ impl Unet {
         timestep: f64,
         encoder_hidden_states: &Tensor,
         text_time: Option<TextTimeConditioning<'_>>,
-        plan: UnetPlan,
+        plan: Plan,
     ) -> Result<Tensor> {
         let (batch, _channels, height, width) = latents.dims4()?;
         let dtype = latents.dtype();

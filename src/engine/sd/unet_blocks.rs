@@ -15,6 +15,7 @@ use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan};
 use super::resnet::{Resnet, ResnetSettings};
+use super::working_memory::Plan;
 
 /// How the attention holds its scores: whole, or at most this many bytes of them at a time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,23 +35,6 @@ impl AttentionPlan {
                     .unwrap_or(usize::MAX)
                     .clamp(1, queries.max(1))
             }
-        }
-    }
-}
-
-/// How the UNet bounds its working memory: the attention's scores and the convolutions'
-/// column buffers (neither changes the result beyond rounding).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UnetPlan {
-    pub attention: AttentionPlan,
-    pub conv: ConvPlan,
-}
-
-impl From<AttentionPlan> for UnetPlan {
-    fn from(attention: AttentionPlan) -> Self {
-        Self {
-            attention,
-            conv: ConvPlan::default(),
         }
     }
 }
@@ -453,7 +437,7 @@ impl DownBlock {
         xs: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        plan: UnetPlan,
+        plan: Plan,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
@@ -499,7 +483,7 @@ impl MidBlock {
         xs: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        plan: UnetPlan,
+        plan: Plan,
     ) -> Result<Tensor> {
         let mut xs = self.first.forward(xs, Some(temb), plan.conv)?;
         for (attention, resnet) in &self.pairs {
@@ -573,7 +557,7 @@ impl UpBlock {
         temb: &Tensor,
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
-        plan: UnetPlan,
+        plan: Plan,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (index, resnet) in self.resnets.iter().enumerate() {

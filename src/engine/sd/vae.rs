@@ -12,7 +12,8 @@ use candle_core::{DType, IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::model_folder::VaeConfig;
-use super::vae_decoder::{DecodePlan, Decoder, DecoderConfig};
+use super::vae_decoder::{Decoder, DecoderConfig};
+use super::working_memory::Plan;
 
 /// Overlapping tiles of the latent image, in latent cells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,9 +77,9 @@ impl Vae {
 
     /// Latents `(batch, 4, h, w)` to f32 RGB `(batch, 3, h·f, w·f)` in `[0, 1]`, whole or in
     /// the plan's tiles (a latent no larger than one tile is decoded whole).
-    pub fn decode(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor> {
+    pub fn decode(&self, latents: &Tensor, plan: Plan) -> Result<Tensor> {
         let (_, _, height, width) = latents.dims4()?;
-        match plan.tiling {
+        match plan.vae_tiling {
             Some(tiling) if height > tiling.tile || width > tiling.tile => {
                 self.decode_in_tiles(latents, tiling, plan)
             }
@@ -87,12 +88,7 @@ impl Vae {
     }
 
     /// The same as [`Self::decode`], one tile of `tiling` at a time, blended.
-    fn decode_in_tiles(
-        &self,
-        latents: &Tensor,
-        tiling: Tiling,
-        plan: DecodePlan,
-    ) -> Result<Tensor> {
+    fn decode_in_tiles(&self, latents: &Tensor, tiling: Tiling, plan: Plan) -> Result<Tensor> {
         let (batch, _, height, width) = latents.dims4()?;
         let latents = self.unscale(latents)?;
         let rows = tiling.starts(height);
@@ -145,7 +141,7 @@ impl Vae {
     }
 
     /// The decoder's output in f32, in `[-1, 1]` (roughly).
-    fn decode_raw(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor> {
+    fn decode_raw(&self, latents: &Tensor, plan: Plan) -> Result<Tensor> {
         self.decoder.forward(latents, plan)?.to_dtype(DType::F32)
     }
 }

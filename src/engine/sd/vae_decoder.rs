@@ -11,20 +11,10 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 
-use super::conv::{Conv3x3, ConvPlan, conv1x1};
+use super::conv::{Conv3x3, conv1x1};
 use super::resnet::{Resnet, ResnetSettings};
 use super::unet_blocks::{AttentionPlan, attend};
-use super::vae::Tiling;
-
-/// How a decode bounds its working memory: bands and chunks change nothing in the image,
-/// tiles change it slightly (`tests/engine/memory_paths.rs` states by how much).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DecodePlan {
-    /// Decode in overlapping tiles; `None`: whole.
-    pub tiling: Option<Tiling>,
-    pub conv: ConvPlan,
-    pub attention: AttentionPlan,
-}
+use super::working_memory::Plan;
 
 /// The decoder's shape, from `vae/config.json`.
 #[derive(Clone, Debug)]
@@ -197,8 +187,9 @@ impl Decoder {
     }
 
     /// Unscaled latents `(batch, latent_channels, h, w)` → pixels `(batch, 3, h·f, w·f)` in
-    /// roughly `[-1, 1]`, in the decoder's dtype.
-    pub fn forward(&self, latents: &Tensor, plan: DecodePlan) -> Result<Tensor> {
+    /// roughly `[-1, 1]`, in the decoder's dtype; `plan`'s bands and chunks (its tiles are
+    /// [`super::vae::Vae`]'s).
+    pub fn forward(&self, latents: &Tensor, plan: Plan) -> Result<Tensor> {
         let latents = match &self.post_quant_conv {
             Some(conv) => conv.forward(latents)?,
             None => latents.clone(),

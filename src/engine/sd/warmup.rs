@@ -14,9 +14,9 @@ use super::conv::ConvPlan;
 use super::model_folder::{TextEncoderConfig, UnetFile, VaeConfig};
 use super::text_encoder::ClipTextEncoder;
 use super::unet::{TextTimeConditioning, Unet};
-use super::unet_blocks::{AttentionPlan, UnetPlan};
+use super::unet_blocks::AttentionPlan;
 use super::vae::{Tiling, Vae};
-use super::vae_decoder::DecodePlan;
+use super::working_memory::Plan;
 
 const UNET: &str = r#"{
   "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 32],
@@ -36,9 +36,9 @@ const TEXT_ENCODER: &str = r#"{
   "projection_dim": 32
 }"#;
 
-/// Small tiles, bands and chunks for the 16² latent (the bands and chunks for the UNet too).
-const DECODE_SAVING: DecodePlan = DecodePlan {
-    tiling: Some(Tiling {
+/// Small tiles, bands and chunks for the 16² latent (the UNet takes its bands and chunks).
+const SAVING: Plan = Plan {
+    vae_tiling: Some(Tiling {
         tile: 8,
         overlap: 2,
     }),
@@ -83,10 +83,7 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
             time_ids: &time_ids,
         }),
         // Chunked and banded, so those paths' kernels are compiled too.
-        UnetPlan {
-            attention: DECODE_SAVING.attention,
-            conv: DECODE_SAVING.conv,
-        },
+        SAVING,
     )?;
     let halves = predicted.chunk(2, 0)?;
     let guided = (&halves[0] + ((&halves[1] - &halves[0])? * 7.5)?)?;
@@ -101,7 +98,7 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
         let vae = Vae::new(VarBuilder::zeros(vae_dtype, device), &vae_config)?;
         // Whole, then in tiles with banded convolutions and chunked attention, so the
         // kernels of every memory-saving path are compiled too.
-        for plan in [DecodePlan::default(), DECODE_SAVING] {
+        for plan in [Plan::default(), SAVING] {
             let pixels = vae.decode(&stepped, plan)?;
             // Read back, as `to_images` does: the device finished everything.
             pixels.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;

@@ -34,6 +34,16 @@ struct ServedModel {
     working: WorkingMemory,
 }
 
+impl ServedModel {
+    /// The bytes its weights take on the device with its text encoders where `text` says.
+    fn device_bytes(&self, text: TextPlacement) -> u64 {
+        match text {
+            TextPlacement::WithModel => self.memory_bytes,
+            TextPlacement::Cpu => self.memory_bytes.saturating_sub(self.text_bytes),
+        }
+    }
+}
+
 /// The bytes of memory free now: the GPU's, or on the CPU the machine's available RAM.
 type AvailableMemory = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -171,17 +181,20 @@ impl CandleEngine {
                 .sum();
             (warm, others)
         };
-        // The weights that would come onto the device, by where the text encoders go.
-        let mut placements = vec![(TextPlacement::WithModel, served.memory_bytes)];
-        if self.text_can_move && served.text_bytes > 0 {
-            placements.push((
-                TextPlacement::Cpu,
-                served.memory_bytes.saturating_sub(served.text_bytes),
-            ));
-        }
-        if warm {
-            placements = vec![(TextPlacement::WithModel, 0)]; // as it was loaded
-        }
+        // The weights that would come onto the device, by where the text encoders go (a warm
+        // model stays as it was loaded and brings none).
+        let placements: Vec<(TextPlacement, u64)> = if warm {
+            vec![(TextPlacement::WithModel, 0)]
+        } else {
+            let mut texts = vec![TextPlacement::WithModel];
+            if self.text_can_move && served.text_bytes > 0 {
+                texts.push(TextPlacement::Cpu);
+            }
+            texts
+                .into_iter()
+                .map(|text| (text, served.device_bytes(text)))
+                .collect()
+        };
         let available = (self.available_memory)();
         let fits = |room: u64| {
             placements.iter().find_map(|&(text, weights)| {
@@ -327,14 +340,10 @@ impl CandleEngine {
         )
         .map_err(|error| engine_error(error, model_id))?;
         let pipeline = Arc::new(pipeline);
-        let memory_bytes = match text {
-            TextPlacement::WithModel => served.memory_bytes,
-            TextPlacement::Cpu => served.memory_bytes.saturating_sub(served.text_bytes),
-        };
         loaded.push(Loaded {
             model_id: model_id.to_owned(),
             pipeline: pipeline.clone(),
-            memory_bytes,
+            memory_bytes: served.device_bytes(text),
         });
         Ok(pipeline)
     }

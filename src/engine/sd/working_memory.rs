@@ -67,13 +67,17 @@ impl Plan {
         },
     };
 
-    /// Attention in chunks of 256 MB of scores, the decode in tiles, its convolutions in bands.
+    /// The CPU's last resort: attention in chunks of 256 MB of scores, the decode in tiles.
+    /// (Its convolutions stay whole: the CPU convolves without column buffers, so bands
+    /// would only cost time.)
     pub const SAVING: Self = Self {
         attention: AttentionPlan {
             max_score_bytes: Some(256 << 20),
         },
         vae_tiling: Some(Tiling::DEFAULT),
-        conv: ConvPlan::BANDED,
+        conv: ConvPlan {
+            max_column_bytes: None,
+        },
     };
 
     /// What a GPU runs when memory is plentiful: bands and 256 MB chunks of scores cost

@@ -12,6 +12,7 @@
 //!   the same image as whole (the same sums, up to their order);
 //! - attention scores in f16 (what a GPU computes unless the config asks for
 //!   `upcast_attention`) stay within the stated tolerance of f32 scores, in an f16 UNet;
+//! - text encoders moved to the CPU run in f32 there and hand the model its own dtype;
 //! - decoding in overlapping tiles stays within the stated tolerance of the whole decode
 //!   (tiles see only their neighbourhood, so it is close, not equal; on these tiny random
 //!   models, whose group norms over a few cells swing much more than a trained VAE's, the
@@ -24,7 +25,9 @@ use studio_worker::engine::sd::vae::Tiling;
 use studio_worker::engine::sd::working_memory::Plan;
 use studio_worker::engine::sd::{Request, StableDiffusion};
 
-use crate::support::{FIXTURES, Golden, load, reference_scale, request, worst_level_difference};
+use crate::support::{
+    FIXTURES, Golden, PROMPTS, load, reference_scale, request, worst_level_difference,
+};
 
 /// Tiled decode against whole, in `[0, 1]` pixel units: the largest difference of any
 /// channel of any pixel, and the mean over all of them (measured: at most 25/255 and
@@ -225,5 +228,29 @@ fn attention_scores_in_f16_stay_close_to_f32_scores() {
             f16_scores <= f32_scores + HALF_SCORES_EXTRA,
             "{name}: {f16_scores} vs {f32_scores}"
         );
+    }
+}
+
+#[test]
+fn text_encoders_on_the_cpu_run_in_f32_and_hand_the_model_its_dtype() {
+    use candle_core::Device;
+    use studio_worker::engine::sd::TextPlacement;
+
+    for name in FIXTURES {
+        let root = crate::support::fixture(name);
+        let reference = Golden::of(name).batched("text.embeds");
+        // An f16 pipeline (as on a GPU), its text encoders with it or on the CPU.
+        let error = |text: TextPlacement| -> f32 {
+            let model =
+                StableDiffusion::load_placed(&root, &Device::Cpu, DType::F16, text).expect("loads");
+            let (embeds, _) = model.encode_text(PROMPTS[0]).expect("encodes");
+            assert_eq!(embeds.dtype(), DType::F16, "{name}: the model's dtype");
+            differences(&embeds.to_dtype(DType::F32).expect("f32"), &reference).0
+        };
+        let (with_model, on_cpu) = (error(TextPlacement::WithModel), error(TextPlacement::Cpu));
+        eprintln!(
+            "{name}: text embeddings vs the f32 reference: f16 encoders {with_model:.2e}, f32 on the CPU {on_cpu:.2e}"
+        );
+        assert!(on_cpu < with_model, "{name}: {on_cpu} vs {with_model}");
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod conv;
 pub mod model_folder;
+pub mod norm;
 pub mod resnet;
 pub mod schedulers;
 pub(crate) mod text_encoder;

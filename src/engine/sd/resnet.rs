@@ -5,9 +5,10 @@
 //! convolutions can run in bands ([`ConvPlan`]).
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan, conv1x1};
+use super::norm::{GroupNorm, group_norm};
 
 /// What the residual blocks of one model share.
 #[derive(Clone, Copy, Debug)]
@@ -69,10 +70,10 @@ impl Resnet {
             None => None,
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
+            norm1: group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
             conv1: Conv3x3::new(vb.pp("conv1"), in_channels, out_channels)?,
             time_emb_proj,
-            norm2: candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
+            norm2: group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
             conv2: Conv3x3::new(vb.pp("conv2"), out_channels, out_channels)?,
             shortcut,
             output_scale_factor,
@@ -84,7 +85,7 @@ impl Resnet {
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>, plan: ConvPlan) -> Result<Tensor> {
         let mut hidden = self
             .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?, plan)?;
+            .forward(&self.norm1.forward_then_silu(xs)?, plan)?;
         if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
             let added = projection
                 .forward(&candle_nn::ops::silu(temb)?)?
@@ -94,7 +95,7 @@ impl Resnet {
         }
         let hidden = self
             .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?, plan)?;
+            .forward(&self.norm2.forward_then_silu(&hidden)?, plan)?;
         let out = match &self.shortcut {
             Some(shortcut) => (shortcut.forward(xs)? + hidden)?,
             None => (xs + hidden)?,

@@ -7,11 +7,12 @@
 //! where the config says `upcast_attention` (SD 2.x 768-v), and can be held a chunk at a time.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use super::conv::Conv3x3;
 use super::model_folder::UnetConfig;
+use super::norm::{GroupNorm, group_norm};
 use super::resnet::ResnetSettings;
 use super::unet_blocks::{DownBlock, MidBlock, TransformerConfig, UpBlock};
 use super::working_memory::Plan;
@@ -144,7 +145,7 @@ impl Unet {
             )?);
         }
 
-        let conv_norm_out = candle_nn::group_norm(
+        let conv_norm_out = group_norm(
             config.norm_num_groups,
             base_channels,
             config.norm_eps,
@@ -241,7 +242,7 @@ impl Unet {
                 plan,
             )?;
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_then_silu(&xs)?;
         self.conv_out.forward(&xs, plan.conv)
     }
 }

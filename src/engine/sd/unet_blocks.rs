@@ -11,9 +11,10 @@
 //! upsamplers', can run in bands of rows ([`ConvPlan`]).
 
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan};
+use super::norm::{GroupNorm, group_norm};
 use super::resnet::{Resnet, ResnetSettings};
 use super::working_memory::Plan;
 
@@ -251,7 +252,7 @@ impl Transformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(config.groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(config.groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in: projection(vb.pp("proj_in"))?,
             layers,
             proj_out: projection(vb.pp("proj_out"))?,

@@ -9,9 +9,10 @@
 //! SiLU → `conv_out`.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, conv1x1};
+use super::norm::{GroupNorm, group_norm};
 use super::resnet::{Resnet, ResnetSettings};
 use super::unet_blocks::{AttentionPlan, attend};
 use super::working_memory::Plan;
@@ -65,7 +66,7 @@ impl MidAttention {
         };
         let [to_q, to_k, to_v, to_out] = names.map(|name| projection(vb.pp(name), channels));
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            group_norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
             to_q: to_q?,
             to_k: to_k?,
             to_v: to_v?,
@@ -181,7 +182,7 @@ impl Decoder {
             mid_resnets: [mid_resnet(0)?, mid_resnet(1)?],
             mid_attention: MidAttention::new(mid.pp("attentions.0"), deepest, groups)?,
             up_blocks,
-            norm_out: candle_nn::group_norm(groups, in_channels, EPS, vb.pp("conv_norm_out"))?,
+            norm_out: group_norm(groups, in_channels, EPS, vb.pp("conv_norm_out"))?,
             conv_out: Conv3x3::new(vb.pp("conv_out"), in_channels, config.out_channels)?,
         })
     }
@@ -209,7 +210,7 @@ impl Decoder {
                 xs = upsampler.forward(&upsampled, plan.conv)?;
             }
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        let xs = self.norm_out.forward_then_silu(&xs)?;
         self.conv_out.forward(&xs, plan.conv)
     }
 }

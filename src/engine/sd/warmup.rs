@@ -5,7 +5,9 @@
 //! latents) runs once, in the engine's dtype, through the same code as a job — text encoder,
 //! guided UNet step with cross-attention, sampler arithmetic, VAE decode (also in f32, as a
 //! VAE that must upcast runs) — so every kernel module a job uses is compiled, and the
-//! driver's cache keeps them for later starts. On the CPU there is nothing to compile.
+//! driver's cache keeps them for later starts. Our own kernels ([`crate::engine::kernels`])
+//! are machine code already; they are loaded and checked here too. On the CPU there is
+//! nothing to compile.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -57,6 +59,8 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> candle_core:
 
 /// Runs the miniature pipeline on `device` in `dtype` once.
 pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
+    // Our own kernels first: loaded and checked now, so the pipeline below runs them.
+    crate::engine::kernels::prepare(device);
     let unet_file: UnetFile = parse("UNet", UNET)?;
     let unet_config = unet_file
         .check()

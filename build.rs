@@ -1,0 +1,79 @@
+//! With `--features cuda`: compiles our own kernels (`src/engine/kernels/*.cu`) into one
+//! fatbin holding machine code (SASS) for every architecture in [`ARCHITECTURES`] plus
+//! Turing PTX for anything newer, so the driver has nothing to compile for them at first
+//! start. The binary embeds it (`include_bytes!`); `cuobjdump --list-elf` on
+//! `$OUT_DIR/kernels.fatbin` lists what is inside. Without the feature there is nothing to do.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Compute capabilities to ship machine code for: Turing (RTX 20, GTX 16), A100, Ampere
+/// (RTX 30), Ada (RTX 40), Hopper (H100/H200), Blackwell (RTX 50). CUDA 13 builds nothing
+/// older than Turing.
+const ARCHITECTURES: [u32; 6] = [75, 80, 86, 89, 90, 120];
+
+/// The PTX kept beside the machine code, for architectures newer than the list.
+const PTX_ARCHITECTURE: u32 = 75;
+
+const SOURCES: [&str; 1] = ["src/engine/kernels/group_norm.cu"];
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    for variable in ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"] {
+        println!("cargo::rerun-if-env-changed={variable}");
+    }
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    for source in SOURCES {
+        println!("cargo::rerun-if-changed={source}");
+    }
+    let Some(out_dir) = env::var_os("OUT_DIR").map(PathBuf::from) else {
+        fail("cargo did not set OUT_DIR");
+    };
+    let fatbin = out_dir.join("kernels.fatbin");
+    let nvcc = nvcc();
+    let mut command = Command::new(&nvcc);
+    command
+        .arg("--fatbin")
+        .args(["-O3", "-std=c++17"])
+        .arg("-o")
+        .arg(&fatbin);
+    for architecture in ARCHITECTURES {
+        command.arg(format!(
+            "-gencode=arch=compute_{architecture},code=sm_{architecture}"
+        ));
+    }
+    command.arg(format!(
+        "-gencode=arch=compute_{PTX_ARCHITECTURE},code=compute_{PTX_ARCHITECTURE}"
+    ));
+    command.args(SOURCES);
+    match command.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => fail(&format!("{} failed ({status})", nvcc.display())),
+        Err(error) => fail(&format!(
+            "cannot run {} ({error}); install the CUDA toolkit or set NVCC",
+            nvcc.display()
+        )),
+    }
+}
+
+/// `$NVCC`, else `bin/nvcc` under the toolkit's root, else `nvcc` from `PATH`.
+fn nvcc() -> PathBuf {
+    if let Some(nvcc) = env::var_os("NVCC") {
+        return PathBuf::from(nvcc);
+    }
+    let name = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
+    ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"]
+        .iter()
+        .filter_map(env::var_os)
+        .map(|root| Path::new(&root).join("bin").join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("error: building the CUDA kernels: {message}");
+    std::process::exit(1);
+}

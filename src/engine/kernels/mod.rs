@@ -1,0 +1,54 @@
+//! Our own kernels, for layers that candle composes from many generic kernels, each a full
+//! pass over memory: group norm with its affine and SiLU (~14 of candle's kernels, 2 of
+//! ours). Each op also runs on the CPU, with the same arithmetic, and hands shapes and dtypes
+//! it does not take to candle's composition, so model code always calls the op.
+//!
+//! On CUDA, `build.rs` compiles the kernels into one fatbin with machine code for every
+//! supported architecture, so the driver compiles nothing for them at first start. Before a
+//! device first uses them they are checked against the CPU op on small inputs; a module that
+//! does not load or a kernel that disagrees leaves candle's composition in its place (with a
+//! warning), so a wrong kernel costs speed, never images.
+//!
+//! `STUDIO_WORKER_FUSED_KERNELS=0` turns them off for the process, to measure them against
+//! candle's (`benches/gpu` does).
+
+#[cfg(feature = "cuda")]
+mod cuda;
+mod group_norm;
+
+use std::sync::OnceLock;
+
+pub use group_norm::{Activation, group_norm, group_norm_composed};
+
+/// The environment variable that turns our kernels off (`0`, `off` or `false`).
+pub const SWITCH: &str = "STUDIO_WORKER_FUSED_KERNELS";
+
+/// Whether our kernels may run in this process.
+pub fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let value = std::env::var(SWITCH).unwrap_or_default();
+        let off = matches!(
+            value.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "false"
+        );
+        if off {
+            tracing::info!("{SWITCH}={value}: candle's kernels run instead of ours");
+        }
+        !off
+    })
+}
+
+/// Loads and checks our kernels on `device` now (on a GPU; elsewhere there is nothing to
+/// do), so that a job does not, and says whether they run there.
+pub fn prepare(device: &candle_core::Device) -> bool {
+    if !enabled() {
+        return false;
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(cuda) => cuda::checked_module(cuda).is_some(),
+        candle_core::Device::Cpu => true,
+        _ => false,
+    }
+}

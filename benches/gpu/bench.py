@@ -13,7 +13,10 @@ process of its own, so each peak is that process's alone:
      case with an empty driver kernel cache (CUDA_CACHE_PATH), as on a fresh install; and
      as studio jobs: the dev studio, the worker registered with it (`run --headless`), the
      jobs queued at once, the median gap between deliveries (claim, image, PNG, upload).
-  4. SDXL again, with the card filled by a ballast process until about 12 GB are free (an
+  4. our own kernels against candle's: `generate` again with STUDIO_WORKER_FUSED_KERNELS=0
+     (the ratio is ours / candle's, warm), and `generate --profile` on SD 1.5 and SDXL:
+     where a warm image's time goes, by kind of work.
+  5. SDXL again, with the card filled by a ballast process until about 12 GB are free (an
      RTX 3060/4070's), so the engine must plan within it.
 
 Peak memory is the device's used memory above what it was before the process started,
@@ -48,6 +51,8 @@ CASES = [
     ("SDXL arch 1024², 20 steps, CFG 5", "sdxl", 1024, 20, 5.0),
 ]
 TIGHT_CARD_GB = 12
+# Models whose warm image is also profiled by kind of work.
+PROFILED = ("sd15", "sdxl")
 
 
 # ---------------------------------------------------------------- device memory (NVML)
@@ -223,20 +228,23 @@ def run_diffusers(memory, folder, side, steps, guidance, runs):
 
 # ---------------------------------------------------------------- 3. the worker
 
-def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home):
-    env = dict(os.environ, CUDA_CACHE_PATH=cache, RUST_LOG="info")
-    command = [worker, "--config", os.path.join(home, "config.toml"), "generate", "--device", "cuda",
+def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home, extra_env=None,
+               extra_args=(), device="cuda"):
+    env = dict(os.environ, CUDA_CACHE_PATH=cache, RUST_LOG="info", **(extra_env or {}))
+    command = [worker, "--config", os.path.join(home, "config.toml"), "generate", "--device", device,
                "--model-dir", folder, "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
                "--width", str(side), "--height", str(side), "--steps", str(steps),
                "--guidance", str(guidance), "--scheduler", "euler", "--seed", "1",
-               "--repeat", str(runs), "--out", os.path.join(home, "out.png")]
+               "--repeat", str(runs), "--out", os.path.join(home, "out.png"), *extra_args]
     output, peak, seconds = run_measured(memory, command, env=env)
+    profile = output[output.find("where run "):] if "where run " in output else ""
+    kernels_off = "our GPU kernels are off" in output
     times = [float(match) for match in re.findall(r"run \d+/\d+: done in ([0-9.]+) s", output)]
     prepared = re.search(r"prepared in ([0-9.]+) s", output)
     plans = sorted(set(re.findall(r"saving memory: .*|the text encoders of .* on the CPU.*", output)))
     return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
             "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
-            "plans": plans}
+            "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off}
 
 
 def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, runs, cache, device="cuda"):
@@ -343,6 +351,19 @@ def check_here():
                              os.path.join(FIXTURES, "tiny-sd1"), 64, 3, 5.0, 3,
                              tempfile.mkdtemp(prefix="cuda-cache-"), device="cpu")
     print(f"3 tiny studio jobs on the CPU: {result['warm'] * 1000:.0f} ms between deliveries")
+    # generate as the bench runs it: plain, with candle's kernels only, profiled.
+    home = tempfile.mkdtemp(prefix="gpu-bench-home-")
+    folder = os.path.join(FIXTURES, "tiny-sdxl")
+    runs = {}
+    for what, extra_env, extra_args in [("ours", None, ()),
+                                        ("candle", {"STUDIO_WORKER_FUSED_KERNELS": "0"}, ()),
+                                        ("profiled", None, ["--profile"])]:
+        runs[what] = run_worker(NoMemory(), os.path.join(target, "debug", "studio-worker"), folder, 64, 3,
+                                5.0, 3, tempfile.mkdtemp(prefix="cuda-cache-"), home, extra_env=extra_env,
+                                extra_args=extra_args, device="cpu")
+    print(f"tiny SDXL generate on the CPU, warm: ours {runs['ours']['warm'] * 1000:.0f} ms, candle's "
+          f"{runs['candle']['warm'] * 1000:.0f} ms; profiled:\n{runs['profiled']['profile']}")
+    assert runs["profiled"]["profile"].startswith("where run 3's time went"), runs["profiled"]["profile"]
 
 
 def main():
@@ -383,8 +404,16 @@ def main():
         jobs = attempt(f"{name}: studio jobs",
                        lambda: run_worker_jobs(memory, args.worker, args.dev_studio, folder, side, steps,
                                                guidance, args.runs, cold_cache))
+        candle = attempt(f"{name}: generate with candle's kernels only",
+                         lambda: run_worker(memory, args.worker, folder, side, steps, guidance, 3,
+                                            cold_cache, home, extra_env={"STUDIO_WORKER_FUSED_KERNELS": "0"}))
+        profiled = None
+        if model in PROFILED:
+            profiled = attempt(f"{name}: generate --profile",
+                               lambda: run_worker(memory, args.worker, folder, side, steps, guidance, 2,
+                                                  cold_cache, home, extra_args=["--profile"]))
         rows.append({"case": name, "diffusers": reference, "worker": ours, "jobs": jobs,
-                     "cold_cache": index == 0})
+                     "candle_kernels": candle, "profiled": profiled, "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
 
     # SDXL on a card with 12 GB free.
@@ -422,6 +451,15 @@ def main():
               f"{ratio(ours, reference, 'peak')} {gb(jobs)}   {ms(ours, 'first')} "
               + (f"{ours['prepare']:7.1f}s" if ours else "")
               + ("  (cold kernel cache)" if row["cold_cache"] else ""))
+    print("\nOur kernels against candle's (generate, warm; ours / candle's):")
+    for row in rows:
+        ours, candle = row["worker"], row["candle_kernels"]
+        off = " (ours were OFF: their check failed, see the log)" if ours and ours["kernels_off"] else ""
+        print(f"  {row['case']:38} {ms(ours)} vs {ms(candle)}  {ratio(ours, candle, 'warm')}{off}")
+    for row in rows:
+        if row["profiled"]:
+            print(f"\n{row['case']}, profiled (each kind waits for the GPU: read the shares):\n"
+                  f"{row['profiled']['profile']}")
     if tight:
         print(f"SDXL 1024², 12 GB free (ballast): generate {tight['warm'] * 1000:.0f} ms warm, peak "
               f"{tight['peak'] / 1e9:.2f} GB, first {tight['first'] * 1000:.0f} ms; {' '.join(tight['plans'])}")

@@ -8,14 +8,27 @@
 #   stripped and compressed (42 MiB stripped, 9 MiB as xz: the device tool carries 64 MiB at
 #   most; run.sh unpacks it);
 # - cuda-build/dev_studio.xz: the dev studio (no CUDA in it), for the studio-job runs;
+# - cuda-build/kernels.xz: benches/kernels.rs with --features cuda: our kernels against
+#   candle's on GPU 0, checked and timed on real job shapes;
 # - .whl/: diffusers and the one package it needs that the GPU machine lacks, as wheels.
 # Then, with the device tool: carry ["cuda-build", ".whl"], command "benches/gpu/run.sh".
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CUDA_COMPUTE_CAP=75 ../shared/tools/cuda-cross-build.sh
+# Our kernels' machine code sits in the binary's .nv_fatbin section: list it when we can.
+if command -v cuobjdump >/dev/null; then cuobjdump --list-elf cuda-build/studio-worker | sort -u; fi
+kernels_bench=$(CUDA_COMPUTE_CAP=75 ../shared/tools/cuda-cross-build.sh \
+  cargo bench --features cuda --bench kernels --no-run --message-format=json \
+  | python3 -c 'import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "kernels" \
+            and message.get("executable"):
+        print(message["executable"])')
+cp "$kernels_bench" cuda-build/kernels
 cargo build --release --example dev_studio
 cp "${CARGO_TARGET_DIR:-target}/release/examples/dev_studio" cuda-build/dev_studio
-for binary in cuda-build/studio-worker cuda-build/dev_studio; do
+for binary in cuda-build/studio-worker cuda-build/dev_studio cuda-build/kernels; do
   strip "$binary"
   xz -T0 -6 -f "$binary"
 done

@@ -5,8 +5,8 @@
 #
 # Installs the carried wheels, puts the CUDA 13 libraries PyTorch ships on the loader path
 # (the worker links cuBLAS, cuRAND and NVRTC), and runs bench.py: the pipelines, diffusers,
-# the worker, one table. About 5 minutes on an H200; the table is also in $OUT/gpu-bench.txt
-# when the device tool's OUT is set.
+# the worker, one table. About 6 minutes on an H200; the tables are also in $OUT/gpu-bench.txt
+# and $OUT/kernels-bench.txt when the device tool's OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -22,5 +22,7 @@ with lzma.open(sys.argv[1]) as packed, open(sys.argv[2], "wb") as out: shutil.co
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 cuobjdump --list-ptx --list-elf cuda-build/studio-worker | sort | uniq -c | head -20 || true
+# Our kernels first: checked against candle's on real job shapes, and timed (about 20 s).
+STUDIO_BENCH_RUNS=20 cuda-build/kernels 2>&1 | tee /tmp/kernels-bench.txt || true
 python3 benches/gpu/bench.py "$@" 2>&1 | tee /tmp/gpu-bench.txt
-if [ -n "${OUT:-}" ]; then cp /tmp/gpu-bench.txt "$OUT/gpu-bench.txt"; fi
+if [ -n "${OUT:-}" ]; then cp /tmp/kernels-bench.txt /tmp/gpu-bench.txt "$OUT/"; fi

@@ -15,7 +15,7 @@ use super::UsageError;
 use crate::config::{self, Paths};
 use crate::engine::candle_engine::CandleEngine;
 use crate::engine::sd::ModelFacts;
-use crate::engine::{CancelToken, Engine as _, device};
+use crate::engine::{CancelToken, Engine as _, device, profile};
 use crate::image_file;
 use crate::vocab::device::DevicePreference;
 use crate::vocab::job::{self, EngineLimits, JobSpec, Scheduler};
@@ -66,6 +66,11 @@ pub struct GenerateArgs {
     /// the first shows the model's loading, the others a warm engine.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
+    /// After the last run, print where its time went by kind of work (convolutions, norms,
+    /// attention…). Each kind waits for the GPU before and after, so profiled runs are
+    /// slower: read the shares.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
@@ -115,6 +120,7 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("prepared in {:.2} s", started.elapsed().as_secs_f64());
     }
 
+    profile::set_enabled(args.profile);
     let mut generated = None;
     for run in 1..=args.repeat {
         let mut bar = ProgressBar::new();
@@ -131,6 +137,14 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
             eprintln!("run {run}/{}: done in {seconds:.3} s", args.repeat);
         } else {
             eprintln!("done in {seconds:.1} s");
+        }
+        // Each run's own: the last one's is printed (warm, when there are several).
+        let spent = profile::take();
+        if args.profile && run == args.repeat {
+            eprintln!(
+                "where run {run}'s time went:\n{}",
+                spent.table(started.elapsed())
+            );
         }
         generated = Some(images);
     }

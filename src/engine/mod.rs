@@ -10,6 +10,7 @@ pub mod device;
 pub mod gpu_memory;
 pub mod kernels;
 pub(crate) mod noise;
+pub mod profile;
 pub mod sd;
 
 use std::sync::Arc;

@@ -472,10 +472,20 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
         "{parameters}"
     );
 
-    // The same seed gives the same image, each time of a repeated run (the bench's warm
-    // timings come from these lines).
+    // The same seed gives the same image, each time of a repeated and profiled run (the
+    // bench's warm timings and profile come from these lines).
     let again = generate(&[
-        "--seed", "77", "--steps", "2", "--width", "64", "--height", "48", "--repeat", "2",
+        "--seed",
+        "77",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--repeat",
+        "2",
+        "--profile",
     ]);
     assert!(again.status.success(), "{}", text(&again.stderr));
     let timings = text(&again.stderr);
@@ -483,6 +493,20 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
         timings.contains("run 1/2: done in") && timings.contains("run 2/2: done in"),
         "{timings}"
     );
+    // The last run's profile only, naming the work a UNet and a VAE are made of.
+    assert_eq!(timings.matches("time went").count(), 1, "{timings}");
+    let profile = &timings[timings.find("where run 2's time went").expect(&timings)..];
+    for work in [
+        "conv 3×3",
+        "group norm (+ SiLU)",
+        "attention: scores, softmax, values",
+        "linear",
+        "text encoder",
+        "sampler step",
+        "everything else",
+    ] {
+        assert!(profile.contains(work), "{work} missing from:\n{profile}");
+    }
     let second = image::load_from_memory(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(image.to_rgb8(), second.to_rgb8());
 }

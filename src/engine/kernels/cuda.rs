@@ -16,7 +16,17 @@ use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Tensor
 
 use super::group_norm::{self, Activation, Geometry, Kernel, Settings};
 
-static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+/// The fatbin, aligned as a fatbin's header must be. On Linux it sits in the section
+/// nvcc's own fatbins use, so `cuobjdump --list-elf` on the binary lists its machine code
+/// beside the rest (the release workflow checks the architectures that way).
+#[cfg_attr(target_os = "linux", unsafe(link_section = ".nv_fatbin"))]
+static FATBIN: Aligned<[u8; FATBIN_LEN]> =
+    Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin")));
+
+const FATBIN_LEN: usize = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin")).len();
+
+#[repr(C, align(8))]
+struct Aligned<T>(T);
 
 /// Threads per block, as the kernels are written for (`THREADS` in the `.cu` files).
 const THREADS: u32 = 256;
@@ -49,7 +59,7 @@ fn load_and_check(device: &CudaDevice) -> std::result::Result<Arc<CudaModule>, S
     let module = device
         .cuda_stream()
         .context()
-        .load_module(Ptx::from_binary(FATBIN.to_vec()))
+        .load_module(Ptx::from_binary(FATBIN.0.to_vec()))
         .map_err(|error| format!("the driver did not load them ({error})"))?;
     check_group_norm(device, &module).map_err(|error| format!("group norm: {error}"))?;
     Ok(module)

@@ -15,6 +15,8 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
 
+use crate::engine::profile::{self, Work};
+
 /// How much column buffer a convolution may hold at once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConvPlan {
@@ -67,6 +69,7 @@ impl Conv3x3 {
 
     /// `(batch, c_in, h, w)` → `(batch, c_out, h, w)`, whole or in bands as `plan` says.
     pub fn forward(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
+        let _stretch = profile::stretch(Work::Conv3x3, xs.device());
         let (batch, channels, height, width) = xs.dims4()?;
         let rows = plan.rows(batch, channels, width, xs.dtype(), height);
         let convolved = if rows >= height {

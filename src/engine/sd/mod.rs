@@ -34,6 +34,7 @@ use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
 use self::working_memory::Plan;
 use super::noise::NoiseSource;
+use super::profile::{self, Work};
 use crate::vocab::job::{JobSpec, Scheduler};
 
 /// Why loading or running failed.
@@ -364,6 +365,7 @@ impl StableDiffusion {
     /// on the model's device in its dtype. SD 1.x/2.x use the last layer; SDXL concatenates
     /// both encoders' penultimate layers and pools the second.
     pub fn encode_text(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>), SdError> {
+        let _stretch = profile::stretch(Work::TextEncoder, &self.device);
         let run = |stack: &TextStack| -> Result<text_encoder::TextEncoding, SdError> {
             let ids = stack
                 .tokenizer
@@ -465,6 +467,7 @@ impl StableDiffusion {
                 text_time,
                 settings.plan,
             )?;
+            let _stretch = profile::stretch(Work::Sampler, &self.device);
             let prediction = if conditioning.guided {
                 let halves = output.chunk(2, 0)?;
                 let (unconditional, conditional) = (&halves[0], &halves[1]);

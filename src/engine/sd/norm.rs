@@ -6,6 +6,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::engine::kernels::{self, Activation};
+use crate::engine::profile::{self, Work};
 
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
@@ -41,13 +42,15 @@ impl GroupNorm {
     }
 
     fn run(&self, xs: &Tensor, activation: Activation) -> Result<Tensor> {
-        kernels::group_norm(
-            xs,
-            &self.weight,
-            &self.bias,
-            self.groups,
-            self.eps,
-            activation,
-        )
+        profile::timed(Work::GroupNorm, xs.device(), || {
+            kernels::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                activation,
+            )
+        })
     }
 }

@@ -9,6 +9,7 @@ use candle_nn::{Conv2d, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan, conv1x1};
 use super::norm::{GroupNorm, group_norm};
+use crate::engine::profile::{self, Work};
 
 /// What the residual blocks of one model share.
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +98,9 @@ impl Resnet {
             .conv2
             .forward(&self.norm2.forward_then_silu(&hidden)?, plan)?;
         let out = match &self.shortcut {
-            Some(shortcut) => (shortcut.forward(xs)? + hidden)?,
+            Some(shortcut) => {
+                (profile::timed(Work::Conv1x1, xs.device(), || shortcut.forward(xs))? + hidden)?
+            }
             None => (xs + hidden)?,
         };
         if self.output_scale_factor == 1.0 {

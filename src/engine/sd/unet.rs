@@ -16,6 +16,7 @@ use super::norm::{GroupNorm, group_norm};
 use super::resnet::ResnetSettings;
 use super::unet_blocks::{DownBlock, MidBlock, TransformerConfig, UpBlock};
 use super::working_memory::Plan;
+use crate::engine::profile::{self, Work};
 
 /// SDXL's added conditioning, batched like the latents.
 pub struct TextTimeConditioning<'a> {
@@ -209,7 +210,9 @@ impl Unet {
         } else {
             latents.clone()
         };
-        let mut xs = self.conv_in.forward(&sample)?;
+        let mut xs = profile::timed(Work::Conv3x3, sample.device(), || {
+            self.conv_in.forward(&sample)
+        })?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
             let (out, residuals) = block.forward(&xs, &embedding, encoder_hidden_states, plan)?;

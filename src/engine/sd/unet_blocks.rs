@@ -17,6 +17,7 @@ use super::conv::{Conv3x3, ConvPlan};
 use super::norm::{GroupNorm, group_norm};
 use super::resnet::{Resnet, ResnetSettings};
 use super::working_memory::Plan;
+use crate::engine::profile::{self, Work};
 
 /// How the attention holds its scores: whole, or at most this many bytes of them at a time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,18 +96,31 @@ impl Attention {
         let in_dtype = xs.dtype();
         let (batch, tokens, dim) = xs.dims3()?;
         let context = context.unwrap_or(xs);
-        let query = (self.split_heads(&self.to_q.forward(xs)?)? * self.scale)?;
-        let key_t = self
-            .split_heads(&self.to_k.forward(context)?)?
-            .t()?
-            .contiguous()?;
-        let value = self.split_heads(&self.to_v.forward(context)?)?;
-        let merged = attend(&query, &key_t, &value, plan)?
-            .reshape((batch, self.heads, tokens, dim / self.heads))?
-            .transpose(1, 2)?
-            .reshape((batch, tokens, dim))?
-            .to_dtype(in_dtype)?;
-        self.to_out.forward(&merged)
+        let device = xs.device();
+        let linear = |layer: &Linear, xs: &Tensor| {
+            profile::timed(Work::Linear, device, || layer.forward(xs))
+        };
+        let (query, key, value) = (
+            linear(&self.to_q, xs)?,
+            linear(&self.to_k, context)?,
+            linear(&self.to_v, context)?,
+        );
+        let (query, key_t, value) = profile::timed(Work::HeadLayout, device, || {
+            Ok::<_, candle_core::Error>((
+                (self.split_heads(&query)? * self.scale)?,
+                self.split_heads(&key)?.t()?.contiguous()?,
+                self.split_heads(&value)?,
+            ))
+        })?;
+        let attended = attend(&query, &key_t, &value, plan)?;
+        let merged = profile::timed(Work::HeadLayout, device, || {
+            attended
+                .reshape((batch, self.heads, tokens, dim / self.heads))?
+                .transpose(1, 2)?
+                .reshape((batch, tokens, dim))?
+                .to_dtype(in_dtype)
+        })?;
+        linear(&self.to_out, &merged)
     }
 }
 
@@ -120,6 +134,7 @@ pub(super) fn attend(
     value: &Tensor,
     plan: AttentionPlan,
 ) -> Result<Tensor> {
+    let _stretch = profile::stretch(Work::Attention, query.device());
     let (batch_heads, queries, _) = query.dims3()?;
     let keys = key_t.dim(2)?;
     let rows = plan.rows(batch_heads, queries, keys, query.dtype().size_in_bytes());
@@ -155,10 +170,13 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.project_in.forward(xs)?;
-        let halves = projected.chunk(2, D::Minus1)?;
-        let gated = (&halves[0] * halves[1].gelu_erf()?)?;
-        self.project_out.forward(&gated)
+        let device = xs.device();
+        let projected = profile::timed(Work::Linear, device, || self.project_in.forward(xs))?;
+        let gated = profile::timed(Work::Geglu, device, || {
+            let halves = projected.chunk(2, D::Minus1)?;
+            &halves[0] * halves[1].gelu_erf()?
+        })?;
+        profile::timed(Work::Linear, device, || self.project_out.forward(&gated))
     }
 }
 
@@ -191,12 +209,15 @@ impl TransformerLayer {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor, plan: AttentionPlan) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, plan)? + xs)?;
+        let norm = |layer: &LayerNorm, xs: &Tensor| {
+            profile::timed(Work::LayerNorm, xs.device(), || layer.forward(xs))
+        };
+        let xs = (self.attn1.forward(&norm(&self.norm1, xs)?, None, plan)? + xs)?;
         let xs = (self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), plan)?
+            .forward(&norm(&self.norm2, &xs)?, Some(context), plan)?
             + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        self.ff.forward(&norm(&self.norm3, &xs)?)? + xs
     }
 }
 
@@ -261,27 +282,42 @@ impl Transformer {
 
     pub fn forward(&self, xs: &Tensor, context: &Tensor, plan: AttentionPlan) -> Result<Tensor> {
         let (batch, channels, height, width) = xs.dims4()?;
+        let device = xs.device();
         let normed = self.norm.forward(xs)?;
         let to_tokens = |xs: Tensor| -> Result<Tensor> {
-            xs.permute((0, 2, 3, 1))?
-                .reshape((batch, height * width, channels))
+            profile::timed(Work::TokenLayout, device, || {
+                xs.permute((0, 2, 3, 1))?
+                    .reshape((batch, height * width, channels))
+            })
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(&normed)?)?,
-            Projection::Linear(linear) => linear.forward(&to_tokens(normed)?)?,
+            Projection::Conv(conv) => to_tokens(profile::timed(Work::Conv1x1, device, || {
+                conv.forward(&normed)
+            })?)?,
+            Projection::Linear(linear) => {
+                let tokens = to_tokens(normed)?;
+                profile::timed(Work::Linear, device, || linear.forward(&tokens))?
+            }
         };
         for layer in &self.layers {
             tokens = layer.forward(&tokens, context, plan)?;
         }
         let to_cells = |tokens: Tensor| -> Result<Tensor> {
-            tokens
-                .reshape((batch, height, width, channels))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()
+            profile::timed(Work::TokenLayout, device, || {
+                tokens
+                    .reshape((batch, height, width, channels))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()
+            })
         };
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_cells(tokens)?)?,
-            Projection::Linear(linear) => to_cells(linear.forward(&tokens)?)?,
+            Projection::Conv(conv) => {
+                let cells = to_cells(tokens)?;
+                profile::timed(Work::Conv1x1, device, || conv.forward(&cells))?
+            }
+            Projection::Linear(linear) => to_cells(profile::timed(Work::Linear, device, || {
+                linear.forward(&tokens)
+            })?)?,
         };
         out + xs
     }
@@ -307,6 +343,7 @@ impl Downsample {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _stretch = profile::stretch(Work::Conv3x3, xs.device());
         if self.padding == 0 {
             // No symmetric padding: one row and column of zeros after, as diffusers pads.
             let padded = xs
@@ -339,8 +376,10 @@ impl Upsample {
     ) -> Result<Tensor> {
         let (_, _, height, width) = xs.dims4()?;
         let (height, width) = size.unwrap_or((2 * height, 2 * width));
-        self.conv
-            .forward(&xs.upsample_nearest2d(height, width)?, plan)
+        let upsampled = profile::timed(Work::Upsample, xs.device(), || {
+            xs.upsample_nearest2d(height, width)
+        })?;
+        self.conv.forward(&upsampled, plan)
     }
 }
 

@@ -16,6 +16,7 @@ use super::norm::{GroupNorm, group_norm};
 use super::resnet::{Resnet, ResnetSettings};
 use super::unet_blocks::{AttentionPlan, attend};
 use super::working_memory::Plan;
+use crate::engine::profile::{self, Work};
 
 /// The decoder's shape, from `vae/config.json`.
 #[derive(Clone, Debug)]
@@ -83,14 +84,15 @@ impl MidAttention {
             .forward(xs)?
             .reshape((batch, channels, height * width))?
             .transpose(1, 2)?;
-        let f32_of = |linear: &Linear| linear.forward(&tokens)?.to_dtype(DType::F32);
+        let f32_of = |linear: &Linear| {
+            profile::timed(Work::Linear, xs.device(), || linear.forward(&tokens))?
+                .to_dtype(DType::F32)
+        };
         let query = (f32_of(&self.to_q)? * self.scale)?;
         let key_t = f32_of(&self.to_k)?.t()?.contiguous()?;
         let value = f32_of(&self.to_v)?;
         let attended = attend(&query, &key_t, &value, plan)?.to_dtype(in_dtype)?;
-        let out = self
-            .to_out
-            .forward(&attended)?
+        let out = profile::timed(Work::Linear, xs.device(), || self.to_out.forward(&attended))?
             .transpose(1, 2)?
             .reshape((batch, channels, height, width))?;
         out + xs
@@ -192,7 +194,9 @@ impl Decoder {
     /// [`super::vae::Vae`]'s).
     pub fn forward(&self, latents: &Tensor, plan: Plan) -> Result<Tensor> {
         let latents = match &self.post_quant_conv {
-            Some(conv) => conv.forward(latents)?,
+            Some(conv) => {
+                profile::timed(Work::Conv1x1, latents.device(), || conv.forward(latents))?
+            }
             None => latents.clone(),
         };
         let [first, second] = &self.mid_resnets;
@@ -206,7 +210,9 @@ impl Decoder {
             }
             if let Some(upsampler) = &block.upsampler {
                 let (_, _, height, width) = xs.dims4()?;
-                let upsampled = xs.upsample_nearest2d(2 * height, 2 * width)?;
+                let upsampled = profile::timed(Work::Upsample, xs.device(), || {
+                    xs.upsample_nearest2d(2 * height, 2 * width)
+                })?;
                 xs = upsampler.forward(&upsampled, plan.conv)?;
             }
         }

@@ -116,7 +116,18 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
     if engine.needs_preparing() {
         eprintln!("preparing the GPU (once after a driver update)…");
         let started = Instant::now();
-        engine.prepare().context("the GPU could not be prepared")?;
+        // The estimate of the time left, on a terminal (one line, rewritten).
+        let terminal = std::io::stderr().is_terminal();
+        engine
+            .prepare(&mut |left| {
+                if terminal {
+                    eprint!("\r{:.0} s left   ", left.as_secs_f64().ceil());
+                }
+            })
+            .context("the GPU could not be prepared")?;
+        if terminal {
+            eprint!("\r");
+        }
         eprintln!("prepared in {:.2} s", started.elapsed().as_secs_f64());
     }
 

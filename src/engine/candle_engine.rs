@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use candle_core::DType;
 
@@ -377,11 +378,13 @@ impl Engine for CandleEngine {
         !self.device.device.is_cpu()
     }
 
-    fn prepare(&self) -> Result<(), EngineError> {
+    fn prepare(&self, time_left: &mut dyn FnMut(Duration)) -> Result<(), EngineError> {
         if !self.needs_preparing() {
             return Ok(());
         }
-        super::sd::warmup::run(&self.device.device, self.device.dtype)
+        let device = &self.device.device;
+        super::sd::warmup::compile_kernels(device, time_left);
+        super::sd::warmup::run(device, self.device.dtype)
             .map_err(|error| EngineError::Internal(format!("preparing the GPU failed: {error}")))
     }
 
@@ -577,7 +580,7 @@ mod tests {
             seed: 3,
             num_images: 1,
             scheduler: Some(Scheduler::Euler),
-            lease: std::time::Duration::ZERO,
+            lease: Duration::ZERO,
         }
     }
 

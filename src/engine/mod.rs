@@ -153,8 +153,10 @@ pub trait Engine: Send + Sync + 'static {
     }
 
     /// Makes the device ready before the first job (compiles the GPU's kernels, once after
-    /// an install or a driver update). Called from a blocking thread before the first claim.
-    fn prepare(&self) -> Result<(), EngineError> {
+    /// an install or a driver update), calling `time_left` with its estimate of the time
+    /// still needed as it goes. Called from a blocking thread before the first claim.
+    fn prepare(&self, time_left: &mut dyn FnMut(std::time::Duration)) -> Result<(), EngineError> {
+        let _ = time_left;
         Ok(())
     }
 }

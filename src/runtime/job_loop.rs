@@ -214,12 +214,17 @@ async fn sleep_until_or_forever(deadline: Option<Instant>) {
 /// not in the middle of a job), saying so in the status. `false`: shutting down.
 async fn prepare(task: &JobLoop, engine: &Arc<dyn Engine>) -> bool {
     task.status.send_modify(|s| {
-        s.jobs.claim_blocked = Some(PREPARING.to_owned());
+        s.jobs.claim_blocked = Some(preparing_message(None));
     });
     let started = Instant::now();
     let preparing = {
         let engine = engine.clone();
-        tokio::task::spawn_blocking(move || engine.prepare())
+        let status = task.status.clone();
+        tokio::task::spawn_blocking(move || {
+            engine.prepare(&mut |left| {
+                status.send_modify(|s| s.jobs.claim_blocked = Some(preparing_message(Some(left))));
+            })
+        })
     };
     let prepared = tokio::select! {
         () = task.shutdown.cancelled() => return false,
@@ -237,9 +242,22 @@ async fn prepare(task: &JobLoop, engine: &Arc<dyn Engine>) -> bool {
     true
 }
 
-/// What the Status tab says while the GPU is prepared.
-pub(super) const PREPARING: &str = "Preparing the GPU, once: compiling its kernels (after an install or a driver update \
-     this takes up to half a minute)";
+/// What the Status tab says while the GPU is prepared, with the engine's estimate of the
+/// time left once it has one.
+pub(super) fn preparing_message(left: Option<Duration>) -> String {
+    const PREPARING: &str = "Preparing the GPU, once: compiling its kernels";
+    match left {
+        None => format!(
+            "{PREPARING} (after an install or a driver update this takes up to half a minute)"
+        ),
+        Some(left) if left < Duration::from_secs(1) => format!("{PREPARING}, almost done"),
+        Some(left) => {
+            // Whole seconds, rounded up: "1 s left" until it is done.
+            let left = Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0));
+            format!("{PREPARING}, {} left", crate::human::duration(left))
+        }
+    }
+}
 
 impl JobLoop {
     /// `Ok(session)` when a job may be claimed now; otherwise why not, in words.
@@ -598,5 +616,27 @@ impl JobLoop {
             s.jobs.current = None;
             s.jobs.remember(FinishedJob::new(current, outcome));
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_preparing_message_counts_whole_seconds_down() {
+        assert!(preparing_message(None).ends_with("this takes up to half a minute)"));
+        let left = |seconds: f64| preparing_message(Some(Duration::from_secs_f64(seconds)));
+        assert_eq!(
+            left(11.2),
+            "Preparing the GPU, once: compiling its kernels, 12 s left"
+        );
+        assert_eq!(
+            left(12.0),
+            "Preparing the GPU, once: compiling its kernels, 12 s left"
+        );
+        assert!(left(1.0).ends_with(", 1 s left"));
+        assert!(left(0.4).ends_with(", almost done"));
+        assert!(left(95.0).ends_with(", 1 min left"));
     }
 }

@@ -153,9 +153,12 @@ impl Engine for ScriptedEngine {
         self.prepare_for.is_some()
     }
 
-    fn prepare(&self) -> Result<(), EngineError> {
+    fn prepare(&self, time_left: &mut dyn FnMut(Duration)) -> Result<(), EngineError> {
         if let Some(time) = self.prepare_for {
-            std::thread::sleep(time);
+            // Half the time, then an estimate of the rest, as the real engine says it.
+            std::thread::sleep(time / 2);
+            time_left(time / 2);
+            std::thread::sleep(time / 2);
             *self.prepared_at.lock().unwrap() = Some(std::time::Instant::now());
         }
         Ok(())

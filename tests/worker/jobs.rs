@@ -122,6 +122,8 @@ async fn a_gpu_is_prepared_before_the_first_claim_and_the_status_says_so() {
     let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
     let handle = runtime.handle();
     claims_held_saying(&handle, "Preparing the GPU, once").await;
+    // Then the engine's estimate of the rest (the scripted engine's: 400 ms).
+    claims_held_saying(&handle, "compiling its kernels, almost done").await;
     crate::support::delivered(&studio, "j_after_prepare").await;
     let prepared_at = engine.prepared_at.lock().unwrap().expect("prepared");
     let first_claim = studio.log_for(Route::Claim)[0].at;

@@ -206,14 +206,11 @@ fn the_status_tab_shows_connection_job_and_problems() {
 #[test]
 fn the_status_tab_says_the_gpu_is_being_prepared() {
     let mut preparing = approved();
-    preparing.jobs.claim_blocked = Some(
-        "Preparing the GPU, once: compiling its kernels (after an install or a driver \
-         update this takes up to half a minute)"
-            .into(),
-    );
+    preparing.jobs.claim_blocked =
+        Some("Preparing the GPU, once: compiling its kernels, 12 s left".into());
     let window = Window::new(preparing);
     assert!(window.shows("Not taking jobs"));
-    assert!(window.shows("Preparing the GPU, once: compiling its kernels"));
+    assert!(window.shows("Preparing the GPU, once: compiling its kernels, 12 s left"));
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //! are machine code already; they are loaded and checked here too. On the CPU there is
 //! nothing to compile.
 
+use std::time::Duration;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -55,6 +57,68 @@ const SAVING: Plan = Plan {
 fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> candle_core::Result<T> {
     serde_json::from_str(text)
         .map_err(|error| candle_core::Error::Msg(format!("the warm-up's {what} config: {error}")))
+}
+
+/// candle's kernel modules that a job uses, compiled one after another before the miniature
+/// pipeline runs (which then finds them ready), so that the time left can be told: after each
+/// module, the time so far per byte of PTX times the bytes still to go. Our own kernels are
+/// machine code; they are loaded and checked here too. A module that fails to compile is
+/// left for the pipeline to report. Nothing to do off CUDA.
+pub fn compile_kernels(device: &Device, time_left: &mut dyn FnMut(Duration)) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        candle_modules::compile(cuda, time_left);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = time_left;
+    crate::engine::kernels::prepare(device);
+}
+
+#[cfg(feature = "cuda")]
+mod candle_modules {
+    use std::time::{Duration, Instant};
+
+    use candle_core::CudaDevice;
+    use candle_core::cuda_backend::kernels::{self, Module};
+
+    /// Every module but the quantized and sorting kernels, which Stable Diffusion never uses.
+    const USED: [&Module; 9] = [
+        &kernels::AFFINE,
+        &kernels::BINARY,
+        &kernels::CAST,
+        &kernels::CONV,
+        &kernels::FILL,
+        &kernels::INDEXING,
+        &kernels::REDUCE,
+        &kernels::TERNARY,
+        &kernels::UNARY,
+    ];
+
+    pub fn compile(cuda: &CudaDevice, time_left: &mut dyn FnMut(Duration)) {
+        let total: usize = USED.iter().map(|module| module.ptx().len()).sum();
+        let started = Instant::now();
+        let mut done = 0;
+        for module in USED {
+            // candle compiles a whole module when it first looks a function up in it.
+            if let Some(function) = super::first_entry(module.ptx())
+                && let Err(error) = cuda.get_or_load_func(function, module)
+            {
+                tracing::debug!("compiling candle's {function} module: {error}");
+            }
+            done += module.ptx().len();
+            let per_byte = started.elapsed().as_secs_f64() / done.max(1) as f64;
+            time_left(Duration::from_secs_f64(per_byte * (total - done) as f64));
+        }
+    }
+}
+
+/// The name of the first kernel a PTX module defines (`.entry NAME(`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn first_entry(ptx: &str) -> Option<&str> {
+    const ENTRY: &str = ".entry ";
+    let after = &ptx[ptx.find(ENTRY)? + ENTRY.len()..];
+    let end = after.find(|c: char| c == '(' || c.is_whitespace())?;
+    Some(&after[..end]).filter(|name| !name.is_empty())
 }
 
 /// Runs the miniature pipeline on `device` in `dtype` once.
@@ -114,6 +178,24 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_kernel_of_a_ptx_module_is_named() {
+        let ptx = "//\n.version 9.0\n.target sm_75\n\n\t// .globl\taffine_f32\n\
+                   .visible .entry affine_f32(\n\t.param .u64 affine_f32_param_0\n)\n\
+                   .visible .entry affine_f16(\n)";
+        assert_eq!(first_entry(ptx), Some("affine_f32"));
+        assert_eq!(first_entry(".visible .entry sum_f32 (\n)"), Some("sum_f32"));
+        assert_eq!(first_entry(".version 9.0\n.target sm_75\n"), None);
+        assert_eq!(first_entry(".entry ("), None);
+    }
+
+    #[test]
+    fn compiling_kernels_off_cuda_has_nothing_to_say() {
+        let mut estimates = Vec::new();
+        compile_kernels(&Device::Cpu, &mut |left| estimates.push(left));
+        assert!(estimates.is_empty());
+    }
 
     #[test]
     fn the_miniature_pipeline_runs_in_every_dtype_a_job_uses() {

@@ -15,7 +15,7 @@ process of its own, so each peak is that process's alone:
      jobs queued at once, the median gap between deliveries (claim, image, PNG, upload).
   4. our own kernels against candle's: `generate` again with STUDIO_WORKER_FUSED_KERNELS=0
      (the ratio is ours / candle's, warm), and `generate --profile` on SD 1.5 and SDXL:
-     where a warm image's time goes, by kind of work.
+     where a warm image's time goes, by model part and kind of work.
   5. SDXL again, with the card filled by a ballast process until about 12 GB are free (an
      RTX 3060/4070's), so the engine must plan within it.
 

@@ -1,5 +1,5 @@
-//! Where the engine's time goes, by kind of work, when asked (`generate --profile`): the
-//! numbers that say which kernel to write next. Each profiled stretch of model code waits
+//! Where the engine's time goes, by model part and kind of work, when asked (`generate
+//! --profile`): the numbers that say which kernel to write next. Each profiled stretch of model code waits
 //! for its device before it starts and before it ends, and adds the time between to its
 //! [`Work`]; what no stretch covers (residual adds, casts, embeddings, the waits themselves)
 //! is the run's remainder. Waiting costs the GPU its overlap of launches, so a profiled run
@@ -16,6 +16,22 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+
+/// The model part a stretch of work belongs to, as the table names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Part {
+    Unet,
+    Vae,
+}
+
+impl Part {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unet => "UNet",
+            Self::Vae => "VAE",
+        }
+    }
+}
 
 /// A kind of work, as the table names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,11 +72,33 @@ impl Work {
     }
 }
 
+type Totals = BTreeMap<(Option<Part>, Work), (Duration, u64)>;
+
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
     /// Whether a stretch is open.
     static OPEN: Cell<bool> = const { Cell::new(false) };
-    static TOTALS: RefCell<BTreeMap<Work, (Duration, u64)>> = const { RefCell::new(BTreeMap::new()) };
+    /// The part being run, if one said so.
+    static PART: Cell<Option<Part>> = const { Cell::new(None) };
+    static TOTALS: RefCell<Totals> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Counts the stretches until the guard drops as `part`'s (then the part before is back).
+pub fn part(part: Part) -> PartGuard {
+    PartGuard {
+        before: PART.with(|current| current.replace(Some(part))),
+    }
+}
+
+#[must_use = "the part ends when this is dropped"]
+pub struct PartGuard {
+    before: Option<Part>,
+}
+
+impl Drop for PartGuard {
+    fn drop(&mut self) {
+        PART.with(|current| current.set(self.before));
+    }
 }
 
 /// Turns profiling on or off for this thread.
@@ -98,9 +136,10 @@ impl Drop for Stretch {
             wait_for(&device);
             let elapsed = started.elapsed();
             OPEN.with(|open| open.set(false));
+            let part = PART.with(Cell::get);
             TOTALS.with(|totals| {
                 let mut totals = totals.borrow_mut();
-                let (time, count) = totals.entry(work).or_default();
+                let (time, count) = totals.entry((part, work)).or_default();
                 *time += elapsed;
                 *count += 1;
             });
@@ -119,18 +158,18 @@ fn wait_for(device: &Device) {
 /// What this thread counted since the last call, and counting starts again.
 pub fn take() -> Profile {
     let totals = TOTALS.with(|totals| std::mem::take(&mut *totals.borrow_mut()));
-    let mut rows: Vec<(Work, Duration, u64)> = totals
+    let mut rows: Vec<(Option<Part>, Work, Duration, u64)> = totals
         .into_iter()
-        .map(|(work, (time, count))| (work, time, count))
+        .map(|((part, work), (time, count))| (part, work, time, count))
         .collect();
-    rows.sort_by_key(|(_, time, _)| std::cmp::Reverse(*time));
+    rows.sort_by_key(|(_, _, time, _)| std::cmp::Reverse(*time));
     Profile { rows }
 }
 
-/// Time per kind of work, the longest first.
+/// Time per part and kind of work, the longest first.
 #[derive(Clone, Debug, Default)]
 pub struct Profile {
-    pub rows: Vec<(Work, Duration, u64)>,
+    pub rows: Vec<(Option<Part>, Work, Duration, u64)>,
 }
 
 impl Profile {
@@ -146,17 +185,20 @@ impl Profile {
             }
         };
         let mut out = format!(
-            "{:<36} {:>10} {:>6} {:>7} {:>9}\n",
+            "{:<41} {:>10} {:>6} {:>7} {:>9}\n",
             "work", "ms", "share", "calls", "ms/call"
         );
         let mut counted = 0.0;
-        for (work, time, count) in &self.rows {
+        for (part, work, time, count) in &self.rows {
             let ms = time.as_secs_f64() * 1e3;
             counted += ms;
+            let label = match part {
+                Some(part) => format!("{} {}", part.label(), work.label()),
+                None => work.label().to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "{:<36} {ms:>10.1} {:>5.1}% {count:>7} {:>9.3}",
-                work.label(),
+                "{label:<41} {ms:>10.1} {:>5.1}% {count:>7} {:>9.3}",
                 share(ms),
                 ms / (*count).max(1) as f64
             );
@@ -164,11 +206,11 @@ impl Profile {
         let rest = (total_ms - counted).max(0.0);
         let _ = writeln!(
             out,
-            "{:<36} {rest:>10.1} {:>5.1}%",
+            "{:<41} {rest:>10.1} {:>5.1}%",
             "everything else (adds, casts, waits)",
             share(rest)
         );
-        let _ = write!(out, "{:<36} {total_ms:>10.1}", "run");
+        let _ = write!(out, "{:<41} {total_ms:>10.1}", "run");
         out
     }
 }
@@ -185,6 +227,7 @@ mod tests {
 
         set_enabled(true);
         {
+            let _vae = part(Part::Vae);
             let _outer = stretch(Work::Conv3x3, &device);
             std::thread::sleep(Duration::from_millis(20));
             // Inside an open stretch: not counted on its own.
@@ -196,12 +239,20 @@ mod tests {
         }
         set_enabled(false);
         let profile = take();
-        let works: Vec<(Work, u64)> = profile.rows.iter().map(|(w, _, n)| (*w, *n)).collect();
-        assert_eq!(works, [(Work::Conv3x3, 1), (Work::Linear, 3)]);
-        assert!(profile.rows[0].1 >= Duration::from_millis(25));
+        let works: Vec<(Option<Part>, Work, u64)> = profile
+            .rows
+            .iter()
+            .map(|(p, w, _, n)| (*p, *w, *n))
+            .collect();
+        // The part ended with its guard: the linear layers after it belong to none.
+        assert_eq!(
+            works,
+            [(Some(Part::Vae), Work::Conv3x3, 1), (None, Work::Linear, 3)]
+        );
+        assert!(profile.rows[0].2 >= Duration::from_millis(25));
 
         let table = profile.table(Duration::from_millis(100));
-        assert!(table.contains("conv 3×3"), "{table}");
+        assert!(table.contains("VAE conv 3×3"), "{table}");
         assert!(table.contains("everything else"), "{table}");
         assert!(take().rows.is_empty(), "take starts counting again");
     }

@@ -497,10 +497,11 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
     assert_eq!(timings.matches("time went").count(), 1, "{timings}");
     let profile = &timings[timings.find("where run 2's time went").expect(&timings)..];
     for work in [
-        "conv 3×3",
-        "group norm (+ SiLU)",
-        "attention: scores, softmax, values",
-        "linear",
+        "UNet conv 3×3",
+        "VAE conv 3×3",
+        "UNet group norm (+ SiLU)",
+        "UNet attention: scores, softmax, values",
+        "UNet linear",
         "text encoder",
         "sampler step",
         "everything else",

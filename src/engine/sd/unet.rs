@@ -16,7 +16,7 @@ use super::norm::{GroupNorm, group_norm};
 use super::resnet::ResnetSettings;
 use super::unet_blocks::{DownBlock, MidBlock, TransformerConfig, UpBlock};
 use super::working_memory::Plan;
-use crate::engine::profile::{self, Work};
+use crate::engine::profile::{self, Part, Work};
 
 /// SDXL's added conditioning, batched like the latents.
 pub struct TextTimeConditioning<'a> {
@@ -177,6 +177,7 @@ impl Unet {
         text_time: Option<TextTimeConditioning<'_>>,
         plan: Plan,
     ) -> Result<Tensor> {
+        let _part = profile::part(Part::Unet);
         let (batch, _channels, height, width) = latents.dims4()?;
         let dtype = latents.dtype();
         let device = latents.device();

@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 use super::model_folder::VaeConfig;
 use super::vae_decoder::{Decoder, DecoderConfig};
 use super::working_memory::Plan;
+use crate::engine::profile::{self, Part};
 
 /// Overlapping tiles of the latent image, in latent cells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +79,7 @@ impl Vae {
     /// Latents `(batch, 4, h, w)` to f32 RGB `(batch, 3, h·f, w·f)` in `[0, 1]`, whole or in
     /// the plan's tiles (a latent no larger than one tile is decoded whole).
     pub fn decode(&self, latents: &Tensor, plan: Plan) -> Result<Tensor> {
+        let _part = profile::part(Part::Vae);
         let (_, _, height, width) = latents.dims4()?;
         match plan.vae_tiling {
             Some(tiling) if height > tiling.tile || width > tiling.tile => {

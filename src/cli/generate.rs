@@ -66,9 +66,9 @@ pub struct GenerateArgs {
     /// the first shows the model's loading, the others a warm engine.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
-    /// After the last run, print where its time went by model part and kind of work (convolutions, norms,
-    /// attention…). Each kind waits for the GPU before and after, so profiled runs are
-    /// slower: read the shares.
+    /// After the last run, print where its time went by model part and kind of work
+    /// (convolutions, norms, attention…). Each kind waits for the GPU before and after, so
+    /// profiled runs are slower: read the shares.
     #[arg(long)]
     pub profile: bool,
 }

@@ -72,23 +72,37 @@ impl Conv3x3 {
         let _stretch = profile::stretch(Work::Conv3x3, xs.device());
         let (batch, channels, height, width) = xs.dims4()?;
         let rows = plan.rows(batch, channels, width, xs.dtype(), height);
-        let convolved = if rows >= height {
-            xs.conv2d(&self.weight, 1, 1, 1, 1)?
-        } else {
-            let padded = xs.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-            let mut bands = Vec::with_capacity(height.div_ceil(rows));
-            let mut top = 0;
-            while top < height {
-                let band_rows = rows.min(height - top);
-                // The band's rows plus the halo row above and below, already padded.
-                let band = padded.narrow(2, top, band_rows + 2)?;
-                bands.push(band.conv2d(&self.weight, 0, 1, 1, 1)?);
-                top += band_rows;
-            }
-            Tensor::cat(&bands, 2)?
-        };
         let bias = self.bias.reshape((1, (), 1, 1))?;
-        convolved.broadcast_add(&bias)
+        if rows >= height {
+            return xs.conv2d(&self.weight, 1, 1, 1, 1)?.broadcast_add(&bias);
+        }
+        // Each band is padded on its own (no padded copy of the whole input), and, its bias
+        // added, copied into its rows of the output: the output is held once, not once as
+        // bands and again joined (and again with the bias).
+        let out_channels = self.weight.dim(0)?;
+        let out = Tensor::zeros(
+            (batch, out_channels, height, width),
+            xs.dtype(),
+            xs.device(),
+        )?;
+        let mut top = 0;
+        while top < height {
+            let bottom = top + rows.min(height - top);
+            // The band's rows and a halo row above and below it: the image's own rows
+            // inside, zeros beyond its edges.
+            let first = top.saturating_sub(1);
+            let last = (bottom + 1).min(height);
+            let band = xs
+                .narrow(2, first, last - first)?
+                .pad_with_zeros(2, usize::from(top == 0), usize::from(bottom == height))?
+                .pad_with_zeros(3, 1, 1)?;
+            let convolved = band
+                .conv2d(&self.weight, 0, 1, 1, 1)?
+                .broadcast_add(&bias)?;
+            out.slice_set(&convolved, 2, top)?;
+            top = bottom;
+        }
+        Ok(out)
     }
 }
 

@@ -199,30 +199,16 @@ impl CustomOp3 for GroupNormOp {
             eps: self.eps,
             activation: self.activation,
         };
+        let layouts = [xs_layout, weight_layout, bias_layout];
         let out = match (xs, weight, bias) {
             (CpuStorage::F32(xs), CpuStorage::F32(weight), CpuStorage::F32(bias)) => {
-                let [xs, weight, bias] = contiguous([
-                    (xs, xs_layout),
-                    (weight, weight_layout),
-                    (bias, bias_layout),
-                ])?;
-                CpuStorage::F32(cpu(xs, weight, bias, settings))
+                CpuStorage::F32(cpu_op([xs, weight, bias], layouts, settings)?)
             }
             (CpuStorage::F16(xs), CpuStorage::F16(weight), CpuStorage::F16(bias)) => {
-                let [xs, weight, bias] = contiguous([
-                    (xs, xs_layout),
-                    (weight, weight_layout),
-                    (bias, bias_layout),
-                ])?;
-                CpuStorage::F16(cpu(xs, weight, bias, settings))
+                CpuStorage::F16(cpu_op([xs, weight, bias], layouts, settings)?)
             }
             (CpuStorage::BF16(xs), CpuStorage::BF16(weight), CpuStorage::BF16(bias)) => {
-                let [xs, weight, bias] = contiguous([
-                    (xs, xs_layout),
-                    (weight, weight_layout),
-                    (bias, bias_layout),
-                ])?;
-                CpuStorage::BF16(cpu(xs, weight, bias, settings))
+                CpuStorage::BF16(cpu_op([xs, weight, bias], layouts, settings)?)
             }
             _ => candle_core::bail!(
                 "group norm on the CPU takes f32, f16 or bf16, all three alike (got {:?}, {:?}, {:?})",
@@ -271,16 +257,22 @@ pub(super) struct Settings {
     pub activation: Activation,
 }
 
-/// The contiguous slices the layouts describe (the op made its inputs contiguous).
-fn contiguous<'a, T, const N: usize>(parts: [(&'a [T], &Layout); N]) -> Result<[&'a [T]; N]> {
-    let mut slices = [&[][..]; N];
-    for (slice, (data, layout)) in slices.iter_mut().zip(parts) {
+/// The op on the contiguous parts of `xs`, `weight` and `bias` that the layouts describe
+/// (the op made its inputs contiguous).
+fn cpu_op<T: WithDType>(
+    data: [&[T]; 3],
+    layouts: [&Layout; 3],
+    settings: Settings,
+) -> Result<Vec<T>> {
+    let mut parts = [&[][..]; 3];
+    for ((part, data), layout) in parts.iter_mut().zip(data).zip(layouts) {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("group norm: an input is not contiguous");
         };
-        *slice = &data[start..end];
+        *part = &data[start..end];
     }
-    Ok(slices)
+    let [xs, weight, bias] = parts;
+    Ok(cpu(xs, weight, bias, settings))
 }
 
 /// The op on the CPU: each row's moments, then every plane, across threads.

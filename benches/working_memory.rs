@@ -3,12 +3,16 @@
 //! no download is needed) run one guided UNet step and one decode at a few sizes on the CPU,
 //! and the peak resident memory each adds is compared with the estimate.
 //!
+//! Then one 3×3 convolution at the size of the SDXL VAE's last block, whole and in bands (a
+//! GPU's plan), against the size of its output: what a convolution holds besides it.
+//!
 //! `cargo bench --bench working_memory` (Linux: it reads the peak from /proc/self/status).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
 use studio_worker::engine::sd::vae::Vae;
@@ -118,5 +122,24 @@ fn main() {
                 estimated as f64 / measured.max(1) as f64
             );
         }
+    }
+
+    // 128 → 128 channels at 1024² in f32: a 512 MB output.
+    println!("\n3×3 convolution, 128 → 128 channels at 1024², f32, CPU: peak added");
+    let conv = Conv3x3::new(VarBuilder::zeros(DType::F32, &device), 128, 128).unwrap();
+    let xs = Tensor::ones((1, 128, 1024, 1024), DType::F32, &device).unwrap();
+    let output = 128 * 1024 * 1024 * 4_u64;
+    for (how, plan) in [
+        ("whole", ConvPlan::default()),
+        ("in 256 MB bands", ConvPlan::BANDED),
+    ] {
+        let peak = peak_of(|| {
+            conv.forward(&xs, plan).unwrap();
+        });
+        println!(
+            "{how:<28} {:>8} MB = {:.2} × its output",
+            peak >> 20,
+            peak as f64 / output as f64
+        );
     }
 }

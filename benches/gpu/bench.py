@@ -372,6 +372,9 @@ def main():
     parser.add_argument("--dev-studio", default=os.path.join(ROOT, "cuda-build", "dev_studio"))
     parser.add_argument("--models", default="/tmp/gpu-bench/models")
     parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--budget", type=float, default=500,
+                        help="seconds for the whole bench: the extras after the main table's "
+                             "measurements run only while their expected time is left")
     args = parser.parse_args()
 
     memory = DeviceMemory()
@@ -393,6 +396,10 @@ def main():
             print(f"{what} failed: {error}", flush=True)
             return None
 
+    def left():
+        return args.budget - (time.perf_counter() - started)
+
+    # The main table's measurements first, every case.
     for index, (name, model, side, steps, guidance) in enumerate(CASES):
         folder = os.path.join(args.models, model)
         reference = attempt(f"{name}: diffusers",
@@ -404,30 +411,45 @@ def main():
         jobs = attempt(f"{name}: studio jobs",
                        lambda: run_worker_jobs(memory, args.worker, args.dev_studio, folder, side, steps,
                                                guidance, args.runs, cold_cache))
-        candle = attempt(f"{name}: generate with candle's kernels only",
-                         lambda: run_worker(memory, args.worker, folder, side, steps, guidance, 3,
-                                            cold_cache, home, extra_env={"STUDIO_WORKER_FUSED_KERNELS": "0"}))
-        profiled = None
-        if model in PROFILED:
-            profiled = attempt(f"{name}: generate --profile",
-                               lambda: run_worker(memory, args.worker, folder, side, steps, guidance, 2,
-                                                  cold_cache, home, extra_args=["--profile"]))
-        rows.append({"case": name, "diffusers": reference, "worker": ours, "jobs": jobs,
-                     "candle_kernels": candle, "profiled": profiled, "cold_cache": index == 0})
+        rows.append({"case": name, "model": model, "side": side, "steps": steps, "guidance": guidance,
+                     "diffusers": reference, "worker": ours, "jobs": jobs, "candle_kernels": None,
+                     "profiled": None, "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
 
-    # SDXL on a card with 12 GB free.
-    ballast = subprocess.Popen([sys.executable, __file__, "ballast", str(TIGHT_CARD_GB)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    print(ballast.stdout.readline().strip(), flush=True)
-    try:
-        name, model, side, steps, guidance = CASES[3]
-        tight = attempt("SDXL with 12 GB free",
-                        lambda: run_worker(memory, args.worker, os.path.join(args.models, model), side,
-                                           steps, guidance, args.runs, cold_cache, home))
-    finally:
-        ballast.stdin.close()
-        ballast.wait()
+    def extra(what, row, run):
+        """An extra measurement, when about one `generate` process of this case's time is left."""
+        expected = 1.3 * row["worker"]["process"] + 10 if row["worker"] else 60
+        if left() < expected:
+            print(f"{what}: skipped, {left():.0f} s of the budget left (needs ~{expected:.0f} s)", flush=True)
+            return None
+        return attempt(what, run)
+
+    def generate(row, runs, **options):
+        return lambda: run_worker(memory, args.worker, os.path.join(args.models, row["model"]), row["side"],
+                                  row["steps"], row["guidance"], runs, cold_cache, home, **options)
+
+    # Then the extras, the most telling first: SDXL on a card with 12 GB free (the memory
+    # goal), the profiles (where the time goes), our kernels against candle's.
+    sdxl = next(row for row in rows if row["model"] == "sdxl")
+    tight = None
+    expected = 1.3 * sdxl["worker"]["process"] + 20 if sdxl["worker"] else 90
+    if left() >= expected:
+        ballast = subprocess.Popen([sys.executable, __file__, "ballast", str(TIGHT_CARD_GB)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        print(ballast.stdout.readline().strip(), flush=True)
+        try:
+            tight = attempt("SDXL with 12 GB free", generate(sdxl, args.runs))
+        finally:
+            ballast.stdin.close()
+            ballast.wait()
+    else:
+        print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
+    for row in sorted((row for row in rows if row["model"] in PROFILED), key=lambda row: -row["side"]):
+        row["profiled"] = extra(f"{row['case']}: generate --profile", row,
+                                generate(row, 2, extra_args=["--profile"]))
+    for row in sorted(rows, key=lambda row: (-row["steps"], -row["side"])):
+        row["candle_kernels"] = extra(f"{row['case']}: generate with candle's kernels only", row,
+                                      generate(row, 3, extra_env={"STUDIO_WORKER_FUSED_KERNELS": "0"}))
     print(json.dumps({"tight": tight}), flush=True)
 
     used, total = memory.read()

@@ -128,12 +128,7 @@ fn compare(
     )?;
     // Both round once from f32 and differ only in the order of their sums (and SiLU's
     // exponential): a flipped last bit, relative to the value.
-    let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let expected = expected.to_dtype(DType::F32)?;
-    let difference = ((got - &expected)?.abs()? / (expected.abs()? + 1.0)?)?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+    let difference = super::largest_relative_difference(&got, &expected)?;
     let allowed = if dtype == DType::F16 { 4e-3 } else { 1e-5 };
     Ok((difference, allowed))
 }
@@ -193,14 +188,9 @@ fn launch_group_norm<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         .arg(&mut partials)
         .arg(&row_len_arg)
         .arg(&split_len_arg);
-    let config = LaunchConfig {
-        grid_dim: (as_u32(splits)?, as_u32(rows)?, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: the arguments match the kernel's signature; the grid stays within the row
     // count and split sizes the kernel indexes by.
-    unsafe { builder.launch(config) }.w()?;
+    unsafe { builder.launch(grid(splits, rows)?) }.w()?;
 
     // SAFETY: the apply kernel writes every element.
     let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(geometry.elements()) }?;
@@ -231,14 +221,18 @@ fn launch_group_norm<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         .arg(&splits_arg)
         .arg(&eps_arg)
         .arg(&silu_arg);
-    let config = LaunchConfig {
-        grid_dim: (as_u32(blocks_per_plane)?, as_u32(planes)?, 1),
+    // SAFETY: as above; `partials` holds `splits` moments for each of the `rows` rows.
+    unsafe { builder.launch(grid(blocks_per_plane, planes)?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, device))
+}
+
+/// `x` × `y` blocks of [`THREADS`] threads, no dynamic shared memory.
+fn grid(x: usize, y: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (as_u32(x)?, as_u32(y)?, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
-    };
-    // SAFETY: as above; `partials` holds `splits` moments for each of the `rows` rows.
-    unsafe { builder.launch(config) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, device))
+    })
 }
 
 /// The contiguous part of `storage` that `layout` describes.

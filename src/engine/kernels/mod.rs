@@ -39,6 +39,24 @@ pub fn enabled() -> bool {
     })
 }
 
+/// The largest |got − expected| / (1 + |expected|), in f32 on the CPU: how far one kernel's
+/// output is from another's, relative to the values (rounding scales with them).
+pub fn largest_relative_difference(
+    got: &candle_core::Tensor,
+    expected: &candle_core::Tensor,
+) -> candle_core::Result<f32> {
+    let as_f32 = |tensor: &candle_core::Tensor| {
+        tensor
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)
+    };
+    let expected = as_f32(expected)?;
+    ((as_f32(got)? - &expected)?.abs()? / (expected.abs()? + 1.0)?)?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
+
 /// Loads and checks our kernels on `device` now (on a GPU; elsewhere there is nothing to
 /// do), so that a job does not, and says whether they run there.
 pub fn prepare(device: &candle_core::Device) -> bool {

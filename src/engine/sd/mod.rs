@@ -467,15 +467,18 @@ impl StableDiffusion {
                 text_time,
                 settings.plan,
             )?;
-            let _stretch = profile::stretch(Work::Sampler, &self.device);
-            let prediction = if conditioning.guided {
-                let halves = output.chunk(2, 0)?;
-                let (unconditional, conditional) = (&halves[0], &halves[1]);
-                (unconditional + ((conditional - unconditional)? * settings.guidance_scale)?)?
-            } else {
-                output
+            latents = {
+                // The sampler's arithmetic only: `on_step` (progress, the policy's rest) is not.
+                let _stretch = profile::stretch(Work::Sampler, &self.device);
+                let prediction = if conditioning.guided {
+                    let halves = output.chunk(2, 0)?;
+                    let (unconditional, conditional) = (&halves[0], &halves[1]);
+                    (unconditional + ((conditional - unconditional)? * settings.guidance_scale)?)?
+                } else {
+                    output
+                };
+                sampler.step(&prediction, index, &latents, noise)?
             };
-            latents = sampler.step(&prediction, index, &latents, noise)?;
             if !on_step(index + 1, total) {
                 return Err(SdError::Cancelled);
             }

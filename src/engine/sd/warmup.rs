@@ -123,8 +123,6 @@ fn first_entry(ptx: &str) -> Option<&str> {
 
 /// Runs the miniature pipeline on `device` in `dtype` once.
 pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
-    // Our own kernels first: loaded and checked now, so the pipeline below runs them.
-    crate::engine::kernels::prepare(device);
     let unet_file: UnetFile = parse("UNet", UNET)?;
     let unet_config = unet_file
         .check()

@@ -415,6 +415,16 @@ mod tests {
                 ours_error <= candle_error,
                 "{dtype:?}: ours {ours_error} > candle {candle_error}"
             );
+            // Once: the op on the same (rounded) inputs in f32, then rounded. Exactly in f16;
+            // in bf16 the two conversions (ours from f64, candle's from f32) may part by an ulp.
+            let [xs, weight, bias] = [&xs, &weight, &bias].map(|t| t.to_dtype(DType::F32).unwrap());
+            let in_f32 =
+                fused(Kernel::Cpu, &xs, &weight, &bias, 8, 1e-6, Activation::Silu).unwrap();
+            let rounded_once = in_f32.to_dtype(dtype).unwrap();
+            let apart =
+                crate::engine::kernels::largest_relative_difference(&ours, &rounded_once).unwrap();
+            let allowed = if dtype == DType::F16 { 0.0 } else { ulp };
+            assert!(apart <= allowed, "{dtype:?}: {apart} from rounding once");
         }
     }
 

@@ -92,6 +92,12 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
         Some((name, total_bytes)) => (name, total_bytes / (1024 * 1024)),
         None => ("NVIDIA GPU".to_owned(), 0),
     };
+    // What stays in f32 on the GPU (the VAE of a model that must upcast, SDXL's stock one)
+    // multiplies on the tensor cores in TF32, as PyTorch does for convolutions by default
+    // (`torch.backends.cudnn.allow_tf32`): f32's range, which is what the upcast is for,
+    // and f16's precision, which is what the rest of the model has. Cards before Ampere
+    // have no TF32 and multiply in f32 as before.
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
     Ok(SelectedDevice {
         device,
         dtype: DType::F16,

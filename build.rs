@@ -1,8 +1,9 @@
-//! With `--features cuda`: compiles our own kernels (`src/engine/kernels/*.cu`) into one
-//! fatbin holding machine code (SASS) for every architecture in [`ARCHITECTURES`] plus
+//! With `--features cuda`: compiles each of our own kernel sources (`src/engine/kernels/*.cu`)
+//! into a fatbin holding machine code (SASS) for every architecture in [`ARCHITECTURES`] plus
 //! Turing PTX for anything newer, so the driver has nothing to compile for them at first
-//! start. The binary embeds it (`include_bytes!`); `cuobjdump --list-elf` on
-//! `$OUT_DIR/kernels.fatbin` lists what is inside. Without the feature there is nothing to do.
+//! start. The binary embeds them (`include_bytes!`, one module per source, loaded and checked
+//! on its own); `cuobjdump --list-elf` on `$OUT_DIR/<name>.fatbin` lists what is inside.
+//! Without the feature there is nothing to do.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,11 @@ const ARCHITECTURES: [u32; 6] = [75, 80, 86, 89, 90, 120];
 /// The PTX kept beside the machine code, for architectures newer than the list.
 const PTX_ARCHITECTURE: u32 = 75;
 
-const SOURCES: [&str; 1] = ["src/engine/kernels/group_norm.cu"];
+/// Each becomes `$OUT_DIR/<file stem>.fatbin`.
+const SOURCES: [&str; 2] = [
+    "src/engine/kernels/group_norm.cu",
+    "src/engine/kernels/attention.cu",
+];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
@@ -32,14 +37,24 @@ fn main() {
     let Some(out_dir) = env::var_os("OUT_DIR").map(PathBuf::from) else {
         fail("cargo did not set OUT_DIR");
     };
-    let fatbin = out_dir.join("kernels.fatbin");
     let nvcc = nvcc();
-    let mut command = Command::new(&nvcc);
+    for source in SOURCES {
+        let Some(stem) = Path::new(source).file_stem() else {
+            fail(&format!("{source} has no file name"));
+        };
+        let fatbin = out_dir.join(stem).with_extension("fatbin");
+        compile(&nvcc, source, &fatbin);
+    }
+}
+
+/// `source` → `fatbin`: SASS for [`ARCHITECTURES`], PTX for [`PTX_ARCHITECTURE`].
+fn compile(nvcc: &Path, source: &str, fatbin: &Path) {
+    let mut command = Command::new(nvcc);
     command
         .arg("--fatbin")
         .args(["-O3", "-std=c++17"])
         .arg("-o")
-        .arg(&fatbin);
+        .arg(fatbin);
     for architecture in ARCHITECTURES {
         command.arg(format!(
             "-gencode=arch=compute_{architecture},code=sm_{architecture}"
@@ -48,10 +63,10 @@ fn main() {
     command.arg(format!(
         "-gencode=arch=compute_{PTX_ARCHITECTURE},code=compute_{PTX_ARCHITECTURE}"
     ));
-    command.args(SOURCES);
+    command.arg(source);
     match command.status() {
         Ok(status) if status.success() => {}
-        Ok(status) => fail(&format!("{} failed ({status})", nvcc.display())),
+        Ok(status) => fail(&format!("{} failed on {source} ({status})", nvcc.display())),
         Err(error) => fail(&format!(
             "cannot run {} ({error}); install the CUDA toolkit or set NVCC",
             nvcc.display()

@@ -16,7 +16,9 @@ use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
 use studio_worker::engine::sd::vae::Vae;
-use studio_worker::engine::sd::working_memory::{Convolutions, Plan, WorkingMemory};
+use studio_worker::engine::sd::working_memory::{
+    AttentionKernel, Convolutions, Plan, WorkingMemory,
+};
 
 const SD15_UNET: &str = r#"{
   "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
@@ -84,7 +86,12 @@ fn main() {
         std::fs::write(path, text).unwrap();
     }
     let model = ModelFolder::open(folder.path()).unwrap();
-    let estimate = WorkingMemory::of(&model, DType::F32, Convolutions::Direct);
+    let estimate = WorkingMemory::of(
+        &model,
+        DType::F32,
+        Convolutions::Direct,
+        AttentionKernel::Composed,
+    );
     let device = Device::Cpu;
     // All-zero weights: never touched pages, so they add almost nothing resident.
     let unet = Unet::new(VarBuilder::zeros(DType::F32, &device), &model.unet).unwrap();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use candle_core::DType;
 
 use super::device::{DeviceError, SelectedDevice};
-use super::sd::working_memory::{Convolutions, Plan, WorkingMemory};
+use super::sd::working_memory::{AttentionKernel, Convolutions, Plan, WorkingMemory};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage, TextPlacement};
 use super::{CancelToken, Engine, EngineError, Generated, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
@@ -78,6 +78,8 @@ pub struct CandleEngine {
     budget_bytes: u64,
     available_memory: AvailableMemory,
     convolutions: Convolutions,
+    /// How the device runs the UNet's attention (our fused kernel holds no scores).
+    attention: AttentionKernel,
     /// Whether a model's text encoders may go to the CPU to leave the device room (on a
     /// GPU; on the CPU they are there already).
     text_can_move: bool,
@@ -101,10 +103,11 @@ impl CandleEngine {
         budget_mb: u64,
     ) -> (Self, Vec<RefusedModel>) {
         let convolutions = Convolutions::of(&device.device);
+        let attention = AttentionKernel::of(&device.device, device.dtype);
         let mut served = BTreeMap::new();
         let mut refused = Vec::new();
         for (model_id, root) in models {
-            match check_folder(root, device.dtype, convolutions) {
+            match check_folder(root, device.dtype, convolutions, attention) {
                 Ok(model) => {
                     served.insert(model_id.clone(), model);
                 }
@@ -136,6 +139,7 @@ impl CandleEngine {
             budget_bytes,
             available_memory,
             convolutions,
+            attention,
             text_can_move,
         };
         (engine, refused)
@@ -389,7 +393,7 @@ impl Engine for CandleEngine {
     }
 
     fn serve(&self, model_id: &str, folder: &Path) -> Result<(), ServeError> {
-        let model = check_folder(folder, self.device.dtype, self.convolutions)
+        let model = check_folder(folder, self.device.dtype, self.convolutions, self.attention)
             .map_err(ServeError::Unusable)?;
         self.models
             .lock()
@@ -491,6 +495,7 @@ fn check_folder(
     root: &Path,
     dtype: DType,
     convolutions: Convolutions,
+    attention: AttentionKernel,
 ) -> Result<ServedModel, String> {
     // Configs, and every tensor the architecture needs with its shape (headers only).
     let folder = super::sd::open_checked(root).map_err(|error| error.to_string())?;
@@ -529,7 +534,7 @@ fn check_folder(
         root: root.to_owned(),
         memory_bytes: bytes,
         text_bytes,
-        working: WorkingMemory::of(&folder, dtype, convolutions),
+        working: WorkingMemory::of(&folder, dtype, convolutions, attention),
     })
 }
 

@@ -137,6 +137,72 @@ impl Geometry {
     pub fn elements(self) -> usize {
         self.images * self.channels * self.plane_len
     }
+
+    /// How the CUDA kernels divide this group norm among their blocks.
+    #[cfg(any(test, feature = "cuda"))]
+    pub fn launch(self) -> Launch {
+        let row_len = self.row_len();
+        // Enough blocks per row to fill the GPU when rows are few and long (a VAE at 1024²:
+        // 32 rows of 4 M values), at most 32 (the apply kernel's first warp merges them).
+        let splits = row_len.div_ceil(16_384).clamp(1, 32);
+        Launch {
+            splits,
+            split_len: row_len.div_ceil(splits),
+            // About four values per thread, at most 1024 blocks per plane.
+            blocks_per_plane: self.plane_len.div_ceil(THREADS * 4).clamp(1, 1024),
+        }
+    }
+}
+
+/// What our CUDA kernels are checked on (on each device before it first runs them, and in the
+/// tests on the emulation): both dtypes, both activations, rows split across blocks, planes
+/// smaller than a block.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const CHECK_CASES: [(&[usize], usize, DType, Activation); 4] = [
+    (&[2, 64, 9, 7], 32, DType::F16, Activation::Silu),
+    (&[1, 32, 33, 17], 8, DType::F32, Activation::None),
+    (&[1, 32, 128, 128], 4, DType::F16, Activation::Silu),
+    (&[2, 12, 40], 4, DType::F32, Activation::Silu),
+];
+
+/// The epsilon of the checks.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const CHECK_EPS: f64 = 1e-5;
+
+/// A random input of `dims`, and a weight and bias for its channels, in `dtype`, on the CPU:
+/// off-centre and wide, as activations are (a mean far from 0 must cancel nothing).
+#[cfg(any(test, feature = "cuda"))]
+pub(super) fn random_inputs(dims: &[usize], dtype: DType) -> Result<[Tensor; 3]> {
+    let channels = dims[1];
+    let cpu = Device::Cpu;
+    Ok([
+        ((Tensor::randn(0f32, 2.0, dims, &cpu)? + 3.0)?).to_dtype(dtype)?,
+        Tensor::randn(1f32, 0.5, channels, &cpu)?.to_dtype(dtype)?,
+        Tensor::randn(0f32, 0.5, channels, &cpu)?.to_dtype(dtype)?,
+    ])
+}
+
+/// How far the CUDA kernels may be from the CPU op, relative to the values: both round once
+/// from f32 and differ only in the order of their sums (and SiLU's exponential), a flipped
+/// last bit.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) fn check_tolerance(dtype: DType) -> f32 {
+    if dtype == DType::F16 { 4e-3 } else { 1e-5 }
+}
+
+/// Threads per block of the CUDA kernels (`THREADS` in `group_norm.cu`).
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const THREADS: usize = 256;
+
+/// How the CUDA kernels divide one group norm: the statistics kernel takes each (image,
+/// group) row in `splits` blocks of `split_len` values, the apply kernel each (image,
+/// channel) plane in `blocks_per_plane` blocks. The launch and the emulated tests both use it.
+#[cfg(any(test, feature = "cuda"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Launch {
+    pub splits: usize,
+    pub split_len: usize,
+    pub blocks_per_plane: usize,
 }
 
 /// Where the op runs.
@@ -160,7 +226,7 @@ impl Kernel {
                 if !super::cuda::group_norm_fits(dtype, geometry) {
                     return None;
                 }
-                super::cuda::checked_module(cuda).map(Self::Cuda)
+                super::cuda::checked_module(cuda, super::cuda::Family::GroupNorm).map(Self::Cuda)
             }
             _ => {
                 let _ = geometry;
@@ -341,18 +407,55 @@ fn mean_and_inverse_std<T: WithDType>(row: &[T], eps: f64) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kernels::emulation;
+    use crate::engine::kernels::largest_relative_difference;
 
-    fn inputs(dims: &[usize], dtype: DType, device: &Device) -> (Tensor, Tensor, Tensor) {
-        let channels = dims[1];
-        // Off-centre and wide, as activations are: a mean far from 0 must cancel nothing.
-        let xs = (Tensor::randn(0f32, 2.0, dims, device).unwrap() + 3.0).unwrap();
-        let weight = Tensor::randn(1f32, 0.5, channels, device).unwrap();
-        let bias = Tensor::randn(0f32, 0.5, channels, device).unwrap();
-        (
-            xs.to_dtype(dtype).unwrap(),
-            weight.to_dtype(dtype).unwrap(),
-            bias.to_dtype(dtype).unwrap(),
-        )
+    #[test]
+    fn the_cuda_source_agrees_with_the_cpu_op_on_an_emulated_gpu() {
+        let Some(runner) = emulation::Runner::build("group_norm_runner.cpp") else {
+            return;
+        };
+        for (dims, groups, dtype, activation) in CHECK_CASES {
+            let [xs, weight, bias] = random_inputs(dims, dtype).unwrap();
+            let expected = fused(
+                Kernel::Cpu,
+                &xs,
+                &weight,
+                &bias,
+                groups,
+                CHECK_EPS,
+                activation,
+            )
+            .unwrap();
+            let geometry = Geometry::of(&xs, &weight, &bias, groups).unwrap();
+            let launch = geometry.launch();
+            let args = [
+                if dtype == DType::F16 { "f16" } else { "f32" }.to_owned(),
+                geometry.images.to_string(),
+                geometry.channels.to_string(),
+                geometry.groups.to_string(),
+                geometry.plane_len.to_string(),
+                launch.splits.to_string(),
+                launch.split_len.to_string(),
+                launch.blocks_per_plane.to_string(),
+                CHECK_EPS.to_string(),
+                u32::from(activation == Activation::Silu).to_string(),
+            ];
+            let got = runner
+                .run(
+                    args.iter().map(String::as_str),
+                    &[&xs, &weight, &bias],
+                    dtype,
+                    xs.shape(),
+                )
+                .unwrap();
+            let difference = largest_relative_difference(&got, &expected).unwrap();
+            assert!(
+                difference <= check_tolerance(dtype),
+                "{dims:?} in {groups} groups, {dtype:?}, {activation:?}, {launch:?}: \
+                 {difference} from the CPU op"
+            );
+        }
     }
 
     fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
@@ -381,7 +484,7 @@ mod tests {
         ];
         for (dims, groups) in cases {
             for activation in [Activation::None, Activation::Silu] {
-                let (xs, weight, bias) = inputs(dims, DType::F32, &Device::Cpu);
+                let [xs, weight, bias] = random_inputs(dims, DType::F32).unwrap();
                 let ours =
                     fused(Kernel::Cpu, &xs, &weight, &bias, groups, 1e-5, activation).unwrap();
                 let candle =
@@ -398,7 +501,7 @@ mod tests {
 
     #[test]
     fn f16_and_bf16_round_once_from_the_f32_result() {
-        let (xs, weight, bias) = inputs(&[2, 32, 16, 16], DType::F32, &Device::Cpu);
+        let [xs, weight, bias] = random_inputs(&[2, 32, 16, 16], DType::F32).unwrap();
         let reference = fused(Kernel::Cpu, &xs, &weight, &bias, 8, 1e-6, Activation::Silu).unwrap();
         for (dtype, ulp) in [(DType::F16, 2f32.powi(-10)), (DType::BF16, 2f32.powi(-7))] {
             let [xs, weight, bias] = [&xs, &weight, &bias].map(|t| t.to_dtype(dtype).unwrap());
@@ -441,7 +544,7 @@ mod tests {
 
     #[test]
     fn a_non_contiguous_input_is_normed_as_its_values() {
-        let (xs, weight, bias) = inputs(&[2, 16, 6, 10], DType::F32, &Device::Cpu);
+        let [xs, weight, bias] = random_inputs(&[2, 16, 6, 10], DType::F32).unwrap();
         let transposed = xs.transpose(2, 3).unwrap();
         assert!(!transposed.is_contiguous());
         let ours = group_norm(&transposed, &weight, &bias, 4, 1e-5, Activation::Silu).unwrap();
@@ -470,7 +573,7 @@ mod tests {
         let flat = Tensor::ones((1, 6), DType::F32, &device).unwrap();
         assert!(group_norm(&flat, &weight, &bias, 3, 1e-5, Activation::None).is_err());
         // f64 is not ours but candle's: same numbers.
-        let (xs, weight, bias) = inputs(&[1, 6, 3, 3], DType::F64, &device);
+        let [xs, weight, bias] = random_inputs(&[1, 6, 3, 3], DType::F64).unwrap();
         let ours = group_norm(&xs, &weight, &bias, 3, 1e-5, Activation::Silu).unwrap();
         let candle = group_norm_composed(&xs, &weight, &bias, 3, 1e-5, Activation::Silu).unwrap();
         assert_eq!(max_difference(&ours, &candle), 0.0);

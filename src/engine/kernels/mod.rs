@@ -1,23 +1,31 @@
 //! Our own kernels, for layers that candle composes from many generic kernels, each a full
-//! pass over memory: group norm with its affine and SiLU (~14 of candle's kernels, 2 of
-//! ours). Each op also runs on the CPU, with the same arithmetic, and hands shapes and dtypes
-//! it does not take to candle's composition, so model code always calls the op.
+//! pass over memory:
+//! - group norm with its affine and SiLU (~14 of candle's kernels, 2 of ours). It also runs
+//!   on the CPU, with the same arithmetic, and hands shapes and dtypes it does not take to
+//!   candle's composition, so model code always calls the op.
+//! - attention that never holds its score matrix (flash-attention style), on CUDA in f16;
+//!   elsewhere it answers `None` and the model runs its own attention.
 //!
-//! On CUDA, `build.rs` compiles the kernels into one fatbin with machine code for every
+//! On CUDA, `build.rs` compiles each kernel source into a fatbin with machine code for every
 //! supported architecture, so the driver compiles nothing for them at first start. Before a
-//! device first uses them they are checked against the CPU op on small inputs; a module that
+//! device first uses one it is checked against a CPU reference on small inputs; a module that
 //! does not load or a kernel that disagrees leaves candle's composition in its place (with a
-//! warning), so a wrong kernel costs speed, never images.
+//! warning), so a wrong kernel costs speed, never images. The tests also run the CUDA sources
+//! on a CPU emulation of the GPU ([`emulation`]), so their logic is checked without one.
 //!
 //! `STUDIO_WORKER_FUSED_KERNELS=0` turns them off for the process, to measure them against
 //! candle's (`benches/gpu` does).
 
+pub mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(test)]
+mod emulation;
 mod group_norm;
 
 use std::sync::OnceLock;
 
+pub use attention::attention;
 pub use group_norm::{Activation, group_norm, group_norm_composed};
 
 /// The environment variable that turns our kernels off (`0`, `off` or `false`).
@@ -58,14 +66,19 @@ pub fn largest_relative_difference(
 }
 
 /// Loads and checks our kernels on `device` now (on a GPU; elsewhere there is nothing to
-/// do), so that a job does not, and says whether they run there.
+/// do), so that a job does not, and says whether all of them run there.
 pub fn prepare(device: &candle_core::Device) -> bool {
     if !enabled() {
         return false;
     }
     match device {
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(cuda) => cuda::checked_module(cuda).is_some(),
+        candle_core::Device::Cuda(cuda) => {
+            // Every family loads, whether or not one before it did.
+            let loaded = [cuda::Family::GroupNorm, cuda::Family::Attention]
+                .map(|family| cuda::checked_module(cuda, family).is_some());
+            loaded.iter().all(|loaded| *loaded)
+        }
         candle_core::Device::Cpu => true,
         _ => false,
     }

@@ -1,6 +1,7 @@
 //! The UNet's blocks, ours (diffusers' `UNet2DConditionModel` layout and weight names), so the
-//! attention is ours too: its scores in the model's dtype (f16 on a GPU: half the memory, and
-//! the GPU's tensor cores), or in f32 where the config says `upcast_attention`; and, when
+//! attention is ours too. On CUDA in f16 it is our fused kernel
+//! ([`crate::engine::kernels::attention`]), which never holds the scores. Elsewhere: its
+//! scores in the model's dtype, or in f32 where the config says `upcast_attention`; and, when
 //! memory is tight, over a chunk of queries at a time, so the score matrix of a
 //! high-resolution block is never held whole (8 heads × 4096² cells of f32 is 537 MB per
 //! image at SD 1.5's 512²; a guided SDXL step at 1024² holds 1.34 GB of them). Chunking is exact: each query's
@@ -17,6 +18,7 @@ use super::conv::{Conv3x3, ConvPlan};
 use super::norm::{GroupNorm, group_norm};
 use super::resnet::{Resnet, ResnetSettings};
 use super::working_memory::Plan;
+use crate::engine::kernels;
 use crate::engine::profile::{self, Work};
 
 /// How the attention holds its scores: whole, or at most this many bytes of them at a time.
@@ -105,6 +107,14 @@ impl Attention {
             linear(&self.to_k, context)?,
             linear(&self.to_v, context)?,
         );
+        // Our fused kernel where it runs (CUDA, f16): no score matrix, no head-layout copies.
+        // Its scores are f32 sums of exact f16 products, as `upcast` asks.
+        let fused = profile::timed(Work::Attention, device, || {
+            kernels::attention(&query, &key, &value, self.heads, self.scale)
+        })?;
+        if let Some(attended) = fused {
+            return linear(&self.to_out, &attended);
+        }
         let (query, key_t, value) = profile::timed(Work::HeadLayout, device, || {
             Ok::<_, candle_core::Error>((
                 (self.split_heads(&query)? * self.scale)?,

@@ -4,7 +4,8 @@
 //!
 //! The estimate follows what the engine does: the UNet's attention scores are in the model's
 //! dtype (f32 where it upcasts; the VAE's always f32), whole or a chunk of query rows at a
-//! time, and held twice (the scores and their softmax); the UNet keeps every down block's outputs for the skip connections; a
+//! time, and held twice (the scores and their softmax), except where our fused kernel runs
+//! the UNet's attention (none are held); the UNet keeps every down block's outputs for the skip connections; a
 //! 3×3 convolution holds its input, its output and a copy of its kernel, and on a GPU also
 //! its im2col column buffer (nine times its input, or one band of it);
 //! the VAE decodes one image (or one tile) at a time, its last blocks at full resolution
@@ -23,6 +24,7 @@ use super::conv::ConvPlan;
 use super::model_folder::ModelFolder;
 use super::unet_blocks::AttentionPlan;
 use super::vae::Tiling;
+use crate::engine::kernels;
 
 /// Working tensors a resnet step holds at once, in units of its block's activation.
 const RESNET_TEMPORARIES: u64 = 6;
@@ -156,6 +158,28 @@ impl Convolutions {
     }
 }
 
+/// How the device runs the UNet's attention, which decides whether it holds score matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// Scores, softmax and weighted sum as separate ops: the score matrix is held (whole or
+    /// a chunk of it, as the plan says).
+    Composed,
+    /// Our fused kernel ([`crate::engine::kernels::attention`]): scores never leave the
+    /// GPU's shared memory, for heads up to its widest.
+    Fused,
+}
+
+impl AttentionKernel {
+    /// What runs on `device` for a model in `dtype` (loads and checks our kernel there).
+    pub fn of(device: &candle_core::Device, dtype: DType) -> Self {
+        if kernels::attention::runs_on(device, dtype) {
+            Self::Fused
+        } else {
+            Self::Composed
+        }
+    }
+}
+
 /// The sizes the estimate depends on, taken from a model folder once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkingMemory {
@@ -171,12 +195,18 @@ pub struct WorkingMemory {
     vae_full_channels: u64,
     vae_bytes: u64,
     convolutions: Convolutions,
+    attention: AttentionKernel,
 }
 
 impl WorkingMemory {
     /// For `folder` run in `dtype` (its VAE in f32 when it must upcast) on a device that
-    /// convolves the way `convolutions` says.
-    pub fn of(folder: &ModelFolder, dtype: DType, convolutions: Convolutions) -> Self {
+    /// convolves the way `convolutions` says and runs the UNet's attention with `attention`.
+    pub fn of(
+        folder: &ModelFolder,
+        dtype: DType,
+        convolutions: Convolutions,
+        attention: AttentionKernel,
+    ) -> Self {
         let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
             DType::F32
         } else {
@@ -211,6 +241,7 @@ impl WorkingMemory {
                 .unwrap_or(0) as u64,
             vae_bytes: vae_dtype.size_in_bytes() as u64,
             convolutions,
+            attention,
         }
     }
 
@@ -232,7 +263,12 @@ impl WorkingMemory {
             let activation = channels * cells;
             skips += (self.layers_per_block + 1) * activation;
             largest = largest.max(activation);
-            if let Some(heads) = heads {
+            // The fused kernel holds no scores for the heads it takes.
+            let fused = self.attention == AttentionKernel::Fused
+                && heads.is_some_and(|heads| {
+                    *channels / heads.max(1) <= kernels::attention::MAX_HEAD_DIM as u64
+                });
+            if let (Some(heads), false) = (heads, fused) {
                 attention = attention.max(heads * cells * cells);
             }
         }
@@ -327,6 +363,7 @@ mod tests {
             vae_full_channels: 256,
             vae_bytes: 4,
             convolutions: Convolutions::Direct,
+            attention: AttentionKernel::Composed,
         }
     }
 
@@ -352,6 +389,7 @@ mod tests {
             vae_full_channels: 256,
             vae_bytes: 4,
             convolutions: Convolutions::Im2col,
+            attention: AttentionKernel::Composed,
         }
     }
 
@@ -442,6 +480,35 @@ mod tests {
         assert!(big > 14 * (one / 2), "{big}");
         assert!(memory.bytes(512, 512, 1, false, Plan::default()) < one);
         assert!(memory.bytes(512, 512, 4, true, Plan::default()) > 3 * one);
+    }
+
+    #[test]
+    fn where_the_fused_kernel_runs_the_unet_holds_no_scores() {
+        // SD 1.5's UNet with a small VAE behind it, so the UNet is the peak.
+        let composed = WorkingMemory {
+            vae_full_channels: 8,
+            ..sd15_gpu()
+        };
+        let fused = WorkingMemory {
+            attention: AttentionKernel::Fused,
+            ..composed.clone()
+        };
+        // 1024², guided: 2 × 8 heads × 16384² cells of f16 scores at the first level, 8.6 GB
+        // held twice, whole; none with the kernel.
+        let whole = |memory: &WorkingMemory| memory.bytes(1024, 1024, 1, true, Plan::WHOLE);
+        assert!(
+            whole(&composed) > whole(&fused) + 17_000_000_000,
+            "{} vs {}",
+            whole(&composed),
+            whole(&fused)
+        );
+        // Heads wider than the kernel takes still hold their scores.
+        let wide_heads = WorkingMemory {
+            unet_blocks: vec![(2048, Some(4))],
+            ..fused.clone()
+        };
+        // 2 × 4 heads of 512 × 16384² cells of f16, held twice: 8.6 GB.
+        assert!(whole(&wide_heads) > whole(&fused) + 8_000_000_000);
     }
 
     #[test]

@@ -1,0 +1,128 @@
+//! Our kernels on a CUDA device: one module per kernel source, each a fatbin `build.rs`
+//! compiles (machine code for every supported architecture, PTX for newer ones), loaded once
+//! per device and checked against a CPU reference on small inputs of every kind before the
+//! device first uses it. A module that does not load, or a kernel that disagrees, leaves
+//! candle's composition in its place for the rest of the process, with a warning; the other
+//! modules are unaffected.
+
+mod attention;
+mod group_norm;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaModule, CudaView};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDType, DeviceId};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+
+pub(super) use attention::{attention, attention_runs_on};
+pub(super) use group_norm::{group_norm, group_norm_fits};
+
+/// A fatbin, aligned as a fatbin's header must be. On Linux it sits in the section nvcc's own
+/// fatbins use, so `cuobjdump --list-elf` on the binary lists its machine code beside the
+/// rest (the release workflow checks the architectures that way).
+macro_rules! embedded_fatbin {
+    ($name:ident, $file:literal) => {
+        #[cfg_attr(target_os = "linux", unsafe(link_section = ".nv_fatbin"))]
+        static $name: Aligned<[u8; include_bytes!(concat!(env!("OUT_DIR"), "/", $file)).len()]> =
+            Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/", $file)));
+    };
+}
+
+embedded_fatbin!(GROUP_NORM_FATBIN, "group_norm.fatbin");
+embedded_fatbin!(ATTENTION_FATBIN, "attention.fatbin");
+
+#[repr(C, align(8))]
+struct Aligned<T>(T);
+
+/// Our kernel sources, each its own module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Family {
+    /// `group_norm.cu`: group norm with its affine and SiLU.
+    GroupNorm,
+    /// `attention.cu`: multi-head softmax attention.
+    Attention,
+}
+
+impl Family {
+    fn fatbin(self) -> &'static [u8] {
+        match self {
+            Family::GroupNorm => &GROUP_NORM_FATBIN.0,
+            Family::Attention => &ATTENTION_FATBIN.0,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::GroupNorm => "group norm",
+            Family::Attention => "attention",
+        }
+    }
+}
+
+/// What each device this process used got, per family: the checked module, or `None`
+/// (candle's ops).
+type Loaded = Vec<(DeviceId, Family, Option<Arc<CudaModule>>)>;
+static DEVICES: Mutex<Loaded> = Mutex::new(Vec::new());
+
+/// Our `family` module on `device` once it has loaded and passed its check; `None`: candle's
+/// composition runs there. The first call per device and family loads and checks
+/// (milliseconds).
+pub(super) fn checked_module(device: &CudaDevice, family: Family) -> Option<Arc<CudaModule>> {
+    let mut devices = DEVICES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((.., module)) = devices
+        .iter()
+        .find(|(id, loaded, _)| *id == device.id() && *loaded == family)
+    {
+        return module.clone();
+    }
+    let module = match load_and_check(device, family) {
+        Ok(module) => {
+            tracing::debug!(
+                "our GPU {} kernels loaded and agree with the CPU",
+                family.name()
+            );
+            Some(module)
+        }
+        Err(why) => {
+            tracing::warn!(
+                "our GPU {} kernels are off, candle's run instead: {why}",
+                family.name()
+            );
+            None
+        }
+    };
+    devices.push((device.id(), family, module.clone()));
+    module
+}
+
+fn load_and_check(
+    device: &CudaDevice,
+    family: Family,
+) -> std::result::Result<Arc<CudaModule>, String> {
+    let module = device
+        .cuda_stream()
+        .context()
+        .load_module(Ptx::from_binary(family.fatbin().to_vec()))
+        .map_err(|error| format!("the driver did not load them ({error})"))?;
+    match family {
+        Family::GroupNorm => group_norm::check(device, &module)?,
+        Family::Attention => attention::check(device, &module)?,
+    }
+    Ok(module)
+}
+
+/// The contiguous part of `storage` that `layout` describes.
+fn view<'a, T: CudaDType>(
+    (storage, layout): (&'a CudaStorage, &Layout),
+) -> Result<CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a kernel input is not contiguous");
+    };
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+fn as_u32(value: usize) -> Result<u32> {
+    u32::try_from(value)
+        .map_err(|_| candle_core::Error::Msg(format!("{value} does not fit a kernel argument")))
+}

@@ -1,0 +1,128 @@
+// A CUDA grid run on CPU threads, for testing our kernels' source on machines without a GPU
+// (`kernels::emulation`). One CPU thread per CUDA thread of a block, one block at a time;
+// barriers stand for __syncthreads and __syncwarp, a per-warp mailbox for the shuffles;
+// `__shared__` variables are statics (one block runs at a time). Only what our
+// kernels use is here. It checks the kernels' logic (indexing, masking, the order of the
+// synchronisation points as written), not their speed or the GPU's memory model.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __align__(bytes)
+#define __shared__ static  // blocks run one at a time
+#define __launch_bounds__(threads)
+
+struct dim3 {
+  uint32_t x = 1, y = 1, z = 1;
+};
+
+inline thread_local dim3 threadIdx;
+inline thread_local dim3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+using std::max;
+using std::min;
+
+namespace emulation {
+
+// The synchronisation of the block being run.
+struct Block {
+  explicit Block(uint32_t threads) : block(threads), exchange(threads) {
+    for (uint32_t warp = 0; warp < threads / 32; ++warp) {
+      warps.push_back(std::make_unique<std::barrier<>>(32));
+    }
+  }
+  std::barrier<> block;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> exchange;  // one mailbox per thread, for the shuffles
+};
+
+inline Block* block = nullptr;
+
+// The block's dynamic shared memory, exactly as large as the launch asks (so that an address
+// sanitizer sees any access past it), filled with 0xff bytes (NaN as f16 and f32) before
+// each block, so that reading what no thread wrote shows in the results.
+inline std::vector<unsigned char> dynamic_shared;
+
+#define DYNAMIC_SHARED_MEMORY(name) unsigned char* name = emulation::dynamic_shared.data()
+
+// Runs `kernel` on every thread of every block of the grid, a block at a time: one CPU
+// thread per CUDA thread of a block, each going through the blocks in turn, all of them
+// meeting at a barrier between blocks (where the dynamic shared memory is filled again).
+template <typename Kernel>
+void launch(dim3 grid, dim3 threads, size_t shared_bytes, Kernel kernel) {
+  gridDim = grid;
+  blockDim = threads;
+  Block state(threads.x);
+  block = &state;
+  dynamic_shared.assign(shared_bytes, 0xff);
+  std::vector<std::thread> running;
+  for (uint32_t t = 0; t < threads.x; ++t) {
+    running.emplace_back([=, &state] {
+      threadIdx = dim3{t, 0, 0};
+      for (uint32_t y = 0; y < grid.y; ++y) {
+        for (uint32_t x = 0; x < grid.x; ++x) {
+          blockIdx = dim3{x, y, 0};
+          kernel();
+          state.block.arrive_and_wait();
+          if (t == 0) {
+            dynamic_shared.assign(shared_bytes, 0xff);
+          }
+          state.block.arrive_and_wait();
+        }
+      }
+    });
+  }
+  for (auto& thread : running) {
+    thread.join();
+  }
+  block = nullptr;
+}
+
+template <typename T>
+T shuffle(T value, uint32_t from_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  const uint32_t warp_base = threadIdx.x / 32 * 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  block->exchange[threadIdx.x] = bits;
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+  bits = block->exchange[warp_base + from_lane];
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+  T result;
+  std::memcpy(&result, &bits, sizeof(T));
+  return result;
+}
+
+}  // namespace emulation
+
+inline void __syncthreads() { emulation::block->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  emulation::block->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  return emulation::shuffle(value, (threadIdx.x % 32) ^ static_cast<uint32_t>(lane_mask));
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned, T value, unsigned delta) {
+  const uint32_t lane = threadIdx.x % 32;
+  const T shifted = emulation::shuffle(value, lane + delta < 32 ? lane + delta : lane);
+  return shifted;
+}
+
+inline float __expf(float x) { return std::exp(x); }

@@ -1,0 +1,91 @@
+// Runs `group_norm.cu` on the CPU emulation (cuda_emulation.h), for the kernels' tests:
+//
+//   group_norm_runner DTYPE IMAGES CHANNELS GROUPS PLANE_LEN SPLITS SPLIT_LEN BLOCKS_PER_PLANE
+//                     EPS SILU
+//
+// DTYPE is f32 or f16. Reads the input (IMAGES × CHANNELS × PLANE_LEN), the weight and the
+// bias (CHANNELS each), little-endian, from stdin; launches the statistics kernel and the
+// apply kernel with the grids the host code would; writes the output to stdout the same way.
+// Partial moments and output nobody wrote stay NaN.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "cuda_emulation.h"
+#include "../group_norm.cu"
+
+namespace {
+
+template <typename T>
+std::vector<T> read_values(size_t count) {
+  std::vector<T> values(count);
+  if (std::fread(values.data(), sizeof(T), count, stdin) != count) {
+    std::fprintf(stderr, "group_norm_runner: stdin ended early\n");
+    std::exit(2);
+  }
+  return values;
+}
+
+struct Settings {
+  uint32_t images, channels, groups, plane_len, splits, split_len, blocks_per_plane;
+  float eps;
+  uint32_t silu;
+};
+
+template <typename T>
+void run(const Settings& s) {
+  const size_t elements = static_cast<size_t>(s.images) * s.channels * s.plane_len;
+  const std::vector<T> x = read_values<T>(elements);
+  const std::vector<T> weight = read_values<T>(s.channels);
+  const std::vector<T> bias = read_values<T>(s.channels);
+  const uint32_t rows = s.images * s.groups;
+  const uint32_t row_len = s.channels / s.groups * s.plane_len;
+  std::vector<float> partials(static_cast<size_t>(rows) * s.splits * 3, NAN);
+  std::vector<T> out(elements, from_float<T>(NAN));
+
+  const dim3 threads{THREADS, 1, 1};
+  emulation::launch(dim3{s.splits, rows, 1}, threads, 0, [&] {
+    if constexpr (std::is_same_v<T, float>) {
+      group_norm_stats_f32(x.data(), partials.data(), row_len, s.split_len);
+    } else {
+      group_norm_stats_f16(x.data(), partials.data(), row_len, s.split_len);
+    }
+  });
+  const uint32_t channels_per_group = s.channels / s.groups;
+  emulation::launch(dim3{s.blocks_per_plane, s.images * s.channels, 1}, threads, 0, [&] {
+    if constexpr (std::is_same_v<T, float>) {
+      group_norm_apply_f32(x.data(), partials.data(), weight.data(), bias.data(), out.data(),
+                           s.channels, channels_per_group, s.plane_len, s.splits, s.eps,
+                           s.silu);
+    } else {
+      group_norm_apply_f16(x.data(), partials.data(), weight.data(), bias.data(), out.data(),
+                           s.channels, channels_per_group, s.plane_len, s.splits, s.eps,
+                           s.silu);
+    }
+  });
+  std::fwrite(out.data(), sizeof(T), out.size(), stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 11) {
+    std::fprintf(stderr,
+                 "usage: group_norm_runner DTYPE IMAGES CHANNELS GROUPS PLANE_LEN SPLITS "
+                 "SPLIT_LEN BLOCKS_PER_PLANE EPS SILU\n");
+    return 2;
+  }
+  const auto arg = [&](int i) { return static_cast<uint32_t>(std::stoul(argv[i])); };
+  const Settings settings{arg(2), arg(3), arg(4), arg(5),           arg(6),
+                          arg(7), arg(8), std::stof(argv[9]), arg(10)};
+  const std::string dtype = argv[1];
+  if (dtype == "f32") {
+    run<float>(settings);
+  } else if (dtype == "f16") {
+    run<__half>(settings);
+  } else {
+    std::fprintf(stderr, "group_norm_runner: DTYPE is f32 or f16, not %s\n", dtype.c_str());
+    return 2;
+  }
+  return 0;
+}

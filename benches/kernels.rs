@@ -1,8 +1,9 @@
 //! Our kernels against candle's composition of the same layer, on the shapes real jobs run:
 //! the group norms (+ SiLU) of SD 1.5 and SDXL UNets (guided, batch 2) and of the VAE
-//! decoder, in the dtype each runs in. On the CPU always; with `--features cuda` on GPU 0 as
-//! well (f16 UNets, f32 VAE, as the engine runs them), where it is the speed check of
-//! `benches/gpu/run.sh`.
+//! decoder, in the dtype each runs in; and the UNets' attention (self and cross, guided, f16;
+//! candle's being scores, softmax and weighted sum, whole). Group norm on the CPU always;
+//! with `--features cuda` both on GPU 0 as well (f16 UNets, f32 VAE, as the engine runs
+//! them), where it is the speed check of `benches/gpu/run.sh`.
 //!
 //! Prints one row per shape: candle's median time, ours, the ratio (ours / candle: below 1
 //! is faster), and the largest difference from candle relative to the value. A difference
@@ -60,6 +61,43 @@ fn cpu_cases() -> Vec<Case> {
         case("VAE 512², 128 ch at 512²", [1, 128, 512, 512], DType::F32),
     ]
 }
+
+/// An attention of the UNets, guided (batch 2): `queries` tokens attending to `keys` (the
+/// same for self-attention; the text's 77 for cross-attention), `width` channels in `heads`.
+struct AttentionCase {
+    what: &'static str,
+    queries: usize,
+    keys: usize,
+    width: usize,
+    heads: usize,
+}
+
+const fn attention_case(
+    what: &'static str,
+    queries: usize,
+    keys: usize,
+    width: usize,
+    heads: usize,
+) -> AttentionCase {
+    AttentionCase {
+        what,
+        queries,
+        keys,
+        width,
+        heads,
+    }
+}
+
+/// SD 1.5 at 512² (8 heads, 40 to 160 wide) and SDXL at 1024² (64-wide heads).
+const ATTENTION_CASES: [AttentionCase; 7] = [
+    attention_case("SD 1.5 512², level 1 self", 4096, 4096, 320, 8),
+    attention_case("SD 1.5 512², level 1 cross", 4096, 77, 320, 8),
+    attention_case("SD 1.5 512², level 2 self", 1024, 1024, 640, 8),
+    attention_case("SD 1.5 512², level 3 self", 256, 256, 1280, 8),
+    attention_case("SDXL 1024², level 2 self", 4096, 4096, 640, 10),
+    attention_case("SDXL 1024², level 2 cross", 4096, 77, 640, 10),
+    attention_case("SDXL 1024², level 3 self", 1024, 1024, 1280, 20),
+];
 
 fn median_ms(runs: usize, device: &Device, mut function: impl FnMut() -> Tensor) -> f64 {
     drop(function());
@@ -123,6 +161,52 @@ fn run_on(device: &Device, label: &str, cases: &[Case], runs: usize) -> bool {
     agreed
 }
 
+fn attention_on(device: &Device, label: &str, runs: usize) -> bool {
+    println!("\n{label}: attention, f16, guided (batch 2), median of {runs}");
+    println!("| shape | candle ms | ours ms | ours / candle | max |Δ| / (1 + |y|) |");
+    println!("|---|---|---|---|---|");
+    let mut agreed = true;
+    for case in ATTENTION_CASES {
+        let random = |tokens: usize| {
+            Tensor::randn(0f32, 1.0, (2, tokens, case.width), device)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap()
+        };
+        let (query, key, value) = (random(case.queries), random(case.keys), random(case.keys));
+        let scale = ((case.width / case.heads) as f64).powf(-0.5);
+        let candle =
+            || kernels::attention::composed(&query, &key, &value, case.heads, scale).unwrap();
+        let ours = || {
+            kernels::attention(&query, &key, &value, case.heads, scale)
+                .unwrap()
+                .expect("our attention kernel runs here")
+        };
+        let difference = kernels::largest_relative_difference(&ours(), &candle()).unwrap();
+        // Both round the probabilities and the output to f16; candle its scores too.
+        let allowed = 1e-2;
+        agreed &= difference <= allowed;
+        let candle_ms = median_ms(runs, device, candle);
+        let ours_ms = median_ms(runs, device, ours);
+        println!(
+            "| {} ({} → {} tokens, {} heads of {}) | {candle_ms:.3} | {ours_ms:.3} | {:.2} | \
+             {difference:.1e}{} |",
+            case.what,
+            case.queries,
+            case.keys,
+            case.heads,
+            case.width / case.heads,
+            ours_ms / candle_ms,
+            if difference <= allowed {
+                ""
+            } else {
+                " TOO FAR"
+            },
+        );
+    }
+    agreed
+}
+
 fn main() {
     let runs: usize = std::env::var("STUDIO_BENCH_RUNS")
         .ok()
@@ -136,6 +220,11 @@ fn main() {
                 let ours = kernels::prepare(&gpu);
                 let label = format!("GPU 0 (our kernels {})", if ours { "on" } else { "OFF" });
                 agreed &= run_on(&gpu, &label, &gpu_cases(), runs);
+                if kernels::attention::runs_on(&gpu, DType::F16) {
+                    agreed &= attention_on(&gpu, "GPU 0", runs);
+                } else {
+                    println!("\nGPU 0: our attention kernel is OFF (see the log); not measured");
+                }
             }
             Err(error) => println!("no CUDA device ({error}); the CPU only"),
         }

@@ -47,10 +47,42 @@ using MatrixBColumns = wmma::fragment<wmma::matrix_b, FRAGMENT, FRAGMENT, FRAGME
                                       wmma::col_major>;
 using Accumulator = wmma::fragment<wmma::accumulator, FRAGMENT, FRAGMENT, FRAGMENT, float>;
 
+// Copies `count` rows of `head_dim` values into shared rows `ld` apart, padded with zeros to
+// `dp`: row r from `source + (first + r) · stride`, zeros for rows at or past `limit`. With
+// `vectors` (the host's word that head_dim and every offset are multiples of 8 values) 16
+// bytes at a time, else one value at a time.
+__device__ __forceinline__ void copy_rows(__half* __restrict__ destination, uint32_t ld,
+                                          const __half* __restrict__ source, size_t stride,
+                                          uint32_t first, uint32_t count, uint32_t limit,
+                                          uint32_t head_dim, uint32_t dp, uint32_t vectors) {
+  if (vectors) {
+    const uint32_t chunks = dp / 8;
+    for (uint32_t i = threadIdx.x; i < count * chunks; i += blockDim.x) {
+      const uint32_t row = i / chunks;
+      const uint32_t column = i % chunks * 8;
+      const uint32_t index = first + row;
+      uint4 value = make_uint4(0, 0, 0, 0);
+      if (index < limit && column < head_dim) {
+        value = *reinterpret_cast<const uint4*>(source + index * stride + column);
+      }
+      *reinterpret_cast<uint4*>(destination + row * ld + column) = value;
+    }
+    return;
+  }
+  const __half zero = __float2half(0.0f);
+  for (uint32_t i = threadIdx.x; i < count * dp; i += blockDim.x) {
+    const uint32_t row = i / dp;
+    const uint32_t column = i % dp;
+    const uint32_t index = first + row;
+    destination[row * ld + column] =
+        index < limit && column < head_dim ? source[index * stride + column] : zero;
+  }
+}
+
 __device__ void attention(const __half* __restrict__ q, const __half* __restrict__ k,
                           const __half* __restrict__ v, __half* __restrict__ out,
                           uint32_t heads, uint32_t queries, uint32_t keys, uint32_t head_dim,
-                          uint32_t key_tile, float scale_log2) {
+                          uint32_t key_tile, float scale_log2, uint32_t vectors) {
   const uint32_t warps = blockDim.x / 32;
   const uint32_t warp = threadIdx.x / 32;
   const uint32_t lane = threadIdx.x % 32;
@@ -87,14 +119,7 @@ __device__ void attention(const __half* __restrict__ q, const __half* __restrict
   __half* out_head = out + static_cast<size_t>(image) * queries * token_stride + head_offset;
 
   const __half zero = __float2half(0.0f);
-  for (uint32_t i = threadIdx.x; i < rows * dp; i += blockDim.x) {
-    const uint32_t row = i / dp;
-    const uint32_t column = i % dp;
-    const uint32_t query = first_query + row;
-    q_s[row * ld_h + column] = query < queries && column < head_dim
-                                   ? q_head[query * token_stride + column]
-                                   : zero;
-  }
+  copy_rows(q_s, ld_h, q_head, token_stride, first_query, rows, queries, head_dim, dp, vectors);
   for (uint32_t i = threadIdx.x; i < rows * ld_o; i += blockDim.x) {
     o_s[i] = 0.0f;
   }
@@ -110,15 +135,8 @@ __device__ void attention(const __half* __restrict__ q, const __half* __restrict
 
   for (uint32_t first_key = 0; first_key < keys; first_key += key_tile) {
     __syncthreads();  // every warp is done with the previous tile (and Q, O are written)
-    for (uint32_t i = threadIdx.x; i < key_tile * dp; i += blockDim.x) {
-      const uint32_t key_row = i / dp;
-      const uint32_t column = i % dp;
-      const uint32_t key = first_key + key_row;
-      const bool inside = key < keys && column < head_dim;
-      const size_t at = key * token_stride + column;
-      k_s[key_row * ld_h + column] = inside ? k_head[at] : zero;
-      v_s[key_row * ld_h + column] = inside ? v_head[at] : zero;
-    }
+    copy_rows(k_s, ld_h, k_head, token_stride, first_key, key_tile, keys, head_dim, dp, vectors);
+    copy_rows(v_s, ld_h, v_head, token_stride, first_key, key_tile, keys, head_dim, dp, vectors);
     __syncthreads();
 
     // 1. S = Q·Kᵀ: Kᵀ read column-major from K's rows.
@@ -196,6 +214,6 @@ __device__ void attention(const __half* __restrict__ q, const __half* __restrict
 extern "C" __global__ void attention_f16(const __half* q, const __half* k, const __half* v,
                                          __half* out, uint32_t heads, uint32_t queries,
                                          uint32_t keys, uint32_t head_dim, uint32_t key_tile,
-                                         float scale_log2) {
-  attention(q, k, v, out, heads, queries, keys, head_dim, key_tile, scale_log2);
+                                         float scale_log2, uint32_t vectors) {
+  attention(q, k, v, out, heads, queries, keys, head_dim, key_tile, scale_log2, vectors);
 }

@@ -211,8 +211,9 @@ pub fn reference(
 }
 
 /// What our kernel is checked on (on each device before it first runs there, and in the
-/// tests on the emulation): shapes that take every path of the kernel: heads narrower than a fragment and not a
-/// multiple of one (SD 1.5's 40), the widest SD head (160) and the widest we take, keys
+/// tests on the emulation): shapes that take every path of the kernel: heads narrower than a
+/// fragment and not a multiple of 8 (so copied a value at a time), heads not a multiple of a
+/// fragment (SD 1.5's 40), the widest SD head (160) and the widest we take, keys
 /// that end inside a tile (a text's 77) and span several, query rows that end inside a
 /// block, several images and heads, and scores large enough that an exponential without
 /// its maximum subtracted would overflow.
@@ -221,7 +222,7 @@ pub(super) const CHECK_CASES: [(Geometry, f32); 5] = [
     (geometry(2, 3, 20, 77, 40), 1.0),
     (geometry(1, 2, 40, 70, 64), 4.0),
     (geometry(1, 1, 33, 100, 160), 1.0),
-    (geometry(2, 2, 5, 3, 8), 1.0),
+    (geometry(2, 2, 5, 3, 12), 1.0),
     (geometry(1, 1, 17, 40, 256), 2.0),
 ];
 
@@ -278,7 +279,14 @@ mod tests {
             let [query, key, value] = inputs(geometry, spread).unwrap();
             let scale = (geometry.head_dim as f64).powf(-0.5);
             let expected = reference(&query, &key, &value, geometry.heads, scale).unwrap();
-            for tiling in Tiling::CHOICES {
+            // Every tiling as the host launches it (16-byte copies where the head dim allows),
+            // and the value-at-a-time copies once more with the first.
+            let vectors = geometry.head_dim.is_multiple_of(8);
+            let runs = Tiling::CHOICES
+                .into_iter()
+                .map(|tiling| (tiling, vectors))
+                .chain(vectors.then_some((Tiling::CHOICES[0], false)));
+            for (tiling, vectors) in runs {
                 let args = [
                     geometry.batch,
                     geometry.heads,
@@ -288,6 +296,7 @@ mod tests {
                     tiling.warps as usize,
                     tiling.key_tile as usize,
                     tiling.shared_bytes(geometry.head_dim),
+                    usize::from(vectors),
                 ]
                 .map(|value| value.to_string());
                 let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
@@ -304,7 +313,8 @@ mod tests {
                 let difference = largest_relative_difference(&got, &expected).unwrap();
                 assert!(
                     difference <= TOLERANCE,
-                    "{geometry:?} with {tiling:?}: {difference} from the reference"
+                    "{geometry:?} with {tiling:?}, vectors {vectors}: {difference} from the \
+                     reference"
                 );
             }
         }

@@ -30,7 +30,13 @@ impl Runner {
         let folder = tempfile::tempdir().expect("a temporary folder");
         let binary = folder.path().join("runner");
         let built = Command::new(&compiler)
-            .args(["-std=c++20", "-O1", "-g", "-pthread"])
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-g",
+                "-pthread",
+                "-fno-strict-aliasing",
+            ])
             .arg("-fsanitize=address,undefined")
             .arg("-fno-sanitize-recover=all")
             .arg("-I")

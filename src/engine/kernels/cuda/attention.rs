@@ -196,6 +196,14 @@ impl CustomOp3 for AttentionOp {
         let head_dim_arg = as_u32(head_dim)?;
         let key_tile_arg = self.tiling.key_tile;
         let scale_log2 = (self.scale * std::f64::consts::LOG2_E) as f32;
+        // 16-byte copies where every row starts on 8 values: head dims that are multiples
+        // of 8 (all of SD's), views that start on one. (Allocations are 256-byte aligned.)
+        let vectors_arg = u32::from(
+            head_dim.is_multiple_of(8)
+                && [query_layout, key_layout, value_layout]
+                    .iter()
+                    .all(|layout| layout.start_offset().is_multiple_of(8)),
+        );
         let stream = device.cuda_stream();
         let mut builder = stream.launch_builder(&function);
         builder
@@ -208,7 +216,8 @@ impl CustomOp3 for AttentionOp {
             .arg(&keys_arg)
             .arg(&head_dim_arg)
             .arg(&key_tile_arg)
-            .arg(&scale_log2);
+            .arg(&scale_log2)
+            .arg(&vectors_arg);
         // SAFETY: the arguments match `attention_f16`'s signature; the views hold the
         // geometry's elements (checked above); the grid covers every query row of every
         // (image, head) and the shared memory is what the tiling's layout needs.

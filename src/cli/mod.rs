@@ -115,6 +115,13 @@ pub enum CliCommand {
 /// Parses the command line, runs the command, and turns the outcome into an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The GPU's compiled kernels in a cache of the worker's own; set in the environment now,
+    // while this is the only thread, and inherited by the CUDA build it may hand over to.
+    if runs_engine(&cli.command)
+        && let Ok(paths) = Paths::resolve(cli.config.as_deref())
+    {
+        crate::engine::kernel_cache::use_workers_own(&paths.data_dir);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -132,10 +139,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = Paths::resolve(cli.config.as_deref())?;
     // The commands that run the engine hand over to the CUDA build shipped beside this one
     // when it can run here (it replaces this process); the others never touch the GPU.
-    if matches!(
-        cli.command,
-        None | Some(CliCommand::Run { .. } | CliCommand::Generate(_) | CliCommand::Device { .. })
-    ) {
+    if runs_engine(&cli.command) {
         crate::platform::gpu_build::hand_over_if_usable();
     }
     match cli.command {
@@ -170,6 +174,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(CliCommand::Quit { wait }) => quit_running(&paths, Duration::from_secs(wait)),
         Some(CliCommand::CrashTest) => crash_test(&paths),
     }
+}
+
+/// Whether `command` opens the engine's device: the worker itself, `generate` and `device`.
+fn runs_engine(command: &Option<CliCommand>) -> bool {
+    matches!(
+        command,
+        None | Some(CliCommand::Run { .. } | CliCommand::Generate(_) | CliCommand::Device { .. })
+    )
 }
 
 /// `crash-test`: a panic carrying the secrets and a home-folder path, through the same hooks

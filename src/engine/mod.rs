@@ -8,6 +8,7 @@
 pub mod candle_engine;
 pub mod device;
 pub mod gpu_memory;
+pub mod kernel_cache;
 pub mod kernels;
 pub(crate) mod noise;
 pub mod profile;

@@ -243,8 +243,8 @@ const fn geometry(
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
 /// Random f16 inputs (query, key, value) for `geometry`, the queries scaled by `spread`.
+#[cfg(any(test, feature = "cuda"))]
 pub(super) fn inputs(geometry: Geometry, spread: f32) -> Result<[Tensor; 3]> {
     let Geometry {
         batch,

@@ -523,12 +523,8 @@ fn check_folder(
     {
         text_bytes += in_memory(path, dtype)?;
     }
-    // A VAE that must upcast runs in f32 on a GPU.
-    let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
-        DType::F32
-    } else {
-        dtype
-    };
+    // A VAE that must upcast (SDXL's) runs in f32 on a GPU.
+    let vae_dtype = folder.vae_dtype(dtype);
     let bytes = text_bytes + in_memory(&files.unet, dtype)? + in_memory(&files.vae, vae_dtype)?;
     Ok(ServedModel {
         root: root.to_owned(),

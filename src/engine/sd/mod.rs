@@ -198,12 +198,8 @@ impl StableDiffusion {
             _ => None,
         };
         let unet = Unet::new(weights(&files.unet, dtype, device)?, &folder.unet)?;
-        // A VAE that overflows in f16 (force_upcast) decodes in f32: no black images.
-        let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
+        // A VAE that overflows in f16 (SDXL's, force_upcast) decodes in f32: no black images.
+        let vae_dtype = folder.vae_dtype(dtype);
         let vae = Vae::new(weights(&files.vae, vae_dtype, device)?, &folder.vae)?;
         Ok(Self {
             folder,

@@ -380,7 +380,8 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     #[serde(default)]
     pub shift_factor: Option<f64>,
-    /// The VAE overflows in f16 (SDXL's original VAE): decode in f32.
+    /// The VAE overflows in f16 (SDXL's original VAE): decode in f32. SDXL pipelines only,
+    /// as diffusers reads it ([`ModelFolder::vae_dtype`]).
     #[serde(default = "yes")]
     pub force_upcast: bool,
     #[serde(default = "yes")]
@@ -651,6 +652,20 @@ impl ModelFolder {
         })
     }
 
+    /// The dtype the VAE decodes in when the rest of the pipeline runs in `dtype`: f32 instead
+    /// of f16 where the decode would overflow. As in diffusers, only the SDXL pipeline honours
+    /// the VAE's `force_upcast` (SDXL's original VAE overflows in f16; its fp16-fix sets it
+    /// false). SD 1.x/2.x pipelines decode in f16 whatever their config says: their VAE does
+    /// not overflow, and configs saved by diffusers carry its default `true`.
+    pub fn vae_dtype(&self, dtype: DType) -> DType {
+        let upcast = self.family == Family::StableDiffusionXl && self.vae.force_upcast;
+        if dtype == DType::F16 && upcast {
+            DType::F32
+        } else {
+            dtype
+        }
+    }
+
     /// The weight files to load: `.fp16` variants when running in f16 and present, the full
     /// precision files otherwise (f16 weights upcast to f32 lose nothing, but f32 is what the
     /// CPU path runs and what the full files hold).
@@ -773,4 +788,36 @@ fn epsilon() -> String {
 }
 fn quick_gelu() -> String {
     "quick_gelu".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> ModelFolder {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models")
+            .join(name);
+        ModelFolder::open(&root).unwrap()
+    }
+
+    #[test]
+    fn only_sdxl_upcasts_its_vae_as_diffusers_does() {
+        // Both fixtures say force_upcast: true, as every config diffusers saves does.
+        let sd1 = fixture("tiny-sd1");
+        let sdxl = fixture("tiny-sdxl");
+        assert!(sd1.vae.force_upcast && sdxl.vae.force_upcast);
+        assert_eq!(sd1.vae_dtype(DType::F16), DType::F16);
+        assert_eq!(sdxl.vae_dtype(DType::F16), DType::F32);
+        // The fp16-fix VAE says false; the CPU runs f32 throughout.
+        let fixed = ModelFolder {
+            vae: VaeConfig {
+                force_upcast: false,
+                ..sdxl.vae.clone()
+            },
+            ..sdxl.clone()
+        };
+        assert_eq!(fixed.vae_dtype(DType::F16), DType::F16);
+        assert_eq!(sdxl.vae_dtype(DType::F32), DType::F32);
+    }
 }

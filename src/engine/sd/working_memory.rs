@@ -207,11 +207,7 @@ impl WorkingMemory {
         convolutions: Convolutions,
         attention: AttentionKernel,
     ) -> Self {
-        let vae_dtype = if dtype == DType::F16 && folder.vae.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = folder.vae_dtype(dtype);
         Self {
             unet_blocks: folder
                 .unet

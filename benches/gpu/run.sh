@@ -7,7 +7,8 @@
 # (the worker links cuBLAS, cuRAND and NVRTC), and runs bench.py: the pipelines, diffusers,
 # the worker, one table; then, while the device call's time allows, the extras (SDXL with 12 GB
 # free, profiles, our kernels against candle's). Within 9 minutes on an H200; the tables are
-# also in $OUT/gpu-bench.txt and $OUT/kernels-bench.txt when the device tool's OUT is set.
+# also in $OUT/gpu-bench.txt and $OUT/kernels-bench.txt (written as they run) when the device
+# tool's OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -23,8 +24,11 @@ with lzma.open(sys.argv[1]) as packed, open(sys.argv[2], "wb") as out: shutil.co
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 cuobjdump --list-ptx --list-elf cuda-build/studio-worker | sort | uniq -c | head -20 || true
+# The logs go straight to the device tool's OUT (when set), so that a run stopped at the
+# call's limit still brings back what it measured.
+logs=${OUT:-/tmp}
+export PYTHONUNBUFFERED=1
 # Our kernels first: checked against candle's on real job shapes, and timed (about 20 s).
-STUDIO_BENCH_RUNS=20 cuda-build/kernels 2>&1 | tee /tmp/kernels-bench.txt || true
+STUDIO_BENCH_RUNS=20 cuda-build/kernels 2>&1 | tee "$logs/kernels-bench.txt" || true
 # The bench keeps its extras within what is left of the device call's 600 s (60 s spare).
-python3 benches/gpu/bench.py --budget $((540 - SECONDS)) "$@" 2>&1 | tee /tmp/gpu-bench.txt
-if [ -n "${OUT:-}" ]; then cp /tmp/kernels-bench.txt /tmp/gpu-bench.txt "$OUT/"; fi
+python3 benches/gpu/bench.py --budget $((540 - SECONDS)) "$@" 2>&1 | tee "$logs/gpu-bench.txt"

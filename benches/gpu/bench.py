@@ -221,7 +221,9 @@ def diffusers_child(folder, side, steps, guidance, runs):
 def run_diffusers(memory, folder, side, steps, guidance, runs):
     output, peak, _ = run_measured(memory, [sys.executable, __file__, "diffusers", folder, str(side),
                                             str(steps), str(guidance), str(runs)])
-    result = json.loads(output.strip().splitlines()[-1])
+    # Its one line of JSON is on stdout; warnings on stderr may come after it in `output`.
+    line = next(line for line in reversed(output.splitlines()) if line.startswith('{"times"'))
+    result = json.loads(line)
     return {"first": result["times"][0], "warm": statistics.median(result["times"][1:]), "peak": peak,
             "allocated": result["allocated_peak"]}
 
@@ -375,6 +377,8 @@ def main():
     parser.add_argument("--budget", type=float, default=500,
                         help="seconds for the whole bench: the extras after the main table's "
                              "measurements run only while their expected time is left")
+    parser.add_argument("--diffusers-only", action="store_true",
+                        help="the pipelines and diffusers' column alone (a rerun of the reference)")
     args = parser.parse_args()
 
     memory = DeviceMemory()
@@ -404,13 +408,15 @@ def main():
         folder = os.path.join(args.models, model)
         reference = attempt(f"{name}: diffusers",
                             lambda: run_diffusers(memory, folder, side, steps, guidance, args.runs))
-        # The first case finds the driver's kernel cache empty, as a fresh install does.
-        ours = attempt(f"{name}: generate",
-                       lambda: run_worker(memory, args.worker, folder, side, steps, guidance, args.runs,
-                                          cold_cache, home))
-        jobs = attempt(f"{name}: studio jobs",
-                       lambda: run_worker_jobs(memory, args.worker, args.dev_studio, folder, side, steps,
-                                               guidance, args.runs, cold_cache))
+        ours = jobs = None
+        if not args.diffusers_only:
+            # The first case finds the driver's kernel cache empty, as a fresh install does.
+            ours = attempt(f"{name}: generate",
+                           lambda: run_worker(memory, args.worker, folder, side, steps, guidance,
+                                              args.runs, cold_cache, home))
+            jobs = attempt(f"{name}: studio jobs",
+                           lambda: run_worker_jobs(memory, args.worker, args.dev_studio, folder, side,
+                                                   steps, guidance, args.runs, cold_cache))
         rows.append({"case": name, "model": model, "side": side, "steps": steps, "guidance": guidance,
                      "diffusers": reference, "worker": ours, "jobs": jobs, "candle_kernels": None,
                      "profiled": None, "cold_cache": index == 0})
@@ -433,7 +439,10 @@ def main():
     sdxl = next(row for row in rows if row["model"] == "sdxl")
     tight = None
     expected = 1.3 * sdxl["worker"]["process"] + 20 if sdxl["worker"] else 90
-    if left() >= expected:
+    rows_with_extras = [] if args.diffusers_only else rows
+    if args.diffusers_only:
+        pass  # the reference alone: no extras
+    elif left() >= expected:
         ballast = subprocess.Popen([sys.executable, __file__, "ballast", str(TIGHT_CARD_GB)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         print(ballast.stdout.readline().strip(), flush=True)
@@ -444,10 +453,11 @@ def main():
             ballast.wait()
     else:
         print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
-    for row in sorted((row for row in rows if row["model"] in PROFILED), key=lambda row: -row["side"]):
+    for row in sorted((row for row in rows_with_extras if row["model"] in PROFILED),
+                      key=lambda row: -row["side"]):
         row["profiled"] = extra(f"{row['case']}: generate --profile", row,
                                 generate(row, 2, extra_args=["--profile"]))
-    for row in sorted(rows, key=lambda row: (-row["steps"], -row["side"])):
+    for row in sorted(rows_with_extras, key=lambda row: (-row["steps"], -row["side"])):
         row["candle_kernels"] = extra(f"{row['case']}: generate with candle's kernels only", row,
                                       generate(row, 3, extra_env={"STUDIO_WORKER_FUSED_KERNELS": "0"}))
     print(json.dumps({"tight": tight}), flush=True)

@@ -20,7 +20,10 @@ pub struct CatalogEntry {
     pub prefer_fp16: bool,
     /// About how much the download is, for `models list` before the hub is asked.
     pub download_bytes: u64,
-    /// The least GPU memory it runs in, f16, at its native size.
+    /// The least GPU memory it runs in, f16, at its native size, in MiB. Measured by
+    /// `benches/gpu` on an H200 (2026-11-28, process peaks with the context): SD-Turbo
+    /// 3953 MiB and SD 1.5 3505 MiB at 512², SDXL base 8656 MiB at 1024² with 12 GB free (the
+    /// engine tiles to fit). SDXL-Turbo and SD 2.1 are estimated from those.
     pub min_gpu_mb: u64,
     pub defaults: JobDefaults,
 }

@@ -18,9 +18,10 @@ const ARCHITECTURES: [u32; 6] = [75, 80, 86, 89, 90, 120];
 const PTX_ARCHITECTURE: u32 = 75;
 
 /// Each becomes `$OUT_DIR/<file stem>.fatbin`.
-const SOURCES: [&str; 2] = [
+const SOURCES: [&str; 3] = [
     "src/engine/kernels/group_norm.cu",
     "src/engine/kernels/attention.cu",
+    "src/engine/kernels/geglu.cu",
 ];
 
 fn main() {

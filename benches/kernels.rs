@@ -1,7 +1,8 @@
 //! Our kernels against candle's composition of the same layer, on the shapes real jobs run:
 //! the group norms (+ SiLU) of SD 1.5 and SDXL UNets (guided, batch 2) and of the VAE
 //! decoder, in the dtype each runs in; and the UNets' attention (self and cross, guided, f16;
-//! candle's being scores, softmax and weighted sum, whole). Group norm on the CPU always;
+//! candle's being scores, softmax and weighted sum, whole); and GEGLU, the feed-forward's
+//! gate (candle: gelu on a strided half, then a strided product). Group norm on the CPU always;
 //! with `--features cuda` both on GPU 0 as well (f16 UNets, f32 VAE, as the engine runs
 //! them), where it is the speed check of `benches/gpu/run.sh`.
 //!
@@ -207,6 +208,51 @@ fn attention_on(device: &Device, label: &str, runs: usize) -> bool {
     agreed
 }
 
+/// The feed-forward's projection, guided (batch 2): `tokens` rows of `2 × inner` values.
+const GEGLU_CASES: [(&str, usize, usize); 4] = [
+    ("SD 1.5 512², level 1", 4096, 1280),
+    ("SD 1.5 512², level 3", 256, 5120),
+    ("SDXL 1024², level 2", 4096, 2560),
+    ("SDXL 1024², level 3", 1024, 5120),
+];
+
+fn geglu_on(device: &Device, label: &str, runs: usize) -> bool {
+    println!("\n{label}: GEGLU, f16, guided (batch 2), median of {runs}");
+    println!("| shape | candle ms | ours ms | ours / candle | max |Δ| / (1 + |y|) |");
+    println!("|---|---|---|---|---|");
+    let mut agreed = true;
+    for (what, tokens, inner) in GEGLU_CASES {
+        let projected = Tensor::randn(0f32, 2.0, (2, tokens, 2 * inner), device)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let candle = || kernels::geglu::composed(&projected).unwrap();
+        let ours = || {
+            kernels::geglu(&projected)
+                .unwrap()
+                .expect("our GEGLU kernel runs here")
+        };
+        let difference = kernels::largest_relative_difference(&ours(), &candle()).unwrap();
+        // candle rounds the GELU and the product; ours the product alone.
+        let allowed = 1e-2;
+        agreed &= difference <= allowed;
+        let candle_ms = median_ms(runs, device, candle);
+        let ours_ms = median_ms(runs, device, ours);
+        println!(
+            "| {what} [2, {tokens}, {}] | {candle_ms:.3} | {ours_ms:.3} | {:.2} | \
+             {difference:.1e}{} |",
+            2 * inner,
+            ours_ms / candle_ms,
+            if difference <= allowed {
+                ""
+            } else {
+                " TOO FAR"
+            },
+        );
+    }
+    agreed
+}
+
 fn main() {
     let runs: usize = std::env::var("STUDIO_BENCH_RUNS")
         .ok()
@@ -224,6 +270,14 @@ fn main() {
                     agreed &= attention_on(&gpu, "GPU 0", runs);
                 } else {
                     println!("\nGPU 0: our attention kernel is OFF (see the log); not measured");
+                }
+                if kernels::geglu(&Tensor::zeros((1, 2), DType::F16, &gpu).unwrap())
+                    .unwrap()
+                    .is_some()
+                {
+                    agreed &= geglu_on(&gpu, "GPU 0", runs);
+                } else {
+                    println!("\nGPU 0: our GEGLU kernel is OFF (see the log); not measured");
                 }
             }
             Err(error) => println!("no CUDA device ({error}); the CPU only"),

@@ -5,6 +5,8 @@
 //!   candle's composition, so model code always calls the op.
 //! - attention that never holds its score matrix (flash-attention style), on CUDA in f16;
 //!   elsewhere it answers `None` and the model runs its own attention.
+//! - GEGLU, the feed-forward's gate, in one pass (candle: two strided kernels and a
+//!   temporary), on CUDA; elsewhere `None` and the model composes it.
 //!
 //! On CUDA, `build.rs` compiles each kernel source into a fatbin with machine code for every
 //! supported architecture, so the driver compiles nothing for them at first start. Before a
@@ -21,11 +23,13 @@ pub mod attention;
 mod cuda;
 #[cfg(test)]
 mod emulation;
+pub mod geglu;
 mod group_norm;
 
 use std::sync::OnceLock;
 
 pub use attention::attention;
+pub use geglu::geglu;
 pub use group_norm::{Activation, group_norm, group_norm_composed};
 
 /// The environment variable that turns our kernels off (`0`, `off` or `false`).
@@ -75,8 +79,8 @@ pub fn prepare(device: &candle_core::Device) -> bool {
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(cuda) => {
             // Every family loads, whether or not one before it did.
-            let loaded = [cuda::Family::GroupNorm, cuda::Family::Attention]
-                .map(|family| cuda::checked_module(cuda, family).is_some());
+            let loaded =
+                cuda::Family::ALL.map(|family| cuda::checked_module(cuda, family).is_some());
             loaded.iter().all(|loaded| *loaded)
         }
         candle_core::Device::Cpu => true,

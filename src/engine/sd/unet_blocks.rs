@@ -182,9 +182,10 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let device = xs.device();
         let projected = profile::timed(Work::Linear, device, || self.project_in.forward(xs))?;
-        let gated = profile::timed(Work::Geglu, device, || {
-            let halves = projected.chunk(2, D::Minus1)?;
-            &halves[0] * halves[1].gelu_erf()?
+        // Our one-pass kernel where it runs (CUDA), candle's composition elsewhere.
+        let gated = profile::timed(Work::Geglu, device, || match kernels::geglu(&projected)? {
+            Some(gated) => Ok(gated),
+            None => kernels::geglu::composed(&projected),
         })?;
         profile::timed(Work::Linear, device, || self.project_out.forward(&gated))
     }

@@ -6,6 +6,7 @@
 //! modules are unaffected.
 
 mod attention;
+mod geglu;
 mod group_norm;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,6 +17,7 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 pub(super) use attention::{attention, attention_runs_on};
+pub(super) use geglu::geglu;
 pub(super) use group_norm::{group_norm, group_norm_fits};
 
 /// A fatbin, aligned as a fatbin's header must be. On Linux it sits in the section nvcc's own
@@ -31,6 +33,7 @@ macro_rules! embedded_fatbin {
 
 embedded_fatbin!(GROUP_NORM_FATBIN, "group_norm.fatbin");
 embedded_fatbin!(ATTENTION_FATBIN, "attention.fatbin");
+embedded_fatbin!(GEGLU_FATBIN, "geglu.fatbin");
 
 #[repr(C, align(8))]
 struct Aligned<T>(T);
@@ -42,6 +45,13 @@ pub(super) enum Family {
     GroupNorm,
     /// `attention.cu`: multi-head softmax attention.
     Attention,
+    /// `geglu.cu`: the feed-forward's GELU gate.
+    Geglu,
+}
+
+impl Family {
+    /// Every family, in the order they are loaded.
+    pub(super) const ALL: [Family; 3] = [Family::GroupNorm, Family::Attention, Family::Geglu];
 }
 
 impl Family {
@@ -49,6 +59,7 @@ impl Family {
         match self {
             Family::GroupNorm => &GROUP_NORM_FATBIN.0,
             Family::Attention => &ATTENTION_FATBIN.0,
+            Family::Geglu => &GEGLU_FATBIN.0,
         }
     }
 
@@ -56,6 +67,7 @@ impl Family {
         match self {
             Family::GroupNorm => "group norm",
             Family::Attention => "attention",
+            Family::Geglu => "GEGLU",
         }
     }
 }
@@ -108,6 +120,7 @@ fn load_and_check(
     match family {
         Family::GroupNorm => group_norm::check(device, &module)?,
         Family::Attention => attention::check(device, &module)?,
+        Family::Geglu => geglu::check(device, &module)?,
     }
     Ok(module)
 }

@@ -17,6 +17,9 @@ const ARCHITECTURES: [u32; 6] = [75, 80, 86, 89, 90, 120];
 /// The PTX kept beside the machine code, for architectures newer than the list.
 const PTX_ARCHITECTURE: u32 = 75;
 
+/// What the sources include.
+const HEADERS: [&str; 1] = ["src/engine/kernels/conversions.cuh"];
+
 /// Each becomes `$OUT_DIR/<file stem>.fatbin`.
 const SOURCES: [&str; 3] = [
     "src/engine/kernels/group_norm.cu",
@@ -32,7 +35,7 @@ fn main() {
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    for source in SOURCES {
+    for source in SOURCES.iter().chain(HEADERS.iter()) {
         println!("cargo::rerun-if-changed={source}");
     }
     let Some(out_dir) = env::var_os("OUT_DIR").map(PathBuf::from) else {

@@ -117,6 +117,28 @@ fn median_ms(runs: usize, device: &Device, mut function: impl FnMut() -> Tensor)
     times[times.len() / 2]
 }
 
+/// Checks `ours` against `candle` (beyond `allowed`, relative, the row says TOO FAR and the
+/// run fails), times both, and prints the table row for `shape`. Says whether they agreed.
+fn compare(
+    shape: &str,
+    device: &Device,
+    runs: usize,
+    allowed: f32,
+    candle: &dyn Fn() -> Tensor,
+    ours: &dyn Fn() -> Tensor,
+) -> bool {
+    let difference = kernels::largest_relative_difference(&ours(), &candle()).unwrap();
+    let candle_ms = median_ms(runs, device, candle);
+    let ours_ms = median_ms(runs, device, ours);
+    let agreed = difference <= allowed;
+    println!(
+        "| {shape} | {candle_ms:.3} | {ours_ms:.3} | {:.2} | {difference:.1e}{} |",
+        ours_ms / candle_ms,
+        if agreed { "" } else { " TOO FAR" },
+    );
+    agreed
+}
+
 fn run_on(device: &Device, label: &str, cases: &[Case], runs: usize) -> bool {
     println!("\n{label}: group norm + SiLU, 32 groups, median of {runs}");
     println!("| shape | dtype | candle ms | ours ms | ours / candle | max |Δ| / (1 + |y|) |");
@@ -140,24 +162,10 @@ fn run_on(device: &Device, label: &str, cases: &[Case], runs: usize) -> bool {
             kernels::group_norm_composed(&xs, &weight, &bias, 32, 1e-5, Activation::Silu).unwrap()
         };
         let ours = || kernels::group_norm(&xs, &weight, &bias, 32, 1e-5, Activation::Silu).unwrap();
-        let difference = kernels::largest_relative_difference(&ours(), &candle()).unwrap();
         // candle rounds three times in f16 (normalised, scaled, shifted) and SiLU once more.
         let allowed = if case.dtype == DType::F16 { 1e-2 } else { 1e-4 };
-        agreed &= difference <= allowed;
-        let candle_ms = median_ms(runs, device, candle);
-        let ours_ms = median_ms(runs, device, ours);
-        println!(
-            "| {} {:?} | {:?} | {candle_ms:.3} | {ours_ms:.3} | {:.2} | {difference:.1e}{} |",
-            case.what,
-            case.dims,
-            case.dtype,
-            ours_ms / candle_ms,
-            if difference <= allowed {
-                ""
-            } else {
-                " TOO FAR"
-            },
-        );
+        let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
+        agreed &= compare(&shape, device, runs, allowed, &candle, &ours);
     }
     agreed
 }
@@ -183,27 +191,16 @@ fn attention_on(device: &Device, label: &str, runs: usize) -> bool {
                 .unwrap()
                 .expect("our attention kernel runs here")
         };
-        let difference = kernels::largest_relative_difference(&ours(), &candle()).unwrap();
         // Both round the probabilities and the output to f16; candle its scores too.
-        let allowed = 1e-2;
-        agreed &= difference <= allowed;
-        let candle_ms = median_ms(runs, device, candle);
-        let ours_ms = median_ms(runs, device, ours);
-        println!(
-            "| {} ({} → {} tokens, {} heads of {}) | {candle_ms:.3} | {ours_ms:.3} | {:.2} | \
-             {difference:.1e}{} |",
+        let shape = format!(
+            "{} ({} → {} tokens, {} heads of {})",
             case.what,
             case.queries,
             case.keys,
             case.heads,
-            case.width / case.heads,
-            ours_ms / candle_ms,
-            if difference <= allowed {
-                ""
-            } else {
-                " TOO FAR"
-            },
+            case.width / case.heads
         );
+        agreed &= compare(&shape, device, runs, 1e-2, &candle, &ours);
     }
     agreed
 }
@@ -232,23 +229,9 @@ fn geglu_on(device: &Device, label: &str, runs: usize) -> bool {
                 .unwrap()
                 .expect("our GEGLU kernel runs here")
         };
-        let difference = kernels::largest_relative_difference(&ours(), &candle()).unwrap();
         // candle rounds the GELU and the product; ours the product alone.
-        let allowed = 1e-2;
-        agreed &= difference <= allowed;
-        let candle_ms = median_ms(runs, device, candle);
-        let ours_ms = median_ms(runs, device, ours);
-        println!(
-            "| {what} [2, {tokens}, {}] | {candle_ms:.3} | {ours_ms:.3} | {:.2} | \
-             {difference:.1e}{} |",
-            2 * inner,
-            ours_ms / candle_ms,
-            if difference <= allowed {
-                ""
-            } else {
-                " TOO FAR"
-            },
-        );
+        let shape = format!("{what} [2, {tokens}, {}]", 2 * inner);
+        agreed &= compare(&shape, device, runs, 1e-2, &candle, &ours);
     }
     agreed
 }

@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "conversions.cuh"
+
 namespace {
 
 constexpr int THREADS = 256;
@@ -51,16 +53,6 @@ __device__ __forceinline__ Moments warp_merge(Moments m) {
   }
   return m;
 }
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 template <typename T>
 __device__ void stats(const T* __restrict__ x, float* __restrict__ partials, uint32_t row_len,

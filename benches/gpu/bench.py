@@ -439,13 +439,12 @@ def main():
 
     # Then the extras, the most telling first: SDXL on a card with 12 GB free (the memory
     # goal), the profiles (where the time goes), our kernels against candle's.
-    sdxl = next((row for row in rows if row["model"] == "sdxl"), None)
+    # The extras measure the worker: none when only diffusers ran.
+    rows_with_extras = [] if args.diffusers_only else rows
+    sdxl = next((row for row in rows_with_extras if row["model"] == "sdxl"), None)
     tight = None
     expected = 1.3 * sdxl["worker"]["process"] + 20 if sdxl and sdxl["worker"] else 90
-    rows_with_extras = [] if args.diffusers_only else rows
-    if args.diffusers_only or not sdxl:
-        pass  # the reference alone, or no SDXL case: no 12 GB run
-    elif left() >= expected:
+    if sdxl and left() >= expected:
         ballast = subprocess.Popen([sys.executable, __file__, "ballast", str(TIGHT_CARD_GB)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         print(ballast.stdout.readline().strip(), flush=True)
@@ -454,7 +453,7 @@ def main():
         finally:
             ballast.stdin.close()
             ballast.wait()
-    else:
+    elif sdxl:
         print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
     for row in sorted((row for row in rows_with_extras if row["model"] in PROFILED),
                       key=lambda row: -row["side"]):

@@ -1,8 +1,10 @@
 //! Our kernels against candle's composition of the same layer, on the shapes real jobs run:
 //! the group norms (+ SiLU) of SD 1.5 and SDXL UNets (guided, batch 2) and of the VAE
 //! decoder, in the dtype each runs in; and the UNets' attention (self and cross, guided, f16;
-//! candle's being scores, softmax and weighted sum, whole); and GEGLU, the feed-forward's
-//! gate (candle: gelu on a strided half, then a strided product). Group norm on the CPU always;
+//! candle's being scores, softmax and weighted sum, whole); GEGLU, the feed-forward's
+//! gate (candle: gelu on a strided half, then a strided product); and the 3×3 convolutions
+//! of the UNets and VAEs with their bias (candle: its im2col, GEMM and transposed copy; ours:
+//! our columns and one GEMM into the image layout, as `Conv3x3` runs them). Group norm on the CPU always;
 //! with `--features cuda` both on GPU 0 as well (f16 UNets, f32 VAE, as the engine runs
 //! them), where it is the speed check of `benches/gpu/run.sh`.
 //!
@@ -20,6 +22,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use studio_worker::engine::kernels::{self, Activation};
+use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
 
 struct Case {
     what: &'static str,
@@ -236,6 +239,65 @@ fn geglu_on(device: &Device, label: &str, runs: usize) -> bool {
     agreed
 }
 
+/// The 3×3 convolutions of real jobs, `(batch, c_in, h, w)` to as many channels: the guided
+/// UNets' in f16, the VAEs' at their decode resolutions (SD 1.5's in f16, SDXL's in f32).
+fn conv_cases() -> Vec<Case> {
+    vec![
+        case("SD 1.5 UNet 512², level 1", [2, 320, 64, 64], DType::F16),
+        case("SD 1.5 UNet 512², level 2", [2, 640, 32, 32], DType::F16),
+        case("SD 1.5 UNet 512², level 3", [2, 1280, 16, 16], DType::F16),
+        case("SDXL UNet 1024², level 1", [2, 320, 128, 128], DType::F16),
+        case("SDXL UNet 1024², level 2", [2, 640, 64, 64], DType::F16),
+        case("SDXL UNet 1024², level 3", [2, 1280, 32, 32], DType::F16),
+        case("VAE 512², 512 ch at 128²", [1, 512, 128, 128], DType::F16),
+        case("VAE 512², 256 ch at 256²", [1, 256, 256, 256], DType::F16),
+        case("VAE 512², 128 ch at 512²", [1, 128, 512, 512], DType::F16),
+        case("SDXL VAE, 512 ch at 256²", [1, 512, 256, 256], DType::F32),
+        case(
+            "SDXL VAE, 128 ch at 1024²",
+            [1, 128, 1024, 1024],
+            DType::F32,
+        ),
+    ]
+}
+
+fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
+    println!("\n{label}: 3×3 convolution with bias, whole, median of {runs}");
+    println!("| shape | dtype | candle ms | ours ms | ours / candle | max |Δ| / (1 + |y|) |");
+    println!("|---|---|---|---|---|---|");
+    let mut agreed = true;
+    for case in conv_cases() {
+        let [_, channels, _, _] = case.dims;
+        let random = |dims: &[usize], std: f64| {
+            Tensor::randn(0f32, std as f32, dims, device)
+                .unwrap()
+                .to_dtype(case.dtype)
+                .unwrap()
+        };
+        let xs = random(&case.dims, 1.0);
+        // Outputs of about unit size: weights of 1 / √(9 · c_in).
+        let weight = random(
+            &[channels, channels, 3, 3],
+            (9.0 * channels as f64).powf(-0.5),
+        );
+        let bias = random(&[channels], 0.5);
+        let conv = Conv3x3::from_weights(weight.clone(), bias.clone()).unwrap();
+        let bias_cells = bias.reshape((1, (), 1, 1)).unwrap();
+        let candle = || {
+            xs.conv2d(&weight, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias_cells)
+                .unwrap()
+        };
+        let ours = || conv.forward(&xs, ConvPlan::default()).unwrap();
+        // Both one GEMM over the same products (TF32 in f32), summed in their own orders.
+        let allowed = if case.dtype == DType::F16 { 1e-2 } else { 5e-3 };
+        let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
+        agreed &= compare(&shape, device, runs, allowed, &candle, &ours);
+    }
+    agreed
+}
+
 fn main() {
     let runs: usize = std::env::var("STUDIO_BENCH_RUNS")
         .ok()
@@ -261,6 +323,15 @@ fn main() {
                     agreed &= geglu_on(&gpu, "GPU 0", runs);
                 } else {
                     println!("\nGPU 0: our GEGLU kernel is OFF (see the log); not measured");
+                }
+                let image = Tensor::zeros((1, 1, 1, 1), DType::F16, &gpu).unwrap();
+                if kernels::im2col::columns_3x3(&image, 0, 1)
+                    .unwrap()
+                    .is_some()
+                {
+                    agreed &= conv_on(&gpu, "GPU 0", runs);
+                } else {
+                    println!("\nGPU 0: our column kernel is OFF (see the log); not measured");
                 }
             }
             Err(error) => println!("no CUDA device ({error}); the CPU only"),

@@ -7,6 +7,9 @@
 //!   elsewhere it answers `None` and the model runs its own attention.
 //! - GEGLU, the feed-forward's gate, in one pass (candle: two strided kernels and a
 //!   temporary), on CUDA; elsewhere `None` and the model composes it.
+//! - the column matrix of a 3×3 convolution in the order that makes the convolution one GEMM
+//!   straight into the image layout (candle: a slower im2col, then a transposed copy of the
+//!   output), on CUDA; elsewhere `None` and the model runs candle's convolution.
 //!
 //! On CUDA, `build.rs` compiles each kernel source into a fatbin with machine code for every
 //! supported architecture, so the driver compiles nothing for them at first start. Before a
@@ -25,6 +28,7 @@ mod cuda;
 mod emulation;
 pub mod geglu;
 mod group_norm;
+pub mod im2col;
 
 use std::sync::OnceLock;
 
@@ -52,7 +56,9 @@ pub fn enabled() -> bool {
 }
 
 /// The largest |got − expected| / (1 + |expected|), in f32 on the CPU: how far one kernel's
-/// output is from another's, relative to the values (rounding scales with them).
+/// output is from another's, relative to the values (rounding scales with them). NaN where
+/// either holds a NaN (a maximum alone would pass over them, and a NaN is what an unwritten
+/// output of the emulation holds).
 pub fn largest_relative_difference(
     got: &candle_core::Tensor,
     expected: &candle_core::Tensor,
@@ -63,10 +69,17 @@ pub fn largest_relative_difference(
             .to_dtype(candle_core::DType::F32)
     };
     let expected = as_f32(expected)?;
-    ((as_f32(got)? - &expected)?.abs()? / (expected.abs()? + 1.0)?)?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()
+    let relative =
+        ((as_f32(got)? - &expected)?.abs()? / (expected.abs()? + 1.0)?)?.flatten_all()?;
+    let nans = relative
+        .ne(&relative)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if nans > 0.0 {
+        return Ok(f32::NAN);
+    }
+    relative.max(0)?.to_scalar::<f32>()
 }
 
 /// Loads and checks our kernels on `device` now (on a GPU; elsewhere there is nothing to
@@ -85,5 +98,24 @@ pub fn prepare(device: &candle_core::Device) -> bool {
         }
         candle_core::Device::Cpu => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn one_nan_makes_the_difference_nan() {
+        let expected = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let close = Tensor::new(&[1f32, 2.0, 3.5], &Device::Cpu).unwrap();
+        let unwritten = Tensor::new(&[1f32, f32::NAN, 3.5], &Device::Cpu).unwrap();
+        let difference = super::largest_relative_difference(&close, &expected).unwrap();
+        assert!((difference - 0.125).abs() < 1e-6, "{difference}");
+        assert!(
+            super::largest_relative_difference(&unwritten, &expected)
+                .unwrap()
+                .is_nan()
+        );
     }
 }

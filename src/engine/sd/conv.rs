@@ -1,20 +1,28 @@
-//! 3×3 convolutions that bound their working memory on a GPU.
+//! 3×3 convolutions that bound their working memory on a GPU, and run as one GEMM into the
+//! image layout where our column kernel does.
 //!
 //! candle computes a convolution on CUDA (and Metal) as im2col and one GEMM: it first copies
 //! every output cell's 3×3 neighbourhood into a column buffer of `batch · h · w · c_in · 9`
 //! elements. At the VAE's full resolution that buffer dwarfs everything else: 256 channels at
 //! 512² in f32 is 2.4 GB, at 1024² 9.7 GB. [`Conv3x3`] can run over bands of output rows
-//! instead, each band's buffer within [`ConvPlan::max_column_bytes`]: the input is padded
-//! once (a ninth of the whole buffer), each band convolves its rows plus one row of halo on
-//! either side, and the bands are joined. Every output cell sees exactly the inputs it would
-//! whole, so a banded result equals the whole one up to the GEMM's summation order.
+//! instead, each band's buffer within [`ConvPlan::max_column_bytes`]: each band convolves its
+//! rows plus one row of halo on either side, and the bands are joined. Every output cell sees
+//! exactly the inputs it would whole, so a banded result equals the whole one up to the
+//! GEMM's summation order.
+//!
+//! On CUDA the columns come from our kernel ([`kernels::im2col`]) in the transposed order of
+//! candle's, `(c_in · 9, cells)`, so that the weights as a `(c_out, c_in · 9)` matrix times the
+//! columns is the output in the image layout, with no transposed copy after the GEMM, and a
+//! band needs no padded copy of its rows (the kernel writes the zeros).
 //!
 //! On the CPU candle convolves directly (no column buffer), so the engine plans no bands
-//! there; the bands still run there in tests, against the whole convolution.
+//! there; the bands still run there in tests, against the whole convolution, and so does the
+//! GEMM over the columns, on columns composed from candle's ops.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
 
+use crate::engine::kernels;
 use crate::engine::profile::{self, Work};
 
 /// How much column buffer a convolution may hold at once.
@@ -55,15 +63,31 @@ impl ConvPlan {
 /// A 3×3 convolution, stride 1, padded by one cell on every side (what every 3×3
 /// convolution of the VAE decoder is), with its bias.
 pub struct Conv3x3 {
+    /// `(c_out, c_in, 3, 3)`, as stored.
     weight: Tensor,
+    /// The same values as a `(c_out, c_in · 9)` matrix (a view, no copy): the GEMM's left
+    /// side over our columns.
+    matrix: Tensor,
     bias: Tensor,
 }
 
 impl Conv3x3 {
     pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+        Self::from_weights(
+            vb.get((out_channels, in_channels, 3, 3), "weight")?,
+            vb.get(out_channels, "bias")?,
+        )
+    }
+
+    /// From weights `(c_out, c_in, 3, 3)` and bias `(c_out)` already in memory (the kernels
+    /// bench's).
+    pub fn from_weights(weight: Tensor, bias: Tensor) -> Result<Self> {
+        let (out_channels, in_channels, ..) = weight.dims4()?;
+        let matrix = weight.reshape((out_channels, in_channels * 9))?;
         Ok(Self {
-            weight: vb.get((out_channels, in_channels, 3, 3), "weight")?,
-            bias: vb.get(out_channels, "bias")?,
+            weight,
+            matrix,
+            bias,
         })
     }
 
@@ -74,11 +98,10 @@ impl Conv3x3 {
         let rows = plan.rows(batch, channels, width, xs.dtype(), height);
         let bias = self.bias.reshape((1, (), 1, 1))?;
         if rows >= height {
-            return xs.conv2d(&self.weight, 1, 1, 1, 1)?.broadcast_add(&bias);
+            return self.convolve_rows(xs, 0, height)?.broadcast_add(&bias);
         }
-        // Each band is padded on its own (no padded copy of the whole input), and, its bias
-        // added, copied into its rows of the output: the output is held once, not once as
-        // bands and again joined (and again with the bias).
+        // Each band, its bias added, is copied into its rows of the output: the output is
+        // held once, not once as bands and again joined (and again with the bias).
         let out_channels = self.weight.dim(0)?;
         let out = Tensor::zeros(
             (batch, out_channels, height, width),
@@ -87,22 +110,46 @@ impl Conv3x3 {
         )?;
         let mut top = 0;
         while top < height {
-            let bottom = top + rows.min(height - top);
-            // The band's rows and a halo row above and below it: the image's own rows
-            // inside, zeros beyond its edges.
-            let first = top.saturating_sub(1);
-            let last = (bottom + 1).min(height);
-            let band = xs
-                .narrow(2, first, last - first)?
-                .pad_with_zeros(2, usize::from(top == 0), usize::from(bottom == height))?
-                .pad_with_zeros(3, 1, 1)?;
-            let convolved = band
-                .conv2d(&self.weight, 0, 1, 1, 1)?
+            let band_rows = rows.min(height - top);
+            let convolved = self
+                .convolve_rows(xs, top, band_rows)?
                 .broadcast_add(&bias)?;
             out.slice_set(&convolved, 2, top)?;
-            top = bottom;
+            top += band_rows;
         }
         Ok(out)
+    }
+
+    /// Output rows `top..top + rows`, `(batch, c_out, rows, w)`, without the bias: one GEMM
+    /// over our kernel's columns where it runs, else candle's convolution of the band.
+    fn convolve_rows(&self, xs: &Tensor, top: usize, rows: usize) -> Result<Tensor> {
+        if let Some(columns) = kernels::im2col::columns_3x3(xs, top, rows)? {
+            return self.times_columns(&columns, rows);
+        }
+        let height = xs.dim(2)?;
+        if top == 0 && rows == height {
+            return xs.conv2d(&self.weight, 1, 1, 1, 1);
+        }
+        // The band's rows and a halo row above and below it: the image's own rows inside,
+        // zeros beyond its edges. Padded on its own: no padded copy of the whole input.
+        let bottom = top + rows;
+        let first = top.saturating_sub(1);
+        let last = (bottom + 1).min(height);
+        xs.narrow(2, first, last - first)?
+            .pad_with_zeros(2, usize::from(top == 0), usize::from(bottom == height))?
+            .pad_with_zeros(3, 1, 1)?
+            .conv2d(&self.weight, 0, 1, 1, 1)
+    }
+
+    /// The weights times `columns` `(batch, c_in · 9, rows · w)` ([`kernels::im2col`]'s
+    /// layout): `(batch, c_out, rows, w)`.
+    fn times_columns(&self, columns: &Tensor, rows: usize) -> Result<Tensor> {
+        let (batch, _, cells) = columns.dims3()?;
+        let out_channels = self.matrix.dim(0)?;
+        self.matrix
+            .broadcast_left(batch)?
+            .matmul(columns)?
+            .reshape((batch, out_channels, rows, cells / rows.max(1)))
     }
 }
 
@@ -124,10 +171,11 @@ mod tests {
 
     fn random_conv(in_channels: usize, out_channels: usize) -> Conv3x3 {
         let device = Device::Cpu;
-        Conv3x3 {
-            weight: Tensor::randn(0f32, 0.2, (out_channels, in_channels, 3, 3), &device).unwrap(),
-            bias: Tensor::randn(0f32, 0.2, out_channels, &device).unwrap(),
-        }
+        Conv3x3::from_weights(
+            Tensor::randn(0f32, 0.2, (out_channels, in_channels, 3, 3), &device).unwrap(),
+            Tensor::randn(0f32, 0.2, out_channels, &device).unwrap(),
+        )
+        .unwrap()
     }
 
     fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
@@ -159,6 +207,23 @@ mod tests {
             assert_eq!(banded.dims4().unwrap(), (2, 7, 13, 11));
             let difference = largest_difference(&whole, &banded);
             assert!(difference < 1e-5, "{rows} rows per band: {difference}");
+        }
+    }
+
+    #[test]
+    fn the_gemm_over_the_column_matrix_is_the_convolution_whole_and_in_bands() {
+        // What runs on CUDA, with the columns composed from candle's ops here: the kernel
+        // that writes them on a GPU is checked against the same composition.
+        let conv = random_conv(5, 7);
+        let xs = Tensor::randn(0f32, 1.0, (2, 5, 13, 11), &Device::Cpu).unwrap();
+        let whole = xs.conv2d(&conv.weight, 1, 1, 1, 1).unwrap();
+        for (top, rows) in [(0, 13), (0, 4), (4, 5), (9, 4), (12, 1)] {
+            let columns = kernels::im2col::composed(&xs, top, rows).unwrap();
+            let band = conv.times_columns(&columns, rows).unwrap();
+            assert_eq!(band.dims4().unwrap(), (2, 7, rows, 11));
+            let expected = whole.narrow(2, top, rows).unwrap();
+            let difference = largest_difference(&expected, &band);
+            assert!(difference < 1e-5, "rows {top}+{rows}: {difference}");
         }
     }
 

@@ -8,6 +8,7 @@
 mod attention;
 mod geglu;
 mod group_norm;
+mod im2col;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -19,6 +20,7 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 pub(super) use attention::{attention, attention_runs_on};
 pub(super) use geglu::geglu;
 pub(super) use group_norm::{group_norm, group_norm_fits};
+pub(super) use im2col::columns_3x3;
 
 /// A fatbin, aligned as a fatbin's header must be. On Linux it sits in the section nvcc's own
 /// fatbins use, so `cuobjdump --list-elf` on the binary lists its machine code beside the
@@ -34,6 +36,7 @@ macro_rules! embedded_fatbin {
 embedded_fatbin!(GROUP_NORM_FATBIN, "group_norm.fatbin");
 embedded_fatbin!(ATTENTION_FATBIN, "attention.fatbin");
 embedded_fatbin!(GEGLU_FATBIN, "geglu.fatbin");
+embedded_fatbin!(IM2COL_FATBIN, "im2col.fatbin");
 
 #[repr(C, align(8))]
 struct Aligned<T>(T);
@@ -47,11 +50,18 @@ pub(super) enum Family {
     Attention,
     /// `geglu.cu`: the feed-forward's GELU gate.
     Geglu,
+    /// `im2col.cu`: the columns of a 3×3 convolution, in the image layout's order.
+    Im2col,
 }
 
 impl Family {
     /// Every family, in the order they are loaded.
-    pub(super) const ALL: [Family; 3] = [Family::GroupNorm, Family::Attention, Family::Geglu];
+    pub(super) const ALL: [Family; 4] = [
+        Family::GroupNorm,
+        Family::Attention,
+        Family::Geglu,
+        Family::Im2col,
+    ];
 }
 
 impl Family {
@@ -60,6 +70,7 @@ impl Family {
             Family::GroupNorm => &GROUP_NORM_FATBIN.0,
             Family::Attention => &ATTENTION_FATBIN.0,
             Family::Geglu => &GEGLU_FATBIN.0,
+            Family::Im2col => &IM2COL_FATBIN.0,
         }
     }
 
@@ -68,6 +79,7 @@ impl Family {
             Family::GroupNorm => "group norm",
             Family::Attention => "attention",
             Family::Geglu => "GEGLU",
+            Family::Im2col => "3×3 column",
         }
     }
 }
@@ -121,6 +133,7 @@ fn load_and_check(
         Family::GroupNorm => group_norm::check(device, &module)?,
         Family::Attention => attention::check(device, &module)?,
         Family::Geglu => geglu::check(device, &module)?,
+        Family::Im2col => im2col::check(device, &module)?,
     }
     Ok(module)
 }

@@ -4,7 +4,10 @@
 //! candle's being scores, softmax and weighted sum, whole); GEGLU, the feed-forward's
 //! gate (candle: gelu on a strided half, then a strided product); and the 3×3 convolutions
 //! of the UNets and VAEs with their bias (candle: its im2col, GEMM and transposed copy; ours:
-//! our columns and one GEMM into the image layout, as `Conv3x3` runs them). Group norm on the CPU always;
+//! our columns and one GEMM into the image layout, as `Conv3x3` runs them); and the per-cell
+//! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
+//! (convolution or linear layer plus the copy between cells and tokens) against `Pointwise`
+//! (one GEMM reading the layouts as they stand), on the CPU too. Group norm on the CPU always;
 //! with `--features cuda` both on GPU 0 as well (f16 UNets, f32 VAE, as the engine runs
 //! them), where it is the speed check of `benches/gpu/run.sh`.
 //!
@@ -20,9 +23,10 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use studio_worker::engine::kernels::{self, Activation};
 use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
+use studio_worker::engine::sd::pointwise::Pointwise;
 
 struct Case {
     what: &'static str,
@@ -298,6 +302,137 @@ fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
     agreed
 }
 
+/// Which of the engine's per-cell maps a case is.
+#[derive(Clone, Copy)]
+enum PointwiseKind {
+    /// A resnet's shortcut, cells to cells (candle: its 1×1 convolution).
+    Shortcut,
+    /// SD 1.x's `proj_in`: a 1×1 convolution, then the cells as tokens (a copy).
+    ConvIn,
+    /// SD 1.x's `proj_out`: the tokens as cells (a copy), then a 1×1 convolution.
+    ConvOut,
+    /// SD 2.x and SDXL's `proj_in`: the cells as tokens (a copy), then a linear layer.
+    LinearIn,
+    /// SD 2.x and SDXL's `proj_out`: a linear layer, then the tokens as cells (a copy).
+    LinearOut,
+}
+
+/// `(what, kind, batch, c_in, c_out, side)` of real jobs.
+const POINTWISE_CASES: [(&str, PointwiseKind, usize, usize, usize, usize); 6] = [
+    (
+        "SD 1.5 512², up level 1 shortcut",
+        PointwiseKind::Shortcut,
+        2,
+        640,
+        320,
+        64,
+    ),
+    (
+        "SD 1.5 512², level 1 proj_in",
+        PointwiseKind::ConvIn,
+        2,
+        320,
+        320,
+        64,
+    ),
+    (
+        "SD 1.5 512², level 1 proj_out",
+        PointwiseKind::ConvOut,
+        2,
+        320,
+        320,
+        64,
+    ),
+    (
+        "SDXL 1024², level 2 proj_in",
+        PointwiseKind::LinearIn,
+        2,
+        640,
+        640,
+        64,
+    ),
+    (
+        "SDXL 1024², level 2 proj_out",
+        PointwiseKind::LinearOut,
+        2,
+        640,
+        640,
+        64,
+    ),
+    (
+        "SDXL 1024², level 3 proj_out",
+        PointwiseKind::LinearOut,
+        2,
+        1280,
+        1280,
+        32,
+    ),
+];
+
+fn pointwise_on(device: &Device, label: &str, dtype: DType, runs: usize) -> bool {
+    println!("\n{label}: per-cell maps with their layout copies, {dtype:?}, median of {runs}");
+    println!("| shape | candle ms | ours ms | ours / candle | max |Δ| / (1 + |y|) |");
+    println!("|---|---|---|---|---|");
+    let mut agreed = true;
+    for (what, kind, batch, c_in, c_out, side) in POINTWISE_CASES {
+        let random = |dims: &[usize], std: f64| {
+            Tensor::randn(0f32, std as f32, dims, device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let weight = random(&[c_out, c_in], (c_in as f64).powf(-0.5));
+        let bias = random(&[c_out], 0.5);
+        let cells = random(&[batch, c_in, side, side], 1.0);
+        let tokens = random(&[batch, side * side, c_in], 1.0);
+        let pointwise = Pointwise::from_weights(weight.clone(), bias.clone()).unwrap();
+        let conv = candle_nn::Conv2d::new(
+            weight.reshape((c_out, c_in, 1, 1)).unwrap(),
+            Some(bias.clone()),
+            candle_nn::Conv2dConfig::default(),
+        );
+        let linear = candle_nn::Linear::new(weight.clone(), Some(bias.clone()));
+        let as_tokens = |cells: Tensor| {
+            let channels = cells.dim(1).unwrap();
+            cells
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .reshape((batch, side * side, channels))
+                .unwrap()
+        };
+        let as_cells = |tokens: &Tensor| {
+            let channels = tokens.dim(2).unwrap();
+            tokens
+                .reshape((batch, side, side, channels))
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let candle = || match kind {
+            PointwiseKind::Shortcut => conv.forward(&cells).unwrap(),
+            PointwiseKind::ConvIn => as_tokens(conv.forward(&cells).unwrap()),
+            PointwiseKind::ConvOut => conv.forward(&as_cells(&tokens)).unwrap(),
+            PointwiseKind::LinearIn => linear.forward(&as_tokens(cells.clone())).unwrap(),
+            PointwiseKind::LinearOut => as_cells(&linear.forward(&tokens).unwrap()),
+        };
+        let ours = || match kind {
+            PointwiseKind::Shortcut => pointwise.cells_to_cells(&cells).unwrap(),
+            PointwiseKind::ConvIn | PointwiseKind::LinearIn => {
+                pointwise.cells_to_tokens(&cells).unwrap()
+            }
+            PointwiseKind::ConvOut | PointwiseKind::LinearOut => {
+                pointwise.tokens_to_cells(&tokens, side, side).unwrap()
+            }
+        };
+        let allowed = if dtype == DType::F16 { 1e-2 } else { 1e-4 };
+        let shape = format!("{what}: {c_in} → {c_out} channels at {side}²");
+        agreed &= compare(&shape, device, runs, allowed, &candle, &ours);
+    }
+    agreed
+}
+
 fn main() {
     let runs: usize = std::env::var("STUDIO_BENCH_RUNS")
         .ok()
@@ -324,6 +459,7 @@ fn main() {
                 } else {
                     println!("\nGPU 0: our GEGLU kernel is OFF (see the log); not measured");
                 }
+                agreed &= pointwise_on(&gpu, "GPU 0", DType::F16, runs);
                 let image = Tensor::zeros((1, 1, 1, 1), DType::F16, &gpu).unwrap();
                 if kernels::im2col::columns_3x3(&image, 0, 1)
                     .unwrap()
@@ -338,6 +474,7 @@ fn main() {
         }
     }
     agreed &= run_on(&Device::Cpu, "CPU", &cpu_cases(), runs.min(5));
+    agreed &= pointwise_on(&Device::Cpu, "CPU", DType::F32, runs.min(5));
     if !agreed {
         eprintln!("our kernels differ from candle's beyond rounding");
         std::process::exit(1);

@@ -46,8 +46,6 @@ pub enum Work {
     Attention,
     /// Splitting into heads and merging them back (copies).
     HeadLayout,
-    /// Cells to tokens and back around a transformer (copies).
-    TokenLayout,
     Geglu,
     Upsample,
     Sampler,
@@ -64,7 +62,6 @@ impl Work {
             Self::Linear => "linear",
             Self::Attention => "attention: scores, softmax, values",
             Self::HeadLayout => "attention: heads split and merged",
-            Self::TokenLayout => "cells ↔ tokens",
             Self::Geglu => "GEGLU",
             Self::Upsample => "upsample",
             Self::Sampler => "sampler step",

@@ -20,7 +20,7 @@
 //! GEMM over the columns, on columns composed from candle's ops.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::engine::kernels;
 use crate::engine::profile::{self, Work};
@@ -151,17 +151,6 @@ impl Conv3x3 {
             .matmul(columns)?
             .reshape((batch, out_channels, rows, cells / rows.max(1)))
     }
-}
-
-/// A 1×1 convolution (a per-cell linear map: no column buffer worth bounding).
-pub fn conv1x1(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Conv2d> {
-    candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        1,
-        candle_nn::Conv2dConfig::default(),
-        vb,
-    )
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 pub mod conv;
 pub mod model_folder;
 pub mod norm;
+pub mod pointwise;
 pub mod resnet;
 pub mod schedulers;
 pub(crate) mod text_encoder;

@@ -5,10 +5,11 @@
 //! convolutions can run in bands ([`ConvPlan`]).
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use super::conv::{Conv3x3, ConvPlan, conv1x1};
+use super::conv::{Conv3x3, ConvPlan};
 use super::norm::{GroupNorm, group_norm};
+use super::pointwise::Pointwise;
 use crate::engine::profile::{self, Work};
 
 /// What the residual blocks of one model share.
@@ -40,7 +41,7 @@ pub struct Resnet {
     time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv3x3,
-    shortcut: Option<Conv2d>,
+    shortcut: Option<Pointwise>,
     output_scale_factor: f64,
 }
 
@@ -60,7 +61,11 @@ impl Resnet {
         let shortcut = if in_channels == out_channels {
             None
         } else {
-            Some(conv1x1(vb.pp("conv_shortcut"), in_channels, out_channels)?)
+            Some(Pointwise::conv(
+                vb.pp("conv_shortcut"),
+                in_channels,
+                out_channels,
+            )?)
         };
         let time_emb_proj = match temb_channels {
             Some(temb_channels) => Some(candle_nn::linear(
@@ -99,7 +104,8 @@ impl Resnet {
             .forward(&self.norm2.forward_then_silu(&hidden)?, plan)?;
         let out = match &self.shortcut {
             Some(shortcut) => {
-                (profile::timed(Work::Conv1x1, xs.device(), || shortcut.forward(xs))? + hidden)?
+                (profile::timed(Work::Conv1x1, xs.device(), || shortcut.cells_to_cells(xs))?
+                    + hidden)?
             }
             None => (xs + hidden)?,
         };

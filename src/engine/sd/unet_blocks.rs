@@ -16,6 +16,7 @@ use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan};
 use super::norm::{GroupNorm, group_norm};
+use super::pointwise::Pointwise;
 use super::resnet::{Resnet, ResnetSettings};
 use super::working_memory::Plan;
 use crate::engine::kernels;
@@ -232,18 +233,14 @@ impl TransformerLayer {
     }
 }
 
-/// Projects in and out either by a 1×1 convolution (SD 1.x) or a linear layer (SD 2.x, SDXL).
-enum Projection {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
 /// diffusers' `Transformer2DModel`: the spatial cells become tokens for `depth` layers.
 pub struct Transformer {
     norm: GroupNorm,
-    proj_in: Projection,
+    /// Cells in, tokens out (and back for `proj_out`): a 1×1 convolution's weights (SD 1.x)
+    /// or a linear layer's (SD 2.x, SDXL), the same map.
+    proj_in: Pointwise,
     layers: Vec<TransformerLayer>,
-    proj_out: Projection,
+    proj_out: Pointwise,
 }
 
 /// What a cross-attention block's transformers are made of.
@@ -261,18 +258,12 @@ pub struct TransformerConfig {
 
 impl Transformer {
     pub fn new(vb: VarBuilder, channels: usize, config: TransformerConfig) -> Result<Self> {
-        let projection = |vb: VarBuilder| -> Result<Projection> {
-            Ok(if config.linear_projection {
-                Projection::Linear(candle_nn::linear(channels, channels, vb)?)
+        let projection = |vb: VarBuilder| {
+            if config.linear_projection {
+                Pointwise::linear(vb, channels, channels)
             } else {
-                Projection::Conv(candle_nn::conv2d(
-                    channels,
-                    channels,
-                    1,
-                    Conv2dConfig::default(),
-                    vb,
-                )?)
-            })
+                Pointwise::conv(vb, channels, channels)
+            }
         };
         let layers = (0..config.depth)
             .map(|index| {
@@ -292,44 +283,20 @@ impl Transformer {
     }
 
     pub fn forward(&self, xs: &Tensor, context: &Tensor, plan: AttentionPlan) -> Result<Tensor> {
-        let (batch, channels, height, width) = xs.dims4()?;
+        let (_, _, height, width) = xs.dims4()?;
         let device = xs.device();
         let normed = self.norm.forward(xs)?;
-        let to_tokens = |xs: Tensor| -> Result<Tensor> {
-            profile::timed(Work::TokenLayout, device, || {
-                xs.permute((0, 2, 3, 1))?
-                    .reshape((batch, height * width, channels))
-            })
-        };
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(profile::timed(Work::Conv1x1, device, || {
-                conv.forward(&normed)
-            })?)?,
-            Projection::Linear(linear) => {
-                let tokens = to_tokens(normed)?;
-                profile::timed(Work::Linear, device, || linear.forward(&tokens))?
-            }
-        };
+        // The projections read and write the layouts as they stand: no copies between cells
+        // and tokens.
+        let mut tokens = profile::timed(Work::Linear, device, || {
+            self.proj_in.cells_to_tokens(&normed)
+        })?;
         for layer in &self.layers {
             tokens = layer.forward(&tokens, context, plan)?;
         }
-        let to_cells = |tokens: Tensor| -> Result<Tensor> {
-            profile::timed(Work::TokenLayout, device, || {
-                tokens
-                    .reshape((batch, height, width, channels))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()
-            })
-        };
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => {
-                let cells = to_cells(tokens)?;
-                profile::timed(Work::Conv1x1, device, || conv.forward(&cells))?
-            }
-            Projection::Linear(linear) => to_cells(profile::timed(Work::Linear, device, || {
-                linear.forward(&tokens)
-            })?)?,
-        };
+        let out = profile::timed(Work::Linear, device, || {
+            self.proj_out.tokens_to_cells(&tokens, height, width)
+        })?;
         out + xs
     }
 }

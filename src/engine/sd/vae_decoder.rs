@@ -8,11 +8,12 @@
 //! blocks (resnets, then ×2 nearest upsampling and a convolution, but the last) → group norm,
 //! SiLU → `conv_out`.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
 
-use super::conv::{Conv3x3, conv1x1};
+use super::conv::Conv3x3;
 use super::norm::{GroupNorm, group_norm};
+use super::pointwise::Pointwise;
 use super::resnet::{Resnet, ResnetSettings};
 use super::unet_blocks::{AttentionPlan, attend};
 use super::working_memory::Plan;
@@ -50,10 +51,10 @@ fn resnet(
 /// Single-head self-attention over the cells, in f32, residual.
 struct MidAttention {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Pointwise,
+    to_k: Pointwise,
+    to_v: Pointwise,
+    to_out: Pointwise,
     scale: f64,
 }
 
@@ -65,7 +66,8 @@ impl MidAttention {
         } else {
             ["query", "key", "value", "proj_attn"]
         };
-        let [to_q, to_k, to_v, to_out] = names.map(|name| projection(vb.pp(name), channels));
+        let [to_q, to_k, to_v, to_out] =
+            names.map(|name| Pointwise::linear_or_conv(vb.pp(name), channels, channels));
         Ok(Self {
             group_norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
             to_q: to_q?,
@@ -78,36 +80,25 @@ impl MidAttention {
 
     fn forward(&self, xs: &Tensor, plan: AttentionPlan) -> Result<Tensor> {
         let in_dtype = xs.dtype();
-        let (batch, channels, height, width) = xs.dims4()?;
-        let tokens = self
-            .group_norm
-            .forward(xs)?
-            .reshape((batch, channels, height * width))?
-            .transpose(1, 2)?;
-        let f32_of = |linear: &Linear| {
-            profile::timed(Work::Linear, xs.device(), || linear.forward(&tokens))?
-                .to_dtype(DType::F32)
+        let (_, _, height, width) = xs.dims4()?;
+        let normed = self.group_norm.forward(xs)?;
+        // The projections read the cells as tokens and write the output as cells: no copies
+        // between the layouts.
+        let f32_of = |projection: &Pointwise| {
+            profile::timed(Work::Linear, xs.device(), || {
+                projection.cells_to_tokens(&normed)
+            })?
+            .to_dtype(DType::F32)
         };
         let query = (f32_of(&self.to_q)? * self.scale)?;
         let key_t = f32_of(&self.to_k)?.t()?.contiguous()?;
         let value = f32_of(&self.to_v)?;
         let attended = attend(&query, &key_t, &value, plan)?.to_dtype(in_dtype)?;
-        let out = profile::timed(Work::Linear, xs.device(), || self.to_out.forward(&attended))?
-            .transpose(1, 2)?
-            .reshape((batch, channels, height, width))?;
+        let out = profile::timed(Work::Linear, xs.device(), || {
+            self.to_out.tokens_to_cells(&attended, height, width)
+        })?;
         out + xs
     }
-}
-
-/// A projection stored as a linear layer, or as a 1×1 convolution's 4-D weight.
-fn projection(vb: VarBuilder, channels: usize) -> Result<Linear> {
-    let weight = match vb.get((channels, channels), "weight") {
-        Ok(weight) => weight,
-        Err(_) => vb
-            .get((channels, channels, 1, 1), "weight")?
-            .reshape((channels, channels))?,
-    };
-    Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
 }
 
 /// Resnets, then (but in the last block) ×2 nearest upsampling and a convolution.
@@ -117,7 +108,7 @@ struct UpBlock {
 }
 
 pub struct Decoder {
-    post_quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Pointwise>,
     conv_in: Conv3x3,
     mid_resnets: [Resnet; 2],
     mid_attention: MidAttention,
@@ -134,8 +125,8 @@ impl Decoder {
         let Some(&deepest) = channels.first() else {
             candle_core::bail!("the VAE config has no block_out_channels");
         };
-        let post_quant_conv: Option<Conv2d> = if config.use_post_quant_conv {
-            Some(conv1x1(
+        let post_quant_conv = if config.use_post_quant_conv {
+            Some(Pointwise::conv(
                 vb.pp("post_quant_conv"),
                 config.latent_channels,
                 config.latent_channels,
@@ -194,9 +185,9 @@ impl Decoder {
     /// [`super::vae::Vae`]'s).
     pub fn forward(&self, latents: &Tensor, plan: Plan) -> Result<Tensor> {
         let latents = match &self.post_quant_conv {
-            Some(conv) => {
-                profile::timed(Work::Conv1x1, latents.device(), || conv.forward(latents))?
-            }
+            Some(conv) => profile::timed(Work::Conv1x1, latents.device(), || {
+                conv.cells_to_cells(latents)
+            })?,
             None => latents.clone(),
         };
         let [first, second] = &self.mid_resnets;

@@ -21,9 +21,10 @@ const PTX_ARCHITECTURE: u32 = 75;
 const HEADERS: [&str; 1] = ["src/engine/kernels/conversions.cuh"];
 
 /// Each becomes `$OUT_DIR/<file stem>.fatbin`.
-const SOURCES: [&str; 4] = [
+const SOURCES: [&str; 5] = [
     "src/engine/kernels/group_norm.cu",
     "src/engine/kernels/attention.cu",
+    "src/engine/kernels/attention_mma.cu",
     "src/engine/kernels/geglu.cu",
     "src/engine/kernels/im2col.cu",
 ];

@@ -7,8 +7,12 @@
 //! answers `None` and the caller runs its own path.
 //!
 //! How a block tiles the work ([`Tiling`]) is chosen per head dim to fit the device's shared
-//! memory. The tests run the CUDA source itself on a CPU emulation of the GPU's blocks
-//! (`emulation/`) against [`reference`], so the kernel's logic is checked without a GPU.
+//! memory. Heads up to [`MMA_MAX_HEAD_DIM`] wide (every SD head but SD 1.5's 160) run a
+//! sibling kernel instead where it has passed its own check (`attention_mma.cu`: the same
+//! algorithm with `mma.sync`, scores, probabilities and output all in registers, as
+//! FlashAttention-2 keeps them). The tests run both CUDA sources on a CPU emulation of the
+//! GPU's blocks (`emulation/`) against [`reference`], so their logic is checked without a
+//! GPU.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
@@ -19,6 +23,30 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// (`largest_relative_difference`): the probabilities and the output are rounded to f16 once
 /// each (2⁻¹¹ relative), the rest is f32. A wrong mask or index is off by tenths.
 pub const TOLERANCE: f32 = 5e-3;
+
+/// The widest head the register kernel (`attention_mma.cu`) takes; wider ones take
+/// `attention.cu`.
+pub const MMA_MAX_HEAD_DIM: usize = 128;
+
+/// Query rows per block of the register kernel (`16 × WARPS` in `attention_mma.cu`).
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const MMA_QUERY_ROWS: usize = 64;
+
+/// Threads per block of the register kernel (`THREADS` in `attention_mma.cu`).
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const MMA_THREADS: usize = 128;
+
+/// The register kernel for `head_dim`: how many steps of 16 its padded head spans (the
+/// kernels `attention_mma_f16_k<steps>`), or `None` for an odd or too wide head (its pairs
+/// of values are read 32 bits at a time).
+pub fn mma_steps(head_dim: usize) -> Option<usize> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return None;
+    }
+    [2, 3, 4, 5, 6, 8]
+        .into_iter()
+        .find(|steps| 16 * steps >= head_dim)
+}
 
 /// The rows per WMMA fragment (`FRAGMENT` in `attention.cu`).
 const FRAGMENT: usize = 16;
@@ -226,6 +254,20 @@ pub(super) const CHECK_CASES: [(Geometry, f32); 5] = [
     (geometry(1, 1, 17, 40, 256), 2.0),
 ];
 
+/// What the register kernel is checked on, likewise: every instantiation SD uses (heads of
+/// 40, 64 and 80) and the widest (128), a narrow one (12), query rows that span blocks of 64
+/// and end inside one, keys that end inside a tile of 64, fill one exactly and span several,
+/// and scores that would overflow an exponential without its maximum subtracted.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const MMA_CHECK_CASES: [(Geometry, f32); 6] = [
+    (geometry(2, 3, 20, 77, 40), 1.0),
+    (geometry(1, 2, 100, 150, 64), 4.0),
+    (geometry(1, 1, 70, 64, 80), 1.0),
+    (geometry(2, 2, 5, 3, 12), 1.0),
+    (geometry(1, 1, 17, 40, 128), 2.0),
+    (geometry(1, 2, 9, 20, 96), 1.0),
+];
+
 #[cfg(any(test, feature = "cuda"))]
 const fn geometry(
     batch: usize,
@@ -318,6 +360,63 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_register_kernel_agrees_with_the_reference_on_an_emulated_gpu() {
+        let Some(runner) = emulation::Runner::build("attention_mma_runner.cpp") else {
+            return;
+        };
+        for (geometry, spread) in MMA_CHECK_CASES {
+            let [query, key, value] = inputs(geometry, spread).unwrap();
+            let scale = (geometry.head_dim as f64).powf(-0.5);
+            let expected = reference(&query, &key, &value, geometry.heads, scale).unwrap();
+            let steps = mma_steps(geometry.head_dim).expect("a head the register kernel takes");
+            let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+            let args = [
+                geometry.batch,
+                geometry.heads,
+                geometry.queries,
+                geometry.keys,
+                geometry.head_dim,
+                steps,
+                MMA_QUERY_ROWS,
+                MMA_THREADS,
+            ]
+            .map(|value| value.to_string());
+            let got = runner
+                .run(
+                    args.iter()
+                        .map(String::as_str)
+                        .chain([scale_log2.to_string().as_str()]),
+                    &[&query, &key, &value],
+                    DType::F16,
+                    query.shape(),
+                )
+                .unwrap();
+            let difference = largest_relative_difference(&got, &expected).unwrap();
+            assert!(
+                difference <= TOLERANCE,
+                "{geometry:?} in {steps} steps: {difference} from the reference"
+            );
+        }
+    }
+
+    #[test]
+    fn the_register_kernel_takes_the_heads_it_has_instantiations_for() {
+        assert_eq!(mma_steps(40), Some(3));
+        assert_eq!(mma_steps(64), Some(4));
+        assert_eq!(mma_steps(80), Some(5));
+        assert_eq!(mma_steps(96), Some(6));
+        assert_eq!(mma_steps(112), Some(8));
+        assert_eq!(mma_steps(MMA_MAX_HEAD_DIM), Some(8));
+        assert_eq!(mma_steps(2), Some(2));
+        // Odd heads (pairs read as 32 bits), and wider ones, take `attention.cu`.
+        assert_eq!(mma_steps(39), None);
+        assert_eq!(mma_steps(160), None);
+        assert_eq!(mma_steps(0), None);
+        let runs = MMA_CHECK_CASES.map(|(geometry, _)| mma_steps(geometry.head_dim));
+        assert!(runs.iter().all(Option::is_some));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! - group norm with its affine and SiLU (~14 of candle's kernels, 2 of ours). It also runs
 //!   on the CPU, with the same arithmetic, and hands shapes and dtypes it does not take to
 //!   candle's composition, so model code always calls the op.
-//! - attention that never holds its score matrix (flash-attention style), on CUDA in f16;
+//! - attention that never holds its score matrix (flash-attention style), on CUDA in f16:
+//!   for heads up to 128 wide with `mma.sync` and everything in registers, else with WMMA;
 //!   elsewhere it answers `None` and the model runs its own attention.
 //! - GEGLU, the feed-forward's gate, in one pass (candle: two strided kernels and a
 //!   temporary), on CUDA; elsewhere `None` and the model composes it.

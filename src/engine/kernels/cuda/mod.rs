@@ -35,6 +35,7 @@ macro_rules! embedded_fatbin {
 
 embedded_fatbin!(GROUP_NORM_FATBIN, "group_norm.fatbin");
 embedded_fatbin!(ATTENTION_FATBIN, "attention.fatbin");
+embedded_fatbin!(ATTENTION_MMA_FATBIN, "attention_mma.fatbin");
 embedded_fatbin!(GEGLU_FATBIN, "geglu.fatbin");
 embedded_fatbin!(IM2COL_FATBIN, "im2col.fatbin");
 
@@ -48,6 +49,8 @@ pub(super) enum Family {
     GroupNorm,
     /// `attention.cu`: multi-head softmax attention.
     Attention,
+    /// `attention_mma.cu`: the same for heads up to 128 wide, all in registers.
+    AttentionMma,
     /// `geglu.cu`: the feed-forward's GELU gate.
     Geglu,
     /// `im2col.cu`: the columns of a 3×3 convolution, in the image layout's order.
@@ -56,9 +59,10 @@ pub(super) enum Family {
 
 impl Family {
     /// Every family, in the order they are loaded.
-    pub(super) const ALL: [Family; 4] = [
+    pub(super) const ALL: [Family; 5] = [
         Family::GroupNorm,
         Family::Attention,
+        Family::AttentionMma,
         Family::Geglu,
         Family::Im2col,
     ];
@@ -69,6 +73,7 @@ impl Family {
         match self {
             Family::GroupNorm => &GROUP_NORM_FATBIN.0,
             Family::Attention => &ATTENTION_FATBIN.0,
+            Family::AttentionMma => &ATTENTION_MMA_FATBIN.0,
             Family::Geglu => &GEGLU_FATBIN.0,
             Family::Im2col => &IM2COL_FATBIN.0,
         }
@@ -78,6 +83,7 @@ impl Family {
         match self {
             Family::GroupNorm => "group norm",
             Family::Attention => "attention",
+            Family::AttentionMma => "register attention",
             Family::Geglu => "GEGLU",
             Family::Im2col => "3×3 column",
         }
@@ -132,6 +138,7 @@ fn load_and_check(
     match family {
         Family::GroupNorm => group_norm::check(device, &module)?,
         Family::Attention => attention::check(device, &module)?,
+        Family::AttentionMma => attention::check_mma(device, &module)?,
         Family::Geglu => geglu::check(device, &module)?,
         Family::Im2col => im2col::check(device, &module)?,
     }

@@ -6,7 +6,11 @@
 // synchronisation points as written), not their speed or the GPU's memory model.
 #pragma once
 
+// Kernel sources test this to call the emulation of an instruction they write as inline PTX.
+#define STUDIO_CUDA_EMULATION 1
+
 #include <algorithm>
+#include <array>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -44,7 +48,7 @@ namespace emulation {
 
 // The synchronisation of the block being run.
 struct Block {
-  explicit Block(uint32_t threads) : block(threads), exchange(threads) {
+  explicit Block(uint32_t threads) : block(threads), exchange(threads), fragments(threads) {
     for (uint32_t warp = 0; warp < threads / 32; ++warp) {
       warps.push_back(std::make_unique<std::barrier<>>(32));
     }
@@ -52,6 +56,7 @@ struct Block {
   std::barrier<> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> exchange;  // one mailbox per thread, for the shuffles
+  std::vector<std::array<uint32_t, 6>> fragments;  // one per thread, for mma.sync (mma_sync.h)
 };
 
 inline Block* block = nullptr;

@@ -1,0 +1,280 @@
+// Multi-head softmax attention with everything a warp computes held in registers, the way
+// FlashAttention-2 does it: the sibling of `attention.cu` (WMMA, which passes its scores,
+// probabilities and running output through shared memory because WMMA hides the fragments'
+// register layout). Here the tensor-core instruction is `mma.sync` m16n8k16, whose fragment
+// layout is documented (PTX ISA, "Matrix Fragments for mma.m16n8k16"), so:
+//   - a warp's 16 query rows stay in registers as A fragments for the whole kernel;
+//   - the scores S = Q·Kᵀ come out of the tensor cores as accumulators, and the online
+//     softmax runs on them in registers (row maxima and sums across the 4 lanes sharing a
+//     row, by shuffles);
+//   - the accumulators of S, as probabilities rounded to f16, are already the A fragments of
+//     P·V (the C layout of two 16×8 tiles is the A layout of one 16×16), so P never leaves
+//     the registers either;
+//   - the running output is accumulators too, rescaled in place.
+// Only K and V pass through shared memory, once per key tile for the block's 4 warps (64
+// query rows); V is stored transposed there so that both B operands are read as 32-bit
+// pairs along a row. Row strides of 8 halves more than the data spread a warp's reads over
+// all 32 banks.
+//
+// The same layouts as `attention.cu`: inputs `(batch, tokens, heads · head_dim)` as the
+// projections leave them, output the same way. The head dim (even, at most 16 · KSTEPS)
+// is padded to 16 · KSTEPS with zeros; keys past the end are masked, query rows past the end
+// are not written. Scores are scaled in base 2 (`scale_log2` = scale · log2 e).
+//
+// Fragment layouts, for lane = 4·g + t (g = lane / 4, t = lane % 4), pairs packed low
+// element first:
+//   A (16×16, row-major): a0 = (row g, cols 2t, 2t+1), a1 = (row g+8, same cols),
+//                          a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9)
+//   B (16×8, "col"):       b0 = (rows 2t, 2t+1 of column g), b1 = (rows 2t+8, 2t+9)
+//   C (16×8, f32):         c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols)
+// Turing (sm_75) has m16n8k8 only: there one m16n8k16 is two of them, over a0 a1 b0 and
+// a2 a3 b1.
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr uint32_t WARPS = 4;
+constexpr uint32_t THREADS = 32 * WARPS;
+constexpr uint32_t KEY_TILE = 64;
+constexpr uint32_t KEY_GROUPS = KEY_TILE / 8;    // score tiles of 8 keys
+constexpr uint32_t KEY_STEPS = KEY_TILE / 16;    // P·V steps of 16 keys
+constexpr unsigned FULL_WARP = 0xffffffffu;
+
+// D += A·B for one 16×8×16 step of a warp.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+#if defined(STUDIO_CUDA_EMULATION)
+  emulation::mma_m16n8k16(d, a, b0, b1);
+#elif __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(b0));
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[2]), "r"(a[3]), "r"(b1));
+#endif
+}
+
+// Two values rounded to f16 and packed, `low` first (lower column).
+__device__ __forceinline__ uint32_t pack(float low, float high) {
+  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(low))) |
+         (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(high))) << 16);
+}
+
+// The 32 bits at `pair` (two halves, 4-byte aligned).
+__device__ __forceinline__ uint32_t load_pair(const __half* pair) {
+  return *reinterpret_cast<const uint32_t*>(pair);
+}
+
+template <uint32_t KSTEPS>
+__device__ void attention_mma(const __half* __restrict__ q, const __half* __restrict__ k,
+                              const __half* __restrict__ v, __half* __restrict__ out,
+                              uint32_t heads, uint32_t queries, uint32_t keys,
+                              uint32_t head_dim, float scale_log2) {
+  constexpr uint32_t DP = 16 * KSTEPS;       // the padded head dim
+  constexpr uint32_t DIM_GROUPS = DP / 8;    // output tiles of 8 columns
+  constexpr uint32_t LD_K = DP + 8;          // K rows, in halves
+  constexpr uint32_t LD_V = KEY_TILE + 8;    // Vᵀ rows (one per column of V), in halves
+  __shared__ __align__(16) __half k_s[KEY_TILE * LD_K];
+  __shared__ __align__(16) __half v_t[DP * LD_V];
+
+  const uint32_t warp = threadIdx.x / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t g = lane / 4;
+  const uint32_t t = lane % 4;
+
+  const uint32_t image = blockIdx.y / heads;
+  const uint32_t head = blockIdx.y % heads;
+  const size_t token_stride = static_cast<size_t>(heads) * head_dim;
+  const size_t head_offset = static_cast<size_t>(head) * head_dim;
+  const __half* q_head = q + static_cast<size_t>(image) * queries * token_stride + head_offset;
+  const __half* k_head = k + static_cast<size_t>(image) * keys * token_stride + head_offset;
+  const __half* v_head = v + static_cast<size_t>(image) * keys * token_stride + head_offset;
+  __half* out_head = out + static_cast<size_t>(image) * queries * token_stride + head_offset;
+
+  // This warp's query rows g and g + 8 (of its 16).
+  const uint32_t first_row = blockIdx.x * (16 * WARPS) + warp * 16;
+  const uint32_t row_low = first_row + g;
+  const uint32_t row_high = first_row + g + 8;
+
+  // Q as A fragments, once: zeros past the rows and past the head dim (which is even, so a
+  // pair is wholly inside or wholly past it).
+  uint32_t q_fragments[KSTEPS][4];
+  #pragma unroll
+  for (uint32_t step = 0; step < KSTEPS; ++step) {
+    #pragma unroll
+    for (uint32_t half_k = 0; half_k < 2; ++half_k) {
+      const uint32_t column = step * 16 + half_k * 8 + 2 * t;
+      const bool inside = column < head_dim;
+      q_fragments[step][2 * half_k] =
+          inside && row_low < queries ? load_pair(q_head + row_low * token_stride + column) : 0;
+      q_fragments[step][2 * half_k + 1] =
+          inside && row_high < queries ? load_pair(q_head + row_high * token_stride + column)
+                                       : 0;
+    }
+  }
+
+  float output[DIM_GROUPS][4];
+  #pragma unroll
+  for (uint32_t group = 0; group < DIM_GROUPS; ++group) {
+    #pragma unroll
+    for (uint32_t i = 0; i < 4; ++i) {
+      output[group][i] = 0.0f;
+    }
+  }
+  // Per row (low: g, high: g + 8): the running maximum (base 2, scaled) and this lane's
+  // share of the running sum (the 4 lanes of a row add theirs up at the end).
+  float max_low = -INFINITY, max_high = -INFINITY;
+  float sum_low = 0.0f, sum_high = 0.0f;
+
+  const uint32_t pairs = DP / 2;
+  for (uint32_t first_key = 0; first_key < keys; first_key += KEY_TILE) {
+    __syncthreads();  // every warp is done with the previous tile
+    // K as it is, V transposed; zeros past the keys and past the head dim.
+    for (uint32_t i = threadIdx.x; i < KEY_TILE * pairs; i += THREADS) {
+      const uint32_t key = i / pairs;
+      const uint32_t column = i % pairs * 2;
+      const bool inside = first_key + key < keys && column < head_dim;
+      const size_t at = static_cast<size_t>(first_key + key) * token_stride + column;
+      const uint32_t k_pair = inside ? load_pair(k_head + at) : 0;
+      const uint32_t v_pair = inside ? load_pair(v_head + at) : 0;
+      *reinterpret_cast<uint32_t*>(k_s + key * LD_K + column) = k_pair;
+      v_t[column * LD_V + key] = __ushort_as_half(static_cast<unsigned short>(v_pair & 0xffffu));
+      v_t[(column + 1) * LD_V + key] = __ushort_as_half(static_cast<unsigned short>(v_pair >> 16));
+    }
+    __syncthreads();
+
+    // S = Q·Kᵀ: 8 tiles of 8 keys. Kᵀ as B (column n = key n): pairs along K's rows.
+    float scores[KEY_GROUPS][4];
+    #pragma unroll
+    for (uint32_t group = 0; group < KEY_GROUPS; ++group) {
+      #pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        scores[group][i] = 0.0f;
+      }
+      const __half* key_row = k_s + (group * 8 + g) * LD_K + 2 * t;
+      #pragma unroll
+      for (uint32_t step = 0; step < KSTEPS; ++step) {
+        mma_16816(scores[group], q_fragments[step], load_pair(key_row + step * 16),
+                  load_pair(key_row + step * 16 + 8));
+      }
+    }
+
+    // The online softmax, in base 2: masked keys get −∞, so they weigh 0.
+    const uint32_t valid = min(KEY_TILE, keys - first_key);
+    float tile_max_low = -INFINITY, tile_max_high = -INFINITY;
+    #pragma unroll
+    for (uint32_t group = 0; group < KEY_GROUPS; ++group) {
+      #pragma unroll
+      for (uint32_t i = 0; i < 2; ++i) {
+        const bool inside = group * 8 + 2 * t + i < valid;
+        scores[group][i] = inside ? scores[group][i] * scale_log2 : -INFINITY;
+        scores[group][i + 2] = inside ? scores[group][i + 2] * scale_log2 : -INFINITY;
+        tile_max_low = fmaxf(tile_max_low, scores[group][i]);
+        tile_max_high = fmaxf(tile_max_high, scores[group][i + 2]);
+      }
+    }
+    #pragma unroll
+    for (int lanes = 1; lanes < 4; lanes *= 2) {
+      tile_max_low = fmaxf(tile_max_low, __shfl_xor_sync(FULL_WARP, tile_max_low, lanes));
+      tile_max_high = fmaxf(tile_max_high, __shfl_xor_sync(FULL_WARP, tile_max_high, lanes));
+    }
+    // Finite: every tile holds at least one key.
+    const float new_max_low = fmaxf(max_low, tile_max_low);
+    const float new_max_high = fmaxf(max_high, tile_max_high);
+    const float rescale_low = exp2f(max_low - new_max_low);  // 0 on the first tile
+    const float rescale_high = exp2f(max_high - new_max_high);
+    max_low = new_max_low;
+    max_high = new_max_high;
+    sum_low *= rescale_low;
+    sum_high *= rescale_high;
+    #pragma unroll
+    for (uint32_t group = 0; group < DIM_GROUPS; ++group) {
+      output[group][0] *= rescale_low;
+      output[group][1] *= rescale_low;
+      output[group][2] *= rescale_high;
+      output[group][3] *= rescale_high;
+    }
+
+    // P, rounded to f16 as P·V uses it (and summed as rounded), straight into A fragments:
+    // key step s covers score tiles 2s (a0, a1) and 2s + 1 (a2, a3).
+    #pragma unroll
+    for (uint32_t step = 0; step < KEY_STEPS; ++step) {
+      uint32_t weights[4];
+      #pragma unroll
+      for (uint32_t part = 0; part < 2; ++part) {
+        float* tile = scores[2 * step + part];
+        const __half p0 = __float2half_rn(exp2f(tile[0] - max_low));
+        const __half p1 = __float2half_rn(exp2f(tile[1] - max_low));
+        const __half p2 = __float2half_rn(exp2f(tile[2] - max_high));
+        const __half p3 = __float2half_rn(exp2f(tile[3] - max_high));
+        sum_low += __half2float(p0) + __half2float(p1);
+        sum_high += __half2float(p2) + __half2float(p3);
+        weights[2 * part] = static_cast<uint32_t>(__half_as_ushort(p0)) |
+                            (static_cast<uint32_t>(__half_as_ushort(p1)) << 16);
+        weights[2 * part + 1] = static_cast<uint32_t>(__half_as_ushort(p2)) |
+                                (static_cast<uint32_t>(__half_as_ushort(p3)) << 16);
+      }
+      // O += P·V over these 16 keys. V as B (column n = head column n): pairs along Vᵀ's rows.
+      #pragma unroll
+      for (uint32_t group = 0; group < DIM_GROUPS; ++group) {
+        const __half* value_row = v_t + (group * 8 + g) * LD_V + step * 16 + 2 * t;
+        mma_16816(output[group], weights, load_pair(value_row), load_pair(value_row + 8));
+      }
+    }
+  }
+
+  // O / sum, rounded once: the row's 4 lanes add up their shares of the sum first.
+  #pragma unroll
+  for (int lanes = 1; lanes < 4; lanes *= 2) {
+    sum_low += __shfl_xor_sync(FULL_WARP, sum_low, lanes);
+    sum_high += __shfl_xor_sync(FULL_WARP, sum_high, lanes);
+  }
+  const float inverse_low = 1.0f / sum_low;
+  const float inverse_high = 1.0f / sum_high;
+  #pragma unroll
+  for (uint32_t group = 0; group < DIM_GROUPS; ++group) {
+    const uint32_t column = group * 8 + 2 * t;
+    if (column >= head_dim) {
+      break;
+    }
+    if (row_low < queries) {
+      *reinterpret_cast<uint32_t*>(out_head + row_low * token_stride + column) =
+          pack(output[group][0] * inverse_low, output[group][1] * inverse_low);
+    }
+    if (row_high < queries) {
+      *reinterpret_cast<uint32_t*>(out_head + row_high * token_stride + column) =
+          pack(output[group][2] * inverse_high, output[group][3] * inverse_high);
+    }
+  }
+}
+
+}  // namespace
+
+// One kernel per padded head dim, 16 · KSTEPS: SD's heads are 40 (48), 64, 80 and 160 (the
+// last is `attention.cu`'s).
+#define ATTENTION_MMA(KSTEPS)                                                               \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                     \
+      attention_mma_f16_k##KSTEPS(const __half* q, const __half* k, const __half* v,        \
+                                  __half* out, uint32_t heads, uint32_t queries,            \
+                                  uint32_t keys, uint32_t head_dim, float scale_log2) {     \
+    attention_mma<KSTEPS>(q, k, v, out, heads, queries, keys, head_dim, scale_log2);        \
+  }
+
+ATTENTION_MMA(2)
+ATTENTION_MMA(3)
+ATTENTION_MMA(4)
+ATTENTION_MMA(5)
+ATTENTION_MMA(6)
+ATTENTION_MMA(8)

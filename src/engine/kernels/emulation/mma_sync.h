@@ -1,0 +1,53 @@
+// `mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32` for the CUDA emulation (see
+// cuda_emulation.h): a warp-wide step, as on the GPU where the warp performs it together. Each
+// lane posts its fragments (4 registers of A, 2 of B, pairs of f16 packed low element first),
+// the warp meets, and each lane computes its own 4 accumulators from everyone's fragments,
+// with the register layout the PTX ISA documents ("Matrix Fragments for mma.m16n8k16"), for
+// lane = 4·g + t:
+//   A (16×16): a0 = (row g, cols 2t, 2t+1), a1 = (row g+8, cols 2t, 2t+1),
+//              a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9)
+//   B (16×8):  b0 = (rows 2t, 2t+1, column g), b1 = (rows 2t+8, 2t+9, column g)
+//   C (16×8):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
+// The products are summed in f32 (the hardware's order of summation is its own).
+#pragma once
+
+#include "cuda_emulation.h"
+#include "cuda_fp16.h"
+
+namespace emulation {
+
+// Element `index` (0: low, 1: high) of a packed pair, as f32.
+inline float unpack(uint32_t pair, uint32_t index) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> (16 * index))));
+}
+
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t base = threadIdx.x - lane;
+  block->fragments[threadIdx.x] = {a[0], a[1], a[2], a[3], b0, b1};
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+  // A(row, k): lane 4·(row % 8) + (k % 8) / 2, register (row ≥ 8) + 2·(k ≥ 8), element k % 2.
+  const auto a_at = [&](uint32_t row, uint32_t k) {
+    const auto& posted = block->fragments[base + 4 * (row % 8) + (k % 8) / 2];
+    return unpack(posted[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+  };
+  // B(k, column): lane 4·column + (k % 8) / 2, register 4 + (k ≥ 8), element k % 2.
+  const auto b_at = [&](uint32_t k, uint32_t column) {
+    const auto& posted = block->fragments[base + 4 * column + (k % 8) / 2];
+    return unpack(posted[4 + (k >= 8 ? 1 : 0)], k % 2);
+  };
+  const uint32_t g = lane / 4;
+  const uint32_t t = lane % 4;
+  for (uint32_t i = 0; i < 4; ++i) {
+    const uint32_t row = g + (i >= 2 ? 8 : 0);
+    const uint32_t column = 2 * t + i % 2;
+    float sum = 0.0f;
+    for (uint32_t k = 0; k < 16; ++k) {
+      sum += a_at(row, k) * b_at(k, column);
+    }
+    d[i] += sum;
+  }
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+
+}  // namespace emulation

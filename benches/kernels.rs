@@ -2,7 +2,8 @@
 //! the group norms (+ SiLU) of SD 1.5 and SDXL UNets (guided, batch 2) and of the VAE
 //! decoder, in the dtype each runs in; and the UNets' attention (self and cross, guided, f16;
 //! candle's being scores, softmax and weighted sum, whole); GEGLU, the feed-forward's
-//! gate (candle: gelu on a strided half, then a strided product); and the 3×3 convolutions
+//! gate with its projection's bias (candle: the bias added, gelu on a strided half, then a
+//! strided product); and the 3×3 convolutions
 //! of the UNets and VAEs with their bias (candle: its im2col, GEMM and transposed copy; ours:
 //! our columns and one GEMM into the image layout, as `Conv3x3` runs them); and the per-cell
 //! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
@@ -230,13 +231,17 @@ fn geglu_on(device: &Device, label: &str, runs: usize) -> bool {
             .unwrap()
             .to_dtype(DType::F16)
             .unwrap();
-        let candle = || kernels::geglu::composed(&projected).unwrap();
+        let bias = Tensor::randn(0f32, 0.5, 2 * inner, device)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let candle = || kernels::geglu::composed(&projected, &bias).unwrap();
         let ours = || {
-            kernels::geglu(&projected)
+            kernels::geglu(&projected, &bias)
                 .unwrap()
                 .expect("our GEGLU kernel runs here")
         };
-        // candle rounds the GELU and the product; ours the product alone.
+        // candle rounds the biased projection, the GELU and the product; ours the product.
         let shape = format!("{what} [2, {tokens}, {}]", 2 * inner);
         agreed &= compare(&shape, device, runs, 1e-2, &candle, &ours);
     }
@@ -451,10 +456,9 @@ fn main() {
                 } else {
                     println!("\nGPU 0: our attention kernel is OFF (see the log); not measured");
                 }
-                if kernels::geglu(&Tensor::zeros((1, 2), DType::F16, &gpu).unwrap())
-                    .unwrap()
-                    .is_some()
-                {
+                let pair = Tensor::zeros((1, 2), DType::F16, &gpu).unwrap();
+                let pair_bias = Tensor::zeros(2, DType::F16, &gpu).unwrap();
+                if kernels::geglu(&pair, &pair_bias).unwrap().is_some() {
                     agreed &= geglu_on(&gpu, "GPU 0", runs);
                 } else {
                     println!("\nGPU 0: our GEGLU kernel is OFF (see the log); not measured");

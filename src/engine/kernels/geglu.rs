@@ -1,9 +1,11 @@
-//! GEGLU, the UNet feed-forward's gate, as one op: for each row `[a | b]` of the projection,
-//! `a · gelu(b)` with the exact (erf) GELU, in f32, rounded once. On CUDA it is our kernel
-//! (`geglu.cu`), one pass over the projection. candle's composition reads a strided half for
-//! the GELU, writes a temporary, then reads both again for the product: 0.39 ms a call at
-//! SDXL's 4096 tokens on an H200, a tenth of the run (`benches/README.md`). Elsewhere
-//! [`geglu`] answers `None` and the caller composes it ([`composed`]).
+//! GEGLU, the UNet feed-forward's gate, as one op with the projection's bias: for each row
+//! `[a | b]` of the projection's GEMM (without its bias), `(a + bias_a) · gelu(b + bias_b)`
+//! with the exact (erf) GELU, in f32, rounded once. On CUDA it is our kernel (`geglu.cu`),
+//! one pass over the projection. candle's composition adds the bias over the whole
+//! projection, reads a strided half for the GELU, writes a temporary, then reads both again
+//! for the product: 0.39 ms a call at SDXL's 4096 tokens on an H200 without the bias, a tenth
+//! of the run (`benches/README.md`). Elsewhere [`geglu`] answers `None` and the caller
+//! composes it ([`composed`]).
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
@@ -18,35 +20,43 @@ pub(super) fn blocks(elements: usize) -> usize {
     elements.div_ceil(THREADS * 4).clamp(1, i32::MAX as usize)
 }
 
-/// `a · gelu(b)` for each row `[a | b]` of `projected` (its last dimension, even), or `None`
-/// where our kernel does not run (not CUDA, not f16 or f32, not checked on this device).
-pub fn geglu(projected: &Tensor) -> Result<Option<Tensor>> {
+/// `(a + bias_a) · gelu(b + bias_b)` for each row `[a | b]` of `projected` (its last
+/// dimension, even; `bias` as wide), or `None` where our kernel does not run (not CUDA, not
+/// f16 or f32, not checked on this device).
+pub fn geglu(projected: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
     if !super::enabled() {
         return Ok(None);
     }
     let Some(&width) = projected.dims().last() else {
         return Ok(None);
     };
-    if width == 0 || !width.is_multiple_of(2) || projected.elem_count() == 0 {
+    if width == 0
+        || !width.is_multiple_of(2)
+        || projected.elem_count() == 0
+        || bias.dims() != [width]
+        || bias.dtype() != projected.dtype()
+    {
         return Ok(None);
     }
     match projected.device() {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => super::cuda::geglu(cuda, projected),
+        Device::Cuda(cuda) => super::cuda::geglu(cuda, projected, bias),
         _ => Ok(None),
     }
 }
 
-/// The same from candle's ops: the halves, `gelu_erf` of the second, times the first. The
-/// caller's path where ours does not run, and the baseline the kernels bench measures.
-pub fn composed(projected: &Tensor) -> Result<Tensor> {
-    let halves = projected.chunk(2, D::Minus1)?;
+/// The same from candle's ops: the bias added, the halves, `gelu_erf` of the second, times the
+/// first. The caller's path where ours does not run, and the baseline the kernels bench
+/// measures.
+pub fn composed(projected: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let halves = projected.broadcast_add(bias)?.chunk(2, D::Minus1)?;
     &halves[0] * halves[1].gelu_erf()?
 }
 
 /// [`composed`] in f32 on the CPU: what our kernel is checked against.
-pub fn reference(projected: &Tensor) -> Result<Tensor> {
-    composed(&projected.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+pub fn reference(projected: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let on_cpu = |tensor: &Tensor| tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    composed(&on_cpu(projected)?, &on_cpu(bias)?)
 }
 
 /// What our kernel is checked on (on each device before it first runs there, and in the
@@ -67,10 +77,14 @@ pub(super) fn tolerance(dtype: DType) -> f32 {
     if dtype == DType::F16 { 4e-3 } else { 1e-5 }
 }
 
-/// A random projection of `dims` in `dtype`, on the CPU.
+/// A random projection of `dims` in `dtype` and a bias for it, on the CPU.
 #[cfg(any(test, feature = "cuda"))]
-pub(super) fn random_projection(dims: &[usize], dtype: DType) -> Result<Tensor> {
-    Tensor::randn(0f32, 2.0, dims, &Device::Cpu)?.to_dtype(dtype)
+pub(super) fn random_projection(dims: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
+    let width = dims.last().copied().unwrap_or(0);
+    Ok((
+        Tensor::randn(0f32, 2.0, dims, &Device::Cpu)?.to_dtype(dtype)?,
+        Tensor::randn(0f32, 0.5, width, &Device::Cpu)?.to_dtype(dtype)?,
+    ))
 }
 
 #[cfg(test)]
@@ -85,8 +99,8 @@ mod tests {
             return;
         };
         for (dims, dtype) in CHECK_CASES {
-            let projected = random_projection(dims, dtype).unwrap();
-            let expected = reference(&projected).unwrap();
+            let (projected, bias) = random_projection(dims, dtype).unwrap();
+            let expected = reference(&projected, &bias).unwrap();
             let inner = dims[dims.len() - 1] / 2;
             let rows = projected.elem_count() / (2 * inner);
             let args = [
@@ -98,7 +112,7 @@ mod tests {
             let got = runner
                 .run(
                     args.iter().map(String::as_str),
-                    &[&projected],
+                    &[&projected, &bias],
                     dtype,
                     expected.shape(),
                 )
@@ -113,18 +127,22 @@ mod tests {
 
     #[test]
     fn the_composition_is_the_feed_forwards_gate() {
-        // [a | b] → a · gelu(b), row by row.
+        // [a | b] + bias → (a + bias_a) · gelu(b + bias_b), row by row.
         let projected = Tensor::new(
-            &[[1f32, 2.0, 0.0, 1.0], [-3.0, 0.5, 2.0, -1.0]],
+            &[[0.5f32, 2.0, 0.0, 1.5], [-3.5, 0.5, 2.0, -0.5]],
             &Device::Cpu,
         )
         .unwrap();
+        let bias = Tensor::new(&[0.5f32, 0.0, 0.0, -0.5], &Device::Cpu).unwrap();
         let gelu = |x: f64| 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2));
         let expected = [
             [1.0 * gelu(0.0), 2.0 * gelu(1.0)],
             [-3.0 * gelu(2.0), 0.5 * gelu(-1.0)],
         ];
-        let got = composed(&projected).unwrap().to_vec2::<f32>().unwrap();
+        let got = composed(&projected, &bias)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         for (got, expected) in got.iter().flatten().zip(expected.iter().flatten()) {
             assert!(
                 (f64::from(*got) - expected).abs() < 1e-6,
@@ -132,9 +150,10 @@ mod tests {
             );
         }
         // On the CPU the caller composes it; odd widths are never ours.
-        assert!(geglu(&projected).unwrap().is_none());
+        assert!(geglu(&projected, &bias).unwrap().is_none());
         let odd = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(geglu(&odd).unwrap().is_none());
+        let odd_bias = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        assert!(geglu(&odd, &odd_bias).unwrap().is_none());
     }
 
     /// erf by its Maclaurin series: exact to f64 rounding for the test's |x| ≤ 1.5.

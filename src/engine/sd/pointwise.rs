@@ -86,10 +86,20 @@ impl Pointwise {
 
     /// Tokens `(batch, n, c_in)` → tokens `(batch, n, c_out)`: a linear layer.
     pub fn tokens_to_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
-        let batch = tokens.dim(0)?;
-        left_side(tokens)?
-            .matmul(&self.weight_per_image(batch)?.transpose(1, 2)?)?
+        self.tokens_to_tokens_unbiased(tokens)?
             .broadcast_add(&self.bias)
+    }
+
+    /// [`Self::tokens_to_tokens`] without the bias, for a caller that adds [`Self::bias`] in
+    /// a pass of its own (the feed-forward's gate): one pass over the output fewer.
+    pub fn tokens_to_tokens_unbiased(&self, tokens: &Tensor) -> Result<Tensor> {
+        let batch = tokens.dim(0)?;
+        left_side(tokens)?.matmul(&self.weight_per_image(batch)?.transpose(1, 2)?)
+    }
+
+    /// `(c_out)`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
     }
 
     /// The weights once per image of the batch (a view: stride 0, no copy), as a batched GEMM

@@ -167,7 +167,8 @@ pub(super) fn attend(
 
 /// GEGLU feed-forward: a projection to twice the inner width, one half gating the other.
 struct FeedForward {
-    project_in: Linear,
+    /// To `2 · inner`: the gate's two halves. Its bias is added by the gate.
+    project_in: Pointwise,
     project_out: Linear,
 }
 
@@ -175,18 +176,24 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            project_in: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            project_in: Pointwise::linear(vb.pp("net.0.proj"), dim, inner * 2)?,
             project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let device = xs.device();
-        let projected = profile::timed(Work::Linear, device, || self.project_in.forward(xs))?;
-        // Our one-pass kernel where it runs (CUDA), candle's composition elsewhere.
-        let gated = profile::timed(Work::Geglu, device, || match kernels::geglu(&projected)? {
-            Some(gated) => Ok(gated),
-            None => kernels::geglu::composed(&projected),
+        let projected = profile::timed(Work::Linear, device, || {
+            self.project_in.tokens_to_tokens_unbiased(xs)
+        })?;
+        // The bias, the GELU and the product: our one-pass kernel where it runs (CUDA),
+        // candle's composition elsewhere.
+        let bias = self.project_in.bias();
+        let gated = profile::timed(Work::Geglu, device, || {
+            match kernels::geglu(&projected, bias)? {
+                Some(gated) => Ok(gated),
+                None => kernels::geglu::composed(&projected, bias),
+            }
         })?;
         profile::timed(Work::Linear, device, || self.project_out.forward(&gated))
     }

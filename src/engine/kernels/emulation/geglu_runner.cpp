@@ -2,7 +2,8 @@
 //
 //   geglu_runner DTYPE ROWS INNER BLOCKS
 //
-// DTYPE is f32 or f16. Reads the projection (ROWS × 2·INNER), little-endian, from stdin;
+// DTYPE is f32 or f16. Reads the projection (ROWS × 2·INNER), then the bias (2·INNER),
+// little-endian, from stdin;
 // launches BLOCKS blocks as the host code would; writes the output (ROWS × INNER) to stdout
 // the same way. Output nobody wrote stays NaN.
 #include <cstdio>
@@ -18,16 +19,18 @@ template <typename T>
 void run(uint32_t rows, uint32_t inner, uint32_t blocks) {
   const size_t count = static_cast<size_t>(rows) * inner;
   std::vector<T> projected(2 * count);
-  if (std::fread(projected.data(), sizeof(T), projected.size(), stdin) != projected.size()) {
+  std::vector<T> bias(2 * static_cast<size_t>(inner));
+  if (std::fread(projected.data(), sizeof(T), projected.size(), stdin) != projected.size() ||
+      std::fread(bias.data(), sizeof(T), bias.size(), stdin) != bias.size()) {
     std::fprintf(stderr, "geglu_runner: stdin ended early\n");
     std::exit(2);
   }
   std::vector<T> out(count, from_float<T>(NAN));
   emulation::launch(dim3{blocks, 1, 1}, dim3{THREADS, 1, 1}, 0, [&] {
     if constexpr (std::is_same_v<T, float>) {
-      geglu_f32(projected.data(), out.data(), rows, inner);
+      geglu_f32(projected.data(), bias.data(), out.data(), rows, inner);
     } else {
-      geglu_f16(projected.data(), out.data(), rows, inner);
+      geglu_f16(projected.data(), bias.data(), out.data(), rows, inner);
     }
   });
   std::fwrite(out.data(), sizeof(T), out.size(), stdout);

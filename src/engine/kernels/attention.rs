@@ -339,20 +339,8 @@ mod tests {
                     tiling.key_tile as usize,
                     tiling.shared_bytes(geometry.head_dim),
                     usize::from(vectors),
-                ]
-                .map(|value| value.to_string());
-                let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
-                let got = runner
-                    .run(
-                        args.iter()
-                            .map(String::as_str)
-                            .chain([scale_log2.to_string().as_str()]),
-                        &[&query, &key, &value],
-                        DType::F16,
-                        query.shape(),
-                    )
-                    .unwrap();
-                let difference = largest_relative_difference(&got, &expected).unwrap();
+                ];
+                let difference = emulated(&runner, &args, scale, [&query, &key, &value], &expected);
                 assert!(
                     difference <= TOLERANCE,
                     "{geometry:?} with {tiling:?}, vectors {vectors}: {difference} from the \
@@ -360,6 +348,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// How far `runner`'s output, run with `args` and the scale (in base 2) on these inputs,
+    /// is from `expected`.
+    fn emulated(
+        runner: &emulation::Runner,
+        args: &[usize],
+        scale: f64,
+        inputs: [&Tensor; 3],
+        expected: &Tensor,
+    ) -> f32 {
+        let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+        let args: Vec<String> = args
+            .iter()
+            .map(usize::to_string)
+            .chain([scale_log2.to_string()])
+            .collect();
+        let got = runner
+            .run(
+                args.iter().map(String::as_str),
+                &inputs,
+                DType::F16,
+                inputs[0].shape(),
+            )
+            .unwrap();
+        largest_relative_difference(&got, expected).unwrap()
     }
 
     #[test]
@@ -372,7 +386,6 @@ mod tests {
             let scale = (geometry.head_dim as f64).powf(-0.5);
             let expected = reference(&query, &key, &value, geometry.heads, scale).unwrap();
             let steps = mma_steps(geometry.head_dim).expect("a head the register kernel takes");
-            let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
             let args = [
                 geometry.batch,
                 geometry.heads,
@@ -382,19 +395,8 @@ mod tests {
                 steps,
                 MMA_QUERY_ROWS,
                 MMA_THREADS,
-            ]
-            .map(|value| value.to_string());
-            let got = runner
-                .run(
-                    args.iter()
-                        .map(String::as_str)
-                        .chain([scale_log2.to_string().as_str()]),
-                    &[&query, &key, &value],
-                    DType::F16,
-                    query.shape(),
-                )
-                .unwrap();
-            let difference = largest_relative_difference(&got, &expected).unwrap();
+            ];
+            let difference = emulated(&runner, &args, scale, [&query, &key, &value], &expected);
             assert!(
                 difference <= TOLERANCE,
                 "{geometry:?} in {steps} steps: {difference} from the reference"

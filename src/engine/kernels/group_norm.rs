@@ -459,16 +459,7 @@ mod tests {
     }
 
     fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::engine::kernels::largest_difference(a, b).unwrap()
     }
 
     #[test]

@@ -64,23 +64,37 @@ pub fn largest_relative_difference(
     got: &candle_core::Tensor,
     expected: &candle_core::Tensor,
 ) -> candle_core::Result<f32> {
-    let as_f32 = |tensor: &candle_core::Tensor| {
-        tensor
-            .to_device(&candle_core::Device::Cpu)?
-            .to_dtype(candle_core::DType::F32)
-    };
-    let expected = as_f32(expected)?;
-    let relative =
-        ((as_f32(got)? - &expected)?.abs()? / (expected.abs()? + 1.0)?)?.flatten_all()?;
-    let nans = relative
-        .ne(&relative)?
+    let expected = as_f32_on_cpu(expected)?;
+    let relative = ((as_f32_on_cpu(got)? - &expected)?.abs()? / (expected.abs()? + 1.0)?)?;
+    largest_or_nan(&relative)
+}
+
+/// The largest |a − b|, in f32 on the CPU; NaN where either holds a NaN.
+pub fn largest_difference(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<f32> {
+    largest_or_nan(&(as_f32_on_cpu(a)? - as_f32_on_cpu(b)?)?.abs()?)
+}
+
+fn as_f32_on_cpu(tensor: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    tensor
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)
+}
+
+/// The largest value of `values` (non-negative), or NaN if any is one.
+fn largest_or_nan(values: &candle_core::Tensor) -> candle_core::Result<f32> {
+    let values = values.flatten_all()?;
+    let nans = values
+        .ne(&values)?
         .to_dtype(candle_core::DType::F32)?
         .sum_all()?
         .to_scalar::<f32>()?;
     if nans > 0.0 {
         return Ok(f32::NAN);
     }
-    relative.max(0)?.to_scalar::<f32>()
+    values.max(0)?.to_scalar::<f32>()
 }
 
 /// Loads and checks our kernels on `device` now (on a GPU; elsewhere there is nothing to

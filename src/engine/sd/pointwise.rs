@@ -136,17 +136,7 @@ mod tests {
     }
 
     fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        crate::engine::kernels::largest_difference(a, b).unwrap()
     }
 
     /// 5 → 7 channels, and the same map as candle's 1×1 convolution and linear layer.

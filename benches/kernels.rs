@@ -4,8 +4,9 @@
 //! candle's being scores, softmax and weighted sum, whole); GEGLU, the feed-forward's
 //! gate with its projection's bias (candle: the bias added, gelu on a strided half, then a
 //! strided product); and the 3×3 convolutions
-//! of the UNets and VAEs with their bias (candle: its im2col, GEMM and transposed copy; ours:
-//! our columns and one GEMM into the image layout, as `Conv3x3` runs them); and the per-cell
+//! of the UNets and VAEs with their bias, and the upsamplers' (candle: the upsampled image, its
+//! im2col, GEMM and transposed copy; ours: our columns, read doubled from the small image
+//! where upsampling, and one GEMM into the image layout, as `Conv3x3` runs them); and the per-cell
 //! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
 //! (convolution or linear layer plus the copy between cells and tokens) against `Pointwise`
 //! (one GEMM reading the layouts as they stand), on the CPU too. Group norm on the CPU always;
@@ -25,6 +26,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
+use studio_worker::engine::kernels::im2col::Source;
 use studio_worker::engine::kernels::{self, Activation};
 use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
 use studio_worker::engine::sd::pointwise::Pointwise;
@@ -249,24 +251,82 @@ fn geglu_on(device: &Device, label: &str, runs: usize) -> bool {
 }
 
 /// The 3×3 convolutions of real jobs, `(batch, c_in, h, w)` to as many channels: the guided
-/// UNets' in f16, the VAEs' at their decode resolutions (SD 1.5's in f16, SDXL's in f32).
-fn conv_cases() -> Vec<Case> {
+/// UNets' in f16, the VAEs' at their decode resolutions (SD 1.5's in f16, SDXL's in f32); and
+/// upsamplers' (×2 nearest, then the convolution), from the input's size.
+fn conv_cases() -> Vec<(Case, Source)> {
+    let as_is = |case: Case| (case, Source::AsIs);
+    let doubled = |case: Case| (case, Source::Doubled);
     vec![
-        case("SD 1.5 UNet 512², level 1", [2, 320, 64, 64], DType::F16),
-        case("SD 1.5 UNet 512², level 2", [2, 640, 32, 32], DType::F16),
-        case("SD 1.5 UNet 512², level 3", [2, 1280, 16, 16], DType::F16),
-        case("SDXL UNet 1024², level 1", [2, 320, 128, 128], DType::F16),
-        case("SDXL UNet 1024², level 2", [2, 640, 64, 64], DType::F16),
-        case("SDXL UNet 1024², level 3", [2, 1280, 32, 32], DType::F16),
-        case("VAE 512², 512 ch at 128²", [1, 512, 128, 128], DType::F16),
-        case("VAE 512², 256 ch at 256²", [1, 256, 256, 256], DType::F16),
-        case("VAE 512², 128 ch at 512²", [1, 128, 512, 512], DType::F16),
-        case("SDXL VAE, 512 ch at 256²", [1, 512, 256, 256], DType::F32),
-        case(
+        as_is(case(
+            "SD 1.5 UNet 512², level 1",
+            [2, 320, 64, 64],
+            DType::F16,
+        )),
+        as_is(case(
+            "SD 1.5 UNet 512², level 2",
+            [2, 640, 32, 32],
+            DType::F16,
+        )),
+        as_is(case(
+            "SD 1.5 UNet 512², level 3",
+            [2, 1280, 16, 16],
+            DType::F16,
+        )),
+        as_is(case(
+            "SDXL UNet 1024², level 1",
+            [2, 320, 128, 128],
+            DType::F16,
+        )),
+        as_is(case(
+            "SDXL UNet 1024², level 2",
+            [2, 640, 64, 64],
+            DType::F16,
+        )),
+        as_is(case(
+            "SDXL UNet 1024², level 3",
+            [2, 1280, 32, 32],
+            DType::F16,
+        )),
+        as_is(case(
+            "VAE 512², 512 ch at 128²",
+            [1, 512, 128, 128],
+            DType::F16,
+        )),
+        as_is(case(
+            "VAE 512², 256 ch at 256²",
+            [1, 256, 256, 256],
+            DType::F16,
+        )),
+        as_is(case(
+            "VAE 512², 128 ch at 512²",
+            [1, 128, 512, 512],
+            DType::F16,
+        )),
+        as_is(case(
+            "SDXL VAE, 512 ch at 256²",
+            [1, 512, 256, 256],
+            DType::F32,
+        )),
+        as_is(case(
             "SDXL VAE, 128 ch at 1024²",
             [1, 128, 1024, 1024],
             DType::F32,
-        ),
+        )),
+        doubled(case(
+            "SD 1.5 UNet upsampler, 1280 ch 32² → 64²",
+            [2, 1280, 32, 32],
+            DType::F16,
+        )),
+        doubled(case(
+            "VAE 512² upsampler, 512 ch 128² → 256²",
+            [1, 512, 128, 128],
+            DType::F16,
+        )),
+        doubled(case(
+            "SDXL VAE upsampler, 256 ch 512² → 1024²",
+            [1, 256, 512, 512],
+            DType::F32,
+        )),
     ]
 }
 
@@ -275,8 +335,8 @@ fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
     println!("| shape | dtype | candle ms | ours ms | ours / candle | max |Δ| / (1 + |y|) |");
     println!("|---|---|---|---|---|---|");
     let mut agreed = true;
-    for case in conv_cases() {
-        let [_, channels, _, _] = case.dims;
+    for (case, source) in conv_cases() {
+        let [_, channels, height, width] = case.dims;
         let random = |dims: &[usize], std: f64| {
             Tensor::randn(0f32, std as f32, dims, device)
                 .unwrap()
@@ -292,13 +352,22 @@ fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
         let bias = random(&[channels], 0.5);
         let conv = Conv3x3::from_weights(weight.clone(), bias.clone()).unwrap();
         let bias_cells = bias.reshape((1, (), 1, 1)).unwrap();
+        // candle: the upsampled image made (where doubled), convolved, the bias added.
         let candle = || {
-            xs.conv2d(&weight, 1, 1, 1, 1)
+            let image = match source {
+                Source::AsIs => xs.clone(),
+                Source::Doubled => xs.upsample_nearest2d(2 * height, 2 * width).unwrap(),
+            };
+            image
+                .conv2d(&weight, 1, 1, 1, 1)
                 .unwrap()
                 .broadcast_add(&bias_cells)
                 .unwrap()
         };
-        let ours = || conv.forward(&xs, ConvPlan::default()).unwrap();
+        let ours = || match source {
+            Source::AsIs => conv.forward(&xs, ConvPlan::default()).unwrap(),
+            Source::Doubled => conv.forward_doubled(&xs, ConvPlan::default()).unwrap(),
+        };
         // Both one GEMM over the same products (TF32 in f32), summed in their own orders.
         let allowed = if case.dtype == DType::F16 { 1e-2 } else { 5e-3 };
         let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
@@ -465,10 +534,7 @@ fn main() {
                 }
                 agreed &= pointwise_on(&gpu, "GPU 0", DType::F16, runs);
                 let image = Tensor::zeros((1, 1, 1, 1), DType::F16, &gpu).unwrap();
-                if kernels::im2col::columns_3x3(&image, 0, 1)
-                    .unwrap()
-                    .is_some()
-                {
+                if kernels::im2col::runs_for(&image) {
                     agreed &= conv_on(&gpu, "GPU 0", runs);
                 } else {
                     println!("\nGPU 0: our column kernel is OFF (see the log); not measured");

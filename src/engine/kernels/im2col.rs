@@ -11,6 +11,11 @@
 //! that reads each plane along its rows and writes each column row contiguously; elsewhere it
 //! answers `None` and the caller runs candle's convolution. [`composed`] builds the same
 //! matrix from candle's ops: the reference the kernel is checked against.
+//!
+//! An upsampler's convolution reads its input as the ×2 nearest-neighbour upsampling
+//! ([`Source::Doubled`]): the kernel reads each input pixel for the four output pixels it
+//! stands for, so the upsampled image (four times the input: 1 GB for the SDXL decoder's
+//! last upsampler in f32) is never held.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -29,27 +34,78 @@ pub(super) fn grid(planes: usize, cells: usize) -> (usize, usize) {
 #[cfg(feature = "cuda")]
 pub(super) const MAX_PLANES: usize = 65_535;
 
-/// The columns of output rows `top..top + rows` of `xs` `(batch, c_in, h, w)`, or `None`
-/// where our kernel does not run (not CUDA, not f16 or f32, not checked on this device, or a
-/// shape beyond its grid).
-pub fn columns_3x3(xs: &Tensor, top: usize, rows: usize) -> Result<Option<Tensor>> {
+/// What the convolution reads: the image as it is, or its ×2 nearest-neighbour upsampling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    AsIs,
+    Doubled,
+}
+
+impl Source {
+    /// The kernel's `shift`: output pixel `(y, x)` reads input `(y >> shift, x >> shift)`.
+    pub fn shift(self) -> usize {
+        match self {
+            Source::AsIs => 0,
+            Source::Doubled => 1,
+        }
+    }
+
+    /// The image the convolution sees, for `xs`: `(height, width)`.
+    pub fn size(self, xs: &Tensor) -> Result<(usize, usize)> {
+        let (_, _, height, width) = xs.dims4()?;
+        Ok((height << self.shift(), width << self.shift()))
+    }
+
+    /// The image the convolution sees, made (candle's nearest-neighbour upsampling where
+    /// doubled).
+    pub fn materialise(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Source::AsIs => Ok(xs.clone()),
+            Source::Doubled => {
+                let (height, width) = self.size(xs)?;
+                xs.upsample_nearest2d(height, width)
+            }
+        }
+    }
+}
+
+/// Whether [`columns_3x3`] runs our kernel for `xs` (CUDA, f16 or f32, checked there): a
+/// caller that must otherwise make the doubled image asks first. Loads and checks the kernel
+/// on first use.
+pub fn runs_for(xs: &Tensor) -> bool {
+    if !super::enabled() || !matches!(xs.dtype(), DType::F16 | DType::F32) {
+        return false;
+    }
+    match xs.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => super::cuda::im2col_runs_on(cuda),
+        _ => false,
+    }
+}
+
+/// The columns of output rows `top..top + rows` of `xs` `(batch, c_in, h, w)` as `source`
+/// says it is read, or `None` where our kernel does not run (not CUDA, not f16 or f32, not
+/// checked on this device, or a shape beyond its grid).
+pub fn columns_3x3(xs: &Tensor, source: Source, top: usize, rows: usize) -> Result<Option<Tensor>> {
     if !super::enabled() {
         return Ok(None);
     }
-    let (_, _, height, _) = xs.dims4()?;
+    let (height, _) = source.size(xs)?;
     if rows == 0 || top + rows > height || xs.elem_count() == 0 {
         return Ok(None);
     }
     match xs.device() {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => super::cuda::columns_3x3(cuda, xs, top, rows),
+        Device::Cuda(cuda) => super::cuda::columns_3x3(cuda, xs, source, top, rows),
         _ => Ok(None),
     }
 }
 
-/// The same matrix from candle's ops: the input padded by one cell, and for each of the nine
-/// taps the band's window shifted by it, stacked per channel.
-pub fn composed(xs: &Tensor, top: usize, rows: usize) -> Result<Tensor> {
+/// The same matrix from candle's ops: the image `source` says (upsampled where doubled),
+/// padded by one cell, and for each of the nine taps the band's window shifted by it,
+/// stacked per channel.
+pub fn composed(xs: &Tensor, source: Source, top: usize, rows: usize) -> Result<Tensor> {
+    let xs = source.materialise(xs)?;
     let (batch, channels, _, width) = xs.dims4()?;
     let padded = xs.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
     let mut taps = Vec::with_capacity(9);
@@ -63,26 +119,31 @@ pub fn composed(xs: &Tensor, top: usize, rows: usize) -> Result<Tensor> {
 }
 
 /// [`composed`] in f32 on the CPU: what our kernel is checked against.
-pub fn reference(xs: &Tensor, top: usize, rows: usize) -> Result<Tensor> {
+pub fn reference(xs: &Tensor, source: Source, top: usize, rows: usize) -> Result<Tensor> {
     composed(
         &xs.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+        source,
         top,
         rows,
     )
 }
 
 /// What our kernel is checked on (on each device before it first runs there, and in the
-/// tests on the emulation): `(dims, top, rows, dtype)`: whole images and bands at the top,
-/// inside and at the bottom, one-row and one-column images, widths that do not fill a block
-/// and ones that cross blocks.
+/// tests on the emulation): `(dims, source, top, rows, dtype)`: whole images and bands at the
+/// top, inside and at the bottom, one-row and one-column images, widths that do not fill a
+/// block and ones that cross blocks; doubled, whole and in bands that start and end on odd
+/// rows.
 #[cfg(any(test, feature = "cuda"))]
-pub(super) const CHECK_CASES: [([usize; 4], usize, usize, DType); 6] = [
-    ([2, 3, 5, 7], 0, 5, DType::F16),
-    ([1, 4, 9, 6], 0, 3, DType::F32),
-    ([2, 2, 9, 6], 3, 4, DType::F16),
-    ([1, 3, 9, 6], 6, 3, DType::F32),
-    ([1, 2, 1, 1], 0, 1, DType::F16),
-    ([2, 2, 12, 40], 1, 10, DType::F16),
+pub(super) const CHECK_CASES: [([usize; 4], Source, usize, usize, DType); 9] = [
+    ([2, 3, 5, 7], Source::AsIs, 0, 5, DType::F16),
+    ([1, 4, 9, 6], Source::AsIs, 0, 3, DType::F32),
+    ([2, 2, 9, 6], Source::AsIs, 3, 4, DType::F16),
+    ([1, 3, 9, 6], Source::AsIs, 6, 3, DType::F32),
+    ([1, 2, 1, 1], Source::AsIs, 0, 1, DType::F16),
+    ([2, 2, 12, 40], Source::AsIs, 1, 10, DType::F16),
+    ([1, 3, 4, 5], Source::Doubled, 0, 8, DType::F16),
+    ([2, 2, 5, 3], Source::Doubled, 3, 5, DType::F32),
+    ([1, 1, 1, 1], Source::Doubled, 1, 1, DType::F16),
 ];
 
 /// A random image of `dims` in `dtype`, on the CPU.
@@ -102,16 +163,17 @@ mod tests {
         let Some(runner) = emulation::Runner::build("im2col_runner.cpp") else {
             return;
         };
-        for (dims, top, rows, dtype) in CHECK_CASES {
+        for (dims, source, top, rows, dtype) in CHECK_CASES {
             let xs = random_image(dims, dtype).unwrap();
-            let expected = reference(&xs, top, rows).unwrap();
+            let expected = reference(&xs, source, top, rows).unwrap();
             let [batch, channels, height, width] = dims;
-            let (blocks, planes) = grid(batch * channels, rows * width);
+            let (blocks, planes) = grid(batch * channels, rows * (width << source.shift()));
             let args = [
                 if dtype == DType::F16 { "f16" } else { "f32" }.to_owned(),
                 planes.to_string(),
                 height.to_string(),
                 width.to_string(),
+                source.shift().to_string(),
                 top.to_string(),
                 rows.to_string(),
                 blocks.to_string(),
@@ -128,7 +190,7 @@ mod tests {
             let difference = largest_relative_difference(&got, &expected).unwrap();
             assert!(
                 difference == 0.0,
-                "{dims:?} rows {top}..{}: {difference} from the reference",
+                "{dims:?} {source:?} rows {top}..{}: {difference} from the reference",
                 top + rows
             );
         }
@@ -141,7 +203,7 @@ mod tests {
             .unwrap()
             .reshape((1, 1, 3, 2))
             .unwrap();
-        let columns = composed(&xs, 1, 1).unwrap();
+        let columns = composed(&xs, Source::AsIs, 1, 1).unwrap();
         assert_eq!(columns.dims3().unwrap(), (1, 9, 2));
         // Image rows [1 2] [3 4] [5 6]; output row 1's cells (1, 0) and (1, 1).
         let expected = [
@@ -158,7 +220,22 @@ mod tests {
         let got = columns.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(got, expected.map(|row| row.to_vec()).to_vec());
         // On the CPU the caller convolves with candle; bands beyond the image are never ours.
-        assert!(columns_3x3(&xs, 0, 3).unwrap().is_none());
-        assert!(columns_3x3(&xs, 2, 2).unwrap().is_none());
+        assert!(columns_3x3(&xs, Source::AsIs, 0, 3).unwrap().is_none());
+        assert!(!runs_for(&xs));
+        assert!(columns_3x3(&xs, Source::AsIs, 2, 2).unwrap().is_none());
+    }
+
+    #[test]
+    fn doubled_columns_read_each_input_pixel_for_its_four() {
+        // 1 × 2 input [1 2] doubled is [1 1 2 2] twice; output row 0's centre taps.
+        let xs = Tensor::new(&[[[[1f32, 2.0]]]], &Device::Cpu).unwrap();
+        assert_eq!(Source::Doubled.size(&xs).unwrap(), (2, 4));
+        let columns = composed(&xs, Source::Doubled, 0, 2).unwrap();
+        assert_eq!(columns.dims3().unwrap(), (1, 9, 8));
+        let centre = columns.squeeze(0).unwrap().get(4).unwrap();
+        let expected = [1f32, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0];
+        assert_eq!(centre.to_vec1::<f32>().unwrap(), expected);
+        // The band may reach the doubled image's last row, not past it.
+        assert!(columns_3x3(&xs, Source::Doubled, 1, 2).unwrap().is_none());
     }
 }

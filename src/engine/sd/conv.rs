@@ -13,7 +13,9 @@
 //! On CUDA the columns come from our kernel ([`kernels::im2col`]) in the transposed order of
 //! candle's, `(c_in · 9, cells)`, so that the weights as a `(c_out, c_in · 9)` matrix times the
 //! columns is the output in the image layout, with no transposed copy after the GEMM, and a
-//! band needs no padded copy of its rows (the kernel writes the zeros).
+//! band needs no padded copy of its rows (the kernel writes the zeros). An upsampler's
+//! convolution ([`Conv3x3::forward_doubled`]) reads its input doubled straight from the
+//! small image there, so the upsampled image is never held.
 //!
 //! On the CPU candle convolves directly (no column buffer), so the engine plans no bands
 //! there; the bands still run there in tests, against the whole convolution, and so does the
@@ -23,6 +25,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::engine::kernels;
+use crate::engine::kernels::im2col::Source;
 use crate::engine::profile::{self, Work};
 
 /// How much column buffer a convolution may hold at once.
@@ -93,12 +96,32 @@ impl Conv3x3 {
 
     /// `(batch, c_in, h, w)` → `(batch, c_out, h, w)`, whole or in bands as `plan` says.
     pub fn forward(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
+        self.forward_from(xs, Source::AsIs, plan)
+    }
+
+    /// ×2 nearest-neighbour upsampling, then this convolution: `(batch, c_in, h, w)` →
+    /// `(batch, c_out, 2h, 2w)`. Where our column kernel runs the upsampled image is never
+    /// made; elsewhere candle makes it first.
+    pub fn forward_doubled(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
+        if !kernels::im2col::runs_for(xs) {
+            let upsampled = profile::timed(Work::Upsample, xs.device(), || {
+                Source::Doubled.materialise(xs)
+            })?;
+            return self.forward_from(&upsampled, Source::AsIs, plan);
+        }
+        self.forward_from(xs, Source::Doubled, plan)
+    }
+
+    fn forward_from(&self, xs: &Tensor, source: Source, plan: ConvPlan) -> Result<Tensor> {
         let _stretch = profile::stretch(Work::Conv3x3, xs.device());
-        let (batch, channels, height, width) = xs.dims4()?;
+        let (batch, channels, ..) = xs.dims4()?;
+        let (height, width) = source.size(xs)?;
         let rows = plan.rows(batch, channels, width, xs.dtype(), height);
         let bias = self.bias.reshape((1, (), 1, 1))?;
         if rows >= height {
-            return self.convolve_rows(xs, 0, height)?.broadcast_add(&bias);
+            return self
+                .convolve_rows(xs, source, 0, height)?
+                .broadcast_add(&bias);
         }
         // Each band, its bias added, is copied into its rows of the output: the output is
         // held once, not once as bands and again joined (and again with the bias).
@@ -112,7 +135,7 @@ impl Conv3x3 {
         while top < height {
             let band_rows = rows.min(height - top);
             let convolved = self
-                .convolve_rows(xs, top, band_rows)?
+                .convolve_rows(xs, source, top, band_rows)?
                 .broadcast_add(&bias)?;
             out.slice_set(&convolved, 2, top)?;
             top += band_rows;
@@ -122,10 +145,18 @@ impl Conv3x3 {
 
     /// Output rows `top..top + rows`, `(batch, c_out, rows, w)`, without the bias: one GEMM
     /// over our kernel's columns where it runs, else candle's convolution of the band.
-    fn convolve_rows(&self, xs: &Tensor, top: usize, rows: usize) -> Result<Tensor> {
-        if let Some(columns) = kernels::im2col::columns_3x3(xs, top, rows)? {
+    fn convolve_rows(
+        &self,
+        xs: &Tensor,
+        source: Source,
+        top: usize,
+        rows: usize,
+    ) -> Result<Tensor> {
+        if let Some(columns) = kernels::im2col::columns_3x3(xs, source, top, rows)? {
             return self.times_columns(&columns, rows);
         }
+        // Doubled only where the kernel ran for the image but declined this call.
+        let xs = source.materialise(xs)?;
         let height = xs.dim(2)?;
         if top == 0 && rows == height {
             return xs.conv2d(&self.weight, 1, 1, 1, 1);
@@ -198,12 +229,47 @@ mod tests {
         let xs = Tensor::randn(0f32, 1.0, (2, 5, 13, 11), &Device::Cpu).unwrap();
         let whole = xs.conv2d(&conv.weight, 1, 1, 1, 1).unwrap();
         for (top, rows) in [(0, 13), (0, 4), (4, 5), (9, 4), (12, 1)] {
-            let columns = kernels::im2col::composed(&xs, top, rows).unwrap();
+            let columns = kernels::im2col::composed(&xs, Source::AsIs, top, rows).unwrap();
             let band = conv.times_columns(&columns, rows).unwrap();
             assert_eq!(band.dims4().unwrap(), (2, 7, rows, 11));
             let expected = whole.narrow(2, top, rows).unwrap();
             let difference = largest_difference(&expected, &band);
             assert!(difference < 1e-5, "rows {top}+{rows}: {difference}");
+        }
+    }
+
+    #[test]
+    fn a_doubled_convolution_is_the_convolution_of_the_upsampled_image() {
+        let conv = random_conv(3, 4);
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &Device::Cpu).unwrap();
+        let upsampled = xs.upsample_nearest2d(10, 8).unwrap();
+        let expected = conv.forward(&upsampled, ConvPlan::default()).unwrap();
+        // What runs here (candle, on the upsampled image), whole and in bands.
+        let row_bytes = 2 * 8 * 3 * 9 * 4;
+        for plan in [
+            ConvPlan::default(),
+            ConvPlan {
+                max_column_bytes: Some(3 * row_bytes),
+            },
+        ] {
+            let got = conv.forward_doubled(&xs, plan).unwrap();
+            assert_eq!(got.dims4().unwrap(), (2, 4, 10, 8));
+            assert!(largest_difference(&expected, &got) < 1e-5, "{plan:?}");
+        }
+        // What runs on CUDA: the GEMM over the doubled columns of the small image.
+        let bias = conv.bias.reshape((1, (), 1, 1)).unwrap();
+        for (top, rows) in [(0, 10), (3, 4), (9, 1)] {
+            let columns = kernels::im2col::composed(&xs, Source::Doubled, top, rows).unwrap();
+            let band = conv
+                .times_columns(&columns, rows)
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let expected_band = expected.narrow(2, top, rows).unwrap();
+            assert!(
+                largest_difference(&expected_band, &band) < 1e-5,
+                "rows {top}+{rows}"
+            );
         }
     }
 

@@ -360,11 +360,17 @@ impl Upsample {
         plan: ConvPlan,
     ) -> Result<Tensor> {
         let (_, _, height, width) = xs.dims4()?;
-        let (height, width) = size.unwrap_or((2 * height, 2 * width));
-        let upsampled = profile::timed(Work::Upsample, xs.device(), || {
-            xs.upsample_nearest2d(height, width)
-        })?;
-        self.conv.forward(&upsampled, plan)
+        match size {
+            // ×2: the convolution reads the doubled image from the small one.
+            None => self.conv.forward_doubled(xs, plan),
+            Some(size) if size == (2 * height, 2 * width) => self.conv.forward_doubled(xs, plan),
+            Some((height, width)) => {
+                let upsampled = profile::timed(Work::Upsample, xs.device(), || {
+                    xs.upsample_nearest2d(height, width)
+                })?;
+                self.conv.forward(&upsampled, plan)
+            }
+        }
     }
 }
 

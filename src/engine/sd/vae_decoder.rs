@@ -200,11 +200,9 @@ impl Decoder {
                 xs = resnet.forward(&xs, None, plan.conv)?;
             }
             if let Some(upsampler) = &block.upsampler {
-                let (_, _, height, width) = xs.dims4()?;
-                let upsampled = profile::timed(Work::Upsample, xs.device(), || {
-                    xs.upsample_nearest2d(2 * height, 2 * width)
-                })?;
-                xs = upsampler.forward(&upsampled, plan.conv)?;
+                // ×2 nearest, then the convolution: read doubled from the small image where
+                // our column kernel runs, so the large one is never held.
+                xs = upsampler.forward_doubled(&xs, plan.conv)?;
             }
         }
         let xs = self.norm_out.forward_then_silu(&xs)?;

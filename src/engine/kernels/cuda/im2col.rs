@@ -13,14 +13,20 @@ use candle_core::{
 };
 
 use super::{Family, as_u32, checked_module, view};
-use crate::engine::kernels::im2col as op;
+use crate::engine::kernels::im2col::{self as op, Source};
 
-/// Our kernel's columns for output rows `top..top + rows` of `xs`, or `None` where it does
-/// not run (not f16 or f32, more planes than its grid holds, not loaded or not checked on this
-/// device).
+/// Whether our kernel runs on `device` (loaded and checked there).
+pub(in crate::engine::kernels) fn im2col_runs_on(device: &CudaDevice) -> bool {
+    checked_module(device, Family::Im2col).is_some()
+}
+
+/// Our kernel's columns for output rows `top..top + rows` of `xs` read as `source` says, or
+/// `None` where it does not run (not f16 or f32, more planes than its grid holds, not loaded
+/// or not checked on this device).
 pub(in crate::engine::kernels) fn columns_3x3(
     device: &CudaDevice,
     xs: &Tensor,
+    source: Source,
     top: usize,
     rows: usize,
 ) -> Result<Option<Tensor>> {
@@ -31,12 +37,22 @@ pub(in crate::engine::kernels) fn columns_3x3(
     let Some(module) = checked_module(device, Family::Im2col) else {
         return Ok(None);
     };
-    run(module, xs, top, rows).map(Some)
+    run(module, xs, source, top, rows).map(Some)
 }
 
-fn run(module: Arc<CudaModule>, xs: &Tensor, top: usize, rows: usize) -> Result<Tensor> {
-    xs.contiguous()?
-        .apply_op1_no_bwd(&Im2colOp { module, top, rows })
+fn run(
+    module: Arc<CudaModule>,
+    xs: &Tensor,
+    source: Source,
+    top: usize,
+    rows: usize,
+) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&Im2colOp {
+        module,
+        source,
+        top,
+        rows,
+    })
 }
 
 /// Our kernel against [`op::reference`] on [`op::CHECK_CASES`]: a copy, so exactly.
@@ -45,18 +61,18 @@ pub(super) fn check(
     module: &Arc<CudaModule>,
 ) -> std::result::Result<(), String> {
     let gpu = Device::Cuda(device.clone());
-    for (dims, top, rows, dtype) in op::CHECK_CASES {
+    for (dims, source, top, rows, dtype) in op::CHECK_CASES {
+        let case = format!("{dims:?} {source:?} rows {top}+{rows} {dtype:?}");
         let difference = op::random_image(dims, dtype)
             .and_then(|xs| {
-                let expected = op::reference(&xs, top, rows)?;
-                let got = run(module.clone(), &xs.to_device(&gpu)?, top, rows)?;
+                let expected = op::reference(&xs, source, top, rows)?;
+                let got = run(module.clone(), &xs.to_device(&gpu)?, source, top, rows)?;
                 crate::engine::kernels::largest_relative_difference(&got, &expected)
             })
-            .map_err(|error| format!("{dims:?} rows {top}+{rows} {dtype:?}: {error}"))?;
+            .map_err(|error| format!("{case}: {error}"))?;
         if difference != 0.0 {
             return Err(format!(
-                "{dims:?} rows {top}+{rows} {dtype:?}: {difference} from the CPU, relative \
-                 (a copy must be exact)"
+                "{case}: {difference} from the CPU, relative (a copy must be exact)"
             ));
         }
     }
@@ -65,6 +81,7 @@ pub(super) fn check(
 
 struct Im2colOp {
     module: Arc<CudaModule>,
+    source: Source,
     top: usize,
     rows: usize,
 }
@@ -95,12 +112,15 @@ impl Im2colOp {
         suffix: &str,
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, channels, height, width) = layout.shape().dims4()?;
-        let Self { top, rows, .. } = *self;
-        if rows == 0 || top + rows > height {
-            candle_core::bail!("im2col: rows {top}..{} of {height}", top + rows);
+        let Self {
+            source, top, rows, ..
+        } = *self;
+        let shift = source.shift();
+        if rows == 0 || top + rows > height << shift {
+            candle_core::bail!("im2col: rows {top}..{} of {}", top + rows, height << shift);
         }
         let planes = batch * channels;
-        let cells = rows * width;
+        let cells = rows * (width << shift);
         let shape = Shape::from((batch, channels * 9, cells));
 
         let device = xs.device().clone();
@@ -119,8 +139,13 @@ impl Im2colOp {
         };
         // The kernel counts a band's cells in 32 bits.
         as_u32(cells)?;
-        let (height_arg, width_arg, top_arg, rows_arg) =
-            (as_u32(height)?, as_u32(width)?, as_u32(top)?, as_u32(rows)?);
+        let (height_arg, width_arg, shift_arg, top_arg, rows_arg) = (
+            as_u32(height)?,
+            as_u32(width)?,
+            as_u32(shift)?,
+            as_u32(top)?,
+            as_u32(rows)?,
+        );
         let stream = device.cuda_stream();
         let mut builder = stream.launch_builder(&function);
         builder
@@ -128,10 +153,12 @@ impl Im2colOp {
             .arg(&mut columns)
             .arg(&height_arg)
             .arg(&width_arg)
+            .arg(&shift_arg)
             .arg(&top_arg)
             .arg(&rows_arg);
         // SAFETY: the arguments match `im2col_3x3_*`'s signature; the view holds planes ×
-        // height × width values and `columns` planes × 9 × rows · width.
+        // height × width values and `columns` planes × 9 × rows · (width << shift); the band
+        // lies within the (doubled) image (checked above).
         unsafe { builder.launch(config) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(columns, device), shape))
     }

@@ -20,7 +20,7 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 pub(super) use attention::{attention, attention_runs_on};
 pub(super) use geglu::geglu;
 pub(super) use group_norm::{group_norm, group_norm_fits};
-pub(super) use im2col::columns_3x3;
+pub(super) use im2col::{columns_3x3, im2col_runs_on};
 
 /// A fatbin, aligned as a fatbin's header must be. On Linux it sits in the section nvcc's own
 /// fatbins use, so `cuobjdump --list-elf` on the binary lists its machine code beside the

@@ -459,7 +459,7 @@ fn pointwise_on(device: &Device, label: &str, dtype: DType, runs: usize) -> bool
         let bias = random(&[c_out], 0.5);
         let cells = random(&[batch, c_in, side, side], 1.0);
         let tokens = random(&[batch, side * side, c_in], 1.0);
-        let pointwise = Pointwise::from_weights(weight.clone(), bias.clone()).unwrap();
+        let pointwise = Pointwise::from_weights(weight.clone(), bias.clone());
         let conv = candle_nn::Conv2d::new(
             weight.reshape((c_out, c_in, 1, 1)).unwrap(),
             Some(bias.clone()),

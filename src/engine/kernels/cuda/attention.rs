@@ -77,6 +77,7 @@ pub(in crate::engine::kernels) fn attention(
     run(module, Kernel::Wmma(tiling), &inputs, geometry, scale).map(Some)
 }
 
+/// `inputs` contiguous (the kernel's views refuse anything else).
 fn run(
     module: Arc<CudaModule>,
     kernel: Kernel,
@@ -90,9 +91,7 @@ fn run(
         geometry,
         scale,
     };
-    query
-        .contiguous()?
-        .apply_op3_no_bwd(&key.contiguous()?, &value.contiguous()?, &op)
+    query.apply_op3_no_bwd(key, value, &op)
 }
 
 /// `kernel` against [`op::reference`] on `cases`, on `device`.

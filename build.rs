@@ -18,7 +18,10 @@ const ARCHITECTURES: [u32; 6] = [75, 80, 86, 89, 90, 120];
 const PTX_ARCHITECTURE: u32 = 75;
 
 /// What the sources include.
-const HEADERS: [&str; 1] = ["src/engine/kernels/conversions.cuh"];
+const HEADERS: [&str; 2] = [
+    "src/engine/kernels/conversions.cuh",
+    "src/engine/kernels/columns.cuh",
+];
 
 /// Each becomes `$OUT_DIR/<file stem>.fatbin`.
 const SOURCES: [&str; 5] = [

@@ -6,7 +6,9 @@
 //! strided product); and the 3×3 convolutions
 //! of the UNets and VAEs with their bias, and the upsamplers' (candle: the upsampled image, its
 //! im2col, GEMM and transposed copy; ours: our columns, read doubled from the small image
-//! where upsampling, and one GEMM into the image layout, as `Conv3x3` runs them); and the per-cell
+//! where upsampling, and one GEMM into the image layout, as `Conv3x3` runs them), also after
+//! a group norm + SiLU (the normalised image made, against its columns written normalised);
+//! and the per-cell
 //! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
 //! (convolution or linear layer plus the copy between cells and tokens) against `Pointwise`
 //! (one GEMM reading the layouts as they stand), on the CPU too. Group norm on the CPU always;
@@ -29,6 +31,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use studio_worker::engine::kernels::im2col::Source;
 use studio_worker::engine::kernels::{self, Activation};
 use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
+use studio_worker::engine::sd::norm::GroupNorm;
 use studio_worker::engine::sd::pointwise::Pointwise;
 
 struct Case {
@@ -376,6 +379,59 @@ fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
     agreed
 }
 
+/// A resnet's convolution as the engine ran it before (our group norm + SiLU kernel, then our
+/// 3×3 convolution over the normalised image) against `Conv3x3::forward_normalized` (the
+/// columns written normalised from the image as it is), on the convolutions' shapes.
+fn norm_conv_on(device: &Device, label: &str, runs: usize) -> bool {
+    println!(
+        "\n{label}: group norm + SiLU (32 groups), then 3×3 convolution, whole, median of {runs}"
+    );
+    println!(
+        "| shape | dtype | normalised image ms | normalised columns ms | ratio | max |Δ| / (1 + |y|) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut agreed = true;
+    for (case, source) in conv_cases() {
+        if source != Source::AsIs {
+            continue;
+        }
+        let [_, channels, ..] = case.dims;
+        let random = |dims: &[usize], mean: f32, std: f64| {
+            Tensor::randn(mean, std as f32, dims, device)
+                .unwrap()
+                .to_dtype(case.dtype)
+                .unwrap()
+        };
+        let xs = (random(&case.dims, 0.0, 2.0) + 1.0).unwrap();
+        let weight = random(
+            &[channels, channels, 3, 3],
+            0.0,
+            (9.0 * channels as f64).powf(-0.5),
+        );
+        let conv = Conv3x3::from_weights(weight, random(&[channels], 0.0, 0.5)).unwrap();
+        let norm = GroupNorm::from_weights(
+            random(&[channels], 1.0, 0.5),
+            random(&[channels], 0.0, 0.5),
+            32,
+            1e-6,
+        )
+        .unwrap();
+        let before = || {
+            conv.forward(&norm.forward_then_silu(&xs).unwrap(), ConvPlan::default())
+                .unwrap()
+        };
+        let ours = || {
+            conv.forward_normalized(&xs, &norm, ConvPlan::default())
+                .unwrap()
+        };
+        // The same arithmetic in both, rounded once: apart only where the GEMMs sum apart.
+        let allowed = if case.dtype == DType::F16 { 1e-2 } else { 5e-3 };
+        let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
+        agreed &= compare(&shape, device, runs, allowed, &before, &ours);
+    }
+    agreed
+}
+
 /// Which of the engine's per-cell maps a case is.
 #[derive(Clone, Copy)]
 enum PointwiseKind {
@@ -536,6 +592,7 @@ fn main() {
                 let image = Tensor::zeros((1, 1, 1, 1), DType::F16, &gpu).unwrap();
                 if kernels::im2col::runs_for(&image) {
                     agreed &= conv_on(&gpu, "GPU 0", runs);
+                    agreed &= norm_conv_on(&gpu, "GPU 0", runs);
                 } else {
                     println!("\nGPU 0: our column kernel is OFF (see the log); not measured");
                 }

@@ -655,7 +655,7 @@ mod tests {
         ] {
             assert_eq!(gpu_like(room).make_room(&big).unwrap().plan, expected);
         }
-        assert!(first.vae_tiling.is_none() && first.conv.max_column_bytes.is_some());
+        assert!(first.vae_tiling.is_none() && first.conv.max_column_values.is_some());
         assert!(matches!(
             gpu_like(need(*least) - 1).make_room(&big),
             Err(EngineError::OutOfMemory(_))

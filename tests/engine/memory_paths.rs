@@ -98,7 +98,7 @@ fn banded_convolutions_and_chunked_attention_decode_the_same_image() {
         let saving = Plan {
             vae_tiling: None,
             conv: ConvPlan {
-                max_column_bytes: Some(16 << 10),
+                max_column_values: Some(4 << 10),
             },
             attention: AttentionPlan {
                 max_score_bytes: Some(1),

@@ -110,7 +110,7 @@ fn one_unet_forward_matches_the_reference() {
                 Plan {
                     attention: CHUNKED,
                     conv: ConvPlan {
-                        max_column_bytes: Some(16 << 10),
+                        max_column_values: Some(4 << 10),
                     },
                     vae_tiling: None,
                 },

@@ -8,6 +8,9 @@
 // 2. `group_norm_apply_*`: one block column per (image, channel) plane. The first warp merges
 //    the row's partial moments (Chan's parallel formula, exact in any order), then every
 //    thread normalises its elements, applies the channel's weight and bias, and SiLU.
+//    Or, where a 3×3 convolution follows, `group_norm_columns_*`: the same values written
+//    straight into the convolution's columns for a band of output rows (`columns.cuh`), so
+//    the normalised image is never held, written or read.
 //
 // Statistics are in f32 whatever the input (as candle and PyTorch do for f16), the variance
 // is the biased one (divided by the count), and the output is rounded to the input's type
@@ -15,7 +18,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "conversions.cuh"
+#include "columns.cuh"
 
 namespace {
 
@@ -99,17 +102,35 @@ __device__ void stats(const T* __restrict__ x, float* __restrict__ partials, uin
   }
 }
 
+// The normalisation of one (image, channel) plane: y = (x − mean) · scale + shift.
+struct PlaneAffine {
+  float mean;
+  float scale;
+  float shift;
+
+  template <typename T>
+  __device__ __forceinline__ T operator()(T x, uint32_t silu) const {
+    float y = (to_float(x) - mean) * scale + shift;
+    if (silu) {
+      y = y / (1.0f + __expf(-y));
+    }
+    return from_float<T>(y);
+  }
+};
+
+// The affine of plane `plane` (image · channels + channel): the first warp merges its row's
+// partial moments; every thread of the block gets the result (a barrier inside: call it from
+// every thread).
 template <typename T>
-__device__ void apply(const T* __restrict__ x, const float* __restrict__ partials,
-                      const T* __restrict__ weight, const T* __restrict__ bias,
-                      T* __restrict__ out, uint32_t channels, uint32_t channels_per_group,
-                      uint32_t plane_len, uint32_t splits, float eps, uint32_t silu) {
-  const uint32_t plane = blockIdx.y;  // image * channels + channel
+__device__ PlaneAffine plane_affine(const float* __restrict__ partials,
+                                    const T* __restrict__ weight, const T* __restrict__ bias,
+                                    uint32_t plane, uint32_t channels,
+                                    uint32_t channels_per_group, uint32_t splits, float eps) {
   const uint32_t channel = plane % channels;
   const uint32_t groups = channels / channels_per_group;
   const uint32_t row = (plane / channels) * groups + channel / channels_per_group;
 
-  __shared__ float mean_scale_bias[3];
+  __shared__ PlaneAffine affine;
   if (threadIdx.x < 32) {
     const float* p = partials + static_cast<size_t>(row) * splits * 3;
     Moments m = {0.0f, 0.0f, 0.0f};
@@ -119,26 +140,47 @@ __device__ void apply(const T* __restrict__ x, const float* __restrict__ partial
     }
     m = warp_merge(m);
     if (threadIdx.x == 0) {
-      mean_scale_bias[0] = m.mean;
-      mean_scale_bias[1] = to_float(weight[channel]) / sqrtf(m.m2 / m.count + eps);
-      mean_scale_bias[2] = to_float(bias[channel]);
+      affine.mean = m.mean;
+      affine.scale = to_float(weight[channel]) / sqrtf(m.m2 / m.count + eps);
+      affine.shift = to_float(bias[channel]);
     }
   }
   __syncthreads();
-  const float mean = mean_scale_bias[0];
-  const float scale = mean_scale_bias[1];
-  const float shift = mean_scale_bias[2];
+  return affine;
+}
 
+template <typename T>
+__device__ void apply(const T* __restrict__ x, const float* __restrict__ partials,
+                      const T* __restrict__ weight, const T* __restrict__ bias,
+                      T* __restrict__ out, uint32_t channels, uint32_t channels_per_group,
+                      uint32_t plane_len, uint32_t splits, float eps, uint32_t silu) {
+  const uint32_t plane = blockIdx.y;  // image * channels + channel
+  const PlaneAffine affine =
+      plane_affine(partials, weight, bias, plane, channels, channels_per_group, splits, eps);
   const T* plane_x = x + static_cast<size_t>(plane) * plane_len;
   T* plane_out = out + static_cast<size_t>(plane) * plane_len;
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < plane_len;
        i += gridDim.x * blockDim.x) {
-    float y = (to_float(plane_x[i]) - mean) * scale + shift;
-    if (silu) {
-      y = y / (1.0f + __expf(-y));
-    }
-    plane_out[i] = from_float<T>(y);
+    plane_out[i] = affine(plane_x[i], silu);
   }
+}
+
+// `apply`'s values for output rows top … top + rows − 1 of a 3×3 convolution, as its columns
+// (`columns.cuh`; never doubled). Grid: x over the band's cells, y over the planes.
+template <typename T>
+__device__ void apply_columns(const T* __restrict__ x, const float* __restrict__ partials,
+                              const T* __restrict__ weight, const T* __restrict__ bias,
+                              T* __restrict__ columns, uint32_t channels,
+                              uint32_t channels_per_group, uint32_t splits, float eps,
+                              uint32_t silu, uint32_t height, uint32_t width, uint32_t top,
+                              uint32_t rows) {
+  const uint32_t plane = blockIdx.y;
+  // Every thread reaches the barrier inside, those past the band's cells too.
+  const PlaneAffine affine =
+      plane_affine(partials, weight, bias, plane, channels, channels_per_group, splits, eps);
+  const T* plane_x = x + static_cast<size_t>(plane) * height * width;
+  write_columns_3x3<T>([plane_x, affine, silu](size_t at) { return affine(plane_x[at], silu); },
+                       columns, height, width, 0, top, rows);
 }
 
 }  // namespace
@@ -155,6 +197,13 @@ __device__ void apply(const T* __restrict__ x, const float* __restrict__ partial
       float eps, uint32_t silu) {                                                           \
     apply<T>(x, partials, weight, bias, out, channels, channels_per_group, plane_len,      \
              splits, eps, silu);                                                            \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(THREADS) group_norm_columns_##NAME(          \
+      const T* x, const float* partials, const T* weight, const T* bias, T* columns,        \
+      uint32_t channels, uint32_t channels_per_group, uint32_t splits, float eps,           \
+      uint32_t silu, uint32_t height, uint32_t width, uint32_t top, uint32_t rows) {        \
+    apply_columns<T>(x, partials, weight, bias, columns, channels, channels_per_group,     \
+                     splits, eps, silu, height, width, top, rows);                          \
   }
 
 GROUP_NORM(f32, float)

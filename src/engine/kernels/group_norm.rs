@@ -90,7 +90,7 @@ impl Geometry {
     /// `None` where the op does not apply and candle's composition runs instead (it then
     /// reports what is wrong, if anything): fewer than 3 dimensions, channels that the
     /// groups do not divide, weight or bias of another dtype or length, nothing to norm.
-    fn of(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize) -> Option<Self> {
+    pub(super) fn of(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize) -> Option<Self> {
         let dims = xs.dims();
         if dims.len() < 3 || groups == 0 {
             return None;
@@ -216,7 +216,7 @@ pub(super) enum Kernel {
 
 impl Kernel {
     /// Ours for this device, dtype and shape, or `None` for candle's composition.
-    fn for_device(device: &Device, dtype: DType, geometry: Geometry) -> Option<Self> {
+    pub(super) fn for_device(device: &Device, dtype: DType, geometry: Geometry) -> Option<Self> {
         match device {
             Device::Cpu => {
                 matches!(dtype, DType::F32 | DType::F16 | DType::BF16).then_some(Self::Cpu)

@@ -10,7 +10,9 @@
 //!   temporary), on CUDA; elsewhere `None` and the model composes it.
 //! - the column matrix of a 3×3 convolution in the order that makes the convolution one GEMM
 //!   straight into the image layout (candle: a slower im2col, then a transposed copy of the
-//!   output), on CUDA; elsewhere `None` and the model runs candle's convolution.
+//!   output), on CUDA; elsewhere `None` and the model runs candle's convolution. Where a
+//!   group norm and SiLU come before the convolution, the columns are written normalised
+//!   from the image as it is ([`norm_columns`]): the normalised image is never made.
 //!
 //! On CUDA, `build.rs` compiles each kernel source into a fatbin with machine code for every
 //! supported architecture, so the driver compiles nothing for them at first start. Before a
@@ -30,12 +32,14 @@ mod emulation;
 pub mod geglu;
 mod group_norm;
 pub mod im2col;
+pub mod norm_columns;
 
 use std::sync::OnceLock;
 
 pub use attention::attention;
 pub use geglu::geglu;
 pub use group_norm::{Activation, group_norm, group_norm_composed};
+pub use norm_columns::{NormalizedImage, normalized_image};
 
 /// The environment variable that turns our kernels off (`0`, `off` or `false`).
 pub const SWITCH: &str = "STUDIO_WORKER_FUSED_KERNELS";

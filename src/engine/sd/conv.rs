@@ -5,7 +5,7 @@
 //! every output cell's 3×3 neighbourhood into a column buffer of `batch · h · w · c_in · 9`
 //! elements. At the VAE's full resolution that buffer dwarfs everything else: 256 channels at
 //! 512² in f32 is 2.4 GB, at 1024² 9.7 GB. [`Conv3x3`] can run over bands of output rows
-//! instead, each band's buffer within [`ConvPlan::max_column_bytes`]: each band convolves its
+//! instead, each band's buffer within [`ConvPlan::max_column_values`]: each band convolves its
 //! rows plus one row of halo on either side, and the bands are joined. Every output cell sees
 //! exactly the inputs it would whole, so a banded result equals the whole one up to the
 //! GEMM's summation order.
@@ -15,7 +15,9 @@
 //! columns is the output in the image layout, with no transposed copy after the GEMM, and a
 //! band needs no padded copy of its rows (the kernel writes the zeros). An upsampler's
 //! convolution ([`Conv3x3::forward_doubled`]) reads its input doubled straight from the
-//! small image there, so the upsampled image is never held.
+//! small image there, so the upsampled image is never held. A convolution after a group norm
+//! and SiLU ([`Conv3x3::forward_normalized`]) has its columns written normalised from the
+//! image as it is there ([`kernels::norm_columns`]), so the normalised image is never made.
 //!
 //! On the CPU candle convolves directly (no column buffer), so the engine plans no bands
 //! there; the bands still run there in tests, against the whole convolution, and so does the
@@ -24,41 +26,77 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::norm::GroupNorm;
 use crate::engine::kernels;
+use crate::engine::kernels::NormalizedImage;
 use crate::engine::kernels::im2col::Source;
 use crate::engine::profile::{self, Work};
 
 /// How much column buffer a convolution may hold at once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConvPlan {
-    /// `None`: the whole convolution at once.
-    pub max_column_bytes: Option<u64>,
+    /// Column values (not bytes: a band's GEMM has the same shape in f16 and f32); `None`:
+    /// the whole convolution at once.
+    pub max_column_values: Option<u64>,
 }
 
 impl ConvPlan {
-    /// Bands of at most 256 MB of columns: big enough that each band's GEMM still fills a
-    /// GPU (a band of 512-wide, 256-channel f32 columns is 56 rows).
+    /// Bands of at most 64 M column values (128 MB in f16, 256 MB in f32). Each band's GEMM
+    /// still fills a GPU: at the VAE's full resolution a band of 512-wide, 256-channel
+    /// columns is 56 rows, at 1024 wide 28 rows, about 28 000 output cells by 128 or more
+    /// output channels (over 200 tiles of 128 × 128). In f16 that halves the 256 MB bands
+    /// this started with, taking 128 MB and more off the SD 512² decode's peak (which, with
+    /// the weights, is the job's), at the cost of twice as many launches; f32 keeps its
+    /// GEMMs as they were.
     pub const BANDED: Self = Self {
-        max_column_bytes: Some(256 << 20),
+        max_column_values: Some(64 << 20),
     };
 
-    /// Output rows per band for an input `(batch, channels, _, width)` of `dtype`.
-    fn rows(
-        self,
-        batch: usize,
-        channels: usize,
-        width: usize,
-        dtype: DType,
-        height: usize,
-    ) -> usize {
-        match self.max_column_bytes {
+    /// The most column bytes this plan holds at once for values of `bytes_per_value`.
+    pub fn max_bytes(self, bytes_per_value: u64) -> Option<u64> {
+        self.max_column_values
+            .map(|values| values.saturating_mul(bytes_per_value))
+    }
+
+    /// Output rows per band for an input `(batch, channels, _, width)`.
+    fn rows(self, batch: usize, channels: usize, width: usize, height: usize) -> usize {
+        match self.max_column_values {
             None => height,
             Some(budget) => {
-                let per_row = (batch * width * channels * 9 * dtype.size_in_bytes()).max(1) as u64;
+                let per_row = (batch * width * channels * 9).max(1) as u64;
                 usize::try_from(budget / per_row)
                     .unwrap_or(usize::MAX)
                     .clamp(1, height.max(1))
             }
+        }
+    }
+}
+
+/// What a convolution's columns are made from.
+#[derive(Clone, Copy)]
+enum Reading<'a> {
+    /// An image, read as `Source` says.
+    Image(&'a Tensor, Source),
+    /// An image normalised (and through SiLU) as it is read.
+    Normalized(&'a NormalizedImage),
+}
+
+impl Reading<'_> {
+    /// `(batch, channels, height, width)` of what the convolution sees.
+    fn dims(self) -> Result<(usize, usize, usize, usize)> {
+        let (xs, source) = match self {
+            Reading::Image(xs, source) => (xs, source),
+            Reading::Normalized(image) => (image.image(), Source::AsIs),
+        };
+        let (batch, channels, ..) = xs.dims4()?;
+        let (height, width) = source.size(xs)?;
+        Ok((batch, channels, height, width))
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Reading::Image(xs, _) => xs.dtype(),
+            Reading::Normalized(image) => image.image().dtype(),
         }
     }
 }
@@ -96,7 +134,26 @@ impl Conv3x3 {
 
     /// `(batch, c_in, h, w)` → `(batch, c_out, h, w)`, whole or in bands as `plan` says.
     pub fn forward(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
-        self.forward_from(xs, Source::AsIs, plan)
+        self.forward_from(Reading::Image(xs, Source::AsIs), plan)
+    }
+
+    /// `norm` with SiLU, then this convolution: what a resnet's convolutions and a model's
+    /// last one read. Where our kernels run the columns are written normalised from `xs`, so
+    /// the normalised image is never made; elsewhere it is made first.
+    pub fn forward_normalized(
+        &self,
+        xs: &Tensor,
+        norm: &GroupNorm,
+        plan: ConvPlan,
+    ) -> Result<Tensor> {
+        // The statistics pass is the group norm's time; the normalising, the columns'.
+        let prepared = profile::timed(Work::GroupNorm, xs.device(), || {
+            norm.prepare_for_columns(xs)
+        })?;
+        match prepared {
+            Some(image) => self.forward_from(Reading::Normalized(&image), plan),
+            None => self.forward(&norm.forward_then_silu(xs)?, plan),
+        }
     }
 
     /// ×2 nearest-neighbour upsampling, then this convolution: `(batch, c_in, h, w)` →
@@ -107,35 +164,32 @@ impl Conv3x3 {
             let upsampled = profile::timed(Work::Upsample, xs.device(), || {
                 Source::Doubled.materialise(xs)
             })?;
-            return self.forward_from(&upsampled, Source::AsIs, plan);
+            return self.forward_from(Reading::Image(&upsampled, Source::AsIs), plan);
         }
-        self.forward_from(xs, Source::Doubled, plan)
+        self.forward_from(Reading::Image(xs, Source::Doubled), plan)
     }
 
-    fn forward_from(&self, xs: &Tensor, source: Source, plan: ConvPlan) -> Result<Tensor> {
-        let _stretch = profile::stretch(Work::Conv3x3, xs.device());
-        let (batch, channels, ..) = xs.dims4()?;
-        let (height, width) = source.size(xs)?;
-        let rows = plan.rows(batch, channels, width, xs.dtype(), height);
+    fn forward_from(&self, reading: Reading, plan: ConvPlan) -> Result<Tensor> {
+        let device = self.weight.device();
+        let _stretch = profile::stretch(Work::Conv3x3, device);
+        let (batch, channels, height, width) = reading.dims()?;
+        let dtype = reading.dtype();
+        let rows = plan.rows(batch, channels, width, height);
         let bias = self.bias.reshape((1, (), 1, 1))?;
         if rows >= height {
-            return self
-                .convolve_rows(xs, source, 0, height)?
-                .broadcast_add(&bias);
+            return self.convolve_rows(reading, 0, height)?.broadcast_add(&bias);
         }
         // Each band, its bias added, is copied into its rows of the output: the output is
         // held once, not once as bands and again joined (and again with the bias).
         let out_channels = self.weight.dim(0)?;
-        let out = Tensor::zeros(
-            (batch, out_channels, height, width),
-            xs.dtype(),
-            xs.device(),
-        )?;
+        // SAFETY: the bands below cover rows 0..height and each writes all of its rows
+        // before the output is returned; on an error it is dropped unread.
+        let out = unsafe { Tensor::empty((batch, out_channels, height, width), dtype, device)? };
         let mut top = 0;
         while top < height {
             let band_rows = rows.min(height - top);
             let convolved = self
-                .convolve_rows(xs, source, top, band_rows)?
+                .convolve_rows(reading, top, band_rows)?
                 .broadcast_add(&bias)?;
             out.slice_set(&convolved, 2, top)?;
             top += band_rows;
@@ -144,14 +198,14 @@ impl Conv3x3 {
     }
 
     /// Output rows `top..top + rows`, `(batch, c_out, rows, w)`, without the bias: one GEMM
-    /// over our kernel's columns where it runs, else candle's convolution of the band.
-    fn convolve_rows(
-        &self,
-        xs: &Tensor,
-        source: Source,
-        top: usize,
-        rows: usize,
-    ) -> Result<Tensor> {
+    /// over our kernels' columns where they run, else candle's convolution of the band.
+    fn convolve_rows(&self, reading: Reading, top: usize, rows: usize) -> Result<Tensor> {
+        let (xs, source) = match reading {
+            Reading::Image(xs, source) => (xs, source),
+            Reading::Normalized(image) => {
+                return self.times_columns(&image.columns_3x3(top, rows)?, rows);
+            }
+        };
         if let Some(columns) = kernels::im2col::columns_3x3(xs, source, top, rows)? {
             return self.times_columns(&columns, rows);
         }
@@ -208,11 +262,11 @@ mod tests {
         let xs = Tensor::randn(0f32, 1.0, (2, 5, 13, 11), &Device::Cpu).unwrap();
         let whole = conv.forward(&xs, ConvPlan::default()).unwrap();
         assert_eq!(whole.dims4().unwrap(), (2, 7, 13, 11));
-        // One row of columns: batch 2 × 11 cells × 5 channels × 9 taps × 4 bytes.
-        let row_bytes = 2 * 11 * 5 * 9 * 4;
+        // One row of columns: batch 2 × 11 cells × 5 channels × 9 taps.
+        let row_values = 2 * 11 * 5 * 9;
         for rows in [1, 2, 3, 5, 12, 13, 40] {
             let plan = ConvPlan {
-                max_column_bytes: Some(rows * row_bytes),
+                max_column_values: Some(rows * row_values),
             };
             let banded = conv.forward(&xs, plan).unwrap();
             assert_eq!(banded.dims4().unwrap(), (2, 7, 13, 11));
@@ -245,11 +299,11 @@ mod tests {
         let upsampled = xs.upsample_nearest2d(10, 8).unwrap();
         let expected = conv.forward(&upsampled, ConvPlan::default()).unwrap();
         // What runs here (candle, on the upsampled image), whole and in bands.
-        let row_bytes = 2 * 8 * 3 * 9 * 4;
+        let row_values = 2 * 8 * 3 * 9;
         for plan in [
             ConvPlan::default(),
             ConvPlan {
-                max_column_bytes: Some(3 * row_bytes),
+                max_column_values: Some(3 * row_values),
             },
         ] {
             let got = conv.forward_doubled(&xs, plan).unwrap();
@@ -274,13 +328,46 @@ mod tests {
     }
 
     #[test]
+    fn a_normalized_convolution_is_candles_group_norm_silu_and_convolution() {
+        // The CPU composes (our group norm, then the convolution); CUDA writes normalised
+        // columns, checked against the same composition in `kernels::norm_columns`.
+        let device = Device::Cpu;
+        let conv = random_conv(8, 5);
+        let weight = Tensor::randn(1f32, 0.3, 8, &device).unwrap();
+        let bias = Tensor::randn(0f32, 0.3, 8, &device).unwrap();
+        let norm = GroupNorm::from_weights(weight.clone(), bias.clone(), 4, 1e-6).unwrap();
+        let xs = (Tensor::randn(0f32, 2.0, (2, 8, 9, 6), &device).unwrap() + 1.5).unwrap();
+        let normed = candle_nn::GroupNorm::new(weight, bias, 8, 4, 1e-6)
+            .and_then(|norm| candle_core::Module::forward(&norm, &xs))
+            .and_then(|normed| candle_nn::ops::silu(&normed))
+            .unwrap();
+        let expected = normed
+            .conv2d(&conv.weight, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&conv.bias.reshape((1, (), 1, 1)).unwrap())
+            .unwrap();
+        let row_values = 2 * 6 * 8 * 9;
+        for plan in [
+            ConvPlan::default(),
+            ConvPlan {
+                max_column_values: Some(4 * row_values),
+            },
+        ] {
+            let got = conv.forward_normalized(&xs, &norm, plan).unwrap();
+            assert_eq!(got.dims4().unwrap(), (2, 5, 9, 6));
+            let difference = largest_difference(&expected, &got);
+            assert!(difference < 1e-4, "{plan:?}: {difference}");
+        }
+    }
+
+    #[test]
     fn a_band_is_never_empty_whatever_the_budget() {
         let conv = random_conv(3, 4);
         let xs = Tensor::randn(0f32, 1.0, (1, 3, 6, 6), &Device::Cpu).unwrap();
         let tiny = ConvPlan {
-            max_column_bytes: Some(1),
+            max_column_values: Some(1),
         };
-        assert_eq!(tiny.rows(1, 3, 6, DType::F32, 6), 1);
+        assert_eq!(tiny.rows(1, 3, 6, 6), 1);
         let banded = conv.forward(&xs, tiny).unwrap();
         let whole = conv.forward(&xs, ConvPlan::default()).unwrap();
         assert!(largest_difference(&whole, &banded) < 1e-5);
@@ -288,9 +375,12 @@ mod tests {
 
     #[test]
     fn the_budget_counts_the_columns_of_a_row() {
-        // 256 MB of columns for 512 cells of 256 channels in f32: 56 rows.
-        assert_eq!(ConvPlan::BANDED.rows(1, 256, 512, DType::F32, 512), 56);
-        assert_eq!(ConvPlan::BANDED.rows(1, 256, 512, DType::F16, 512), 113);
-        assert_eq!(ConvPlan::default().rows(1, 256, 512, DType::F32, 512), 512);
+        // 64 M column values for 512 cells of 256 channels: 56 rows, in f16 (128 MB) or
+        // f32 (256 MB); at 1024 cells wide, 28.
+        assert_eq!(ConvPlan::BANDED.rows(1, 256, 512, 512), 56);
+        assert_eq!(ConvPlan::BANDED.max_bytes(2), Some(128 << 20));
+        assert_eq!(ConvPlan::BANDED.max_bytes(4), Some(256 << 20));
+        assert_eq!(ConvPlan::BANDED.rows(1, 256, 1024, 1024), 28);
+        assert_eq!(ConvPlan::default().rows(1, 256, 512, 512), 512);
     }
 }

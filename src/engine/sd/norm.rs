@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::engine::kernels::{self, Activation};
+use crate::engine::kernels::{self, Activation, NormalizedImage};
 use crate::engine::profile::{self, Work};
 
 #[derive(Clone, Debug)]
@@ -22,15 +22,32 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     if groups == 0 || !channels.is_multiple_of(groups) {
         candle_core::bail!("GroupNorm: {groups} groups cannot divide {channels} channels");
     }
-    Ok(GroupNorm {
-        weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
-        bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+    GroupNorm::from_weights(
+        vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+        vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
         groups,
         eps,
-    })
+    )
 }
 
 impl GroupNorm {
+    /// From a weight and bias `(channels,)` already in memory (the kernels bench's).
+    pub fn from_weights(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.elem_count();
+        if groups == 0 || !channels.is_multiple_of(groups) || bias.elem_count() != channels {
+            candle_core::bail!(
+                "GroupNorm: {groups} groups, {channels} weights and {} biases do not fit",
+                bias.elem_count()
+            );
+        }
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
     /// `xs` `(batch, channels, …)` normalised.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.run(xs, Activation::None)
@@ -39,6 +56,20 @@ impl GroupNorm {
     /// `silu(self.forward(xs))`, in one pass.
     pub fn forward_then_silu(&self, xs: &Tensor) -> Result<Tensor> {
         self.run(xs, Activation::Silu)
+    }
+
+    /// `xs` with its statistics taken, for a 3×3 convolution that reads it normalised and
+    /// through SiLU as its columns ([`kernels::norm_columns`]); `None` where our kernels do
+    /// not run, and the caller normalises first.
+    pub fn prepare_for_columns(&self, xs: &Tensor) -> Result<Option<NormalizedImage>> {
+        kernels::normalized_image(
+            xs,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            self.eps,
+            Activation::Silu,
+        )
     }
 
     fn run(&self, xs: &Tensor, activation: Activation) -> Result<Tensor> {

@@ -89,9 +89,7 @@ impl Resnet {
     /// `xs` `(batch, in, h, w)` → `(batch, out, h, w)`; `temb` `(batch, temb_channels)` where
     /// the block takes one.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>, plan: ConvPlan) -> Result<Tensor> {
-        let mut hidden = self
-            .conv1
-            .forward(&self.norm1.forward_then_silu(xs)?, plan)?;
+        let mut hidden = self.conv1.forward_normalized(xs, &self.norm1, plan)?;
         if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
             let added = projection
                 .forward(&candle_nn::ops::silu(temb)?)?
@@ -99,9 +97,7 @@ impl Resnet {
                 .unsqueeze(D::Minus1)?;
             hidden = hidden.broadcast_add(&added)?;
         }
-        let hidden = self
-            .conv2
-            .forward(&self.norm2.forward_then_silu(&hidden)?, plan)?;
+        let hidden = self.conv2.forward_normalized(&hidden, &self.norm2, plan)?;
         let out = match &self.shortcut {
             Some(shortcut) => {
                 (profile::timed(Work::Conv1x1, xs.device(), || shortcut.cells_to_cells(xs))?

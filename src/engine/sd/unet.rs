@@ -246,7 +246,7 @@ impl Unet {
                 plan,
             )?;
         }
-        let xs = self.conv_norm_out.forward_then_silu(&xs)?;
-        self.conv_out.forward(&xs, plan.conv)
+        self.conv_out
+            .forward_normalized(&xs, &self.conv_norm_out, plan.conv)
     }
 }

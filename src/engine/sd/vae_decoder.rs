@@ -205,7 +205,7 @@ impl Decoder {
                 xs = upsampler.forward_doubled(&xs, plan.conv)?;
             }
         }
-        let xs = self.norm_out.forward_then_silu(&xs)?;
-        self.conv_out.forward(&xs, plan.conv)
+        self.conv_out
+            .forward_normalized(&xs, &self.norm_out, plan.conv)
     }
 }

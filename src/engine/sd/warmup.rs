@@ -47,7 +47,7 @@ const SAVING: Plan = Plan {
         overlap: 2,
     }),
     conv: ConvPlan {
-        max_column_bytes: Some(16 << 10),
+        max_column_values: Some(4 << 10),
     },
     attention: AttentionPlan {
         max_score_bytes: Some(16 << 10),

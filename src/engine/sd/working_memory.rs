@@ -65,7 +65,7 @@ impl Plan {
         },
         vae_tiling: None,
         conv: ConvPlan {
-            max_column_bytes: None,
+            max_column_values: None,
         },
     };
 
@@ -78,7 +78,7 @@ impl Plan {
         },
         vae_tiling: Some(Tiling::DEFAULT),
         conv: ConvPlan {
-            max_column_bytes: None,
+            max_column_values: None,
         },
     };
 
@@ -93,7 +93,8 @@ impl Plan {
         conv: ConvPlan::BANDED,
     };
 
-    /// A GPU's last resort: half-size tiles, smaller bands and chunks.
+    /// A GPU's last resort: half-size tiles, smaller bands (32 MB of columns in f16, 64 MB
+    /// in f32) and chunks.
     pub const GPU_LEAST: Self = Self {
         attention: AttentionPlan {
             max_score_bytes: Some(64 << 20),
@@ -103,7 +104,7 @@ impl Plan {
             overlap: 8,
         }),
         conv: ConvPlan {
-            max_column_bytes: Some(64 << 20),
+            max_column_values: Some(16 << 20),
         },
     };
 
@@ -281,7 +282,7 @@ impl WorkingMemory {
             Convolutions::Im2col => chunked(
                 batch * UNET_CONV_INPUT * largest * TAPS * self.unet_bytes,
                 latent_h,
-                plan.conv.max_column_bytes,
+                plan.conv.max_bytes(self.unet_bytes),
             ),
         };
         let unet = batch * (skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
@@ -304,7 +305,7 @@ impl WorkingMemory {
             Convolutions::Im2col => chunked(
                 full_resolution * TAPS * self.vae_bytes,
                 decoded_h * scale,
-                plan.conv.max_column_bytes,
+                plan.conv.max_bytes(self.vae_bytes),
             ),
         };
         let decode_scores = chunked(

@@ -19,7 +19,9 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 pub(super) use attention::{attention, attention_runs_on};
 pub(super) use geglu::geglu;
-pub(super) use group_norm::{group_norm, group_norm_fits};
+pub(super) use group_norm::{
+    group_norm, group_norm_columns, group_norm_fits, group_norm_statistics,
+};
 pub(super) use im2col::{columns_3x3, im2col_runs_on};
 
 /// A fatbin, aligned as a fatbin's header must be. On Linux it sits in the section nvcc's own
@@ -45,7 +47,8 @@ struct Aligned<T>(T);
 /// Our kernel sources, each its own module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Family {
-    /// `group_norm.cu`: group norm with its affine and SiLU.
+    /// `group_norm.cu`: group norm with its affine and SiLU, written as it is or as a 3×3
+    /// convolution's columns.
     GroupNorm,
     /// `attention.cu`: multi-head softmax attention.
     Attention,

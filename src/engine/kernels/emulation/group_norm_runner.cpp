@@ -1,12 +1,14 @@
 // Runs `group_norm.cu` on the CPU emulation (cuda_emulation.h), for the kernels' tests:
 //
 //   group_norm_runner DTYPE IMAGES CHANNELS GROUPS PLANE_LEN SPLITS SPLIT_LEN BLOCKS_PER_PLANE
-//                     EPS SILU
+//                     EPS SILU [HEIGHT WIDTH TOP ROWS BLOCKS]
 //
 // DTYPE is f32 or f16. Reads the input (IMAGES × CHANNELS × PLANE_LEN), the weight and the
 // bias (CHANNELS each), little-endian, from stdin; launches the statistics kernel and the
 // apply kernel with the grids the host code would; writes the output to stdout the same way.
-// Partial moments and output nobody wrote stay NaN.
+// With the last five, the columns kernel instead of the apply kernel: the planes are HEIGHT ×
+// WIDTH, the output the columns of output rows TOP … TOP + ROWS − 1 (IMAGES · CHANNELS × 9 ×
+// ROWS · WIDTH), in BLOCKS × planes blocks. Partial moments and output nobody wrote stay NaN.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -32,8 +34,13 @@ struct Settings {
   uint32_t silu;
 };
 
+// The columns kernel's band, where it runs.
+struct Band {
+  uint32_t height, width, top, rows, blocks;
+};
+
 template <typename T>
-void run(const Settings& s) {
+void run(const Settings& s, const Band* band) {
   const size_t elements = static_cast<size_t>(s.images) * s.channels * s.plane_len;
   const std::vector<T> x = read_values<T>(elements);
   const std::vector<T> weight = read_values<T>(s.channels);
@@ -41,7 +48,6 @@ void run(const Settings& s) {
   const uint32_t rows = s.images * s.groups;
   const uint32_t row_len = s.channels / s.groups * s.plane_len;
   std::vector<float> partials(static_cast<size_t>(rows) * s.splits * 3, NAN);
-  std::vector<T> out(elements, from_float<T>(NAN));
 
   const dim3 threads{THREADS, 1, 1};
   emulation::launch(dim3{s.splits, rows, 1}, threads, 0, [&] {
@@ -52,6 +58,25 @@ void run(const Settings& s) {
     }
   });
   const uint32_t channels_per_group = s.channels / s.groups;
+  if (band != nullptr) {
+    const uint32_t planes = s.images * s.channels;
+    std::vector<T> columns(static_cast<size_t>(planes) * 9 * band->rows * band->width,
+                           from_float<T>(NAN));
+    emulation::launch(dim3{band->blocks, planes, 1}, threads, 0, [&] {
+      if constexpr (std::is_same_v<T, float>) {
+        group_norm_columns_f32(x.data(), partials.data(), weight.data(), bias.data(),
+                               columns.data(), s.channels, channels_per_group, s.splits, s.eps,
+                               s.silu, band->height, band->width, band->top, band->rows);
+      } else {
+        group_norm_columns_f16(x.data(), partials.data(), weight.data(), bias.data(),
+                               columns.data(), s.channels, channels_per_group, s.splits, s.eps,
+                               s.silu, band->height, band->width, band->top, band->rows);
+      }
+    });
+    std::fwrite(columns.data(), sizeof(T), columns.size(), stdout);
+    return;
+  }
+  std::vector<T> out(elements, from_float<T>(NAN));
   emulation::launch(dim3{s.blocks_per_plane, s.images * s.channels, 1}, threads, 0, [&] {
     if constexpr (std::is_same_v<T, float>) {
       group_norm_apply_f32(x.data(), partials.data(), weight.data(), bias.data(), out.data(),
@@ -69,20 +94,22 @@ void run(const Settings& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 11) {
+  if (argc != 11 && argc != 16) {
     std::fprintf(stderr,
                  "usage: group_norm_runner DTYPE IMAGES CHANNELS GROUPS PLANE_LEN SPLITS "
-                 "SPLIT_LEN BLOCKS_PER_PLANE EPS SILU\n");
+                 "SPLIT_LEN BLOCKS_PER_PLANE EPS SILU [HEIGHT WIDTH TOP ROWS BLOCKS]\n");
     return 2;
   }
   const auto arg = [&](int i) { return static_cast<uint32_t>(std::stoul(argv[i])); };
   const Settings settings{arg(2), arg(3), arg(4), arg(5),           arg(6),
                           arg(7), arg(8), std::stof(argv[9]), arg(10)};
+  const Band band = argc == 16 ? Band{arg(11), arg(12), arg(13), arg(14), arg(15)} : Band{};
+  const Band* columns = argc == 16 ? &band : nullptr;
   const std::string dtype = argv[1];
   if (dtype == "f32") {
-    run<float>(settings);
+    run<float>(settings, columns);
   } else if (dtype == "f16") {
-    run<__half>(settings);
+    run<__half>(settings, columns);
   } else {
     std::fprintf(stderr, "group_norm_runner: DTYPE is f32 or f16, not %s\n", dtype.c_str());
     return 2;

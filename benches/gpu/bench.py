@@ -492,7 +492,7 @@ def main():
         print(f"  {row['case']:38} {ms(ours)} vs {ms(candle)}  {ratio(ours, candle, 'warm')}{off}")
     for row in rows:
         if row["profiled"]:
-            print(f"\n{row['case']}, profiled (each kind waits for the GPU: read the shares):\n"
+            print(f"\n{row['case']}, profiled (GPU time between events around each kind of work):\n"
                   f"{row['profiled']['profile']}")
     if tight:
         print(f"SDXL 1024², 12 GB free (ballast): generate {tight['warm'] * 1000:.0f} ms warm, peak "

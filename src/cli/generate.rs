@@ -67,8 +67,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
     /// After the last run, print where its time went by model part and kind of work
-    /// (convolutions, norms, attention…). Each kind waits for the GPU before and after, so
-    /// profiled runs are slower: read the shares.
+    /// (convolutions, norms, attention…): on an NVIDIA GPU the GPU's time between events
+    /// around each kind, read after the run; on Metal each kind waits for the GPU, so read
+    /// the shares there.
     #[arg(long)]
     pub profile: bool,
 }

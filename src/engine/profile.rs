@@ -1,9 +1,15 @@
 //! Where the engine's time goes, by model part and kind of work, when asked (`generate
-//! --profile`): the numbers that say which kernel to write next. Each profiled stretch of model code waits
-//! for its device before it starts and before it ends, and adds the time between to its
-//! [`Work`]; what no stretch covers (residual adds, casts, embeddings, the waits themselves)
-//! is the run's remainder. Waiting costs the GPU its overlap of launches, so a profiled run
-//! is slower than a plain one: read the shares, not the sum.
+//! --profile`): the numbers that say which kernel to write next. Each profiled stretch of
+//! model code adds its time to its [`Work`]; what no stretch covers (residual adds, casts,
+//! embeddings) is the run's remainder.
+//!
+//! How a stretch is timed depends on the device. On the CPU the work runs as it is called, so
+//! the wall clock is the time. On CUDA two events are recorded on the device's stream around
+//! the stretch and read only when the profile is taken, so nothing waits for the GPU while
+//! the run goes on and a profiled run keeps its speed: a stretch's time is the GPU's, from
+//! the work before it finishing to its own last kernel finishing (where the GPU is ahead of
+//! the CPU, that is the pace of its launches). Other GPUs (Metal) wait for the device before
+//! and after each stretch, which costs the overlap of launches: read the shares there.
 //!
 //! Profiling is per thread: the engine runs a job's model code on the thread that called it,
 //! and the thread that turned profiling on reads the table. Off (the default) a stretch
@@ -16,6 +22,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
 
 /// The model part a stretch of work belongs to, as the table names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,6 +79,15 @@ impl Work {
 
 type Totals = BTreeMap<(Option<Part>, Work), (Duration, u64)>;
 
+/// A stretch timed on a CUDA stream whose events are not read yet.
+#[cfg(feature = "cuda")]
+struct Pending {
+    part: Option<Part>,
+    work: Work,
+    started: CudaEvent,
+    ended: CudaEvent,
+}
+
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
     /// Whether a stretch is open.
@@ -78,6 +95,8 @@ thread_local! {
     /// The part being run, if one said so.
     static PART: Cell<Option<Part>> = const { Cell::new(None) };
     static TOTALS: RefCell<Totals> = const { RefCell::new(BTreeMap::new()) };
+    #[cfg(feature = "cuda")]
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Counts the stretches until the guard drops as `part`'s (then the part before is back).
@@ -108,10 +127,12 @@ pub fn stretch(work: Work, device: &Device) -> Stretch {
     if !ENABLED.with(Cell::get) || OPEN.with(Cell::get) {
         return Stretch { open: None };
     }
-    wait_for(device);
+    let Some(clock) = Clock::start(device) else {
+        return Stretch { open: None };
+    };
     OPEN.with(|open| open.set(true));
     Stretch {
-        open: Some((work, device.clone(), Instant::now())),
+        open: Some((work, clock)),
     }
 }
 
@@ -124,24 +145,110 @@ pub fn timed<T>(work: Work, device: &Device, run: impl FnOnce() -> T) -> T {
 /// An open stretch of profiled work (or nothing, when profiling is off).
 #[must_use = "the stretch ends when this is dropped"]
 pub struct Stretch {
-    open: Option<(Work, Device, Instant)>,
+    open: Option<(Work, Clock)>,
 }
 
 impl Drop for Stretch {
     fn drop(&mut self) {
-        if let Some((work, device, started)) = self.open.take() {
-            wait_for(&device);
-            let elapsed = started.elapsed();
+        if let Some((work, clock)) = self.open.take() {
             OPEN.with(|open| open.set(false));
             let part = PART.with(Cell::get);
-            TOTALS.with(|totals| {
-                let mut totals = totals.borrow_mut();
-                let (time, count) = totals.entry((part, work)).or_default();
-                *time += elapsed;
-                *count += 1;
-            });
+            match clock.stop() {
+                Stopped::Took(elapsed) => count(part, work, elapsed),
+                #[cfg(feature = "cuda")]
+                Stopped::Recorded { started, ended } => PENDING.with(|pending| {
+                    pending.borrow_mut().push(Pending {
+                        part,
+                        work,
+                        started,
+                        ended,
+                    });
+                }),
+            }
         }
     }
+}
+
+/// How one stretch is being timed.
+enum Clock {
+    /// The wall clock: the CPU, whose work is done when its call returns.
+    Wall(Instant),
+    /// The wall clock between waits for the device (a GPU without events here: Metal).
+    Waited(Device, Instant),
+    /// An event recorded on the CUDA stream before the stretch's work.
+    #[cfg(feature = "cuda")]
+    Event(std::sync::Arc<CudaStream>, CudaEvent),
+}
+
+/// A stretch's time, or the events to read it from later.
+enum Stopped {
+    Took(Duration),
+    #[cfg(feature = "cuda")]
+    Recorded {
+        started: CudaEvent,
+        ended: CudaEvent,
+    },
+}
+
+impl Clock {
+    /// `None` where the device cannot be timed (the stretch is then not counted).
+    fn start(device: &Device) -> Option<Self> {
+        match device {
+            Device::Cpu => Some(Self::Wall(Instant::now())),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                let stream = cuda.cuda_stream();
+                match record(&stream) {
+                    Ok(event) => Some(Self::Event(stream, event)),
+                    Err(error) => {
+                        tracing::debug!("profile: no event on the CUDA stream: {error}");
+                        None
+                    }
+                }
+            }
+            _ => {
+                wait_for(device);
+                Some(Self::Waited(device.clone(), Instant::now()))
+            }
+        }
+    }
+
+    fn stop(self) -> Stopped {
+        match self {
+            Self::Wall(started) => Stopped::Took(started.elapsed()),
+            Self::Waited(device, started) => {
+                wait_for(&device);
+                Stopped::Took(started.elapsed())
+            }
+            #[cfg(feature = "cuda")]
+            Self::Event(stream, started) => match record(&stream) {
+                Ok(ended) => Stopped::Recorded { started, ended },
+                Err(error) => {
+                    tracing::debug!("profile: no event on the CUDA stream: {error}");
+                    Stopped::Took(Duration::ZERO)
+                }
+            },
+        }
+    }
+}
+
+/// A timing event recorded on `stream` now.
+#[cfg(feature = "cuda")]
+fn record(
+    stream: &CudaStream,
+) -> Result<CudaEvent, candle_core::cuda_backend::cudarc::driver::DriverError> {
+    stream.record_event(Some(
+        candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+    ))
+}
+
+fn count(part: Option<Part>, work: Work, elapsed: Duration) {
+    TOTALS.with(|totals| {
+        let mut totals = totals.borrow_mut();
+        let (time, count) = totals.entry((part, work)).or_default();
+        *time += elapsed;
+        *count += 1;
+    });
 }
 
 fn wait_for(device: &Device) {
@@ -152,8 +259,33 @@ fn wait_for(device: &Device) {
     }
 }
 
+/// Reads the events of the stretches timed on CUDA into the totals (waiting for the last of
+/// them to finish).
+#[cfg(feature = "cuda")]
+fn read_pending() {
+    let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+    for Pending {
+        part,
+        work,
+        started,
+        ended,
+    } in pending
+    {
+        match started.elapsed_ms(&ended) {
+            Ok(ms) => count(
+                part,
+                work,
+                Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3),
+            ),
+            Err(error) => tracing::debug!("profile: an event pair could not be read: {error}"),
+        }
+    }
+}
+
 /// What this thread counted since the last call, and counting starts again.
 pub fn take() -> Profile {
+    #[cfg(feature = "cuda")]
+    read_pending();
     let totals = TOTALS.with(|totals| std::mem::take(&mut *totals.borrow_mut()));
     let mut rows: Vec<(Option<Part>, Work, Duration, u64)> = totals
         .into_iter()
@@ -204,7 +336,7 @@ impl Profile {
         let _ = writeln!(
             out,
             "{:<41} {rest:>10.1} {:>5.1}%",
-            "everything else (adds, casts, waits)",
+            "everything else (adds, casts, launches)",
             share(rest)
         );
         let _ = write!(out, "{:<41} {total_ms:>10.1}", "run");

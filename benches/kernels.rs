@@ -573,6 +573,8 @@ fn main() {
     if cfg!(feature = "cuda") {
         match Device::new_cuda(0) {
             Ok(gpu) => {
+                // As the engine opens it: no per-buffer stream events.
+                studio_worker::engine::device::without_stream_events(&gpu);
                 let ours = kernels::prepare(&gpu);
                 let label = format!("GPU 0 (our kernels {})", if ours { "on" } else { "OFF" });
                 agreed &= run_on(&gpu, &label, &gpu_cases(), runs);

@@ -130,6 +130,32 @@ pub fn without_stream_events(device: &Device) {
     let _ = device;
 }
 
+/// While held (on this thread), candle keeps the small uploads its CUDA ops make on `device`
+/// instead of making them again for every op: a strided or broadcast op's dims and strides
+/// (every bias add, every copy of a transposed view), keyed by their values, and host data of
+/// up to 4 KB (an embedding's `arange`), keyed by its bytes. Each would otherwise allocate,
+/// copy from pageable memory and free, three driver calls per op on a launch-bound step.
+/// Both caches live for the process and are never pruned, so hold this only around work whose
+/// small uploads repeat (the UNet's evaluations, the decode): the same shapes and constants
+/// every step and job, some hundreds of entries of a few dozen bytes per job size. Not around
+/// the text encoders (each prompt's token ids are new bytes) or the sampler (its noise).
+pub struct CachedUploads {
+    _guard: Option<Box<dyn std::any::Any>>,
+}
+
+impl CachedUploads {
+    pub fn on(device: &Device) -> Self {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = device {
+            return Self {
+                _guard: Some(Box::new(cuda.enable_cuda_graph_htod_cache())),
+            };
+        }
+        let _ = device;
+        Self { _guard: None }
+    }
+}
+
 fn open_metal() -> Result<SelectedDevice, DeviceError> {
     if !candle_core::utils::metal_is_available() {
         return Err(DeviceError::NotBuilt {

@@ -34,6 +34,7 @@ use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
 use self::working_memory::Plan;
+use super::device::CachedUploads;
 use super::noise::NoiseSource;
 use super::profile::{self, Work};
 use crate::vocab::job::{JobSpec, Scheduler};
@@ -420,6 +421,7 @@ impl StableDiffusion {
             text_embeds,
             time_ids,
         });
+        let _uploads = CachedUploads::on(&self.device);
         Ok(self
             .unet
             .forward(
@@ -491,6 +493,7 @@ impl StableDiffusion {
     /// The same, one image at a time (a batch's decode needs the batch's memory), each
     /// the way `plan` says (whole or in tiles, convolutions in bands, attention in chunks).
     pub fn decode_each(&self, latents: &Tensor, plan: Plan) -> Result<Tensor, SdError> {
+        let _uploads = CachedUploads::on(&self.device);
         let images = (0..latents.dim(0)?)
             .map(|image| self.vae.decode(&latents.narrow(0, image, 1)?, plan))
             .collect::<candle_core::Result<Vec<_>>>()?;

@@ -77,7 +77,8 @@ impl Work {
     }
 }
 
-type Totals = BTreeMap<(Option<Part>, Work), (Duration, u64)>;
+/// Per part and kind: the time, the CPU's time issuing it, the calls.
+type Totals = BTreeMap<(Option<Part>, Work), (Duration, Duration, u64)>;
 
 /// A stretch timed on a CUDA stream whose events are not read yet.
 #[cfg(feature = "cuda")]
@@ -86,6 +87,7 @@ struct Pending {
     work: Work,
     started: CudaEvent,
     ended: CudaEvent,
+    issued: Duration,
 }
 
 thread_local! {
@@ -154,14 +156,19 @@ impl Drop for Stretch {
             OPEN.with(|open| open.set(false));
             let part = PART.with(Cell::get);
             match clock.stop() {
-                Stopped::Took(elapsed) => count(part, work, elapsed),
+                Stopped::Took(elapsed) => count(part, work, elapsed, elapsed),
                 #[cfg(feature = "cuda")]
-                Stopped::Recorded { started, ended } => PENDING.with(|pending| {
+                Stopped::Recorded {
+                    started,
+                    ended,
+                    issued,
+                } => PENDING.with(|pending| {
                     pending.borrow_mut().push(Pending {
                         part,
                         work,
                         started,
                         ended,
+                        issued,
                     });
                 }),
             }
@@ -175,9 +182,10 @@ enum Clock {
     Wall(Instant),
     /// The wall clock between waits for the device (a GPU without events here: Metal).
     Waited(Device, Instant),
-    /// An event recorded on the CUDA stream before the stretch's work.
+    /// An event recorded on the CUDA stream before the stretch's work, and when the CPU
+    /// started issuing it.
     #[cfg(feature = "cuda")]
-    Event(std::sync::Arc<CudaStream>, CudaEvent),
+    Event(std::sync::Arc<CudaStream>, CudaEvent, Instant),
 }
 
 /// A stretch's time, or the events to read it from later.
@@ -187,6 +195,8 @@ enum Stopped {
     Recorded {
         started: CudaEvent,
         ended: CudaEvent,
+        /// The CPU's time issuing the stretch's work (launches, allocations).
+        issued: Duration,
     },
 }
 
@@ -199,7 +209,7 @@ impl Clock {
             Device::Cuda(cuda) => {
                 let stream = cuda.cuda_stream();
                 match record(&stream) {
-                    Ok(event) => Some(Self::Event(stream, event)),
+                    Ok(event) => Some(Self::Event(stream, event, Instant::now())),
                     Err(error) => {
                         tracing::debug!("profile: no event on the CUDA stream: {error}");
                         None
@@ -221,8 +231,12 @@ impl Clock {
                 Stopped::Took(started.elapsed())
             }
             #[cfg(feature = "cuda")]
-            Self::Event(stream, started) => match record(&stream) {
-                Ok(ended) => Stopped::Recorded { started, ended },
+            Self::Event(stream, started, issuing) => match record(&stream) {
+                Ok(ended) => Stopped::Recorded {
+                    started,
+                    ended,
+                    issued: issuing.elapsed(),
+                },
                 Err(error) => {
                     tracing::debug!("profile: no event on the CUDA stream: {error}");
                     Stopped::Took(Duration::ZERO)
@@ -242,11 +256,12 @@ fn record(
     ))
 }
 
-fn count(part: Option<Part>, work: Work, elapsed: Duration) {
+fn count(part: Option<Part>, work: Work, elapsed: Duration, issued: Duration) {
     TOTALS.with(|totals| {
         let mut totals = totals.borrow_mut();
-        let (time, count) = totals.entry((part, work)).or_default();
+        let (time, issuing, count) = totals.entry((part, work)).or_default();
         *time += elapsed;
+        *issuing += issued;
         *count += 1;
     });
 }
@@ -269,14 +284,14 @@ fn read_pending() {
         work,
         started,
         ended,
+        issued,
     } in pending
     {
         match started.elapsed_ms(&ended) {
-            Ok(ms) => count(
-                part,
-                work,
-                Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3),
-            ),
+            Ok(ms) => {
+                let elapsed = Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
+                count(part, work, elapsed, issued);
+            }
             Err(error) => tracing::debug!("profile: an event pair could not be read: {error}"),
         }
     }
@@ -287,23 +302,43 @@ pub fn take() -> Profile {
     #[cfg(feature = "cuda")]
     read_pending();
     let totals = TOTALS.with(|totals| std::mem::take(&mut *totals.borrow_mut()));
-    let mut rows: Vec<(Option<Part>, Work, Duration, u64)> = totals
+    let mut rows: Vec<Row> = totals
         .into_iter()
-        .map(|((part, work), (time, count))| (part, work, time, count))
+        .map(|((part, work), (time, issued, calls))| Row {
+            part,
+            work,
+            time,
+            issued,
+            calls,
+        })
         .collect();
-    rows.sort_by_key(|(_, _, time, _)| std::cmp::Reverse(*time));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.time));
     Profile { rows }
+}
+
+/// One part's kind of work in a run.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub part: Option<Part>,
+    pub work: Work,
+    /// On the device: the GPU's time between the events around each call (the wall clock on
+    /// the CPU).
+    pub time: Duration,
+    /// The CPU's time issuing the calls (their launches and allocations). Where it is close
+    /// to `time` the GPU waited for the CPU; far below it, the CPU ran ahead.
+    pub issued: Duration,
+    pub calls: u64,
 }
 
 /// Time per part and kind of work, the longest first.
 #[derive(Clone, Debug, Default)]
 pub struct Profile {
-    pub rows: Vec<(Option<Part>, Work, Duration, u64)>,
+    pub rows: Vec<Row>,
 }
 
 impl Profile {
-    /// The table for a run that took `total`: per kind, milliseconds, share, calls, and the
-    /// remainder.
+    /// The table for a run that took `total`: per kind, milliseconds, share, the CPU's
+    /// milliseconds issuing it, calls, and the remainder.
     pub fn table(&self, total: Duration) -> String {
         let total_ms = total.as_secs_f64() * 1e3;
         let share = |ms: f64| {
@@ -314,22 +349,25 @@ impl Profile {
             }
         };
         let mut out = format!(
-            "{:<41} {:>10} {:>6} {:>7} {:>9}\n",
-            "work", "ms", "share", "calls", "ms/call"
+            "{:<41} {:>10} {:>6} {:>10} {:>7} {:>9}\n",
+            "work", "ms", "share", "issued ms", "calls", "ms/call"
         );
-        let mut counted = 0.0;
-        for (part, work, time, count) in &self.rows {
-            let ms = time.as_secs_f64() * 1e3;
+        let (mut counted, mut issued_sum) = (0.0, 0.0);
+        for row in &self.rows {
+            let ms = row.time.as_secs_f64() * 1e3;
+            let issued = row.issued.as_secs_f64() * 1e3;
             counted += ms;
-            let label = match part {
-                Some(part) => format!("{} {}", part.label(), work.label()),
-                None => work.label().to_owned(),
+            issued_sum += issued;
+            let label = match row.part {
+                Some(part) => format!("{} {}", part.label(), row.work.label()),
+                None => row.work.label().to_owned(),
             };
             let _ = writeln!(
                 out,
-                "{label:<41} {ms:>10.1} {:>5.1}% {count:>7} {:>9.3}",
+                "{label:<41} {ms:>10.1} {:>5.1}% {issued:>10.1} {:>7} {:>9.3}",
                 share(ms),
-                ms / (*count).max(1) as f64
+                row.calls,
+                ms / row.calls.max(1) as f64
             );
         }
         let rest = (total_ms - counted).max(0.0);
@@ -338,6 +376,12 @@ impl Profile {
             "{:<41} {rest:>10.1} {:>5.1}%",
             "everything else (adds, casts, launches)",
             share(rest)
+        );
+        let _ = writeln!(
+            out,
+            "{:<41} {counted:>10.1} {:>5.1}% {issued_sum:>10.1}",
+            "all counted",
+            share(counted)
         );
         let _ = write!(out, "{:<41} {total_ms:>10.1}", "run");
         out
@@ -371,18 +415,21 @@ mod tests {
         let works: Vec<(Option<Part>, Work, u64)> = profile
             .rows
             .iter()
-            .map(|(p, w, _, n)| (*p, *w, *n))
+            .map(|row| (row.part, row.work, row.calls))
             .collect();
         // The part ended with its guard: the linear layers after it belong to none.
         assert_eq!(
             works,
             [(Some(Part::Vae), Work::Conv3x3, 1), (None, Work::Linear, 3)]
         );
-        assert!(profile.rows[0].2 >= Duration::from_millis(25));
+        assert!(profile.rows[0].time >= Duration::from_millis(25));
+        // On the CPU the work is done when its call returns: issuing it is its time.
+        assert_eq!(profile.rows[0].issued, profile.rows[0].time);
 
         let table = profile.table(Duration::from_millis(100));
         assert!(table.contains("VAE conv 3×3"), "{table}");
         assert!(table.contains("everything else"), "{table}");
+        assert!(table.contains("issued ms"), "{table}");
         assert!(take().rows.is_empty(), "take starts counting again");
     }
 }

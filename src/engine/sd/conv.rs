@@ -146,11 +146,7 @@ impl Conv3x3 {
         norm: &GroupNorm,
         plan: ConvPlan,
     ) -> Result<Tensor> {
-        // The statistics pass is the group norm's time; the normalising, the columns'.
-        let prepared = profile::timed(Work::GroupNorm, xs.device(), || {
-            norm.prepare_for_columns(xs)
-        })?;
-        match prepared {
+        match norm.prepare_for_columns(xs)? {
             Some(image) => self.forward_from(Reading::Normalized(&image), plan),
             None => self.forward(&norm.forward_then_silu(xs)?, plan),
         }

@@ -241,12 +241,14 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     output, peak, seconds = run_measured(memory, command, env=env)
     profile = output[output.find("where run "):] if "where run " in output else ""
     kernels_off = "our GPU kernels are off" in output
+    graphs_off = "its CUDA graph did not work" in output
     times = [float(match) for match in re.findall(r"run \d+/\d+: done in ([0-9.]+) s", output)]
     prepared = re.search(r"prepared in ([0-9.]+) s", output)
     plans = sorted(set(re.findall(r"saving memory: .*|the text encoders of .* on the CPU.*", output)))
     return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
             "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
-            "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off}
+            "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off,
+            "graphs_off": graphs_off}
 
 
 def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, runs, cache, device="cuda"):
@@ -359,12 +361,15 @@ def check_here():
     runs = {}
     for what, extra_env, extra_args in [("ours", None, ()),
                                         ("candle", {"STUDIO_WORKER_FUSED_KERNELS": "0"}, ()),
+                                        ("no graphs", {"STUDIO_WORKER_CUDA_GRAPHS": "0"}, ()),
                                         ("profiled", None, ["--profile"])]:
         runs[what] = run_worker(NoMemory(), os.path.join(target, "debug", "studio-worker"), folder, 64, 3,
                                 5.0, 3, tempfile.mkdtemp(prefix="cuda-cache-"), home, extra_env=extra_env,
                                 extra_args=extra_args, device="cpu")
     print(f"tiny SDXL generate on the CPU, warm: ours {runs['ours']['warm'] * 1000:.0f} ms, candle's "
-          f"{runs['candle']['warm'] * 1000:.0f} ms; profiled:\n{runs['profiled']['profile']}")
+          f"{runs['candle']['warm'] * 1000:.0f} ms, without graphs {runs['no graphs']['warm'] * 1000:.0f} ms; "
+          f"profiled:\n{runs['profiled']['profile']}")
+    assert not runs["ours"]["graphs_off"], "the CPU never tries a graph, so none can fail"
     assert runs["profiled"]["profile"].startswith("where run 3's time went"), runs["profiled"]["profile"]
 
 
@@ -422,7 +427,7 @@ def main():
                                                    steps, guidance, args.runs, cold_cache))
         rows.append({"case": name, "model": model, "side": side, "steps": steps, "guidance": guidance,
                      "diffusers": reference, "worker": ours, "jobs": jobs, "candle_kernels": None,
-                     "profiled": None, "cold_cache": index == 0})
+                     "no_graphs": None, "profiled": None, "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
 
     def extra(what, row, run):
@@ -455,6 +460,10 @@ def main():
             ballast.wait()
     elif sdxl:
         print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
+    # The UNet's CUDA graph against its steps one kernel at a time (cases of 3 steps or more).
+    for row in sorted((row for row in rows_with_extras if row["steps"] >= 3), key=lambda row: row["side"]):
+        row["no_graphs"] = extra(f"{row['case']}: generate without CUDA graphs", row,
+                                 generate(row, 3, extra_env={"STUDIO_WORKER_CUDA_GRAPHS": "0"}))
     for row in sorted((row for row in rows_with_extras if row["model"] in PROFILED),
                       key=lambda row: -row["side"]):
         row["profiled"] = extra(f"{row['case']}: generate --profile", row,
@@ -485,7 +494,13 @@ def main():
               f"{ratio(ours, reference, 'peak')} {gb(jobs)}   {ms(ours, 'first')} "
               + (f"{ours['prepare']:7.1f}s" if ours else "")
               + ("  (cold kernel cache)" if row["cold_cache"] else ""))
-    print("\nOur kernels against candle's (generate, warm; ours / candle's):")
+    print("\nThe UNet as one CUDA graph against one kernel at a time (generate, warm; graph / none):")
+    for row in rows:
+        ours, plain = row["worker"], row["no_graphs"]
+        if plain or (ours and row["steps"] >= 3):
+            off = " (the graph was OFF: it failed, see the log)" if ours and ours["graphs_off"] else ""
+            print(f"  {row['case']:38} {ms(ours)} vs {ms(plain)}  {ratio(ours, plain, 'warm')}{off}")
+    print("\nOur kernels against candle's (generate, warm; ours / candle's; no graphs with candle's):")
     for row in rows:
         ours, candle = row["worker"], row["candle_kernels"]
         off = " (ours were OFF: their check failed, see the log)" if ours and ours["kernels_off"] else ""

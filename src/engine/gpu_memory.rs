@@ -76,6 +76,36 @@ pub fn give_back(device: &Device) {
     }
 }
 
+/// Hands the memory `device`'s pool holds unused back to the driver now, the pool still held
+/// (its release threshold as it is): before a CUDA graph allocates from a pool of its own.
+pub fn trim_pool(device: &Device) {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            if let Err(error) = device.synchronize() {
+                tracing::warn!("the GPU did not finish its work: {error}");
+            }
+            cuda_pool::trim(cuda);
+        }
+        _ => {}
+    }
+}
+
+/// Hands the memory the driver keeps for CUDA graphs on `device` back, once no graph needs
+/// it (graphs allocate from a pool of their own, which outlives them).
+pub fn trim_graph_memory(device: &Device) {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            if let Err(error) = device.synchronize() {
+                tracing::warn!("the GPU did not finish its work: {error}");
+            }
+            cuda_pool::trim_graph_memory(cuda);
+        }
+        _ => {}
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda_pool {
     use candle_core::CudaDevice;
@@ -146,12 +176,33 @@ mod cuda_pool {
     /// Lowers the threshold back to 0 and trims the pool empty (the device is idle).
     pub fn give_back(cuda: &CudaDevice) {
         set_release_threshold(cuda, 0);
+        trim(cuda);
+    }
+
+    /// Trims the pool of what it holds unused.
+    pub fn trim(cuda: &CudaDevice) {
         let Some(pool) = default_pool(cuda) else {
             return;
         };
-        // SAFETY: the device's live default pool; nothing is in flight after the sync.
+        // SAFETY: the device's live default pool; nothing is in flight after the caller's
+        // sync.
         if let Err(error) = unsafe { result::mem_pool::trim_to(pool, 0) } {
             tracing::debug!("the GPU pool was not trimmed: {error}");
+        }
+    }
+
+    /// Gives back what the driver keeps for graphs on the device.
+    pub fn trim_graph_memory(cuda: &CudaDevice) {
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        if let Err(error) = context.bind_to_thread() {
+            tracing::debug!("the GPU's graph memory was not trimmed: {error}");
+            return;
+        }
+        // SAFETY: the device handle comes from a live context, bound to this thread.
+        let trimmed = unsafe { sys::cuDeviceGraphMemTrim(context.cu_device()) };
+        if trimmed != sys::CUresult::CUDA_SUCCESS {
+            tracing::debug!("the GPU's graph memory was not trimmed: {trimmed:?}");
         }
     }
 }

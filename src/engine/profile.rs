@@ -119,6 +119,11 @@ impl Drop for PartGuard {
     }
 }
 
+/// Whether profiling is on for this thread.
+pub fn is_enabled() -> bool {
+    ENABLED.with(Cell::get)
+}
+
 /// Turns profiling on or off for this thread.
 pub fn set_enabled(enabled: bool) {
     ENABLED.with(|on| on.set(enabled));

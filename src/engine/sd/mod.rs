@@ -12,6 +12,7 @@ pub mod norm;
 pub mod pointwise;
 pub mod resnet;
 pub mod schedulers;
+mod step_graph;
 pub(crate) mod text_encoder;
 pub(crate) mod tokenizer;
 pub mod unet;
@@ -29,11 +30,12 @@ use candle_nn::VarBuilder;
 
 use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::schedulers::{NoiseSchedule, Sampler};
+use self::step_graph::StepGraphs;
 use self::text_encoder::ClipTextEncoder;
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
-use self::working_memory::Plan;
+use self::working_memory::{Convolutions, Plan};
 use super::device::CachedUploads;
 use super::noise::NoiseSource;
 use super::profile::{self, Work};
@@ -417,6 +419,21 @@ impl StableDiffusion {
         text_time: Option<(&Tensor, &Tensor)>,
         plan: Plan,
     ) -> Result<Tensor, SdError> {
+        let batch = latents.dim(0)?;
+        let timesteps = (Tensor::ones(batch, DType::F32, &self.device)? * timestep)?;
+        self.unet_forward_at(latents, &timesteps, hidden_states, text_time, plan)
+    }
+
+    /// The same at `timesteps` `(batch,)` on the model's device (what a CUDA graph of the
+    /// evaluation reads, [`step_graph`]).
+    fn unet_forward_at(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        hidden_states: &Tensor,
+        text_time: Option<(&Tensor, &Tensor)>,
+        plan: Plan,
+    ) -> Result<Tensor, SdError> {
         let conditioning = text_time.map(|(text_embeds, time_ids)| TextTimeConditioning {
             text_embeds,
             time_ids,
@@ -424,9 +441,9 @@ impl StableDiffusion {
         let _uploads = CachedUploads::on(&self.device);
         Ok(self
             .unet
-            .forward(
+            .forward_at(
                 &latents.to_dtype(self.dtype)?,
-                timestep,
+                timesteps,
                 &hidden_states.to_dtype(self.dtype)?,
                 conditioning,
                 plan,
@@ -452,6 +469,21 @@ impl StableDiffusion {
             .text_time
             .as_ref()
             .map(|(pooled, time_ids)| (pooled, time_ids));
+        // The evaluations after the first as one CUDA graph, where that can pay.
+        let mut graphs = StepGraphs::for_job(
+            &self.device,
+            total,
+            settings.plan == Plan::choices(Convolutions::of(&self.device))[0],
+        );
+        let evaluate = |latents: &Tensor, timesteps: &Tensor| {
+            self.unet_forward_at(
+                latents,
+                timesteps,
+                &conditioning.hidden_states,
+                text_time,
+                settings.plan,
+            )
+        };
         for (index, &timestep) in timesteps.iter().enumerate() {
             let input = sampler.scale_model_input(&latents, index)?;
             let input = if conditioning.guided {
@@ -459,13 +491,16 @@ impl StableDiffusion {
             } else {
                 input
             };
-            let output = self.unet_forward(
-                &input,
-                timestep,
-                &conditioning.hidden_states,
-                text_time,
-                settings.plan,
-            )?;
+            let output = match graphs.launch(&input, timestep)? {
+                Some(output) => output,
+                None => {
+                    let batch = input.dim(0)?;
+                    let at = (Tensor::ones(batch, DType::F32, &self.device)? * timestep)?;
+                    let output = evaluate(&input, &at)?;
+                    graphs.after_eager(&evaluate, &input, &at, &output);
+                    output
+                }
+            };
             latents = {
                 // The sampler's arithmetic only: `on_step` (progress, the policy's rest) is not.
                 let _stretch = profile::stretch(Work::Sampler, &self.device);

@@ -177,15 +177,32 @@ impl Unet {
         text_time: Option<TextTimeConditioning<'_>>,
         plan: Plan,
     ) -> Result<Tensor> {
+        let batch = latents.dim(0)?;
+        let timesteps = (Tensor::ones(batch, DType::F32, latents.device())? * timestep)?;
+        self.forward_at(latents, &timesteps, encoder_hidden_states, text_time, plan)
+    }
+
+    /// The same at `timesteps`, `(batch,)` f32 on the model's device: an evaluation whose
+    /// every input is a tensor, so that a CUDA graph of it can take a new timestep at each
+    /// launch (a number would be fixed in the graph when it is captured).
+    pub fn forward_at(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        text_time: Option<TextTimeConditioning<'_>>,
+        plan: Plan,
+    ) -> Result<Tensor> {
         let _part = profile::part(Part::Unet);
         let (batch, _channels, height, width) = latents.dims4()?;
         let dtype = latents.dtype();
-        let device = latents.device();
 
         // Sinusoidal projections in f32, as the reference: in f16, `999 × frequency` would
         // lose the phase.
-        let timesteps = (Tensor::ones(batch, DType::F32, device)? * timestep)?;
-        let projected = self.time_proj.forward(&timesteps)?.to_dtype(dtype)?;
+        let projected = self
+            .time_proj
+            .forward(&timesteps.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)?;
         let mut embedding = self.time_embedding.forward(&projected)?;
         match (&self.text_time, text_time) {
             (Some(layers), Some(conditioning)) => {

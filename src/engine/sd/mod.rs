@@ -473,7 +473,7 @@ impl StableDiffusion {
         let mut graphs = StepGraphs::for_job(
             &self.device,
             total,
-            settings.plan == Plan::choices(Convolutions::of(&self.device))[0],
+            Plan::choices(Convolutions::of(&self.device)).first() == Some(&settings.plan),
         );
         let evaluate = |latents: &Tensor, timesteps: &Tensor| {
             self.unet_forward_at(

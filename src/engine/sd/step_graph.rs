@@ -176,8 +176,9 @@ mod cuda {
             };
             let said = |error: candle_core::Error| error.to_string();
             // The buffers outlive the capture: what the graph reads and writes at each launch.
-            let input_buffer = input.copy().map_err(said)?;
-            let timesteps_buffer = timesteps.copy().map_err(said)?;
+            let fresh = |tensor: &Tensor| tensor.contiguous().and_then(|tensor| tensor.copy());
+            let input_buffer = fresh(input).map_err(said)?;
+            let timesteps_buffer = fresh(timesteps).map_err(said)?;
             // SAFETY: every value is written by the graph before it is read.
             let output = unsafe { Tensor::empty(expected.shape(), expected.dtype(), &device) }
                 .map_err(said)?;
@@ -233,7 +234,7 @@ mod cuda {
         /// The evaluation of `input` at `timestep`: the buffers filled, the graph launched,
         /// its output copied out (the next launch overwrites the buffer).
         pub fn launch(&self, input: &Tensor, timestep: f64) -> Result<Tensor, SdError> {
-            self.input.slice_set(input, 0, 0)?;
+            self.input.slice_set(&input.contiguous()?, 0, 0)?;
             let batch = self.timesteps.dim(0)?;
             let timesteps = (Tensor::ones(batch, DType::F32, &self.device)? * timestep)?;
             self.timesteps.slice_set(&timesteps, 0, 0)?;

@@ -64,45 +64,39 @@ impl Drop for PoolHold {
 /// lowers the pool's release threshold back to 0): after a job, and after unloading models,
 /// so that what a game sees free is what the worker does not use.
 pub fn give_back(device: &Device) {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => {
-            if let Err(error) = device.synchronize() {
-                tracing::warn!("the GPU did not finish its work: {error}");
-            }
-            cuda_pool::give_back(cuda);
-        }
-        _ => {}
-    }
+    #[cfg(feature = "cuda")]
+    when_idle(device, cuda_pool::give_back);
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// Hands the memory `device`'s pool holds unused back to the driver now, the pool still held
 /// (its release threshold as it is): before a CUDA graph allocates from a pool of its own.
 pub fn trim_pool(device: &Device) {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => {
-            if let Err(error) = device.synchronize() {
-                tracing::warn!("the GPU did not finish its work: {error}");
-            }
-            cuda_pool::trim(cuda);
-        }
-        _ => {}
-    }
+    #[cfg(feature = "cuda")]
+    when_idle(device, cuda_pool::trim);
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// Hands the memory the driver keeps for CUDA graphs on `device` back, once no graph needs
 /// it (graphs allocate from a pool of their own, which outlives them).
 pub fn trim_graph_memory(device: &Device) {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => {
-            if let Err(error) = device.synchronize() {
-                tracing::warn!("the GPU did not finish its work: {error}");
-            }
-            cuda_pool::trim_graph_memory(cuda);
+    #[cfg(feature = "cuda")]
+    when_idle(device, cuda_pool::trim_graph_memory);
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+/// On a CUDA `device`: waits for it, then runs `then` (nothing is in flight). Elsewhere
+/// nothing.
+#[cfg(feature = "cuda")]
+fn when_idle(device: &Device, then: fn(&candle_core::CudaDevice)) {
+    if let Device::Cuda(cuda) = device {
+        if let Err(error) = device.synchronize() {
+            tracing::warn!("the GPU did not finish its work: {error}");
         }
-        _ => {}
+        then(cuda);
     }
 }
 

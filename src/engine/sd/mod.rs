@@ -474,6 +474,13 @@ impl StableDiffusion {
             &self.device,
             total,
             Plan::choices(Convolutions::of(&self.device)).first() == Some(&settings.plan),
+            format!(
+                "{:?} guided {} text {:?} {:?}",
+                initial.dims(),
+                conditioning.guided,
+                conditioning.hidden_states.dims(),
+                settings.plan
+            ),
         );
         let evaluate = |latents: &Tensor, timesteps: &Tensor| {
             self.unet_forward_at(
@@ -496,9 +503,7 @@ impl StableDiffusion {
                 None => {
                     let batch = input.dim(0)?;
                     let at = (Tensor::ones(batch, DType::F32, &self.device)? * timestep)?;
-                    let output = evaluate(&input, &at)?;
-                    graphs.after_eager(&evaluate, &input, &at, &output);
-                    output
+                    graphs.eager(&evaluate, &input, &at)?
                 }
             };
             latents = {

@@ -136,9 +136,10 @@ pub fn without_stream_events(device: &Device) {
 /// up to 4 KB (an embedding's `arange`), keyed by its bytes. Each would otherwise allocate,
 /// copy from pageable memory and free, three driver calls per op on a launch-bound step.
 /// Both caches live for the process and are never pruned, so hold this only around work whose
-/// small uploads repeat (the UNet's evaluations, the decode): the same shapes and constants
-/// every step and job, some hundreds of entries of a few dozen bytes per job size. Not around
-/// the text encoders (each prompt's token ids are new bytes) or the sampler (its noise).
+/// small uploads repeat (the UNet's evaluations, the decode, the text encoders' layers): the
+/// same shapes and constants every step and job, some hundreds of entries of a few dozen
+/// bytes per job size. Never around a prompt's token ids (new bytes each time) or the
+/// sampler (its noise).
 pub struct CachedUploads {
     _guard: Option<Box<dyn std::any::Any>>,
 }

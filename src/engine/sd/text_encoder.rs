@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::model_folder::TextEncoderConfig;
+use crate::engine::device::CachedUploads;
 
 /// What one forward pass gives.
 pub struct TextEncoding {
@@ -196,6 +197,8 @@ impl ClipTextEncoder {
         }
         let flat: Vec<u32> = token_ids.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (batch, length), device)?;
+        // From here the uploads repeat (shapes, positions), the prompt's ids do not.
+        let _uploads = CachedUploads::on(device);
         let positions = Tensor::arange(0u32, length as u32, device)?;
         let mut hidden = self
             .token_embedding

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 #[cfg(feature = "cuda")]
-use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream};
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, DriverError, sys};
 
 /// The model part a stretch of work belongs to, as the table names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,9 +85,7 @@ type Totals = BTreeMap<(Option<Part>, Work), (Duration, Duration, u64)>;
 struct Pending {
     part: Option<Part>,
     work: Work,
-    started: CudaEvent,
-    ended: CudaEvent,
-    issued: Duration,
+    span: EndedSpan,
 }
 
 thread_local! {
@@ -163,18 +161,8 @@ impl Drop for Stretch {
             match clock.stop() {
                 Stopped::Took(elapsed) => count(part, work, elapsed, elapsed),
                 #[cfg(feature = "cuda")]
-                Stopped::Recorded {
-                    started,
-                    ended,
-                    issued,
-                } => PENDING.with(|pending| {
-                    pending.borrow_mut().push(Pending {
-                        part,
-                        work,
-                        started,
-                        ended,
-                        issued,
-                    });
+                Stopped::Recorded(span) => PENDING.with(|pending| {
+                    pending.borrow_mut().push(Pending { part, work, span });
                 }),
             }
         }
@@ -187,22 +175,16 @@ enum Clock {
     Wall(Instant),
     /// The wall clock between waits for the device (a GPU without events here: Metal).
     Waited(Device, Instant),
-    /// An event recorded on the CUDA stream before the stretch's work, and when the CPU
-    /// started issuing it.
+    /// Events on the CUDA stream, read after the run.
     #[cfg(feature = "cuda")]
-    Event(std::sync::Arc<CudaStream>, CudaEvent, Instant),
+    Event(GpuSpan),
 }
 
 /// A stretch's time, or the events to read it from later.
 enum Stopped {
     Took(Duration),
     #[cfg(feature = "cuda")]
-    Recorded {
-        started: CudaEvent,
-        ended: CudaEvent,
-        /// The CPU's time issuing the stretch's work (launches, allocations).
-        issued: Duration,
-    },
+    Recorded(EndedSpan),
 }
 
 impl Clock {
@@ -211,16 +193,13 @@ impl Clock {
         match device {
             Device::Cpu => Some(Self::Wall(Instant::now())),
             #[cfg(feature = "cuda")]
-            Device::Cuda(cuda) => {
-                let stream = cuda.cuda_stream();
-                match record(&stream) {
-                    Ok(event) => Some(Self::Event(stream, event, Instant::now())),
-                    Err(error) => {
-                        tracing::debug!("profile: no event on the CUDA stream: {error}");
-                        None
-                    }
+            Device::Cuda(cuda) => match GpuSpan::start(cuda) {
+                Ok(span) => Some(Self::Event(span)),
+                Err(error) => {
+                    tracing::debug!("profile: no event on the CUDA stream: {error}");
+                    None
                 }
-            }
+            },
             _ => {
                 wait_for(device);
                 Some(Self::Waited(device.clone(), Instant::now()))
@@ -236,12 +215,8 @@ impl Clock {
                 Stopped::Took(started.elapsed())
             }
             #[cfg(feature = "cuda")]
-            Self::Event(stream, started, issuing) => match record(&stream) {
-                Ok(ended) => Stopped::Recorded {
-                    started,
-                    ended,
-                    issued: issuing.elapsed(),
-                },
+            Self::Event(span) => match span.end() {
+                Ok(ended) => Stopped::Recorded(ended),
                 Err(error) => {
                     tracing::debug!("profile: no event on the CUDA stream: {error}");
                     Stopped::Took(Duration::ZERO)
@@ -251,14 +226,59 @@ impl Clock {
     }
 }
 
-/// A timing event recorded on `stream` now.
+/// A stretch of work on a CUDA device, timed twice: by events on its stream before and after
+/// it (the GPU's time) and by the wall clock while the CPU issued it. Nothing waits for the
+/// GPU until the ended span is read.
 #[cfg(feature = "cuda")]
-fn record(
-    stream: &CudaStream,
-) -> Result<CudaEvent, candle_core::cuda_backend::cudarc::driver::DriverError> {
-    stream.record_event(Some(
-        candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
-    ))
+pub struct GpuSpan {
+    stream: std::sync::Arc<CudaStream>,
+    started: CudaEvent,
+    issuing: Instant,
+}
+
+/// A [`GpuSpan`] whose work is issued, its end event recorded.
+#[cfg(feature = "cuda")]
+pub struct EndedSpan {
+    started: CudaEvent,
+    ended: CudaEvent,
+    /// The CPU's time issuing the work (launches, allocations).
+    pub issued: Duration,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuSpan {
+    /// Starts timing the work `cuda` is issued from now.
+    pub fn start(cuda: &candle_core::CudaDevice) -> Result<Self, DriverError> {
+        let stream = cuda.cuda_stream();
+        let started = stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        Ok(Self {
+            stream,
+            started,
+            issuing: Instant::now(),
+        })
+    }
+
+    /// Ends the span after the work issued so far.
+    pub fn end(self) -> Result<EndedSpan, DriverError> {
+        let issued = self.issuing.elapsed();
+        let ended = self
+            .stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        Ok(EndedSpan {
+            started: self.started,
+            ended,
+            issued,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl EndedSpan {
+    /// The GPU's time between the two events, waiting for it to pass the end.
+    pub fn gpu_time(&self) -> Result<Duration, DriverError> {
+        let ms = self.started.elapsed_ms(&self.ended)?;
+        Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+    }
 }
 
 fn count(part: Option<Part>, work: Work, elapsed: Duration, issued: Duration) {
@@ -284,19 +304,9 @@ fn wait_for(device: &Device) {
 #[cfg(feature = "cuda")]
 fn read_pending() {
     let pending = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
-    for Pending {
-        part,
-        work,
-        started,
-        ended,
-        issued,
-    } in pending
-    {
-        match started.elapsed_ms(&ended) {
-            Ok(ms) => {
-                let elapsed = Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
-                count(part, work, elapsed, issued);
-            }
+    for Pending { part, work, span } in pending {
+        match span.gpu_time() {
+            Ok(elapsed) => count(part, work, elapsed, span.issued),
             Err(error) => tracing::debug!("profile: an event pair could not be read: {error}"),
         }
     }

@@ -49,15 +49,22 @@ pub fn enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| {
         let value = std::env::var(SWITCH).unwrap_or_default();
-        let off = matches!(
-            value.trim().to_ascii_lowercase().as_str(),
-            "0" | "off" | "false"
-        );
+        let off = switched_off(&value);
         if off {
             tracing::info!("{SWITCH}={value}: candle's kernels run instead of ours");
         }
         !off
     })
+}
+
+/// Whether the value of an environment switch of the engine's (this one, the CUDA graphs')
+/// turns its feature off: `0`, `off` or `false`, whatever the case and spaces; anything
+/// else, unset included, leaves it on.
+pub(crate) fn switched_off(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "0" | "off" | "false"
+    )
 }
 
 /// The largest |got − expected| / (1 + |expected|), in f32 on the CPU: how far one kernel's
@@ -123,6 +130,16 @@ pub fn prepare(device: &candle_core::Device) -> bool {
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn only_an_explicit_no_turns_a_switch_off() {
+        for value in ["0", "off", "OFF", " false "] {
+            assert!(super::switched_off(value), "{value:?}");
+        }
+        for value in ["", "1", "on", "true"] {
+            assert!(!super::switched_off(value), "{value:?}");
+        }
+    }
 
     #[test]
     fn one_nan_makes_the_difference_nan() {

@@ -113,9 +113,9 @@ impl StepGraphs {
         self.state = State::Off;
         #[cfg(feature = "cuda")]
         {
-            let timing = cuda::Timing::start(input.device());
+            let span = cuda::start_timing(input.device());
             let output = evaluate(input, timesteps)?;
-            let Some((gpu_ms, issued_ms)) = timing.and_then(cuda::Timing::stop) else {
+            let Some((gpu_ms, issued_ms)) = span.and_then(cuda::stop_timing) else {
                 return Ok(output);
             };
             if issued_ms < LAUNCH_BOUND_SHARE * gpu_ms {
@@ -144,15 +144,7 @@ impl StepGraphs {
 
 /// Whether [`SWITCH`] leaves the graphs on.
 fn switched_on() -> bool {
-    allows(&std::env::var(SWITCH).unwrap_or_default())
-}
-
-/// Whether a value of [`SWITCH`] leaves the graphs on (anything but `0`, `off`, `false`).
-fn allows(value: &str) -> bool {
-    !matches!(
-        value.trim().to_ascii_lowercase().as_str(),
-        "0" | "off" | "false"
-    )
+    !crate::engine::kernels::switched_off(&std::env::var(SWITCH).unwrap_or_default())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -165,57 +157,42 @@ mod cuda {
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex, PoisonError};
-    use std::time::Instant;
+    use std::sync::{Mutex, PoisonError};
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaGraph, CudaStream, sys};
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
     use candle_core::{DType, Device, Tensor};
 
     use super::{Evaluate, SdError, TOLERANCE};
     use crate::engine::gpu_memory;
+    use crate::engine::profile::GpuSpan;
 
     /// Set once a capture failed: no more attempts in this process.
     static FAILED: AtomicBool = AtomicBool::new(false);
     /// The shapes whose graph was compared with its eager step and agreed.
     static VERIFIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-    /// The GPU's and the CPU's time for a stretch of work: events on the stream around it,
-    /// and the wall clock while the CPU issued it.
-    pub struct Timing {
-        stream: Arc<CudaStream>,
-        started: CudaEvent,
-        issuing: Instant,
+    /// Starts timing the work issued to `device` from now (`None` off CUDA or without an
+    /// event: the step is then not timed).
+    pub fn start_timing(device: &Device) -> Option<GpuSpan> {
+        let Device::Cuda(cuda) = device else {
+            return None;
+        };
+        GpuSpan::start(cuda)
+            .map_err(|error| tracing::debug!("no timing event: {error}"))
+            .ok()
     }
 
-    impl Timing {
-        /// `None` off CUDA or where the driver gives no event (the step is then not timed).
-        pub fn start(device: &Device) -> Option<Self> {
-            let Device::Cuda(cuda) = device else {
-                return None;
-            };
-            let stream = cuda.cuda_stream();
-            let started = stream
-                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|error| tracing::debug!("no timing event: {error}"))
-                .ok()?;
-            Some(Self {
-                stream,
-                started,
-                issuing: Instant::now(),
-            })
-        }
-
-        /// `(GPU ms, CPU ms issuing)`, waiting for the GPU to finish the stretch.
-        pub fn stop(self) -> Option<(f64, f64)> {
-            let issued_ms = self.issuing.elapsed().as_secs_f64() * 1e3;
-            let ended = self
-                .stream
-                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .and_then(|ended| self.started.elapsed_ms(&ended))
-                .map_err(|error| tracing::debug!("no timing: {error}"))
-                .ok()?;
-            Some((f64::from(ended), issued_ms))
-        }
+    /// `(GPU ms, CPU ms issuing)` of `span`'s work, waiting for the GPU to finish it.
+    pub fn stop_timing(span: GpuSpan) -> Option<(f64, f64)> {
+        let ended = span
+            .end()
+            .map_err(|error| tracing::debug!("no timing: {error}"))
+            .ok()?;
+        let gpu = ended
+            .gpu_time()
+            .map_err(|error| tracing::debug!("no timing: {error}"))
+            .ok()?;
+        Some((gpu.as_secs_f64() * 1e3, ended.issued.as_secs_f64() * 1e3))
     }
 
     pub fn failed_before() -> bool {
@@ -370,15 +347,5 @@ mod tests {
         // Each step evaluated once (a capture would evaluate once more), none launches.
         assert_eq!(calls.get(), 3);
         assert!(graphs.launch(&input, 999.0).unwrap().is_none());
-    }
-
-    #[test]
-    fn only_an_explicit_no_turns_the_graphs_off() {
-        for value in ["0", "off", "OFF", " false "] {
-            assert!(!allows(value), "{value:?}");
-        }
-        for value in ["", "1", "on", "true"] {
-            assert!(allows(value), "{value:?}");
-        }
     }
 }

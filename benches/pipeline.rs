@@ -1,14 +1,16 @@
 //! Job pipeline benchmarks (not timed tests): what the worker itself adds to every job, how
 //! fast a pause takes the GPU back (the person's, and a game's through the good-guest
-//! policy), and what the policy's probes cost at idle.
+//! policy), what the policy's probes cost at idle, and what encoding a result's PNG costs.
 //!
 //! ```sh
-//! cargo bench --bench pipeline
+//! cargo bench --bench pipeline                  # all of it
+//! cargo bench --bench pipeline -- png overhead  # only the parts named
 //! ```
 //!
-//! Both run the real runtime against the in-process studio on 127.0.0.1 with the scripted
-//! engine, whose "GPU work" is a fixed sleep per denoising step, so every number is a ratio
-//! to a known amount of engine time measured in the same process.
+//! The job parts run the real runtime against the in-process studio on 127.0.0.1 with the
+//! scripted engine, whose "GPU work" is a fixed sleep per denoising step and whose images are
+//! paintings that PNG takes as long over as a real picture, so every number is a ratio to a
+//! known amount of engine time measured in the same process.
 
 // Test and tool code: an unwrap that fails is the test failing, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,6 +26,7 @@ use support::studio::Route;
 use support::{PATIENCE, approved_worker, eventually};
 
 const OVERHEAD_JOBS: usize = 100;
+const BACK_TO_BACK_JOBS: usize = 60;
 const ENGINE_STEP: Duration = Duration::from_millis(50);
 const PAUSE_TRIALS: usize = 20;
 
@@ -41,7 +44,7 @@ fn median(values: &mut [f64]) -> f64 {
 
 fn job(job_id: &str, steps: u32) -> serde_json::Value {
     json!({
-        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo", "prompt": "bench",
+        "jobId": job_id, "kind": "txt2img", "model": "sd-turbo", "prompt": "bench #painting",
         "width": 512, "height": 512, "steps": steps, "guidanceScale": 0.0,
         "seed": 1, "numImages": 1, "scheduler": null, "leaseS": 120
     })
@@ -92,6 +95,101 @@ async fn overhead() {
         overhead / engine
     );
     runtime.shutdown().await;
+}
+
+/// Jobs queued at once, as a busy studio has them: what the worker adds between one job's
+/// engine finishing and the next one's starting, read from the gaps between claim answers
+/// (each gap less the engine time of the job inside it). This is what the person's GPU
+/// loses per image.
+async fn back_to_back() {
+    let (studio, _home, _engine, runtime) = approved_worker(ENGINE_STEP, timing()).await;
+    let job_ids: Vec<String> = (0..BACK_TO_BACK_JOBS)
+        .map(|n| format!("queued_{n}"))
+        .collect();
+    for job_id in &job_ids {
+        studio.enqueue(job(job_id, 1));
+    }
+    let last = job_ids.last().unwrap().clone();
+    eventually("all delivered", PATIENCE * 4, || {
+        studio.job(&last).is_some_and(|j| !j.results.is_empty())
+    })
+    .await;
+    let mut claims: Vec<Instant> = studio
+        .log()
+        .iter()
+        .filter(|r| r.route == Route::Claim && r.status == 200)
+        .map(|r| r.answered_at)
+        .collect();
+    claims.sort();
+    assert_eq!(claims.len(), BACK_TO_BACK_JOBS, "one claim per job");
+    let mut added_ms: Vec<f64> = claims
+        .windows(2)
+        .zip(&job_ids)
+        .map(|(pair, job_id)| {
+            let gap = pair[1].duration_since(pair[0]).as_secs_f64() * 1000.0;
+            let engine = studio.job(job_id).unwrap().results[0].0["elapsedMs"]
+                .as_f64()
+                .unwrap();
+            gap - engine
+        })
+        .collect();
+    let worst = added_ms.iter().copied().fold(f64::MIN, f64::max);
+    let added = median(&mut added_ms);
+    let engine_ms = ENGINE_STEP.as_secs_f64() * 1000.0;
+    println!(
+        "added per image, {BACK_TO_BACK_JOBS} jobs queued at once (claim answer to claim answer, \
+         minus the engine's time), 512×512, 1 image:\n  \
+         median {added:.2} ms = {:.3} × the engine's {engine_ms:.0} ms; worst {worst:.2} ms",
+        added / engine_ms
+    );
+    runtime.shutdown().await;
+}
+
+/// Encoding a finished image as the worker does, against png's default settings (what the
+/// worker used before), on paintings and on noise, at the sizes jobs ask for.
+fn png_encoding() {
+    const ROUNDS: usize = 7;
+    let baseline = |image: &image::RgbImage| {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(image.as_raw()).unwrap();
+        writer.finish().unwrap();
+        bytes
+    };
+    let ours = |image: &image::RgbImage| {
+        studio_worker::image_file::encode_png(image, "bench parameters").unwrap()
+    };
+    let timed = |encode: &dyn Fn(&image::RgbImage) -> Vec<u8>, image: &image::RgbImage| {
+        let mut times_ms: Vec<f64> = (0..ROUNDS)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(encode(image));
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        (median(&mut times_ms), encode(image).len())
+    };
+    println!("PNG encoding, median of {ROUNDS} (png's defaults → the worker's):");
+    for side in [512, 1024] {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let noise = image::RgbImage::from_fn(side, side, |_, _| {
+            image::Rgb([rng.u8(..), rng.u8(..), rng.u8(..)])
+        });
+        let painting = support::engine::painting(side, side, 7);
+        for (name, image) in [("painting", &painting), ("noise", &noise)] {
+            let (before_ms, before_bytes) = timed(&baseline, image);
+            let (after_ms, after_bytes) = timed(&ours, image);
+            println!(
+                "  {side}² {name}: {before_ms:.1} → {after_ms:.1} ms ({:.3}×), \
+                 {before_bytes} → {after_bytes} bytes ({:.3}×)",
+                after_ms / before_ms,
+                after_bytes as f64 / before_bytes as f64
+            );
+        }
+    }
 }
 
 /// A game starts (the policy's GPU probe sees it) → the engine stopped, while denoising, at
@@ -254,15 +352,35 @@ async fn pause_latency() {
 }
 
 fn main() {
+    // `cargo bench` adds `--bench`; any other word names a part to run.
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
+    let wanted = |part: &str| named.is_empty() || named.iter().any(|name| name == part);
+    if wanted("png") {
+        png_encoding();
+    }
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
     tokio.block_on(async {
-        overhead().await;
-        pause_latency().await;
-        game_latency().await;
+        if wanted("overhead") {
+            overhead().await;
+        }
+        if wanted("back-to-back") {
+            back_to_back().await;
+        }
+        if wanted("pause") {
+            pause_latency().await;
+        }
+        if wanted("game") {
+            game_latency().await;
+        }
     });
-    probe_cost();
+    if wanted("probes") {
+        probe_cost();
+    }
 }

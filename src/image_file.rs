@@ -29,12 +29,30 @@ pub fn parameters_text(spec: &JobSpec, sampler: Scheduler) -> String {
 }
 
 /// The PNG bytes of `image` with `parameters` in an iTXt chunk (UTF-8, so any prompt fits).
+///
+/// Compressed with png's `Fast` level (fdeflate, a DEFLATE written for PNG): against its
+/// default `Balanced` level, a 512² picture encodes in 3–4 ms instead of 70–95 ms and a 1024²
+/// one in 13 ms instead of 380–430 ms, for files 0–2 % larger (`cargo bench --bench pipeline
+/// -- png`). The encode sits between one job's engine and the next; the bytes go up in the
+/// background.
 pub fn encode_png(image: &image::RgbImage, parameters: &str) -> Result<Vec<u8>, EncodeError> {
+    encode(image, Some(parameters))
+}
+
+/// The PNG bytes of a preview: the same encoding, no parameters.
+pub fn encode_preview_png(image: &image::RgbImage) -> Result<Vec<u8>, EncodeError> {
+    encode(image, None)
+}
+
+fn encode(image: &image::RgbImage, parameters: Option<&str>) -> Result<Vec<u8>, EncodeError> {
     let mut bytes = Vec::new();
     let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    encoder.add_itxt_chunk("parameters".to_owned(), parameters.to_owned())?;
+    encoder.set_compression(png::Compression::Fast);
+    if let Some(parameters) = parameters {
+        encoder.add_itxt_chunk("parameters".to_owned(), parameters.to_owned())?;
+    }
     let mut writer = encoder.write_header()?;
     writer.write_image_data(image.as_raw())?;
     writer.finish()?;
@@ -83,5 +101,25 @@ mod tests {
         );
         let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(decoded, image);
+    }
+
+    #[test]
+    fn a_full_size_picture_comes_back_exactly_and_smaller() {
+        // Smooth colour with a little grain, as a generated picture has: the fast level must
+        // still compress it, and lose nothing.
+        let mut rng = fastrand::Rng::with_seed(5);
+        let image = image::RgbImage::from_fn(512, 512, |x, y| {
+            let grain = rng.u8(..4);
+            let level = |value: u32| (value as u8).wrapping_add(grain);
+            image::Rgb([level(x / 2), level(y / 2), level((x + y) / 4)])
+        });
+        let bytes = encode_png(&image, "parameters").unwrap();
+        assert!(
+            bytes.len() < image.as_raw().len() / 2,
+            "{} bytes for {} raw",
+            bytes.len(),
+            image.as_raw().len()
+        );
+        assert_eq!(image::load_from_memory(&bytes).unwrap().to_rgb8(), image);
     }
 }

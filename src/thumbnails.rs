@@ -24,24 +24,28 @@ impl Thumbnails {
         self.folder.join(format!("{name}.png"))
     }
 
-    /// Writes a preview of `image` for `job_id` and returns its path.
-    pub fn save(&self, job_id: &str, image: &image::RgbImage) -> std::io::Result<PathBuf> {
+    /// Writes a preview of `image` for `job_id` and returns its path. `encoded` is `image`'s
+    /// own PNG, which is the preview as it stands when the image is no larger than one.
+    pub fn save(
+        &self,
+        job_id: &str,
+        image: &image::RgbImage,
+        encoded: &[u8],
+    ) -> std::io::Result<PathBuf> {
         crate::files::create_private_dir_all(&self.folder)?;
         let (width, height) = image.dimensions();
         let scale = f64::from(MAX_SIDE) / f64::from(width.max(height).max(1));
-        let preview = if scale < 1.0 {
+        let path = self.path_for(job_id);
+        if scale < 1.0 {
             let w = ((f64::from(width) * scale).round() as u32).max(1);
             let h = ((f64::from(height) * scale).round() as u32).max(1);
-            image::imageops::thumbnail(image, w, h)
+            let preview = image::imageops::thumbnail(image, w, h);
+            let png =
+                crate::image_file::encode_preview_png(&preview).map_err(std::io::Error::other)?;
+            crate::files::write_atomic(&path, &png)?;
         } else {
-            image.clone()
-        };
-        let path = self.path_for(job_id);
-        let mut png = Vec::new();
-        preview
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(std::io::Error::other)?;
-        crate::files::write_atomic(&path, &png)?;
+            crate::files::write_atomic(&path, encoded)?;
+        }
         Ok(path)
     }
 
@@ -82,13 +86,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let thumbnails = Thumbnails::new(dir.path().join("thumbnails"));
         let big = image::RgbImage::from_pixel(2048, 1024, image::Rgb([10, 20, 30]));
-        let path = thumbnails.save("j_1", &big).unwrap();
+        let png_of = |image: &image::RgbImage| crate::image_file::encode_png(image, "").unwrap();
+        let path = thumbnails.save("j_1", &big, &png_of(&big)).unwrap();
         let preview = load(&path).unwrap();
         assert_eq!(preview.size, [512, 256]);
         let small = image::RgbImage::from_pixel(64, 48, image::Rgb([10, 20, 30]));
-        let kept = thumbnails.save("j_3", &small).unwrap();
+        let small_png = png_of(&small);
+        let kept = thumbnails.save("j_3", &small, &small_png).unwrap();
         assert_eq!(load(&kept).unwrap().size, [64, 48], "never enlarged");
-        let other = thumbnails.save("j_2", &big).unwrap();
+        assert_eq!(
+            std::fs::read(&kept).unwrap(),
+            small_png,
+            "a small image's own PNG is its preview, not encoded again"
+        );
+        let other = thumbnails.save("j_2", &big, &png_of(&big)).unwrap();
 
         thumbnails.keep_only(&["j_2"]);
         assert!(!path.exists());

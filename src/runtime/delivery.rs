@@ -1,6 +1,7 @@
 //! A finished job's images on their way out: encoded as PNGs that carry their parameters,
-//! stored durably in the outbox (before the studio hears of them), a preview for the Jobs
-//! tab, and the person's copies. All of it is file work, done on the blocking pool.
+//! stored durably in the outbox (before the studio hears of them); then, off the job's path,
+//! a preview for the Jobs tab and the person's copies. All of it is file work, done on the
+//! blocking pool.
 
 use std::path::{Path, PathBuf};
 
@@ -20,10 +21,26 @@ pub(super) struct Delivery {
     thumbnails: Thumbnails,
 }
 
-/// What a stored result left for the Jobs tab.
+/// A result safe in the outbox.
 pub(super) struct Stored {
     /// The bytes of the images in the outbox.
     pub bytes: u64,
+    /// What the person keeps of it, made by [`Delivery::keep`].
+    pub keepsakes: Keepsakes,
+}
+
+/// A stored result's preview and the person's copies, still to be written. They are extras:
+/// the next job does not wait for them, and their failure is logged, never the job's.
+pub(super) struct Keepsakes {
+    job_id: String,
+    first_image: Option<image::RgbImage>,
+    pngs: Vec<Vec<u8>>,
+    copy_stem: String,
+    copies_folder: Option<PathBuf>,
+}
+
+/// What the keepsakes left for the Jobs tab.
+pub(super) struct Kept {
     pub thumbnail: Option<PathBuf>,
     pub copies: Vec<PathBuf>,
 }
@@ -34,8 +51,7 @@ impl Delivery {
     }
 
     /// Encodes and stores the job's images. When this returns `Ok` the result survives a
-    /// crash or a power cut; the preview and the copies are extras whose failure is logged,
-    /// never the job's.
+    /// crash or a power cut.
     pub(super) async fn store(
         &self,
         spec: &JobSpec,
@@ -62,7 +78,7 @@ impl Delivery {
             created_at: Utc::now(),
             lease_s: spec.lease.as_secs(),
         };
-        let this = self.clone();
+        let outbox = self.outbox.clone();
         tokio::task::spawn_blocking(move || {
             let parameters = image_file::parameters_text(&spec, generated.sampler);
             let pngs = generated
@@ -71,27 +87,54 @@ impl Delivery {
                 .map(|image| image_file::encode_png(image, &parameters))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(std::io::Error::other)?;
-            let stored = this.outbox.put(&meta, &pngs)?;
-            let job_id = &spec.job_id;
-            let thumbnail = generated.images.first().and_then(|first| {
-                this.thumbnails
-                    .save(job_id, first)
-                    .map_err(|err| tracing::debug!("no preview for {job_id}: {err}"))
-                    .ok()
-            });
-            let copies = copies_folder.map_or_else(Vec::new, |folder| {
-                save_copies(&folder, &copy_stem(&spec), &pngs)
-                    .map_err(|err| tracing::warn!("no copy saved in {}: {err}", folder.display()))
-                    .unwrap_or_default()
-            });
+            let stored = outbox.put(&meta, &pngs)?;
             Ok(Stored {
                 bytes: stored.bytes,
-                thumbnail,
-                copies,
+                keepsakes: Keepsakes {
+                    copy_stem: copy_stem(&spec),
+                    job_id: spec.job_id,
+                    first_image: generated.images.into_iter().next(),
+                    pngs,
+                    copies_folder,
+                },
             })
         })
         .await
         .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())))
+    }
+
+    /// Writes a stored result's preview and the person's copies.
+    pub(super) async fn keep(&self, keepsakes: Keepsakes) -> Kept {
+        let thumbnails = self.thumbnails.clone();
+        tokio::task::spawn_blocking(move || {
+            let Keepsakes {
+                job_id,
+                first_image,
+                pngs,
+                copy_stem,
+                copies_folder,
+            } = keepsakes;
+            let thumbnail = first_image.zip(pngs.first()).and_then(|(image, png)| {
+                thumbnails
+                    .save(&job_id, &image, png)
+                    .map_err(|err| tracing::debug!("no preview for {job_id}: {err}"))
+                    .ok()
+            });
+            let copies = copies_folder.map_or_else(Vec::new, |folder| {
+                save_copies(&folder, &copy_stem, &pngs)
+                    .map_err(|err| tracing::warn!("no copy saved in {}: {err}", folder.display()))
+                    .unwrap_or_default()
+            });
+            Kept { thumbnail, copies }
+        })
+        .await
+        .unwrap_or_else(|err| {
+            tracing::warn!("no preview or copies of a finished job: {err}");
+            Kept {
+                thumbnail: None,
+                copies: Vec::new(),
+            }
+        })
     }
 
     /// Keeps the previews of the listed jobs only (off the async threads).

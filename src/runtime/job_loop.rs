@@ -558,23 +558,37 @@ impl JobLoop {
                 self.status.send_modify(|s| {
                     s.jobs.counters = self.tally.counters();
                     s.jobs.current = None;
-                    let mut finished = FinishedJob::new(&current, JobOutcome::WAITING);
-                    finished.thumbnail = stored.thumbnail;
-                    finished.saved_copies = stored.copies;
-                    s.jobs.remember(finished);
+                    s.jobs
+                        .remember(FinishedJob::new(&current, JobOutcome::WAITING));
                 });
                 self.current_job.send_replace(None);
-                let listed: Vec<String> = self
-                    .status
-                    .borrow()
-                    .jobs
-                    .recent
-                    .iter()
-                    .map(|job| job.job_id.clone())
-                    .collect();
-                self.delivery.keep_previews_of(listed);
-                progress::send_uploading(session, spec).await;
-                self.outbox_changed.notify_one();
+                // The result is safe: the GPU goes on to the next claim while the studio hears
+                // of it (the `uploading` report, then the uploader's wake-up, in that order)
+                // and while the preview and the copies are written.
+                tokio::spawn({
+                    let session = session.clone();
+                    let spec = spec.clone();
+                    let outbox_changed = self.outbox_changed.clone();
+                    async move {
+                        progress::send_uploading(&session, &spec).await;
+                        outbox_changed.notify_one();
+                    }
+                });
+                tokio::spawn({
+                    let delivery = self.delivery.clone();
+                    let status = self.status.clone();
+                    let job_id = spec.job_id.clone();
+                    async move {
+                        let kept = delivery.keep(stored.keepsakes).await;
+                        let mut listed = Vec::new();
+                        status.send_modify(|s| {
+                            s.jobs
+                                .attach_keepsakes(&job_id, kept.thumbnail, kept.copies);
+                            listed = s.jobs.recent.iter().map(|job| job.job_id.clone()).collect();
+                        });
+                        delivery.keep_previews_of(listed);
+                    }
+                });
                 JobEnd::Delivered
             }
             Err(err) => {

@@ -170,6 +170,19 @@ impl JobsStatus {
         self.recent.truncate(RECENT_JOBS);
     }
 
+    /// A delivered job's preview and the person's copies, written after it was listed.
+    pub fn attach_keepsakes(
+        &mut self,
+        job_id: &str,
+        thumbnail: Option<std::path::PathBuf>,
+        saved_copies: Vec<std::path::PathBuf>,
+    ) {
+        if let Some(job) = self.recent.iter_mut().find(|job| job.job_id == job_id) {
+            job.thumbnail = thumbnail;
+            job.saved_copies = saved_copies;
+        }
+    }
+
     pub fn set_outcome(&mut self, job_id: &str, outcome: JobOutcome) {
         if let Some(job) = self.recent.iter_mut().find(|job| job.job_id == job_id) {
             job.outcome = outcome;

@@ -199,13 +199,15 @@ async fn several_jobs_in_a_row_are_delivered_once_each() {
             .iter()
             .all(|j| j.outcome == JobOutcome::DELIVERED)
     );
-    for job in &status.jobs.recent {
-        let preview = job
-            .thumbnail
-            .as_ref()
-            .expect("every delivered job has a preview");
-        assert!(preview.exists(), "{}", preview.display());
-    }
+    // Previews are written beside the next claim, off the job's path.
+    eventually("every delivered job has a preview", PATIENCE, || {
+        handle.status().jobs.recent.iter().all(|job| {
+            job.thumbnail
+                .as_ref()
+                .is_some_and(|preview| preview.exists())
+        })
+    })
+    .await;
     assert!(
         p.home
             .dir

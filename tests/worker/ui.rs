@@ -9,6 +9,7 @@ use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable as _;
 use studio_worker::config::{Config, SharedConfig};
+use studio_worker::image_file::encode_png;
 use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::signals::HostRequestSender;
 use studio_worker::runtime::{
@@ -499,7 +500,11 @@ fn thumbnails_load_once_off_the_ui_thread_not_every_frame() {
     let mut with_preview = approved();
     let current = running_job("j_1", "a red square", Stage::Decoding, 1, 1);
     let mut finished = FinishedJob::new(&current, JobOutcome::DELIVERED);
-    finished.thumbnail = Some(thumbnails.save("j_1", &image).unwrap());
+    finished.thumbnail = Some(
+        thumbnails
+            .save("j_1", &image, &encode_png(&image, "").unwrap())
+            .unwrap(),
+    );
     with_preview.jobs.remember(finished);
 
     let mut window = Window::new(with_preview);
@@ -593,7 +598,9 @@ fn a_jobs_preview_opens_large_and_closes() {
     let mut with_preview = approved();
     let current = running_job("j_9", "a blue lake at dawn", Stage::Decoding, 1, 1);
     let mut finished = FinishedJob::new(&current, JobOutcome::DELIVERED);
-    let saved = thumbnails.save("j_9", &image).unwrap();
+    let saved = thumbnails
+        .save("j_9", &image, &encode_png(&image, "").unwrap())
+        .unwrap();
     let kept = image::open(&saved).unwrap();
     assert_eq!(
         (kept.width(), kept.height()),

@@ -1022,3 +1022,52 @@ async fn a_failure_the_studio_hears_of_names_no_folder_of_this_pc() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_studio_slow_to_answer_progress_does_not_hold_the_next_job() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    // Every progress report is taken, but answered only after the worker's request timeout
+    // (500 ms here), the `uploading` report of each finished job included.
+    p.studio.inject(
+        Some(Route::Progress),
+        Fault::LoseResponse(Duration::from_secs(2)),
+        u32::MAX,
+    );
+    let job_ids: Vec<String> = (0..3).map(|n| format!("j_slow_{n}")).collect();
+    for job_id in &job_ids {
+        p.studio.enqueue(job_with(job_id, "steps", json!(1)));
+    }
+    for job_id in &job_ids {
+        p.delivered(job_id).await;
+    }
+
+    // Once a result is stored, the next claim goes out: the report is sent beside it.
+    let mut claims: Vec<_> = p
+        .studio
+        .log_for(Route::Claim)
+        .iter()
+        .filter(|request| request.status == 200)
+        .map(|request| request.answered_at)
+        .collect();
+    claims.sort();
+    assert_eq!(claims.len(), 3);
+    for pair in claims.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(
+            gap < Duration::from_millis(450),
+            "the next claim waited {gap:?} for a progress report"
+        );
+    }
+    // The reports were still sent.
+    for job_id in &job_ids {
+        let job = p.studio.job(job_id).unwrap();
+        assert!(
+            job.progress
+                .iter()
+                .any(|report| report["stage"] == "uploading"),
+            "{job_id}'s upload was reported: {:?}",
+            job.progress
+        );
+    }
+    p.runtime.shutdown().await;
+}

@@ -190,6 +190,30 @@ fn png_encoding() {
             );
         }
     }
+    // A job of four images: the worker's encoder one image after another, then as it runs
+    // them (`encode_pngs`).
+    let images: Vec<_> = (0..4)
+        .map(|seed| support::engine::painting(512, 512, seed))
+        .collect();
+    let mut one_by_one_ms = Vec::new();
+    let mut together_ms = Vec::new();
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        for image in &images {
+            std::hint::black_box(ours(image));
+        }
+        one_by_one_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        let started = Instant::now();
+        std::hint::black_box(studio_worker::image_file::encode_pngs(&images, "bench").unwrap());
+        together_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (one_by_one, together) = (median(&mut one_by_one_ms), median(&mut together_ms));
+    println!(
+        "  4 × 512² paintings, one after another → a thread each ({} cores): \
+         {one_by_one:.1} → {together:.1} ms ({:.3}×)",
+        std::thread::available_parallelism().map_or(1, usize::from),
+        together / one_by_one
+    );
 }
 
 /// A game starts (the policy's GPU probe sees it) → the engine stopped, while denoising, at

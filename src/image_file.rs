@@ -39,6 +39,34 @@ pub fn encode_png(image: &image::RgbImage, parameters: &str) -> Result<Vec<u8>, 
     encode(image, Some(parameters))
 }
 
+/// The PNG bytes of each of a job's images, in order: [`encode_png`] on a thread per image
+/// (a job of several images waits for the slowest one, not for their sum).
+pub fn encode_pngs(
+    images: &[image::RgbImage],
+    parameters: &str,
+) -> Result<Vec<Vec<u8>>, EncodeError> {
+    if images.len() < 2 {
+        return images
+            .iter()
+            .map(|image| encode_png(image, parameters))
+            .collect();
+    }
+    std::thread::scope(|scope| {
+        let encoders: Vec<_> = images
+            .iter()
+            .map(|image| scope.spawn(move || encode_png(image, parameters)))
+            .collect();
+        encoders
+            .into_iter()
+            .map(|encoder| {
+                encoder
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
 /// The PNG bytes of a preview: the same encoding, no parameters.
 pub fn encode_preview_png(image: &image::RgbImage) -> Result<Vec<u8>, EncodeError> {
     encode(image, None)
@@ -101,6 +129,20 @@ mod tests {
         );
         let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(decoded, image);
+    }
+
+    #[test]
+    fn several_images_are_encoded_in_their_order() {
+        let images: Vec<_> = (0..4_u8)
+            .map(|shade| image::RgbImage::from_pixel(64, 32, image::Rgb([shade, 0, 0])))
+            .collect();
+        let pngs = encode_pngs(&images, "four").unwrap();
+        assert_eq!(pngs.len(), 4);
+        for (png, image) in pngs.iter().zip(&images) {
+            assert_eq!(&image::load_from_memory(png).unwrap().to_rgb8(), image);
+            assert_eq!(read_parameters(png).as_deref(), Some("four"));
+        }
+        assert!(encode_pngs(&[], "none").unwrap().is_empty());
     }
 
     #[test]

@@ -81,11 +81,7 @@ impl Delivery {
         let outbox = self.outbox.clone();
         tokio::task::spawn_blocking(move || {
             let parameters = image_file::parameters_text(&spec, generated.sampler);
-            let pngs = generated
-                .images
-                .iter()
-                .map(|image| image_file::encode_png(image, &parameters))
-                .collect::<Result<Vec<_>, _>>()
+            let pngs = image_file::encode_pngs(&generated.images, &parameters)
                 .map_err(std::io::Error::other)?;
             let stored = outbox.put(&meta, &pngs)?;
             Ok(Stored {

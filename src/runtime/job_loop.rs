@@ -12,7 +12,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::delivery::Delivery;
+use super::delivery::{Delivery, Keepsakes};
 use super::outage::OutageLog;
 use super::progress;
 use super::session::{Session, report_fail};
@@ -524,8 +524,9 @@ impl JobLoop {
         }
     }
 
-    /// Stores the result durably, tells the studio the job is uploading, and wakes the
-    /// uploader; a result that cannot be stored is reported back.
+    /// Stores the result durably, then (beside the next claim) tells the studio the job is
+    /// uploading, wakes the uploader and writes the extras; a result that cannot be stored is
+    /// reported back.
     async fn deliver(
         &self,
         session: &Session,
@@ -563,32 +564,9 @@ impl JobLoop {
                 });
                 self.current_job.send_replace(None);
                 // The result is safe: the GPU goes on to the next claim while the studio hears
-                // of it (the `uploading` report, then the uploader's wake-up, in that order)
-                // and while the preview and the copies are written.
-                tokio::spawn({
-                    let session = session.clone();
-                    let spec = spec.clone();
-                    let outbox_changed = self.outbox_changed.clone();
-                    async move {
-                        progress::send_uploading(&session, &spec).await;
-                        outbox_changed.notify_one();
-                    }
-                });
-                tokio::spawn({
-                    let delivery = self.delivery.clone();
-                    let status = self.status.clone();
-                    let job_id = spec.job_id.clone();
-                    async move {
-                        let kept = delivery.keep(stored.keepsakes).await;
-                        let mut listed = Vec::new();
-                        status.send_modify(|s| {
-                            s.jobs
-                                .attach_keepsakes(&job_id, kept.thumbnail, kept.copies);
-                            listed = s.jobs.recent.iter().map(|job| job.job_id.clone()).collect();
-                        });
-                        delivery.keep_previews_of(listed);
-                    }
-                });
+                // of it and while the preview and the copies are written.
+                self.announce_upload(session, spec);
+                self.keep_extras(spec.job_id.clone(), stored.keepsakes);
                 JobEnd::Delivered
             }
             Err(err) => {
@@ -615,6 +593,34 @@ impl JobLoop {
                 JobEnd::EngineFailed
             }
         }
+    }
+
+    /// The `uploading` report, then the uploader's wake-up, in that order, off the job loop.
+    fn announce_upload(&self, session: &Session, spec: &JobSpec) {
+        let session = session.clone();
+        let spec = spec.clone();
+        let outbox_changed = self.outbox_changed.clone();
+        tokio::spawn(async move {
+            progress::send_uploading(&session, &spec).await;
+            outbox_changed.notify_one();
+        });
+    }
+
+    /// Writes a stored result's preview and copies off the job loop, lists them with the job,
+    /// and prunes the previews of jobs no longer listed.
+    fn keep_extras(&self, job_id: String, keepsakes: Keepsakes) {
+        let delivery = self.delivery.clone();
+        let status = self.status.clone();
+        tokio::spawn(async move {
+            let kept = delivery.keep(keepsakes).await;
+            let mut listed = Vec::new();
+            status.send_modify(|s| {
+                s.jobs
+                    .attach_keepsakes(&job_id, kept.thumbnail, kept.copies);
+                listed = s.jobs.recent.iter().map(|job| job.job_id.clone()).collect();
+            });
+            delivery.keep_previews_of(listed);
+        });
     }
 
     fn count_failure(&self) {

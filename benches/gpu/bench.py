@@ -460,8 +460,9 @@ def main():
             ballast.wait()
     elif sdxl:
         print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
-    # The UNet's CUDA graph against its steps one kernel at a time (cases of 3 steps or more).
-    for row in sorted((row for row in rows_with_extras if row["steps"] >= 3), key=lambda row: row["side"]):
+    # The UNet's CUDA graph (kept between jobs, so 1-step jobs too) against its steps one
+    # kernel at a time.
+    for row in sorted(rows_with_extras, key=lambda row: row["side"]):
         row["no_graphs"] = extra(f"{row['case']}: generate without CUDA graphs", row,
                                  generate(row, 3, extra_env={"STUDIO_WORKER_CUDA_GRAPHS": "0"}))
     for row in sorted((row for row in rows_with_extras if row["model"] in PROFILED),
@@ -497,7 +498,7 @@ def main():
     print("\nThe UNet as one CUDA graph against one kernel at a time (generate, warm; graph / none):")
     for row in rows:
         ours, plain = row["worker"], row["no_graphs"]
-        if plain or (ours and row["steps"] >= 3):
+        if plain or ours:
             off = " (the graph was OFF: it failed, see the log)" if ours and ours["graphs_off"] else ""
             print(f"  {row['case']:38} {ms(ours)} vs {ms(plain)}  {ratio(ours, plain, 'warm')}{off}")
     print("\nOur kernels against candle's (generate, warm; ours / candle's; no graphs with candle's):")

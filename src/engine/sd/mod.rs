@@ -30,7 +30,7 @@ use candle_nn::VarBuilder;
 
 use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::schedulers::{NoiseSchedule, Sampler};
-use self::step_graph::StepGraphs;
+use self::step_graph::{GraphCache, StepGraphs};
 use self::text_encoder::ClipTextEncoder;
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
@@ -150,6 +150,8 @@ pub struct StableDiffusion {
     unet: Unet,
     vae: Vae,
     schedule: NoiseSchedule,
+    /// The UNet's CUDA graph, kept between jobs ([`step_graph`]).
+    graphs: GraphCache,
 }
 
 impl StableDiffusion {
@@ -214,6 +216,7 @@ impl StableDiffusion {
             unet,
             vae,
             schedule,
+            graphs: GraphCache::default(),
         })
     }
 
@@ -465,31 +468,36 @@ impl StableDiffusion {
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len();
         let mut latents = (initial.to_dtype(DType::F32)? * sampler.init_noise_sigma())?;
-        let text_time = conditioning
-            .text_time
-            .as_ref()
-            .map(|(pooled, time_ids)| (pooled, time_ids));
-        // The evaluations after the first as one CUDA graph, where that can pay.
+        // What the UNet reads besides the latents and the timestep: the same at every step.
+        let mut job_inputs = vec![conditioning.hidden_states.clone()];
+        if let Some((pooled, time_ids)) = &conditioning.text_time {
+            job_inputs.extend([pooled.clone(), time_ids.clone()]);
+        }
+        // The evaluations as one CUDA graph, kept between jobs, where that can pay.
         let mut graphs = StepGraphs::for_job(
+            &self.graphs,
             &self.device,
-            total,
             Plan::choices(Convolutions::of(&self.device)).first() == Some(&settings.plan),
             format!(
-                "{:?} guided {} text {:?} {:?}",
+                "{:?} guided {} inputs {:?} {:?}",
                 initial.dims(),
                 conditioning.guided,
-                conditioning.hidden_states.dims(),
+                job_inputs.iter().map(Tensor::dims).collect::<Vec<_>>(),
                 settings.plan
             ),
+            &job_inputs,
         );
-        let evaluate = |latents: &Tensor, timesteps: &Tensor| {
-            self.unet_forward_at(
-                latents,
-                timesteps,
-                &conditioning.hidden_states,
-                text_time,
-                settings.plan,
-            )
+        let evaluate = |latents: &Tensor, timesteps: &Tensor, job_inputs: &[Tensor]| {
+            let [hidden_states, text_time @ ..] = job_inputs else {
+                return Err(SdError::Tensor(candle_core::Error::Msg(
+                    "a UNet evaluation without its conditioning".to_owned(),
+                )));
+            };
+            let text_time = match text_time {
+                [pooled, time_ids] => Some((pooled, time_ids)),
+                _ => None,
+            };
+            self.unet_forward_at(latents, timesteps, hidden_states, text_time, settings.plan)
         };
         for (index, &timestep) in timesteps.iter().enumerate() {
             let input = sampler.scale_model_input(&latents, index)?;
@@ -498,14 +506,7 @@ impl StableDiffusion {
             } else {
                 input
             };
-            let output = match graphs.launch(&input, timestep)? {
-                Some(output) => output,
-                None => {
-                    let batch = input.dim(0)?;
-                    let at = (Tensor::ones(batch, DType::F32, &self.device)? * timestep)?;
-                    graphs.eager(&evaluate, &input, &at)?
-                }
-            };
+            let output = graphs.step(&evaluate, &input, timestep)?;
             latents = {
                 // The sampler's arithmetic only: `on_step` (progress, the policy's rest) is not.
                 let _stretch = profile::stretch(Work::Sampler, &self.device);

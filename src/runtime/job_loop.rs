@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::delivery::{Delivery, Keepsakes};
+use super::engine_thread::EngineThread;
 use super::outage::OutageLog;
 use super::progress;
 use super::session::{Session, report_fail};
@@ -75,7 +76,18 @@ pub(super) async fn run(mut task: JobLoop) {
         task.shutdown.cancelled().await;
         return;
     };
-    if engine.needs_preparing() && !prepare(&task, &engine).await {
+    let engine_thread = match EngineThread::start() {
+        Ok(engine_thread) => engine_thread,
+        Err(err) => {
+            tracing::error!("cannot start the engine's thread: {err}");
+            task.status.send_modify(|s| {
+                s.jobs.claim_blocked = Some(format!("cannot start the engine's thread: {err}"));
+            });
+            task.shutdown.cancelled().await;
+            return;
+        }
+    };
+    if engine.needs_preparing() && !prepare(&task, &engine_thread, &engine).await {
         return;
     }
     let mut config_changes = task.config.subscribe();
@@ -100,7 +112,9 @@ pub(super) async fn run(mut task: JobLoop) {
                 unloaded_for_pause = true;
                 let engine = engine.clone();
                 // The person wants the GPU for something else: give its memory back.
-                let _ = tokio::task::spawn_blocking(move || engine.unload()).await;
+                if let Err(err) = engine_thread.run(move || engine.unload()).await {
+                    tracing::error!("unloading the model stopped: {err}");
+                }
                 tracing::info!("paused: model unloaded from memory");
             }
         } else {
@@ -171,7 +185,9 @@ pub(super) async fn run(mut task: JobLoop) {
             }
         };
 
-        let end = task.run_job(&engine, &session, raw_job).await;
+        let end = task
+            .run_job(&engine_thread, &engine, &session, raw_job)
+            .await;
         if !matches!(end, JobEnd::Unanswerable(_)) {
             claim_backoff.reset();
             claim_outage.recovered();
@@ -212,7 +228,7 @@ async fn sleep_until_or_forever(deadline: Option<Instant>) {
 
 /// Makes the engine's device ready before the first claim (the GPU's kernels compiled once,
 /// not in the middle of a job), saying so in the status. `false`: shutting down.
-async fn prepare(task: &JobLoop, engine: &Arc<dyn Engine>) -> bool {
+async fn prepare(task: &JobLoop, engine_thread: &EngineThread, engine: &Arc<dyn Engine>) -> bool {
     task.status.send_modify(|s| {
         s.jobs.claim_blocked = Some(preparing_message(None));
     });
@@ -220,7 +236,7 @@ async fn prepare(task: &JobLoop, engine: &Arc<dyn Engine>) -> bool {
     let preparing = {
         let engine = engine.clone();
         let status = task.status.clone();
-        tokio::task::spawn_blocking(move || {
+        engine_thread.run(move || {
             engine.prepare(&mut |left| {
                 status.send_modify(|s| s.jobs.claim_blocked = Some(preparing_message(Some(left))));
             })
@@ -309,6 +325,7 @@ impl JobLoop {
 
     async fn run_job(
         &self,
+        engine_thread: &EngineThread,
         engine: &Arc<dyn Engine>,
         session: &Session,
         raw_job: serde_json::Value,
@@ -378,7 +395,7 @@ impl JobLoop {
 
         let started = Instant::now();
         let generated = self
-            .run_engine(engine, &spec, progress_sender, &cancel)
+            .run_engine(engine_thread, engine, &spec, progress_sender, &cancel)
             .await;
         let engine_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         reporter.abort();
@@ -454,18 +471,19 @@ impl JobLoop {
     /// next step; its progress goes to the reporter and the status.
     async fn run_engine(
         &self,
+        engine_thread: &EngineThread,
         engine: &Arc<dyn Engine>,
         spec: &JobSpec,
         progress_sender: watch::Sender<JobProgress>,
         cancel: &CancelToken,
     ) -> Result<Generated, EngineError> {
-        let mut blocking = {
+        let blocking = {
             let engine = engine.clone();
             let spec = spec.clone();
             let cancel = cancel.clone();
             let status = self.status.clone();
             let gpu_share = self.config.snapshot().policy.max_gpu_share_percent;
-            tokio::task::spawn_blocking(move || {
+            engine_thread.run(move || {
                 let mut last_mark = std::time::Instant::now();
                 let mut on_progress = |progress: JobProgress| {
                     progress_sender.send_replace(progress);
@@ -494,6 +512,7 @@ impl JobLoop {
                 engine.generate(&spec, &mut on_progress, &cancel)
             })
         };
+        let mut blocking = std::pin::pin!(blocking);
         let mut config_changes = self.config.subscribe();
         let mut policy = self.policy.clone();
         loop {
@@ -507,7 +526,7 @@ impl JobLoop {
             tokio::select! {
                 joined = &mut blocking => {
                     return joined.unwrap_or_else(|err| {
-                        tracing::error!("the engine panicked: {err}");
+                        tracing::error!("the engine stopped: {err}");
                         Err(EngineError::Internal("the engine crashed".to_owned()))
                     });
                 }

@@ -29,6 +29,7 @@ mod commands;
 pub mod control;
 mod delivery;
 mod downloads;
+mod engine_thread;
 mod heartbeat;
 mod job_loop;
 mod os_signals;

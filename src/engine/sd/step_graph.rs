@@ -24,6 +24,11 @@
 //! that fails or a graph that disagrees turns graphs off for the process with a warning,
 //! and the steps run one kernel at a time as before.
 //!
+//! A graph is launched only on the thread that captured it: candle caches the small uploads
+//! its kernels read (dims and strides) per thread, and frees them with the thread. The
+//! worker runs every job on one engine thread (`runtime::engine_thread`), so a kept graph
+//! serves every job; elsewhere a job on another thread captures its own.
+//!
 //! Memory: the graph allocates from a pool of its own. What it holds goes back to the card
 //! after each job's steps (before the decode), the graph itself staying; its next launch
 //! maps the memory again. The graph goes when its pipeline is unloaded, when a job of
@@ -57,6 +62,10 @@ pub type Evaluate<'a> = dyn Fn(&Tensor, &Tensor, &[Tensor]) -> Result<Tensor, Sd
 trait Graph: Send {
     /// The shapes and plan of the evaluation it was captured from.
     fn shape(&self) -> &str;
+    /// Whether it may be launched from this thread. candle caches its small uploads (a
+    /// kernel's dims and strides, which the graph's kernels read) per thread, and frees them
+    /// with the thread: a graph is launched only on the thread that captured it.
+    fn launchable_here(&self) -> bool;
     /// Fills its buffers of the job's inputs with another job's (same shapes and dtypes).
     fn bind(&self, job_inputs: &[Tensor]) -> Result<(), String>;
     /// The evaluation of `input` at `timestep` with the bound job's inputs.
@@ -189,7 +198,7 @@ impl<'a> StepGraphs<'a> {
             return graphs;
         }
         match kept {
-            Some(graph) if graph.shape() == graphs.shape => {
+            Some(graph) if graph.shape() == graphs.shape && graph.launchable_here() => {
                 match graph.bind(job_inputs) {
                     Ok(()) => {
                         let checked = cache.recorder.served_another_job(&graphs.shape);
@@ -199,7 +208,8 @@ impl<'a> StepGraphs<'a> {
                 }
                 return graphs;
             }
-            // Another shape's: its memory goes before this job's graph takes its own.
+            // Another shape's, or another thread's: its memory goes before this job's graph
+            // takes its own.
             Some(other) => drop(other),
             None => {}
         }
@@ -508,6 +518,8 @@ mod cuda {
         output: Tensor,
         device: Device,
         shape: String,
+        /// The thread that captured it, whose uploads cache its kernels read.
+        thread: std::thread::ThreadId,
     }
 
     impl Captured {
@@ -576,6 +588,7 @@ mod cuda {
                 output,
                 device,
                 shape: shape.to_owned(),
+                thread: std::thread::current().id(),
             };
             let mut verified = VERIFIED.lock().unwrap_or_else(PoisonError::into_inner);
             if !verified.iter().any(|known| known == shape) {
@@ -599,6 +612,10 @@ mod cuda {
     impl Graph for Captured {
         fn shape(&self) -> &str {
             &self.shape
+        }
+
+        fn launchable_here(&self) -> bool {
+            self.thread == std::thread::current().id()
         }
 
         fn bind(&self, job_inputs: &[Tensor]) -> Result<(), String> {
@@ -699,11 +716,16 @@ mod tests {
         record: Arc<Record>,
         shape: String,
         job_inputs: Mutex<Vec<Tensor>>,
+        thread: std::thread::ThreadId,
     }
 
     impl Graph for FakeGraph {
         fn shape(&self) -> &str {
             &self.shape
+        }
+
+        fn launchable_here(&self) -> bool {
+            self.thread == std::thread::current().id()
         }
 
         fn bind(&self, job_inputs: &[Tensor]) -> Result<(), String> {
@@ -756,6 +778,7 @@ mod tests {
                 record: self.0.clone(),
                 shape: shape.to_owned(),
                 job_inputs: Mutex::new(job_inputs.to_vec()),
+                thread: std::thread::current().id(),
             }))
         }
 
@@ -897,6 +920,23 @@ mod tests {
         // Another shape replaces it.
         job(&cache, "768", true, 4.0, 2);
         assert_eq!(record.graphs_dropped.load(Ordering::SeqCst), 2);
+        assert_eq!(record.captures.load(Ordering::SeqCst), 3);
+        assert!(!record.failed.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_graph_is_launched_only_on_the_thread_that_captured_it() {
+        let (cache, record) = cache(2.0, 20.0);
+        job(&cache, "512", true, 1.0, 2);
+        // Another thread: the kept graph goes (its thread's uploads are not this one's), and
+        // the job captures its own.
+        std::thread::scope(|scope| {
+            scope.spawn(|| assert_eq!(job(&cache, "512", true, 2.0, 2), 2));
+        });
+        assert_eq!(record.graphs_dropped.load(Ordering::SeqCst), 1);
+        assert_eq!(record.captures.load(Ordering::SeqCst), 2);
+        // Back here, that other thread's graph is not launched either.
+        assert_eq!(job(&cache, "512", true, 3.0, 2), 2);
         assert_eq!(record.captures.load(Ordering::SeqCst), 3);
         assert!(!record.failed.load(Ordering::SeqCst));
     }

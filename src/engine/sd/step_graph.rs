@@ -60,12 +60,6 @@ pub type Evaluate<'a> = dyn Fn(&Tensor, &Tensor, &[Tensor]) -> Result<Tensor, Sd
 
 /// A captured evaluation, as the steps use it.
 trait Graph: Send {
-    /// The shapes and plan of the evaluation it was captured from.
-    fn shape(&self) -> &str;
-    /// Whether it may be launched from this thread. candle caches its small uploads (a
-    /// kernel's dims and strides, which the graph's kernels read) per thread, and frees them
-    /// with the thread: a graph is launched only on the thread that captured it.
-    fn launchable_here(&self) -> bool;
     /// Fills its buffers of the job's inputs with another job's (same shapes and dtypes).
     fn bind(&self, job_inputs: &[Tensor]) -> Result<(), String>;
     /// The evaluation of `input` at `timestep` with the bound job's inputs.
@@ -115,9 +109,20 @@ pub struct GraphCache {
 #[derive(Default)]
 struct Slot {
     /// The last captured evaluation, while no job uses it.
-    graph: Option<Box<dyn Graph>>,
+    graph: Option<Kept>,
     /// Shapes whose first step was bound by the GPU, not by the CPU's launching.
     declined: Vec<String>,
+}
+
+/// A graph between jobs, and what it may serve.
+struct Kept {
+    graph: Box<dyn Graph>,
+    /// The shapes and plan of the evaluation it was captured from.
+    shape: String,
+    /// The thread that captured it. candle caches its small uploads (a kernel's dims and
+    /// strides, which the graph's kernels read) per thread, and frees them with the thread:
+    /// a graph is launched only on the thread that captured it.
+    thread: std::thread::ThreadId,
 }
 
 impl Default for GraphCache {
@@ -198,7 +203,11 @@ impl<'a> StepGraphs<'a> {
             return graphs;
         }
         match kept {
-            Some(graph) if graph.shape() == graphs.shape && graph.launchable_here() => {
+            Some(Kept {
+                graph,
+                shape,
+                thread,
+            }) if shape == graphs.shape && thread == std::thread::current().id() => {
                 match graph.bind(job_inputs) {
                     Ok(()) => {
                         let checked = cache.recorder.served_another_job(&graphs.shape);
@@ -328,9 +337,14 @@ impl Drop for StepGraphs<'_> {
     fn drop(&mut self) {
         if let State::Ready { graph, .. } = std::mem::replace(&mut self.state, State::Off) {
             // The graph stays for the pipeline's next job. The memory it holds goes back
-            // now, before the decode; its next launch maps it again.
+            // now, before the decode; its next launch maps it again. It was captured on this
+            // thread (or it would not have been launched on it).
             self.cache.recorder.release_memory(&self.device);
-            self.cache.slot().graph = Some(graph);
+            self.cache.slot().graph = Some(Kept {
+                graph,
+                shape: std::mem::take(&mut self.shape),
+                thread: std::thread::current().id(),
+            });
         }
     }
 }
@@ -517,9 +531,6 @@ mod cuda {
         job_inputs: Vec<Tensor>,
         output: Tensor,
         device: Device,
-        shape: String,
-        /// The thread that captured it, whose uploads cache its kernels read.
-        thread: std::thread::ThreadId,
     }
 
     impl Captured {
@@ -587,8 +598,6 @@ mod cuda {
                 job_inputs: job_buffers,
                 output,
                 device,
-                shape: shape.to_owned(),
-                thread: std::thread::current().id(),
             };
             let mut verified = VERIFIED.lock().unwrap_or_else(PoisonError::into_inner);
             if !verified.iter().any(|known| known == shape) {
@@ -610,14 +619,6 @@ mod cuda {
     }
 
     impl Graph for Captured {
-        fn shape(&self) -> &str {
-            &self.shape
-        }
-
-        fn launchable_here(&self) -> bool {
-            self.thread == std::thread::current().id()
-        }
-
         fn bind(&self, job_inputs: &[Tensor]) -> Result<(), String> {
             if job_inputs.len() != self.job_inputs.len() {
                 return Err(format!(
@@ -714,20 +715,10 @@ mod tests {
 
     struct FakeGraph {
         record: Arc<Record>,
-        shape: String,
         job_inputs: Mutex<Vec<Tensor>>,
-        thread: std::thread::ThreadId,
     }
 
     impl Graph for FakeGraph {
-        fn shape(&self) -> &str {
-            &self.shape
-        }
-
-        fn launchable_here(&self) -> bool {
-            self.thread == std::thread::current().id()
-        }
-
         fn bind(&self, job_inputs: &[Tensor]) -> Result<(), String> {
             if !self.record.stale.load(Ordering::SeqCst) {
                 *self.job_inputs.lock().unwrap() = job_inputs.to_vec();
@@ -769,16 +760,14 @@ mod tests {
             timesteps: &Tensor,
             job_inputs: &[Tensor],
             _expected: &Tensor,
-            shape: &str,
+            _shape: &str,
         ) -> Result<Box<dyn Graph>, String> {
             // A capture evaluates once more, as the driver's does.
             evaluate(input, timesteps, job_inputs).map_err(|error| error.to_string())?;
             self.0.captures.fetch_add(1, Ordering::SeqCst);
             Ok(Box::new(FakeGraph {
                 record: self.0.clone(),
-                shape: shape.to_owned(),
                 job_inputs: Mutex::new(job_inputs.to_vec()),
-                thread: std::thread::current().id(),
             }))
         }
 

@@ -123,6 +123,9 @@ struct Kept {
     /// strides, which the graph's kernels read) per thread, and frees them with the thread:
     /// a graph is launched only on the thread that captured it.
     thread: std::thread::ThreadId,
+    /// The job's inputs it was captured with: a later job's comparison vouches for other
+    /// prompts only when that job's inputs are not these.
+    captured_with: Vec<Tensor>,
 }
 
 impl Default for GraphCache {
@@ -156,6 +159,8 @@ pub struct StepGraphs<'a> {
     shape: String,
     /// The job's inputs, for the steps that run one kernel at a time.
     job_inputs: Vec<Tensor>,
+    /// The inputs the graph was captured with (once there is one).
+    captured_with: Vec<Tensor>,
     device: Device,
 }
 
@@ -191,6 +196,7 @@ impl<'a> StepGraphs<'a> {
             state: State::Off,
             shape,
             job_inputs: job_inputs.to_vec(),
+            captured_with: Vec::new(),
             device: device.clone(),
         };
         if !cache.recorder.enabled(device) {
@@ -207,11 +213,16 @@ impl<'a> StepGraphs<'a> {
                 graph,
                 shape,
                 thread,
+                captured_with,
             }) if shape == graphs.shape && thread == std::thread::current().id() => {
                 match graph.bind(job_inputs) {
                     Ok(()) => {
-                        let checked = cache.recorder.served_another_job(&graphs.shape);
+                        // The prompt it was captured with needs no comparison (nothing to
+                        // bind differs); another needs one until one agreed for its shape.
+                        let checked = cache.recorder.served_another_job(&graphs.shape)
+                            || !inputs_differ(job_inputs, &captured_with);
                         graphs.state = State::Ready { graph, checked };
+                        graphs.captured_with = captured_with;
                     }
                     Err(why) => cache.recorder.fail(&why),
                 }
@@ -322,6 +333,7 @@ impl<'a> StepGraphs<'a> {
                      ms, the CPU {issued_ms:.1} ms to issue)"
                 );
                 // Checked against this step when captured (or its shape was before).
+                self.captured_with = self.job_inputs.clone();
                 self.state = State::Ready {
                     graph,
                     checked: true,
@@ -344,6 +356,7 @@ impl Drop for StepGraphs<'_> {
                 graph,
                 shape: std::mem::take(&mut self.shape),
                 thread: std::thread::current().id(),
+                captured_with: std::mem::take(&mut self.captured_with),
             });
         }
     }
@@ -360,6 +373,17 @@ fn agrees(output: &Tensor, expected: &Tensor) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Whether two jobs' inputs differ anywhere (an input that cannot be compared counts as
+/// the same: it vouches for nothing).
+fn inputs_differ(these: &[Tensor], those: &[Tensor]) -> bool {
+    these.len() != those.len()
+        || these.iter().zip(those).any(|(this, that)| {
+            this.dims() != that.dims()
+                || crate::engine::kernels::largest_relative_difference(this, that)
+                    .is_ok_and(|difference| difference > 0.0)
+        })
 }
 
 /// Whether [`SWITCH`] leaves the graphs on.
@@ -885,6 +909,20 @@ mod tests {
         assert_eq!(record.graphs_dropped.load(Ordering::SeqCst), 1);
         assert_eq!(job(&cache, "512", true, 3.0, 2), 2);
         assert_eq!(record.captures.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_same_prompt_again_does_not_vouch_for_other_prompts() {
+        let (cache, record) = cache(2.0, 20.0);
+        record.stale.store(true, Ordering::SeqCst);
+        job(&cache, "512", true, 1.0, 2);
+        // The same prompt: the graph as captured, launched without a comparison (nothing to
+        // bind differs), which says nothing about other prompts.
+        assert_eq!(job(&cache, "512", true, 1.0, 2), 0);
+        assert!(!record.failed.load(Ordering::SeqCst));
+        // So another prompt is compared, and the stale graph caught.
+        assert_eq!(job(&cache, "512", true, 2.0, 2), 2);
+        assert!(record.failed.load(Ordering::SeqCst));
     }
 
     #[test]

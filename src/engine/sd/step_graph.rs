@@ -170,9 +170,9 @@ enum State {
     /// The next step is timed, and a graph captured after it where that pays.
     Wanted,
     /// Steps launch the graph. `checked`: its output may be used as it is: it was compared
-    /// with an eager step of this job when captured, or a graph of its shape was compared
-    /// while serving a job other than its capture's before, in this process. Unchecked,
-    /// the next step runs both ways.
+    /// with an eager step of this job when captured, this job's inputs are the ones it was
+    /// captured with, or a graph of its shape was compared while serving another prompt
+    /// before, in this process. Unchecked, the next step runs both ways.
     Ready {
         graph: Box<dyn Graph>,
         checked: bool,

@@ -41,6 +41,7 @@ pub(super) struct Keepsakes {
 
 /// What the keepsakes left for the Jobs tab.
 pub(super) struct Kept {
+    pub job_id: String,
     pub thumbnail: Option<PathBuf>,
     pub copies: Vec<PathBuf>,
 }
@@ -101,6 +102,7 @@ impl Delivery {
 
     /// Writes a stored result's preview and the person's copies.
     pub(super) async fn keep(&self, keepsakes: Keepsakes) -> Kept {
+        let job_id = keepsakes.job_id.clone();
         let thumbnails = self.thumbnails.clone();
         tokio::task::spawn_blocking(move || {
             let Keepsakes {
@@ -121,12 +123,17 @@ impl Delivery {
                     .map_err(|err| tracing::warn!("no copy saved in {}: {err}", folder.display()))
                     .unwrap_or_default()
             });
-            Kept { thumbnail, copies }
+            Kept {
+                job_id,
+                thumbnail,
+                copies,
+            }
         })
         .await
         .unwrap_or_else(|err| {
-            tracing::warn!("no preview or copies of a finished job: {err}");
+            tracing::warn!("no preview or copies of {job_id}: {err}");
             Kept {
+                job_id,
                 thumbnail: None,
                 copies: Vec::new(),
             }

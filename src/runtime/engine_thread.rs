@@ -67,7 +67,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn work_runs_in_order_on_one_thread_that_outlives_a_panic() {
+    async fn work_runs_on_one_named_thread_that_outlives_a_panic() {
         let thread = EngineThread::start().unwrap();
         let first = thread.run(|| std::thread::current().id()).await.unwrap();
         let name = thread

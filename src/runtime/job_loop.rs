@@ -1,5 +1,5 @@
 //! The job loop (studio-api.md §3): claim a job when the worker may, validate it, run it on the
-//! engine (on the blocking pool, so heartbeats go on), and hand the images to delivery, or
+//! engine (on its own thread, so heartbeats go on), and hand the images to delivery, or
 //! report the job back with the right `fail`.
 //!
 //! A job is stopped at its next denoising step when the studio cancels it or takes the lease
@@ -467,7 +467,7 @@ impl JobLoop {
         }
     }
 
-    /// Runs the engine on the blocking pool, turning a pause or a shutdown into a stop at the
+    /// Runs the engine on its thread, turning a pause or a shutdown into a stop at the
     /// next step; its progress goes to the reporter and the status.
     async fn run_engine(
         &self,
@@ -477,7 +477,7 @@ impl JobLoop {
         progress_sender: watch::Sender<JobProgress>,
         cancel: &CancelToken,
     ) -> Result<Generated, EngineError> {
-        let blocking = {
+        let running = {
             let engine = engine.clone();
             let spec = spec.clone();
             let cancel = cancel.clone();
@@ -512,7 +512,7 @@ impl JobLoop {
                 engine.generate(&spec, &mut on_progress, &cancel)
             })
         };
-        let mut blocking = std::pin::pin!(blocking);
+        let mut running = std::pin::pin!(running);
         let mut config_changes = self.config.subscribe();
         let mut policy = self.policy.clone();
         loop {
@@ -524,7 +524,7 @@ impl JobLoop {
                 cancel.cancel(StopReason::Paused);
             }
             tokio::select! {
-                joined = &mut blocking => {
+                joined = &mut running => {
                     return joined.unwrap_or_else(|err| {
                         tracing::error!("the engine stopped: {err}");
                         Err(EngineError::Internal("the engine crashed".to_owned()))
@@ -585,7 +585,7 @@ impl JobLoop {
                 // The result is safe: the GPU goes on to the next claim while the studio hears
                 // of it and while the preview and the copies are written.
                 self.announce_upload(session, spec);
-                self.keep_extras(spec.job_id.clone(), stored.keepsakes);
+                self.keep_extras(stored.keepsakes);
                 JobEnd::Delivered
             }
             Err(err) => {
@@ -627,7 +627,7 @@ impl JobLoop {
 
     /// Writes a stored result's preview and copies off the job loop, lists them with the job,
     /// and prunes the previews of jobs no longer listed.
-    fn keep_extras(&self, job_id: String, keepsakes: Keepsakes) {
+    fn keep_extras(&self, keepsakes: Keepsakes) {
         let delivery = self.delivery.clone();
         let status = self.status.clone();
         tokio::spawn(async move {
@@ -635,7 +635,7 @@ impl JobLoop {
             let mut listed = Vec::new();
             status.send_modify(|s| {
                 s.jobs
-                    .attach_keepsakes(&job_id, kept.thumbnail, kept.copies);
+                    .attach_keepsakes(&kept.job_id, kept.thumbnail, kept.copies);
                 listed = s.jobs.recent.iter().map(|job| job.job_id.clone()).collect();
             });
             delivery.keep_previews_of(listed);

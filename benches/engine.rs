@@ -5,16 +5,23 @@
 //!
 //! Prints one JSON object of median seconds, keyed like the reference script's, so
 //! `benches/engine_vs_diffusers.sh` can put the two side by side as ratios.
+//!
+//! `cargo bench --bench engine -- text` instead times what a prompt costs a job whose text
+//! encoders run on the CPU (what the engine chooses when GPU memory is tight): SDXL's two
+//! encoders at full size (CLIP ViT-L and OpenCLIP ViT-bigG, random weights), f32, one
+//! prompt, against the pipeline's kept encodings.
 
 // Test and tool code: an unwrap that fails is the test failing, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use studio_worker::engine::sd::model_folder::UnetFile;
+use studio_worker::engine::sd::model_folder::{TextEncoderConfig, UnetFile};
+use studio_worker::engine::sd::text_encoder::ClipTextEncoder;
 use studio_worker::engine::sd::unet::{TextTimeConditioning, Unet};
 use studio_worker::engine::sd::working_memory::Plan;
 use studio_worker::engine::sd::{Request, StableDiffusion};
@@ -48,11 +55,122 @@ fn load_unet(root: &Path, device: &Device) -> Unet {
     Unet::new(vb, &config).expect("UNet builds")
 }
 
+/// A text encoder of `config`'s size with random weights (timing only).
+fn random_text_encoder(config: &TextEncoderConfig, device: &Device) -> ClipTextEncoder {
+    let width = config.hidden_size;
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        (
+            "text_model.embeddings.token_embedding.weight".to_owned(),
+            vec![config.vocab_size, width],
+        ),
+        (
+            "text_model.embeddings.position_embedding.weight".to_owned(),
+            vec![config.max_position_embeddings, width],
+        ),
+        ("text_model.final_layer_norm.weight".to_owned(), vec![width]),
+        ("text_model.final_layer_norm.bias".to_owned(), vec![width]),
+    ];
+    for layer in 0..config.num_hidden_layers {
+        let prefix = format!("text_model.encoder.layers.{layer}");
+        for norm in ["layer_norm1", "layer_norm2"] {
+            for part in ["weight", "bias"] {
+                shapes.push((format!("{prefix}.{norm}.{part}"), vec![width]));
+            }
+        }
+        for projection in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            shapes.push((
+                format!("{prefix}.self_attn.{projection}.weight"),
+                vec![width, width],
+            ));
+            shapes.push((format!("{prefix}.self_attn.{projection}.bias"), vec![width]));
+        }
+        let inner = config.intermediate_size;
+        shapes.push((format!("{prefix}.mlp.fc1.weight"), vec![inner, width]));
+        shapes.push((format!("{prefix}.mlp.fc1.bias"), vec![inner]));
+        shapes.push((format!("{prefix}.mlp.fc2.weight"), vec![width, inner]));
+        shapes.push((format!("{prefix}.mlp.fc2.bias"), vec![width]));
+    }
+    if let Some(projection) = config.projection_dim.filter(|_| config.has_projection()) {
+        shapes.push(("text_projection.weight".to_owned(), vec![projection, width]));
+    }
+    let tensors: HashMap<String, Tensor> = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let tensor = Tensor::randn(0f32, 0.02, shape, device).expect("random weights");
+            (name, tensor)
+        })
+        .collect();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    ClipTextEncoder::new(vb, config).expect("text encoder builds")
+}
+
+/// SDXL's two text encoders at full size on the CPU, one prompt through both, against the
+/// pipeline's kept encoding of a prompt (the fixture's, which costs the same to look up).
+fn text_part(runs: usize) {
+    let device = Device::Cpu;
+    let config = |json: &str| -> TextEncoderConfig { serde_json::from_str(json).expect("config") };
+    let clip_l = config(
+        r#"{"architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768,
+            "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "hidden_act": "quick_gelu", "projection_dim": 768}"#,
+    );
+    let clip_g = config(
+        r#"{"architectures": ["CLIPTextModelWithProjection"], "vocab_size": 49408,
+            "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+            "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}"#,
+    );
+    let encoders = [
+        random_text_encoder(&clip_l, &device),
+        random_text_encoder(&clip_g, &device),
+    ];
+    let pipeline =
+        StableDiffusion::load(&fixtures().join("tiny-sdxl"), &device, DType::F32).expect("loads");
+    let ids = pipeline
+        .token_ids("a red fox in the snow", false)
+        .expect("tokenizes");
+    // The end id only picks the pooled row: any id costs the same.
+    let end_id = *ids.last().expect("tokens");
+    let encode = median_time(runs, || {
+        for encoder in &encoders {
+            encoder
+                .forward(std::slice::from_ref(&ids), end_id, &device)
+                .expect("encodes");
+        }
+    });
+    pipeline
+        .encode_text("a red fox in the snow")
+        .expect("encodes");
+    let kept = median_time(runs * 100, || {
+        pipeline.encode_text("a red fox in the snow").expect("kept");
+    });
+    assert_eq!(
+        pipeline.prompts_encoded(),
+        1,
+        "the kept encoding served every run"
+    );
+    println!(
+        "SDXL's text encoders, full size, f32, CPU ({} threads)",
+        num_threads()
+    );
+    println!("{:44} {:>10}", "one prompt", "median");
+    println!("{:44} {:>8.1}ms", "encoded (both encoders)", encode * 1e3);
+    println!("{:44} {:>8.3}ms", "kept from an earlier job", kept * 1e3);
+    println!("{:44} {:>9.5}", "kept / encoded", kept / encode);
+}
+
+fn num_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 fn main() {
     let runs: usize = std::env::var("STUDIO_BENCH_RUNS")
         .ok()
         .and_then(|runs| runs.parse().ok())
         .unwrap_or(5);
+    if std::env::args().any(|argument| argument == "text") {
+        text_part(runs.min(3));
+        return;
+    }
     let device = Device::Cpu;
     let mut results = serde_json::Map::new();
     for name in ["tiny-sd1", "tiny-sd2-v", "tiny-sdxl"] {

@@ -54,6 +54,41 @@ fn image_k_of_a_batch_is_image_0_of_seed_plus_k() {
 }
 
 #[test]
+fn a_prompt_a_recent_job_encoded_is_not_encoded_again_and_gives_the_same_image() {
+    for name in ["tiny-sd1", "tiny-sdxl"] {
+        let model = load(name);
+        let run = |model: &studio_worker::engine::sd::StableDiffusion, request: &Request| {
+            model
+                .generate(request, &mut |_| {}, &|| false)
+                .expect("runs")
+        };
+        run(&model, &request(11, 1));
+        assert_eq!(
+            model.prompts_encoded(),
+            2,
+            "{name}: the prompt and the negative"
+        );
+        let again = run(&model, &request(12, 1));
+        assert_eq!(
+            model.prompts_encoded(),
+            2,
+            "{name}: both were encoded before"
+        );
+        let rerolled = Request {
+            prompt: "a grey wolf".to_owned(),
+            ..request(13, 1)
+        };
+        let other = run(&model, &rerolled);
+        assert_eq!(model.prompts_encoded(), 3, "{name}: only the new prompt");
+
+        // What the kept encodings give is what a pipeline that never saw them gives.
+        let fresh = load(name);
+        assert_eq!(again, run(&fresh, &request(12, 1)), "{name}");
+        assert_eq!(other, run(&fresh, &rerolled), "{name}");
+    }
+}
+
+#[test]
 fn progress_names_every_stage_and_cancelling_stops_between_steps() {
     let model = load("tiny-sd2-v");
     let mut stages = Vec::new();

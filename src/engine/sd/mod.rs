@@ -10,10 +10,11 @@ pub mod conv;
 pub mod model_folder;
 pub mod norm;
 pub mod pointwise;
+mod prompt_cache;
 pub mod resnet;
 pub mod schedulers;
 mod step_graph;
-pub(crate) mod text_encoder;
+pub mod text_encoder;
 pub(crate) mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;
@@ -29,6 +30,7 @@ use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
+use self::prompt_cache::{EncodedPrompt, PromptCache};
 use self::schedulers::{NoiseSchedule, Sampler};
 use self::step_graph::{GraphCache, StepGraphs};
 use self::text_encoder::ClipTextEncoder;
@@ -152,6 +154,8 @@ pub struct StableDiffusion {
     schedule: NoiseSchedule,
     /// The UNet's CUDA graph, kept between jobs ([`step_graph`]).
     graphs: GraphCache,
+    /// The last few jobs' prompts, encoded ([`prompt_cache`]).
+    prompts: PromptCache,
 }
 
 impl StableDiffusion {
@@ -217,6 +221,7 @@ impl StableDiffusion {
             vae,
             schedule,
             graphs: GraphCache::default(),
+            prompts: PromptCache::default(),
         })
     }
 
@@ -366,26 +371,44 @@ impl StableDiffusion {
 
     /// One prompt through the text encoder(s): `(hidden states (1, L, C), pooled (1, P))`,
     /// on the model's device in its dtype. SD 1.x/2.x use the last layer; SDXL concatenates
-    /// both encoders' penultimate layers and pools the second.
+    /// both encoders' penultimate layers and pools the second. A prompt one of the last few
+    /// jobs encoded is not encoded again ([`prompt_cache`]).
     pub fn encode_text(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>), SdError> {
+        let mut token_ids = vec![self.token_ids(prompt, false)?];
+        if self.text_2.is_some() {
+            token_ids.push(self.token_ids(prompt, true)?);
+        }
+        let encoded = self
+            .prompts
+            .get_or_encode(token_ids.clone(), || self.run_text_encoders(&token_ids))?;
+        Ok((encoded.hidden_states, encoded.pooled))
+    }
+
+    /// How many prompts the text encoders ran for since the pipeline loaded (a prompt found
+    /// among the recent ones is not counted).
+    pub fn prompts_encoded(&self) -> u64 {
+        self.prompts.encoded()
+    }
+
+    /// The text encoder(s) over a prompt's token ids, one row per tokenizer.
+    fn run_text_encoders(&self, token_ids: &[Vec<u32>]) -> Result<EncodedPrompt, SdError> {
         let _stretch = profile::stretch(Work::TextEncoder, &self.device);
-        let run = |stack: &TextStack| -> Result<text_encoder::TextEncoding, SdError> {
-            let ids = stack
-                .tokenizer
-                .encode(prompt)
-                .map_err(|error| SdError::Tokenizer(error.to_string()))?;
-            Ok(stack
+        let run = |stack: &TextStack, ids: &[u32]| {
+            stack
                 .encoder
-                .forward(&[ids], stack.tokenizer.end_id(), &stack.device)?)
+                .forward(&[ids.to_vec()], stack.tokenizer.end_id(), &stack.device)
         };
         let to_model = |tensor: Tensor| -> candle_core::Result<Tensor> {
             tensor.to_device(&self.device)?.to_dtype(self.dtype)
         };
-        let first = run(&self.text)?;
-        match &self.text_2 {
-            None => Ok((to_model(first.last_hidden_state)?, None)),
-            Some(stack) => {
-                let second = run(stack)?;
+        match (&self.text_2, token_ids) {
+            (None, [ids]) => Ok(EncodedPrompt {
+                hidden_states: to_model(run(&self.text, ids)?.last_hidden_state)?,
+                pooled: None,
+            }),
+            (Some(stack), [ids, ids_2]) => {
+                let first = run(&self.text, ids)?;
+                let second = run(stack, ids_2)?;
                 let hidden = Tensor::cat(
                     &[
                         &first.penultimate_hidden_state,
@@ -393,8 +416,16 @@ impl StableDiffusion {
                     ],
                     D::Minus1,
                 )?;
-                Ok((to_model(hidden)?, Some(to_model(second.pooled)?)))
+                Ok(EncodedPrompt {
+                    hidden_states: to_model(hidden)?,
+                    pooled: Some(to_model(second.pooled)?),
+                })
             }
+            _ => Err(SdError::Tokenizer(format!(
+                "{} rows of token ids for {} text encoder(s)",
+                token_ids.len(),
+                1 + usize::from(self.text_2.is_some())
+            ))),
         }
     }
 

@@ -232,7 +232,10 @@ def run_diffusers(memory, folder, side, steps, guidance, runs):
 
 def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home, extra_env=None,
                extra_args=(), device="cuda"):
-    env = dict(os.environ, CUDA_CACHE_PATH=cache, RUST_LOG="info", **(extra_env or {}))
+    # Each run encodes its prompts, as diffusers' pipeline call does (the worker keeps its
+    # last prompts encoded, which would spare runs 2… the text encoders).
+    env = dict(os.environ, CUDA_CACHE_PATH=cache, RUST_LOG="info", STUDIO_WORKER_PROMPT_CACHE="0",
+               **(extra_env or {}))
     command = [worker, "--config", os.path.join(home, "config.toml"), "generate", "--device", device,
                "--model-dir", folder, "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
                "--width", str(side), "--height", str(side), "--steps", str(steps),
@@ -241,7 +244,7 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     output, peak, seconds = run_measured(memory, command, env=env)
     profile = output[output.find("where run "):] if "where run " in output else ""
     kernels_off = "our GPU kernels are off" in output
-    graphs_off = "its CUDA graph did not work" in output
+    graphs_off = "CUDA graphs are off for this run" in output
     times = [float(match) for match in re.findall(r"run \d+/\d+: done in ([0-9.]+) s", output)]
     prepared = re.search(r"prepared in ([0-9.]+) s", output)
     plans = sorted(set(re.findall(r"saving memory: .*|the text encoders of .* on the CPU.*", output)))
@@ -285,7 +288,9 @@ def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, r
             return json.loads(answer.read())
 
     # A prompt of its own per job, as a studio's are: the UNet's kept CUDA graph binds each
-    # job's conditioning (and compares the first other prompt's step with one run eagerly).
+    # job's conditioning (and compares the first other prompt's step with one run eagerly),
+    # and the text encoders run for each. The negative prompt is the same for every job, as
+    # a studio's usually is, so after the first job it comes from the worker's prompt cache.
     jobs = [{"jobId": f"bench-{run}", "kind": "txt2img", "model": "bench", "prompt": f"{PROMPT}, take {run}",
              "negativePrompt": NEGATIVE if guidance > 1 else "", "width": side, "height": side,
              "steps": steps, "guidanceScale": guidance, "seed": run, "numImages": 1,
@@ -327,7 +332,7 @@ def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, r
         studio.wait(timeout=10)
         log.close()
     with open(log.name) as logged:
-        graphs_off = "its CUDA graph did not work" in logged.read()
+        graphs_off = "CUDA graphs are off for this run" in logged.read()
     return {"warm": statistics.median(times), "peak": peak, "graphs_off": graphs_off}
 
 
@@ -464,8 +469,8 @@ def main():
             ballast.wait()
     elif sdxl:
         print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
-    # The UNet's CUDA graph (kept between jobs, so 1-step jobs too) against its steps one
-    # kernel at a time.
+    # The CUDA graphs (the UNet's steps and the text encoders' layers, kept between jobs, so
+    # 1-step jobs too) against every kernel launched one at a time.
     for row in sorted(rows_with_extras, key=lambda row: row["side"]):
         row["no_graphs"] = extra(f"{row['case']}: generate without CUDA graphs", row,
                                  generate(row, 3, extra_env={"STUDIO_WORKER_CUDA_GRAPHS": "0"}))
@@ -499,13 +504,13 @@ def main():
               f"{ratio(ours, reference, 'peak')} {gb(jobs)}   {ms(ours, 'first')} "
               + (f"{ours['prepare']:7.1f}s" if ours else "")
               + ("  (cold kernel cache)" if row["cold_cache"] else "")
-              + ("  (studio jobs: the CUDA graph was OFF, see the log)"
+              + ("  (studio jobs: CUDA graphs were OFF, see the log)"
                  if jobs and jobs.get("graphs_off") else ""))
-    print("\nThe UNet as one CUDA graph against one kernel at a time (generate, warm; graph / none):")
+    print("\nCUDA graphs (UNet, text encoders) against one kernel at a time (generate, warm; graphs / none):")
     for row in rows:
         ours, plain = row["worker"], row["no_graphs"]
         if plain or ours:
-            off = " (the graph was OFF: it failed, see the log)" if ours and ours["graphs_off"] else ""
+            off = " (graphs were OFF: one failed, see the log)" if ours and ours["graphs_off"] else ""
             print(f"  {row['case']:38} {ms(ours)} vs {ms(plain)}  {ratio(ours, plain, 'warm')}{off}")
     print("\nOur kernels against candle's (generate, warm; ours / candle's; no graphs with candle's):")
     for row in rows:

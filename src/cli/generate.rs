@@ -63,7 +63,8 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE.png")]
     pub out: PathBuf,
     /// Run the same job this many times, each timed (the images of the last are written):
-    /// the first shows the model's loading, the others a warm engine.
+    /// the first shows the model's loading, the others a warm engine (which takes the
+    /// prompts' encodings from the first run unless `STUDIO_WORKER_PROMPT_CACHE=0`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
     /// After the last run, print where its time went by model part and kind of work

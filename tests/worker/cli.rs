@@ -438,16 +438,18 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
     let home = WorkerHome::new();
     let out = home.dir.path().join("fox.png");
     let model = tiny_fixture("tiny-sd1");
-    let generate = |extra: &[&str]| {
+    let generate_with = |extra: &[&str], prompt_cache: &str| {
         let mut command = worker(&home.config_path());
         command
             .args(["generate", "--prompt", "a red fox", "--model-dir"])
             .arg(&model)
             .arg("--out")
             .arg(&out)
-            .args(extra);
+            .args(extra)
+            .env("STUDIO_WORKER_PROMPT_CACHE", prompt_cache);
         run(&mut command)
     };
+    let generate = |extra: &[&str]| generate_with(extra, "on");
 
     let refused = generate(&["--scheduler", "plms"]);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
@@ -473,8 +475,9 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
     );
 
     // The same seed gives the same image, each time of a repeated and profiled run (the
-    // bench's warm timings and profile come from these lines).
-    let again = generate(&[
+    // bench's warm timings and profile come from these lines; it encodes every run's
+    // prompts, as diffusers does).
+    let repeated_and_profiled = [
         "--seed",
         "77",
         "--steps",
@@ -486,7 +489,8 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
         "--repeat",
         "2",
         "--profile",
-    ]);
+    ];
+    let again = generate_with(&repeated_and_profiled, "0");
     assert!(again.status.success(), "{}", text(&again.stderr));
     let timings = text(&again.stderr);
     assert!(
@@ -510,6 +514,17 @@ fn generate_writes_a_png_with_its_parameters_and_refuses_bad_arguments() {
     }
     let second = image::load_from_memory(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(image.to_rgb8(), second.to_rgb8());
+
+    // With the pipeline's kept encodings, the second run takes the prompts from them: the
+    // same image, and no text encoder in its time.
+    let kept = generate(&repeated_and_profiled);
+    assert!(kept.status.success(), "{}", text(&kept.stderr));
+    let timings = text(&kept.stderr);
+    let profile = &timings[timings.find("where run 2's time went").expect(&timings)..];
+    assert!(profile.contains("UNet conv 3×3"), "{profile}");
+    assert!(!profile.contains("text encoder"), "{profile}");
+    let third = image::load_from_memory(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(image.to_rgb8(), third.to_rgb8());
 }
 
 #[test]

@@ -57,7 +57,8 @@ pub fn enabled() -> bool {
     })
 }
 
-/// Whether the value of an environment switch of the engine's (this one, the CUDA graphs')
+/// Whether the value of an environment switch of the engine's (this one, the CUDA graphs',
+/// the prompt cache's)
 /// turns its feature off: `0`, `off` or `false`, whatever the case and spaces; anything
 /// else, unset included, leaves it on.
 pub(crate) fn switched_off(value: &str) -> bool {

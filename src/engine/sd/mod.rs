@@ -33,7 +33,7 @@ use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::prompt_cache::{EncodedPrompt, PromptCache};
 use self::schedulers::{NoiseSchedule, Sampler};
 use self::step_graph::{GraphCache, StepGraphs};
-use self::text_encoder::ClipTextEncoder;
+use self::text_encoder::{ClipTextEncoder, LayerStates};
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
@@ -128,6 +128,36 @@ struct TextStack {
     encoder: ClipTextEncoder,
     /// Where the encoder's weights are (the model's device, or the CPU).
     device: Device,
+    /// The encoder's layers as a CUDA graph, kept between jobs ([`step_graph`]).
+    graphs: GraphCache,
+}
+
+impl TextStack {
+    /// One tokenizer's `ids` through the encoder: embedded, through the layers (one launch
+    /// of a kept CUDA graph where that pays: a text encoding is a one-step job whose input
+    /// is the embedded prompt), pooled.
+    fn encode(&self, ids: &[u32]) -> Result<text_encoder::TextEncoding, SdError> {
+        let token_ids = [ids.to_vec()];
+        let embedded = self.encoder.embed(&token_ids, &self.device)?;
+        let stacked = {
+            let mut graphs = StepGraphs::for_job(
+                &self.graphs,
+                &self.device,
+                true,
+                format!("{:?} {:?}", embedded.dims(), embedded.dtype()),
+                &[],
+            );
+            let layers = |embedded: &Tensor, _timesteps: &Tensor, _job_inputs: &[Tensor]| {
+                Ok(self.encoder.layers(embedded)?.stacked)
+            };
+            // The layers read no timestep: any will do.
+            graphs.step(&layers, &embedded, 0.0)?
+        };
+        let (penultimate, last) = LayerStates { stacked }.split()?;
+        Ok(self
+            .encoder
+            .pool(last, penultimate, &token_ids, self.tokenizer.end_id())?)
+    }
 }
 
 /// Where a pipeline's text encoders live. Encoding is one pass over 77 tokens per prompt, so
@@ -194,6 +224,7 @@ impl StableDiffusion {
                 &folder.text_encoder,
             )?,
             device: text_device.clone(),
+            graphs: GraphCache::new("the text encoder"),
         };
         let text_2 = match (&folder.text_encoder_2, &files.text_encoder_2) {
             (Some(config), Some(path)) => Some(TextStack {
@@ -204,6 +235,7 @@ impl StableDiffusion {
                 )?,
                 encoder: ClipTextEncoder::new(weights(path, text_dtype, &text_device)?, config)?,
                 device: text_device,
+                graphs: GraphCache::new("the second text encoder"),
             }),
             _ => None,
         };
@@ -220,7 +252,7 @@ impl StableDiffusion {
             unet,
             vae,
             schedule,
-            graphs: GraphCache::default(),
+            graphs: GraphCache::new("the UNet's steps"),
             prompts: PromptCache::default(),
         })
     }
@@ -393,11 +425,7 @@ impl StableDiffusion {
     /// The text encoder(s) over a prompt's token ids, one row per tokenizer.
     fn run_text_encoders(&self, token_ids: &[Vec<u32>]) -> Result<EncodedPrompt, SdError> {
         let _stretch = profile::stretch(Work::TextEncoder, &self.device);
-        let run = |stack: &TextStack, ids: &[u32]| {
-            stack
-                .encoder
-                .forward(&[ids.to_vec()], stack.tokenizer.end_id(), &stack.device)
-        };
+        let run = |stack: &TextStack, ids: &[u32]| stack.encode(ids);
         let to_model = |tensor: Tensor| -> candle_core::Result<Tensor> {
             tensor.to_device(&self.device)?.to_dtype(self.dtype)
         };

@@ -10,6 +10,10 @@
 //! An entry is a prompt's conditioning, `(1, 77, C)` and SDXL's pooled `(1, 1280)`: 315 KB
 //! in f16 at SDXL's width, so the whole cache holds at most a few MB of device memory. It
 //! lives and goes with its pipeline.
+//!
+//! `STUDIO_WORKER_PROMPT_CACHE=0` keeps nothing: every job encodes its prompts, as a
+//! reference pipeline does on every call (what the GPU bench's `generate --repeat` runs
+//! compare with).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +24,9 @@ use candle_core::Tensor;
 /// How many prompts a pipeline keeps encoded: a job's prompt and negative prompt, and a
 /// few jobs' worth of re-rolls.
 pub const CAPACITY: usize = 8;
+
+/// The environment variable that turns the cache off (`0`, `off` or `false`).
+pub const SWITCH: &str = "STUDIO_WORKER_PROMPT_CACHE";
 
 /// One prompt's conditioning, on the model's device in its dtype.
 #[derive(Clone, Debug)]
@@ -45,8 +52,10 @@ struct Entry {
 }
 
 impl Default for PromptCache {
+    /// [`CAPACITY`] prompts, or none where [`SWITCH`] turns the cache off.
     fn default() -> Self {
-        Self::with_capacity(CAPACITY)
+        let off = crate::engine::kernels::switched_off(&std::env::var(SWITCH).unwrap_or_default());
+        Self::with_capacity(if off { 0 } else { CAPACITY })
     }
 }
 

@@ -1,4 +1,6 @@
-//! A pipeline's UNet evaluations as one CUDA graph, kept from job to job. The first step of
+//! A pipeline's UNet evaluations as one CUDA graph, kept from job to job (and its text
+//! encoders' layers the same way: a text encoding is a one-step job whose input is the
+//! prompt's token embeddings, [`GraphCache::new`] names the part). The first step of
 //! a shape runs as always; its evaluation is then captured once into a graph (every kernel
 //! launch, allocation and free of it, with every input read from buffers of the graph's
 //! own: the latents, the timestep, and the job's conditioning) and the graph is checked
@@ -92,16 +94,19 @@ trait Recorder: Send + Sync {
     ) -> Result<Box<dyn Graph>, String>;
     /// Gives back the memory graphs hold while none runs (the graphs stay).
     fn release_memory(&self, device: &Device);
-    /// Turns graphs off for the rest of the process, saying why once.
-    fn fail(&self, why: &str);
+    /// Turns graphs off for the rest of the process, saying once why `part`'s did not work.
+    fn fail(&self, part: &str, why: &str);
     /// Whether a graph of `shape` was compared while serving a job other than its capture's,
     /// and agreed.
     fn served_another_job(&self, shape: &str) -> bool;
     fn mark_served_another_job(&self, shape: &str);
 }
 
-/// A pipeline's graph between its jobs, and the shapes a graph would not pay for.
+/// A pipeline's graph of one model part between its jobs, and the shapes a graph would not
+/// pay for.
 pub struct GraphCache {
+    /// What the graph evaluates, for the log ("the UNet's steps").
+    part: &'static str,
     recorder: Box<dyn Recorder>,
     slot: Mutex<Slot>,
 }
@@ -128,19 +133,19 @@ struct Kept {
     captured_with: Vec<Tensor>,
 }
 
-impl Default for GraphCache {
-    fn default() -> Self {
+impl GraphCache {
+    /// An empty cache for `part`'s evaluations ("the UNet's steps"), on the CUDA driver.
+    pub fn new(part: &'static str) -> Self {
         #[cfg(feature = "cuda")]
         let recorder: Box<dyn Recorder> = Box::new(cuda::CudaRecorder);
         #[cfg(not(feature = "cuda"))]
         let recorder: Box<dyn Recorder> = Box::new(NoGraphs);
-        Self::with_recorder(recorder)
+        Self::with_recorder(part, recorder)
     }
-}
 
-impl GraphCache {
-    fn with_recorder(recorder: Box<dyn Recorder>) -> Self {
+    fn with_recorder(part: &'static str, recorder: Box<dyn Recorder>) -> Self {
         Self {
+            part,
             recorder,
             slot: Mutex::new(Slot::default()),
         }
@@ -224,7 +229,7 @@ impl<'a> StepGraphs<'a> {
                         graphs.state = State::Ready { graph, checked };
                         graphs.captured_with = captured_with;
                     }
-                    Err(why) => cache.recorder.fail(&why),
+                    Err(why) => cache.recorder.fail(cache.part, &why),
                 }
                 return graphs;
             }
@@ -266,7 +271,7 @@ impl<'a> StepGraphs<'a> {
                     Ok(output)
                 }
                 Err(why) => {
-                    recorder.fail(&why);
+                    recorder.fail(self.cache.part, &why);
                     evaluate(input, &timesteps()?, &self.job_inputs)
                 }
             },
@@ -288,7 +293,9 @@ impl<'a> StepGraphs<'a> {
                             checked: true,
                         };
                     }
-                    Err(why) => recorder.fail(&format!("for another prompt, {why}")),
+                    Err(why) => {
+                        recorder.fail(self.cache.part, &format!("for another prompt, {why}"))
+                    }
                 }
                 Ok(expected)
             }
@@ -313,8 +320,9 @@ impl<'a> StepGraphs<'a> {
         };
         if issued_ms < LAUNCH_BOUND_SHARE * gpu_ms {
             tracing::debug!(
-                "no CUDA graph for the UNet: a step took the GPU {gpu_ms:.1} ms, the CPU \
-                 {issued_ms:.1} ms to issue"
+                "no CUDA graph for {}: a step took the GPU {gpu_ms:.1} ms, the CPU \
+                 {issued_ms:.1} ms to issue",
+                self.cache.part
             );
             self.cache.slot().declined.push(self.shape.clone());
             return Ok(output);
@@ -329,8 +337,9 @@ impl<'a> StepGraphs<'a> {
         ) {
             Ok(graph) => {
                 tracing::debug!(
-                    "the UNet's steps run as one CUDA graph (a step took the GPU {gpu_ms:.1} \
-                     ms, the CPU {issued_ms:.1} ms to issue)"
+                    "one CUDA graph for {} (a step took the GPU {gpu_ms:.1} ms, the CPU \
+                     {issued_ms:.1} ms to issue)",
+                    self.cache.part
                 );
                 // Checked against this step when captured (or its shape was before).
                 self.captured_with = self.job_inputs.clone();
@@ -339,7 +348,7 @@ impl<'a> StepGraphs<'a> {
                     checked: true,
                 };
             }
-            Err(why) => recorder.fail(&why),
+            Err(why) => recorder.fail(self.cache.part, &why),
         }
         Ok(output)
     }
@@ -424,7 +433,7 @@ impl Recorder for NoGraphs {
 
     fn release_memory(&self, _device: &Device) {}
 
-    fn fail(&self, _why: &str) {}
+    fn fail(&self, _part: &str, _why: &str) {}
 
     fn served_another_job(&self, _shape: &str) -> bool {
         false
@@ -497,11 +506,11 @@ mod cuda {
             gpu_memory::trim_graph_memory(device);
         }
 
-        fn fail(&self, why: &str) {
+        fn fail(&self, part: &str, why: &str) {
             if !FAILED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
-                    "the UNet's steps run one kernel at a time: its CUDA graph did not work \
-                     ({why})"
+                    "CUDA graphs are off for this run, every kernel launched one at a time: \
+                     the graph of {part} did not work ({why})"
                 );
             }
         }
@@ -799,7 +808,7 @@ mod tests {
             self.0.releases.fetch_add(1, Ordering::SeqCst);
         }
 
-        fn fail(&self, _why: &str) {
+        fn fail(&self, _part: &str, _why: &str) {
             self.0.failed.store(true, Ordering::SeqCst);
         }
 
@@ -822,7 +831,8 @@ mod tests {
     fn cache(gpu_ms: f64, issued_ms: f64) -> (GraphCache, Arc<Record>) {
         let record = Arc::new(Record::default());
         *record.timing.lock().unwrap() = Some((gpu_ms, issued_ms));
-        let cache = GraphCache::with_recorder(Box::new(FakeRecorder(record.clone())));
+        let cache =
+            GraphCache::with_recorder("the stand-in", Box::new(FakeRecorder(record.clone())));
         (cache, record)
     }
 
@@ -969,9 +979,41 @@ mod tests {
     }
 
     #[test]
+    fn a_one_step_job_without_job_inputs_launches_its_kept_graph_on_each_new_input() {
+        // A text encoding: one step, its input the embedded prompt, nothing bound per job.
+        let (cache, record) = cache(2.0, 20.0);
+        let device = Device::Cpu;
+        let eager = AtomicUsize::new(0);
+        let evaluate = |input: &Tensor, _timesteps: &Tensor, job_inputs: &[Tensor]| {
+            eager.fetch_add(1, Ordering::SeqCst);
+            evaluation(input, 0.0, job_inputs)
+        };
+        for prompt in [1f32, 2.0, 3.0] {
+            let input = Tensor::full(prompt, (1, 3), &device).unwrap();
+            let output = StepGraphs::for_job(&cache, &device, true, "77".to_owned(), &[])
+                .step(&evaluate, &input, 0.0)
+                .unwrap();
+            assert_eq!(output.to_vec2::<f32>().unwrap(), [[prompt; 3]], "{prompt}");
+        }
+        assert_eq!(
+            eager.load(Ordering::SeqCst),
+            2,
+            "the first: its step and the capture"
+        );
+        assert_eq!(record.captures.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            record.launches.load(Ordering::SeqCst),
+            2,
+            "each later input: one launch"
+        );
+        assert_eq!(record.releases.load(Ordering::SeqCst), 3);
+        assert!(!record.failed.load(Ordering::SeqCst));
+    }
+
+    #[test]
     fn the_cpu_never_captures_and_its_steps_run_with_the_jobs_inputs() {
         // The default recorder: the CPU is never a graph's device.
-        let cache = GraphCache::default();
+        let cache = GraphCache::new("the stand-in");
         assert_eq!(job(&cache, "512", true, 1.0, 3), 3);
         assert_eq!(job(&cache, "512", true, 2.0, 3), 3);
     }

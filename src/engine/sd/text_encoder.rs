@@ -133,7 +133,28 @@ pub struct ClipTextEncoder {
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
     max_positions: usize,
-    dtype: DType,
+    /// `0..max_positions` and the causal mask over them, on the weights' device, made once:
+    /// a CUDA graph of the layers may not upload anything while it is captured.
+    positions: Tensor,
+    causal_mask: Tensor,
+}
+
+/// The layers' two outputs, stacked along the batch ([`ClipTextEncoder::layers`]).
+pub struct LayerStates {
+    /// `(2·batch, tokens, width)`: the penultimate states, then the last after the final
+    /// norm.
+    pub stacked: Tensor,
+}
+
+impl LayerStates {
+    /// `(penultimate, last after the final norm)`, each `(batch, tokens, width)`.
+    pub fn split(&self) -> Result<(Tensor, Tensor)> {
+        let batch = self.stacked.dim(0)? / 2;
+        Ok((
+            self.stacked.narrow(0, 0, batch)?,
+            self.stacked.narrow(0, batch, batch)?,
+        ))
+    }
 }
 
 impl ClipTextEncoder {
@@ -156,6 +177,8 @@ impl ClipTextEncoder {
             )?),
             _ => None,
         };
+        let max_positions = config.max_position_embeddings;
+        let device = vb.device();
         Ok(Self {
             token_embedding: candle_nn::embedding(
                 config.vocab_size,
@@ -163,7 +186,7 @@ impl ClipTextEncoder {
                 text.pp("embeddings.token_embedding"),
             )?,
             position_embedding: candle_nn::embedding(
-                config.max_position_embeddings,
+                max_positions,
                 width,
                 text.pp("embeddings.position_embedding"),
             )?,
@@ -174,19 +197,28 @@ impl ClipTextEncoder {
                 text.pp("final_layer_norm"),
             )?,
             text_projection,
-            max_positions: config.max_position_embeddings,
-            dtype: vb.dtype(),
+            max_positions,
+            positions: Tensor::arange(0u32, max_positions as u32, device)?,
+            causal_mask: causal_mask(max_positions, vb.dtype(), device)?,
         })
     }
 
     /// Encodes a batch of token-id rows (each `max_positions` long). `end_id` marks where
-    /// each prompt ends, for the pooled output.
+    /// each prompt ends, for the pooled output. The three stages in a row: [`Self::embed`],
+    /// [`Self::layers`] and [`Self::pool`].
     pub fn forward(
         &self,
         token_ids: &[Vec<u32>],
         end_id: u32,
         device: &Device,
     ) -> Result<TextEncoding> {
+        let embedded = self.embed(token_ids, device)?;
+        let (penultimate, last) = self.layers(&embedded)?.split()?;
+        self.pool(last, penultimate, token_ids, end_id)
+    }
+
+    /// The token and position embeddings of each row of ids, `(batch, tokens, width)`.
+    pub fn embed(&self, token_ids: &[Vec<u32>], device: &Device) -> Result<Tensor> {
         let batch = token_ids.len();
         let length = token_ids.first().map_or(0, Vec::len);
         if batch == 0 || length == 0 || length > self.max_positions {
@@ -197,22 +229,48 @@ impl ClipTextEncoder {
         }
         let flat: Vec<u32> = token_ids.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (batch, length), device)?;
-        // From here the uploads repeat (shapes, positions), the prompt's ids do not.
-        let _uploads = CachedUploads::on(device);
-        let positions = Tensor::arange(0u32, length as u32, device)?;
-        let mut hidden = self
-            .token_embedding
-            .forward(&ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let causal_mask = causal_mask(length, self.dtype, device)?;
+        self.token_embedding.forward(&ids)?.broadcast_add(
+            &self
+                .position_embedding
+                .forward(&self.positions.narrow(0, 0, length)?)?,
+        )
+    }
+
+    /// Every layer over `embedded` `(batch, tokens, width)`: the penultimate states and the
+    /// last after the final norm, stacked. Uploads nothing and reads nothing back, so it can
+    /// be captured into a CUDA graph.
+    pub fn layers(&self, embedded: &Tensor) -> Result<LayerStates> {
+        let length = embedded.dim(1)?;
+        // The dims and strides candle uploads per op repeat from prompt to prompt.
+        let _uploads = CachedUploads::on(embedded.device());
+        let causal_mask = self
+            .causal_mask
+            .narrow(0, 0, length)?
+            .narrow(1, 0, length)?
+            .contiguous()?;
         // hidden_states[-2] is what the last layer reads (the embeddings, for one layer).
+        let mut hidden = embedded.clone();
         let mut penultimate = hidden.clone();
         for layer in &self.layers {
             penultimate = hidden;
             hidden = layer.forward(&penultimate, &causal_mask)?;
         }
-        let last_hidden_state = self.final_layer_norm.forward(&hidden)?;
-        // The first end token of each row; transformers pools at the same position.
+        let last = self.final_layer_norm.forward(&hidden)?;
+        Ok(LayerStates {
+            stacked: Tensor::cat(&[&penultimate, &last], 0)?,
+        })
+    }
+
+    /// The encoding of `token_ids` from its layers' states: the final-norm state at each
+    /// row's first `end_id` (transformers pools at the same position), projected where the
+    /// model has a projection.
+    pub fn pool(
+        &self,
+        last_hidden_state: Tensor,
+        penultimate_hidden_state: Tensor,
+        token_ids: &[Vec<u32>],
+        end_id: u32,
+    ) -> Result<TextEncoding> {
         let pooled = token_ids
             .iter()
             .enumerate()
@@ -220,7 +278,7 @@ impl ClipTextEncoder {
                 let end = ids
                     .iter()
                     .position(|&id| id == end_id)
-                    .unwrap_or(length - 1);
+                    .unwrap_or(ids.len().saturating_sub(1));
                 last_hidden_state.get(row)?.get(end)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -231,7 +289,7 @@ impl ClipTextEncoder {
         };
         Ok(TextEncoding {
             last_hidden_state,
-            penultimate_hidden_state: penultimate,
+            penultimate_hidden_state,
             pooled,
         })
     }

@@ -244,7 +244,7 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     output, peak, seconds = run_measured(memory, command, env=env)
     profile = output[output.find("where run "):] if "where run " in output else ""
     kernels_off = "our GPU kernels are off" in output
-    graphs_off = "CUDA graphs are off for this run" in output
+    graphs_off = "the CUDA graph of " in output
     times = [float(match) for match in re.findall(r"run \d+/\d+: done in ([0-9.]+) s", output)]
     prepared = re.search(r"prepared in ([0-9.]+) s", output)
     plans = sorted(set(re.findall(r"saving memory: .*|the text encoders of .* on the CPU.*", output)))
@@ -332,7 +332,7 @@ def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, r
         studio.wait(timeout=10)
         log.close()
     with open(log.name) as logged:
-        graphs_off = "CUDA graphs are off for this run" in logged.read()
+        graphs_off = "the CUDA graph of " in logged.read()
     return {"warm": statistics.median(times), "peak": peak, "graphs_off": graphs_off}
 
 

@@ -425,18 +425,17 @@ impl StableDiffusion {
     /// The text encoder(s) over a prompt's token ids, one row per tokenizer.
     fn run_text_encoders(&self, token_ids: &[Vec<u32>]) -> Result<EncodedPrompt, SdError> {
         let _stretch = profile::stretch(Work::TextEncoder, &self.device);
-        let run = |stack: &TextStack, ids: &[u32]| stack.encode(ids);
         let to_model = |tensor: Tensor| -> candle_core::Result<Tensor> {
             tensor.to_device(&self.device)?.to_dtype(self.dtype)
         };
         match (&self.text_2, token_ids) {
             (None, [ids]) => Ok(EncodedPrompt {
-                hidden_states: to_model(run(&self.text, ids)?.last_hidden_state)?,
+                hidden_states: to_model(self.text.encode(ids)?.last_hidden_state)?,
                 pooled: None,
             }),
             (Some(stack), [ids, ids_2]) => {
-                let first = run(&self.text, ids)?;
-                let second = run(stack, ids_2)?;
+                let first = self.text.encode(ids)?;
+                let second = stack.encode(ids_2)?;
                 let hidden = Tensor::cat(
                     &[
                         &first.penultimate_hidden_state,

@@ -23,8 +23,8 @@
 //! launched on the first step's inputs and compared with that step's output before any step
 //! uses it, and the first time a kept graph serves another job of its shape (another
 //! prompt), that step runs both ways and is compared again. A capture that fails, a launch
-//! that fails or a graph that disagrees turns graphs off for the process with a warning,
-//! and the steps run one kernel at a time as before.
+//! that fails or a graph that disagrees turns that part's graphs off for the process with a
+//! warning (the other parts' stay), and its steps run one kernel at a time as before.
 //!
 //! A graph is launched only on the thread that captured it: candle caches the small uploads
 //! its kernels read (dims and strides) per thread, and frees them with the thread. The
@@ -71,8 +71,8 @@ trait Graph: Send {
 /// Where graphs come from (the CUDA driver; a stand-in in the tests), and what the process
 /// remembers of them.
 trait Recorder: Send + Sync {
-    /// Whether graphs may be used on `device` now.
-    fn enabled(&self, device: &Device) -> bool;
+    /// Whether graphs of `part` may be used on `device` now.
+    fn enabled(&self, device: &Device, part: &str) -> bool;
     /// Runs `step` and times it: its output, and `(GPU ms, CPU ms issuing it)` where it could
     /// be timed.
     fn timed(
@@ -94,7 +94,8 @@ trait Recorder: Send + Sync {
     ) -> Result<Box<dyn Graph>, String>;
     /// Gives back the memory graphs hold while none runs (the graphs stay).
     fn release_memory(&self, device: &Device);
-    /// Turns graphs off for the rest of the process, saying once why `part`'s did not work.
+    /// Turns `part`'s graphs off for the rest of the process, saying why once. The other
+    /// parts' stay: a text encoder's failure costs the UNet nothing.
     fn fail(&self, part: &str, why: &str);
     /// Whether a graph of `shape` was compared while serving a job other than its capture's,
     /// and agreed.
@@ -204,7 +205,7 @@ impl<'a> StepGraphs<'a> {
             captured_with: Vec::new(),
             device: device.clone(),
         };
-        if !cache.recorder.enabled(device) {
+        if !cache.recorder.enabled(device, cache.part) {
             return graphs;
         }
         let mut slot = cache.slot();
@@ -303,8 +304,8 @@ impl<'a> StepGraphs<'a> {
     }
 
     /// The first step of a shape that has no graph: timed, and followed by a capture where
-    /// the CPU's launching was a good part of it. A capture that fails turns graphs off
-    /// for the process.
+    /// the CPU's launching was a good part of it. A capture that fails turns this part's
+    /// graphs off for the process.
     fn first_step(
         &mut self,
         evaluate: &Evaluate<'_>,
@@ -407,7 +408,7 @@ struct NoGraphs;
 
 #[cfg(not(feature = "cuda"))]
 impl Recorder for NoGraphs {
-    fn enabled(&self, _device: &Device) -> bool {
+    fn enabled(&self, _device: &Device, _part: &str) -> bool {
         false
     }
 
@@ -444,7 +445,6 @@ impl Recorder for NoGraphs {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Mutex, PoisonError};
 
     use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
@@ -454,8 +454,9 @@ mod cuda {
     use crate::engine::gpu_memory;
     use crate::engine::profile::GpuSpan;
 
-    /// Set once a capture, a launch or a comparison failed: no more graphs in this process.
-    static FAILED: AtomicBool = AtomicBool::new(false);
+    /// The parts whose capture, launch or comparison failed: no more graphs of theirs in
+    /// this process.
+    static FAILED: Mutex<Vec<String>> = Mutex::new(Vec::new());
     /// The shapes whose graph was compared with its eager step and agreed.
     static VERIFIED: Mutex<Vec<String>> = Mutex::new(Vec::new());
     /// The shapes whose kept graph was compared while serving another job, and agreed.
@@ -465,12 +466,16 @@ mod cuda {
     pub struct CudaRecorder;
 
     impl Recorder for CudaRecorder {
-        fn enabled(&self, device: &Device) -> bool {
+        fn enabled(&self, device: &Device, part: &str) -> bool {
             device.is_cuda()
                 && !crate::engine::profile::is_enabled()
                 && crate::engine::kernels::enabled()
                 && super::switched_on()
-                && !FAILED.load(Ordering::Relaxed)
+                && !FAILED
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .any(|failed| failed == part)
         }
 
         fn timed(
@@ -507,10 +512,12 @@ mod cuda {
         }
 
         fn fail(&self, part: &str, why: &str) {
-            if !FAILED.swap(true, Ordering::Relaxed) {
+            let mut failed = FAILED.lock().unwrap_or_else(PoisonError::into_inner);
+            if !failed.iter().any(|known| known == part) {
+                failed.push(part.to_owned());
                 tracing::warn!(
-                    "CUDA graphs are off for this run, every kernel launched one at a time: \
-                     the graph of {part} did not work ({why})"
+                    "the CUDA graph of {part} did not work ({why}); its kernels launch one at \
+                     a time for the rest of this run"
                 );
             }
         }
@@ -773,7 +780,7 @@ mod tests {
     }
 
     impl Recorder for FakeRecorder {
-        fn enabled(&self, _device: &Device) -> bool {
+        fn enabled(&self, _device: &Device, _part: &str) -> bool {
             !self.0.failed.load(Ordering::SeqCst)
         }
 

@@ -3,9 +3,9 @@
 //! studio brings its negative prompt (the same "" or "blurry, low quality" job after job),
 //! and people re-roll a prompt with another seed. A prompt whose token ids one of the last
 //! few jobs encoded takes that encoding from here, on the model's device, instead of
-//! running the encoder(s) again: on the GPU that is the text encoders' few hundred kernel
-//! launches, and where memory is tight enough that they run on the CPU it is the CPU's
-//! whole pass (SDXL's two encoders, 1.2 G multiply-adds a token).
+//! running the encoder(s) again: on the GPU that is each encoder's graph launch (or its few
+//! hundred kernels), and where memory is tight enough that they run on the CPU it is the
+//! CPU's whole pass (SDXL's two encoders, 0.8 G multiply-adds a token: 1.3 s on 2 cores).
 //!
 //! An entry is a prompt's conditioning, `(1, 77, C)` and SDXL's pooled `(1, 1280)`: 315 KB
 //! in f16 at SDXL's width, so the whole cache holds at most a few MB of device memory. It

@@ -2,9 +2,9 @@
 //! order the job loop asks, for the worker's lifetime.
 //!
 //! Not the blocking pool's threads, which come and go: candle keeps state per thread on
-//! CUDA (its cache of the small uploads a kernel's dims and strides need), and the UNet's
-//! CUDA graph, kept from job to job, reads what the capturing thread cached. On one thread
-//! every job finds it (`engine::sd::step_graph`).
+//! CUDA (its cache of the small uploads a kernel's dims and strides need), and the CUDA
+//! graphs kept from job to job (the UNet's, the text encoders') read what the capturing
+//! thread cached. On one thread every job finds them (`engine::sd::step_graph`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;

@@ -58,9 +58,8 @@ pub fn enabled() -> bool {
 }
 
 /// Whether the value of an environment switch of the engine's (this one, the CUDA graphs',
-/// the prompt cache's)
-/// turns its feature off: `0`, `off` or `false`, whatever the case and spaces; anything
-/// else, unset included, leaves it on.
+/// the prompt cache's) turns its feature off: `0`, `off` or `false`, whatever the case and
+/// spaces; anything else, unset included, leaves it on.
 pub(crate) fn switched_off(value: &str) -> bool {
     matches!(
         value.trim().to_ascii_lowercase().as_str(),

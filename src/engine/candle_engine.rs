@@ -31,11 +31,28 @@ struct ServedModel {
     memory_bytes: u64,
     /// Of which its text encoders'.
     text_bytes: u64,
+    /// Of which its VAE's.
+    vae_bytes: u64,
+    /// What its VAE decodes in: f32 for one that upcasts, or that overflowed in f16 here.
+    vae_dtype: DType,
     /// What a job takes on top of the weights.
     working: WorkingMemory,
 }
 
 impl ServedModel {
+    /// Its VAE in f32 from now on (it overflowed in f16): twice the VAE's weights, and
+    /// decodes in f32.
+    fn upcast_vae(&mut self) {
+        if self.vae_dtype == DType::F32 {
+            return;
+        }
+        let upcast_bytes = self.vae_bytes / self.vae_dtype.size_in_bytes() as u64 * 4;
+        self.memory_bytes = self.memory_bytes - self.vae_bytes + upcast_bytes;
+        self.vae_bytes = upcast_bytes;
+        self.vae_dtype = DType::F32;
+        self.working = self.working.clone().with_vae_dtype(DType::F32);
+    }
+
     /// The bytes its weights take on the device with its text encoders where `text` says.
     fn device_bytes(&self, text: TextPlacement) -> u64 {
         match text {
@@ -344,6 +361,12 @@ impl CandleEngine {
             text,
         )
         .map_err(|error| engine_error(error, model_id))?;
+        if served.vae_dtype == DType::F32 {
+            // Its VAE overflowed in f16 on this device before.
+            pipeline
+                .upcast_vae()
+                .map_err(|error| engine_error(error, model_id))?;
+        }
         let pipeline = Arc::new(pipeline);
         loaded.push(Loaded {
             model_id: model_id.to_owned(),
@@ -351,6 +374,27 @@ impl CandleEngine {
             memory_bytes: served.device_bytes(text),
         });
         Ok(pipeline)
+    }
+
+    /// `model_id`'s pipeline decodes in f32: where that is new (its VAE overflowed in f16
+    /// and was upcast), its weights take more on the device from now on, its decodes more
+    /// memory, and a later load upcasts at once.
+    fn vae_upcast(&self, model_id: &str) {
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(served) = models
+            .get_mut(model_id)
+            .filter(|served| served.vae_dtype != DType::F32)
+        else {
+            return;
+        };
+        let before = served.vae_bytes;
+        served.upcast_vae();
+        let extra = served.vae_bytes - before;
+        drop(models);
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = loaded.iter_mut().find(|entry| entry.model_id == model_id) {
+            entry.memory_bytes += extra;
+        }
     }
 
     /// Ids of the models warm in memory, least recently used first.
@@ -449,6 +493,9 @@ impl Engine for CandleEngine {
             },
             &|| cancel.is_cancelled(),
         );
+        if pipeline.vae_dtype() == DType::F32 {
+            self.vae_upcast(&job.model);
+        }
         match result {
             Ok(images) => Ok(Generated {
                 images,
@@ -525,11 +572,14 @@ fn check_folder(
     }
     // A VAE that must upcast (SDXL's) runs in f32 on a GPU.
     let vae_dtype = folder.vae_dtype(dtype);
-    let bytes = text_bytes + in_memory(&files.unet, dtype)? + in_memory(&files.vae, vae_dtype)?;
+    let vae_bytes = in_memory(&files.vae, vae_dtype)?;
+    let bytes = text_bytes + in_memory(&files.unet, dtype)? + vae_bytes;
     Ok(ServedModel {
         root: root.to_owned(),
         memory_bytes: bytes,
         text_bytes,
+        vae_bytes,
+        vae_dtype,
         working: WorkingMemory::of(&folder, dtype, convolutions, attention),
     })
 }
@@ -539,6 +589,7 @@ fn engine_error(error: SdError, model_id: &str) -> EngineError {
         SdError::Cancelled => EngineError::Cancelled,
         SdError::Folder(error) => EngineError::ModelUnavailable(format!("{model_id}: {error}")),
         SdError::Tokenizer(reason) => EngineError::Internal(format!("tokenizer: {reason}")),
+        SdError::NotFinite { .. } => EngineError::Internal(error.to_string()),
         SdError::Tensor(error) => {
             // One short line: candle appends a backtrace when one was captured, and this
             // message goes to the studio.
@@ -631,6 +682,81 @@ mod tests {
             fixed.make_room(&job()),
             Err(EngineError::OutOfMemory(_))
         ));
+    }
+
+    #[test]
+    fn a_model_whose_vae_was_upcast_counts_it_in_f32_and_loads_it_so() {
+        // An f16 engine (on the CPU) serving tiny-sd1, whose VAE decodes in f16.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
+        let models = [("tiny-sd1".to_owned(), root)].into_iter().collect();
+        let device = SelectedDevice {
+            dtype: DType::F16,
+            ..crate::engine::device::select(DevicePreference::Cpu).unwrap()
+        };
+        let (engine, refused) = CandleEngine::new(device, &models, 0);
+        assert!(refused.is_empty(), "{refused:?}");
+        let served = |engine: &CandleEngine| engine.models.lock().unwrap()["tiny-sd1"].clone();
+        let pipeline = |engine: &CandleEngine| engine.loaded.lock().unwrap()[0].pipeline.clone();
+        let job = JobSpec {
+            model: "tiny-sd1".to_owned(),
+            steps: 1,
+            guidance_scale: 0.0,
+            ..job()
+        };
+        let before = served(&engine);
+        assert_eq!(before.vae_dtype, DType::F16);
+        engine
+            .generate(&job, &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        assert_eq!(pipeline(&engine).vae_dtype(), DType::F16);
+        assert_eq!(served(&engine).memory_bytes, before.memory_bytes);
+
+        // Its VAE overflowed in a job (`StableDiffusion::decode_checked` upcast it): the
+        // engine counts it after that job.
+        pipeline(&engine).upcast_vae().unwrap();
+        engine
+            .generate(&job, &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        let after = served(&engine);
+        assert_eq!(after.vae_dtype, DType::F32);
+        assert_eq!(after.vae_bytes, 2 * before.vae_bytes);
+        assert_eq!(after.memory_bytes, before.memory_bytes + before.vae_bytes);
+        assert_eq!(
+            engine.loaded.lock().unwrap()[0].memory_bytes,
+            after.memory_bytes
+        );
+        let decode = |model: &ServedModel| model.working.bytes(512, 512, 1, false, Plan::WHOLE);
+        assert!(decode(&after) > decode(&before), "an f32 decode holds more");
+
+        // Loaded again, it decodes in f32 at once.
+        engine.unload();
+        engine
+            .generate(&job, &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        assert_eq!(pipeline(&engine).vae_dtype(), DType::F32);
+        assert_eq!(
+            served(&engine).memory_bytes,
+            after.memory_bytes,
+            "counted once"
+        );
+    }
+
+    #[test]
+    fn an_overflow_fails_the_job_with_a_message_that_names_the_part() {
+        let error = engine_error(
+            SdError::NotFinite {
+                part: crate::engine::sd::ModelPart::Unet,
+                dtype: DType::F16,
+            },
+            "sd-turbo",
+        );
+        let EngineError::Internal(message) = error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(
+            message,
+            "the UNet's numbers overflowed in f16 (NaN or infinity), so no image was made"
+        );
     }
 
     #[test]

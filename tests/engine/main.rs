@@ -7,5 +7,6 @@
 mod generate;
 mod hostile_configs;
 mod memory_paths;
+mod non_finite;
 mod parity;
 mod support;

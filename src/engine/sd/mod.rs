@@ -4,7 +4,8 @@
 //! One straight sequence per job ([`StableDiffusion::generate`]): tokenize → text encoder(s)
 //! → seeded initial latents → denoise loop with classifier-free guidance (skipped when the
 //! guidance is ≤ 1) → VAE decode → RGB. The stages are public on their own so the parity
-//! tests can check each against the reference.
+//! tests can check each against the reference. Numbers that overflowed never become an
+//! image: the decode's output is checked ([`StableDiffusion::decode_each`]).
 
 pub mod conv;
 pub mod model_folder;
@@ -24,7 +25,8 @@ pub mod warmup;
 mod weight_check;
 pub mod working_memory;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -54,6 +56,41 @@ pub enum SdError {
     Tensor(#[from] candle_core::Error),
     #[error("stopped before it finished")]
     Cancelled,
+    /// A part's output was not all finite numbers: they overflowed in `dtype` (f16 tops out
+    /// at 65504), and the image would have come out black or flat.
+    #[error(
+        "the {part}'s numbers overflowed in {} (NaN or infinity), so no image was made",
+        dtype.as_str()
+    )]
+    NotFinite { part: ModelPart, dtype: DType },
+}
+
+/// The parts of a pipeline whose numbers are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelPart {
+    Unet,
+    Vae,
+}
+
+impl std::fmt::Display for ModelPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModelPart::Unet => "UNet",
+            ModelPart::Vae => "VAE",
+        })
+    }
+}
+
+/// Whether every value of `tensor` is a finite number: times zero, a finite value is 0 and
+/// NaN or an infinity is NaN, so the sum of the products is 0 exactly when all are (a sum
+/// of the values themselves could overflow). Two kernels and one number read back.
+pub(crate) fn all_finite(tensor: &Tensor) -> candle_core::Result<bool> {
+    Ok(tensor
+        .to_dtype(DType::F32)?
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        == 0.0)
 }
 
 /// One text-to-image request.
@@ -180,7 +217,10 @@ pub struct StableDiffusion {
     text: TextStack,
     text_2: Option<TextStack>,
     unet: Unet,
-    vae: Vae,
+    /// Swapped for an f32 one when it overflows in f16 ([`Self::upcast_vae`]).
+    vae: Mutex<Arc<Vae>>,
+    /// Its weights, for that.
+    vae_weights: PathBuf,
     schedule: NoiseSchedule,
     /// The UNet's CUDA graph, kept between jobs ([`step_graph`]).
     graphs: GraphCache,
@@ -204,13 +244,6 @@ impl StableDiffusion {
         let folder = ModelFolder::open(root)?;
         let files = folder.weight_files(dtype)?;
         let schedule = noise_schedule(&folder)?;
-        let weights =
-            |path: &Path, dtype: DType, device: &Device| -> Result<VarBuilder<'static>, SdError> {
-                // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's
-                // own examples, safetensors' Python side) we assume it is not truncated while
-                // in use. The model manager never rewrites a file that is loaded.
-                Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? })
-            };
         let (text_device, text_dtype) = match text {
             TextPlacement::WithModel => (device.clone(), dtype),
             TextPlacement::Cpu => (Device::Cpu, DType::F32),
@@ -220,7 +253,7 @@ impl StableDiffusion {
         let text = TextStack {
             tokenizer: ClipTokenizer::load(root, "tokenizer", max_length)?,
             encoder: ClipTextEncoder::new(
-                weights(&files.text_encoder, text_dtype, &text_device)?,
+                mapped_weights(&files.text_encoder, text_dtype, &text_device)?,
                 &folder.text_encoder,
             )?,
             device: text_device.clone(),
@@ -233,24 +266,27 @@ impl StableDiffusion {
                     "tokenizer_2",
                     config.max_position_embeddings,
                 )?,
-                encoder: ClipTextEncoder::new(weights(path, text_dtype, &text_device)?, config)?,
+                encoder: ClipTextEncoder::new(
+                    mapped_weights(path, text_dtype, &text_device)?,
+                    config,
+                )?,
                 device: text_device,
                 graphs: GraphCache::new("the second text encoder"),
             }),
             _ => None,
         };
-        let unet = Unet::new(weights(&files.unet, dtype, device)?, &folder.unet)?;
+        let unet = Unet::new(mapped_weights(&files.unet, dtype, device)?, &folder.unet)?;
         // A VAE that overflows in f16 (SDXL's, force_upcast) decodes in f32: no black images.
-        let vae_dtype = folder.vae_dtype(dtype);
-        let vae = Vae::new(weights(&files.vae, vae_dtype, device)?, &folder.vae)?;
+        let vae = load_vae(&folder, &files.vae, folder.vae_dtype(dtype), device)?;
         Ok(Self {
-            folder,
             device: device.clone(),
             dtype,
             text,
             text_2,
             unet,
-            vae,
+            vae: Mutex::new(Arc::new(vae)),
+            vae_weights: files.vae,
+            folder,
             schedule,
             graphs: GraphCache::new("the UNet's steps"),
             prompts: PromptCache::default(),
@@ -586,18 +622,97 @@ impl StableDiffusion {
 
     /// Latents to f32 RGB in `[0, 1]`, `(batch, 3, H, W)`, the whole batch at once.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SdError> {
-        Ok(self.vae.decode(latents, Plan::default())?)
+        self.decode_checked(latents, &|vae| vae.decode(latents, Plan::default()))
     }
 
     /// The same, one image at a time (a batch's decode needs the batch's memory), each
     /// the way `plan` says (whole or in tiles, convolutions in bands, attention in chunks).
     pub fn decode_each(&self, latents: &Tensor, plan: Plan) -> Result<Tensor, SdError> {
         let _uploads = CachedUploads::on(&self.device);
-        let images = (0..latents.dim(0)?)
-            .map(|image| self.vae.decode(&latents.narrow(0, image, 1)?, plan))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&images, 0)?)
+        self.decode_checked(latents, &|vae| {
+            let images = (0..latents.dim(0)?)
+                .map(|image| vae.decode(&latents.narrow(0, image, 1)?, plan))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Tensor::cat(&images, 0)?)
+        })
     }
+
+    /// `decode` with the pipeline's VAE; where its output is not all finite numbers, the
+    /// cause is found: NaN latents are the UNet's doing (the job fails, nothing to retry
+    /// here), and a VAE that overflowed in f16 is upcast to f32 ([`Self::upcast_vae`]) and
+    /// the decode run again. What A1111 does on a "NaN in VAE"; diffusers upcasts only the
+    /// VAEs whose config says they overflow (`force_upcast`, SDXL's), and this finds the
+    /// others.
+    fn decode_checked(
+        &self,
+        latents: &Tensor,
+        decode: &dyn Fn(&Vae) -> Result<Tensor, SdError>,
+    ) -> Result<Tensor, SdError> {
+        let vae = self.vae();
+        match decode(&vae) {
+            Err(SdError::NotFinite { .. }) if !all_finite(latents)? => Err(SdError::NotFinite {
+                part: ModelPart::Unet,
+                dtype: self.dtype,
+            }),
+            Err(SdError::NotFinite { dtype, .. }) if dtype != DType::F32 => {
+                tracing::warn!(
+                    "the VAE's numbers overflowed in {}: it decodes in f32 from now on",
+                    dtype.as_str()
+                );
+                drop(vae);
+                self.upcast_vae()?;
+                decode(&self.vae())
+            }
+            decoded => decoded,
+        }
+    }
+
+    /// The VAE in use.
+    fn vae(&self) -> Arc<Vae> {
+        self.vae
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The dtype the VAE decodes in (f32 for one that upcasts, or was upcast).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae().dtype()
+    }
+
+    /// Reloads the VAE in f32 (its weights converted on load) for every later decode: for a
+    /// VAE that overflowed in f16. Twice its f16 memory, as an upcasting VAE always takes.
+    /// Nothing to do where it decodes in f32 already.
+    pub fn upcast_vae(&self) -> Result<(), SdError> {
+        if self.vae_dtype() == DType::F32 {
+            return Ok(());
+        }
+        let upcast = load_vae(&self.folder, &self.vae_weights, DType::F32, &self.device)?;
+        *self.vae.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(upcast);
+        Ok(())
+    }
+}
+
+/// The VAE from its weights at `path`, in `dtype`, on `device`.
+fn load_vae(
+    folder: &ModelFolder,
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Vae, SdError> {
+    Ok(Vae::new(mapped_weights(path, dtype, device)?, &folder.vae)?)
+}
+
+/// The weights in the safetensors file at `path`, memory-mapped, as `dtype` on `device`.
+fn mapped_weights(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, SdError> {
+    // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's own
+    // examples, safetensors' Python side) we assume it is not truncated while in use. The
+    // model manager never rewrites a file that is loaded.
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? })
 }
 
 /// What a model folder says about the jobs it wants, read without loading its weights.

@@ -7,6 +7,10 @@
 //! only their own neighbourhood (the mid-block attention and the group norms' statistics are
 //! per tile), so a tiled image differs slightly from a whole one; the blend hides the seams.
 //! `tests/engine/memory_paths.rs` states and checks the difference.
+//!
+//! Either way the decoder's output is checked before it is clamped into `[0, 1]`: numbers
+//! that overflowed (f16 tops out at 65504) come out as NaN or infinities, which the clamp
+//! would turn into a black or flat picture passed off as a result.
 
 use candle_core::{DType, IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -14,6 +18,7 @@ use candle_nn::VarBuilder;
 use super::model_folder::VaeConfig;
 use super::vae_decoder::{Decoder, DecoderConfig};
 use super::working_memory::Plan;
+use super::{ModelPart, SdError, all_finite};
 use crate::engine::profile::{self, Part};
 
 /// Overlapping tiles of the latent image, in latent cells.
@@ -78,18 +83,32 @@ impl Vae {
 
     /// Latents `(batch, 4, h, w)` to f32 RGB `(batch, 3, h·f, w·f)` in `[0, 1]`, whole or in
     /// the plan's tiles (a latent no larger than one tile is decoded whole).
-    pub fn decode(&self, latents: &Tensor, plan: Plan) -> Result<Tensor> {
+    /// [`SdError::NotFinite`] where the decoder's output is not all finite numbers.
+    pub fn decode(&self, latents: &Tensor, plan: Plan) -> std::result::Result<Tensor, SdError> {
         let _part = profile::part(Part::Vae);
         let (_, _, height, width) = latents.dims4()?;
-        match plan.vae_tiling {
+        let pixels = match plan.vae_tiling {
             Some(tiling) if height > tiling.tile || width > tiling.tile => {
-                self.decode_in_tiles(latents, tiling, plan)
+                self.decode_in_tiles(latents, tiling, plan)?
             }
-            _ => to_unit_range(&self.decode_raw(&self.unscale(latents)?, plan)?),
+            _ => self.decode_raw(&self.unscale(latents)?, plan)?,
+        };
+        if !all_finite(&pixels)? {
+            return Err(SdError::NotFinite {
+                part: ModelPart::Vae,
+                dtype: self.dtype,
+            });
         }
+        Ok(to_unit_range(&pixels)?)
     }
 
-    /// The same as [`Self::decode`], one tile of `tiling` at a time, blended.
+    /// The decoder's dtype (f32 for a VAE that upcasts).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The decoder's output for `latents`, one tile of `tiling` at a time, blended: in
+    /// `[-1, 1]` (roughly), as [`Self::decode_raw`]'s.
     fn decode_in_tiles(&self, latents: &Tensor, tiling: Tiling, plan: Plan) -> Result<Tensor> {
         let (batch, _, height, width) = latents.dims4()?;
         let latents = self.unscale(latents)?;
@@ -132,7 +151,7 @@ impl Vae {
             }
         }
         match image {
-            Some(image) => to_unit_range(&image),
+            Some(image) => Ok(image),
             None => candle_core::bail!("an empty latent has no tiles"),
         }
     }

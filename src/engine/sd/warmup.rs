@@ -165,7 +165,9 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
         // Whole, then in tiles with banded convolutions and chunked attention, so the
         // kernels of every memory-saving path are compiled too.
         for plan in [Plan::default(), SAVING] {
-            let pixels = vae.decode(&stepped, plan)?;
+            let pixels = vae
+                .decode(&stepped, plan)
+                .map_err(|error| candle_core::Error::Msg(error.to_string()))?;
             // Read back, as `to_images` does: the device finished everything.
             pixels.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
         }

@@ -242,6 +242,14 @@ impl WorkingMemory {
         }
     }
 
+    /// The same, its VAE decoding in `dtype` (one that overflowed in f16 is upcast).
+    pub fn with_vae_dtype(self, dtype: DType) -> Self {
+        Self {
+            vae_bytes: dtype.size_in_bytes() as u64,
+            ..self
+        }
+    }
+
     /// Peak bytes of a job making `images` images of `width`×`height` (`guided`: with
     /// classifier-free guidance, which doubles the UNet's batch) the way `plan` says:
     /// attention whole or a chunk of scores at a time, each image decoded whole or in tiles.

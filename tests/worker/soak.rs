@@ -26,9 +26,13 @@ const LARGE_JOB: usize = 30;
 const UPLINK: u64 = 256 * 1024;
 /// After this many jobs are done, the settings folder stops taking saves for a while.
 const SETTINGS_BLOCKED_AFTER: usize = 100;
-/// A long job (40 steps): the person pauses while it runs, so at least one pause lands
-/// mid-job (the random ones mostly land between the short jobs).
+/// A long job: the person pauses while it runs, so at least one pause lands mid-job (the
+/// random ones mostly land between the short jobs).
 const PAUSED_JOB: usize = 150;
+/// Its steps: 1.8 s at the engine's 15 ms a step, so the test's 50 ms polling sees it run
+/// even on a machine busy with the other tests (at 40 steps, 0.6 s, a full `cargo test`
+/// once missed it).
+const PAUSED_JOB_STEPS: usize = 120;
 
 fn job_id(n: usize) -> String {
     format!("soak_{n:03}")
@@ -138,7 +142,11 @@ async fn soak_200_jobs_with_random_faults_lose_and_duplicate_nothing() {
         } else {
             (format!("soak job {n}"), 64, 1 + n % 2)
         };
-        let steps = if n == PAUSED_JOB { 40 } else { 1 + n % 4 };
+        let steps = if n == PAUSED_JOB {
+            PAUSED_JOB_STEPS
+        } else {
+            1 + n % 4
+        };
         studio.enqueue(json!({
             "jobId": job_id(n), "kind": "txt2img", "model": "sd-turbo",
             "prompt": prompt, "width": side, "height": side,

@@ -8,6 +8,7 @@ mod models;
 mod policy;
 mod status;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use crate::config::{self, Paths, SharedConfig};
 use crate::platform::single_instance;
 use crate::registration::RegistrationState;
 use crate::runtime::control::{self, ControlCommand, ControlError};
-use crate::runtime::{Launch, Runtime, StopRequest};
+use crate::runtime::{Launch, RestartRequest, Runtime, StopRequest};
 
 /// Arguments that cannot run: exit code 2, like clap's own usage errors.
 #[derive(Debug, thiserror::Error)]
@@ -143,17 +144,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::platform::gpu_build::hand_over_if_usable();
     }
     match cli.command {
-        None => run_app(&paths, None, cli.minimized),
+        None => run_app(&paths, None, cli.minimized).and_then(|end| restart_if_asked(end, true)),
         Some(CliCommand::Run {
             headless: true,
             api_url,
             ..
-        }) => run_worker(&paths, api_url),
+        }) => run_worker(&paths, api_url).and_then(|end| restart_if_asked(end, false)),
         Some(CliCommand::Run {
             headless: false,
             api_url,
             minimized,
-        }) => run_app(&paths, api_url, minimized || cli.minimized),
+        }) => run_app(&paths, api_url, minimized || cli.minimized)
+            .and_then(|end| restart_if_asked(end, true)),
         Some(CliCommand::Register { reset: true }) => reset_registration(&paths),
         Some(CliCommand::Register { reset: false }) => {
             bail!("nothing to do: `register --reset` starts the registration over")
@@ -174,6 +176,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(CliCommand::Quit { wait }) => quit_running(&paths, Duration::from_secs(wait)),
         Some(CliCommand::CrashTest) => crash_test(&paths),
     }
+}
+
+/// Starts the worker again when its run ended asking for that (the GPU stopped working),
+/// with the same arguments (`with_window`: in the tray). Everything of the old run (the
+/// single-instance lock, the log, the crash guard) is released by now.
+fn restart_if_asked(end: Option<RestartRequest>, with_window: bool) -> anyhow::Result<()> {
+    let Some(RestartRequest { reason, variables }) = end else {
+        return Ok(());
+    };
+    eprintln!("studio-worker: {reason}; starting again");
+    let current: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let arguments = crate::platform::relaunch::arguments(&current, with_window);
+    let why = crate::platform::relaunch::relaunch(&arguments, &variables);
+    bail!("{reason}, and {why}")
 }
 
 /// Whether `command` opens the engine's device: the worker itself, `generate` and `device`.
@@ -321,8 +337,13 @@ fn set_paused(paths: &Paths, paused: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The worker with its window and tray, until the person quits.
-fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::Result<()> {
+/// The worker with its window and tray, until the person quits; a restart it asks for is
+/// returned, to run once everything is released.
+fn run_app(
+    paths: &Paths,
+    api_url: Option<String>,
+    minimized: bool,
+) -> anyhow::Result<Option<RestartRequest>> {
     if !display_available() {
         eprintln!(
             "studio-worker: no display found; running without a window (as `run --headless`)"
@@ -336,7 +357,7 @@ fn run_app(paths: &Paths, api_url: Option<String>, minimized: bool) -> anyhow::R
         {
             Ok(_) => {
                 println!("studio-worker is already running; its window was brought forward.");
-                Ok(())
+                Ok(None)
             }
             Err(err) => bail!("studio-worker is already running, but did not answer ({err})"),
         };
@@ -371,8 +392,9 @@ fn display_available() -> bool {
         .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
 }
 
-/// The worker, headless, until Ctrl-C / SIGTERM or a fatal error.
-fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
+/// The worker, headless, until Ctrl-C / SIGTERM or a fatal error; a restart it asks for
+/// is returned, to run once everything is released.
+fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<Option<RestartRequest>> {
     let Some(_instance) = single_instance::acquire(&paths.data_dir)? else {
         let pid = running_worker_pid(&paths.data_dir)
             .map_or_else(String::new, |pid| format!(" (process {pid})"));
@@ -395,13 +417,17 @@ fn run_worker(paths: &Paths, api_url: Option<String>) -> anyhow::Result<()> {
             },
         )?;
         let outcome = tokio::select! {
-            () = shutdown.recv() => Ok(()),
+            () = shutdown.recv() => Ok(None),
             stop = runtime.stop_requested() => match stop {
                 StopRequest::Quit => {
                     tracing::info!("stopping: asked to quit");
-                    Ok(())
+                    Ok(None)
                 }
                 StopRequest::Fatal(reason) => Err(anyhow::anyhow!(reason)),
+                StopRequest::Restart(restart) => {
+                    tracing::warn!("stopping to start again: {}", restart.reason);
+                    Ok(Some(restart))
+                }
             },
         };
         runtime.shutdown().await;

@@ -65,6 +65,9 @@ impl ServedModel {
 /// The bytes of memory free now: the GPU's, or on the CPU the machine's available RAM.
 type AvailableMemory = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// Whether the device still works, asked after a job failed: `Some(why)` where it does not.
+type DeviceProbe = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Jobs of this side (and this many images) are what an engine takes at most: a CPU needs
 /// minutes for a 1024² image already.
 const CPU_MAX_SIDE: u32 = 1024;
@@ -94,6 +97,7 @@ pub struct CandleEngine {
     loaded: Mutex<Vec<Loaded>>,
     budget_bytes: u64,
     available_memory: AvailableMemory,
+    device_probe: DeviceProbe,
     convolutions: Convolutions,
     /// How the device runs the UNet's attention (our fused kernel holds no scores).
     attention: AttentionKernel,
@@ -149,12 +153,22 @@ impl CandleEngine {
             Arc::new(move || super::gpu_memory::free_bytes(&gpu).unwrap_or(u64::MAX))
         };
         let text_can_move = !device.device.is_cpu();
+        let probed = device.device.clone();
+        // A GPU whose context a fault left unusable fails even a bare wait for its stream
+        // (the error is sticky); a working one, idle after the failed job, passes at once.
+        let device_probe: DeviceProbe = Arc::new(move || {
+            probed
+                .synchronize()
+                .err()
+                .map(|error| crate::human::one_line(&super::first_line(&error), 200))
+        });
         let engine = Self {
             device,
             models: Mutex::new(served),
             loaded: Mutex::new(Vec::new()),
             budget_bytes,
             available_memory,
+            device_probe,
             convolutions,
             attention,
             text_can_move,
@@ -168,6 +182,16 @@ impl CandleEngine {
         probe: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> Self {
         self.available_memory = Arc::new(probe);
+        self
+    }
+
+    /// The same engine, its device's health told by `probe` (tests: a GPU that a fault left
+    /// unusable).
+    pub fn with_device_probe(
+        mut self,
+        probe: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.device_probe = Arc::new(probe);
         self
     }
 
@@ -454,7 +478,41 @@ impl Engine for CandleEngine {
         self.device.fallback_reason.clone()
     }
 
+    /// The job; where it fails, the device is asked whether it still works
+    /// ([`EngineError::DeviceLost`] when not).
     fn generate(
+        &self,
+        job: &JobSpec,
+        progress: &mut dyn FnMut(JobProgress),
+        cancel: &CancelToken,
+    ) -> Result<Generated, EngineError> {
+        let result = self.run_job(job, progress, cancel);
+        match result {
+            Ok(_) | Err(EngineError::Cancelled) => result,
+            Err(error) => match (self.device_probe)() {
+                Some(lost) => {
+                    tracing::error!("the GPU stopped working ({lost}); the job failed: {error}");
+                    Err(EngineError::DeviceLost(lost))
+                }
+                None => Err(error),
+            },
+        }
+    }
+
+    fn unload(&self) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if !loaded.is_empty() {
+            tracing::info!("unloading {} model(s)", loaded.len());
+            loaded.clear();
+            // Freed blocks go back to the pool; the pool hands them to the driver now.
+            super::gpu_memory::give_back(&self.device.device);
+        }
+    }
+}
+
+impl CandleEngine {
+    /// One job: its memory planned, its model loaded (or warm), the pipeline run.
+    fn run_job(
         &self,
         job: &JobSpec,
         progress: &mut dyn FnMut(JobProgress),
@@ -510,16 +568,6 @@ impl Engine for CandleEngine {
                 }
                 Err(error)
             }
-        }
-    }
-
-    fn unload(&self) {
-        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
-        if !loaded.is_empty() {
-            tracing::info!("unloading {} model(s)", loaded.len());
-            loaded.clear();
-            // Freed blocks go back to the pool; the pool hands them to the driver now.
-            super::gpu_memory::give_back(&self.device.device);
         }
     }
 }
@@ -739,6 +787,69 @@ mod tests {
             after.memory_bytes,
             "counted once"
         );
+    }
+
+    #[test]
+    fn a_failed_job_on_a_device_that_stopped_working_says_the_device_is_lost() {
+        // A copy of tiny-sdxl whose UNet weights are cut short after the engine checked
+        // them: loading fails, as a GPU fault would fail the job.
+        let folder = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sdxl");
+        copy_folder(&fixture, folder.path());
+        let models = [("tiny-sdxl".to_owned(), folder.path().to_owned())]
+            .into_iter()
+            .collect();
+        let engine = |probe: Option<&'static str>| {
+            let device = crate::engine::device::select(DevicePreference::Cpu).unwrap();
+            let (engine, refused) = CandleEngine::new(device, &models, 0);
+            assert!(refused.is_empty(), "{refused:?}");
+            match probe {
+                Some(lost) => engine.with_device_probe(move || Some(lost.to_owned())),
+                None => engine,
+            }
+        };
+        let unet = folder
+            .path()
+            .join("unet/diffusion_pytorch_model.safetensors");
+        let length = std::fs::metadata(&unet).unwrap().len();
+        let lost = engine(Some("CUDA_ERROR_ILLEGAL_ADDRESS"));
+        let working = engine(None);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&unet)
+            .unwrap()
+            .set_len(length / 2)
+            .unwrap();
+
+        let run = |engine: &CandleEngine| engine.generate(&job(), &mut |_| {}, &CancelToken::new());
+        assert_eq!(
+            run(&lost).unwrap_err(),
+            EngineError::DeviceLost("CUDA_ERROR_ILLEGAL_ADDRESS".to_owned())
+        );
+        // The CPU's own probe: a failed job says nothing about the device.
+        let failed = run(&working).unwrap_err();
+        assert!(!matches!(failed, EngineError::DeviceLost(_)), "{failed:?}");
+        // A cancelled job is not a failure: the device is not asked.
+        let cancel = CancelToken::new();
+        cancel.cancel(crate::engine::StopReason::Paused);
+        let intact = tiny_sdxl_engine().with_device_probe(|| Some("lost".to_owned()));
+        assert_eq!(
+            intact.generate(&job(), &mut |_| {}, &cancel).unwrap_err(),
+            EngineError::Cancelled
+        );
+    }
+
+    fn copy_folder(from: &Path, to: &Path) {
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_folder(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
     }
 
     #[test]

@@ -44,6 +44,11 @@ pub enum EngineError {
     /// Anything else. The message is shown to the studio: no paths, no secrets.
     #[error("{0}")]
     Internal(String),
+    /// The job failed and the GPU no longer works in this process (a fault in a kernel, a
+    /// driver reset after a game crashed it): every later call fails the same way, until the
+    /// process starts again (NVIDIA's rule for these errors).
+    #[error("the GPU stopped working: {0}")]
+    DeviceLost(String),
 }
 
 /// Why a model folder is not served.

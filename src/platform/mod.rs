@@ -5,4 +5,5 @@ pub(crate) mod gpu_build;
 pub(crate) mod host;
 pub(crate) mod open;
 pub mod probes;
+pub(crate) mod relaunch;
 pub(crate) mod single_instance;

@@ -4,6 +4,9 @@
 //!
 //! A job is stopped at its next denoising step when the studio cancels it or takes the lease
 //! back (discarded), or when the person pauses or the worker quits (handed back `paused`).
+//!
+//! A job that leaves the GPU unusable (`EngineError::DeviceLost`) is failed, and the loop
+//! asks its host to start the worker again, or stops claiming ([`super::gpu_recovery`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::delivery::{Delivery, Keepsakes};
 use super::engine_thread::EngineThread;
+use super::gpu_recovery::{GpuRecovery, Next};
 use super::outage::OutageLog;
 use super::progress;
 use super::session::{Session, report_fail};
-use super::signals::{MAX_WAITING_BYTES, MAX_WAITING_RESULTS, OutboxState, Tally};
+use super::signals::{
+    HostRequestSender, MAX_WAITING_BYTES, MAX_WAITING_RESULTS, OutboxState, RestartRequest,
+    StopRequest, Tally,
+};
 use super::status::{CurrentJob, FinishedJob, JobOutcome};
 use super::{StatusSender, changed, pause_reason};
 use crate::backoff::Backoff;
@@ -46,6 +53,10 @@ pub(super) struct JobLoop {
     pub outbox_changed: Arc<Notify>,
     /// The running job's id, for the heartbeat.
     pub current_job: watch::Sender<Option<String>>,
+    /// Asked to restart the worker when the GPU stops working.
+    pub host: HostRequestSender,
+    /// The restarts for a lost GPU that led to this run.
+    pub gpu_recovery: GpuRecovery,
     pub tally: Arc<Tally>,
     pub status: StatusSender,
     pub timing: Timing,
@@ -61,6 +72,8 @@ enum JobEnd {
     Delivered,
     /// The engine failed on a valid job.
     EngineFailed,
+    /// The engine failed, and its GPU no longer works in this process; why.
+    DeviceLost(String),
     /// Not run (invalid), cancelled, lease lost, or handed back: says nothing about the engine.
     Neutral,
     /// The studio sent a job that cannot even be answered (no usable id): a studio error, so
@@ -97,9 +110,14 @@ pub(super) async fn run(mut task: JobLoop) {
     let mut failures_in_a_row = 0_u32;
     let mut not_before: Option<(Instant, String)> = None;
     let mut unloaded_for_pause = false;
+    // Set when the GPU stopped working and no restart is left: no more claims this run.
+    let mut halted: Option<String> = None;
 
     loop {
-        let gate = task.claim_gate(engine.as_ref(), not_before.as_ref());
+        let gate = match &halted {
+            Some(why) => Err(why.clone()),
+            None => task.claim_gate(engine.as_ref(), not_before.as_ref()),
+        };
         task.status.send_if_modified(|s| {
             let blocked = gate.as_ref().err().cloned();
             let changed = s.jobs.claim_blocked != blocked;
@@ -207,6 +225,30 @@ pub(super) async fn run(mut task: JobLoop) {
                     );
                     tracing::warn!("{why}");
                     not_before = Some((Instant::now() + delay, why));
+                }
+            }
+            JobEnd::DeviceLost(why) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs());
+                match task.gpu_recovery.next(now, &why) {
+                    Next::Restart(variables) => {
+                        tracing::warn!(
+                            "the GPU stopped working ({why}); studio-worker starts again to \
+                             use it"
+                        );
+                        task.host.stop(StopRequest::Restart(RestartRequest {
+                            reason: format!("the GPU stopped working: {why}"),
+                            variables,
+                        }));
+                        // The host stops the runtime, then starts the worker again.
+                        task.shutdown.cancelled().await;
+                        return;
+                    }
+                    Next::Stop(reason) => {
+                        tracing::error!("{reason}");
+                        halted = Some(reason);
+                    }
                 }
             }
             JobEnd::Neutral => {}
@@ -452,6 +494,7 @@ impl JobLoop {
                         (FailCode::ModelUnavailable, detail.clone())
                     }
                     EngineError::Internal(detail) => (FailCode::Internal, detail.clone()),
+                    EngineError::DeviceLost(_) => (FailCode::Internal, err.to_string()),
                     EngineError::Cancelled => (
                         FailCode::Internal,
                         "the engine stopped on its own".to_owned(),
@@ -462,7 +505,10 @@ impl JobLoop {
                 report_fail(session, &self.timing, &spec.job_id, code, &message, true).await;
                 self.count_failure();
                 self.finish(&current, JobOutcome::Failed { code, message });
-                JobEnd::EngineFailed
+                match err {
+                    EngineError::DeviceLost(why) => JobEnd::DeviceLost(why),
+                    _ => JobEnd::EngineFailed,
+                }
             }
         }
     }

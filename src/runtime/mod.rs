@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `registration` | registration fields of the config, `registration_problem`, fatal stops | its timer, config changes (reset) |
 //! | `heartbeat` | `connection`, `pause.by_studio` | its timer, approval, pause changes |
-//! | `job_loop` | `jobs.current/recent/claim_blocked`, the running job's id; writes the outbox | claims, pause, config and outbox changes |
+//! | `job_loop` | `jobs.current/recent/claim_blocked`, the running job's id; writes the outbox; asks for a restart when the GPU stops working ([`gpu_recovery`]) | claims, pause, config and outbox changes |
 //! | `uploader` | [`signals::OutboxState`], the waiting results; removes from the outbox | new outbox entries, its backoffs, Retry now, Discard |
 //! | `lease keeper` | — (renews the leases of waiting results; tells the uploader what the studio no longer wants) | its timer, the waiting results |
 //! | `downloads` | `downloads`, `models_ready`, the models still coming | enabled models changing |
@@ -30,6 +30,7 @@ pub mod control;
 mod delivery;
 mod downloads;
 mod engine_thread;
+pub mod gpu_recovery;
 mod heartbeat;
 mod job_loop;
 mod os_signals;
@@ -57,7 +58,7 @@ pub use commands::{Command, SettingsChange};
 pub use downloads::ModelSupply;
 pub use os_signals::ShutdownSignal;
 pub use setup::Launch;
-pub use signals::{HostRequests, StopRequest, host_requests};
+pub use signals::{HostRequests, RestartRequest, StopRequest, host_requests};
 pub use status::{
     ConnectionStatus, CurrentJob, Delivery, FinishedJob, JobCounters, JobOutcome, JobsStatus,
     ModelDownload, WaitingResult, WaitingState, WorkerStatus, pause_reason,
@@ -95,6 +96,8 @@ pub struct RuntimeOptions {
     /// Nothing talks to the studio, the status says why, and Settings can fix it. Headless
     /// runs (`false`) fail instead, with the reason on stderr.
     pub tolerate_invalid_studio_url: bool,
+    /// The restarts for a lost GPU that led to this run (none for a fresh start).
+    pub gpu_recovery: gpu_recovery::GpuRecovery,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +308,8 @@ impl Runtime {
                 models_coming: coming,
                 outbox_changed: outbox_changed.clone(),
                 current_job: current_job_sender,
+                host: host.clone(),
+                gpu_recovery: options.gpu_recovery,
                 unlisted: std::sync::Mutex::new(Vec::new()),
                 tally: tally.clone(),
                 status: status_sender.clone(),

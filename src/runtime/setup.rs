@@ -43,6 +43,7 @@ impl Runtime {
                 model_supply,
                 probes: Some(Probes::for_this_pc()),
                 tolerate_invalid_studio_url: launch.with_window,
+                gpu_recovery: super::gpu_recovery::GpuRecovery::from_environment(),
             },
         )
     }

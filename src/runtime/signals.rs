@@ -80,6 +80,16 @@ pub enum StopRequest {
     Quit,
     /// A task hit something it cannot get past (no entropy, say); the reason in one line.
     Fatal(String),
+    /// The GPU stopped working in this process: stop, then start the worker again
+    /// (`runtime::gpu_recovery`).
+    Restart(RestartRequest),
+}
+
+/// Start the worker again, once stopped: why, and the variables the new one gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestartRequest {
+    pub reason: String,
+    pub variables: Vec<(String, String)>,
 }
 
 /// What the runtime asks of whoever hosts it (the window, or the headless loop): bring the

@@ -114,9 +114,14 @@ impl WorkerApp {
             .as_ref()
             .map(|events| events.try_iter().collect())
             .unwrap_or_default();
-        if self.runtime.requests().stop_request() == Some(StopRequest::Quit) && !self.quitting {
-            // `studio-worker quit` (an installer about to replace the program): as the tray's
-            // Quit.
+        if matches!(
+            self.runtime.requests().stop_request(),
+            Some(StopRequest::Quit | StopRequest::Restart(_))
+        ) && !self.quitting
+        {
+            // `studio-worker quit` (an installer about to replace the program), or the GPU
+            // stopped working and the worker starts again (`ui::run` does that once the
+            // window is gone): as the tray's Quit.
             events.push(TrayEvent::Quit);
         }
         for event in events {

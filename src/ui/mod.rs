@@ -18,7 +18,7 @@ use anyhow::Context as _;
 pub use app::{Tab, WorkerApp};
 
 use crate::config::{BrokenConfig, SharedConfig};
-use crate::runtime::{Launch, Runtime};
+use crate::runtime::{Launch, RestartRequest, Runtime, StopRequest};
 use crate::tray::{Tray, TrayView};
 
 pub struct AppOptions {
@@ -30,8 +30,9 @@ pub struct AppOptions {
 }
 
 /// Runs the worker with its window and tray until the person quits, then shuts the worker
-/// down (handing back a running job).
-pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
+/// down (handing back a running job). A restart the runtime asked for (the GPU stopped
+/// working) is returned, for `cli` to run once everything is released.
+pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<Option<RestartRequest>> {
     start_at_login_once(&config);
     let tokio = crate::runtime::tokio_runtime().context("cannot start the async runtime")?;
     let (runtime, mut shutdown) = {
@@ -49,6 +50,7 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
         (runtime, shutdown)
     };
     let handle = runtime.handle();
+    let requests = handle.requests().clone();
     let tokio_handle = tokio.handle().clone();
 
     let app_icon = crate::tray::decode_rgba(include_bytes!("../../assets/icons/app-256.png"));
@@ -125,8 +127,13 @@ pub fn run(config: SharedConfig, options: AppOptions) -> anyhow::Result<()> {
         }),
     );
 
+    let restart = match requests.stop_request() {
+        Some(StopRequest::Restart(restart)) => Some(restart),
+        _ => None,
+    };
     tokio.block_on(runtime.shutdown());
-    result.map_err(|err| anyhow::anyhow!("the window could not run: {err}"))
+    result.map_err(|err| anyhow::anyhow!("the window could not run: {err}"))?;
+    Ok(restart)
 }
 
 /// Turns start-at-login on the first time the app starts for this person, and never again

@@ -143,6 +143,13 @@ impl Engine for ScriptedEngine {
                 "the scripted engine failed".to_owned(),
             ));
         }
+        if job.prompt.contains("#gpu-lost") {
+            return Err(EngineError::DeviceLost(
+                "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was \
+                 encountered\")"
+                    .to_owned(),
+            ));
+        }
         if job.prompt.contains("#panic") {
             panic!("the scripted engine panicked");
         }

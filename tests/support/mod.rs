@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use studio_worker::backoff::BackoffPolicy;
 use studio_worker::config::{self, Config, SharedConfig};
+use studio_worker::runtime::gpu_recovery::GpuRecovery;
 use studio_worker::runtime::{Runtime, RuntimeOptions};
 use studio_worker::timing::Timing;
 
@@ -121,6 +122,18 @@ impl WorkerHome {
         engine: Option<std::sync::Arc<dyn studio_worker::engine::Engine>>,
         pc: Option<&probes::FakePc>,
     ) -> Runtime {
+        self.start_runtime_recovering(timing, engine, pc, GpuRecovery::default())
+    }
+
+    /// The same, started again after the GPU stopped working (`recovery`: the restarts so
+    /// far).
+    pub fn start_runtime_recovering(
+        &self,
+        timing: Timing,
+        engine: Option<std::sync::Arc<dyn studio_worker::engine::Engine>>,
+        pc: Option<&probes::FakePc>,
+        recovery: GpuRecovery,
+    ) -> Runtime {
         Runtime::start(
             self.shared(),
             RuntimeOptions {
@@ -132,6 +145,7 @@ impl WorkerHome {
                 model_supply: None,
                 probes: pc.map(probes::FakePc::probes),
                 tolerate_invalid_studio_url: false,
+                gpu_recovery: recovery,
             },
         )
         .expect("runtime starts")

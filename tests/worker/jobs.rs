@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use studio_worker::image_file::read_parameters;
-use studio_worker::runtime::{Command, JobOutcome, Runtime};
+use studio_worker::runtime::gpu_recovery::{self, GpuRecovery};
+use studio_worker::runtime::{Command, JobOutcome, Runtime, StopRequest};
 use studio_worker::vocab::pause::PauseReason;
 
 use crate::support::engine::{ScriptedEngine, colour_for};
@@ -701,6 +702,99 @@ async fn engine_errors_are_reported_and_three_in_a_row_back_off() {
     })
     .await;
     assert!(handle.status().jobs.counters.jobs_failed >= 3);
+    p.runtime.shutdown().await;
+}
+
+/// What the scripted engine says when it "loses" the GPU.
+const GPU_LOST: &str =
+    "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_loses_the_gpu_is_failed_and_the_worker_asks_to_start_again() {
+    let p = Pipeline::start(Duration::from_millis(1)).await;
+    p.studio
+        .enqueue(job_with("j_lost", "prompt", json!("#gpu-lost")));
+    let fail = p.failed_with("j_lost", "internal").await;
+    assert_eq!(fail["retryable"], true, "another worker takes it");
+    assert_eq!(
+        fail["error"],
+        format!("the GPU stopped working: {GPU_LOST}")
+    );
+
+    let handle = p.runtime.handle();
+    eventually("a restart asked of the host", PATIENCE, || {
+        handle.requests().stop_request().is_some()
+    })
+    .await;
+    let Some(StopRequest::Restart(restart)) = handle.requests().stop_request() else {
+        panic!("{:?}", handle.requests().stop_request());
+    };
+    assert_eq!(
+        restart.reason,
+        format!("the GPU stopped working: {GPU_LOST}")
+    );
+    let [(variable, chain)] = restart.variables.as_slice() else {
+        panic!("{:?}", restart.variables);
+    };
+    assert_eq!(variable, gpu_recovery::VARIABLE);
+    let (restarts, at) = chain.split_once(':').unwrap();
+    assert_eq!(restarts, "1");
+    assert!(unix_now() - at.parse::<u64>().unwrap() < 60);
+
+    // Nothing more is claimed from the lost GPU while the host stops the worker.
+    p.studio.enqueue(job("j_next"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(p.studio.job("j_next").unwrap().leases, 0);
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_lost_again_soon_after_two_restarts_stops_claiming_and_says_why() {
+    let Pipeline {
+        studio,
+        home,
+        engine,
+        runtime,
+    } = Pipeline::start(Duration::from_millis(1)).await;
+    runtime.shutdown().await;
+    // Started a second time for a lost GPU a minute ago.
+    let recovery = GpuRecovery::parse(&format!("2:{}", unix_now() - 60)).unwrap();
+    let p = Pipeline {
+        runtime: home.start_runtime_recovering(fast_timing(), Some(engine.clone()), None, recovery),
+        studio,
+        home,
+        engine,
+    };
+    let handle = p.runtime.handle();
+    p.studio.enqueue(job("j_before"));
+    crate::support::delivered(&p.studio, "j_before").await;
+    p.studio
+        .enqueue(job_with("j_lost", "prompt", json!("#gpu-lost")));
+    p.failed_with("j_lost", "internal").await;
+
+    claims_held_saying(&handle, "the GPU stopped working again").await;
+    let blocked = handle.status().jobs.claim_blocked.unwrap();
+    assert!(
+        blocked.ends_with("2 times since 1 min ago; no more jobs until studio-worker is restarted"),
+        "{blocked}"
+    );
+    assert_eq!(handle.requests().stop_request(), None, "no third restart");
+    p.studio.enqueue(job("j_next"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(p.studio.job("j_next").unwrap().leases, 0);
+    // The worker is up: the studio still hears from it.
+    let heartbeats = p.studio.count(Route::Heartbeat);
+    eventually("heartbeats go on", PATIENCE, || {
+        p.studio.count(Route::Heartbeat) > heartbeats
+    })
+    .await;
     p.runtime.shutdown().await;
 }
 

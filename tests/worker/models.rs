@@ -93,6 +93,7 @@ fn start_with_downloads(
             }),
             probes: None,
             tolerate_invalid_studio_url: false,
+            gpu_recovery: Default::default(),
         },
     )
     .unwrap()
@@ -620,6 +621,7 @@ async fn a_running_jobs_lease_renewals_keep_their_cadence_while_a_large_download
             }),
             probes: None,
             tolerate_invalid_studio_url: false,
+            gpu_recovery: Default::default(),
         },
     )
     .unwrap();

@@ -468,6 +468,7 @@ async fn the_app_starts_with_a_broken_studio_url_and_says_why_while_headless_ref
         model_supply: None,
         probes: None,
         tolerate_invalid_studio_url: tolerate,
+        gpu_recovery: Default::default(),
     };
 
     let refused = Runtime::start(home.shared(), options(false));

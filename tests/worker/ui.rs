@@ -13,8 +13,8 @@ use studio_worker::image_file::encode_png;
 use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::signals::HostRequestSender;
 use studio_worker::runtime::{
-    Command, CurrentJob, FinishedJob, JobOutcome, RuntimeHandle, SettingsChange, StopRequest,
-    WorkerStatus, host_requests,
+    Command, CurrentJob, FinishedJob, JobOutcome, RestartRequest, RuntimeHandle, SettingsChange,
+    StopRequest, WorkerStatus, host_requests,
 };
 use studio_worker::studio::protocol::FailCode;
 use studio_worker::tray::TrayEvent;
@@ -433,6 +433,20 @@ fn studio_worker_quit_closes_the_app_as_the_trays_quit_does() {
         window.harness.state_mut().apply().is_empty(),
         "closed once, not every frame"
     );
+}
+
+#[test]
+fn a_restart_for_a_lost_gpu_closes_the_window_for_the_new_worker() {
+    let mut window = Window::new(approved());
+    window.host.stop(StopRequest::Restart(RestartRequest {
+        reason: "the GPU stopped working: CUDA_ERROR_LAUNCH_TIMEOUT".to_owned(),
+        variables: vec![("STUDIO_WORKER_GPU_RESTARTS".to_owned(), "1:0".to_owned())],
+    }));
+    assert_eq!(
+        window.harness.state_mut().apply(),
+        vec![egui::ViewportCommand::Close]
+    );
+    assert!(window.harness.state_mut().apply().is_empty(), "closed once");
 }
 
 #[test]

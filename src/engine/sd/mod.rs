@@ -34,6 +34,8 @@ use candle_nn::VarBuilder;
 use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::prompt_cache::{EncodedPrompt, PromptCache};
 use self::schedulers::{NoiseSchedule, Sampler};
+/// The variable that turns the CUDA graphs off (`0`).
+pub use self::step_graph::SWITCH as STEP_GRAPHS_SWITCH;
 use self::step_graph::{GraphCache, StepGraphs};
 use self::text_encoder::{ClipTextEncoder, LayerStates};
 use self::tokenizer::ClipTokenizer;

@@ -10,9 +10,15 @@
 //! encoders run on the CPU (what the engine chooses when GPU memory is tight): SDXL's two
 //! encoders at full size (CLIP ViT-L and OpenCLIP ViT-bigG, random weights), f32, one
 //! prompt, against the pipeline's kept encodings.
+//!
+//! `cargo bench --bench engine -- finite` times the check every decode ends with (no NaN or
+//! infinity passes for an image) against the decode of one 512² image by SD 1.5's VAE.
 
 // Test and tool code: an unwrap that fails is the test failing, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/sd15.rs"]
+mod sd15;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,11 +26,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use studio_worker::engine::sd::model_folder::{TextEncoderConfig, UnetFile};
+use studio_worker::engine::sd::model_folder::{ModelFolder, TextEncoderConfig, UnetFile};
 use studio_worker::engine::sd::text_encoder::ClipTextEncoder;
 use studio_worker::engine::sd::unet::{TextTimeConditioning, Unet};
+use studio_worker::engine::sd::vae::Vae;
 use studio_worker::engine::sd::working_memory::Plan;
-use studio_worker::engine::sd::{Request, StableDiffusion};
+use studio_worker::engine::sd::{Request, StableDiffusion, all_finite};
 use studio_worker::vocab::job::Scheduler;
 
 fn median_time(runs: usize, mut function: impl FnMut()) -> f64 {
@@ -158,6 +165,32 @@ fn text_part(runs: usize) {
     println!("{:44} {:>9.5}", "kept / encoded", kept / encode);
 }
 
+/// What the check every decode now ends with (`sd::all_finite`: no NaN or infinity passes
+/// for an image) costs beside the decode it checks: SD 1.5's full-size VAE decoder (all-zero
+/// weights, the same work), one 512² image, f32, CPU.
+fn finite_part(runs: usize) {
+    let device = Device::Cpu;
+    let folder = sd15::folder();
+    let model = ModelFolder::open(folder.path()).expect("SD 1.5's configs");
+    let vae = Vae::new(VarBuilder::zeros(DType::F32, &device), &model.vae).expect("VAE");
+    let latents = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &device).expect("latents");
+    let pixels = Tensor::randn(0f32, 1.0, (1, 3, 512, 512), &device).expect("pixels");
+    // A decode takes most of a minute on 2 cores: one timed after one warm-up.
+    let decode = median_time(runs.min(1), || {
+        vae.decode(&latents, Plan::default()).expect("decodes");
+    });
+    let check = median_time(runs * 100, || {
+        assert!(all_finite(&pixels).expect("checks"));
+    });
+    println!(
+        "SD 1.5 VAE decode, 512², f32, {} threads: decode {decode:.2} s (check included), \
+         check {:.3} ms, check / decode {:.6}",
+        num_threads(),
+        check * 1000.0,
+        check / decode
+    );
+}
+
 fn num_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
@@ -169,6 +202,10 @@ fn main() {
         .unwrap_or(5);
     if std::env::args().any(|argument| argument == "text") {
         text_part(runs.min(3));
+        return;
+    }
+    if std::env::args().any(|argument| argument == "finite") {
+        finite_part(runs.min(3));
         return;
     }
     let device = Device::Cpu;

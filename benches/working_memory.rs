@@ -12,6 +12,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+#[path = "support/sd15.rs"]
+mod sd15;
+
 use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
@@ -19,27 +22,6 @@ use studio_worker::engine::sd::vae::Vae;
 use studio_worker::engine::sd::working_memory::{
     AttentionKernel, Convolutions, Plan, WorkingMemory,
 };
-
-const SD15_UNET: &str = r#"{
-  "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-  "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": false,
-  "cross_attention_dim": 768,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
-  "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-  "out_channels": 4, "sample_size": 64,
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-}"#;
-const SD15_VAE: &str = r#"{
-  "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-  "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-  "out_channels": 3, "sample_size": 512, "scaling_factor": 0.18215
-}"#;
-const CLIP_L: &str = r#"{
-  "architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": 768,
-  "intermediate_size": 3072, "max_position_embeddings": 77, "model_type": "clip_text_model",
-  "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 49408
-}"#;
 
 /// The process's resident memory now and at its peak since the last reset, in bytes.
 fn resident() -> (u64, u64) {
@@ -70,21 +52,7 @@ fn main() {
         eprintln!("working_memory: needs Linux's /proc; skipped");
         return;
     }
-    let folder = tempfile::tempdir().unwrap();
-    for (file, text) in [
-        (
-            "model_index.json",
-            r#"{"_class_name": "StableDiffusionPipeline"}"#,
-        ),
-        ("unet/config.json", SD15_UNET),
-        ("vae/config.json", SD15_VAE),
-        ("text_encoder/config.json", CLIP_L),
-        ("scheduler/scheduler_config.json", "{}"),
-    ] {
-        let path = folder.path().join(file);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
+    let folder = sd15::folder();
     let model = ModelFolder::open(folder.path()).unwrap();
     let estimate = WorkingMemory::of(
         &model,

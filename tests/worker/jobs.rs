@@ -56,6 +56,11 @@ impl Pipeline {
 
     /// Shuts the runtime down cleanly and starts a new one over the same files and studio.
     async fn restart(self) -> Self {
+        self.restarted_after(GpuRecovery::default()).await
+    }
+
+    /// The same, as a worker started again for lost GPUs (`recovery`: its chain of restarts).
+    async fn restarted_after(self, recovery: GpuRecovery) -> Self {
         let Self {
             studio,
             home,
@@ -64,7 +69,12 @@ impl Pipeline {
         } = self;
         runtime.shutdown().await;
         Self {
-            runtime: home.start_runtime_with(fast_timing(), Some(engine.clone())),
+            runtime: home.start_runtime_recovering(
+                fast_timing(),
+                Some(engine.clone()),
+                None,
+                recovery,
+            ),
             studio,
             home,
             engine,
@@ -757,21 +767,12 @@ async fn a_job_that_loses_the_gpu_is_failed_and_the_worker_asks_to_start_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_lost_again_soon_after_two_restarts_stops_claiming_and_says_why() {
-    let Pipeline {
-        studio,
-        home,
-        engine,
-        runtime,
-    } = Pipeline::start(Duration::from_millis(1)).await;
-    runtime.shutdown().await;
     // Started a second time for a lost GPU a minute ago.
     let recovery = GpuRecovery::parse(&format!("2:{}", unix_now() - 60)).unwrap();
-    let p = Pipeline {
-        runtime: home.start_runtime_recovering(fast_timing(), Some(engine.clone()), None, recovery),
-        studio,
-        home,
-        engine,
-    };
+    let p = Pipeline::start(Duration::from_millis(1))
+        .await
+        .restarted_after(recovery)
+        .await;
     let handle = p.runtime.handle();
     p.studio.enqueue(job("j_before"));
     crate::support::delivered(&p.studio, "j_before").await;

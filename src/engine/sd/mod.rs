@@ -86,7 +86,7 @@ impl std::fmt::Display for ModelPart {
 /// Whether every value of `tensor` is a finite number: times zero, a finite value is 0 and
 /// NaN or an infinity is NaN, so the sum of the products is 0 exactly when all are (a sum
 /// of the values themselves could overflow). Two kernels and one number read back.
-pub(crate) fn all_finite(tensor: &Tensor) -> candle_core::Result<bool> {
+pub fn all_finite(tensor: &Tensor) -> candle_core::Result<bool> {
     Ok(tensor
         .to_dtype(DType::F32)?
         .affine(0.0, 0.0)?

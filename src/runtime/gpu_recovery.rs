@@ -16,19 +16,31 @@
 use std::time::Duration;
 
 /// Where a restarted worker finds its chain of restarts: `<restarts>:<unix seconds of the
-/// last>`.
+/// last>:<why the GPU was lost>`.
 pub const VARIABLE: &str = "STUDIO_WORKER_GPU_RESTARTS";
 
 /// Faults closer together than this are one problem, not several driver resets.
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
 
 /// The restarts that led to this process, when it was started for a lost GPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GpuRecovery {
     /// Restarts in a row, each within [`WINDOW`] of the one before.
     restarts: u32,
     /// When the last one happened, in seconds since the Unix epoch.
     last_at: u64,
+    /// Why the GPU was lost then.
+    reason: String,
+}
+
+/// What the status says about the restart that started this process.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Restarted {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// Why the GPU was lost.
+    pub reason: String,
+    /// Our kernels and CUDA graphs are off in this process (a fault came back).
+    pub kernels_off: bool,
 }
 
 /// What to do about a lost GPU.
@@ -51,10 +63,23 @@ impl GpuRecovery {
 
     /// The chain [`VARIABLE`]'s `value` describes.
     pub fn parse(value: &str) -> Option<Self> {
-        let (restarts, last_at) = value.split_once(':')?;
+        let mut parts = value.splitn(3, ':');
         Some(Self {
-            restarts: restarts.trim().parse().ok()?,
-            last_at: last_at.trim().parse().ok()?,
+            restarts: parts.next()?.trim().parse().ok()?,
+            last_at: parts.next()?.trim().parse().ok()?,
+            reason: parts.next().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// The restart that started this process, for the status (`None`: a fresh start).
+    pub fn restarted(&self) -> Option<Restarted> {
+        if self.restarts == 0 {
+            return None;
+        }
+        Some(Restarted {
+            at: chrono::DateTime::from_timestamp(i64::try_from(self.last_at).ok()?, 0)?,
+            reason: self.reason.clone(),
+            kernels_off: self.restarts >= 2,
         })
     }
 
@@ -62,7 +87,7 @@ impl GpuRecovery {
     pub fn next(&self, now: u64, why: &str) -> Next {
         let recent = self.restarts > 0 && now.saturating_sub(self.last_at) < WINDOW.as_secs();
         let restarts = if recent { self.restarts } else { 0 };
-        let chain = (VARIABLE.to_owned(), format!("{}:{now}", restarts + 1));
+        let chain = (VARIABLE.to_owned(), format!("{}:{now}:{why}", restarts + 1));
         match restarts {
             0 => Next::Restart(vec![chain]),
             1 => {
@@ -101,17 +126,20 @@ mod tests {
     #[test]
     fn a_first_loss_restarts_as_it_was() {
         let next = GpuRecovery::default().next(NOW, "CUDA_ERROR_LAUNCH_TIMEOUT");
-        assert_eq!(restart_variables(&next), [(VARIABLE, "1:1800000000")]);
+        assert_eq!(
+            restart_variables(&next),
+            [(VARIABLE, "1:1800000000:CUDA_ERROR_LAUNCH_TIMEOUT")]
+        );
     }
 
     #[test]
     fn a_loss_soon_after_a_restart_restarts_without_our_kernels_and_graphs() {
-        let chain = GpuRecovery::parse("1:1800000000").unwrap();
+        let chain = GpuRecovery::parse("1:1800000000:CUDA_ERROR_LAUNCH_TIMEOUT").unwrap();
         let next = chain.next(NOW + 60, "CUDA_ERROR_ILLEGAL_ADDRESS");
         assert_eq!(
             restart_variables(&next),
             [
-                (VARIABLE, "2:1800000060"),
+                (VARIABLE, "2:1800000060:CUDA_ERROR_ILLEGAL_ADDRESS"),
                 ("STUDIO_WORKER_FUSED_KERNELS", "0"),
                 ("STUDIO_WORKER_CUDA_GRAPHS", "0"),
             ]
@@ -137,7 +165,10 @@ mod tests {
     fn a_loss_long_after_the_last_restart_starts_the_chain_over() {
         let chain = GpuRecovery::parse("2:1800000000").unwrap();
         let next = chain.next(NOW + WINDOW.as_secs(), "a driver reset");
-        assert_eq!(restart_variables(&next), [(VARIABLE, "1:1800000900")]);
+        assert_eq!(
+            restart_variables(&next),
+            [(VARIABLE, "1:1800000900:a driver reset")]
+        );
     }
 
     #[test]
@@ -149,8 +180,22 @@ mod tests {
             GpuRecovery::parse(" 2 : 7 "),
             Some(GpuRecovery {
                 restarts: 2,
-                last_at: 7
+                last_at: 7,
+                reason: String::new(),
             })
         );
+    }
+
+    #[test]
+    fn a_restarted_worker_knows_when_and_why_and_whether_our_kernels_are_off() {
+        assert_eq!(GpuRecovery::default().restarted(), None, "a fresh start");
+        let why = "DriverError(CUDA_ERROR_LAUNCH_TIMEOUT, \"the launch timed out: x\")";
+        let first = GpuRecovery::parse(&format!("1:1800000000:{why}")).unwrap();
+        let restarted = first.restarted().unwrap();
+        assert_eq!(restarted.at.timestamp(), 1_800_000_000);
+        assert_eq!(restarted.reason, why, "colons and all");
+        assert!(!restarted.kernels_off);
+        let second = GpuRecovery::parse("2:1800000000:again").unwrap();
+        assert!(second.restarted().unwrap().kernels_off);
     }
 }

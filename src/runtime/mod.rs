@@ -223,6 +223,7 @@ impl Runtime {
         initial.studio_url_problem.clone_from(&url_problem);
         initial.device = Some(device.clone());
         initial.device_note = engine.as_ref().and_then(|engine| engine.device_note());
+        initial.restarted = options.gpu_recovery.restarted();
         initial.models_ready = engine.as_ref().map(|engine| engine.ready_models());
         initial.settings_recovered = options.recovered_config.map(|broken| {
             format!(
@@ -309,7 +310,7 @@ impl Runtime {
                 outbox_changed: outbox_changed.clone(),
                 current_job: current_job_sender,
                 host: host.clone(),
-                gpu_recovery: options.gpu_recovery,
+                gpu_recovery: options.gpu_recovery.clone(),
                 unlisted: std::sync::Mutex::new(Vec::new()),
                 tally: tally.clone(),
                 status: status_sender.clone(),

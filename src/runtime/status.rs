@@ -75,6 +75,9 @@ pub struct WorkerStatus {
     /// Why the engine runs on the CPU although a GPU was wanted (no driver, the CUDA build
     /// could not start, the GPU did not open…).
     pub device_note: Option<String>,
+    /// Writer: the runtime at start. This worker was started again because the GPU stopped
+    /// working in the one before (`gpu_recovery`).
+    pub restarted: Option<super::gpu_recovery::Restarted>,
     /// Writers: the runtime at start, the downloads task when a model joins. The models
     /// that can run now (`None`: no engine).
     pub models_ready: Option<Vec<String>>,
@@ -110,6 +113,7 @@ impl WorkerStatus {
             jobs: JobsStatus::default(),
             device: None,
             device_note: None,
+            restarted: None,
             models_ready: None,
             downloads: Vec::new(),
             settings_recovered: None,

@@ -754,9 +754,12 @@ async fn a_job_that_loses_the_gpu_is_failed_and_the_worker_asks_to_start_again()
         panic!("{:?}", restart.variables);
     };
     assert_eq!(variable, gpu_recovery::VARIABLE);
-    let (restarts, at) = chain.split_once(':').unwrap();
+    let [restarts, at, why] = chain.splitn(3, ':').collect::<Vec<_>>()[..] else {
+        panic!("{chain}");
+    };
     assert_eq!(restarts, "1");
     assert!(unix_now() - at.parse::<u64>().unwrap() < 60);
+    assert_eq!(why, GPU_LOST, "for the new worker's status");
 
     // Nothing more is claimed from the lost GPU while the host stops the worker.
     p.studio.enqueue(job("j_next"));
@@ -774,6 +777,14 @@ async fn a_gpu_lost_again_soon_after_two_restarts_stops_claiming_and_says_why() 
         .restarted_after(recovery)
         .await;
     let handle = p.runtime.handle();
+    let restarted = handle
+        .status()
+        .restarted
+        .expect("the status says it restarted");
+    assert!(
+        restarted.kernels_off,
+        "a second restart turned our kernels off"
+    );
     p.studio.enqueue(job("j_before"));
     crate::support::delivered(&p.studio, "j_before").await;
     p.studio

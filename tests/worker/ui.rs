@@ -11,6 +11,7 @@ use egui_kittest::kittest::Queryable as _;
 use studio_worker::config::{Config, SharedConfig};
 use studio_worker::image_file::encode_png;
 use studio_worker::registration::RegistrationState;
+use studio_worker::runtime::gpu_recovery::Restarted;
 use studio_worker::runtime::signals::HostRequestSender;
 use studio_worker::runtime::{
     Command, CurrentJob, FinishedJob, JobOutcome, RestartRequest, RuntimeHandle, SettingsChange,
@@ -473,6 +474,33 @@ fn the_status_tab_says_which_backend_runs_and_why_not_a_gpu() {
     });
     assert!(window.shows("Runs on: CUDA · NVIDIA GeForce RTX 4070 · 12.0 GB"));
     assert!(!window.shows("NVIDIA driver"));
+}
+
+#[test]
+fn the_status_tab_says_the_worker_was_started_again_for_a_lost_gpu() {
+    let mut window = Window::new(approved());
+    assert!(!window.shows("Started again"));
+    window.set_status(|s| {
+        s.restarted = Some(Restarted {
+            at: chrono::Utc::now() - chrono::Duration::minutes(3),
+            reason: "CUDA_ERROR_LAUNCH_TIMEOUT".into(),
+            kernels_off: false,
+        });
+    });
+    assert!(
+        window
+            .shows("Started again 3 min ago: the GPU stopped working (CUDA_ERROR_LAUNCH_TIMEOUT)")
+    );
+    window.set_status(|s| {
+        if let Some(restarted) = s.restarted.as_mut() {
+            restarted.kernels_off = true;
+        }
+    });
+    assert!(window.shows(
+        "Started again 3 min ago: the GPU stopped working (CUDA_ERROR_LAUNCH_TIMEOUT). It did \
+         twice: this worker's own GPU kernels and CUDA graphs are off until studio-worker is \
+         restarted"
+    ));
 }
 
 #[test]

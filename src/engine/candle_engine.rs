@@ -160,7 +160,7 @@ impl CandleEngine {
             probed
                 .synchronize()
                 .err()
-                .map(|error| crate::human::one_line(&super::first_line(&error), 200))
+                .map(|error| readable_driver_error(&super::first_line(&error)))
         });
         let engine = Self {
             device,
@@ -632,6 +632,21 @@ fn check_folder(
     })
 }
 
+/// A CUDA driver error as the driver words it, then its name: cudarc writes
+/// `DriverError(CUDA_ERROR_LAUNCH_TIMEOUT, "the launch timed out and was terminated")`,
+/// this `the launch timed out and was terminated (CUDA_ERROR_LAUNCH_TIMEOUT)`. Other text
+/// stays as it is; either way one line of at most 200 characters.
+fn readable_driver_error(text: &str) -> String {
+    const START: &str = "DriverError(";
+    let readable = text.find(START).and_then(|at| {
+        let inside = &text[at + START.len()..];
+        let (name, rest) = inside.split_once(", \"")?;
+        let (description, after) = rest.split_once("\")")?;
+        Some(format!("{}{description} ({name}){after}", &text[..at]))
+    });
+    crate::human::one_line(readable.as_deref().unwrap_or(text), 200)
+}
+
 fn engine_error(error: SdError, model_id: &str) -> EngineError {
     match error {
         SdError::Cancelled => EngineError::Cancelled,
@@ -850,6 +865,26 @@ mod tests {
                 std::fs::copy(entry.path(), target).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn a_driver_error_reads_as_the_driver_words_it_then_its_name() {
+        assert_eq!(
+            readable_driver_error(
+                "DriverError(CUDA_ERROR_LAUNCH_TIMEOUT, \"the launch timed out and was \
+                 terminated\")"
+            ),
+            "the launch timed out and was terminated (CUDA_ERROR_LAUNCH_TIMEOUT)"
+        );
+        assert_eq!(
+            readable_driver_error(
+                "Cuda(DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was \
+                 encountered\"))"
+            ),
+            "Cuda(an illegal memory access was encountered (CUDA_ERROR_ILLEGAL_ADDRESS))"
+        );
+        assert_eq!(readable_driver_error("no device"), "no device");
+        assert_eq!(readable_driver_error("DriverError(odd"), "DriverError(odd");
     }
 
     #[test]

@@ -145,9 +145,7 @@ impl Engine for ScriptedEngine {
         }
         if job.prompt.contains("#gpu-lost") {
             return Err(EngineError::DeviceLost(
-                "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was \
-                 encountered\")"
-                    .to_owned(),
+                "an illegal memory access was encountered (CUDA_ERROR_ILLEGAL_ADDRESS)".to_owned(),
             ));
         }
         if job.prompt.contains("#panic") {

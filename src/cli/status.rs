@@ -106,6 +106,9 @@ pub(super) fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
                 },
             );
             println!("Worker:       running (process {}), {heartbeat}", file.pid);
+            if let Some(restarted) = &file.status.restarted {
+                println!("GPU:          {}", restarted.describe(chrono::Utc::now()));
+            }
             if let Some(notice) = &file.status.settings_recovered {
                 println!("Settings:     {notice}");
             }

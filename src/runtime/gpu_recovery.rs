@@ -52,6 +52,24 @@ pub enum Next {
     Stop(String),
 }
 
+impl Restarted {
+    /// "Started again 3 min ago: the GPU stopped working (…)", and what that turned off.
+    pub fn describe(&self, now: chrono::DateTime<chrono::Utc>) -> String {
+        let mut text = format!(
+            "Started again {}: the GPU stopped working ({})",
+            crate::human::ago(self.at, now),
+            self.reason
+        );
+        if self.kernels_off {
+            text.push_str(
+                ". It did twice: this worker's own GPU kernels and CUDA graphs are off until \
+                 studio-worker is restarted",
+            );
+        }
+        text
+    }
+}
+
 impl GpuRecovery {
     /// This process's chain, from [`VARIABLE`] (none when unset or unreadable).
     pub fn from_environment() -> Self {

@@ -6,7 +6,6 @@ use chrono::Utc;
 use super::app::UiAction;
 use crate::human;
 use crate::registration::RegistrationState;
-use crate::runtime::gpu_recovery::Restarted;
 use crate::runtime::{Command, WorkerStatus};
 use crate::vocab::pause::PauseReason;
 
@@ -263,22 +262,6 @@ fn connection_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     }
 }
 
-/// "Started again 3 min ago: the GPU stopped working (…)", and what that turned off.
-fn restarted_text(restarted: &Restarted, now: chrono::DateTime<Utc>) -> String {
-    let mut text = format!(
-        "Started again {}: the GPU stopped working ({})",
-        human::ago(restarted.at, now),
-        restarted.reason
-    );
-    if restarted.kernels_off {
-        text.push_str(
-            ". It did twice: this worker's own GPU kernels and CUDA graphs are off until \
-             studio-worker is restarted",
-        );
-    }
-    text
-}
-
 fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     ui.strong("This PC");
     if let Some(device) = &status.device {
@@ -293,10 +276,7 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
         ui.label(egui::RichText::new(human::capitalise(note)).weak());
     }
     if let Some(restarted) = &status.restarted {
-        ui.colored_label(
-            ui.visuals().warn_fg_color,
-            restarted_text(restarted, Utc::now()),
-        );
+        ui.colored_label(ui.visuals().warn_fg_color, restarted.describe(Utc::now()));
     }
     for (signal, why) in &status.policy.blind {
         ui.label(

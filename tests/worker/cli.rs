@@ -261,6 +261,43 @@ async fn a_broken_config_at_start_is_kept_and_the_worker_goes_on() {
     assert_eq!(std::fs::read_to_string(kept[0].path()).unwrap(), original);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_again_for_a_lost_gpu_says_so_in_status() {
+    let studio = TestStudio::start().await;
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    // What a worker whose GPU stopped working gives the one it starts.
+    let two_minutes_ago = chrono::Utc::now().timestamp() - 120;
+    let mut child = worker(&home.config_path())
+        .args(["run", "--headless"])
+        .env(
+            studio_worker::runtime::gpu_recovery::VARIABLE,
+            format!(
+                "1:{two_minutes_ago}:the launch timed out and was terminated \
+                 (CUDA_ERROR_LAUNCH_TIMEOUT)"
+            ),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_path = home.dir.path().join("status.json");
+    eventually("the status file", SLOW, || status_path.exists()).await;
+
+    let output = worker(&home.config_path()).arg("status").output().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains(
+            "GPU:          Started again 2 min ago: the GPU stopped working (the launch timed \
+             out and was terminated (CUDA_ERROR_LAUNCH_TIMEOUT))\n"
+        ),
+        "{stdout}"
+    );
+}
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_run_survives_being_killed_between_every_step() {

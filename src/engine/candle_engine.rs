@@ -891,7 +891,7 @@ mod tests {
     fn an_overflow_fails_the_job_with_a_message_that_names_the_part() {
         let error = engine_error(
             SdError::NotFinite {
-                part: crate::engine::sd::ModelPart::Unet,
+                part: crate::engine::profile::Part::Unet,
                 dtype: DType::F16,
             },
             "sd-turbo",

@@ -25,7 +25,8 @@ use candle_core::Device;
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, DriverError, sys};
 
-/// The model part a stretch of work belongs to, as the table names it.
+/// The model part a stretch of work belongs to, as the table names it (and an overflow's
+/// part, `sd::SdError::NotFinite`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Part {
     Unet,

@@ -7,8 +7,9 @@
 //! same NaN-or-infinity the check sees when a layer's activations overflow.
 
 use candle_core::{DType, Device, Tensor};
+use studio_worker::engine::profile::Part;
 use studio_worker::engine::sd::working_memory::Plan;
-use studio_worker::engine::sd::{ModelPart, SdError, StableDiffusion};
+use studio_worker::engine::sd::{SdError, StableDiffusion};
 
 use crate::support::{Golden, fixture, load};
 
@@ -74,7 +75,7 @@ fn nan_latents_fail_as_the_unets_overflow_and_leave_the_vae_as_it_is() {
         assert!(
             matches!(
                 error,
-                SdError::NotFinite { part: ModelPart::Unet, dtype: failed } if failed == dtype
+                SdError::NotFinite { part: Part::Unet, dtype: failed } if failed == dtype
             ),
             "{error:?}"
         );
@@ -101,7 +102,7 @@ fn a_vae_that_overflows_in_f32_fails_the_decode() {
         matches!(
             error,
             SdError::NotFinite {
-                part: ModelPart::Vae,
+                part: Part::Vae,
                 dtype: DType::F32
             }
         ),

@@ -44,7 +44,7 @@ use self::vae::Vae;
 use self::working_memory::{Convolutions, Plan};
 use super::device::CachedUploads;
 use super::noise::NoiseSource;
-use super::profile::{self, Work};
+use super::profile::{self, Part, Work};
 use crate::vocab::job::{JobSpec, Scheduler};
 
 /// Why loading or running failed.
@@ -61,26 +61,11 @@ pub enum SdError {
     /// A part's output was not all finite numbers: they overflowed in `dtype` (f16 tops out
     /// at 65504), and the image would have come out black or flat.
     #[error(
-        "the {part}'s numbers overflowed in {} (NaN or infinity), so no image was made",
+        "the {}'s numbers overflowed in {} (NaN or infinity), so no image was made",
+        part.label(),
         dtype.as_str()
     )]
-    NotFinite { part: ModelPart, dtype: DType },
-}
-
-/// The parts of a pipeline whose numbers are checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModelPart {
-    Unet,
-    Vae,
-}
-
-impl std::fmt::Display for ModelPart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ModelPart::Unet => "UNet",
-            ModelPart::Vae => "VAE",
-        })
-    }
+    NotFinite { part: Part, dtype: DType },
 }
 
 /// Whether every value of `tensor` is a finite number: times zero, a finite value is 0 and
@@ -653,7 +638,7 @@ impl StableDiffusion {
         let vae = self.vae();
         match decode(&vae) {
             Err(SdError::NotFinite { .. }) if !all_finite(latents)? => Err(SdError::NotFinite {
-                part: ModelPart::Unet,
+                part: Part::Unet,
                 dtype: self.dtype,
             }),
             Err(SdError::NotFinite { dtype, .. }) if dtype != DType::F32 => {

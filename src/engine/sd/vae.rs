@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use super::model_folder::VaeConfig;
 use super::vae_decoder::{Decoder, DecoderConfig};
 use super::working_memory::Plan;
-use super::{ModelPart, SdError, all_finite};
+use super::{SdError, all_finite};
 use crate::engine::profile::{self, Part};
 
 /// Overlapping tiles of the latent image, in latent cells.
@@ -95,7 +95,7 @@ impl Vae {
         };
         if !all_finite(&pixels)? {
             return Err(SdError::NotFinite {
-                part: ModelPart::Vae,
+                part: Part::Vae,
                 dtype: self.dtype,
             });
         }

@@ -248,10 +248,12 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     times = [float(match) for match in re.findall(r"run \d+/\d+: done in ([0-9.]+) s", output)]
     prepared = re.search(r"prepared in ([0-9.]+) s", output)
     plans = sorted(set(re.findall(r"saving memory: .*|the text encoders of .* on the CPU.*", output)))
+    # Each of our kernels timed at start against what replaces it (engine/kernels/race.rs).
+    races = re.findall(r"our GPU .* kernel takes .* runs", output)
     return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
             "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
             "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off,
-            "graphs_off": graphs_off}
+            "graphs_off": graphs_off, "races": races}
 
 
 def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, runs, cache, device="cuda"):
@@ -517,6 +519,11 @@ def main():
         ours, candle = row["worker"], row["candle_kernels"]
         off = " (ours were OFF: their check failed, see the log)" if ours and ours["kernels_off"] else ""
         print(f"  {row['case']:38} {ms(ours)} vs {ms(candle)}  {ratio(ours, candle, 'warm')}{off}")
+    races = next((row["worker"]["races"] for row in rows if row["worker"] and row["worker"].get("races")), [])
+    if races:
+        print("\nOur kernels timed at the worker's start against what would run instead (the first case's):")
+        for line in races:
+            print(f"  {line}")
     for row in rows:
         if row["profiled"]:
             print(f"\n{row['case']}, profiled (GPU time between events around each kind of work):\n"

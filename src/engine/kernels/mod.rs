@@ -18,8 +18,11 @@
 //! supported architecture, so the driver compiles nothing for them at first start. Before a
 //! device first uses one it is checked against a CPU reference on small inputs; a module that
 //! does not load or a kernel that disagrees leaves candle's composition in its place (with a
-//! warning), so a wrong kernel costs speed, never images. The tests also run the CUDA sources
-//! on a CPU emulation of the GPU ([`emulation`]), so their logic is checked without one.
+//! warning), so a wrong kernel costs speed, never images. When the GPU is prepared, each
+//! kernel that passed is timed against what it replaces, on that card at a job's shape
+//! ([`race`]); one that is slower there is switched off the same way, so a kernel tuned on
+//! another card never makes this one slower. The tests also run the CUDA sources on a CPU
+//! emulation of the GPU ([`emulation`]), so their logic is checked without one.
 //!
 //! `STUDIO_WORKER_FUSED_KERNELS=0` turns them off for the process, to measure them against
 //! candle's (`benches/gpu` does).
@@ -33,6 +36,7 @@ pub mod geglu;
 mod group_norm;
 pub mod im2col;
 pub mod norm_columns;
+pub mod race;
 
 use std::sync::OnceLock;
 
@@ -109,19 +113,16 @@ fn largest_or_nan(values: &candle_core::Tensor) -> candle_core::Result<f32> {
 }
 
 /// Loads and checks our kernels on `device` now (on a GPU; elsewhere there is nothing to
-/// do), so that a job does not, and says whether all of them run there.
+/// do), so that a job does not, times each against what it replaces there and keeps the
+/// faster ([`race`]); says whether all of them loaded. Call it after candle's own kernels
+/// are compiled (the races run them).
 pub fn prepare(device: &candle_core::Device) -> bool {
     if !enabled() {
         return false;
     }
     match device {
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(cuda) => {
-            // Every family loads, whether or not one before it did.
-            let loaded =
-                cuda::Family::ALL.map(|family| cuda::checked_module(cuda, family).is_some());
-            loaded.iter().all(|loaded| *loaded)
-        }
+        candle_core::Device::Cuda(cuda) => cuda::prepare(cuda),
         candle_core::Device::Cpu => true,
         _ => false,
     }

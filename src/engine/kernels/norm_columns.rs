@@ -6,7 +6,7 @@
 //! saves a pass over an activation, and the decode's peak holds one activation less (128 MB
 //! at SD's 512² decode in f16).
 //!
-//! On CUDA, where our group norm kernels run; elsewhere [`normalized_image`] answers `None`
+//! On CUDA, where our group norm and column kernels run; elsewhere [`normalized_image`] answers `None`
 //! and the model normalises, then convolves. [`reference`] builds the same columns from the
 //! CPU's group norm and [`super::im2col::composed`]: what the kernel is checked against.
 
@@ -35,8 +35,8 @@ pub struct NormalizedImage {
 
 /// `xs` `(batch, channels, h, w)` to be read normalised over `groups` groups of channels,
 /// scaled by `weight`, shifted by `bias`, then `activation`, with its statistics taken; `None`
-/// where our kernels do not run (not CUDA, not f16 or f32, not checked on this device, a
-/// shape beyond them).
+/// where our kernels do not run (not CUDA, not f16 or f32, our group norm or column kernel
+/// not checked on this device or slower there than candle's, a shape beyond them).
 pub fn normalized_image(
     xs: &Tensor,
     weight: &Tensor,
@@ -45,7 +45,9 @@ pub fn normalized_image(
     eps: f64,
     activation: Activation,
 ) -> Result<Option<NormalizedImage>> {
-    if !super::enabled() || xs.rank() != 4 || xs.device().is_cpu() {
+    // Columns only where our column kernel runs too: where it was slower than candle's
+    // convolution on this card, so is a GEMM over columns.
+    if !super::enabled() || xs.rank() != 4 || !super::im2col::runs_for(xs) {
         return Ok(None);
     }
     let Some(geometry) = Geometry::of(xs, weight, bias, groups) else {

@@ -17,6 +17,7 @@ use candle_core::{
 
 use super::{Family, as_u32, checked_module, view};
 use crate::engine::kernels::attention::{self as op, Geometry, Tiling};
+use crate::engine::kernels::race::{Timing, race};
 
 /// The dynamic shared memory a block may have on `device` (with the opt-in beyond 48 KB).
 pub(in crate::engine::kernels) fn max_shared_bytes(device: &CudaDevice) -> Result<usize> {
@@ -159,6 +160,55 @@ pub(super) fn check_mma(
             .into_iter()
             .collect()
     })
+}
+
+/// The register kernel (`registers`) against the WMMA kernel (`wmma`) on `device`, at the
+/// first UNet level of SD 1.5 (heads of 40) and of SD 2.x / SDXL (heads of 64), guided, at
+/// 4096 tokens: one call of each geometry per side.
+pub(super) fn race_registers(
+    device: &CudaDevice,
+    registers: &Arc<CudaModule>,
+    wmma: &Arc<CudaModule>,
+    clock: super::race::Clock,
+    finish: super::race::Finish,
+) -> Result<Timing> {
+    let gpu = Device::Cuda(device.clone());
+    let max_shared = max_shared_bytes(device)?;
+    let mut cases = Vec::new();
+    for (width, heads) in [(320, 8), (640, 10)] {
+        let geometry = Geometry {
+            batch: 2,
+            heads,
+            queries: 4096,
+            keys: 4096,
+            head_dim: width / heads,
+        };
+        let (Some(steps), Some(tiling)) = (
+            op::mma_steps(geometry.head_dim),
+            Tiling::for_head_dim(geometry.head_dim, max_shared),
+        ) else {
+            candle_core::bail!("no kernel for heads of {}", geometry.head_dim);
+        };
+        let random = || {
+            Tensor::randn(0f32, 1.0, (geometry.batch, geometry.queries, width), &gpu)?
+                .to_dtype(DType::F16)
+        };
+        let inputs = [random()?, random()?, random()?];
+        cases.push((geometry, steps, tiling, inputs));
+    }
+    let all = |ours: bool| {
+        for (geometry, steps, tiling, inputs) in &cases {
+            let (module, kernel) = if ours {
+                (registers, Kernel::Registers { steps: *steps })
+            } else {
+                (wmma, Kernel::Wmma(*tiling))
+            };
+            let scale = (geometry.head_dim as f64).powf(-0.5);
+            drop(run(module.clone(), kernel, inputs, *geometry, scale)?);
+        }
+        Ok(())
+    };
+    race(clock, finish, &|| all(true), &|| all(false))
 }
 
 struct AttentionOp {

@@ -3,12 +3,15 @@
 //! per device and checked against a CPU reference on small inputs of every kind before the
 //! device first uses it. A module that does not load, or a kernel that disagrees, leaves
 //! candle's composition in its place for the rest of the process, with a warning; the other
-//! modules are unaffected.
+//! modules are unaffected. When the device is prepared, each module that passed is also
+//! timed against what it replaces ([`race`]); one that is slower on this card is switched off
+//! the same way.
 
 mod attention;
 mod geglu;
 mod group_norm;
 mod im2col;
+mod race;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -127,6 +130,28 @@ pub(super) fn checked_module(device: &CudaDevice, family: Family) -> Option<Arc<
     };
     devices.push((device.id(), family, module.clone()));
     module
+}
+
+/// Loads and checks every family on `device`, then (once per device) times each that loaded
+/// against what runs in its place and switches off those slower on this card ([`race`]).
+/// Says whether every family loaded.
+pub(super) fn prepare(device: &CudaDevice) -> bool {
+    // Every family loads, whether or not one before it did.
+    let loaded = Family::ALL.map(|family| checked_module(device, family).is_some());
+    race::run_once(device);
+    loaded.iter().all(|loaded| *loaded)
+}
+
+/// Leaves what runs in place of `family` on `device` there for the rest of the process, as if
+/// the module had not loaded.
+fn switch_off(device: &CudaDevice, family: Family) {
+    let mut devices = DEVICES.lock().unwrap_or_else(PoisonError::into_inner);
+    for (.., module) in devices
+        .iter_mut()
+        .filter(|(id, loaded, _)| *id == device.id() && *loaded == family)
+    {
+        *module = None;
+    }
 }
 
 fn load_and_check(

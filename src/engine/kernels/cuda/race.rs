@@ -1,0 +1,149 @@
+//! The races [`super::prepare`] runs on a CUDA device ([`crate::engine::kernels::race`]):
+//! each family that loaded and passed its check, at the shape of the busiest layers of the
+//! commonest job (SD 1.5's first UNet level at 512², guided: 2 × 320 channels × 64²; its
+//! attention also with SD 2.x's and SDXL's heads of 64), in f16, against what runs in its
+//! place: candle's composition, or for the register attention our WMMA kernel. The WMMA
+//! attention itself is not raced: without it the UNet holds score matrices, which the job's
+//! memory estimate did not count. Each race takes milliseconds; all of them well under a
+//! second on any RTX card.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use candle_core::cuda_backend::DeviceId;
+use candle_core::{CudaDevice, DType, Device, Result, Tensor};
+
+use super::{Family, checked_module, switch_off};
+use crate::engine::kernels::im2col::Source;
+use crate::engine::kernels::race::{Timing, race};
+use crate::engine::kernels::{self, Activation};
+
+/// The channels, side and batch of the raced image (SD 1.5's first UNet level at 512²,
+/// guided).
+const CHANNELS: usize = 320;
+const SIDE: usize = 64;
+const BATCH: usize = 2;
+
+/// The devices raced in this process.
+static RACED: Mutex<Vec<DeviceId>> = Mutex::new(Vec::new());
+
+/// Races every family on `device`, the first time it is asked for that device; switches off
+/// those slower there, and says what it measured.
+pub(super) fn run_once(device: &CudaDevice) {
+    {
+        let mut raced = RACED.lock().unwrap_or_else(PoisonError::into_inner);
+        if raced.contains(&device.id()) {
+            return;
+        }
+        raced.push(device.id());
+    }
+    for family in Family::ALL {
+        let Some(rival) = rival(family) else {
+            continue;
+        };
+        match race_family(device, family) {
+            Ok(Some(timing)) => {
+                let ours_runs = timing.ours_runs();
+                tracing::info!(
+                    "our GPU {} kernel takes {:.3} ms here, {rival} {:.3} ms ({:.2}×): {} runs",
+                    family.name(),
+                    timing.ours.as_secs_f64() * 1e3,
+                    timing.theirs.as_secs_f64() * 1e3,
+                    timing.ratio(),
+                    if ours_runs { "ours" } else { rival }
+                );
+                if !ours_runs {
+                    switch_off(device, family);
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(
+                "timing our GPU {} kernel against {rival} failed, so ours stays: {error}",
+                family.name()
+            ),
+        }
+    }
+}
+
+/// What runs in place of `family` when it is off; `None` for a family not raced.
+fn rival(family: Family) -> Option<&'static str> {
+    match family {
+        Family::GroupNorm | Family::Geglu => Some("candle's"),
+        Family::Im2col => Some("candle's convolution"),
+        Family::AttentionMma => Some("our WMMA attention"),
+        Family::Attention => None,
+    }
+}
+
+/// The race of `family` on `device`; `None` where it did not load (or its rival did not).
+fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
+    let Some(module) = checked_module(device, family) else {
+        return Ok(None);
+    };
+    let gpu = Device::Cuda(device.clone());
+    let origin = Instant::now();
+    let clock = || origin.elapsed();
+    let finish = || gpu.synchronize();
+    let random = |dims: &[usize], mean: f32, std: f32| {
+        Tensor::randn(mean, std, dims, &gpu)?.to_dtype(DType::F16)
+    };
+    let declined = || candle_core::Error::Msg(format!("our {} kernel declined", family.name()));
+    let timing = match family {
+        Family::GroupNorm => {
+            let xs = random(&[BATCH, CHANNELS, SIDE, SIDE], 1.0, 2.0)?;
+            let weight = random(&[CHANNELS], 1.0, 0.5)?;
+            let bias = random(&[CHANNELS], 0.0, 0.5)?;
+            let norm = |composed: bool| {
+                let run = if composed {
+                    kernels::group_norm_composed
+                } else {
+                    kernels::group_norm
+                };
+                run(&xs, &weight, &bias, 32, 1e-5, Activation::Silu).map(drop)
+            };
+            race(&clock, &finish, &|| norm(false), &|| norm(true))?
+        }
+        Family::Geglu => {
+            // The feed-forward's projection: 4 × 320 inner channels, twice (value and gate).
+            let width = 2 * 4 * CHANNELS;
+            let projected = random(&[BATCH, SIDE * SIDE, width], 0.0, 2.0)?;
+            let bias = random(&[width], 0.0, 0.5)?;
+            let ours = || {
+                kernels::geglu(&projected, &bias)?
+                    .map(drop)
+                    .ok_or_else(declined)
+            };
+            let theirs = || kernels::geglu::composed(&projected, &bias).map(drop);
+            race(&clock, &finish, &ours, &theirs)?
+        }
+        Family::Im2col => {
+            let xs = random(&[BATCH, CHANNELS, SIDE, SIDE], 0.0, 1.0)?;
+            let weight = random(
+                &[CHANNELS, CHANNELS, 3, 3],
+                0.0,
+                (9.0 * CHANNELS as f32).powf(-0.5),
+            )?;
+            let matrix = weight.reshape((CHANNELS, CHANNELS * 9))?;
+            // Our columns and one GEMM into the image layout, as `Conv3x3` runs them.
+            let ours = || {
+                let columns = kernels::im2col::columns_3x3(&xs, Source::AsIs, 0, SIDE)?
+                    .ok_or_else(declined)?;
+                matrix.broadcast_left(BATCH)?.matmul(&columns).map(drop)
+            };
+            let theirs = || xs.conv2d(&weight, 1, 1, 1, 1).map(drop);
+            race(&clock, &finish, &ours, &theirs)?
+        }
+        Family::AttentionMma => {
+            let Some(wmma) = checked_module(device, Family::Attention) else {
+                return Ok(None);
+            };
+            super::attention::race_registers(device, &module, &wmma, &clock, &finish)?
+        }
+        Family::Attention => return Ok(None),
+    };
+    Ok(Some(timing))
+}
+
+/// How [`race`] reads the time and waits for the device, for the families' own races.
+pub(super) type Clock<'a> = &'a dyn Fn() -> Duration;
+pub(super) type Finish<'a> = &'a dyn Fn() -> Result<()>;

@@ -12,9 +12,12 @@
 //     the registers either;
 //   - the running output is accumulators too, rescaled in place.
 // Only K and V pass through shared memory, once per key tile for the block's 4 warps (64
-// query rows); V is stored transposed there so that both B operands are read as 32-bit
-// pairs along a row. Row strides of 8 halves more than the data spread a warp's reads over
-// all 32 banks.
+// query rows), both stored as they come (a row per key, written as 32-bit pairs). Kᵀ's B
+// fragments are pairs along K's rows; V's are pairs down its columns, which `ldmatrix.trans`
+// reads (8×8 blocks transposed on their way into registers, four at a time). Row strides of
+// 8 halves more than the data spread a warp's writes, reads and `ldmatrix` rows over all 32
+// banks. (Storing V transposed instead, as this kernel first did, took two 16-bit writes per
+// pair that 8 lanes at a time sent to the same bank.)
 //
 // The same layouts as `attention.cu`: inputs `(batch, tokens, heads · head_dim)` as the
 // projections leave them, output the same way. The head dim (even, at most 16 · KSTEPS)
@@ -28,7 +31,7 @@
 //   B (16×8, "col"):       b0 = (rows 2t, 2t+1 of column g), b1 = (rows 2t+8, 2t+9)
 //   C (16×8, f32):         c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols)
 // Turing (sm_75) has m16n8k8 only: there one m16n8k16 is two of them, over a0 a1 b0 and
-// a2 a3 b1.
+// a2 a3 b1. `ldmatrix` is sm_75 and newer, like the kernel.
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -66,6 +69,26 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
+// B fragments of two neighbouring 8-column tiles of a 16-row block stored row by row in
+// shared memory, transposed on the way: `rows` points at the block's first row and
+// first column, `stride` halves apart. Lane 8·m + r names row r + 8·(m % 2) of tile m / 2;
+// registers: b0 and b1 of the first tile, then of the second.
+__device__ __forceinline__ void load_b_transposed(uint32_t (&b)[4], const __half* rows,
+                                                  uint32_t stride) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t matrix = lane / 8;
+  const __half* row = rows + (lane % 8 + 8 * (matrix % 2)) * stride + 8 * (matrix / 2);
+#if defined(STUDIO_CUDA_EMULATION)
+  emulation::ldmatrix_x4_trans(b, row);
+#else
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile(
+      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+      : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+      : "r"(address));
+#endif
+}
+
 // Two values rounded to f16 and packed, `low` first (lower column).
 __device__ __forceinline__ uint32_t pack(float low, float high) {
   return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(low))) |
@@ -83,11 +106,10 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
                               uint32_t heads, uint32_t queries, uint32_t keys,
                               uint32_t head_dim, float scale_log2) {
   constexpr uint32_t DP = 16 * KSTEPS;       // the padded head dim
-  constexpr uint32_t DIM_GROUPS = DP / 8;    // output tiles of 8 columns
-  constexpr uint32_t LD_K = DP + 8;          // K rows, in halves
-  constexpr uint32_t LD_V = KEY_TILE + 8;    // Vᵀ rows (one per column of V), in halves
-  __shared__ __align__(16) __half k_s[KEY_TILE * LD_K];
-  __shared__ __align__(16) __half v_t[DP * LD_V];
+  constexpr uint32_t DIM_GROUPS = DP / 8;    // output tiles of 8 columns (an even count)
+  constexpr uint32_t LD = DP + 8;            // K and V rows, in halves (16-byte multiples)
+  __shared__ __align__(16) __half k_s[KEY_TILE * LD];
+  __shared__ __align__(16) __half v_s[KEY_TILE * LD];
 
   const uint32_t warp = threadIdx.x / 32;
   const uint32_t lane = threadIdx.x % 32;
@@ -141,17 +163,14 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
   const uint32_t pairs = DP / 2;
   for (uint32_t first_key = 0; first_key < keys; first_key += KEY_TILE) {
     __syncthreads();  // every warp is done with the previous tile
-    // K as it is, V transposed; zeros past the keys and past the head dim.
+    // K and V as they are; zeros past the keys and past the head dim.
     for (uint32_t i = threadIdx.x; i < KEY_TILE * pairs; i += THREADS) {
       const uint32_t key = i / pairs;
       const uint32_t column = i % pairs * 2;
       const bool inside = first_key + key < keys && column < head_dim;
       const size_t at = static_cast<size_t>(first_key + key) * token_stride + column;
-      const uint32_t k_pair = inside ? load_pair(k_head + at) : 0;
-      const uint32_t v_pair = inside ? load_pair(v_head + at) : 0;
-      *reinterpret_cast<uint32_t*>(k_s + key * LD_K + column) = k_pair;
-      v_t[column * LD_V + key] = __ushort_as_half(static_cast<unsigned short>(v_pair & 0xffffu));
-      v_t[(column + 1) * LD_V + key] = __ushort_as_half(static_cast<unsigned short>(v_pair >> 16));
+      *reinterpret_cast<uint32_t*>(k_s + key * LD + column) = inside ? load_pair(k_head + at) : 0;
+      *reinterpret_cast<uint32_t*>(v_s + key * LD + column) = inside ? load_pair(v_head + at) : 0;
     }
     __syncthreads();
 
@@ -163,7 +182,7 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
       for (uint32_t i = 0; i < 4; ++i) {
         scores[group][i] = 0.0f;
       }
-      const __half* key_row = k_s + (group * 8 + g) * LD_K + 2 * t;
+      const __half* key_row = k_s + (group * 8 + g) * LD + 2 * t;
       #pragma unroll
       for (uint32_t step = 0; step < KSTEPS; ++step) {
         mma_16816(scores[group], q_fragments[step], load_pair(key_row + step * 16),
@@ -226,11 +245,14 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
         weights[2 * part + 1] = static_cast<uint32_t>(__half_as_ushort(p2)) |
                                 (static_cast<uint32_t>(__half_as_ushort(p3)) << 16);
       }
-      // O += P·V over these 16 keys. V as B (column n = head column n): pairs along Vᵀ's rows.
+      // O += P·V over these 16 keys. V as B (k = key, column n = head column n), two output
+      // tiles per `ldmatrix`.
       #pragma unroll
-      for (uint32_t group = 0; group < DIM_GROUPS; ++group) {
-        const __half* value_row = v_t + (group * 8 + g) * LD_V + step * 16 + 2 * t;
-        mma_16816(output[group], weights, load_pair(value_row), load_pair(value_row + 8));
+      for (uint32_t group = 0; group < DIM_GROUPS; group += 2) {
+        uint32_t values[4];
+        load_b_transposed(values, v_s + step * 16 * LD + group * 8, LD);
+        mma_16816(output[group], weights, values[0], values[1]);
+        mma_16816(output[group + 1], weights, values[2], values[3]);
       }
     }
   }

@@ -23,7 +23,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __align__(bytes)
+#define __align__(bytes) __attribute__((aligned(bytes)))
 #define __shared__ static  // blocks run one at a time
 #define __launch_bounds__(threads)
 
@@ -48,7 +48,8 @@ namespace emulation {
 
 // The synchronisation of the block being run.
 struct Block {
-  explicit Block(uint32_t threads) : block(threads), exchange(threads), fragments(threads) {
+  explicit Block(uint32_t threads)
+      : block(threads), exchange(threads), fragments(threads), addresses(threads) {
     for (uint32_t warp = 0; warp < threads / 32; ++warp) {
       warps.push_back(std::make_unique<std::barrier<>>(32));
     }
@@ -57,6 +58,7 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> exchange;  // one mailbox per thread, for the shuffles
   std::vector<std::array<uint32_t, 6>> fragments;  // one per thread, for mma.sync (mma_sync.h)
+  std::vector<const void*> addresses;  // one per thread, for ldmatrix (mma_sync.h)
 };
 
 inline Block* block = nullptr;

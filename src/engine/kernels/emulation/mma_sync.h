@@ -9,7 +9,13 @@
 //   B (16×8):  b0 = (rows 2t, 2t+1, column g), b1 = (rows 2t+8, 2t+9, column g)
 //   C (16×8):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
 // The products are summed in f32 (the hardware's order of summation is its own).
+//
+// Also `ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16`, which loads B fragments from rows in
+// shared memory (see `ldmatrix_x4_trans`).
 #pragma once
+
+#include <cstdio>
+#include <cstdlib>
 
 #include "cuda_emulation.h"
 #include "cuda_fp16.h"
@@ -46,6 +52,36 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
       sum += a_at(row, k) * b_at(k, column);
     }
     d[i] += sum;
+  }
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+
+// `ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16`: four 8×8 matrices of 16-bit values, a
+// warp-wide load as on the GPU. Lane 8·m + r posts the address of row r of matrix m (16
+// contiguous bytes, 16-byte aligned, as the hardware requires); each matrix is delivered
+// transposed: register m of lane 4·g + t holds (row 2t, column g) low and (row 2t + 1,
+// column g) high of matrix m, i.e. a B fragment's register when the rows are B's k.
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* address) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t base = threadIdx.x - lane;
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) {
+    std::fprintf(stderr, "ldmatrix: lane %u's row address is not 16-byte aligned\n", lane);
+    std::abort();
+  }
+  block->addresses[threadIdx.x] = address;
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+  const uint32_t g = lane / 4;
+  const uint32_t t = lane % 4;
+  for (uint32_t m = 0; m < 4; ++m) {
+    const auto element = [&](uint32_t row) {
+      uint16_t value;
+      std::memcpy(&value,
+                  static_cast<const unsigned char*>(block->addresses[base + 8 * m + row]) +
+                      2 * g,
+                  sizeof(value));
+      return static_cast<uint32_t>(value);
+    };
+    r[m] = element(2 * t) | (element(2 * t + 1) << 16);
   }
   block->warps[threadIdx.x / 32]->arrive_and_wait();
 }

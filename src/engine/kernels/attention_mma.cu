@@ -12,12 +12,13 @@
 //     the registers either;
 //   - the running output is accumulators too, rescaled in place.
 // Only K and V pass through shared memory, once per key tile for the block's 4 warps (64
-// query rows), both stored as they come (a row per key, written as 32-bit pairs). Kᵀ's B
-// fragments are pairs along K's rows; V's are pairs down its columns, which `ldmatrix.trans`
-// reads (8×8 blocks transposed on their way into registers, four at a time). Row strides of
-// 8 halves more than the data spread a warp's writes, reads and `ldmatrix` rows over all 32
-// banks. (Storing V transposed instead, as this kernel first did, took two 16-bit writes per
-// pair that 8 lanes at a time sent to the same bank.)
+// query rows), both stored as they come (a row per key, written as 32-bit pairs). The B
+// fragments come from there by `ldmatrix`, four 8×8 matrices per instruction: Kᵀ's are pairs
+// along K's rows (as stored), V's pairs down its columns (`.trans`: each block transposed
+// on its way into registers). Row strides of 8 halves more than the data spread a warp's
+// writes and each `ldmatrix` phase's 8 rows over all 32 banks. (Storing V transposed
+// instead, as this kernel first did, took two 16-bit writes per pair that 8 lanes at a time
+// sent to the same bank.)
 //
 // The same layouts as `attention.cu`: inputs `(batch, tokens, heads · head_dim)` as the
 // projections leave them, output the same way. The head dim (even, at most 16 · KSTEPS)
@@ -69,24 +70,47 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// B fragments of two neighbouring 8-column tiles of a 16-row block stored row by row in
-// shared memory, transposed on the way: `rows` points at the block's first row and
-// first column, `stride` halves apart. Lane 8·m + r names row r + 8·(m % 2) of tile m / 2;
-// registers: b0 and b1 of the first tile, then of the second.
-__device__ __forceinline__ void load_b_transposed(uint32_t (&b)[4], const __half* rows,
-                                                  uint32_t stride) {
-  const uint32_t lane = threadIdx.x % 32;
-  const uint32_t matrix = lane / 8;
-  const __half* row = rows + (lane % 8 + 8 * (matrix % 2)) * stride + 8 * (matrix / 2);
+// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`: lane 8·m + r gives the address of
+// row r of 8×8 matrix m (16 bytes in shared memory, 16-byte aligned); register m receives
+// matrix m's pair for this lane, as stored or transposed (see mma_sync.h's emulation).
+template <bool TRANSPOSED>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __half* row) {
 #if defined(STUDIO_CUDA_EMULATION)
-  emulation::ldmatrix_x4_trans(b, row);
+  emulation::ldmatrix_x4(r, row, TRANSPOSED);
 #else
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile(
-      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-      : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-      : "r"(address));
+  if constexpr (TRANSPOSED) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
 #endif
+}
+
+// Kᵀ's B fragments for two neighbouring tiles of 8 keys at one step of 16 head columns:
+// `keys` points at the first key's row at the step's first column, rows `stride` halves
+// apart. Matrix m is keys 8·(m / 2) + 0…7, columns 8·(m % 2) + 0…7, as stored; registers:
+// b0 and b1 of the first tile, then of the second.
+__device__ __forceinline__ void load_b_keys(uint32_t (&b)[4], const __half* keys,
+                                            uint32_t stride) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t matrix = lane / 8;
+  ldmatrix_x4<false>(b, keys + (lane % 8 + 8 * (matrix / 2)) * stride + 8 * (matrix % 2));
+}
+
+// V's B fragments for two neighbouring tiles of 8 head columns over 16 keys: `values` points
+// at the first key's row at the first tile's first column, rows `stride` halves apart.
+// Matrix m is keys 8·(m % 2) + 0…7, columns 8·(m / 2) + 0…7, transposed; registers: b0 and
+// b1 of the first tile, then of the second.
+__device__ __forceinline__ void load_b_values(uint32_t (&b)[4], const __half* values,
+                                              uint32_t stride) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t matrix = lane / 8;
+  ldmatrix_x4<true>(b, values + (lane % 8 + 8 * (matrix % 2)) * stride + 8 * (matrix / 2));
 }
 
 // Two values rounded to f16 and packed, `low` first (lower column).
@@ -174,7 +198,7 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
     }
     __syncthreads();
 
-    // S = Q·Kᵀ: 8 tiles of 8 keys. Kᵀ as B (column n = key n): pairs along K's rows.
+    // S = Q·Kᵀ: 8 tiles of 8 keys, two per `ldmatrix`. Kᵀ as B (column n = key n).
     float scores[KEY_GROUPS][4];
     #pragma unroll
     for (uint32_t group = 0; group < KEY_GROUPS; ++group) {
@@ -182,11 +206,15 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
       for (uint32_t i = 0; i < 4; ++i) {
         scores[group][i] = 0.0f;
       }
-      const __half* key_row = k_s + (group * 8 + g) * LD + 2 * t;
+    }
+    #pragma unroll
+    for (uint32_t group = 0; group < KEY_GROUPS; group += 2) {
       #pragma unroll
       for (uint32_t step = 0; step < KSTEPS; ++step) {
-        mma_16816(scores[group], q_fragments[step], load_pair(key_row + step * 16),
-                  load_pair(key_row + step * 16 + 8));
+        uint32_t keys_b[4];
+        load_b_keys(keys_b, k_s + group * 8 * LD + step * 16, LD);
+        mma_16816(scores[group], q_fragments[step], keys_b[0], keys_b[1]);
+        mma_16816(scores[group + 1], q_fragments[step], keys_b[2], keys_b[3]);
       }
     }
 
@@ -250,7 +278,7 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
       #pragma unroll
       for (uint32_t group = 0; group < DIM_GROUPS; group += 2) {
         uint32_t values[4];
-        load_b_transposed(values, v_s + step * 16 * LD + group * 8, LD);
+        load_b_values(values, v_s + step * 16 * LD + group * 8, LD);
         mma_16816(output[group], weights, values[0], values[1]);
         mma_16816(output[group + 1], weights, values[2], values[3]);
       }
@@ -285,18 +313,27 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
 }  // namespace
 
 // One kernel per padded head dim, 16 · KSTEPS: SD's heads are 40 (48), 64, 80 and 160 (the
-// last is `attention.cu`'s).
-#define ATTENTION_MMA(KSTEPS)                                                               \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                     \
+// last is `attention.cu`'s). On Ampere, Ada and Hopper the heads up to 64 ask ptxas for
+// room for 4 blocks per SM (128 registers a thread), which it makes without spilling; the
+// head of 64 would otherwise take 137 and leave room for 3. Turing (64 KB of shared memory
+// per SM: 3 blocks) and Blackwell would spill, and wider heads too: those keep what they
+// need.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && __CUDA_ARCH__ < 1000
+#define FOUR_BLOCKS_PER_SM __launch_bounds__(THREADS, 4)
+#else
+#define FOUR_BLOCKS_PER_SM __launch_bounds__(THREADS)
+#endif
+#define ATTENTION_MMA(KSTEPS, BOUNDS)                                                       \
+  extern "C" __global__ void BOUNDS                                                         \
       attention_mma_f16_k##KSTEPS(const __half* q, const __half* k, const __half* v,        \
                                   __half* out, uint32_t heads, uint32_t queries,            \
                                   uint32_t keys, uint32_t head_dim, float scale_log2) {     \
     attention_mma<KSTEPS>(q, k, v, out, heads, queries, keys, head_dim, scale_log2);        \
   }
 
-ATTENTION_MMA(2)
-ATTENTION_MMA(3)
-ATTENTION_MMA(4)
-ATTENTION_MMA(5)
-ATTENTION_MMA(6)
-ATTENTION_MMA(8)
+ATTENTION_MMA(2, FOUR_BLOCKS_PER_SM)
+ATTENTION_MMA(3, FOUR_BLOCKS_PER_SM)
+ATTENTION_MMA(4, FOUR_BLOCKS_PER_SM)
+ATTENTION_MMA(5, __launch_bounds__(THREADS))
+ATTENTION_MMA(6, __launch_bounds__(THREADS))
+ATTENTION_MMA(8, __launch_bounds__(THREADS))

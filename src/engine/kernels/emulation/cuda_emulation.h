@@ -25,7 +25,7 @@
 #define __restrict__ __restrict
 #define __align__(bytes) __attribute__((aligned(bytes)))
 #define __shared__ static  // blocks run one at a time
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 
 struct dim3 {
   uint32_t x = 1, y = 1, z = 1;

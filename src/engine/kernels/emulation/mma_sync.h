@@ -10,8 +10,8 @@
 //   C (16×8):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
 // The products are summed in f32 (the hardware's order of summation is its own).
 //
-// Also `ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16`, which loads B fragments from rows in
-// shared memory (see `ldmatrix_x4_trans`).
+// Also `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`, which loads fragments from rows in
+// shared memory (see `ldmatrix_x4`).
 #pragma once
 
 #include <cstdio>
@@ -56,12 +56,12 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   block->warps[threadIdx.x / 32]->arrive_and_wait();
 }
 
-// `ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16`: four 8×8 matrices of 16-bit values, a
-// warp-wide load as on the GPU. Lane 8·m + r posts the address of row r of matrix m (16
-// contiguous bytes, 16-byte aligned, as the hardware requires); each matrix is delivered
-// transposed: register m of lane 4·g + t holds (row 2t, column g) low and (row 2t + 1,
-// column g) high of matrix m, i.e. a B fragment's register when the rows are B's k.
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* address) {
+// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`: four 8×8 matrices of 16-bit values,
+// a warp-wide load as on the GPU. Lane 8·m + r posts the address of row r of matrix m (16
+// contiguous bytes, 16-byte aligned, as the hardware requires). Register m of lane 4·g + t
+// holds, of matrix m, (row g, columns 2t and 2t + 1) as it is, or transposed (`.trans`)
+// (rows 2t and 2t + 1 of column g); low element first.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* address, bool transposed) {
   const uint32_t lane = threadIdx.x % 32;
   const uint32_t base = threadIdx.x - lane;
   if (reinterpret_cast<uintptr_t>(address) % 16 != 0) {
@@ -73,15 +73,16 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* address) {
   const uint32_t g = lane / 4;
   const uint32_t t = lane % 4;
   for (uint32_t m = 0; m < 4; ++m) {
-    const auto element = [&](uint32_t row) {
+    const auto element = [&](uint32_t row, uint32_t column) {
       uint16_t value;
       std::memcpy(&value,
                   static_cast<const unsigned char*>(block->addresses[base + 8 * m + row]) +
-                      2 * g,
+                      2 * column,
                   sizeof(value));
       return static_cast<uint32_t>(value);
     };
-    r[m] = element(2 * t) | (element(2 * t + 1) << 16);
+    r[m] = transposed ? element(2 * t, g) | (element(2 * t + 1, g) << 16)
+                      : element(g, 2 * t) | (element(g, 2 * t + 1) << 16);
   }
   block->warps[threadIdx.x / 32]->arrive_and_wait();
 }

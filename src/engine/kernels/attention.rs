@@ -37,10 +37,10 @@ pub(super) const MMA_QUERY_ROWS: usize = 64;
 pub(super) const MMA_THREADS: usize = 128;
 
 /// The register kernel for `head_dim`: how many steps of 16 its padded head spans (the
-/// kernels `attention_mma_f16_k<steps>`), or `None` for an odd or too wide head (its pairs
-/// of values are read 32 bits at a time).
+/// kernels `attention_mma_f16_k<steps>`), or `None` for a head that is not a multiple of 8
+/// (the kernel copies K and V 16 bytes at a time; every SD head is one) or too wide.
 pub fn mma_steps(head_dim: usize) -> Option<usize> {
-    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+    if head_dim == 0 || !head_dim.is_multiple_of(8) {
         return None;
     }
     [2, 3, 4, 5, 6, 8]
@@ -250,7 +250,7 @@ pub(super) const CHECK_CASES: [(Geometry, f32); 5] = [
     (geometry(2, 3, 20, 77, 40), 1.0),
     (geometry(1, 2, 40, 70, 64), 4.0),
     (geometry(1, 1, 33, 100, 160), 1.0),
-    (geometry(2, 2, 5, 3, 12), 1.0),
+    (geometry(2, 2, 5, 3, 24), 1.0),
     (geometry(1, 1, 17, 40, 256), 2.0),
 ];
 
@@ -263,7 +263,7 @@ pub(super) const MMA_CHECK_CASES: [(Geometry, f32); 6] = [
     (geometry(2, 3, 20, 77, 40), 1.0),
     (geometry(1, 2, 100, 150, 64), 4.0),
     (geometry(1, 1, 70, 64, 80), 1.0),
-    (geometry(2, 2, 5, 3, 12), 1.0),
+    (geometry(2, 2, 5, 3, 24), 1.0),
     (geometry(1, 1, 17, 40, 128), 2.0),
     (geometry(1, 2, 9, 20, 96), 1.0),
 ];
@@ -412,9 +412,13 @@ mod tests {
         assert_eq!(mma_steps(96), Some(6));
         assert_eq!(mma_steps(112), Some(8));
         assert_eq!(mma_steps(MMA_MAX_HEAD_DIM), Some(8));
-        assert_eq!(mma_steps(2), Some(2));
-        // Odd heads (pairs read as 32 bits), and wider ones, take `attention.cu`.
+        assert_eq!(mma_steps(8), Some(2));
+        assert_eq!(mma_steps(24), Some(2));
+        // Heads that are not a multiple of 8 (K and V are copied 16 bytes at a time), and
+        // wider ones, take `attention.cu`.
         assert_eq!(mma_steps(39), None);
+        assert_eq!(mma_steps(12), None);
+        assert_eq!(mma_steps(2), None);
         assert_eq!(mma_steps(160), None);
         assert_eq!(mma_steps(0), None);
         let runs = MMA_CHECK_CASES.map(|(geometry, _)| mma_steps(geometry.head_dim));

@@ -12,7 +12,7 @@
 //     the registers either;
 //   - the running output is accumulators too, rescaled in place.
 // Only K and V pass through shared memory, once per key tile for the block's 4 warps (64
-// query rows), both stored as they come (a row per key, written as 32-bit pairs). The B
+// query rows), both stored as they come (a row per key, copied 16 bytes at a time). The B
 // fragments come from there by `ldmatrix`, four 8×8 matrices per instruction: Kᵀ's are pairs
 // along K's rows (as stored), V's pairs down its columns (`.trans`: each block transposed
 // on its way into registers). Row strides of 8 halves more than the data spread a warp's
@@ -21,9 +21,13 @@
 // sent to the same bank.)
 //
 // The same layouts as `attention.cu`: inputs `(batch, tokens, heads · head_dim)` as the
-// projections leave them, output the same way. The head dim (even, at most 16 · KSTEPS)
-// is padded to 16 · KSTEPS with zeros; keys past the end are masked, query rows past the end
-// are not written. Scores are scaled in base 2 (`scale_log2` = scale · log2 e).
+// projections leave them, output the same way. The head dim (a multiple of 8, as every SD
+// head is, at most 16 · KSTEPS) is padded to 16 · KSTEPS with zeros, and every head's rows
+// start on 16 bytes (the host checks both; other heads and views take `attention.cu`,
+// which copies value by value where it must): so K and V are copied 16 bytes at a time,
+// with no second, pairwise copy loop whose registers would cost occupancy. Keys past the
+// end are masked, query rows past the end are not written. Scores are scaled in base 2
+// (`scale_log2` = scale · log2 e).
 //
 // Fragment layouts, for lane = 4·g + t (g = lane / 4, t = lane % 4), pairs packed low
 // element first:
@@ -154,8 +158,8 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
   const uint32_t row_low = first_row + g;
   const uint32_t row_high = first_row + g + 8;
 
-  // Q as A fragments, once: zeros past the rows and past the head dim (which is even, so a
-  // pair is wholly inside or wholly past it).
+  // Q as A fragments, once: zeros past the rows and past the head dim (a multiple of 8, so
+  // a pair is wholly inside or wholly past it).
   uint32_t q_fragments[KSTEPS][4];
   #pragma unroll
   for (uint32_t step = 0; step < KSTEPS; ++step) {
@@ -184,17 +188,21 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
   float max_low = -INFINITY, max_high = -INFINITY;
   float sum_low = 0.0f, sum_high = 0.0f;
 
-  const uint32_t pairs = DP / 2;
+  constexpr uint32_t CHUNKS = DP / 8;  // 16-byte chunks of a K or V row
   for (uint32_t first_key = 0; first_key < keys; first_key += KEY_TILE) {
     __syncthreads();  // every warp is done with the previous tile
-    // K and V as they are; zeros past the keys and past the head dim.
-    for (uint32_t i = threadIdx.x; i < KEY_TILE * pairs; i += THREADS) {
-      const uint32_t key = i / pairs;
-      const uint32_t column = i % pairs * 2;
+    // K and V as they are, 8 values at a time (a chunk is wholly inside the head dim or
+    // wholly past it); zeros past the keys and past the head dim.
+    for (uint32_t i = threadIdx.x; i < KEY_TILE * CHUNKS; i += THREADS) {
+      const uint32_t key = i / CHUNKS;
+      const uint32_t column = i % CHUNKS * 8;
       const bool inside = first_key + key < keys && column < head_dim;
       const size_t at = static_cast<size_t>(first_key + key) * token_stride + column;
-      *reinterpret_cast<uint32_t*>(k_s + key * LD + column) = inside ? load_pair(k_head + at) : 0;
-      *reinterpret_cast<uint32_t*>(v_s + key * LD + column) = inside ? load_pair(v_head + at) : 0;
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(k_s + key * LD + column) =
+          inside ? *reinterpret_cast<const uint4*>(k_head + at) : zero;
+      *reinterpret_cast<uint4*>(v_s + key * LD + column) =
+          inside ? *reinterpret_cast<const uint4*>(v_head + at) : zero;
     }
     __syncthreads();
 

@@ -58,12 +58,13 @@ pub(in crate::engine::kernels) fn attention(
     }
     let [query, key, value] = [query, key, value].map(Tensor::contiguous);
     let inputs = [query?, key?, value?];
-    // The register kernel reads pairs of values as 32 bits: views that start on an even one.
-    let even = inputs
+    // The register kernel copies K and V 16 bytes at a time: views that start on a multiple
+    // of 8 values (its heads are multiples of 8, so every row then starts on one too).
+    let aligned = inputs
         .iter()
-        .all(|tensor| tensor.layout().start_offset().is_multiple_of(2));
+        .all(|tensor| tensor.layout().start_offset().is_multiple_of(8));
     if let Some(steps) = op::mma_steps(geometry.head_dim)
-        && even
+        && aligned
         && let Some(module) = checked_module(device, Family::AttentionMma)
     {
         let kernel = Kernel::Registers { steps };
@@ -270,8 +271,10 @@ impl CustomOp3 for AttentionOp {
 
         let (function, config) = match self.kernel {
             Kernel::Registers { steps } => {
-                if !starting_on(2) {
-                    candle_core::bail!("attention: a view starts on an odd value");
+                if !starting_on(8) || !head_dim.is_multiple_of(8) {
+                    candle_core::bail!(
+                        "attention: the register kernel needs heads and views on multiples of 8"
+                    );
                 }
                 let function = self
                     .module

@@ -12,7 +12,10 @@
 //     the registers either;
 //   - the running output is accumulators too, rescaled in place.
 // Only K and V pass through shared memory, once per key tile for the block's 4 warps (64
-// query rows), both stored as they come (a row per key, copied 16 bytes at a time). The B
+// query rows), both stored as they come (a row per key, copied 16 bytes at a time). On
+// Ampere and newer the copies are `cp.async` and overlap the work, as FlashAttention-2's do:
+// a tile's V arrives while its scores are computed, the next tile's K while its P·V is. The
+// B
 // fragments come from there by `ldmatrix`, four 8×8 matrices per instruction: Kᵀ's are pairs
 // along K's rows (as stored), V's pairs down its columns (`.trans`: each block transposed
 // on its way into registers). Row strides of 8 halves more than the data spread a warp's
@@ -117,6 +120,63 @@ __device__ __forceinline__ void load_b_values(uint32_t (&b)[4], const __half* va
   ldmatrix_x4<true>(b, values + (lane % 8 + 8 * (matrix % 2)) * stride + 8 * (matrix / 2));
 }
 
+// 16 bytes from global `source` to shared `destination` (both 16-byte aligned), or zeros
+// where `inside` is false (`source` is then not read): `cp.async` on sm_80 and newer, whose
+// data this thread may read once `wait_copies` has waited for its group; a plain copy on
+// Turing, where the waits are nothing.
+__device__ __forceinline__ void copy_16(__half* destination, const __half* source, bool inside) {
+#if defined(STUDIO_CUDA_EMULATION)
+  emulation::cp_async_16(destination, source, inside);
+#elif __CUDA_ARCH__ >= 800
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
+  const uint32_t bytes = inside ? 16 : 0;  // fewer bytes than 16: the rest are zeros
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :
+               : "r"(address), "l"(source), "r"(bytes));
+#else
+  *reinterpret_cast<uint4*>(destination) =
+      inside ? *reinterpret_cast<const uint4*>(source) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+// Closes this thread's group of copies since the last one.
+__device__ __forceinline__ void commit_copies() {
+#if defined(STUDIO_CUDA_EMULATION)
+  emulation::cp_async_commit();
+#elif __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `PENDING` of this thread's newest groups of copies are still in flight.
+template <int PENDING>
+__device__ __forceinline__ void wait_copies() {
+#if defined(STUDIO_CUDA_EMULATION)
+  emulation::cp_async_wait(PENDING);
+#elif __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+#endif
+}
+
+// One group of copies: KEY_TILE rows of a head's K or V from key `first` into `tile` (rows
+// LD halves apart), 8 values at a time (the head dim is a multiple of 8, so a chunk is
+// wholly inside it or wholly past it); zeros past the keys and past the head dim.
+template <uint32_t DP>
+__device__ __forceinline__ void copy_rows(__half* tile, const __half* head, size_t token_stride,
+                                          uint32_t first, uint32_t keys, uint32_t head_dim) {
+  constexpr uint32_t LD = DP + 8;
+  constexpr uint32_t CHUNKS = DP / 8;
+  for (uint32_t i = threadIdx.x; i < KEY_TILE * CHUNKS; i += THREADS) {
+    const uint32_t key = i / CHUNKS;
+    const uint32_t column = i % CHUNKS * 8;
+    const bool inside = first + key < keys && column < head_dim;
+    const __half* source =
+        inside ? head + static_cast<size_t>(first + key) * token_stride + column : head;
+    copy_16(tile + key * LD + column, source, inside);
+  }
+  commit_copies();
+}
+
 // Two values rounded to f16 and packed, `low` first (lower column).
 __device__ __forceinline__ uint32_t pack(float low, float high) {
   return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(low))) |
@@ -188,22 +248,16 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
   float max_low = -INFINITY, max_high = -INFINITY;
   float sum_low = 0.0f, sum_high = 0.0f;
 
-  constexpr uint32_t CHUNKS = DP / 8;  // 16-byte chunks of a K or V row
+  // K and V tiles in flight: each `copy_tile` is one group of copies; a group is this
+  // thread's to read once waited for, the block's after a __syncthreads().
+  const auto copy_tile = [&](__half* tile, const __half* head, uint32_t first) {
+    copy_rows<DP>(tile, head, token_stride, first, keys, head_dim);
+  };
+  copy_tile(k_s, k_head, 0);
   for (uint32_t first_key = 0; first_key < keys; first_key += KEY_TILE) {
-    __syncthreads();  // every warp is done with the previous tile
-    // K and V as they are, 8 values at a time (a chunk is wholly inside the head dim or
-    // wholly past it); zeros past the keys and past the head dim.
-    for (uint32_t i = threadIdx.x; i < KEY_TILE * CHUNKS; i += THREADS) {
-      const uint32_t key = i / CHUNKS;
-      const uint32_t column = i % CHUNKS * 8;
-      const bool inside = first_key + key < keys && column < head_dim;
-      const size_t at = static_cast<size_t>(first_key + key) * token_stride + column;
-      const uint4 zero = make_uint4(0, 0, 0, 0);
-      *reinterpret_cast<uint4*>(k_s + key * LD + column) =
-          inside ? *reinterpret_cast<const uint4*>(k_head + at) : zero;
-      *reinterpret_cast<uint4*>(v_s + key * LD + column) =
-          inside ? *reinterpret_cast<const uint4*>(v_head + at) : zero;
-    }
+    __syncthreads();  // every warp is done with V's previous tile
+    copy_tile(v_s, v_head, first_key);  // arrives while the scores are computed
+    wait_copies<1>();                   // this tile's K (all but the newest group)
     __syncthreads();
 
     // S = Q·Kᵀ: 8 tiles of 8 keys, two per `ldmatrix`. Kᵀ as B (column n = key n).
@@ -262,6 +316,16 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
       output[group][3] *= rescale_high;
     }
 
+    // The next tile's K arrives while P·V runs; this tile's V must be in.
+    __syncthreads();  // every warp is done with K's tile
+    if (first_key + KEY_TILE < keys) {
+      copy_tile(k_s, k_head, first_key + KEY_TILE);
+      wait_copies<1>();
+    } else {
+      wait_copies<0>();
+    }
+    __syncthreads();
+
     // P, rounded to f16 as P·V uses it (and summed as rounded), straight into A fragments:
     // key step s covers score tiles 2s (a0, a1) and 2s + 1 (a2, a3).
     #pragma unroll
@@ -293,6 +357,8 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
     }
   }
 
+  wait_copies<0>();  // nothing left in flight (there is always a key: a no-op)
+
   // O / sum, rounded once: the row's 4 lanes add up their shares of the sum first.
   #pragma unroll
   for (int lanes = 1; lanes < 4; lanes *= 2) {
@@ -321,12 +387,12 @@ __device__ void attention_mma(const __half* __restrict__ q, const __half* __rest
 }  // namespace
 
 // One kernel per padded head dim, 16 · KSTEPS: SD's heads are 40 (48), 64, 80 and 160 (the
-// last is `attention.cu`'s). On Ampere, Ada and Hopper the heads up to 64 ask ptxas for
-// room for 4 blocks per SM (128 registers a thread), which it makes without spilling; the
-// head of 64 would otherwise take 137 and leave room for 3. Turing (64 KB of shared memory
-// per SM: 3 blocks) and Blackwell would spill, and wider heads too: those keep what they
-// need.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && __CUDA_ARCH__ < 1000
+// last is `attention.cu`'s). On Ampere and Ada (RTX 30 and 40) the heads up to 64 ask ptxas
+// for room for 4 blocks per SM (128 registers a thread), which it makes without spilling;
+// the head of 64 would otherwise take 129 to 137 and leave room for 3. Turing (64 KB of
+// shared memory per SM: 3 blocks), Hopper and Blackwell would spill a little, and wider
+// heads more: those keep what they need (ptxas 13.0, --resource-usage).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && __CUDA_ARCH__ < 900
 #define FOUR_BLOCKS_PER_SM __launch_bounds__(THREADS, 4)
 #else
 #define FOUR_BLOCKS_PER_SM __launch_bounds__(THREADS)

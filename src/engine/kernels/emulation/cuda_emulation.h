@@ -14,6 +14,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -101,6 +103,47 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, Kernel kernel) {
     thread.join();
   }
   block = nullptr;
+}
+
+// `cp.async` (16 bytes, global to shared): each copy waits in this thread's current group
+// and happens only when `cp_async_wait` lets its group complete, so a kernel that reads
+// shared memory before waiting for the copy that fills it reads what was there before.
+struct PendingCopy {
+  void* destination;
+  const void* source;
+  bool inside;  // else 16 zero bytes, the source not read
+};
+inline thread_local std::vector<PendingCopy> uncommitted_copies;
+inline thread_local std::vector<std::vector<PendingCopy>> committed_copies;
+
+inline void cp_async_16(void* destination, const void* source, bool inside) {
+  const auto aligned = [](const void* address) {
+    return reinterpret_cast<uintptr_t>(address) % 16 == 0;
+  };
+  if (!aligned(destination) || (inside && !aligned(source))) {
+    std::fprintf(stderr, "cp.async: an address is not 16-byte aligned\n");
+    std::abort();
+  }
+  uncommitted_copies.push_back({destination, source, inside});
+}
+
+inline void cp_async_commit() {
+  committed_copies.push_back(std::move(uncommitted_copies));
+  uncommitted_copies.clear();
+}
+
+// Completes this thread's oldest groups until at most `pending` remain.
+inline void cp_async_wait(size_t pending) {
+  while (committed_copies.size() > pending) {
+    for (const PendingCopy& copy : committed_copies.front()) {
+      if (copy.inside) {
+        std::memcpy(copy.destination, copy.source, 16);
+      } else {
+        std::memset(copy.destination, 0, 16);
+      }
+    }
+    committed_copies.erase(committed_copies.begin());
+  }
 }
 
 template <typename T>

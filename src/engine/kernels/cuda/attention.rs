@@ -164,8 +164,9 @@ pub(super) fn check_mma(
 }
 
 /// The register kernel (`registers`) against the WMMA kernel (`wmma`) on `device`, at the
-/// first UNet level of SD 1.5 (heads of 40) and of SD 2.x / SDXL (heads of 64), guided, at
-/// 4096 tokens: one call of each geometry per side.
+/// first UNet level of SD 1.5 (heads of 40) and of SD 2.x / SDXL (heads of 64), 4096 tokens,
+/// one image (a guided job's two run the same blocks twice as often; one keeps the race
+/// short on a slow card): one call of each geometry per side.
 pub(super) fn race_registers(
     device: &CudaDevice,
     registers: &Arc<CudaModule>,
@@ -178,7 +179,7 @@ pub(super) fn race_registers(
     let mut cases = Vec::new();
     for (width, heads) in [(320, 8), (640, 10)] {
         let geometry = Geometry {
-            batch: 2,
+            batch: 1,
             heads,
             queries: 4096,
             keys: 4096,

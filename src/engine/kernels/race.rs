@@ -38,41 +38,41 @@ impl Timing {
     pub fn ratio(self) -> f64 {
         self.ours.as_secs_f64() / self.theirs.as_secs_f64().max(f64::MIN_POSITIVE)
     }
-}
 
-/// Times `ours` against `theirs`. Each is called once untimed first (what loads on first use
-/// does so then), then [`ROUNDS`] rounds of [`CALLS`] calls per side, alternating which side
-/// starts; `finish` waits for the device to finish what was launched (a GPU's calls return
-/// before their work is done) and `clock` reads the time. The first error of any call is
-/// the race's.
-pub fn race(
-    clock: &dyn Fn() -> Duration,
-    finish: &dyn Fn() -> Result<()>,
-    ours: &dyn Fn() -> Result<()>,
-    theirs: &dyn Fn() -> Result<()>,
-) -> Result<Timing> {
-    let sides = [ours, theirs];
-    for side in sides {
-        side()?;
-    }
-    finish()?;
-    let mut fastest = [Duration::MAX; 2];
-    for round in 0..ROUNDS {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for index in order {
-            let started = clock();
-            for _ in 0..CALLS {
-                sides[index]()?;
-            }
-            finish()?;
-            let per_call = clock().saturating_sub(started) / CALLS;
-            fastest[index] = fastest[index].min(per_call);
+    /// Times `ours` against `theirs`. Each is called once untimed first (what loads on first
+    /// use does so then), then [`ROUNDS`] rounds of [`CALLS`] calls per side, alternating
+    /// which side starts; `finish` waits for the device to finish what was launched (a GPU's
+    /// calls return before their work is done) and `clock` reads the time. The first error of
+    /// any call is the race's.
+    pub fn measure(
+        clock: &dyn Fn() -> Duration,
+        finish: &dyn Fn() -> Result<()>,
+        ours: &dyn Fn() -> Result<()>,
+        theirs: &dyn Fn() -> Result<()>,
+    ) -> Result<Timing> {
+        let sides = [ours, theirs];
+        for side in sides {
+            side()?;
         }
+        finish()?;
+        let mut fastest = [Duration::MAX; 2];
+        for round in 0..ROUNDS {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for index in order {
+                let started = clock();
+                for _ in 0..CALLS {
+                    sides[index]()?;
+                }
+                finish()?;
+                let per_call = clock().saturating_sub(started) / CALLS;
+                fastest[index] = fastest[index].min(per_call);
+            }
+        }
+        Ok(Timing {
+            ours: fastest[0],
+            theirs: fastest[1],
+        })
     }
-    Ok(Timing {
-        ours: fastest[0],
-        theirs: fastest[1],
-    })
 }
 
 #[cfg(test)]
@@ -114,7 +114,7 @@ mod tests {
             finished.set(finished.get() + 1);
             Ok(())
         };
-        let timing = race(&|| track.now.get(), &finish, &ours, &theirs).unwrap();
+        let timing = Timing::measure(&|| track.now.get(), &finish, &ours, &theirs).unwrap();
         assert_eq!(
             timing,
             Timing {
@@ -151,7 +151,7 @@ mod tests {
             track.spend("theirs", time)
         };
         let ours = || track.spend("ours", 4 * MS);
-        let timing = race(&|| track.now.get(), &|| Ok(()), &ours, &theirs).unwrap();
+        let timing = Timing::measure(&|| track.now.get(), &|| Ok(()), &ours, &theirs).unwrap();
         assert_eq!(timing.theirs, 2 * MS);
         assert_eq!(timing.ours, 4 * MS);
         assert!(!timing.ours_runs());
@@ -186,7 +186,7 @@ mod tests {
             track.spend("theirs", MS)
         };
         let ours = || track.spend("ours", MS);
-        let error = race(&|| track.now.get(), &|| Ok(()), &ours, &theirs).unwrap_err();
+        let error = Timing::measure(&|| track.now.get(), &|| Ok(()), &ours, &theirs).unwrap_err();
         assert!(error.to_string().contains("out of memory"), "{error}");
     }
 }

@@ -17,7 +17,7 @@ use candle_core::{
 
 use super::{Family, as_u32, checked_module, view};
 use crate::engine::kernels::attention::{self as op, Geometry, Tiling};
-use crate::engine::kernels::race::{Timing, race};
+use crate::engine::kernels::race::Timing;
 
 /// The dynamic shared memory a block may have on `device` (with the opt-in beyond 48 KB).
 pub(in crate::engine::kernels) fn max_shared_bytes(device: &CudaDevice) -> Result<usize> {
@@ -210,7 +210,7 @@ pub(super) fn race_registers(
         }
         Ok(())
     };
-    race(clock, finish, &|| all(true), &|| all(false))
+    Timing::measure(clock, finish, &|| all(true), &|| all(false))
 }
 
 struct AttentionOp {

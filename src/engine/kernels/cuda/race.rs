@@ -15,7 +15,7 @@ use candle_core::{CudaDevice, DType, Device, Result, Tensor};
 
 use super::{Family, checked_module, switch_off};
 use crate::engine::kernels::im2col::Source;
-use crate::engine::kernels::race::{Timing, race};
+use crate::engine::kernels::race::Timing;
 use crate::engine::kernels::{self, Activation};
 
 /// The channels, side and batch of the raced image (SD 1.5's first UNet level at 512²,
@@ -101,7 +101,7 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
                 };
                 run(&xs, &weight, &bias, 32, 1e-5, Activation::Silu).map(drop)
             };
-            race(&clock, &finish, &|| norm(false), &|| norm(true))?
+            Timing::measure(&clock, &finish, &|| norm(false), &|| norm(true))?
         }
         Family::Geglu => {
             // The feed-forward's projection: 4 × 320 inner channels, twice (value and gate).
@@ -114,7 +114,7 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
                     .ok_or_else(declined)
             };
             let theirs = || kernels::geglu::composed(&projected, &bias).map(drop);
-            race(&clock, &finish, &ours, &theirs)?
+            Timing::measure(&clock, &finish, &ours, &theirs)?
         }
         Family::Im2col => {
             let xs = random(&[BATCH, CHANNELS, SIDE, SIDE], 0.0, 1.0)?;
@@ -131,7 +131,7 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
                 matrix.broadcast_left(BATCH)?.matmul(&columns).map(drop)
             };
             let theirs = || xs.conv2d(&weight, 1, 1, 1, 1).map(drop);
-            race(&clock, &finish, &ours, &theirs)?
+            Timing::measure(&clock, &finish, &ours, &theirs)?
         }
         Family::AttentionMma => {
             let Some(wmma) = checked_module(device, Family::Attention) else {

@@ -62,8 +62,9 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> candle_core:
 /// candle's kernel modules that a job uses, compiled one after another before the miniature
 /// pipeline runs (which then finds them ready), so that the time left can be told: after each
 /// module, the time so far per byte of PTX times the bytes still to go. Our own kernels are
-/// machine code; they are loaded and checked here too. A module that fails to compile is
-/// left for the pipeline to report. Nothing to do off CUDA.
+/// machine code; they are loaded, checked and raced against candle's here too (which needs
+/// candle's compiled first). A module that fails to compile is left for the pipeline to
+/// report. Nothing to do off CUDA.
 pub fn compile_kernels(device: &Device, time_left: &mut dyn FnMut(Duration)) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {

@@ -45,12 +45,16 @@ pub(super) fn run_once(device: &CudaDevice) {
             Ok(Some(timing)) => {
                 let ours_runs = timing.ours_runs();
                 tracing::info!(
-                    "our GPU {} kernel takes {:.3} ms here, {rival} {:.3} ms ({:.2}×): {} runs",
+                    "our GPU {} kernel takes {:.3} ms here, {rival} {:.3} ms ({:.2}×): {}",
                     family.name(),
                     timing.ours.as_secs_f64() * 1e3,
                     timing.theirs.as_secs_f64() * 1e3,
                     timing.ratio(),
-                    if ours_runs { "ours" } else { rival }
+                    if ours_runs {
+                        "ours runs".to_owned()
+                    } else {
+                        format!("{rival} runs instead")
+                    }
                 );
                 if !ours_runs {
                     switch_off(device, family);
@@ -68,9 +72,9 @@ pub(super) fn run_once(device: &CudaDevice) {
 /// What runs in place of `family` when it is off; `None` for a family not raced.
 fn rival(family: Family) -> Option<&'static str> {
     match family {
-        Family::GroupNorm | Family::Geglu => Some("candle's"),
+        Family::GroupNorm | Family::Geglu => Some("candle's composition"),
         Family::Im2col => Some("candle's convolution"),
-        Family::AttentionMma => Some("our WMMA attention"),
+        Family::AttentionMma => Some("our WMMA attention kernel"),
         Family::Attention => None,
     }
 }

@@ -7,10 +7,11 @@
 //! answers `None` and the caller runs its own path.
 //!
 //! How a block tiles the work ([`Tiling`]) is chosen per head dim to fit the device's shared
-//! memory. Heads up to [`MMA_MAX_HEAD_DIM`] wide (every SD head but SD 1.5's 160) run a
-//! sibling kernel instead where it has passed its own check (`attention_mma.cu`: the same
-//! algorithm with `mma.sync`, scores, probabilities and output all in registers, as
-//! FlashAttention-2 keeps them). The tests run both CUDA sources on a CPU emulation of the
+//! memory. Heads up to [`MMA_MAX_HEAD_DIM`] wide and a multiple of 8 (every SD head but SD
+//! 1.5's 160) run a sibling kernel instead where it has passed its own check and won its
+//! start-up race against this one (`attention_mma.cu`: the same algorithm with `mma.sync`,
+//! scores, probabilities and output all in registers, as FlashAttention-2 keeps them; K and V
+//! by `cp.async` and `ldmatrix`). The tests run both CUDA sources on a CPU emulation of the
 //! GPU's blocks (`emulation/`) against [`reference`], so their logic is checked without a
 //! GPU.
 

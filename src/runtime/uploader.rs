@@ -746,12 +746,22 @@ pub(super) async fn keep_leases(
                 };
                 due_at.insert(lease.key.clone(), Instant::now() + next);
                 if let Some(why) = verdict {
-                    let _ = not_wanted
-                        .send(NotWanted {
-                            key: lease.key.clone(),
-                            why: why.to_owned(),
-                        })
-                        .await;
+                    // Never waits for the uploader, which reads verdicts between attempts: a
+                    // slow upload would hold every other lease's renewal until it ended. A
+                    // verdict that does not fit now is sent again at the next renewal (the
+                    // studio answers the same); a closed channel means shutting down.
+                    let verdict = NotWanted {
+                        key: lease.key.clone(),
+                        why: why.to_owned(),
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(verdict)) =
+                        not_wanted.try_send(verdict)
+                    {
+                        tracing::debug!(
+                            "the uploader is busy; the verdict on {} waits for the next renewal",
+                            verdict.key
+                        );
+                    }
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => return,

@@ -105,24 +105,56 @@ fn block_removal(entry: &std::path::Path) -> std::path::PathBuf {
 
 /// The studio's lease on `job_id` held from `from` to `to`: its last accepted progress before
 /// `from` and every one after came within a lease of the one before, the last within a lease
-/// of `to`.
-fn lease_held(studio: &TestStudio, job_id: &str, from: Instant, to: Instant) -> bool {
+/// of `to`. Where it did not: every progress request for the job, with its answer, in
+/// seconds from `from`.
+fn lease_held(studio: &TestStudio, job_id: &str, from: Instant, to: Instant) -> Result<(), String> {
     let lease = Duration::from_secs(LEASE_S);
-    let mut renewals: Vec<Instant> = studio
+    let requests: Vec<_> = studio
         .log_for(Route::Progress)
+        .into_iter()
+        .filter(|request| request.path.contains(&format!("/{job_id}/")))
+        .collect();
+    let mut renewals: Vec<Instant> = requests
         .iter()
-        .filter(|request| request.path.contains(&format!("/{job_id}/")) && request.status == 200)
+        .filter(|request| request.status == 200)
         .map(|request| request.answered_at)
         .filter(|at| *at <= to)
         .collect();
     renewals.sort();
-    let Some(start) = renewals.iter().rposition(|at| *at <= from) else {
-        return false;
+    let held = renewals
+        .iter()
+        .rposition(|at| *at <= from)
+        .is_some_and(|start| {
+            renewals[start..]
+                .windows(2)
+                .all(|pair| pair[1] - pair[0] < lease)
+                && renewals.last().is_some_and(|last| to - *last < lease)
+        });
+    if held {
+        return Ok(());
+    }
+    let seconds = |at: Instant| {
+        if at >= from {
+            (at - from).as_secs_f64()
+        } else {
+            -(from - at).as_secs_f64()
+        }
     };
-    renewals[start..]
-        .windows(2)
-        .all(|pair| pair[1] - pair[0] < lease)
-        && renewals.last().is_some_and(|last| to - *last < lease)
+    let timeline: Vec<String> = requests
+        .iter()
+        .map(|request| {
+            format!(
+                "{:+.2}→{:+.2} {}",
+                seconds(request.at),
+                seconds(request.answered_at),
+                request.status
+            )
+        })
+        .collect();
+    Err(format!(
+        "upload from 0 to {:.2} s; progress requests: {timeline:?}",
+        seconds(to)
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,10 +345,9 @@ async fn soak_200_jobs_with_random_faults_lose_and_duplicate_nothing() {
         upload_took > Duration::from_secs(LEASE_S),
         "the slow upload took {upload_took:?}: not longer than the lease"
     );
-    assert!(
-        lease_held(&studio, &large, accepted.at, accepted.answered_at),
-        "the large job's lease lapsed during its upload"
-    );
+    if let Err(timeline) = lease_held(&studio, &large, accepted.at, accepted.answered_at) {
+        panic!("the large job's lease lapsed during its upload: {timeline}");
+    }
 
     // The result that could not be taken out was delivered once and kept aside; once the
     // folder is fixed, Retry now takes it out.

@@ -367,6 +367,51 @@ async fn the_next_jobs_run_while_a_large_result_crawls_up_a_slow_uplink() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_does_not_hold_the_lease_renewals_of_the_results_behind_it() {
+    let rig = Rig::start(fast_timing()).await;
+    // ≈1 Mbit/s up: a 1024² image of noise (≈3 MB) takes about 24 s, over two 10 s leases.
+    rig.studio.set_uplink(Some(128 * 1024));
+    let mut large = job("j_large");
+    large["prompt"] = json!("a lighthouse at dusk #noise");
+    large["width"] = json!(1024);
+    large["height"] = json!(1024);
+    large["leaseS"] = json!(10);
+    rig.studio.enqueue(large);
+    // Twelve results wait behind it and their submitters cancel them: each renewal of each
+    // one (every ~3 s) hears the cancel while the uploader is busy with the large one, more
+    // verdicts than the uploader's channel holds before the large upload ends.
+    let behind: Vec<String> = (0..12).map(|n| format!("j_behind_{n}")).collect();
+    for job_id in &behind {
+        let mut body = job(job_id);
+        body["leaseS"] = json!(10);
+        rig.studio.enqueue(body);
+    }
+    for job_id in &behind {
+        rig.in_outbox(job_id).await;
+        rig.studio.cancel_job(job_id);
+    }
+    eventually(
+        "the large result delivered",
+        Duration::from_secs(60),
+        || {
+            rig.studio
+                .job("j_large")
+                .is_some_and(|job| matches!(job.state, JobState::Done { .. }))
+        },
+    )
+    .await;
+    // Its lease was renewed all through the upload: never taken back and run again.
+    assert_eq!(rig.studio.job("j_large").unwrap().leases, 1);
+    eventually("the cancelled results dropped", PATIENCE, || {
+        behind
+            .iter()
+            .all(|job_id| rig.waiting_state(job_id).is_none())
+    })
+    .await;
+    rig.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_that_cannot_be_read_holds_claims() {
     let rig = Rig::start(fast_timing()).await;
     rig.studio.enqueue(job("j_before"));

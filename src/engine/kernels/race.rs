@@ -96,16 +96,28 @@ mod tests {
             self.calls.borrow_mut().push(side);
             Ok(())
         }
+
+        /// Which call of `side` the one being made is, from 1.
+        fn call_number(&self, side: &str) -> usize {
+            self.calls
+                .borrow()
+                .iter()
+                .filter(|made| **made == side)
+                .count()
+                + 1
+        }
     }
 
     #[test]
     fn a_race_times_one_call_of_each_side_after_an_untimed_first() {
         let track = Track::default();
-        let ours_calls = Cell::new(0);
         // Ours compiles on its first call (a second), then takes 1 ms; theirs 3 ms.
         let ours = || {
-            ours_calls.set(ours_calls.get() + 1);
-            let time = if ours_calls.get() == 1 { 1000 * MS } else { MS };
+            let time = if track.call_number("ours") == 1 {
+                1000 * MS
+            } else {
+                MS
+            };
             track.spend("ours", time)
         };
         let theirs = || track.spend("theirs", 3 * MS);
@@ -139,11 +151,9 @@ mod tests {
     #[test]
     fn a_round_slowed_by_something_else_does_not_count() {
         let track = Track::default();
-        let theirs_calls = Cell::new(0);
         // Theirs meets another program's work on one call of its first round.
         let theirs = || {
-            theirs_calls.set(theirs_calls.get() + 1);
-            let time = if theirs_calls.get() == 3 {
+            let time = if track.call_number("theirs") == 3 {
                 50 * MS
             } else {
                 2 * MS
@@ -177,10 +187,8 @@ mod tests {
     #[test]
     fn a_failing_call_fails_the_race() {
         let track = Track::default();
-        let calls = Cell::new(0);
         let theirs = || {
-            calls.set(calls.get() + 1);
-            if calls.get() == 2 {
+            if track.call_number("theirs") == 2 {
                 candle_core::bail!("out of memory");
             }
             track.spend("theirs", MS)

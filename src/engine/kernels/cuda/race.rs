@@ -97,15 +97,13 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
             let xs = random(&[BATCH, CHANNELS, SIDE, SIDE], 1.0, 2.0)?;
             let weight = random(&[CHANNELS], 1.0, 0.5)?;
             let bias = random(&[CHANNELS], 0.0, 0.5)?;
-            let norm = |composed: bool| {
-                let run = if composed {
-                    kernels::group_norm_composed
-                } else {
-                    kernels::group_norm
-                };
-                run(&xs, &weight, &bias, 32, 1e-5, Activation::Silu).map(drop)
+            let ours =
+                || kernels::group_norm(&xs, &weight, &bias, 32, 1e-5, Activation::Silu).map(drop);
+            let theirs = || {
+                kernels::group_norm_composed(&xs, &weight, &bias, 32, 1e-5, Activation::Silu)
+                    .map(drop)
             };
-            Timing::measure(&clock, &finish, &|| norm(false), &|| norm(true))?
+            Timing::measure(&clock, &finish, &ours, &theirs)?
         }
         Family::Geglu => {
             // The feed-forward's projection: 4 × 320 inner channels, twice (value and gate).

@@ -416,6 +416,16 @@ impl TestStudio {
         });
     }
 
+    /// How many injected faults still wait for requests to `route`.
+    pub fn pending_faults(&self, route: Route) -> u32 {
+        self.state()
+            .faults
+            .iter()
+            .filter(|rule| rule.route == Some(route))
+            .map(|rule| rule.remaining)
+            .sum()
+    }
+
     pub fn clear_faults(&self) {
         self.state().faults.clear();
     }

@@ -18,18 +18,20 @@ const ARCHITECTURES: [u32; 6] = [75, 80, 86, 89, 90, 120];
 const PTX_ARCHITECTURE: u32 = 75;
 
 /// What the sources include.
-const HEADERS: [&str; 2] = [
+const HEADERS: [&str; 3] = [
     "src/engine/kernels/conversions.cuh",
     "src/engine/kernels/columns.cuh",
+    "src/engine/kernels/mma.cuh",
 ];
 
 /// Each becomes `$OUT_DIR/<file stem>.fatbin`.
-const SOURCES: [&str; 5] = [
+const SOURCES: [&str; 6] = [
     "src/engine/kernels/group_norm.cu",
     "src/engine/kernels/attention.cu",
     "src/engine/kernels/attention_mma.cu",
     "src/engine/kernels/geglu.cu",
     "src/engine/kernels/im2col.cu",
+    "src/engine/kernels/conv3x3.cu",
 ];
 
 fn main() {

@@ -8,7 +8,7 @@
 //! im2col, GEMM and transposed copy; ours: our columns, read doubled from the small image
 //! where upsampling, and one GEMM into the image layout, as `Conv3x3` runs them), also after
 //! a group norm + SiLU (the normalised image made, against its columns written normalised);
-//! and the per-cell
+//! our implicit-GEMM convolution against the column path (f16); and the per-cell
 //! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
 //! (convolution or linear layer plus the copy between cells and tokens) against `Pointwise`
 //! (one GEMM reading the layouts as they stand), on the CPU too. Group norm on the CPU always;
@@ -379,6 +379,71 @@ fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
     agreed
 }
 
+/// Our implicit-GEMM convolution (`kernels::conv3x3`: no column matrix, the bias inside)
+/// against the column path it replaces (our columns, one GEMM into the image layout, the bias
+/// added), on the f16 convolutions it takes. `Conv3x3` runs whichever won the race at start;
+/// this times both whatever the race said.
+fn implicit_conv_on(device: &Device, label: &str, runs: usize) -> bool {
+    println!("\n{label}: 3×3 convolution with bias, f16, whole, median of {runs}");
+    println!(
+        "| shape | dtype | columns + GEMM ms | implicit GEMM ms | implicit / columns | max |Δ| / (1 + |y|) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut agreed = true;
+    for (case, source) in conv_cases() {
+        let [batch, channels, height, width] = case.dims;
+        if case.dtype != DType::F16 || !kernels::conv3x3::fits(channels, channels) {
+            continue;
+        }
+        let random = |dims: &[usize], std: f64| {
+            Tensor::randn(0f32, std as f32, dims, device)
+                .unwrap()
+                .to_dtype(case.dtype)
+                .unwrap()
+        };
+        let xs = random(&case.dims, 1.0);
+        let weight = random(
+            &[channels, channels, 3, 3],
+            (9.0 * channels as f64).powf(-0.5),
+        );
+        let bias = random(&[channels], 0.5);
+        let kernel_weights = kernels::conv3x3::kernel_order(&weight).unwrap();
+        let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
+        if kernels::conv3x3::forward(&xs, source, &kernel_weights, &bias)
+            .unwrap()
+            .is_none()
+        {
+            println!("| {shape} | our convolution is off on this device | | | |");
+            continue;
+        }
+        let (rows, cells) = (height << source.shift(), (width << source.shift()));
+        let matrix = weight.reshape((channels, channels * 9)).unwrap();
+        let bias_cells = bias.reshape((1, (), 1, 1)).unwrap();
+        let columns = || {
+            let columns = kernels::im2col::columns_3x3(&xs, source, 0, rows)
+                .unwrap()
+                .expect("our column kernel runs on this device");
+            matrix
+                .broadcast_left(batch)
+                .unwrap()
+                .matmul(&columns)
+                .unwrap()
+                .reshape((batch, channels, rows, cells))
+                .unwrap()
+                .broadcast_add(&bias_cells)
+                .unwrap()
+        };
+        let implicit = || {
+            kernels::conv3x3::forward(&xs, source, &kernel_weights, &bias)
+                .unwrap()
+                .unwrap()
+        };
+        // The same products in f32, rounded once (ours) or twice (the GEMM's, then the bias's).
+        agreed &= compare(&shape, device, runs, 1e-2, &columns, &implicit);
+    }
+    agreed
+}
+
 /// A resnet's convolution as the engine ran it before (our group norm + SiLU kernel, then our
 /// 3×3 convolution over the normalised image) against `Conv3x3::forward_normalized` (the
 /// columns written normalised from the image as it is), on the convolutions' shapes.
@@ -594,6 +659,7 @@ fn main() {
                 let image = Tensor::zeros((1, 1, 1, 1), DType::F16, &gpu).unwrap();
                 if kernels::im2col::runs_for(&image) {
                     agreed &= conv_on(&gpu, "GPU 0", runs);
+                    agreed &= implicit_conv_on(&gpu, "GPU 0", runs);
                     agreed &= norm_conv_on(&gpu, "GPU 0", runs);
                 } else {
                     println!("\nGPU 0: our column kernel is OFF (see the log); not measured");

@@ -32,16 +32,12 @@
 // end are masked, query rows past the end are not written. Scores are scaled in base 2
 // (`scale_log2` = scale · log2 e).
 //
-// Fragment layouts, for lane = 4·g + t (g = lane / 4, t = lane % 4), pairs packed low
-// element first:
-//   A (16×16, row-major): a0 = (row g, cols 2t, 2t+1), a1 = (row g+8, same cols),
-//                          a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9)
-//   B (16×8, "col"):       b0 = (rows 2t, 2t+1 of column g), b1 = (rows 2t+8, 2t+9)
-//   C (16×8, f32):         c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols)
-// Turing (sm_75) has m16n8k8 only: there one m16n8k16 is two of them, over a0 a1 b0 and
-// a2 a3 b1. `ldmatrix` is sm_75 and newer, like the kernel.
+// The fragment layouts and the instructions are `mma.cuh`'s (Turing, sm_75, does each
+// m16n8k16 as two m16n8k8; `ldmatrix` is sm_75 and newer, like the kernel).
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "mma.cuh"
 
 namespace {
 
@@ -51,52 +47,6 @@ constexpr uint32_t KEY_TILE = 64;
 constexpr uint32_t KEY_GROUPS = KEY_TILE / 8;    // score tiles of 8 keys
 constexpr uint32_t KEY_STEPS = KEY_TILE / 16;    // P·V steps of 16 keys
 constexpr unsigned FULL_WARP = 0xffffffffu;
-
-// D += A·B for one 16×8×16 step of a warp.
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-#if defined(STUDIO_CUDA_EMULATION)
-  emulation::mma_m16n8k16(d, a, b0, b1);
-#elif __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(b0));
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[2]), "r"(a[3]), "r"(b1));
-#endif
-}
-
-// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`: lane 8·m + r gives the address of
-// row r of 8×8 matrix m (16 bytes in shared memory, 16-byte aligned); register m receives
-// matrix m's pair for this lane, as stored or transposed (see mma_sync.h's emulation).
-template <bool TRANSPOSED>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __half* row) {
-#if defined(STUDIO_CUDA_EMULATION)
-  emulation::ldmatrix_x4(r, row, TRANSPOSED);
-#else
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  if constexpr (TRANSPOSED) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-  }
-#endif
-}
 
 // Kᵀ's B fragments for two neighbouring tiles of 8 keys at one step of 16 head columns:
 // `keys` points at the first key's row at the step's first column, rows `stride` halves
@@ -118,44 +68,6 @@ __device__ __forceinline__ void load_b_values(uint32_t (&b)[4], const __half* va
   const uint32_t lane = threadIdx.x % 32;
   const uint32_t matrix = lane / 8;
   ldmatrix_x4<true>(b, values + (lane % 8 + 8 * (matrix % 2)) * stride + 8 * (matrix / 2));
-}
-
-// 16 bytes from global `source` to shared `destination` (both 16-byte aligned), or zeros
-// where `inside` is false (`source` is then not read): `cp.async` on sm_80 and newer, whose
-// data this thread may read once `wait_copies` has waited for its group; a plain copy on
-// Turing, where the waits are nothing.
-__device__ __forceinline__ void copy_16(__half* destination, const __half* source, bool inside) {
-#if defined(STUDIO_CUDA_EMULATION)
-  emulation::cp_async_16(destination, source, inside);
-#elif __CUDA_ARCH__ >= 800
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
-  const uint32_t bytes = inside ? 16 : 0;  // fewer bytes than 16: the rest are zeros
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :
-               : "r"(address), "l"(source), "r"(bytes));
-#else
-  *reinterpret_cast<uint4*>(destination) =
-      inside ? *reinterpret_cast<const uint4*>(source) : make_uint4(0, 0, 0, 0);
-#endif
-}
-
-// Closes this thread's group of copies since the last one.
-__device__ __forceinline__ void commit_copies() {
-#if defined(STUDIO_CUDA_EMULATION)
-  emulation::cp_async_commit();
-#elif __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-// Waits until at most `PENDING` of this thread's newest groups of copies are still in flight.
-template <int PENDING>
-__device__ __forceinline__ void wait_copies() {
-#if defined(STUDIO_CUDA_EMULATION)
-  emulation::cp_async_wait(PENDING);
-#elif __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
-#endif
 }
 
 // One group of copies: KEY_TILE rows of a head's K or V from key `first` into `tile` (rows

@@ -10,7 +10,8 @@
 //    thread normalises its elements, applies the channel's weight and bias, and SiLU.
 //    Or, where a 3×3 convolution follows, `group_norm_columns_*`: the same values written
 //    straight into the convolution's columns for a band of output rows (`columns.cuh`), so
-//    the normalised image is never held, written or read.
+//    the normalised image is never held, written or read. Or `group_norm_affines_*`: each
+//    plane's (mean, scale, shift), for `conv3x3.cu`, which normalises as it loads.
 //
 // Statistics are in f32 whatever the input (as candle and PyTorch do for f16), the variance
 // is the biased one (divided by the count), and the output is rounded to the input's type
@@ -118,6 +119,31 @@ struct PlaneAffine {
   }
 };
 
+// The affine of plane `plane` (image · channels + channel) from its row's partial moments,
+// merged by one warp (every lane of it must call; lane 0 gets the result).
+template <typename T>
+__device__ PlaneAffine warp_plane_affine(const float* __restrict__ partials,
+                                         const T* __restrict__ weight,
+                                         const T* __restrict__ bias, uint32_t plane,
+                                         uint32_t channels, uint32_t channels_per_group,
+                                         uint32_t splits, float eps) {
+  const uint32_t channel = plane % channels;
+  const uint32_t groups = channels / channels_per_group;
+  const uint32_t row = (plane / channels) * groups + channel / channels_per_group;
+  const float* p = partials + static_cast<size_t>(row) * splits * 3;
+  Moments m = {0.0f, 0.0f, 0.0f};
+  for (uint32_t s = threadIdx.x % 32; s < splits; s += 32) {
+    const Moments part = {p[s * 3], p[s * 3 + 1], p[s * 3 + 2]};
+    m = merge(m, part);
+  }
+  m = warp_merge(m);
+  PlaneAffine affine;
+  affine.mean = m.mean;
+  affine.scale = to_float(weight[channel]) / sqrtf(m.m2 / m.count + eps);
+  affine.shift = to_float(bias[channel]);
+  return affine;
+}
+
 // The affine of plane `plane` (image · channels + channel): the first warp merges its row's
 // partial moments; every thread of the block gets the result (a barrier inside: call it from
 // every thread).
@@ -126,27 +152,36 @@ __device__ PlaneAffine plane_affine(const float* __restrict__ partials,
                                     const T* __restrict__ weight, const T* __restrict__ bias,
                                     uint32_t plane, uint32_t channels,
                                     uint32_t channels_per_group, uint32_t splits, float eps) {
-  const uint32_t channel = plane % channels;
-  const uint32_t groups = channels / channels_per_group;
-  const uint32_t row = (plane / channels) * groups + channel / channels_per_group;
-
   __shared__ PlaneAffine affine;
   if (threadIdx.x < 32) {
-    const float* p = partials + static_cast<size_t>(row) * splits * 3;
-    Moments m = {0.0f, 0.0f, 0.0f};
-    for (uint32_t s = threadIdx.x; s < splits; s += 32) {
-      const Moments part = {p[s * 3], p[s * 3 + 1], p[s * 3 + 2]};
-      m = merge(m, part);
-    }
-    m = warp_merge(m);
+    const PlaneAffine merged = warp_plane_affine(partials, weight, bias, plane, channels,
+                                                 channels_per_group, splits, eps);
     if (threadIdx.x == 0) {
-      affine.mean = m.mean;
-      affine.scale = to_float(weight[channel]) / sqrtf(m.m2 / m.count + eps);
-      affine.shift = to_float(bias[channel]);
+      affine = merged;
     }
   }
   __syncthreads();
   return affine;
+}
+
+// Every plane's affine (mean, scale, shift), f32, for a convolution that normalises as it
+// loads (`conv3x3.cu`): a warp per plane. Grid: x over the planes, THREADS / 32 a block.
+template <typename T>
+__device__ void affines(const float* __restrict__ partials, const T* __restrict__ weight,
+                        const T* __restrict__ bias, float* __restrict__ out, uint32_t planes,
+                        uint32_t channels, uint32_t channels_per_group, uint32_t splits,
+                        float eps) {
+  const uint32_t plane = blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+  if (plane >= planes) {
+    return;  // the warp's lanes leave together
+  }
+  const PlaneAffine affine = warp_plane_affine(partials, weight, bias, plane, channels,
+                                               channels_per_group, splits, eps);
+  if (threadIdx.x % 32 == 0) {
+    out[plane * 3] = affine.mean;
+    out[plane * 3 + 1] = affine.scale;
+    out[plane * 3 + 2] = affine.shift;
+  }
 }
 
 template <typename T>
@@ -204,6 +239,12 @@ __device__ void apply_columns(const T* __restrict__ x, const float* __restrict__
       uint32_t silu, uint32_t height, uint32_t width, uint32_t top, uint32_t rows) {        \
     apply_columns<T>(x, partials, weight, bias, columns, channels, channels_per_group,     \
                      splits, eps, silu, height, width, top, rows);                          \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(THREADS) group_norm_affines_##NAME(          \
+      const float* partials, const T* weight, const T* bias, float* out, uint32_t planes,   \
+      uint32_t channels, uint32_t channels_per_group, uint32_t splits, float eps) {         \
+    affines<T>(partials, weight, bias, out, planes, channels, channels_per_group, splits,   \
+               eps);                                                                        \
   }
 
 GROUP_NORM(f32, float)

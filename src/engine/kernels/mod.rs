@@ -13,6 +13,9 @@
 //!   output), on CUDA; elsewhere `None` and the model runs candle's convolution. Where a
 //!   group norm and SiLU come before the convolution, the columns are written normalised
 //!   from the image as it is ([`norm_columns`]): the normalised image is never made.
+//! - a 3×3 convolution with no column matrix at all ([`conv3x3`]: an implicit GEMM on the
+//!   tensor cores, its bias and any group norm before it applied on the way), on CUDA in
+//!   f16; where it was slower than the column path on the card, the column path runs.
 //!
 //! On CUDA, `build.rs` compiles each kernel source into a fatbin with machine code for every
 //! supported architecture, so the driver compiles nothing for them at first start. Before a
@@ -28,6 +31,7 @@
 //! candle's (`benches/gpu` does).
 
 pub mod attention;
+pub mod conv3x3;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(test)]

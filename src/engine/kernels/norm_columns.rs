@@ -45,9 +45,20 @@ pub fn normalized_image(
     eps: f64,
     activation: Activation,
 ) -> Result<Option<NormalizedImage>> {
-    // Columns only where our column kernel runs too: where it was slower than candle's
-    // convolution on this card, so is a GEMM over columns.
-    if !super::enabled() || xs.rank() != 4 || !super::im2col::runs_for(xs) {
+    // Only where our column kernel or our convolution runs for these input channels: where
+    // the column kernel was slower than candle's convolution on this card, so is a GEMM over
+    // columns, and our convolution reads the image it prepares directly.
+    if !super::enabled() || xs.rank() != 4 {
+        return Ok(None);
+    }
+    let channels = xs.dim(1)?;
+    let convolution = super::conv3x3::takes(
+        xs.device(),
+        xs.dtype(),
+        channels,
+        super::conv3x3::OUTPUT_TILE,
+    );
+    if !(super::im2col::runs_for(xs) || convolution) {
         return Ok(None);
     }
     let Some(geometry) = Geometry::of(xs, weight, bias, groups) else {
@@ -95,6 +106,25 @@ impl NormalizedImage {
         &self.xs
     }
 
+    /// Whether SiLU follows the norm.
+    pub fn silu(&self) -> bool {
+        self.settings.activation == Activation::Silu
+    }
+
+    /// Each plane's normalisation, `(batch · channels, 3)` f32: `(mean, scale, shift)` such
+    /// that the normalised value is `(x − mean) · scale + shift` (then SiLU, if [`Self::silu`]):
+    /// what a convolution that normalises as it loads reads ([`super::conv3x3`]).
+    pub fn affines(&self) -> Result<Tensor> {
+        self.partials.apply_op3_no_bwd(
+            &self.weight,
+            &self.bias,
+            &AffinesOp {
+                kernel: self.kernel.clone(),
+                settings: self.settings,
+            },
+        )
+    }
+
     /// The normalised image's columns for output rows `top..top + rows` of a 3×3
     /// convolution: `(batch, channels · 9, rows · w)`, as [`im2col::columns_3x3`] lays them.
     pub fn columns_3x3(&self, top: usize, rows: usize) -> Result<Tensor> {
@@ -136,6 +166,44 @@ pub(super) fn reference(
         settings.activation,
     )?;
     im2col::composed(&normed, Source::AsIs, top, rows)
+}
+
+/// [`NormalizedImage::affines`] on the CPU in f32: each (image, group)'s mean and biased
+/// variance over its channels' planes, each channel's weight over the deviation, its bias.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) fn reference_affines(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    settings: Settings,
+) -> Result<Tensor> {
+    let on_cpu = |tensor: &Tensor| {
+        tensor
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)
+    };
+    let Geometry {
+        images,
+        channels,
+        groups,
+        plane_len,
+    } = settings.geometry;
+    let rows = on_cpu(xs)?.reshape((images, groups, (channels / groups) * plane_len))?;
+    let mean = rows.mean_keepdim(2)?;
+    let variance = rows.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
+    // Per (image, group) → per (image, channel).
+    let per_channel = |values: &Tensor| {
+        values
+            .repeat((1, 1, channels / groups))?
+            .reshape((images, channels))
+    };
+    let mean = per_channel(&mean)?;
+    let deviation = (per_channel(&variance)? + settings.eps)?.sqrt()?;
+    let scale = on_cpu(weight)?.unsqueeze(0)?.broadcast_div(&deviation)?;
+    let shift = on_cpu(bias)?
+        .unsqueeze(0)?
+        .broadcast_as((images, channels))?;
+    Tensor::stack(&[&mean, &scale, &shift.contiguous()?], 2)?.reshape((images * channels, 3))
 }
 
 /// One shape the columns kernel is checked on.
@@ -228,6 +296,21 @@ pub(super) fn compare_on(
     let [xs, weight, bias] = [&xs, &weight, &bias].map(|t| t.to_device(device));
     let got = NormalizedImage::prepare(kernel, &xs?, &weight?, &bias?, settings)?
         .columns_3x3(case.top, case.rows)?;
+    super::largest_relative_difference(&got, &expected)
+}
+
+/// Max |kernel − CPU| / (1 + |CPU|) of the case's planes' affines, `kernel` run on `device`.
+#[cfg(feature = "cuda")]
+pub(super) fn compare_affines_on(
+    device: &candle_core::Device,
+    kernel: Kernel,
+    case: CheckCase,
+) -> Result<f32> {
+    let [xs, weight, bias] = group_norm::random_inputs(&case.dims, case.dtype)?;
+    let settings = case.settings();
+    let expected = reference_affines(&xs, &weight, &bias, settings)?;
+    let [xs, weight, bias] = [&xs, &weight, &bias].map(|t| t.to_device(device));
+    let got = NormalizedImage::prepare(kernel, &xs?, &weight?, &bias?, settings)?.affines()?;
     super::largest_relative_difference(&got, &expected)
 }
 
@@ -332,6 +415,59 @@ impl CustomOp3 for ColumnsOp {
     }
 }
 
+/// The affines kernel over `(partials, weight, bias)`: `(images · channels, 3)` f32.
+struct AffinesOp {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernel: Kernel,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    settings: Settings,
+}
+
+impl CustomOp3 for AffinesOp {
+    fn name(&self) -> &'static str {
+        "group-norm-affines"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the group norm's affines run on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        partials: &candle_core::CudaStorage,
+        partials_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        bias: &candle_core::CudaStorage,
+        bias_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Kernel::Cuda(module) = &self.kernel else {
+            candle_core::bail!("group norm affines: no CUDA kernel for a CUDA tensor");
+        };
+        let affines = super::cuda::group_norm_affines(
+            module,
+            (partials, partials_layout),
+            (weight, weight_layout),
+            (bias, bias_layout),
+            self.settings,
+        )?;
+        let geometry = self.settings.geometry;
+        Ok((
+            affines,
+            Shape::from((geometry.images * geometry.channels, 3)),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,6 +522,94 @@ mod tests {
                 difference <= group_norm::check_tolerance(case.dtype),
                 "{case:?}: {difference} from the CPU"
             );
+        }
+    }
+
+    #[test]
+    fn the_reference_affines_normalise_as_the_group_norm_does() {
+        // What the affines kernel is checked against, checked against the group norm itself.
+        let dims = [2, 8, 5, 3];
+        let [xs, weight, bias] = group_norm::random_inputs(&dims, DType::F32).unwrap();
+        let settings = Settings {
+            geometry: Geometry {
+                images: 2,
+                channels: 8,
+                groups: 4,
+                plane_len: 15,
+            },
+            eps: group_norm::CHECK_EPS,
+            activation: Activation::None,
+        };
+        let affines = reference_affines(&xs, &weight, &bias, settings)
+            .unwrap()
+            .reshape((2, 8, 1, 3))
+            .unwrap();
+        let part = |index: usize| affines.narrow(3, index, 1).unwrap();
+        let normalised = xs
+            .broadcast_sub(&part(0))
+            .unwrap()
+            .broadcast_mul(&part(1))
+            .unwrap()
+            .broadcast_add(&part(2))
+            .unwrap();
+        let expected = group_norm::fused(
+            Kernel::Cpu,
+            &xs,
+            &weight,
+            &bias,
+            4,
+            settings.eps,
+            Activation::None,
+        )
+        .unwrap();
+        let difference = largest_relative_difference(&normalised, &expected).unwrap();
+        assert!(difference < 1e-5, "{difference}");
+    }
+
+    #[test]
+    fn the_affines_kernel_agrees_with_the_cpu_on_an_emulated_gpu() {
+        let Some(runner) = emulation::Runner::build("group_norm_runner.cpp") else {
+            return;
+        };
+        // Rows split across blocks (33 × 17 × 8 channels a group) and planes of one pixel.
+        for (dims, groups) in [([2, 32, 33, 17], 4), ([3, 6, 1, 1], 3)] {
+            let [xs, weight, bias] = group_norm::random_inputs(&dims, DType::F32).unwrap();
+            let settings = Settings {
+                geometry: Geometry {
+                    images: dims[0],
+                    channels: dims[1],
+                    groups,
+                    plane_len: dims[2] * dims[3],
+                },
+                eps: group_norm::CHECK_EPS,
+                activation: Activation::Silu,
+            };
+            let expected = reference_affines(&xs, &weight, &bias, settings).unwrap();
+            let geometry = settings.geometry;
+            let launch = geometry.launch();
+            let args = [
+                "f32".to_owned(),
+                geometry.images.to_string(),
+                geometry.channels.to_string(),
+                geometry.groups.to_string(),
+                geometry.plane_len.to_string(),
+                launch.splits.to_string(),
+                launch.split_len.to_string(),
+                launch.blocks_per_plane.to_string(),
+                group_norm::CHECK_EPS.to_string(),
+                "1".to_owned(),
+                "affines".to_owned(),
+            ];
+            let got = runner
+                .run(
+                    args.iter().map(String::as_str),
+                    &[&xs, &weight, &bias],
+                    DType::F32,
+                    expected.shape(),
+                )
+                .unwrap();
+            let difference = largest_relative_difference(&got, &expected).unwrap();
+            assert!(difference < 1e-4, "{dims:?}: {difference} from the CPU");
         }
     }
 

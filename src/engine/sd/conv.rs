@@ -1,5 +1,6 @@
-//! 3×3 convolutions that bound their working memory on a GPU, and run as one GEMM into the
-//! image layout where our column kernel does.
+//! 3×3 convolutions that bound their working memory on a GPU: with no column matrix where our
+//! implicit-GEMM kernel runs, else as one GEMM into the image layout over our columns, in
+//! bands where memory is short.
 //!
 //! candle computes a convolution on CUDA (and Metal) as im2col and one GEMM: it first copies
 //! every output cell's 3×3 neighbourhood into a column buffer of `batch · h · w · c_in · 9`
@@ -18,6 +19,12 @@
 //! small image there, so the upsampled image is never held. A convolution after a group norm
 //! and SiLU ([`Conv3x3::forward_normalized`]) has its columns written normalised from the
 //! image as it is there ([`kernels::norm_columns`]), so the normalised image is never made.
+//!
+//! In f16 on CUDA, where its tiles fit the channels, our implicit-GEMM kernel
+//! ([`kernels::conv3x3`]) runs instead of all of that: no columns at all (so no bands), the
+//! image read doubled or normalised as it is loaded, the bias added inside. A convolution it
+//! takes holds its weights in the kernel's order only, and makes the stored order back for
+//! the column path where the kernel declines.
 //!
 //! On the CPU candle convolves directly (no column buffer), so the engine plans no bands
 //! there; the bands still run there in tests, against the whole convolution, and so does the
@@ -104,12 +111,48 @@ impl Reading<'_> {
 /// A 3×3 convolution, stride 1, padded by one cell on every side (what every 3×3
 /// convolution of the VAE decoder is), with its bias.
 pub struct Conv3x3 {
-    /// `(c_out, c_in, 3, 3)`, as stored.
-    weight: Tensor,
-    /// The same values as a `(c_out, c_in · 9)` matrix (a view, no copy): the GEMM's left
-    /// side over our columns.
-    matrix: Tensor,
+    weights: Weights,
     bias: Tensor,
+}
+
+/// A convolution's weights, held once, in the order of the path that runs it.
+enum Weights {
+    /// `(c_out, c_in, 3, 3)` as stored, and the same values as a `(c_out, c_in · 9)` matrix
+    /// (a view, no copy): the GEMM's left side over our columns.
+    Stored { weight: Tensor, matrix: Tensor },
+    /// In our convolution kernel's order ([`kernels::conv3x3::kernel_order`]), where it takes
+    /// this convolution.
+    KernelOrder(Tensor),
+}
+
+impl Weights {
+    fn new(weight: Tensor) -> Result<Self> {
+        let (out_channels, in_channels, ..) = weight.dims4()?;
+        if kernels::conv3x3::takes(weight.device(), weight.dtype(), in_channels, out_channels) {
+            return Ok(Self::KernelOrder(kernels::conv3x3::kernel_order(&weight)?));
+        }
+        let matrix = weight.reshape((out_channels, in_channels * 9))?;
+        Ok(Self::Stored { weight, matrix })
+    }
+
+    /// The weights in their stored order and as the column GEMM's matrix: as held, or made
+    /// back from the kernel's order where another path must run (our kernel declined a call).
+    fn stored(&self) -> Result<(Tensor, Tensor)> {
+        let weight = match self {
+            Self::Stored { weight, matrix } => return Ok((weight.clone(), matrix.clone())),
+            Self::KernelOrder(weights) => kernels::conv3x3::stored_order(weights)?,
+        };
+        let (out_channels, in_channels, ..) = weight.dims4()?;
+        let matrix = weight.reshape((out_channels, in_channels * 9))?;
+        Ok((weight, matrix))
+    }
+
+    fn out_channels(&self) -> Result<usize> {
+        match self {
+            Self::Stored { weight, .. } => weight.dim(0),
+            Self::KernelOrder(weights) => weights.dim(0),
+        }
+    }
 }
 
 impl Conv3x3 {
@@ -122,14 +165,18 @@ impl Conv3x3 {
 
     /// From weights `(c_out, c_in, 3, 3)` and bias `(c_out)` already in memory (the kernels
     /// bench's).
+    /// Where our convolution kernel takes it, the weights are kept in its order only.
     pub fn from_weights(weight: Tensor, bias: Tensor) -> Result<Self> {
-        let (out_channels, in_channels, ..) = weight.dims4()?;
-        let matrix = weight.reshape((out_channels, in_channels * 9))?;
         Ok(Self {
-            weight,
-            matrix,
+            weights: Weights::new(weight)?,
             bias,
         })
+    }
+
+    /// Whether our convolution kernel runs this convolution (it holds its weights in the
+    /// kernel's order).
+    pub fn runs_our_kernel(&self) -> bool {
+        matches!(self.weights, Weights::KernelOrder(_))
     }
 
     /// `(batch, c_in, h, w)` → `(batch, c_out, h, w)`, whole or in bands as `plan` says.
@@ -138,15 +185,22 @@ impl Conv3x3 {
     }
 
     /// `norm` with SiLU, then this convolution: what a resnet's convolutions and a model's
-    /// last one read. Where our kernels run the columns are written normalised from `xs`, so
-    /// the normalised image is never made; elsewhere it is made first.
+    /// last one read. Where our kernels run, our convolution normalises each value as it
+    /// loads it, or the columns are written normalised from `xs`: the normalised image is
+    /// never made; elsewhere it is made first.
     pub fn forward_normalized(
         &self,
         xs: &Tensor,
         norm: &GroupNorm,
         plan: ConvPlan,
     ) -> Result<Tensor> {
-        match norm.prepare_for_columns(xs)? {
+        // Prepared for our kernel, or for our columns where those run.
+        let prepared = if self.runs_our_kernel() || kernels::im2col::runs_for(xs) {
+            norm.prepare_for_convolution(xs)?
+        } else {
+            None
+        };
+        match prepared {
             Some(image) => self.forward_from(Reading::Normalized(&image), plan),
             None => self.forward(&norm.forward_then_silu(xs)?, plan),
         }
@@ -156,7 +210,7 @@ impl Conv3x3 {
     /// `(batch, c_out, 2h, 2w)`. Where our column kernel runs the upsampled image is never
     /// made; elsewhere candle makes it first.
     pub fn forward_doubled(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
-        if !kernels::im2col::runs_for(xs) {
+        if !self.runs_our_kernel() && !kernels::im2col::runs_for(xs) {
             let upsampled = profile::timed(Work::Upsample, xs.device(), || {
                 Source::Doubled.materialise(xs)
             })?;
@@ -166,72 +220,94 @@ impl Conv3x3 {
     }
 
     fn forward_from(&self, reading: Reading, plan: ConvPlan) -> Result<Tensor> {
-        let device = self.weight.device();
+        let device = self.bias.device();
         let _stretch = profile::stretch(Work::Conv3x3, device);
+        // Our kernel holds no columns, so it takes no bands either.
+        if let Weights::KernelOrder(weights) = &self.weights {
+            let ours = match reading {
+                Reading::Image(xs, source) => {
+                    kernels::conv3x3::forward(xs, source, weights, &self.bias)?
+                }
+                Reading::Normalized(image) => {
+                    kernels::conv3x3::forward_normalized(image, weights, &self.bias)?
+                }
+            };
+            if let Some(out) = ours {
+                return Ok(out);
+            }
+        }
+        let weights = self.weights.stored()?;
         let (batch, channels, height, width) = reading.dims()?;
         let dtype = reading.dtype();
         let rows = plan.rows(batch, channels, width, height);
         let bias = self.bias.reshape((1, (), 1, 1))?;
         if rows >= height {
-            return self.convolve_rows(reading, 0, height)?.broadcast_add(&bias);
+            return convolve_rows(&weights, reading, 0, height)?.broadcast_add(&bias);
         }
         // Each band, its bias added, is copied into its rows of the output: the output is
         // held once, not once as bands and again joined (and again with the bias).
-        let out_channels = self.weight.dim(0)?;
+        let out_channels = self.weights.out_channels()?;
         // SAFETY: the bands below cover rows 0..height and each writes all of its rows
         // before the output is returned; on an error it is dropped unread.
         let out = unsafe { Tensor::empty((batch, out_channels, height, width), dtype, device)? };
         let mut top = 0;
         while top < height {
             let band_rows = rows.min(height - top);
-            let convolved = self
-                .convolve_rows(reading, top, band_rows)?
-                .broadcast_add(&bias)?;
+            let convolved =
+                convolve_rows(&weights, reading, top, band_rows)?.broadcast_add(&bias)?;
             out.slice_set(&convolved, 2, top)?;
             top += band_rows;
         }
         Ok(out)
     }
+}
 
-    /// Output rows `top..top + rows`, `(batch, c_out, rows, w)`, without the bias: one GEMM
-    /// over our kernels' columns where they run, else candle's convolution of the band.
-    fn convolve_rows(&self, reading: Reading, top: usize, rows: usize) -> Result<Tensor> {
-        let (xs, source) = match reading {
-            Reading::Image(xs, source) => (xs, source),
-            Reading::Normalized(image) => {
-                return self.times_columns(&image.columns_3x3(top, rows)?, rows);
-            }
-        };
-        if let Some(columns) = kernels::im2col::columns_3x3(xs, source, top, rows)? {
-            return self.times_columns(&columns, rows);
+/// Output rows `top..top + rows`, `(batch, c_out, rows, w)`, without the bias, with the
+/// weights as stored and as a matrix: one GEMM over our kernels' columns where they run,
+/// else candle's convolution of the band.
+fn convolve_rows(
+    (weight, matrix): &(Tensor, Tensor),
+    reading: Reading,
+    top: usize,
+    rows: usize,
+) -> Result<Tensor> {
+    let (xs, source) = match reading {
+        Reading::Image(xs, source) => (xs, source),
+        Reading::Normalized(image) => {
+            return times_columns(matrix, &image.columns_3x3(top, rows)?, rows);
         }
-        // Doubled only where the kernel ran for the image but declined this call.
-        let xs = source.materialise(xs)?;
-        let height = xs.dim(2)?;
-        if top == 0 && rows == height {
-            return xs.conv2d(&self.weight, 1, 1, 1, 1);
-        }
-        // The band's rows and a halo row above and below it: the image's own rows inside,
-        // zeros beyond its edges. Padded on its own: no padded copy of the whole input.
-        let bottom = top + rows;
-        let first = top.saturating_sub(1);
-        let last = (bottom + 1).min(height);
-        xs.narrow(2, first, last - first)?
-            .pad_with_zeros(2, usize::from(top == 0), usize::from(bottom == height))?
-            .pad_with_zeros(3, 1, 1)?
-            .conv2d(&self.weight, 0, 1, 1, 1)
+    };
+    if let Some(columns) = kernels::im2col::columns_3x3(xs, source, top, rows)? {
+        return times_columns(matrix, &columns, rows);
     }
+    // Doubled only where the kernel ran for the image but declined this call.
+    let xs = source.materialise(xs)?;
+    let height = xs.dim(2)?;
+    if top == 0 && rows == height {
+        return xs.conv2d(weight, 1, 1, 1, 1);
+    }
+    // The band's rows and a halo row above and below it: the image's own rows inside,
+    // zeros beyond its edges. Padded on its own: no padded copy of the whole input.
+    let bottom = top + rows;
+    let first = top.saturating_sub(1);
+    let last = (bottom + 1).min(height);
+    xs.narrow(2, first, last - first)?
+        .pad_with_zeros(2, usize::from(top == 0), usize::from(bottom == height))?
+        .pad_with_zeros(3, 1, 1)?
+        .conv2d(weight, 0, 1, 1, 1)
+}
 
-    /// The weights times `columns` `(batch, c_in · 9, rows · w)` ([`kernels::im2col`]'s
-    /// layout): `(batch, c_out, rows, w)`.
-    fn times_columns(&self, columns: &Tensor, rows: usize) -> Result<Tensor> {
-        let (batch, _, cells) = columns.dims3()?;
-        let out_channels = self.matrix.dim(0)?;
-        self.matrix
-            .broadcast_left(batch)?
-            .matmul(columns)?
-            .reshape((batch, out_channels, rows, cells / rows.max(1)))
-    }
+/// The weight `matrix` `(c_out, c_in · 9)` times `columns` `(batch, c_in · 9, rows · w)`
+/// ([`kernels::im2col`]'s layout): `(batch, c_out, rows, w)`.
+fn times_columns(matrix: &Tensor, columns: &Tensor, rows: usize) -> Result<Tensor> {
+    let (batch, _, cells) = columns.dims3()?;
+    let out_channels = matrix.dim(0)?;
+    matrix.broadcast_left(batch)?.matmul(columns)?.reshape((
+        batch,
+        out_channels,
+        rows,
+        cells / rows.max(1),
+    ))
 }
 
 #[cfg(test)]
@@ -277,10 +353,11 @@ mod tests {
         // that writes them on a GPU is checked against the same composition.
         let conv = random_conv(5, 7);
         let xs = Tensor::randn(0f32, 1.0, (2, 5, 13, 11), &Device::Cpu).unwrap();
-        let whole = xs.conv2d(&conv.weight, 1, 1, 1, 1).unwrap();
+        let (weight, matrix) = conv.weights.stored().unwrap();
+        let whole = xs.conv2d(&weight, 1, 1, 1, 1).unwrap();
         for (top, rows) in [(0, 13), (0, 4), (4, 5), (9, 4), (12, 1)] {
             let columns = kernels::im2col::composed(&xs, Source::AsIs, top, rows).unwrap();
-            let band = conv.times_columns(&columns, rows).unwrap();
+            let band = times_columns(&matrix, &columns, rows).unwrap();
             assert_eq!(band.dims4().unwrap(), (2, 7, rows, 11));
             let expected = whole.narrow(2, top, rows).unwrap();
             let difference = largest_difference(&expected, &band);
@@ -310,8 +387,8 @@ mod tests {
         let bias = conv.bias.reshape((1, (), 1, 1)).unwrap();
         for (top, rows) in [(0, 10), (3, 4), (9, 1)] {
             let columns = kernels::im2col::composed(&xs, Source::Doubled, top, rows).unwrap();
-            let band = conv
-                .times_columns(&columns, rows)
+            let (_, matrix) = conv.weights.stored().unwrap();
+            let band = times_columns(&matrix, &columns, rows)
                 .unwrap()
                 .broadcast_add(&bias)
                 .unwrap();
@@ -337,8 +414,9 @@ mod tests {
             .and_then(|norm| candle_core::Module::forward(&norm, &xs))
             .and_then(|normed| candle_nn::ops::silu(&normed))
             .unwrap();
+        let (weight, _) = conv.weights.stored().unwrap();
         let expected = normed
-            .conv2d(&conv.weight, 1, 1, 1, 1)
+            .conv2d(&weight, 1, 1, 1, 1)
             .unwrap()
             .broadcast_add(&conv.bias.reshape((1, (), 1, 1)).unwrap())
             .unwrap();
@@ -353,6 +431,36 @@ mod tests {
             assert_eq!(got.dims4().unwrap(), (2, 5, 9, 6));
             let difference = largest_difference(&expected, &got);
             assert!(difference < 1e-4, "{plan:?}: {difference}");
+        }
+    }
+
+    #[test]
+    fn weights_in_the_kernels_order_convolve_the_same_where_the_kernel_declines() {
+        // On the CPU our kernel never runs, so weights held in its order (as a GPU holds them)
+        // go back to the stored order for the column path or candle's convolution.
+        let stored = random_conv(16, 64);
+        assert!(!stored.runs_our_kernel());
+        let (weight, _) = stored.weights.stored().unwrap();
+        let ordered = Conv3x3 {
+            weights: Weights::KernelOrder(kernels::conv3x3::kernel_order(&weight).unwrap()),
+            bias: stored.bias.clone(),
+        };
+        assert!(ordered.runs_our_kernel());
+        let xs = Tensor::randn(0f32, 1.0, (2, 16, 7, 5), &Device::Cpu).unwrap();
+        let banded = ConvPlan {
+            max_column_values: Some(2 * 2 * 5 * 16 * 9),
+        };
+        for plan in [ConvPlan::default(), banded] {
+            let expected = stored.forward(&xs, plan).unwrap();
+            let got = ordered.forward(&xs, plan).unwrap();
+            assert!(largest_difference(&expected, &got) < 1e-5, "{plan:?}");
+            let expected = stored.forward_doubled(&xs, plan).unwrap();
+            let got = ordered.forward_doubled(&xs, plan).unwrap();
+            assert_eq!(got.dims4().unwrap(), (2, 64, 14, 10));
+            assert!(
+                largest_difference(&expected, &got) < 1e-5,
+                "{plan:?} doubled"
+            );
         }
     }
 

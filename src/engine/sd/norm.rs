@@ -59,11 +59,11 @@ impl GroupNorm {
     }
 
     /// `xs` with its statistics taken, for a 3×3 convolution that reads it normalised and
-    /// through SiLU as its columns ([`kernels::norm_columns`]); `None` where our kernels do
-    /// not run, and the caller normalises first.
-    pub fn prepare_for_columns(&self, xs: &Tensor) -> Result<Option<NormalizedImage>> {
+    /// through SiLU (our convolution kernel, or its columns: [`kernels::norm_columns`]);
+    /// `None` where our kernels do not run, and the caller normalises first.
+    pub fn prepare_for_convolution(&self, xs: &Tensor) -> Result<Option<NormalizedImage>> {
         if xs.device().is_cpu() {
-            // The CPU convolves without columns.
+            // The CPU convolves the normalised image.
             return Ok(None);
         }
         // The statistics pass is the group norm's time; the normalising, the columns'.

@@ -47,7 +47,8 @@ pub(super) fn check(
         }
     }
     for case in norm_columns::CHECK_CASES {
-        let difference = norm_columns::compare_on(&gpu, Kernel::Cuda(module.clone()), case)
+        let kernel = Kernel::Cuda(module.clone());
+        let difference = norm_columns::compare_on(&gpu, kernel.clone(), case)
             .map_err(|error| format!("{case:?} as columns: {error}"))?;
         let allowed = group_norm::check_tolerance(case.dtype);
         if difference.is_nan() || difference > allowed {
@@ -55,9 +56,21 @@ pub(super) fn check(
                 "{case:?} as columns: {difference} from the CPU, relative (allowed {allowed})"
             ));
         }
+        let difference = norm_columns::compare_affines_on(&gpu, kernel, case)
+            .map_err(|error| format!("{case:?} as affines: {error}"))?;
+        if difference.is_nan() || difference > AFFINES_TOLERANCE {
+            return Err(format!(
+                "{case:?} as affines: {difference} from the CPU, relative (allowed \
+                 {AFFINES_TOLERANCE})"
+            ));
+        }
     }
     Ok(())
 }
+
+/// How far the planes' affines may be from the CPU's, relative: statistics in f32 over rows
+/// of up to 16 K values (the columns' cases), in another order.
+const AFFINES_TOLERANCE: f32 = 1e-4;
 
 /// Max |GPU − CPU| / (1 + |CPU|) on the case's inputs.
 fn compare(
@@ -288,6 +301,69 @@ fn launch_columns<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     // planes × 9 × rows · width; the band lies within the image (checked above).
     unsafe { builder.launch(grid(blocks, planes)?) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(columns, device))
+}
+
+/// Each plane's `(mean, scale, shift)` (`group_norm_affines_*`), `(images · channels) × 3`
+/// f32, from the statistics kernel's `partials`.
+pub(in crate::engine::kernels) fn group_norm_affines(
+    module: &Arc<CudaModule>,
+    partials: (&CudaStorage, &Layout),
+    weight: (&CudaStorage, &Layout),
+    bias: (&CudaStorage, &Layout),
+    settings: Settings,
+) -> Result<CudaStorage> {
+    match weight.0.dtype() {
+        DType::F32 => launch_affines::<f32>(module, partials, [weight, bias], settings, "f32"),
+        DType::F16 => {
+            launch_affines::<half::f16>(module, partials, [weight, bias], settings, "f16")
+        }
+        other => candle_core::bail!("our group norm kernels take f32 or f16, not {other:?}"),
+    }
+}
+
+fn launch_affines<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    module: &Arc<CudaModule>,
+    partials: (&CudaStorage, &Layout),
+    [weight, bias]: [(&CudaStorage, &Layout); 2],
+    settings: Settings,
+    suffix: &str,
+) -> Result<CudaStorage> {
+    let geometry = settings.geometry;
+    let expected_partials = geometry.images * geometry.groups * geometry.launch().splits * 3;
+    if partials.1.shape().elem_count() != expected_partials
+        || weight.1.shape().elem_count() != geometry.channels
+        || bias.1.shape().elem_count() != geometry.channels
+    {
+        candle_core::bail!("group norm affines: the statistics or weights are not this image's");
+    }
+    let device = partials.0.device().clone();
+    let planes = geometry.images * geometry.channels;
+    // SAFETY: the kernel writes the three values of every plane.
+    let mut affines: CudaSlice<f32> = unsafe { device.alloc::<f32>(planes * 3) }?;
+    let function = module
+        .load_function(&format!("group_norm_affines_{suffix}"))
+        .w()?;
+    let (partials_view, weight_view, bias_view) =
+        (view::<f32>(partials)?, view::<T>(weight)?, view::<T>(bias)?);
+    let affine = AffineArgs::of(settings)?;
+    let planes_arg = as_u32(planes)?;
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&function);
+    builder
+        .arg(&partials_view)
+        .arg(&weight_view)
+        .arg(&bias_view)
+        .arg(&mut affines)
+        .arg(&planes_arg)
+        .arg(&affine.channels)
+        .arg(&affine.channels_per_group)
+        .arg(&affine.splits)
+        .arg(&affine.eps);
+    // SAFETY: the arguments match `group_norm_affines_*`'s signature; `partials` holds the
+    // moments of every row and the weights every channel (checked above), `affines` three
+    // values per plane; a warp per plane, the grid covering them.
+    unsafe { builder.launch(grid(planes.div_ceil(THREADS / 32), 1)?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(affines, device))
 }
 
 /// The apply and columns kernels' arguments about the normalisation, as they take them.

@@ -8,6 +8,7 @@
 //! the same way.
 
 mod attention;
+mod conv3x3;
 mod geglu;
 mod group_norm;
 mod im2col;
@@ -21,9 +22,10 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 pub(super) use attention::{attention, attention_runs_on};
+pub(super) use conv3x3::{conv3x3, conv3x3_runs_on};
 pub(super) use geglu::geglu;
 pub(super) use group_norm::{
-    group_norm, group_norm_columns, group_norm_fits, group_norm_statistics,
+    group_norm, group_norm_affines, group_norm_columns, group_norm_fits, group_norm_statistics,
 };
 pub(super) use im2col::{columns_3x3, im2col_runs_on};
 
@@ -43,6 +45,7 @@ embedded_fatbin!(ATTENTION_FATBIN, "attention.fatbin");
 embedded_fatbin!(ATTENTION_MMA_FATBIN, "attention_mma.fatbin");
 embedded_fatbin!(GEGLU_FATBIN, "geglu.fatbin");
 embedded_fatbin!(IM2COL_FATBIN, "im2col.fatbin");
+embedded_fatbin!(CONV3X3_FATBIN, "conv3x3.fatbin");
 
 #[repr(C, align(8))]
 struct Aligned<T>(T);
@@ -61,16 +64,20 @@ pub(super) enum Family {
     Geglu,
     /// `im2col.cu`: the columns of a 3×3 convolution, in the image layout's order.
     Im2col,
+    /// `conv3x3.cu`: a 3×3 convolution straight from the image (implicit GEMM), f16.
+    Conv3x3,
 }
 
 impl Family {
-    /// Every family, in the order they are loaded.
-    pub(super) const ALL: [Family; 5] = [
+    /// Every family, in the order they are loaded (and raced: the convolution's rival is the
+    /// column path where the column kernel won its race).
+    pub(super) const ALL: [Family; 6] = [
         Family::GroupNorm,
         Family::Attention,
         Family::AttentionMma,
         Family::Geglu,
         Family::Im2col,
+        Family::Conv3x3,
     ];
 }
 
@@ -82,6 +89,7 @@ impl Family {
             Family::AttentionMma => &ATTENTION_MMA_FATBIN.0,
             Family::Geglu => &GEGLU_FATBIN.0,
             Family::Im2col => &IM2COL_FATBIN.0,
+            Family::Conv3x3 => &CONV3X3_FATBIN.0,
         }
     }
 
@@ -92,6 +100,7 @@ impl Family {
             Family::AttentionMma => "register attention",
             Family::Geglu => "GEGLU",
             Family::Im2col => "3×3 column",
+            Family::Conv3x3 => "3×3 convolution",
         }
     }
 }
@@ -169,6 +178,7 @@ fn load_and_check(
         Family::AttentionMma => attention::check_mma(device, &module)?,
         Family::Geglu => geglu::check(device, &module)?,
         Family::Im2col => im2col::check(device, &module)?,
+        Family::Conv3x3 => conv3x3::check(device, &module)?,
     }
     Ok(module)
 }

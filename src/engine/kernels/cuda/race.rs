@@ -2,8 +2,9 @@
 //! each family that loaded and passed its check, at the shape of the busiest layers of the
 //! commonest job (SD 1.5's first UNet level at 512², guided: 2 × 320 channels × 64²; its
 //! attention for one image, with SD 1.5's heads of 40 and SD 2.x's and SDXL's of 64), in
-//! f16, against what runs in its place: candle's composition, or for the register attention
-//! our WMMA kernel. The WMMA attention itself is not raced: without it the UNet holds score
+//! f16, against what runs in its place: candle's composition, for the register attention
+//! our WMMA kernel, for the convolution the column path (or candle's, where our columns lost
+//! theirs). The WMMA attention itself is not raced: without it the UNet holds score
 //! matrices, which the job's memory estimate did not count. The attention race is the
 //! longest: 26 calls of about 70 GFLOP, a fifth of a second at 10 TFLOP/s.
 
@@ -14,6 +15,7 @@ use candle_core::cuda_backend::DeviceId;
 use candle_core::{CudaDevice, DType, Device, Result, Tensor};
 
 use super::{Family, checked_module, switch_off};
+use crate::engine::kernels::conv3x3::Reading;
 use crate::engine::kernels::im2col::Source;
 use crate::engine::kernels::race::Timing;
 use crate::engine::kernels::{self, Activation};
@@ -38,7 +40,7 @@ pub(super) fn run_once(device: &CudaDevice) {
         raced.push(device.id());
     }
     for family in Family::ALL {
-        let Some(rival) = rival(family) else {
+        let Some(rival) = rival(device, family) else {
             continue;
         };
         match race_family(device, family) {
@@ -69,14 +71,21 @@ pub(super) fn run_once(device: &CudaDevice) {
     }
 }
 
-/// What runs in place of `family` when it is off; `None` for a family not raced.
-fn rival(family: Family) -> Option<&'static str> {
+/// What runs in place of `family` on `device` when it is off; `None` for a family not raced.
+fn rival(device: &CudaDevice, family: Family) -> Option<&'static str> {
     match family {
         Family::GroupNorm | Family::Geglu => Some("candle's composition"),
         Family::Im2col => Some("candle's convolution"),
+        Family::Conv3x3 if columns_run(device) => Some("our columns and a GEMM"),
+        Family::Conv3x3 => Some("candle's convolution"),
         Family::AttentionMma => Some("our WMMA attention kernel"),
         Family::Attention => None,
     }
+}
+
+/// Whether 3×3 convolutions run as our columns and a GEMM on `device` (else candle's).
+fn columns_run(device: &CudaDevice) -> bool {
+    checked_module(device, Family::Im2col).is_some()
 }
 
 /// The race of `family` on `device`; `None` where it did not load (or its rival did not).
@@ -133,6 +142,42 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
                 matrix.broadcast_left(BATCH)?.matmul(&columns).map(drop)
             };
             let theirs = || xs.conv2d(&weight, 1, 1, 1, 1).map(drop);
+            Timing::measure(&clock, &finish, &ours, &theirs)?
+        }
+        Family::Conv3x3 => {
+            // With its bias, as `Conv3x3` runs it, against what runs in its place: the column
+            // path where our column kernel won its race (raced before this), else candle's.
+            let xs = random(&[BATCH, CHANNELS, SIDE, SIDE], 0.0, 1.0)?;
+            let weight = random(
+                &[CHANNELS, CHANNELS, 3, 3],
+                0.0,
+                (9.0 * CHANNELS as f32).powf(-0.5),
+            )?;
+            let bias = random(&[CHANNELS], 0.0, 0.5)?;
+            let kernel_weights = kernels::conv3x3::kernel_order(&weight)?;
+            let ours = || {
+                let reading = Reading::Image(Source::AsIs);
+                super::conv3x3::conv3x3(device, &xs, reading, &kernel_weights, &bias)?
+                    .map(drop)
+                    .ok_or_else(declined)
+            };
+            let columns = columns_run(device);
+            let matrix = weight.reshape((CHANNELS, CHANNELS * 9))?;
+            let theirs = || {
+                let convolved = if columns {
+                    let columns = kernels::im2col::columns_3x3(&xs, Source::AsIs, 0, SIDE)?
+                        .ok_or_else(declined)?;
+                    matrix
+                        .broadcast_left(BATCH)?
+                        .matmul(&columns)?
+                        .reshape((BATCH, CHANNELS, SIDE, SIDE))?
+                } else {
+                    xs.conv2d(&weight, 1, 1, 1, 1)?
+                };
+                convolved
+                    .broadcast_add(&bias.reshape((1, CHANNELS, 1, 1))?)
+                    .map(drop)
+            };
             Timing::measure(&clock, &finish, &ours, &theirs)?
         }
         Family::AttentionMma => {

@@ -86,15 +86,17 @@ void launch(dim3 grid, dim3 threads, size_t shared_bytes, Kernel kernel) {
   for (uint32_t t = 0; t < threads.x; ++t) {
     running.emplace_back([=, &state] {
       threadIdx = dim3{t, 0, 0};
-      for (uint32_t y = 0; y < grid.y; ++y) {
-        for (uint32_t x = 0; x < grid.x; ++x) {
-          blockIdx = dim3{x, y, 0};
-          kernel();
-          state.block.arrive_and_wait();
-          if (t == 0) {
-            dynamic_shared.assign(shared_bytes, 0xff);
+      for (uint32_t z = 0; z < grid.z; ++z) {
+        for (uint32_t y = 0; y < grid.y; ++y) {
+          for (uint32_t x = 0; x < grid.x; ++x) {
+            blockIdx = dim3{x, y, z};
+            kernel();
+            state.block.arrive_and_wait();
+            if (t == 0) {
+              dynamic_shared.assign(shared_bytes, 0xff);
+            }
+            state.block.arrive_and_wait();
           }
-          state.block.arrive_and_wait();
         }
       }
     });

@@ -1,14 +1,16 @@
 // Runs `group_norm.cu` on the CPU emulation (cuda_emulation.h), for the kernels' tests:
 //
 //   group_norm_runner DTYPE IMAGES CHANNELS GROUPS PLANE_LEN SPLITS SPLIT_LEN BLOCKS_PER_PLANE
-//                     EPS SILU [HEIGHT WIDTH TOP ROWS BLOCKS]
+//                     EPS SILU [HEIGHT WIDTH TOP ROWS BLOCKS | affines]
 //
 // DTYPE is f32 or f16. Reads the input (IMAGES × CHANNELS × PLANE_LEN), the weight and the
 // bias (CHANNELS each), little-endian, from stdin; launches the statistics kernel and the
 // apply kernel with the grids the host code would; writes the output to stdout the same way.
 // With the last five, the columns kernel instead of the apply kernel: the planes are HEIGHT ×
 // WIDTH, the output the columns of output rows TOP … TOP + ROWS − 1 (IMAGES · CHANNELS × 9 ×
-// ROWS · WIDTH), in BLOCKS × planes blocks. Partial moments and output nobody wrote stay NaN.
+// ROWS · WIDTH), in BLOCKS × planes blocks. With `affines`, the affines kernel instead: each
+// plane's (mean, scale, shift) as f32 (IMAGES · CHANNELS × 3), whatever DTYPE. Partial
+// moments and output nobody wrote stay NaN.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -40,7 +42,7 @@ struct Band {
 };
 
 template <typename T>
-void run(const Settings& s, const Band* band) {
+void run(const Settings& s, const Band* band, bool affines) {
   const size_t elements = static_cast<size_t>(s.images) * s.channels * s.plane_len;
   const std::vector<T> x = read_values<T>(elements);
   const std::vector<T> weight = read_values<T>(s.channels);
@@ -58,6 +60,22 @@ void run(const Settings& s, const Band* band) {
     }
   });
   const uint32_t channels_per_group = s.channels / s.groups;
+  if (affines) {
+    const uint32_t planes = s.images * s.channels;
+    std::vector<float> out(static_cast<size_t>(planes) * 3, NAN);
+    const uint32_t warps = THREADS / 32;
+    emulation::launch(dim3{(planes + warps - 1) / warps, 1, 1}, threads, 0, [&] {
+      if constexpr (std::is_same_v<T, float>) {
+        group_norm_affines_f32(partials.data(), weight.data(), bias.data(), out.data(), planes,
+                               s.channels, channels_per_group, s.splits, s.eps);
+      } else {
+        group_norm_affines_f16(partials.data(), weight.data(), bias.data(), out.data(), planes,
+                               s.channels, channels_per_group, s.splits, s.eps);
+      }
+    });
+    std::fwrite(out.data(), sizeof(float), out.size(), stdout);
+    return;
+  }
   if (band != nullptr) {
     const uint32_t planes = s.images * s.channels;
     std::vector<T> columns(static_cast<size_t>(planes) * 9 * band->rows * band->width,
@@ -94,10 +112,12 @@ void run(const Settings& s, const Band* band) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 11 && argc != 16) {
+  const bool affines = argc == 12 && std::string(argv[11]) == "affines";
+  if (argc != 11 && argc != 16 && !affines) {
     std::fprintf(stderr,
                  "usage: group_norm_runner DTYPE IMAGES CHANNELS GROUPS PLANE_LEN SPLITS "
-                 "SPLIT_LEN BLOCKS_PER_PLANE EPS SILU [HEIGHT WIDTH TOP ROWS BLOCKS]\n");
+                 "SPLIT_LEN BLOCKS_PER_PLANE EPS SILU [HEIGHT WIDTH TOP ROWS BLOCKS | "
+                 "affines]\n");
     return 2;
   }
   const auto arg = [&](int i) { return static_cast<uint32_t>(std::stoul(argv[i])); };
@@ -107,9 +127,9 @@ int main(int argc, char** argv) {
   const Band* columns = argc == 16 ? &band : nullptr;
   const std::string dtype = argv[1];
   if (dtype == "f32") {
-    run<float>(settings, columns);
+    run<float>(settings, columns, affines);
   } else if (dtype == "f16") {
-    run<__half>(settings, columns);
+    run<__half>(settings, columns, affines);
   } else {
     std::fprintf(stderr, "group_norm_runner: DTYPE is f32 or f16, not %s\n", dtype.c_str());
     return 2;

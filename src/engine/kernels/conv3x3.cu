@@ -1,0 +1,264 @@
+// A 3×3 convolution (stride 1, padded by one cell) with its bias, in f16, straight from the
+// image: an implicit GEMM on the tensor cores (`mma.sync`, `mma.cuh`), the way cuDNN's and
+// CUTLASS's implicit-GEMM convolutions work. The column matrix that `im2col.cu` writes (nine
+// times the image) is never made: its values are gathered from the image into shared memory
+// a tile at a time, used there, and dropped. So a convolution holds no column buffer (no
+// bands: 128 MB off SD's 512² decode), the GPU does not write nine copies of the image to
+// memory and read them back, and the bias is added before the one rounding to f16 (the
+// column path's GEMM rounds, then its bias add rounds again, in a pass of its own).
+//
+// The GEMM: out[m][cell] = Σ_k W[m][k] · B[k][cell] + bias[m], k over (input channel, tap).
+// A block computes 64 output channels × 128 output cells of one image, as 4 warps of 32 × 64
+// (2 × 8 tiles of 16 × 8 accumulators each, in registers). The cells are a rectangle of the
+// output, `tile_columns` wide (8 … 128, a power of two the host picks to fit the image's
+// width) and 128 / `tile_columns` rows high. K is walked 16 input channels at a time:
+//   - the weights of those channels for the block's 64 outputs, all nine taps, copied
+//     16 bytes at a time (`cp.async` on Ampere and newer) into rows of [tap][16 channels];
+//     the host stores the weights as (c_out, c_in / 16, 9, 16) so that each is 288
+//     contiguous bytes;
+//   - the tile's halo (its rows and columns and one more on every side) of those channels,
+//     a row of 16 channels per pixel: zeros outside the image, and, for the convolution
+//     after a group norm and SiLU (`conv3x3_normalized_f16`), each value normalised as it is
+//     loaded with its plane's (mean, scale, shift), so the normalised image is never made
+//     either. An upsampler's convolution reads its input doubled (`shift` 1): output pixel
+//     (y, x) is input (y / 2, x / 2).
+// Then nine steps of 16, one per tap: the A fragments are rows of the weights (`ldmatrix`),
+// the B fragments rows of the halo at the tap's offset (`ldmatrix`: 8 cells' 8 channels per
+// matrix, as stored, which is the B operand's column-major order). Shared rows are 48 bytes
+// (16 channels and 8 of padding), so each `ldmatrix` phase's 8 rows fall on all 32 banks.
+//
+// Requirements the host checks: c_in a multiple of 16, f16, contiguous. Output channels past
+// the last (a model's last convolution has 3 or 4) and cells past the image's edge are
+// computed from zeros and not written.
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "conversions.cuh"
+#include "mma.cuh"
+
+namespace {
+
+constexpr uint32_t WARPS = 4;
+constexpr uint32_t THREADS = 32 * WARPS;
+constexpr uint32_t TILE_M = 64;   // output channels a block
+constexpr uint32_t TILE_N = 128;  // output cells a block
+constexpr uint32_t CHUNK = 16;    // input channels a step of K
+constexpr uint32_t TAPS = 9;
+constexpr uint32_t LD = CHUNK + 8;  // a shared row, in halves (48 bytes)
+// The most halo pixels of a tile: 1 row of 128 cells, with a row and a column either side.
+constexpr uint32_t MAX_HALO = 3 * (TILE_N + 2);
+
+// A plane's group norm: y = (x − mean) · scale + shift, then SiLU where asked, rounded to
+// f16 once (the arithmetic of `group_norm.cu`'s `PlaneAffine`).
+struct Affine {
+  float mean;
+  float scale;
+  float shift;
+};
+
+__device__ __forceinline__ __half normalise(const Affine& affine, __half x, uint32_t silu) {
+  float y = (to_float(x) - affine.mean) * affine.scale + affine.shift;
+  if (silu) {
+    y = y / (1.0f + __expf(-y));
+  }
+  return from_float<__half>(y);
+}
+
+// Two halves packed, `low` first.
+__device__ __forceinline__ uint32_t pack_halves(__half low, __half high) {
+  return static_cast<uint32_t>(__half_as_ushort(low)) |
+         (static_cast<uint32_t>(__half_as_ushort(high)) << 16);
+}
+
+template <bool NORMALIZED>
+__device__ void conv3x3(const __half* __restrict__ input, const float* __restrict__ affines,
+                        const __half* __restrict__ weights, const __half* __restrict__ bias,
+                        __half* __restrict__ out, uint32_t in_channels, uint32_t out_channels,
+                        uint32_t height, uint32_t width, uint32_t shift,
+                        uint32_t tile_columns, uint32_t silu) {
+  __shared__ __align__(16) __half a_s[TILE_M * TAPS * LD];  // [output channel][tap][LD]
+  __shared__ __align__(16) __half h_s[MAX_HALO * LD];       // [halo pixel][LD]
+  __shared__ Affine affine_s[2][CHUNK];                      // this chunk's, the next one's
+
+  const uint32_t warp = threadIdx.x / 32;
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t g = lane / 4;
+  const uint32_t t = lane % 4;
+  const uint32_t warp_m = warp % 2;  // rows 32 · warp_m … of the block's 64 outputs
+  const uint32_t warp_n = warp / 2;  // cells 64 · warp_n … of its 128
+
+  const uint32_t out_height = height << shift;
+  const uint32_t out_width = width << shift;
+  const uint32_t tile_rows = TILE_N / tile_columns;
+  const uint32_t halo_columns = tile_columns + 2;
+  const uint32_t halo_pixels = (tile_rows + 2) * halo_columns;
+  const uint32_t tiles_across = (out_width + tile_columns - 1) / tile_columns;
+  const uint32_t top = blockIdx.x / tiles_across * tile_rows;
+  const uint32_t left = blockIdx.x % tiles_across * tile_columns;
+  const uint32_t first_output = blockIdx.y * TILE_M;
+  const uint32_t image = blockIdx.z;
+  const uint32_t chunks = in_channels / CHUNK;
+  const size_t plane_len = static_cast<size_t>(height) * width;
+  const __half* image_in = input + static_cast<size_t>(image) * in_channels * plane_len;
+
+  // The affines of chunk `chunk` into `affine_s[buffer]` (by the first 16 threads).
+  const auto load_affines = [&](uint32_t buffer, uint32_t chunk) {
+    if constexpr (NORMALIZED) {
+      if (threadIdx.x < CHUNK) {
+        const float* at =
+            affines + (static_cast<size_t>(image) * in_channels + chunk * CHUNK + threadIdx.x) * 3;
+        affine_s[buffer][threadIdx.x] = {at[0], at[1], at[2]};
+      }
+    }
+  };
+
+  // Where this lane's `ldmatrix` rows of the halo start, per pair of 8-cell tiles, at tap
+  // (0, 0): matrix m of a pair is cells 8 · (m / 2) + 0…7, channels 8 · (m % 2) + 0…7.
+  uint32_t b_rows[4];
+  #pragma unroll
+  for (uint32_t pair = 0; pair < 4; ++pair) {
+    const uint32_t cell = warp_n * 64 + pair * 16 + 8 * (lane / 16) + lane % 8;
+    b_rows[pair] = ((cell / tile_columns) * halo_columns + cell % tile_columns) * LD +
+                   8 * ((lane / 8) % 2);
+  }
+
+  float acc[2][8][4];
+  #pragma unroll
+  for (uint32_t mi = 0; mi < 2; ++mi) {
+    #pragma unroll
+    for (uint32_t nt = 0; nt < 8; ++nt) {
+      #pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        acc[mi][nt][i] = 0.0f;
+      }
+    }
+  }
+
+  load_affines(0, 0);
+  if constexpr (NORMALIZED) {
+    __syncthreads();
+  }
+  for (uint32_t chunk = 0; chunk < chunks; ++chunk) {
+    // The weights: 64 rows of 9 taps × 16 channels, 288 contiguous bytes each.
+    for (uint32_t i = threadIdx.x; i < TILE_M * TAPS * 2; i += THREADS) {
+      const uint32_t half_row = i % 2;
+      const uint32_t tap = i / 2 % TAPS;
+      const uint32_t row = i / (2 * TAPS);
+      // Rows past the last output channel are zeros (their outputs are not written).
+      const bool inside = first_output + row < out_channels;
+      const __half* source =
+          inside ? weights +
+                       ((static_cast<size_t>(first_output + row) * chunks + chunk) * TAPS + tap) *
+                           CHUNK +
+                       8 * half_row
+                 : weights;
+      copy_16(a_s + (row * TAPS + tap) * LD + 8 * half_row, source, inside);
+    }
+    commit_copies();
+
+    // The halo: 8 channels of one pixel per item, neighbouring lanes on neighbouring pixels.
+    const Affine* chunk_affines = affine_s[chunk % 2];
+    for (uint32_t i = threadIdx.x; i < halo_pixels * 2; i += THREADS) {
+      const uint32_t half_row = i / halo_pixels;
+      const uint32_t pixel = i % halo_pixels;
+      const int y = static_cast<int>(top + pixel / halo_columns) - 1;
+      const int x = static_cast<int>(left + pixel % halo_columns) - 1;
+      uint32_t packed[4] = {0, 0, 0, 0};
+      if (y >= 0 && y < static_cast<int>(out_height) && x >= 0 &&
+          x < static_cast<int>(out_width)) {
+        const size_t at = static_cast<size_t>(static_cast<uint32_t>(y) >> shift) * width +
+                          (static_cast<uint32_t>(x) >> shift);
+        const uint32_t first_channel = chunk * CHUNK + 8 * half_row;
+        const __half* source = image_in + first_channel * plane_len + at;
+        #pragma unroll
+        for (uint32_t j = 0; j < 8; j += 2) {
+          __half low = source[j * plane_len];
+          __half high = source[(j + 1) * plane_len];
+          if constexpr (NORMALIZED) {
+            low = normalise(chunk_affines[8 * half_row + j], low, silu);
+            high = normalise(chunk_affines[8 * half_row + j + 1], high, silu);
+          }
+          packed[j / 2] = pack_halves(low, high);
+        }
+      }
+      *reinterpret_cast<uint4*>(h_s + pixel * LD + 8 * half_row) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+    // The next chunk's affines: that buffer was last read before the previous barrier.
+    if (chunk + 1 < chunks) {
+      load_affines((chunk + 1) % 2, chunk + 1);
+    }
+    wait_copies<0>();
+    __syncthreads();
+
+    #pragma unroll
+    for (uint32_t tap = 0; tap < TAPS; ++tap) {
+      const uint32_t shift_rows = (tap / 3 * halo_columns + tap % 3) * LD;
+      uint32_t a[2][4];
+      #pragma unroll
+      for (uint32_t mi = 0; mi < 2; ++mi) {
+        const uint32_t row = warp_m * 32 + mi * 16 + lane % 16;
+        ldmatrix_x4<false>(a[mi], a_s + (row * TAPS + tap) * LD + 8 * (lane / 16));
+      }
+      #pragma unroll
+      for (uint32_t pair = 0; pair < 4; ++pair) {
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, h_s + b_rows[pair] + shift_rows);
+        #pragma unroll
+        for (uint32_t mi = 0; mi < 2; ++mi) {
+          mma_16816(acc[mi][2 * pair], a[mi], b[0], b[1]);
+          mma_16816(acc[mi][2 * pair + 1], a[mi], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this chunk's weights and halo
+  }
+
+  // out = acc + bias, rounded once; outputs past the channels or the edge are not written.
+  #pragma unroll
+  for (uint32_t mi = 0; mi < 2; ++mi) {
+    #pragma unroll
+    for (uint32_t high = 0; high < 2; ++high) {
+      const uint32_t output = first_output + warp_m * 32 + mi * 16 + g + 8 * high;
+      if (output >= out_channels) {
+        continue;
+      }
+      const float output_bias = to_float(bias[output]);
+      __half* plane = out + (static_cast<size_t>(image) * out_channels + output) *
+                                static_cast<size_t>(out_height) * out_width;
+      #pragma unroll
+      for (uint32_t nt = 0; nt < 8; ++nt) {
+        #pragma unroll
+        for (uint32_t e = 0; e < 2; ++e) {
+          const uint32_t cell = warp_n * 64 + nt * 8 + 2 * t + e;
+          const uint32_t y = top + cell / tile_columns;
+          const uint32_t x = left + cell % tile_columns;
+          if (y < out_height && x < out_width) {
+            plane[static_cast<size_t>(y) * out_width + x] =
+                from_float<__half>(acc[mi][nt][2 * high + e] + output_bias);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    conv3x3_f16(const __half* input, const __half* weights, const __half* bias, __half* out,
+                uint32_t in_channels, uint32_t out_channels, uint32_t height, uint32_t width,
+                uint32_t shift, uint32_t tile_columns) {
+  conv3x3<false>(input, nullptr, weights, bias, out, in_channels, out_channels, height, width,
+                 shift, tile_columns, 0);
+}
+
+// `affines`: (batch · c_in) × (mean, scale, shift), f32, from `group_norm_affines_*`.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    conv3x3_normalized_f16(const __half* input, const float* affines, const __half* weights,
+                           const __half* bias, __half* out, uint32_t in_channels,
+                           uint32_t out_channels, uint32_t height, uint32_t width,
+                           uint32_t tile_columns, uint32_t silu) {
+  conv3x3<true>(input, affines, weights, bias, out, in_channels, out_channels, height, width,
+                0, tile_columns, silu);
+}

@@ -1,0 +1,416 @@
+//! A 3×3 convolution (stride 1, padded by one cell) with its bias, straight from the image:
+//! on CUDA in f16, our implicit-GEMM kernel (`conv3x3.cu`), whose column matrix exists only a
+//! tile at a time in shared memory. Against the column path ([`super::im2col`]: nine times
+//! the image written to memory, read back by a GEMM, then a pass for the bias) it holds no
+//! column buffer, moves a ninth of the data, and rounds once. An upsampler's convolution
+//! reads its input doubled ([`Source::Doubled`]) and a convolution after a group norm and
+//! SiLU reads its input normalised ([`forward_normalized`]), as the columns do.
+//!
+//! The kernel takes 16 input channels per step, so it reads the weights in blocks of 16
+//! channels, each block's nine taps in a row: `(c_out, c_in / 16, 9, 16)` ([`kernel_order`]).
+//! A model whose convolution it [`takes`] stores its weights that way from the start (once:
+//! [`stored_order`] makes the usual layout back where another path must run). Elsewhere (the
+//! CPU, f32, channel counts it does not take, a card where the column path was faster)
+//! [`forward`] answers `None` and the caller runs the column path or candle's convolution.
+//! [`reference`] is the same convolution on the CPU in f32: what the kernel is checked
+//! against, on each device before it first runs there and in the tests on the emulation.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::im2col::Source;
+use super::norm_columns::NormalizedImage;
+
+/// Input channels per step of the kernel (`CHUNK` in `conv3x3.cu`): the block of the weights'
+/// order, and what `c_in` must be a multiple of.
+pub const CHANNEL_BLOCK: usize = 16;
+/// Output channels per block of the grid (`TILE_M`).
+pub const OUTPUT_TILE: usize = 64;
+/// Output cells per block (`TILE_N`).
+pub const CELL_TILE: usize = 128;
+/// Threads per block (`THREADS`).
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const THREADS: usize = 128;
+
+/// Whether the kernel takes these channel counts: whole blocks of input channels (every
+/// convolution of the UNets and VAEs but the first, which reads the 4 latent channels); any
+/// number of outputs (a tile's outputs past the last are computed from zero weights and not
+/// written: the model's last convolution, to 3 or 4 channels, wastes most of one tile's
+/// arithmetic, and holds no column buffer).
+pub fn fits(in_channels: usize, out_channels: usize) -> bool {
+    in_channels > 0 && out_channels > 0 && in_channels.is_multiple_of(CHANNEL_BLOCK)
+}
+
+/// Whether our kernel runs a convolution of `in_channels` → `out_channels` whose weights are
+/// `dtype` on `device`: CUDA, f16, channel counts it [`fits`], and the kernel loaded, checked
+/// and, once the device is prepared, not slower there than what runs in its place. A model
+/// asks once per convolution as it loads, and keeps the weights in [`kernel_order`] if so.
+pub fn takes(device: &Device, dtype: DType, in_channels: usize, out_channels: usize) -> bool {
+    if !super::enabled() || dtype != DType::F16 || !fits(in_channels, out_channels) {
+        return false;
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => super::cuda::conv3x3_runs_on(cuda),
+        _ => false,
+    }
+}
+
+/// Weights `(c_out, c_in, 3, 3)` in the kernel's order, `(c_out, c_in / 16, 9, 16)`.
+pub fn kernel_order(weight: &Tensor) -> Result<Tensor> {
+    let (out_channels, in_channels, height, width) = weight.dims4()?;
+    if (height, width) != (3, 3) || !in_channels.is_multiple_of(CHANNEL_BLOCK) {
+        candle_core::bail!(
+            "{:?} are not 3×3 weights of whole channel blocks",
+            weight.dims()
+        );
+    }
+    weight
+        .reshape((out_channels, in_channels / CHANNEL_BLOCK, CHANNEL_BLOCK, 9))?
+        .transpose(2, 3)?
+        .contiguous()
+}
+
+/// [`kernel_order`]'s weights back as `(c_out, c_in, 3, 3)`.
+pub fn stored_order(weights: &Tensor) -> Result<Tensor> {
+    let (out_channels, blocks, taps, block) = weights.dims4()?;
+    if taps != 9 || block != CHANNEL_BLOCK {
+        candle_core::bail!("{:?} are not weights in the kernel's order", weights.dims());
+    }
+    weights
+        .transpose(2, 3)?
+        .contiguous()?
+        .reshape((out_channels, blocks * block, 3, 3))
+}
+
+/// How many output columns a block's tile spans for an output `width` cells wide: the widest
+/// power of two from 8 to 128 whose tiles cover a row with at most an eighth to spare (a
+/// narrower tile reads more halo per cell, a wider one computes cells past the edge), else 8.
+/// The tile is [`CELL_TILE`] / that many rows high.
+pub fn tile_columns(width: usize) -> usize {
+    [128, 64, 32, 16, 8]
+        .into_iter()
+        .find(|&columns| width.div_ceil(columns) * columns * 8 <= width * 9)
+        .unwrap_or(8)
+}
+
+/// The grid for an output `(batch, out_channels, out_height, out_width)`: x over the tiles of
+/// cells (row by row), y over the tiles of output channels, z over the images.
+pub fn grid(
+    batch: usize,
+    out_channels: usize,
+    out_height: usize,
+    out_width: usize,
+) -> (usize, usize, usize) {
+    let columns = tile_columns(out_width);
+    let rows = CELL_TILE / columns;
+    (
+        out_height.div_ceil(rows) * out_width.div_ceil(columns),
+        out_channels.div_ceil(OUTPUT_TILE),
+        batch,
+    )
+}
+
+/// How the kernel reads its input.
+#[derive(Clone, Copy, Debug)]
+pub enum Reading<'a> {
+    /// The image as `Source` says (as it is, or doubled).
+    Image(Source),
+    /// Each value through its plane's `affines` `(batch · c_in, 3)` (mean, scale, shift, f32),
+    /// then SiLU if `silu`: a group norm's output.
+    Normalized { affines: &'a Tensor, silu: bool },
+}
+
+/// `xs` `(batch, c_in, h, w)` read as `source` says, convolved with `weights` (in
+/// [`kernel_order`]) plus `bias` `(c_out)`; `None` where our kernel does not run for it.
+pub fn forward(
+    xs: &Tensor,
+    source: Source,
+    weights: &Tensor,
+    bias: &Tensor,
+) -> Result<Option<Tensor>> {
+    run(xs, Reading::Image(source), weights, bias)
+}
+
+/// The convolution of `image` as its group norm and SiLU leave it (the normalised image is
+/// never made: each value is normalised as the kernel loads it); `None` where our kernel does
+/// not run for it.
+pub fn forward_normalized(
+    image: &NormalizedImage,
+    weights: &Tensor,
+    bias: &Tensor,
+) -> Result<Option<Tensor>> {
+    let xs = image.image();
+    if !runs_for(xs, weights) {
+        return Ok(None);
+    }
+    let affines = image.affines()?;
+    let reading = Reading::Normalized {
+        affines: &affines,
+        silu: image.silu(),
+    };
+    run(xs, reading, weights, bias)
+}
+
+/// Whether the kernel is on for `xs`'s device and takes `xs` with these weights.
+fn runs_for(xs: &Tensor, weights: &Tensor) -> bool {
+    let Ok((out_channels, blocks, ..)) = weights.dims4() else {
+        return false;
+    };
+    xs.dtype() == DType::F16
+        && weights.dtype() == DType::F16
+        && xs.dim(1).ok() == Some(blocks * CHANNEL_BLOCK)
+        && takes(
+            xs.device(),
+            xs.dtype(),
+            blocks * CHANNEL_BLOCK,
+            out_channels,
+        )
+}
+
+fn run(xs: &Tensor, reading: Reading, weights: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
+    if !runs_for(xs, weights) {
+        return Ok(None);
+    }
+    match xs.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => super::cuda::conv3x3(cuda, xs, reading, weights, bias),
+        _ => {
+            let _ = (reading, bias);
+            Ok(None)
+        }
+    }
+}
+
+/// The same convolution on the CPU in f32: the input read as `reading` says (normalised values
+/// rounded to f16, as the kernel feeds them to its tensor cores), candle's convolution with
+/// the weights back in their stored order, plus the bias.
+pub fn reference(xs: &Tensor, reading: Reading, weights: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let on_cpu = |tensor: &Tensor| tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+    let xs = on_cpu(xs)?;
+    let input = match reading {
+        Reading::Image(source) => source.materialise(&xs)?,
+        Reading::Normalized { affines, silu } => {
+            let (batch, channels, ..) = xs.dims4()?;
+            let affines = on_cpu(affines)?.reshape((batch, channels, 3))?;
+            let part = |index: usize| affines.narrow(2, index, 1)?.unsqueeze(3);
+            let normalized = xs
+                .broadcast_sub(&part(0)?)?
+                .broadcast_mul(&part(1)?)?
+                .broadcast_add(&part(2)?)?;
+            let normalized = if silu {
+                candle_nn::ops::silu(&normalized)?
+            } else {
+                normalized
+            };
+            normalized.to_dtype(DType::F16)?.to_dtype(DType::F32)?
+        }
+    };
+    input
+        .conv2d(&stored_order(&on_cpu(weights)?)?, 1, 1, 1, 1)?
+        .broadcast_add(&on_cpu(bias)?.reshape((1, (), 1, 1))?)
+}
+
+/// One shape the kernel is checked on.
+#[cfg(any(test, feature = "cuda"))]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CheckCase {
+    /// The input, `(batch, c_in, h, w)`.
+    pub dims: [usize; 4],
+    pub out_channels: usize,
+    pub source: Source,
+    /// Normalised as it is read: `Some(silu)`.
+    pub normalized: Option<bool>,
+}
+
+/// What the kernel is checked on: tiles of every width it picks (8 with rows and columns past
+/// the edge, 16, 64 over several rows, 128), one and several channel blocks and output tiles,
+/// a model's last convolution (3 outputs), batches, a doubled input, and normalised inputs
+/// with and without SiLU.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const CHECK_CASES: [CheckCase; 6] = [
+    CheckCase {
+        dims: [1, 16, 5, 7],
+        out_channels: 64,
+        source: Source::AsIs,
+        normalized: None,
+    },
+    CheckCase {
+        dims: [2, 32, 5, 64],
+        out_channels: 128,
+        source: Source::AsIs,
+        normalized: None,
+    },
+    CheckCase {
+        dims: [1, 16, 3, 5],
+        out_channels: 64,
+        source: Source::Doubled,
+        normalized: None,
+    },
+    CheckCase {
+        dims: [1, 32, 6, 16],
+        out_channels: 3,
+        source: Source::AsIs,
+        normalized: Some(true),
+    },
+    CheckCase {
+        dims: [2, 32, 9, 20],
+        out_channels: 64,
+        source: Source::AsIs,
+        normalized: Some(true),
+    },
+    CheckCase {
+        dims: [1, 16, 2, 128],
+        out_channels: 64,
+        source: Source::AsIs,
+        normalized: Some(false),
+    },
+];
+
+/// How far from [`reference`] the kernel may be, relative (`(1 + |y|)`): its output's one
+/// rounding to f16 (2⁻¹¹ of the value) and sums in another order.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) const CHECK_TOLERANCE: f32 = 2e-3;
+
+/// A case's inputs on the CPU, f16: the image, the weights (in [`kernel_order`], scaled so
+/// that outputs are about the inputs' size), the bias, and for a normalised case the planes'
+/// affines (values f16 holds exactly, as the emulation passes them).
+#[cfg(any(test, feature = "cuda"))]
+pub(super) fn random_inputs(case: CheckCase) -> Result<[Tensor; 4]> {
+    let device = Device::Cpu;
+    let [batch, in_channels, ..] = case.dims;
+    let xs =
+        (Tensor::randn(0f32, 1.0, case.dims.to_vec(), &device)? + 0.5)?.to_dtype(DType::F16)?;
+    let spread = (9.0 * in_channels as f64).powf(-0.5);
+    let weight = (Tensor::randn(0f32, 1.0, (case.out_channels, in_channels, 3, 3), &device)?
+        * spread)?
+        .to_dtype(DType::F16)?;
+    let bias = Tensor::randn(0f32, 0.5, case.out_channels, &device)?.to_dtype(DType::F16)?;
+    let planes = batch * in_channels;
+    let means = Tensor::randn(0.5f32, 0.3, (planes, 1), &device)?;
+    let scales = Tensor::rand(0.5f32, 1.5, (planes, 1), &device)?;
+    let shifts = Tensor::randn(0f32, 0.5, (planes, 1), &device)?;
+    let affines = Tensor::cat(&[means, scales, shifts], 1)?
+        .to_dtype(DType::F16)?
+        .to_dtype(DType::F32)?;
+    Ok([xs, kernel_order(&weight)?, bias, affines])
+}
+
+/// The case's [`Reading`] over `affines`.
+#[cfg(any(test, feature = "cuda"))]
+pub(super) fn reading(case: CheckCase, affines: &Tensor) -> Reading<'_> {
+    match case.normalized {
+        None => Reading::Image(case.source),
+        Some(silu) => Reading::Normalized { affines, silu },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::kernels::emulation;
+    use crate::engine::kernels::largest_relative_difference;
+
+    #[test]
+    fn the_cuda_source_agrees_with_the_reference_on_an_emulated_gpu() {
+        let Some(runner) = emulation::Runner::build("conv3x3_runner.cpp") else {
+            return;
+        };
+        for case in CHECK_CASES {
+            let [xs, weights, bias, affines] = random_inputs(case).unwrap();
+            let expected = reference(&xs, reading(case, &affines), &weights, &bias).unwrap();
+            let [batch, in_channels, height, width] = case.dims;
+            let shift = case.source.shift();
+            let args = [
+                batch,
+                in_channels,
+                case.out_channels,
+                height,
+                width,
+                shift,
+                tile_columns(width << shift),
+                usize::from(case.normalized.is_some()),
+                usize::from(case.normalized == Some(true)),
+                THREADS,
+            ]
+            .map(|arg| arg.to_string());
+            let mut inputs = vec![&xs, &weights, &bias];
+            if case.normalized.is_some() {
+                inputs.push(&affines);
+            }
+            let got = runner
+                .run(
+                    args.iter().map(String::as_str),
+                    &inputs,
+                    DType::F16,
+                    expected.shape(),
+                )
+                .unwrap();
+            // A NaN (a cell nobody wrote) fails too.
+            let difference = largest_relative_difference(&got, &expected).unwrap();
+            assert!(
+                difference <= CHECK_TOLERANCE,
+                "{case:?}: {difference} from the reference"
+            );
+        }
+    }
+
+    #[test]
+    fn the_kernel_order_holds_each_block_of_channels_tap_by_tap_and_goes_back() {
+        // Weight (o, c, ky, kx) = 1000 o + 10 c + 3 ky + kx, exactly in f32.
+        let (outputs, channels) = (2, 32);
+        let values: Vec<f32> = (0..outputs * channels * 9)
+            .map(|i| {
+                let (o, c, tap) = (i / (channels * 9), i / 9 % channels, i % 9);
+                (1000 * o + 10 * c + tap) as f32
+            })
+            .collect();
+        let weight = Tensor::from_vec(values, (outputs, channels, 3, 3), &Device::Cpu).unwrap();
+        let ordered = kernel_order(&weight).unwrap();
+        assert_eq!(ordered.dims4().unwrap(), (outputs, 2, 9, 16));
+        // Output 1, channel block 1, tap 5 (ky 1, kx 2), channel 3 of the block: channel 19.
+        let value: f32 = ordered
+            .get(1)
+            .and_then(|t| t.get(1))
+            .and_then(|t| t.get(5))
+            .and_then(|t| t.get(3))
+            .and_then(|t| t.to_scalar())
+            .unwrap();
+        assert_eq!(value, (1000 + 190 + 5) as f32);
+        let back = stored_order(&ordered).unwrap();
+        assert_eq!(largest_relative_difference(&back, &weight).unwrap(), 0.0);
+        // Channels that are not whole blocks have no kernel order.
+        let odd = Tensor::zeros((4, 8, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(kernel_order(&odd).is_err());
+    }
+
+    #[test]
+    fn tiles_are_as_wide_as_the_image_allows_without_waste() {
+        assert_eq!(tile_columns(1024), 128);
+        assert_eq!(tile_columns(128), 128);
+        assert_eq!(tile_columns(64), 64);
+        assert_eq!(tile_columns(96), 32);
+        assert_eq!(tile_columns(72), 16);
+        assert_eq!(tile_columns(144), 32);
+        assert_eq!(tile_columns(8), 8);
+        assert_eq!(tile_columns(5), 8);
+        // SD 1.5's first UNet level at 512², guided: 2 rows of 64 a tile, 32 × 5 × 2 blocks.
+        assert_eq!(grid(2, 320, 64, 64), (32, 5, 2));
+        // 7 wide, 5 high: one 8-wide, 16-high tile covers it.
+        assert_eq!(grid(1, 64, 5, 7), (1, 1, 1));
+    }
+
+    #[test]
+    fn the_cpu_has_no_kernel_and_only_whole_tiles_fit() {
+        let xs = Tensor::zeros((1, 16, 4, 4), DType::F16, &Device::Cpu).unwrap();
+        let weights = Tensor::zeros((64, 1, 9, 16), DType::F16, &Device::Cpu).unwrap();
+        let bias = Tensor::zeros(64, DType::F16, &Device::Cpu).unwrap();
+        assert!(!takes(&Device::Cpu, DType::F16, 16, 64));
+        assert!(
+            forward(&xs, Source::AsIs, &weights, &bias)
+                .unwrap()
+                .is_none()
+        );
+        assert!(fits(320, 320) && fits(16, 64) && fits(128, 3));
+        assert!(!fits(4, 320) && !fits(0, 64) && !fits(16, 0));
+    }
+}

@@ -1,0 +1,89 @@
+// Runs `conv3x3.cu` on the CPU emulation (cuda_emulation.h, mma_sync.h), for the kernels'
+// tests:
+//
+//   conv3x3_runner BATCH C_IN C_OUT HEIGHT WIDTH SHIFT TILE_COLUMNS NORMALIZED SILU THREADS
+//
+// THREADS is the host's threads per block, which must be the kernel's. Reads, as
+// little-endian f16 from stdin: the input (BATCH × C_IN × HEIGHT × WIDTH), the weights as the
+// host stores them (C_OUT × C_IN / 16 × 9 × 16), the bias (C_OUT) and, if NORMALIZED is 1,
+// the affines (BATCH · C_IN × 3: mean, scale, shift; values f16 holds exactly, widened to
+// f32). Launches `conv3x3_f16` or `conv3x3_normalized_f16` on the grid the host would and
+// writes the output (BATCH × C_OUT × (HEIGHT << SHIFT) × (WIDTH << SHIFT)) to stdout the
+// same way. Output nobody wrote stays NaN.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "cuda_emulation.h"
+#include "cuda_fp16.h"
+#include "mma_sync.h"
+#include "../conv3x3.cu"
+
+namespace {
+
+std::vector<__half> read_halves(size_t count) {
+  std::vector<__half> values(count);
+  if (std::fread(values.data(), sizeof(__half), count, stdin) != count) {
+    std::fprintf(stderr, "conv3x3_runner: stdin ended early\n");
+    std::exit(2);
+  }
+  return values;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  static_assert(sizeof(__half) == 2);
+  if (argc != 11) {
+    std::fprintf(stderr,
+                 "usage: conv3x3_runner BATCH C_IN C_OUT HEIGHT WIDTH SHIFT TILE_COLUMNS "
+                 "NORMALIZED SILU THREADS\n");
+    return 2;
+  }
+  const auto arg = [&](int i) { return static_cast<uint32_t>(std::stoul(argv[i])); };
+  const uint32_t batch = arg(1), in_channels = arg(2), out_channels = arg(3);
+  const uint32_t height = arg(4), width = arg(5), shift = arg(6), tile_columns = arg(7);
+  const bool normalized = arg(8) != 0;
+  const uint32_t silu = arg(9);
+  if (arg(10) != THREADS) {
+    std::fprintf(stderr, "conv3x3_runner: the host launches %u threads a block, the kernel %u\n",
+                 arg(10), THREADS);
+    return 2;
+  }
+  if (normalized && shift != 0) {
+    std::fprintf(stderr, "conv3x3_runner: the normalised kernel reads its input as it is\n");
+    return 2;
+  }
+
+  const std::vector<__half> input =
+      read_halves(static_cast<size_t>(batch) * in_channels * height * width);
+  const std::vector<__half> weights = read_halves(static_cast<size_t>(out_channels) * in_channels * 9);
+  const std::vector<__half> bias = read_halves(out_channels);
+  std::vector<float> affines;
+  if (normalized) {
+    for (const __half value : read_halves(static_cast<size_t>(batch) * in_channels * 3)) {
+      affines.push_back(__half2float(value));
+    }
+  }
+  const uint32_t out_height = height << shift;
+  const uint32_t out_width = width << shift;
+  std::vector<__half> out(static_cast<size_t>(batch) * out_channels * out_height * out_width,
+                          __float2half(NAN));
+
+  const uint32_t tile_rows = TILE_N / tile_columns;
+  const uint32_t tiles = ((out_height + tile_rows - 1) / tile_rows) *
+                         ((out_width + tile_columns - 1) / tile_columns);
+  const dim3 grid{tiles, (out_channels + TILE_M - 1) / TILE_M, batch};
+  emulation::launch(grid, dim3{THREADS, 1, 1}, 0, [&] {
+    if (normalized) {
+      conv3x3_normalized_f16(input.data(), affines.data(), weights.data(), bias.data(),
+                             out.data(), in_channels, out_channels, height, width, tile_columns,
+                             silu);
+    } else {
+      conv3x3_f16(input.data(), weights.data(), bias.data(), out.data(), in_channels,
+                  out_channels, height, width, shift, tile_columns);
+    }
+  });
+  std::fwrite(out.data(), sizeof(__half), out.size(), stdout);
+  return 0;
+}

@@ -250,6 +250,8 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     plans = sorted(set(re.findall(r"saving memory: .*|the text encoders of .* on the CPU.*", output)))
     # Each of our kernels timed at start against what replaces it (engine/kernels/race.rs).
     races = re.findall(r"our GPU .* kernel takes .*", output)
+    # How candle's PTX compiled at first start (on threads, into the driver's cache).
+    races += re.findall(r"candle's kernels compiled on .*", output)
     return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
             "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
             "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off,

@@ -59,12 +59,21 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> candle_core:
         .map_err(|error| candle_core::Error::Msg(format!("the warm-up's {what} config: {error}")))
 }
 
-/// candle's kernel modules that a job uses, compiled one after another before the miniature
-/// pipeline runs (which then finds them ready), so that the time left can be told: after each
-/// module, the time so far per byte of PTX times the bytes still to go. Our own kernels are
-/// machine code; they are loaded, checked and raced against candle's here too (which needs
-/// candle's compiled first). A module that fails to compile is left for the pipeline to
-/// report. Nothing to do off CUDA.
+/// candle's kernel modules that a job uses, compiled before the miniature pipeline runs
+/// (which then finds them ready), so that the time left can be told: after each module, the
+/// time so far per byte of PTX times the bytes still to go. Our own kernels are machine code;
+/// they are loaded, checked and raced against candle's here too (which needs candle's
+/// compiled first). A module that fails to compile is left for the pipeline to report.
+/// Nothing to do off CUDA.
+///
+/// candle compiles a module under a lock of its own, one at a time. So the modules are first
+/// compiled on threads of ours, the biggest first, into the driver's cache of compiled
+/// kernels ([`crate::engine::kernel_cache`]); candle's own loads then find them there. Where
+/// the driver compiles on several threads at once, that takes about as long as the biggest
+/// module (binary ops: 42 % of the 5.4 MB of PTX) instead of all of them; where it does not,
+/// it costs the cache lookups (the log says which: the threads' time against the biggest
+/// module's). Not where the person turned the cache off (`CUDA_CACHE_DISABLE=1`): candle
+/// would compile everything again.
 pub fn compile_kernels(device: &Device, time_left: &mut dyn FnMut(Duration)) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
@@ -80,6 +89,7 @@ mod candle_modules {
     use std::time::{Duration, Instant};
 
     use candle_core::CudaDevice;
+    use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
     use candle_core::cuda_backend::kernels::{self, Module};
 
     /// Every module but the quantized and sorting kernels, which Stable Diffusion never uses.
@@ -98,6 +108,38 @@ mod candle_modules {
     pub fn compile(cuda: &CudaDevice, time_left: &mut dyn FnMut(Duration)) {
         let total: usize = USED.iter().map(|module| module.ptx().len()).sum();
         let started = Instant::now();
+        let mut tell = |done: usize| {
+            let per_byte = started.elapsed().as_secs_f64() / done.max(1) as f64;
+            time_left(Duration::from_secs_f64(per_byte * (total - done) as f64));
+        };
+        let threads = super::compiling_threads(
+            std::thread::available_parallelism().map_or(1, |cores| cores.get()),
+            std::env::var(super::CACHE_DISABLE).ok().as_deref(),
+        );
+        if threads > 1 {
+            let context = cuda.cuda_stream().context().clone();
+            let compile = |module: &&Module| {
+                let started = Instant::now();
+                context
+                    .load_module(Ptx::from_src(module.ptx()))
+                    .map(|_| started.elapsed())
+                    .map_err(|error| error.to_string())
+            };
+            let size = |module: &&Module| module.ptx().len();
+            let outcome = super::on_threads(&USED, size, threads, compile, &mut tell);
+            tracing::info!(
+                "candle's kernels compiled on {threads} threads in {:.1} s (the biggest module \
+                 alone took {:.1} s){}",
+                started.elapsed().as_secs_f64(),
+                outcome.longest.as_secs_f64(),
+                if outcome.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!("; failed: {}", outcome.failures.join("; "))
+                }
+            );
+        }
+        // candle's own loads: from the driver's cache where the threads filled it.
         let mut done = 0;
         for module in USED {
             // candle compiles a whole module when it first looks a function up in it.
@@ -107,10 +149,87 @@ mod candle_modules {
                 tracing::debug!("compiling candle's {function} module: {error}");
             }
             done += module.ptx().len();
-            let per_byte = started.elapsed().as_secs_f64() / done.max(1) as f64;
-            time_left(Duration::from_secs_f64(per_byte * (total - done) as f64));
+            if threads <= 1 {
+                tell(done);
+            }
         }
+        time_left(Duration::ZERO);
     }
+}
+
+/// The driver's switch for its cache of compiled kernels.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const CACHE_DISABLE: &str = "CUDA_CACHE_DISABLE";
+
+/// How many threads compile candle's modules into the driver's cache: one per core but one
+/// (which the person's other programs keep), at most 4 (the biggest module is 42 % of the
+/// PTX, so 3 threads already finish with it, and each compiler holds its own memory); none
+/// (1: candle alone, one at a time) where the cache is off (`disable` is
+/// `CUDA_CACHE_DISABLE`'s value).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn compiling_threads(cores: usize, disable: Option<&str>) -> usize {
+    if disable.is_some_and(|value| value.trim() == "1") {
+        return 1;
+    }
+    cores.saturating_sub(1).clamp(1, 4)
+}
+
+/// What [`on_threads`] did.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug)]
+struct Outcome {
+    /// The longest time one item took.
+    longest: Duration,
+    /// Each failure, as its compile said it.
+    failures: Vec<String>,
+}
+
+/// Runs `compile` on every item, on `threads` threads at most, the biggest items (`size`)
+/// first, so the longest starts at once and the others finish beside it. After each item,
+/// the calling thread is told the size done so far (`done`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn on_threads<T: Sync>(
+    items: &[T],
+    size: impl Fn(&T) -> usize,
+    threads: usize,
+    compile: impl Fn(&T) -> std::result::Result<Duration, String> + Sync,
+    done: &mut dyn FnMut(usize),
+) -> Outcome {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&index| std::cmp::Reverse(size(&items[index])));
+    let next = AtomicUsize::new(0);
+    let (sender, receiver) = mpsc::channel();
+    let mut outcome = Outcome {
+        longest: Duration::ZERO,
+        failures: Vec::new(),
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            let sender = sender.clone();
+            let (order, next, compile) = (&order, &next, &compile);
+            scope.spawn(move || {
+                while let Some(&index) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if sender.send((index, compile(&items[index]))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(sender);
+        let mut finished = 0;
+        for (index, result) in receiver {
+            finished += size(&items[index]);
+            match result {
+                Ok(took) => outcome.longest = outcome.longest.max(took),
+                Err(error) => outcome.failures.push(error),
+            }
+            done(finished);
+        }
+    });
+    outcome
 }
 
 /// The name of the first kernel a PTX module defines (`.entry NAME(`).
@@ -189,6 +308,58 @@ mod tests {
         assert_eq!(first_entry(".visible .entry sum_f32 (\n)"), Some("sum_f32"));
         assert_eq!(first_entry(".version 9.0\n.target sm_75\n"), None);
         assert_eq!(first_entry(".entry ("), None);
+    }
+
+    #[test]
+    fn modules_compile_on_threads_biggest_first_and_each_once() {
+        use std::sync::Mutex;
+        let sizes = [5usize, 40, 1, 22, 9];
+        let started = Mutex::new(Vec::new());
+        let compile = |size: &usize| {
+            started.lock().unwrap().push(*size);
+            if *size == 9 {
+                return Err("nine failed".to_owned());
+            }
+            Ok(Duration::from_millis(*size as u64))
+        };
+        let mut told = Vec::new();
+        let outcome = on_threads(&sizes, |size| *size, 1, compile, &mut |done| {
+            told.push(done)
+        });
+        // One thread: strictly biggest first; each told as it finished.
+        assert_eq!(*started.lock().unwrap(), [40, 22, 9, 5, 1]);
+        assert_eq!(told, [40, 62, 71, 76, 77]);
+        assert_eq!(outcome.longest, Duration::from_millis(40));
+        assert_eq!(outcome.failures, ["nine failed"]);
+
+        // Several threads: every item once, each told, the last report the whole.
+        started.lock().unwrap().clear();
+        let mut told = Vec::new();
+        let outcome = on_threads(&sizes, |size| *size, 3, compile, &mut |done| {
+            told.push(done)
+        });
+        let mut compiled = started.lock().unwrap().clone();
+        compiled.sort_unstable();
+        assert_eq!(compiled, [1, 5, 9, 22, 40]);
+        assert_eq!(told.len(), 5);
+        assert_eq!(told.last(), Some(&77));
+        assert!(told.windows(2).all(|pair| pair[0] < pair[1]), "{told:?}");
+        assert_eq!(outcome.failures.len(), 1);
+
+        // Nothing to compile: nothing told, no thread stuck.
+        let none: [usize; 0] = [];
+        let outcome = on_threads(&none, |size| *size, 4, compile, &mut |_| unreachable!());
+        assert!(outcome.failures.is_empty());
+    }
+
+    #[test]
+    fn a_core_is_left_to_the_person_and_a_disabled_cache_compiles_once() {
+        assert_eq!(compiling_threads(16, None), 4);
+        assert_eq!(compiling_threads(4, None), 3);
+        assert_eq!(compiling_threads(2, None), 1);
+        assert_eq!(compiling_threads(1, None), 1);
+        assert_eq!(compiling_threads(8, Some("0")), 4);
+        assert_eq!(compiling_threads(8, Some(" 1 ")), 1);
     }
 
     #[test]

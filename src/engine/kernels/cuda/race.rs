@@ -4,7 +4,7 @@
 //! attention for one image, with SD 1.5's heads of 40 and SD 2.x's and SDXL's of 64), in
 //! f16, against what runs in its place: candle's composition, for the register attention
 //! our WMMA kernel, for the convolution the column path (or candle's, where our columns lost
-//! theirs). The WMMA attention itself is not raced: without it the UNet holds score
+//! theirs), there at the f16 VAE decoder's shape too. The WMMA attention itself is not raced: without it the UNet holds score
 //! matrices, which the job's memory estimate did not count. The attention race is the
 //! longest: 26 calls of about 70 GFLOP, a fifth of a second at 10 TFLOP/s.
 
@@ -147,36 +147,47 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
         Family::Conv3x3 => {
             // With its bias, as `Conv3x3` runs it, against what runs in its place: the column
             // path where our column kernel won its race (raced before this), else candle's.
-            let xs = random(&[BATCH, CHANNELS, SIDE, SIDE], 0.0, 1.0)?;
-            let weight = random(
-                &[CHANNELS, CHANNELS, 3, 3],
-                0.0,
-                (9.0 * CHANNELS as f32).powf(-0.5),
-            )?;
-            let bias = random(&[CHANNELS], 0.0, 0.5)?;
-            let kernel_weights = kernels::conv3x3::kernel_order(&weight)?;
-            let ours = || {
-                let reading = Reading::Image(Source::AsIs);
-                super::conv3x3::conv3x3(device, &xs, reading, &kernel_weights, &bias)?
-                    .map(drop)
-                    .ok_or_else(declined)
-            };
+            // Two shapes, each call running both: the UNet's (few cells, many channels) and
+            // the f16 VAE decoder's full-resolution block at half the size (many cells, 128
+            // channels), so that the verdict holds for the convolutions of both.
             let columns = columns_run(device);
-            let matrix = weight.reshape((CHANNELS, CHANNELS * 9))?;
-            let theirs = || {
-                let convolved = if columns {
-                    let columns = kernels::im2col::columns_3x3(&xs, Source::AsIs, 0, SIDE)?
+            let mut shapes = Vec::new();
+            for (batch, channels, side) in [(BATCH, CHANNELS, SIDE), (1, 128, 256)] {
+                let xs = random(&[batch, channels, side, side], 0.0, 1.0)?;
+                let weight = random(
+                    &[channels, channels, 3, 3],
+                    0.0,
+                    (9.0 * channels as f32).powf(-0.5),
+                )?;
+                let bias = random(&[channels], 0.0, 0.5)?;
+                let kernel_weights = kernels::conv3x3::kernel_order(&weight)?;
+                shapes.push((xs, weight, kernel_weights, bias));
+            }
+            let ours = || {
+                for (xs, _, kernel_weights, bias) in &shapes {
+                    let reading = Reading::Image(Source::AsIs);
+                    super::conv3x3::conv3x3(device, xs, reading, kernel_weights, bias)?
                         .ok_or_else(declined)?;
-                    matrix
-                        .broadcast_left(BATCH)?
-                        .matmul(&columns)?
-                        .reshape((BATCH, CHANNELS, SIDE, SIDE))?
-                } else {
-                    xs.conv2d(&weight, 1, 1, 1, 1)?
-                };
-                convolved
-                    .broadcast_add(&bias.reshape((1, CHANNELS, 1, 1))?)
-                    .map(drop)
+                }
+                Ok(())
+            };
+            let theirs = || {
+                for (xs, weight, _, bias) in &shapes {
+                    let (batch, channels, side, _) = xs.dims4()?;
+                    let convolved = if columns {
+                        let columns = kernels::im2col::columns_3x3(xs, Source::AsIs, 0, side)?
+                            .ok_or_else(declined)?;
+                        weight
+                            .reshape((channels, channels * 9))?
+                            .broadcast_left(batch)?
+                            .matmul(&columns)?
+                            .reshape((batch, channels, side, side))?
+                    } else {
+                        xs.conv2d(weight, 1, 1, 1, 1)?
+                    };
+                    convolved.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
+                }
+                Ok(())
             };
             Timing::measure(&clock, &finish, &ours, &theirs)?
         }

@@ -10,8 +10,10 @@
 // The GEMM: out[m][cell] = Σ_k W[m][k] · B[k][cell] + bias[m], k over (input channel, tap).
 // A block computes 64 output channels × 128 output cells of one image, as 4 warps of 32 × 64
 // (2 × 8 tiles of 16 × 8 accumulators each, in registers). The cells are a rectangle of the
-// output, `tile_columns` wide (8 … 128, a power of two the host picks to fit the image's
-// width) and 128 / `tile_columns` rows high. K is walked 16 input channels at a time:
+// output, `tile_columns` wide (16, or 8 where 16 would leave too much of the tile past the
+// image's edge: the host picks) and 128 / `tile_columns` rows high, the shapes whose halo is
+// smallest (180 pixels for 128 cells; a row of 128 would take 390). K is walked 16 input
+// channels at a time:
 //   - the weights of those channels for the block's 64 outputs, all nine taps, copied
 //     16 bytes at a time (`cp.async` on Ampere and newer) into rows of [tap][16 channels];
 //     the host stores the weights as (c_out, c_in / 16, 9, 16) so that each is 288
@@ -24,8 +26,8 @@
 //     (y, x) is input (y / 2, x / 2).
 // Then nine steps of 16, one per tap: the A fragments are rows of the weights (`ldmatrix`),
 // the B fragments rows of the halo at the tap's offset (`ldmatrix`: 8 cells' 8 channels per
-// matrix, as stored, which is the B operand's column-major order). Shared rows are 48 bytes
-// (16 channels and 8 of padding), so each `ldmatrix` phase's 8 rows fall on all 32 banks.
+// matrix, as stored, which is the B operand's column-major order). Shared rows are 32 bytes,
+// their halves swizzled (`half_at`), so each `ldmatrix` phase's 8 rows fall on all 32 banks.
 //
 // Requirements the host checks: c_in a multiple of 16, f16, contiguous. Output channels past
 // the last (a model's last convolution has 3 or 4) and cells past the image's edge are
@@ -44,12 +46,16 @@ constexpr uint32_t TILE_M = 64;   // output channels a block
 constexpr uint32_t TILE_N = 128;  // output cells a block
 constexpr uint32_t CHUNK = 16;    // input channels a step of K
 constexpr uint32_t TAPS = 9;
-constexpr uint32_t LD = CHUNK + 8;  // a shared row, in halves (48 bytes)
-// The most halo pixels of a tile: 1 row of 128 cells, with a row and a column either side.
-constexpr uint32_t MAX_HALO = 3 * (TILE_N + 2);
+constexpr uint32_t ROW = CHUNK;  // a shared row, in halves (32 bytes; see `half_at`)
+// The halo pixels of a tile 8 or 16 columns wide: its cells with a row and a column either
+// side.
+constexpr uint32_t MAX_HALO = (TILE_N / 8 + 2) * (8 + 2);
+static_assert(MAX_HALO == (TILE_N / 16 + 2) * (16 + 2), "both tile widths' halos fit");
 
 // A plane's group norm: y = (x − mean) · scale + shift, then SiLU where asked, rounded to
-// f16 once (the arithmetic of `group_norm.cu`'s `PlaneAffine`).
+// f16 once (the arithmetic of `group_norm.cu`'s `PlaneAffine`, with SiLU's division a fast
+// one: each value is normalised once per tile of output channels that reads it, so this
+// runs several times as often as the group norm's own kernel does).
 struct Affine {
   float mean;
   float scale;
@@ -59,9 +65,19 @@ struct Affine {
 __device__ __forceinline__ __half normalise(const Affine& affine, __half x, uint32_t silu) {
   float y = (to_float(x) - affine.mean) * affine.scale + affine.shift;
   if (silu) {
-    y = y / (1.0f + __expf(-y));
+    y = __fdividef(y, 1.0f + __expf(-y));
   }
   return from_float<__half>(y);
+}
+
+// Where half `half` (channels 0–7 or 8–15) of a shared row is: rows are 32 bytes with no
+// padding, and the two halves swap places in every other group of 4 rows (`key`: the row's
+// index among those an `ldmatrix` reads together: the output channel, the halo pixel). 8
+// consecutive rows, 32 bytes (halo) or 288 (weights: 9 taps) apart, then fall on all 32
+// banks; unswizzled, rows 4 apart would share theirs. No padding keeps a block's shared
+// memory at 27 KB, so 3 blocks fit the 100 KB of an RTX 30 or 40 SM.
+__device__ __forceinline__ uint32_t half_at(uint32_t half, uint32_t key) {
+  return 8 * (half ^ ((key >> 2) & 1));
 }
 
 // Two halves packed, `low` first.
@@ -76,8 +92,11 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
                         __half* __restrict__ out, uint32_t in_channels, uint32_t out_channels,
                         uint32_t height, uint32_t width, uint32_t shift,
                         uint32_t tile_columns, uint32_t silu) {
-  __shared__ __align__(16) __half a_s[TILE_M * TAPS * LD];  // [output channel][tap][LD]
-  __shared__ __align__(16) __half h_s[MAX_HALO * LD];       // [halo pixel][LD]
+  if (tile_columns != 8 && tile_columns != 16) {
+    return;  // a halo the shared memory does not hold: nothing written, which the check sees
+  }
+  __shared__ __align__(16) __half a_s[TILE_M * TAPS * ROW];  // [output channel][tap][ROW]
+  __shared__ __align__(16) __half h_s[MAX_HALO * ROW];       // [halo pixel][ROW]
   __shared__ Affine affine_s[2][CHUNK];                      // this chunk's, the next one's
 
   const uint32_t warp = threadIdx.x / 32;
@@ -114,13 +133,13 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
 
   // Where this lane's `ldmatrix` rows of the halo start, per pair of 8-cell tiles, at tap
   // (0, 0): matrix m of a pair is cells 8 · (m / 2) + 0…7, channels 8 · (m % 2) + 0…7.
-  uint32_t b_rows[4];
+  uint32_t b_pixels[4];
   #pragma unroll
   for (uint32_t pair = 0; pair < 4; ++pair) {
     const uint32_t cell = warp_n * 64 + pair * 16 + 8 * (lane / 16) + lane % 8;
-    b_rows[pair] = ((cell / tile_columns) * halo_columns + cell % tile_columns) * LD +
-                   8 * ((lane / 8) % 2);
+    b_pixels[pair] = (cell / tile_columns) * halo_columns + cell % tile_columns;
   }
+  const uint32_t b_half = (lane / 8) % 2;
 
   float acc[2][8][4];
   #pragma unroll
@@ -152,7 +171,7 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
                            CHUNK +
                        8 * half_row
                  : weights;
-      copy_16(a_s + (row * TAPS + tap) * LD + 8 * half_row, source, inside);
+      copy_16(a_s + (row * TAPS + tap) * ROW + half_at(half_row, row), source, inside);
     }
     commit_copies();
 
@@ -181,7 +200,7 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
           packed[j / 2] = pack_halves(low, high);
         }
       }
-      *reinterpret_cast<uint4*>(h_s + pixel * LD + 8 * half_row) =
+      *reinterpret_cast<uint4*>(h_s + pixel * ROW + half_at(half_row, pixel)) =
           make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
     // The next chunk's affines: that buffer was last read before the previous barrier.
@@ -193,17 +212,18 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
 
     #pragma unroll
     for (uint32_t tap = 0; tap < TAPS; ++tap) {
-      const uint32_t shift_rows = (tap / 3 * halo_columns + tap % 3) * LD;
+      const uint32_t tap_pixels = tap / 3 * halo_columns + tap % 3;
       uint32_t a[2][4];
       #pragma unroll
       for (uint32_t mi = 0; mi < 2; ++mi) {
         const uint32_t row = warp_m * 32 + mi * 16 + lane % 16;
-        ldmatrix_x4<false>(a[mi], a_s + (row * TAPS + tap) * LD + 8 * (lane / 16));
+        ldmatrix_x4<false>(a[mi], a_s + (row * TAPS + tap) * ROW + half_at(lane / 16, row));
       }
       #pragma unroll
       for (uint32_t pair = 0; pair < 4; ++pair) {
         uint32_t b[4];
-        ldmatrix_x4<false>(b, h_s + b_rows[pair] + shift_rows);
+        const uint32_t pixel = b_pixels[pair] + tap_pixels;
+        ldmatrix_x4<false>(b, h_s + pixel * ROW + half_at(b_half, pixel));
         #pragma unroll
         for (uint32_t mi = 0; mi < 2; ++mi) {
           mma_16816(acc[mi][2 * pair], a[mi], b[0], b[1]);

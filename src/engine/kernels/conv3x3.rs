@@ -82,15 +82,16 @@ pub fn stored_order(weights: &Tensor) -> Result<Tensor> {
         .reshape((out_channels, blocks * block, 3, 3))
 }
 
-/// How many output columns a block's tile spans for an output `width` cells wide: the widest
-/// power of two from 8 to 128 whose tiles cover a row with at most an eighth to spare (a
-/// narrower tile reads more halo per cell, a wider one computes cells past the edge), else 8.
-/// The tile is [`CELL_TILE`] / that many rows high.
+/// How many output columns a block's tile spans for an output `width` cells wide: 16 (8 rows
+/// of 16: the least halo per cell, 180 pixels for 128 cells, where a row of 128 reads 390),
+/// or 8 (16 rows of 8, the same halo) where tiles of 16 would leave more than an eighth of
+/// their cells past the image's edge. The tile is [`CELL_TILE`] / that many rows high.
 pub fn tile_columns(width: usize) -> usize {
-    [128, 64, 32, 16, 8]
-        .into_iter()
-        .find(|&columns| width.div_ceil(columns) * columns * 8 <= width * 9)
-        .unwrap_or(8)
+    if width.div_ceil(16) * 16 * 8 <= width * 9 {
+        16
+    } else {
+        8
+    }
 }
 
 /// The grid for an output `(batch, out_channels, out_height, out_width)`: x over the tiles of
@@ -222,10 +223,10 @@ pub(super) struct CheckCase {
     pub normalized: Option<bool>,
 }
 
-/// What the kernel is checked on: tiles of every width it picks (8 with rows and columns past
-/// the edge, 16, 64 over several rows, 128), one and several channel blocks and output tiles,
-/// a model's last convolution (3 outputs), batches, a doubled input, and normalised inputs
-/// with and without SiLU.
+/// What the kernel is checked on: both tile widths it is given (8 with rows and columns past
+/// the edge, 16 over one and several tiles down and across), one and several channel blocks
+/// and output tiles, a model's last convolution (3 outputs), batches, a doubled input, and
+/// normalised inputs with and without SiLU.
 #[cfg(any(test, feature = "cuda"))]
 pub(super) const CHECK_CASES: [CheckCase; 6] = [
     CheckCase {
@@ -384,19 +385,18 @@ mod tests {
     }
 
     #[test]
-    fn tiles_are_as_wide_as_the_image_allows_without_waste() {
-        assert_eq!(tile_columns(1024), 128);
-        assert_eq!(tile_columns(128), 128);
-        assert_eq!(tile_columns(64), 64);
-        assert_eq!(tile_columns(96), 32);
-        assert_eq!(tile_columns(72), 16);
-        assert_eq!(tile_columns(144), 32);
-        assert_eq!(tile_columns(8), 8);
-        assert_eq!(tile_columns(5), 8);
-        // SD 1.5's first UNet level at 512², guided: 2 rows of 64 a tile, 32 × 5 × 2 blocks.
+    fn tiles_are_sixteen_wide_unless_that_wastes_cells() {
+        for width in [1024, 128, 64, 72, 144, 16] {
+            assert_eq!(tile_columns(width), 16, "{width}");
+        }
+        // 20 and 9 wide would leave 12 and 7 of 32 and 16 columns empty.
+        for width in [20, 9, 8, 5] {
+            assert_eq!(tile_columns(width), 8, "{width}");
+        }
+        // SD 1.5's first UNet level at 512², guided: tiles of 8 rows of 16, 8 × 4 of them.
         assert_eq!(grid(2, 320, 64, 64), (32, 5, 2));
-        // 7 wide, 5 high: one 8-wide, 16-high tile covers it.
-        assert_eq!(grid(1, 64, 5, 7), (1, 1, 1));
+        // 7 wide, 5 high: one 8-wide, 16-high tile covers it. A last convolution to 3.
+        assert_eq!(grid(1, 3, 5, 7), (1, 1, 1));
     }
 
     #[test]

@@ -183,3 +183,4 @@ T __shfl_down_sync(unsigned, T value, unsigned delta) {
 }
 
 inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float x, float y) { return x / y; }

@@ -333,26 +333,34 @@ fn conv_cases() -> Vec<(Case, Source)> {
     ]
 }
 
+/// A convolution case's image, weights and bias on `device`, in its dtype: outputs of about
+/// unit size (weights of 1 / √(9 · c_in)).
+fn conv_inputs(device: &Device, case: &Case) -> [Tensor; 3] {
+    let channels = case.dims[1];
+    let random = |dims: &[usize], std: f64| {
+        Tensor::randn(0f32, std as f32, dims, device)
+            .unwrap()
+            .to_dtype(case.dtype)
+            .unwrap()
+    };
+    [
+        random(&case.dims, 1.0),
+        random(
+            &[channels, channels, 3, 3],
+            (9.0 * channels as f64).powf(-0.5),
+        ),
+        random(&[channels], 0.5),
+    ]
+}
+
 fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
     println!("\n{label}: 3×3 convolution with bias, whole, median of {runs}");
     println!("| shape | dtype | candle ms | ours ms | ours / candle | max |Δ| / (1 + |y|) |");
     println!("|---|---|---|---|---|---|");
     let mut agreed = true;
     for (case, source) in conv_cases() {
-        let [_, channels, height, width] = case.dims;
-        let random = |dims: &[usize], std: f64| {
-            Tensor::randn(0f32, std as f32, dims, device)
-                .unwrap()
-                .to_dtype(case.dtype)
-                .unwrap()
-        };
-        let xs = random(&case.dims, 1.0);
-        // Outputs of about unit size: weights of 1 / √(9 · c_in).
-        let weight = random(
-            &[channels, channels, 3, 3],
-            (9.0 * channels as f64).powf(-0.5),
-        );
-        let bias = random(&[channels], 0.5);
+        let [_, _, height, width] = case.dims;
+        let [xs, weight, bias] = conv_inputs(device, &case);
         let conv = Conv3x3::from_weights(weight.clone(), bias.clone()).unwrap();
         let bias_cells = bias.reshape((1, (), 1, 1)).unwrap();
         // candle: the upsampled image made (where doubled), convolved, the bias added.
@@ -395,18 +403,7 @@ fn implicit_conv_on(device: &Device, label: &str, runs: usize) -> bool {
         if case.dtype != DType::F16 || !kernels::conv3x3::fits(channels, channels) {
             continue;
         }
-        let random = |dims: &[usize], std: f64| {
-            Tensor::randn(0f32, std as f32, dims, device)
-                .unwrap()
-                .to_dtype(case.dtype)
-                .unwrap()
-        };
-        let xs = random(&case.dims, 1.0);
-        let weight = random(
-            &[channels, channels, 3, 3],
-            (9.0 * channels as f64).powf(-0.5),
-        );
-        let bias = random(&[channels], 0.5);
+        let [xs, weight, bias] = conv_inputs(device, &case);
         let kernel_weights = kernels::conv3x3::kernel_order(&weight).unwrap();
         let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
         if kernels::conv3x3::forward(&xs, source, &kernel_weights, &bias)

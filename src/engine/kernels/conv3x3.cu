@@ -265,20 +265,18 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-    conv3x3_f16(const __half* input, const __half* weights, const __half* bias, __half* out,
-                uint32_t in_channels, uint32_t out_channels, uint32_t height, uint32_t width,
-                uint32_t shift, uint32_t tile_columns) {
-  conv3x3<false>(input, nullptr, weights, bias, out, in_channels, out_channels, height, width,
-                 shift, tile_columns, 0);
-}
+// Both take the same arguments: `affines`, (batch · c_in) × (mean, scale, shift) in f32 from
+// `group_norm_affines_*`, and `silu` are read by the normalised one only (null and 0 for the
+// other).
+#define CONV3X3(NAME, NORMALIZED)                                                            \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
+      NAME(const __half* input, const float* affines, const __half* weights,                 \
+           const __half* bias, __half* out, uint32_t in_channels, uint32_t out_channels,     \
+           uint32_t height, uint32_t width, uint32_t shift, uint32_t tile_columns,           \
+           uint32_t silu) {                                                                  \
+    conv3x3<NORMALIZED>(input, affines, weights, bias, out, in_channels, out_channels,       \
+                        height, width, shift, tile_columns, silu);                           \
+  }
 
-// `affines`: (batch · c_in) × (mean, scale, shift), f32, from `group_norm_affines_*`.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    conv3x3_normalized_f16(const __half* input, const float* affines, const __half* weights,
-                           const __half* bias, __half* out, uint32_t in_channels,
-                           uint32_t out_channels, uint32_t height, uint32_t width,
-                           uint32_t tile_columns, uint32_t silu) {
-  conv3x3<true>(input, affines, weights, bias, out, in_channels, out_channels, height, width,
-                0, tile_columns, silu);
-}
+CONV3X3(conv3x3_f16, false)
+CONV3X3(conv3x3_normalized_f16, true)

@@ -182,60 +182,55 @@ impl CustomOp3 for ConvOp {
             as_u32(width)?,
             as_u32(tile_columns)?,
         );
-        let stream = device.cuda_stream();
-        match &self.normalization {
-            None => {
-                let function = self.module.load_function("conv3x3_f16").w()?;
-                let shift_arg = as_u32(shift)?;
-                let mut builder = stream.launch_builder(&function);
-                builder
-                    .arg(&xs_view)
-                    .arg(&weights_view)
-                    .arg(&bias_view)
-                    .arg(&mut out)
-                    .arg(&in_arg)
-                    .arg(&out_arg)
-                    .arg(&height_arg)
-                    .arg(&width_arg)
-                    .arg(&shift_arg)
-                    .arg(&tile_arg);
-                // SAFETY: the arguments match `conv3x3_f16`'s signature; the views hold the
-                // image, the weights in the kernel's order and the bias for these channel
-                // counts (checked above), `out` the (doubled) output; the grid is `op::grid`'s
-                // for this tile width.
-                unsafe { builder.launch(config) }.w()?;
-            }
-            Some((affines, silu)) => {
-                if shift != 0 {
-                    candle_core::bail!("our normalised 3×3 convolution reads its input as it is");
-                }
-                let (affines_storage, affines_layout) = affines.storage_and_layout();
-                let Storage::Cuda(affines_storage) = &*affines_storage else {
+        // The normalised kernel's affines, three f32 per input plane; a null pointer for the
+        // other, which does not read them.
+        let affines = self
+            .normalization
+            .as_ref()
+            .map(|(affines, _)| affines.storage_and_layout());
+        let affines_view = match &affines {
+            Some((storage, layout)) => {
+                let Storage::Cuda(storage) = &**storage else {
                     candle_core::bail!("our 3×3 convolution: the affines are not on the GPU");
                 };
-                if affines_layout.shape().elem_count() != batch * in_channels * 3 {
+                if layout.shape().elem_count() != batch * in_channels * 3 {
                     candle_core::bail!("our 3×3 convolution: the affines are not this image's");
                 }
-                let affines_view = view::<f32>((affines_storage, affines_layout))?;
-                let function = self.module.load_function("conv3x3_normalized_f16").w()?;
-                let silu_arg = u32::from(*silu);
-                let mut builder = stream.launch_builder(&function);
-                builder
-                    .arg(&xs_view)
-                    .arg(&affines_view)
-                    .arg(&weights_view)
-                    .arg(&bias_view)
-                    .arg(&mut out)
-                    .arg(&in_arg)
-                    .arg(&out_arg)
-                    .arg(&height_arg)
-                    .arg(&width_arg)
-                    .arg(&tile_arg)
-                    .arg(&silu_arg);
-                // SAFETY: as above, and `affines` holds three f32 per input plane (checked).
-                unsafe { builder.launch(config) }.w()?;
+                Some(view::<f32>((storage, layout))?)
             }
-        }
+            None => None,
+        };
+        let (name, silu) = match self.normalization {
+            None => ("conv3x3_f16", false),
+            Some((_, silu)) => ("conv3x3_normalized_f16", silu),
+        };
+        let function = self.module.load_function(name).w()?;
+        let null: u64 = 0;
+        let (shift_arg, silu_arg) = (as_u32(shift)?, u32::from(silu));
+        let stream = device.cuda_stream();
+        let mut builder = stream.launch_builder(&function);
+        builder.arg(&xs_view);
+        match &affines_view {
+            Some(affines_view) => builder.arg(affines_view),
+            None => builder.arg(&null),
+        };
+        builder
+            .arg(&weights_view)
+            .arg(&bias_view)
+            .arg(&mut out)
+            .arg(&in_arg)
+            .arg(&out_arg)
+            .arg(&height_arg)
+            .arg(&width_arg)
+            .arg(&shift_arg)
+            .arg(&tile_arg)
+            .arg(&silu_arg);
+        // SAFETY: the arguments match `conv3x3_f16`'s and `conv3x3_normalized_f16`'s signature;
+        // the views hold the image, the weights in the kernel's order and the bias for these
+        // channel counts, and for the normalised kernel three affines per input plane (all
+        // checked above); `out` the (doubled) output; the grid is `op::grid`'s for this tile
+        // width.
+        unsafe { builder.launch(config) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
     }
 }

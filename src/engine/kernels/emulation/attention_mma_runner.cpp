@@ -17,19 +17,6 @@
 #include "mma_sync.h"
 #include "../attention_mma.cu"
 
-namespace {
-
-std::vector<__half> read_halves(size_t count) {
-  std::vector<__half> values(count);
-  if (std::fread(values.data(), sizeof(__half), count, stdin) != count) {
-    std::fprintf(stderr, "attention_mma_runner: stdin ended early\n");
-    std::exit(2);
-  }
-  return values;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   static_assert(sizeof(__half) == 2);
   if (argc != 10) {
@@ -52,9 +39,9 @@ int main(int argc, char** argv) {
   }
 
   const size_t width = static_cast<size_t>(heads) * head_dim;
-  const std::vector<__half> q = read_halves(batch * queries * width);
-  const std::vector<__half> k = read_halves(batch * keys * width);
-  const std::vector<__half> v = read_halves(batch * keys * width);
+  const std::vector<__half> q = emulation::read_stdin<__half>(batch * queries * width);
+  const std::vector<__half> k = emulation::read_stdin<__half>(batch * keys * width);
+  const std::vector<__half> v = emulation::read_stdin<__half>(batch * keys * width);
   std::vector<__half> out(q.size(), __float2half(NAN));
 
   const dim3 grid{(queries + rows - 1) / rows, batch * heads, 1};

@@ -13,19 +13,6 @@
 #include "cuda_emulation.h"
 #include "../attention.cu"
 
-namespace {
-
-std::vector<__half> read_halves(size_t count) {
-  std::vector<__half> values(count);
-  if (std::fread(values.data(), sizeof(__half), count, stdin) != count) {
-    std::fprintf(stderr, "attention_runner: stdin ended early\n");
-    std::exit(2);
-  }
-  return values;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   static_assert(sizeof(__half) == 2);
   if (argc != 11) {
@@ -42,9 +29,9 @@ int main(int argc, char** argv) {
   const float scale_log2 = std::stof(argv[10]);
 
   const size_t width = static_cast<size_t>(heads) * head_dim;
-  const std::vector<__half> q = read_halves(batch * queries * width);
-  const std::vector<__half> k = read_halves(batch * keys * width);
-  const std::vector<__half> v = read_halves(batch * keys * width);
+  const std::vector<__half> q = emulation::read_stdin<__half>(batch * queries * width);
+  const std::vector<__half> k = emulation::read_stdin<__half>(batch * keys * width);
+  const std::vector<__half> v = emulation::read_stdin<__half>(batch * keys * width);
   std::vector<__half> out(q.size(), __float2half(NAN));
 
   const uint32_t rows = warps * 16;

@@ -19,19 +19,6 @@
 #include "mma_sync.h"
 #include "../conv3x3.cu"
 
-namespace {
-
-std::vector<__half> read_halves(size_t count) {
-  std::vector<__half> values(count);
-  if (std::fread(values.data(), sizeof(__half), count, stdin) != count) {
-    std::fprintf(stderr, "conv3x3_runner: stdin ended early\n");
-    std::exit(2);
-  }
-  return values;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   static_assert(sizeof(__half) == 2);
   if (argc != 11) {
@@ -50,18 +37,14 @@ int main(int argc, char** argv) {
                  arg(10), THREADS);
     return 2;
   }
-  if (normalized && shift != 0) {
-    std::fprintf(stderr, "conv3x3_runner: the normalised kernel reads its input as it is\n");
-    return 2;
-  }
 
   const std::vector<__half> input =
-      read_halves(static_cast<size_t>(batch) * in_channels * height * width);
-  const std::vector<__half> weights = read_halves(static_cast<size_t>(out_channels) * in_channels * 9);
-  const std::vector<__half> bias = read_halves(out_channels);
+      emulation::read_stdin<__half>(static_cast<size_t>(batch) * in_channels * height * width);
+  const std::vector<__half> weights = emulation::read_stdin<__half>(static_cast<size_t>(out_channels) * in_channels * 9);
+  const std::vector<__half> bias = emulation::read_stdin<__half>(out_channels);
   std::vector<float> affines;
   if (normalized) {
-    for (const __half value : read_halves(static_cast<size_t>(batch) * in_channels * 3)) {
+    for (const __half value : emulation::read_stdin<__half>(static_cast<size_t>(batch) * in_channels * 3)) {
       affines.push_back(__half2float(value));
     }
   }
@@ -74,15 +57,10 @@ int main(int argc, char** argv) {
   const uint32_t tiles = ((out_height + tile_rows - 1) / tile_rows) *
                          ((out_width + tile_columns - 1) / tile_columns);
   const dim3 grid{tiles, (out_channels + TILE_M - 1) / TILE_M, batch};
+  const auto kernel = normalized ? conv3x3_normalized_f16 : conv3x3_f16;
   emulation::launch(grid, dim3{THREADS, 1, 1}, 0, [&] {
-    if (normalized) {
-      conv3x3_normalized_f16(input.data(), affines.data(), weights.data(), bias.data(),
-                             out.data(), in_channels, out_channels, height, width, tile_columns,
-                             silu);
-    } else {
-      conv3x3_f16(input.data(), weights.data(), bias.data(), out.data(), in_channels,
-                  out_channels, height, width, shift, tile_columns);
-    }
+    kernel(input.data(), normalized ? affines.data() : nullptr, weights.data(), bias.data(),
+           out.data(), in_channels, out_channels, height, width, shift, tile_columns, silu);
   });
   std::fwrite(out.data(), sizeof(__half), out.size(), stdout);
   return 0;

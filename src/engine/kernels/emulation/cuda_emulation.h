@@ -184,3 +184,19 @@ T __shfl_down_sync(unsigned, T value, unsigned delta) {
 
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float x, float y) { return x / y; }
+
+namespace emulation {
+
+// `count` values of T, little-endian, from the runner's stdin (what the test sends); a
+// runner whose input ends early stops there, saying so.
+template <typename T>
+std::vector<T> read_stdin(size_t count) {
+  std::vector<T> values(count);
+  if (std::fread(values.data(), sizeof(T), count, stdin) != count) {
+    std::fprintf(stderr, "the runner's stdin ended before %zu values\n", count);
+    std::exit(2);
+  }
+  return values;
+}
+
+}  // namespace emulation

@@ -18,13 +18,8 @@ namespace {
 template <typename T>
 void run(uint32_t rows, uint32_t inner, uint32_t blocks) {
   const size_t count = static_cast<size_t>(rows) * inner;
-  std::vector<T> projected(2 * count);
-  std::vector<T> bias(2 * static_cast<size_t>(inner));
-  if (std::fread(projected.data(), sizeof(T), projected.size(), stdin) != projected.size() ||
-      std::fread(bias.data(), sizeof(T), bias.size(), stdin) != bias.size()) {
-    std::fprintf(stderr, "geglu_runner: stdin ended early\n");
-    std::exit(2);
-  }
+  const std::vector<T> projected = emulation::read_stdin<T>(2 * count);
+  const std::vector<T> bias = emulation::read_stdin<T>(2 * static_cast<size_t>(inner));
   std::vector<T> out(count, from_float<T>(NAN));
   emulation::launch(dim3{blocks, 1, 1}, dim3{THREADS, 1, 1}, 0, [&] {
     if constexpr (std::is_same_v<T, float>) {

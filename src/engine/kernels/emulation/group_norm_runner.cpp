@@ -20,16 +20,6 @@
 
 namespace {
 
-template <typename T>
-std::vector<T> read_values(size_t count) {
-  std::vector<T> values(count);
-  if (std::fread(values.data(), sizeof(T), count, stdin) != count) {
-    std::fprintf(stderr, "group_norm_runner: stdin ended early\n");
-    std::exit(2);
-  }
-  return values;
-}
-
 struct Settings {
   uint32_t images, channels, groups, plane_len, splits, split_len, blocks_per_plane;
   float eps;
@@ -44,9 +34,9 @@ struct Band {
 template <typename T>
 void run(const Settings& s, const Band* band, bool affines) {
   const size_t elements = static_cast<size_t>(s.images) * s.channels * s.plane_len;
-  const std::vector<T> x = read_values<T>(elements);
-  const std::vector<T> weight = read_values<T>(s.channels);
-  const std::vector<T> bias = read_values<T>(s.channels);
+  const std::vector<T> x = emulation::read_stdin<T>(elements);
+  const std::vector<T> weight = emulation::read_stdin<T>(s.channels);
+  const std::vector<T> bias = emulation::read_stdin<T>(s.channels);
   const uint32_t rows = s.images * s.groups;
   const uint32_t row_len = s.channels / s.groups * s.plane_len;
   std::vector<float> partials(static_cast<size_t>(rows) * s.splits * 3, NAN);

@@ -17,11 +17,8 @@ namespace {
 template <typename T>
 void run(uint32_t planes, uint32_t height, uint32_t width, uint32_t shift, uint32_t top,
          uint32_t rows, uint32_t blocks) {
-  std::vector<T> input(static_cast<size_t>(planes) * height * width);
-  if (std::fread(input.data(), sizeof(T), input.size(), stdin) != input.size()) {
-    std::fprintf(stderr, "im2col_runner: stdin ended early\n");
-    std::exit(2);
-  }
+  const std::vector<T> input =
+      emulation::read_stdin<T>(static_cast<size_t>(planes) * height * width);
   std::vector<T> columns(static_cast<size_t>(planes) * 9 * rows * (width << shift),
                          from_float<T>(NAN));
   emulation::launch(dim3{blocks, planes, 1}, dim3{THREADS, 1, 1}, 0, [&] {

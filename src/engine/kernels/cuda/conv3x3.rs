@@ -150,6 +150,11 @@ impl CustomOp3 for ConvOp {
                 xs_layout.dims()
             );
         }
+        // The kernel copies the weights 16 bytes at a time: their first value must start 16
+        // bytes into the buffer, as a tensor of their own does (a view into another might not).
+        if !weights_layout.start_offset().is_multiple_of(8) {
+            candle_core::bail!("our 3×3 convolution: the weights do not start on 16 bytes");
+        }
         let shift = self.source.shift();
         let (out_height, out_width) = (height << shift, width << shift);
         let shape = Shape::from((batch, out_channels, out_height, out_width));

@@ -75,7 +75,7 @@ __device__ __forceinline__ __half normalise(const Affine& affine, __half x, uint
 // index among those an `ldmatrix` reads together: the output channel, the halo pixel). 8
 // consecutive rows, 32 bytes (halo) or 288 (weights: 9 taps) apart, then fall on all 32
 // banks; unswizzled, rows 4 apart would share theirs. No padding keeps a block's shared
-// memory at 27 KB, so 3 blocks fit the 100 KB of an RTX 30 or 40 SM.
+// memory at 24.6 KB, so 3 blocks fit the 100 KB of an RTX 30 or 40 SM.
 __device__ __forceinline__ uint32_t half_at(uint32_t half, uint32_t key) {
   return 8 * (half ^ ((key >> 2) & 1));
 }

@@ -108,10 +108,6 @@ mod candle_modules {
     pub fn compile(cuda: &CudaDevice, time_left: &mut dyn FnMut(Duration)) {
         let total: usize = USED.iter().map(|module| module.ptx().len()).sum();
         let started = Instant::now();
-        let mut tell = |done: usize| {
-            let per_byte = started.elapsed().as_secs_f64() / done.max(1) as f64;
-            time_left(Duration::from_secs_f64(per_byte * (total - done) as f64));
-        };
         let threads = super::compiling_threads(
             std::thread::available_parallelism().map_or(1, |cores| cores.get()),
             std::env::var(super::CACHE_DISABLE).ok().as_deref(),
@@ -126,6 +122,9 @@ mod candle_modules {
                     .map_err(|error| error.to_string())
             };
             let size = |module: &&Module| module.ptx().len();
+            let mut tell = |progress: &super::Progress| {
+                time_left(progress.time_left(started.elapsed(), threads));
+            };
             let outcome = super::on_threads(&USED, size, threads, compile, &mut tell);
             tracing::info!(
                 "candle's kernels compiled on {threads} threads in {:.1} s (the biggest module \
@@ -150,7 +149,8 @@ mod candle_modules {
             }
             done += module.ptx().len();
             if threads <= 1 {
-                tell(done);
+                let per_byte = started.elapsed().as_secs_f64() / done.max(1) as f64;
+                time_left(Duration::from_secs_f64(per_byte * (total - done) as f64));
             }
         }
         time_left(Duration::ZERO);
@@ -174,6 +174,38 @@ fn compiling_threads(cores: usize, disable: Option<&str>) -> usize {
     cores.saturating_sub(1).clamp(1, 4)
 }
 
+/// How far [`on_threads`] is, told after each item.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Progress {
+    /// The size of the items finished.
+    done: usize,
+    /// The size of the items not finished, and of the biggest of them.
+    remaining: usize,
+    biggest_remaining: usize,
+    /// The size of the items that compiled, and the time they took between them.
+    compiled: usize,
+    compiling_time: Duration,
+}
+
+impl Progress {
+    /// The time left, `elapsed` since the start, on `threads` threads: at the time per unit
+    /// of size of the items that compiled (each timed on its own), what the biggest
+    /// unfinished item still needs (it has run since the start: the biggest start first),
+    /// or the rest shared among the threads, whichever is longer.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn time_left(&self, elapsed: Duration, threads: usize) -> Duration {
+        let per_unit = if self.compiled > 0 {
+            self.compiling_time.as_secs_f64() / self.compiled as f64
+        } else {
+            elapsed.as_secs_f64() / self.done.max(1) as f64
+        };
+        let biggest = per_unit * self.biggest_remaining as f64 - elapsed.as_secs_f64();
+        let shared = per_unit * self.remaining as f64 / threads.max(1) as f64;
+        Duration::from_secs_f64(biggest.max(shared).max(0.0))
+    }
+}
+
 /// What [`on_threads`] did.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug)]
@@ -185,15 +217,15 @@ struct Outcome {
 }
 
 /// Runs `compile` on every item, on `threads` threads at most, the biggest items (`size`)
-/// first, so the longest starts at once and the others finish beside it. After each item,
-/// the calling thread is told the size done so far (`done`).
+/// first, so the longest starts at once and the others finish beside it. `compile` says how
+/// long its item took. After each item, the calling thread is told the [`Progress`].
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn on_threads<T: Sync>(
     items: &[T],
     size: impl Fn(&T) -> usize,
     threads: usize,
     compile: impl Fn(&T) -> std::result::Result<Duration, String> + Sync,
-    done: &mut dyn FnMut(usize),
+    tell: &mut dyn FnMut(&Progress),
 ) -> Outcome {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
@@ -219,14 +251,28 @@ fn on_threads<T: Sync>(
             });
         }
         drop(sender);
-        let mut finished = 0;
+        let mut unfinished: Vec<usize> = order.iter().map(|&index| size(&items[index])).collect();
+        let mut progress = Progress {
+            remaining: unfinished.iter().sum(),
+            ..Progress::default()
+        };
         for (index, result) in receiver {
-            finished += size(&items[index]);
+            let item_size = size(&items[index]);
+            if let Some(at) = unfinished.iter().position(|&left| left == item_size) {
+                unfinished.remove(at);
+            }
+            progress.done += item_size;
+            progress.remaining -= item_size;
+            progress.biggest_remaining = unfinished.iter().copied().max().unwrap_or(0);
             match result {
-                Ok(took) => outcome.longest = outcome.longest.max(took),
+                Ok(took) => {
+                    outcome.longest = outcome.longest.max(took);
+                    progress.compiled += item_size;
+                    progress.compiling_time += took;
+                }
                 Err(error) => outcome.failures.push(error),
             }
-            done(finished);
+            tell(&progress);
         }
     });
     outcome
@@ -323,20 +369,27 @@ mod tests {
             Ok(Duration::from_millis(*size as u64))
         };
         let mut told = Vec::new();
-        let outcome = on_threads(&sizes, |size| *size, 1, compile, &mut |done| {
-            told.push(done)
+        let outcome = on_threads(&sizes, |size| *size, 1, compile, &mut |progress| {
+            told.push(progress.clone())
         });
         // One thread: strictly biggest first; each told as it finished.
         assert_eq!(*started.lock().unwrap(), [40, 22, 9, 5, 1]);
-        assert_eq!(told, [40, 62, 71, 76, 77]);
+        let done: Vec<usize> = told.iter().map(|progress| progress.done).collect();
+        assert_eq!(done, [40, 62, 71, 76, 77]);
+        let biggest: Vec<usize> = told.iter().map(|p| p.biggest_remaining).collect();
+        assert_eq!(biggest, [22, 9, 5, 1, 0]);
+        // The failed item (9) counts as done, not as compiled.
+        assert_eq!(told[4].compiled, 68);
+        assert_eq!(told[4].compiling_time, Duration::from_millis(68));
+        assert_eq!(told[4].remaining, 0);
         assert_eq!(outcome.longest, Duration::from_millis(40));
         assert_eq!(outcome.failures, ["nine failed"]);
 
         // Several threads: every item once, each told, the last report the whole.
         started.lock().unwrap().clear();
         let mut told = Vec::new();
-        let outcome = on_threads(&sizes, |size| *size, 3, compile, &mut |done| {
-            told.push(done)
+        let outcome = on_threads(&sizes, |size| *size, 3, compile, &mut |progress| {
+            told.push(progress.done)
         });
         let mut compiled = started.lock().unwrap().clone();
         compiled.sort_unstable();
@@ -350,6 +403,46 @@ mod tests {
         let none: [usize; 0] = [];
         let outcome = on_threads(&none, |size| *size, 4, compile, &mut |_| unreachable!());
         assert!(outcome.failures.is_empty());
+    }
+
+    #[test]
+    fn the_time_left_waits_for_the_biggest_module_or_the_rest_shared() {
+        let ms = Duration::from_millis;
+        // Three threads, 1 ms a unit. The biggest (60) has run 10 ms: 50 ms to go, more than
+        // the other 30 units left shared by three (10 ms).
+        let progress = Progress {
+            done: 10,
+            remaining: 90,
+            biggest_remaining: 60,
+            compiled: 10,
+            compiling_time: ms(10),
+        };
+        assert_eq!(progress.time_left(ms(10), 3), ms(50));
+        // Later, the biggest done and small ones left: their share of the threads.
+        let progress = Progress {
+            done: 70,
+            remaining: 30,
+            biggest_remaining: 5,
+            compiled: 70,
+            compiling_time: ms(70),
+        };
+        assert_eq!(progress.time_left(ms(65), 3), ms(10));
+        // Nothing compiled yet (the first item failed): the wall clock's rate, 2 ms a unit.
+        let progress = Progress {
+            done: 10,
+            remaining: 10,
+            biggest_remaining: 10,
+            ..Progress::default()
+        };
+        assert_eq!(progress.time_left(ms(20), 1), ms(20));
+        // All done: nothing left, never less.
+        let progress = Progress {
+            done: 10,
+            compiled: 10,
+            compiling_time: ms(10),
+            ..Progress::default()
+        };
+        assert_eq!(progress.time_left(ms(30), 3), ms(0));
     }
 
     #[test]

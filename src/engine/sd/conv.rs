@@ -164,8 +164,8 @@ impl Conv3x3 {
     }
 
     /// From weights `(c_out, c_in, 3, 3)` and bias `(c_out)` already in memory (the kernels
-    /// bench's).
-    /// Where our convolution kernel takes it, the weights are kept in its order only.
+    /// bench's). Where our convolution kernel takes it, the weights are kept in its order
+    /// only.
     pub fn from_weights(weight: Tensor, bias: Tensor) -> Result<Self> {
         Ok(Self {
             weights: Weights::new(weight)?,
@@ -207,8 +207,8 @@ impl Conv3x3 {
     }
 
     /// ×2 nearest-neighbour upsampling, then this convolution: `(batch, c_in, h, w)` →
-    /// `(batch, c_out, 2h, 2w)`. Where our column kernel runs the upsampled image is never
-    /// made; elsewhere candle makes it first.
+    /// `(batch, c_out, 2h, 2w)`. Where our convolution or column kernel runs the upsampled
+    /// image is never made; elsewhere candle makes it first.
     pub fn forward_doubled(&self, xs: &Tensor, plan: ConvPlan) -> Result<Tensor> {
         if !self.runs_our_kernel() && !kernels::im2col::runs_for(xs) {
             let upsampled = profile::timed(Work::Upsample, xs.device(), || {

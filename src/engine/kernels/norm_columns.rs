@@ -6,9 +6,15 @@
 //! saves a pass over an activation, and the decode's peak holds one activation less (128 MB
 //! at SD's 512² decode in f16).
 //!
-//! On CUDA, where our group norm and column kernels run; elsewhere [`normalized_image`] answers `None`
-//! and the model normalises, then convolves. [`reference`] builds the same columns from the
-//! CPU's group norm and [`super::im2col::composed`]: what the kernel is checked against.
+//! Our implicit-GEMM convolution ([`super::conv3x3`]) reads the same prepared image without
+//! columns: it takes each plane's mean, scale and shift ([`NormalizedImage::affines`], a
+//! fourth `group_norm.cu` kernel) and normalises each value as it loads it.
+//!
+//! On CUDA, where our group norm kernels and our column kernel or convolution run; elsewhere
+//! [`normalized_image`] answers `None` and the model normalises, then convolves.
+//! [`reference`] builds the same columns from the CPU's group norm and
+//! [`super::im2col::composed`], `reference_affines` the affines from the CPU's statistics:
+//! what the kernels are checked against.
 
 #[cfg(any(test, feature = "cuda"))]
 use candle_core::DType;

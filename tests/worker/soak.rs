@@ -388,14 +388,23 @@ async fn soak_200_jobs_with_random_faults_lose_and_duplicate_nothing() {
     let uploads: u32 = jobs.iter().map(|job| job.uploads).sum();
     let leases: u32 = jobs.iter().map(|job| job.leases).sum();
     let handed_back: usize = jobs.iter().map(|job| job.fails.len()).sum();
+    // Hand-backs the worker sent, the studio's answer faulted or not: a fault on the fail
+    // route (garbage, an oversized answer) ends a hand-back unrecorded, as it should (the
+    // lease's expiry takes over), and still exercised it.
+    let hand_backs_sent = studio
+        .log_for(Route::Fail)
+        .iter()
+        .filter(|fail| fail.body["code"] == "paused")
+        .count();
     let refused = studio
         .log_for(Route::Result)
         .iter()
         .filter(|upload| matches!(upload.status, 400 | 404))
         .count();
     assert!(
-        handed_back > 0,
-        "no pause landed mid-job: the soak did not exercise hand-backs"
+        paused_mid_job && hand_backs_sent > 0,
+        "no pause landed mid-job (the long job seen running: {paused_mid_job}; hand-backs \
+         sent {hand_backs_sent}, recorded {handed_back}): the soak did not exercise hand-backs"
     );
     assert!(
         refused > 0,
@@ -405,7 +414,8 @@ async fn soak_200_jobs_with_random_faults_lose_and_duplicate_nothing() {
     assert_eq!(stopped.panicked_tasks, 0, "a task panicked");
     println!(
         "soak: {JOBS} jobs in {:.1} s: lost 0, stored twice 0, panics 0, failed by the worker 0; \
-         faults injected {injected:?}; {pauses} pauses, {handed_back} hand-backs; \
+         faults injected {injected:?}; {pauses} pauses, {hand_backs_sent} hand-backs \
+         ({handed_back} recorded); \
          {leases} leases; {uploads} uploads stored or repeated, {refused} refused with 404/400; \
          the large upload took {:.1} s with a {LEASE_S} s lease; worker counters: {:?}",
         started.elapsed().as_secs_f64(),

@@ -368,19 +368,22 @@ def check_here():
                              os.path.join(FIXTURES, "tiny-sd1"), 64, 3, 5.0, 3,
                              tempfile.mkdtemp(prefix="cuda-cache-"), device="cpu")
     print(f"3 tiny studio jobs on the CPU: {result['warm'] * 1000:.0f} ms between deliveries")
-    # generate as the bench runs it: plain, with candle's kernels only, profiled.
+    # generate as the bench runs it: plain, with candle's kernels only, without graphs, without
+    # the implicit convolution, profiled.
     home = tempfile.mkdtemp(prefix="gpu-bench-home-")
     folder = os.path.join(FIXTURES, "tiny-sdxl")
     runs = {}
     for what, extra_env, extra_args in [("ours", None, ()),
                                         ("candle", {"STUDIO_WORKER_FUSED_KERNELS": "0"}, ()),
                                         ("no graphs", {"STUDIO_WORKER_CUDA_GRAPHS": "0"}, ()),
+                                        ("no implicit", {"STUDIO_WORKER_IMPLICIT_CONVOLUTION": "0"}, ()),
                                         ("profiled", None, ["--profile"])]:
         runs[what] = run_worker(NoMemory(), os.path.join(target, "debug", "studio-worker"), folder, 64, 3,
                                 5.0, 3, tempfile.mkdtemp(prefix="cuda-cache-"), home, extra_env=extra_env,
                                 extra_args=extra_args, device="cpu")
     print(f"tiny SDXL generate on the CPU, warm: ours {runs['ours']['warm'] * 1000:.0f} ms, candle's "
-          f"{runs['candle']['warm'] * 1000:.0f} ms, without graphs {runs['no graphs']['warm'] * 1000:.0f} ms; "
+          f"{runs['candle']['warm'] * 1000:.0f} ms, without graphs {runs['no graphs']['warm'] * 1000:.0f} ms, "
+          f"without the implicit convolution {runs['no implicit']['warm'] * 1000:.0f} ms; "
           f"profiled:\n{runs['profiled']['profile']}")
     assert not runs["ours"]["graphs_off"], "the CPU never tries a graph, so none can fail"
     assert runs["profiled"]["profile"].startswith("where run 3's time went"), runs["profiled"]["profile"]
@@ -440,7 +443,8 @@ def main():
                                                    steps, guidance, args.runs, cold_cache))
         rows.append({"case": name, "model": model, "side": side, "steps": steps, "guidance": guidance,
                      "diffusers": reference, "worker": ours, "jobs": jobs, "candle_kernels": None,
-                     "no_graphs": None, "profiled": None, "cold_cache": index == 0})
+                     "no_graphs": None, "no_implicit": None, "profiled": None,
+                     "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
 
     def extra(what, row, run):
@@ -473,6 +477,11 @@ def main():
             ballast.wait()
     elif sdxl:
         print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
+    # Our implicit-GEMM 3×3 convolution (no column matrix) against the column path it
+    # replaces (our columns and a GEMM), time and peak: the last engine change measured whole.
+    for row in sorted(rows_with_extras, key=lambda row: row["side"]):
+        row["no_implicit"] = extra(f"{row['case']}: generate without the implicit convolution", row,
+                                   generate(row, 3, extra_env={"STUDIO_WORKER_IMPLICIT_CONVOLUTION": "0"}))
     # The CUDA graphs (the UNet's steps and the text encoders' layers, kept between jobs, so
     # 1-step jobs too) against every kernel launched one at a time.
     for row in sorted(rows_with_extras, key=lambda row: row["side"]):
@@ -510,6 +519,12 @@ def main():
               + ("  (cold kernel cache)" if row["cold_cache"] else "")
               + ("  (studio jobs: CUDA graphs were OFF, see the log)"
                  if jobs and jobs.get("graphs_off") else ""))
+    print("\nThe implicit 3×3 convolution against the column path (generate, warm and peak; implicit / columns):")
+    for row in rows:
+        ours, columns = row["worker"], row["no_implicit"]
+        if columns or ours:
+            print(f"  {row['case']:38} {ms(ours)} vs {ms(columns)}  {ratio(ours, columns, 'warm')}   "
+                  f"{gb(ours)} vs {gb(columns)}  {ratio(ours, columns, 'peak')}")
     print("\nCUDA graphs (UNet, text encoders) against one kernel at a time (generate, warm; graphs / none):")
     for row in rows:
         ours, plain = row["worker"], row["no_graphs"]

@@ -14,6 +14,9 @@
 //! [`forward`] answers `None` and the caller runs the column path or candle's convolution.
 //! [`reference`] is the same convolution on the CPU in f32: what the kernel is checked
 //! against, on each device before it first runs there and in the tests on the emulation.
+//! [`SWITCH`] turns it off alone, to measure it against the column path.
+
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -40,12 +43,32 @@ pub fn fits(in_channels: usize, out_channels: usize) -> bool {
     in_channels > 0 && out_channels > 0 && in_channels.is_multiple_of(CHANNEL_BLOCK)
 }
 
+/// The environment variable that turns this kernel off alone (`0`, `off` or `false`), so that
+/// the column path runs: to measure one against the other (`benches/gpu` does).
+pub const SWITCH: &str = "STUDIO_WORKER_IMPLICIT_CONVOLUTION";
+
+/// Whether [`SWITCH`] leaves this kernel on in this process.
+fn switched_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let value = std::env::var(SWITCH).unwrap_or_default();
+        let off = super::switched_off(&value);
+        if off {
+            tracing::info!("{SWITCH}={value}: 3×3 convolutions run on the column path");
+        }
+        !off
+    })
+}
+
 /// Whether our kernel runs a convolution of `in_channels` → `out_channels` whose weights are
 /// `dtype` on `device`: CUDA, f16, channel counts it [`fits`], and the kernel loaded, checked
 /// and, once the device is prepared, not slower there than what runs in its place. A model
 /// asks once per convolution as it loads, and keeps the weights in [`kernel_order`] if so.
 pub fn takes(device: &Device, dtype: DType, in_channels: usize, out_channels: usize) -> bool {
     if !super::enabled() || dtype != DType::F16 || !fits(in_channels, out_channels) {
+        return false;
+    }
+    if !switched_on() {
         return false;
     }
     match device {

@@ -28,7 +28,8 @@
 //! emulation of the GPU ([`emulation`]), so their logic is checked without one.
 //!
 //! `STUDIO_WORKER_FUSED_KERNELS=0` turns them off for the process, to measure them against
-//! candle's (`benches/gpu` does).
+//! candle's (`benches/gpu` does); `STUDIO_WORKER_IMPLICIT_CONVOLUTION=0` turns off the
+//! implicit convolution alone ([`conv3x3::SWITCH`]), to measure it against the column path.
 
 pub mod attention;
 pub mod conv3x3;

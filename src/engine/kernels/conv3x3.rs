@@ -247,9 +247,10 @@ pub(super) struct CheckCase {
 }
 
 /// What the kernel is checked on: both tile widths it is given (8 with rows and columns past
-/// the edge, 16 over one and several tiles down and across), one and several channel blocks
-/// and output tiles, a model's last convolution (3 outputs), batches, a doubled input, and
-/// normalised inputs with and without SiLU.
+/// the edge, 16 over one and several tiles down and across), one, two and three channel
+/// blocks (the normalised kernel's two affine buffers in turn), one and several output tiles,
+/// a model's last convolution (3 outputs), batches, a doubled input, and normalised inputs
+/// with and without SiLU.
 #[cfg(any(test, feature = "cuda"))]
 pub(super) const CHECK_CASES: [CheckCase; 6] = [
     CheckCase {
@@ -283,7 +284,7 @@ pub(super) const CHECK_CASES: [CheckCase; 6] = [
         normalized: Some(true),
     },
     CheckCase {
-        dims: [1, 16, 2, 128],
+        dims: [1, 48, 2, 128],
         out_channels: 64,
         source: Source::AsIs,
         normalized: Some(false),

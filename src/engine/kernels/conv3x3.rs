@@ -40,7 +40,12 @@ pub(super) const THREADS: usize = 128;
 /// written: the model's last convolution, to 3 or 4 channels, wastes most of one tile's
 /// arithmetic, and holds no column buffer).
 pub fn fits(in_channels: usize, out_channels: usize) -> bool {
-    in_channels > 0 && out_channels > 0 && in_channels.is_multiple_of(CHANNEL_BLOCK)
+    whole_blocks(in_channels) && out_channels > 0
+}
+
+/// Whether `in_channels` are whole blocks of [`CHANNEL_BLOCK`].
+fn whole_blocks(in_channels: usize) -> bool {
+    in_channels > 0 && in_channels.is_multiple_of(CHANNEL_BLOCK)
 }
 
 /// The environment variable that turns this kernel off alone (`0`, `off` or `false`), so that
@@ -60,20 +65,37 @@ fn switched_on() -> bool {
     })
 }
 
+/// Whether inputs of `in_channels` in `dtype` are the kernel's kind (f16, whole channel
+/// blocks) and our kernels, this one included, are on in this process.
+fn eligible(dtype: DType, in_channels: usize) -> bool {
+    dtype == DType::F16 && whole_blocks(in_channels) && super::enabled() && switched_on()
+}
+
 /// Whether our kernel runs a convolution of `in_channels` → `out_channels` whose weights are
 /// `dtype` on `device`: CUDA, f16, channel counts it [`fits`], and the kernel loaded, checked
-/// and, once the device is prepared, not slower there than what runs in its place. A model
-/// asks once per convolution as it loads, and keeps the weights in [`kernel_order`] if so.
+/// and not slower there than what runs in its place (the device's kernels are raced first,
+/// once). A model asks once per convolution as it loads, and keeps the weights in
+/// [`kernel_order`] if so; a call asks [`runs_on`], which races nothing.
 pub fn takes(device: &Device, dtype: DType, in_channels: usize, out_channels: usize) -> bool {
-    if !super::enabled() || dtype != DType::F16 || !fits(in_channels, out_channels) {
-        return false;
-    }
-    if !switched_on() {
+    if !eligible(dtype, in_channels) || out_channels == 0 {
         return false;
     }
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => super::cuda::conv3x3_runs_on(cuda),
+        _ => false,
+    }
+}
+
+/// Whether our kernel is on now for inputs of `in_channels` in `dtype` on `device`: loaded,
+/// checked, and not switched off by its race (where the device was raced).
+pub fn runs_on(device: &Device, dtype: DType, in_channels: usize) -> bool {
+    if !eligible(dtype, in_channels) {
+        return false;
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => super::cuda::conv3x3_on(cuda),
         _ => false,
     }
 }
@@ -152,7 +174,11 @@ pub fn forward(
     weights: &Tensor,
     bias: &Tensor,
 ) -> Result<Option<Tensor>> {
-    run(xs, Reading::Image(source), weights, bias)
+    if !fits_weights(xs, weights) {
+        return Ok(None);
+    }
+    // Where the kernel is off on the device, the launch answers `None`.
+    launch(xs, Reading::Image(source), weights, bias)
 }
 
 /// The convolution of `image` as its group norm and SiLU leave it (the normalised image is
@@ -164,7 +190,8 @@ pub fn forward_normalized(
     bias: &Tensor,
 ) -> Result<Option<Tensor>> {
     let xs = image.image();
-    if !runs_for(xs, weights) {
+    // Asked before the affines are made for it.
+    if !fits_weights(xs, weights) || !runs_on(xs.device(), xs.dtype(), xs.dim(1)?) {
         return Ok(None);
     }
     let affines = image.affines()?;
@@ -172,34 +199,35 @@ pub fn forward_normalized(
         affines: &affines,
         silu: image.silu(),
     };
-    run(xs, reading, weights, bias)
+    launch(xs, reading, weights, bias)
 }
 
-/// Whether the kernel is on for `xs`'s device and takes `xs` with these weights.
-fn runs_for(xs: &Tensor, weights: &Tensor) -> bool {
-    let Ok((out_channels, blocks, ..)) = weights.dims4() else {
+/// Whether `xs` and `weights` are the kernel's kind, and `weights` in its order for `xs`'s
+/// channels.
+fn fits_weights(xs: &Tensor, weights: &Tensor) -> bool {
+    let Ok((out_channels, blocks, taps, block)) = weights.dims4() else {
         return false;
     };
-    xs.dtype() == DType::F16
+    let in_channels = blocks * block;
+    eligible(xs.dtype(), in_channels)
         && weights.dtype() == DType::F16
-        && xs.dim(1).ok() == Some(blocks * CHANNEL_BLOCK)
-        && takes(
-            xs.device(),
-            xs.dtype(),
-            blocks * CHANNEL_BLOCK,
-            out_channels,
-        )
+        && (taps, block) == (9, CHANNEL_BLOCK)
+        && out_channels > 0
+        && xs.dim(1).ok() == Some(in_channels)
 }
 
-fn run(xs: &Tensor, reading: Reading, weights: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
-    if !runs_for(xs, weights) {
-        return Ok(None);
-    }
+/// The kernel on `xs`'s device, or `None` where it is not on there.
+fn launch(
+    xs: &Tensor,
+    reading: Reading,
+    weights: &Tensor,
+    bias: &Tensor,
+) -> Result<Option<Tensor>> {
     match xs.device() {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => super::cuda::conv3x3(cuda, xs, reading, weights, bias),
         _ => {
-            let _ = (reading, bias);
+            let _ = (reading, weights, bias);
             Ok(None)
         }
     }
@@ -429,6 +457,7 @@ mod tests {
         let weights = Tensor::zeros((64, 1, 9, 16), DType::F16, &Device::Cpu).unwrap();
         let bias = Tensor::zeros(64, DType::F16, &Device::Cpu).unwrap();
         assert!(!takes(&Device::Cpu, DType::F16, 16, 64));
+        assert!(!runs_on(&Device::Cpu, DType::F16, 16));
         assert!(
             forward(&xs, Source::AsIs, &weights, &bias)
                 .unwrap()

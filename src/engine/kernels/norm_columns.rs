@@ -57,13 +57,7 @@ pub fn normalized_image(
     if !super::enabled() || xs.rank() != 4 {
         return Ok(None);
     }
-    let channels = xs.dim(1)?;
-    let convolution = super::conv3x3::takes(
-        xs.device(),
-        xs.dtype(),
-        channels,
-        super::conv3x3::OUTPUT_TILE,
-    );
+    let convolution = super::conv3x3::runs_on(xs.device(), xs.dtype(), xs.dim(1)?);
     if !(super::im2col::runs_for(xs) || convolution) {
         return Ok(None);
     }
@@ -289,35 +283,24 @@ impl CheckCase {
     }
 }
 
-/// Max |kernel − CPU| / (1 + |CPU|) of the case's columns, `kernel` run on `device`.
+/// Max |kernel − CPU| / (1 + |CPU|) of the case's columns, and of its planes' affines,
+/// `kernel` run on `device` (one prepared image for both).
 #[cfg(feature = "cuda")]
 pub(super) fn compare_on(
     device: &candle_core::Device,
     kernel: Kernel,
     case: CheckCase,
-) -> Result<f32> {
+) -> Result<(f32, f32)> {
     let [xs, weight, bias] = group_norm::random_inputs(&case.dims, case.dtype)?;
     let settings = case.settings();
-    let expected = reference(&xs, &weight, &bias, settings, (case.top, case.rows))?;
+    let columns = reference(&xs, &weight, &bias, settings, (case.top, case.rows))?;
+    let affines = reference_affines(&xs, &weight, &bias, settings)?;
     let [xs, weight, bias] = [&xs, &weight, &bias].map(|t| t.to_device(device));
-    let got = NormalizedImage::prepare(kernel, &xs?, &weight?, &bias?, settings)?
-        .columns_3x3(case.top, case.rows)?;
-    super::largest_relative_difference(&got, &expected)
-}
-
-/// Max |kernel − CPU| / (1 + |CPU|) of the case's planes' affines, `kernel` run on `device`.
-#[cfg(feature = "cuda")]
-pub(super) fn compare_affines_on(
-    device: &candle_core::Device,
-    kernel: Kernel,
-    case: CheckCase,
-) -> Result<f32> {
-    let [xs, weight, bias] = group_norm::random_inputs(&case.dims, case.dtype)?;
-    let settings = case.settings();
-    let expected = reference_affines(&xs, &weight, &bias, settings)?;
-    let [xs, weight, bias] = [&xs, &weight, &bias].map(|t| t.to_device(device));
-    let got = NormalizedImage::prepare(kernel, &xs?, &weight?, &bias?, settings)?.affines()?;
-    super::largest_relative_difference(&got, &expected)
+    let image = NormalizedImage::prepare(kernel, &xs?, &weight?, &bias?, settings)?;
+    Ok((
+        super::largest_relative_difference(&image.columns_3x3(case.top, case.rows)?, &columns)?,
+        super::largest_relative_difference(&image.affines()?, &affines)?,
+    ))
 }
 
 /// The statistics kernel: `(images · groups · splits · 3)` f32 partial moments.

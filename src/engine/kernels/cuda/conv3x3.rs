@@ -24,6 +24,12 @@ pub(in crate::engine::kernels) fn conv3x3_runs_on(device: &CudaDevice) -> bool {
     checked_module(device, Family::Conv3x3).is_some()
 }
 
+/// Whether our convolution is on for `device` now (loaded, checked, not switched off by its
+/// race), racing nothing.
+pub(in crate::engine::kernels) fn conv3x3_on(device: &CudaDevice) -> bool {
+    checked_module(device, Family::Conv3x3).is_some()
+}
+
 /// Our convolution of `xs` read as `reading` says, or `None` where it does not run on this
 /// device.
 pub(in crate::engine::kernels) fn conv3x3(

@@ -47,22 +47,17 @@ pub(super) fn check(
         }
     }
     for case in norm_columns::CHECK_CASES {
-        let kernel = Kernel::Cuda(module.clone());
-        let difference = norm_columns::compare_on(&gpu, kernel.clone(), case)
-            .map_err(|error| format!("{case:?} as columns: {error}"))?;
-        let allowed = group_norm::check_tolerance(case.dtype);
-        if difference.is_nan() || difference > allowed {
-            return Err(format!(
-                "{case:?} as columns: {difference} from the CPU, relative (allowed {allowed})"
-            ));
-        }
-        let difference = norm_columns::compare_affines_on(&gpu, kernel, case)
-            .map_err(|error| format!("{case:?} as affines: {error}"))?;
-        if difference.is_nan() || difference > AFFINES_TOLERANCE {
-            return Err(format!(
-                "{case:?} as affines: {difference} from the CPU, relative (allowed \
-                 {AFFINES_TOLERANCE})"
-            ));
+        let (columns, affines) = norm_columns::compare_on(&gpu, Kernel::Cuda(module.clone()), case)
+            .map_err(|error| format!("{case:?} as columns and affines: {error}"))?;
+        for (what, difference, allowed) in [
+            ("columns", columns, group_norm::check_tolerance(case.dtype)),
+            ("affines", affines, AFFINES_TOLERANCE),
+        ] {
+            if difference.is_nan() || difference > allowed {
+                return Err(format!(
+                    "{case:?} as {what}: {difference} from the CPU, relative (allowed {allowed})"
+                ));
+            }
         }
     }
     Ok(())

@@ -4,9 +4,10 @@
 //! attention for one image, with SD 1.5's heads of 40 and SD 2.x's and SDXL's of 64), in
 //! f16, against what runs in its place: candle's composition, for the register attention
 //! our WMMA kernel, for the convolution the column path (or candle's, where our columns lost
-//! theirs), there at the f16 VAE decoder's shape too. The WMMA attention itself is not raced: without it the UNet holds score
-//! matrices, which the job's memory estimate did not count. The attention race is the
-//! longest: 26 calls of about 70 GFLOP, a fifth of a second at 10 TFLOP/s.
+//! theirs), there at the f16 VAE decoder's shape too. The WMMA attention itself is not raced:
+//! without it the UNet holds score matrices, which the job's memory estimate did not count.
+//! The attention race is the longest: 26 calls of about 70 GFLOP, a fifth of a second at 10
+//! TFLOP/s.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};

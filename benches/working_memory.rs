@@ -19,9 +19,7 @@ use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
 use studio_worker::engine::sd::vae::Vae;
-use studio_worker::engine::sd::working_memory::{
-    AttentionKernel, Convolutions, Plan, WorkingMemory,
-};
+use studio_worker::engine::sd::working_memory::{DeviceKernels, Plan, WorkingMemory};
 
 /// The process's resident memory now and at its peak since the last reset, in bytes.
 fn resident() -> (u64, u64) {
@@ -54,12 +52,7 @@ fn main() {
     }
     let folder = sd15::folder();
     let model = ModelFolder::open(folder.path()).unwrap();
-    let estimate = WorkingMemory::of(
-        &model,
-        DType::F32,
-        Convolutions::Direct,
-        AttentionKernel::Composed,
-    );
+    let estimate = WorkingMemory::of(&model, DType::F32);
     let device = Device::Cpu;
     // All-zero weights: never touched pages, so they add almost nothing resident.
     let unet = Unet::new(VarBuilder::zeros(DType::F32, &device), &model.unet).unwrap();
@@ -84,7 +77,7 @@ fn main() {
         });
         let side = side as u32;
         // The estimate's whole-job figure is the larger of the two stages.
-        let estimated = estimate.bytes(side, side, 1, true, Plan::default());
+        let estimated = estimate.bytes(side, side, 1, true, Plan::default(), DeviceKernels::CPU);
         for (stage, measured) in [
             ("UNet step (guided)", unet_peak),
             ("VAE decode", decode_peak),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use candle_core::DType;
 
 use super::device::{DeviceError, SelectedDevice};
-use super::sd::working_memory::{AttentionKernel, Convolutions, Plan, WorkingMemory};
+use super::sd::working_memory::{DeviceKernels, Plan, WorkingMemory};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage, TextPlacement};
 use super::{CancelToken, Engine, EngineError, Generated, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
@@ -98,9 +98,10 @@ pub struct CandleEngine {
     budget_bytes: u64,
     available_memory: AvailableMemory,
     device_probe: DeviceProbe,
-    convolutions: Convolutions,
-    /// How the device runs the UNet's attention (our fused kernel holds no scores).
-    attention: AttentionKernel,
+    /// How the device convolves and runs the UNet's attention, which decides what a job
+    /// holds beside its tensors: read again once the device's kernels were raced (a kernel
+    /// that lost is off from then on).
+    kernels: Mutex<DeviceKernels>,
     /// Whether a model's text encoders may go to the CPU to leave the device room (on a
     /// GPU; on the CPU they are there already).
     text_can_move: bool,
@@ -123,12 +124,10 @@ impl CandleEngine {
         models: &BTreeMap<String, PathBuf>,
         budget_mb: u64,
     ) -> (Self, Vec<RefusedModel>) {
-        let convolutions = Convolutions::of(&device.device);
-        let attention = AttentionKernel::of(&device.device, device.dtype);
         let mut served = BTreeMap::new();
         let mut refused = Vec::new();
         for (model_id, root) in models {
-            match check_folder(root, device.dtype, convolutions, attention) {
+            match check_folder(root, device.dtype) {
                 Ok(model) => {
                     served.insert(model_id.clone(), model);
                 }
@@ -153,6 +152,10 @@ impl CandleEngine {
             Arc::new(move || super::gpu_memory::free_bytes(&gpu).unwrap_or(u64::MAX))
         };
         let text_can_move = !device.device.is_cpu();
+        let kernels = Mutex::new(DeviceKernels::before_preparing(
+            &device.device,
+            device.dtype,
+        ));
         let probed = device.device.clone();
         // A GPU whose context a fault left unusable fails even a bare wait for its stream
         // (the error is sticky); a working one, idle after the failed job, passes at once.
@@ -169,8 +172,7 @@ impl CandleEngine {
             budget_bytes,
             available_memory,
             device_probe,
-            convolutions,
-            attention,
+            kernels,
             text_can_move,
         };
         (engine, refused)
@@ -183,6 +185,11 @@ impl CandleEngine {
     ) -> Self {
         self.available_memory = Arc::new(probe);
         self
+    }
+
+    /// The kernels its device runs jobs with.
+    fn kernels(&self) -> DeviceKernels {
+        *self.kernels.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The same engine, its device's health told by `probe` (tests: a GPU that a fault left
@@ -212,10 +219,11 @@ impl CandleEngine {
             return Ok(Placement::default()); // `pipeline` says it is not served
         };
         let guided = job.guidance_scale > 1.0;
+        let kernels = self.kernels();
         let working = |plan| {
             served
                 .working
-                .bytes(job.width, job.height, job.num_images, guided, plan)
+                .bytes(job.width, job.height, job.num_images, guided, plan, kernels)
         };
         let (warm, others) = {
             let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
@@ -244,7 +252,7 @@ impl CandleEngine {
         let available = (self.available_memory)();
         let fits = |room: u64| {
             placements.iter().find_map(|&(text, weights)| {
-                Plan::choices(self.convolutions)
+                Plan::choices(kernels.convolutions)
                     .iter()
                     .copied()
                     .find(|plan| weights + working(*plan) <= room)
@@ -267,7 +275,7 @@ impl CandleEngine {
             .map(|&(_, weights)| weights)
             .min()
             .unwrap_or(0);
-        let needed = least_weights + working(Plan::most_saving(self.convolutions));
+        let needed = least_weights + working(Plan::most_saving(kernels.convolutions));
         Err(EngineError::OutOfMemory(format!(
             "a {}×{} job of {} image(s) needs about {} of memory and {} is free",
             job.width,
@@ -289,10 +297,11 @@ impl CandleEngine {
             .values()
             .cloned()
             .collect();
-        let plan = Plan::most_saving(self.convolutions);
+        let kernels = self.kernels();
+        let plan = Plan::most_saving(kernels.convolutions);
         let fits = |side: u32, images: u32| {
             models.iter().all(|model| {
-                model.memory_bytes + model.working.bytes(side, side, images, true, plan)
+                model.memory_bytes + model.working.bytes(side, side, images, true, plan, kernels)
                     <= self.budget_bytes
             })
         };
@@ -456,13 +465,15 @@ impl Engine for CandleEngine {
         }
         let device = &self.device.device;
         super::sd::warmup::compile_kernels(device, time_left);
+        // The races are run: what the device runs from now on.
+        *self.kernels.lock().unwrap_or_else(PoisonError::into_inner) =
+            DeviceKernels::of(device, self.device.dtype);
         super::sd::warmup::run(device, self.device.dtype)
             .map_err(|error| EngineError::Internal(format!("preparing the GPU failed: {error}")))
     }
 
     fn serve(&self, model_id: &str, folder: &Path) -> Result<(), ServeError> {
-        let model = check_folder(folder, self.device.dtype, self.convolutions, self.attention)
-            .map_err(ServeError::Unusable)?;
+        let model = check_folder(folder, self.device.dtype).map_err(ServeError::Unusable)?;
         self.models
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -538,7 +549,7 @@ impl CandleEngine {
             memory: plan,
             ..Request::from(job)
         };
-        if plan != Plan::choices(self.convolutions)[0] {
+        if plan != Plan::choices(self.kernels().convolutions)[0] {
             tracing::info!("saving memory: the job would not fit as it is ({plan:?})");
         }
         let sampler = job.scheduler.unwrap_or_else(|| pipeline.default_sampler());
@@ -586,12 +597,7 @@ fn available_ram() -> u64 {
 
 /// The folder's checks (configs, weight files, tensor names and shapes), its weights' size
 /// in memory at `dtype`, and what its jobs take beside them.
-fn check_folder(
-    root: &Path,
-    dtype: DType,
-    convolutions: Convolutions,
-    attention: AttentionKernel,
-) -> Result<ServedModel, String> {
+fn check_folder(root: &Path, dtype: DType) -> Result<ServedModel, String> {
     // Configs, and every tensor the architecture needs with its shape (headers only).
     let folder = super::sd::open_checked(root).map_err(|error| error.to_string())?;
     let files = folder
@@ -628,7 +634,7 @@ fn check_folder(
         text_bytes,
         vae_bytes,
         vae_dtype,
-        working: WorkingMemory::of(&folder, dtype, convolutions, attention),
+        working: WorkingMemory::of(&folder, dtype),
     })
 }
 
@@ -671,6 +677,7 @@ fn engine_error(error: SdError, model_id: &str) -> EngineError {
 mod tests {
     use super::*;
     use crate::engine::CancelToken;
+    use crate::engine::sd::working_memory::{AttentionKernel, Convolutions};
     use crate::vocab::job::Scheduler;
 
     fn tiny_sdxl_engine() -> CandleEngine {
@@ -704,9 +711,14 @@ mod tests {
         let plain = tiny_sdxl_engine();
         let served = plain.models.lock().unwrap()["tiny-sdxl"].clone();
         assert!(served.text_bytes > 0 && served.text_bytes < served.memory_bytes);
-        let working = served
-            .working
-            .bytes(64, 64, 1, true, Plan::most_saving(plain.convolutions));
+        let working = served.working.bytes(
+            64,
+            64,
+            1,
+            true,
+            Plan::most_saving(Convolutions::Direct),
+            DeviceKernels::CPU,
+        );
         let whole = plain
             .generate(&job(), &mut |_| {}, &CancelToken::new())
             .unwrap();
@@ -788,7 +800,11 @@ mod tests {
             engine.loaded.lock().unwrap()[0].memory_bytes,
             after.memory_bytes
         );
-        let decode = |model: &ServedModel| model.working.bytes(512, 512, 1, false, Plan::WHOLE);
+        let decode = |model: &ServedModel| {
+            model
+                .working
+                .bytes(512, 512, 1, false, Plan::WHOLE, DeviceKernels::CPU)
+        };
         assert!(decode(&after) > decode(&before), "an f32 decode holds more");
 
         // Loaded again, it decodes in f32 at once.
@@ -909,14 +925,15 @@ mod tests {
     fn a_gpu_plans_with_bands_and_chunks_first_and_tiles_only_when_short() {
         // The CPU engine, told it convolves as a GPU does (column buffers).
         let gpu_like = |room: u64| {
-            let mut engine = tiny_sdxl_engine().with_available_memory(move || room);
-            engine.convolutions = Convolutions::Im2col;
+            let engine = tiny_sdxl_engine().with_available_memory(move || room);
+            *engine.kernels.lock().unwrap() = GPU_LIKE;
             engine
         };
         let served = gpu_like(0).models.lock().unwrap()["tiny-sdxl"].clone();
         let mut big = job();
         (big.width, big.height) = (1024, 1024);
-        let need = |plan| served.memory_bytes + served.working.bytes(1024, 1024, 1, true, plan);
+        let need =
+            |plan| served.memory_bytes + served.working.bytes(1024, 1024, 1, true, plan, GPU_LIKE);
         let [first, tiled, least] = Plan::choices(Convolutions::Im2col) else {
             panic!("three GPU plans");
         };
@@ -930,6 +947,47 @@ mod tests {
         assert!(first.vae_tiling.is_none() && first.conv.max_column_values.is_some());
         assert!(matches!(
             gpu_like(need(*least) - 1).make_room(&big),
+            Err(EngineError::OutOfMemory(_))
+        ));
+    }
+
+    /// A GPU's kernels as the CPU engine's tests take them: column buffers, composed attention.
+    const GPU_LIKE: DeviceKernels = DeviceKernels {
+        convolutions: Convolutions::Im2col,
+        attention: AttentionKernel::Composed,
+    };
+
+    #[test]
+    fn each_job_is_placed_by_the_kernels_the_device_runs_then() {
+        // Room for the job with a fused attention kernel (no scores held), not without: a
+        // kernel switched off after the model was checked (a race lost) must count.
+        let fused = DeviceKernels {
+            attention: AttentionKernel::Fused,
+            ..DeviceKernels::CPU
+        };
+        let served = tiny_sdxl_engine().models.lock().unwrap()["tiny-sdxl"].clone();
+        let mut big = job();
+        (big.width, big.height) = (1024, 1024);
+        let need = |kernels: DeviceKernels| {
+            Plan::choices(kernels.convolutions)
+                .iter()
+                .map(|plan| {
+                    served.memory_bytes + served.working.bytes(1024, 1024, 1, true, *plan, kernels)
+                })
+                .min()
+                .unwrap()
+        };
+        let room = need(fused);
+        assert!(
+            need(DeviceKernels::CPU) > room,
+            "scores must cost something here"
+        );
+        let engine = tiny_sdxl_engine().with_available_memory(move || room);
+        *engine.kernels.lock().unwrap() = fused;
+        assert!(engine.make_room(&big).is_ok());
+        *engine.kernels.lock().unwrap() = DeviceKernels::CPU;
+        assert!(matches!(
+            engine.make_room(&big),
             Err(EngineError::OutOfMemory(_))
         ));
     }

@@ -65,10 +65,15 @@ fn switched_on() -> bool {
     })
 }
 
+/// Whether the kernel takes values in `dtype`: f16 only.
+pub fn dtype_fits(dtype: DType) -> bool {
+    dtype == DType::F16
+}
+
 /// Whether inputs of `in_channels` in `dtype` are the kernel's kind (f16, whole channel
 /// blocks) and our kernels, this one included, are on in this process.
 fn eligible(dtype: DType, in_channels: usize) -> bool {
-    dtype == DType::F16 && whole_blocks(in_channels) && super::enabled() && switched_on()
+    dtype_fits(dtype) && whole_blocks(in_channels) && super::enabled() && switched_on()
 }
 
 /// Whether our kernel runs a convolution of `in_channels` → `out_channels` whose weights are

@@ -7,12 +7,17 @@
 //! time, and held twice (the scores and their softmax), except where our fused kernel runs
 //! the UNet's attention (none are held); the UNet keeps every down block's outputs for the skip connections; a
 //! 3×3 convolution holds its input, its output and a copy of its kernel, and on a GPU also
-//! its im2col column buffer (nine times its input, or one band of it);
+//! its im2col column buffer (nine times its input, or one band of it) unless our implicit
+//! convolution runs it (none: then only the few that kernel declines hold columns);
 //! the VAE decodes one image (or one tile) at a time, its last blocks at full resolution
 //! with the channels of the block before. The UNet's and the decode's peaks do not overlap.
 //! It errs high, by a tenth and more: refusing a job that would have fitted costs a retry
 //! elsewhere, allocating past the memory there is aborts the worker on the CPU (Rust aborts
 //! on a failed allocation) and fails the job halfway on a GPU.
+//!
+//! Which kernels run is read when a job is placed ([`DeviceKernels::of`]), after the device's
+//! kernels were raced, not when a model was checked: a kernel that lost its race holds what
+//! its rival holds.
 //!
 //! Checked against what candle really allocates on the CPU by `cargo bench --bench
 //! working_memory` (SD 1.5 at 256², 384² and 512²; the table is in `benches/README.md`). The
@@ -120,7 +125,7 @@ impl Plan {
                 },
                 Plan::SAVING,
             ],
-            Convolutions::Im2col => &[
+            Convolutions::Im2col | Convolutions::Implicit => &[
                 Plan::GPU,
                 Plan {
                     vae_tiling: TILED,
@@ -140,23 +145,54 @@ impl Plan {
     }
 }
 
-/// How the device convolves, which decides whether a convolution holds column buffers.
+/// How the device convolves, which decides which convolutions hold column buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Convolutions {
     /// candle's CPU backend: directly, over a channels-last copy of the input.
     Direct,
-    /// candle's CUDA and Metal backends: im2col, then one GEMM.
+    /// candle's CUDA and Metal backends, or our column kernel: im2col, then one GEMM.
     Im2col,
+    /// Our implicit-GEMM kernel ([`kernels::conv3x3`]) for the 3×3 convolutions it takes
+    /// (f16, whole blocks of input channels), with no column buffer; im2col for the rest: a
+    /// model's first convolution (its few latent channels), the UNet's stride-2
+    /// downsamplers, and everything in another dtype (SDXL's f32 VAE).
+    Implicit,
 }
 
 impl Convolutions {
+    /// What runs on `device` now: on a GPU, the implicit kernel where it loaded, passed its
+    /// check and won its race (so, read after the device was prepared).
     pub fn of(device: &candle_core::Device) -> Self {
         if device.is_cpu() {
             Self::Direct
+        } else if kernels::conv3x3::runs_on(device, DType::F16, kernels::conv3x3::CHANNEL_BLOCK) {
+            Self::Implicit
         } else {
             Self::Im2col
         }
     }
+
+    /// Which of a model's convolutions in `dtype` hold column buffers here
+    /// (`whole_blocks`: every one but the first reads whole blocks of channels).
+    fn columns(self, dtype: DType, whole_blocks: bool) -> Columns {
+        match self {
+            Self::Direct => Columns::None,
+            Self::Implicit if kernels::conv3x3::dtype_fits(dtype) && whole_blocks => {
+                Columns::FirstAndStrided
+            }
+            Self::Im2col | Self::Implicit => Columns::Every,
+        }
+    }
+}
+
+/// Which convolutions of a model hold column buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Columns {
+    None,
+    Every,
+    /// Its first (of the latents' few channels) and its stride-2 ones: the rest run our
+    /// implicit convolution.
+    FirstAndStrided,
 }
 
 /// How the device runs the UNet's attention, which decides whether it holds score matrices.
@@ -181,34 +217,73 @@ impl AttentionKernel {
     }
 }
 
+/// The kernels a device runs a job's convolutions and attention with: what the estimate
+/// needs to know of the device beside the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceKernels {
+    pub convolutions: Convolutions,
+    pub attention: AttentionKernel,
+}
+
+impl DeviceKernels {
+    /// The CPU's: direct convolutions, composed attention.
+    pub const CPU: Self = Self {
+        convolutions: Convolutions::Direct,
+        attention: AttentionKernel::Composed,
+    };
+
+    /// What runs on `device` for a model in `dtype` now: read once its kernels were raced
+    /// (on a GPU this loads and checks them where that was not done yet).
+    pub fn of(device: &candle_core::Device, dtype: DType) -> Self {
+        Self {
+            convolutions: Convolutions::of(device),
+            attention: AttentionKernel::of(device, dtype),
+        }
+    }
+
+    /// What to assume before the device's kernels were raced: no implicit convolution
+    /// (its race may switch it off; the column path holds more), our attention where it
+    /// loaded (never raced).
+    pub fn before_preparing(device: &candle_core::Device, dtype: DType) -> Self {
+        Self {
+            convolutions: if device.is_cpu() {
+                Convolutions::Direct
+            } else {
+                Convolutions::Im2col
+            },
+            attention: AttentionKernel::of(device, dtype),
+        }
+    }
+}
+
 /// The sizes the estimate depends on, taken from a model folder once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkingMemory {
     /// Per UNet block: its channels and, with cross-attention, its head count.
     unet_blocks: Vec<(u64, Option<u64>)>,
     layers_per_block: u64,
-    unet_bytes: u64,
+    /// The UNet's input channels (the latents'): its first convolution's.
+    unet_in_channels: u64,
+    /// Whether every UNet convolution but the first reads whole blocks of channels (what our
+    /// implicit convolution takes).
+    unet_whole_blocks: bool,
+    unet_dtype: DType,
     /// Bytes of one UNet attention score: the model's dtype, or f32 when it upcasts.
     score_bytes: u64,
     vae_scale: u64,
+    /// The latents' channels: the decoder's first convolution's input.
+    latent_channels: u64,
     /// The channels that enter the VAE decoder's full-resolution block (its upsampled
     /// input): the second of `block_out_channels`.
     vae_full_channels: u64,
-    vae_bytes: u64,
-    convolutions: Convolutions,
-    attention: AttentionKernel,
+    /// The same as `unet_whole_blocks`, for the decoder.
+    vae_whole_blocks: bool,
+    vae_dtype: DType,
 }
 
 impl WorkingMemory {
-    /// For `folder` run in `dtype` (its VAE in f32 when it must upcast) on a device that
-    /// convolves the way `convolutions` says and runs the UNet's attention with `attention`.
-    pub fn of(
-        folder: &ModelFolder,
-        dtype: DType,
-        convolutions: Convolutions,
-        attention: AttentionKernel,
-    ) -> Self {
-        let vae_dtype = folder.vae_dtype(dtype);
+    /// For `folder` run in `dtype` (its VAE in f32 when it must upcast).
+    pub fn of(folder: &ModelFolder, dtype: DType) -> Self {
         Self {
             unet_blocks: folder
                 .unet
@@ -222,13 +297,16 @@ impl WorkingMemory {
                 })
                 .collect(),
             layers_per_block: folder.unet.layers_per_block as u64,
-            unet_bytes: dtype.size_in_bytes() as u64,
+            unet_in_channels: folder.unet.in_channels as u64,
+            unet_whole_blocks: whole_blocks(folder.unet.blocks.iter().map(|b| b.out_channels)),
+            unet_dtype: dtype,
             score_bytes: if folder.unet.upcast_attention {
                 F32_BYTES
             } else {
                 dtype.size_in_bytes() as u64
             },
             vae_scale: folder.vae.scale_factor() as u64,
+            latent_channels: folder.vae.latent_channels as u64,
             vae_full_channels: folder
                 .vae
                 .block_out_channels
@@ -236,40 +314,56 @@ impl WorkingMemory {
                 .or(folder.vae.block_out_channels.first())
                 .copied()
                 .unwrap_or(0) as u64,
-            vae_bytes: vae_dtype.size_in_bytes() as u64,
-            convolutions,
-            attention,
+            vae_whole_blocks: whole_blocks(folder.vae.block_out_channels.iter().copied()),
+            vae_dtype: folder.vae_dtype(dtype),
         }
     }
 
     /// The same, its VAE decoding in `dtype` (one that overflowed in f16 is upcast).
     pub fn with_vae_dtype(self, dtype: DType) -> Self {
         Self {
-            vae_bytes: dtype.size_in_bytes() as u64,
+            vae_dtype: dtype,
             ..self
         }
     }
 
     /// Peak bytes of a job making `images` images of `width`×`height` (`guided`: with
-    /// classifier-free guidance, which doubles the UNet's batch) the way `plan` says:
-    /// attention whole or a chunk of scores at a time, each image decoded whole or in tiles.
-    pub fn bytes(&self, width: u32, height: u32, images: u32, guided: bool, plan: Plan) -> u64 {
+    /// classifier-free guidance, which doubles the UNet's batch) the way `plan` says, on a
+    /// device that runs `kernels`: attention whole or a chunk of scores at a time, each image
+    /// decoded whole or in tiles.
+    pub fn bytes(
+        &self,
+        width: u32,
+        height: u32,
+        images: u32,
+        guided: bool,
+        plan: Plan,
+        kernels: DeviceKernels,
+    ) -> u64 {
         let images = u64::from(images.max(1));
         let batch = images * if guided { 2 } else { 1 };
         let scale = self.vae_scale.max(1);
         let latent_h = u64::from(height) / scale;
         let latent_w = u64::from(width) / scale;
+        let unet_bytes = self.unet_dtype.size_in_bytes() as u64;
+        let vae_bytes = self.vae_dtype.size_in_bytes() as u64;
+        let convolutions = kernels.convolutions;
 
         let mut skips = 0;
         let mut largest = 0;
         let mut attention = 0;
+        // The largest input of a stride-2 downsampler's columns (a quarter of its cells).
+        let mut downsampler_columns = 0;
         for (index, (channels, heads)) in self.unet_blocks.iter().enumerate() {
             let cells = (latent_h >> index).max(1) * (latent_w >> index).max(1);
             let activation = channels * cells;
             skips += (self.layers_per_block + 1) * activation;
             largest = largest.max(activation);
+            if index + 1 < self.unet_blocks.len() {
+                downsampler_columns = downsampler_columns.max(activation.div_ceil(4) * TAPS);
+            }
             // The fused kernel holds no scores for the heads it takes.
-            let fused = self.attention == AttentionKernel::Fused
+            let fused = kernels.attention == AttentionKernel::Fused
                 && heads.is_some_and(|heads| {
                     *channels / heads.max(1) <= kernels::attention::MAX_HEAD_DIM as u64
                 });
@@ -284,16 +378,31 @@ impl WorkingMemory {
             latent_h * latent_w,
             plan.attention.max_score_bytes,
         );
-        // On a GPU, the widest convolution's column buffer, whole or in the plan's bands.
-        let unet_columns = match self.convolutions {
-            Convolutions::Direct => 0,
-            Convolutions::Im2col => chunked(
-                batch * UNET_CONV_INPUT * largest * TAPS * self.unet_bytes,
-                latent_h,
-                plan.conv.max_bytes(self.unet_bytes),
-            ),
+        // On a GPU, the widest column buffer of a convolution that has one: whole, or in the
+        // plan's bands for ours (candle's stride-2 downsamplers make theirs whole).
+        let banded_columns = |input_values: u64, rows: u64, bytes: u64| {
+            chunked(
+                input_values * TAPS * bytes,
+                rows,
+                plan.conv.max_bytes(bytes),
+            )
         };
-        let unet = batch * (skips + RESNET_TEMPORARIES * largest) * self.unet_bytes
+        let latent_cells = latent_h * latent_w;
+        let downsampler_columns = batch * downsampler_columns * unet_bytes;
+        let unet_columns = match convolutions.columns(self.unet_dtype, self.unet_whole_blocks) {
+            Columns::None => 0,
+            Columns::Every => {
+                banded_columns(batch * UNET_CONV_INPUT * largest, latent_h, unet_bytes)
+                    .max(downsampler_columns)
+            }
+            Columns::FirstAndStrided => banded_columns(
+                batch * self.unet_in_channels * latent_cells,
+                latent_h,
+                unet_bytes,
+            )
+            .max(downsampler_columns),
+        };
+        let unet = batch * (skips + RESNET_TEMPORARIES * largest) * unet_bytes
             + unet_columns
             + ATTENTION_COPIES * scores;
 
@@ -308,20 +417,20 @@ impl WorkingMemory {
         let decoded_cells = decoded_h * decoded_w;
         let decoded_pixels = decoded_cells * scale * scale;
         let full_resolution = self.vae_full_channels * decoded_pixels;
-        let decode_columns = match self.convolutions {
-            Convolutions::Direct => 0,
-            Convolutions::Im2col => chunked(
-                full_resolution * TAPS * self.vae_bytes,
-                decoded_h * scale,
-                plan.conv.max_bytes(self.vae_bytes),
-            ),
+        // (The decoder has no stride-2 convolutions.)
+        let decode_columns = match convolutions.columns(self.vae_dtype, self.vae_whole_blocks) {
+            Columns::None => 0,
+            Columns::Every => banded_columns(full_resolution, decoded_h * scale, vae_bytes),
+            Columns::FirstAndStrided => {
+                banded_columns(self.latent_channels * decoded_cells, decoded_h, vae_bytes)
+            }
         };
         let decode_scores = chunked(
             decoded_cells * decoded_cells * F32_BYTES,
             decoded_cells,
             plan.attention.max_score_bytes,
         );
-        let decode = VAE_TEMPORARIES * full_resolution * self.vae_bytes
+        let decode = VAE_TEMPORARIES * full_resolution * vae_bytes
             + decode_columns
             + ATTENTION_COPIES * decode_scores;
 
@@ -332,12 +441,18 @@ impl WorkingMemory {
             .map(|(channels, _)| *channels)
             .max()
             .unwrap_or(0);
-        let overhead = widest * widest * 9 * self.unet_bytes + KERNEL_SCRATCH;
+        let overhead = widest * widest * 9 * unet_bytes + KERNEL_SCRATCH;
         // The finished pictures, as f32 (twice while tiles are blended in) and as 8-bit RGB.
         let full = u64::from(width) * u64::from(height);
         let pictures = images * full * 3 * (2 * F32_BYTES + 1);
         (unet.max(decode) + overhead) / 10 * MARGIN_TENTHS + pictures
     }
+}
+
+/// Whether a model whose blocks have `channels` convolves whole blocks of channels beyond its
+/// first convolution (an up block's concatenated inputs are sums of them).
+fn whole_blocks(mut channels: impl Iterator<Item = usize>) -> bool {
+    channels.all(|channels| kernels::conv3x3::fits(channels, 1))
 }
 
 /// `whole` bytes made of `rows` equal rows, or as many rows as fit `budget` (at least one).
@@ -362,39 +477,54 @@ mod tests {
                 (1280, None),
             ],
             layers_per_block: 2,
-            unet_bytes: 4,
+            unet_in_channels: 4,
+            unet_whole_blocks: true,
+            unet_dtype: DType::F32,
             score_bytes: 4,
             vae_scale: 8,
+            latent_channels: 4,
             vae_full_channels: 256,
-            vae_bytes: 4,
-            convolutions: Convolutions::Direct,
-            attention: AttentionKernel::Composed,
+            vae_whole_blocks: true,
+            vae_dtype: DType::F32,
         }
     }
 
     /// SD 1.5 on a GPU: f16 throughout.
     fn sd15_gpu() -> WorkingMemory {
         WorkingMemory {
-            unet_bytes: 2,
+            unet_dtype: DType::F16,
             score_bytes: 2,
-            vae_bytes: 2,
-            convolutions: Convolutions::Im2col,
+            vae_dtype: DType::F16,
             ..sd15()
         }
     }
+
+    /// A GPU where candle's convolutions or our columns run, and composed attention.
+    const COLUMNS: DeviceKernels = DeviceKernels {
+        convolutions: Convolutions::Im2col,
+        attention: AttentionKernel::Composed,
+    };
+    /// The same with our implicit convolution.
+    const IMPLICIT: DeviceKernels = DeviceKernels {
+        convolutions: Convolutions::Implicit,
+        ..COLUMNS
+    };
+    const CPU: DeviceKernels = DeviceKernels::CPU;
 
     /// SDXL on a GPU: an f16 UNet, its stock VAE upcast to f32.
     fn sdxl_gpu() -> WorkingMemory {
         WorkingMemory {
             unet_blocks: vec![(320, None), (640, Some(10)), (1280, Some(20))],
             layers_per_block: 2,
-            unet_bytes: 2,
+            unet_in_channels: 4,
+            unet_whole_blocks: true,
+            unet_dtype: DType::F16,
             score_bytes: 2,
             vae_scale: 8,
+            latent_channels: 4,
             vae_full_channels: 256,
-            vae_bytes: 4,
-            convolutions: Convolutions::Im2col,
-            attention: AttentionKernel::Composed,
+            vae_whole_blocks: true,
+            vae_dtype: DType::F32,
         }
     }
 
@@ -408,13 +538,13 @@ mod tests {
         Plan::choices(Convolutions::Im2col)
             .iter()
             .copied()
-            .find(|plan| weights + memory.bytes(side, side, 1, true, *plan) <= room)
+            .find(|plan| weights + memory.bytes(side, side, 1, true, *plan, COLUMNS) <= room)
     }
 
     #[test]
     fn on_a_gpu_sd15_at_512_runs_whole_within_4_gb() {
         let memory = sd15_gpu();
-        let job = memory.bytes(512, 512, 1, true, Plan::GPU);
+        let job = memory.bytes(512, 512, 1, true, Plan::GPU, COLUMNS);
         eprintln!("SD 1.5 512², guided, GPU plan: {job} bytes beside the weights");
         assert!(SD15_WEIGHTS + job <= 4 * GB, "{job}");
         // Plenty of memory: the first (fastest) plan, which never tiles.
@@ -423,7 +553,7 @@ mod tests {
             Some(Plan::GPU)
         );
         // Without bands the decode's column buffers alone are 1.2 GB.
-        let unbanded = memory.bytes(512, 512, 1, true, Plan::WHOLE);
+        let unbanded = memory.bytes(512, 512, 1, true, Plan::WHOLE, COLUMNS);
         assert!(unbanded > job + GB / 2, "{unbanded} vs {job}");
     }
 
@@ -431,12 +561,12 @@ mod tests {
     fn on_a_12_gb_card_sdxl_at_1024_finds_a_plan_within_10_gb() {
         let memory = sdxl_gpu();
         // Whole, the f32 decode at 1024² needs more than a 12 GB card has.
-        let whole = memory.bytes(1024, 1024, 1, true, Plan::WHOLE);
+        let whole = memory.bytes(1024, 1024, 1, true, Plan::WHOLE, COLUMNS);
         assert!(SDXL_WEIGHTS + whole > 12 * GB, "{whole}");
         let plan = first_fitting(&memory, SDXL_WEIGHTS, 10 * GB, 1024).expect("a plan fits");
         eprintln!(
             "SDXL 1024², guided: whole {whole}, within 10 GB {} with {plan:?}",
-            memory.bytes(1024, 1024, 1, true, plan)
+            memory.bytes(1024, 1024, 1, true, plan, COLUMNS)
         );
         assert!(plan.vae_tiling.is_some(), "{plan:?}");
         // And on a card with memory to spare, nothing is tiled.
@@ -451,7 +581,7 @@ mod tests {
         for memory in [sd15_gpu(), sdxl_gpu()] {
             let needs: Vec<u64> = Plan::choices(Convolutions::Im2col)
                 .iter()
-                .map(|plan| memory.bytes(1024, 1024, 1, true, *plan))
+                .map(|plan| memory.bytes(1024, 1024, 1, true, *plan, COLUMNS))
                 .collect();
             assert!(needs.windows(2).all(|pair| pair[1] < pair[0]), "{needs:?}");
             assert_eq!(
@@ -462,6 +592,56 @@ mod tests {
     }
 
     #[test]
+    fn where_the_implicit_convolution_runs_f16_convolutions_hold_no_columns() {
+        let sd15 = sd15_gpu();
+        let bytes =
+            |memory: &WorkingMemory, plan, kernels| memory.bytes(512, 512, 1, true, plan, kernels);
+        // Whole, the decode's columns are 1.2 GB (256 channels × 512² × 9 in f16), most of
+        // the peak; banded, 128 MB; with the kernel only the first convolution's (4 channels
+        // × 64² × 9), and the UNet becomes the peak.
+        let saved = |plan| bytes(&sd15, plan, COLUMNS) - bytes(&sd15, plan, IMPLICIT);
+        assert!(saved(Plan::WHOLE) > 1_000_000_000, "{}", saved(Plan::WHOLE));
+        assert!(
+            (100_000_000..160_000_000).contains(&saved(Plan::GPU)),
+            "{}",
+            saved(Plan::GPU)
+        );
+        // What the kernel declines still holds its columns: an f32 decode (SDXL's stock
+        // VAE, the job's peak at 1024²), a model whose channels are not whole blocks.
+        let sdxl = sdxl_gpu();
+        for plan in [Plan::WHOLE, Plan::GPU] {
+            assert_eq!(
+                sdxl.bytes(1024, 1024, 1, true, plan, IMPLICIT),
+                sdxl.bytes(1024, 1024, 1, true, plan, COLUMNS)
+            );
+        }
+        let odd = WorkingMemory {
+            unet_whole_blocks: false,
+            vae_whole_blocks: false,
+            ..sd15_gpu()
+        };
+        assert_eq!(
+            bytes(&odd, Plan::WHOLE, IMPLICIT),
+            bytes(&odd, Plan::WHOLE, COLUMNS)
+        );
+        // Where the UNet is the peak (a small VAE behind it), its columns go too, but for
+        // candle's stride-2 downsamplers' (320 channels × 32² × 9, guided).
+        let unet_peak = WorkingMemory {
+            vae_full_channels: 8,
+            ..sd15_gpu()
+        };
+        let saved =
+            bytes(&unet_peak, Plan::WHOLE, COLUMNS) - bytes(&unet_peak, Plan::WHOLE, IMPLICIT);
+        // 2 × 960 channels × 64² × 9 in f16 (141.6 MB), less the downsampler's 2 × 320 ×
+        // 32² × 9 (11.8 MB), with the margin of a tenth.
+        let expected = (141_557_760 - 11_796_480) / 10 * 11;
+        assert!(
+            saved.abs_diff(expected) < 1_000_000,
+            "{saved} vs {expected}"
+        );
+    }
+
+    #[test]
     fn a_cpu_holds_no_column_buffers() {
         let cpu = sd15();
         let banded = Plan {
@@ -469,22 +649,22 @@ mod tests {
             ..Plan::WHOLE
         };
         assert_eq!(
-            cpu.bytes(512, 512, 1, true, Plan::WHOLE),
-            cpu.bytes(512, 512, 1, true, banded)
+            cpu.bytes(512, 512, 1, true, Plan::WHOLE, CPU),
+            cpu.bytes(512, 512, 1, true, banded, CPU)
         );
     }
 
     #[test]
     fn attention_at_the_first_block_dominates_sd15() {
         let memory = sd15();
-        let one = memory.bytes(512, 512, 1, true, Plan::default());
+        let one = memory.bytes(512, 512, 1, true, Plan::default(), CPU);
         // 2 (guidance) × 8 heads × 4096² cells × f32, held twice: 2.1 GB of it.
         assert!((2_100_000_000..3_000_000_000).contains(&one), "{one}");
         // Attention grows with the square of the cells: twice the side, sixteen times it.
-        let big = memory.bytes(1024, 1024, 1, true, Plan::default());
+        let big = memory.bytes(1024, 1024, 1, true, Plan::default(), CPU);
         assert!(big > 14 * (one / 2), "{big}");
-        assert!(memory.bytes(512, 512, 1, false, Plan::default()) < one);
-        assert!(memory.bytes(512, 512, 4, true, Plan::default()) > 3 * one);
+        assert!(memory.bytes(512, 512, 1, false, Plan::default(), CPU) < one);
+        assert!(memory.bytes(512, 512, 4, true, Plan::default(), CPU) > 3 * one);
     }
 
     #[test]
@@ -494,34 +674,36 @@ mod tests {
             vae_full_channels: 8,
             ..sd15_gpu()
         };
-        let fused = WorkingMemory {
+        let fused = DeviceKernels {
             attention: AttentionKernel::Fused,
-            ..composed.clone()
+            ..COLUMNS
         };
         // 1024², guided: 2 × 8 heads × 16384² cells of f16 scores at the first level, 8.6 GB
         // held twice, whole; none with the kernel.
-        let whole = |memory: &WorkingMemory| memory.bytes(1024, 1024, 1, true, Plan::WHOLE);
+        let whole = |memory: &WorkingMemory, kernels| {
+            memory.bytes(1024, 1024, 1, true, Plan::WHOLE, kernels)
+        };
         assert!(
-            whole(&composed) > whole(&fused) + 17_000_000_000,
+            whole(&composed, COLUMNS) > whole(&composed, fused) + 17_000_000_000,
             "{} vs {}",
-            whole(&composed),
-            whole(&fused)
+            whole(&composed, COLUMNS),
+            whole(&composed, fused)
         );
         // Heads wider than the kernel takes still hold their scores.
         let wide_heads = WorkingMemory {
             unet_blocks: vec![(2048, Some(4))],
-            ..fused.clone()
+            ..composed.clone()
         };
         // 2 × 4 heads of 512 × 16384² cells of f16, held twice: 8.6 GB.
-        assert!(whole(&wide_heads) > whole(&fused) + 8_000_000_000);
+        assert!(whole(&wide_heads, fused) > whole(&composed, fused) + 8_000_000_000);
     }
 
     #[test]
     fn chunked_attention_bounds_the_scores() {
         let memory = sd15();
         // 1024², guided: 2 × 8 heads × 16384² cells of f32 scores, 34 GB held twice whole.
-        let whole = memory.bytes(1024, 1024, 1, true, Plan::default());
-        let chunked = memory.bytes(1024, 1024, 1, true, Plan::SAVING);
+        let whole = memory.bytes(1024, 1024, 1, true, Plan::default(), CPU);
+        let chunked = memory.bytes(1024, 1024, 1, true, Plan::SAVING, CPU);
         assert!(whole > 30_000_000_000, "{whole}");
         assert!(chunked < 4_000_000_000, "{chunked}");
     }
@@ -539,15 +721,15 @@ mod tests {
             vae_tiling: Some(Tiling::DEFAULT),
             ..Plan::default()
         };
-        let whole = memory.bytes(1024, 1024, 1, false, Plan::default());
-        let tiled = memory.bytes(1024, 1024, 1, false, in_tiles);
-        let small = memory.bytes(512, 512, 1, false, Plan::default());
+        let whole = memory.bytes(1024, 1024, 1, false, Plan::default(), CPU);
+        let tiled = memory.bytes(1024, 1024, 1, false, in_tiles, CPU);
+        let small = memory.bytes(512, 512, 1, false, Plan::default(), CPU);
         assert!(tiled < whole / 2, "{tiled} vs {whole}");
         assert!(tiled < small + 50_000_000, "{tiled} vs {small}");
         // A latent within one tile costs the same either way.
         assert_eq!(
-            memory.bytes(512, 512, 1, false, in_tiles),
-            memory.bytes(512, 512, 1, false, Plan::default())
+            memory.bytes(512, 512, 1, false, in_tiles, CPU),
+            memory.bytes(512, 512, 1, false, Plan::default(), CPU)
         );
     }
 
@@ -555,6 +737,8 @@ mod tests {
     fn no_size_overflows() {
         let mut memory = sd15();
         memory.unet_blocks = vec![(8192, Some(1024)); 8];
-        assert!(memory.bytes(2048, 2048, 8, true, Plan::default()) > 0);
+        for kernels in [CPU, COLUMNS, IMPLICIT] {
+            assert!(memory.bytes(2048, 2048, 8, true, Plan::default(), kernels) > 0);
+        }
     }
 }

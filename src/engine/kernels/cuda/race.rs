@@ -5,7 +5,8 @@
 //! f16, against what runs in its place: candle's composition, for the register attention
 //! our WMMA kernel, for the convolution the column path (or candle's, where our columns lost
 //! theirs), there at the f16 VAE decoder's shape too. The WMMA attention itself is not raced:
-//! without it the UNet holds score matrices, which the job's memory estimate did not count.
+//! without it the UNet holds score matrices, several GB at SDXL's sizes. The job's memory
+//! estimate reads the verdicts ([`crate::engine::sd::working_memory::DeviceKernels`]).
 //! The attention race is the longest: 26 calls of about 70 GFLOP, a fifth of a second at 10
 //! TFLOP/s.
 

@@ -8,7 +8,8 @@
 //! im2col, GEMM and transposed copy; ours: our columns, read doubled from the small image
 //! where upsampling, and one GEMM into the image layout, as `Conv3x3` runs them), also after
 //! a group norm + SiLU (the normalised image made, against its columns written normalised);
-//! our implicit-GEMM convolution against the column path (f16); and the per-cell
+//! our implicit-GEMM convolution against the column path (f16), and with K split to fill the
+//! card against K whole (the UNets' deep levels make few tiles); and the per-cell
 //! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
 //! (convolution or linear layer plus the copy between cells and tokens) against `Pointwise`
 //! (one GEMM reading the layouts as they stand), on the CPU too. Group norm on the CPU always;
@@ -28,6 +29,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
+use studio_worker::engine::kernels::conv3x3::Splits;
 use studio_worker::engine::kernels::im2col::Source;
 use studio_worker::engine::kernels::{self, Activation};
 use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
@@ -276,6 +278,21 @@ fn conv_cases() -> Vec<(Case, Source)> {
             DType::F16,
         )),
         as_is(case(
+            "SD 1.5 UNet 512², level 4",
+            [2, 1280, 8, 8],
+            DType::F16,
+        )),
+        as_is(case(
+            "SD-Turbo UNet 512², level 3",
+            [1, 1280, 16, 16],
+            DType::F16,
+        )),
+        as_is(case(
+            "SD-Turbo UNet 512², level 4",
+            [1, 1280, 8, 8],
+            DType::F16,
+        )),
+        as_is(case(
             "SDXL UNet 1024², level 1",
             [2, 320, 128, 128],
             DType::F16,
@@ -437,6 +454,37 @@ fn implicit_conv_on(device: &Device, label: &str, runs: usize) -> bool {
         };
         // The same products in f32, rounded once (ours) or twice (the GEMM's, then the bias's).
         agreed &= compare(&shape, device, runs, 1e-2, &columns, &implicit);
+    }
+    agreed
+}
+
+/// Our implicit-GEMM convolution with K (input channels × taps) split to fill the card
+/// (`Splits::Fill`, what the engine runs: only grids smaller than the card split) against K
+/// whole, on the same f16 cases.
+fn split_conv_on(device: &Device, label: &str, runs: usize) -> bool {
+    println!(
+        "\n{label}: implicit 3×3 convolution, K whole against K split to fill the card, f16, median of {runs}"
+    );
+    println!("| shape | dtype | K whole ms | K split ms | split / whole | max |Δ| / (1 + |y|) |");
+    println!("|---|---|---|---|---|---|");
+    let mut agreed = true;
+    for (case, source) in conv_cases() {
+        let [_, channels, ..] = case.dims;
+        if case.dtype != DType::F16 || !kernels::conv3x3::fits(channels, channels) {
+            continue;
+        }
+        let [xs, weight, bias] = conv_inputs(device, &case);
+        let kernel_weights = kernels::conv3x3::kernel_order(&weight).unwrap();
+        let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
+        let with = |splits| {
+            kernels::conv3x3::forward_split(&xs, source, &kernel_weights, &bias, splits)
+                .unwrap()
+                .expect("our convolution runs on this device")
+        };
+        let whole = || with(Splits::Exactly(1));
+        let split = || with(Splits::Fill);
+        // The same products, the parts' sums added in f32 before the one rounding.
+        agreed &= compare(&shape, device, runs, 1e-2, &whole, &split);
     }
     agreed
 }
@@ -657,6 +705,7 @@ fn main() {
                 if kernels::im2col::runs_for(&image) {
                     agreed &= conv_on(&gpu, "GPU 0", runs);
                     agreed &= implicit_conv_on(&gpu, "GPU 0", runs);
+                    agreed &= split_conv_on(&gpu, "GPU 0", runs);
                     agreed &= norm_conv_on(&gpu, "GPU 0", runs);
                 } else {
                     println!("\nGPU 0: our column kernel is OFF (see the log); not measured");

@@ -29,9 +29,17 @@
 // matrix, as stored, which is the B operand's column-major order). Shared rows are 32 bytes,
 // their halves swizzled (`half_at`), so each `ldmatrix` phase's 8 rows fall on all 32 banks.
 //
-// Requirements the host checks: c_in a multiple of 16, f16, contiguous. Output channels past
-// the last (a model's last convolution has 3 or 4) and cells past the image's edge are
-// computed from zeros and not written.
+// A grid of few blocks leaves most of a large GPU idle: the UNet's deepest levels (1280
+// channels at 16² and 8²) make 20–80 tiles, against about 400 blocks a card like the H200 runs
+// at once, each walking K (up to 2560 channels × 9) alone. So K may be split (`splits` > 1,
+// the host's choice): block z = split · images + image walks its share of the chunks and
+// writes f32 partial sums without the bias, which `conv3x3_sum_splits_f16` adds up in a fixed
+// order (the same result every run, as a CUDA graph's checks need), with the bias, rounding
+// once. cuBLAS splits the column path's GEMM the same way for such shapes.
+//
+// Requirements the host checks: c_in a multiple of 16, f16, contiguous, splits ≤ c_in / 16.
+// Output channels past the last (a model's last convolution has 3 or 4) and cells past the
+// image's edge are computed from zeros and not written.
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -89,10 +97,11 @@ __device__ __forceinline__ uint32_t pack_halves(__half low, __half high) {
 template <bool NORMALIZED>
 __device__ void conv3x3(const __half* __restrict__ input, const float* __restrict__ affines,
                         const __half* __restrict__ weights, const __half* __restrict__ bias,
-                        __half* __restrict__ out, uint32_t in_channels, uint32_t out_channels,
-                        uint32_t height, uint32_t width, uint32_t shift,
-                        uint32_t tile_columns, uint32_t silu) {
-  if (tile_columns != 8 && tile_columns != 16) {
+                        __half* __restrict__ out, float* __restrict__ partials,
+                        uint32_t in_channels, uint32_t out_channels, uint32_t height,
+                        uint32_t width, uint32_t shift, uint32_t tile_columns, uint32_t silu,
+                        uint32_t splits) {
+  if ((tile_columns != 8 && tile_columns != 16) || splits == 0) {
     return;  // a halo the shared memory does not hold: nothing written, which the check sees
   }
   __shared__ __align__(16) __half a_s[TILE_M * TAPS * ROW];  // [output channel][tap][ROW]
@@ -115,8 +124,13 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
   const uint32_t top = blockIdx.x / tiles_across * tile_rows;
   const uint32_t left = blockIdx.x % tiles_across * tile_columns;
   const uint32_t first_output = blockIdx.y * TILE_M;
-  const uint32_t image = blockIdx.z;
+  const uint32_t images = gridDim.z / splits;
+  const uint32_t image = blockIdx.z % images;
+  const uint32_t split = blockIdx.z / images;
   const uint32_t chunks = in_channels / CHUNK;
+  // This block's share of K: chunks [first_chunk, end_chunk), all of them unsplit.
+  const uint32_t first_chunk = split * chunks / splits;
+  const uint32_t end_chunk = (split + 1) * chunks / splits;
   const size_t plane_len = static_cast<size_t>(height) * width;
   const __half* image_in = input + static_cast<size_t>(image) * in_channels * plane_len;
 
@@ -153,11 +167,11 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
     }
   }
 
-  load_affines(0, 0);
+  load_affines(first_chunk % 2, first_chunk);
   if constexpr (NORMALIZED) {
     __syncthreads();
   }
-  for (uint32_t chunk = 0; chunk < chunks; ++chunk) {
+  for (uint32_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
     // The weights: 64 rows of 9 taps × 16 channels, 288 contiguous bytes each.
     for (uint32_t i = threadIdx.x; i < TILE_M * TAPS * 2; i += THREADS) {
       const uint32_t half_row = i % 2;
@@ -204,7 +218,7 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
           make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
     // The next chunk's affines: that buffer was last read before the previous barrier.
-    if (chunk + 1 < chunks) {
+    if (chunk + 1 < end_chunk) {
       load_affines((chunk + 1) % 2, chunk + 1);
     }
     wait_copies<0>();
@@ -234,7 +248,9 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
     __syncthreads();  // every warp is done with this chunk's weights and halo
   }
 
-  // out = acc + bias, rounded once; outputs past the channels or the edge are not written.
+  // out = acc + bias, rounded once; or, K split, this split's sums as they are. Outputs past
+  // the channels or the edge are not written.
+  const size_t out_plane_len = static_cast<size_t>(out_height) * out_width;
   #pragma unroll
   for (uint32_t mi = 0; mi < 2; ++mi) {
     #pragma unroll
@@ -243,9 +259,12 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
       if (output >= out_channels) {
         continue;
       }
-      const float output_bias = to_float(bias[output]);
-      __half* plane = out + (static_cast<size_t>(image) * out_channels + output) *
-                                static_cast<size_t>(out_height) * out_width;
+      const float output_bias = splits == 1 ? to_float(bias[output]) : 0.0f;
+      const size_t plane = static_cast<size_t>(image) * out_channels + output;
+      // Where the plane starts in `out`, and in `partials` (this split's copy of the output).
+      const size_t out_start = plane * out_plane_len;
+      const size_t partial_start =
+          (static_cast<size_t>(split) * images * out_channels + plane) * out_plane_len;
       #pragma unroll
       for (uint32_t nt = 0; nt < 8; ++nt) {
         #pragma unroll
@@ -254,8 +273,13 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
           const uint32_t y = top + cell / tile_columns;
           const uint32_t x = left + cell % tile_columns;
           if (y < out_height && x < out_width) {
-            plane[static_cast<size_t>(y) * out_width + x] =
-                from_float<__half>(acc[mi][nt][2 * high + e] + output_bias);
+            const size_t at = static_cast<size_t>(y) * out_width + x;
+            const float sum = acc[mi][nt][2 * high + e];
+            if (splits == 1) {
+              out[out_start + at] = from_float<__half>(sum + output_bias);
+            } else {
+              partials[partial_start + at] = sum;
+            }
           }
         }
       }
@@ -267,16 +291,45 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
 
 // Both take the same arguments: `affines`, (batch · c_in) × (mean, scale, shift) in f32 from
 // `group_norm_affines_*`, and `silu` are read by the normalised one only (null and 0 for the
-// other).
+// other). With `splits` 1 they write `out` and not `partials` (which may be null); with more,
+// `partials` (splits × the output, f32) and not `out`. The grid: x over the tiles of cells,
+// y over the tiles of output channels, z over splits × images.
+//
+// Three blocks an SM (at most 168 registers a thread), where the shared memory holds three
+// (all but Turing's 64 KB): ptxas otherwise spends up to 208 on sm_120 and leaves room for
+// two.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define BLOCKS_PER_SM 2
+#else
+#define BLOCKS_PER_SM 3
+#endif
 #define CONV3X3(NAME, NORMALIZED)                                                            \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
+  extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)                       \
       NAME(const __half* input, const float* affines, const __half* weights,                 \
-           const __half* bias, __half* out, uint32_t in_channels, uint32_t out_channels,     \
-           uint32_t height, uint32_t width, uint32_t shift, uint32_t tile_columns,           \
-           uint32_t silu) {                                                                  \
-    conv3x3<NORMALIZED>(input, affines, weights, bias, out, in_channels, out_channels,       \
-                        height, width, shift, tile_columns, silu);                           \
+           const __half* bias, __half* out, float* partials, uint32_t in_channels,           \
+           uint32_t out_channels, uint32_t height, uint32_t width, uint32_t shift,           \
+           uint32_t tile_columns, uint32_t silu, uint32_t splits) {                          \
+    conv3x3<NORMALIZED>(input, affines, weights, bias, out, partials, in_channels,           \
+                        out_channels, height, width, shift, tile_columns, silu, splits);     \
   }
 
 CONV3X3(conv3x3_f16, false)
 CONV3X3(conv3x3_normalized_f16, true)
+
+// out[i] = Σ over the splits of partials[split][i], in order, plus its channel's bias, rounded
+// to f16 once: `planes` output planes (images × out_channels) of `plane_len` cells.
+extern "C" __global__ void conv3x3_sum_splits_f16(const float* __restrict__ partials,
+                                                  const __half* __restrict__ bias,
+                                                  __half* __restrict__ out, uint32_t splits,
+                                                  uint32_t planes, uint32_t out_channels,
+                                                  uint32_t plane_len) {
+  const size_t total = static_cast<size_t>(planes) * plane_len;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    float sum = to_float(bias[i / plane_len % out_channels]);
+    for (uint32_t split = 0; split < splits; ++split) {
+      sum += partials[split * total + i];
+    }
+    out[i] = from_float<__half>(sum);
+  }
+}

@@ -8,6 +8,9 @@
 //!
 //! The kernel takes 16 input channels per step, so it reads the weights in blocks of 16
 //! channels, each block's nine taps in a row: `(c_out, c_in / 16, 9, 16)` ([`kernel_order`]).
+//! Where the output makes fewer tiles than the card runs blocks at once (the UNets' deep
+//! levels), the input channels are shared among several blocks per tile ([`Splits`]), whose
+//! f32 partial sums a second kernel adds up.
 //! A model whose convolution it [`takes`] stores its weights that way from the start (once:
 //! [`stored_order`] makes the usual layout back where another path must run). Elsewhere (the
 //! CPU, f32, channel counts it does not take, a card where the column path was faster)
@@ -144,8 +147,41 @@ pub fn tile_columns(width: usize) -> usize {
     }
 }
 
+/// Into how many parts K (the input channels × 9 taps) is split: one, or as many as fill a
+/// device that runs `slots` blocks at once when the output's own `blocks` do not (the UNet's
+/// deep levels: SD-Turbo's 1280 channels at 8² are 20 blocks, on a card that runs hundreds),
+/// each part at least [`MIN_SPLIT_BLOCKS`] blocks of channels, at most [`MAX_SPLITS`] parts.
+/// A part's partial sums go through memory in f32 (`conv3x3_sum_splits_f16` adds them up),
+/// which the few blocks of such a grid make cheap: parts × tiles stay below twice the blocks
+/// the card runs at once, so the sums take at most 64 KB per such block (26 MB on an H200),
+/// within the working-memory estimate's allowance for the kernels' scratch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Splits {
+    /// As many as fill the device ([`splits_to_fill`]).
+    Fill,
+    /// This many (the checks, the bench).
+    Exactly(usize),
+}
+
+/// The fewest blocks of input channels a part of a split K walks: 4 (64 channels, 576 of K),
+/// so a block's f32 partial sums (32 KB) stay small beside what it reads (about 95 KB).
+pub const MIN_SPLIT_BLOCKS: usize = 4;
+/// The most parts K is split into.
+pub const MAX_SPLITS: usize = 16;
+
+/// [`Splits::Fill`]'s count for a grid of `blocks` (tiles × output tiles × images) with
+/// `in_channels`, on a device that runs `slots` blocks at once.
+pub fn splits_to_fill(blocks: usize, in_channels: usize, slots: usize) -> usize {
+    if blocks == 0 || blocks >= slots {
+        return 1;
+    }
+    let most = (in_channels / CHANNEL_BLOCK / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS);
+    slots.div_ceil(blocks).min(most)
+}
+
 /// The grid for an output `(batch, out_channels, out_height, out_width)`: x over the tiles of
-/// cells (row by row), y over the tiles of output channels, z over the images.
+/// cells (row by row), y over the tiles of output channels, z over the images (which the
+/// launch multiplies by the parts of K where it splits it).
 pub fn grid(
     batch: usize,
     out_channels: usize,
@@ -179,11 +215,22 @@ pub fn forward(
     weights: &Tensor,
     bias: &Tensor,
 ) -> Result<Option<Tensor>> {
+    forward_split(xs, source, weights, bias, Splits::Fill)
+}
+
+/// [`forward`] with K split as `splits` says (the bench times the parts' worth).
+pub fn forward_split(
+    xs: &Tensor,
+    source: Source,
+    weights: &Tensor,
+    bias: &Tensor,
+    splits: Splits,
+) -> Result<Option<Tensor>> {
     if !fits_weights(xs, weights) {
         return Ok(None);
     }
     // Where the kernel is off on the device, the launch answers `None`.
-    launch(xs, Reading::Image(source), weights, bias)
+    launch(xs, Reading::Image(source), weights, bias, splits)
 }
 
 /// The convolution of `image` as its group norm and SiLU leave it (the normalised image is
@@ -204,7 +251,7 @@ pub fn forward_normalized(
         affines: &affines,
         silu: image.silu(),
     };
-    launch(xs, reading, weights, bias)
+    launch(xs, reading, weights, bias, Splits::Fill)
 }
 
 /// Whether `xs` and `weights` are the kernel's kind, and `weights` in its order for `xs`'s
@@ -227,12 +274,13 @@ fn launch(
     reading: Reading,
     weights: &Tensor,
     bias: &Tensor,
+    splits: Splits,
 ) -> Result<Option<Tensor>> {
     match xs.device() {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => super::cuda::conv3x3(cuda, xs, reading, weights, bias),
+        Device::Cuda(cuda) => super::cuda::conv3x3(cuda, xs, reading, weights, bias, splits),
         _ => {
-            let _ = (reading, weights, bias);
+            let _ = (reading, weights, bias, splits);
             Ok(None)
         }
     }
@@ -277,50 +325,72 @@ pub(super) struct CheckCase {
     pub source: Source,
     /// Normalised as it is read: `Some(silu)`.
     pub normalized: Option<bool>,
+    /// The parts K is split into.
+    pub splits: usize,
 }
 
 /// What the kernel is checked on: both tile widths it is given (8 with rows and columns past
-/// the edge, 16 over one and several tiles down and across), one, two and three channel
+/// the edge, 16 over one and several tiles down and across), one, two, three and four channel
 /// blocks (the normalised kernel's two affine buffers in turn), one and several output tiles,
-/// a model's last convolution (3 outputs), batches, a doubled input, and normalised inputs
-/// with and without SiLU.
+/// a model's last convolution (3 outputs), batches, a doubled input, normalised inputs with
+/// and without SiLU, and K split in parts, evenly and not (4 blocks in 3 parts: 1, 1, 2).
 #[cfg(any(test, feature = "cuda"))]
-pub(super) const CHECK_CASES: [CheckCase; 6] = [
+pub(super) const CHECK_CASES: [CheckCase; 8] = [
     CheckCase {
         dims: [1, 16, 5, 7],
         out_channels: 64,
         source: Source::AsIs,
         normalized: None,
+        splits: 1,
     },
     CheckCase {
         dims: [2, 32, 5, 64],
         out_channels: 128,
         source: Source::AsIs,
         normalized: None,
+        splits: 1,
     },
     CheckCase {
         dims: [1, 16, 3, 5],
         out_channels: 64,
         source: Source::Doubled,
         normalized: None,
+        splits: 1,
     },
     CheckCase {
         dims: [1, 32, 6, 16],
         out_channels: 3,
         source: Source::AsIs,
         normalized: Some(true),
+        splits: 1,
     },
     CheckCase {
         dims: [2, 32, 9, 20],
         out_channels: 64,
         source: Source::AsIs,
         normalized: Some(true),
+        splits: 1,
     },
     CheckCase {
         dims: [1, 48, 2, 128],
         out_channels: 64,
         source: Source::AsIs,
         normalized: Some(false),
+        splits: 1,
+    },
+    CheckCase {
+        dims: [2, 32, 5, 64],
+        out_channels: 80,
+        source: Source::AsIs,
+        normalized: None,
+        splits: 2,
+    },
+    CheckCase {
+        dims: [2, 64, 4, 9],
+        out_channels: 64,
+        source: Source::AsIs,
+        normalized: Some(true),
+        splits: 3,
     },
 ];
 
@@ -388,6 +458,7 @@ mod tests {
                 tile_columns(width << shift),
                 usize::from(case.normalized.is_some()),
                 usize::from(case.normalized == Some(true)),
+                case.splits,
                 THREADS,
             ]
             .map(|arg| arg.to_string());
@@ -409,6 +480,33 @@ mod tests {
                 difference <= CHECK_TOLERANCE,
                 "{case:?}: {difference} from the reference"
             );
+        }
+    }
+
+    #[test]
+    fn k_is_split_only_where_the_grid_leaves_the_card_idle() {
+        // An H200 runs 132 SMs × 3 blocks. SD-Turbo's deepest level (1280 channels at 8², one
+        // image): 20 blocks, split as far as allowed (80 channel blocks, 4 a part at least,
+        // 16 parts at most); SD 1.5's first level guided (320 channels at 64²): 320 blocks,
+        // split in 2; a grid that fills the card, or channels too few to share, not at all.
+        let slots = 132 * 3;
+        assert_eq!(splits_to_fill(20, 1280, slots), 16);
+        assert_eq!(splits_to_fill(80, 1280, slots), 5);
+        assert_eq!(splits_to_fill(320, 320, slots), 2);
+        assert_eq!(splits_to_fill(396, 1280, slots), 1);
+        assert_eq!(splits_to_fill(20, 48, slots), 1);
+        // 5 blocks of channels split 1 way only (4 a part at least).
+        assert_eq!(splits_to_fill(20, 80, slots), 1);
+        assert_eq!(splits_to_fill(20, 128, slots), 2);
+        // A driver that did not say: no split.
+        assert_eq!(splits_to_fill(20, 1280, 0), 1);
+        // Every part walks at least MIN_SPLIT_BLOCKS blocks, as the kernel divides them.
+        for blocks in 1..64 {
+            for channel_blocks in 1..200 {
+                let splits = splits_to_fill(blocks, channel_blocks * CHANNEL_BLOCK, slots);
+                assert!((1..=MAX_SPLITS).contains(&splits));
+                assert!(splits == 1 || channel_blocks / splits >= MIN_SPLIT_BLOCKS);
+            }
         }
     }
 

@@ -45,8 +45,10 @@ const UNET_CONV_INPUT: u64 = 3;
 /// channels that enter the last block: the resnet's input kept for its residual, the
 /// convolution's input, channels-last copy and output, and the group norm's.
 const VAE_TEMPORARIES: u64 = 6;
-/// What candle's CPU kernels hold besides tensors (matmul packing buffers, per-thread
-/// scratch): an allowance for the part of the measured peaks no tensor explains.
+/// What kernels hold besides tensors: candle's on the CPU (matmul packing buffers,
+/// per-thread scratch), an allowance for the part of the measured peaks no tensor explains;
+/// on a GPU our implicit convolution's partial sums where it splits K (at most 26 MB on an
+/// H200, [`kernels::conv3x3::Splits`]).
 const KERNEL_SCRATCH: u64 = 64 << 20;
 /// The margin over the sum, in tenths.
 const MARGIN_TENTHS: u64 = 11;

@@ -1,12 +1,13 @@
 //! Our implicit-GEMM convolution (`conv3x3.cu`) on a CUDA device: its launch, and its check
 //! against the CPU reference.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaModule, CudaSlice, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg, sys,
 };
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
@@ -14,7 +15,7 @@ use candle_core::{
 };
 
 use super::{Family, as_u32, checked_module, view};
-use crate::engine::kernels::conv3x3::{self as op, Reading};
+use crate::engine::kernels::conv3x3::{self as op, Reading, Splits};
 use crate::engine::kernels::im2col::Source;
 
 /// Whether our convolution runs on `device`: loaded and checked there, and, the device's
@@ -38,11 +39,12 @@ pub(in crate::engine::kernels) fn conv3x3(
     reading: Reading,
     weights: &Tensor,
     bias: &Tensor,
+    splits: Splits,
 ) -> Result<Option<Tensor>> {
     let Some(module) = checked_module(device, Family::Conv3x3) else {
         return Ok(None);
     };
-    run(module, xs, reading, weights, bias).map(Some)
+    run(module, xs, reading, weights, bias, splits).map(Some)
 }
 
 fn run(
@@ -51,6 +53,7 @@ fn run(
     reading: Reading,
     weights: &Tensor,
     bias: &Tensor,
+    splits: Splits,
 ) -> Result<Tensor> {
     let (source, normalization) = match reading {
         Reading::Image(source) => (source, None),
@@ -65,6 +68,7 @@ fn run(
             module,
             source,
             normalization,
+            splits,
         },
     )
 }
@@ -88,6 +92,7 @@ pub(super) fn check(
                 op::reading(case, &affines),
                 &weights?,
                 &bias?,
+                Splits::Exactly(case.splits),
             )?;
             crate::engine::kernels::largest_relative_difference(&got, &expected)
         })()
@@ -108,6 +113,43 @@ struct ConvOp {
     source: Source,
     /// The affines `(batch · c_in, 3)` and whether SiLU follows.
     normalization: Option<(Tensor, bool)>,
+    splits: Splits,
+}
+
+/// Threads a block of the parts' sum.
+const SUM_THREADS: usize = 256;
+
+/// How many blocks of a kernel each device runs at once (its SMs × the blocks an SM holds),
+/// asked of the driver once per device and kernel.
+static SLOTS: Mutex<Vec<(DeviceId, &'static str, usize)>> = Mutex::new(Vec::new());
+
+/// The blocks of `function` (`name`) that `device` runs at once; 0 where the driver does not
+/// say (then K is not split).
+fn slots(device: &CudaDevice, name: &'static str, function: &CudaFunction) -> usize {
+    let mut known = SLOTS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((.., slots)) = known
+        .iter()
+        .find(|(id, kernel, _)| *id == device.id() && *kernel == name)
+    {
+        return *slots;
+    }
+    let processors = device
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+    let per_processor =
+        function.occupancy_max_active_blocks_per_multiprocessor(op::THREADS as u32, 0, None);
+    let slots = match (processors, per_processor) {
+        (Ok(processors), Ok(per_processor)) => {
+            usize::try_from(processors).unwrap_or(0) * per_processor as usize
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::debug!("the driver did not say how many blocks of {name} fit: {error}");
+            0
+        }
+    };
+    known.push((device.id(), name, slots));
+    slots
 }
 
 impl CustomOp3 for ConvOp {
@@ -165,33 +207,62 @@ impl CustomOp3 for ConvOp {
         let (out_height, out_width) = (height << shift, width << shift);
         let shape = Shape::from((batch, out_channels, out_height, out_width));
         let tile_columns = op::tile_columns(out_width);
+        let (name, silu) = match self.normalization {
+            None => ("conv3x3_f16", false),
+            Some((_, silu)) => ("conv3x3_normalized_f16", silu),
+        };
+        let function = self.module.load_function(name).w()?;
+        let device = xs.device().clone();
         let (tiles, output_tiles, images) = op::grid(batch, out_channels, out_height, out_width);
-        if output_tiles > 65_535 || images > 65_535 {
+        let splits = match self.splits {
+            Splits::Fill => op::splits_to_fill(
+                tiles * output_tiles * images,
+                in_channels,
+                slots(&device, name, &function),
+            ),
+            Splits::Exactly(splits) => splits,
+        };
+        if splits == 0 || splits > in_channels / op::CHANNEL_BLOCK {
+            candle_core::bail!("our 3×3 convolution: {in_channels} channels in {splits} parts");
+        }
+        if output_tiles > 65_535 || images * splits > 65_535 {
             candle_core::bail!("our 3×3 convolution: {shape:?} is beyond its grid");
         }
         // The kernel counts an output plane's cells in 32 bits.
-        as_u32(out_height * out_width)?;
+        let plane_len = as_u32(out_height * out_width)?;
 
-        let device = xs.device().clone();
         let (xs_view, weights_view, bias_view) = (
             view::<half::f16>((xs, xs_layout))?,
             view::<half::f16>((weights, weights_layout))?,
             view::<half::f16>((bias, bias_layout))?,
         );
-        // SAFETY: the kernel writes every output cell: the tiles cover the output.
+        // SAFETY: the kernel writes every output cell (the tiles cover the output), or with K
+        // split every cell of every part's partial sums, which the sum below adds into each
+        // output cell.
         let mut out: CudaSlice<half::f16> =
             unsafe { device.alloc::<half::f16>(shape.elem_count()) }?;
+        let mut partials: Option<CudaSlice<f32>> = if splits > 1 {
+            // SAFETY: as above.
+            Some(unsafe { device.alloc::<f32>(splits * shape.elem_count()) }?)
+        } else {
+            None
+        };
         let config = LaunchConfig {
-            grid_dim: (as_u32(tiles)?, as_u32(output_tiles)?, as_u32(images)?),
+            grid_dim: (
+                as_u32(tiles)?,
+                as_u32(output_tiles)?,
+                as_u32(images * splits)?,
+            ),
             block_dim: (as_u32(op::THREADS)?, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (in_arg, out_arg, height_arg, width_arg, tile_arg) = (
+        let (in_arg, out_arg, height_arg, width_arg, tile_arg, splits_arg) = (
             as_u32(in_channels)?,
             as_u32(out_channels)?,
             as_u32(height)?,
             as_u32(width)?,
             as_u32(tile_columns)?,
+            as_u32(splits)?,
         );
         // The normalised kernel's affines, three f32 per input plane; a null pointer for the
         // other, which does not read them.
@@ -211,11 +282,6 @@ impl CustomOp3 for ConvOp {
             }
             None => None,
         };
-        let (name, silu) = match self.normalization {
-            None => ("conv3x3_f16", false),
-            Some((_, silu)) => ("conv3x3_normalized_f16", silu),
-        };
-        let function = self.module.load_function(name).w()?;
         let null: u64 = 0;
         let (shift_arg, silu_arg) = (as_u32(shift)?, u32::from(silu));
         let stream = device.cuda_stream();
@@ -225,23 +291,51 @@ impl CustomOp3 for ConvOp {
             Some(affines_view) => builder.arg(affines_view),
             None => builder.arg(&null),
         };
+        builder.arg(&weights_view).arg(&bias_view).arg(&mut out);
+        match &mut partials {
+            Some(partials) => builder.arg(partials),
+            None => builder.arg(&null),
+        };
         builder
-            .arg(&weights_view)
-            .arg(&bias_view)
-            .arg(&mut out)
             .arg(&in_arg)
             .arg(&out_arg)
             .arg(&height_arg)
             .arg(&width_arg)
             .arg(&shift_arg)
             .arg(&tile_arg)
-            .arg(&silu_arg);
+            .arg(&silu_arg)
+            .arg(&splits_arg);
         // SAFETY: the arguments match `conv3x3_f16`'s and `conv3x3_normalized_f16`'s signature;
         // the views hold the image, the weights in the kernel's order and the bias for these
         // channel counts, and for the normalised kernel three affines per input plane (all
-        // checked above); `out` the (doubled) output; the grid is `op::grid`'s for this tile
-        // width.
+        // checked above); `out` the (doubled) output, `partials` `splits` times it where K is
+        // split (the kernel writes one or the other); the grid is `op::grid`'s for this tile
+        // width, its z times the parts, which are no more than the blocks of channels.
         unsafe { builder.launch(config) }.w()?;
+
+        if let Some(partials) = &partials {
+            let sum = self.module.load_function("conv3x3_sum_splits_f16").w()?;
+            let planes = as_u32(batch * out_channels)?;
+            let blocks = shape.elem_count().div_ceil(SUM_THREADS).min(65_535);
+            let config = LaunchConfig {
+                grid_dim: (as_u32(blocks)?, 1, 1),
+                block_dim: (as_u32(SUM_THREADS)?, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = stream.launch_builder(&sum);
+            builder
+                .arg(partials)
+                .arg(&bias_view)
+                .arg(&mut out)
+                .arg(&splits_arg)
+                .arg(&planes)
+                .arg(&out_arg)
+                .arg(&plane_len);
+            // SAFETY: the arguments match `conv3x3_sum_splits_f16`'s signature: `partials`
+            // holds `splits` × the output's values, `out` the output, the bias one value per
+            // output channel; the grid strides over every output value.
+            unsafe { builder.launch(config) }.w()?;
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, device), shape))
     }
 }

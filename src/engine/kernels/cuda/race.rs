@@ -17,7 +17,7 @@ use candle_core::cuda_backend::DeviceId;
 use candle_core::{CudaDevice, DType, Device, Result, Tensor};
 
 use super::{Family, checked_module, switch_off};
-use crate::engine::kernels::conv3x3::Reading;
+use crate::engine::kernels::conv3x3::{Reading, Splits};
 use crate::engine::kernels::im2col::Source;
 use crate::engine::kernels::race::Timing;
 use crate::engine::kernels::{self, Activation};
@@ -168,8 +168,15 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
             let ours = || {
                 for (xs, _, kernel_weights, bias) in &shapes {
                     let reading = Reading::Image(Source::AsIs);
-                    super::conv3x3::conv3x3(device, xs, reading, kernel_weights, bias)?
-                        .ok_or_else(declined)?;
+                    super::conv3x3::conv3x3(
+                        device,
+                        xs,
+                        reading,
+                        kernel_weights,
+                        bias,
+                        Splits::Fill,
+                    )?
+                    .ok_or_else(declined)?;
                 }
                 Ok(())
             };

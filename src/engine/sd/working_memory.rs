@@ -15,9 +15,9 @@
 //! elsewhere, allocating past the memory there is aborts the worker on the CPU (Rust aborts
 //! on a failed allocation) and fails the job halfway on a GPU.
 //!
-//! Which kernels run is read when a job is placed ([`DeviceKernels::of`]), after the device's
-//! kernels were raced, not when a model was checked: a kernel that lost its race holds what
-//! its rival holds.
+//! Which kernels run ([`DeviceKernels`]) is the engine's to say, not the model's: it reads
+//! them again once the device's kernels were raced, so a kernel that lost its race is
+//! counted as what runs in its place.
 //!
 //! Checked against what candle really allocates on the CPU by `cargo bench --bench
 //! working_memory` (SD 1.5 at 256², 384² and 512²; the table is in `benches/README.md`). The

@@ -8,7 +8,7 @@
 //! im2col, GEMM and transposed copy; ours: our columns, read doubled from the small image
 //! where upsampling, and one GEMM into the image layout, as `Conv3x3` runs them), also after
 //! a group norm + SiLU (the normalised image made, against its columns written normalised);
-//! our implicit-GEMM convolution against the column path (f16), and with K split to fill the
+//! our implicit-GEMM convolution against the column path (f16, f32 in TF32), and with K split to fill the
 //! card against K whole (the UNets' deep levels make few tiles); and the per-cell
 //! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
 //! (convolution or linear layer plus the copy between cells and tokens) against `Pointwise`
@@ -406,10 +406,11 @@ fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
 
 /// Our implicit-GEMM convolution (`kernels::conv3x3`: no column matrix, the bias inside)
 /// against the column path it replaces (our columns, one GEMM into the image layout, the bias
-/// added), on the f16 convolutions it takes. `Conv3x3` runs whichever won the race at start;
+/// added), on the convolutions it takes: f16, and f32 in TF32 (the column path's GEMM is
+/// TF32 there too). `Conv3x3` runs whichever won the race at start;
 /// this times both whatever the race said.
 fn implicit_conv_on(device: &Device, label: &str, runs: usize) -> bool {
-    println!("\n{label}: 3×3 convolution with bias, f16, whole, median of {runs}");
+    println!("\n{label}: 3×3 convolution with bias, f16 (f32 in TF32), whole, median of {runs}");
     println!(
         "| shape | dtype | columns + GEMM ms | implicit GEMM ms | implicit / columns | max |Δ| / (1 + |y|) |"
     );
@@ -417,7 +418,7 @@ fn implicit_conv_on(device: &Device, label: &str, runs: usize) -> bool {
     let mut agreed = true;
     for (case, source) in conv_cases() {
         let [batch, channels, height, width] = case.dims;
-        if case.dtype != DType::F16 || !kernels::conv3x3::fits(channels, channels) {
+        if !kernels::conv3x3::fits(case.dtype, channels, channels) {
             continue;
         }
         let [xs, weight, bias] = conv_inputs(device, &case);
@@ -460,17 +461,17 @@ fn implicit_conv_on(device: &Device, label: &str, runs: usize) -> bool {
 
 /// Our implicit-GEMM convolution with K (input channels × taps) split to fill the card
 /// (`Splits::Fill`, what the engine runs: only grids smaller than the card split) against K
-/// whole, on the same f16 cases.
+/// whole, on the same cases.
 fn split_conv_on(device: &Device, label: &str, runs: usize) -> bool {
     println!(
-        "\n{label}: implicit 3×3 convolution, K whole against K split to fill the card, f16, median of {runs}"
+        "\n{label}: implicit 3×3 convolution, K whole against K split to fill the card, median of {runs}"
     );
     println!("| shape | dtype | K whole ms | K split ms | split / whole | max |Δ| / (1 + |y|) |");
     println!("|---|---|---|---|---|---|");
     let mut agreed = true;
     for (case, source) in conv_cases() {
         let [_, channels, ..] = case.dims;
-        if case.dtype != DType::F16 || !kernels::conv3x3::fits(channels, channels) {
+        if !kernels::conv3x3::fits(case.dtype, channels, channels) {
             continue;
         }
         let [xs, weight, bias] = conv_inputs(device, &case);

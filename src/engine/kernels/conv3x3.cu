@@ -37,9 +37,17 @@
 // order (the same result every run, as a CUDA graph's checks need), with the bias, rounding
 // once. cuBLAS splits the column path's GEMM the same way for such shapes.
 //
-// Requirements the host checks: c_in a multiple of 16, f16, contiguous, splits ≤ c_in / 16.
-// Output channels past the last (a model's last convolution has 3 or 4) and cells past the
-// image's edge are computed from zeros and not written.
+// The same kernel runs f32 convolutions (an upcast VAE: SDXL's decodes in f32) in TF32 on
+// Ampere and newer, as PyTorch's convolutions do by default: `mma.sync` m16n8k8 on 8 input
+// channels a step, so a shared row is again 32 bytes (8 values of 4) and every address,
+// swizzle and `ldmatrix` is the f16 kernel's (a TF32 fragment is an 8×8 `ldmatrix` of 16-bit
+// values read as 8 rows of 4 32-bit ones). Input values are rounded to TF32 as they are
+// stored; the weights, copied as they are, lose their low bits in the tensor cores.
+//
+// Requirements the host checks: c_in a multiple of the step's channels (16 in f16, 8 in
+// f32), contiguous, splits ≤ c_in / that. Output channels past the last (a model's last
+// convolution has 3 or 4) and cells past the image's edge are computed from zeros and not
+// written.
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -52,16 +60,41 @@ constexpr uint32_t WARPS = 4;
 constexpr uint32_t THREADS = 32 * WARPS;
 constexpr uint32_t TILE_M = 64;   // output channels a block
 constexpr uint32_t TILE_N = 128;  // output cells a block
-constexpr uint32_t CHUNK = 16;    // input channels a step of K
 constexpr uint32_t TAPS = 9;
-constexpr uint32_t ROW = CHUNK;  // a shared row, in halves (32 bytes; see `half_at`)
+constexpr uint32_t ROW_BYTES = 32;  // a shared row: a step's channels of one pixel or tap
+
+// What the element type decides: the input channels a step of K takes (a shared row's
+// values, 32 bytes), and the tensor-core step that multiplies them.
+template <typename T>
+struct Step;
+template <>
+struct Step<__half> {
+  static constexpr uint32_t CHANNELS = 16;
+  // One m16n8k16: the fragments hold the step's 16 channels.
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    mma_16816(d, a, b0, b1);
+  }
+  // A value as the shared rows hold it.
+  static __device__ __forceinline__ __half for_mma(__half x) { return x; }
+};
+template <>
+struct Step<float> {
+  static constexpr uint32_t CHANNELS = 8;
+  // One m16n8k8 in TF32: the fragments hold the step's 8 channels.
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    mma_1688_tf32(d, a, b0, b1);
+  }
+  static __device__ __forceinline__ float for_mma(float x) { return to_tf32(x); }
+};
 // The halo pixels of a tile 8 or 16 columns wide: its cells with a row and a column either
 // side.
 constexpr uint32_t MAX_HALO = (TILE_N / 8 + 2) * (8 + 2);
 static_assert(MAX_HALO == (TILE_N / 16 + 2) * (16 + 2), "both tile widths' halos fit");
 
 // A plane's group norm: y = (x − mean) · scale + shift, then SiLU where asked, rounded to
-// f16 once (the arithmetic of `group_norm.cu`'s `PlaneAffine`, with SiLU's division a fast
+// the storage type once (the arithmetic of `group_norm.cu`'s `PlaneAffine`, with SiLU's division a fast
 // one: each value is normalised once per tile of output channels that reads it, so this
 // runs several times as often as the group norm's own kernel does).
 struct Affine {
@@ -70,43 +103,43 @@ struct Affine {
   float shift;
 };
 
-__device__ __forceinline__ __half normalise(const Affine& affine, __half x, uint32_t silu) {
+template <typename T>
+__device__ __forceinline__ T normalise(const Affine& affine, T x, uint32_t silu) {
   float y = (to_float(x) - affine.mean) * affine.scale + affine.shift;
   if (silu) {
     y = __fdividef(y, 1.0f + __expf(-y));
   }
-  return from_float<__half>(y);
+  return from_float<T>(y);
 }
 
-// Where half `half` (channels 0–7 or 8–15) of a shared row is: rows are 32 bytes with no
-// padding, and the two halves swap places in every other group of 4 rows (`key`: the row's
+// Where half `half` (its first 16 bytes or its last) of a shared row of `T` is, in values:
+// rows are 32 bytes with no padding, and the two halves swap places in every other group of 4 rows (`key`: the row's
 // index among those an `ldmatrix` reads together: the output channel, the halo pixel). 8
 // consecutive rows, 32 bytes (halo) or 288 (weights: 9 taps) apart, then fall on all 32
 // banks; unswizzled, rows 4 apart would share theirs. No padding keeps a block's shared
 // memory at 24.6 KB, so 3 blocks fit the 100 KB of an RTX 30 or 40 SM.
+template <typename T>
 __device__ __forceinline__ uint32_t half_at(uint32_t half, uint32_t key) {
-  return 8 * (half ^ ((key >> 2) & 1));
+  return 16 / sizeof(T) * (half ^ ((key >> 2) & 1));
 }
 
-// Two halves packed, `low` first.
-__device__ __forceinline__ uint32_t pack_halves(__half low, __half high) {
-  return static_cast<uint32_t>(__half_as_ushort(low)) |
-         (static_cast<uint32_t>(__half_as_ushort(high)) << 16);
-}
-
-template <bool NORMALIZED>
-__device__ void conv3x3(const __half* __restrict__ input, const float* __restrict__ affines,
-                        const __half* __restrict__ weights, const __half* __restrict__ bias,
-                        __half* __restrict__ out, float* __restrict__ partials,
+template <typename T, bool NORMALIZED>
+__device__ void conv3x3(const T* __restrict__ input, const float* __restrict__ affines,
+                        const T* __restrict__ weights, const T* __restrict__ bias,
+                        T* __restrict__ out, float* __restrict__ partials,
                         uint32_t in_channels, uint32_t out_channels, uint32_t height,
                         uint32_t width, uint32_t shift, uint32_t tile_columns, uint32_t silu,
                         uint32_t splits) {
   if ((tile_columns != 8 && tile_columns != 16) || splits == 0) {
     return;  // a halo the shared memory does not hold: nothing written, which the check sees
   }
-  __shared__ __align__(16) __half a_s[TILE_M * TAPS * ROW];  // [output channel][tap][ROW]
-  __shared__ __align__(16) __half h_s[MAX_HALO * ROW];       // [halo pixel][ROW]
-  __shared__ Affine affine_s[2][CHUNK];                      // this chunk's, the next one's
+  constexpr uint32_t CHUNK = Step<T>::CHANNELS;  // input channels a step of K
+  constexpr uint32_t ROW = ROW_BYTES / sizeof(T);  // a shared row, in values (= CHUNK)
+  constexpr uint32_t HALF_ROW = ROW / 2;           // the values of one 16-byte half
+  static_assert(ROW == CHUNK, "a shared row holds one step's channels");
+  __shared__ __align__(16) T a_s[TILE_M * TAPS * ROW];  // [output channel][tap][ROW]
+  __shared__ __align__(16) T h_s[MAX_HALO * ROW];       // [halo pixel][ROW]
+  __shared__ Affine affine_s[2][CHUNK];                 // this chunk's, the next one's
 
   const uint32_t warp = threadIdx.x / 32;
   const uint32_t lane = threadIdx.x % 32;
@@ -132,7 +165,7 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
   const uint32_t first_chunk = split * chunks / splits;
   const uint32_t end_chunk = (split + 1) * chunks / splits;
   const size_t plane_len = static_cast<size_t>(height) * width;
-  const __half* image_in = input + static_cast<size_t>(image) * in_channels * plane_len;
+  const T* image_in = input + static_cast<size_t>(image) * in_channels * plane_len;
 
   // The affines of chunk `chunk` into `affine_s[buffer]` (by the first 16 threads).
   const auto load_affines = [&](uint32_t buffer, uint32_t chunk) {
@@ -172,50 +205,54 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
     __syncthreads();
   }
   for (uint32_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
-    // The weights: 64 rows of 9 taps × 16 channels, 288 contiguous bytes each.
+    // The weights: 64 rows of 9 taps × a step's channels, 288 contiguous bytes each.
     for (uint32_t i = threadIdx.x; i < TILE_M * TAPS * 2; i += THREADS) {
       const uint32_t half_row = i % 2;
       const uint32_t tap = i / 2 % TAPS;
       const uint32_t row = i / (2 * TAPS);
       // Rows past the last output channel are zeros (their outputs are not written).
       const bool inside = first_output + row < out_channels;
-      const __half* source =
+      const T* source =
           inside ? weights +
                        ((static_cast<size_t>(first_output + row) * chunks + chunk) * TAPS + tap) *
                            CHUNK +
-                       8 * half_row
+                       HALF_ROW * half_row
                  : weights;
-      copy_16(a_s + (row * TAPS + tap) * ROW + half_at(half_row, row), source, inside);
+      copy_16(a_s + (row * TAPS + tap) * ROW + half_at<T>(half_row, row), source, inside);
     }
     commit_copies();
 
-    // The halo: 8 channels of one pixel per item, neighbouring lanes on neighbouring pixels.
+    // The halo: half a row (8 channels in f16, 4 in f32) of one pixel per item, neighbouring
+    // lanes on neighbouring pixels.
     const Affine* chunk_affines = affine_s[chunk % 2];
     for (uint32_t i = threadIdx.x; i < halo_pixels * 2; i += THREADS) {
       const uint32_t half_row = i / halo_pixels;
       const uint32_t pixel = i % halo_pixels;
       const int y = static_cast<int>(top + pixel / halo_columns) - 1;
       const int x = static_cast<int>(left + pixel % halo_columns) - 1;
-      uint32_t packed[4] = {0, 0, 0, 0};
+      T values[HALF_ROW];
+      #pragma unroll
+      for (uint32_t j = 0; j < HALF_ROW; ++j) {
+        values[j] = from_float<T>(0.0f);
+      }
       if (y >= 0 && y < static_cast<int>(out_height) && x >= 0 &&
           x < static_cast<int>(out_width)) {
         const size_t at = static_cast<size_t>(static_cast<uint32_t>(y) >> shift) * width +
                           (static_cast<uint32_t>(x) >> shift);
-        const uint32_t first_channel = chunk * CHUNK + 8 * half_row;
-        const __half* source = image_in + first_channel * plane_len + at;
+        const uint32_t first_channel = chunk * CHUNK + HALF_ROW * half_row;
+        const T* source = image_in + first_channel * plane_len + at;
         #pragma unroll
-        for (uint32_t j = 0; j < 8; j += 2) {
-          __half low = source[j * plane_len];
-          __half high = source[(j + 1) * plane_len];
+        for (uint32_t j = 0; j < HALF_ROW; ++j) {
+          T value = source[j * plane_len];
           if constexpr (NORMALIZED) {
-            low = normalise(chunk_affines[8 * half_row + j], low, silu);
-            high = normalise(chunk_affines[8 * half_row + j + 1], high, silu);
+            value = normalise(chunk_affines[HALF_ROW * half_row + j], value, silu);
           }
-          packed[j / 2] = pack_halves(low, high);
+          values[j] = Step<T>::for_mma(value);
         }
       }
-      *reinterpret_cast<uint4*>(h_s + pixel * ROW + half_at(half_row, pixel)) =
-          make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      uint4 packed;
+      memcpy(&packed, values, sizeof(packed));
+      *reinterpret_cast<uint4*>(h_s + pixel * ROW + half_at<T>(half_row, pixel)) = packed;
     }
     // The next chunk's affines: that buffer was last read before the previous barrier.
     if (chunk + 1 < end_chunk) {
@@ -231,17 +268,17 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
       #pragma unroll
       for (uint32_t mi = 0; mi < 2; ++mi) {
         const uint32_t row = warp_m * 32 + mi * 16 + lane % 16;
-        ldmatrix_x4<false>(a[mi], a_s + (row * TAPS + tap) * ROW + half_at(lane / 16, row));
+        ldmatrix_x4<false>(a[mi], a_s + (row * TAPS + tap) * ROW + half_at<T>(lane / 16, row));
       }
       #pragma unroll
       for (uint32_t pair = 0; pair < 4; ++pair) {
         uint32_t b[4];
         const uint32_t pixel = b_pixels[pair] + tap_pixels;
-        ldmatrix_x4<false>(b, h_s + pixel * ROW + half_at(b_half, pixel));
+        ldmatrix_x4<false>(b, h_s + pixel * ROW + half_at<T>(b_half, pixel));
         #pragma unroll
         for (uint32_t mi = 0; mi < 2; ++mi) {
-          mma_16816(acc[mi][2 * pair], a[mi], b[0], b[1]);
-          mma_16816(acc[mi][2 * pair + 1], a[mi], b[2], b[3]);
+          Step<T>::mma(acc[mi][2 * pair], a[mi], b[0], b[1]);
+          Step<T>::mma(acc[mi][2 * pair + 1], a[mi], b[2], b[3]);
         }
       }
     }
@@ -276,7 +313,7 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
             const size_t at = static_cast<size_t>(y) * out_width + x;
             const float sum = acc[mi][nt][2 * high + e];
             if (splits == 1) {
-              out[out_start + at] = from_float<__half>(sum + output_bias);
+              out[out_start + at] = from_float<T>(sum + output_bias);
             } else {
               partials[partial_start + at] = sum;
             }
@@ -303,26 +340,29 @@ __device__ void conv3x3(const __half* __restrict__ input, const float* __restric
 #else
 #define BLOCKS_PER_SM 3
 #endif
-#define CONV3X3(NAME, NORMALIZED)                                                            \
+#define CONV3X3(NAME, T, NORMALIZED)                                                         \
   extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)                       \
-      NAME(const __half* input, const float* affines, const __half* weights,                 \
-           const __half* bias, __half* out, float* partials, uint32_t in_channels,           \
-           uint32_t out_channels, uint32_t height, uint32_t width, uint32_t shift,           \
-           uint32_t tile_columns, uint32_t silu, uint32_t splits) {                          \
-    conv3x3<NORMALIZED>(input, affines, weights, bias, out, partials, in_channels,           \
-                        out_channels, height, width, shift, tile_columns, silu, splits);     \
+      NAME(const T* input, const float* affines, const T* weights, const T* bias, T* out,    \
+           float* partials, uint32_t in_channels, uint32_t out_channels, uint32_t height,     \
+           uint32_t width, uint32_t shift, uint32_t tile_columns, uint32_t silu,             \
+           uint32_t splits) {                                                                \
+    conv3x3<T, NORMALIZED>(input, affines, weights, bias, out, partials, in_channels,        \
+                           out_channels, height, width, shift, tile_columns, silu, splits);  \
   }
 
-CONV3X3(conv3x3_f16, false)
-CONV3X3(conv3x3_normalized_f16, true)
+CONV3X3(conv3x3_f16, __half, false)
+CONV3X3(conv3x3_normalized_f16, __half, true)
+// f32 in TF32: launched on sm_80 and newer only (on Turing their tensor-core step traps).
+CONV3X3(conv3x3_tf32, float, false)
+CONV3X3(conv3x3_normalized_tf32, float, true)
 
 // out[i] = Σ over the splits of partials[split][i], in order, plus its channel's bias, rounded
-// to f16 once: `planes` output planes (images × out_channels) of `plane_len` cells.
-extern "C" __global__ void conv3x3_sum_splits_f16(const float* __restrict__ partials,
-                                                  const __half* __restrict__ bias,
-                                                  __half* __restrict__ out, uint32_t splits,
-                                                  uint32_t planes, uint32_t out_channels,
-                                                  uint32_t plane_len) {
+// to the storage type once: `planes` output planes (images × out_channels) of `plane_len`
+// cells.
+template <typename T>
+__device__ void sum_splits(const float* __restrict__ partials, const T* __restrict__ bias,
+                           T* __restrict__ out, uint32_t splits, uint32_t planes,
+                           uint32_t out_channels, uint32_t plane_len) {
   const size_t total = static_cast<size_t>(planes) * plane_len;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
@@ -330,6 +370,16 @@ extern "C" __global__ void conv3x3_sum_splits_f16(const float* __restrict__ part
     for (uint32_t split = 0; split < splits; ++split) {
       sum += partials[split * total + i];
     }
-    out[i] = from_float<__half>(sum);
+    out[i] = from_float<T>(sum);
   }
 }
+
+#define SUM_SPLITS(NAME, T)                                                                  \
+  extern "C" __global__ void NAME(const float* partials, const T* bias, T* out,              \
+                                  uint32_t splits, uint32_t planes, uint32_t out_channels,   \
+                                  uint32_t plane_len) {                                      \
+    sum_splits<T>(partials, bias, out, splits, planes, out_channels, plane_len);             \
+  }
+
+SUM_SPLITS(conv3x3_sum_splits_f16, __half)
+SUM_SPLITS(conv3x3_sum_splits_f32, float)

@@ -1,23 +1,27 @@
 //! A 3×3 convolution (stride 1, padded by one cell) with its bias, straight from the image:
-//! on CUDA in f16, our implicit-GEMM kernel (`conv3x3.cu`), whose column matrix exists only a
-//! tile at a time in shared memory. Against the column path ([`super::im2col`]: nine times
-//! the image written to memory, read back by a GEMM, then a pass for the bias) it holds no
-//! column buffer, moves a ninth of the data, and rounds once. An upsampler's convolution
-//! reads its input doubled ([`Source::Doubled`]) and a convolution after a group norm and
-//! SiLU reads its input normalised ([`forward_normalized`]), as the columns do.
+//! on CUDA, our implicit-GEMM kernel (`conv3x3.cu`), whose column matrix exists only a tile at
+//! a time in shared memory; in f16 on every supported card, and f32 (an upcast VAE: SDXL's) in
+//! TF32 on Ampere and newer, as PyTorch's convolutions run by default. Against the column path
+//! ([`super::im2col`]: nine times the image written to memory, read back by a GEMM, then a
+//! pass for the bias) it holds no column buffer, moves a ninth of the data, and rounds once.
+//! An upsampler's convolution reads its input doubled ([`Source::Doubled`]) and a convolution
+//! after a group norm and SiLU reads its input normalised ([`forward_normalized`]), as the
+//! columns do.
 //!
-//! The kernel takes 16 input channels per step, so it reads the weights in blocks of 16
-//! channels, each block's nine taps in a row: `(c_out, c_in / 16, 9, 16)` ([`kernel_order`]).
+//! The kernel takes a block of input channels per step (16 in f16, 8 in f32: 32 bytes of each
+//! pixel, [`channel_block`]), so it reads the weights in such blocks, each block's nine taps
+//! in a row: `(c_out, c_in / block, 9, block)` ([`kernel_order`]).
 //! Where the output makes fewer tiles than the card runs blocks at once (the UNets' deep
 //! levels), the input channels are shared among several blocks per tile ([`Splits`]), whose
 //! f32 partial sums a second kernel adds up.
 //! A model whose convolution it [`takes`] stores its weights that way from the start (once:
 //! [`stored_order`] makes the usual layout back where another path must run). Elsewhere (the
-//! CPU, f32, channel counts it does not take, a card where the column path was faster)
-//! [`forward`] answers `None` and the caller runs the column path or candle's convolution.
-//! [`reference`] is the same convolution on the CPU in f32: what the kernel is checked
-//! against, on each device before it first runs there and in the tests on the emulation.
-//! [`SWITCH`] turns it off alone, to measure it against the column path.
+//! CPU, f32 before Ampere, channel counts it does not take, a card where the column path was
+//! faster) [`forward`] answers `None` and the caller runs the column path or candle's
+//! convolution. The f16 and TF32 kernels are checked and raced apart, so either may run
+//! without the other. [`reference`] is the same convolution on the CPU in f32: what the kernel
+//! is checked against, on each device before it first runs there and in the tests on the
+//! emulation. [`SWITCH`] turns both off, to measure them against the column path.
 
 use std::sync::OnceLock;
 
@@ -26,9 +30,6 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::im2col::Source;
 use super::norm_columns::NormalizedImage;
 
-/// Input channels per step of the kernel (`CHUNK` in `conv3x3.cu`): the block of the weights'
-/// order, and what `c_in` must be a multiple of.
-pub const CHANNEL_BLOCK: usize = 16;
 /// Output channels per block of the grid (`TILE_M`).
 pub const OUTPUT_TILE: usize = 64;
 /// Output cells per block (`TILE_N`).
@@ -37,18 +38,29 @@ pub const CELL_TILE: usize = 128;
 #[cfg(any(test, feature = "cuda"))]
 pub(super) const THREADS: usize = 128;
 
-/// Whether the kernel takes these channel counts: whole blocks of input channels (every
-/// convolution of the UNets and VAEs but the first, which reads the 4 latent channels); any
-/// number of outputs (a tile's outputs past the last are computed from zero weights and not
-/// written: the model's last convolution, to 3 or 4 channels, wastes most of one tile's
-/// arithmetic, and holds no column buffer).
-pub fn fits(in_channels: usize, out_channels: usize) -> bool {
-    whole_blocks(in_channels) && out_channels > 0
+/// The input channels a step of the kernel takes in `dtype` (`Step<T>::CHANNELS` in
+/// `conv3x3.cu`: 32 bytes of a pixel): the block of the weights' order, and what `c_in` must
+/// be a multiple of. `None`: a dtype the kernel does not take.
+pub fn channel_block(dtype: DType) -> Option<usize> {
+    match dtype {
+        DType::F16 => Some(16),
+        DType::F32 => Some(8),
+        _ => None,
+    }
 }
 
-/// Whether `in_channels` are whole blocks of [`CHANNEL_BLOCK`].
-fn whole_blocks(in_channels: usize) -> bool {
-    in_channels > 0 && in_channels.is_multiple_of(CHANNEL_BLOCK)
+/// Whether the kernel takes these channel counts in `dtype`: whole blocks of input channels
+/// (every convolution of the UNets and VAEs but the first, which reads the 4 latent
+/// channels); any number of outputs (a tile's outputs past the last are computed from zero
+/// weights and not written: the model's last convolution, to 3 or 4 channels, wastes most of
+/// one tile's arithmetic, and holds no column buffer).
+pub fn fits(dtype: DType, in_channels: usize, out_channels: usize) -> bool {
+    whole_blocks(dtype, in_channels) && out_channels > 0
+}
+
+/// Whether `in_channels` are whole blocks of [`channel_block`] in `dtype`.
+fn whole_blocks(dtype: DType, in_channels: usize) -> bool {
+    channel_block(dtype).is_some_and(|block| in_channels > 0 && in_channels.is_multiple_of(block))
 }
 
 /// The environment variable that turns this kernel off alone (`0`, `off` or `false`), so that
@@ -68,29 +80,25 @@ fn switched_on() -> bool {
     })
 }
 
-/// Whether the kernel takes values in `dtype`: f16 only.
-pub fn dtype_fits(dtype: DType) -> bool {
-    dtype == DType::F16
-}
-
-/// Whether inputs of `in_channels` in `dtype` are the kernel's kind (f16, whole channel
-/// blocks) and our kernels, this one included, are on in this process.
+/// Whether inputs of `in_channels` in `dtype` are the kernel's kind (f16 or f32, whole
+/// channel blocks) and our kernels, this one included, are on in this process.
 fn eligible(dtype: DType, in_channels: usize) -> bool {
-    dtype_fits(dtype) && whole_blocks(in_channels) && super::enabled() && switched_on()
+    whole_blocks(dtype, in_channels) && super::enabled() && switched_on()
 }
 
 /// Whether our kernel runs a convolution of `in_channels` → `out_channels` whose weights are
-/// `dtype` on `device`: CUDA, f16, channel counts it [`fits`], and the kernel loaded, checked
-/// and not slower there than what runs in its place (the device's kernels are raced first,
-/// once). A model asks once per convolution as it loads, and keeps the weights in
-/// [`kernel_order`] if so; a call asks [`runs_on`], which races nothing.
+/// `dtype` on `device`: CUDA, f16 (or f32 on Ampere and newer), channel counts it [`fits`],
+/// and the kernel loaded, checked and not slower there than what runs in its place (the
+/// device's kernels are raced first, once). A model asks once per convolution as it loads,
+/// and keeps the weights in [`kernel_order`] if so; a call asks [`runs_on`], which races
+/// nothing.
 pub fn takes(device: &Device, dtype: DType, in_channels: usize, out_channels: usize) -> bool {
     if !eligible(dtype, in_channels) || out_channels == 0 {
         return false;
     }
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => super::cuda::conv3x3_runs_on(cuda),
+        Device::Cuda(cuda) => super::cuda::conv3x3_runs_on(cuda, dtype),
         _ => false,
     }
 }
@@ -103,22 +111,25 @@ pub fn runs_on(device: &Device, dtype: DType, in_channels: usize) -> bool {
     }
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => super::cuda::conv3x3_on(cuda),
+        Device::Cuda(cuda) => super::cuda::conv3x3_on(cuda, dtype),
         _ => false,
     }
 }
 
-/// Weights `(c_out, c_in, 3, 3)` in the kernel's order, `(c_out, c_in / 16, 9, 16)`.
+/// Weights `(c_out, c_in, 3, 3)` in the kernel's order, `(c_out, c_in / block, 9, block)`
+/// with the block of their dtype.
 pub fn kernel_order(weight: &Tensor) -> Result<Tensor> {
     let (out_channels, in_channels, height, width) = weight.dims4()?;
-    if (height, width) != (3, 3) || !in_channels.is_multiple_of(CHANNEL_BLOCK) {
-        candle_core::bail!(
-            "{:?} are not 3×3 weights of whole channel blocks",
-            weight.dims()
-        );
-    }
+    let block = match channel_block(weight.dtype()) {
+        Some(block) if (height, width) == (3, 3) && in_channels.is_multiple_of(block) => block,
+        _ => candle_core::bail!(
+            "{:?} {:?} are not 3×3 weights of whole channel blocks",
+            weight.dims(),
+            weight.dtype()
+        ),
+    };
     weight
-        .reshape((out_channels, in_channels / CHANNEL_BLOCK, CHANNEL_BLOCK, 9))?
+        .reshape((out_channels, in_channels / block, block, 9))?
         .transpose(2, 3)?
         .contiguous()
 }
@@ -126,7 +137,7 @@ pub fn kernel_order(weight: &Tensor) -> Result<Tensor> {
 /// [`kernel_order`]'s weights back as `(c_out, c_in, 3, 3)`.
 pub fn stored_order(weights: &Tensor) -> Result<Tensor> {
     let (out_channels, blocks, taps, block) = weights.dims4()?;
-    if taps != 9 || block != CHANNEL_BLOCK {
+    if taps != 9 || channel_block(weights.dtype()) != Some(block) {
         candle_core::bail!("{:?} are not weights in the kernel's order", weights.dims());
     }
     weights
@@ -163,19 +174,19 @@ pub enum Splits {
     Exactly(usize),
 }
 
-/// The fewest blocks of input channels a part of a split K walks: 4 (64 channels, 576 of K),
-/// so a block's f32 partial sums (32 KB) stay small beside what it reads (about 95 KB).
+/// The fewest blocks of input channels a part of a split K walks: 4 (64 channels in f16, 576
+/// of K), so a block's f32 partial sums (32 KB) stay small beside what it reads (about 95 KB).
 pub const MIN_SPLIT_BLOCKS: usize = 4;
 /// The most parts K is split into.
 pub const MAX_SPLITS: usize = 16;
 
-/// [`Splits::Fill`]'s count for a grid of `blocks` (tiles × output tiles × images) with
-/// `in_channels`, on a device that runs `slots` blocks at once.
-pub fn splits_to_fill(blocks: usize, in_channels: usize, slots: usize) -> usize {
+/// [`Splits::Fill`]'s count for a grid of `blocks` (tiles × output tiles × images) over
+/// `channel_blocks` blocks of input channels, on a device that runs `slots` blocks at once.
+pub fn splits_to_fill(blocks: usize, channel_blocks: usize, slots: usize) -> usize {
     if blocks == 0 || blocks >= slots {
         return 1;
     }
-    let most = (in_channels / CHANNEL_BLOCK / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS);
+    let most = (channel_blocks / MIN_SPLIT_BLOCKS).clamp(1, MAX_SPLITS);
     slots.div_ceil(blocks).min(most)
 }
 
@@ -262,8 +273,9 @@ fn fits_weights(xs: &Tensor, weights: &Tensor) -> bool {
     };
     let in_channels = blocks * block;
     eligible(xs.dtype(), in_channels)
-        && weights.dtype() == DType::F16
-        && (taps, block) == (9, CHANNEL_BLOCK)
+        && weights.dtype() == xs.dtype()
+        && taps == 9
+        && channel_block(xs.dtype()) == Some(block)
         && out_channels > 0
         && xs.dim(1).ok() == Some(in_channels)
 }
@@ -287,9 +299,10 @@ fn launch(
 }
 
 /// The same convolution on the CPU in f32: the input read as `reading` says (normalised values
-/// rounded to f16, as the kernel feeds them to its tensor cores), candle's convolution with
-/// the weights back in their stored order, plus the bias.
+/// rounded to the input's dtype, as the kernel stores them), candle's convolution with the
+/// weights back in their stored order, plus the bias.
 pub fn reference(xs: &Tensor, reading: Reading, weights: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
     let on_cpu = |tensor: &Tensor| tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32);
     let xs = on_cpu(xs)?;
     let input = match reading {
@@ -307,11 +320,11 @@ pub fn reference(xs: &Tensor, reading: Reading, weights: &Tensor, bias: &Tensor)
             } else {
                 normalized
             };
-            normalized.to_dtype(DType::F16)?.to_dtype(DType::F32)?
+            normalized.to_dtype(dtype)?.to_dtype(DType::F32)?
         }
     };
     input
-        .conv2d(&stored_order(&on_cpu(weights)?)?, 1, 1, 1, 1)?
+        .conv2d(&on_cpu(&stored_order(weights)?)?, 1, 1, 1, 1)?
         .broadcast_add(&on_cpu(bias)?.reshape((1, (), 1, 1))?)
 }
 
@@ -395,24 +408,27 @@ pub(super) const CHECK_CASES: [CheckCase; 8] = [
 ];
 
 /// How far from [`reference`] the kernel may be, relative (`(1 + |y|)`): its output's one
-/// rounding to f16 (2⁻¹¹ of the value) and sums in another order.
+/// rounding to f16 (2⁻¹¹ of the value) and sums in another order; in TF32 (f32 values), the
+/// inputs' rounding to 10 bits of mantissa (2⁻¹¹) and the weights' truncation to them (2⁻¹⁰)
+/// in every product, which the emulation measures at up to 1.4e-3.
 #[cfg(any(test, feature = "cuda"))]
-pub(super) const CHECK_TOLERANCE: f32 = 2e-3;
+pub(super) fn check_tolerance(dtype: DType) -> f32 {
+    if dtype == DType::F32 { 4e-3 } else { 2e-3 }
+}
 
-/// A case's inputs on the CPU, f16: the image, the weights (in [`kernel_order`], scaled so
-/// that outputs are about the inputs' size), the bias, and for a normalised case the planes'
-/// affines (values f16 holds exactly, as the emulation passes them).
+/// A case's inputs on the CPU in `dtype`: the image, the weights (in [`kernel_order`], scaled
+/// so that outputs are about the inputs' size), the bias, and for a normalised case the
+/// planes' affines (f32, values f16 holds exactly, as the emulation passes them).
 #[cfg(any(test, feature = "cuda"))]
-pub(super) fn random_inputs(case: CheckCase) -> Result<[Tensor; 4]> {
+pub(super) fn random_inputs(case: CheckCase, dtype: DType) -> Result<[Tensor; 4]> {
     let device = Device::Cpu;
     let [batch, in_channels, ..] = case.dims;
-    let xs =
-        (Tensor::randn(0f32, 1.0, case.dims.to_vec(), &device)? + 0.5)?.to_dtype(DType::F16)?;
+    let xs = (Tensor::randn(0f32, 1.0, case.dims.to_vec(), &device)? + 0.5)?.to_dtype(dtype)?;
     let spread = (9.0 * in_channels as f64).powf(-0.5);
     let weight = (Tensor::randn(0f32, 1.0, (case.out_channels, in_channels, 3, 3), &device)?
         * spread)?
-        .to_dtype(DType::F16)?;
-    let bias = Tensor::randn(0f32, 0.5, case.out_channels, &device)?.to_dtype(DType::F16)?;
+        .to_dtype(dtype)?;
+    let bias = Tensor::randn(0f32, 0.5, case.out_channels, &device)?.to_dtype(dtype)?;
     let planes = batch * in_channels;
     let means = Tensor::randn(0.5f32, 0.3, (planes, 1), &device)?;
     let scales = Tensor::rand(0.5f32, 1.5, (planes, 1), &device)?;
@@ -443,12 +459,16 @@ mod tests {
         let Some(runner) = emulation::Runner::build("conv3x3_runner.cpp") else {
             return;
         };
-        for case in CHECK_CASES {
-            let [xs, weights, bias, affines] = random_inputs(case).unwrap();
+        for (case, dtype) in CHECK_CASES
+            .into_iter()
+            .flat_map(|case| [(case, DType::F16), (case, DType::F32)])
+        {
+            let [xs, weights, bias, affines] = random_inputs(case, dtype).unwrap();
             let expected = reference(&xs, reading(case, &affines), &weights, &bias).unwrap();
             let [batch, in_channels, height, width] = case.dims;
             let shift = case.source.shift();
             let args = [
+                8 * dtype.size_in_bytes(),
                 batch,
                 in_channels,
                 case.out_channels,
@@ -470,15 +490,16 @@ mod tests {
                 .run(
                     args.iter().map(String::as_str),
                     &inputs,
-                    DType::F16,
+                    dtype,
                     expected.shape(),
                 )
                 .unwrap();
             // A NaN (a cell nobody wrote) fails too.
             let difference = largest_relative_difference(&got, &expected).unwrap();
+            eprintln!("{case:?} {dtype:?}: {difference:.2e}");
             assert!(
-                difference <= CHECK_TOLERANCE,
-                "{case:?}: {difference} from the reference"
+                difference <= check_tolerance(dtype),
+                "{case:?} {dtype:?}: {difference} from the reference"
             );
         }
     }
@@ -486,24 +507,25 @@ mod tests {
     #[test]
     fn k_is_split_only_where_the_grid_leaves_the_card_idle() {
         // An H200 runs 132 SMs × 3 blocks. SD-Turbo's deepest level (1280 channels at 8², one
-        // image): 20 blocks, split as far as allowed (80 channel blocks, 4 a part at least,
-        // 16 parts at most); SD 1.5's first level guided (320 channels at 64²): 320 blocks,
-        // split in 2; a grid that fills the card, or channels too few to share, not at all.
+        // image, f16: 80 channel blocks): 20 blocks, split as far as allowed (4 channel blocks
+        // a part at least, 16 parts at most); SD 1.5's first level guided (320 channels at
+        // 64²): 320 blocks, split in 2; a grid that fills the card, or channels too few to
+        // share, not at all.
         let slots = 132 * 3;
-        assert_eq!(splits_to_fill(20, 1280, slots), 16);
-        assert_eq!(splits_to_fill(80, 1280, slots), 5);
-        assert_eq!(splits_to_fill(320, 320, slots), 2);
-        assert_eq!(splits_to_fill(396, 1280, slots), 1);
-        assert_eq!(splits_to_fill(20, 48, slots), 1);
+        assert_eq!(splits_to_fill(20, 80, slots), 16);
+        assert_eq!(splits_to_fill(80, 80, slots), 5);
+        assert_eq!(splits_to_fill(320, 20, slots), 2);
+        assert_eq!(splits_to_fill(396, 80, slots), 1);
+        assert_eq!(splits_to_fill(20, 3, slots), 1);
         // 5 blocks of channels split 1 way only (4 a part at least).
-        assert_eq!(splits_to_fill(20, 80, slots), 1);
-        assert_eq!(splits_to_fill(20, 128, slots), 2);
+        assert_eq!(splits_to_fill(20, 5, slots), 1);
+        assert_eq!(splits_to_fill(20, 8, slots), 2);
         // A driver that did not say: no split.
-        assert_eq!(splits_to_fill(20, 1280, 0), 1);
+        assert_eq!(splits_to_fill(20, 80, 0), 1);
         // Every part walks at least MIN_SPLIT_BLOCKS blocks, as the kernel divides them.
         for blocks in 1..64 {
             for channel_blocks in 1..200 {
-                let splits = splits_to_fill(blocks, channel_blocks * CHANNEL_BLOCK, slots);
+                let splits = splits_to_fill(blocks, channel_blocks, slots);
                 assert!((1..=MAX_SPLITS).contains(&splits));
                 assert!(splits == 1 || channel_blocks / splits >= MIN_SPLIT_BLOCKS);
             }
@@ -512,7 +534,7 @@ mod tests {
 
     #[test]
     fn the_kernel_order_holds_each_block_of_channels_tap_by_tap_and_goes_back() {
-        // Weight (o, c, ky, kx) = 1000 o + 10 c + 3 ky + kx, exactly in f32.
+        // Weight (o, c, ky, kx) = 1000 o + 10 c + 3 ky + kx, exact in f16 and f32.
         let (outputs, channels) = (2, 32);
         let values: Vec<f32> = (0..outputs * channels * 9)
             .map(|i| {
@@ -521,21 +543,31 @@ mod tests {
             })
             .collect();
         let weight = Tensor::from_vec(values, (outputs, channels, 3, 3), &Device::Cpu).unwrap();
-        let ordered = kernel_order(&weight).unwrap();
-        assert_eq!(ordered.dims4().unwrap(), (outputs, 2, 9, 16));
-        // Output 1, channel block 1, tap 5 (ky 1, kx 2), channel 3 of the block: channel 19.
-        let value: f32 = ordered
-            .get(1)
-            .and_then(|t| t.get(1))
-            .and_then(|t| t.get(5))
-            .and_then(|t| t.get(3))
-            .and_then(|t| t.to_scalar())
-            .unwrap();
-        assert_eq!(value, (1000 + 190 + 5) as f32);
-        let back = stored_order(&ordered).unwrap();
-        assert_eq!(largest_relative_difference(&back, &weight).unwrap(), 0.0);
+        // Blocks of 16 channels in f16, of 8 in f32.
+        for (dtype, block) in [(DType::F16, 16), (DType::F32, 8)] {
+            let weight = weight.to_dtype(dtype).unwrap();
+            let ordered = kernel_order(&weight).unwrap();
+            assert_eq!(
+                ordered.dims4().unwrap(),
+                (outputs, channels / block, 9, block)
+            );
+            // Output 1, channel block 1, tap 5 (ky 1, kx 2), channel 3 of the block.
+            let value: f32 = ordered
+                .get(1)
+                .and_then(|t| t.get(1))
+                .and_then(|t| t.get(5))
+                .and_then(|t| t.get(3))
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_scalar())
+                .unwrap();
+            assert_eq!(value, (1000 + 10 * (block + 3) + 5) as f32, "{dtype:?}");
+            let back = stored_order(&ordered).unwrap();
+            assert_eq!(largest_relative_difference(&back, &weight).unwrap(), 0.0);
+        }
         // Channels that are not whole blocks have no kernel order.
-        let odd = Tensor::zeros((4, 8, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let odd = Tensor::zeros((4, 8, 3, 3), DType::F16, &Device::Cpu).unwrap();
+        assert!(kernel_order(&odd).is_err());
+        let odd = Tensor::zeros((4, 12, 3, 3), DType::F32, &Device::Cpu).unwrap();
         assert!(kernel_order(&odd).is_err());
     }
 
@@ -566,7 +598,10 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        assert!(fits(320, 320) && fits(16, 64) && fits(128, 3));
-        assert!(!fits(4, 320) && !fits(0, 64) && !fits(16, 0));
+        assert!(fits(DType::F16, 320, 320) && fits(DType::F16, 16, 64));
+        assert!(fits(DType::F16, 128, 3) && fits(DType::F32, 8, 64) && fits(DType::F32, 24, 3));
+        assert!(!fits(DType::F16, 4, 320) && !fits(DType::F16, 0, 64));
+        assert!(!fits(DType::F16, 16, 0) && !fits(DType::F16, 8, 64));
+        assert!(!fits(DType::BF16, 16, 64) && !fits(DType::F32, 4, 64));
     }
 }

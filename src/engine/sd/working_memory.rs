@@ -127,7 +127,7 @@ impl Plan {
                 },
                 Plan::SAVING,
             ],
-            Convolutions::Im2col | Convolutions::Implicit => &[
+            Convolutions::Im2col | Convolutions::Implicit { .. } => &[
                 Plan::GPU,
                 Plan {
                     vae_tiling: TILED,
@@ -155,10 +155,10 @@ pub enum Convolutions {
     /// candle's CUDA and Metal backends, or our column kernel: im2col, then one GEMM.
     Im2col,
     /// Our implicit-GEMM kernel ([`kernels::conv3x3`]) for the 3×3 convolutions it takes
-    /// (f16, whole blocks of input channels), with no column buffer; im2col for the rest: a
-    /// model's first convolution (its few latent channels), the UNet's stride-2
-    /// downsamplers, and everything in another dtype (SDXL's f32 VAE).
-    Implicit,
+    /// (whole blocks of input channels in a dtype where it runs: f16, f32 as TF32), with no
+    /// column buffer; im2col for the rest: a model's first convolution (its few latent
+    /// channels), the UNet's stride-2 downsamplers, and a dtype where it does not run.
+    Implicit { f16: bool, f32: bool },
 }
 
 impl Convolutions {
@@ -166,23 +166,37 @@ impl Convolutions {
     /// check and won its race (so, read after the device was prepared).
     pub fn of(device: &candle_core::Device) -> Self {
         if device.is_cpu() {
-            Self::Direct
-        } else if kernels::conv3x3::runs_on(device, DType::F16, kernels::conv3x3::CHANNEL_BLOCK) {
-            Self::Implicit
-        } else {
-            Self::Im2col
+            return Self::Direct;
+        }
+        let implicit = |dtype| {
+            kernels::conv3x3::channel_block(dtype)
+                .is_some_and(|block| kernels::conv3x3::runs_on(device, dtype, block))
+        };
+        match (implicit(DType::F16), implicit(DType::F32)) {
+            (false, false) => Self::Im2col,
+            (f16, f32) => Self::Implicit { f16, f32 },
         }
     }
 
-    /// Which of a model's convolutions in `dtype` hold column buffers here
-    /// (`whole_blocks`: every one but the first reads whole blocks of channels).
-    fn columns(self, dtype: DType, whole_blocks: bool) -> Columns {
+    /// Which of a model's convolutions in `dtype` hold column buffers here, its blocks having
+    /// `channels` (every convolution but the first reads whole blocks of them, or sums of
+    /// them: an up block's concatenated inputs).
+    fn columns(self, dtype: DType, channels: &[u64]) -> Columns {
+        let takes = |runs: bool| {
+            runs && channels.iter().all(|&channels| {
+                usize::try_from(channels)
+                    .is_ok_and(|channels| kernels::conv3x3::fits(dtype, channels, 1))
+            })
+        };
         match self {
             Self::Direct => Columns::None,
-            Self::Implicit if kernels::conv3x3::dtype_fits(dtype) && whole_blocks => {
+            Self::Implicit { f16, .. } if dtype == DType::F16 && takes(f16) => {
                 Columns::FirstAndStrided
             }
-            Self::Im2col | Self::Implicit => Columns::Every,
+            Self::Implicit { f32, .. } if dtype == DType::F32 && takes(f32) => {
+                Columns::FirstAndStrided
+            }
+            Self::Im2col | Self::Implicit { .. } => Columns::Every,
         }
     }
 }
@@ -266,9 +280,6 @@ pub struct WorkingMemory {
     layers_per_block: u64,
     /// The UNet's input channels (the latents'): its first convolution's.
     unet_in_channels: u64,
-    /// Whether every UNet convolution but the first reads whole blocks of channels (what our
-    /// implicit convolution takes).
-    unet_whole_blocks: bool,
     unet_dtype: DType,
     /// Bytes of one UNet attention score: the model's dtype, or f32 when it upcasts.
     score_bytes: u64,
@@ -278,8 +289,8 @@ pub struct WorkingMemory {
     /// The channels that enter the VAE decoder's full-resolution block (its upsampled
     /// input): the second of `block_out_channels`.
     vae_full_channels: u64,
-    /// The same as `unet_whole_blocks`, for the decoder.
-    vae_whole_blocks: bool,
+    /// The decoder's blocks' channels.
+    vae_channels: Vec<u64>,
     vae_dtype: DType,
 }
 
@@ -300,7 +311,6 @@ impl WorkingMemory {
                 .collect(),
             layers_per_block: folder.unet.layers_per_block as u64,
             unet_in_channels: folder.unet.in_channels as u64,
-            unet_whole_blocks: whole_blocks(folder.unet.blocks.iter().map(|b| b.out_channels)),
             unet_dtype: dtype,
             score_bytes: if folder.unet.upcast_attention {
                 F32_BYTES
@@ -316,7 +326,12 @@ impl WorkingMemory {
                 .or(folder.vae.block_out_channels.first())
                 .copied()
                 .unwrap_or(0) as u64,
-            vae_whole_blocks: whole_blocks(folder.vae.block_out_channels.iter().copied()),
+            vae_channels: folder
+                .vae
+                .block_out_channels
+                .iter()
+                .map(|&channels| channels as u64)
+                .collect(),
             vae_dtype: folder.vae_dtype(dtype),
         }
     }
@@ -391,7 +406,8 @@ impl WorkingMemory {
         };
         let latent_cells = latent_h * latent_w;
         let downsampler_columns = batch * downsampler_columns * unet_bytes;
-        let unet_columns = match convolutions.columns(self.unet_dtype, self.unet_whole_blocks) {
+        let unet_channels: Vec<u64> = self.unet_blocks.iter().map(|(c, _)| *c).collect();
+        let unet_columns = match convolutions.columns(self.unet_dtype, &unet_channels) {
             Columns::None => 0,
             Columns::Every => {
                 banded_columns(batch * UNET_CONV_INPUT * largest, latent_h, unet_bytes)
@@ -420,7 +436,7 @@ impl WorkingMemory {
         let decoded_pixels = decoded_cells * scale * scale;
         let full_resolution = self.vae_full_channels * decoded_pixels;
         // (The decoder has no stride-2 convolutions.)
-        let decode_columns = match convolutions.columns(self.vae_dtype, self.vae_whole_blocks) {
+        let decode_columns = match convolutions.columns(self.vae_dtype, &self.vae_channels) {
             Columns::None => 0,
             Columns::Every => banded_columns(full_resolution, decoded_h * scale, vae_bytes),
             Columns::FirstAndStrided => {
@@ -451,12 +467,6 @@ impl WorkingMemory {
     }
 }
 
-/// Whether a model whose blocks have `channels` convolves whole blocks of channels beyond its
-/// first convolution (an up block's concatenated inputs are sums of them).
-fn whole_blocks(mut channels: impl Iterator<Item = usize>) -> bool {
-    channels.all(|channels| kernels::conv3x3::fits(channels, 1))
-}
-
 /// `whole` bytes made of `rows` equal rows, or as many rows as fit `budget` (at least one).
 fn chunked(whole: u64, rows: u64, budget: Option<u64>) -> u64 {
     match budget {
@@ -480,13 +490,12 @@ mod tests {
             ],
             layers_per_block: 2,
             unet_in_channels: 4,
-            unet_whole_blocks: true,
             unet_dtype: DType::F32,
             score_bytes: 4,
             vae_scale: 8,
             latent_channels: 4,
             vae_full_channels: 256,
-            vae_whole_blocks: true,
+            vae_channels: vec![128, 256, 512, 512],
             vae_dtype: DType::F32,
         }
     }
@@ -506,9 +515,20 @@ mod tests {
         convolutions: Convolutions::Im2col,
         attention: AttentionKernel::Composed,
     };
-    /// The same with our implicit convolution.
+    /// The same with our implicit convolution in f16 (a Turing card: no TF32).
     const IMPLICIT: DeviceKernels = DeviceKernels {
-        convolutions: Convolutions::Implicit,
+        convolutions: Convolutions::Implicit {
+            f16: true,
+            f32: false,
+        },
+        ..COLUMNS
+    };
+    /// And in TF32 too (Ampere and newer).
+    const IMPLICIT_TF32: DeviceKernels = DeviceKernels {
+        convolutions: Convolutions::Implicit {
+            f16: true,
+            f32: true,
+        },
         ..COLUMNS
     };
     const CPU: DeviceKernels = DeviceKernels::CPU;
@@ -519,13 +539,12 @@ mod tests {
             unet_blocks: vec![(320, None), (640, Some(10)), (1280, Some(20))],
             layers_per_block: 2,
             unet_in_channels: 4,
-            unet_whole_blocks: true,
             unet_dtype: DType::F16,
             score_bytes: 2,
             vae_scale: 8,
             latent_channels: 4,
             vae_full_channels: 256,
-            vae_whole_blocks: true,
+            vae_channels: vec![128, 256, 512, 512],
             vae_dtype: DType::F32,
         }
     }
@@ -609,7 +628,8 @@ mod tests {
             saved(Plan::GPU)
         );
         // What the kernel declines still holds its columns: an f32 decode (SDXL's stock
-        // VAE, the job's peak at 1024²), a model whose channels are not whole blocks.
+        // VAE, the job's peak at 1024²) where TF32 does not run, a model whose channels are
+        // not whole blocks.
         let sdxl = sdxl_gpu();
         for plan in [Plan::WHOLE, Plan::GPU] {
             assert_eq!(
@@ -617,9 +637,25 @@ mod tests {
                 sdxl.bytes(1024, 1024, 1, true, plan, COLUMNS)
             );
         }
+        // Where it does, the f32 decode holds no columns either: 256 channels × 1024² × 9 in
+        // f32 whole (9.7 GB), one band of 64 M values (256 MB) in the GPU plan.
+        let sdxl_saved = |plan| {
+            sdxl.bytes(1024, 1024, 1, true, plan, COLUMNS)
+                - sdxl.bytes(1024, 1024, 1, true, plan, IMPLICIT_TF32)
+        };
+        assert!(
+            sdxl_saved(Plan::WHOLE) > 9_000_000_000,
+            "{}",
+            sdxl_saved(Plan::WHOLE)
+        );
+        assert!(
+            (250_000_000..300_000_000).contains(&sdxl_saved(Plan::GPU)),
+            "{}",
+            sdxl_saved(Plan::GPU)
+        );
         let odd = WorkingMemory {
-            unet_whole_blocks: false,
-            vae_whole_blocks: false,
+            unet_blocks: vec![(324, Some(4)), (648, Some(8))],
+            vae_channels: vec![132, 260],
             ..sd15_gpu()
         };
         assert_eq!(

@@ -4,11 +4,10 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::DeviceId;
-use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg, sys,
+    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, sys,
 };
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage,
     Tensor,
@@ -18,17 +17,27 @@ use super::{Family, as_u32, checked_module, view};
 use crate::engine::kernels::conv3x3::{self as op, Reading, Splits};
 use crate::engine::kernels::im2col::Source;
 
-/// Whether our convolution runs on `device`: loaded and checked there, and, the device's
-/// kernels being raced first (once), not slower than what runs in its place.
-pub(in crate::engine::kernels) fn conv3x3_runs_on(device: &CudaDevice) -> bool {
-    super::race::run_once(device);
-    checked_module(device, Family::Conv3x3).is_some()
+/// The family whose verdicts cover `dtype`'s kernels: the f16 ones, or the TF32 ones for f32
+/// (checked and raced apart: Turing has no TF32, and either may lose its race alone).
+fn family(dtype: DType) -> Option<Family> {
+    match dtype {
+        DType::F16 => Some(Family::Conv3x3),
+        DType::F32 => Some(Family::Conv3x3Tf32),
+        _ => None,
+    }
 }
 
-/// Whether our convolution is on for `device` now (loaded, checked, not switched off by its
-/// race), racing nothing.
-pub(in crate::engine::kernels) fn conv3x3_on(device: &CudaDevice) -> bool {
-    checked_module(device, Family::Conv3x3).is_some()
+/// Whether our convolution runs on `device` in `dtype`: loaded and checked there, and, the
+/// device's kernels being raced first (once), not slower than what runs in its place.
+pub(in crate::engine::kernels) fn conv3x3_runs_on(device: &CudaDevice, dtype: DType) -> bool {
+    super::race::run_once(device);
+    conv3x3_on(device, dtype)
+}
+
+/// Whether our convolution is on for `device` in `dtype` now (loaded, checked, not switched
+/// off by its race), racing nothing.
+pub(in crate::engine::kernels) fn conv3x3_on(device: &CudaDevice, dtype: DType) -> bool {
+    family(dtype).is_some_and(|family| checked_module(device, family).is_some())
 }
 
 /// Our convolution of `xs` read as `reading` says, or `None` where it does not run on this
@@ -41,7 +50,7 @@ pub(in crate::engine::kernels) fn conv3x3(
     bias: &Tensor,
     splits: Splits,
 ) -> Result<Option<Tensor>> {
-    let Some(module) = checked_module(device, Family::Conv3x3) else {
+    let Some(module) = family(xs.dtype()).and_then(|family| checked_module(device, family)) else {
         return Ok(None);
     };
     run(module, xs, reading, weights, bias, splits).map(Some)
@@ -73,15 +82,41 @@ fn run(
     )
 }
 
-/// Our kernel against [`op::reference`] on [`op::CHECK_CASES`].
+/// Our f16 kernels against [`op::reference`] on [`op::CHECK_CASES`].
 pub(super) fn check(
     device: &CudaDevice,
     module: &Arc<CudaModule>,
 ) -> std::result::Result<(), String> {
+    check_dtype(device, module, DType::F16)
+}
+
+/// Our TF32 kernels the same way, on f32 values; on a card before Ampere (no TF32) they are
+/// off without a check.
+pub(super) fn check_tf32(
+    device: &CudaDevice,
+    module: &Arc<CudaModule>,
+) -> std::result::Result<(), String> {
+    let context = device.cuda_stream().context().clone();
+    let (major, minor) = context
+        .compute_capability()
+        .map_err(|error| format!("the driver did not say the compute capability ({error})"))?;
+    if major < 8 {
+        return Err(format!(
+            "TF32 needs an Ampere or newer card (compute capability 8.0; this one is {major}.{minor})"
+        ));
+    }
+    check_dtype(device, module, DType::F32)
+}
+
+fn check_dtype(
+    device: &CudaDevice,
+    module: &Arc<CudaModule>,
+    dtype: DType,
+) -> std::result::Result<(), String> {
     let gpu = Device::Cuda(device.clone());
     for case in op::CHECK_CASES {
         let difference = (|| {
-            let [xs, weights, bias, affines] = op::random_inputs(case)?;
+            let [xs, weights, bias, affines] = op::random_inputs(case, dtype)?;
             let expected = op::reference(&xs, op::reading(case, &affines), &weights, &bias)?;
             let [xs, weights, bias, affines] =
                 [&xs, &weights, &bias, &affines].map(|tensor| tensor.to_device(&gpu));
@@ -96,11 +131,11 @@ pub(super) fn check(
             )?;
             crate::engine::kernels::largest_relative_difference(&got, &expected)
         })()
-        .map_err(|error| format!("{case:?}: {error}"))?;
-        if difference.is_nan() || difference > op::CHECK_TOLERANCE {
+        .map_err(|error| format!("{case:?} in {dtype:?}: {error}"))?;
+        let allowed = op::check_tolerance(dtype);
+        if difference.is_nan() || difference > allowed {
             return Err(format!(
-                "{case:?}: {difference} from the CPU, relative (allowed {})",
-                op::CHECK_TOLERANCE
+                "{case:?} in {dtype:?}: {difference} from the CPU, relative (allowed {allowed})"
             ));
         }
     }
@@ -178,17 +213,67 @@ impl CustomOp3 for ConvOp {
         bias: &CudaStorage,
         bias_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        for storage in [xs, weights, bias] {
-            if storage.dtype() != DType::F16 {
-                candle_core::bail!("our 3×3 convolution takes f16, not {:?}", storage.dtype());
-            }
+        let dtype = xs.dtype();
+        if weights.dtype() != dtype || bias.dtype() != dtype {
+            candle_core::bail!(
+                "our 3×3 convolution: {dtype:?} input, {:?} weights, {:?} bias",
+                weights.dtype(),
+                bias.dtype()
+            );
         }
+        let inputs = [
+            (xs, xs_layout),
+            (weights, weights_layout),
+            (bias, bias_layout),
+        ];
+        match dtype {
+            DType::F16 => self.launch::<half::f16>(inputs, F16_KERNELS),
+            DType::F32 => self.launch::<f32>(inputs, TF32_KERNELS),
+            other => candle_core::bail!("our 3×3 convolution takes f16 or f32, not {other:?}"),
+        }
+    }
+}
+
+/// A dtype's kernels in `conv3x3.cu`: plain, normalised, and the parts' sum.
+struct Kernels {
+    plain: &'static str,
+    normalized: &'static str,
+    sum_splits: &'static str,
+}
+
+const F16_KERNELS: Kernels = Kernels {
+    plain: "conv3x3_f16",
+    normalized: "conv3x3_normalized_f16",
+    sum_splits: "conv3x3_sum_splits_f16",
+};
+
+/// f32 values multiplied in TF32.
+const TF32_KERNELS: Kernels = Kernels {
+    plain: "conv3x3_tf32",
+    normalized: "conv3x3_normalized_tf32",
+    sum_splits: "conv3x3_sum_splits_f32",
+};
+
+impl ConvOp {
+    /// The kernels of `T` over `(xs, weights, bias)`, each with its layout.
+    fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+        &self,
+        [
+            (xs, xs_layout),
+            (weights, weights_layout),
+            (bias, bias_layout),
+        ]: [(&CudaStorage, &Layout); 3],
+        kernels: Kernels,
+    ) -> Result<(CudaStorage, Shape)> {
+        let Some(channel_block) = op::channel_block(T::DTYPE) else {
+            candle_core::bail!("our 3×3 convolution does not take {:?}", T::DTYPE);
+        };
         let (batch, in_channels, height, width) = xs_layout.shape().dims4()?;
         let (out_channels, blocks, taps, block) = weights_layout.shape().dims4()?;
         if blocks * block != in_channels
             || taps != 9
-            || block != op::CHANNEL_BLOCK
-            || !op::fits(in_channels, out_channels)
+            || block != channel_block
+            || !op::fits(T::DTYPE, in_channels, out_channels)
             || bias_layout.shape().elem_count() != out_channels
         {
             candle_core::bail!(
@@ -200,7 +285,7 @@ impl CustomOp3 for ConvOp {
         }
         // The kernel copies the weights 16 bytes at a time: their first value must start 16
         // bytes into the buffer, as a tensor of their own does (a view into another might not).
-        if !weights_layout.start_offset().is_multiple_of(8) {
+        if !(weights_layout.start_offset() * T::DTYPE.size_in_bytes()).is_multiple_of(16) {
             candle_core::bail!("our 3×3 convolution: the weights do not start on 16 bytes");
         }
         let shift = self.source.shift();
@@ -208,8 +293,8 @@ impl CustomOp3 for ConvOp {
         let shape = Shape::from((batch, out_channels, out_height, out_width));
         let tile_columns = op::tile_columns(out_width);
         let (name, silu) = match self.normalization {
-            None => ("conv3x3_f16", false),
-            Some((_, silu)) => ("conv3x3_normalized_f16", silu),
+            None => (kernels.plain, false),
+            Some((_, silu)) => (kernels.normalized, silu),
         };
         let function = self.module.load_function(name).w()?;
         let device = xs.device().clone();
@@ -217,12 +302,12 @@ impl CustomOp3 for ConvOp {
         let splits = match self.splits {
             Splits::Fill => op::splits_to_fill(
                 tiles * output_tiles * images,
-                in_channels,
+                in_channels / channel_block,
                 slots(&device, name, &function),
             ),
             Splits::Exactly(splits) => splits,
         };
-        if splits == 0 || splits > in_channels / op::CHANNEL_BLOCK {
+        if splits == 0 || splits > in_channels / channel_block {
             candle_core::bail!("our 3×3 convolution: {in_channels} channels in {splits} parts");
         }
         if output_tiles > 65_535 || images * splits > 65_535 {
@@ -232,15 +317,14 @@ impl CustomOp3 for ConvOp {
         let plane_len = as_u32(out_height * out_width)?;
 
         let (xs_view, weights_view, bias_view) = (
-            view::<half::f16>((xs, xs_layout))?,
-            view::<half::f16>((weights, weights_layout))?,
-            view::<half::f16>((bias, bias_layout))?,
+            view::<T>((xs, xs_layout))?,
+            view::<T>((weights, weights_layout))?,
+            view::<T>((bias, bias_layout))?,
         );
         // SAFETY: the kernel writes every output cell (the tiles cover the output), or with K
         // split every cell of every part's partial sums, which the sum below adds into each
         // output cell.
-        let mut out: CudaSlice<half::f16> =
-            unsafe { device.alloc::<half::f16>(shape.elem_count()) }?;
+        let mut out: CudaSlice<T> = unsafe { device.alloc::<T>(shape.elem_count()) }?;
         let mut partials: Option<CudaSlice<f32>> = if splits > 1 {
             // SAFETY: as above.
             Some(unsafe { device.alloc::<f32>(splits * shape.elem_count()) }?)
@@ -305,7 +389,7 @@ impl CustomOp3 for ConvOp {
             .arg(&tile_arg)
             .arg(&silu_arg)
             .arg(&splits_arg);
-        // SAFETY: the arguments match `conv3x3_f16`'s and `conv3x3_normalized_f16`'s signature;
+        // SAFETY: the arguments match the plain and normalised kernels' signature for `T`;
         // the views hold the image, the weights in the kernel's order and the bias for these
         // channel counts, and for the normalised kernel three affines per input plane (all
         // checked above); `out` the (doubled) output, `partials` `splits` times it where K is
@@ -314,7 +398,7 @@ impl CustomOp3 for ConvOp {
         unsafe { builder.launch(config) }.w()?;
 
         if let Some(partials) = &partials {
-            let sum = self.module.load_function("conv3x3_sum_splits_f16").w()?;
+            let sum = self.module.load_function(kernels.sum_splits).w()?;
             let planes = as_u32(batch * out_channels)?;
             let blocks = shape.elem_count().div_ceil(SUM_THREADS).min(65_535);
             let config = LaunchConfig {
@@ -331,7 +415,7 @@ impl CustomOp3 for ConvOp {
                 .arg(&planes)
                 .arg(&out_arg)
                 .arg(&plane_len);
-            // SAFETY: the arguments match `conv3x3_sum_splits_f16`'s signature: `partials`
+            // SAFETY: the arguments match the parts' sum's signature for `T`: `partials`
             // holds `splits` × the output's values, `out` the output, the bias one value per
             // output channel; the grid strides over every output value.
             unsafe { builder.launch(config) }.w()?;

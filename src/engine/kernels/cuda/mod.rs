@@ -66,18 +66,21 @@ pub(super) enum Family {
     Im2col,
     /// `conv3x3.cu`: a 3×3 convolution straight from the image (implicit GEMM), f16.
     Conv3x3,
+    /// `conv3x3.cu` again: its f32 kernels, in TF32 (Ampere and newer).
+    Conv3x3Tf32,
 }
 
 impl Family {
     /// Every family, in the order they are loaded (and raced: the convolution's rival is the
     /// column path where the column kernel won its race).
-    pub(super) const ALL: [Family; 6] = [
+    pub(super) const ALL: [Family; 7] = [
         Family::GroupNorm,
         Family::Attention,
         Family::AttentionMma,
         Family::Geglu,
         Family::Im2col,
         Family::Conv3x3,
+        Family::Conv3x3Tf32,
     ];
 }
 
@@ -89,7 +92,7 @@ impl Family {
             Family::AttentionMma => &ATTENTION_MMA_FATBIN.0,
             Family::Geglu => &GEGLU_FATBIN.0,
             Family::Im2col => &IM2COL_FATBIN.0,
-            Family::Conv3x3 => &CONV3X3_FATBIN.0,
+            Family::Conv3x3 | Family::Conv3x3Tf32 => &CONV3X3_FATBIN.0,
         }
     }
 
@@ -101,6 +104,7 @@ impl Family {
             Family::Geglu => "GEGLU",
             Family::Im2col => "3×3 column",
             Family::Conv3x3 => "3×3 convolution",
+            Family::Conv3x3Tf32 => "3×3 TF32 convolution",
         }
     }
 }
@@ -179,6 +183,7 @@ fn load_and_check(
         Family::Geglu => geglu::check(device, &module)?,
         Family::Im2col => im2col::check(device, &module)?,
         Family::Conv3x3 => conv3x3::check(device, &module)?,
+        Family::Conv3x3Tf32 => conv3x3::check_tf32(device, &module)?,
     }
     Ok(module)
 }

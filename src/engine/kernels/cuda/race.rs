@@ -4,7 +4,8 @@
 //! attention for one image, with SD 1.5's heads of 40 and SD 2.x's and SDXL's of 64), in
 //! f16, against what runs in its place: candle's composition, for the register attention
 //! our WMMA kernel, for the convolution the column path (or candle's, where our columns lost
-//! theirs), there at the f16 VAE decoder's shape too. The WMMA attention itself is not raced:
+//! theirs), there at the f16 VAE decoder's shape too; the TF32 convolution in f32, at an
+//! upcast decoder's shapes (SDXL's), the same way. The WMMA attention itself is not raced:
 //! without it the UNet holds score matrices, several GB at SDXL's sizes. The job's memory
 //! estimate reads the verdicts ([`crate::engine::sd::working_memory::DeviceKernels`]).
 //! The attention race is the longest: 26 calls of about 70 GFLOP, a fifth of a second at 10
@@ -78,8 +79,10 @@ fn rival(device: &CudaDevice, family: Family) -> Option<&'static str> {
     match family {
         Family::GroupNorm | Family::Geglu => Some("candle's composition"),
         Family::Im2col => Some("candle's convolution"),
-        Family::Conv3x3 if columns_run(device) => Some("our columns and a GEMM"),
-        Family::Conv3x3 => Some("candle's convolution"),
+        Family::Conv3x3 | Family::Conv3x3Tf32 if columns_run(device) => {
+            Some("our columns and a GEMM")
+        }
+        Family::Conv3x3 | Family::Conv3x3Tf32 => Some("candle's convolution"),
         Family::AttentionMma => Some("our WMMA attention kernel"),
         Family::Attention => None,
     }
@@ -99,9 +102,10 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
     let origin = Instant::now();
     let clock = || origin.elapsed();
     let finish = || gpu.synchronize();
-    let random = |dims: &[usize], mean: f32, std: f32| {
-        Tensor::randn(mean, std, dims, &gpu)?.to_dtype(DType::F16)
+    let random_in = |dims: &[usize], mean: f32, std: f32, dtype: DType| {
+        Tensor::randn(mean, std, dims, &gpu)?.to_dtype(dtype)
     };
+    let random = |dims: &[usize], mean: f32, std: f32| random_in(dims, mean, std, DType::F16);
     let declined = || candle_core::Error::Msg(format!("our {} kernel declined", family.name()));
     let timing = match family {
         Family::GroupNorm => {
@@ -146,22 +150,30 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
             let theirs = || xs.conv2d(&weight, 1, 1, 1, 1).map(drop);
             Timing::measure(&clock, &finish, &ours, &theirs)?
         }
-        Family::Conv3x3 => {
+        Family::Conv3x3 | Family::Conv3x3Tf32 => {
             // With its bias, as `Conv3x3` runs it, against what runs in its place: the column
             // path where our column kernel won its race (raced before this), else candle's.
-            // Two shapes, each call running both: the UNet's (few cells, many channels) and
-            // the f16 VAE decoder's full-resolution block at half the size (many cells, 128
-            // channels), so that the verdict holds for the convolutions of both.
+            // In f16 two shapes, each call running both: the UNet's (few cells, many
+            // channels) and the f16 VAE decoder's full-resolution block at half the size
+            // (many cells, 128 channels), so that the verdict holds for the convolutions of
+            // both. In f32 (TF32), what runs in f32: an upcast decoder's (SDXL's at 1024²: 512
+            // channels at 128² and 256², 128 at 1024²), at a quarter of the size.
+            let (dtype, cases) = if family == Family::Conv3x3 {
+                (DType::F16, [(BATCH, CHANNELS, SIDE), (1, 128, 256)])
+            } else {
+                (DType::F32, [(1, 512, 64), (1, 128, 256)])
+            };
             let columns = columns_run(device);
             let mut shapes = Vec::new();
-            for (batch, channels, side) in [(BATCH, CHANNELS, SIDE), (1, 128, 256)] {
-                let xs = random(&[batch, channels, side, side], 0.0, 1.0)?;
-                let weight = random(
+            for (batch, channels, side) in cases {
+                let xs = random_in(&[batch, channels, side, side], 0.0, 1.0, dtype)?;
+                let weight = random_in(
                     &[channels, channels, 3, 3],
                     0.0,
                     (9.0 * channels as f32).powf(-0.5),
+                    dtype,
                 )?;
-                let bias = random(&[channels], 0.0, 0.5)?;
+                let bias = random_in(&[channels], 0.0, 0.5, dtype)?;
                 let kernel_weights = kernels::conv3x3::kernel_order(&weight)?;
                 shapes.push((xs, weight, kernel_weights, bias));
             }

@@ -10,7 +10,8 @@
 //   C (16×8):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, cols 2t, 2t+1)
 // The products are summed in f32 (the hardware's order of summation is its own).
 //
-// Also `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`, which loads fragments from rows in
+// Also `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32` (`mma_m16n8k8_tf32`) and
+// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`, which loads fragments from rows in
 // shared memory (see `ldmatrix_x4`).
 #pragma once
 
@@ -49,6 +50,60 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
     const uint32_t column = 2 * t + i % 2;
     float sum = 0.0f;
     for (uint32_t k = 0; k < 16; ++k) {
+      sum += a_at(row, k) * b_at(k, column);
+    }
+    d[i] += sum;
+  }
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+
+// The value of TF32 bits as the tensor cores read them: sign, exponent and the top 10 bits of
+// mantissa (the low 13 ignored).
+inline float tf32_value(uint32_t bits) {
+  bits &= 0xFFFFE000u;
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// `cvt.rna.tf32.f32`: `x` rounded to 10 bits of mantissa, to nearest, ties away from zero
+// (finite values; the kernels round nothing else).
+inline float round_to_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits = (bits + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`, the same way, one 32-bit value a
+// register ("Matrix Fragments for mma.m16n8k8", .tf32), for lane = 4·g + t:
+//   A (16×8): a0 = (row g, col t), a1 = (row g+8, col t), a2 = (row g, col t+4),
+//             a3 = (row g+8, col t+4)
+//   B (8×8):  b0 = (row t, column g), b1 = (row t+4, column g)
+//   C (16×8): as m16n8k16's.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t base = threadIdx.x - lane;
+  block->fragments[threadIdx.x] = {a[0], a[1], a[2], a[3], b0, b1};
+  block->warps[threadIdx.x / 32]->arrive_and_wait();
+  // A(row, k): lane 4·(row % 8) + k % 4, register (row ≥ 8) + 2·(k ≥ 4).
+  const auto a_at = [&](uint32_t row, uint32_t k) {
+    const auto& posted = block->fragments[base + 4 * (row % 8) + k % 4];
+    return tf32_value(posted[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+  };
+  // B(k, column): lane 4·column + k % 4, register 4 + (k ≥ 4).
+  const auto b_at = [&](uint32_t k, uint32_t column) {
+    const auto& posted = block->fragments[base + 4 * column + k % 4];
+    return tf32_value(posted[4 + (k >= 4 ? 1 : 0)]);
+  };
+  const uint32_t g = lane / 4;
+  const uint32_t t = lane % 4;
+  for (uint32_t i = 0; i < 4; ++i) {
+    const uint32_t row = g + (i >= 2 ? 8 : 0);
+    const uint32_t column = 2 * t + i % 2;
+    float sum = 0.0f;
+    for (uint32_t k = 0; k < 8; ++k) {
       sum += a_at(row, k) * b_at(k, column);
     }
     d[i] += sum;

@@ -96,6 +96,19 @@ impl Family {
         }
     }
 
+    /// Whether this family has kernels for `device`: all but the TF32 convolution, which
+    /// needs Ampere or newer (compute capability 8.0).
+    fn applies_to(self, device: &CudaDevice) -> bool {
+        match self {
+            Family::Conv3x3Tf32 => device
+                .cuda_stream()
+                .context()
+                .compute_capability()
+                .is_ok_and(|(major, _)| major >= 8),
+            _ => true,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Family::GroupNorm => "group norm",
@@ -125,6 +138,11 @@ pub(super) fn checked_module(device: &CudaDevice, family: Family) -> Option<Arc<
     {
         return module.clone();
     }
+    if !family.applies_to(device) {
+        tracing::debug!("our GPU {} kernels are not for this card", family.name());
+        devices.push((device.id(), family, None));
+        return None;
+    }
     let module = match load_and_check(device, family) {
         Ok(module) => {
             tracing::debug!(
@@ -147,10 +165,11 @@ pub(super) fn checked_module(device: &CudaDevice, family: Family) -> Option<Arc<
 
 /// Loads and checks every family on `device`, then (once per device) times each that loaded
 /// against what runs in its place and switches off those slower on this card ([`race`]).
-/// Says whether every family loaded.
+/// Says whether every family for this card loaded.
 pub(super) fn prepare(device: &CudaDevice) -> bool {
     // Every family loads, whether or not one before it did.
-    let loaded = Family::ALL.map(|family| checked_module(device, family).is_some());
+    let loaded = Family::ALL
+        .map(|family| !family.applies_to(device) || checked_module(device, family).is_some());
     race::run_once(device);
     loaded.iter().all(|loaded| *loaded)
 }

@@ -88,15 +88,16 @@ struct Step<float> {
   }
   static __device__ __forceinline__ float for_mma(float x) { return to_tf32(x); }
 };
+
 // The halo pixels of a tile 8 or 16 columns wide: its cells with a row and a column either
 // side.
 constexpr uint32_t MAX_HALO = (TILE_N / 8 + 2) * (8 + 2);
 static_assert(MAX_HALO == (TILE_N / 16 + 2) * (16 + 2), "both tile widths' halos fit");
 
 // A plane's group norm: y = (x − mean) · scale + shift, then SiLU where asked, rounded to
-// the storage type once (the arithmetic of `group_norm.cu`'s `PlaneAffine`, with SiLU's division a fast
-// one: each value is normalised once per tile of output channels that reads it, so this
-// runs several times as often as the group norm's own kernel does).
+// the storage type once (the arithmetic of `group_norm.cu`'s `PlaneAffine`, with SiLU's
+// division a fast one: each value is normalised once per tile of output channels that reads
+// it, so this runs several times as often as the group norm's own kernel does).
 struct Affine {
   float mean;
   float scale;
@@ -113,11 +114,12 @@ __device__ __forceinline__ T normalise(const Affine& affine, T x, uint32_t silu)
 }
 
 // Where half `half` (its first 16 bytes or its last) of a shared row of `T` is, in values:
-// rows are 32 bytes with no padding, and the two halves swap places in every other group of 4 rows (`key`: the row's
-// index among those an `ldmatrix` reads together: the output channel, the halo pixel). 8
-// consecutive rows, 32 bytes (halo) or 288 (weights: 9 taps) apart, then fall on all 32
-// banks; unswizzled, rows 4 apart would share theirs. No padding keeps a block's shared
-// memory at 24.6 KB, so 3 blocks fit the 100 KB of an RTX 30 or 40 SM.
+// rows are 32 bytes with no padding, and the two halves swap places in every other group of
+// 4 rows (`key`: the row's index among those an `ldmatrix` reads together: the output
+// channel, the halo pixel). 8 consecutive rows, 32 bytes (halo) or 288 (weights: 9 taps)
+// apart, then fall on all 32 banks; unswizzled, rows 4 apart would share theirs. No padding
+// keeps a block's shared memory at 24.6 KB, so 3 blocks fit the 100 KB of an RTX 30 or 40
+// SM.
 template <typename T>
 __device__ __forceinline__ uint32_t half_at(uint32_t half, uint32_t key) {
   return 16 / sizeof(T) * (half ^ ((key >> 2) & 1));
@@ -167,7 +169,7 @@ __device__ void conv3x3(const T* __restrict__ input, const float* __restrict__ a
   const size_t plane_len = static_cast<size_t>(height) * width;
   const T* image_in = input + static_cast<size_t>(image) * in_channels * plane_len;
 
-  // The affines of chunk `chunk` into `affine_s[buffer]` (by the first 16 threads).
+  // The affines of chunk `chunk` into `affine_s[buffer]` (by the first CHUNK threads).
   const auto load_affines = [&](uint32_t buffer, uint32_t chunk) {
     if constexpr (NORMALIZED) {
       if (threadIdx.x < CHUNK) {
@@ -179,7 +181,8 @@ __device__ void conv3x3(const T* __restrict__ input, const float* __restrict__ a
   };
 
   // Where this lane's `ldmatrix` rows of the halo start, per pair of 8-cell tiles, at tap
-  // (0, 0): matrix m of a pair is cells 8 · (m / 2) + 0…7, channels 8 · (m % 2) + 0…7.
+  // (0, 0): matrix m of a pair is cells 8 · (m / 2) + 0…7, half m % 2 of their rows (channels
+  // 8 · (m % 2) + 0…7 in f16, 4 · (m % 2) + 0…3 in f32).
   uint32_t b_pixels[4];
   #pragma unroll
   for (uint32_t pair = 0; pair < 4; ++pair) {

@@ -1,7 +1,8 @@
 // Runs `conv3x3.cu` on the CPU emulation (cuda_emulation.h, mma_sync.h), for the kernels'
 // tests:
 //
-//   conv3x3_runner BITS BATCH C_IN C_OUT HEIGHT WIDTH SHIFT TILE_COLUMNS NORMALIZED SILU SPLITS THREADS
+//   conv3x3_runner BITS BATCH C_IN C_OUT HEIGHT WIDTH SHIFT TILE_COLUMNS NORMALIZED SILU
+//                  SPLITS THREADS
 //
 // BITS is 16 (the f16 kernels) or 32 (the TF32 ones, on f32 values). THREADS is the host's
 // threads per block, which must be the kernel's. Reads, as little-endian values of BITS from

@@ -28,33 +28,42 @@ inline float unpack(uint32_t pair, uint32_t index) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> (16 * index))));
 }
 
-inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// One warp-wide D += A·B of 16 × 8 × `depth`: this lane posts its fragments (4 registers of
+// A, then 2 of B), the warp meets, and the lane computes its own 4 accumulators (C's layout)
+// from everyone's, `a_at(posted, row, k)` and `b_at(posted, k, column)` reading A's and B's
+// values from the warp's posted fragments (lane 0's first).
+template <typename AAt, typename BAt>
+inline void warp_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                     uint32_t depth, AAt a_at, BAt b_at) {
   const uint32_t lane = threadIdx.x % 32;
-  const uint32_t base = threadIdx.x - lane;
   block->fragments[threadIdx.x] = {a[0], a[1], a[2], a[3], b0, b1};
   block->warps[threadIdx.x / 32]->arrive_and_wait();
-  // A(row, k): lane 4·(row % 8) + (k % 8) / 2, register (row ≥ 8) + 2·(k ≥ 8), element k % 2.
-  const auto a_at = [&](uint32_t row, uint32_t k) {
-    const auto& posted = block->fragments[base + 4 * (row % 8) + (k % 8) / 2];
-    return unpack(posted[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
-  };
-  // B(k, column): lane 4·column + (k % 8) / 2, register 4 + (k ≥ 8), element k % 2.
-  const auto b_at = [&](uint32_t k, uint32_t column) {
-    const auto& posted = block->fragments[base + 4 * column + (k % 8) / 2];
-    return unpack(posted[4 + (k >= 8 ? 1 : 0)], k % 2);
-  };
+  const auto* posted = &block->fragments[threadIdx.x - lane];
   const uint32_t g = lane / 4;
   const uint32_t t = lane % 4;
   for (uint32_t i = 0; i < 4; ++i) {
     const uint32_t row = g + (i >= 2 ? 8 : 0);
     const uint32_t column = 2 * t + i % 2;
     float sum = 0.0f;
-    for (uint32_t k = 0; k < 16; ++k) {
-      sum += a_at(row, k) * b_at(k, column);
+    for (uint32_t k = 0; k < depth; ++k) {
+      sum += a_at(posted, row, k) * b_at(posted, k, column);
     }
     d[i] += sum;
   }
   block->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  // A(row, k): lane 4·(row % 8) + (k % 8) / 2, register (row ≥ 8) + 2·(k ≥ 8), element k % 2.
+  const auto a_at = [](const auto* posted, uint32_t row, uint32_t k) {
+    return unpack(posted[4 * (row % 8) + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)],
+                  k % 2);
+  };
+  // B(k, column): lane 4·column + (k % 8) / 2, register 4 + (k ≥ 8), element k % 2.
+  const auto b_at = [](const auto* posted, uint32_t k, uint32_t column) {
+    return unpack(posted[4 * column + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)], k % 2);
+  };
+  warp_mma(d, a, b0, b1, 16, a_at, b_at);
 }
 
 // The value of TF32 bits as the tensor cores read them: sign, exponent and the top 10 bits of
@@ -83,32 +92,15 @@ inline float round_to_tf32(float x) {
 //   B (8×8):  b0 = (row t, column g), b1 = (row t+4, column g)
 //   C (16×8): as m16n8k16's.
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  const uint32_t lane = threadIdx.x % 32;
-  const uint32_t base = threadIdx.x - lane;
-  block->fragments[threadIdx.x] = {a[0], a[1], a[2], a[3], b0, b1};
-  block->warps[threadIdx.x / 32]->arrive_and_wait();
   // A(row, k): lane 4·(row % 8) + k % 4, register (row ≥ 8) + 2·(k ≥ 4).
-  const auto a_at = [&](uint32_t row, uint32_t k) {
-    const auto& posted = block->fragments[base + 4 * (row % 8) + k % 4];
-    return tf32_value(posted[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+  const auto a_at = [](const auto* posted, uint32_t row, uint32_t k) {
+    return tf32_value(posted[4 * (row % 8) + k % 4][(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
   };
   // B(k, column): lane 4·column + k % 4, register 4 + (k ≥ 4).
-  const auto b_at = [&](uint32_t k, uint32_t column) {
-    const auto& posted = block->fragments[base + 4 * column + k % 4];
-    return tf32_value(posted[4 + (k >= 4 ? 1 : 0)]);
+  const auto b_at = [](const auto* posted, uint32_t k, uint32_t column) {
+    return tf32_value(posted[4 * column + k % 4][4 + (k >= 4 ? 1 : 0)]);
   };
-  const uint32_t g = lane / 4;
-  const uint32_t t = lane % 4;
-  for (uint32_t i = 0; i < 4; ++i) {
-    const uint32_t row = g + (i >= 2 ? 8 : 0);
-    const uint32_t column = 2 * t + i % 2;
-    float sum = 0.0f;
-    for (uint32_t k = 0; k < 8; ++k) {
-      sum += a_at(row, k) * b_at(k, column);
-    }
-    d[i] += sum;
-  }
-  block->warps[threadIdx.x / 32]->arrive_and_wait();
+  warp_mma(d, a, b0, b1, 8, a_at, b_at);
 }
 
 // `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`: four 8×8 matrices of 16-bit values,

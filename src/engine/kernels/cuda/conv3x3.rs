@@ -226,20 +226,20 @@ impl CustomOp3 for ConvOp {
 }
 
 /// A dtype's kernels in `conv3x3.cu`: plain, normalised, and the parts' sum.
-struct Kernels {
+struct KernelNames {
     plain: &'static str,
     normalized: &'static str,
     sum_splits: &'static str,
 }
 
-const F16_KERNELS: Kernels = Kernels {
+const F16_KERNELS: KernelNames = KernelNames {
     plain: "conv3x3_f16",
     normalized: "conv3x3_normalized_f16",
     sum_splits: "conv3x3_sum_splits_f16",
 };
 
 /// f32 values multiplied in TF32.
-const TF32_KERNELS: Kernels = Kernels {
+const TF32_KERNELS: KernelNames = KernelNames {
     plain: "conv3x3_tf32",
     normalized: "conv3x3_normalized_tf32",
     sum_splits: "conv3x3_sum_splits_f32",
@@ -254,7 +254,7 @@ impl ConvOp {
             (weights, weights_layout),
             (bias, bias_layout),
         ]: [(&CudaStorage, &Layout); 3],
-        kernels: Kernels,
+        kernels: KernelNames,
     ) -> Result<(CudaStorage, Shape)> {
         let Some(channel_block) = op::channel_block(T::DTYPE) else {
             candle_core::bail!("our 3×3 convolution does not take {:?}", T::DTYPE);

@@ -4,12 +4,12 @@
 //! attention for one image, with SD 1.5's heads of 40 and SD 2.x's and SDXL's of 64), in
 //! f16, against what runs in its place: candle's composition, for the register attention
 //! our WMMA kernel, for the convolution the column path (or candle's, where our columns lost
-//! theirs), there at the f16 VAE decoder's shape too; the TF32 convolution in f32, at an
-//! upcast decoder's shapes (SDXL's), the same way. The WMMA attention itself is not raced:
-//! without it the UNet holds score matrices, several GB at SDXL's sizes. The job's memory
-//! estimate reads the verdicts ([`crate::engine::sd::working_memory::DeviceKernels`]).
-//! The attention race is the longest: 26 calls of about 70 GFLOP, a fifth of a second at 10
-//! TFLOP/s.
+//! theirs), there at a deep UNet level's and the f16 VAE decoder's shapes too; the TF32
+//! convolution in f32, at an upcast decoder's shapes (SDXL's), the same way. The WMMA
+//! attention itself is not raced: without it the UNet holds score matrices, several GB at
+//! SDXL's sizes. The job's memory estimate reads the verdicts
+//! ([`crate::engine::sd::working_memory::DeviceKernels`]). The attention race is the
+//! longest: 26 calls of about 70 GFLOP, a fifth of a second at 10 TFLOP/s.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -153,19 +153,23 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
         Family::Conv3x3 | Family::Conv3x3Tf32 => {
             // With its bias, as `Conv3x3` runs it, against what runs in its place: the column
             // path where our column kernel won its race (raced before this), else candle's.
-            // In f16 two shapes, each call running both: the UNet's (few cells, many
-            // channels) and the f16 VAE decoder's full-resolution block at half the size
-            // (many cells, 128 channels), so that the verdict holds for the convolutions of
-            // both. In f32 (TF32), what runs in f32: an upcast decoder's (SDXL's at 1024²: 512
-            // channels at 128² and 256², 128 at 1024²), at a quarter of the size.
-            let (dtype, cases) = if family == Family::Conv3x3 {
-                (DType::F16, [(BATCH, CHANNELS, SIDE), (1, 128, 256)])
+            // In f16 three shapes, each call running all: the UNet's first level (few cells,
+            // many channels), a deep level (1280 channels at 16²: few tiles, K split), and the
+            // f16 VAE decoder's full-resolution block at half the size (many cells, 128
+            // channels), so that the verdict holds for the convolutions of each. In f32
+            // (TF32), what runs in f32: an upcast decoder's (SDXL's at 1024²: 512 channels at
+            // 128² and 256², 128 at 1024²), at a quarter of the size.
+            let (dtype, cases): (DType, &[(usize, usize, usize)]) = if family == Family::Conv3x3 {
+                (
+                    DType::F16,
+                    &[(BATCH, CHANNELS, SIDE), (BATCH, 1280, 16), (1, 128, 256)],
+                )
             } else {
-                (DType::F32, [(1, 512, 64), (1, 128, 256)])
+                (DType::F32, &[(1, 512, 64), (1, 128, 256)])
             };
             let columns = columns_run(device);
             let mut shapes = Vec::new();
-            for (batch, channels, side) in cases {
+            for &(batch, channels, side) in cases {
                 let xs = random_in(&[batch, channels, side, side], 0.0, 1.0, dtype)?;
                 let weight = random_in(
                     &[channels, channels, 3, 3],

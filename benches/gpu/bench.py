@@ -234,8 +234,10 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
                extra_args=(), device="cuda"):
     # Each run encodes its prompts, as diffusers' pipeline call does (the worker keeps its
     # last prompts encoded, which would spare runs 2… the text encoders).
-    env = dict(os.environ, CUDA_CACHE_PATH=cache, RUST_LOG="info", STUDIO_WORKER_PROMPT_CACHE="0",
-               **(extra_env or {}))
+    # The engine's placement of each job (its memory estimate) is a debug line.
+    env = dict(os.environ, CUDA_CACHE_PATH=cache,
+               RUST_LOG="info,studio_worker::engine::candle_engine=debug",
+               STUDIO_WORKER_PROMPT_CACHE="0", **(extra_env or {}))
     command = [worker, "--config", os.path.join(home, "config.toml"), "generate", "--device", device,
                "--model-dir", folder, "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
                "--width", str(side), "--height", str(side), "--steps", str(steps),
@@ -252,10 +254,21 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     races = re.findall(r"our GPU .* kernel takes .*", output)
     # How candle's PTX compiled at first start (on threads, into the driver's cache).
     races += re.findall(r"candle's kernels compiled on .*", output)
+    # The first job's placement: its weights and the estimate of its working memory.
+    placed = re.search(r"placing a .*?: (\S+ [kMGT]?B) of weights on the device, (\S+ [kMGT]?B) "
+                       r"estimated beside them \((.*)\), \S+ [kMGT]?B free", output)
     return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
             "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
             "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off,
-            "graphs_off": graphs_off, "races": races}
+            "graphs_off": graphs_off, "races": races,
+            "estimate": {"weights": human_bytes(placed.group(1)), "working": human_bytes(placed.group(2)),
+                         "plan": placed.group(3)} if placed else None}
+
+
+def human_bytes(text):
+    """'7.11 GB' (the worker's `human::bytes`) → 7110000000."""
+    value, unit = text.split()
+    return float(value) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
 
 
 def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, runs, cache, device="cuda"):
@@ -387,6 +400,10 @@ def check_here():
           f"profiled:\n{runs['profiled']['profile']}")
     assert not runs["ours"]["graphs_off"], "the CPU never tries a graph, so none can fail"
     assert runs["profiled"]["profile"].startswith("where run 3's time went"), runs["profiled"]["profile"]
+    estimate = runs["ours"]["estimate"]
+    assert estimate and estimate["weights"] > 0 and estimate["working"] > 0, estimate
+    print(f"the engine's placement read back: {estimate['weights'] / 1e6:.1f} MB of weights, "
+          f"{estimate['working'] / 1e6:.1f} MB estimated beside them ({estimate['plan']})")
 
 
 def main():
@@ -536,6 +553,16 @@ def main():
         ours, candle = row["worker"], row["candle_kernels"]
         off = " (ours were OFF: their check failed, see the log)" if ours and ours["kernels_off"] else ""
         print(f"  {row['case']:38} {ms(ours)} vs {ms(candle)}  {ratio(ours, candle, 'warm')}{off}")
+    print("\nThe memory estimate against the peak (generate; the peak includes the CUDA context, about "
+          "0.5 GB, which the estimate leaves to the budget's margin):")
+    for row in rows + ([{"case": "SDXL 1024², 12 GB free", "worker": tight}] if tight else []):
+        ours = row["worker"]
+        estimate = ours and ours.get("estimate")
+        if estimate:
+            measured = ours["peak"] - estimate["weights"]
+            print(f"  {row['case']:38} weights {estimate['weights'] / 1e9:5.2f} GB, working estimated "
+                  f"{estimate['working'] / 1e9:5.2f} GB, peak less weights {measured / 1e9:5.2f} GB "
+                  f"({estimate['working'] / measured if measured > 0 else float('nan'):.2f}×)")
     races = next((row["worker"]["races"] for row in rows if row["worker"] and row["worker"].get("races")), [])
     if races:
         print("\nOur kernels timed at the worker's start against what would run instead (the first case's):")

@@ -259,8 +259,24 @@ impl CandleEngine {
                     .map(|plan| Placement { plan, text })
             })
         };
+        // What the estimate said, to compare with a measured peak (`benches/gpu` reads it).
+        let placed = |placement: Placement| {
+            tracing::debug!(
+                "placing a {}×{} job of {} image(s): {} of weights on the device, {} estimated \
+                 beside them ({:?}, text encoders {:?}), {} free",
+                job.width,
+                job.height,
+                job.num_images,
+                crate::human::bytes(served.device_bytes(placement.text)),
+                crate::human::bytes(working(placement.plan)),
+                placement.plan,
+                placement.text,
+                crate::human::bytes(available)
+            );
+            placement
+        };
         if let Some(placement) = fits(available) {
-            return Ok(placement);
+            return Ok(placed(placement));
         }
         if let Some(placement) = fits(available.saturating_add(others)) {
             tracing::info!("unloading the other models to make room for this job");
@@ -268,7 +284,7 @@ impl CandleEngine {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|entry| entry.model_id == job.model);
-            return Ok(placement);
+            return Ok(placed(placement));
         }
         let least_weights = placements
             .iter()

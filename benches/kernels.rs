@@ -476,7 +476,18 @@ fn split_conv_on(device: &Device, label: &str, runs: usize) -> bool {
         }
         let [xs, weight, bias] = conv_inputs(device, &case);
         let kernel_weights = kernels::conv3x3::kernel_order(&weight).unwrap();
-        let shape = format!("{} {:?} | {:?}", case.what, case.dims, case.dtype);
+        let [batch, _, height, width] = case.dims;
+        let shift = source.shift();
+        let parts = kernels::conv3x3::parts_to_fill(
+            device,
+            case.dtype,
+            channels,
+            [batch, channels, height << shift, width << shift],
+        );
+        let shape = format!(
+            "{} {:?}, {parts} parts | {:?}",
+            case.what, case.dims, case.dtype
+        );
         let with = |splits| {
             kernels::conv3x3::forward_split(&xs, source, &kernel_weights, &bias, splits)
                 .unwrap()

@@ -190,6 +190,27 @@ pub fn splits_to_fill(blocks: usize, channel_blocks: usize, slots: usize) -> usi
     slots.div_ceil(blocks).min(most)
 }
 
+/// The parts [`Splits::Fill`] splits K into for an output `(batch, out_channels, out_height,
+/// out_width)` from `in_channels` in `dtype` on `device` (1 where our kernel does not run
+/// there): for the bench, which prints it beside its timings.
+pub fn parts_to_fill(
+    device: &Device,
+    dtype: DType,
+    in_channels: usize,
+    [batch, out_channels, out_height, out_width]: [usize; 4],
+) -> usize {
+    let Some(block) = channel_block(dtype) else {
+        return 1;
+    };
+    let slots = match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => super::cuda::conv3x3_slots(cuda, dtype),
+        _ => 0,
+    };
+    let (tiles, output_tiles, images) = grid(batch, out_channels, out_height, out_width);
+    splits_to_fill(tiles * output_tiles * images, in_channels / block, slots)
+}
+
 /// The grid for an output `(batch, out_channels, out_height, out_width)`: x over the tiles of
 /// cells (row by row), y over the tiles of output channels, z over the images (which the
 /// launch multiplies by the parts of K where it splits it).
@@ -593,6 +614,11 @@ mod tests {
         let bias = Tensor::zeros(64, DType::F16, &Device::Cpu).unwrap();
         assert!(!takes(&Device::Cpu, DType::F16, 16, 64));
         assert!(!runs_on(&Device::Cpu, DType::F16, 16));
+        // No kernel, no card to fill: K whole.
+        assert_eq!(
+            parts_to_fill(&Device::Cpu, DType::F16, 1280, [1, 1280, 8, 8]),
+            1
+        );
         assert!(
             forward(&xs, Source::AsIs, &weights, &bias)
                 .unwrap()

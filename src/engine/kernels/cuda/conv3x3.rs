@@ -40,6 +40,21 @@ pub(in crate::engine::kernels) fn conv3x3_on(device: &CudaDevice, dtype: DType) 
     family(dtype).is_some_and(|family| checked_module(device, family).is_some())
 }
 
+/// The blocks of our plain `dtype` kernel that `device` runs at once (0 where it is not on
+/// there, or the driver does not say): what [`Splits::Fill`] fills.
+pub(in crate::engine::kernels) fn conv3x3_slots(device: &CudaDevice, dtype: DType) -> usize {
+    let Some(module) = family(dtype).and_then(|family| checked_module(device, family)) else {
+        return 0;
+    };
+    let name = match dtype {
+        DType::F16 => F16_KERNELS.plain,
+        _ => TF32_KERNELS.plain,
+    };
+    module
+        .load_function(name)
+        .map_or(0, |function| slots(device, name, &function))
+}
+
 /// Our convolution of `xs` read as `reading` says, or `None` where it does not run on this
 /// device.
 pub(in crate::engine::kernels) fn conv3x3(

@@ -22,7 +22,7 @@ use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 pub(super) use attention::{attention, attention_runs_on};
-pub(super) use conv3x3::{conv3x3, conv3x3_on, conv3x3_runs_on};
+pub(super) use conv3x3::{conv3x3, conv3x3_on, conv3x3_runs_on, conv3x3_slots};
 pub(super) use geglu::geglu;
 pub(super) use group_norm::{
     group_norm, group_norm_affines, group_norm_columns, group_norm_fits, group_norm_statistics,

@@ -15,7 +15,7 @@ use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
 };
 
-use super::{Family, as_u32, checked_module, view};
+use super::{Family, as_u32, checked_module, view, within_tolerance};
 use crate::engine::kernels::attention::{self as op, Geometry, Tiling};
 use crate::engine::kernels::race::Timing;
 
@@ -122,13 +122,11 @@ fn check_on(
                     crate::engine::kernels::largest_relative_difference(&got, &expected)
                 })
                 .map_err(|error| format!("{geometry:?} with {kernel:?}: {error}"))?;
-            if difference.is_nan() || difference > op::TOLERANCE {
-                return Err(format!(
-                    "{geometry:?} with {kernel:?}: {difference} from the CPU, relative \
-                     (allowed {})",
-                    op::TOLERANCE
-                ));
-            }
+            within_tolerance(
+                format_args!("{geometry:?} with {kernel:?}"),
+                difference,
+                op::TOLERANCE,
+            )?;
         }
     }
     Ok(())

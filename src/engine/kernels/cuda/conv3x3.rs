@@ -13,7 +13,7 @@ use candle_core::{
     Tensor,
 };
 
-use super::{Family, as_u32, checked_module, view};
+use super::{Family, as_u32, checked_module, view, within_tolerance};
 use crate::engine::kernels::conv3x3::{self as op, Reading, Splits};
 use crate::engine::kernels::im2col::Source;
 
@@ -43,13 +43,13 @@ pub(in crate::engine::kernels) fn conv3x3_on(device: &CudaDevice, dtype: DType) 
 /// The blocks of our plain `dtype` kernel that `device` runs at once (0 where it is not on
 /// there, or the driver does not say): what [`Splits::Fill`] fills.
 pub(in crate::engine::kernels) fn conv3x3_slots(device: &CudaDevice, dtype: DType) -> usize {
-    let Some(module) = family(dtype).and_then(|family| checked_module(device, family)) else {
+    let (Some(module), Some(kernels)) = (
+        family(dtype).and_then(|family| checked_module(device, family)),
+        KernelNames::of(dtype),
+    ) else {
         return 0;
     };
-    let name = match dtype {
-        DType::F16 => F16_KERNELS.plain,
-        _ => TF32_KERNELS.plain,
-    };
+    let name = kernels.plain;
     module
         .load_function(name)
         .map_or(0, |function| slots(device, name, &function))
@@ -138,12 +138,11 @@ fn check_dtype(
             crate::engine::kernels::largest_relative_difference(&got, &expected)
         })()
         .map_err(|error| format!("{case:?} in {dtype:?}: {error}"))?;
-        let allowed = op::check_tolerance(dtype);
-        if difference.is_nan() || difference > allowed {
-            return Err(format!(
-                "{case:?} in {dtype:?}: {difference} from the CPU, relative (allowed {allowed})"
-            ));
-        }
+        within_tolerance(
+            format_args!("{case:?} in {dtype:?}"),
+            difference,
+            op::check_tolerance(dtype),
+        )?;
     }
     Ok(())
 }
@@ -233,8 +232,8 @@ impl CustomOp3 for ConvOp {
             (bias, bias_layout),
         ];
         match dtype {
-            DType::F16 => self.launch::<half::f16>(inputs, F16_KERNELS),
-            DType::F32 => self.launch::<f32>(inputs, TF32_KERNELS),
+            DType::F16 => self.launch::<half::f16>(inputs),
+            DType::F32 => self.launch::<f32>(inputs),
             other => candle_core::bail!("our 3×3 convolution takes f16 or f32, not {other:?}"),
         }
     }
@@ -245,6 +244,17 @@ struct KernelNames {
     plain: &'static str,
     normalized: &'static str,
     sum_splits: &'static str,
+}
+
+impl KernelNames {
+    /// `dtype`'s kernels: f16's, or for f32 the TF32 ones.
+    fn of(dtype: DType) -> Option<&'static KernelNames> {
+        match dtype {
+            DType::F16 => Some(&F16_KERNELS),
+            DType::F32 => Some(&TF32_KERNELS),
+            _ => None,
+        }
+    }
 }
 
 const F16_KERNELS: KernelNames = KernelNames {
@@ -269,9 +279,10 @@ impl ConvOp {
             (weights, weights_layout),
             (bias, bias_layout),
         ]: [(&CudaStorage, &Layout); 3],
-        kernels: KernelNames,
     ) -> Result<(CudaStorage, Shape)> {
-        let Some(channel_block) = op::channel_block(T::DTYPE) else {
+        let (Some(channel_block), Some(kernels)) =
+            (op::channel_block(T::DTYPE), KernelNames::of(T::DTYPE))
+        else {
             candle_core::bail!("our 3×3 convolution does not take {:?}", T::DTYPE);
         };
         let (batch, in_channels, height, width) = xs_layout.shape().dims4()?;

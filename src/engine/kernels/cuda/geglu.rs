@@ -12,7 +12,7 @@ use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor,
 };
 
-use super::{Family, as_u32, checked_module, view};
+use super::{Family, as_u32, checked_module, view, within_tolerance};
 use crate::engine::kernels::geglu as op;
 
 /// Our kernel for this projection and bias, or `None` where it does not run (not f16 or f32,
@@ -55,12 +55,11 @@ pub(super) fn check(
                 crate::engine::kernels::largest_relative_difference(&got, &expected)
             })
             .map_err(|error| format!("{dims:?} {dtype:?}: {error}"))?;
-        let allowed = op::tolerance(dtype);
-        if difference.is_nan() || difference > allowed {
-            return Err(format!(
-                "{dims:?} {dtype:?}: {difference} from the CPU, relative (allowed {allowed})"
-            ));
-        }
+        within_tolerance(
+            format_args!("{dims:?} {dtype:?}"),
+            difference,
+            op::tolerance(dtype),
+        )?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result};
 
-use super::{as_u32, view};
+use super::{as_u32, view, within_tolerance};
 use crate::engine::kernels::group_norm::{
     self, Activation, Geometry, Kernel, Launch, Settings, THREADS,
 };
@@ -38,13 +38,11 @@ pub(super) fn check(
     for (dims, groups, dtype, activation) in group_norm::CHECK_CASES {
         let difference =
             compare(&gpu, module, dims, groups, dtype, activation).map_err(|e| e.to_string())?;
-        let allowed = group_norm::check_tolerance(dtype);
-        if difference.is_nan() || difference > allowed {
-            return Err(format!(
-                "{dims:?} in {groups} groups, {dtype:?}, {activation:?}: {difference} from the \
-                 CPU, relative (allowed {allowed})"
-            ));
-        }
+        within_tolerance(
+            format_args!("{dims:?} in {groups} groups, {dtype:?}, {activation:?}"),
+            difference,
+            group_norm::check_tolerance(dtype),
+        )?;
     }
     for case in norm_columns::CHECK_CASES {
         let (columns, affines) = norm_columns::compare_on(&gpu, Kernel::Cuda(module.clone()), case)
@@ -53,11 +51,7 @@ pub(super) fn check(
             ("columns", columns, group_norm::check_tolerance(case.dtype)),
             ("affines", affines, AFFINES_TOLERANCE),
         ] {
-            if difference.is_nan() || difference > allowed {
-                return Err(format!(
-                    "{case:?} as {what}: {difference} from the CPU, relative (allowed {allowed})"
-                ));
-            }
+            within_tolerance(format_args!("{case:?} as {what}"), difference, allowed)?;
         }
     }
     Ok(())

@@ -207,6 +207,21 @@ fn load_and_check(
     Ok(module)
 }
 
+/// A device check's verdict on one case: `Err` naming `case` where the kernel's largest
+/// `difference` from the CPU reference (relative) is NaN or beyond `allowed`.
+fn within_tolerance(
+    case: impl std::fmt::Display,
+    difference: f32,
+    allowed: f32,
+) -> std::result::Result<(), String> {
+    if difference.is_nan() || difference > allowed {
+        return Err(format!(
+            "{case}: {difference} from the CPU, relative (allowed {allowed})"
+        ));
+    }
+    Ok(())
+}
+
 /// The contiguous part of `storage` that `layout` describes.
 fn view<'a, T: CudaDType>(
     (storage, layout): (&'a CudaStorage, &Layout),

@@ -12,7 +12,9 @@
 //! card against K whole (the UNets' deep levels make few tiles); and the per-cell
 //! maps (1×1 convolutions, the transformers' projections) as the engine ran them with candle
 //! (convolution or linear layer plus the copy between cells and tokens) against `Pointwise`
-//! (one GEMM reading the layouts as they stand), on the CPU too. Group norm on the CPU always;
+//! (one GEMM reading the layouts as they stand), on the CPU too; and the transformers' linear
+//! layers (cuBLAS through candle, no rival here: `benches/gpu/bench.py` times torch's on the
+//! same shapes from these rows). Group norm on the CPU always;
 //! with `--features cuda` both on GPU 0 as well (f16 UNets, f32 VAE, as the engine runs
 //! them), where it is the speed check of `benches/gpu/run.sh`.
 //!
@@ -685,6 +687,174 @@ fn pointwise_on(device: &Device, label: &str, dtype: DType, runs: usize) -> bool
     agreed
 }
 
+/// A UNet level's transformer blocks, guided (batch 2): `tokens` per image, `width`
+/// channels, the text encoder's `context` width, and the `blocks` one evaluation runs there.
+struct TransformerLevel {
+    model: &'static str,
+    level: &'static str,
+    tokens: usize,
+    width: usize,
+    context: usize,
+    blocks: usize,
+}
+
+const fn transformer_level(
+    model: &'static str,
+    level: &'static str,
+    tokens: usize,
+    width: usize,
+    context: usize,
+    blocks: usize,
+) -> TransformerLevel {
+    TransformerLevel {
+        model,
+        level,
+        tokens,
+        width,
+        context,
+        blocks,
+    }
+}
+
+/// SD 1.5 at 512² (2 blocks down and 3 up at each of its first three levels, one in the
+/// middle) and SDXL at 1024² (depth 2 at level 2, 10 at level 3 and in the middle).
+const TRANSFORMER_LEVELS: [TransformerLevel; 6] = [
+    transformer_level("SD 1.5 512²", "level 1", 4096, 320, 768, 5),
+    transformer_level("SD 1.5 512²", "level 2", 1024, 640, 768, 5),
+    transformer_level("SD 1.5 512²", "level 3", 256, 1280, 768, 5),
+    transformer_level("SD 1.5 512²", "middle", 64, 1280, 768, 1),
+    transformer_level("SDXL 1024²", "level 2", 4096, 640, 2048, 10),
+    transformer_level("SDXL 1024²", "level 3", 1024, 1280, 2048, 60),
+];
+
+/// One of a transformer block's linear layers: `tokens` per image (the level's, or the
+/// text's 77), `c_in` → `c_out`, with a bias or not, `calls` per block; the feed-forward's
+/// input projection runs as the engine runs it (a GEMM per image, its bias left to GEGLU).
+struct LinearLayer {
+    layer: &'static str,
+    tokens: usize,
+    c_in: usize,
+    c_out: usize,
+    bias: bool,
+    per_image: bool,
+    calls: usize,
+}
+
+fn linear_layers(level: &TransformerLevel) -> [LinearLayer; 5] {
+    let (tokens, width) = (level.tokens, level.width);
+    let layer = |layer, tokens, c_in, c_out, bias, calls| LinearLayer {
+        layer,
+        tokens,
+        c_in,
+        c_out,
+        bias,
+        per_image: false,
+        calls,
+    };
+    [
+        layer("q, k, v (self), q (cross)", tokens, width, width, false, 4),
+        layer("out (self, cross)", tokens, width, width, true, 2),
+        LinearLayer {
+            per_image: true,
+            ..layer("ff in, per image", tokens, width, 8 * width, false, 1)
+        },
+        layer("ff out", tokens, 4 * width, width, true, 1),
+        layer(
+            "k, v (cross, the text's)",
+            77,
+            level.context,
+            width,
+            false,
+            2,
+        ),
+    ]
+}
+
+/// The median time of one call, from `runs` samples of `calls` calls each between two
+/// waits for the device (a GEMM of a few dozen microseconds is otherwise mostly the wait).
+fn median_ms_per_call(
+    runs: usize,
+    calls: usize,
+    device: &Device,
+    mut function: impl FnMut() -> Tensor,
+) -> f64 {
+    let calls = calls.max(1);
+    median_ms(runs, device, || {
+        let mut out = function();
+        for _ in 1..calls {
+            out = function();
+        }
+        out
+    }) / calls as f64
+}
+
+/// The transformers' linear layers as the engine runs them (candle's `Linear`, cuBLAS on
+/// CUDA), guided (batch 2): time and throughput per layer, and what they add up to in one
+/// UNet evaluation. No rival here: `benches/gpu/bench.py` reads these rows and times torch's
+/// `F.linear` on the same shapes (the same cuBLAS), so the GEMMs' share of the gap to
+/// diffusers is measured apart from everything around them.
+fn linear_on(device: &Device, label: &str, levels: &[TransformerLevel], runs: usize) {
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    };
+    println!("\n{label}: linear layers, {dtype:?}, guided (batch 2), median of {runs}");
+    println!("| model | level | layer | GEMM (batch × tokens × in → out) | calls | ms | TFLOP/s |");
+    println!("|---|---|---|---|---|---|---|");
+    // Per model: the time and work of its layers' calls in one evaluation.
+    let mut totals: Vec<(&str, f64, f64, usize)> = Vec::new();
+    for level in levels {
+        for layer in linear_layers(level) {
+            let random = |dims: &[usize], std: f64| {
+                Tensor::randn(0f32, std as f32, dims, device)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let weight = random(&[layer.c_out, layer.c_in], (layer.c_in as f64).powf(-0.5));
+            let bias = random(&[layer.c_out], 0.5);
+            let tokens = random(&[2, layer.tokens, layer.c_in], 1.0);
+            let linear = candle_nn::Linear::new(weight.clone(), layer.bias.then_some(bias.clone()));
+            let pointwise = Pointwise::from_weights(weight, bias);
+            let ms = median_ms_per_call(runs, 10, device, || {
+                if layer.per_image {
+                    pointwise.tokens_to_tokens_unbiased(&tokens).unwrap()
+                } else {
+                    linear.forward(&tokens).unwrap()
+                }
+            });
+            let flop = 2.0 * (2 * layer.tokens * layer.c_in * layer.c_out) as f64;
+            let calls = layer.calls * level.blocks;
+            println!(
+                "| {} | {} | {} | 2 × {} × {} → {}{} | {calls} | {ms:.4} | {:.1} |",
+                level.model,
+                level.level,
+                layer.layer,
+                layer.tokens,
+                layer.c_in,
+                layer.c_out,
+                if layer.bias { " + bias" } else { "" },
+                flop / ms / 1e9,
+            );
+            match totals.last_mut() {
+                Some((model, total_ms, total_flop, total_calls)) if *model == level.model => {
+                    *total_ms += ms * calls as f64;
+                    *total_flop += flop * calls as f64;
+                    *total_calls += calls;
+                }
+                _ => totals.push((level.model, ms * calls as f64, flop * calls as f64, calls)),
+            }
+        }
+    }
+    for (model, ms, flop, calls) in totals {
+        println!(
+            "| {model} | all | one UNet evaluation | | {calls} | {ms:.3} | {:.1} |",
+            flop / ms / 1e9
+        );
+    }
+}
+
 fn main() {
     let runs: usize = std::env::var("STUDIO_BENCH_RUNS")
         .ok()
@@ -713,6 +883,7 @@ fn main() {
                     println!("\nGPU 0: our GEGLU kernel is OFF (see the log); not measured");
                 }
                 agreed &= pointwise_on(&gpu, "GPU 0", DType::F16, runs);
+                linear_on(&gpu, "GPU 0", &TRANSFORMER_LEVELS, runs);
                 let image = Tensor::zeros((1, 1, 1, 1), DType::F16, &gpu).unwrap();
                 if kernels::im2col::runs_for(&image) {
                     agreed &= conv_on(&gpu, "GPU 0", runs);
@@ -728,6 +899,8 @@ fn main() {
     }
     agreed &= run_on(&Device::Cpu, "CPU", &cpu_cases(), runs.min(5));
     agreed &= pointwise_on(&Device::Cpu, "CPU", DType::F32, runs.min(5));
+    // The smallest level only: the CPU's GEMMs are not what this table is for.
+    linear_on(&Device::Cpu, "CPU", &TRANSFORMER_LEVELS[3..4], runs.min(5));
     if !agreed {
         eprintln!("our kernels differ from candle's beyond rounding");
         std::process::exit(1);

@@ -228,6 +228,78 @@ def run_diffusers(memory, folder, side, steps, guidance, runs):
             "allocated": result["allocated_peak"]}
 
 
+# ---------------------------------------------------------------- 2b. the linear layers
+
+# A row of the `kernels` bench's "linear layers" table (benches/kernels.rs, `linear_on`).
+LINEAR_ROW = re.compile(r"^\| (?P<model>[^|]+?) \| (?P<level>[^|]+?) \| (?P<layer>[^|]+?) \| 2 × (?P<tokens>\d+) × (?P<c_in>\d+) "
+                        r"→ (?P<c_out>\d+)(?P<bias> \+ bias)? \| (?P<calls>\d+) \| (?P<ms>[0-9.]+) \|")
+
+
+def linear_rows(kernels_output):
+    """The GPU's linear-layer rows of the `kernels` bench's output: candle's time per call."""
+    section = kernels_output.split("GPU 0: linear layers", 1)
+    if len(section) < 2:
+        return []
+    rows = []
+    for line in section[1].split("\n\n", 1)[0].splitlines():
+        match = LINEAR_ROW.match(line)
+        if match:
+            row = {key: match.group(key) for key in ("model", "level", "layer")}
+            row.update({key: int(match.group(key)) for key in ("tokens", "c_in", "c_out", "calls")})
+            row.update(bias=match.group("bias") is not None, candle=float(match.group("ms")))
+            rows.append(row)
+    return rows
+
+
+def torch_linear_child(rows_json):
+    """torch's `F.linear` in f16 on each row's shape (the same cuBLAS as candle's): the median
+    time of one call, from 20 samples of 10 calls between CUDA events."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = json.loads(rows_json)
+    times = []
+    for row in rows:
+        tokens = torch.randn(2, row["tokens"], row["c_in"], device="cuda", dtype=torch.float16)
+        weight = torch.randn(row["c_out"], row["c_in"], device="cuda", dtype=torch.float16) * row["c_in"] ** -0.5
+        bias = torch.randn(row["c_out"], device="cuda", dtype=torch.float16) if row["bias"] else None
+        samples = []
+        for _ in range(21):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                F.linear(tokens, weight, bias)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 10)
+        times.append(statistics.median(samples[1:]))
+    print(json.dumps({"times": times}))
+
+
+def linear_table(rows, torch_ms):
+    """Per row candle's and torch's time and their ratio; per model the layers of one UNet
+    evaluation added up (each row's time × its calls)."""
+    lines = [f"  {'layer':70} {'candle':>10} {'torch':>10} {'ratio':>6}"]
+    totals = {}
+    for row, torch_time in zip(rows, torch_ms):
+        shape = f"2 × {row['tokens']} × {row['c_in']} → {row['c_out']}{' + bias' if row['bias'] else ''}"
+        what = f"{row['model']} {row['level']}, {row['layer']}, {shape}"
+        lines.append(f"  {what:70} {row['candle']:8.4f}ms {torch_time:8.4f}ms {row['candle'] / torch_time:5.2f}×")
+        model = row["model"]
+        candle_total, torch_total = totals.get(model, (0.0, 0.0))
+        totals[model] = (candle_total + row["candle"] * row["calls"], torch_total + torch_time * row["calls"])
+    for model, (candle_total, torch_total) in totals.items():
+        lines.append(f"  {model + ', one UNet evaluation':70} {candle_total:8.3f}ms {torch_total:8.3f}ms "
+                     f"{candle_total / torch_total:5.2f}×")
+    return "\n".join(lines)
+
+
+def run_torch_linear(memory, rows):
+    output, _, _ = run_measured(memory, [sys.executable, __file__, "torch-linear", json.dumps(rows)])
+    line = next(line for line in reversed(output.splitlines()) if line.startswith('{"times"'))
+    return json.loads(line)["times"]
+
+
 # ---------------------------------------------------------------- 3. the worker
 
 def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home, extra_env=None,
@@ -402,6 +474,20 @@ def check_here():
     assert runs["profiled"]["profile"].startswith("where run 3's time went"), runs["profiled"]["profile"]
     estimate = runs["ours"]["estimate"]
     assert estimate and estimate["weights"] > 0 and estimate["working"] > 0, estimate
+    # The linear-layer rows as benches/kernels.rs prints them (its CPU run's, relabelled).
+    sample = ("GPU 0: linear layers, F16, guided (batch 2), median of 20\n"
+              "| model | level | layer | GEMM (batch × tokens × in → out) | calls | ms | TFLOP/s |\n"
+              "|---|---|---|---|---|---|---|\n"
+              "| SD 1.5 512² | middle | out (self, cross) | 2 × 64 × 1280 → 1280 + bias | 2 | 2.5132 | 0.2 |\n"
+              "| SD 1.5 512² | middle | k, v (cross, the text's) | 2 × 77 × 768 → 1280 | 2 | 1.3183 | 0.2 |\n"
+              "| SD 1.5 512² | all | one UNet evaluation | | 4 | 7.663 | 0.2 |\n\n"
+              "CPU: linear layers, F32\n| SD 1.5 512² | middle | q | 2 × 64 × 1280 → 1280 | 4 | 1.8959 | 0.2 |\n")
+    layers = linear_rows(sample)
+    assert [(row["level"], row["c_in"], row["bias"], row["calls"], row["candle"]) for row in layers] == [
+        ("middle", 1280, True, 2, 2.5132), ("middle", 768, False, 2, 1.3183)], layers
+    table = linear_table(layers, [1.0, 2.0])
+    assert table.splitlines()[-1].split()[-3:] == ["7.663ms", "6.000ms", "1.28×"], table
+    print(f"the linear-layer rows read back:\n{table}")
     print(f"the engine's placement read back: {estimate['weights'] / 1e6:.1f} MB of weights, "
           f"{estimate['working'] / 1e6:.1f} MB estimated beside them ({estimate['plan']})")
 
@@ -417,6 +503,9 @@ def main():
                              "measurements run only while their expected time is left")
     parser.add_argument("--only", metavar="MODEL",
                         help="the cases of one pipeline alone (sd-turbo, sd15 or sdxl)")
+    parser.add_argument("--kernels-log", metavar="FILE",
+                        help="the `kernels` bench's output (run.sh writes it first): its linear-layer "
+                             "rows are timed in torch too")
     parser.add_argument("--diffusers-only", action="store_true",
                         help="the pipelines and diffusers' column alone (a rerun of the reference)")
     args = parser.parse_args()
@@ -463,6 +552,16 @@ def main():
                      "no_graphs": None, "no_implicit": None, "profiled": None,
                      "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
+
+    # candle's linear layers (the `kernels` bench's rows) against torch's on the same shapes:
+    # a few seconds, so before the extras.
+    linear = None
+    if args.kernels_log and not args.diffusers_only and os.path.exists(args.kernels_log):
+        with open(args.kernels_log) as log:
+            layers = linear_rows(log.read())
+        torch_ms = attempt("torch's linear layers", lambda: run_torch_linear(memory, layers)) if layers else None
+        if torch_ms:
+            linear = linear_table(layers, torch_ms)
 
     def extra(what, row, run):
         """An extra measurement, when about one `generate` process of this case's time is left."""
@@ -553,6 +652,10 @@ def main():
         ours, candle = row["worker"], row["candle_kernels"]
         off = " (ours were OFF: their check failed, see the log)" if ours and ours["kernels_off"] else ""
         print(f"  {row['case']:38} {ms(ours)} vs {ms(candle)}  {ratio(ours, candle, 'warm')}{off}")
+    if linear:
+        print("\nThe transformers' linear layers: candle's (the `kernels` bench) against torch's F.linear on the "
+              "same shapes (f16, guided, one call; candle / torch):")
+        print(linear)
     print("\nThe memory estimate against the peak (generate; the peak includes the CUDA context, about "
           "0.5 GB, which the estimate leaves to the budget's margin):")
     for row in rows + ([{"case": "SDXL 1024², 12 GB free", "worker": tight}] if tight else []):
@@ -576,7 +679,8 @@ def main():
         print(f"SDXL 1024², 12 GB free (ballast): generate {tight['warm'] * 1000:.0f} ms warm, peak "
               f"{tight['peak'] / 1e9:.2f} GB, first {tight['first'] * 1000:.0f} ms; {' '.join(tight['plans'])}")
     with open(os.path.join(args.models, "results.json"), "w") as out:
-        json.dump({"device": memory.name(), "driver": memory.driver(), "rows": rows, "tight": tight}, out)
+        json.dump({"device": memory.name(), "driver": memory.driver(), "rows": rows, "tight": tight,
+                   "linear": linear}, out)
 
 
 if __name__ == "__main__":
@@ -584,6 +688,8 @@ if __name__ == "__main__":
         make_pipelines(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "diffusers":
         diffusers_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "torch-linear":
+        torch_linear_child(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "ballast":
         ballast_child(float(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--check-here":

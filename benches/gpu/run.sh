@@ -31,4 +31,4 @@ export PYTHONUNBUFFERED=1
 # Our kernels first: checked against candle's on real job shapes, and timed (about 20 s).
 STUDIO_BENCH_RUNS=20 cuda-build/kernels 2>&1 | tee "$logs/kernels-bench.txt" || true
 # The bench keeps its extras within what is left of the device call's 600 s (60 s spare).
-python3 benches/gpu/bench.py --budget $((540 - SECONDS)) "$@" 2>&1 | tee "$logs/gpu-bench.txt"
+python3 benches/gpu/bench.py --budget $((540 - SECONDS)) --kernels-log "$logs/kernels-bench.txt" "$@" 2>&1 | tee "$logs/gpu-bench.txt"

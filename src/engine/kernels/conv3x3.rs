@@ -117,8 +117,19 @@ pub fn runs_on(device: &Device, dtype: DType, in_channels: usize) -> bool {
 }
 
 /// Weights `(c_out, c_in, 3, 3)` in the kernel's order, `(c_out, c_in / block, 9, block)`
-/// with the block of their dtype.
+/// with the block of their dtype; f32 weights also rounded to TF32 ([`round_to_tf32`]): the
+/// tensor cores would drop their low bits (truncating: up to 2⁻¹⁰ of each weight, where
+/// rounding leaves 2⁻¹¹, as the kernel rounds the image's values).
 pub fn kernel_order(weight: &Tensor) -> Result<Tensor> {
+    let ordered = in_kernel_layout(weight)?;
+    if ordered.dtype() == DType::F32 {
+        round_to_tf32(&ordered)
+    } else {
+        Ok(ordered)
+    }
+}
+
+fn in_kernel_layout(weight: &Tensor) -> Result<Tensor> {
     let (out_channels, in_channels, height, width) = weight.dims4()?;
     let block = match channel_block(weight.dtype()) {
         Some(block) if (height, width) == (3, 3) && in_channels.is_multiple_of(block) => block,
@@ -134,7 +145,17 @@ pub fn kernel_order(weight: &Tensor) -> Result<Tensor> {
         .contiguous()
 }
 
-/// [`kernel_order`]'s weights back as `(c_out, c_in, 3, 3)`.
+/// f32 values rounded to TF32's 10 bits of mantissa, to nearest, on their own device with
+/// f32 arithmetic alone (Veltkamp's split: `c = (2¹³ + 1)·x`, then `c − (c − x)` keeps the
+/// 11 leading bits of the significand, rounded). Exact ties may go either way, where the
+/// kernel's `cvt.rna` takes them away from zero. Values beyond 2¹¹⁴ would overflow: no
+/// model's weight is near that.
+pub fn round_to_tf32(values: &Tensor) -> Result<Tensor> {
+    let scaled = (values * f64::from((1u32 << 13) + 1))?;
+    &scaled - (&scaled - values)?
+}
+
+/// [`kernel_order`]'s weights back as `(c_out, c_in, 3, 3)` (in f32, as rounded to TF32).
 pub fn stored_order(weights: &Tensor) -> Result<Tensor> {
     let (out_channels, blocks, taps, block) = weights.dims4()?;
     if taps != 9 || channel_block(weights.dtype()) != Some(block) {
@@ -320,9 +341,10 @@ fn launch(
 }
 
 /// The same convolution on the CPU in f32: the input read as `reading` says (normalised values
-/// rounded to the input's dtype, as the kernel stores them), candle's convolution with the
-/// weights back in their stored order, plus the bias.
-pub fn reference(xs: &Tensor, reading: Reading, weights: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// rounded to the input's dtype, as the kernel stores them), candle's convolution with
+/// `weight` as the model stores it, `(c_out, c_in, 3, 3)` (not rounded to TF32), plus the
+/// bias.
+pub fn reference(xs: &Tensor, reading: Reading, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let dtype = xs.dtype();
     let on_cpu = |tensor: &Tensor| tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32);
     let xs = on_cpu(xs)?;
@@ -345,7 +367,7 @@ pub fn reference(xs: &Tensor, reading: Reading, weights: &Tensor, bias: &Tensor)
         }
     };
     input
-        .conv2d(&on_cpu(&stored_order(weights)?)?, 1, 1, 1, 1)?
+        .conv2d(&on_cpu(weight)?, 1, 1, 1, 1)?
         .broadcast_add(&on_cpu(bias)?.reshape((1, (), 1, 1))?)
 }
 
@@ -430,16 +452,16 @@ pub(super) const CHECK_CASES: [CheckCase; 8] = [
 
 /// How far from [`reference`] the kernel may be, relative (`(1 + |y|)`): its output's one
 /// rounding to f16 (2⁻¹¹ of the value) and sums in another order; in TF32 (f32 values), the
-/// inputs' rounding to 10 bits of mantissa (2⁻¹¹) and the weights' truncation to them (2⁻¹⁰)
-/// in every product, which the emulation measures at up to 1.4e-3.
+/// inputs' and the weights' rounding to 10 bits of mantissa (2⁻¹¹ each) in every product.
 #[cfg(any(test, feature = "cuda"))]
 pub(super) fn check_tolerance(dtype: DType) -> f32 {
     if dtype == DType::F32 { 4e-3 } else { 2e-3 }
 }
 
-/// A case's inputs on the CPU in `dtype`: the image, the weights (in [`kernel_order`], scaled
-/// so that outputs are about the inputs' size), the bias, and for a normalised case the
-/// planes' affines (f32, values f16 holds exactly, as the emulation passes them).
+/// A case's inputs on the CPU in `dtype`: the image, the weights as a model stores them
+/// (scaled so that outputs are about the inputs' size: [`kernel_order`] makes the kernel's),
+/// the bias, and for a normalised case the planes' affines (f32, values f16 holds exactly, as
+/// the emulation passes them).
 #[cfg(any(test, feature = "cuda"))]
 pub(super) fn random_inputs(case: CheckCase, dtype: DType) -> Result<[Tensor; 4]> {
     let device = Device::Cpu;
@@ -457,7 +479,7 @@ pub(super) fn random_inputs(case: CheckCase, dtype: DType) -> Result<[Tensor; 4]
     let affines = Tensor::cat(&[means, scales, shifts], 1)?
         .to_dtype(DType::F16)?
         .to_dtype(DType::F32)?;
-    Ok([xs, kernel_order(&weight)?, bias, affines])
+    Ok([xs, weight, bias, affines])
 }
 
 /// The case's [`Reading`] over `affines`.
@@ -484,8 +506,9 @@ mod tests {
             .into_iter()
             .flat_map(|case| [(case, DType::F16), (case, DType::F32)])
         {
-            let [xs, weights, bias, affines] = random_inputs(case, dtype).unwrap();
-            let expected = reference(&xs, reading(case, &affines), &weights, &bias).unwrap();
+            let [xs, weight, bias, affines] = random_inputs(case, dtype).unwrap();
+            let expected = reference(&xs, reading(case, &affines), &weight, &bias).unwrap();
+            let weights = kernel_order(&weight).unwrap();
             let [batch, in_channels, height, width] = case.dims;
             let shift = case.source.shift();
             let args = [
@@ -590,6 +613,58 @@ mod tests {
         assert!(kernel_order(&odd).is_err());
         let odd = Tensor::zeros((4, 12, 3, 3), DType::F32, &Device::Cpu).unwrap();
         assert!(kernel_order(&odd).is_err());
+    }
+
+    #[test]
+    fn f32_weights_are_rounded_to_tf32_to_nearest() {
+        // Values across magnitudes and signs, with every pattern of the 13 bits dropped.
+        let mut values: Vec<f32> = Tensor::randn(0f32, 1.0, 4096, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        values.extend((0..0x2000u32).map(|low| f32::from_bits(0x3F80_0000 | low)));
+        values.extend((0..0x2000u32).map(|low| f32::from_bits(0xC2C8_0000 | low)));
+        values.extend([0.0, -0.0, 1e-30, 3.0e30]);
+        let count = values.len();
+        let rounded: Vec<f32> =
+            round_to_tf32(&Tensor::from_vec(values.clone(), count, &Device::Cpu).unwrap())
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        for (value, rounded) in values.into_iter().zip(rounded) {
+            let bits = value.to_bits();
+            let down = f32::from_bits(bits & 0xFFFF_E000);
+            let up = f32::from_bits((bits & 0xFFFF_E000) + 0x2000);
+            assert_eq!(
+                rounded.to_bits() & 0x1FFF,
+                0,
+                "{value:e} → {rounded:e} keeps low bits"
+            );
+            match bits & 0x1FFF {
+                // A tie: either neighbour.
+                0x1000 => assert!(rounded == down || rounded == up, "{value:e} → {rounded:e}"),
+                low if low < 0x1000 => assert_eq!(rounded, down, "{value:e}"),
+                _ => assert_eq!(rounded, up, "{value:e}"),
+            }
+        }
+        // In the kernel's order f32 weights are rounded, f16 ones kept as they are.
+        let weight = Tensor::from_vec(
+            vec![f32::from_bits(0x3F80_1001); 8 * 9],
+            (1, 8, 3, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let ordered: Vec<f32> = kernel_order(&weight)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            ordered
+                .iter()
+                .all(|&value| value == f32::from_bits(0x3F80_2000))
+        );
     }
 
     #[test]

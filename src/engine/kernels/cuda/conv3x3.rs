@@ -122,8 +122,9 @@ fn check_dtype(
     let gpu = Device::Cuda(device.clone());
     for case in op::CHECK_CASES {
         let difference = (|| {
-            let [xs, weights, bias, affines] = op::random_inputs(case, dtype)?;
-            let expected = op::reference(&xs, op::reading(case, &affines), &weights, &bias)?;
+            let [xs, weight, bias, affines] = op::random_inputs(case, dtype)?;
+            let expected = op::reference(&xs, op::reading(case, &affines), &weight, &bias)?;
+            let weights = op::kernel_order(&weight)?;
             let [xs, weights, bias, affines] =
                 [&xs, &weights, &bias, &affines].map(|tensor| tensor.to_device(&gpu));
             let affines = affines?;

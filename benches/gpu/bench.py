@@ -294,6 +294,19 @@ def linear_table(rows, torch_ms):
     return "\n".join(lines)
 
 
+def pool_summary(pools, estimate):
+    """The pools' peaks beside the estimate: in use beyond the weights per stretch (what the
+    estimate predicts), and what the pool reserved beyond that (what it could not reuse)."""
+    weights = estimate["weights"]
+    working = {stretch: pools[stretch]["used"] - weights for stretch in ("steps", "decode")}
+    larger = max(working.values())
+    return (f"in use beyond weights: steps {working['steps'] / 1e9:.2f} GB, decode {working['decode'] / 1e9:.2f} GB "
+            f"(estimate {estimate['working'] / larger if larger > 0 else float('nan'):.2f}× the larger); "
+            f"reserved beyond in use: steps {(pools['steps']['reserved'] - pools['steps']['used']) / 1e9:.2f} GB, "
+            f"decode {(pools['decode']['reserved'] - pools['decode']['used']) / 1e9:.2f} GB; graphs "
+            f"{max(pools['steps']['graphs'], pools['decode']['graphs']) / 1e9:.2f} GB")
+
+
 def run_torch_linear(memory, rows):
     output, _, _ = run_measured(memory, [sys.executable, __file__, "torch-linear", json.dumps(rows)])
     line = next(line for line in reversed(output.splitlines()) if line.startswith('{"times"'))
@@ -329,12 +342,30 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     # The first job's placement: its weights and the estimate of its working memory.
     placed = re.search(r"placing a .*?: (\S+ [kMGT]?B) of weights on the device, (\S+ [kMGT]?B) "
                        r"estimated beside them \((.*)\), \S+ [kMGT]?B free", output)
-    return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak,
+    # What the allocator's pools held in the last (warm) run: by stretch, in use and reserved.
+    pools = pool_peaks(output)
+    return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak, "pools": pools,
             "prepare": float(prepared.group(1)) if prepared else 0.0, "process": seconds,
             "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off,
             "graphs_off": graphs_off, "races": races,
             "estimate": {"weights": human_bytes(placed.group(1)), "working": human_bytes(placed.group(2)),
                          "plan": placed.group(3)} if placed else None}
+
+
+POOL_STRETCH = r"(\S+ [kMGT]?B) in use \((\S+ [kMGT]?B) reserved, (\S+ [kMGT]?B) for graphs\)"
+POOL_LINE = re.compile(r"the GPU's pools in this job: the prompt and steps " + POOL_STRETCH + "; the decode "
+                       + POOL_STRETCH)
+
+
+def pool_peaks(output):
+    """The last job's pool peaks (candle_engine's debug line): per stretch, bytes in use
+    (weights included), reserved by the pool, reserved for graphs."""
+    found = POOL_LINE.findall(output)
+    if not found:
+        return None
+    values = [human_bytes(text) for text in found[-1]]
+    return {stretch: dict(zip(("used", "reserved", "graphs"), values[3 * index:3 * index + 3]))
+            for index, stretch in enumerate(("steps", "decode"))}
 
 
 def human_bytes(text):
@@ -488,6 +519,14 @@ def check_here():
     table = linear_table(layers, [1.0, 2.0])
     assert table.splitlines()[-1].split()[-3:] == ["7.663ms", "6.000ms", "1.28×"], table
     print(f"the linear-layer rows read back:\n{table}")
+    # The pools' line as candle_engine logs it (gpu_memory::PoolPeaks's Display; a unit test
+    # there holds the same text), which the CPU never prints.
+    pools = pool_peaks("DEBUG studio_worker::engine::candle_engine: the GPU's pools in this job: the prompt and "
+                       "steps 3.10 GB in use (3.20 GB reserved, 40.0 MB for graphs); the decode 3.41 GB in use "
+                       "(3.62 GB reserved, 0 B for graphs)\n")
+    assert pools == {"steps": {"used": 3.1e9, "reserved": 3.2e9, "graphs": 4e7},
+                     "decode": {"used": 3.41e9, "reserved": 3.62e9, "graphs": 0.0}}, pools
+    print("the pools' peaks read back: " + pool_summary(pools, {"weights": 2.6e9, "working": 1.0e9}))
     print(f"the engine's placement read back: {estimate['weights'] / 1e6:.1f} MB of weights, "
           f"{estimate['working'] / 1e6:.1f} MB estimated beside them ({estimate['plan']})")
 
@@ -666,6 +705,9 @@ def main():
             print(f"  {row['case']:38} weights {estimate['weights'] / 1e9:5.2f} GB, working estimated "
                   f"{estimate['working'] / 1e9:5.2f} GB, peak less weights {measured / 1e9:5.2f} GB "
                   f"({estimate['working'] / measured if measured > 0 else float('nan'):.2f}×)")
+            pools = ours.get("pools")
+            if pools:
+                print("  " + " " * 38 + " " + pool_summary(pools, estimate))
     races = next((row["worker"]["races"] for row in rows if row["worker"] and row["worker"].get("races")), [])
     if races:
         print("\nOur kernels timed at the worker's start against what would run instead (the first case's):")

@@ -569,15 +569,32 @@ impl CandleEngine {
             tracing::info!("saving memory: the job would not fit as it is ({plan:?})");
         }
         let sampler = job.scheduler.unwrap_or_else(|| pipeline.default_sampler());
+        // The pools' peaks for the prompt and steps, then for the decode (a debug line, to set
+        // against the placement's estimate).
+        let device = &self.device.device;
+        let _ = super::gpu_memory::take_pool_peaks(device);
+        let mut steps_peaks = None;
         let result = pipeline.generate(
             &request,
             &mut |stage| match stage {
                 SdStage::Encoding => report(Stage::Encoding, 0),
                 SdStage::Denoising { step, .. } => report(Stage::Denoising, step as u32),
-                SdStage::Decoding => report(Stage::Decoding, total_steps),
+                SdStage::Decoding => {
+                    steps_peaks = super::gpu_memory::take_pool_peaks(device);
+                    report(Stage::Decoding, total_steps);
+                }
             },
             &|| cancel.is_cancelled(),
         );
+        if let (Ok(_), Some(steps), Some(decode)) = (
+            &result,
+            steps_peaks,
+            super::gpu_memory::take_pool_peaks(device),
+        ) {
+            tracing::debug!(
+                "the GPU's pools in this job: the prompt and steps {steps}; the decode {decode}"
+            );
+        }
         if pipeline.vae_dtype() == DType::F32 {
             self.vae_upcast(&job.model);
         }

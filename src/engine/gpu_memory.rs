@@ -88,6 +88,42 @@ pub fn trim_graph_memory(device: &Device) {
     let _ = device;
 }
 
+/// The most memory the GPU held for a stretch of a job: handed out by the allocator's pool
+/// (the loaded weights included), reserved by that pool from the driver, and reserved by the
+/// pool CUDA graphs allocate from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolPeaks {
+    pub used: u64,
+    pub reserved: u64,
+    pub graphs_reserved: u64,
+}
+
+impl std::fmt::Display for PoolPeaks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} in use ({} reserved, {} for graphs)",
+            crate::human::bytes(self.used),
+            crate::human::bytes(self.reserved),
+            crate::human::bytes(self.graphs_reserved)
+        )
+    }
+}
+
+/// `device`'s pools' high-water marks since the last call, each reset to what it holds now
+/// for the next stretch; `None` off CUDA or where the driver does not say. The pool counts an
+/// allocation when it is asked for, not when the GPU reaches it, so nothing waits for the
+/// device: a stretch ends when its last work is issued. Set against the weights and the
+/// working-memory estimate, these say how close the estimate is and what the pool adds
+/// beyond what is in use (`benches/gpu` reads them from the debug log).
+pub fn take_pool_peaks(device: &Device) -> Option<PoolPeaks> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::take_peaks(cuda),
+        _ => None,
+    }
+}
+
 /// On a CUDA `device`: waits for it, then runs `then` (nothing is in flight). Elsewhere
 /// nothing.
 #[cfg(feature = "cuda")]
@@ -185,6 +221,52 @@ mod cuda_pool {
         }
     }
 
+    /// The high-water marks, each reset after it is read.
+    pub fn take_peaks(cuda: &CudaDevice) -> Option<super::PoolPeaks> {
+        let pool = default_pool(cuda)?;
+        let pool_mark = |attribute| -> Result<u64, result::DriverError> {
+            let mut value = 0u64;
+            // SAFETY: the device's live default pool (its context bound by `default_pool`);
+            // both attributes are cuuint64_t, which `value` is, and a high-water mark is
+            // reset by setting it to 0.
+            unsafe {
+                result::mem_pool::get_attribute(pool, attribute, (&raw mut value).cast())?;
+                let mut zero = 0u64;
+                result::mem_pool::set_attribute(pool, attribute, (&raw mut zero).cast())?;
+            }
+            Ok(value)
+        };
+        let graph_mark = |attribute| -> Result<u64, result::DriverError> {
+            let device = cuda.cuda_stream().context().cu_device();
+            let mut value = 0u64;
+            // SAFETY: as above, for the device's graph memory (cuuint64_t attributes).
+            unsafe {
+                sys::cuDeviceGetGraphMemAttribute(device, attribute, (&raw mut value).cast())
+                    .result()?;
+                let mut zero = 0u64;
+                sys::cuDeviceSetGraphMemAttribute(device, attribute, (&raw mut zero).cast())
+                    .result()?;
+            }
+            Ok(value)
+        };
+        let peaks = (|| {
+            Ok::<_, result::DriverError>(super::PoolPeaks {
+                used: pool_mark(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+                reserved: pool_mark(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+                graphs_reserved: graph_mark(
+                    sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                )?,
+            })
+        })();
+        match peaks {
+            Ok(peaks) => Some(peaks),
+            Err(error) => {
+                tracing::debug!("the GPU's pools did not say what they held: {error}");
+                None
+            }
+        }
+    }
+
     /// Gives back what the driver keeps for graphs on the device.
     pub fn trim_graph_memory(cuda: &CudaDevice) {
         let stream = cuda.cuda_stream();
@@ -198,5 +280,25 @@ mod cuda_pool {
         if trimmed != sys::CUresult::CUDA_SUCCESS {
             tracing::debug!("the GPU's graph memory was not trimmed: {trimmed:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peaks_read_as_the_gpu_bench_parses_them_and_the_cpu_has_none() {
+        let peaks = PoolPeaks {
+            used: 3_100_000_000,
+            reserved: 3_200_000_000,
+            graphs_reserved: 40_000_000,
+        };
+        // benches/gpu/bench.py's `--check-here` parses this same text (`pool_peaks`).
+        assert_eq!(
+            peaks.to_string(),
+            "3.10 GB in use (3.20 GB reserved, 40.0 MB for graphs)"
+        );
+        assert_eq!(take_pool_peaks(&Device::Cpu), None);
     }
 }

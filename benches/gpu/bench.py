@@ -294,17 +294,20 @@ def linear_table(rows, torch_ms):
     return "\n".join(lines)
 
 
-def pool_summary(pools, estimate):
+def pool_summary(pools, estimate, peak):
     """The pools' peaks beside the estimate: in use beyond the weights per stretch (what the
-    estimate predicts), and what the pool reserved beyond that (what it could not reuse)."""
+    estimate predicts), what the pool reserved beyond that (what it could not reuse), and what
+    the process's peak held outside both pools (the context, modules, cuBLAS's workspace)."""
     weights = estimate["weights"]
+    pooled = max(pools[stretch]["reserved"] + pools[stretch]["graphs"] for stretch in ("steps", "decode"))
     working = {stretch: pools[stretch]["used"] - weights for stretch in ("steps", "decode")}
     larger = max(working.values())
     return (f"in use beyond weights: steps {working['steps'] / 1e9:.2f} GB, decode {working['decode'] / 1e9:.2f} GB "
             f"(estimate {estimate['working'] / larger if larger > 0 else float('nan'):.2f}× the larger); "
             f"reserved beyond in use: steps {(pools['steps']['reserved'] - pools['steps']['used']) / 1e9:.2f} GB, "
             f"decode {(pools['decode']['reserved'] - pools['decode']['used']) / 1e9:.2f} GB; graphs "
-            f"{max(pools['steps']['graphs'], pools['decode']['graphs']) / 1e9:.2f} GB")
+            f"{max(pools['steps']['graphs'], pools['decode']['graphs']) / 1e9:.2f} GB; outside the pools "
+            f"{(peak - pooled) / 1e9:.2f} GB")
 
 
 def run_torch_linear(memory, rows):
@@ -526,7 +529,9 @@ def check_here():
                        "(3.62 GB reserved, 0 B for graphs)\n")
     assert pools == {"steps": {"used": 3.1e9, "reserved": 3.2e9, "graphs": 4e7},
                      "decode": {"used": 3.41e9, "reserved": 3.62e9, "graphs": 0.0}}, pools
-    print("the pools' peaks read back: " + pool_summary(pools, {"weights": 2.6e9, "working": 1.0e9}))
+    summary = pool_summary(pools, {"weights": 2.6e9, "working": 1.0e9}, 4.1e9)
+    assert summary.endswith("outside the pools 0.48 GB"), summary
+    print("the pools' peaks read back: " + summary)
     print(f"the engine's placement read back: {estimate['weights'] / 1e6:.1f} MB of weights, "
           f"{estimate['working'] / 1e6:.1f} MB estimated beside them ({estimate['plan']})")
 
@@ -707,7 +712,7 @@ def main():
                   f"({estimate['working'] / measured if measured > 0 else float('nan'):.2f}×)")
             pools = ours.get("pools")
             if pools:
-                print("  " + " " * 38 + " " + pool_summary(pools, estimate))
+                print("  " + " " * 38 + " " + pool_summary(pools, estimate, ours["peak"]))
     races = next((row["worker"]["races"] for row in rows if row["worker"] and row["worker"].get("races")), [])
     if races:
         print("\nOur kernels timed at the worker's start against what would run instead (the first case's):")

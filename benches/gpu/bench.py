@@ -344,7 +344,7 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
     races += re.findall(r"candle's kernels compiled on .*", output)
     # The first job's placement: its weights and the estimate of its working memory.
     placed = re.search(r"placing a .*?: (\S+ [kMGT]?B) of weights on the device, (\S+ [kMGT]?B) "
-                       r"estimated beside them \((.*)\), \S+ [kMGT]?B free", output)
+                       r"estimated beside them \((.*)\), \S+ [kMGT]?B free(.*)", output)
     # What the allocator's pools held in the last (warm) run: by stretch, in use and reserved.
     pools = pool_peaks(output)
     return {"first": times[0], "warm": statistics.median(times[1:]), "peak": peak, "pools": pools,
@@ -352,7 +352,8 @@ def run_worker(memory, worker, folder, side, steps, guidance, runs, cache, home,
             "plans": plans, "profile": profile.split("\n/")[0].strip(), "kernels_off": kernels_off,
             "graphs_off": graphs_off, "races": races,
             "estimate": {"weights": human_bytes(placed.group(1)), "working": human_bytes(placed.group(2)),
-                         "plan": placed.group(3)} if placed else None}
+                         "plan": placed.group(3), "handed_back": "handed back before the decode" in placed.group(4)}
+            if placed else None}
 
 
 POOL_STRETCH = r"(\S+ [kMGT]?B) in use \((\S+ [kMGT]?B) reserved, (\S+ [kMGT]?B) for graphs\)"
@@ -508,6 +509,7 @@ def check_here():
     assert runs["profiled"]["profile"].startswith("where run 3's time went"), runs["profiled"]["profile"]
     estimate = runs["ours"]["estimate"]
     assert estimate and estimate["weights"] > 0 and estimate["working"] > 0, estimate
+    assert not estimate["handed_back"], "the CPU's RAM holds both stretches of a tiny model"
     # The linear-layer rows as benches/kernels.rs prints them (its CPU run's, relabelled).
     sample = ("GPU 0: linear layers, F16, guided (batch 2), median of 20\n"
               "| model | level | layer | GEMM (batch × tokens × in → out) | calls | ms | TFLOP/s |\n"
@@ -709,7 +711,8 @@ def main():
             measured = ours["peak"] - estimate["weights"]
             print(f"  {row['case']:38} weights {estimate['weights'] / 1e9:5.2f} GB, working estimated "
                   f"{estimate['working'] / 1e9:5.2f} GB, peak less weights {measured / 1e9:5.2f} GB "
-                  f"({estimate['working'] / measured if measured > 0 else float('nan'):.2f}×)")
+                  f"({estimate['working'] / measured if measured > 0 else float('nan'):.2f}×)"
+                  + ("; the steps' memory handed back before the decode" if estimate["handed_back"] else ""))
             pools = ours.get("pools")
             if pools:
                 print("  " + " " * 38 + " " + pool_summary(pools, estimate, ours["peak"]))

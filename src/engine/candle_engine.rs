@@ -82,11 +82,16 @@ struct Loaded {
     memory_bytes: u64,
 }
 
-/// How a job runs: its memory plan, and where its model's text encoders go if it loads.
+/// How a job runs: its memory plan, where its model's text encoders go if it loads, and
+/// whether the pool hands back what the steps freed before the decode allocates: where the
+/// two stretches would not fit held together, the estimate's "the decode reuses the steps'
+/// memory" is made true by construction (a device wait and the pool growing again, a few
+/// milliseconds, spent only where memory is tight).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Placement {
     plan: Plan,
     text: TextPlacement,
+    hand_back_before_decode: bool,
 }
 
 pub struct CandleEngine {
@@ -220,11 +225,12 @@ impl CandleEngine {
         };
         let guided = job.guidance_scale > 1.0;
         let kernels = self.kernels();
-        let working = |plan| {
+        let estimate = |plan| {
             served
                 .working
-                .bytes(job.width, job.height, job.num_images, guided, plan, kernels)
+                .estimate(job.width, job.height, job.num_images, guided, plan, kernels)
         };
+        let working = |plan| estimate(plan).peak();
         let (warm, others) = {
             let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
             let warm = loaded.iter().any(|entry| entry.model_id == job.model);
@@ -256,14 +262,18 @@ impl CandleEngine {
                     .iter()
                     .copied()
                     .find(|plan| weights + working(*plan) <= room)
-                    .map(|plan| Placement { plan, text })
+                    .map(|plan| Placement {
+                        plan,
+                        text,
+                        hand_back_before_decode: weights + estimate(plan).peak_if_held() > room,
+                    })
             })
         };
         // What the estimate said, to compare with a measured peak (`benches/gpu` reads it).
         let placed = |placement: Placement| {
             tracing::debug!(
                 "placing a {}×{} job of {} image(s): {} of weights on the device, {} estimated \
-                 beside them ({:?}, text encoders {:?}), {} free",
+                 beside them ({:?}, text encoders {:?}), {} free{}",
                 job.width,
                 job.height,
                 job.num_images,
@@ -271,7 +281,12 @@ impl CandleEngine {
                 crate::human::bytes(working(placement.plan)),
                 placement.plan,
                 placement.text,
-                crate::human::bytes(available)
+                crate::human::bytes(available),
+                if placement.hand_back_before_decode {
+                    "; the steps' memory handed back before the decode (both held would not fit)"
+                } else {
+                    ""
+                }
             );
             placement
         };
@@ -554,7 +569,11 @@ impl CandleEngine {
             });
         };
         report(Stage::LoadingModel, 0);
-        let Placement { plan, text } = self.make_room(job)?;
+        let Placement {
+            plan,
+            text,
+            hand_back_before_decode,
+        } = self.make_room(job)?;
         // Freed memory stays pooled through the job and goes back after it.
         let _pool = super::gpu_memory::hold_pool(&self.device.device);
         let pipeline = self.pipeline(&job.model, text)?;
@@ -581,6 +600,9 @@ impl CandleEngine {
                 SdStage::Denoising { step, .. } => report(Stage::Denoising, step as u32),
                 SdStage::Decoding => {
                     steps_peaks = super::gpu_memory::take_pool_peaks(device);
+                    if hand_back_before_decode {
+                        super::gpu_memory::trim_pool(device);
+                    }
                     report(Stage::Decoding, total_steps);
                 }
             },
@@ -982,6 +1004,40 @@ mod tests {
             gpu_like(need(*least) - 1).make_room(&big),
             Err(EngineError::OutOfMemory(_))
         ));
+    }
+
+    #[test]
+    fn the_pool_hands_the_steps_memory_back_before_the_decode_only_where_both_would_not_fit() {
+        let engine = |room: u64| {
+            let engine = tiny_sdxl_engine().with_available_memory(move || room);
+            *engine.kernels.lock().unwrap() = GPU_LIKE;
+            engine
+        };
+        let served = engine(0).models.lock().unwrap()["tiny-sdxl"].clone();
+        let mut big = job();
+        (big.width, big.height) = (1024, 1024);
+        let first = Plan::choices(Convolutions::Im2col)[0];
+        let estimate = served
+            .working
+            .estimate(1024, 1024, 1, true, first, GPU_LIKE);
+        assert!(estimate.steps > 0 && estimate.decode > 0);
+        let weights = served.memory_bytes;
+        let [reused, held] = [estimate.peak(), estimate.peak_if_held()].map(|peak| weights + peak);
+        assert!(held > reused, "holding both stretches needs more");
+        // Room for both held together: the pool is kept through the job.
+        let roomy = engine(held).make_room(&big).unwrap();
+        assert_eq!(roomy.plan, first);
+        assert!(!roomy.hand_back_before_decode);
+        // Room for the larger stretch alone: the same plan, the pool handed back between.
+        let tight = engine(held - 1).make_room(&big).unwrap();
+        assert_eq!(tight.plan, first);
+        assert!(tight.hand_back_before_decode);
+        assert!(
+            engine(reused)
+                .make_room(&big)
+                .unwrap()
+                .hand_back_before_decode
+        );
     }
 
     /// A GPU's kernels as the CPU engine's tests take them: column buffers, composed attention.

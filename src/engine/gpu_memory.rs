@@ -71,7 +71,9 @@ pub fn give_back(device: &Device) {
 }
 
 /// Hands the memory `device`'s pool holds unused back to the driver now, the pool still held
-/// (its release threshold as it is): before a CUDA graph allocates from a pool of its own.
+/// (its release threshold as it is): before a CUDA graph allocates from a pool of its own, and
+/// before a decode that would not fit beside the steps' freed memory (the pool may not fit
+/// the decode's larger buffers into the steps' smaller freed ones).
 pub fn trim_pool(device: &Device) {
     #[cfg(feature = "cuda")]
     when_idle(device, cuda_pool::trim);

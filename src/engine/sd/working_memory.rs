@@ -347,7 +347,8 @@ impl WorkingMemory {
     /// Peak bytes of a job making `images` images of `width`×`height` (`guided`: with
     /// classifier-free guidance, which doubles the UNet's batch) the way `plan` says, on a
     /// device that runs `kernels`: attention whole or a chunk of scores at a time, each image
-    /// decoded whole or in tiles.
+    /// decoded whole or in tiles. The decode reuses what the steps freed
+    /// ([`Estimate::peak`]).
     pub fn bytes(
         &self,
         width: u32,
@@ -357,6 +358,20 @@ impl WorkingMemory {
         plan: Plan,
         kernels: DeviceKernels,
     ) -> u64 {
+        self.estimate(width, height, images, guided, plan, kernels)
+            .peak()
+    }
+
+    /// The estimate by stretch of the job, as [`Self::bytes`] takes it.
+    pub fn estimate(
+        &self,
+        width: u32,
+        height: u32,
+        images: u32,
+        guided: bool,
+        plan: Plan,
+        kernels: DeviceKernels,
+    ) -> Estimate {
         let images = u64::from(images.max(1));
         let batch = images * if guided { 2 } else { 1 };
         let scale = self.vae_scale.max(1);
@@ -463,8 +478,43 @@ impl WorkingMemory {
         // The finished pictures, as f32 (twice while tiles are blended in) and as 8-bit RGB.
         let full = u64::from(width) * u64::from(height);
         let pictures = images * full * 3 * (2 * F32_BYTES + 1);
-        (unet.max(decode) + overhead) / 10 * MARGIN_TENTHS + pictures
+        Estimate {
+            steps: unet,
+            decode,
+            beside: overhead,
+            pictures,
+        }
     }
+}
+
+/// A job's working memory by stretch: the steps' (the UNet's activations, columns and
+/// scores) and the decode's, what is held beside either (a convolution's copy of its
+/// weights, the kernels' scratch), and the finished pictures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Estimate {
+    pub steps: u64,
+    pub decode: u64,
+    pub beside: u64,
+    pub pictures: u64,
+}
+
+impl Estimate {
+    /// The peak where the decode reuses the memory the steps freed: the larger stretch, with
+    /// the margin. So it is on the CPU, and on a GPU whose pool was handed back between them.
+    pub fn peak(&self) -> u64 {
+        with_margin(self.steps.max(self.decode) + self.beside) + self.pictures
+    }
+
+    /// The peak where the steps' freed memory stays held through the decode: a GPU pool
+    /// kept through the job may not fit the decode's larger buffers into the steps' smaller
+    /// freed ones, and grows by the decode's whole need instead.
+    pub fn peak_if_held(&self) -> u64 {
+        with_margin(self.steps + self.decode + self.beside) + self.pictures
+    }
+}
+
+fn with_margin(bytes: u64) -> u64 {
+    bytes / 10 * MARGIN_TENTHS
 }
 
 /// `whole` bytes made of `rows` equal rows, or as many rows as fit `budget` (at least one).
@@ -594,6 +644,25 @@ mod tests {
         assert_eq!(
             first_fitting(&memory, SDXL_WEIGHTS, 100 * GB, 1024),
             Some(Plan::GPU)
+        );
+    }
+
+    #[test]
+    fn the_decode_reuses_the_steps_memory_unless_the_pool_holds_it() {
+        let memory = sdxl_gpu();
+        let estimate = memory.estimate(1024, 1024, 1, true, Plan::GPU, COLUMNS);
+        assert_eq!(
+            estimate.peak(),
+            memory.bytes(1024, 1024, 1, true, Plan::GPU, COLUMNS)
+        );
+        // SDXL at 1024²: the f32 decode is the larger stretch; held together, the steps'
+        // whole need comes on top of it (with the margin).
+        assert!(estimate.decode > estimate.steps && estimate.steps > 0);
+        let extra = estimate.peak_if_held() - estimate.peak();
+        let expected = estimate.steps / 10 * MARGIN_TENTHS;
+        assert!(
+            extra.abs_diff(expected) <= MARGIN_TENTHS,
+            "{extra} against {expected}"
         );
     }
 

@@ -106,8 +106,8 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
     let spec = job_for(&args, &model_name, facts, scheduler, defaults)?;
 
     let selected = device::select(args.device).map_err(|error| usage(error.to_string()))?;
-    if let Some(reason) = &selected.fallback_reason {
-        eprintln!("note: {reason}");
+    if let Some(note) = selected.note() {
+        eprintln!("note: {note}");
     }
     eprintln!("device: {} ({:?})", selected.info.name, selected.dtype);
     let models = [(model_name.clone(), root)].into_iter().collect();

@@ -236,6 +236,8 @@ fn print_device(paths: &Paths, json: bool) -> anyhow::Result<()> {
             "name": info.name,
             "memoryMb": info.memory_mb,
             "fallbackReason": selected.fallback_reason,
+            "precision": selected.dtype.as_str(),
+            "precisionNote": selected.precision_note,
         });
         println!("{report}");
     } else {
@@ -247,6 +249,9 @@ fn print_device(paths: &Paths, json: bool) -> anyhow::Result<()> {
         );
         if let Some(reason) = &selected.fallback_reason {
             println!("Why not a GPU: {reason}");
+        }
+        if let Some(note) = &selected.precision_note {
+            println!("Precision: {note}");
         }
     }
     Ok(())

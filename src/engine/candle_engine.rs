@@ -357,16 +357,16 @@ impl CandleEngine {
         }
     }
 
-    /// Opens `preference` and serves `models`; the device's fallback reason and each refused
-    /// model are logged.
+    /// Opens `preference` and serves `models`; the device's note (why the CPU, why f32) and
+    /// each refused model are logged.
     pub fn start(
         preference: DevicePreference,
         models: &BTreeMap<String, PathBuf>,
         budget_mb: u64,
     ) -> Result<Self, DeviceError> {
         let device = super::device::select(preference)?;
-        if let Some(reason) = &device.fallback_reason {
-            tracing::warn!("{reason}");
+        if let Some(note) = device.note() {
+            tracing::warn!("{note}");
         }
         tracing::info!(
             "image engine on {} ({} MB)",
@@ -517,7 +517,7 @@ impl Engine for CandleEngine {
     }
 
     fn device_note(&self) -> Option<String> {
-        self.device.fallback_reason.clone()
+        self.device.note().map(str::to_owned)
     }
 
     /// The job; where it fails, the device is asked whether it still works

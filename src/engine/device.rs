@@ -2,7 +2,9 @@
 //!
 //! `auto` takes the GPU when this build has its backend and the GPU opens, and otherwise
 //! falls back to the CPU with a message saying why (candle's `cuda_if_available` does not
-//! fall back on a failed open by itself). Models run in f16 on a GPU and f32 on the CPU.
+//! fall back on a failed open by itself). Models run in f16 on a GPU and f32 on the CPU, and
+//! in f32 on the NVIDIA cards whose f16 arithmetic Stable Diffusion cannot use
+//! ([`gpu_precision`]).
 
 use candle_core::{DType, Device};
 
@@ -17,6 +19,71 @@ pub struct SelectedDevice {
     pub info: DeviceInfo,
     /// Why `auto` ended up on the CPU, for the log and the window.
     pub fallback_reason: Option<String>,
+    /// Why a GPU runs in f32, not f16, for the log and the window.
+    pub precision_note: Option<String>,
+}
+
+impl SelectedDevice {
+    /// What the person should know about the device chosen: why it is the CPU, or why a
+    /// GPU runs in f32.
+    pub fn note(&self) -> Option<&str> {
+        self.fallback_reason
+            .as_deref()
+            .or(self.precision_note.as_deref())
+    }
+}
+
+/// The environment variable that sets an NVIDIA GPU's precision by hand: `f16` or `f32`
+/// (anything else, or unset: [`gpu_precision`] decides).
+pub const PRECISION_VARIABLE: &str = "STUDIO_WORKER_GPU_PRECISION";
+
+/// The words in an NVIDIA card's name that mark Turing's TU116 and TU117 chips, which have
+/// no tensor cores: the GeForce GTX 16 series, their laptop parts (MX450, MX550) and the
+/// Quadro, T-series and mining cards built on them. Their f16 arithmetic gives NaN or black
+/// images in Stable Diffusion, as every diffusers-based front end has found; they run it in
+/// f32.
+const F16_UNRELIABLE_NAMES: [&str; 13] = [
+    "1630", "1650", "1660", "MX450", "MX550", "T400", "T500", "T550", "T600", "T1000", "T1200",
+    "T2000", "30HX",
+];
+
+/// The dtype models run in on an NVIDIA GPU named `name` of `compute_capability`, and why
+/// where it is not f16: f32 on the cards [`F16_UNRELIABLE_NAMES`] names (all Turing, 7.5),
+/// unless `forced` (the [`PRECISION_VARIABLE`]'s value) says otherwise.
+pub fn gpu_precision(
+    name: &str,
+    compute_capability: Option<(i32, i32)>,
+    forced: Option<&str>,
+) -> (DType, Option<String>) {
+    match forced.map(str::trim) {
+        Some("f32") => {
+            return (
+                DType::F32,
+                Some(format!(
+                    "models run in f32 on this GPU ({PRECISION_VARIABLE}=f32): slower, and \
+                     twice the memory"
+                )),
+            );
+        }
+        Some("f16") => return (DType::F16, None),
+        _ => {}
+    }
+    let turing = compute_capability.is_none_or(|capability| capability == (7, 5));
+    let listed = name
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|word| F16_UNRELIABLE_NAMES.contains(&word));
+    if turing && listed {
+        (
+            DType::F32,
+            Some(format!(
+                "models run in f32 on the {name}: its f16 arithmetic gives NaN or black images \
+                 in Stable Diffusion (GTX 16 series and its relatives), so jobs are slower and \
+                 need twice the memory ({PRECISION_VARIABLE}=f16 to try f16 anyway)"
+            )),
+        )
+    } else {
+        (DType::F16, None)
+    }
 }
 
 /// Why an explicitly named GPU cannot be used: the person picks another device in Settings
@@ -74,6 +141,7 @@ fn cpu(fallback_reason: Option<String>) -> SelectedDevice {
         dtype: DType::F32,
         info: host::cpu_device(),
         fallback_reason,
+        precision_note: None,
     }
 }
 
@@ -92,6 +160,12 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
         Some((name, total_bytes)) => (name, total_bytes / (1024 * 1024)),
         None => ("NVIDIA GPU".to_owned(), 0),
     };
+    let compute_capability = compute_capability(&device);
+    let (dtype, precision_note) = gpu_precision(
+        &name,
+        compute_capability,
+        std::env::var(PRECISION_VARIABLE).ok().as_deref(),
+    );
     // What stays in f32 on the GPU (the VAE of a model that must upcast, SDXL's stock one)
     // multiplies on the tensor cores in TF32, as PyTorch does for convolutions by default
     // (`torch.backends.cudnn.allow_tf32`): f32's range, which is what the upcast is for,
@@ -101,14 +175,25 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
     without_stream_events(&device);
     Ok(SelectedDevice {
         device,
-        dtype: DType::F16,
+        dtype,
         info: DeviceInfo {
             kind: DeviceKind::Cuda,
             name,
             memory_mb,
         },
         fallback_reason: None,
+        precision_note,
     })
+}
+
+/// The CUDA device's compute capability, `(major, minor)`, where its driver says.
+fn compute_capability(device: &Device) -> Option<(i32, i32)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return cuda.cuda_stream().context().compute_capability().ok();
+    }
+    let _ = device;
+    None
 }
 
 /// Stops cudarc from giving each new buffer on `device` two CUDA events. It makes them so
@@ -179,12 +264,63 @@ fn open_metal() -> Result<SelectedDevice, DeviceError> {
             memory_mb,
         },
         fallback_reason: None,
+        precision_note: None,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gtx_16_series_and_its_relatives_run_in_f32_and_say_why() {
+        for name in [
+            "NVIDIA GeForce GTX 1660 SUPER",
+            "NVIDIA GeForce GTX 1650 Ti with Max-Q Design",
+            "NVIDIA GeForce GTX 1630",
+            "NVIDIA GeForce MX450",
+            "NVIDIA T1000 8GB",
+            "Quadro T2000",
+            "NVIDIA CMP 30HX",
+        ] {
+            let (dtype, note) = gpu_precision(name, Some((7, 5)), None);
+            assert_eq!(dtype, DType::F32, "{name}");
+            let note = note.expect("a note");
+            assert!(note.contains(name) && note.contains("f16"), "{note}");
+        }
+        // Tensor-core cards, names that only contain the numbers, and a listed name on a chip
+        // that is not Turing keep f16.
+        for (name, capability) in [
+            ("NVIDIA GeForce RTX 2060", (7, 5)),
+            ("NVIDIA GeForce RTX 4090", (8, 9)),
+            ("NVIDIA RTX A1000", (8, 6)),
+            ("Quadro RTX 6000", (7, 5)),
+            ("NVIDIA GeForce RTX 3050 Ti Laptop GPU 16500", (8, 6)),
+            ("NVIDIA GeForce GTX 1660", (6, 1)),
+        ] {
+            assert_eq!(
+                gpu_precision(name, Some(capability), None),
+                (DType::F16, None),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_precision_can_be_forced_either_way() {
+        let (dtype, note) = gpu_precision("NVIDIA GeForce RTX 4070", Some((8, 9)), Some("f32"));
+        assert_eq!(dtype, DType::F32);
+        assert!(note.expect("a note").contains(PRECISION_VARIABLE));
+        assert_eq!(
+            gpu_precision("NVIDIA GeForce GTX 1660", Some((7, 5)), Some(" f16 ")),
+            (DType::F16, None)
+        );
+        // Anything else is not a choice: the card decides.
+        assert_eq!(
+            gpu_precision("NVIDIA GeForce GTX 1660", Some((7, 5)), Some("fp8")).0,
+            DType::F32
+        );
+    }
 
     #[test]
     fn auto_without_a_gpu_backend_falls_back_to_the_cpu_and_says_why() {

@@ -127,7 +127,8 @@ pub trait Engine: Send + Sync + 'static {
         crate::platform::host::cpu_device()
     }
 
-    /// Why it runs on the CPU when a GPU was wanted (`auto`'s fallback reason), if it does.
+    /// What the person should know about its device: why it runs on the CPU when a GPU was
+    /// wanted (`auto`'s fallback reason), or why a GPU runs in f32.
     fn device_note(&self) -> Option<String> {
         None
     }

@@ -729,14 +729,14 @@ const TRANSFORMER_LEVELS: [TransformerLevel; 6] = [
 
 /// One of a transformer block's linear layers: `tokens` per image (the level's, or the
 /// text's 77), `c_in` → `c_out`, with a bias or not, `calls` per block; the feed-forward's
-/// input projection runs as the engine runs it (a GEMM per image, its bias left to GEGLU).
+/// input projection runs as the engine runs it (`Pointwise`, its bias left to GEGLU).
 struct LinearLayer {
     layer: &'static str,
     tokens: usize,
     c_in: usize,
     c_out: usize,
     bias: bool,
-    per_image: bool,
+    pointwise: bool,
     calls: usize,
 }
 
@@ -748,15 +748,22 @@ fn linear_layers(level: &TransformerLevel) -> [LinearLayer; 5] {
         c_in,
         c_out,
         bias,
-        per_image: false,
+        pointwise: false,
         calls,
     };
     [
         layer("q, k, v (self), q (cross)", tokens, width, width, false, 4),
         layer("out (self, cross)", tokens, width, width, true, 2),
         LinearLayer {
-            per_image: true,
-            ..layer("ff in, per image", tokens, width, 8 * width, false, 1)
+            pointwise: true,
+            ..layer(
+                "ff in (its bias in GEGLU)",
+                tokens,
+                width,
+                8 * width,
+                false,
+                1,
+            )
         },
         layer("ff out", tokens, 4 * width, width, true, 1),
         layer(
@@ -818,7 +825,7 @@ fn linear_on(device: &Device, label: &str, levels: &[TransformerLevel], runs: us
             let linear = candle_nn::Linear::new(weight.clone(), layer.bias.then_some(bias.clone()));
             let pointwise = Pointwise::from_weights(weight, bias);
             let ms = median_ms_per_call(runs, 10, device, || {
-                if layer.per_image {
+                if layer.pointwise {
                     pointwise.tokens_to_tokens_unbiased(&tokens).unwrap()
                 } else {
                     linear.forward(&tokens).unwrap()

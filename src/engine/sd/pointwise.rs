@@ -91,9 +91,17 @@ impl Pointwise {
     }
 
     /// [`Self::tokens_to_tokens`] without the bias, for a caller that adds [`Self::bias`] in
-    /// a pass of its own (the feed-forward's gate): one pass over the output fewer.
+    /// a pass of its own (the feed-forward's gate): one pass over the output fewer. Tokens in
+    /// rows (contiguous) are one GEMM over every image's rows, as a linear layer runs (candle's
+    /// and torch's); a view is read as it stands, a GEMM per image.
     pub fn tokens_to_tokens_unbiased(&self, tokens: &Tensor) -> Result<Tensor> {
-        let batch = tokens.dim(0)?;
+        let (batch, rows, channels) = tokens.dims3()?;
+        if tokens.is_contiguous() {
+            return tokens
+                .reshape((batch * rows, channels))?
+                .matmul(&self.weight.t()?)?
+                .reshape((batch, rows, ()));
+        }
         left_side(tokens)?.matmul(&self.weight_per_image(batch)?.transpose(1, 2)?)
     }
 

@@ -85,8 +85,8 @@ struct Loaded {
 /// How a job runs: its memory plan, where its model's text encoders go if it loads, and
 /// whether the pool hands back what the steps freed before the decode allocates: where the
 /// two stretches would not fit held together, the estimate's "the decode reuses the steps'
-/// memory" is made true by construction (a device wait and the pool growing again, a few
-/// milliseconds, spent only where memory is tight).
+/// memory" is made true by construction (at the cost of a wait for the device and the pool
+/// growing again, paid only where memory is tight).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Placement {
     plan: Plan,

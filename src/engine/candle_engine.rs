@@ -627,6 +627,21 @@ impl CandleEngine {
                 sampler,
             }),
             Err(error) => {
+                if let SdError::NotFinite {
+                    part: crate::engine::profile::Part::Unet,
+                    dtype: DType::F16,
+                } = error
+                    && self.device.device.is_cuda()
+                {
+                    // A card whose f16 arithmetic is off fails every job so; the list in
+                    // `device` names the known ones, the person can name theirs.
+                    tracing::warn!(
+                        "the UNet's numbers overflowed in f16 on the {}: if every job fails so \
+                         on this card, {}=f32 runs the models in f32",
+                        self.device.info.name,
+                        super::device::PRECISION_VARIABLE
+                    );
+                }
                 let error = engine_error(error, &job.model);
                 if matches!(error, EngineError::OutOfMemory(_)) {
                     // Give back everything so the next job starts from a clean device.

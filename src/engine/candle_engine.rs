@@ -991,17 +991,28 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_gpu_plans_with_bands_and_chunks_first_and_tiles_only_when_short() {
-        // The CPU engine, told it convolves as a GPU does (column buffers).
-        let gpu_like = |room: u64| {
-            let engine = tiny_sdxl_engine().with_available_memory(move || room);
-            *engine.kernels.lock().unwrap() = GPU_LIKE;
-            engine
-        };
-        let served = gpu_like(0).models.lock().unwrap()["tiny-sdxl"].clone();
+    /// The CPU engine, told it convolves as a GPU does (column buffers) and that `room` is
+    /// free; its served tiny SDXL; and a 1024² job for it.
+    fn gpu_like(room: u64) -> CandleEngine {
+        let engine = tiny_sdxl_engine().with_available_memory(move || room);
+        *engine.kernels.lock().unwrap() = GPU_LIKE;
+        engine
+    }
+
+    fn served_tiny_sdxl() -> ServedModel {
+        gpu_like(0).models.lock().unwrap()["tiny-sdxl"].clone()
+    }
+
+    fn job_at_1024() -> JobSpec {
         let mut big = job();
         (big.width, big.height) = (1024, 1024);
+        big
+    }
+
+    #[test]
+    fn a_gpu_plans_with_bands_and_chunks_first_and_tiles_only_when_short() {
+        let served = served_tiny_sdxl();
+        let big = job_at_1024();
         let need =
             |plan| served.memory_bytes + served.working.bytes(1024, 1024, 1, true, plan, GPU_LIKE);
         let [first, tiled, least] = Plan::choices(Convolutions::Im2col) else {
@@ -1023,14 +1034,8 @@ mod tests {
 
     #[test]
     fn the_pool_hands_the_steps_memory_back_before_the_decode_only_where_both_would_not_fit() {
-        let engine = |room: u64| {
-            let engine = tiny_sdxl_engine().with_available_memory(move || room);
-            *engine.kernels.lock().unwrap() = GPU_LIKE;
-            engine
-        };
-        let served = engine(0).models.lock().unwrap()["tiny-sdxl"].clone();
-        let mut big = job();
-        (big.width, big.height) = (1024, 1024);
+        let served = served_tiny_sdxl();
+        let big = job_at_1024();
         let first = Plan::choices(Convolutions::Im2col)[0];
         let estimate = served
             .working
@@ -1040,15 +1045,15 @@ mod tests {
         let [reused, held] = [estimate.peak(), estimate.peak_if_held()].map(|peak| weights + peak);
         assert!(held > reused, "holding both stretches needs more");
         // Room for both held together: the pool is kept through the job.
-        let roomy = engine(held).make_room(&big).unwrap();
+        let roomy = gpu_like(held).make_room(&big).unwrap();
         assert_eq!(roomy.plan, first);
         assert!(!roomy.hand_back_before_decode);
         // Room for the larger stretch alone: the same plan, the pool handed back between.
-        let tight = engine(held - 1).make_room(&big).unwrap();
+        let tight = gpu_like(held - 1).make_room(&big).unwrap();
         assert_eq!(tight.plan, first);
         assert!(tight.hand_back_before_decode);
         assert!(
-            engine(reused)
+            gpu_like(reused)
                 .make_room(&big)
                 .unwrap()
                 .hand_back_before_decode
@@ -1069,9 +1074,8 @@ mod tests {
             attention: AttentionKernel::Fused,
             ..DeviceKernels::CPU
         };
-        let served = tiny_sdxl_engine().models.lock().unwrap()["tiny-sdxl"].clone();
-        let mut big = job();
-        (big.width, big.height) = (1024, 1024);
+        let served = served_tiny_sdxl();
+        let big = job_at_1024();
         let need = |kernels: DeviceKernels| {
             Plan::choices(kernels.convolutions)
                 .iter()

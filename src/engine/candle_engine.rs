@@ -129,19 +129,6 @@ impl CandleEngine {
         models: &BTreeMap<String, PathBuf>,
         budget_mb: u64,
     ) -> (Self, Vec<RefusedModel>) {
-        let mut served = BTreeMap::new();
-        let mut refused = Vec::new();
-        for (model_id, root) in models {
-            match check_folder(root, device.dtype) {
-                Ok(model) => {
-                    served.insert(model_id.clone(), model);
-                }
-                Err(reason) => refused.push(RefusedModel {
-                    model_id: model_id.clone(),
-                    reason,
-                }),
-            }
-        }
         let budget_bytes = if budget_mb > 0 {
             budget_mb * 1024 * 1024
         } else if device.info.memory_mb > 0 {
@@ -172,7 +159,7 @@ impl CandleEngine {
         });
         let engine = Self {
             device,
-            models: Mutex::new(served),
+            models: Mutex::new(BTreeMap::new()),
             loaded: Mutex::new(Vec::new()),
             budget_bytes,
             available_memory,
@@ -180,7 +167,72 @@ impl CandleEngine {
             kernels,
             text_can_move,
         };
+        let mut refused = Vec::new();
+        for (model_id, root) in models {
+            match engine.checked(root) {
+                Ok(model) => {
+                    engine
+                        .models
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(model_id.clone(), model);
+                }
+                Err(reason) => refused.push(RefusedModel {
+                    model_id: model_id.clone(),
+                    reason,
+                }),
+            }
+        }
         (engine, refused)
+    }
+
+    /// The folder at `root` checked ([`check_folder`]), and within the memory budget: a model
+    /// whose least job (the smallest side, one image, guided, the most saving plan, its text
+    /// encoders on the CPU where they may go) does not fit is refused, with what it needs,
+    /// rather than served and failing every job as out of memory.
+    fn checked(&self, root: &Path) -> Result<ServedModel, String> {
+        let model = check_folder(root, self.device.dtype)?;
+        let least = self.least_bytes(&model, MIN_SIDE, 1);
+        if least > self.budget_bytes {
+            return Err(format!(
+                "it needs about {} of {} memory even for a {MIN_SIDE}×{MIN_SIDE} image{}, and \
+                 this worker may use {} of it",
+                crate::human::bytes(least),
+                if self.device.device.is_cpu() {
+                    "the machine's"
+                } else {
+                    "the GPU's"
+                },
+                if self.text_can_move {
+                    " with its text encoders on the CPU"
+                } else {
+                    ""
+                },
+                crate::human::bytes(self.budget_bytes)
+            ));
+        }
+        Ok(model)
+    }
+
+    /// What `model` needs at the least on the device for `images` guided images of `side`²:
+    /// its weights, with its text encoders on the CPU where they may go there, and the
+    /// working memory of the device's most saving plan.
+    fn least_bytes(&self, model: &ServedModel, side: u32, images: u32) -> u64 {
+        let kernels = self.kernels();
+        let text = if self.text_can_move {
+            TextPlacement::Cpu
+        } else {
+            TextPlacement::WithModel
+        };
+        model.device_bytes(text)
+            + model.working.bytes(
+                side,
+                side,
+                images,
+                true,
+                Plan::most_saving(kernels.convolutions),
+                kernels,
+            )
     }
 
     /// The same engine, told the memory free by `probe` instead of asking the machine (tests).
@@ -318,8 +370,8 @@ impl CandleEngine {
     }
 
     /// What the engine advertises: the largest side (and image count) whose job fits the
-    /// memory budget beside every served model's weights, guided (the worst case), with the
-    /// device's most saving plan.
+    /// memory budget for every served model, at the least it needs ([`Self::least_bytes`]:
+    /// guided, the worst case, with the device's most saving plan and placement).
     fn limits_within_budget(&self) -> EngineLimits {
         let models: Vec<ServedModel> = self
             .models
@@ -328,13 +380,10 @@ impl CandleEngine {
             .values()
             .cloned()
             .collect();
-        let kernels = self.kernels();
-        let plan = Plan::most_saving(kernels.convolutions);
         let fits = |side: u32, images: u32| {
-            models.iter().all(|model| {
-                model.memory_bytes + model.working.bytes(side, side, images, true, plan, kernels)
-                    <= self.budget_bytes
-            })
+            models
+                .iter()
+                .all(|model| self.least_bytes(model, side, images) <= self.budget_bytes)
         };
         let max_side = if self.device.device.is_cpu() {
             CPU_MAX_SIDE
@@ -401,15 +450,18 @@ impl CandleEngine {
             loaded.push(entry);
             return Ok(pipeline);
         }
-        if served.memory_bytes > self.budget_bytes {
+        // What comes onto the device: with the text encoders on the CPU, their weights are in
+        // the machine's memory instead.
+        let weights = served.device_bytes(text);
+        if weights > self.budget_bytes {
             return Err(EngineError::OutOfMemory(format!(
                 "{model_id} needs about {} MB and the memory budget is {} MB",
-                served.memory_bytes / (1024 * 1024),
+                weights / (1024 * 1024),
                 self.budget_bytes / (1024 * 1024)
             )));
         }
         while !loaded.is_empty()
-            && loaded.iter().map(|entry| entry.memory_bytes).sum::<u64>() + served.memory_bytes
+            && loaded.iter().map(|entry| entry.memory_bytes).sum::<u64>() + weights
                 > self.budget_bytes
         {
             let evicted = loaded.remove(0);
@@ -435,7 +487,7 @@ impl CandleEngine {
         loaded.push(Loaded {
             model_id: model_id.to_owned(),
             pipeline: pipeline.clone(),
-            memory_bytes: served.device_bytes(text),
+            memory_bytes: weights,
         });
         Ok(pipeline)
     }
@@ -504,7 +556,7 @@ impl Engine for CandleEngine {
     }
 
     fn serve(&self, model_id: &str, folder: &Path) -> Result<(), ServeError> {
-        let model = check_folder(folder, self.device.dtype).map_err(ServeError::Unusable)?;
+        let model = self.checked(folder).map_err(ServeError::Unusable)?;
         self.models
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -989,6 +1041,58 @@ mod tests {
             message,
             "the UNet's numbers overflowed in f16 (NaN or infinity), so no image was made"
         );
+    }
+
+    #[test]
+    fn a_model_too_large_for_the_budget_is_refused_and_the_rest_keep_their_limits() {
+        let fixture = |name: &str| {
+            (
+                name.to_owned(),
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/models")
+                    .join(name),
+            )
+        };
+        let both: BTreeMap<String, PathBuf> = [fixture("tiny-sd1"), fixture("tiny-sdxl")]
+            .into_iter()
+            .collect();
+        let engine_with = |models: &BTreeMap<String, PathBuf>, budget_mb: u64| {
+            let device = crate::engine::device::select(DevicePreference::Cpu).unwrap();
+            CandleEngine::new(device, models, budget_mb)
+        };
+        // What each needs at the least, in whole MiB.
+        let (unlimited, refused) = engine_with(&both, 0);
+        assert!(refused.is_empty(), "{refused:?}");
+        let least_mb = |model_id: &str| {
+            let served = unlimited.models.lock().unwrap()[model_id].clone();
+            unlimited
+                .least_bytes(&served, MIN_SIDE, 1)
+                .div_ceil(1024 * 1024)
+        };
+        let (small, large) = (least_mb("tiny-sd1"), least_mb("tiny-sdxl"));
+        eprintln!("least: tiny-sd1 {small} MiB, tiny-sdxl {large} MiB");
+        assert!(small < large, "{small} MiB against {large} MiB");
+
+        // A budget the smaller fits and the larger does not.
+        let (engine, refused) = engine_with(&both, small);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].model_id, "tiny-sdxl");
+        assert!(
+            refused[0].reason.contains("needs about") && refused[0].reason.contains("may use"),
+            "{}",
+            refused[0].reason
+        );
+        assert_eq!(engine.ready_models(), ["tiny-sd1"]);
+        // The refused model does not shrink what the others advertise.
+        let alone: BTreeMap<String, PathBuf> = [fixture("tiny-sd1")].into_iter().collect();
+        assert_eq!(engine.limits(), engine_with(&alone, small).0.limits());
+        // Served later (a download finishing), it is refused the same way.
+        let (_, folder) = fixture("tiny-sdxl");
+        match engine.serve("tiny-sdxl", &folder) {
+            Err(ServeError::Unusable(reason)) => assert_eq!(reason, refused[0].reason),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(engine.ready_models(), ["tiny-sd1"]);
     }
 
     /// The CPU engine, told it convolves as a GPU does (column buffers) and that `room` is

@@ -186,18 +186,17 @@ impl CandleEngine {
         (engine, refused)
     }
 
-    /// The folder at `root` checked ([`check_folder`]), and within the memory budget: a model
-    /// whose least job (the smallest side, one image, guided, the most saving plan, its text
-    /// encoders on the CPU where they may go) does not fit is refused, with what it needs,
-    /// rather than served and failing every job as out of memory.
+    /// The folder at `root` checked ([`check_folder`]), and its weights within the memory
+    /// budget (its text encoders on the CPU where they may go): a model that cannot load is
+    /// refused with what it needs, rather than served and failing every job as out of
+    /// memory (and shrinking what the other models advertise).
     fn checked(&self, root: &Path) -> Result<ServedModel, String> {
         let model = check_folder(root, self.device.dtype)?;
-        let least = self.least_bytes(&model, MIN_SIDE, 1);
-        if least > self.budget_bytes {
+        let weights = model.device_bytes(self.least_text_placement());
+        if weights > self.budget_bytes {
             return Err(format!(
-                "it needs about {} of {} memory even for a {MIN_SIDE}×{MIN_SIDE} image{}, and \
-                 this worker may use {} of it",
-                crate::human::bytes(least),
+                "its weights need about {} of {} memory{}, and this worker may use {} of it",
+                crate::human::bytes(weights),
                 if self.device.device.is_cpu() {
                     "the machine's"
                 } else {
@@ -214,17 +213,21 @@ impl CandleEngine {
         Ok(model)
     }
 
+    /// Where a model's text encoders leave the device the most room.
+    fn least_text_placement(&self) -> TextPlacement {
+        if self.text_can_move {
+            TextPlacement::Cpu
+        } else {
+            TextPlacement::WithModel
+        }
+    }
+
     /// What `model` needs at the least on the device for `images` guided images of `side`²:
     /// its weights, with its text encoders on the CPU where they may go there, and the
     /// working memory of the device's most saving plan.
     fn least_bytes(&self, model: &ServedModel, side: u32, images: u32) -> u64 {
         let kernels = self.kernels();
-        let text = if self.text_can_move {
-            TextPlacement::Cpu
-        } else {
-            TextPlacement::WithModel
-        };
-        model.device_bytes(text)
+        model.device_bytes(self.least_text_placement())
             + model.working.bytes(
                 side,
                 side,
@@ -263,8 +266,9 @@ impl CandleEngine {
     /// the device's [`Plan::choices`] that fits; on a GPU, when none does, the same with the
     /// model's text encoders on the CPU (if it is not loaded yet); and only then after
     /// unloading the other models. A job that fits no way is refused as out of memory before
-    /// anything is allocated. (The budget bounds the loaded weights and what is advertised;
-    /// the free memory is what a job can really have, with a game beside it.)
+    /// anything is allocated. (The budget bounds the loaded weights, so a placement of the
+    /// text encoders that exceeds it is not taken, and what is advertised; the free memory
+    /// is what a job can really have, with a game beside it.)
     fn make_room(&self, job: &JobSpec) -> Result<Placement, EngineError> {
         let Some(served) = self
             .models
@@ -305,8 +309,20 @@ impl CandleEngine {
             texts
                 .into_iter()
                 .map(|text| (text, served.device_bytes(text)))
+                // The budget bounds the loaded weights: with the text encoders where it
+                // would be exceeded, the load would refuse.
+                .filter(|&(_, weights)| weights <= self.budget_bytes)
                 .collect()
         };
+        if placements.is_empty() {
+            // Only where its weights grew since it was served (its VAE upcast).
+            return Err(EngineError::OutOfMemory(format!(
+                "{} needs about {} of weights on the device and the memory budget is {}",
+                job.model,
+                crate::human::bytes(served.device_bytes(self.least_text_placement())),
+                crate::human::bytes(self.budget_bytes)
+            )));
+        }
         let available = (self.available_memory)();
         let fits = |room: u64| {
             placements.iter().find_map(|&(text, weights)| {
@@ -866,6 +882,25 @@ mod tests {
             TextPlacement::WithModel
         );
 
+        // With room on the device but a budget that holds the weights only without the text
+        // encoders, they go to the CPU too (with them, the load would refuse).
+        let mut budgeted = tiny_sdxl_engine().with_available_memory(|| u64::MAX);
+        budgeted.text_can_move = true;
+        budgeted.budget_bytes = served.memory_bytes - 1;
+        assert_eq!(budgeted.make_room(&job()).unwrap().text, TextPlacement::Cpu);
+        budgeted
+            .generate(&job(), &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        // A budget its weights exceed either way (served, then grown): refused, not loaded.
+        budgeted.unload();
+        budgeted.budget_bytes = served.device_bytes(TextPlacement::Cpu) - 1;
+        match budgeted.make_room(&job()) {
+            Err(EngineError::OutOfMemory(message)) => {
+                assert!(message.contains("the memory budget is"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+
         // With room for everything, they stay with the model; where they cannot move, a
         // device without the room refuses before loading.
         let mut roomy = tiny_sdxl_engine().with_available_memory(|| u64::MAX);
@@ -1044,52 +1079,49 @@ mod tests {
     }
 
     #[test]
-    fn a_model_too_large_for_the_budget_is_refused_and_the_rest_keep_their_limits() {
+    fn a_model_whose_weights_exceed_the_budget_is_not_served_and_says_what_it_needs() {
         let fixture = |name: &str| {
-            (
-                name.to_owned(),
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("tests/fixtures/models")
-                    .join(name),
-            )
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models")
+                .join(name)
         };
-        let both: BTreeMap<String, PathBuf> = [fixture("tiny-sd1"), fixture("tiny-sdxl")]
-            .into_iter()
-            .collect();
-        let engine_with = |models: &BTreeMap<String, PathBuf>, budget_mb: u64| {
+        let engine_with = |models: &[&str], budget_mb: u64| {
+            let models: BTreeMap<String, PathBuf> = models
+                .iter()
+                .map(|name| ((*name).to_owned(), fixture(name)))
+                .collect();
             let device = crate::engine::device::select(DevicePreference::Cpu).unwrap();
-            CandleEngine::new(device, models, budget_mb)
+            CandleEngine::new(device, &models, budget_mb)
         };
-        // What each needs at the least, in whole MiB.
-        let (unlimited, refused) = engine_with(&both, 0);
-        assert!(refused.is_empty(), "{refused:?}");
-        let least_mb = |model_id: &str| {
-            let served = unlimited.models.lock().unwrap()[model_id].clone();
-            unlimited
-                .least_bytes(&served, MIN_SIDE, 1)
-                .div_ceil(1024 * 1024)
-        };
-        let (small, large) = (least_mb("tiny-sd1"), least_mb("tiny-sdxl"));
-        eprintln!("least: tiny-sd1 {small} MiB, tiny-sdxl {large} MiB");
-        assert!(small < large, "{small} MiB against {large} MiB");
-
-        // A budget the smaller fits and the larger does not.
-        let (engine, refused) = engine_with(&both, small);
-        assert_eq!(refused.len(), 1, "{refused:?}");
-        assert_eq!(refused[0].model_id, "tiny-sdxl");
-        assert!(
-            refused[0].reason.contains("needs about") && refused[0].reason.contains("may use"),
-            "{}",
-            refused[0].reason
+        // 2 MiB: neither tiny model's f32 weights (2.25 and 2.82 MB) fit.
+        let (engine, refused) = engine_with(&["tiny-sd1", "tiny-sdxl"], 2);
+        assert!(engine.ready_models().is_empty());
+        let reasons: Vec<&str> = refused.iter().map(|model| model.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "its weights need about 2.25 MB of the machine's memory, and this worker may use \
+                 2.10 MB of it",
+                "its weights need about 2.82 MB of the machine's memory, and this worker may use \
+                 2.10 MB of it",
+            ]
         );
-        assert_eq!(engine.ready_models(), ["tiny-sd1"]);
-        // The refused model does not shrink what the others advertise.
-        let alone: BTreeMap<String, PathBuf> = [fixture("tiny-sd1")].into_iter().collect();
-        assert_eq!(engine.limits(), engine_with(&alone, small).0.limits());
-        // Served later (a download finishing), it is refused the same way.
-        let (_, folder) = fixture("tiny-sdxl");
-        match engine.serve("tiny-sdxl", &folder) {
-            Err(ServeError::Unusable(reason)) => assert_eq!(reason, refused[0].reason),
+
+        // A budget of tiny-sd1's weights exactly: it is served when its download finishes,
+        // tiny-sdxl is refused the same way, and stays out of what the engine offers.
+        let (mut engine, refused) = engine_with(&[], 0);
+        assert!(refused.is_empty());
+        engine.budget_bytes = check_folder(&fixture("tiny-sd1"), DType::F32)
+            .unwrap()
+            .memory_bytes;
+        engine.serve("tiny-sd1", &fixture("tiny-sd1")).unwrap();
+        match engine.serve("tiny-sdxl", &fixture("tiny-sdxl")) {
+            Err(ServeError::Unusable(reason)) => {
+                assert!(
+                    reason.starts_with("its weights need about 2.82 MB"),
+                    "{reason}"
+                )
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(engine.ready_models(), ["tiny-sd1"]);

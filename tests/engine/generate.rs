@@ -211,14 +211,27 @@ fn a_model_over_the_memory_budget_is_refused_and_lru_makes_room() {
         .expect("runs");
     assert_eq!(engine.loaded_models(), vec!["tiny-sdxl"], "sd1 made room");
 
-    let tiny_budget = self::engine(1);
-    let refused = tiny_budget.generate(&job("tiny-sdxl", 1), &mut |_| {}, &CancelToken::new());
-    match refused {
-        Err(EngineError::OutOfMemory(message)) => {
-            assert!(message.contains("memory budget is 1 MB"), "{message}")
-        }
-        other => panic!("expected an out-of-memory refusal, got {other:?}"),
+    // 1 MB holds neither: both are refused as the engine starts, with what they need, and a
+    // job for one finds it unavailable rather than failing for memory after loading.
+    let mut models = BTreeMap::new();
+    models.insert("tiny-sd1".to_owned(), fixture("tiny-sd1"));
+    models.insert("tiny-sdxl".to_owned(), fixture("tiny-sdxl"));
+    let device = device::select(DevicePreference::Cpu).expect("the CPU opens");
+    let (tiny_budget, refused) = CandleEngine::new(device, &models, 1);
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for model in &refused {
+        assert!(
+            model.reason.contains("weights need about") && model.reason.ends_with("1.05 MB of it"),
+            "{}",
+            model.reason
+        );
     }
+    assert!(tiny_budget.ready_models().is_empty());
+    let unavailable = tiny_budget.generate(&job("tiny-sdxl", 1), &mut |_| {}, &CancelToken::new());
+    assert!(
+        matches!(unavailable, Err(EngineError::ModelUnavailable(_))),
+        "{unavailable:?}"
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use candle_core::DType;
 use super::device::{DeviceError, SelectedDevice};
 use super::sd::working_memory::{DeviceKernels, Plan, WorkingMemory};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage, TextPlacement};
-use super::{CancelToken, Engine, EngineError, Generated, ServeError};
+use super::{CancelToken, Engine, EngineError, Generated, RefusedModel, ServeError};
 use crate::vocab::device::{DeviceInfo, DevicePreference};
 use crate::vocab::job::{EngineLimits, JobSpec};
 use crate::vocab::progress::{JobProgress, Stage};
@@ -110,13 +110,8 @@ pub struct CandleEngine {
     /// Whether a model's text encoders may go to the CPU to leave the device room (on a
     /// GPU; on the CPU they are there already).
     text_can_move: bool,
-}
-
-/// A model the engine was asked to serve but cannot, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RefusedModel {
-    pub model_id: String,
-    pub reason: String,
+    /// The models given at the start that it does not serve, and why.
+    refused: Vec<RefusedModel>,
 }
 
 impl CandleEngine {
@@ -157,7 +152,7 @@ impl CandleEngine {
                 .err()
                 .map(|error| readable_driver_error(&super::first_line(&error)))
         });
-        let engine = Self {
+        let mut engine = Self {
             device,
             models: Mutex::new(BTreeMap::new()),
             loaded: Mutex::new(Vec::new()),
@@ -166,6 +161,7 @@ impl CandleEngine {
             device_probe,
             kernels,
             text_can_move,
+            refused: Vec::new(),
         };
         let mut refused = Vec::new();
         for (model_id, root) in models {
@@ -183,6 +179,7 @@ impl CandleEngine {
                 }),
             }
         }
+        engine.refused.clone_from(&refused);
         (engine, refused)
     }
 
@@ -552,6 +549,10 @@ impl Engine for CandleEngine {
             .keys()
             .cloned()
             .collect()
+    }
+
+    fn refused_models(&self) -> Vec<RefusedModel> {
+        self.refused.clone()
     }
 
     fn needs_preparing(&self) -> bool {

@@ -51,6 +51,15 @@ pub enum EngineError {
     DeviceLost(String),
 }
 
+/// A model the engine was asked to serve but cannot, and why: its folder does not pass the
+/// checks, or its weights exceed the memory budget.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedModel {
+    pub model_id: String,
+    pub reason: String,
+}
+
 /// Why a model folder is not served.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ServeError {
@@ -135,6 +144,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Ids of the models that are on disk, verified and can run now.
     fn ready_models(&self) -> Vec<String>;
+
+    /// The models it was given when it started but cannot serve, and why (a model served
+    /// later, after its download, answers in [`Engine::serve`]'s error instead).
+    fn refused_models(&self) -> Vec<RefusedModel> {
+        Vec::new()
+    }
 
     /// Runs one validated job. Called from a blocking thread, one job at a time.
     fn generate(

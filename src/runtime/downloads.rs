@@ -150,20 +150,38 @@ impl Downloads {
                     // Serving opens the model's files: on the blocking pool.
                     let engine = self.engine.clone();
                     let model_id = entry.id;
-                    match tokio::task::spawn_blocking(move || engine.serve(model_id, &folder)).await
-                    {
-                        Ok(Ok(())) => tracing::info!("{} downloaded and served", entry.id),
-                        Ok(Err(reason)) => {
-                            tracing::error!("{} cannot be served: {reason}", entry.id);
-                        }
-                        Err(error) => tracing::error!("serving {} broke off: {error}", entry.id),
-                    }
+                    let refusal =
+                        match tokio::task::spawn_blocking(move || engine.serve(model_id, &folder))
+                            .await
+                        {
+                            Ok(Ok(())) => {
+                                tracing::info!("{} downloaded and served", entry.id);
+                                None
+                            }
+                            Ok(Err(reason)) => {
+                                tracing::error!("{} cannot be served: {reason}", entry.id);
+                                Some(reason.to_string())
+                            }
+                            Err(error) => {
+                                tracing::error!("serving {} broke off: {error}", entry.id);
+                                Some(format!("serving it broke off: {error}"))
+                            }
+                        };
                     let ready = self.engine.ready_models();
                     self.status.send_modify(|status| {
                         status
                             .downloads
                             .retain(|download| download.model_id != entry.id);
                         status.models_ready = Some(ready);
+                        status
+                            .models_refused
+                            .retain(|refused| refused.model_id != entry.id);
+                        if let Some(reason) = refusal {
+                            status.models_refused.push(crate::engine::RefusedModel {
+                                model_id: entry.id.to_owned(),
+                                reason,
+                            });
+                        }
                     });
                     // Served (or refused): no longer coming. Wakes the job loop.
                     self.coming

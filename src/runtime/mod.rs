@@ -9,7 +9,7 @@
 //! | `job_loop` | `jobs.current/recent/claim_blocked`, the running job's id; writes the outbox; asks for a restart when the GPU stops working ([`gpu_recovery`]) | claims, pause, config and outbox changes |
 //! | `uploader` | [`signals::OutboxState`], the waiting results; removes from the outbox | new outbox entries, its backoffs, Retry now, Discard |
 //! | `lease keeper` | — (renews the leases of waiting results; tells the uploader what the studio no longer wants) | its timer, the waiting results |
-//! | `downloads` | `downloads`, `models_ready`, the models still coming | enabled models changing |
+//! | `downloads` | `downloads`, `models_ready`, `models_refused`, the models still coming | enabled models changing |
 //! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, [`HostRequests`] | [`Command`]s from the UI, tray, CLI |
 //! | `control` | — (turns local `pause`/`resume`/`quit` requests into [`Command`]s) | connections on 127.0.0.1 |
 //! | `mirror` | `registration`, `paused` in [`WorkerStatus`] | every saved config change |
@@ -225,6 +225,9 @@ impl Runtime {
         initial.device_note = engine.as_ref().and_then(|engine| engine.device_note());
         initial.restarted = options.gpu_recovery.restarted();
         initial.models_ready = engine.as_ref().map(|engine| engine.ready_models());
+        initial.models_refused = engine
+            .as_ref()
+            .map_or_else(Vec::new, |engine| engine.refused_models());
         initial.settings_recovered = options.recovered_config.map(|broken| {
             format!(
                 "the settings file could not be read ({}); it was kept as {} and default settings are in use",

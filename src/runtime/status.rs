@@ -73,7 +73,7 @@ pub struct WorkerStatus {
     /// Writer: the runtime at start. What the engine runs on.
     pub device: Option<crate::vocab::device::DeviceInfo>,
     /// Why the engine runs on the CPU although a GPU was wanted (no driver, the CUDA build
-    /// could not start, the GPU did not open…).
+    /// could not start, the GPU did not open…), or why a GPU runs the models in f32.
     pub device_note: Option<String>,
     /// Writer: the runtime at start. This worker was started again because the GPU stopped
     /// working in the one before (`gpu_recovery`).
@@ -81,6 +81,11 @@ pub struct WorkerStatus {
     /// Writers: the runtime at start, the downloads task when a model joins. The models
     /// that can run now (`None`: no engine).
     pub models_ready: Option<Vec<String>>,
+    /// Writers: the runtime at start, the downloads task when a downloaded model is served
+    /// or refused. The models given to serve that cannot run, and why (a broken folder, or
+    /// weights the memory budget cannot hold).
+    #[serde(default)]
+    pub models_refused: Vec<crate::engine::RefusedModel>,
     /// Writer: the downloads task. Catalog models being fetched (or that could not be).
     pub downloads: Vec<ModelDownload>,
     /// Set at start when the settings file could not be read and was kept aside: where it
@@ -115,6 +120,7 @@ impl WorkerStatus {
             device_note: None,
             restarted: None,
             models_ready: None,
+            models_refused: Vec::new(),
             downloads: Vec::new(),
             settings_recovered: None,
             settings_problem: None,

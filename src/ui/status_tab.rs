@@ -290,6 +290,12 @@ fn this_pc_ui(ui: &mut egui::Ui, status: &WorkerStatus) {
     if let Some(models) = status.models_summary() {
         ui.label(human::capitalise(&models));
     }
+    for refused in &status.models_refused {
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            format!("{} is not served: {}", refused.model_id, refused.reason),
+        );
+    }
     for download in &status.downloads {
         download_ui(ui, download);
     }

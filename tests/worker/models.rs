@@ -76,8 +76,17 @@ fn start_with_downloads(
     home: &crate::support::WorkerHome,
     setup: &Setup,
 ) -> studio_worker::runtime::Runtime {
+    start_with_downloads_within(home, setup, 0)
+}
+
+/// The same, the engine's memory budget `budget_mb` (0: its default).
+fn start_with_downloads_within(
+    home: &crate::support::WorkerHome,
+    setup: &Setup,
+    budget_mb: u64,
+) -> studio_worker::runtime::Runtime {
     let cpu = device::select(DevicePreference::Cpu).unwrap();
-    let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
+    let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), budget_mb);
     Runtime::start(
         home.shared(),
         RuntimeOptions {
@@ -508,6 +517,51 @@ async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
     runtime.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloaded_model_the_memory_budget_cannot_hold_is_shown_as_not_served() {
+    let hub_setup = setup().await;
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    let mut settings: Config = home.write_config(&studio.url());
+    settings.models.enabled = vec!["tiny".to_owned()];
+    config::save(&home.config_path(), &settings).unwrap();
+    // 1 MB: the tiny model's f32 weights are 2.25 MB.
+    let runtime = start_with_downloads_within(&home, &hub_setup, 1);
+    let handle = runtime.handle();
+    eventually("refused once downloaded", PATIENCE, || {
+        handle
+            .status()
+            .models_refused
+            .iter()
+            .any(|refused| refused.model_id == "tiny")
+    })
+    .await;
+    let status = handle.status();
+    assert!(status.downloads.is_empty(), "no longer coming");
+    assert_eq!(
+        status.models_summary().as_deref(),
+        Some("no model ready yet")
+    );
+    let reason = &status.models_refused[0].reason;
+    assert!(
+        reason.starts_with("its weights need about 2.25 MB of the machine's memory")
+            && reason.ends_with("may use 1.05 MB of it"),
+        "{reason}"
+    );
+    // Neither ready nor coming: the studio is not told of it.
+    eventually("a heartbeat without it", PATIENCE, || {
+        studio.workers().iter().any(|worker| {
+            worker
+                .heartbeats
+                .last()
+                .is_some_and(|beat| beat["capabilities"]["models"] == serde_json::json!([]))
+        })
+    })
+    .await;
+    runtime.shutdown().await;
+}
+
 #[test]
 fn the_engine_leaves_out_a_local_folder_whose_weights_do_not_fit_its_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -528,6 +582,8 @@ fn the_engine_leaves_out_a_local_folder_whose_weights_do_not_fit_its_config() {
     let (engine, refused) = CandleEngine::new(cpu, &models, 0);
     assert_eq!(engine.ready_models(), vec!["good"]);
     assert_eq!(refused.len(), 1);
+    // What the runtime shows the person at start.
+    assert_eq!(engine.refused_models(), refused);
     assert!(
         refused[0].reason.contains("mlp.fc1.weight") && refused[0].reason.contains("shape"),
         "{}",

@@ -477,6 +477,27 @@ fn the_status_tab_says_which_backend_runs_and_why_not_a_gpu() {
 }
 
 #[test]
+fn the_status_tab_says_which_models_are_not_served_and_why() {
+    let mut window = Window::new(approved());
+    window.set_status(|s| s.models_ready = Some(vec!["sd-turbo".into()]));
+    assert!(window.shows("Models ready: sd-turbo"));
+    assert!(!window.shows("is not served"));
+    window.set_status(|s| {
+        s.models_refused = vec![studio_worker::engine::RefusedModel {
+            model_id: "sdxl-base".into(),
+            reason: "its weights need about 5.50 GB of the GPU's memory with its text encoders \
+                     on the CPU, and this worker may use 5.15 GB of it"
+                .into(),
+        }];
+    });
+    assert!(window.shows(
+        "sdxl-base is not served: its weights need about 5.50 GB of the GPU's memory with its \
+         text encoders on the CPU, and this worker may use 5.15 GB of it"
+    ));
+    assert!(window.shows("Models ready: sd-turbo"));
+}
+
+#[test]
 fn the_status_tab_says_the_worker_was_started_again_for_a_lost_gpu() {
     let mut window = Window::new(approved());
     assert!(!window.shows("Started again"));

@@ -142,7 +142,12 @@ pub(super) async fn run(task: CommandsTask) {
                 if added.is_ok() {
                     tracing::info!("model {model_id} added from {}", folder.display());
                     let ready = engine.as_ref().map(|engine| engine.ready_models());
-                    status.send_modify(|s| s.models_ready = ready);
+                    status.send_modify(|s| {
+                        s.models_ready = ready;
+                        // Refused at start (a folder since fixed), served now.
+                        s.models_refused
+                            .retain(|refused| refused.model_id != *model_id);
+                    });
                 }
                 added.map_err(CommandError::from)
             }

@@ -596,14 +596,23 @@ async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
     let studio = TestStudio::start().await;
     let home = WorkerHome::new();
     home.write_config(&studio.url());
+    // "mine" was a folder that is not a model when the worker started: refused then, and
+    // the Status tab says so.
+    let empty = tempfile::tempdir().unwrap();
     let cpu = device::select(DevicePreference::Cpu).unwrap();
-    let (engine, _) = CandleEngine::new(cpu, &BTreeMap::new(), 0);
+    let at_start = BTreeMap::from([("mine".to_owned(), empty.path().to_owned())]);
+    let (engine, _) = CandleEngine::new(cpu, &at_start, 0);
     let engine = Arc::new(engine);
     let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
     let handle = runtime.handle();
+    let refused_at_start = |handle: &studio_worker::runtime::RuntimeHandle| {
+        handle.status().models_refused.iter().any(|refused| {
+            refused.model_id == "mine" && refused.reason.contains("model_index.json")
+        })
+    };
+    assert!(refused_at_start(&handle));
 
     // A folder that is not a model: refused, with the reason where the window shows it.
-    let empty = tempfile::tempdir().unwrap();
     handle.send(Command::AddLocalModel {
         model_id: "nothing".into(),
         folder: empty.path().to_owned(),
@@ -628,6 +637,11 @@ async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
     })
     .await;
     assert_eq!(engine.ready_models(), vec!["mine"]);
+    // Served now: no longer shown as refused.
+    eventually("the start's refusal cleared", PATIENCE, || {
+        !refused_at_start(&handle)
+    })
+    .await;
     runtime.shutdown().await;
 }
 

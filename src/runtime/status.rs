@@ -82,8 +82,9 @@ pub struct WorkerStatus {
     /// that can run now (`None`: no engine).
     pub models_ready: Option<Vec<String>>,
     /// Writers: the runtime at start, the downloads task when a downloaded model is served
-    /// or refused. The models given to serve that cannot run, and why (a broken folder, or
-    /// weights the memory budget cannot hold).
+    /// or refused, the commands task when a local folder is served. The models given to
+    /// serve that cannot run, and why (a broken folder, or weights the memory budget cannot
+    /// hold).
     #[serde(default)]
     pub models_refused: Vec<crate::engine::RefusedModel>,
     /// Writer: the downloads task. Catalog models being fetched (or that could not be).

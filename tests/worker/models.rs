@@ -108,6 +108,18 @@ fn start_with_downloads_within(
     .unwrap()
 }
 
+/// A studio that approves at the first poll after the registration, and a worker home whose
+/// settings point at it and enable `enabled` catalog models.
+async fn studio_and_home_enabling(enabled: &[&str]) -> (TestStudio, WorkerHome) {
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    let mut settings: Config = home.write_config(&studio.url());
+    settings.models.enabled = enabled.iter().map(|id| (*id).to_owned()).collect();
+    config::save(&home.config_path(), &settings).unwrap();
+    (studio, home)
+}
+
 async fn pull(setup: &Setup) -> (Result<PathBuf, PullError>, Vec<DownloadProgress>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
@@ -412,12 +424,7 @@ async fn a_complete_cache_is_ready_offline_and_verify_and_remove_work_on_it() {
 async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_them() {
     let hub_setup = setup().await;
     hub_setup.hub.gate(REPO, Some("hf_needed"));
-    let studio = TestStudio::start().await;
-    studio.set_decision(Decision::ApproveAfterPolls(1));
-    let home = WorkerHome::new();
-    let mut settings: Config = home.write_config(&studio.url());
-    settings.models.enabled = vec!["tiny".to_owned()];
-    config::save(&home.config_path(), &settings).unwrap();
+    let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
 
     // Gated: the status says why, and the worker heartbeats as `loading`, claiming nothing.
     let runtime = start_with_downloads(&home, &hub_setup);
@@ -481,12 +488,7 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
     let hub_setup = setup().await;
-    let studio = TestStudio::start().await;
-    studio.set_decision(Decision::ApproveAfterPolls(1));
-    let home = WorkerHome::new();
-    let mut settings: Config = home.write_config(&studio.url());
-    settings.models.enabled = Vec::new();
-    config::save(&home.config_path(), &settings).unwrap();
+    let (studio, home) = studio_and_home_enabling(&[]).await;
     let runtime = start_with_downloads(&home, &hub_setup);
     let handle = runtime.handle();
     eventually("a heartbeat", PATIENCE, || {
@@ -520,12 +522,7 @@ async fn enabling_a_model_while_running_downloads_and_serves_it_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_downloaded_model_the_memory_budget_cannot_hold_is_shown_as_not_served() {
     let hub_setup = setup().await;
-    let studio = TestStudio::start().await;
-    studio.set_decision(Decision::ApproveAfterPolls(1));
-    let home = WorkerHome::new();
-    let mut settings: Config = home.write_config(&studio.url());
-    settings.models.enabled = vec!["tiny".to_owned()];
-    config::save(&home.config_path(), &settings).unwrap();
+    let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
     // 1 MB: the tiny model's f32 weights are 2.25 MB.
     let runtime = start_with_downloads_within(&home, &hub_setup, 1);
     let handle = runtime.handle();
@@ -667,12 +664,7 @@ async fn a_running_jobs_lease_renewals_keep_their_cadence_while_a_large_download
         .set_len(BIG)
         .unwrap();
 
-    let studio = TestStudio::start().await;
-    studio.set_decision(Decision::ApproveAfterPolls(1));
-    let home = WorkerHome::new();
-    let mut settings = home.write_config(&studio.url());
-    settings.models.enabled = Vec::new();
-    config::save(&home.config_path(), &settings).unwrap();
+    let (studio, home) = studio_and_home_enabling(&[]).await;
     let engine = Arc::new(crate::support::engine::ScriptedEngine::new(
         std::time::Duration::from_millis(40),
     ));

@@ -224,6 +224,7 @@ fn main() {
             num_images: 1,
             scheduler: Some(Scheduler::Euler),
             memory: Plan::default(),
+            hand_back_before_decode: false,
         };
         let image = median_time(runs * 4, || {
             pipeline

@@ -651,6 +651,7 @@ impl CandleEngine {
         }
         let request = Request {
             memory: plan,
+            hand_back_before_decode,
             ..Request::from(job)
         };
         if plan != Plan::choices(self.kernels().convolutions)[0] {
@@ -658,9 +659,15 @@ impl CandleEngine {
         }
         let sampler = job.scheduler.unwrap_or_else(|| pipeline.default_sampler());
         // The pools' peaks for the prompt and steps, then for the decode (a debug line, to set
-        // against the placement's estimate).
+        // against the placement's estimate; the marks are read and reset only for it).
         let device = &self.device.device;
-        let _ = super::gpu_memory::take_pool_peaks(device);
+        let pool_peaks = tracing::enabled!(tracing::Level::DEBUG);
+        let take_pool_peaks = || {
+            pool_peaks
+                .then(|| super::gpu_memory::take_pool_peaks(device))
+                .flatten()
+        };
+        let _ = take_pool_peaks();
         let mut steps_peaks = None;
         let result = pipeline.generate(
             &request,
@@ -668,20 +675,13 @@ impl CandleEngine {
                 SdStage::Encoding => report(Stage::Encoding, 0),
                 SdStage::Denoising { step, .. } => report(Stage::Denoising, step as u32),
                 SdStage::Decoding => {
-                    steps_peaks = super::gpu_memory::take_pool_peaks(device);
-                    if hand_back_before_decode {
-                        super::gpu_memory::trim_pool(device);
-                    }
+                    steps_peaks = take_pool_peaks();
                     report(Stage::Decoding, total_steps);
                 }
             },
             &|| cancel.is_cancelled(),
         );
-        if let (Ok(_), Some(steps), Some(decode)) = (
-            &result,
-            steps_peaks,
-            super::gpu_memory::take_pool_peaks(device),
-        ) {
+        if let (Ok(_), Some(steps), Some(decode)) = (&result, steps_peaks, take_pool_peaks()) {
             tracing::debug!(
                 "the GPU's pools in this job: the prompt and steps {steps}; the decode {decode}"
             );

@@ -121,5 +121,6 @@ pub fn request(seed: u64, num_images: usize) -> Request {
         num_images,
         scheduler: Some(Scheduler::EulerA),
         memory: Default::default(),
+        hand_back_before_decode: false,
     }
 }

@@ -1057,6 +1057,7 @@ async fn the_candle_engine_runs_a_real_model_and_the_studio_gets_its_exact_image
                 num_images: 1,
                 scheduler: None,
                 memory: Default::default(),
+                hand_back_before_decode: false,
             },
             &mut |_| {},
             &|| false,

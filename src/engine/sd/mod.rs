@@ -43,6 +43,7 @@ use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
 use self::working_memory::{Convolutions, Plan};
 use super::device::CachedUploads;
+use super::gpu_memory;
 use super::noise::NoiseSource;
 use super::profile::{self, Part, Work};
 use crate::vocab::job::{JobSpec, Scheduler};
@@ -98,6 +99,9 @@ pub struct Request {
     /// How it bounds its working memory: attention in chunks and convolutions in bands
     /// (exact), the decode in tiles (a slightly different image). Default: all whole.
     pub memory: Plan,
+    /// Whether the GPU's pool hands back what the steps freed before the decode allocates
+    /// (the engine's placement decides: where the two would not fit held together).
+    pub hand_back_before_decode: bool,
 }
 
 impl From<&JobSpec> for Request {
@@ -113,6 +117,7 @@ impl From<&JobSpec> for Request {
             num_images: spec.num_images as usize,
             scheduler: spec.scheduler,
             memory: Plan::default(),
+            hand_back_before_decode: false,
         }
     }
 }
@@ -353,6 +358,9 @@ impl StableDiffusion {
             },
         )?;
 
+        if request.hand_back_before_decode {
+            gpu_memory::trim_pool(&self.device);
+        }
         progress(Stage::Decoding);
         let pixels = self.decode_each(&latents, request.memory)?;
         to_images(&pixels)

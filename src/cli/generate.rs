@@ -109,7 +109,11 @@ pub fn run(paths: &Paths, args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(note) = selected.note() {
         eprintln!("note: {note}");
     }
-    eprintln!("device: {} ({:?})", selected.info.name, selected.dtype);
+    eprintln!(
+        "device: {} ({})",
+        selected.info.name,
+        selected.precision.label()
+    );
     let models = [(model_name.clone(), root)].into_iter().collect();
     let (engine, refused) = CandleEngine::new(selected, &models, 0);
     if let Some(refused) = refused.first() {

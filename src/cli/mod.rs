@@ -236,7 +236,7 @@ fn print_device(paths: &Paths, json: bool) -> anyhow::Result<()> {
             "name": info.name,
             "memoryMb": info.memory_mb,
             "fallbackReason": selected.fallback_reason,
-            "precision": selected.dtype.as_str(),
+            "precision": selected.precision.label(),
             "precisionNote": selected.precision_note,
         });
         println!("{report}");

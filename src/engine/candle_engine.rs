@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use candle_core::DType;
 
-use super::device::{DeviceError, SelectedDevice};
+use super::device::{DeviceError, Precision, SelectedDevice};
 use super::sd::working_memory::{DeviceKernels, Plan, WorkingMemory};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage, TextPlacement};
 use super::{CancelToken, Engine, EngineError, Generated, RefusedModel, ServeError};
@@ -141,7 +141,7 @@ impl CandleEngine {
         let text_can_move = !device.device.is_cpu();
         let kernels = Mutex::new(DeviceKernels::before_preparing(
             &device.device,
-            device.dtype,
+            device.precision.compute,
         ));
         let probed = device.device.clone();
         // A GPU whose context a fault left unusable fails even a bare wait for its stream
@@ -188,7 +188,7 @@ impl CandleEngine {
     /// refused with what it needs, rather than served and failing every job as out of
     /// memory (and shrinking what the other models advertise).
     fn checked(&self, root: &Path) -> Result<ServedModel, String> {
-        let model = check_folder(root, self.device.dtype)?;
+        let model = check_folder(root, self.device.precision)?;
         let weights = model.device_bytes(self.least_text_placement());
         if weights > self.budget_bytes {
             return Err(format!(
@@ -486,7 +486,7 @@ impl CandleEngine {
         let pipeline = StableDiffusion::load_placed(
             &served.root,
             &self.device.device,
-            self.device.dtype,
+            self.device.precision,
             text,
         )
         .map_err(|error| engine_error(error, model_id))?;
@@ -567,8 +567,8 @@ impl Engine for CandleEngine {
         super::sd::warmup::compile_kernels(device, time_left);
         // The races are run: what the device runs from now on.
         *self.kernels.lock().unwrap_or_else(PoisonError::into_inner) =
-            DeviceKernels::of(device, self.device.dtype);
-        super::sd::warmup::run(device, self.device.dtype)
+            DeviceKernels::of(device, self.device.precision.compute);
+        super::sd::warmup::run(device, self.device.precision)
             .map_err(|error| EngineError::Internal(format!("preparing the GPU failed: {error}")))
     }
 
@@ -735,12 +735,13 @@ fn available_ram() -> u64 {
 }
 
 /// The folder's checks (configs, weight files, tensor names and shapes), its weights' size
-/// in memory at `dtype`, and what its jobs take beside them.
-fn check_folder(root: &Path, dtype: DType) -> Result<ServedModel, String> {
+/// in memory held in `precision` (its norms' few f32 values where it widens are not
+/// counted: a few thousandths), and what its jobs take beside them.
+fn check_folder(root: &Path, precision: Precision) -> Result<ServedModel, String> {
     // Configs, and every tensor the architecture needs with its shape (headers only).
     let folder = super::sd::open_checked(root).map_err(|error| error.to_string())?;
     let files = folder
-        .weight_files(dtype)
+        .weight_files(precision.weights)
         .map_err(|error| error.to_string())?;
     let in_memory = |path: &PathBuf, dtype: DType| -> Result<u64, String> {
         let size = std::fs::metadata(path)
@@ -761,19 +762,20 @@ fn check_folder(root: &Path, dtype: DType) -> Result<ServedModel, String> {
         .into_iter()
         .flatten()
     {
-        text_bytes += in_memory(path, dtype)?;
+        text_bytes += in_memory(path, precision.weights)?;
     }
     // A VAE that must upcast (SDXL's) runs in f32 on a GPU.
-    let vae_dtype = folder.vae_dtype(dtype);
-    let vae_bytes = in_memory(&files.vae, vae_dtype)?;
-    let bytes = text_bytes + in_memory(&files.unet, dtype)? + vae_bytes;
+    let vae_precision = super::sd::vae_precision(&folder, precision);
+    let vae_dtype = vae_precision.compute;
+    let vae_bytes = in_memory(&files.vae, vae_precision.weights)?;
+    let bytes = text_bytes + in_memory(&files.unet, precision.weights)? + vae_bytes;
     Ok(ServedModel {
         root: root.to_owned(),
         memory_bytes: bytes,
         text_bytes,
         vae_bytes,
         vae_dtype,
-        working: WorkingMemory::of(&folder, dtype),
+        working: WorkingMemory::of(&folder, precision),
     })
 }
 
@@ -923,7 +925,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
         let models = [("tiny-sd1".to_owned(), root)].into_iter().collect();
         let device = SelectedDevice {
-            dtype: DType::F16,
+            precision: Precision::uniform(DType::F16),
             ..crate::engine::device::select(DevicePreference::Cpu).unwrap()
         };
         let (engine, refused) = CandleEngine::new(device, &models, 0);
@@ -975,6 +977,49 @@ mod tests {
             served(&engine).memory_bytes,
             after.memory_bytes,
             "counted once"
+        );
+    }
+
+    #[test]
+    fn an_engine_that_widens_counts_its_weights_in_f16_and_its_jobs_widened_copies() {
+        // The GTX 16 series' precision (here on the CPU): f32 arithmetic, f16 weights.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
+        let models = [("tiny-sd1".to_owned(), root.clone())]
+            .into_iter()
+            .collect();
+        let device = SelectedDevice {
+            precision: Precision::WIDENED_F16,
+            ..crate::engine::device::select(DevicePreference::Cpu).unwrap()
+        };
+        let (engine, refused) = CandleEngine::new(device, &models, 0);
+        assert!(refused.is_empty(), "{refused:?}");
+        let widened = engine.models.lock().unwrap()["tiny-sd1"].clone();
+        let f32_model = check_folder(&root, DType::F32.into()).unwrap();
+        let f16_model = check_folder(&root, DType::F16.into()).unwrap();
+        // Held in f16: an f16 model's weights, the VAE's included (it computes in f32).
+        assert_eq!(widened.memory_bytes, f16_model.memory_bytes);
+        assert_eq!(widened.memory_bytes * 2, f32_model.memory_bytes);
+        assert_eq!(widened.vae_dtype, DType::F32);
+        // Its jobs: f32 activations, and the largest weight widened beside them.
+        let job_bytes = |model: &ServedModel| {
+            model
+                .working
+                .bytes(64, 64, 1, true, Plan::WHOLE, DeviceKernels::CPU)
+        };
+        assert!(job_bytes(&widened) > job_bytes(&f32_model));
+
+        let job = JobSpec {
+            model: "tiny-sd1".to_owned(),
+            steps: 1,
+            ..job()
+        };
+        let generated = engine
+            .generate(&job, &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        assert_eq!(generated.images.len(), 1);
+        assert_eq!(
+            engine.loaded.lock().unwrap()[0].memory_bytes,
+            widened.memory_bytes
         );
     }
 
@@ -1112,7 +1157,7 @@ mod tests {
         // tiny-sdxl is refused the same way, and stays out of what the engine offers.
         let (mut engine, refused) = engine_with(&[], 0);
         assert!(refused.is_empty());
-        engine.budget_bytes = check_folder(&fixture("tiny-sd1"), DType::F32)
+        engine.budget_bytes = check_folder(&fixture("tiny-sd1"), DType::F32.into())
             .unwrap()
             .memory_bytes;
         engine.serve("tiny-sd1", &fixture("tiny-sd1")).unwrap();

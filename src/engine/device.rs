@@ -2,30 +2,83 @@
 //!
 //! `auto` takes the GPU when this build has its backend and the GPU opens, and otherwise
 //! falls back to the CPU with a message saying why (candle's `cuda_if_available` does not
-//! fall back on a failed open by itself). Models run in f16 on a GPU and f32 on the CPU, and
-//! in f32 on the NVIDIA cards whose f16 arithmetic Stable Diffusion cannot use
-//! ([`gpu_precision`]).
+//! fall back on a failed open by itself). Models run in f16 on a GPU and f32 on the CPU; on
+//! the NVIDIA cards whose f16 arithmetic Stable Diffusion cannot use they compute in f32 and
+//! hold their weights in f16, widening each as its layer runs ([`gpu_precision`],
+//! [`Precision`]).
 
 use candle_core::{DType, Device};
 
 use crate::platform::host;
 use crate::vocab::device::{DeviceInfo, DeviceKind, DevicePreference};
 
+/// The dtypes a model runs in on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    /// What every layer computes in: its activations' dtype.
+    pub compute: DType,
+    /// What its matrices and convolution kernels (all but a few thousandths of its weights)
+    /// are held in: `compute`, or f16 under f32 arithmetic, each widened to f32 as its layer
+    /// runs. An f16 model's memory, f32's arithmetic; the widening costs each layer a pass
+    /// over its weights.
+    pub weights: DType,
+}
+
+impl Precision {
+    /// Everything in `dtype`.
+    pub const fn uniform(dtype: DType) -> Self {
+        Self {
+            compute: dtype,
+            weights: dtype,
+        }
+    }
+
+    /// f32 arithmetic over weights held in f16.
+    pub const WIDENED_F16: Self = Self {
+        compute: DType::F32,
+        weights: DType::F16,
+    };
+
+    /// Whether weights are held in another dtype than the layers compute in.
+    pub fn widens(self) -> bool {
+        self.compute != self.weights
+    }
+
+    /// `f16`, `f32`, or `f32, weights f16`: for the log and `device --json`.
+    pub fn label(self) -> String {
+        if self.widens() {
+            format!(
+                "{}, weights {}",
+                self.compute.as_str(),
+                self.weights.as_str()
+            )
+        } else {
+            self.compute.as_str().to_owned()
+        }
+    }
+}
+
+impl From<DType> for Precision {
+    fn from(dtype: DType) -> Self {
+        Self::uniform(dtype)
+    }
+}
+
 /// A device that opened.
 #[derive(Clone, Debug)]
 pub struct SelectedDevice {
     pub device: Device,
-    pub dtype: DType,
+    pub precision: Precision,
     pub info: DeviceInfo,
     /// Why `auto` ended up on the CPU, for the log and the window.
     pub fallback_reason: Option<String>,
-    /// Why a GPU runs in f32, not f16, for the log and the window.
+    /// Why a GPU computes in f32, not f16, for the log and the window.
     pub precision_note: Option<String>,
 }
 
 impl SelectedDevice {
     /// What the person should know about the device chosen: why it is the CPU, or why a
-    /// GPU runs in f32.
+    /// GPU computes in f32.
     pub fn note(&self) -> Option<&str> {
         self.fallback_reason
             .as_deref()
@@ -33,39 +86,59 @@ impl SelectedDevice {
     }
 }
 
-/// The environment variable that sets an NVIDIA GPU's precision by hand: `f16` or `f32`
-/// (anything else, or unset: [`gpu_precision`] decides).
+/// The environment variable that sets an NVIDIA GPU's precision by hand: `f16`, `f32`
+/// (weights too: twice an f16 model's memory) or `widened` (f32 arithmetic over f16
+/// weights); anything else, or unset: [`gpu_precision`] decides.
 pub const PRECISION_VARIABLE: &str = "STUDIO_WORKER_GPU_PRECISION";
 
 /// The words in an NVIDIA card's name that mark Turing's TU116 and TU117 chips, which have
 /// no tensor cores: the GeForce GTX 16 series, their laptop parts (MX450, MX550) and the
 /// Quadro, T-series and mining cards built on them. Their f16 arithmetic gives NaN or black
-/// images in Stable Diffusion, as every diffusers-based front end has found; they run it in
-/// f32.
+/// images in Stable Diffusion, as every diffusers-based front end has found; they compute
+/// in f32. Storing f16 is another matter (no arithmetic: the widening to f32 is a conversion
+/// instruction), so their weights stay in f16, and a 4 GB GTX 1650 holds what an f16 card
+/// holds.
 const F16_UNRELIABLE_NAMES: [&str; 13] = [
     "1630", "1650", "1660", "MX450", "MX550", "T400", "T500", "T550", "T600", "T1000", "T1200",
     "T2000", "30HX",
 ];
 
-/// The dtype models run in on an NVIDIA GPU named `name` of `compute_capability`, and why
-/// where it is not f16: f32 on the cards [`F16_UNRELIABLE_NAMES`] names (all Turing, 7.5),
-/// unless `forced` (the [`PRECISION_VARIABLE`]'s value) says otherwise.
+/// The precision models run in on an NVIDIA GPU named `name` of `compute_capability`, and
+/// why where it is not f16: f32 arithmetic over f16 weights on the cards
+/// [`F16_UNRELIABLE_NAMES`] names (all Turing, 7.5), unless `forced` (the
+/// [`PRECISION_VARIABLE`]'s value) says otherwise.
 pub fn gpu_precision(
     name: &str,
     compute_capability: Option<(i32, i32)>,
     forced: Option<&str>,
-) -> (DType, Option<String>) {
+) -> (Precision, Option<String>) {
+    let widened_note = |why: &str, hint: &str| {
+        format!(
+            "models compute in f32 on the {name}{why}; their weights stay in f16, widened layer \
+             by layer: a model takes the memory it takes in f16, and jobs take longer than in \
+             f16{hint}"
+        )
+    };
     match forced.map(str::trim) {
         Some("f32") => {
             return (
-                DType::F32,
+                Precision::uniform(DType::F32),
                 Some(format!(
                     "models run in f32 on this GPU ({PRECISION_VARIABLE}=f32): slower, and \
                      twice the memory"
                 )),
             );
         }
-        Some("f16") => return (DType::F16, None),
+        Some("f16") => return (Precision::uniform(DType::F16), None),
+        Some("widened") => {
+            return (
+                Precision::WIDENED_F16,
+                Some(widened_note(
+                    &format!(" ({PRECISION_VARIABLE}=widened)"),
+                    "",
+                )),
+            );
+        }
         _ => {}
     }
     let turing = compute_capability.is_none_or(|capability| capability == (7, 5));
@@ -74,15 +147,15 @@ pub fn gpu_precision(
         .any(|word| F16_UNRELIABLE_NAMES.contains(&word));
     if turing && listed {
         (
-            DType::F32,
-            Some(format!(
-                "models run in f32 on the {name}: its f16 arithmetic gives NaN or black images \
-                 in Stable Diffusion (GTX 16 series and its relatives), so jobs are slower and \
-                 need twice the memory ({PRECISION_VARIABLE}=f16 to try f16 anyway)"
+            Precision::WIDENED_F16,
+            Some(widened_note(
+                ": its f16 arithmetic gives NaN or black images in Stable Diffusion (GTX 16 \
+                 series and its relatives)",
+                &format!(" ({PRECISION_VARIABLE}=f16 to try f16 anyway)"),
             )),
         )
     } else {
-        (DType::F16, None)
+        (Precision::uniform(DType::F16), None)
     }
 }
 
@@ -138,7 +211,7 @@ pub fn select(preference: DevicePreference) -> Result<SelectedDevice, DeviceErro
 fn cpu(fallback_reason: Option<String>) -> SelectedDevice {
     SelectedDevice {
         device: Device::Cpu,
-        dtype: DType::F32,
+        precision: Precision::uniform(DType::F32),
         info: host::cpu_device(),
         fallback_reason,
         precision_note: None,
@@ -161,7 +234,7 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
         None => ("NVIDIA GPU".to_owned(), 0),
     };
     let compute_capability = compute_capability(&device);
-    let (dtype, precision_note) = gpu_precision(
+    let (precision, precision_note) = gpu_precision(
         &name,
         compute_capability,
         std::env::var(PRECISION_VARIABLE).ok().as_deref(),
@@ -175,7 +248,7 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
     without_stream_events(&device);
     Ok(SelectedDevice {
         device,
-        dtype,
+        precision,
         info: DeviceInfo {
             kind: DeviceKind::Cuda,
             name,
@@ -257,7 +330,7 @@ fn open_metal() -> Result<SelectedDevice, DeviceError> {
     let memory_mb = host::cpu_device().memory_mb;
     Ok(SelectedDevice {
         device,
-        dtype: DType::F16,
+        precision: Precision::uniform(DType::F16),
         info: DeviceInfo {
             kind: DeviceKind::Metal,
             name: "Apple GPU (Metal)".to_owned(),
@@ -273,7 +346,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_gtx_16_series_and_its_relatives_run_in_f32_and_say_why() {
+    fn the_gtx_16_series_and_its_relatives_compute_in_f32_over_f16_weights_and_say_why() {
         for name in [
             "NVIDIA GeForce GTX 1660 SUPER",
             "NVIDIA GeForce GTX 1650 Ti with Max-Q Design",
@@ -283,10 +356,13 @@ mod tests {
             "Quadro T2000",
             "NVIDIA CMP 30HX",
         ] {
-            let (dtype, note) = gpu_precision(name, Some((7, 5)), None);
-            assert_eq!(dtype, DType::F32, "{name}");
+            let (precision, note) = gpu_precision(name, Some((7, 5)), None);
+            assert_eq!(precision, Precision::WIDENED_F16, "{name}");
             let note = note.expect("a note");
-            assert!(note.contains(name) && note.contains("f16"), "{note}");
+            assert!(
+                note.contains(name) && note.contains("compute in f32") && note.contains("f16"),
+                "{note}"
+            );
         }
         // Tensor-core cards, names that only contain the numbers, and a listed name on a chip
         // that is not Turing keep f16.
@@ -300,26 +376,38 @@ mod tests {
         ] {
             assert_eq!(
                 gpu_precision(name, Some(capability), None),
-                (DType::F16, None),
+                (Precision::uniform(DType::F16), None),
                 "{name}"
             );
         }
     }
 
     #[test]
-    fn the_precision_can_be_forced_either_way() {
-        let (dtype, note) = gpu_precision("NVIDIA GeForce RTX 4070", Some((8, 9)), Some("f32"));
-        assert_eq!(dtype, DType::F32);
+    fn the_precision_can_be_forced_every_way() {
+        let (precision, note) = gpu_precision("NVIDIA GeForce RTX 4070", Some((8, 9)), Some("f32"));
+        assert_eq!(precision, Precision::uniform(DType::F32));
+        assert!(note.expect("a note").contains(PRECISION_VARIABLE));
+        let (precision, note) =
+            gpu_precision("NVIDIA GeForce RTX 4070", Some((8, 9)), Some("widened"));
+        assert_eq!(precision, Precision::WIDENED_F16);
         assert!(note.expect("a note").contains(PRECISION_VARIABLE));
         assert_eq!(
             gpu_precision("NVIDIA GeForce GTX 1660", Some((7, 5)), Some(" f16 ")),
-            (DType::F16, None)
+            (Precision::uniform(DType::F16), None)
         );
         // Anything else is not a choice: the card decides.
         assert_eq!(
             gpu_precision("NVIDIA GeForce GTX 1660", Some((7, 5)), Some("fp8")).0,
-            DType::F32
+            Precision::WIDENED_F16
         );
+    }
+
+    #[test]
+    fn a_precision_is_labelled_by_what_it_computes_in_and_what_it_holds() {
+        assert_eq!(Precision::uniform(DType::F16).label(), "f16");
+        assert!(!Precision::uniform(DType::F32).widens());
+        assert_eq!(Precision::WIDENED_F16.label(), "f32, weights f16");
+        assert!(Precision::WIDENED_F16.widens());
     }
 
     #[test]
@@ -329,7 +417,7 @@ mod tests {
         }
         let selected = select(DevicePreference::Auto).expect("auto never fails");
         assert!(selected.device.is_cpu());
-        assert_eq!(selected.dtype, DType::F32);
+        assert_eq!(selected.precision, Precision::uniform(DType::F32));
         assert!(
             selected
                 .fallback_reason

@@ -10,3 +10,4 @@ mod memory_paths;
 mod non_finite;
 mod parity;
 mod support;
+mod widened_weights;

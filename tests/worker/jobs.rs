@@ -1043,7 +1043,7 @@ async fn the_candle_engine_runs_a_real_model_and_the_studio_gets_its_exact_image
     let record = studio.job("real").unwrap();
     let uploaded = decode(&record.results[0].1[0]);
     // The same job run locally through the pipeline gives the same pixels.
-    let pipeline = StableDiffusion::load(&folder, &cpu.device, cpu.dtype).unwrap();
+    let pipeline = StableDiffusion::load(&folder, &cpu.device, cpu.precision).unwrap();
     let local = pipeline
         .generate(
             &Request {

@@ -34,6 +34,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::norm::GroupNorm;
+use super::weights::Held;
 use crate::engine::kernels;
 use crate::engine::kernels::NormalizedImage;
 use crate::engine::kernels::im2col::Source;
@@ -117,29 +118,36 @@ pub struct Conv3x3 {
 
 /// A convolution's weights, held once, in the order of the path that runs it.
 enum Weights {
-    /// `(c_out, c_in, 3, 3)` as stored, and the same values as a `(c_out, c_in · 9)` matrix
-    /// (a view, no copy): the GEMM's left side over our columns.
-    Stored { weight: Tensor, matrix: Tensor },
+    /// `(c_out, c_in, 3, 3)` as stored (in the compute dtype, or narrower and widened at
+    /// use); as a `(c_out, c_in · 9)` matrix (a view, no copy) the GEMM's left side over our
+    /// columns.
+    Stored(Held),
     /// In our convolution kernel's order ([`kernels::conv3x3::kernel_order`]), where it takes
     /// this convolution.
     KernelOrder(Tensor),
 }
 
 impl Weights {
-    fn new(weight: Tensor) -> Result<Self> {
-        let (out_channels, in_channels, ..) = weight.dims4()?;
-        if kernels::conv3x3::takes(weight.device(), weight.dtype(), in_channels, out_channels) {
-            return Ok(Self::KernelOrder(kernels::conv3x3::kernel_order(&weight)?));
+    /// Our kernel's order where it takes the convolution in the weights' dtype; weights
+    /// held narrower than they compute stay stored (their kernel order would be held
+    /// widened: all the memory they save).
+    fn new(weight: Held) -> Result<Self> {
+        let (out_channels, in_channels, ..) = weight.held().dims4()?;
+        let held = weight.held();
+        if !weight.widens()
+            && kernels::conv3x3::takes(held.device(), held.dtype(), in_channels, out_channels)
+        {
+            return Ok(Self::KernelOrder(kernels::conv3x3::kernel_order(held)?));
         }
-        let matrix = weight.reshape((out_channels, in_channels * 9))?;
-        Ok(Self::Stored { weight, matrix })
+        Ok(Self::Stored(weight))
     }
 
-    /// The weights in their stored order and as the column GEMM's matrix: as held, or made
-    /// back from the kernel's order where another path must run (our kernel declined a call).
+    /// The weights in their stored order, in the compute dtype, and as the column GEMM's
+    /// matrix: as held (or widened), or made back from the kernel's order where another path
+    /// must run (our kernel declined a call).
     fn stored(&self) -> Result<(Tensor, Tensor)> {
         let weight = match self {
-            Self::Stored { weight, matrix } => return Ok((weight.clone(), matrix.clone())),
+            Self::Stored(weight) => weight.at_use()?.into_owned(),
             Self::KernelOrder(weights) => kernels::conv3x3::stored_order(weights)?,
         };
         let (out_channels, in_channels, ..) = weight.dims4()?;
@@ -149,7 +157,7 @@ impl Weights {
 
     fn out_channels(&self) -> Result<usize> {
         match self {
-            Self::Stored { weight, .. } => weight.dim(0),
+            Self::Stored(weight) => weight.held().dim(0),
             Self::KernelOrder(weights) => weights.dim(0),
         }
     }
@@ -157,18 +165,18 @@ impl Weights {
 
 impl Conv3x3 {
     pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
-        Self::from_weights(
-            vb.get((out_channels, in_channels, 3, 3), "weight")?,
-            vb.get(out_channels, "bias")?,
-        )
+        Ok(Self {
+            weights: Weights::new(Held::get(&vb, (out_channels, in_channels, 3, 3), "weight")?)?,
+            bias: vb.get(out_channels, "bias")?,
+        })
     }
 
     /// From weights `(c_out, c_in, 3, 3)` and bias `(c_out)` already in memory (the kernels
-    /// bench's). Where our convolution kernel takes it, the weights are kept in its order
-    /// only.
+    /// bench's), computing in their dtype. Where our convolution kernel takes it, the
+    /// weights are kept in its order only.
     pub fn from_weights(weight: Tensor, bias: Tensor) -> Result<Self> {
         Ok(Self {
-            weights: Weights::new(weight)?,
+            weights: Weights::new(Held::as_is(weight))?,
             bias,
         })
     }

@@ -23,13 +23,13 @@ pub mod vae;
 pub mod vae_decoder;
 pub mod warmup;
 mod weight_check;
+pub mod weights;
 pub mod working_memory;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{D, DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
 use self::prompt_cache::{EncodedPrompt, PromptCache};
@@ -42,7 +42,7 @@ use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
 use self::working_memory::{Convolutions, Plan};
-use super::device::CachedUploads;
+use super::device::{CachedUploads, Precision};
 use super::gpu_memory;
 use super::noise::NoiseSource;
 use super::profile::{self, Part, Work};
@@ -205,6 +205,7 @@ pub enum TextPlacement {
 pub struct StableDiffusion {
     folder: ModelFolder,
     device: Device,
+    /// What its layers compute in (its weights may be held narrower: [`weights`]).
     dtype: DType,
     text: TextStack,
     text_2: Option<TextStack>,
@@ -221,31 +222,38 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads the folder's weights (memory-mapped safetensors) onto `device` in `dtype`.
-    pub fn load(root: &Path, device: &Device, dtype: DType) -> Result<Self, SdError> {
-        Self::load_placed(root, device, dtype, TextPlacement::WithModel)
+    /// Loads the folder's weights (memory-mapped safetensors) onto `device` in `precision`
+    /// (a dtype: everything in it).
+    pub fn load(
+        root: &Path,
+        device: &Device,
+        precision: impl Into<Precision>,
+    ) -> Result<Self, SdError> {
+        Self::load_placed(root, device, precision, TextPlacement::WithModel)
     }
 
     /// The same, with the text encoders where `text` says.
     pub fn load_placed(
         root: &Path,
         device: &Device,
-        dtype: DType,
+        precision: impl Into<Precision>,
         text: TextPlacement,
     ) -> Result<Self, SdError> {
+        let precision = precision.into();
+        let dtype = precision.compute;
         let folder = ModelFolder::open(root)?;
-        let files = folder.weight_files(dtype)?;
+        let files = folder.weight_files(precision.weights)?;
         let schedule = noise_schedule(&folder)?;
-        let (text_device, text_dtype) = match text {
-            TextPlacement::WithModel => (device.clone(), dtype),
-            TextPlacement::Cpu => (Device::Cpu, DType::F32),
+        let (text_device, text_precision) = match text {
+            TextPlacement::WithModel => (device.clone(), precision),
+            TextPlacement::Cpu => (Device::Cpu, Precision::uniform(DType::F32)),
         };
 
         let max_length = folder.text_encoder.max_position_embeddings;
         let text = TextStack {
             tokenizer: ClipTokenizer::load(root, "tokenizer", max_length)?,
             encoder: ClipTextEncoder::new(
-                mapped_weights(&files.text_encoder, text_dtype, &text_device)?,
+                weights::mapped(&files.text_encoder, text_precision, &text_device)?,
                 &folder.text_encoder,
             )?,
             device: text_device.clone(),
@@ -259,7 +267,7 @@ impl StableDiffusion {
                     config.max_position_embeddings,
                 )?,
                 encoder: ClipTextEncoder::new(
-                    mapped_weights(path, text_dtype, &text_device)?,
+                    weights::mapped(path, text_precision, &text_device)?,
                     config,
                 )?,
                 device: text_device,
@@ -267,9 +275,17 @@ impl StableDiffusion {
             }),
             _ => None,
         };
-        let unet = Unet::new(mapped_weights(&files.unet, dtype, device)?, &folder.unet)?;
+        let unet = Unet::new(
+            weights::mapped(&files.unet, precision, device)?,
+            &folder.unet,
+        )?;
         // A VAE that overflows in f16 (SDXL's, force_upcast) decodes in f32: no black images.
-        let vae = load_vae(&folder, &files.vae, folder.vae_dtype(dtype), device)?;
+        let vae = load_vae(
+            &folder,
+            &files.vae,
+            vae_precision(&folder, precision),
+            device,
+        )?;
         Ok(Self {
             device: device.clone(),
             dtype,
@@ -682,32 +698,40 @@ impl StableDiffusion {
         if self.vae_dtype() == DType::F32 {
             return Ok(());
         }
-        let upcast = load_vae(&self.folder, &self.vae_weights, DType::F32, &self.device)?;
+        let upcast = load_vae(
+            &self.folder,
+            &self.vae_weights,
+            Precision::uniform(DType::F32),
+            &self.device,
+        )?;
         *self.vae.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(upcast);
         Ok(())
     }
 }
 
-/// The VAE from its weights at `path`, in `dtype`, on `device`.
+/// The precision a folder's VAE runs in beside a pipeline in `precision`: the same, or all
+/// f32 for a VAE that must upcast from f16 (its weights too: our f32 convolution kernel
+/// takes weights in its own order, made from f32).
+pub fn vae_precision(folder: &ModelFolder, precision: Precision) -> Precision {
+    let compute = folder.vae_dtype(precision.compute);
+    if compute == precision.compute {
+        precision
+    } else {
+        Precision::uniform(compute)
+    }
+}
+
+/// The VAE from its weights at `path`, in `precision`, on `device`.
 fn load_vae(
     folder: &ModelFolder,
     path: &Path,
-    dtype: DType,
+    precision: Precision,
     device: &Device,
 ) -> Result<Vae, SdError> {
-    Ok(Vae::new(mapped_weights(path, dtype, device)?, &folder.vae)?)
-}
-
-/// The weights in the safetensors file at `path`, memory-mapped, as `dtype` on `device`.
-fn mapped_weights(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>, SdError> {
-    // SAFETY: the file is mapped read-only; like every mmap-based loader (candle's own
-    // examples, safetensors' Python side) we assume it is not truncated while in use. The
-    // model manager never rewrites a file that is loaded.
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device)? })
+    Ok(Vae::new(
+        weights::mapped(path, precision, device)?,
+        &folder.vae,
+    )?)
 }
 
 /// What a model folder says about the jobs it wants, read without loading its weights.

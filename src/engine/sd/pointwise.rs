@@ -7,15 +7,18 @@
 //! copy of the output; and going from cells to tokens or back around a projection is one more
 //! copy. [`Pointwise`] instead hands the GEMM its operand transposed where the layouts
 //! differ (cuBLAS takes either order), so its output is already in the layout
-//! the next layer takes: no copies at all.
+//! the next layer takes: no copies at all. Its weights may be held narrower than it computes
+//! in ([`Held`]), and are widened as it runs.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::weights::Held;
+
 /// A map from `c_in` to `c_out` channels at every cell: `y = W · x + b`.
 pub struct Pointwise {
     /// `(c_out, c_in)`.
-    weight: Tensor,
+    weight: Held,
     /// `(c_out)`.
     bias: Tensor,
 }
@@ -23,33 +26,40 @@ pub struct Pointwise {
 impl Pointwise {
     /// A linear layer's weights, `weight` `(c_out, c_in)` and `bias`.
     pub fn linear(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
-        Ok(Self::from_weights(
-            vb.get((out_channels, in_channels), "weight")?,
-            vb.get(out_channels, "bias")?,
-        ))
+        Ok(Self {
+            weight: Held::get(&vb, (out_channels, in_channels), "weight")?,
+            bias: vb.get(out_channels, "bias")?,
+        })
     }
 
     /// A 1×1 convolution's weights, `weight` `(c_out, c_in, 1, 1)` and `bias`.
     pub fn conv(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
-        Ok(Self::from_weights(
-            vb.get((out_channels, in_channels, 1, 1), "weight")?
-                .reshape((out_channels, in_channels))?,
-            vb.get(out_channels, "bias")?,
-        ))
+        let kernel = vb.get((out_channels, in_channels, 1, 1), "weight")?;
+        Ok(Self {
+            weight: Held::new(kernel.reshape((out_channels, in_channels))?, vb.dtype()),
+            bias: vb.get(out_channels, "bias")?,
+        })
     }
 
     /// Either: folders converted from old checkpoints store some projections as 1×1
     /// convolutions where diffusers' own store linear layers.
     pub fn linear_or_conv(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
-        match vb.get((out_channels, in_channels), "weight") {
-            Ok(weight) => Ok(Self::from_weights(weight, vb.get(out_channels, "bias")?)),
+        match Held::get(&vb, (out_channels, in_channels), "weight") {
+            Ok(weight) => Ok(Self {
+                weight,
+                bias: vb.get(out_channels, "bias")?,
+            }),
             Err(_) => Self::conv(vb, in_channels, out_channels),
         }
     }
 
-    /// From weights `(c_out, c_in)` and bias `(c_out)` already in memory.
+    /// From weights `(c_out, c_in)` and bias `(c_out)` already in memory, computing in their
+    /// dtype.
     pub fn from_weights(weight: Tensor, bias: Tensor) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: Held::as_is(weight),
+            bias,
+        }
     }
 
     /// Cells `(batch, c_in, h, w)` → cells `(batch, c_out, h, w)`: `W · x` per image.
@@ -99,7 +109,7 @@ impl Pointwise {
         if tokens.is_contiguous() {
             return tokens
                 .reshape((batch * rows, channels))?
-                .matmul(&self.weight.t()?)?
+                .matmul(&self.weight.at_use()?.t()?)?
                 .reshape((batch, rows, ()));
         }
         left_side(tokens)?.matmul(&self.weight_per_image(batch)?.transpose(1, 2)?)
@@ -113,7 +123,7 @@ impl Pointwise {
     /// The weights once per image of the batch (a view: stride 0, no copy), as a batched GEMM
     /// takes them.
     fn weight_per_image(&self, batch: usize) -> Result<Tensor> {
-        self.weight.broadcast_left(batch)
+        self.weight.at_use()?.broadcast_left(batch)
     }
 
     fn bias_per_cell(&self) -> Result<Tensor> {

@@ -5,11 +5,12 @@
 //! convolutions can run in bands ([`ConvPlan`]).
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::conv::{Conv3x3, ConvPlan};
 use super::norm::{GroupNorm, group_norm};
 use super::pointwise::Pointwise;
+use super::weights::Linear;
 use crate::engine::profile::{self, Work};
 
 /// What the residual blocks of one model share.
@@ -68,10 +69,10 @@ impl Resnet {
             )?)
         };
         let time_emb_proj = match temb_channels {
-            Some(temb_channels) => Some(candle_nn::linear(
+            Some(temb_channels) => Some(Linear::new(
+                vb.pp("time_emb_proj"),
                 temb_channels,
                 out_channels,
-                vb.pp("time_emb_proj"),
             )?),
             None => None,
         };

@@ -7,9 +7,10 @@
 //! (SDXL conditions on it) and the projected pooled output of SDXL's second encoder.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::model_folder::TextEncoderConfig;
+use super::weights::{Embedding, Linear};
 use crate::engine::device::CachedUploads;
 
 /// What one forward pass gives.
@@ -61,10 +62,10 @@ impl SelfAttention {
     fn new(vb: VarBuilder, config: &TextEncoderConfig) -> Result<Self> {
         let width = config.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(width, width, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(width, width, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(width, width, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(width, width, vb.pp("out_proj"))?,
+            q_proj: Linear::new(vb.pp("q_proj"), width, width)?,
+            k_proj: Linear::new(vb.pp("k_proj"), width, width)?,
+            v_proj: Linear::new(vb.pp("v_proj"), width, width)?,
+            out_proj: Linear::new(vb.pp("out_proj"), width, width)?,
             heads: config.num_attention_heads,
             head_dim: width / config.num_attention_heads,
         })
@@ -109,8 +110,8 @@ impl EncoderLayer {
             layer_norm1: candle_nn::layer_norm(width, eps, vb.pp("layer_norm1"))?,
             self_attn: SelfAttention::new(vb.pp("self_attn"), config)?,
             layer_norm2: candle_nn::layer_norm(width, eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(width, config.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(config.intermediate_size, width, vb.pp("mlp.fc2"))?,
+            fc1: Linear::new(vb.pp("mlp.fc1"), width, config.intermediate_size)?,
+            fc2: Linear::new(vb.pp("mlp.fc2"), config.intermediate_size, width)?,
             activation: Activation::from_config(&config.hidden_act),
         })
     }
@@ -170,25 +171,25 @@ impl ClipTextEncoder {
             .map(|index| EncoderLayer::new(text.pp(format!("encoder.layers.{index}")), config))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = match (config.has_projection(), config.projection_dim) {
-            (true, Some(projection_dim)) => Some(candle_nn::linear_no_bias(
+            (true, Some(projection_dim)) => Some(Linear::no_bias(
+                vb.pp("text_projection"),
                 width,
                 projection_dim,
-                vb.pp("text_projection"),
             )?),
             _ => None,
         };
         let max_positions = config.max_position_embeddings;
         let device = vb.device();
         Ok(Self {
-            token_embedding: candle_nn::embedding(
+            token_embedding: Embedding::new(
+                text.pp("embeddings.token_embedding"),
                 config.vocab_size,
                 width,
-                text.pp("embeddings.token_embedding"),
             )?,
-            position_embedding: candle_nn::embedding(
+            position_embedding: Embedding::new(
+                text.pp("embeddings.position_embedding"),
                 max_positions,
                 width,
-                text.pp("embeddings.position_embedding"),
             )?,
             layers,
             final_layer_norm: candle_nn::layer_norm(

@@ -7,14 +7,15 @@
 //! where the config says `upcast_attention` (SD 2.x 768-v), and can be held a chunk at a time.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
 use super::conv::Conv3x3;
 use super::model_folder::UnetConfig;
 use super::norm::{GroupNorm, group_norm};
 use super::resnet::ResnetSettings;
 use super::unet_blocks::{DownBlock, MidBlock, TransformerConfig, UpBlock};
+use super::weights::{Conv2d, Linear};
 use super::working_memory::Plan;
 use crate::engine::profile::{self, Part, Work};
 
@@ -29,6 +30,26 @@ pub struct TextTimeConditioning<'a> {
 struct TextTimeEmbedding {
     time_proj: Timesteps,
     embedding: TimestepEmbedding,
+}
+
+/// diffusers' `TimestepEmbedding`: linear, SiLU, linear.
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, channels: usize, time_embed_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::new(vb.pp("linear_1"), channels, time_embed_dim)?,
+            linear_2: Linear::new(vb.pp("linear_2"), time_embed_dim, time_embed_dim)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let hidden = candle_nn::ops::silu(&self.linear_1.forward(xs)?)?;
+        self.linear_2.forward(&hidden)
+    }
 }
 
 pub struct Unet {
@@ -56,12 +77,12 @@ impl Unet {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = candle_nn::conv2d(
+        let conv_in = Conv2d::new(
+            vb.pp("conv_in"),
             config.in_channels,
             base_channels,
             3,
             padded,
-            vb.pp("conv_in"),
         )?;
         let time_proj = Timesteps::new(base_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding =

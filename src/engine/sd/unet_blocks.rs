@@ -12,12 +12,13 @@
 //! upsamplers', can run in bands of rows ([`ConvPlan`]).
 
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
 use super::conv::{Conv3x3, ConvPlan};
 use super::norm::{GroupNorm, group_norm};
 use super::pointwise::Pointwise;
 use super::resnet::{Resnet, ResnetSettings};
+use super::weights::{Conv2d, Linear};
 use super::working_memory::Plan;
 use crate::engine::kernels;
 use crate::engine::profile::{self, Work};
@@ -66,10 +67,10 @@ impl Attention {
     ) -> Result<Self> {
         let head_dim = dim / heads.max(1);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_q: Linear::no_bias(vb.pp("to_q"), dim, dim)?,
+            to_k: Linear::no_bias(vb.pp("to_k"), context_dim, dim)?,
+            to_v: Linear::no_bias(vb.pp("to_v"), context_dim, dim)?,
+            to_out: Linear::new(vb.pp("to_out.0"), dim, dim)?,
             heads,
             scale: (head_dim as f64).powf(-0.5),
             upcast,
@@ -177,7 +178,7 @@ impl FeedForward {
         let inner = dim * 4;
         Ok(Self {
             project_in: Pointwise::linear(vb.pp("net.0.proj"), dim, inner * 2)?,
-            project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            project_out: Linear::new(vb.pp("net.2"), inner, dim)?,
         })
     }
 
@@ -322,7 +323,7 @@ impl Downsample {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, config, vb.pp("conv"))?,
+            conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, config)?,
             padding,
         })
     }

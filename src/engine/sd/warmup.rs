@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use super::conv::ConvPlan;
 use super::model_folder::{TextEncoderConfig, UnetFile, VaeConfig};
@@ -20,7 +19,9 @@ use super::text_encoder::ClipTextEncoder;
 use super::unet::{TextTimeConditioning, Unet};
 use super::unet_blocks::AttentionPlan;
 use super::vae::{Tiling, Vae};
+use super::weights;
 use super::working_memory::Plan;
+use crate::engine::device::Precision;
 
 const UNET: &str = r#"{
   "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 32],
@@ -287,8 +288,10 @@ fn first_entry(ptx: &str) -> Option<&str> {
     Some(&after[..end]).filter(|name| !name.is_empty())
 }
 
-/// Runs the miniature pipeline on `device` in `dtype` once.
-pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
+/// Runs the miniature pipeline on `device` in `precision` once.
+pub fn run(device: &Device, precision: impl Into<Precision>) -> candle_core::Result<()> {
+    let precision = precision.into();
+    let dtype = precision.compute;
     let unet_file: UnetFile = parse("UNet", UNET)?;
     let unet_config = unet_file
         .check()
@@ -297,12 +300,12 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
     let text_config: TextEncoderConfig = parse("text encoder", TEXT_ENCODER)?;
 
     // Tokens → text states and the pooled embedding (SDXL's projection included).
-    let text = ClipTextEncoder::new(VarBuilder::zeros(dtype, device), &text_config)?;
+    let text = ClipTextEncoder::new(weights::zeros(precision, device), &text_config)?;
     let tokens = vec![(0..77).map(|id| id % 63).collect::<Vec<u32>>(); 2];
     let encoding = text.forward(&tokens, 63, device)?;
 
     // One guided step: batch 2, text_time conditioning, then the sampler's arithmetic.
-    let unet = Unet::new(VarBuilder::zeros(dtype, device), &unet_config)?;
+    let unet = Unet::new(weights::zeros(precision, device), &unet_config)?;
     let latents = Tensor::randn(0f32, 1.0, (1, 4, 16, 16), device)?.to_dtype(dtype)?;
     let doubled = Tensor::cat(&[&latents, &latents], 0)?;
     let time_ids = Tensor::new(&[[16f32, 16.0, 0.0, 0.0, 16.0, 16.0]; 2], device)?;
@@ -321,13 +324,13 @@ pub fn run(device: &Device, dtype: DType) -> candle_core::Result<()> {
     let guided = (&halves[0] + ((&halves[1] - &halves[0])? * 7.5)?)?;
     let stepped = (latents.to_dtype(DType::F32)? - (guided.to_dtype(DType::F32)? * 0.1)?)?;
 
-    // The decode, in the pipeline's dtype and in f32 (a VAE that must upcast).
-    let mut vae_dtypes = vec![dtype];
+    // The decode, in the pipeline's precision and in f32 (a VAE that must upcast).
+    let mut vae_precisions = vec![precision];
     if dtype != DType::F32 {
-        vae_dtypes.push(DType::F32);
+        vae_precisions.push(Precision::uniform(DType::F32));
     }
-    for vae_dtype in vae_dtypes {
-        let vae = Vae::new(VarBuilder::zeros(vae_dtype, device), &vae_config)?;
+    for vae_precision in vae_precisions {
+        let vae = Vae::new(weights::zeros(vae_precision, device), &vae_config)?;
         // Whole, then in tiles with banded convolutions and chunked attention, so the
         // kernels of every memory-saving path are compiled too.
         for plan in [Plan::default(), SAVING] {
@@ -466,5 +469,6 @@ mod tests {
     fn the_miniature_pipeline_runs_in_every_dtype_a_job_uses() {
         run(&Device::Cpu, DType::F32).unwrap();
         run(&Device::Cpu, DType::F16).unwrap();
+        run(&Device::Cpu, Precision::WIDENED_F16).unwrap();
     }
 }

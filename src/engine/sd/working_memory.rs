@@ -11,6 +11,9 @@
 //! convolution runs it (none: then only the few that kernel declines hold columns);
 //! the VAE decodes one image (or one tile) at a time, its last blocks at full resolution
 //! with the channels of the block before. The UNet's and the decode's peaks do not overlap.
+//! Where weights are held narrower than the model computes ([`Precision::widens`]), a layer
+//! widens its weights as it runs: the largest such copy is held beside the rest, and no
+//! convolution runs our implicit kernel (it takes weights held in its own order).
 //! It errs high, by a tenth and more: refusing a job that would have fitted costs a retry
 //! elsewhere, allocating past the memory there is aborts the worker on the CPU (Rust aborts
 //! on a failed allocation) and fails the job halfway on a GPU.
@@ -29,6 +32,7 @@ use super::conv::ConvPlan;
 use super::model_folder::ModelFolder;
 use super::unet_blocks::AttentionPlan;
 use super::vae::Tiling;
+use crate::engine::device::Precision;
 use crate::engine::kernels;
 
 /// Working tensors a resnet step holds at once, in units of its block's activation.
@@ -178,6 +182,15 @@ impl Convolutions {
         }
     }
 
+    /// The same device with our implicit convolution off: what runs a model whose weights
+    /// are widened at use (the kernel takes its weights held in its own order).
+    fn without_implicit(self) -> Self {
+        match self {
+            Self::Implicit { .. } => Self::Im2col,
+            other => other,
+        }
+    }
+
     /// Which of a model's convolutions in `dtype` hold column buffers here, its blocks having
     /// `channels` (every convolution but the first reads whole blocks of them, or sums of
     /// them: an up block's concatenated inputs).
@@ -292,11 +305,16 @@ pub struct WorkingMemory {
     /// The decoder's blocks' channels.
     vae_channels: Vec<u64>,
     vae_dtype: DType,
+    /// Whether the weights are held narrower than the model computes, and widened layer by
+    /// layer.
+    widens: bool,
 }
 
 impl WorkingMemory {
-    /// For `folder` run in `dtype` (its VAE in f32 when it must upcast).
-    pub fn of(folder: &ModelFolder, dtype: DType) -> Self {
+    /// For `folder` run in `precision` (its VAE in f32 when it must upcast).
+    pub fn of(folder: &ModelFolder, precision: impl Into<Precision>) -> Self {
+        let precision = precision.into();
+        let dtype = precision.compute;
         Self {
             unet_blocks: folder
                 .unet
@@ -333,6 +351,7 @@ impl WorkingMemory {
                 .map(|&channels| channels as u64)
                 .collect(),
             vae_dtype: folder.vae_dtype(dtype),
+            widens: precision.widens(),
         }
     }
 
@@ -379,7 +398,11 @@ impl WorkingMemory {
         let latent_w = u64::from(width) / scale;
         let unet_bytes = self.unet_dtype.size_in_bytes() as u64;
         let vae_bytes = self.vae_dtype.size_in_bytes() as u64;
-        let convolutions = kernels.convolutions;
+        let convolutions = if self.widens {
+            kernels.convolutions.without_implicit()
+        } else {
+            kernels.convolutions
+        };
 
         let mut skips = 0;
         let mut largest = 0;
@@ -474,7 +497,14 @@ impl WorkingMemory {
             .map(|(channels, _)| *channels)
             .max()
             .unwrap_or(0);
-        let overhead = widest * widest * 9 * unet_bytes + KERNEL_SCRATCH;
+        // Widening, also the largest weight in the compute dtype: an up block's first
+        // convolution, from its own and the skip's channels (2 × widest) to widest.
+        let widened = if self.widens {
+            2 * widest * widest * TAPS * unet_bytes
+        } else {
+            0
+        };
+        let overhead = widest * widest * TAPS * unet_bytes + widened + KERNEL_SCRATCH;
         // The finished pictures, as f32 (twice while tiles are blended in) and as 8-bit RGB.
         let full = u64::from(width) * u64::from(height);
         let pictures = images * full * 3 * (2 * F32_BYTES + 1);
@@ -547,6 +577,7 @@ mod tests {
             vae_full_channels: 256,
             vae_channels: vec![128, 256, 512, 512],
             vae_dtype: DType::F32,
+            widens: false,
         }
     }
 
@@ -596,6 +627,7 @@ mod tests {
             vae_full_channels: 256,
             vae_channels: vec![128, 256, 512, 512],
             vae_dtype: DType::F32,
+            widens: false,
         }
     }
 
@@ -610,6 +642,32 @@ mod tests {
             .iter()
             .copied()
             .find(|plan| weights + memory.bytes(side, side, 1, true, *plan, COLUMNS) <= room)
+    }
+
+    #[test]
+    fn weights_widened_at_use_hold_the_largest_widened_and_take_no_implicit_convolution() {
+        let held_f16 = WorkingMemory {
+            widens: true,
+            ..sd15()
+        };
+        // The up block's first convolution, 2560 → 1280 channels, widened to f32.
+        let largest_widened = 2 * 1280 * 1280 * 9 * 4;
+        for (kernels, side) in [(CPU, 512), (COLUMNS, 512), (COLUMNS, 1024)] {
+            let plain = sd15().estimate(side, side, 1, true, Plan::GPU, kernels);
+            let widened = held_f16.estimate(side, side, 1, true, Plan::GPU, kernels);
+            assert_eq!(widened.beside, plain.beside + largest_widened);
+            assert_eq!((widened.steps, widened.decode), (plain.steps, plain.decode));
+        }
+        // Where our implicit convolution would run (TF32 too), a widening model's
+        // convolutions hold their columns all the same.
+        assert_eq!(
+            held_f16.estimate(512, 512, 1, true, Plan::GPU, IMPLICIT_TF32),
+            held_f16.estimate(512, 512, 1, true, Plan::GPU, COLUMNS)
+        );
+        assert!(
+            sd15().bytes(512, 512, 1, true, Plan::GPU, IMPLICIT_TF32)
+                < sd15().bytes(512, 512, 1, true, Plan::GPU, COLUMNS)
+        );
     }
 
     #[test]

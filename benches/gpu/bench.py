@@ -595,7 +595,7 @@ def main():
                                                    steps, guidance, args.runs, cold_cache))
         rows.append({"case": name, "model": model, "side": side, "steps": steps, "guidance": guidance,
                      "diffusers": reference, "worker": ours, "jobs": jobs, "candle_kernels": None,
-                     "no_graphs": None, "no_implicit": None, "profiled": None,
+                     "no_graphs": None, "no_implicit": None, "profiled": None, "widened": None,
                      "cold_cache": index == 0})
         print(json.dumps(rows[-1]), flush=True)
 
@@ -639,6 +639,12 @@ def main():
             ballast.wait()
     elif sdxl:
         print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
+    # The GTX 16 series' precision, f32 arithmetic over weights held in f16, never run on a GPU
+    # before: that it runs (its f32 paths on CUDA), its peak against f16's, and its time (here
+    # with TF32 GEMMs, which the GTX 16 series lacks: its own speed is not measured here).
+    for row in (row for row in rows_with_extras if row["model"] == "sd15"):
+        row["widened"] = extra(f"{row['case']}: generate in f32 over f16 weights", row,
+                               generate(row, 3, extra_env={"STUDIO_WORKER_GPU_PRECISION": "widened"}))
     # Our implicit-GEMM 3×3 convolution (no column matrix) against the column path it
     # replaces (our columns and a GEMM), time and peak: the last engine change measured whole.
     for row in sorted(rows_with_extras, key=lambda row: row["side"]):
@@ -687,6 +693,13 @@ def main():
         if columns or ours:
             print(f"  {row['case']:38} {ms(ours)} vs {ms(columns)}  {ratio(ours, columns, 'warm')}   "
                   f"{gb(ours)} vs {gb(columns)}  {ratio(ours, columns, 'peak')}")
+    for row in rows:
+        ours, widened = row["worker"], row["widened"]
+        if widened:
+            print("\nf32 arithmetic over f16 weights (the GTX 16 series' precision; TF32 GEMMs here) "
+                  "against f16 (generate, warm and peak; widened / f16):")
+            print(f"  {row['case']:38} {ms(widened)} vs {ms(ours)}  {ratio(widened, ours, 'warm')}   "
+                  f"{gb(widened)} vs {gb(ours)}  {ratio(widened, ours, 'peak')}")
     print("\nCUDA graphs (UNet, text encoders) against one kernel at a time (generate, warm; graphs / none):")
     for row in rows:
         ours, plain = row["worker"], row["no_graphs"]

@@ -24,7 +24,8 @@
 //! ([`kernels::conv3x3`]) runs instead of all of that: no columns at all (so no bands), the
 //! image read doubled or normalised as it is loaded, the bias added inside. A convolution it
 //! takes holds its weights in the kernel's order only, and makes the stored order back for
-//! the column path where the kernel declines.
+//! the column path where the kernel declines. Weights held narrower than the convolution
+//! computes (f16 under f32 arithmetic, [`Held`]) are widened at each use, on the column path.
 //!
 //! On the CPU candle convolves directly (no column buffer), so the engine plans no bands
 //! there; the bands still run there in tests, against the whole convolution, and so does the

@@ -671,6 +671,28 @@ mod tests {
     }
 
     #[test]
+    fn on_a_4_gb_gtx_1650_sd15_at_512_fits_with_its_weights_held_in_f16() {
+        // The GTX 16 series' precision: f32 activations, scores and decode, f16 weights.
+        let widened = WorkingMemory {
+            widens: true,
+            ..sd15()
+        };
+        // What a 4 GB card has free beside a desktop.
+        let room = 3_400_000_000;
+        let plan = first_fitting(&widened, SD15_WEIGHTS, room, 512).expect("a plan fits");
+        let job = widened.bytes(512, 512, 1, true, plan, COLUMNS);
+        eprintln!(
+            "SD 1.5 512², guided, f32 over f16 weights: {job} bytes beside the weights with {plan:?}"
+        );
+        // All in f32, even its text encoder on the CPU leaves no room: 3.8 GB of weights.
+        let f32_weights_without_text = 2 * (SD15_WEIGHTS - 246_000_000);
+        assert_eq!(
+            first_fitting(&sd15(), f32_weights_without_text, room, 512),
+            None
+        );
+    }
+
+    #[test]
     fn on_a_gpu_sd15_at_512_runs_whole_within_4_gb() {
         let memory = sd15_gpu();
         let job = memory.bytes(512, 512, 1, true, Plan::GPU, COLUMNS);

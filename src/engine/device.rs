@@ -114,9 +114,8 @@ pub fn gpu_precision(
 ) -> (Precision, Option<String>) {
     let widened_note = |why: &str, hint: &str| {
         format!(
-            "models compute in f32 on the {name}{why}; their weights stay in f16, widened layer \
-             by layer: a model takes the memory it takes in f16, and jobs take longer than in \
-             f16{hint}"
+            "models compute in f32 on the {name}{why}; weights stay in f16, so a model takes \
+             its f16 memory, and jobs are slower than in f16{hint}"
         )
     };
     match forced.map(str::trim) {
@@ -149,8 +148,8 @@ pub fn gpu_precision(
         (
             Precision::WIDENED_F16,
             Some(widened_note(
-                ": its f16 arithmetic gives NaN or black images in Stable Diffusion (GTX 16 \
-                 series and its relatives)",
+                ", whose f16 arithmetic gives NaN or black images in Stable Diffusion (the GTX \
+                 16 series and its relatives)",
                 &format!(" ({PRECISION_VARIABLE}=f16 to try f16 anyway)"),
             )),
         )

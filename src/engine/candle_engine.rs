@@ -706,7 +706,8 @@ impl CandleEngine {
                     // `device` names the known ones, the person can name theirs.
                     tracing::warn!(
                         "the UNet's numbers overflowed in f16 on the {}: if every job fails so \
-                         on this card, {}=f32 runs the models in f32",
+                         on this card, {}=widened computes in f32 over f16 weights (an f16 \
+                         model's memory)",
                         self.device.info.name,
                         super::device::PRECISION_VARIABLE
                     );

@@ -4,6 +4,8 @@
 // Test and tool code: an unwrap that fails is the test failing, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/files.rs"]
+mod files;
 mod generate;
 mod hostile_configs;
 mod memory_paths;

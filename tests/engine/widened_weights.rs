@@ -14,6 +14,7 @@ use studio_worker::engine::device::Precision;
 use studio_worker::engine::sd::StableDiffusion;
 use studio_worker::engine::sd::working_memory::Plan;
 
+use crate::files::copy_folder;
 use crate::support::{FIXTURES, Golden, PROMPTS, fixture, load, request};
 
 /// A copy of the fixture `name` in `to`, every tensor of two dimensions or more in its
@@ -49,19 +50,6 @@ fn rounded_copy(name: &str, to: &Path) {
                 })
                 .collect();
             candle_core::safetensors::save(&rounded, &path).expect("saved");
-        }
-    }
-}
-
-fn copy_folder(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("a folder");
-    for entry in std::fs::read_dir(from).expect("a fixture") {
-        let entry = entry.expect("an entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("a type").is_dir() {
-            copy_folder(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copied");
         }
     }
 }

@@ -9,8 +9,9 @@ use studio_worker::config::{self, Config};
 use studio_worker::registration::RegistrationState;
 use studio_worker::secret::Secret;
 
+use crate::support::files::copy_folder;
 use crate::support::studio::{Route, TestStudio};
-use crate::support::{WorkerHome, copy_folder, eventually};
+use crate::support::{WorkerHome, eventually};
 
 const TOKEN: &str = "tok_abcdefghijklmnopqrstuvwxyz0123";
 

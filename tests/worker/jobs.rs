@@ -1083,7 +1083,7 @@ async fn a_failure_the_studio_hears_of_names_no_folder_of_this_pc() {
     let home = WorkerHome::new();
     // A model folder whose path says whose PC this is.
     let folder = home.dir.path().join("Users").join("alice").join("my-model");
-    crate::support::copy_folder(
+    crate::support::files::copy_folder(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1"),
         &folder,
     );

@@ -563,7 +563,7 @@ async fn a_downloaded_model_the_memory_budget_cannot_hold_is_shown_as_not_served
 fn the_engine_leaves_out_a_local_folder_whose_weights_do_not_fit_its_config() {
     let dir = tempfile::tempdir().unwrap();
     let spoiled = dir.path().join("spoiled");
-    crate::support::copy_folder(&fixture(), &spoiled);
+    crate::support::files::copy_folder(&fixture(), &spoiled);
     let config_path = spoiled.join("text_encoder/config.json");
     let config = std::fs::read_to_string(&config_path).unwrap();
     std::fs::write(

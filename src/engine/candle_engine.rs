@@ -35,6 +35,9 @@ struct ServedModel {
     vae_bytes: u64,
     /// What its VAE decodes in: f32 for one that upcasts, or that overflowed in f16 here.
     vae_dtype: DType,
+    /// What it loads in: the device's, or f32 arithmetic over f16 weights once its UNet
+    /// overflowed in f16 here ([`CandleEngine::widen`]).
+    precision: Precision,
     /// What a job takes on top of the weights.
     working: WorkingMemory,
 }
@@ -483,13 +486,9 @@ impl CandleEngine {
         if text == TextPlacement::Cpu {
             tracing::info!("the text encoders of {model_id} run on the CPU, to leave the GPU room");
         }
-        let pipeline = StableDiffusion::load_placed(
-            &served.root,
-            &self.device.device,
-            self.device.precision,
-            text,
-        )
-        .map_err(|error| engine_error(error, model_id))?;
+        let pipeline =
+            StableDiffusion::load_placed(&served.root, &self.device.device, served.precision, text)
+                .map_err(|error| engine_error(error, model_id))?;
         if served.vae_dtype == DType::F32 {
             // Its VAE overflowed in f16 on this device before.
             pipeline
@@ -524,6 +523,32 @@ impl CandleEngine {
         if let Some(entry) = loaded.iter_mut().find(|entry| entry.model_id == model_id) {
             entry.memory_bytes += extra;
         }
+    }
+
+    /// `model_id` computes in f32 over its f16 weights from now on, where it computed in f16
+    /// (its UNet overflowed): its f16 pipeline unloaded, its weights and jobs counted anew.
+    /// Whether that is new.
+    fn widen(&self, model_id: &str) -> bool {
+        let mut models = self.models.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(served) = models
+            .get_mut(model_id)
+            .filter(|served| served.precision.compute == DType::F16)
+        else {
+            return false;
+        };
+        match check_folder(&served.root, Precision::WIDENED_F16) {
+            Ok(widened) => *served = widened,
+            Err(reason) => {
+                tracing::error!("{model_id} cannot compute in f32: {reason}");
+                return false;
+            }
+        }
+        drop(models);
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        loaded.retain(|entry| entry.model_id != model_id);
+        drop(loaded);
+        super::gpu_memory::give_back(&self.device.device);
+        true
     }
 
     /// Ids of the models warm in memory, least recently used first.
@@ -644,7 +669,7 @@ impl CandleEngine {
             hand_back_before_decode,
         } = self.make_room(job)?;
         // Freed memory stays pooled through the job and goes back after it.
-        let _pool = super::gpu_memory::hold_pool(&self.device.device);
+        let pool = super::gpu_memory::hold_pool(&self.device.device);
         let pipeline = self.pipeline(&job.model, text)?;
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
@@ -700,17 +725,22 @@ impl CandleEngine {
                     part: crate::engine::profile::Part::Unet,
                     dtype: DType::F16,
                 } = error
-                    && self.device.device.is_cuda()
+                    && self.widen(&job.model)
                 {
-                    // A card whose f16 arithmetic is off fails every job so; the list in
-                    // `device` names the known ones, the person can name theirs.
+                    // A card whose f16 arithmetic is off (the list in `device` names the
+                    // known ones), or a model whose numbers outgrow f16: in f32 over the same
+                    // f16 weights the job runs again, and the model's later jobs so.
                     tracing::warn!(
-                        "the UNet's numbers overflowed in f16 on the {}: if every job fails so \
-                         on this card, {}=widened computes in f32 over f16 weights (an f16 \
-                         model's memory)",
+                        "the UNet's numbers overflowed in f16 on the {}: {} computes in f32 over \
+                         its f16 weights from now on, slower in the same memory for its weights \
+                         ({}=widened does so for every model from the start); the job runs again",
                         self.device.info.name,
+                        job.model,
                         super::device::PRECISION_VARIABLE
                     );
+                    drop(pipeline);
+                    drop(pool);
+                    return self.run_job(job, progress, cancel);
                 }
                 let error = engine_error(error, &job.model);
                 if matches!(error, EngineError::OutOfMemory(_)) {
@@ -776,6 +806,7 @@ fn check_folder(root: &Path, precision: Precision) -> Result<ServedModel, String
         text_bytes,
         vae_bytes,
         vae_dtype,
+        precision,
         working: WorkingMemory::of(&folder, precision),
     })
 }
@@ -1021,6 +1052,91 @@ mod tests {
         assert_eq!(
             engine.loaded.lock().unwrap()[0].memory_bytes,
             widened.memory_bytes
+        );
+    }
+
+    #[test]
+    fn a_model_whose_unet_overflows_f16_computes_in_f32_over_its_f16_weights_from_then_on() {
+        // A copy of tiny-sd1 whose UNet's last bias is beyond f16's range: infinite in f16
+        // (its UNet's output too, so the job's latents), finite in f32.
+        let folder = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
+        copy_folder(&fixture, folder.path());
+        let unet = folder
+            .path()
+            .join("unet/diffusion_pytorch_model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&unet, &candle_core::Device::Cpu).unwrap();
+        let bias = tensors.get_mut("conv_out.bias").unwrap();
+        *bias = (&*bias * 1e6).unwrap();
+        candle_core::safetensors::save(&tensors, &unet).unwrap();
+
+        let models = [("tiny-sd1".to_owned(), folder.path().to_owned())]
+            .into_iter()
+            .collect();
+        let device = SelectedDevice {
+            precision: Precision::uniform(DType::F16),
+            ..crate::engine::device::select(DevicePreference::Cpu).unwrap()
+        };
+        let (engine, refused) = CandleEngine::new(device, &models, 0);
+        assert!(refused.is_empty(), "{refused:?}");
+        let served = |engine: &CandleEngine| engine.models.lock().unwrap()["tiny-sd1"].clone();
+        let before = served(&engine);
+        assert_eq!(before.precision, Precision::uniform(DType::F16));
+        let job = JobSpec {
+            model: "tiny-sd1".to_owned(),
+            steps: 1,
+            ..job()
+        };
+        let mut stages = Vec::new();
+        let generated = engine
+            .generate(
+                &job,
+                &mut |progress| stages.push(progress.stage),
+                &CancelToken::new(),
+            )
+            .expect("runs again in f32");
+        assert_eq!(generated.images.len(), 1);
+        // Tried in f16, then again from the start.
+        let loads = stages
+            .iter()
+            .filter(|stage| **stage == Stage::LoadingModel)
+            .count();
+        assert_eq!(loads, 2, "{stages:?}");
+
+        // Counted and loaded so from now on: the same weights' memory, f32 jobs.
+        let after = served(&engine);
+        assert_eq!(after.precision, Precision::WIDENED_F16);
+        assert_eq!(after.memory_bytes, before.memory_bytes);
+        let job_bytes = |model: &ServedModel| {
+            model
+                .working
+                .bytes(64, 64, 1, true, Plan::WHOLE, DeviceKernels::CPU)
+        };
+        assert!(job_bytes(&after) > job_bytes(&before));
+        let pipelines: Vec<_> = engine
+            .loaded
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|entry| entry.pipeline.clone())
+            .collect();
+        assert_eq!(pipelines.len(), 1, "the f16 pipeline went");
+        assert_eq!(pipelines[0].vae_dtype(), DType::F32);
+        let mut stages = Vec::new();
+        engine
+            .generate(
+                &job,
+                &mut |progress| stages.push(progress.stage),
+                &CancelToken::new(),
+            )
+            .expect("runs in f32 at once");
+        assert_eq!(stages.first(), Some(&Stage::LoadingModel));
+        assert_eq!(
+            stages
+                .iter()
+                .filter(|stage| **stage == Stage::LoadingModel)
+                .count(),
+            1
         );
     }
 

@@ -133,8 +133,8 @@ impl Weights {
     /// held narrower than they compute stay stored (their kernel order would be held
     /// widened: all the memory they save).
     fn new(weight: Held) -> Result<Self> {
-        let (out_channels, in_channels, ..) = weight.held().dims4()?;
         let held = weight.held();
+        let (out_channels, in_channels, ..) = held.dims4()?;
         if !weight.widens()
             && kernels::conv3x3::takes(held.device(), held.dtype(), in_channels, out_channels)
         {

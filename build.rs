@@ -39,8 +39,14 @@ fn main() {
     for variable in ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"] {
         println!("cargo::rerun-if-env-changed={variable}");
     }
+    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
+    }
+    // The architecture candle's kernels are built for (its PTX runs there and newer only):
+    // the engine refuses an older GPU with that in words rather than failing every job.
+    if let Ok(cap) = env::var("CUDA_COMPUTE_CAP") {
+        println!("cargo::rustc-env=STUDIO_WORKER_CANDLE_COMPUTE_CAP={cap}");
     }
     for source in SOURCES.iter().chain(HEADERS.iter()) {
         println!("cargo::rerun-if-changed={source}");

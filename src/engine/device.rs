@@ -233,6 +233,12 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
         None => ("NVIDIA GPU".to_owned(), 0),
     };
     let compute_capability = compute_capability(&device);
+    if let Err(reason) = runs_here(&name, compute_capability, build_floor()) {
+        return Err(DeviceError::DidNotOpen {
+            backend: "CUDA",
+            reason,
+        });
+    }
     let (precision, precision_note) = gpu_precision(
         &name,
         compute_capability,
@@ -255,6 +261,58 @@ fn open_cuda() -> Result<SelectedDevice, DeviceError> {
         },
         fallback_reason: None,
         precision_note,
+    })
+}
+
+/// The oldest compute capability this build's GPU code runs on: Turing's (7.5), the oldest
+/// CUDA 13 builds for and our kernels' PTX; or newer, where candle's kernels were built for a
+/// newer one (`CUDA_COMPUTE_CAP` at build time, which `build.rs` passes on: PTX runs on its
+/// own architecture and newer only).
+fn build_floor() -> (i32, i32) {
+    const TURING: (i32, i32) = (7, 5);
+    option_env!("STUDIO_WORKER_CANDLE_COMPUTE_CAP")
+        .and_then(|cap| cap.trim().parse::<i32>().ok())
+        .map(|cap| (cap / 10, cap % 10))
+        .map_or(TURING, |candle| candle.max(TURING))
+}
+
+/// Whether a GPU named `name` of `compute_capability` runs this build's GPU code, whose
+/// oldest architecture is `floor`; why not, in words, where it does not. Unknown: it runs
+/// (the kernels' own checks at start find out).
+fn runs_here(
+    name: &str,
+    compute_capability: Option<(i32, i32)>,
+    floor: (i32, i32),
+) -> Result<(), String> {
+    match compute_capability {
+        Some(capability) if capability < floor => Err(format!(
+            "the {name} ({}compute capability {}.{}) is older than the GPUs this build runs on \
+             ({}compute capability {}.{} and newer)",
+            generation(capability).map_or(String::new(), |name| format!("{name}, ")),
+            capability.0,
+            capability.1,
+            generation(floor).map_or(String::new(), |name| format!("{name}, ")),
+            floor.0,
+            floor.1,
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The NVIDIA architecture of a compute capability, and the GeForce cards built on it.
+fn generation(capability: (i32, i32)) -> Option<&'static str> {
+    Some(match capability {
+        (3, _) => "Kepler: GeForce GTX 600 and 700 series",
+        (5, _) => "Maxwell: GeForce GTX 750 and 900 series",
+        (6, _) => "Pascal: GeForce GTX 10 series",
+        (7, 0 | 2) => "Volta",
+        (7, 5) => "Turing: GeForce GTX 16 and RTX 20 series",
+        (8, 0) => "Ampere, datacenter",
+        (8, 6) => "Ampere: GeForce RTX 30 series",
+        (8, 9) => "Ada: GeForce RTX 40 series",
+        (9, 0) => "Hopper",
+        (12, _) => "Blackwell: GeForce RTX 50 series",
+        _ => return None,
     })
 }
 
@@ -407,6 +465,35 @@ mod tests {
         assert!(!Precision::uniform(DType::F32).widens());
         assert_eq!(Precision::WIDENED_F16.label(), "f32, weights f16");
         assert!(Precision::WIDENED_F16.widens());
+    }
+
+    #[test]
+    fn a_gpu_older_than_the_build_is_refused_with_its_generation_and_the_floor() {
+        let refused = runs_here("NVIDIA GeForce GTX 1080", Some((6, 1)), (7, 5))
+            .expect_err("Pascal is older than Turing");
+        assert_eq!(
+            refused,
+            "the NVIDIA GeForce GTX 1080 (Pascal: GeForce GTX 10 series, compute capability \
+             6.1) is older than the GPUs this build runs on (Turing: GeForce GTX 16 and RTX 20 \
+             series, compute capability 7.5 and newer)"
+        );
+        for (name, capability) in [
+            ("NVIDIA GeForce GTX 1650", (7, 5)),
+            ("NVIDIA GeForce RTX 3060", (8, 6)),
+            ("NVIDIA GeForce RTX 5090", (12, 0)),
+        ] {
+            assert_eq!(runs_here(name, Some(capability), (7, 5)), Ok(()), "{name}");
+        }
+        // A build whose candle kernels were made for Hopper runs on nothing older.
+        assert!(runs_here("NVIDIA GeForce RTX 4090", Some((8, 9)), (9, 0)).is_err());
+        assert!(
+            runs_here("Tesla V100", Some((7, 0)), (7, 5))
+                .expect_err("Volta")
+                .contains("(Volta, compute capability 7.0)")
+        );
+        // A card that does not say is left to the kernels' own checks.
+        assert_eq!(runs_here("NVIDIA GPU", None, (7, 5)), Ok(()));
+        assert_eq!(build_floor().max((7, 5)), build_floor());
     }
 
     #[test]

@@ -207,10 +207,10 @@ fn probe(gpu_build: &Path) -> Result<(), String> {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| format!("it exited with {}", output.status));
-    Err(format!(
-        "the CUDA build cannot run here: {}",
-        first_line(&said)
-    ))
+    // Its `auto` fell back to the CPU and said so; this build says it once, for itself.
+    let said = first_line(&said);
+    let said = said.strip_suffix("; using the CPU").unwrap_or(&said);
+    Err(format!("the CUDA build cannot run here: {said}"))
 }
 
 /// Replaces this process with `program` (Unix `exec`); on Windows runs it and exits with its

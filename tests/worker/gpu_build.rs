@@ -106,6 +106,19 @@ impl Install {
             .expect("make it executable");
     }
 
+    /// A CUDA build whose GPU does not open (too old for it, say): its probe falls back to the
+    /// CPU with `reason`, as `auto` words it.
+    fn add_cuda_build_falling_back(&self, reason: &str) {
+        let script = format!(
+            "#!/bin/sh\n\
+             echo '{{\"kind\":\"cpu\",\"name\":\"CPU\",\"memoryMb\":8192,\"fallbackReason\":\"{reason}\"}}'\n"
+        );
+        let path = self.path("studio-worker-cuda");
+        std::fs::write(&path, script).expect("write the fake build");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("make it executable");
+    }
+
     fn device_report(&self, driver: Option<&Path>) -> serde_json::Value {
         let mut command = self.command();
         command.args(["device", "--json"]);
@@ -213,6 +226,25 @@ fn a_driver_too_old_for_the_cuda_build_is_named_with_the_version_to_update_to() 
         "{reason}"
     );
     assert!(!install.path("cuda-build-ran").exists(), "never started");
+}
+
+#[test]
+fn a_gpu_too_old_for_the_cuda_build_is_named_once_and_the_cpu_used() {
+    let install = Install::new();
+    install.add_cuda_build_falling_back(
+        "the CUDA GPU did not open: the NVIDIA GeForce GTX 1080 (Pascal: GeForce GTX 10 series, \
+         compute capability 6.1) is older than the GPUs this build runs on (Turing: GeForce GTX \
+         16 and RTX 20 series, compute capability 7.5 and newer); using the CPU",
+    );
+    let driver = install.add_driver();
+    let report = install.device_report(Some(&driver));
+    assert_eq!(report["kind"], "cpu");
+    let reason = report["fallbackReason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("the CUDA build cannot run here: the CUDA GPU did not open: the NVIDIA GeForce GTX 1080 (Pascal"),
+        "{reason}"
+    );
+    assert_eq!(reason.matches("using the CPU").count(), 1, "{reason}");
 }
 
 #[test]

@@ -209,7 +209,7 @@ fn probe(gpu_build: &Path) -> Result<(), String> {
         .unwrap_or_else(|| format!("it exited with {}", output.status));
     // Its `auto` fell back to the CPU and said so; this build says it once, for itself.
     let said = first_line(&said);
-    let said = said.strip_suffix("; using the CPU").unwrap_or(&said);
+    let said = said.strip_suffix("; using the CPU").unwrap_or(said);
     Err(format!("the CUDA build cannot run here: {said}"))
 }
 

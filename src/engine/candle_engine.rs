@@ -951,17 +951,26 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_model_whose_vae_was_upcast_counts_it_in_f32_and_loads_it_so() {
-        // An f16 engine (on the CPU) serving tiny-sd1, whose VAE decodes in f16.
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
-        let models = [("tiny-sd1".to_owned(), root)].into_iter().collect();
+    /// A CPU engine in `precision` (f16 or widening, as on a GPU) serving the folder at
+    /// `root` as tiny-sd1.
+    fn cpu_engine_in(precision: Precision, root: &Path) -> CandleEngine {
+        let models = [("tiny-sd1".to_owned(), root.to_owned())]
+            .into_iter()
+            .collect();
         let device = SelectedDevice {
-            precision: Precision::uniform(DType::F16),
+            precision,
             ..crate::engine::device::select(DevicePreference::Cpu).unwrap()
         };
         let (engine, refused) = CandleEngine::new(device, &models, 0);
         assert!(refused.is_empty(), "{refused:?}");
+        engine
+    }
+
+    #[test]
+    fn a_model_whose_vae_was_upcast_counts_it_in_f32_and_loads_it_so() {
+        // An f16 engine (on the CPU) serving tiny-sd1, whose VAE decodes in f16.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
+        let engine = cpu_engine_in(Precision::uniform(DType::F16), &root);
         let served = |engine: &CandleEngine| engine.models.lock().unwrap()["tiny-sd1"].clone();
         let pipeline = |engine: &CandleEngine| engine.loaded.lock().unwrap()[0].pipeline.clone();
         let job = JobSpec {
@@ -1016,15 +1025,7 @@ mod tests {
     fn an_engine_that_widens_counts_its_weights_in_f16_and_its_jobs_widened_copies() {
         // The GTX 16 series' precision (here on the CPU): f32 arithmetic, f16 weights.
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd1");
-        let models = [("tiny-sd1".to_owned(), root.clone())]
-            .into_iter()
-            .collect();
-        let device = SelectedDevice {
-            precision: Precision::WIDENED_F16,
-            ..crate::engine::device::select(DevicePreference::Cpu).unwrap()
-        };
-        let (engine, refused) = CandleEngine::new(device, &models, 0);
-        assert!(refused.is_empty(), "{refused:?}");
+        let engine = cpu_engine_in(Precision::WIDENED_F16, &root);
         let widened = engine.models.lock().unwrap()["tiny-sd1"].clone();
         let f32_model = check_folder(&root, DType::F32.into()).unwrap();
         let f16_model = check_folder(&root, DType::F16.into()).unwrap();
@@ -1070,15 +1071,7 @@ mod tests {
         *bias = (&*bias * 1e6).unwrap();
         candle_core::safetensors::save(&tensors, &unet).unwrap();
 
-        let models = [("tiny-sd1".to_owned(), folder.path().to_owned())]
-            .into_iter()
-            .collect();
-        let device = SelectedDevice {
-            precision: Precision::uniform(DType::F16),
-            ..crate::engine::device::select(DevicePreference::Cpu).unwrap()
-        };
-        let (engine, refused) = CandleEngine::new(device, &models, 0);
-        assert!(refused.is_empty(), "{refused:?}");
+        let engine = cpu_engine_in(Precision::uniform(DType::F16), folder.path());
         let served = |engine: &CandleEngine| engine.models.lock().unwrap()["tiny-sd1"].clone();
         let before = served(&engine);
         assert_eq!(before.precision, Precision::uniform(DType::F16));

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Proves what a CUDA build of studio-worker holds before it is packaged: candle's kernels are
+# PTX for the one architecture the release names (CUDA_COMPUTE_CAP, 75: every RTX generation
+# compiles it), and each of our kernel sources is a fatbin with machine code for every
+# architecture build.rs lists plus that PTX. The release workflow runs it on Linux and on
+# Windows (where our fatbins sit in the binary as plain data, so the build's own are read).
+#
+#   packaging/check-cuda-build.sh BINARY TARGET_DIR [PROFILE]   # PROFILE: release (default)
+#
+# CUOBJDUMP names the tool where it is not on PATH; Python compares bytes. Prints what it found; fails on the first
+# thing missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+binary=${1:?the CUDA build of studio-worker}
+target=${2:?the cargo target folder it was built in}
+profile=${3:-release}
+cuobjdump=${CUOBJDUMP:-cuobjdump}
+cap=${CUDA_COMPUTE_CAP:-75}
+python=$(command -v python3 || command -v python) # Windows runners name it python
+
+fail() {
+  echo "check-cuda-build: $*" >&2
+  exit 1
+}
+[ -n "$python" ] || fail "needs Python (python3 or python) to compare the fatbins with the binary"
+
+# candle embeds its PTX as text, so its targets are read from the binary itself.
+targets=$( (grep -a -o '\.target sm_[0-9a-z]*' "$binary" || true) | sort -u | tr '\n' ' ')
+echo "candle's PTX targets: $targets"
+[ "$targets" = ".target sm_$cap " ] || fail "candle's PTX should target sm_$cap and nothing else"
+
+# The architectures build.rs compiles our kernels for, read from it (one list, no copy here).
+architectures=$(grep -o 'const ARCHITECTURES: \[u32; [0-9]*\] = \[[0-9, ]*\]' build.rs |
+  sed 's/.*= \[//; s/\]//; s/,/ /g' || true)
+ptx_architecture=$(grep -o 'const PTX_ARCHITECTURE: u32 = [0-9]*' build.rs | grep -o '[0-9]*$' || true)
+[ -n "$architectures" ] && [ -n "$ptx_architecture" ] || fail "no architecture list in build.rs"
+
+# The build's own output folder: the newest of studio-worker's that holds fatbins.
+out_dir=$(ls -dt "$target/$profile"/build/studio-worker-*/out 2>/dev/null |
+  while read -r dir; do ls "$dir"/*.fatbin > /dev/null 2>&1 && echo "$dir" && break; done || true)
+[ -n "$out_dir" ] || fail "no fatbins under $target/$profile/build/studio-worker-*/out"
+
+for source in src/engine/kernels/*.cu; do
+  name=$(basename "$source" .cu)
+  fatbin="$out_dir/$name.fatbin"
+  [ -f "$fatbin" ] || fail "no fatbin for $source in $out_dir"
+  elf=" $("$cuobjdump" --list-elf "$fatbin" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')"
+  ptx=" $("$cuobjdump" --list-ptx "$fatbin" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')"
+  echo "$name: machine code for$elf; PTX for$ptx"
+  for architecture in $architectures; do
+    case "$elf" in *" sm_$architecture "*) ;; *) fail "$name has no machine code for sm_$architecture" ;; esac
+  done
+  [ "$ptx" = " sm_$ptx_architecture " ] || fail "$name's PTX should be for sm_$ptx_architecture alone"
+  # The binary holds this very fatbin, byte for byte (the copy the worker loads).
+  "$python" -c 'import sys; sys.exit(open(sys.argv[2], "rb").read() not in open(sys.argv[1], "rb").read())' \
+    "$binary" "$fatbin" || fail "$binary does not hold $fatbin"
+done
+echo "check-cuda-build: ok"

@@ -16,8 +16,9 @@ process of its own, so each peak is that process's alone:
   4. our own kernels against candle's: `generate` again with STUDIO_WORKER_FUSED_KERNELS=0
      (the ratio is ours / candle's, warm), and `generate --profile` on SD 1.5 and SDXL:
      where a warm image's time goes, by model part and kind of work.
-  5. SDXL again, with the card filled by a ballast process until about 12 GB are free (an
-     RTX 3060/4070's), so the engine must plan within it.
+  5. cards with less memory: a ballast process fills the GPU until only a consumer card's
+     memory is free, so the engine must plan within it: SDXL with 12 GB (an RTX 3060/4070),
+     SD-Turbo with 6 GB, SDXL with 8 GB (its text encoders on the CPU).
 
 Peak memory is the device's used memory above what it was before the process started,
 sampled every 5 ms through NVML: what the process holds, context included.
@@ -50,7 +51,12 @@ CASES = [
     ("SD 1.5 arch 512², 20 steps, CFG 7.5", "sd15", 512, 20, 7.5),
     ("SDXL arch 1024², 20 steps, CFG 5", "sdxl", 1024, 20, 5.0),
 ]
-TIGHT_CARD_GB = 12
+# Cards with less memory than the H200, (model, steps, GB left free, whose card): SDXL on 12 GB,
+# the issue's memory goal; SD-Turbo on 6 GB, the goal's "runs on a 6 GB card"; SDXL on 8 GB,
+# where its text encoders go to the CPU, a path never run beside a GPU before. The first two
+# run before the profiles, the third after the GTX 16 series' precision.
+TIGHT_CARDS = (("sdxl", 20, 12, "an RTX 3060/4070"), ("sd-turbo", 4, 6, "an RTX 2060 or GTX 1660"),
+               ("sdxl", 20, 8, "an RTX 3070/4060"))
 # The cases whose warm image is also profiled by kind of work, (model, steps), in the order
 # they are profiled while the budget lasts: the largest, then the worst ratio of the last table
 # (SD-Turbo's one step, 2.29×, never profiled), then SD 1.5.
@@ -462,7 +468,14 @@ def run_worker_jobs(memory, worker, dev_studio, folder, side, steps, guidance, r
     return {"warm": statistics.median(times), "peak": peak, "graphs_off": graphs_off}
 
 
-# ---------------------------------------------------------------- 4. a 12 GB card
+# ---------------------------------------------------------------- 5. cards with less memory
+
+def start_ballast(keep_free_gb):
+    """A process holding the GPU's memory but `keep_free_gb` GB until its stdin closes; its
+    first line says how much it holds."""
+    return subprocess.Popen([sys.executable, __file__, "ballast", str(keep_free_gb)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
 
 def ballast_child(keep_free_gb):
     import torch
@@ -538,6 +551,81 @@ def check_here():
     print("the pools' peaks read back: " + summary)
     print(f"the engine's placement read back: {estimate['weights'] / 1e6:.1f} MB of weights, "
           f"{estimate['working'] / 1e6:.1f} MB estimated beside them ({estimate['plan']})")
+
+
+def check_table():
+    """`main` end to end with every measurement faked (no GPU, binaries or torch): the extras'
+    order within the budget and the tables printed from their results, so that a mistake there
+    cannot cost a device call its table. One tight card fails, as a job refused for memory would."""
+    import contextlib
+    import io
+
+    class FakeMemory(NoMemory):
+        def name(self):
+            return "Fake GPU"
+
+        def driver(self):
+            return "0.0"
+
+    def worker_result(warm, peak, plans=()):
+        return {"first": 2 * warm, "warm": warm, "peak": peak, "process": 1.0, "prepare": 0.5,
+                "plans": list(plans), "profile": "where run 2's time went: …", "kernels_off": False,
+                "graphs_off": False, "races": ["our GPU group norm kernel takes 0.1 ms here"], "pools": None,
+                "estimate": {"weights": 2.0e9, "working": 1.0e9, "plan": "the fastest", "handed_back": False}}
+
+    class FakeBallast:
+        def __init__(self, free_gb):
+            self.free_gb = float(free_gb)
+            self.stdout = io.StringIO(f"ballast {140 - self.free_gb:.1f} GB\n")
+            self.stdin = io.StringIO()
+
+        def wait(self):
+            return 0
+
+    held = []
+
+    def fake_worker(memory, worker, folder, side, steps, guidance, runs, cache, home, extra_env=None,
+                    extra_args=(), device="cuda"):
+        free = held[-1].free_gb if held and not held[-1].stdin.closed else None
+        if free == 8:
+            raise RuntimeError("generate exited 1: out of memory")
+        if free:
+            return worker_result(0.2 * steps, free * 0.7e9, ["saving memory: tiles of 512 pixels"])
+        return worker_result(0.1 * steps, 4e9)
+
+    def fake_ballast(free_gb):
+        held.append(FakeBallast(free_gb))
+        return held[-1]
+
+    fakes = {"DeviceMemory": FakeMemory, "start_ballast": fake_ballast, "run_worker": fake_worker,
+             "run_diffusers": lambda memory, folder, side, steps, guidance, runs: {
+                 "first": 0.1 * steps, "warm": 0.05 * steps, "peak": 4.5e9, "allocated": 3e9},
+             "run_worker_jobs": lambda *args, **kwargs: {"warm": 0.12, "peak": 4e9, "graphs_off": False}}
+    saved = {name: globals()[name] for name in fakes}
+    saved_run, saved_argv = subprocess.run, sys.argv
+    globals().update(fakes)
+    subprocess.run = lambda command, **kwargs: subprocess.CompletedProcess(command, 0)  # the pipelines
+    sys.argv = [__file__, "--models", tempfile.mkdtemp(prefix="gpu-bench-check-"), "--budget", "1000"]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            main()
+    finally:
+        globals().update(saved)
+        subprocess.run, sys.argv = saved_run, saved_argv
+    table = printed.getvalue()
+    cards = table.split("On cards with less memory", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert [line.split("(")[0].strip() for line in cards] == [
+        "SDXL arch 1024², 20 steps, CFG 5, 12 GB free", "SD-Turbo arch 512², 4 steps, 6 GB free",
+        "SDXL arch 1024², 20 steps, CFG 5, 8 GB free"], cards
+    assert "(2.00× the whole card's), peak 8.40GB" in cards[0] and "tiles of 512 pixels" in cards[0], cards[0]
+    assert cards[2].endswith("failed (its error is above)"), cards[2]
+    assert "SDXL arch 1024², 20 steps, CFG 5, 8 GB free failed: generate exited 1" in table
+    assert [entry.startswith("ballast") for entry in (ballast.stdout.getvalue() for ballast in held)] == [True] * 3
+    assert all(ballast.stdin.closed for ballast in held), "every ballast let go of the GPU"
+    estimates = table.split("The memory estimate against the peak", 1)[1].split("\n\n", 1)[0]
+    assert "SD-Turbo arch 512², 4 steps, 6 GB free" in estimates, estimates
+    print("the table read back, tight cards included:\n" + "\n".join(cards))
 
 
 def main():
@@ -623,25 +711,35 @@ def main():
         return lambda: run_worker(memory, args.worker, os.path.join(args.models, row["model"]), row["side"],
                                   row["steps"], row["guidance"], runs, cold_cache, home, **options)
 
-    # Then the extras, the most telling first: SDXL on a card with 12 GB free (the memory
-    # goal), the profiles (where the time goes), the GTX 16 series' precision, then what each
-    # past change did (the implicit convolution, the graphs, our kernels against candle's).
-    # The extras measure the worker: none when only diffusers ran.
+    # Then the extras, the most telling first: SDXL on a 12 GB card and SD-Turbo on a 6 GB one
+    # (the memory goals), the profiles (where the time goes), the GTX 16 series' precision,
+    # SDXL on an 8 GB card, then what each past change did (the implicit convolution, the
+    # graphs, our kernels against candle's). The extras measure the worker: none when only
+    # diffusers ran.
     rows_with_extras = [] if args.diffusers_only else rows
-    sdxl = next((row for row in rows_with_extras if row["model"] == "sdxl"), None)
-    tight = None
-    expected = 1.3 * sdxl["worker"]["process"] + 20 if sdxl and sdxl["worker"] else 90
-    if sdxl and left() >= expected:
-        ballast = subprocess.Popen([sys.executable, __file__, "ballast", str(TIGHT_CARD_GB)],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    tight = []
+
+    def on_tight_card(model, steps, free_gb, card):
+        """`generate` for the case of `model` and `steps` with `free_gb` GB of the GPU free."""
+        row = next((row for row in rows_with_extras if (row["model"], row["steps"]) == (model, steps)), None)
+        if not row:
+            return
+        what = f"{row['case']}, {free_gb} GB free"
+        expected = 1.3 * row["worker"]["process"] + 20 if row["worker"] else 90
+        if left() < expected:
+            print(f"{what}: skipped, {left():.0f} s of the budget left (needs ~{expected:.0f} s)", flush=True)
+            return
+        ballast = start_ballast(free_gb)
         print(ballast.stdout.readline().strip(), flush=True)
         try:
-            tight = attempt("SDXL with 12 GB free", generate(sdxl, args.runs))
+            result = attempt(what, generate(row, args.runs))
         finally:
             ballast.stdin.close()
             ballast.wait()
-    elif sdxl:
-        print(f"SDXL with 12 GB free: skipped, {left():.0f} s of the budget left", flush=True)
+        tight.append({"case": what, "card": card, "free_gb": free_gb, "worker": result})
+
+    for card in TIGHT_CARDS[:2]:
+        on_tight_card(*card)
     # Where each case's time goes now: what still stands between it and diffusers'.
     for model, steps in PROFILED:
         for row in (row for row in rows_with_extras if (row["model"], row["steps"]) == (model, steps)):
@@ -653,6 +751,8 @@ def main():
     for row in (row for row in rows_with_extras if row["model"] == "sd15"):
         row["widened"] = extra(f"{row['case']}: generate in f32 over f16 weights", row,
                                generate(row, 3, extra_env={"STUDIO_WORKER_GPU_PRECISION": "widened"}))
+    for card in TIGHT_CARDS[2:]:
+        on_tight_card(*card)
     # Our implicit-GEMM 3×3 convolution (no column matrix) against the column path it
     # replaces (our columns and a GEMM), time and peak: the last engine change measured whole.
     for row in sorted(rows_with_extras, key=lambda row: row["side"]):
@@ -721,7 +821,7 @@ def main():
         print(linear)
     print("\nThe memory estimate against the peak (generate; the peak includes the CUDA context, about "
           "0.5 GB, which the estimate leaves to the budget's margin):")
-    for row in rows + ([{"case": "SDXL 1024², 12 GB free", "worker": tight}] if tight else []):
+    for row in rows + tight:
         ours = row["worker"]
         estimate = ours and ours.get("estimate")
         if estimate:
@@ -743,8 +843,18 @@ def main():
             print(f"\n{row['case']}, profiled (GPU time between events around each kind of work):\n"
                   f"{row['profiled']['profile']}")
     if tight:
-        print(f"SDXL 1024², 12 GB free (ballast): generate {tight['warm'] * 1000:.0f} ms warm, peak "
-              f"{tight['peak'] / 1e9:.2f} GB, first {tight['first'] * 1000:.0f} ms; {' '.join(tight['plans'])}")
+        print("\nOn cards with less memory (a ballast process leaving that much of the GPU free; generate, "
+              "warm, against the same case with the whole card):")
+    for entry in tight:
+        result = entry["worker"]
+        whole = next((row["worker"] for row in rows if entry["case"].startswith(row["case"] + ",")), None)
+        if result:
+            print(f"  {entry['case']:46} ({entry['card']}): {ms(result).strip()} warm "
+                  f"({ratio(result, whole, 'warm').strip()} the whole card's), peak {gb(result).strip()}, "
+                  f"first {ms(result, 'first').strip()}; "
+                  f"{' '.join(result['plans']) or 'the fastest plan'}")
+        else:
+            print(f"  {entry['case']:46} ({entry['card']}): failed (its error is above)")
     with open(os.path.join(args.models, "results.json"), "w") as out:
         json.dump({"device": memory.name(), "driver": memory.driver(), "rows": rows, "tight": tight,
                    "linear": linear}, out)
@@ -760,6 +870,7 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "ballast":
         ballast_child(float(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--check-here":
+        check_table()
         check_here()
     else:
         main()

@@ -115,6 +115,8 @@ pub enum CliCommand {
 
 /// Parses the command line, runs the command, and turns the outcome into an exit code.
 pub fn main() -> ExitCode {
+    // Before clap prints help or an error: a windowed Windows build has no console of its own.
+    crate::platform::console::attach_to_parent();
     let cli = Cli::parse();
     // The GPU's compiled kernels in a cache of the worker's own; set in the environment now,
     // while this is the only thread, and inherited by the CUDA build it may hand over to.

@@ -15,8 +15,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CUDA_COMPUTE_CAP=75 ../shared/tools/cuda-cross-build.sh
-# Our kernels' machine code sits in the binary's .nv_fatbin section: list it when we can.
-if command -v cuobjdump >/dev/null; then cuobjdump --list-elf cuda-build/studio-worker | sort -u; fi
+# What the binary holds, checked as the release checks it (packaging/check-cuda-build.sh:
+# candle's PTX for sm_75, our fatbins for every architecture), with a cuobjdump from PyPI
+# (any 13.x lists 13.0's fatbins).
+tools=$(mktemp -d)
+python3 -m pip download -q --no-deps --only-binary=:all: -d "$tools" nvidia-cuda-cuobjdump==13.2.86
+python3 -m zipfile -e "$tools"/nvidia_cuda_cuobjdump-*.whl "$tools/wheel"
+chmod +x "$tools/wheel/nvidia/cu13/bin/cuobjdump"
+CUOBJDUMP="$tools/wheel/nvidia/cu13/bin/cuobjdump" CUDA_COMPUTE_CAP=75 \
+  packaging/check-cuda-build.sh cuda-build/studio-worker "${CARGO_TARGET_DIR:-target}"
+rm -rf "$tools"
 kernels_bench=$(CUDA_COMPUTE_CAP=75 ../shared/tools/cuda-cross-build.sh \
   cargo bench --features cuda --bench kernels --no-run --message-format=json \
   | python3 -c 'import json, sys

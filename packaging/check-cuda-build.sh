@@ -7,8 +7,8 @@
 #
 #   packaging/check-cuda-build.sh BINARY TARGET_DIR [PROFILE]   # PROFILE: release (default)
 #
-# CUOBJDUMP names the tool where it is not on PATH; Python compares bytes. Prints what it found; fails on the first
-# thing missing.
+# CUOBJDUMP names the tool where it is not on PATH; Python compares bytes. Prints what it
+# found; fails on the first thing missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,15 +36,30 @@ architectures=$(grep -o 'const ARCHITECTURES: \[u32; [0-9]*\] = \[[0-9, ]*\]' bu
 ptx_architecture=$(grep -o 'const PTX_ARCHITECTURE: u32 = [0-9]*' build.rs | grep -o '[0-9]*$' || true)
 [ -n "$architectures" ] && [ -n "$ptx_architecture" ] || fail "no architecture list in build.rs"
 
-# The build's own output folder: the newest of studio-worker's that holds fatbins.
-out_dir=$(ls -dt "$target/$profile"/build/studio-worker-*/out 2>/dev/null |
-  while read -r dir; do ls "$dir"/*.fatbin > /dev/null 2>&1 && echo "$dir" && break; done || true)
-[ -n "$out_dir" ] || fail "no fatbins under $target/$profile/build/studio-worker-*/out"
+# Whether `binary` holds each of the files given, byte for byte.
+holds() {
+  "$python" -c 'import sys
+binary = open(sys.argv[1], "rb").read()
+sys.exit(any(open(path, "rb").read() not in binary for path in sys.argv[2:]))' "$binary" "$@"
+}
 
-for source in src/engine/kernels/*.cu; do
+# The build's own output folder: of studio-worker's build folders (a target folder may keep
+# older ones), the newest with a fatbin for every kernel source, each held by the binary.
+sources=(src/engine/kernels/*.cu)
+out_dir=
+for dir in $(ls -dt "$target/$profile"/build/studio-worker-*/out 2>/dev/null || true); do
+  fatbins=()
+  for source in "${sources[@]}"; do fatbins+=("$dir/$(basename "$source" .cu).fatbin"); done
+  if ls "${fatbins[@]}" > /dev/null 2>&1 && holds "${fatbins[@]}"; then
+    out_dir=$dir
+    break
+  fi
+done
+[ -n "$out_dir" ] || fail "no build folder under $target/$profile/build/ has a fatbin for every kernel source held by $binary"
+
+for source in "${sources[@]}"; do
   name=$(basename "$source" .cu)
   fatbin="$out_dir/$name.fatbin"
-  [ -f "$fatbin" ] || fail "no fatbin for $source in $out_dir"
   elf=" $("$cuobjdump" --list-elf "$fatbin" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')"
   ptx=" $("$cuobjdump" --list-ptx "$fatbin" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')"
   echo "$name: machine code for$elf; PTX for$ptx"
@@ -52,8 +67,5 @@ for source in src/engine/kernels/*.cu; do
     case "$elf" in *" sm_$architecture "*) ;; *) fail "$name has no machine code for sm_$architecture" ;; esac
   done
   [ "$ptx" = " sm_$ptx_architecture " ] || fail "$name's PTX should be for sm_$ptx_architecture alone"
-  # The binary holds this very fatbin, byte for byte (the copy the worker loads).
-  "$python" -c 'import sys; sys.exit(open(sys.argv[2], "rb").read() not in open(sys.argv[1], "rb").read())' \
-    "$binary" "$fatbin" || fail "$binary does not hold $fatbin"
 done
 echo "check-cuda-build: ok"

@@ -10,6 +10,7 @@
 # - cuda-build/dev_studio.xz: the dev studio (no CUDA in it), for the studio-job runs;
 # - cuda-build/kernels.xz: benches/kernels.rs with --features cuda: our kernels against
 #   candle's on GPU 0, checked and timed on real job shapes;
+# - cuda-build/commit: the commit they were built from;
 # - .whl/: diffusers and the one package it needs that the GPU machine lacks, as wheels.
 # Then, with the device tool: carry ["cuda-build", ".whl"], command "benches/gpu/run.sh".
 set -euo pipefail
@@ -40,6 +41,11 @@ for binary in cuda-build/studio-worker cuda-build/dev_studio cuda-build/kernels;
   strip "$binary"
   xz -T0 -6 -f "$binary"
 done
+# Which main the artifacts are from: a later session reuses them only while src/ is unchanged.
+{
+  git rev-parse HEAD
+  git diff --quiet HEAD -- src build.rs Cargo.toml Cargo.lock benches || echo "plus uncommitted changes"
+} > cuda-build/commit
 ls -l cuda-build/
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 rm -rf .whl

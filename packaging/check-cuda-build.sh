@@ -17,7 +17,14 @@ target=${2:?the cargo target folder it was built in}
 profile=${3:-release}
 cuobjdump=${CUOBJDUMP:-cuobjdump}
 cap=${CUDA_COMPUTE_CAP:-75}
-python=$(command -v python3 || command -v python) # Windows runners name it python
+# Windows runners name it python; a python3 there may be the Store's stub, which runs nothing.
+python=
+for candidate in python3 python; do
+  if "$candidate" -c 'import sys' > /dev/null 2>&1; then
+    python=$candidate
+    break
+  fi
+done
 
 fail() {
   echo "check-cuda-build: $*" >&2

@@ -18,7 +18,8 @@ process of its own, so each peak is that process's alone:
      where a warm image's time goes, by model part and kind of work.
   5. cards with less memory: a ballast process fills the GPU until only a consumer card's
      memory is free, so the engine must plan within it: SDXL with 12 GB (an RTX 3060/4070),
-     SD-Turbo with 6 GB, SDXL with 8 GB (its text encoders on the CPU).
+     SD-Turbo with a 6 GB card's (beside a desktop), SDXL with an 8 GB card's (its text
+     encoders on the CPU).
 
 Peak memory is the device's used memory above what it was before the process started,
 sampled every 5 ms through NVML: what the process holds, context included.
@@ -51,12 +52,15 @@ CASES = [
     ("SD 1.5 arch 512², 20 steps, CFG 7.5", "sd15", 512, 20, 7.5),
     ("SDXL arch 1024², 20 steps, CFG 5", "sdxl", 1024, 20, 5.0),
 ]
-# Cards with less memory than the H200, (model, steps, GB left free, whose card): SDXL on 12 GB,
-# the issue's memory goal; SD-Turbo on 6 GB, the goal's "runs on a 6 GB card"; SDXL on 8 GB,
-# where its text encoders go to the CPU, a path never run beside a GPU before. The first two
-# run before the profiles, the third after the GTX 16 series' precision.
-TIGHT_CARDS = (("sdxl", 20, 12, "an RTX 3060/4070"), ("sd-turbo", 4, 6, "an RTX 2060 or GTX 1660"),
-               ("sdxl", 20, 8, "an RTX 3070/4060"))
+# Cards with less memory than the H200, (model, steps, GiB left free, whose card): SDXL with
+# 12, the issue's memory goal ("runs on a 12 GB RTX 3060/4070", measured so before); SD-Turbo
+# with what a 6 GB card has free beside a desktop (the goal's "runs on a 6 GB card"); SDXL with
+# what an 8 GB card has free, where its text encoders go to the CPU, a path never run beside a
+# GPU before. The first two run before the profiles, the third after the GTX 16 series'
+# precision. (The H200's own CUDA context is larger than a consumer card's: a little harder.)
+TIGHT_CARDS = (("sdxl", 20, 12, "a 12 GB RTX 3060/4070"),
+               ("sd-turbo", 4, 5.4, "a 6 GB RTX 2060 or GTX 1660 beside a desktop"),
+               ("sdxl", 20, 7.4, "an 8 GB RTX 3070/4060 beside a desktop"))
 # The cases whose warm image is also profiled by kind of work, (model, steps), in the order
 # they are profiled while the budget lasts: the largest, then the worst ratio of the last table
 # (SD-Turbo's one step, 2.29×, never profiled), then SD 1.5.
@@ -587,7 +591,7 @@ def check_table():
     def fake_worker(memory, worker, folder, side, steps, guidance, runs, cache, home, extra_env=None,
                     extra_args=(), device="cuda"):
         free = held[-1].free_gb if held and not held[-1].stdin.closed else None
-        if free == 8:
+        if free == 7.4:
             raise RuntimeError("generate exited 1: out of memory")
         if free:
             return worker_result(0.2 * steps, free * 0.7e9, ["saving memory: tiles of 512 pixels"])
@@ -616,15 +620,15 @@ def check_table():
     table = printed.getvalue()
     cards = table.split("On cards with less memory", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     assert [line.split("(")[0].strip() for line in cards] == [
-        "SDXL arch 1024², 20 steps, CFG 5, 12 GB free", "SD-Turbo arch 512², 4 steps, 6 GB free",
-        "SDXL arch 1024², 20 steps, CFG 5, 8 GB free"], cards
+        "SDXL arch 1024², 20 steps, CFG 5, 12 GB free", "SD-Turbo arch 512², 4 steps, 5.4 GB free",
+        "SDXL arch 1024², 20 steps, CFG 5, 7.4 GB free"], cards
     assert "(2.00× the whole card's), peak 8.40GB" in cards[0] and "tiles of 512 pixels" in cards[0], cards[0]
     assert cards[2].endswith("failed (its error is above)"), cards[2]
-    assert "SDXL arch 1024², 20 steps, CFG 5, 8 GB free failed: generate exited 1" in table
+    assert "SDXL arch 1024², 20 steps, CFG 5, 7.4 GB free failed: generate exited 1" in table
     assert [entry.startswith("ballast") for entry in (ballast.stdout.getvalue() for ballast in held)] == [True] * 3
     assert all(ballast.stdin.closed for ballast in held), "every ballast let go of the GPU"
     estimates = table.split("The memory estimate against the peak", 1)[1].split("\n\n", 1)[0]
-    assert "SD-Turbo arch 512², 4 steps, 6 GB free" in estimates, estimates
+    assert "SD-Turbo arch 512², 4 steps, 5.4 GB free" in estimates, estimates
     print("the table read back, tight cards included:\n" + "\n".join(cards))
 
 

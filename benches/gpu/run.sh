@@ -8,8 +8,8 @@
 # Installs the carried wheels, puts the CUDA 13 libraries PyTorch ships on the loader path
 # (the worker links cuBLAS, cuRAND and NVRTC), and runs bench.py: the pipelines, diffusers,
 # the worker, one table; then, while the device call's time allows, the extras (SDXL with 12 GB
-# free and SD-Turbo with 6 GB, profiles of SDXL, SD-Turbo's one step and SD 1.5, SD 1.5 in the
-# GTX 16 series' precision, SDXL with 8 GB free, then the implicit convolution, the graphs and
+# free and SD-Turbo with a 6 GB card's, profiles of SDXL, SD-Turbo's one step and SD 1.5, SD 1.5 in the
+# GTX 16 series' precision, SDXL with an 8 GB card's, then the implicit convolution, the graphs and
 # our kernels each against what they replaced). Within 9 minutes on an H200; the tables are
 # also in $OUT/gpu-bench.txt and $OUT/kernels-bench.txt (written as they run) when the device
 # tool's OUT is set.

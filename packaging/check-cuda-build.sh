@@ -41,7 +41,9 @@ echo "candle's PTX targets: $targets"
 architectures=$(grep -o 'const ARCHITECTURES: \[u32; [0-9]*\] = \[[0-9, ]*\]' build.rs |
   sed 's/.*= \[//; s/\]//; s/,/ /g' || true)
 ptx_architecture=$(grep -o 'const PTX_ARCHITECTURE: u32 = [0-9]*' build.rs | grep -o '[0-9]*$' || true)
-[ -n "$architectures" ] && [ -n "$ptx_architecture" ] || fail "no architecture list in build.rs"
+if [ -z "$architectures" ] || [ -z "$ptx_architecture" ]; then
+  fail "no architecture list in build.rs"
+fi
 
 # Whether `binary` holds each of the files given, byte for byte.
 holds() {

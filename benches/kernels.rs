@@ -34,7 +34,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use studio_worker::engine::kernels::conv3x3::Splits;
 use studio_worker::engine::kernels::im2col::Source;
 use studio_worker::engine::kernels::{self, Activation};
-use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
+use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan, Part};
 use studio_worker::engine::sd::norm::GroupNorm;
 use studio_worker::engine::sd::pointwise::Pointwise;
 
@@ -46,6 +46,18 @@ struct Case {
 
 const fn case(what: &'static str, dims: [usize; 4], dtype: DType) -> Case {
     Case { what, dims, dtype }
+}
+
+impl Case {
+    /// The model part of a convolution case (its name says UNet, or it is a VAE decoder's),
+    /// whose race verdict our kernel runs by.
+    fn part(&self) -> Part {
+        if self.what.contains("UNet") {
+            Part::Unet
+        } else {
+            Part::Decoder
+        }
+    }
 }
 
 /// What a GPU runs: f16 UNets, the VAE in f32 (SDXL's must upcast; SD 1.5's shapes at 512²).
@@ -380,7 +392,7 @@ fn conv_on(device: &Device, label: &str, runs: usize) -> bool {
     for (case, source) in conv_cases() {
         let [_, _, height, width] = case.dims;
         let [xs, weight, bias] = conv_inputs(device, &case);
-        let conv = Conv3x3::from_weights(weight.clone(), bias.clone()).unwrap();
+        let conv = Conv3x3::from_weights(weight.clone(), bias.clone(), case.part()).unwrap();
         let bias_cells = bias.reshape((1, (), 1, 1)).unwrap();
         // candle: the upsampled image made (where doubled), convolved, the bias added.
         let candle = || {
@@ -532,7 +544,8 @@ fn norm_conv_on(device: &Device, label: &str, runs: usize) -> bool {
             0.0,
             (9.0 * channels as f64).powf(-0.5),
         );
-        let conv = Conv3x3::from_weights(weight, random(&[channels], 0.0, 0.5)).unwrap();
+        let conv =
+            Conv3x3::from_weights(weight, random(&[channels], 0.0, 0.5), case.part()).unwrap();
         let norm = GroupNorm::from_weights(
             random(&[channels], 1.0, 0.5),
             random(&[channels], 0.0, 0.5),

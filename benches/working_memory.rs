@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 #[path = "support/sd15.rs"]
 mod sd15;
 
-use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan};
+use studio_worker::engine::sd::conv::{Conv3x3, ConvPlan, Part};
 use studio_worker::engine::sd::model_folder::ModelFolder;
 use studio_worker::engine::sd::unet::Unet;
 use studio_worker::engine::sd::vae::Vae;
@@ -94,7 +94,13 @@ fn main() {
 
     // 128 → 128 channels at 1024² in f32: a 512 MB output.
     println!("\n3×3 convolution, 128 → 128 channels at 1024², f32, CPU: peak added");
-    let conv = Conv3x3::new(VarBuilder::zeros(DType::F32, &device), 128, 128).unwrap();
+    let conv = Conv3x3::new(
+        VarBuilder::zeros(DType::F32, &device),
+        128,
+        128,
+        Part::Decoder,
+    )
+    .unwrap();
     let xs = Tensor::ones((1, 128, 1024, 1024), DType::F32, &device).unwrap();
     let output = 128 * 1024 * 1024 * 4_u64;
     for (how, plan) in [

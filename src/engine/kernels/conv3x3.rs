@@ -19,7 +19,8 @@
 //! CPU, f32 before Ampere, channel counts it does not take, a card where the column path was
 //! faster) [`forward`] answers `None` and the caller runs the column path or candle's
 //! convolution. The f16 and TF32 kernels are checked and raced apart, so either may run
-//! without the other. [`reference`] is the same convolution on the CPU in f32: what the kernel
+//! without the other, and each is raced at the UNet's and at the VAE decoder's shapes apart
+//! ([`Part`]), so it may run for one model part and not the other. [`reference`] is the same convolution on the CPU in f32: what the kernel
 //! is checked against, on each device before it first runs there and in the tests on the
 //! emulation. [`SWITCH`] turns both off, to measure them against the column path.
 
@@ -86,33 +87,77 @@ fn eligible(dtype: DType, in_channels: usize) -> bool {
     whole_blocks(dtype, in_channels) && super::enabled() && switched_on()
 }
 
-/// Whether our kernel runs a convolution of `in_channels` → `out_channels` whose weights are
-/// `dtype` on `device`: CUDA, f16 (or f32 on Ampere and newer), channel counts it [`fits`],
-/// and the kernel loaded, checked and not slower there than what runs in its place (the
-/// device's kernels are raced first, once). A model asks once per convolution as it loads,
-/// and keeps the weights in [`kernel_order`] if so; a call asks [`runs_on`], which races
-/// nothing.
-pub fn takes(device: &Device, dtype: DType, in_channels: usize, out_channels: usize) -> bool {
+/// The model part a convolution is of. Their convolutions are GEMMs of other shapes (the
+/// UNet's: many channels over few cells, the decoder's: few channels over many cells), so
+/// the card's race times our kernel at each part's shapes and keeps it for the parts where it
+/// is not slower: a card may favour it for one and not the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    Unet,
+    Decoder,
+}
+
+impl Part {
+    pub const ALL: [Part; 2] = [Part::Unet, Part::Decoder];
+
+    /// The part's name in the race's log line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Unet => "the UNet's",
+            Part::Decoder => "the VAE decoder's",
+        }
+    }
+}
+
+/// Whether our kernel runs a convolution of `part` from `in_channels` to `out_channels`
+/// whose weights are `dtype` on `device`: CUDA, f16 (or f32 on Ampere and newer), channel
+/// counts it [`fits`], and the kernel loaded, checked and not slower there than what runs in
+/// its place at the part's shapes (the device's kernels are raced first, once). A model
+/// asks once per convolution as it loads, and keeps the weights in [`kernel_order`] if so;
+/// a call asks [`runs_on`], which races nothing.
+pub fn takes(
+    device: &Device,
+    dtype: DType,
+    in_channels: usize,
+    out_channels: usize,
+    part: Part,
+) -> bool {
     if !eligible(dtype, in_channels) || out_channels == 0 {
         return false;
     }
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => super::cuda::conv3x3_runs_on(cuda, dtype),
-        _ => false,
+        Device::Cuda(cuda) => super::cuda::conv3x3_runs_on(cuda, dtype, part),
+        _ => {
+            let _ = part;
+            false
+        }
     }
 }
 
-/// Whether our kernel is on now for inputs of `in_channels` in `dtype` on `device`: loaded,
-/// checked, and not switched off by its race (where the device was raced).
+/// Whether our kernel is on now for inputs of `in_channels` in `dtype` on `device`, for some
+/// model part: loaded, checked, and not switched off whole by its race. (A convolution that
+/// holds its weights in the kernel's order was taken for its part.)
 pub fn runs_on(device: &Device, dtype: DType, in_channels: usize) -> bool {
+    Part::ALL
+        .into_iter()
+        .any(|part| runs_for(device, dtype, in_channels, part))
+}
+
+/// Whether our kernel is on now for `part`'s inputs of `in_channels` in `dtype` on `device`:
+/// loaded, checked, and not switched off for the part by its race (where the device was
+/// raced).
+pub fn runs_for(device: &Device, dtype: DType, in_channels: usize, part: Part) -> bool {
     if !eligible(dtype, in_channels) {
         return false;
     }
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => super::cuda::conv3x3_on(cuda, dtype),
-        _ => false,
+        Device::Cuda(cuda) => super::cuda::conv3x3_on(cuda, dtype, part),
+        _ => {
+            let _ = part;
+            false
+        }
     }
 }
 
@@ -687,7 +732,10 @@ mod tests {
         let xs = Tensor::zeros((1, 16, 4, 4), DType::F16, &Device::Cpu).unwrap();
         let weights = Tensor::zeros((64, 1, 9, 16), DType::F16, &Device::Cpu).unwrap();
         let bias = Tensor::zeros(64, DType::F16, &Device::Cpu).unwrap();
-        assert!(!takes(&Device::Cpu, DType::F16, 16, 64));
+        for part in Part::ALL {
+            assert!(!takes(&Device::Cpu, DType::F16, 16, 64, part));
+            assert!(!runs_for(&Device::Cpu, DType::F16, 16, part));
+        }
         assert!(!runs_on(&Device::Cpu, DType::F16, 16));
         // No kernel, no card to fill: K whole.
         assert_eq!(

@@ -16,7 +16,8 @@
 //! - a 3×3 convolution with no column matrix at all ([`conv3x3`]: an implicit GEMM on the
 //!   tensor cores, its bias and any group norm before it applied on the way), on CUDA in
 //!   f16, and in f32 as TF32 from Ampere on (an upcast VAE: SDXL's); where it was slower
-//!   than the column path on the card, the column path runs (f16 and TF32 raced apart).
+//!   than the column path on the card, the column path runs (f16 and TF32 raced apart, and
+//!   each per model part: the UNet's shapes and the decoder's).
 //!
 //! On CUDA, `build.rs` compiles each kernel source into a fatbin with machine code for every
 //! supported architecture, so the driver compiles nothing for them at first start. Before a

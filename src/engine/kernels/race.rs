@@ -1,7 +1,8 @@
 //! Our kernels timed against what they replace, on the person's own GPU, once per process
 //! while it is prepared: a kernel that is correct (its check passed) but slower there than
 //! candle's composition (or, for the register attention, than our WMMA kernel) stays off, so
-//! no card runs a job slower for a kernel of ours. This is what `cudnn.benchmark` does for
+//! no card runs a job slower for a kernel of ours. The 3×3 convolution is raced at each model
+//! part's shapes and judged per part ([`PartVerdict`]). This is what `cudnn.benchmark` does for
 //! PyTorch's convolutions: the card decides, not a table measured on another card. The
 //! races themselves, at a job's shapes, are in `cuda/race.rs`; this module holds how a race
 //! is run and judged, which the tests check on the CPU with a clock of their own.
@@ -72,6 +73,38 @@ impl Timing {
             ours: fastest[0],
             theirs: fastest[1],
         })
+    }
+}
+
+/// What a race run at each part's shapes decides (the 3×3 convolution's: the UNet's and the
+/// VAE decoder's shapes are GEMMs of other kinds, and a card may favour our kernel for one
+/// only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PartVerdict<P> {
+    /// Ours runs for every part.
+    Runs,
+    /// Ours stays off for these parts, and runs for the others.
+    OffFor(Vec<P>),
+    /// Ours lost at every part: off whole, as a kernel that lost its one race.
+    Off,
+}
+
+impl<P: Copy> PartVerdict<P> {
+    /// The verdict of `timings`, one per part raced: ours is off for each part where it is
+    /// slower beyond [`SLOWER_ALLOWED`].
+    pub fn of(timings: &[(P, Timing)]) -> Self {
+        let lost: Vec<P> = timings
+            .iter()
+            .filter(|(_, timing)| !timing.ours_runs())
+            .map(|&(part, _)| part)
+            .collect();
+        if lost.is_empty() {
+            Self::Runs
+        } else if lost.len() == timings.len() {
+            Self::Off
+        } else {
+            Self::OffFor(lost)
+        }
     }
 }
 
@@ -182,6 +215,42 @@ mod tests {
         // A side too fast for the clock does not divide by zero.
         assert!(timing(0, 0).ours_runs());
         assert!(timing(1, 0).ratio().is_finite());
+    }
+
+    #[test]
+    fn a_race_at_each_parts_shapes_turns_ours_off_where_it_lost_and_whole_where_it_lost_all() {
+        let timing = |ours: u64, theirs: u64| Timing {
+            ours: Duration::from_micros(ours),
+            theirs: Duration::from_micros(theirs),
+        };
+        assert_eq!(
+            PartVerdict::of(&[("unet", timing(900, 1000)), ("decoder", timing(400, 1000))]),
+            PartVerdict::Runs
+        );
+        // Slower at the UNet's shapes only (within a tenth is not slower).
+        assert_eq!(
+            PartVerdict::of(&[
+                ("unet", timing(1200, 1000)),
+                ("decoder", timing(1090, 1000))
+            ]),
+            PartVerdict::OffFor(vec!["unet"])
+        );
+        assert_eq!(
+            PartVerdict::of(&[("unet", timing(900, 1000)), ("decoder", timing(3000, 1000))]),
+            PartVerdict::OffFor(vec!["decoder"])
+        );
+        assert_eq!(
+            PartVerdict::of(&[
+                ("unet", timing(1200, 1000)),
+                ("decoder", timing(3000, 1000))
+            ]),
+            PartVerdict::Off
+        );
+        // One part raced: its verdict is the kernel's.
+        assert_eq!(
+            PartVerdict::of(&[("decoder", timing(3000, 1000))]),
+            PartVerdict::Off
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ use super::norm::GroupNorm;
 use super::weights::Held;
 use crate::engine::kernels;
 use crate::engine::kernels::NormalizedImage;
+pub use crate::engine::kernels::conv3x3::Part;
 use crate::engine::kernels::im2col::Source;
 use crate::engine::profile::{self, Work};
 
@@ -129,14 +130,14 @@ enum Weights {
 }
 
 impl Weights {
-    /// Our kernel's order where it takes the convolution in the weights' dtype; weights
-    /// held narrower than they compute stay stored (their kernel order would be held
+    /// Our kernel's order where it takes the convolution (of `part`) in the weights' dtype;
+    /// weights held narrower than they compute stay stored (their kernel order would be held
     /// widened: all the memory they save).
-    fn new(weight: Held) -> Result<Self> {
+    fn new(weight: Held, part: Part) -> Result<Self> {
         let held = weight.held();
         let (out_channels, in_channels, ..) = held.dims4()?;
         if !weight.widens()
-            && kernels::conv3x3::takes(held.device(), held.dtype(), in_channels, out_channels)
+            && kernels::conv3x3::takes(held.device(), held.dtype(), in_channels, out_channels, part)
         {
             return Ok(Self::KernelOrder(kernels::conv3x3::kernel_order(held)?));
         }
@@ -165,19 +166,28 @@ impl Weights {
 }
 
 impl Conv3x3 {
-    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+    /// `part`'s convolution from `in_channels` to `out_channels`, its weights from `vb`.
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        part: Part,
+    ) -> Result<Self> {
         Ok(Self {
-            weights: Weights::new(Held::get(&vb, (out_channels, in_channels, 3, 3), "weight")?)?,
+            weights: Weights::new(
+                Held::get(&vb, (out_channels, in_channels, 3, 3), "weight")?,
+                part,
+            )?,
             bias: vb.get(out_channels, "bias")?,
         })
     }
 
     /// From weights `(c_out, c_in, 3, 3)` and bias `(c_out)` already in memory (the kernels
-    /// bench's), computing in their dtype. Where our convolution kernel takes it, the
-    /// weights are kept in its order only.
-    pub fn from_weights(weight: Tensor, bias: Tensor) -> Result<Self> {
+    /// bench's), computing in their dtype, a convolution of `part`. Where our convolution
+    /// kernel takes it, the weights are kept in its order only.
+    pub fn from_weights(weight: Tensor, bias: Tensor, part: Part) -> Result<Self> {
         Ok(Self {
-            weights: Weights::new(Held::as_is(weight))?,
+            weights: Weights::new(Held::as_is(weight), part)?,
             bias,
         })
     }
@@ -329,6 +339,7 @@ mod tests {
         Conv3x3::from_weights(
             Tensor::randn(0f32, 0.2, (out_channels, in_channels, 3, 3), &device).unwrap(),
             Tensor::randn(0f32, 0.2, out_channels, &device).unwrap(),
+            Part::Decoder,
         )
         .unwrap()
     }
@@ -451,7 +462,8 @@ mod tests {
         let random = random_conv(16, 64);
         let (weight, _) = random.weights.stored().unwrap();
         let weight = kernels::conv3x3::round_to_tf32(&weight).unwrap();
-        let stored = Conv3x3::from_weights(weight.clone(), random.bias.clone()).unwrap();
+        let stored =
+            Conv3x3::from_weights(weight.clone(), random.bias.clone(), Part::Decoder).unwrap();
         assert!(!stored.runs_our_kernel());
         let ordered = Conv3x3 {
             weights: Weights::KernelOrder(kernels::conv3x3::kernel_order(&weight).unwrap()),

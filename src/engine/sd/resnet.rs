@@ -7,7 +7,7 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::{Conv3x3, ConvPlan};
+use super::conv::{Conv3x3, ConvPlan, Part};
 use super::norm::{GroupNorm, group_norm};
 use super::pointwise::Pointwise;
 use super::weights::Linear;
@@ -20,6 +20,8 @@ pub struct ResnetSettings {
     pub temb_channels: Option<usize>,
     pub groups: usize,
     pub eps: f64,
+    /// The model they are of, for their convolutions' kernel (raced per part).
+    pub part: Part,
 }
 
 impl ResnetSettings {
@@ -58,6 +60,7 @@ impl Resnet {
             temb_channels,
             groups,
             eps,
+            part,
         } = settings;
         let shortcut = if in_channels == out_channels {
             None
@@ -78,10 +81,10 @@ impl Resnet {
         };
         Ok(Self {
             norm1: group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
-            conv1: Conv3x3::new(vb.pp("conv1"), in_channels, out_channels)?,
+            conv1: Conv3x3::new(vb.pp("conv1"), in_channels, out_channels, part)?,
             time_emb_proj,
             norm2: group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
-            conv2: Conv3x3::new(vb.pp("conv2"), out_channels, out_channels)?,
+            conv2: Conv3x3::new(vb.pp("conv2"), out_channels, out_channels, part)?,
             shortcut,
             output_scale_factor,
         })

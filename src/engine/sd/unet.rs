@@ -10,7 +10,7 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
-use super::conv::Conv3x3;
+use super::conv::{self, Conv3x3};
 use super::model_folder::UnetConfig;
 use super::norm::{GroupNorm, group_norm};
 use super::resnet::ResnetSettings;
@@ -103,6 +103,7 @@ impl Unet {
             temb_channels: Some(time_embed_dim),
             groups: config.norm_num_groups,
             eps: config.norm_eps,
+            part: conv::Part::Unet,
         };
         let transformer = |heads: usize, depth: usize| TransformerConfig {
             heads,
@@ -173,7 +174,12 @@ impl Unet {
             config.norm_eps,
             vb.pp("conv_norm_out"),
         )?;
-        let conv_out = Conv3x3::new(vb.pp("conv_out"), base_channels, config.out_channels)?;
+        let conv_out = Conv3x3::new(
+            vb.pp("conv_out"),
+            base_channels,
+            config.out_channels,
+            conv::Part::Unet,
+        )?;
         Ok(Self {
             conv_in,
             time_proj,

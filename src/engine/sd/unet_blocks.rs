@@ -14,7 +14,7 @@
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
-use super::conv::{Conv3x3, ConvPlan};
+use super::conv::{Conv3x3, ConvPlan, Part};
 use super::norm::{GroupNorm, group_norm};
 use super::pointwise::Pointwise;
 use super::resnet::{Resnet, ResnetSettings};
@@ -350,7 +350,7 @@ pub struct Upsample {
 impl Upsample {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
         Ok(Self {
-            conv: Conv3x3::new(vb.pp("conv"), channels, channels)?,
+            conv: Conv3x3::new(vb.pp("conv"), channels, channels, Part::Unet)?,
         })
     }
 

@@ -11,7 +11,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::Conv3x3;
+use super::conv::{Conv3x3, Part};
 use super::norm::{GroupNorm, group_norm};
 use super::pointwise::Pointwise;
 use super::resnet::{Resnet, ResnetSettings};
@@ -44,6 +44,7 @@ fn resnet(
         temb_channels: None,
         groups,
         eps: EPS,
+        part: Part::Decoder,
     };
     settings.block(vb, in_channels, out_channels, 1.0)
 }
@@ -162,6 +163,7 @@ impl Decoder {
                     block.pp("upsamplers.0.conv"),
                     out_channels,
                     out_channels,
+                    Part::Decoder,
                 )?)
             } else {
                 None
@@ -171,12 +173,22 @@ impl Decoder {
         }
         Ok(Self {
             post_quant_conv,
-            conv_in: Conv3x3::new(vb.pp("conv_in"), config.latent_channels, deepest)?,
+            conv_in: Conv3x3::new(
+                vb.pp("conv_in"),
+                config.latent_channels,
+                deepest,
+                Part::Decoder,
+            )?,
             mid_resnets: [mid_resnet(0)?, mid_resnet(1)?],
             mid_attention: MidAttention::new(mid.pp("attentions.0"), deepest, groups)?,
             up_blocks,
             norm_out: group_norm(groups, in_channels, EPS, vb.pp("conv_norm_out"))?,
-            conv_out: Conv3x3::new(vb.pp("conv_out"), in_channels, config.out_channels)?,
+            conv_out: Conv3x3::new(
+                vb.pp("conv_out"),
+                in_channels,
+                config.out_channels,
+                Part::Decoder,
+            )?,
         })
     }
 

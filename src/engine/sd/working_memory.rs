@@ -28,7 +28,7 @@
 
 use candle_core::DType;
 
-use super::conv::ConvPlan;
+use super::conv::{ConvPlan, Part};
 use super::model_folder::ModelFolder;
 use super::unet_blocks::AttentionPlan;
 use super::vae::Tiling;
@@ -159,10 +159,43 @@ pub enum Convolutions {
     /// candle's CUDA and Metal backends, or our column kernel: im2col, then one GEMM.
     Im2col,
     /// Our implicit-GEMM kernel ([`kernels::conv3x3`]) for the 3×3 convolutions it takes
-    /// (whole blocks of input channels in a dtype where it runs: f16, f32 as TF32), with no
-    /// column buffer; im2col for the rest: a model's first convolution (its few latent
-    /// channels), the UNet's stride-2 downsamplers, and a dtype where it does not run.
-    Implicit { f16: bool, f32: bool },
+    /// (whole blocks of input channels in a dtype and a model part where it runs: f16, f32
+    /// as TF32; raced per part), with no column buffer; im2col for the rest: a model's first
+    /// convolution (its few latent channels), the UNet's stride-2 downsamplers, and a dtype
+    /// or part where it does not run.
+    Implicit { f16: Parts, f32: Parts },
+}
+
+/// The model parts a kernel runs for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parts {
+    pub unet: bool,
+    pub decoder: bool,
+}
+
+impl Parts {
+    pub const ALL: Self = Self {
+        unet: true,
+        decoder: true,
+    };
+    pub const NONE: Self = Self {
+        unet: false,
+        decoder: false,
+    };
+
+    fn of(runs: impl Fn(Part) -> bool) -> Self {
+        Self {
+            unet: runs(Part::Unet),
+            decoder: runs(Part::Decoder),
+        }
+    }
+
+    fn has(self, part: Part) -> bool {
+        match part {
+            Part::Unet => self.unet,
+            Part::Decoder => self.decoder,
+        }
+    }
 }
 
 impl Convolutions {
@@ -173,11 +206,13 @@ impl Convolutions {
             return Self::Direct;
         }
         let implicit = |dtype| {
-            kernels::conv3x3::channel_block(dtype)
-                .is_some_and(|block| kernels::conv3x3::runs_on(device, dtype, block))
+            Parts::of(|part| {
+                kernels::conv3x3::channel_block(dtype)
+                    .is_some_and(|block| kernels::conv3x3::runs_for(device, dtype, block, part))
+            })
         };
         match (implicit(DType::F16), implicit(DType::F32)) {
-            (false, false) => Self::Im2col,
+            (Parts::NONE, Parts::NONE) => Self::Im2col,
             (f16, f32) => Self::Implicit { f16, f32 },
         }
     }
@@ -191,15 +226,16 @@ impl Convolutions {
         }
     }
 
-    /// Which of a model's convolutions in `dtype` hold column buffers here, its blocks having
-    /// `channels` (every convolution but the first reads whole blocks of them, or sums of
-    /// them: an up block's concatenated inputs).
-    fn columns(self, dtype: DType, channels: &[u64]) -> Columns {
-        let takes = |runs: bool| {
-            runs && channels.iter().all(|&channels| {
-                usize::try_from(channels)
-                    .is_ok_and(|channels| kernels::conv3x3::fits(dtype, channels, 1))
-            })
+    /// Which of a model part's convolutions in `dtype` hold column buffers here, its blocks
+    /// having `channels` (every convolution but the first reads whole blocks of them, or sums
+    /// of them: an up block's concatenated inputs).
+    fn columns(self, dtype: DType, channels: &[u64], part: Part) -> Columns {
+        let takes = |runs: Parts| {
+            runs.has(part)
+                && channels.iter().all(|&channels| {
+                    usize::try_from(channels)
+                        .is_ok_and(|channels| kernels::conv3x3::fits(dtype, channels, 1))
+                })
         };
         match self {
             Self::Direct => Columns::None,
@@ -445,7 +481,7 @@ impl WorkingMemory {
         let latent_cells = latent_h * latent_w;
         let downsampler_columns = batch * downsampler_columns * unet_bytes;
         let unet_channels: Vec<u64> = self.unet_blocks.iter().map(|(c, _)| *c).collect();
-        let unet_columns = match convolutions.columns(self.unet_dtype, &unet_channels) {
+        let unet_columns = match convolutions.columns(self.unet_dtype, &unet_channels, Part::Unet) {
             Columns::None => 0,
             Columns::Every => {
                 banded_columns(batch * UNET_CONV_INPUT * largest, latent_h, unet_bytes)
@@ -474,13 +510,14 @@ impl WorkingMemory {
         let decoded_pixels = decoded_cells * scale * scale;
         let full_resolution = self.vae_full_channels * decoded_pixels;
         // (The decoder has no stride-2 convolutions.)
-        let decode_columns = match convolutions.columns(self.vae_dtype, &self.vae_channels) {
-            Columns::None => 0,
-            Columns::Every => banded_columns(full_resolution, decoded_h * scale, vae_bytes),
-            Columns::FirstAndStrided => {
-                banded_columns(self.latent_channels * decoded_cells, decoded_h, vae_bytes)
-            }
-        };
+        let decode_columns =
+            match convolutions.columns(self.vae_dtype, &self.vae_channels, Part::Decoder) {
+                Columns::None => 0,
+                Columns::Every => banded_columns(full_resolution, decoded_h * scale, vae_bytes),
+                Columns::FirstAndStrided => {
+                    banded_columns(self.latent_channels * decoded_cells, decoded_h, vae_bytes)
+                }
+            };
         let decode_scores = chunked(
             decoded_cells * decoded_cells * F32_BYTES,
             decoded_cells,
@@ -599,16 +636,16 @@ mod tests {
     /// The same with our implicit convolution in f16 (a Turing card: no TF32).
     const IMPLICIT: DeviceKernels = DeviceKernels {
         convolutions: Convolutions::Implicit {
-            f16: true,
-            f32: false,
+            f16: Parts::ALL,
+            f32: Parts::NONE,
         },
         ..COLUMNS
     };
     /// And in TF32 too (Ampere and newer).
     const IMPLICIT_TF32: DeviceKernels = DeviceKernels {
         convolutions: Convolutions::Implicit {
-            f16: true,
-            f32: true,
+            f16: Parts::ALL,
+            f32: Parts::ALL,
         },
         ..COLUMNS
     };
@@ -757,6 +794,37 @@ mod tests {
             assert_eq!(
                 Plan::most_saving(Convolutions::Im2col),
                 *Plan::choices(Convolutions::Im2col).last().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_part_whose_race_the_implicit_convolution_lost_holds_its_columns() {
+        let sd15 = sd15_gpu();
+        let f16_for = |unet, decoder| DeviceKernels {
+            convolutions: Convolutions::Implicit {
+                f16: Parts { unet, decoder },
+                f32: Parts::NONE,
+            },
+            ..COLUMNS
+        };
+        for plan in [Plan::WHOLE, Plan::GPU] {
+            let estimate = |kernels| sd15.estimate(512, 512, 1, true, plan, kernels);
+            let (columns, implicit) = (estimate(COLUMNS), estimate(IMPLICIT));
+            // Each stretch holds columns without the kernel, so the comparisons below can fail.
+            assert!(columns.steps > implicit.steps && columns.decode > implicit.decode);
+            // Off for the decoder (it lost at the decoder's shapes): the decode holds its
+            // columns, the steps do not.
+            let unet_only = estimate(f16_for(true, false));
+            assert_eq!(
+                (unet_only.steps, unet_only.decode),
+                (implicit.steps, columns.decode)
+            );
+            // And the other way round.
+            let decoder_only = estimate(f16_for(false, true));
+            assert_eq!(
+                (decoder_only.steps, decoder_only.decode),
+                (columns.steps, implicit.decode)
             );
         }
     }

@@ -14,7 +14,7 @@ use candle_core::{
 };
 
 use super::{Family, as_u32, checked_module, view, within_tolerance};
-use crate::engine::kernels::conv3x3::{self as op, Reading, Splits};
+use crate::engine::kernels::conv3x3::{self as op, Part, Reading, Splits};
 use crate::engine::kernels::im2col::Source;
 
 /// The family whose verdicts cover `dtype`'s kernels: the f16 ones, or the TF32 ones for f32
@@ -27,17 +27,28 @@ fn family(dtype: DType) -> Option<Family> {
     }
 }
 
-/// Whether our convolution runs on `device` in `dtype`: loaded and checked there, and, the
-/// device's kernels being raced first (once), not slower than what runs in its place.
-pub(in crate::engine::kernels) fn conv3x3_runs_on(device: &CudaDevice, dtype: DType) -> bool {
+/// Whether our convolution runs `part`'s convolutions on `device` in `dtype`: loaded and
+/// checked there, and, the device's kernels being raced first (once), not slower than what
+/// runs in its place at the part's shapes.
+pub(in crate::engine::kernels) fn conv3x3_runs_on(
+    device: &CudaDevice,
+    dtype: DType,
+    part: Part,
+) -> bool {
     super::race::run_once(device);
-    conv3x3_on(device, dtype)
+    conv3x3_on(device, dtype, part)
 }
 
-/// Whether our convolution is on for `device` in `dtype` now (loaded, checked, not switched
-/// off by its race), racing nothing.
-pub(in crate::engine::kernels) fn conv3x3_on(device: &CudaDevice, dtype: DType) -> bool {
-    family(dtype).is_some_and(|family| checked_module(device, family).is_some())
+/// Whether our convolution is on for `part` on `device` in `dtype` now (loaded, checked, not
+/// switched off for the part by its race), racing nothing.
+pub(in crate::engine::kernels) fn conv3x3_on(
+    device: &CudaDevice,
+    dtype: DType,
+    part: Part,
+) -> bool {
+    family(dtype).is_some_and(|family| {
+        checked_module(device, family).is_some() && !super::race::lost_at(device, family, part)
+    })
 }
 
 /// The blocks of our plain `dtype` kernel that `device` runs at once (0 where it is not on

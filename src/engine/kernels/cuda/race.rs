@@ -4,8 +4,10 @@
 //! attention for one image, with SD 1.5's heads of 40 and SD 2.x's and SDXL's of 64), in
 //! f16, against what runs in its place: candle's composition, for the register attention
 //! our WMMA kernel, for the convolution the column path (or candle's, where our columns lost
-//! theirs), there at a deep UNet level's and the f16 VAE decoder's shapes too; the TF32
-//! convolution in f32, at an upcast decoder's shapes (SDXL's), the same way. The WMMA
+//! theirs). The convolution is raced per model part, each part at its own shapes and judged
+//! apart ([`PartVerdict`]): the UNet's (its first level and a deep one) and the VAE
+//! decoder's (its full-resolution block at half size); the TF32 convolution in f32 the same
+//! way, at an upcast decoder's shapes (SDXL's) and the UNet's first level. The WMMA
 //! attention itself is not raced: without it the UNet holds score matrices, several GB at
 //! SDXL's sizes. The job's memory estimate reads the verdicts
 //! ([`crate::engine::sd::working_memory::DeviceKernels`]). The attention race is the
@@ -18,9 +20,9 @@ use candle_core::cuda_backend::DeviceId;
 use candle_core::{CudaDevice, DType, Device, Result, Tensor};
 
 use super::{Family, checked_module, switch_off};
-use crate::engine::kernels::conv3x3::{Reading, Splits};
+use crate::engine::kernels::conv3x3::{Part, Reading, Splits};
 use crate::engine::kernels::im2col::Source;
-use crate::engine::kernels::race::Timing;
+use crate::engine::kernels::race::{PartVerdict, Timing};
 use crate::engine::kernels::{self, Activation};
 
 /// The channels, side and batch of the raced image (SD 1.5's first UNet level at 512²,
@@ -31,6 +33,17 @@ const BATCH: usize = 2;
 
 /// The devices raced in this process.
 static RACED: Mutex<Vec<DeviceId>> = Mutex::new(Vec::new());
+
+/// The parts a family raced per part lost at, per device (where it won at others).
+static LOST_PARTS: Mutex<Vec<(DeviceId, Family, Part)>> = Mutex::new(Vec::new());
+
+/// Whether `family` lost its race at `part`'s shapes on `device` (while running for others).
+pub(super) fn lost_at(device: &CudaDevice, family: Family, part: Part) -> bool {
+    LOST_PARTS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(&(device.id(), family, part))
+}
 
 /// Races every family on `device`, the first time it is asked for that device; switches off
 /// those slower there, and says what it measured.
@@ -46,6 +59,10 @@ pub(super) fn run_once(device: &CudaDevice) {
         let Some(rival) = rival(device, family) else {
             continue;
         };
+        if matches!(family, Family::Conv3x3 | Family::Conv3x3Tf32) {
+            judge_per_part(device, family, rival);
+            continue;
+        }
         match race_family(device, family) {
             Ok(Some(timing)) => {
                 let ours_runs = timing.ours_runs();
@@ -71,6 +88,46 @@ pub(super) fn run_once(device: &CudaDevice) {
                 family.name()
             ),
         }
+    }
+}
+
+/// Races a convolution family at each part's shapes, and keeps it for the parts where it is
+/// not slower than `rival`: off whole where it lost at every part.
+fn judge_per_part(device: &CudaDevice, family: Family, rival: &str) {
+    let timings = match race_convolution(device, family) {
+        Ok(Some(timings)) => timings,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(
+                "timing our GPU {} kernel against {rival} failed, so ours stays: {error}",
+                family.name()
+            );
+            return;
+        }
+    };
+    let verdict = PartVerdict::of(&timings);
+    for (part, timing) in &timings {
+        tracing::info!(
+            "our GPU {} kernel takes {:.3} ms here at {} shapes, {rival} {:.3} ms ({:.2}×): {}",
+            family.name(),
+            timing.ours.as_secs_f64() * 1e3,
+            part.name(),
+            timing.theirs.as_secs_f64() * 1e3,
+            timing.ratio(),
+            if timing.ours_runs() {
+                "ours runs for that part".to_owned()
+            } else {
+                format!("{rival} runs for that part instead")
+            }
+        );
+    }
+    match verdict {
+        PartVerdict::Runs => {}
+        PartVerdict::Off => switch_off(device, family),
+        PartVerdict::OffFor(parts) => LOST_PARTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(parts.into_iter().map(|part| (device.id(), family, part))),
     }
 }
 
@@ -150,72 +207,8 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
             let theirs = || xs.conv2d(&weight, 1, 1, 1, 1).map(drop);
             Timing::measure(&clock, &finish, &ours, &theirs)?
         }
-        Family::Conv3x3 | Family::Conv3x3Tf32 => {
-            // With its bias, as `Conv3x3` runs it, against what runs in its place: the column
-            // path where our column kernel won its race (raced before this), else candle's.
-            // In f16 three shapes, each call running all: the UNet's first level (few cells,
-            // many channels), a deep level (1280 channels at 16²: few tiles, K split), and the
-            // f16 VAE decoder's full-resolution block at half the size (many cells, 128
-            // channels), so that the verdict holds for the convolutions of each. In f32
-            // (TF32), what runs in f32: an upcast decoder's (SDXL's at 1024²: 512 channels at
-            // 128² and 256², 128 at 1024²), at a quarter of the size.
-            let (dtype, cases): (DType, &[(usize, usize, usize)]) = if family == Family::Conv3x3 {
-                (
-                    DType::F16,
-                    &[(BATCH, CHANNELS, SIDE), (BATCH, 1280, 16), (1, 128, 256)],
-                )
-            } else {
-                (DType::F32, &[(1, 512, 64), (1, 128, 256)])
-            };
-            let columns = columns_run(device);
-            let mut shapes = Vec::new();
-            for &(batch, channels, side) in cases {
-                let xs = random_in(&[batch, channels, side, side], 0.0, 1.0, dtype)?;
-                let weight = random_in(
-                    &[channels, channels, 3, 3],
-                    0.0,
-                    (9.0 * channels as f32).powf(-0.5),
-                    dtype,
-                )?;
-                let bias = random_in(&[channels], 0.0, 0.5, dtype)?;
-                let kernel_weights = kernels::conv3x3::kernel_order(&weight)?;
-                shapes.push((xs, weight, kernel_weights, bias));
-            }
-            let ours = || {
-                for (xs, _, kernel_weights, bias) in &shapes {
-                    let reading = Reading::Image(Source::AsIs);
-                    super::conv3x3::conv3x3(
-                        device,
-                        xs,
-                        reading,
-                        kernel_weights,
-                        bias,
-                        Splits::Fill,
-                    )?
-                    .ok_or_else(declined)?;
-                }
-                Ok(())
-            };
-            let theirs = || {
-                for (xs, weight, _, bias) in &shapes {
-                    let (batch, channels, side, _) = xs.dims4()?;
-                    let convolved = if columns {
-                        let columns = kernels::im2col::columns_3x3(xs, Source::AsIs, 0, side)?
-                            .ok_or_else(declined)?;
-                        weight
-                            .reshape((channels, channels * 9))?
-                            .broadcast_left(batch)?
-                            .matmul(&columns)?
-                            .reshape((batch, channels, side, side))?
-                    } else {
-                        xs.conv2d(weight, 1, 1, 1, 1)?
-                    };
-                    convolved.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
-                }
-                Ok(())
-            };
-            Timing::measure(&clock, &finish, &ours, &theirs)?
-        }
+        // Raced per part: `race_convolution`.
+        Family::Conv3x3 | Family::Conv3x3Tf32 => return Ok(None),
         Family::AttentionMma => {
             let Some(wmma) = checked_module(device, Family::Attention) else {
                 return Ok(None);
@@ -225,6 +218,90 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
         Family::Attention => return Ok(None),
     };
     Ok(Some(timing))
+}
+
+/// A raced convolution's image: (batch, channels, side); its weights are channels → channels.
+type Shape = (usize, usize, usize);
+
+/// The convolution `family` raced at each part's shapes, with its bias, as `Conv3x3` runs
+/// it, against what runs in its place: the column path where our column kernel won its race
+/// (raced before this), else candle's convolution. `None` where it did not load.
+fn race_convolution(device: &CudaDevice, family: Family) -> Result<Option<Vec<(Part, Timing)>>> {
+    if checked_module(device, family).is_none() {
+        return Ok(None);
+    }
+    let gpu = Device::Cuda(device.clone());
+    let origin = Instant::now();
+    let clock = || origin.elapsed();
+    let finish = || gpu.synchronize();
+    let declined = || candle_core::Error::Msg(format!("our {} kernel declined", family.name()));
+    // Per part, (batch, channels, side) of its busiest convolutions, each call running all.
+    // In f16 the UNet's first level (few cells, many channels) and a deep level (1280
+    // channels at 16²: few tiles, K split), and the f16 decoder's full-resolution block at
+    // half the size (many cells, 128 channels). In f32 (TF32) an upcast decoder's (SDXL's at
+    // 1024²: 512 channels at 128², 128 at 1024²) at a quarter of the size, and the UNet's
+    // first level (an f32 UNet: `STUDIO_WORKER_GPU_PRECISION=f32` on a card with TF32).
+    let (dtype, parts): (DType, [(Part, &[Shape]); 2]) = if family == Family::Conv3x3 {
+        (
+            DType::F16,
+            [
+                (Part::Unet, &[(BATCH, CHANNELS, SIDE), (BATCH, 1280, 16)]),
+                (Part::Decoder, &[(1, 128, 256)]),
+            ],
+        )
+    } else {
+        (
+            DType::F32,
+            [
+                (Part::Unet, &[(BATCH, CHANNELS, SIDE)]),
+                (Part::Decoder, &[(1, 512, 64), (1, 128, 256)]),
+            ],
+        )
+    };
+    let columns = columns_run(device);
+    let random = |dims: &[usize], std: f32| Tensor::randn(0f32, std, dims, &gpu)?.to_dtype(dtype);
+    let mut timings = Vec::with_capacity(parts.len());
+    for (part, cases) in parts {
+        let mut shapes = Vec::with_capacity(cases.len());
+        for &(batch, channels, side) in cases {
+            let xs = random(&[batch, channels, side, side], 1.0)?;
+            let weight = random(
+                &[channels, channels, 3, 3],
+                (9.0 * channels as f32).powf(-0.5),
+            )?;
+            let bias = random(&[channels], 0.5)?;
+            let kernel_weights = kernels::conv3x3::kernel_order(&weight)?;
+            shapes.push((xs, weight, kernel_weights, bias));
+        }
+        let ours = || {
+            for (xs, _, kernel_weights, bias) in &shapes {
+                let reading = Reading::Image(Source::AsIs);
+                super::conv3x3::conv3x3(device, xs, reading, kernel_weights, bias, Splits::Fill)?
+                    .ok_or_else(declined)?;
+            }
+            Ok(())
+        };
+        let theirs = || {
+            for (xs, weight, _, bias) in &shapes {
+                let (batch, channels, side, _) = xs.dims4()?;
+                let convolved = if columns {
+                    let columns = kernels::im2col::columns_3x3(xs, Source::AsIs, 0, side)?
+                        .ok_or_else(declined)?;
+                    weight
+                        .reshape((channels, channels * 9))?
+                        .broadcast_left(batch)?
+                        .matmul(&columns)?
+                        .reshape((batch, channels, side, side))?
+                } else {
+                    xs.conv2d(weight, 1, 1, 1, 1)?
+                };
+                convolved.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
+            }
+            Ok(())
+        };
+        timings.push((part, Timing::measure(&clock, &finish, &ours, &theirs)?));
+    }
+    Ok(Some(timings))
 }
 
 /// How [`race`] reads the time and waits for the device, for the families' own races.

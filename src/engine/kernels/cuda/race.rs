@@ -159,10 +159,9 @@ fn race_family(device: &CudaDevice, family: Family) -> Result<Option<Timing>> {
     let origin = Instant::now();
     let clock = || origin.elapsed();
     let finish = || gpu.synchronize();
-    let random_in = |dims: &[usize], mean: f32, std: f32, dtype: DType| {
-        Tensor::randn(mean, std, dims, &gpu)?.to_dtype(dtype)
+    let random = |dims: &[usize], mean: f32, std: f32| {
+        Tensor::randn(mean, std, dims, &gpu)?.to_dtype(DType::F16)
     };
-    let random = |dims: &[usize], mean: f32, std: f32| random_in(dims, mean, std, DType::F16);
     let declined = || candle_core::Error::Msg(format!("our {} kernel declined", family.name()));
     let timing = match family {
         Family::GroupNorm => {

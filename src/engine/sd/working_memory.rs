@@ -765,6 +765,32 @@ mod tests {
     }
 
     #[test]
+    fn on_an_8_gb_card_sdxl_at_1024_fits_with_its_text_encoders_on_the_cpu() {
+        // What the GPU bench leaves an 8 GB card's worth (7.4 GiB) less a CUDA context.
+        let room = 7_400_000_000;
+        let text_encoders = 1_640_000_000;
+        let memory = sdxl_gpu();
+        let kernels = IMPLICIT_TF32;
+        let fitting = |weights: u64| {
+            Plan::choices(kernels.convolutions)
+                .iter()
+                .copied()
+                .find(|plan| weights + memory.bytes(1024, 1024, 1, true, *plan, kernels) <= room)
+        };
+        // With its text encoders on the GPU no plan fits; without them the most saving does.
+        assert_eq!(fitting(SDXL_WEIGHTS), None);
+        let plan = fitting(SDXL_WEIGHTS - text_encoders).expect("a plan fits");
+        assert_eq!(plan, Plan::most_saving(kernels.convolutions));
+        let estimate = memory.estimate(1024, 1024, 1, true, plan, kernels);
+        eprintln!(
+            "SDXL 1024², guided, on 8 GB: {plan:?}, steps {} B, decode {} B, peak {} B beside the weights",
+            estimate.steps,
+            estimate.decode,
+            estimate.peak()
+        );
+    }
+
+    #[test]
     fn the_decode_reuses_the_steps_memory_unless_the_pool_holds_it() {
         let memory = sdxl_gpu();
         let estimate = memory.estimate(1024, 1024, 1, true, Plan::GPU, COLUMNS);

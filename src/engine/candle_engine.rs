@@ -13,6 +13,7 @@ use std::time::Duration;
 use candle_core::DType;
 
 use super::device::{DeviceError, Precision, SelectedDevice};
+use super::sd::model_folder::TextEncoderConfig;
 use super::sd::working_memory::{DeviceKernels, Plan, WorkingMemory};
 use super::sd::{Request, SdError, StableDiffusion, Stage as SdStage, TextPlacement};
 use super::{CancelToken, Engine, EngineError, Generated, RefusedModel, ServeError};
@@ -31,6 +32,9 @@ struct ServedModel {
     memory_bytes: u64,
     /// Of which its text encoders'.
     text_bytes: u64,
+    /// What a visiting text encoder brings onto the device at most, the larger one's
+    /// ([`TextPlacement::Visiting`], [`visit_bytes`]).
+    visit_bytes: u64,
     /// Of which its VAE's.
     vae_bytes: u64,
     /// What its VAE decodes in: f32 for one that upcasts, or that overflowed in f16 here.
@@ -60,9 +64,39 @@ impl ServedModel {
     fn device_bytes(&self, text: TextPlacement) -> u64 {
         match text {
             TextPlacement::WithModel => self.memory_bytes,
-            TextPlacement::Cpu => self.memory_bytes.saturating_sub(self.text_bytes),
+            TextPlacement::Visiting | TextPlacement::Cpu => {
+                self.memory_bytes.saturating_sub(self.text_bytes)
+            }
         }
     }
+
+    /// The most its weights take on the device at once with its text encoders where `text`
+    /// says: while a visiting encoder encodes a prompt, it too.
+    fn device_bytes_at_most(&self, text: TextPlacement) -> u64 {
+        match text {
+            TextPlacement::Visiting => self.device_bytes(text) + self.visit_bytes,
+            TextPlacement::WithModel | TextPlacement::Cpu => self.device_bytes(text),
+        }
+    }
+}
+
+/// What a text encoder of `weight_bytes` brought onto the device needs while it encodes: its
+/// weights; where its file holds another dtype than the model's (`converted`: each tensor
+/// comes onto the device as stored, then is converted), its largest tensor, the token
+/// embedding, once more in f32; and a
+/// layer's activations over its tokens, in f32, twice over for what the allocator rounds up
+/// and frees late: the hidden, query, key, value and output states, the MLP's two wide
+/// ones, and the scores (SDXL's second encoder: about 12 MB).
+fn visit_bytes(weight_bytes: u64, converted: bool, config: &TextEncoderConfig) -> u64 {
+    let tokens = config.max_position_embeddings;
+    let layer_values = tokens * (6 * config.hidden_size + 2 * config.intermediate_size)
+        + config.num_attention_heads * tokens * tokens;
+    let stored_embedding = if converted {
+        config.vocab_size * config.hidden_size
+    } else {
+        0
+    };
+    weight_bytes + 4 * (stored_embedding + 2 * layer_values) as u64
 }
 
 /// The bytes of memory free now: the GPU's, or on the CPU the machine's available RAM.
@@ -81,8 +115,11 @@ const MAX_IMAGES: u32 = 4;
 struct Loaded {
     model_id: String,
     pipeline: Arc<StableDiffusion>,
-    /// What it holds on the device (its text encoders' share not, when they are on the CPU).
+    /// What it holds on the device (its text encoders' share not, when they are on the CPU
+    /// or visit).
     memory_bytes: u64,
+    /// Where its text encoders are.
+    text: TextPlacement,
 }
 
 /// How a job runs: its memory plan, where its model's text encoders go if it loads, and
@@ -264,8 +301,8 @@ impl CandleEngine {
 
     /// How the job fits the memory free now (the GPU's, or the CPU's RAM): the fastest of
     /// the device's [`Plan::choices`] that fits; on a GPU, when none does, the same with the
-    /// model's text encoders on the CPU (if it is not loaded yet); and only then after
-    /// unloading the other models. A job that fits no way is refused as out of memory before
+    /// model's text encoders visiting the device for each prompt, then on the CPU (if it is
+    /// not loaded yet); and only then after unloading the other models. A job that fits no way is refused as out of memory before
     /// anything is allocated. (The budget bounds the loaded weights, so a placement of the
     /// text encoders that exceeds it is not taken, and what is advertised; the free memory
     /// is what a job can really have, with a game beside it.)
@@ -289,7 +326,10 @@ impl CandleEngine {
         let working = |plan| estimate(plan).peak();
         let (warm, others) = {
             let loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
-            let warm = loaded.iter().any(|entry| entry.model_id == job.model);
+            let warm = loaded
+                .iter()
+                .find(|entry| entry.model_id == job.model)
+                .map(|entry| entry.text);
             let others: u64 = loaded
                 .iter()
                 .filter(|entry| entry.model_id != job.model)
@@ -298,20 +338,28 @@ impl CandleEngine {
             (warm, others)
         };
         // The weights that would come onto the device, by where the text encoders go (a warm
-        // model stays as it was loaded and brings none).
-        let placements: Vec<(TextPlacement, u64)> = if warm {
-            vec![(TextPlacement::WithModel, 0)]
+        // model stays as it was loaded and brings none), and what visiting encoders bring
+        // for the prompt's encoding, before the job's steps allocate.
+        let placements: Vec<(TextPlacement, u64, u64)> = if let Some(text) = warm {
+            let visit = match text {
+                TextPlacement::Visiting => served.visit_bytes,
+                TextPlacement::WithModel | TextPlacement::Cpu => 0,
+            };
+            vec![(text, 0, visit)]
         } else {
             let mut texts = vec![TextPlacement::WithModel];
             if self.text_can_move && served.text_bytes > 0 {
-                texts.push(TextPlacement::Cpu);
+                texts.extend([TextPlacement::Visiting, TextPlacement::Cpu]);
             }
             texts
                 .into_iter()
-                .map(|text| (text, served.device_bytes(text)))
-                // The budget bounds the loaded weights: with the text encoders where it
-                // would be exceeded, the load would refuse.
-                .filter(|&(_, weights)| weights <= self.budget_bytes)
+                // The budget bounds the weights on the device: with the text encoders where
+                // it would be exceeded, the load would refuse (or a visit pass it).
+                .filter(|&text| served.device_bytes_at_most(text) <= self.budget_bytes)
+                .map(|text| {
+                    let weights = served.device_bytes(text);
+                    (text, weights, served.device_bytes_at_most(text) - weights)
+                })
                 .collect()
         };
         if placements.is_empty() {
@@ -325,7 +373,10 @@ impl CandleEngine {
         }
         let available = (self.available_memory)();
         let fits = |room: u64| {
-            placements.iter().find_map(|&(text, weights)| {
+            placements.iter().find_map(|&(text, weights, visit)| {
+                if weights + visit > room {
+                    return None;
+                }
                 Plan::choices(kernels.convolutions)
                     .iter()
                     .copied()
@@ -369,12 +420,12 @@ impl CandleEngine {
                 .retain(|entry| entry.model_id == job.model);
             return Ok(placed(placement));
         }
-        let least_weights = placements
+        let least_job = working(Plan::most_saving(kernels.convolutions));
+        let needed = placements
             .iter()
-            .map(|&(_, weights)| weights)
+            .map(|&(_, weights, visit)| weights + visit.max(least_job))
             .min()
-            .unwrap_or(0);
-        let needed = least_weights + working(Plan::most_saving(kernels.convolutions));
+            .unwrap_or(least_job);
         Err(EngineError::OutOfMemory(format!(
             "a {}×{} job of {} image(s) needs about {} of memory and {} is free",
             job.width,
@@ -466,8 +517,8 @@ impl CandleEngine {
             loaded.push(entry);
             return Ok(pipeline);
         }
-        // What comes onto the device: with the text encoders on the CPU, their weights are in
-        // the machine's memory instead.
+        // What comes onto the device to stay: with the text encoders on the CPU their weights
+        // are in the machine's memory instead, and visiting ones come for each prompt.
         let weights = served.device_bytes(text);
         if weights > self.budget_bytes {
             return Err(EngineError::OutOfMemory(format!(
@@ -483,8 +534,17 @@ impl CandleEngine {
             let evicted = loaded.remove(0);
             tracing::info!("unloading {} to make room for {model_id}", evicted.model_id);
         }
-        if text == TextPlacement::Cpu {
-            tracing::info!("the text encoders of {model_id} run on the CPU, to leave the GPU room");
+        match text {
+            TextPlacement::WithModel => {}
+            TextPlacement::Visiting => tracing::info!(
+                "the text encoders of {model_id} come onto the GPU for each prompt and leave \
+                 after it, to leave the GPU room"
+            ),
+            TextPlacement::Cpu => {
+                tracing::info!(
+                    "the text encoders of {model_id} run on the CPU, to leave the GPU room"
+                )
+            }
         }
         let pipeline =
             StableDiffusion::load_placed(&served.root, &self.device.device, served.precision, text)
@@ -500,6 +560,7 @@ impl CandleEngine {
             model_id: model_id.to_owned(),
             pipeline: pipeline.clone(),
             memory_bytes: weights,
+            text,
         });
         Ok(pipeline)
     }
@@ -774,10 +835,13 @@ fn check_folder(root: &Path, precision: Precision) -> Result<ServedModel, String
     let files = folder
         .weight_files(precision.weights)
         .map_err(|error| error.to_string())?;
+    let file_size = |path: &PathBuf| -> Result<u64, String> {
+        std::fs::metadata(path)
+            .map(|metadata| metadata.len())
+            .map_err(|error| format!("{}: {error}", path.display()))
+    };
     let in_memory = |path: &PathBuf, dtype: DType| -> Result<u64, String> {
-        let size = std::fs::metadata(path)
-            .map_err(|error| format!("{}: {error}", path.display()))?
-            .len();
+        let size = file_size(path)?;
         let half_file = path
             .file_name()
             .is_some_and(|name| name.to_string_lossy().contains(".fp16."));
@@ -789,11 +853,19 @@ fn check_folder(root: &Path, precision: Precision) -> Result<ServedModel, String
         })
     };
     let mut text_bytes = 0;
-    for path in [Some(&files.text_encoder), files.text_encoder_2.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        text_bytes += in_memory(path, precision.weights)?;
+    let mut most_visiting = 0;
+    let encoders = [
+        Some((&files.text_encoder, &folder.text_encoder)),
+        files
+            .text_encoder_2
+            .as_ref()
+            .zip(folder.text_encoder_2.as_ref()),
+    ];
+    for (path, config) in encoders.into_iter().flatten() {
+        let bytes = in_memory(path, precision.weights)?;
+        text_bytes += bytes;
+        let converted = bytes != file_size(path)?;
+        most_visiting = most_visiting.max(visit_bytes(bytes, converted, config));
     }
     // A VAE that must upcast (SDXL's) runs in f32 on a GPU.
     let vae_precision = super::sd::vae_precision(&folder, precision);
@@ -804,6 +876,7 @@ fn check_folder(root: &Path, precision: Precision) -> Result<ServedModel, String
         root: root.to_owned(),
         memory_bytes: bytes,
         text_bytes,
+        visit_bytes: most_visiting,
         vae_bytes,
         vae_dtype,
         precision,
@@ -896,10 +969,12 @@ mod tests {
             .generate(&job(), &mut |_| {}, &CancelToken::new())
             .unwrap();
 
-        // Room for everything but the text encoders, as on a GPU.
+        // Room for everything but the text encoders, as on a GPU, and not for one of them
+        // visiting beside the weights (the next test is about that).
         let room = served.memory_bytes - served.text_bytes / 2 + working;
         let mut engine = tiny_sdxl_engine().with_available_memory(move || room);
         engine.text_can_move = true;
+        set_visit_bytes(&engine, room);
         assert_eq!(engine.make_room(&job()).unwrap().text, TextPlacement::Cpu);
         let moved = engine
             .generate(&job(), &mut |_| {}, &CancelToken::new())
@@ -912,10 +987,7 @@ mod tests {
         );
         drop(loaded);
         // Warm, it stays as it was loaded.
-        assert_eq!(
-            engine.make_room(&job()).unwrap().text,
-            TextPlacement::WithModel
-        );
+        assert_eq!(engine.make_room(&job()).unwrap().text, TextPlacement::Cpu);
 
         // With room on the device but a budget that holds the weights only without the text
         // encoders, they go to the CPU too (with them, the load would refuse).
@@ -949,6 +1021,141 @@ mod tests {
             fixed.make_room(&job()),
             Err(EngineError::OutOfMemory(_))
         ));
+    }
+
+    #[test]
+    fn text_encoders_visit_the_device_where_they_fit_only_while_a_prompt_is_encoded() {
+        let job = JobSpec {
+            negative_prompt: "blurry".to_owned(),
+            ..job()
+        };
+        let whole = tiny_sdxl_engine()
+            .generate(&job, &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        // The tiny model's encoders are far smaller than its job's working memory; make its
+        // larger one need more than the job, as SDXL's second encoder (1.4 GB) does beside
+        // a job at 1024² with the most saving plan (0.6 GB).
+        let served = tiny_sdxl_engine().models.lock().unwrap()["tiny-sdxl"].clone();
+        let working = served.working.bytes(
+            64,
+            64,
+            1,
+            true,
+            Plan::most_saving(Convolutions::Direct),
+            DeviceKernels::CPU,
+        );
+        let visit = working + served.text_bytes / 2;
+        let without_text = served.memory_bytes - served.text_bytes;
+        assert_eq!(served.device_bytes(TextPlacement::Visiting), without_text);
+        let engine_with = |room: u64, budget: u64, visit: u64| {
+            let mut engine = tiny_sdxl_engine().with_available_memory(move || room);
+            engine.text_can_move = true;
+            engine.budget_bytes = budget;
+            set_visit_bytes(&engine, visit);
+            engine
+        };
+        let placed = |room: u64, budget: u64, visit: u64| {
+            engine_with(room, budget, visit)
+                .make_room(&job)
+                .unwrap()
+                .text
+        };
+
+        // Room for the weights without the encoders and the larger of one encoder and the
+        // job, not for both encoders beside the job: they visit.
+        let room = without_text + visit;
+        assert!(served.memory_bytes + working > room);
+        let engine = engine_with(room, u64::MAX, visit);
+        assert_eq!(
+            engine.make_room(&job).unwrap().text,
+            TextPlacement::Visiting
+        );
+        let visited = engine
+            .generate(&job, &mut |_| {}, &CancelToken::new())
+            .unwrap();
+        assert_eq!(
+            visited.images, whole.images,
+            "where they run changes nothing"
+        );
+        {
+            let loaded = engine.loaded.lock().unwrap();
+            assert_eq!(loaded[0].memory_bytes, without_text);
+            assert_eq!(
+                loaded[0].pipeline.prompts_encoded(),
+                2,
+                "the prompt and the negative"
+            );
+        }
+        // Warm, it stays as it was loaded, and each job needs room for the visit again.
+        assert_eq!(
+            engine.make_room(&job).unwrap().text,
+            TextPlacement::Visiting
+        );
+        let short = engine.with_available_memory(move || visit - 1);
+        match short.make_room(&job) {
+            Err(EngineError::OutOfMemory(message)) => {
+                assert!(message.contains(&crate::human::bytes(visit)), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A byte less and an encoder does not fit beside the weights: on the CPU.
+        assert_eq!(placed(room - 1, u64::MAX, visit), TextPlacement::Cpu);
+        // With room for everything they stay with the model.
+        assert_eq!(placed(u64::MAX, u64::MAX, visit), TextPlacement::WithModel);
+        // The budget bounds what the device holds at once: where it holds the weights
+        // without the encoders and one of them, not both, they visit; one byte less, on the
+        // CPU.
+        let small_visit = served.text_bytes / 2;
+        let budget = without_text + small_visit;
+        assert!(budget < served.memory_bytes);
+        assert_eq!(
+            placed(u64::MAX, budget, small_visit),
+            TextPlacement::Visiting
+        );
+        assert_eq!(
+            placed(u64::MAX, budget - 1, small_visit),
+            TextPlacement::Cpu
+        );
+    }
+
+    #[test]
+    fn sdxls_second_text_encoder_visits_an_8_gb_card_beside_the_rest_of_the_model() {
+        // OpenCLIP ViT-bigG's text tower, as SDXL's `text_encoder_2/config.json` has it.
+        let big_g: TextEncoderConfig = serde_json::from_str(
+            r#"{"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
+                "num_hidden_layers": 32, "num_attention_heads": 20, "hidden_act": "gelu",
+                "projection_dim": 1280}"#,
+        )
+        .unwrap();
+        let weights = 1_390_000_000; // in f16
+        let from_f16_file = visit_bytes(weights, false, &big_g);
+        // 77 tokens' activations beside the weights: about 12 MB.
+        let activations = from_f16_file - weights;
+        assert!(
+            (11_000_000..13_000_000).contains(&activations),
+            "{activations}"
+        );
+        // From an f32 file, its token embedding comes in f32 first: 253 MB more.
+        assert_eq!(
+            visit_bytes(weights, true, &big_g) - from_f16_file,
+            49408 * 1280 * 4
+        );
+        // What the GPU bench leaves free of an 8 GB card (7.4 GB): the UNet and the f32 VAE
+        // (5.47 GB) with it fit; the whole model (7.11 GB) beside a job does not (the
+        // working-memory test of that card).
+        assert!(5_470_000_000 + from_f16_file <= 7_400_000_000);
+    }
+
+    /// Makes the tiny SDXL's larger text encoder need `bytes` while it visits the device.
+    fn set_visit_bytes(engine: &CandleEngine, bytes: u64) {
+        engine
+            .models
+            .lock()
+            .unwrap()
+            .get_mut("tiny-sdxl")
+            .unwrap()
+            .visit_bytes = bytes;
     }
 
     /// A CPU engine in `precision` (f16 or widening, as on a GPU) serving the folder at

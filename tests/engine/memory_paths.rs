@@ -254,3 +254,47 @@ fn text_encoders_on_the_cpu_run_in_f32_and_hand_the_model_its_dtype() {
         assert!(on_cpu < with_model, "{name}: {on_cpu} vs {with_model}");
     }
 }
+
+#[test]
+fn text_encoders_that_visit_for_each_prompt_encode_as_the_resident_ones() {
+    use candle_core::Device;
+    use studio_worker::engine::sd::TextPlacement;
+
+    for name in FIXTURES {
+        let root = crate::support::fixture(name);
+        // f16, as on a GPU: the visiting encoders load in the model's precision each time.
+        let encodings = |text: TextPlacement| -> Vec<Vec<f32>> {
+            let model =
+                StableDiffusion::load_placed(&root, &Device::Cpu, DType::F16, text).expect("loads");
+            // Two prompts: each visit loads the encoders afresh.
+            PROMPTS
+                .iter()
+                .flat_map(|prompt| {
+                    let (embeds, pooled) = model.encode_text(prompt).expect("encodes");
+                    [Some(embeds), pooled].into_iter().flatten()
+                })
+                .map(|tensor| {
+                    assert_eq!(tensor.dtype(), DType::F16, "{name}: the model's dtype");
+                    tensor
+                        .to_dtype(DType::F32)
+                        .and_then(|tensor| tensor.flatten_all())
+                        .and_then(|tensor| tensor.to_vec1())
+                        .expect("values")
+                })
+                .collect()
+        };
+        let resident = encodings(TextPlacement::WithModel);
+        let visiting = encodings(TextPlacement::Visiting);
+        assert!(PROMPTS.len() >= 2 && resident.len() >= 2, "{name}");
+        assert_eq!(visiting.len(), resident.len(), "{name}");
+        for (visited, kept) in visiting.iter().zip(&resident) {
+            assert_eq!(visited.len(), kept.len(), "{name}");
+            let largest = visited
+                .iter()
+                .zip(kept)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0_f32, f32::max);
+            assert_eq!(largest, 0.0, "{name}: the same weights, device and dtype");
+        }
+    }
+}

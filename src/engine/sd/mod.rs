@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{D, DType, Device, Tensor};
 
-use self::model_folder::{Family, FolderError, ModelFolder, Unrunnable};
+use self::model_folder::{Family, FolderError, ModelFolder, TextEncoderConfig, Unrunnable};
 use self::prompt_cache::{EncodedPrompt, PromptCache};
 use self::schedulers::{NoiseSchedule, Sampler};
 /// The variable that turns the CUDA graphs off (`0`).
@@ -154,49 +154,96 @@ pub struct Conditioning {
 
 struct TextStack {
     tokenizer: ClipTokenizer,
-    encoder: ClipTextEncoder,
-    /// Where the encoder's weights are (the model's device, or the CPU).
+    encoder: EncoderWeights,
+    /// Where the encoder runs (the model's device, or the CPU).
     device: Device,
     /// The encoder's layers as a CUDA graph, kept between jobs ([`step_graph`]).
     graphs: GraphCache,
 }
 
+/// A text encoder's weights: loaded once, or brought onto the device for each prompt.
+enum EncoderWeights {
+    Resident(ClipTextEncoder),
+    /// Its weight file, memory-mapped: loaded onto the stack's device for each prompt and
+    /// let go after it ([`TextPlacement::Visiting`]).
+    Visiting {
+        file: PathBuf,
+        config: TextEncoderConfig,
+        precision: Precision,
+    },
+}
+
 impl TextStack {
-    /// One tokenizer's `ids` through the encoder: embedded, through the layers (one launch
-    /// of a kept CUDA graph where that pays: a text encoding is a one-step job whose input
-    /// is the embedded prompt), pooled.
+    /// One tokenizer's `ids` through the encoder. A visiting encoder comes onto the device
+    /// for it, and its memory goes back to the driver after it, before the job's steps
+    /// allocate: the job's plan counted the device without it.
     fn encode(&self, ids: &[u32]) -> Result<text_encoder::TextEncoding, SdError> {
+        match &self.encoder {
+            EncoderWeights::Resident(encoder) => self.encode_with(encoder, ids, true),
+            EncoderWeights::Visiting {
+                file,
+                config,
+                precision,
+            } => {
+                let started = std::time::Instant::now();
+                let encoder =
+                    ClipTextEncoder::new(weights::mapped(file, *precision, &self.device)?, config)?;
+                tracing::debug!(
+                    "a text encoder came onto the device in {:.0} ms",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                // No graph: it would read weights let go after this prompt.
+                let encoding = self.encode_with(&encoder, ids, false);
+                drop(encoder);
+                gpu_memory::trim_pool(&self.device);
+                encoding
+            }
+        }
+    }
+
+    /// `ids` through `encoder`: embedded, through the layers (one launch of a kept CUDA
+    /// graph where `graphs` allows it and that pays: a text encoding is a one-step job whose
+    /// input is the embedded prompt), pooled.
+    fn encode_with(
+        &self,
+        encoder: &ClipTextEncoder,
+        ids: &[u32],
+        graphs: bool,
+    ) -> Result<text_encoder::TextEncoding, SdError> {
         let token_ids = [ids.to_vec()];
-        let embedded = self.encoder.embed(&token_ids, &self.device)?;
+        let embedded = encoder.embed(&token_ids, &self.device)?;
         let stacked = {
             let mut graphs = StepGraphs::for_job(
                 &self.graphs,
                 &self.device,
-                true,
+                graphs,
                 format!("{:?} {:?}", embedded.dims(), embedded.dtype()),
                 &[],
             );
             let layers = |embedded: &Tensor, _timesteps: &Tensor, _job_inputs: &[Tensor]| {
-                Ok(self.encoder.layers(embedded)?.stacked)
+                Ok(encoder.layers(embedded)?.stacked)
             };
             // The layers read no timestep: any will do.
             graphs.step(&layers, &embedded, 0.0)?
         };
         let (penultimate, last) = LayerStates { stacked }.split()?;
-        Ok(self
-            .encoder
-            .pool(last, penultimate, &token_ids, self.tokenizer.end_id())?)
+        Ok(encoder.pool(last, penultimate, &token_ids, self.tokenizer.end_id())?)
     }
 }
 
 /// Where a pipeline's text encoders live. Encoding is one pass over 77 tokens per prompt, so
-/// on the CPU it costs a fraction of a second and frees their GPU memory for the UNet and the
-/// decode (SDXL's two encoders are 1.6 GB in f16).
+/// where GPU memory is tight their weights need not stay beside the UNet and the decode
+/// (SDXL's two encoders are 1.6 GB in f16).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TextPlacement {
     /// On the model's device, in its dtype.
     #[default]
     WithModel,
+    /// Brought onto the model's device for each prompt, one encoder at a time, from their
+    /// memory-mapped weight files, and let go after it: the device holds them only while
+    /// the prompt is encoded, before the job's steps allocate. Costs each prompt its weights'
+    /// upload (a PCIe copy: about 0.1–0.2 s for SDXL's, against a second or so on the CPU).
+    Visiting,
     /// On the CPU in f32; their output moves to the model's device.
     Cpu,
 }
@@ -245,17 +292,29 @@ impl StableDiffusion {
         let files = folder.weight_files(precision.weights)?;
         let schedule = noise_schedule(&folder)?;
         let (text_device, text_precision) = match text {
-            TextPlacement::WithModel => (device.clone(), precision),
+            TextPlacement::WithModel | TextPlacement::Visiting => (device.clone(), precision),
             TextPlacement::Cpu => (Device::Cpu, Precision::uniform(DType::F32)),
+        };
+        let encoder = |file: &Path, config: &TextEncoderConfig| -> Result<_, SdError> {
+            Ok(match text {
+                TextPlacement::Visiting => EncoderWeights::Visiting {
+                    file: file.to_owned(),
+                    config: config.clone(),
+                    precision: text_precision,
+                },
+                TextPlacement::WithModel | TextPlacement::Cpu => {
+                    EncoderWeights::Resident(ClipTextEncoder::new(
+                        weights::mapped(file, text_precision, &text_device)?,
+                        config,
+                    )?)
+                }
+            })
         };
 
         let max_length = folder.text_encoder.max_position_embeddings;
-        let text = TextStack {
+        let text_stack = TextStack {
             tokenizer: ClipTokenizer::load(root, "tokenizer", max_length)?,
-            encoder: ClipTextEncoder::new(
-                weights::mapped(&files.text_encoder, text_precision, &text_device)?,
-                &folder.text_encoder,
-            )?,
+            encoder: encoder(&files.text_encoder, &folder.text_encoder)?,
             device: text_device.clone(),
             graphs: GraphCache::new("the text encoder"),
         };
@@ -266,11 +325,8 @@ impl StableDiffusion {
                     "tokenizer_2",
                     config.max_position_embeddings,
                 )?,
-                encoder: ClipTextEncoder::new(
-                    weights::mapped(path, text_precision, &text_device)?,
-                    config,
-                )?,
-                device: text_device,
+                encoder: encoder(path, config)?,
+                device: text_device.clone(),
                 graphs: GraphCache::new("the second text encoder"),
             }),
             _ => None,
@@ -289,7 +345,7 @@ impl StableDiffusion {
         Ok(Self {
             device: device.clone(),
             dtype,
-            text,
+            text: text_stack,
             text_2,
             unet,
             vae: Mutex::new(Arc::new(vae)),

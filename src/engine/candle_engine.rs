@@ -70,12 +70,12 @@ impl ServedModel {
         }
     }
 
-    /// The most its weights take on the device at once with its text encoders where `text`
-    /// says: while a visiting encoder encodes a prompt, it too.
-    fn device_bytes_at_most(&self, text: TextPlacement) -> u64 {
+    /// What its text encoders bring onto the device for a prompt where `text` says, beside
+    /// the weights that stay.
+    fn visiting_bytes(&self, text: TextPlacement) -> u64 {
         match text {
-            TextPlacement::Visiting => self.device_bytes(text) + self.visit_bytes,
-            TextPlacement::WithModel | TextPlacement::Cpu => self.device_bytes(text),
+            TextPlacement::Visiting => self.visit_bytes,
+            TextPlacement::WithModel | TextPlacement::Cpu => 0,
         }
     }
 }
@@ -339,13 +339,9 @@ impl CandleEngine {
         };
         // The weights that would come onto the device, by where the text encoders go (a warm
         // model stays as it was loaded and brings none), and what visiting encoders bring
-        // for the prompt's encoding, before the job's steps allocate.
+        // for a prompt, before the job's steps allocate.
         let placements: Vec<(TextPlacement, u64, u64)> = if let Some(text) = warm {
-            let visit = match text {
-                TextPlacement::Visiting => served.visit_bytes,
-                TextPlacement::WithModel | TextPlacement::Cpu => 0,
-            };
-            vec![(text, 0, visit)]
+            vec![(text, 0, served.visiting_bytes(text))]
         } else {
             let mut texts = vec![TextPlacement::WithModel];
             if self.text_can_move && served.text_bytes > 0 {
@@ -353,13 +349,11 @@ impl CandleEngine {
             }
             texts
                 .into_iter()
-                // The budget bounds the weights on the device: with the text encoders where
-                // it would be exceeded, the load would refuse (or a visit pass it).
-                .filter(|&text| served.device_bytes_at_most(text) <= self.budget_bytes)
-                .map(|text| {
-                    let weights = served.device_bytes(text);
-                    (text, weights, served.device_bytes_at_most(text) - weights)
-                })
+                .map(|text| (text, served.device_bytes(text), served.visiting_bytes(text)))
+                // The budget bounds the loaded weights: with the text encoders where it
+                // would be exceeded, the load would refuse. (A visiting encoder is a job's
+                // passing need, as its working memory is: the memory free bounds it.)
+                .filter(|&(_, weights, _)| weights <= self.budget_bytes)
                 .collect()
         };
         if placements.is_empty() {
@@ -990,11 +984,15 @@ mod tests {
         assert_eq!(engine.make_room(&job()).unwrap().text, TextPlacement::Cpu);
 
         // With room on the device but a budget that holds the weights only without the text
-        // encoders, they go to the CPU too (with them, the load would refuse).
+        // encoders, they leave the device too (with them, the load would refuse): to visit
+        // it for each prompt, the budget bounding the weights that stay.
         let mut budgeted = tiny_sdxl_engine().with_available_memory(|| u64::MAX);
         budgeted.text_can_move = true;
         budgeted.budget_bytes = served.memory_bytes - 1;
-        assert_eq!(budgeted.make_room(&job()).unwrap().text, TextPlacement::Cpu);
+        assert_eq!(
+            budgeted.make_room(&job()).unwrap().text,
+            TextPlacement::Visiting
+        );
         budgeted
             .generate(&job(), &mut |_| {}, &CancelToken::new())
             .unwrap();
@@ -1103,19 +1101,11 @@ mod tests {
         assert_eq!(placed(room - 1, u64::MAX, visit), TextPlacement::Cpu);
         // With room for everything they stay with the model.
         assert_eq!(placed(u64::MAX, u64::MAX, visit), TextPlacement::WithModel);
-        // The budget bounds what the device holds at once: where it holds the weights
-        // without the encoders and one of them, not both, they visit; one byte less, on the
-        // CPU.
-        let small_visit = served.text_bytes / 2;
-        let budget = without_text + small_visit;
-        assert!(budget < served.memory_bytes);
+        // The budget bounds the loaded weights, not a visit (a job's passing need, as its
+        // working memory is): holding the weights without the encoders alone, they visit.
         assert_eq!(
-            placed(u64::MAX, budget, small_visit),
+            placed(u64::MAX, without_text, visit),
             TextPlacement::Visiting
-        );
-        assert_eq!(
-            placed(u64::MAX, budget - 1, small_visit),
-            TextPlacement::Cpu
         );
     }
 

@@ -951,14 +951,7 @@ mod tests {
         let plain = tiny_sdxl_engine();
         let served = plain.models.lock().unwrap()["tiny-sdxl"].clone();
         assert!(served.text_bytes > 0 && served.text_bytes < served.memory_bytes);
-        let working = served.working.bytes(
-            64,
-            64,
-            1,
-            true,
-            Plan::most_saving(Convolutions::Direct),
-            DeviceKernels::CPU,
-        );
+        let working = least_working(&served);
         let whole = plain
             .generate(&job(), &mut |_| {}, &CancelToken::new())
             .unwrap();
@@ -1034,14 +1027,7 @@ mod tests {
         // larger one need more than the job, as SDXL's second encoder (1.4 GB) does beside
         // a job at 1024² with the most saving plan (0.6 GB).
         let served = tiny_sdxl_engine().models.lock().unwrap()["tiny-sdxl"].clone();
-        let working = served.working.bytes(
-            64,
-            64,
-            1,
-            true,
-            Plan::most_saving(Convolutions::Direct),
-            DeviceKernels::CPU,
-        );
+        let working = least_working(&served);
         let visit = working + served.text_bytes / 2;
         let without_text = served.memory_bytes - served.text_bytes;
         assert_eq!(served.device_bytes(TextPlacement::Visiting), without_text);
@@ -1135,6 +1121,18 @@ mod tests {
         // (5.47 GB) with it fit; the whole model (7.11 GB) beside a job does not (the
         // working-memory test of that card).
         assert!(5_470_000_000 + from_f16_file <= 7_400_000_000);
+    }
+
+    /// What `job()` needs beside the tiny model's weights on the CPU's most saving plan.
+    fn least_working(served: &ServedModel) -> u64 {
+        served.working.bytes(
+            64,
+            64,
+            1,
+            true,
+            Plan::most_saving(Convolutions::Direct),
+            DeviceKernels::CPU,
+        )
     }
 
     /// Makes the tiny SDXL's larger text encoder need `bytes` while it visits the device.

@@ -83,10 +83,10 @@ impl ServedModel {
 /// What a text encoder of `weight_bytes` brought onto the device needs while it encodes: its
 /// weights; where its file holds another dtype than the model's (`converted`: each tensor
 /// comes onto the device as stored, then is converted), its largest tensor, the token
-/// embedding, once more in f32; and a
-/// layer's activations over its tokens, in f32, twice over for what the allocator rounds up
-/// and frees late: the hidden, query, key, value and output states, the MLP's two wide
-/// ones, and the scores (SDXL's second encoder: about 12 MB).
+/// embedding, once more in f32; and a layer's activations over its tokens, in f32, twice
+/// over for what the allocator rounds up and frees late: the hidden, query, key, value and
+/// output states, the MLP's two wide ones, and the scores (SDXL's second encoder: about
+/// 12 MB).
 fn visit_bytes(weight_bytes: u64, converted: bool, config: &TextEncoderConfig) -> u64 {
     let tokens = config.max_position_embeddings;
     let layer_values = tokens * (6 * config.hidden_size + 2 * config.intermediate_size)
@@ -302,10 +302,11 @@ impl CandleEngine {
     /// How the job fits the memory free now (the GPU's, or the CPU's RAM): the fastest of
     /// the device's [`Plan::choices`] that fits; on a GPU, when none does, the same with the
     /// model's text encoders visiting the device for each prompt, then on the CPU (if it is
-    /// not loaded yet); and only then after unloading the other models. A job that fits no way is refused as out of memory before
-    /// anything is allocated. (The budget bounds the loaded weights, so a placement of the
-    /// text encoders that exceeds it is not taken, and what is advertised; the free memory
-    /// is what a job can really have, with a game beside it.)
+    /// not loaded yet); and only then after unloading the other models. A job that fits no
+    /// way is refused as out of memory before anything is allocated. (The budget bounds the
+    /// loaded weights, so a placement of the text encoders that exceeds it is not taken, and
+    /// what is advertised; the free memory is what a job can really have, with a game beside
+    /// it.)
     fn make_room(&self, job: &JobSpec) -> Result<Placement, EngineError> {
         let Some(served) = self
             .models

@@ -147,8 +147,8 @@ pub struct CandleEngine {
     /// holds beside its tensors: read again once the device's kernels were raced (a kernel
     /// that lost is off from then on).
     kernels: Mutex<DeviceKernels>,
-    /// Whether a model's text encoders may go to the CPU to leave the device room (on a
-    /// GPU; on the CPU they are there already).
+    /// Whether a model's text encoders may leave the device to give it room, to visit it for
+    /// each prompt or to run on the CPU (on a GPU; on the CPU they are there already).
     text_can_move: bool,
     /// The models given at the start that it does not serve, and why.
     refused: Vec<RefusedModel>,
@@ -830,23 +830,23 @@ fn check_folder(root: &Path, precision: Precision) -> Result<ServedModel, String
     let files = folder
         .weight_files(precision.weights)
         .map_err(|error| error.to_string())?;
-    let file_size = |path: &PathBuf| -> Result<u64, String> {
-        std::fs::metadata(path)
-            .map(|metadata| metadata.len())
-            .map_err(|error| format!("{}: {error}", path.display()))
-    };
-    let in_memory = |path: &PathBuf, dtype: DType| -> Result<u64, String> {
-        let size = file_size(path)?;
+    // A weight file's size as stored, and in memory held in `dtype`.
+    let sizes = |path: &PathBuf, dtype: DType| -> Result<(u64, u64), String> {
+        let stored = std::fs::metadata(path)
+            .map_err(|error| format!("{}: {error}", path.display()))?
+            .len();
         let half_file = path
             .file_name()
             .is_some_and(|name| name.to_string_lossy().contains(".fp16."));
         // An f32 file loaded in f16 takes half its size; an f16 file loaded in f32 twice.
-        Ok(match (half_file, dtype) {
-            (false, DType::F16 | DType::BF16) => size / 2,
-            (true, DType::F32) => size * 2,
-            _ => size,
-        })
+        let in_memory = match (half_file, dtype) {
+            (false, DType::F16 | DType::BF16) => stored / 2,
+            (true, DType::F32) => stored * 2,
+            _ => stored,
+        };
+        Ok((stored, in_memory))
     };
+    let in_memory = |path: &PathBuf, dtype: DType| sizes(path, dtype).map(|(_, bytes)| bytes);
     let mut text_bytes = 0;
     let mut most_visiting = 0;
     let encoders = [
@@ -857,10 +857,9 @@ fn check_folder(root: &Path, precision: Precision) -> Result<ServedModel, String
             .zip(folder.text_encoder_2.as_ref()),
     ];
     for (path, config) in encoders.into_iter().flatten() {
-        let bytes = in_memory(path, precision.weights)?;
+        let (stored, bytes) = sizes(path, precision.weights)?;
         text_bytes += bytes;
-        let converted = bytes != file_size(path)?;
-        most_visiting = most_visiting.max(visit_bytes(bytes, converted, config));
+        most_visiting = most_visiting.max(visit_bytes(bytes, bytes != stored, config));
     }
     // A VAE that must upcast (SDXL's) runs in f32 on a GPU.
     let vae_precision = super::sd::vae_precision(&folder, precision);

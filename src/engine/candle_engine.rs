@@ -532,8 +532,8 @@ impl CandleEngine {
         match text {
             TextPlacement::WithModel => {}
             TextPlacement::Visiting => tracing::info!(
-                "the text encoders of {model_id} come onto the GPU for each prompt and leave \
-                 after it, to leave the GPU room"
+                "the text encoders of {model_id} come onto the GPU for each job's prompts and \
+                 leave after them, to leave the GPU room"
             ),
             TextPlacement::Cpu => {
                 tracing::info!(
@@ -1068,6 +1068,11 @@ mod tests {
                 loaded[0].pipeline.prompts_encoded(),
                 2,
                 "the prompt and the negative"
+            );
+            assert_eq!(
+                loaded[0].pipeline.text_encoder_visits(),
+                2,
+                "each of SDXL's two encoders came once, for both prompts"
             );
         }
         // Warm, it stays as it was loaded, and each job needs room for the visit again.

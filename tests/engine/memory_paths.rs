@@ -259,20 +259,19 @@ fn text_encoders_on_the_cpu_run_in_f32_and_hand_the_model_its_dtype() {
 fn text_encoders_that_visit_for_each_prompt_encode_as_the_resident_ones() {
     use candle_core::Device;
     use studio_worker::engine::sd::TextPlacement;
+    use studio_worker::engine::sd::model_folder::Family;
 
+    let [first, second, third] = [PROMPTS[0], PROMPTS[1], PROMPTS[2]];
     for name in FIXTURES {
         let root = crate::support::fixture(name);
         // f16, as on a GPU: the visiting encoders load in the model's precision each time.
-        let encodings = |text: TextPlacement| -> Vec<Vec<f32>> {
-            let model =
-                StableDiffusion::load_placed(&root, &Device::Cpu, DType::F16, text).expect("loads");
-            // Two prompts: each visit loads the encoders afresh.
-            PROMPTS
-                .iter()
-                .flat_map(|prompt| {
-                    let (embeds, pooled) = model.encode_text(prompt).expect("encodes");
-                    [Some(embeds), pooled].into_iter().flatten()
-                })
+        let load = |text: TextPlacement| {
+            StableDiffusion::load_placed(&root, &Device::Cpu, DType::F16, text).expect("loads")
+        };
+        let values = |encodings: Vec<(Tensor, Option<Tensor>)>| -> Vec<Vec<f32>> {
+            encodings
+                .into_iter()
+                .flat_map(|(embeds, pooled)| [Some(embeds), pooled].into_iter().flatten())
                 .map(|tensor| {
                     assert_eq!(tensor.dtype(), DType::F16, "{name}: the model's dtype");
                     tensor
@@ -283,11 +282,32 @@ fn text_encoders_that_visit_for_each_prompt_encode_as_the_resident_ones() {
                 })
                 .collect()
         };
-        let resident = encodings(TextPlacement::WithModel);
-        let visiting = encodings(TextPlacement::Visiting);
-        assert!(PROMPTS.len() >= 2 && resident.len() >= 2, "{name}");
-        assert_eq!(visiting.len(), resident.len(), "{name}");
-        for (visited, kept) in visiting.iter().zip(&resident) {
+        // Resident: one prompt at a time.
+        let resident = load(TextPlacement::WithModel);
+        let kept = values(
+            [first, second, third]
+                .map(|prompt| resident.encode_text(prompt).expect("encodes"))
+                .into(),
+        );
+        assert_eq!(resident.text_encoder_visits(), 0, "{name}: they stay");
+        // Visiting: two prompts in one visit of each encoder, then a third alone.
+        let visiting = load(TextPlacement::Visiting);
+        let encoders = match visiting.family() {
+            Family::StableDiffusion => 1,
+            Family::StableDiffusionXl => 2,
+        };
+        let [one, two] = visiting.encode_texts([first, second]).expect("encodes");
+        assert_eq!(
+            visiting.text_encoder_visits(),
+            encoders,
+            "{name}: one visit each"
+        );
+        let three = visiting.encode_text(third).expect("encodes");
+        assert_eq!(visiting.text_encoder_visits(), 2 * encoders, "{name}");
+        let visited = values(vec![one, two, three]);
+
+        assert_eq!(visited.len(), kept.len(), "{name}");
+        for (visited, kept) in visited.iter().zip(&kept) {
             assert_eq!(visited.len(), kept.len(), "{name}");
             let largest = visited
                 .iter()

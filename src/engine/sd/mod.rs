@@ -27,6 +27,7 @@ pub mod weights;
 pub mod working_memory;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::{D, DType, Device, Tensor};
@@ -37,7 +38,7 @@ use self::schedulers::{NoiseSchedule, Sampler};
 /// The variable that turns the CUDA graphs off (`0`).
 pub use self::step_graph::SWITCH as STEP_GRAPHS_SWITCH;
 use self::step_graph::{GraphCache, StepGraphs};
-use self::text_encoder::{ClipTextEncoder, LayerStates};
+use self::text_encoder::{ClipTextEncoder, LayerStates, TextEncoding};
 use self::tokenizer::ClipTokenizer;
 use self::unet::{TextTimeConditioning, Unet};
 use self::vae::Vae;
@@ -153,19 +154,23 @@ pub struct Conditioning {
 }
 
 struct TextStack {
+    /// Which encoder it is, for the log ("the second text encoder").
+    name: &'static str,
     tokenizer: ClipTokenizer,
     encoder: EncoderWeights,
     /// Where the encoder runs (the model's device, or the CPU).
     device: Device,
     /// The encoder's layers as a CUDA graph, kept between jobs ([`step_graph`]).
     graphs: GraphCache,
+    /// How many times a visiting encoder came onto the device.
+    visits: AtomicU64,
 }
 
-/// A text encoder's weights: loaded once, or brought onto the device for each prompt.
+/// A text encoder's weights: loaded once, or brought onto the device for each job's prompts.
 enum EncoderWeights {
     Resident(ClipTextEncoder),
-    /// Its weight file, memory-mapped: loaded onto the stack's device for each prompt and
-    /// let go after it ([`TextPlacement::Visiting`]).
+    /// Its weight file, memory-mapped: loaded onto the stack's device for each job's prompts
+    /// and let go after them ([`TextPlacement::Visiting`]).
     Visiting {
         file: PathBuf,
         config: TextEncoderConfig,
@@ -174,12 +179,32 @@ enum EncoderWeights {
 }
 
 impl TextStack {
-    /// One tokenizer's `ids` through the encoder. A visiting encoder comes onto the device
-    /// for it, and its memory goes back to the driver after it, before the job's steps
-    /// allocate: the job's plan counted the device without it.
-    fn encode(&self, ids: &[u32]) -> Result<text_encoder::TextEncoding, SdError> {
+    fn new(
+        name: &'static str,
+        tokenizer: ClipTokenizer,
+        encoder: EncoderWeights,
+        device: &Device,
+    ) -> Self {
+        Self {
+            name,
+            tokenizer,
+            encoder,
+            device: device.clone(),
+            graphs: GraphCache::new(name),
+            visits: AtomicU64::new(0),
+        }
+    }
+
+    /// Each prompt's ids for this tokenizer through the encoder, in turn. A visiting encoder
+    /// comes onto the device once for all of them (a job's prompt and negative prompt), and
+    /// its memory goes back to the driver after them, before the job's steps allocate: the
+    /// job's plan counted the device without it.
+    fn encode_each(&self, prompts: &[&[u32]]) -> Result<Vec<TextEncoding>, SdError> {
         match &self.encoder {
-            EncoderWeights::Resident(encoder) => self.encode_with(encoder, ids, true),
+            EncoderWeights::Resident(encoder) => prompts
+                .iter()
+                .map(|ids| self.encode_with(encoder, ids, true))
+                .collect(),
             EncoderWeights::Visiting {
                 file,
                 config,
@@ -188,15 +213,21 @@ impl TextStack {
                 let started = std::time::Instant::now();
                 let encoder =
                     ClipTextEncoder::new(weights::mapped(file, *precision, &self.device)?, config)?;
+                self.visits.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
-                    "a text encoder came onto the device in {:.0} ms",
-                    started.elapsed().as_secs_f64() * 1e3
+                    "{} came onto the device in {:.0} ms, for {} prompt(s)",
+                    self.name,
+                    started.elapsed().as_secs_f64() * 1e3,
+                    prompts.len()
                 );
-                // No graph: it would read weights let go after this prompt.
-                let encoding = self.encode_with(&encoder, ids, false);
+                // No graph: it would read weights let go after these prompts.
+                let encodings = prompts
+                    .iter()
+                    .map(|ids| self.encode_with(&encoder, ids, false))
+                    .collect();
                 drop(encoder);
                 gpu_memory::trim_pool(&self.device);
-                encoding
+                encodings
             }
         }
     }
@@ -209,7 +240,7 @@ impl TextStack {
         encoder: &ClipTextEncoder,
         ids: &[u32],
         graphs: bool,
-    ) -> Result<text_encoder::TextEncoding, SdError> {
+    ) -> Result<TextEncoding, SdError> {
         let token_ids = [ids.to_vec()];
         let embedded = encoder.embed(&token_ids, &self.device)?;
         let stacked = {
@@ -239,10 +270,12 @@ pub enum TextPlacement {
     /// On the model's device, in its dtype.
     #[default]
     WithModel,
-    /// Brought onto the model's device for each prompt, one encoder at a time, from their
-    /// memory-mapped weight files, and let go after it: the device holds them only while
-    /// the prompt is encoded, before the job's steps allocate. Costs each prompt its weights'
-    /// upload (a PCIe copy: about 0.1–0.2 s for SDXL's, against a second or so on the CPU).
+    /// Brought onto the model's device for each job's prompts (its prompt and negative
+    /// prompt together, those not kept from an earlier job), one encoder at a time, from
+    /// their memory-mapped weight files, and let go after them: the device holds them only
+    /// while the prompts are encoded, before the job's steps allocate. Costs such a job its
+    /// weights' upload (a PCIe copy: about 0.1–0.2 s for SDXL's, against a second or so a
+    /// prompt on the CPU).
     Visiting,
     /// On the CPU in f32; their output moves to the model's device.
     Cpu,
@@ -312,23 +345,19 @@ impl StableDiffusion {
         };
 
         let max_length = folder.text_encoder.max_position_embeddings;
-        let text_stack = TextStack {
-            tokenizer: ClipTokenizer::load(root, "tokenizer", max_length)?,
-            encoder: encoder(&files.text_encoder, &folder.text_encoder)?,
-            device: text_device.clone(),
-            graphs: GraphCache::new("the text encoder"),
-        };
+        let text_stack = TextStack::new(
+            "the text encoder",
+            ClipTokenizer::load(root, "tokenizer", max_length)?,
+            encoder(&files.text_encoder, &folder.text_encoder)?,
+            &text_device,
+        );
         let text_2 = match (&folder.text_encoder_2, &files.text_encoder_2) {
-            (Some(config), Some(path)) => Some(TextStack {
-                tokenizer: ClipTokenizer::load(
-                    root,
-                    "tokenizer_2",
-                    config.max_position_embeddings,
-                )?,
-                encoder: encoder(path, config)?,
-                device: text_device.clone(),
-                graphs: GraphCache::new("the second text encoder"),
-            }),
+            (Some(config), Some(path)) => Some(TextStack::new(
+                "the second text encoder",
+                ClipTokenizer::load(root, "tokenizer_2", config.max_position_embeddings)?,
+                encoder(path, config)?,
+                &text_device,
+            )),
             _ => None,
         };
         let unet = Unet::new(
@@ -448,26 +477,32 @@ impl StableDiffusion {
         images: usize,
         size: (usize, usize),
     ) -> Result<Conditioning, SdError> {
-        let (positive, positive_pooled) = self.encode_text(prompt)?;
+        // SDXL conditions an empty negative prompt on zeros, not on the encoded "".
+        let zero_negative = negative.is_empty() && self.folder.index.force_zeros_for_empty_prompt;
+        // Both prompts through the encoders at once: visiting ones come onto the device once.
+        let ((positive, positive_pooled), encoded_negative) = if guided && !zero_negative {
+            let [positive, negative] = self.encode_texts([prompt, negative])?;
+            (positive, Some(negative))
+        } else {
+            let [positive] = self.encode_texts([prompt])?;
+            (positive, None)
+        };
         let repeat_rows = |tensor: &Tensor| -> candle_core::Result<Tensor> {
             let mut counts = vec![1; tensor.rank()];
             counts[0] = images;
             tensor.repeat(counts.as_slice())
         };
         let (hidden_states, pooled) = if guided {
-            // SDXL conditions an empty negative prompt on zeros, not on the encoded "".
-            let (negative, negative_pooled) =
-                if negative.is_empty() && self.folder.index.force_zeros_for_empty_prompt {
-                    (
-                        positive.zeros_like()?,
-                        positive_pooled
-                            .as_ref()
-                            .map(Tensor::zeros_like)
-                            .transpose()?,
-                    )
-                } else {
-                    self.encode_text(negative)?
-                };
+            let (negative, negative_pooled) = match encoded_negative {
+                Some(encoded) => encoded,
+                None => (
+                    positive.zeros_like()?,
+                    positive_pooled
+                        .as_ref()
+                        .map(Tensor::zeros_like)
+                        .transpose()?,
+                ),
+            };
             let hidden_states =
                 Tensor::cat(&[repeat_rows(&negative)?, repeat_rows(&positive)?], 0)?;
             let pooled = match (negative_pooled, positive_pooled) {
@@ -509,14 +544,39 @@ impl StableDiffusion {
     /// both encoders' penultimate layers and pools the second. A prompt one of the last few
     /// jobs encoded is not encoded again ([`prompt_cache`]).
     pub fn encode_text(&self, prompt: &str) -> Result<(Tensor, Option<Tensor>), SdError> {
-        let mut token_ids = vec![self.token_ids(prompt, false)?];
-        if self.text_2.is_some() {
-            token_ids.push(self.token_ids(prompt, true)?);
-        }
+        let [encoded] = self.encode_texts([prompt])?;
+        Ok(encoded)
+    }
+
+    /// Several prompts through the text encoder(s) at once, as [`Self::encode_text`] each:
+    /// an encoder that visits the device comes once for all of them.
+    pub fn encode_texts<const N: usize>(
+        &self,
+        prompts: [&str; N],
+    ) -> Result<[(Tensor, Option<Tensor>); N], SdError> {
+        let token_ids = prompts
+            .iter()
+            .map(|prompt| {
+                let mut rows = vec![self.token_ids(prompt, false)?];
+                if self.text_2.is_some() {
+                    rows.push(self.token_ids(prompt, true)?);
+                }
+                Ok(rows)
+            })
+            .collect::<Result<Vec<_>, SdError>>()?;
         let encoded = self
             .prompts
-            .get_or_encode(token_ids.clone(), || self.run_text_encoders(&token_ids))?;
-        Ok((encoded.hidden_states, encoded.pooled))
+            .get_or_encode_each(&token_ids, |missing| self.run_text_encoders(missing))?;
+        let encoded: Vec<_> = encoded
+            .into_iter()
+            .map(|prompt| (prompt.hidden_states, prompt.pooled))
+            .collect();
+        let count = encoded.len();
+        encoded.try_into().map_err(|_| {
+            SdError::Tensor(candle_core::Error::Msg(format!(
+                "{count} encodings for {N} prompts"
+            )))
+        })
     }
 
     /// How many prompts the text encoders ran for since the pipeline loaded (a prompt found
@@ -525,37 +585,67 @@ impl StableDiffusion {
         self.prompts.encoded()
     }
 
-    /// The text encoder(s) over a prompt's token ids, one row per tokenizer.
-    fn run_text_encoders(&self, token_ids: &[Vec<u32>]) -> Result<EncodedPrompt, SdError> {
+    /// How many times its text encoders came onto the device since it loaded, counting
+    /// each encoder's coming ([`TextPlacement::Visiting`]; none where they stay).
+    pub fn text_encoder_visits(&self) -> u64 {
+        [Some(&self.text), self.text_2.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|stack| stack.visits.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The text encoder(s) over prompts' token ids (each prompt one row per tokenizer): one
+    /// encoder after the other, each over every prompt.
+    fn run_text_encoders(&self, prompts: &[Vec<Vec<u32>>]) -> Result<Vec<EncodedPrompt>, SdError> {
         let _stretch = profile::stretch(Work::TextEncoder, &self.device);
+        let encoders = 1 + usize::from(self.text_2.is_some());
+        let rows = |row: usize| -> Result<Vec<&[u32]>, SdError> {
+            prompts
+                .iter()
+                .map(|token_ids| match token_ids.as_slice() {
+                    rows if rows.len() == encoders => Ok(rows[row].as_slice()),
+                    rows => Err(SdError::Tokenizer(format!(
+                        "{} rows of token ids for {encoders} text encoder(s)",
+                        rows.len()
+                    ))),
+                })
+                .collect()
+        };
         let to_model = |tensor: Tensor| -> candle_core::Result<Tensor> {
             tensor.to_device(&self.device)?.to_dtype(self.dtype)
         };
-        match (&self.text_2, token_ids) {
-            (None, [ids]) => Ok(EncodedPrompt {
-                hidden_states: to_model(self.text.encode(ids)?.last_hidden_state)?,
-                pooled: None,
-            }),
-            (Some(stack), [ids, ids_2]) => {
-                let first = self.text.encode(ids)?;
-                let second = stack.encode(ids_2)?;
-                let hidden = Tensor::cat(
-                    &[
-                        &first.penultimate_hidden_state,
-                        &second.penultimate_hidden_state,
-                    ],
-                    D::Minus1,
-                )?;
-                Ok(EncodedPrompt {
-                    hidden_states: to_model(hidden)?,
-                    pooled: Some(to_model(second.pooled)?),
+        let first = self.text.encode_each(&rows(0)?)?;
+        match &self.text_2 {
+            None => first
+                .into_iter()
+                .map(|encoding| {
+                    Ok(EncodedPrompt {
+                        hidden_states: to_model(encoding.last_hidden_state)?,
+                        pooled: None,
+                    })
                 })
+                .collect(),
+            Some(stack) => {
+                let second = stack.encode_each(&rows(1)?)?;
+                first
+                    .into_iter()
+                    .zip(second)
+                    .map(|(first, second)| {
+                        let hidden = Tensor::cat(
+                            &[
+                                &first.penultimate_hidden_state,
+                                &second.penultimate_hidden_state,
+                            ],
+                            D::Minus1,
+                        )?;
+                        Ok(EncodedPrompt {
+                            hidden_states: to_model(hidden)?,
+                            pooled: Some(to_model(second.pooled)?),
+                        })
+                    })
+                    .collect()
             }
-            _ => Err(SdError::Tokenizer(format!(
-                "{} rows of token ids for {} text encoder(s)",
-                token_ids.len(),
-                1 + usize::from(self.text_2.is_some())
-            ))),
         }
     }
 

@@ -68,41 +68,75 @@ impl PromptCache {
         }
     }
 
-    /// The encoding of the prompt with `token_ids` (one row per tokenizer): kept from an
-    /// earlier job, else `encode`'s, then kept. An error is returned as it is, and nothing
-    /// is kept. The lock is not held while encoding.
-    pub fn get_or_encode<E>(
+    /// The encodings of `prompts` (each its token ids, one row per tokenizer), in their
+    /// order: those kept from an earlier job, the rest from one call of `encode` for all of
+    /// them, each prompt once however often it appears (a job's negative prompt may be its
+    /// prompt), then kept. One call, so encoders that come onto the device for it
+    /// ([`super::TextPlacement::Visiting`]) come once for a job's prompt and negative
+    /// prompt. An error is returned as it is, and nothing is kept. The lock is not held
+    /// while encoding.
+    pub fn get_or_encode_each<E>(
         &self,
-        token_ids: Vec<Vec<u32>>,
-        encode: impl FnOnce() -> Result<EncodedPrompt, E>,
-    ) -> Result<EncodedPrompt, E> {
+        prompts: &[Vec<Vec<u32>>],
+        encode: impl FnOnce(&[Vec<Vec<u32>>]) -> Result<Vec<EncodedPrompt>, E>,
+    ) -> Result<Vec<EncodedPrompt>, E> {
+        let mut found: Vec<Option<EncodedPrompt>> = Vec::with_capacity(prompts.len());
+        let mut missing: Vec<Vec<Vec<u32>>> = Vec::new();
         {
             let mut entries = self.lock();
-            if let Some(position) = entries
-                .iter()
-                .position(|entry| entry.token_ids == token_ids)
-                && let Some(entry) = entries.remove(position)
-            {
-                let prompt = entry.prompt.clone();
-                entries.push_back(entry);
-                return Ok(prompt);
+            for token_ids in prompts {
+                let kept = entries
+                    .iter()
+                    .position(|entry| &entry.token_ids == token_ids)
+                    .and_then(|position| entries.remove(position))
+                    .map(|entry| {
+                        let prompt = entry.prompt.clone();
+                        entries.push_back(entry);
+                        prompt
+                    });
+                if kept.is_none() && !missing.contains(token_ids) {
+                    missing.push(token_ids.clone());
+                }
+                found.push(kept);
             }
         }
-        let prompt = encode()?;
-        self.encoded.fetch_add(1, Ordering::Relaxed);
+        let encoded = if missing.is_empty() {
+            Vec::new()
+        } else {
+            encode(&missing)?
+        };
+        // One encoding per prompt `encode` was given, in their order (an answer short of one
+        // leaves that prompt out of what is returned: the caller counts them).
+        let encoded: Vec<(Vec<Vec<u32>>, EncodedPrompt)> =
+            missing.into_iter().zip(encoded).collect();
+        self.encoded
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         if self.capacity > 0 {
             let mut entries = self.lock();
-            // Another caller may have encoded the same prompt meanwhile: one entry each.
-            entries.retain(|entry| entry.token_ids != token_ids);
-            while entries.len() >= self.capacity {
-                entries.pop_front();
+            for (token_ids, prompt) in &encoded {
+                // Another caller may have encoded the same prompt meanwhile: one entry each.
+                entries.retain(|entry| &entry.token_ids != token_ids);
+                while entries.len() >= self.capacity {
+                    entries.pop_front();
+                }
+                entries.push_back(Entry {
+                    token_ids: token_ids.clone(),
+                    prompt: prompt.clone(),
+                });
             }
-            entries.push_back(Entry {
-                token_ids,
-                prompt: prompt.clone(),
-            });
         }
-        Ok(prompt)
+        Ok(prompts
+            .iter()
+            .zip(found)
+            .filter_map(|(token_ids, kept)| {
+                kept.or_else(|| {
+                    encoded
+                        .iter()
+                        .find(|(encoded_ids, _)| encoded_ids == token_ids)
+                        .map(|(_, prompt)| prompt.clone())
+                })
+            })
+            .collect())
     }
 
     /// How many prompts the text encoders ran for since the pipeline loaded.
@@ -125,15 +159,32 @@ mod tests {
         vec![prompt.bytes().map(u32::from).collect()]
     }
 
-    /// A stand-in encoder: the prompt's bytes as the hidden states.
-    fn encoding(prompt: &str) -> Result<EncodedPrompt, String> {
-        let values: Vec<f32> = prompt.bytes().map(f32::from).collect();
+    /// A stand-in encoder: the token ids (the prompt's bytes) as the hidden states.
+    fn encoding(token_ids: &[Vec<u32>]) -> Result<EncodedPrompt, String> {
+        let values: Vec<f32> = token_ids.concat().into_iter().map(|id| id as f32).collect();
         let length = values.len();
         Ok(EncodedPrompt {
             hidden_states: Tensor::from_vec(values, (1, length), &Device::Cpu)
                 .map_err(|error| error.to_string())?,
             pooled: None,
         })
+    }
+
+    /// The stand-in over each prompt it is given, counting the prompts in `encoded`.
+    fn encode_each(
+        prompts: &[Vec<Vec<u32>>],
+        encoded: &mut Vec<Vec<Vec<u32>>>,
+    ) -> Result<Vec<EncodedPrompt>, String> {
+        encoded.extend(prompts.iter().cloned());
+        prompts
+            .iter()
+            .map(|token_ids| encoding(token_ids))
+            .collect()
+    }
+
+    /// The stand-in over each prompt it is given.
+    fn prompts_encoded(prompts: &[Vec<Vec<u32>>]) -> Result<Vec<EncodedPrompt>, String> {
+        encode_each(prompts, &mut Vec::new())
     }
 
     fn values(prompt: &EncodedPrompt) -> Vec<f32> {
@@ -144,37 +195,69 @@ mod tests {
             .expect("readable")
     }
 
-    /// Runs `prompts` through `cache`, counting the encoder's runs.
+    /// Runs `prompts` through `cache` one at a time, counting the encoder's runs.
     fn run(cache: &PromptCache, prompts: &[&str]) -> (usize, Vec<Vec<f32>>) {
-        let mut runs = 0;
+        let mut encoded = Vec::new();
         let outputs = prompts
             .iter()
             .map(|prompt| {
-                let encoded = cache
-                    .get_or_encode(tokens(prompt), || {
-                        runs += 1;
-                        encoding(prompt)
+                let found = cache
+                    .get_or_encode_each(&[tokens(prompt)], |missing| {
+                        encode_each(missing, &mut encoded)
                     })
                     .expect("encodes");
-                values(&encoded)
+                assert_eq!(found.len(), 1);
+                values(&found[0])
             })
             .collect();
-        (runs, outputs)
+        (encoded.len(), outputs)
     }
 
     #[test]
     fn a_repeated_prompt_is_encoded_once_and_each_prompt_gets_its_own_encoding() {
         let cache = PromptCache::default();
-        let (runs, outputs) = run(&cache, &["", "a fox", "", "a cat", "a fox", ""]);
+        let prompts = ["", "a fox", "", "a cat", "a fox", ""];
+        let (runs, outputs) = run(&cache, &prompts);
         assert_eq!(runs, 3);
         assert_eq!(cache.encoded(), 3);
-        for (output, prompt) in outputs.iter().zip(["", "a fox", "", "a cat", "a fox", ""]) {
-            assert_eq!(
-                output,
-                &values(&encoding(prompt).expect("encodes")),
-                "{prompt:?}"
-            );
+        for (output, prompt) in outputs.iter().zip(prompts) {
+            let expected = encoding(&tokens(prompt)).expect("encodes");
+            assert_eq!(output, &values(&expected), "{prompt:?}");
         }
+    }
+
+    #[test]
+    fn a_jobs_missing_prompts_are_encoded_in_one_call_each_once_and_answered_in_order() {
+        let cache = PromptCache::default();
+        run(&cache, &["blurry"]);
+        let mut calls = Vec::new();
+        let prompts = ["a fox", "blurry", "a cat", "a fox"].map(tokens);
+        let found = cache
+            .get_or_encode_each(&prompts, |missing| {
+                calls.push(missing.to_vec());
+                prompts_encoded(missing)
+            })
+            .expect("encodes");
+        // One call with the two new prompts, the repeated one once; the kept one not again.
+        assert_eq!(calls, vec![vec![tokens("a fox"), tokens("a cat")]]);
+        assert_eq!(cache.encoded(), 1 + 2);
+        let expected: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|token_ids| values(&encoding(token_ids).expect("encodes")))
+            .collect();
+        assert_eq!(found.iter().map(values).collect::<Vec<_>>(), expected);
+        // All of them kept: no call at all the next time.
+        let again = cache.get_or_encode_each(&prompts, |_| Err("encoded again".to_owned()));
+        assert_eq!(again.map(|found| found.len()), Ok(4));
+
+        // A prompt that is its own negative prompt, with nothing kept: encoded once.
+        let uncached = PromptCache::with_capacity(0);
+        let mut encoded = Vec::new();
+        let twice = [tokens("a fox"), tokens("a fox")];
+        let found = uncached
+            .get_or_encode_each(&twice, |missing| encode_each(missing, &mut encoded))
+            .expect("encodes");
+        assert_eq!((encoded.len(), found.len()), (1, 2));
     }
 
     #[test]
@@ -193,25 +276,28 @@ mod tests {
         let cache = PromptCache::default();
         let first = vec![vec![1, 2], vec![3, 4]];
         let second = vec![vec![1, 2], vec![3, 5]];
-        let mut runs = 0;
+        let mut encoded = Vec::new();
         for token_ids in [first.clone(), second, first] {
             cache
-                .get_or_encode(token_ids, || {
-                    runs += 1;
-                    encoding("x")
-                })
+                .get_or_encode_each(&[token_ids], |missing| encode_each(missing, &mut encoded))
                 .expect("encodes");
         }
-        assert_eq!(runs, 2);
+        assert_eq!(encoded.len(), 2);
     }
 
     #[test]
     fn a_failed_encoding_is_reported_and_not_kept() {
         let cache = PromptCache::default();
-        let failed = cache.get_or_encode(tokens("a"), || Err::<EncodedPrompt, _>("no memory"));
+        let failed = cache.get_or_encode_each(&[tokens("a"), tokens("b")], |_| {
+            Err::<Vec<EncodedPrompt>, _>("no memory")
+        });
         assert_eq!(failed.err(), Some("no memory"));
-        assert_eq!(run(&cache, &["a"]).0, 1, "encoded again after the failure");
-        assert_eq!(cache.encoded(), 1);
+        assert_eq!(
+            run(&cache, &["a", "b"]).0,
+            2,
+            "encoded again after the failure"
+        );
+        assert_eq!(cache.encoded(), 2);
     }
 
     #[test]

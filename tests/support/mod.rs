@@ -2,6 +2,7 @@
 //! in a temporary folder.
 #![allow(dead_code)] // each test module uses a different part of the support code
 
+#[cfg(target_os = "linux")]
 pub mod desktop;
 pub mod engine;
 pub mod files;

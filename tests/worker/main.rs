@@ -21,5 +21,6 @@ mod policy_desktop;
 mod registration;
 mod runtime;
 mod soak;
+#[cfg(target_os = "linux")]
 mod tray;
 mod ui;

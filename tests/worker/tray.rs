@@ -1,7 +1,8 @@
 //! The tray end to end: the real app under Xvfb, on a D-Bus session bus of its own, driven
 //! the way a StatusNotifier host (a panel) drives it — `com.canonical.dbusmenu.Event` for a
 //! menu click and `org.kde.StatusNotifierItem.Activate` for a click on the icon — through
-//! `gdbus`, while the in-process studio approves it.
+//! `gdbus`, while the in-process studio approves it. Linux only: a Windows or macOS tray is
+//! not on D-Bus.
 //!
 //! Needs Xvfb, dbus-daemon, gdbus and xdotool (Debian: xvfb, dbus-daemon, libglib2.0-bin,
 //! xdotool, plus libgl1-mesa-dri for software OpenGL). Without them the test says so and

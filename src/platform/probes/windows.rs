@@ -17,7 +17,8 @@ use windows_sys::Win32::UI::Shell::{
     SHQueryUserNotificationState,
 };
 use windows_sys::Win32::UI::WindowsAndMessaging::{
-    GetClassNameW, GetForegroundWindow, GetWindowRect, GetWindowTextW, GetWindowThreadProcessId,
+    GetClassNameW, GetDesktopWindow, GetForegroundWindow, GetShellWindow, GetWindowRect,
+    GetWindowTextW, GetWindowThreadProcessId,
 };
 
 use super::{ForegroundProbe, FullScreen, IdleProbe, PowerProbe, Probed, Unavailable};
@@ -46,6 +47,13 @@ impl ForegroundProbe for WindowsSession {
         // SAFETY: no arguments; a null window means none is in the foreground.
         let window = unsafe { GetForegroundWindow() };
         if window.is_null() {
+            return Ok(None);
+        }
+        // The desktop window itself can be the foreground one, with nothing else focused (Wine
+        // shows it so, owned by explorer.exe), and it covers the monitor by definition.
+        // SAFETY: no arguments; each returns a handle or null.
+        let (desktop, shell) = unsafe { (GetDesktopWindow(), GetShellWindow()) };
+        if window == desktop || window == shell {
             return Ok(None);
         }
         let class = text_of(window, GetClassNameW);

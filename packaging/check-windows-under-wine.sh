@@ -89,10 +89,18 @@ int main(void) { return SetForegroundWindow(GetDesktopWindow()) ? 0 : 1; }
 EOF
 x86_64-w64-mingw32-gcc -O2 -o "$work/focus-desktop.exe" "$work/focus-desktop.c"
 
-# The display: Xvfb says its number once it listens.
+# The display: Xvfb says its number once it listens; beside it comes its process id, in
+# whichever order the two lines arrive.
 exec 3< <(Xvfb -displayfd 1 -screen 0 1280x900x24 2> /dev/null & echo "pid $!")
-read -r _ xvfb_pid <&3
-read -r display <&3 || fail "Xvfb did not start"
+display=""
+for _ in 1 2; do
+  read -r line <&3 || fail "Xvfb did not start"
+  case "$line" in
+    pid\ *) xvfb_pid=${line#pid } ;;
+    *) display=$line ;;
+  esac
+done
+[ -n "$display" ] || fail "Xvfb did not say its display"
 export DISPLAY=":$display" WINEPREFIX="$work/prefix" WINEDEBUG=-all
 worker() { timeout 300 "$wine" "$work/studio-worker.exe" "$@"; }
 # A Linux path as the Windows binary sees it under Wine (drive Z: is /).

@@ -12,6 +12,8 @@
 //! studio answered `2xx`/`409`/`410`, or when it gave up on it (it says so with `fail`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -92,11 +94,26 @@ pub struct DamagedEntry {
 pub struct Listing {
     pub entries: Vec<OutboxEntry>,
     pub damaged: Vec<DamagedEntry>,
+    /// Every result this outbox stored in this process up to this number ([`Put::number`])
+    /// is in the listing: they were in place before the folder was read. Later ones may be
+    /// in it too, or not.
+    pub stores_counted: u64,
+}
+
+/// A result [`Outbox::put`] stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Put {
+    pub entry: OutboxEntry,
+    /// Which of this outbox's stores it was, counting from 1 in this process: a listing
+    /// holds it once its [`Listing::stores_counted`] is at least this.
+    pub number: u64,
 }
 
 #[derive(Clone, Debug)]
 pub struct Outbox {
     folder: PathBuf,
+    /// Results stored so far in this process, through this handle and its clones.
+    stores: Arc<AtomicU64>,
 }
 
 impl Outbox {
@@ -112,12 +129,15 @@ impl Outbox {
                 tracing::warn!("cannot delete {name} from the outbox: {err}");
             }
         }
-        Ok(Self { folder })
+        Ok(Self {
+            folder,
+            stores: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// Stores a result durably; when this returns `Ok` the result survives a crash or a
-    /// power cut.
-    pub fn put(&self, meta: &OutboxMeta, pngs: &[Vec<u8>]) -> std::io::Result<OutboxEntry> {
+    /// power cut, and every listing begun after it holds it.
+    pub fn put(&self, meta: &OutboxMeta, pngs: &[Vec<u8>]) -> std::io::Result<Put> {
         create_private_dir_all(&self.folder)?;
         let name = format!(
             "{}-{}",
@@ -148,11 +168,17 @@ impl Outbox {
             let _ = std::fs::remove_dir_all(&temp); // best effort; `open` also cleans up
             return Err(err);
         }
-        Ok(OutboxEntry {
-            folder,
-            meta: meta.clone(),
-            bytes: pngs.iter().map(|png| png.len() as u64).sum(),
-            refusals: Refusals::default(),
+        // Counted once the entry is in place: a listing that reads this count reads the
+        // folder after it.
+        let number = self.stores.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(Put {
+            entry: OutboxEntry {
+                folder,
+                meta: meta.clone(),
+                bytes: pngs.iter().map(|png| png.len() as u64).sum(),
+                refusals: Refusals::default(),
+            },
+            number,
         })
     }
 
@@ -160,14 +186,22 @@ impl Outbox {
     /// (kept and reported, never deleted). An outbox folder that cannot be read at all is
     /// an error: the caller must not take it for an empty one.
     pub fn list(&self) -> std::io::Result<Listing> {
+        // Read before the folder: each store counted here is in place already.
+        let stores_counted = self.stores.load(Ordering::SeqCst);
         let folders = match std::fs::read_dir(&self.folder) {
             Ok(folders) => folders,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Listing::default());
+                return Ok(Listing {
+                    stores_counted,
+                    ..Listing::default()
+                });
             }
             Err(err) => return Err(err),
         };
-        let mut listing = Listing::default();
+        let mut listing = Listing {
+            stores_counted,
+            ..Listing::default()
+        };
         for folder in folders {
             let folder = folder?;
             let name = folder.file_name().to_string_lossy().into_owned();
@@ -282,10 +316,12 @@ mod tests {
         let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
         let second = outbox
             .put(&meta("j/2\u{e9}", 5), &[b"b0".to_vec(), b"b1".to_vec()])
-            .unwrap();
+            .unwrap()
+            .entry;
         let first = outbox
             .put(&meta("j_1", 1), &[b"a0".to_vec(), b"a1".to_vec()])
-            .unwrap();
+            .unwrap()
+            .entry;
 
         let listed = outbox.list().unwrap();
         assert_eq!(
@@ -330,7 +366,8 @@ mod tests {
         let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
         let entry = outbox
             .put(&meta("j_1", 1), &[b"a".to_vec(), b"b".to_vec()])
-            .unwrap();
+            .unwrap()
+            .entry;
         std::fs::write(entry.folder.join(META_FILE), b"{not json").unwrap();
         let listing = outbox.list().unwrap();
         assert!(listing.entries.is_empty());
@@ -344,7 +381,8 @@ mod tests {
         let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
         let entry = outbox
             .put(&meta("j_1", 1), &[b"a".to_vec(), b"b".to_vec()])
-            .unwrap();
+            .unwrap()
+            .entry;
         let refusals = Refusals {
             since: Some(Utc::now()),
             count: 3,
@@ -360,6 +398,53 @@ mod tests {
         assert_eq!(parsed.lease_s, 120);
     }
 
+    #[test]
+    fn a_listing_holds_every_result_stored_before_it_began() {
+        // Stores racing listings, as the job loop's and the uploader's do: whatever the
+        // interleaving, a listing holds each result numbered up to its count.
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lister = {
+            let (outbox, done) = (outbox.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut listings = Vec::new();
+                while !done.load(Ordering::SeqCst) {
+                    let listing = outbox.list().unwrap();
+                    let names: Vec<String> =
+                        listing.entries.iter().map(OutboxEntry::name).collect();
+                    listings.push((listing.stores_counted, names));
+                }
+                listings
+            })
+        };
+        let mut stored = Vec::new();
+        for n in 0..200 {
+            let put = outbox
+                .put(&meta(&format!("j_{n}"), n), &[b"a".to_vec(), b"b".to_vec()])
+                .unwrap();
+            stored.push((put.number, put.entry.name()));
+        }
+        done.store(true, Ordering::SeqCst);
+        let listings = lister.join().unwrap();
+        let numbers: Vec<u64> = stored.iter().map(|(number, _)| *number).collect();
+        assert_eq!(
+            numbers,
+            (1..=200).collect::<Vec<u64>>(),
+            "numbered in order from 1"
+        );
+        assert!(listings.len() > 1, "the listings ran beside the stores");
+        for (counted, names) in &listings {
+            for (number, name) in &stored {
+                assert!(
+                    number > counted || names.contains(name),
+                    "result {number} is missing from a listing that counts {counted}"
+                );
+            }
+        }
+        assert_eq!(outbox.list().unwrap().stores_counted, 200);
+    }
+
     #[cfg(unix)]
     #[test]
     fn the_outbox_is_owner_only() {
@@ -368,7 +453,8 @@ mod tests {
         let outbox = Outbox::open(dir.path().join("outbox")).unwrap();
         let entry = outbox
             .put(&meta("j_1", 1), &[b"a".to_vec(), b"b".to_vec()])
-            .unwrap();
+            .unwrap()
+            .entry;
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir.path().join("outbox")), 0o700);
         assert_eq!(mode(&entry.folder), 0o700);

@@ -25,6 +25,8 @@ pub(super) struct Delivery {
 pub(super) struct Stored {
     /// The bytes of the images in the outbox.
     pub bytes: u64,
+    /// Its number among the outbox's stores ([`crate::outbox::Put::number`]).
+    pub number: u64,
     /// What the person keeps of it, made by [`Delivery::keep`].
     pub keepsakes: Keepsakes,
 }
@@ -86,7 +88,8 @@ impl Delivery {
                 .map_err(std::io::Error::other)?;
             let stored = outbox.put(&meta, &pngs)?;
             Ok(Stored {
-                bytes: stored.bytes,
+                bytes: stored.entry.bytes,
+                number: stored.number,
                 keepsakes: Keepsakes {
                     copy_stem: copy_stem(&spec),
                     job_id: spec.job_id,

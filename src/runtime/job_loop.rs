@@ -61,8 +61,8 @@ pub(super) struct JobLoop {
     pub status: StatusSender,
     pub timing: Timing,
     pub shutdown: CancellationToken,
-    /// Results stored but maybe not yet counted by the uploader: the listing count read
-    /// after each was stored, and its bytes.
+    /// Results stored but maybe not yet counted by the uploader: each one's store number
+    /// and bytes.
     pub unlisted: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
@@ -341,7 +341,7 @@ impl JobLoop {
                 .unlisted
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            unlisted.retain(|(listing, _)| *listing >= outbox.listings);
+            unlisted.retain(|(number, _)| *number > outbox.stores_counted);
             (
                 outbox.waiting + unlisted.len(),
                 outbox.bytes + unlisted.iter().map(|(_, bytes)| bytes).sum::<u64>(),
@@ -615,11 +615,10 @@ impl JobLoop {
         match stored {
             Ok(stored) => {
                 tracing::info!(job_id = %spec.job_id, engine_ms, "job finished; result saved for upload");
-                let listing = self.outbox_state.borrow().listings;
                 self.unlisted
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push((listing, stored.bytes));
+                    .push((stored.number, stored.bytes));
                 self.tally.finished_in(engine_ms);
                 self.status.send_modify(|s| {
                     s.jobs.counters = self.tally.counters();

@@ -26,9 +26,9 @@ pub struct OutboxState {
     /// Why the job loop must not claim now: results from before are offered first (§3.3),
     /// or the outbox cannot be read. `None`: claim away (if it is not full).
     pub hold_claims: Option<String>,
-    /// How many times the uploader has listed the outbox: a result stored before a listing
-    /// that came after it is counted in `waiting`.
-    pub listings: u64,
+    /// The outbox's stores this count covers ([`crate::outbox::Listing::stores_counted`]):
+    /// a result whose store number is at most this is counted in `waiting`.
+    pub stores_counted: u64,
 }
 
 /// Claims stop while this many results wait, or this many bytes.

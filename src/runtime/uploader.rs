@@ -138,8 +138,9 @@ struct Ledger {
     waiting: BTreeMap<String, Waiting>,
     damaged: Vec<DamagedEntry>,
     list_error: Option<String>,
-    /// Listings begun since start; a result stored before a listing began is counted in it.
-    listings: u64,
+    /// The outbox's stores the last good listing covers (each result stored before it
+    /// began: [`crate::outbox::Listing::stores_counted`]).
+    stores_counted: u64,
     /// Whether the outbox was listed since start (what it held then goes first).
     listed_once: bool,
 }
@@ -147,8 +148,6 @@ struct Ledger {
 impl Ledger {
     /// Lists the outbox again, keeping what is known of the results still in it.
     async fn relist(&mut self, outbox: &Outbox, timing: &Timing) {
-        // Counted before listing: a result stored before this count was read is in it.
-        self.listings += 1;
         let outbox = outbox.clone();
         match tokio::task::spawn_blocking(move || outbox.list()).await {
             Ok(Ok(listing)) => {
@@ -169,6 +168,7 @@ impl Ledger {
                 }
                 self.waiting = listed;
                 self.listed_once = true;
+                self.stores_counted = listing.stores_counted;
                 for damage in &listing.damaged {
                     if !self
                         .damaged
@@ -563,7 +563,7 @@ impl Uploader {
             waiting,
             damaged,
             list_error,
-            listings,
+            stores_counted,
             ..
         } = ledger;
         let count = waiting
@@ -589,7 +589,7 @@ impl Uploader {
             waiting: count,
             bytes,
             hold_claims,
-            listings: *listings,
+            stores_counted: *stores_counted,
         };
         self.outbox_state.send_if_modified(|current| {
             let changed = *current != state;

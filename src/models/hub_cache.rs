@@ -5,7 +5,7 @@
 //! $HF_HUB_CACHE/models--owner--name/
 //!     blobs/<sha256 or git blob id>            the file contents, once per content
 //!     blobs/<…>.incomplete                     a download in progress (resumed from its length)
-//!     snapshots/<commit>/<path in the repo>    links to ../../blobs/<…> (copies where links fail)
+//!     snapshots/<commit>/<path in the repo>    links to ../../blobs/<…> (see [`HubCache::link`])
 //!     refs/<revision>                          the commit a revision last resolved to
 //! ```
 
@@ -79,8 +79,11 @@ impl HubCache {
         std::fs::rename(&temporary, refs.join(revision))
     }
 
-    /// Makes `snapshots/<commit>/<path>` point at the blob: a relative symlink, or a copy
-    /// where the system refuses links (Windows without developer mode).
+    /// Makes `snapshots/<commit>/<path>` read as the blob: a relative symlink, as
+    /// `huggingface_hub` makes; where the system refuses one (Windows without developer
+    /// mode) or makes one that leads nowhere (some network drives; Wine), a hard link (the
+    /// blob's data under a second name: NTFS allows it to everyone, and nothing is stored
+    /// twice); else (FAT drives) a copy.
     pub fn link(&self, repo: &str, commit: &str, path: &str, blob: &str) -> std::io::Result<()> {
         let target = self.snapshot_dir(repo, commit).join(path);
         if let Some(parent) = target.parent() {
@@ -94,10 +97,30 @@ impl HubCache {
             .collect::<PathBuf>()
             .join("blobs")
             .join(blob);
-        if symlink(&relative, &target).is_err() {
-            std::fs::copy(self.blob_path(repo, blob), &target)?;
+        let blob_path = self.blob_path(repo, blob);
+        if symlink(&relative, &target).is_ok() {
+            if leads_to(&target, &blob_path) {
+                return Ok(());
+            }
+            if let Err(err) = std::fs::remove_file(&target)
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(err);
+            }
         }
+        if std::fs::hard_link(&blob_path, &target).is_ok() {
+            return Ok(());
+        }
+        std::fs::copy(&blob_path, &target)?;
         Ok(())
+    }
+}
+
+/// Whether `link` opens a file as long as the blob (a link that leads nowhere does not open).
+fn leads_to(link: &Path, blob: &Path) -> bool {
+    match (std::fs::metadata(link), std::fs::metadata(blob)) {
+        (Ok(through_link), Ok(blob)) => through_link.len() == blob.len(),
+        _ => false,
     }
 }
 

@@ -417,14 +417,11 @@ impl ModelStore {
         Ok(())
     }
 
+    /// Written atomically (a crash leaves the old manifest or the new one). Not flushed by
+    /// reopening it read-only: Windows refuses to flush a handle without write access.
     fn write_manifest(&self, model_id: &str, manifest: &Manifest) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.manifests)?;
-        let path = self.manifest_path(model_id);
-        let temporary = path.with_extension("json.tmp");
         let json = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
-        std::fs::write(&temporary, json)?;
-        std::fs::File::open(&temporary)?.sync_all()?;
-        std::fs::rename(&temporary, &path)
+        crate::files::write_atomic(&self.manifest_path(model_id), &json)
     }
 
     /// Re-hashes every file of a ready model. A bad file is deleted (blob and link) and the
@@ -436,21 +433,21 @@ impl ModelStore {
                 entry.id
             )));
         };
+        let snapshot = self.cache.snapshot_dir(&manifest.repo, &manifest.commit);
         let mut bad = Vec::new();
         for file in &manifest.files {
             let repo_file = file.as_repo_file();
             let blob = self.cache.blob_path(&manifest.repo, repo_file.blob_name());
-            let reason = match verify_file(&blob, &repo_file) {
+            // What the pipeline reads: the blob through its link, or the snapshot's own copy
+            // where the drive takes no links.
+            let read = snapshot.join(&file.path);
+            let reason = match verify_file(&read, &repo_file) {
                 Ok(true) => continue,
                 Ok(false) => "its size or hash does not match the hub's".to_owned(),
                 Err(error) => error.to_string(),
             };
             let _ = std::fs::remove_file(&blob);
-            let _ = std::fs::remove_file(
-                self.cache
-                    .snapshot_dir(&manifest.repo, &manifest.commit)
-                    .join(&file.path),
-            );
+            let _ = std::fs::remove_file(&read);
             bad.push(BadFile {
                 path: file.path.clone(),
                 reason,
@@ -463,7 +460,8 @@ impl ModelStore {
     }
 
     /// Deletes the model's files from the cache (its snapshot and the blobs only it uses)
-    /// and its manifest. Returns the bytes freed.
+    /// and its manifest. Returns the bytes freed. (Where snapshots hold hard links, another
+    /// snapshot's keeps a deleted blob's data: those bytes are counted, not freed.)
     pub fn remove(&self, entry: &CatalogEntry) -> Result<u64, PullError> {
         let repo_dir = self.cache.repo_dir(entry.repo);
         let mut freed = 0;

@@ -149,13 +149,26 @@ async fn a_fresh_download_lands_in_the_hub_cache_and_loads() {
         setup.store.cache().read_ref(REPO, "main").as_deref(),
         Some("0123456789abcdef0123456789abcdef01234567")
     );
+    // A symlink where the system makes them (Windows without developer mode does not: a
+    // hard link there), reading as the blob.
+    let snapshot_file = folder.join(UNET);
+    if cfg!(unix) {
+        assert!(
+            snapshot_file
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+    let blobs = setup.store.cache().repo_dir(REPO).join("blobs");
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|item| item.unwrap().path())
+        .find(|blob| std::fs::read(blob).unwrap() == std::fs::read(&snapshot_file).unwrap());
     assert!(
-        folder
-            .join(UNET)
-            .symlink_metadata()
-            .unwrap()
-            .file_type()
-            .is_symlink()
+        blob.is_some(),
+        "the snapshot's UNet reads as one of the blobs"
     );
     // Only what the pipeline needs: no README, no .bin duplicate.
     let fetched: Vec<String> = setup.hub.downloads().into_iter().map(|d| d.path).collect();
@@ -418,6 +431,27 @@ async fn a_complete_cache_is_ready_offline_and_verify_and_remove_work_on_it() {
     let freed = setup.store.remove(&ENTRY).unwrap();
     assert!(freed > 1_000_000, "freed {freed}");
     assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
+}
+
+#[tokio::test]
+async fn a_snapshot_of_copies_is_verified_as_the_pipeline_reads_it() {
+    // Where the drive takes no links (FAT), the snapshot holds copies of the blobs: a damaged
+    // copy is what the pipeline would load, though its blob is whole.
+    let setup = setup().await;
+    pull(&setup).await.0.expect("pulls");
+    let ready = setup.store.ready_path(&ENTRY).expect("ready");
+    let unet = ready.join(UNET);
+    let mut bytes = std::fs::read(&unet).unwrap();
+    std::fs::remove_file(&unet).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&unet, bytes).unwrap();
+
+    let bad = setup.store.verify(&ENTRY).unwrap();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].path, UNET);
+    assert!(setup.store.ready_path(&ENTRY).is_none());
+    pull(&setup).await.0.expect("repairs");
+    assert!(setup.store.verify(&ENTRY).unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

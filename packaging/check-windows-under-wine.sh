@@ -3,10 +3,15 @@
 # checks what only Windows code does: the good-guest probes (a full-screen foreground window,
 # through the Win32 calls, with the desktop itself excepted; input idle time), the policy's
 # decision from them, and a whole `generate` on the CPU, whose image must match the Linux
-# build's. The binary is built for x86_64-pc-windows-gnu (mingw-w64 links it; the release
-# is msvc, which check-other-platforms.sh compiles), so what differs between the two
-# toolchains is not covered, nor is anything Wine does differently from Windows: Wine sees
-# input only while one of its windows is open, so the idle check opens one first.
+# build's. Then the whole test suite (`cargo test`: the library's tests, the engine's and the
+# worker's against the in-process studio, the binary spawned as a child) runs under Wine too,
+# where Windows' own rules apply: file handles that cannot be flushed read-only, symlinks
+# refused, `\` in paths, the registry.
+#
+# The binary is built for x86_64-pc-windows-gnu (mingw-w64 links it; the release is msvc,
+# which check-other-platforms.sh compiles), so what differs between the two toolchains is not
+# covered, nor is anything Wine does differently from Windows: Wine sees input only while one
+# of its windows is open, so the idle check opens one first.
 #
 # Needs: the target (`rustup target add x86_64-pc-windows-gnu`), mingw-w64's gcc
 # (gcc-mingw-w64-x86-64), wine64, Xvfb, xdotool and python3; .ci/run installs them. Run from
@@ -40,7 +45,8 @@ trap cleanup EXIT
 cp "$target_dir/$target/debug/studio-worker.exe" "$work/"
 
 # Wine 8 (Debian 12's) lacks bcryptprimitives.dll, whose ProcessPrng Rust's standard library
-# calls for random bytes: a stand-in beside the binary, over advapi32's RtlGenRandom.
+# calls for random bytes: a stand-in beside the binary (and, for the test binaries, in the
+# Wine prefix's system folder), over advapi32's RtlGenRandom.
 cat > "$work/bcryptprimitives.c" <<'EOF'
 #include <windows.h>
 BOOLEAN WINAPI SystemFunction036(PVOID buffer, ULONG length);
@@ -204,3 +210,10 @@ print(f"check-windows-under-wine: generate: the Windows build's {size[0]}x{size[
 sys.exit(0 if largest <= 2 else 1)
 EOF
 say "the Windows binary runs: probes, policy and a job"
+
+# The test suite, each test binary run by Wine (cargo's runner for the target); the prefix
+# exists now, and its system folder gets the random-bytes stand-in.
+cp "$work/bcryptprimitives.dll" "$WINEPREFIX/drive_c/windows/system32/"
+CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$wine" cargo test --locked --target "$target" ||
+  fail "the test suite fails on Windows (under Wine)"
+say "the test suite passes on Windows (under Wine)"

@@ -67,7 +67,7 @@ mod tests {
             vec![
                 (
                     PATH_VARIABLE,
-                    OsString::from("/home/someone/.local/share/studio-worker/gpu-kernel-cache")
+                    data_dir.join("gpu-kernel-cache").into_os_string()
                 ),
                 (SIZE_VARIABLE, OsString::from("1073741824")),
             ]

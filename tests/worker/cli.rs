@@ -394,6 +394,9 @@ async fn a_real_run_survives_being_killed_between_every_step() {
     assert!(!logged.contains(&secret_hash), "not even the secret's hash");
 }
 
+// Windows and macOS always have a display: there the app opens its window (and turns on
+// start at login for the account running the tests).
+#[cfg(not(any(target_os = "windows", target_os = "macos")))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_display_the_app_runs_headless() {
     let studio = TestStudio::start().await;

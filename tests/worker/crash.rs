@@ -127,7 +127,10 @@ async fn without_consent_a_crash_is_only_logged_scrubbed() {
     assert_eq!(out.status.code(), Some(101), "a panic's exit code");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("crash test: token [secret], settings in ~/"),
+        stderr.contains(&format!(
+            "crash test: token [secret], settings in ~{}",
+            std::path::MAIN_SEPARATOR
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("hub token [secret]"), "{stderr}");

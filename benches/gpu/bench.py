@@ -62,6 +62,12 @@ CASES = [
 TIGHT_CARDS = (("sdxl", 20, 12, "a 12 GB RTX 3060/4070"),
                ("sd-turbo", 4, 5.4, "a 6 GB RTX 2060 or GTX 1660 beside a desktop"),
                ("sdxl", 20, 7.4, "an 8 GB RTX 3070/4060 beside a desktop"))
+# The catalog's rows that no case above measures, whose GPU memory `src/models/catalog.rs`
+# estimated from the others: (name, model, side, steps, guidance, catalog id), each at the
+# catalog's defaults (SDXL-Turbo: 512², 1 step; SD 2.1, SD-Turbo's architecture: 768², 25 steps,
+# guided). Run with the whole card, after the last tight card.
+CATALOG_CASES = (("SDXL-Turbo arch 512², 1 step", "sdxl", 512, 1, 0.0, "sdxl-turbo"),
+                 ("SD 2.1 arch 768², 25 steps, CFG 7.5", "sd-turbo", 768, 25, 7.5, "sd-2.1"))
 # The cases whose warm image is also profiled by kind of work, (model, steps), in the order
 # they are profiled while the budget lasts: the largest, then the worst ratio of the last table
 # (SD-Turbo's one step, 2.29×, never profiled), then SD 1.5.
@@ -513,6 +519,13 @@ class NoMemory:
         return 0, 0
 
 
+def catalog_min_gpu_mb():
+    """Each catalog id's `min_gpu_mb`, as `src/models/catalog.rs` says it."""
+    with open(os.path.join(ROOT, "src", "models", "catalog.rs")) as source:
+        entries = re.findall(r'id: "([^"]+)",.*?min_gpu_mb: (\d+),', source.read(), re.S)
+    return {catalog_id: int(mb) for catalog_id, mb in entries}
+
+
 def check_here():
     """The studio-job harness on this machine's CPU with a tiny fixture and the debug
     binaries (`cargo build --example dev_studio && cargo build` first): no GPU needed."""
@@ -655,7 +668,14 @@ def check_table():
     assert all(ballast.stdin.closed for ballast in held), "every ballast let go of the GPU"
     estimates = table.split("The memory estimate against the peak", 1)[1].split("\n\n", 1)[0]
     assert "SD-Turbo arch 512², 4 steps, 5.4 GB free" in estimates, estimates
-    print("the table read back, tight cards included:\n" + "\n".join(cards))
+    catalog = table.split("The catalog's rows no case above measures", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    assert [line.split("  ")[1] for line in catalog] == [
+        "SDXL-Turbo arch 512², 1 step", "SD 2.1 arch 768², 25 steps, CFG 7.5"], catalog
+    assert catalog[0].endswith("100ms warm, peak 4.00GB = 3815 MiB; the catalog says 8192 MiB for sdxl-turbo"), \
+        catalog[0]
+    assert catalog[1].endswith("the catalog says 6144 MiB for sd-2.1"), catalog[1]
+    assert "SD 2.1 arch 768², 25 steps, CFG 7.5" in estimates, estimates
+    print("the table read back, tight cards and the catalog's rows included:\n" + "\n".join(cards + catalog))
 
 
 def main():
@@ -743,9 +763,9 @@ def main():
 
     # Then the extras, the most telling first: SDXL on a 12 GB card and SD-Turbo on a 6 GB one
     # (the memory goals), the profiles (where the time goes), the GTX 16 series' precision,
-    # SDXL on an 8 GB card, then what each past change did (the implicit convolution, the
-    # graphs, our kernels against candle's). The extras measure the worker: none when only
-    # diffusers ran.
+    # SDXL on an 8 GB card, the catalog's rows no case measures, then what each past change did
+    # (the implicit convolution, the graphs, our kernels against candle's). The extras measure
+    # the worker: none when only diffusers ran.
     rows_with_extras = [] if args.diffusers_only else rows
     tight = []
 
@@ -783,6 +803,15 @@ def main():
                                generate(row, 3, extra_env={"STUDIO_WORKER_GPU_PRECISION": "widened"}))
     for card in TIGHT_CARDS[2:]:
         on_tight_card(*card)
+    # The catalog's estimated rows, measured: what their `min_gpu_mb` should say.
+    catalog = []
+    for name, model, side, steps, guidance, catalog_id in CATALOG_CASES:
+        row = next((row for row in rows_with_extras if row["model"] == model), None)
+        if row:
+            result = extra(f"{name} (the catalog's {catalog_id})", row,
+                           lambda: run_worker(memory, args.worker, os.path.join(args.models, model), side, steps,
+                                              guidance, args.runs, cold_cache, home))
+            catalog.append({"case": name, "catalog_id": catalog_id, "worker": result})
     # Our implicit-GEMM 3×3 convolution (no column matrix) against the column path it
     # replaces (our columns and a GEMM), time and peak: the last engine change measured whole.
     for row in sorted(rows_with_extras, key=lambda row: row["side"]):
@@ -796,7 +825,7 @@ def main():
     for row in sorted(rows_with_extras, key=lambda row: (-row["steps"], -row["side"])):
         row["candle_kernels"] = extra(f"{row['case']}: generate with candle's kernels only", row,
                                       generate(row, 3, extra_env={"STUDIO_WORKER_FUSED_KERNELS": "0"}))
-    print(json.dumps({"tight": tight}), flush=True)
+    print(json.dumps({"tight": tight, "catalog": catalog}), flush=True)
 
     used, total = memory.read()
     print(f"\n{memory.name()}, driver {memory.driver()}, {total / 1024**3:.0f} GiB, "
@@ -851,7 +880,7 @@ def main():
         print(linear)
     print("\nThe memory estimate against the peak (generate; the peak includes the CUDA context, about "
           "0.5 GB, which the estimate leaves to the budget's margin):")
-    for row in rows + tight:
+    for row in rows + tight + catalog:
         ours = row["worker"]
         estimate = ours and ours.get("estimate")
         if estimate:
@@ -887,9 +916,21 @@ def main():
                      if result.get("visits") else ""))
         else:
             print(f"  {entry['case']:46} ({entry['card']}): failed (its error is above)")
+    if catalog:
+        print("\nThe catalog's rows no case above measures (generate, warm, with the whole card; the peak "
+              "with the CUDA context against the catalog's min_gpu_mb, estimated for them until now):")
+        said = catalog_min_gpu_mb()
+    for entry in catalog:
+        result = entry["worker"]
+        if result:
+            print(f"  {entry['case']:38} {ms(result).strip()} warm, peak {gb(result).strip()} = "
+                  f"{result['peak'] / 2**20:.0f} MiB; the catalog says {said.get(entry['catalog_id'])} MiB "
+                  f"for {entry['catalog_id']}")
+        else:
+            print(f"  {entry['case']:38} not measured (skipped or failed: said above)")
     with open(os.path.join(args.models, "results.json"), "w") as out:
         json.dump({"device": memory.name(), "driver": memory.driver(), "rows": rows, "tight": tight,
-                   "linear": linear}, out)
+                   "catalog": catalog, "linear": linear}, out)
 
 
 if __name__ == "__main__":

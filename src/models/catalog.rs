@@ -23,7 +23,8 @@ pub struct CatalogEntry {
     /// The least GPU memory it runs in, f16, at its native size, in MiB. Measured by
     /// `benches/gpu` on an H200 (2026-11-28, process peaks with the context): SD-Turbo
     /// 3953 MiB and SD 1.5 3505 MiB at 512², SDXL base 8656 MiB at 1024² with 12 GB free (the
-    /// engine tiles to fit). SDXL-Turbo and SD 2.1 are estimated from those.
+    /// engine tiles to fit). SDXL-Turbo and SD 2.1 are estimated from those; the GPU bench's
+    /// next run measures them ("The catalog's rows no case above measures").
     pub min_gpu_mb: u64,
     pub defaults: JobDefaults,
 }

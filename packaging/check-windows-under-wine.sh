@@ -209,7 +209,36 @@ print(f"check-windows-under-wine: generate: the Windows build's {size[0]}x{size[
       f"{largest} level(s) of the Linux build's")
 sys.exit(0 if largest <= 2 else 1)
 EOF
-say "the Windows binary runs: probes, policy and a job"
+
+# The app itself, as a person starts it: its window opens; start at login is set in the
+# registry (the Run value names this binary, started in the tray); a second launch brings the
+# first forward instead of starting another worker; `quit` ends it. No studio or hub answers.
+app="$work/app"
+mkdir -p "$app"
+printf 'api_base_url = "http://127.0.0.1:9/api"\n' > "$app/config.toml"
+app_config=$(windows_path "$app/config.toml")
+HF_ENDPOINT=http://127.0.0.1:9 worker --config "$app_config" > "$work/app.log" 2>&1 &
+app_pid=$!
+run_key='HKCU\Software\Microsoft\Windows\CurrentVersion\Run'
+run_value=""
+for _ in $(seq 60); do
+  run_value=$("$wine" reg query "$run_key" /v studio-worker 2> /dev/null | tr -d '\r' |
+    sed -n 's/^ *studio-worker *REG_SZ *//p') || true
+  [ -n "$run_value" ] && break
+  sleep 0.5
+done
+expected="\"$(windows_path "$work/studio-worker.exe")\" --minimized"
+[ "$run_value" = "$expected" ] ||
+  { cat "$work/app.log"; fail "start at login: the Run value is '$run_value', not '$expected'"; }
+say "the app starts and sets start at login: $run_value"
+second=$(worker --config "$app_config" 2>&1) || fail "a second launch failed: $second"
+[[ "$second" == *"already running"* ]] || fail "a second launch did not go to the first: $second"
+say "a second launch brings the first forward"
+worker --config "$app_config" quit --wait 60 > /dev/null || fail "quit did not end the app"
+wait "$app_pid" || { cat "$work/app.log"; fail "the app did not exit cleanly after quit"; }
+say "quit ends the app"
+
+say "the Windows binary runs: probes, policy, a job and the app"
 
 # The test suite, each test binary run by Wine (cargo's runner for the target); the prefix
 # exists now, and its system folder gets the random-bytes stand-in. The CUDA kernels' CPU

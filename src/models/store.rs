@@ -41,6 +41,14 @@ pub enum PullError {
     Unusable(String),
     #[error("cannot write the model files: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "{path} is damaged and could not be deleted ({source}); if studio-worker is running, \
+         quit it (`studio-worker quit`) and verify again"
+    )]
+    Undeletable {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Where a download is, for the window and the terminal.
@@ -425,7 +433,8 @@ impl ModelStore {
     }
 
     /// Re-hashes every file of a ready model. A bad file is deleted (blob and link) and the
-    /// model stops counting as ready, so the next pull fetches it again.
+    /// model stops counting as ready, so the next pull fetches it again; one that cannot be
+    /// deleted is an error, and the model is left as it was.
     pub fn verify(&self, entry: &CatalogEntry) -> Result<Vec<BadFile>, PullError> {
         let Some(manifest) = self.read_manifest(entry.id) else {
             return Err(PullError::Unusable(format!(
@@ -446,8 +455,20 @@ impl ModelStore {
                 Ok(false) => "its size or hash does not match the hub's".to_owned(),
                 Err(error) => error.to_string(),
             };
-            let _ = std::fs::remove_file(&blob);
-            let _ = std::fs::remove_file(&read);
+            // A damaged blob must be gone before the model stops counting as ready: one left
+            // behind would be linked again by the next pull, which reuses a blob of the right
+            // size. Windows will not delete a file the running worker has mapped; then nothing
+            // changes, and the person is told.
+            for path in [&blob, &read] {
+                if let Err(source) = std::fs::remove_file(path)
+                    && source.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(PullError::Undeletable {
+                        path: file.path.clone(),
+                        source,
+                    });
+                }
+            }
             bad.push(BadFile {
                 path: file.path.clone(),
                 reason,

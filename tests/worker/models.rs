@@ -454,6 +454,45 @@ async fn a_snapshot_of_copies_is_verified_as_the_pipeline_reads_it() {
     assert!(setup.store.verify(&ENTRY).unwrap().is_empty());
 }
 
+#[tokio::test]
+async fn a_damaged_file_that_cannot_be_deleted_leaves_the_model_as_it_was() {
+    // As on Windows, where the running worker has the weights mapped. Here the blob's place
+    // is taken by a folder, which reads as damaged and which remove_file refuses (root,
+    // which runs CI, ignores permissions).
+    let setup = setup().await;
+    pull(&setup).await.0.expect("pulls");
+    let ready = setup.store.ready_path(&ENTRY).expect("ready");
+    let blob = std::fs::canonicalize(ready.join(UNET)).unwrap();
+    let mut damaged = std::fs::read(&blob).unwrap();
+    damaged[1000] ^= 1;
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::create_dir(&blob).unwrap();
+    std::fs::write(blob.join("held"), b"x").unwrap();
+
+    let error = setup
+        .store
+        .verify(&ENTRY)
+        .expect_err("cannot delete the damaged blob");
+    let said = error.to_string();
+    assert!(
+        said.starts_with(&format!("{UNET} is damaged and could not be deleted"))
+            && said.contains("studio-worker quit"),
+        "{said}"
+    );
+    // Nothing changed: with the (damaged) blob back in its place the model reads as ready,
+    // its manifest kept. Had it gone, the next pull would link the blob left behind again.
+    std::fs::remove_dir_all(&blob).unwrap();
+    std::fs::write(&blob, damaged).unwrap();
+    assert_eq!(setup.store.ready_path(&ENTRY), Some(ready));
+
+    // Once it can be deleted, verify takes it out and the next pull fetches it again.
+    let bad = setup.store.verify(&ENTRY).unwrap();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(setup.store.ready_path(&ENTRY).is_none());
+    pull(&setup).await.0.expect("repairs");
+    assert!(setup.store.verify(&ENTRY).unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_them() {
     let hub_setup = setup().await;

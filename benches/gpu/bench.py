@@ -519,11 +519,12 @@ class NoMemory:
         return 0, 0
 
 
-def catalog_min_gpu_mb():
-    """Each catalog id's `min_gpu_mb`, as `src/models/catalog.rs` says it."""
-    with open(os.path.join(ROOT, "src", "models", "catalog.rs")) as source:
-        entries = re.findall(r'id: "([^"]+)",.*?min_gpu_mb: (\d+),', source.read(), re.S)
-    return {catalog_id: int(mb) for catalog_id, mb in entries}
+def catalog_min_gpu_mb(worker):
+    """Each catalog id's `min_gpu_mb`, as the worker under test says it (`models list --json`)."""
+    config = os.path.join(tempfile.mkdtemp(prefix="gpu-bench-catalog-"), "config.toml")
+    listed = subprocess.run([worker, "--config", config, "models", "list", "--json"], check=True,
+                            capture_output=True, text=True).stdout
+    return {model["id"]: model["min_gpu_mb"] for model in json.loads(listed) if model["min_gpu_mb"]}
 
 
 def check_here():
@@ -535,6 +536,9 @@ def check_here():
                              os.path.join(FIXTURES, "tiny-sd1"), 64, 3, 5.0, 3,
                              tempfile.mkdtemp(prefix="cuda-cache-"), device="cpu")
     print(f"3 tiny studio jobs on the CPU: {result['warm'] * 1000:.0f} ms between deliveries")
+    said = catalog_min_gpu_mb(os.path.join(target, "debug", "studio-worker"))
+    assert {"sdxl-turbo", "sd-2.1"} <= said.keys() and all(mb > 0 for mb in said.values()), said
+    print(f"the catalog's min_gpu_mb read from the worker: {said}")
     # generate as the bench runs it: plain, with candle's kernels only, without graphs, without
     # the implicit convolution, profiled.
     home = tempfile.mkdtemp(prefix="gpu-bench-home-")
@@ -637,7 +641,8 @@ def check_table():
     fakes = {"DeviceMemory": FakeMemory, "start_ballast": fake_ballast, "run_worker": fake_worker,
              "run_diffusers": lambda memory, folder, side, steps, guidance, runs: {
                  "first": 0.1 * steps, "warm": 0.05 * steps, "peak": 4.5e9, "allocated": 3e9},
-             "run_worker_jobs": lambda *args, **kwargs: {"warm": 0.12, "peak": 4e9, "graphs_off": False}}
+             "run_worker_jobs": lambda *args, **kwargs: {"warm": 0.12, "peak": 4e9, "graphs_off": False},
+             "catalog_min_gpu_mb": lambda worker: {"sdxl-turbo": 8192, "sd-2.1": 6144}}
     saved = {name: globals()[name] for name in fakes}
     saved_run, saved_argv = subprocess.run, sys.argv
     globals().update(fakes)
@@ -919,7 +924,7 @@ def main():
     if catalog:
         print("\nThe catalog's rows no case above measures (generate, warm, with the whole card; the peak "
               "with the CUDA context against the catalog's min_gpu_mb, estimated for them until now):")
-        said = catalog_min_gpu_mb()
+        said = attempt("the catalog's min_gpu_mb", lambda: catalog_min_gpu_mb(args.worker)) or {}
     for entry in catalog:
         result = entry["worker"]
         if result:

@@ -124,6 +124,37 @@ fn leads_to(link: &Path, blob: &Path) -> bool {
     }
 }
 
+/// How many names the file at `path` has (its hard links; a symlink to it is not one). A blob
+/// with more than one is still read by a snapshot that holds it as a hard link.
+#[cfg(unix)]
+pub fn link_count(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(path)?.nlink())
+}
+
+/// How many names the file at `path` has (its hard links; a symlink to it is not one). A blob
+/// with more than one is still read by a snapshot that holds it as a hard link.
+#[cfg(windows)]
+pub fn link_count(path: &Path) -> std::io::Result<u64> {
+    use std::os::windows::io::AsRawHandle as _;
+    use windows_sys::Win32::Storage::FileSystem::{
+        BY_HANDLE_FILE_INFORMATION, GetFileInformationByHandle,
+    };
+    let file = std::fs::File::open(path)?;
+    // SAFETY: all-zero bytes are a valid value of this plain C struct.
+    let mut info: BY_HANDLE_FILE_INFORMATION = unsafe { std::mem::zeroed() };
+    // SAFETY: the handle stays open for the call, and `info` is a valid place to write.
+    if unsafe { GetFileInformationByHandle(file.as_raw_handle(), &mut info) } == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from(info.nNumberOfLinks))
+}
+
+#[cfg(not(any(unix, windows)))]
+pub fn link_count(path: &Path) -> std::io::Result<u64> {
+    std::fs::metadata(path).map(|_| 1)
+}
+
 #[cfg(unix)]
 fn symlink(original: &Path, link: &Path) -> std::io::Result<()> {
     std::os::unix::fs::symlink(original, link)

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::catalog::{self, CatalogEntry};
 use super::hub::{HubClient, HubError, RepoFile};
-use super::hub_cache::HubCache;
+use super::hub_cache::{self, HubCache};
 
 /// Room left on the disk after a download, so the system does not run dry.
 const DISK_MARGIN: u64 = 200 * 1024 * 1024;
@@ -47,6 +47,15 @@ pub enum PullError {
     )]
     Undeletable {
         path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} could not be deleted ({source}); if studio-worker is running, quit it \
+         (`studio-worker quit`) and remove the model again",
+        path.display()
+    )]
+    Held {
+        path: PathBuf,
         source: std::io::Error,
     },
 }
@@ -480,18 +489,44 @@ impl ModelStore {
         Ok(bad)
     }
 
-    /// Deletes the model's files from the cache (its snapshot and the blobs only it uses)
-    /// and its manifest. Returns the bytes freed. (Where snapshots hold hard links, another
-    /// snapshot's keeps a deleted blob's data: those bytes are counted, not freed.)
+    /// Deletes the model's files from the cache (what its snapshot holds of it, and the blobs
+    /// no other snapshot reads) and then its manifest. Returns the bytes freed: a blob that
+    /// another snapshot holds as a hard link stays, and is not counted.
+    ///
+    /// The manifest goes last. A file that cannot be deleted (on Windows, weights the running
+    /// worker has mapped) stops the removal with an error that says what to do, and removing
+    /// again later finishes it; the model does not count as ready in between.
     pub fn remove(&self, entry: &CatalogEntry) -> Result<u64, PullError> {
         let repo_dir = self.cache.repo_dir(entry.repo);
+        let delete = |path: &Path| -> Result<(), PullError> {
+            match std::fs::remove_file(path) {
+                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                    Err(PullError::Held {
+                        path: path.to_owned(),
+                        source,
+                    })
+                }
+                _ => Ok(()),
+            }
+        };
         let mut freed = 0;
         if let Some(manifest) = self.read_manifest(entry.id) {
-            std::fs::remove_file(self.manifest_path(entry.id))?;
+            // Only the model's own files: other tools may keep more of the same commit here.
             let snapshot = self.cache.snapshot_dir(&manifest.repo, &manifest.commit);
-            if snapshot.exists() {
-                std::fs::remove_dir_all(&snapshot)?;
+            for file in &manifest.files {
+                let path = snapshot.join(&file.path);
+                let Ok(metadata) = path.symlink_metadata() else {
+                    continue;
+                };
+                // A copy (drives without links) is freed with its name; a link is not.
+                if metadata.is_file() && hub_cache::link_count(&path).is_ok_and(|count| count == 1)
+                {
+                    freed += metadata.len();
+                }
+                delete(&path)?;
             }
+            remove_empty_folders(&snapshot);
+
             let still_linked = linked_blobs(&repo_dir.join("snapshots"));
             for file in &manifest.files {
                 let blob_name = file.blob_name();
@@ -499,11 +534,16 @@ impl ModelStore {
                     continue;
                 }
                 let blob = self.cache.blob_path(&manifest.repo, blob_name);
-                if let Ok(metadata) = blob.metadata() {
-                    freed += metadata.len();
-                    std::fs::remove_file(&blob)?;
+                let Ok(metadata) = blob.metadata() else {
+                    continue;
+                };
+                if hub_cache::link_count(&blob).is_ok_and(|count| count > 1) {
+                    continue;
                 }
+                delete(&blob)?;
+                freed += metadata.len();
             }
+            std::fs::remove_file(self.manifest_path(entry.id))?;
         }
         // Partial downloads go too.
         for item in std::fs::read_dir(repo_dir.join("blobs"))
@@ -512,8 +552,9 @@ impl ModelStore {
             .flatten()
         {
             if item.file_name().to_string_lossy().ends_with(".incomplete") {
-                freed += item.metadata().map_or(0, |metadata| metadata.len());
-                std::fs::remove_file(item.path())?;
+                let bytes = item.metadata().map_or(0, |metadata| metadata.len());
+                delete(&item.path())?;
+                freed += bytes;
             }
         }
         Ok(freed)
@@ -533,7 +574,20 @@ impl ModelStore {
     }
 }
 
-/// The blob names the links under `snapshots` point at.
+/// Deletes `folder` and the folders under it that hold nothing (a snapshot's subfolders once
+/// the model's files are gone); a folder that still holds something stays.
+fn remove_empty_folders(folder: &Path) {
+    for item in std::fs::read_dir(folder).into_iter().flatten().flatten() {
+        let path = item.path();
+        if item.file_type().is_ok_and(|kind| kind.is_dir()) {
+            remove_empty_folders(&path);
+        }
+    }
+    // Fails, as meant, where something is left.
+    let _ = std::fs::remove_dir(folder);
+}
+
+/// The blob names the symlinks under `snapshots` point at.
 fn linked_blobs(snapshots: &Path) -> Vec<String> {
     let mut names = Vec::new();
     let mut folders = vec![snapshots.to_owned()];

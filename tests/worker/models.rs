@@ -493,6 +493,124 @@ async fn a_damaged_file_that_cannot_be_deleted_leaves_the_model_as_it_was() {
     assert!(setup.store.verify(&ENTRY).unwrap().is_empty());
 }
 
+/// The files under `folder`, every level down.
+fn files_under(folder: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for item in std::fs::read_dir(folder).unwrap() {
+        let path = item.unwrap().path();
+        if path.symlink_metadata().unwrap().is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The blobs' sizes by name.
+fn blob_sizes(blobs: &std::path::Path) -> BTreeMap<String, u64> {
+    files_under(blobs)
+        .iter()
+        .map(|blob| {
+            let name = blob.file_name().unwrap().to_string_lossy().into_owned();
+            (name, blob.metadata().unwrap().len())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn removing_keeps_what_other_snapshots_hold_and_counts_only_what_it_frees() {
+    // Windows without developer mode: the snapshot holds hard links. Another snapshot of the
+    // repo (another revision, or another tool's download) holds the UNet's blob the same way,
+    // and another tool keeps a file of its own in this model's snapshot.
+    let setup = setup().await;
+    let ready = pull(&setup).await.0.expect("pulls");
+    for file in files_under(&ready) {
+        if let Ok(target) = std::fs::read_link(&file) {
+            let blob = file.parent().unwrap().join(target);
+            std::fs::remove_file(&file).unwrap();
+            std::fs::hard_link(&blob, &file).unwrap();
+        }
+    }
+    assert_eq!(setup.store.ready_path(&ENTRY), Some(ready.clone()));
+    let repo_dir = setup.store.cache().repo_dir(REPO);
+    let blobs = repo_dir.join("blobs");
+    let unet_blob = blobs.join(
+        blob_sizes(&blobs)
+            .into_iter()
+            .find(|(name, _)| {
+                std::fs::read(blobs.join(name)).unwrap() == std::fs::read(ready.join(UNET)).unwrap()
+            })
+            .unwrap()
+            .0,
+    );
+    let other = repo_dir.join("snapshots").join("another-commit").join(UNET);
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    std::fs::hard_link(&unet_blob, &other).unwrap();
+    let theirs = ready.join("notes.txt");
+    std::fs::write(&theirs, b"another tool's").unwrap();
+    let sizes = blob_sizes(&blobs);
+    let unet_size = std::fs::metadata(&unet_blob).unwrap().len();
+
+    let freed = setup.store.remove(&ENTRY).expect("removes");
+
+    assert_eq!(freed, sizes.values().sum::<u64>() - unet_size);
+    assert_eq!(
+        blob_sizes(&blobs).into_keys().collect::<Vec<_>>(),
+        vec![
+            unet_blob
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        ],
+        "only the blob another snapshot reads stays"
+    );
+    assert_eq!(std::fs::metadata(&other).unwrap().len(), unet_size);
+    assert_eq!(
+        files_under(&ready),
+        vec![theirs],
+        "another tool's file stays"
+    );
+    assert!(setup.store.ready_path(&ENTRY).is_none());
+}
+
+#[tokio::test]
+async fn a_file_that_cannot_be_deleted_stops_the_removal_and_removing_again_finishes_it() {
+    // As on Windows, where the running worker has the weights mapped. Here a file's place is
+    // taken by a folder, which remove_file refuses (root, which runs CI, ignores permissions).
+    let setup = setup().await;
+    let ready = pull(&setup).await.0.expect("pulls");
+    let blobs = setup.store.cache().repo_dir(REPO).join("blobs");
+    let total: u64 = blob_sizes(&blobs).values().sum();
+    let unet = ready.join(UNET);
+    std::fs::remove_file(&unet).unwrap();
+    std::fs::create_dir(&unet).unwrap();
+    std::fs::write(unet.join("held"), b"x").unwrap();
+
+    let said = setup
+        .store
+        .remove(&ENTRY)
+        .expect_err("cannot delete the held file")
+        .to_string();
+    assert!(
+        said.contains(UNET.rsplit('/').next().unwrap())
+            && said.contains("studio-worker quit")
+            && said.ends_with("remove the model again"),
+        "{said}"
+    );
+    // Not ready, and not forgotten either: the manifest is still there for the next removal.
+    assert!(setup.store.ready_path(&ENTRY).is_none());
+    assert_ne!(setup.store.state(&ENTRY), ModelState::Absent);
+
+    // Once the worker has let go, removing again deletes the rest, the held file's blob too.
+    std::fs::remove_dir_all(&unet).unwrap();
+    let freed = setup.store.remove(&ENTRY).expect("removes the rest");
+    assert_eq!(freed, total);
+    assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
+    assert!(blob_sizes(&blobs).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_them() {
     let hub_setup = setup().await;

@@ -6,6 +6,10 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long a rename over a file that another program holds open is tried again (Windows).
+const HELD_FILE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Writes `bytes` to `path` atomically, readable by the owner only: a temp file in the same
 /// folder (so the rename cannot cross file systems), fsync, rename over the target, fsync the
@@ -28,13 +32,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
-        std::fs::rename(&temp_path, path)?;
+        rename_replacing(&temp_path, path)?;
         sync_folder(&folder)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp_path); // best effort: the error that matters is `result`
     }
     result
+}
+
+/// Renames `from` to `to`, replacing the file there. Windows refuses to replace a file that
+/// another program has open at that moment (a reader such as `studio-worker status`, an
+/// antivirus scan, a sync client) wherever it cannot rename with POSIX semantics: FAT and
+/// network drives, older Windows, Wine. Such a hold passes within moments, so there the rename
+/// is tried again for up to [`HELD_FILE_PATIENCE`] before its error is returned.
+pub fn rename_replacing(from: &Path, to: &Path) -> std::io::Result<()> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match std::fs::rename(from, to) {
+            Err(error) if held_by_another(&error) && started.elapsed() < HELD_FILE_PATIENCE => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether `error` is Windows refusing a file that another handle holds: access denied (5),
+/// sharing violation (32). A refusal that lasts (a read-only folder) is returned after the
+/// patience as it came.
+fn held_by_another(error: &std::io::Error) -> bool {
+    cfg!(windows) && matches!(error.raw_os_error(), Some(5 | 32))
 }
 
 /// The prefix of the temp files [`write_atomic`] makes for `file_name` (followed by the
@@ -126,5 +156,24 @@ mod tests {
             let folder = std::fs::metadata(path.parent().unwrap()).unwrap();
             assert_eq!(folder.permissions().mode() & 0o777, 0o700);
         }
+    }
+
+    /// Wine, like FAT and network drives, refuses to rename over a file that is open; the
+    /// settings saved while the worker's own watch, or `studio-worker status`, reads them
+    /// failed so (seen under Wine as a lost setting).
+    #[cfg(windows)]
+    #[test]
+    fn a_file_held_open_for_a_moment_is_still_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("settings.toml");
+        write_atomic(&path, b"first").unwrap();
+        let held = std::fs::File::open(&path).unwrap();
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        write_atomic(&path, b"second").expect("replaced once the reader lets go");
+        reader.join().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
     }
 }

@@ -32,7 +32,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
-        rename_replacing(&temp_path, path)?;
+        rename_when_free(&temp_path, path)?;
         sync_folder(&folder)
     })();
     if result.is_err() {
@@ -41,12 +41,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// Renames `from` to `to`, replacing the file there. Windows refuses to replace a file that
+/// Renames `from` to `to`, replacing a file there. Windows refuses to replace a file that
 /// another program has open at that moment (a reader such as `studio-worker status`, an
-/// antivirus scan, a sync client) wherever it cannot rename with POSIX semantics: FAT and
-/// network drives, older Windows, Wine. Such a hold passes within moments, so there the rename
-/// is tried again for up to [`HELD_FILE_PATIENCE`] before its error is returned.
-pub fn rename_replacing(from: &Path, to: &Path) -> std::io::Result<()> {
+/// antivirus scan, a sync client) wherever it cannot rename with POSIX semantics (FAT and
+/// network drives, older Windows, Wine), and to move a folder while a file in it is open (an
+/// antivirus scanning the images just written). Such a hold passes within moments, so there
+/// the rename is tried again for up to [`HELD_FILE_PATIENCE`] before its error is returned.
+pub fn rename_when_free(from: &Path, to: &Path) -> std::io::Result<()> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {

@@ -19,7 +19,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::files::{create_private_dir_all, sync_folder, write_atomic, write_synced};
+use crate::files::{
+    create_private_dir_all, rename_when_free, sync_folder, write_atomic, write_synced,
+};
 use crate::studio::protocol::ResultMeta;
 
 const META_FILE: &str = "meta.json";
@@ -161,7 +163,7 @@ impl Outbox {
             if folder.exists() {
                 std::fs::remove_dir_all(&folder)?;
             }
-            std::fs::rename(&temp, &folder)?;
+            rename_when_free(&temp, &folder)?;
             sync_folder(&self.folder)
         })();
         if let Err(err) = written {
@@ -249,7 +251,7 @@ impl Outbox {
         let trash = self
             .folder
             .join(format!("{TRASH_PREFIX}{}", name.to_string_lossy()));
-        match std::fs::rename(folder, &trash) {
+        match rename_when_free(folder, &trash) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(err) => return Err(err),

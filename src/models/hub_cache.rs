@@ -76,7 +76,7 @@ impl HubCache {
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(commit.as_bytes())?;
         file.sync_all()?;
-        crate::files::rename_replacing(&temporary, &refs.join(revision))
+        crate::files::rename_when_free(&temporary, &refs.join(revision))
     }
 
     /// Makes `snapshots/<commit>/<path>` read as the blob: a relative symlink, as

@@ -1,7 +1,8 @@
 //! `config.toml`: what it holds, where it lives, and the only ways to read and write it.
 //!
 //! - [`load`] never overwrites a file it cannot parse: the file is renamed
-//!   `config.toml.broken-<timestamp>` and the worker starts from defaults.
+//!   `config.toml.broken-<timestamp>` and the worker starts from defaults. Names it does not
+//!   know are kept beside the settings ([`UnknownSettings`]) and written back by every save.
 //! - [`save`] is atomic (temp file in the same folder, fsync, rename, fsync the folder) and
 //!   owner-only (0600 on Unix): a crash at any instant leaves the old file or the new one.
 //! - [`SharedConfig`] is the single in-memory source of truth; every change it publishes has
@@ -58,6 +59,10 @@ pub struct Config {
     pub ui: UiSection,
     pub images: ImagesSection,
     pub crash_reports: CrashReportsSection,
+
+    /// What the file holds that this version does not know; written back by [`save`].
+    #[serde(skip)]
+    pub unknown: UnknownSettings,
 }
 
 impl Default for Config {
@@ -80,7 +85,104 @@ impl Default for Config {
             ui: UiSection::default(),
             images: ImagesSection::default(),
             crash_reports: CrashReportsSection::default(),
+            unknown: UnknownSettings::default(),
         }
+    }
+}
+
+/// Settings in the file that this version does not know: a misspelt name in a hand-edited
+/// file, or a newer version's setting after going back to this one. They are not used, and
+/// they are not lost: [`save`] writes them back as they were, after the known ones.
+#[derive(Clone, Default, PartialEq)]
+pub struct UnknownSettings(toml::Table);
+
+impl UnknownSettings {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Their dotted names (`policy.temprature_limit_c`), never their values.
+    pub fn names(&self) -> Vec<String> {
+        fn collect(table: &toml::Table, prefix: &str, names: &mut Vec<String>) {
+            for (key, value) in table {
+                let name = format!("{prefix}{key}");
+                match value {
+                    toml::Value::Table(inner) if !inner.is_empty() => {
+                        collect(inner, &format!("{name}."), names);
+                    }
+                    _ => names.push(name),
+                }
+            }
+        }
+        let mut names = Vec::new();
+        collect(&self.0, "", &mut names);
+        names
+    }
+
+    /// Keeps `raw`'s value at `keys` (a path of table keys).
+    fn keep(&mut self, raw: &toml::Table, keys: &[String]) {
+        let Some((last, parents)) = keys.split_last() else {
+            return;
+        };
+        let mut from = raw;
+        let mut into = &mut self.0;
+        for key in parents {
+            let Some(toml::Value::Table(inner)) = from.get(key) else {
+                return;
+            };
+            from = inner;
+            let entry = into
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(next) = entry else {
+                return;
+            };
+            into = next;
+        }
+        if let Some(value) = from.get(last) {
+            into.insert(last.clone(), value.clone());
+        }
+    }
+
+    /// Adds them to `known` (the settings this version writes) where it has no such key.
+    fn write_into(&self, known: &mut toml::Table) {
+        fn merge(from: &toml::Table, into: &mut toml::Table) {
+            for (key, value) in from {
+                match (into.get_mut(key), value) {
+                    (Some(toml::Value::Table(known)), toml::Value::Table(unknown)) => {
+                        merge(unknown, known);
+                    }
+                    (Some(_), _) => {}
+                    (None, _) => {
+                        into.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        merge(&self.0, known);
+    }
+}
+
+/// Names only: a value may be a secret.
+impl std::fmt::Debug for UnknownSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+/// The table keys that lead to an ignored setting; `None` inside a list (no list of tables
+/// holds settings today).
+fn table_keys(path: &serde_ignored::Path<'_>) -> Option<Vec<String>> {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => Some(Vec::new()),
+        Path::Map { parent, key } => {
+            let mut keys = table_keys(parent)?;
+            keys.push(key.clone());
+            Some(keys)
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } => table_keys(parent),
+        Path::Seq { .. } | Path::NewtypeVariant { .. } => None,
     }
 }
 
@@ -418,8 +520,22 @@ pub struct NotSettings(pub String);
 pub fn parse(bytes: &[u8]) -> Result<Config, NotSettings> {
     let text = std::str::from_utf8(bytes)
         .map_err(|err| NotSettings(format!("not UTF-8 text (byte {})", err.valid_up_to())))?;
-    let mut config = toml::from_str::<Config>(text)
+    let deserializer = toml::Deserializer::parse(text)
         .map_err(|err| NotSettings(describe_toml_error(text, &err)))?;
+    let mut ignored = Vec::new();
+    let mut config: Config = serde_ignored::deserialize(deserializer, |path| {
+        if let Some(keys) = table_keys(&path) {
+            ignored.push(keys);
+        }
+    })
+    .map_err(|err| NotSettings(describe_toml_error(text, &err)))?;
+    if !ignored.is_empty() {
+        let raw: toml::Table =
+            toml::from_str(text).map_err(|err| NotSettings(describe_toml_error(text, &err)))?;
+        for keys in &ignored {
+            config.unknown.keep(&raw, keys);
+        }
+    }
     if config.worker_name.trim().is_empty() {
         config.worker_name = default_worker_name();
     }
@@ -457,9 +573,20 @@ fn broken_path(path: &Path, now: DateTime<Utc>) -> PathBuf {
     candidate
 }
 
+/// The settings file's text for `config`: the settings this version knows, in their order,
+/// then the ones it does not know, as they were read.
+pub fn to_text(config: &Config) -> Result<String, ConfigError> {
+    if config.unknown.is_empty() {
+        return Ok(toml::to_string_pretty(config)?);
+    }
+    let mut table = toml::Table::try_from(config)?;
+    config.unknown.write_into(&mut table);
+    Ok(toml::to_string_pretty(&table)?)
+}
+
 /// Writes `config` to `path` atomically, readable by the owner only.
 pub fn save(path: &Path, config: &Config) -> Result<(), ConfigError> {
-    let text = toml::to_string_pretty(config)?;
+    let text = to_text(config)?;
     crate::files::write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
         path: path.to_path_buf(),
         source,
@@ -614,6 +741,74 @@ mod tests {
         let reason = describe_toml_error(text, &err);
         assert!(reason.starts_with("line 2"), "{reason}");
         assert!(!reason.contains("SECRET"), "{reason}");
+    }
+
+    #[test]
+    fn settings_this_version_does_not_know_are_named_and_kept_through_a_save() {
+        let text = "worker_name = \"rig\"\nfuture_setting = 3\n\n[policy]\n\
+                    temprature_limit_c = 70\npause_for_games = false\n\n\
+                    [studio]\napi_base_url = \"http://10.0.0.2\"\ntoken = \"tok_SECRET\"\n";
+        let config = parse(text.as_bytes()).unwrap();
+        assert_eq!(config.worker_name, "rig");
+        assert!(!config.policy.pause_for_games);
+        assert_eq!(
+            config.policy.temperature_limit_c,
+            PolicySection::default().temperature_limit_c,
+            "a misspelt name sets nothing"
+        );
+        let names = [
+            "future_setting",
+            "policy.temprature_limit_c",
+            "studio.api_base_url",
+            "studio.token",
+        ];
+        let mut found = config.unknown.names();
+        found.sort();
+        assert_eq!(found, names);
+        let debug = format!("{config:?}");
+        assert!(
+            debug.contains("studio.token") && !debug.contains("SECRET"),
+            "{debug}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let mut changed = config.clone();
+        changed.policy.pause_for_games = true;
+        save(&path, &changed).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        let again = parse(written.as_bytes()).unwrap();
+        assert_eq!(again, changed, "{written}");
+        let raw: toml::Table = toml::from_str(&written).unwrap();
+        assert_eq!(raw["future_setting"].as_integer(), Some(3));
+        assert_eq!(raw["policy"]["temprature_limit_c"].as_integer(), Some(70));
+        assert_eq!(raw["studio"]["token"].as_str(), Some("tok_SECRET"));
+        // The known settings first, in their own order.
+        let position = |needle: &str| written.find(needle).unwrap();
+        assert!(
+            position("api_base_url") < position("worker_name"),
+            "{written}"
+        );
+        assert!(
+            position("worker_name") < position("future_setting"),
+            "{written}"
+        );
+        assert!(position("[policy]") < position("[studio]"), "{written}");
+    }
+
+    #[test]
+    fn settings_written_with_unknown_ones_beside_them_read_as_without() {
+        // The file is written through a table when unknown settings come along; the known
+        // ones must come out as the plain path writes them.
+        let config = Config {
+            install_id: Some("iid".into()),
+            auth_token: Some(Secret::new("t")),
+            ..Config::default()
+        };
+        let plain = toml::to_string_pretty(&config).unwrap();
+        let through_table =
+            toml::to_string_pretty(&toml::Table::try_from(&config).unwrap()).unwrap();
+        assert_eq!(through_table, plain);
     }
 
     #[test]

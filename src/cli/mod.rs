@@ -462,6 +462,13 @@ fn open_worker(
             broken.kept_at.display()
         );
     }
+    if !loaded.config.unknown.is_empty() {
+        tracing::warn!(
+            "the settings file holds settings this version does not know, kept as they are and \
+             not used (misspelt?): {}",
+            loaded.config.unknown.names().join(", ")
+        );
+    }
     let config = SharedConfig::new(paths.config_file.clone(), loaded.config);
     let crash = crate::crash::init(&config);
     Ok((

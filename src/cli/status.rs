@@ -23,6 +23,8 @@ struct StatusReport {
     api_base_url: String,
     worker_name: String,
     config_path: PathBuf,
+    /// Names in the settings file this version does not know (kept, not used).
+    unknown_settings: Vec<String>,
     /// The pause the settings hold (the person's or the studio's); a running worker's own,
     /// policy included, is in `running.status.paused`.
     paused: Option<crate::vocab::pause::PauseReason>,
@@ -58,6 +60,7 @@ pub(super) fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
         api_base_url: config.api_base_url.clone(),
         worker_name: config.worker_name.clone(),
         config_path: paths.config_file.clone(),
+        unknown_settings: config.unknown.names(),
         paused: crate::runtime::pause_reason(&config, &crate::policy::Decision::default()),
         running,
     };
@@ -83,6 +86,12 @@ pub(super) fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
     println!("Worker name:  {}", report.worker_name);
     println!("Studio:       {}", report.api_base_url);
     println!("Settings:     {}", report.config_path.display());
+    if !report.unknown_settings.is_empty() {
+        println!(
+            "              not known to this version, so not used (misspelt?): {}",
+            report.unknown_settings.join(", ")
+        );
+    }
     // A running worker knows more (a game, the schedule…) than the settings file.
     let paused = match &report.running {
         Some(file) => file.status.pause_line(),

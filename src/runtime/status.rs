@@ -101,6 +101,10 @@ pub struct WorkerStatus {
     /// folder is not writable): they hold until the worker restarts.
     #[serde(default)]
     pub settings_unsaved: Option<String>,
+    /// Set at start: the names in the settings file this version does not know (kept in the
+    /// file, not used; a misspelt name most likely).
+    #[serde(default)]
+    pub settings_unknown: Vec<String>,
     /// Writer: the registration task, when it cannot go on at all (no entropy).
     pub fatal: Option<String>,
 }
@@ -126,6 +130,7 @@ impl WorkerStatus {
             settings_recovered: None,
             settings_problem: None,
             settings_unsaved: None,
+            settings_unknown: config.unknown.names(),
             studio_url_problem: None,
             fatal: None,
         }

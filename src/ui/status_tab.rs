@@ -30,6 +30,16 @@ pub fn status_tab_ui(
     if let Some(notice) = &status.settings_recovered {
         ui.colored_label(ui.visuals().warn_fg_color, human::capitalise(notice));
     }
+    if !status.settings_unknown.is_empty() {
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            format!(
+                "Your settings file has settings this version does not know, so they are not \
+                 used (misspelt?): {}. They stay in the file.",
+                status.settings_unknown.join(", ")
+            ),
+        );
+    }
     if let Some(problem) = &status.settings_problem {
         ui.colored_label(ui.visuals().error_fg_color, human::capitalise(problem));
     }

@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use studio_worker::config::{self, Config, SharedConfig};
+use studio_worker::runtime::WorkerStatus;
 use studio_worker::secret::Secret;
 
 use crate::support::WorkerHome;
@@ -149,6 +150,46 @@ fn a_broken_file_is_kept_aside_never_overwritten() {
 }
 
 #[test]
+fn settings_this_version_does_not_know_are_shown_and_kept_through_every_save() {
+    // A hand-edited file with a misspelt name, and a section a newer version wrote.
+    let home = WorkerHome::new();
+    let path = home.config_path();
+    std::fs::write(
+        &path,
+        "worker_name = \"rig\"\n\n[policy]\ntemprature_limit_c = 70\n\n\
+         [telemetry]\nendpoint = \"https://example.invalid\"\n",
+    )
+    .unwrap();
+
+    let loaded = config::load(&path).unwrap();
+    assert!(
+        loaded.recovered_from.is_none(),
+        "not broken: the rest is used"
+    );
+    let status = WorkerStatus::new(&loaded.config);
+    assert_eq!(
+        status.settings_unknown,
+        ["policy.temprature_limit_c", "telemetry.endpoint"]
+    );
+
+    // Every change goes through the one writer; what it did not know stays in the file.
+    let shared = SharedConfig::new(path.clone(), loaded.config);
+    shared.update(|c| c.pause.by_user = true).unwrap();
+    shared.update(|c| c.policy.pause_for_games = false).unwrap();
+    let written = std::fs::read_to_string(&path).unwrap();
+    let raw: toml::Table = toml::from_str(&written).unwrap();
+    assert_eq!(raw["policy"]["temprature_limit_c"].as_integer(), Some(70));
+    assert_eq!(
+        raw["telemetry"]["endpoint"].as_str(),
+        Some("https://example.invalid")
+    );
+    let again = config::load(&path).unwrap().config;
+    assert!(again.pause.by_user && !again.policy.pause_for_games);
+    assert_eq!(again.worker_name, "rig");
+    assert_eq!(again, *shared.snapshot());
+}
+
+#[test]
 fn wrong_types_and_non_utf8_count_as_broken() {
     for bytes in [
         b"access_revoked = \"maybe\"\n".to_vec(),
@@ -215,7 +256,9 @@ proptest::proptest! {
     })]
 
     /// A settings file with one line's value replaced (or the line dropped): read, or refused
-    /// with a reason, never a panic; what is read saves and reads back the same.
+    /// with a reason, never a panic; what is read saves and reads back the same, settings it
+    /// does not know included (a dropped `[section]` line moves its settings into the one
+    /// before, where they are unknown).
     #[test]
     fn mutated_settings_files_are_read_or_refused(
         line in proptest::prelude::any::<proptest::sample::Index>(),
@@ -260,7 +303,7 @@ proptest::proptest! {
             .collect();
         match config::parse(mutated.join("\n").as_bytes()) {
             Ok(read) => {
-                let saved = toml::to_string(&read).unwrap();
+                let saved = config::to_text(&read).unwrap();
                 proptest::prop_assert_eq!(config::parse(saved.as_bytes()).unwrap(), read);
             }
             Err(reason) => proptest::prop_assert!(!reason.to_string().is_empty()),

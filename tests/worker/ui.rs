@@ -196,6 +196,7 @@ fn the_status_tab_shows_connection_job_and_problems() {
     running.settings_recovered =
         Some("the settings file could not be read (line 3); it was kept as x".into());
     running.settings_unsaved = Some("cannot write config.toml: read-only file system".into());
+    running.settings_unknown = vec!["policy.temprature_limit_c".into()];
     let window = Window::new(running);
     assert!(window.shows("Last heartbeat 12 s ago"));
     assert!(window.shows("Last problem: studio unreachable: cannot connect"));
@@ -203,6 +204,7 @@ fn the_status_tab_shows_connection_job_and_problems() {
     assert!(window.shows("Drawing: step 3 of 4"));
     assert!(window.shows("The settings file could not be read (line 3)"));
     assert!(window.shows("Your settings cannot be saved (cannot write config.toml"));
+    assert!(window.shows("not used (misspelt?): policy.temprature_limit_c."));
 }
 
 #[test]

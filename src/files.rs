@@ -8,8 +8,10 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// How long a rename over a file that another program holds open is tried again (Windows).
-const HELD_FILE_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a rename over a file that another program holds open is tried again (Windows):
+/// a reader holds a settings file for well under a millisecond, a virus scan of a small file
+/// for milliseconds. A refusal that lasts (a read-only folder) costs this much once.
+const HELD_FILE_PATIENCE: Duration = Duration::from_millis(500);
 
 /// Writes `bytes` to `path` atomically, readable by the owner only: a temp file in the same
 /// folder (so the rename cannot cross file systems), fsync, rename over the target, fsync the
@@ -52,20 +54,20 @@ pub fn rename_when_free(from: &Path, to: &Path) -> std::io::Result<()> {
     let mut pause = Duration::from_millis(2);
     loop {
         match std::fs::rename(from, to) {
-            Err(error) if held_by_another(&error) && started.elapsed() < HELD_FILE_PATIENCE => {
+            Err(error) if held_by_another(&error, to) && started.elapsed() < HELD_FILE_PATIENCE => {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(100));
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
             result => return result,
         }
     }
 }
 
-/// Whether `error` is Windows refusing a file that another handle holds: access denied (5),
-/// sharing violation (32). A refusal that lasts (a read-only folder) is returned after the
-/// patience as it came.
-fn held_by_another(error: &std::io::Error) -> bool {
-    cfg!(windows) && matches!(error.raw_os_error(), Some(5 | 32))
+/// Whether `error` may be Windows refusing a file that another handle holds: access denied
+/// (5) or a sharing violation (32), where `to` is not a folder (nothing replaces a folder:
+/// that refusal is for good, and returned at once).
+fn held_by_another(error: &std::io::Error, to: &Path) -> bool {
+    cfg!(windows) && matches!(error.raw_os_error(), Some(5 | 32)) && !to.is_dir()
 }
 
 /// The prefix of the temp files [`write_atomic`] makes for `file_name` (followed by the

@@ -48,6 +48,20 @@ pub fn run(paths: &Paths, command: ModelsCommand) -> anyhow::Result<()> {
             let entry = entry(&model_id)?;
             let freed = store.remove(entry)?;
             println!("Removed {} ({} freed).", entry.id, human::bytes(freed));
+            // Read-only: the settings have one writer, the worker when one runs.
+            let settings = match std::fs::read(&paths.config_file) {
+                Ok(bytes) => config::parse(&bytes).ok(),
+                Err(_) => Some(config::Config::default()),
+            };
+            if settings
+                .is_some_and(|settings| settings.models.enabled.iter().any(|id| id == entry.id))
+            {
+                println!(
+                    "{} is still enabled, so the worker downloads it again when it next starts; \
+                     untick it in Settings → Models to keep it off this PC.",
+                    entry.id
+                );
+            }
             Ok(())
         }
         ModelsCommand::Verify { model_id } => {

@@ -659,7 +659,22 @@ async fn models_pull_shows_progress_and_the_model_is_then_ready_and_verified() {
     assert_eq!(unknown.status.code(), Some(2));
     let removed = tokio::task::block_in_place(|| models(&["remove", "sd-turbo"]));
     assert!(removed.status.success());
-    assert!(text(&removed.stdout).contains("freed"));
+    let said = text(&removed.stdout);
+    assert!(said.contains("freed"), "{said}");
+    // Enabled by default: the worker would fetch it again, and the person is told how not to.
+    assert!(
+        said.contains("sd-turbo is still enabled, so the worker downloads it again"),
+        "{said}"
+    );
+    let listed = tokio::task::block_in_place(|| models(&["list", "--json"]));
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let turbo = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == "sd-turbo")
+        .unwrap();
+    assert_eq!(turbo["state"], "not downloaded", "{rows}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,6 +166,13 @@ pub trait Engine: Send + Sync + 'static {
         Err(ServeError::Fixed)
     }
 
+    /// Stops serving `model_id` (unticked in the settings): from now on it is neither
+    /// advertised nor claimed, and its weights leave memory (at once, or when a job running
+    /// with it ends). Engines that serve a fixed set keep it.
+    fn forget(&self, model_id: &str) {
+        let _ = model_id;
+    }
+
     /// Gives GPU memory back (called while paused, when the setting asks for it).
     fn unload(&self) {}
 

@@ -132,7 +132,13 @@ pub(super) async fn run(task: CommandsTask) {
                 .apply(|c| c.reset_registration())
                 .await
                 .map_err(CommandError::from),
-            Command::SaveSettings(change) => save_settings(&config, change.clone()).await,
+            Command::SaveSettings(change) => {
+                let saved = save_settings(&config, change.clone()).await;
+                if let Some(engine) = &engine {
+                    stop_serving_unticked(&config, engine, &status).await;
+                }
+                saved
+            }
             Command::CloseHintShown => config
                 .apply(|c| c.ui.close_hint_shown = true)
                 .await
@@ -269,6 +275,41 @@ async fn add_local_model(
         })
         .await?;
     Ok(())
+}
+
+/// Stops serving what the saved settings no longer ask for (a catalog model unticked; the
+/// local folders stay), so the worker neither advertises nor claims it from now on.
+async fn stop_serving_unticked(
+    config: &SharedConfig,
+    engine: &Arc<dyn Engine>,
+    status: &StatusSender,
+) {
+    let settings = config.snapshot();
+    let unticked: Vec<String> = engine
+        .ready_models()
+        .into_iter()
+        .filter(|model_id| {
+            !settings.models.enabled.contains(model_id)
+                && !settings.models.local.contains_key(model_id)
+        })
+        .collect();
+    if unticked.is_empty() {
+        return;
+    }
+    let engine = engine.clone();
+    // Forgetting may wait for a model being loaded: off the async threads.
+    let ready = tokio::task::spawn_blocking(move || {
+        for model_id in &unticked {
+            tracing::info!("{model_id} is no longer served: unticked in the settings");
+            engine.forget(model_id);
+        }
+        engine.ready_models()
+    })
+    .await;
+    match ready {
+        Ok(ready) => status.send_modify(|s| s.models_ready = Some(ready)),
+        Err(error) => tracing::error!("stopping unticked models broke off: {error}"),
+    }
 }
 
 /// Saves what the Settings tab changed. An invalid studio URL saves nothing; a start-at-login

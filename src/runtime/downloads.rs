@@ -88,13 +88,17 @@ pub(super) async fn run(task: Downloads) {
             }
         }
         // Wait until the person enables another model (Settings or `config.toml`); a model
-        // that could not be fetched is tried again then too.
+        // that could not be fetched is tried again then too, and one unticked is shown no more.
         loop {
             tokio::select! {
                 () = task.shutdown.cancelled() => return,
                 changed = changes.changed() => if changed.is_err() { return },
             }
-            if changes.borrow().models.enabled != enabled {
+            let now_enabled = changes.borrow().models.enabled.clone();
+            for model_id in enabled.iter().filter(|id| !now_enabled.contains(id)) {
+                task.forget_download(model_id);
+            }
+            if now_enabled != enabled {
                 break;
             }
         }
@@ -111,8 +115,21 @@ impl Downloads {
             }
         });
         loop {
+            if !self.wanted(entry.id) {
+                self.forget_download(entry.id);
+                return true;
+            }
             self.set_download(entry.id, |download| download.problem = None);
             let cancel = self.shutdown.child_token();
+            // Unticked mid-download: the transfer stops (what it fetched stays, to resume from).
+            let untick_watch = tokio::spawn({
+                let (config, model_id, cancel) =
+                    (self.config.clone(), entry.id.to_owned(), cancel.clone());
+                async move {
+                    unticked(&config, &model_id).await;
+                    cancel.cancel();
+                }
+            });
             let status = self.status.clone();
             let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
             let pulled = self
@@ -145,6 +162,11 @@ impl Downloads {
                     &cancel,
                 )
                 .await;
+            untick_watch.abort();
+            if !self.wanted(entry.id) {
+                self.forget_download(entry.id);
+                return true;
+            }
             match pulled {
                 Ok(folder) => {
                     // Serving opens the model's files: on the blocking pool.
@@ -213,6 +235,7 @@ impl Downloads {
                     tokio::select! {
                         () = self.shutdown.cancelled() => return false,
                         () = tokio::time::sleep(wait) => {}
+                        () = unticked(&self.config, entry.id) => {}
                     }
                 }
                 Err(error) => {
@@ -225,6 +248,40 @@ impl Downloads {
             }
         }
         true
+    }
+
+    /// Whether the settings still enable `model_id`.
+    fn wanted(&self, model_id: &str) -> bool {
+        self.config
+            .snapshot()
+            .models
+            .enabled
+            .iter()
+            .any(|enabled| enabled == model_id)
+    }
+
+    /// `model_id` was unticked: no longer coming, its download no longer shown.
+    fn forget_download(&self, model_id: &str) {
+        let mut shown = false;
+        self.status.send_if_modified(|status| {
+            let before = status.downloads.len();
+            status
+                .downloads
+                .retain(|download| download.model_id != model_id);
+            shown = status.downloads.len() != before;
+            shown
+        });
+        self.coming.send_if_modified(|coming| {
+            let before = coming.len();
+            coming.retain(|coming_id| coming_id != model_id);
+            coming.len() != before
+        });
+        if shown {
+            tracing::info!(
+                "the download of {model_id} stopped: unticked in the settings (what it fetched \
+                 stays, and a later download resumes from there)"
+            );
+        }
     }
 
     /// Changes (or first adds) the model's entry in `WorkerStatus.downloads`.
@@ -248,5 +305,24 @@ impl Downloads {
                 change(download);
             }
         });
+    }
+}
+
+/// Returns once the settings no longer enable `model_id` (never, if the settings go away).
+async fn unticked(config: &SharedConfig, model_id: &str) {
+    let mut changes = config.subscribe();
+    loop {
+        if !changes
+            .borrow_and_update()
+            .models
+            .enabled
+            .iter()
+            .any(|enabled| enabled == model_id)
+        {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -10,7 +10,7 @@
 //! | `uploader` | [`signals::OutboxState`], the waiting results; removes from the outbox | new outbox entries, its backoffs, Retry now, Discard |
 //! | `lease keeper` | — (renews the leases of waiting results; tells the uploader what the studio no longer wants) | its timer, the waiting results |
 //! | `downloads` | `downloads`, `models_ready`, `models_refused`, the models still coming | enabled models changing |
-//! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, [`HostRequests`]; `models_ready`, `models_refused` when a local folder joins | [`Command`]s from the UI, tray, CLI |
+//! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, [`HostRequests`]; `models_ready`, `models_refused` when a local folder joins; `models_ready` when a saved untick stops a model's serving | [`Command`]s from the UI, tray, CLI |
 //! | `control` | — (turns local `pause`/`resume`/`quit` requests into [`Command`]s) | connections on 127.0.0.1 |
 //! | `mirror` | `registration`, `paused` in [`WorkerStatus`] | every saved config change |
 //! | `status_file` | `status.json` in the data folder | status changes (at most 1/s) |

@@ -299,7 +299,7 @@ fn device_label(device: DevicePreference) -> &'static str {
 }
 
 /// One checkbox per catalog model: checked models are downloaded (the Status tab shows the
-/// progress) and served.
+/// progress) and served; unticked ones stop being served when saved.
 fn models_ui(ui: &mut egui::Ui, enabled: &mut Vec<String>) {
     ui.label("Models to serve (downloaded when missing):");
     ui.indent("models", |ui| {
@@ -318,6 +318,10 @@ fn models_ui(ui: &mut egui::Ui, enabled: &mut Vec<String>) {
                 }
             }
         }
+        ui.weak(
+            "A model unticked is no longer served once saved; its files stay on this PC \
+             (`studio-worker models remove <id>` deletes them).",
+        );
     });
 }
 

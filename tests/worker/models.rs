@@ -833,6 +833,82 @@ async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
     runtime.shutdown().await;
 }
 
+/// The models the worker's last heartbeat advertised.
+fn advertised(studio: &TestStudio) -> Option<serde_json::Value> {
+    studio.workers().iter().find_map(|worker| {
+        worker
+            .heartbeats
+            .last()
+            .map(|beat| beat["capabilities"]["models"].clone())
+    })
+}
+
+/// The Settings tab's save, with `enabled` ticked and the rest as the settings hold it.
+fn ticking(handle: &studio_worker::runtime::RuntimeHandle, enabled: &[&str]) -> Command {
+    let settings = handle.config().snapshot();
+    Command::SaveSettings(studio_worker::runtime::SettingsChange {
+        api_base_url: settings.api_base_url.clone(),
+        worker_name: settings.worker_name.clone(),
+        unload_when_paused: settings.engine.unload_when_paused,
+        device: settings.engine.device,
+        enabled_models: enabled.iter().map(|id| (*id).to_owned()).collect(),
+        close_to_tray: settings.ui.close_to_tray,
+        start_at_login: studio_worker::platform::autostart::is_enabled(),
+        save_copies_to: None,
+        send_crash_reports: false,
+        policy: settings.policy.clone(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unticked_model_is_no_longer_fetched_shown_advertised_or_served() {
+    let hub_setup = setup().await;
+    hub_setup.hub.gate(REPO, Some("hf_needed"));
+    let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
+    let runtime = start_with_downloads(&home, &hub_setup);
+    let handle = runtime.handle();
+
+    // A download that cannot go on (gated) is shown and announced as coming…
+    eventually("the download problem is shown", PATIENCE, || {
+        handle
+            .status()
+            .downloads
+            .iter()
+            .any(|download| download.problem.is_some())
+    })
+    .await;
+    eventually("announced as coming", PATIENCE, || {
+        advertised(&studio) == Some(serde_json::json!([{ "id": "tiny", "ready": false }]))
+    })
+    .await;
+    // …until it is unticked: then neither.
+    assert!(handle.send(ticking(&handle, &[])));
+    eventually("no longer shown or announced", PATIENCE, || {
+        handle.status().downloads.is_empty() && advertised(&studio) == Some(serde_json::json!([]))
+    })
+    .await;
+
+    // Ticked again with the hub open: fetched, served, advertised.
+    hub_setup.hub.gate(REPO, None);
+    assert!(handle.send(ticking(&handle, &["tiny"])));
+    eventually("served after the download", PATIENCE, || {
+        advertised(&studio) == Some(serde_json::json!([{ "id": "tiny", "ready": true }]))
+    })
+    .await;
+    assert_eq!(handle.status().models_ready, Some(vec!["tiny".to_owned()]));
+
+    // Unticked while served: neither advertised nor claimed from the next heartbeat on, and
+    // the engine serves it no more (the Status tab says so too).
+    assert!(handle.send(ticking(&handle, &[])));
+    eventually("no longer advertised", PATIENCE, || {
+        advertised(&studio) == Some(serde_json::json!([]))
+    })
+    .await;
+    assert_eq!(handle.status().models_ready, Some(Vec::new()));
+    assert!(home.on_disk().models.enabled.is_empty());
+    runtime.shutdown().await;
+}
+
 /// One runtime thread (the default for `tokio::test`): anything that blocks it stalls every
 /// task of the worker, the lease renewals of a running job first.
 #[tokio::test]

@@ -412,6 +412,21 @@ impl Engine for CandleEngine {
         }
     }
 
+    fn forget(&self, model_id: &str) {
+        self.models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(model_id);
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = loaded.len();
+        // A job running with it holds its own reference: the weights go when it ends.
+        loaded.retain(|entry| entry.model_id != model_id);
+        if loaded.len() != before {
+            tracing::info!("unloading {model_id}: no longer served");
+            super::gpu_memory::give_back(&self.device.device);
+        }
+    }
+
     fn unload(&self) {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         if !loaded.is_empty() {

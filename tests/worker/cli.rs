@@ -39,6 +39,15 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The row of `models list --json` for `model_id`.
+fn listed_model<'a>(rows: &'a serde_json::Value, model_id: &str) -> &'a serde_json::Value {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == model_id)
+        .unwrap_or_else(|| panic!("no row for {model_id}: {rows}"))
+}
+
 fn approved_config(home: &WorkerHome) -> Config {
     let config = Config {
         install_id: Some("7d0c5a04-0c1e-4a36-9a43-8f3e2c1d5b6a".into()),
@@ -605,19 +614,9 @@ fn models_add_checks_the_folder_tensor_by_tensor_before_serving_it() {
         .args(["models", "list", "--json"])
         .env("HF_HUB_CACHE", home.dir.path().join("hub")));
     let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let mine = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|row| row["id"] == "mine")
-        .unwrap();
+    let mine = listed_model(&rows, "mine");
     assert_eq!(mine["state"], "local");
-    let turbo = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|row| row["id"] == "sd-turbo")
-        .unwrap();
+    let turbo = listed_model(&rows, "sd-turbo");
     assert_eq!(turbo["state"], "not downloaded");
     assert!(turbo["size_bytes"].as_u64().unwrap() > 2_000_000_000);
 }
@@ -668,12 +667,7 @@ async fn models_pull_shows_progress_and_the_model_is_then_ready_and_verified() {
     );
     let listed = tokio::task::block_in_place(|| models(&["list", "--json"]));
     let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let turbo = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|row| row["id"] == "sd-turbo")
-        .unwrap();
+    let turbo = listed_model(&rows, "sd-turbo");
     assert_eq!(turbo["state"], "not downloaded", "{rows}");
 }
 

@@ -293,18 +293,26 @@ fn quit_running(paths: &Paths, wait: Duration) -> anyhow::Result<()> {
 /// settings while it runs). `false`: no worker runs, and the caller may change the settings
 /// file itself. A note from the worker (applied, but not saved) goes to stderr.
 pub(crate) fn tell_running_worker(paths: &Paths, command: &ControlCommand) -> anyhow::Result<bool> {
+    let applied = ask_running_worker(paths, command)?;
+    if let Some(Some(note)) = &applied {
+        eprintln!("studio-worker: {note}");
+    }
+    Ok(applied.is_some())
+}
+
+/// [`tell_running_worker`], with what the worker said for the caller to show: `None` when no
+/// worker runs, else its note (`None`: applied as asked, nothing to add).
+pub(crate) fn ask_running_worker(
+    paths: &Paths,
+    command: &ControlCommand,
+) -> anyhow::Result<Option<Option<String>>> {
     match tokio_current_thread()?.block_on(control::send(&paths.data_dir, command)) {
-        Ok(note) => {
-            if let Some(note) = note {
-                eprintln!("studio-worker: {note}");
-            }
-            Ok(true)
-        }
+        Ok(note) => Ok(Some(note)),
         Err(ControlError::NotRunning) => match running_worker_pid(&paths.data_dir) {
             Some(pid) => bail!(
                 "a worker is running (process {pid}) but its control channel is not available"
             ),
-            None => Ok(false),
+            None => Ok(None),
         },
         Err(err) => bail!("{err}"),
     }

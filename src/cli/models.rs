@@ -27,7 +27,8 @@ pub enum ModelsCommand {
     },
     /// Download a catalog model (resumes a download that stopped; Ctrl-C stops it).
     Pull { model_id: String },
-    /// Delete a catalog model's files.
+    /// Delete a catalog model's files (a running worker unticks it and stops serving it
+    /// first).
     Remove { model_id: String },
     /// Check every file of a downloaded model against the hub's hashes.
     Verify { model_id: String },
@@ -46,6 +47,17 @@ pub fn run(paths: &Paths, command: ModelsCommand) -> anyhow::Result<()> {
         ModelsCommand::Pull { model_id } => pull(&store, entry(&model_id)?),
         ModelsCommand::Remove { model_id } => {
             let entry = entry(&model_id)?;
+            // A running worker unticks it, stops serving it, then deletes its files.
+            let command = ControlCommand::RemoveModel {
+                model_id: entry.id.to_owned(),
+            };
+            if let Some(said) = super::ask_running_worker(paths, &command)? {
+                println!(
+                    "{}",
+                    said.unwrap_or_else(|| format!("Removed {}.", entry.id))
+                );
+                return Ok(());
+            }
             let freed = store.remove(entry)?;
             println!("Removed {} ({} freed).", entry.id, human::bytes(freed));
             // Read-only: the settings have one writer, the worker when one runs.

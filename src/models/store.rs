@@ -50,8 +50,8 @@ pub enum PullError {
         source: std::io::Error,
     },
     #[error(
-        "{} could not be deleted ({source}); if studio-worker is running, quit it \
-         (`studio-worker quit`) and remove the model again",
+        "{} could not be deleted ({source}); another program has it open: once it is \
+         closed, remove the model again",
         path.display()
     )]
     Held {
@@ -493,9 +493,10 @@ impl ModelStore {
     /// no other snapshot reads) and then its manifest. Returns the bytes freed: a blob that
     /// another snapshot holds as a hard link stays, and is not counted.
     ///
-    /// The manifest goes last. A file that cannot be deleted (on Windows, weights the running
-    /// worker has mapped) stops the removal with an error that says what to do, and removing
-    /// again later finishes it; the model does not count as ready in between.
+    /// The manifest goes last. A file that cannot be deleted (on Windows, a file another
+    /// program has open) stops the removal with an error that says what to do, and removing
+    /// again later finishes it; the model does not count as ready in between. While a worker
+    /// runs, it is the one that removes (it stops serving the model first).
     pub fn remove(&self, entry: &CatalogEntry) -> Result<u64, PullError> {
         let repo_dir = self.cache.repo_dir(entry.repo);
         let delete = |path: &Path| -> Result<(), PullError> {

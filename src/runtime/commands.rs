@@ -12,10 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::StatusSender;
 use super::control::ControlRequest;
+use super::downloads::ModelSupply;
 use super::signals::{HostRequestSender, StopRequest};
 use crate::config::{ConfigError, SharedConfig};
 use crate::engine::Engine;
 use crate::models::local::ModelIdError;
+use crate::models::store::PullError;
 use crate::platform::autostart::{self, AutostartError};
 use crate::studio::{ApiBase, ApiBaseError};
 
@@ -38,6 +40,9 @@ pub enum Command {
         model_id: String,
         folder: std::path::PathBuf,
     },
+    /// Delete a catalog model's files (`studio-worker models remove`): unticked and no
+    /// longer served first, so it is neither claimed meanwhile nor downloaded again.
+    RemoveModel { model_id: String },
     /// Another launch wants this instance's window brought forward.
     ShowWindow,
     /// Stop: finish or hand back the running job, then exit (`studio-worker quit`, which
@@ -78,6 +83,8 @@ pub(super) struct CommandsTask {
     pub control: mpsc::Receiver<ControlRequest>,
     pub config: SharedConfig,
     pub engine: Option<Arc<dyn Engine>>,
+    /// Where catalog models are kept (`None`: this worker downloads none).
+    pub model_supply: Option<ModelSupply>,
     /// Wakes the uploader's current wait.
     pub retry_uploads: Arc<Notify>,
     /// Results the person discarded, for the uploader (the outbox's owner).
@@ -95,6 +102,7 @@ pub(super) async fn run(task: CommandsTask) {
         mut control,
         config,
         engine,
+        model_supply,
         retry_uploads,
         discards,
         resumed,
@@ -111,6 +119,8 @@ pub(super) async fn run(task: CommandsTask) {
             },
             Some((command, outcome)) = control.recv() => (command, Some(outcome)),
         };
+        // What a command that went as asked has to say (how much a removal freed).
+        let mut done_note = None;
         let applied = match &command {
             // A pause that cannot be saved still pauses (and a resume resumes): the person's
             // wish holds in memory, and the window says it is not saved.
@@ -157,6 +167,22 @@ pub(super) async fn run(task: CommandsTask) {
                 }
                 added.map_err(CommandError::from)
             }
+            Command::RemoveModel { model_id } => remove_model(
+                &config,
+                engine.as_ref(),
+                model_supply.as_ref(),
+                model_id,
+                &status,
+            )
+            .await
+            .map(|freed| {
+                done_note = Some(format!(
+                    "Removed {model_id} ({} freed); it is unticked in Settings, so it is \
+                             not downloaded again.",
+                    crate::human::bytes(freed)
+                ));
+            })
+            .map_err(CommandError::from),
             Command::RetryUploads => {
                 retry_uploads.notify_waiters();
                 Ok(())
@@ -181,7 +207,7 @@ pub(super) async fn run(task: CommandsTask) {
             Ok(()) => {
                 tracing::info!(?command, "applied");
                 status.send_modify(|s| s.settings_problem = None);
-                Ok(None)
+                Ok(done_note)
             }
             Err(err @ CommandError::Unsaved(_)) => {
                 tracing::error!(?command, "applied, not saved: {err}");
@@ -213,6 +239,24 @@ enum CommandError {
     StartAtLogin(#[from] AutostartError),
     #[error(transparent)]
     Model(#[from] AddModelError),
+    #[error(transparent)]
+    Remove(#[from] RemoveModelError),
+}
+
+/// Why a catalog model's files were not (all) deleted.
+#[derive(Debug, thiserror::Error)]
+enum RemoveModelError {
+    #[error(
+        "{0} is not a catalog model this worker downloads (a local folder is left out in \
+         Settings; its files are yours)"
+    )]
+    NotCatalog(String),
+    #[error(transparent)]
+    Files(#[from] PullError),
+    #[error("the removal stopped before it finished: {0}")]
+    Interrupted(String),
+    #[error(transparent)]
+    NotSaved(#[from] ConfigError),
 }
 
 /// Why a local model folder was not added.
@@ -275,6 +319,35 @@ async fn add_local_model(
         })
         .await?;
     Ok(())
+}
+
+/// Unticks `model_id`, stops serving it, then deletes its files; returns the bytes freed.
+async fn remove_model(
+    config: &SharedConfig,
+    engine: Option<&Arc<dyn Engine>>,
+    supply: Option<&ModelSupply>,
+    model_id: &str,
+    status: &StatusSender,
+) -> Result<u64, RemoveModelError> {
+    let Some((supply, entry)) = supply.and_then(|supply| {
+        let entry = supply.catalog.iter().find(|entry| entry.id == model_id)?;
+        Some((supply, *entry))
+    }) else {
+        return Err(RemoveModelError::NotCatalog(model_id.to_owned()));
+    };
+    let unticked = model_id.to_owned();
+    config
+        .apply(move |c| c.models.enabled.retain(|enabled| *enabled != unticked))
+        .await?;
+    // The downloads task stops a download of it on its own, seeing the untick.
+    if let Some(engine) = engine {
+        stop_serving_unticked(config, engine, status).await;
+    }
+    let store = supply.store.clone();
+    tokio::task::spawn_blocking(move || store.remove(&entry))
+        .await
+        .map_err(|error| RemoveModelError::Interrupted(error.to_string()))?
+        .map_err(RemoveModelError::from)
 }
 
 /// Stops serving what the saved settings no longer ask for (a catalog model unticked; the

@@ -56,6 +56,10 @@ pub enum ControlCommand {
         model_id: String,
         folder: PathBuf,
     },
+    RemoveModel {
+        #[serde(rename = "modelId")]
+        model_id: String,
+    },
 }
 
 impl ControlCommand {
@@ -67,6 +71,7 @@ impl ControlCommand {
             Self::Quit => Command::Quit,
             Self::ResetRegistration => Command::ResetRegistration,
             Self::AddModel { model_id, folder } => Command::AddLocalModel { model_id, folder },
+            Self::RemoveModel { model_id } => Command::RemoveModel { model_id },
         }
     }
 }

@@ -344,7 +344,8 @@ impl Runtime {
                 shutdown.clone(),
             ));
         }
-        if let (Some(supply), Some(engine)) = (options.model_supply, engine.clone()) {
+        let model_supply = options.model_supply;
+        if let (Some(supply), Some(engine)) = (model_supply.clone(), engine.clone()) {
             tasks.spawn(downloads::run(downloads::Downloads {
                 supply,
                 engine,
@@ -361,6 +362,7 @@ impl Runtime {
             control: control_receiver,
             config: config.clone(),
             engine,
+            model_supply,
             retry_uploads,
             discards: discard_sender,
             resumed,

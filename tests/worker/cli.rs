@@ -188,7 +188,12 @@ struct Running(Child);
 
 impl Running {
     fn start(config: &Path) -> Self {
-        let child = worker(config)
+        Self::spawn(worker(config))
+    }
+
+    /// `command` (a [`worker`] with its environment) as `run --headless`.
+    fn spawn(mut command: Command) -> Self {
+        let child = command
             .args(["run", "--headless"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -669,6 +674,65 @@ async fn models_pull_shows_progress_and_the_model_is_then_ready_and_verified() {
     let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     let turbo = listed_model(&rows, "sd-turbo");
     assert_eq!(turbo["state"], "not downloaded", "{rows}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_remove_goes_through_the_running_worker() {
+    // The worker downloads sd-turbo (enabled by default; the tiny fixture under its name)
+    // and serves it; `models remove` then has it untick, stop serving and delete the model.
+    let hub = crate::support::hub::TestHub::start().await;
+    let pinned = studio_worker::models::catalog::find("sd-turbo")
+        .unwrap()
+        .revision;
+    hub.publish_folder_at("stabilityai/sd-turbo", &tiny_fixture("tiny-sd1"), pinned);
+    let studio = TestStudio::start().await;
+    studio.set_decision(crate::support::studio::Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    home.write_config(&studio.url());
+    let cache = home.dir.path().join("hub");
+    let with_hub = |mut command: Command| {
+        command
+            .env("HF_ENDPOINT", hub.endpoint())
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_TOKEN");
+        command
+    };
+    let advertised = || {
+        studio
+            .workers()
+            .iter()
+            .find_map(|worker| worker.heartbeats.last().cloned())
+            .map(|beat| beat["capabilities"]["models"].clone())
+    };
+    let running = Running::spawn(with_hub(worker(&home.config_path())));
+    eventually("downloaded and served", SLOW, || {
+        advertised() == Some(serde_json::json!([{ "id": "sd-turbo", "ready": true }]))
+    })
+    .await;
+
+    let removed = tokio::task::block_in_place(|| {
+        let mut command = with_hub(worker(&home.config_path()));
+        run(command.args(["models", "remove", "sd-turbo"]))
+    });
+    let said = text(&removed.stdout);
+    assert!(removed.status.success(), "{said}{}", text(&removed.stderr));
+    assert!(
+        said.starts_with("Removed sd-turbo (") && said.contains("unticked in Settings"),
+        "{said}"
+    );
+    // Unticked in the settings the worker owns, no longer advertised, and gone from disk.
+    assert!(home.on_disk().models.enabled.is_empty());
+    eventually("no longer advertised", SLOW, || {
+        advertised() == Some(serde_json::json!([]))
+    })
+    .await;
+    let listed = tokio::task::block_in_place(|| {
+        let mut command = with_hub(worker(&home.config_path()));
+        run(command.args(["models", "list", "--json"]))
+    });
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed_model(&rows, "sd-turbo")["state"], "not downloaded");
+    running.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -577,8 +577,9 @@ async fn removing_keeps_what_other_snapshots_hold_and_counts_only_what_it_frees(
 
 #[tokio::test]
 async fn a_file_that_cannot_be_deleted_stops_the_removal_and_removing_again_finishes_it() {
-    // As on Windows, where the running worker has the weights mapped. Here a file's place is
-    // taken by a folder, which remove_file refuses (root, which runs CI, ignores permissions).
+    // As on Windows, where a file another program has open cannot be deleted. Here a file's
+    // place is taken by a folder, which remove_file refuses (root, which runs CI, ignores
+    // permissions).
     let setup = setup().await;
     let ready = pull(&setup).await.0.expect("pulls");
     let blobs = setup.store.cache().repo_dir(REPO).join("blobs");
@@ -595,7 +596,7 @@ async fn a_file_that_cannot_be_deleted_stops_the_removal_and_removing_again_fini
         .to_string();
     assert!(
         said.contains(UNET.rsplit('/').next().unwrap())
-            && said.contains("studio-worker quit")
+            && said.contains("another program has it open")
             && said.ends_with("remove the model again"),
         "{said}"
     );
@@ -603,7 +604,8 @@ async fn a_file_that_cannot_be_deleted_stops_the_removal_and_removing_again_fini
     assert!(setup.store.ready_path(&ENTRY).is_none());
     assert_ne!(setup.store.state(&ENTRY), ModelState::Absent);
 
-    // Once the worker has let go, removing again deletes the rest, the held file's blob too.
+    // Once the other program has let go, removing again deletes the rest, the held file's
+    // blob too.
     std::fs::remove_dir_all(&unet).unwrap();
     let freed = setup.store.remove(&ENTRY).expect("removes the rest");
     assert_eq!(freed, total);

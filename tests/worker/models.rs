@@ -613,13 +613,12 @@ async fn a_file_that_cannot_be_deleted_stops_the_removal_and_removing_again_fini
     assert!(blob_sizes(&blobs).is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_them() {
+/// A worker enabling "tiny", whose repository is gated: once its download shows why it
+/// cannot go on.
+async fn a_worker_whose_download_is_gated() -> (Setup, TestStudio, WorkerHome, Runtime) {
     let hub_setup = setup().await;
     hub_setup.hub.gate(REPO, Some("hf_needed"));
     let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
-
-    // Gated: the status says why, and the worker heartbeats as `loading`, claiming nothing.
     let runtime = start_with_downloads(&home, &hub_setup);
     let handle = runtime.handle();
     eventually("the download problem is shown", PATIENCE, || {
@@ -631,6 +630,13 @@ async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_t
         })
     })
     .await;
+    (hub_setup, studio, home, runtime)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_downloads_enabled_models_in_the_background_and_then_serves_them() {
+    // Gated: the status says why, and the worker heartbeats as `loading`, claiming nothing.
+    let (hub_setup, studio, home, runtime) = a_worker_whose_download_is_gated().await;
     eventually("a loading heartbeat", PATIENCE, || {
         studio.workers().iter().any(|worker| {
             worker.heartbeats.iter().any(|beat| {
@@ -864,21 +870,9 @@ fn ticking(handle: &studio_worker::runtime::RuntimeHandle, enabled: &[&str]) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unticked_model_is_no_longer_fetched_shown_advertised_or_served() {
-    let hub_setup = setup().await;
-    hub_setup.hub.gate(REPO, Some("hf_needed"));
-    let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
-    let runtime = start_with_downloads(&home, &hub_setup);
-    let handle = runtime.handle();
-
     // A download that cannot go on (gated) is shown and announced as coming…
-    eventually("the download problem is shown", PATIENCE, || {
-        handle
-            .status()
-            .downloads
-            .iter()
-            .any(|download| download.problem.is_some())
-    })
-    .await;
+    let (hub_setup, studio, home, runtime) = a_worker_whose_download_is_gated().await;
+    let handle = runtime.handle();
     eventually("announced as coming", PATIENCE, || {
         advertised(&studio) == Some(serde_json::json!([{ "id": "tiny", "ready": false }]))
     })

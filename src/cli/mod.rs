@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Paths, SharedConfig};
+use crate::config::{self, Config, Paths, SharedConfig};
 use crate::platform::single_instance;
 use crate::registration::RegistrationState;
 use crate::runtime::control::{self, ControlCommand, ControlError};
@@ -287,6 +287,24 @@ fn quit_running(paths: &Paths, wait: Duration) -> anyhow::Result<()> {
     }
     println!("The worker has quit.");
     Ok(())
+}
+
+/// The settings as the file holds them, for a command that only reads them: a broken file is
+/// reported, not moved aside (only a command that writes moves it).
+pub(crate) fn read_settings(paths: &Paths) -> anyhow::Result<Config> {
+    match std::fs::read(&paths.config_file) {
+        Ok(bytes) => config::parse(&bytes).map_err(|reason| {
+            anyhow::anyhow!(
+                "{} is not valid settings ({reason}); the worker will keep it aside and start \
+                 from defaults",
+                paths.config_file.display(),
+            )
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+        Err(err) => {
+            Err(err).with_context(|| format!("cannot read {}", paths.config_file.display()))
+        }
+    }
 }
 
 /// Has the worker running for this data folder apply `command` (it is the only writer of its

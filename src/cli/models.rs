@@ -127,7 +127,7 @@ struct ListedModel {
 }
 
 fn list(paths: &Paths, store: &ModelStore, json: bool) -> anyhow::Result<()> {
-    let settings = config::load(&paths.config_file)?.config;
+    let settings = super::read_settings(paths)?;
     let mut rows = Vec::new();
     for entry in CATALOG {
         let (state, size_bytes, downloaded_bytes, path) = match store.state(entry) {

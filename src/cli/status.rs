@@ -3,11 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use serde::Serialize;
 
 use super::running_status;
-use crate::config::{self, Config, Paths};
+use crate::config::Paths;
 use crate::registration::RegistrationState;
 use crate::runtime::status_file;
 
@@ -33,19 +32,7 @@ struct StatusReport {
 }
 
 pub(super) fn print_status(paths: &Paths, json: bool) -> anyhow::Result<()> {
-    // Read-only: a broken file is reported, not moved (only a command that writes moves it).
-    let config = match std::fs::read(&paths.config_file) {
-        Ok(bytes) => config::parse(&bytes).map_err(|reason| {
-            anyhow::anyhow!(
-                "{} is not valid settings ({reason}); the worker will keep it aside and start from defaults",
-                paths.config_file.display(),
-            )
-        })?,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Config::default(),
-        Err(err) => {
-            return Err(err).with_context(|| format!("cannot read {}", paths.config_file.display()));
-        }
-    };
+    let config = super::read_settings(paths)?;
     let registration = RegistrationState::from_config(&config);
     let running = running_status(&paths.data_dir);
     let report = StatusReport {

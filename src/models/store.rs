@@ -42,8 +42,8 @@ pub enum PullError {
     #[error("cannot write the model files: {0}")]
     Io(#[from] std::io::Error),
     #[error(
-        "{path} is damaged and could not be deleted ({source}); if studio-worker is running, \
-         quit it (`studio-worker quit`) and verify again"
+        "{path} is damaged and could not be deleted ({source}); another program has it open: \
+         once it is closed, verify again"
     )]
     Undeletable {
         path: String,
@@ -466,8 +466,8 @@ impl ModelStore {
             };
             // A damaged blob must be gone before the model stops counting as ready: one left
             // behind would be linked again by the next pull, which reuses a blob of the right
-            // size. Windows will not delete a file the running worker has mapped; then nothing
-            // changes, and the person is told.
+            // size. Windows will not delete a file another program has open (a worker loading
+            // the model maps it); then nothing changes, and the person is told.
             for path in [&blob, &read] {
                 if let Err(source) = std::fs::remove_file(path)
                     && source.kind() != std::io::ErrorKind::NotFound

@@ -114,16 +114,20 @@ fn status_shows_the_token_masked() {
 }
 
 #[test]
-fn status_reports_a_broken_file_without_moving_it() {
+fn status_and_models_list_report_a_broken_file_without_moving_it() {
     let home = WorkerHome::new();
     std::fs::write(home.config_path(), format!("auth_token = \"{TOKEN}\"\n[[[")).unwrap();
-    let out = run(worker(&home.config_path()).arg("status"));
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
-    assert!(stderr.contains("is not valid settings"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    assert!(!stderr.contains(TOKEN));
-    assert!(home.config_path().exists(), "status only reads");
+    for command in [&["status"][..], &["models", "list"]] {
+        let out = run(worker(&home.config_path())
+            .args(command)
+            .env("HF_HUB_CACHE", home.dir.path().join("hub")));
+        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains("is not valid settings"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(!stderr.contains(TOKEN));
+        assert!(home.config_path().exists(), "{command:?} only reads");
+    }
 }
 
 #[test]

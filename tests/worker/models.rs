@@ -476,7 +476,7 @@ async fn a_damaged_file_that_cannot_be_deleted_leaves_the_model_as_it_was() {
     let said = error.to_string();
     assert!(
         said.starts_with(&format!("{UNET} is damaged and could not be deleted"))
-            && said.contains("studio-worker quit"),
+            && said.contains("another program has it open"),
         "{said}"
     );
     // Nothing changed: with the (damaged) blob back in its place the model reads as ready,

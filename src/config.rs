@@ -305,6 +305,13 @@ impl Default for ModelsSection {
     }
 }
 
+impl ModelsSection {
+    /// Whether the catalog model `model_id` is ticked.
+    pub fn enables(&self, model_id: &str) -> bool {
+        self.enabled.iter().any(|enabled| enabled == model_id)
+    }
+}
+
 /// `[images]`: what happens to finished images besides going to the studio.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

@@ -61,13 +61,7 @@ pub fn run(paths: &Paths, command: ModelsCommand) -> anyhow::Result<()> {
             let freed = store.remove(entry)?;
             println!("Removed {} ({} freed).", entry.id, human::bytes(freed));
             // Read-only: the settings have one writer, the worker when one runs.
-            let settings = match std::fs::read(&paths.config_file) {
-                Ok(bytes) => config::parse(&bytes).ok(),
-                Err(_) => Some(config::Config::default()),
-            };
-            if settings
-                .is_some_and(|settings| settings.models.enabled.iter().any(|id| id == entry.id))
-            {
+            if super::read_settings(paths).is_ok_and(|settings| settings.models.enables(entry.id)) {
                 println!(
                     "{} is still enabled, so the worker downloads it again when it next starts; \
                      untick it in Settings → Models to keep it off this PC.",
@@ -143,7 +137,7 @@ fn list(paths: &Paths, store: &ModelStore, json: bool) -> anyhow::Result<()> {
             state,
             downloaded_bytes,
             min_gpu_mb: Some(entry.min_gpu_mb),
-            enabled: settings.models.enabled.iter().any(|id| id == entry.id),
+            enabled: settings.models.enables(entry.id),
             path,
         });
     }

@@ -362,8 +362,7 @@ async fn stop_serving_unticked(
         .ready_models()
         .into_iter()
         .filter(|model_id| {
-            !settings.models.enabled.contains(model_id)
-                && !settings.models.local.contains_key(model_id)
+            !settings.models.enables(model_id) && !settings.models.local.contains_key(model_id)
         })
         .collect();
     if unticked.is_empty() {

@@ -252,12 +252,7 @@ impl Downloads {
 
     /// Whether the settings still enable `model_id`.
     fn wanted(&self, model_id: &str) -> bool {
-        self.config
-            .snapshot()
-            .models
-            .enabled
-            .iter()
-            .any(|enabled| enabled == model_id)
+        self.config.snapshot().models.enables(model_id)
     }
 
     /// `model_id` was unticked: no longer coming, its download no longer shown.
@@ -312,13 +307,7 @@ impl Downloads {
 async fn unticked(config: &SharedConfig, model_id: &str) {
     let mut changes = config.subscribe();
     loop {
-        if !changes
-            .borrow_and_update()
-            .models
-            .enabled
-            .iter()
-            .any(|enabled| enabled == model_id)
-        {
+        if !changes.borrow_and_update().models.enables(model_id) {
             return;
         }
         if changes.changed().await.is_err() {

@@ -16,6 +16,10 @@ Xvfb "$display" -screen 0 1280x900x24 >/dev/null 2>&1 & xvfb=$!
 "$target/debug/examples/dev_studio" --listen "127.0.0.1:$port" >/dev/null 2>&1 & studio=$!
 trap 'kill $app $studio $xvfb 2>/dev/null || true; rm -rf "$work"' EXIT
 printf 'api_base_url = "http://127.0.0.1:%s/api"\nworker_name = "Alice'"'"'s desktop"\n\n[policy]\nalways_pause_for = ["Cyberpunk2077.exe"]\n' "$port" > "$work/config.toml"
+# A download of SDXL-Turbo that stopped part way (sparse: no disk used), which Settings
+# offers to delete.
+mkdir -p "$work/hf-cache/models--stabilityai--sdxl-turbo/blobs"
+truncate -s 1200000000 "$work/hf-cache/models--stabilityai--sdxl-turbo/blobs/0123abcd.incomplete"
 sleep 1
 # No real hub: the app would start downloading the default model (the Status tab then shows
 # why it cannot).

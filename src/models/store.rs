@@ -171,8 +171,19 @@ impl ModelStore {
         self.manifests.join(format!("{model_id}.json"))
     }
 
+    /// The files a download of the model fetches, written before its first byte: a removal
+    /// of a download that stopped part way finds its blobs by it (they are linked into the
+    /// snapshot only at the end). Gone once the model is complete.
+    fn fetching_path(&self, model_id: &str) -> PathBuf {
+        self.manifests.join(format!("{model_id}.fetching.json"))
+    }
+
     fn read_manifest(&self, model_id: &str) -> Option<Manifest> {
-        let text = std::fs::read_to_string(self.manifest_path(model_id)).ok()?;
+        Self::read_manifest_at(&self.manifest_path(model_id))
+    }
+
+    fn read_manifest_at(path: &Path) -> Option<Manifest> {
+        let text = std::fs::read_to_string(path).ok()?;
         serde_json::from_str(&text).ok()
     }
 
@@ -237,6 +248,12 @@ impl ModelStore {
             .cloned()
             .collect();
         let total_bytes: u64 = needed.iter().map(|file| file.size).sum();
+        let manifest = Manifest {
+            repo: entry.repo.to_owned(),
+            revision: entry.revision.to_owned(),
+            commit: info.commit.clone(),
+            files: needed.iter().map(ManifestFile::from).collect(),
+        };
 
         // What is already here (whole blobs, or partial ones to resume).
         let mut already = 0;
@@ -278,6 +295,12 @@ impl ModelStore {
             });
         }
 
+        let fetching = (self.fetching_path(entry.id), manifest.clone());
+        self.off_runtime(move |_| {
+            write_manifest_at(&fetching.0, &fetching.1)?;
+            Ok(())
+        })
+        .await?;
         tracing::info!(
             "{}: {} to download ({} of {} already here){}",
             entry.id,
@@ -340,12 +363,6 @@ impl ModelStore {
             done_before_file += file.size;
         }
 
-        let manifest = Manifest {
-            repo: entry.repo.to_owned(),
-            revision: entry.revision.to_owned(),
-            commit: info.commit.clone(),
-            files: needed.iter().map(ManifestFile::from).collect(),
-        };
         let (model_id, revision) = (entry.id, entry.revision);
         let snapshot = self
             .off_runtime(move |store| store.complete(model_id, revision, &manifest))
@@ -403,7 +420,14 @@ impl ModelStore {
             .write_ref(&manifest.repo, revision, &manifest.commit)?;
         let snapshot = self.cache.snapshot_dir(&manifest.repo, &manifest.commit);
         check_usable(&snapshot)?;
-        self.write_manifest(model_id, manifest)?;
+        write_manifest_at(&self.manifest_path(model_id), manifest)?;
+        match std::fs::remove_file(self.fetching_path(model_id)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                // Harmless: it names this model's own files, which a removal deletes anyway.
+                tracing::debug!("{model_id}'s list of files to fetch stays: {error}");
+            }
+            _ => {}
+        }
         Ok(snapshot)
     }
 
@@ -432,13 +456,6 @@ impl ModelStore {
             ))));
         }
         Ok(())
-    }
-
-    /// Written atomically (a crash leaves the old manifest or the new one). Not flushed by
-    /// reopening it read-only: Windows refuses to flush a handle without write access.
-    fn write_manifest(&self, model_id: &str, manifest: &Manifest) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
-        crate::files::write_atomic(&self.manifest_path(model_id), &json)
     }
 
     /// Re-hashes every file of a ready model. A bad file is deleted (blob and link) and the
@@ -483,15 +500,15 @@ impl ModelStore {
                 reason,
             });
         }
-        if !bad.is_empty() {
-            std::fs::remove_file(self.manifest_path(entry.id))?;
-        }
+        // The manifest stays: a model with a file missing is not ready (see `state`), and a
+        // removal still finds the rest of its files by it.
         Ok(bad)
     }
 
-    /// Deletes the model's files from the cache (what its snapshot holds of it, and the blobs
-    /// no other snapshot reads) and then its manifest. Returns the bytes freed: a blob that
-    /// another snapshot holds as a hard link stays, and is not counted.
+    /// Deletes the model's files from the cache (what its snapshot holds of it, the blobs no
+    /// other snapshot reads, and what a download that stopped part way fetched) and then its
+    /// manifest. Returns the bytes freed: a blob that another snapshot holds as a hard link
+    /// stays, and is not counted.
     ///
     /// The manifest goes last. A file that cannot be deleted (on Windows, a file another
     /// program has open) stops the removal with an error that says what to do, and removing
@@ -511,7 +528,9 @@ impl ModelStore {
             }
         };
         let mut freed = 0;
-        if let Some(manifest) = self.read_manifest(entry.id) {
+        let manifest = self.read_manifest(entry.id);
+        let fetching = Self::read_manifest_at(&self.fetching_path(entry.id));
+        if let Some(manifest) = &manifest {
             // Only the model's own files: other tools may keep more of the same commit here.
             let snapshot = self.cache.snapshot_dir(&manifest.repo, &manifest.commit);
             for file in &manifest.files {
@@ -527,14 +546,17 @@ impl ModelStore {
                 delete(&path)?;
             }
             remove_empty_folders(&snapshot);
-
-            let still_linked = linked_blobs(&repo_dir.join("snapshots"));
-            for file in &manifest.files {
+        }
+        // The blobs of the model's files that no snapshot reads any more: the complete
+        // model's, and those a download that stopped part way had fetched (not linked yet).
+        let still_linked = linked_blobs(&repo_dir.join("snapshots"));
+        for listed in [&manifest, &fetching].into_iter().flatten() {
+            for file in &listed.files {
                 let blob_name = file.blob_name();
                 if still_linked.iter().any(|name| name == blob_name) {
                     continue;
                 }
-                let blob = self.cache.blob_path(&manifest.repo, blob_name);
+                let blob = self.cache.blob_path(&listed.repo, blob_name);
                 let Ok(metadata) = blob.metadata() else {
                     continue;
                 };
@@ -544,7 +566,6 @@ impl ModelStore {
                 delete(&blob)?;
                 freed += metadata.len();
             }
-            std::fs::remove_file(self.manifest_path(entry.id))?;
         }
         // Partial downloads go too.
         for item in std::fs::read_dir(repo_dir.join("blobs"))
@@ -556,6 +577,16 @@ impl ModelStore {
                 let bytes = item.metadata().map_or(0, |metadata| metadata.len());
                 delete(&item.path())?;
                 freed += bytes;
+            }
+        }
+        // The lists last: a removal stopped by a file it could not delete is finished by the
+        // next one, which finds them.
+        for list in [self.fetching_path(entry.id), self.manifest_path(entry.id)] {
+            match std::fs::remove_file(&list) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(error.into());
+                }
+                _ => {}
             }
         }
         Ok(freed)
@@ -573,6 +604,13 @@ impl ModelStore {
             .max_by_key(|disk| disk.mount_point().as_os_str().len())
             .map(sysinfo::Disk::available_space)
     }
+}
+
+/// Written atomically (a crash leaves the old manifest or the new one). Not flushed by
+/// reopening it read-only: Windows refuses to flush a handle without write access.
+fn write_manifest_at(path: &Path, manifest: &Manifest) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(manifest).map_err(std::io::Error::other)?;
+    crate::files::write_atomic(path, &json)
 }
 
 /// Deletes `folder` and the folders under it that hold nothing (a snapshot's subfolders once

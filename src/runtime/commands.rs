@@ -7,11 +7,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::StatusSender;
-use super::control::ControlRequest;
 use super::downloads::ModelSupply;
 use super::signals::{HostRequestSender, StopRequest};
 use crate::config::{ConfigError, SharedConfig};
@@ -56,6 +55,15 @@ pub enum Command {
     DiscardResult { key: String },
 }
 
+/// What became of a command that waits for its outcome: `Ok(note)` when it took effect (the
+/// note says what it did, or what is not quite as asked: a pause that cannot be saved holds
+/// until a restart), `Err` why it did not, in words.
+pub type CommandOutcome = Result<Option<String>, String>;
+
+/// A command with where its outcome goes: from the terminal (the control channel), or a click
+/// whose outcome the window shows (a model's files deleted, a model folder added).
+pub type AskedCommand = (Command, oneshot::Sender<CommandOutcome>);
+
 /// The settings a person can change in the window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettingsChange {
@@ -79,12 +87,15 @@ pub struct SettingsChange {
 
 pub(super) struct CommandsTask {
     pub commands: mpsc::Receiver<Command>,
-    /// Commands from the terminal (the control channel), each waiting for its outcome.
-    pub control: mpsc::Receiver<ControlRequest>,
+    /// Commands waiting for their outcome: the terminal's (the control channel) and the
+    /// window's.
+    pub asked: mpsc::Receiver<AskedCommand>,
     pub config: SharedConfig,
     pub engine: Option<Arc<dyn Engine>>,
     /// Where catalog models are kept (`None`: this worker downloads none).
     pub model_supply: Option<ModelSupply>,
+    /// The models the downloads task is fetching: a removal waits for its transfer to stop.
+    pub models_coming: watch::Receiver<Vec<String>>,
     /// Wakes the uploader's current wait.
     pub retry_uploads: Arc<Notify>,
     /// Results the person discarded, for the uploader (the outbox's owner).
@@ -99,10 +110,11 @@ pub(super) struct CommandsTask {
 pub(super) async fn run(task: CommandsTask) {
     let CommandsTask {
         mut commands,
-        mut control,
+        mut asked,
         config,
         engine,
         model_supply,
+        models_coming,
         retry_uploads,
         discards,
         resumed,
@@ -117,7 +129,7 @@ pub(super) async fn run(task: CommandsTask) {
                 Some(command) => (command, None),
                 None => return,
             },
-            Some((command, outcome)) = control.recv() => (command, Some(outcome)),
+            Some((command, outcome)) = asked.recv() => (command, Some(outcome)),
         };
         // What a command that went as asked has to say (how much a removal freed).
         let mut done_note = None;
@@ -171,6 +183,7 @@ pub(super) async fn run(task: CommandsTask) {
                 &config,
                 engine.as_ref(),
                 model_supply.as_ref(),
+                models_coming.clone(),
                 model_id,
                 &status,
             )
@@ -201,28 +214,27 @@ pub(super) async fn run(task: CommandsTask) {
                 Ok(())
             }
         };
-        // Each outcome is handled here once: logged, shown in the window until the next
-        // command succeeds, and told to the terminal that sent the command.
-        let told = match applied {
+        // Each outcome is handled here once: logged, told to whoever waits for it (a
+        // terminal, a tab), and shown in the window until the next command succeeds. The
+        // status change comes last: it wakes the window, which then finds the outcome there.
+        let (told, problem) = match applied {
             Ok(()) => {
                 tracing::info!(?command, "applied");
-                status.send_modify(|s| s.settings_problem = None);
-                Ok(done_note)
+                (Ok(done_note), None)
             }
             Err(err @ CommandError::Unsaved(_)) => {
                 tracing::error!(?command, "applied, not saved: {err}");
-                status.send_modify(|s| s.settings_problem = Some(err.to_string()));
-                Ok(Some(err.to_string()))
+                (Ok(Some(err.to_string())), Some(err.to_string()))
             }
             Err(err) => {
                 tracing::error!(?command, "not applied: {err}");
-                status.send_modify(|s| s.settings_problem = Some(err.to_string()));
-                Err(err.to_string())
+                (Err(err.to_string()), Some(err.to_string()))
             }
         };
         if let Some(outcome) = outcome {
             let _ = outcome.send(told);
         }
+        status.send_modify(|s| s.settings_problem = problem);
     }
 }
 
@@ -321,11 +333,17 @@ async fn add_local_model(
     Ok(())
 }
 
-/// Unticks `model_id`, stops serving it, then deletes its files; returns the bytes freed.
+/// How long a removal waits for the model's download to stop before deleting anyway (a
+/// transfer stops at its next chunk, well within this).
+const DOWNLOAD_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Unticks `model_id`, stops serving it and its download, then deletes its files; returns
+/// the bytes freed.
 async fn remove_model(
     config: &SharedConfig,
     engine: Option<&Arc<dyn Engine>>,
     supply: Option<&ModelSupply>,
+    mut coming: watch::Receiver<Vec<String>>,
     model_id: &str,
     status: &StatusSender,
 ) -> Result<u64, RemoveModelError> {
@@ -339,15 +357,32 @@ async fn remove_model(
     config
         .apply(move |c| c.models.enabled.retain(|enabled| *enabled != unticked))
         .await?;
-    // The downloads task stops a download of it on its own, seeing the untick.
     if let Some(engine) = engine {
         stop_serving_unticked(config, engine, status).await;
     }
+    // The downloads task stops a download of it on its own, seeing the untick; deleting
+    // under a transfer still writing would leave its next file behind (or, on Windows, fail
+    // on the open one).
+    let stopped = tokio::time::timeout(
+        DOWNLOAD_STOP_WAIT,
+        coming.wait_for(|coming| !coming.iter().any(|coming_id| coming_id == model_id)),
+    )
+    .await
+    .is_ok();
+    if !stopped {
+        tracing::warn!(
+            "the download of {model_id} did not stop within {}; deleting its files anyway",
+            crate::human::duration(DOWNLOAD_STOP_WAIT)
+        );
+    }
     let store = supply.store.clone();
-    tokio::task::spawn_blocking(move || store.remove(&entry))
+    let removed = tokio::task::spawn_blocking(move || store.remove(&entry))
         .await
         .map_err(|error| RemoveModelError::Interrupted(error.to_string()))?
-        .map_err(RemoveModelError::from)
+        .map_err(RemoveModelError::from);
+    // What is left on disk, a removal that stopped part way included.
+    super::downloads::publish_models_on_disk(supply, status).await;
+    removed
 }
 
 /// Stops serving what the saved settings no longer ask for (a catalog model unticked; the

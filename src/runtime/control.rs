@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::Command;
+use super::commands::AskedCommand;
 use crate::secret::Secret;
 
 pub const FILE_NAME: &str = "control.json";
@@ -76,11 +77,6 @@ impl ControlCommand {
     }
 }
 
-/// A command from the control channel, with where its outcome goes: `Ok(note)` when it took
-/// effect (the note says what is not quite as asked, e.g. not saved), `Err` why it did not,
-/// in words.
-pub(super) type ControlRequest = (Command, oneshot::Sender<Result<Option<String>, String>>);
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ControlFile {
     pub port: u16,
@@ -115,7 +111,7 @@ impl Incoming for TcpListener {
 /// Listens until shutdown, then removes the control file.
 pub(super) async fn serve(
     data_dir: PathBuf,
-    requests: mpsc::Sender<ControlRequest>,
+    requests: mpsc::Sender<AskedCommand>,
     shutdown: CancellationToken,
 ) {
     let path = data_dir.join(FILE_NAME);
@@ -174,7 +170,7 @@ pub(super) async fn serve(
 async fn accept_loop(
     mut incoming: impl Incoming,
     token: Secret,
-    requests: mpsc::Sender<ControlRequest>,
+    requests: mpsc::Sender<AskedCommand>,
     shutdown: CancellationToken,
 ) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -222,7 +218,7 @@ async fn accept_loop(
 async fn answer(
     stream: impl AsyncRead + AsyncWrite + Unpin,
     token: Secret,
-    requests: mpsc::Sender<ControlRequest>,
+    requests: mpsc::Sender<AskedCommand>,
 ) {
     let (reader, mut writer) = tokio::io::split(stream);
     let mut line = String::new();
@@ -244,11 +240,7 @@ async fn answer(
     }
 }
 
-async fn obey(
-    mut request: Value,
-    token: &Secret,
-    requests: &mpsc::Sender<ControlRequest>,
-) -> Reply {
+async fn obey(mut request: Value, token: &Secret, requests: &mpsc::Sender<AskedCommand>) -> Reply {
     let offered = request
         .as_object_mut()
         .and_then(|fields| fields.remove("token"))
@@ -396,7 +388,7 @@ mod tests {
             streams.push(server);
         }
         streams.reverse(); // handed over in the clients' order
-        let (requests, mut received) = mpsc::channel::<ControlRequest>(4);
+        let (requests, mut received) = mpsc::channel::<AskedCommand>(4);
         let shutdown = CancellationToken::new();
         tokio::spawn(accept_loop(
             Scripted {
@@ -445,7 +437,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_token_or_an_unknown_command_is_refused_before_anything_runs() {
-        let (requests, mut received) = mpsc::channel::<ControlRequest>(4);
+        let (requests, mut received) = mpsc::channel::<AskedCommand>(4);
         let ask = |request: Value| {
             let requests = requests.clone();
             async move { obey(request, &token(), &requests).await }

@@ -10,13 +10,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::StatusSender;
-use super::status::ModelDownload;
+use super::status::{ModelDownload, ModelOnDisk};
 use crate::backoff::Backoff;
 use crate::config::SharedConfig;
 use crate::engine::Engine;
 use crate::models::catalog::CatalogEntry;
 use crate::models::hub::HubClient;
-use crate::models::store::{ModelStore, PullError};
+use crate::models::store::{ModelState, ModelStore, PullError};
 use crate::timing::Timing;
 
 /// Where catalog models come from and go to.
@@ -64,6 +64,8 @@ pub(super) struct Downloads {
 pub(super) async fn run(task: Downloads) {
     let mut changes = task.config.subscribe();
     loop {
+        // What is on disk now (at start, and after the last pass fetched, stopped or failed).
+        publish_models_on_disk(&task.supply, &task.status).await;
         let enabled = changes.borrow_and_update().models.enabled.clone();
         let wanted: Vec<CatalogEntry> = enabled
             .iter()
@@ -86,6 +88,7 @@ pub(super) async fn run(task: Downloads) {
             if !task.fetch(&entry).await {
                 return;
             }
+            publish_models_on_disk(&task.supply, &task.status).await;
         }
         // Wait until the person enables another model (Settings or `config.toml`); a model
         // that could not be fetched is tried again then too, and one unticked is shown no more.
@@ -301,6 +304,43 @@ impl Downloads {
             }
         });
     }
+}
+
+/// Publishes which catalog models have files on this PC (`WorkerStatus.models_on_disk`),
+/// looked up on the blocking pool: it reads the cache's folders.
+pub(super) async fn publish_models_on_disk(supply: &ModelSupply, status: &StatusSender) {
+    let (store, catalog) = (supply.store.clone(), supply.catalog.clone());
+    let looked_up = tokio::task::spawn_blocking(move || {
+        catalog
+            .iter()
+            .filter_map(|entry| match store.state(entry) {
+                ModelState::Ready { bytes, .. } => Some(ModelOnDisk {
+                    model_id: entry.id.to_owned(),
+                    bytes,
+                    complete: true,
+                }),
+                ModelState::Partial { bytes } => Some(ModelOnDisk {
+                    model_id: entry.id.to_owned(),
+                    bytes,
+                    complete: false,
+                }),
+                ModelState::Absent => None,
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let on_disk = match looked_up {
+        Ok(on_disk) => on_disk,
+        Err(error) => {
+            tracing::error!("looking up the models on this PC broke off: {error}");
+            return;
+        }
+    };
+    status.send_if_modified(|status| {
+        let changed = status.models_on_disk != on_disk;
+        status.models_on_disk = on_disk;
+        changed
+    });
 }
 
 /// Returns once the settings no longer enable `model_id` (never, if the settings go away).

@@ -9,8 +9,8 @@
 //! | `job_loop` | `jobs.current/recent/claim_blocked`, the running job's id; writes the outbox; asks for a restart when the GPU stops working ([`gpu_recovery`]) | claims, pause, config and outbox changes |
 //! | `uploader` | [`signals::OutboxState`], the waiting results; removes from the outbox | new outbox entries, its backoffs, Retry now, Discard |
 //! | `lease keeper` | — (renews the leases of waiting results; tells the uploader what the studio no longer wants) | its timer, the waiting results |
-//! | `downloads` | `downloads`, `models_ready`, `models_refused`, the models still coming | enabled models changing |
-//! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, [`HostRequests`]; `models_ready`, `models_refused` when a local folder joins; `models_ready` when a saved untick stops a model's serving | [`Command`]s from the UI, tray, CLI |
+//! | `downloads` | `downloads`, `models_ready`, `models_refused`, `models_on_disk`, the models still coming | enabled models changing |
+//! | `commands` | `pause.by_user`, resets, Settings, `settings_problem`, [`HostRequests`]; `models_ready`, `models_refused` when a local folder joins; `models_ready` when a saved untick stops a model's serving; `models_on_disk` after a removal | [`Command`]s from the UI, tray, CLI |
 //! | `control` | — (turns local `pause`/`resume`/`quit` requests into [`Command`]s) | connections on 127.0.0.1 |
 //! | `mirror` | `registration`, `paused` in [`WorkerStatus`] | every saved config change |
 //! | `status_file` | `status.json` in the data folder | status changes (at most 1/s) |
@@ -21,7 +21,8 @@
 //! `job_loop`.
 //!
 //! Everything a view needs is in [`RuntimeHandle`]: a status snapshot, the config, the
-//! runtime's requests of its host, and a command sender. Views never wait on the runtime and
+//! runtime's requests of its host, and a command sender (with an outcome to poll, for the
+//! clicks whose result the window shows). Views never wait on the runtime and
 //! the runtime never waits on a view.
 
 mod capabilities;
@@ -49,19 +50,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use commands::{Command, SettingsChange};
+pub use commands::{AskedCommand, Command, CommandOutcome, SettingsChange};
 pub use downloads::ModelSupply;
 pub use os_signals::ShutdownSignal;
 pub use setup::Launch;
 pub use signals::{HostRequests, RestartRequest, StopRequest, host_requests};
 pub use status::{
     ConnectionStatus, CurrentJob, Delivery, FinishedJob, JobCounters, JobOutcome, JobsStatus,
-    ModelDownload, WaitingResult, WaitingState, WorkerStatus, pause_reason,
+    ModelDownload, ModelOnDisk, WaitingResult, WaitingState, WorkerStatus, pause_reason,
 };
 
 use self::capabilities::CapabilitySource;
@@ -122,6 +123,8 @@ pub struct RuntimeHandle {
     config: SharedConfig,
     status: watch::Receiver<WorkerStatus>,
     commands: mpsc::Sender<Command>,
+    /// Commands whose outcome the window shows (shared with the control channel).
+    asked: mpsc::Sender<AskedCommand>,
     requests: HostRequests,
 }
 
@@ -132,12 +135,14 @@ impl RuntimeHandle {
         config: SharedConfig,
         status: watch::Receiver<WorkerStatus>,
         commands: mpsc::Sender<Command>,
+        asked: mpsc::Sender<AskedCommand>,
         requests: HostRequests,
     ) -> Self {
         Self {
             config,
             status,
             commands,
+            asked,
             requests,
         }
     }
@@ -165,6 +170,13 @@ impl RuntimeHandle {
     /// behind (32 queued commands): a click is dropped rather than the UI blocked.
     pub fn send(&self, command: Command) -> bool {
         self.commands.try_send(command).is_ok()
+    }
+
+    /// Queues a command whose outcome goes to `outcome` (the window polls its receiver).
+    /// When the runtime has stopped or is behind, `outcome` is dropped: its receiver hears
+    /// that at once, and the click is not lost silently.
+    pub fn ask(&self, command: Command, outcome: oneshot::Sender<CommandOutcome>) {
+        let _ = self.asked.try_send((command, outcome));
     }
 }
 
@@ -256,6 +268,7 @@ impl Runtime {
         let outbox_changed = Arc::new(Notify::new());
         let retry_uploads = Arc::new(Notify::new());
         let capabilities = CapabilitySource::new(engine.clone(), device, coming.clone());
+        let removals_watch = coming.clone();
         let shutdown = CancellationToken::new();
 
         let mut tasks = JoinSet::new();
@@ -356,13 +369,14 @@ impl Runtime {
                 shutdown: shutdown.clone(),
             }));
         }
-        let (control_sender, control_receiver) = mpsc::channel(8);
+        let (asked_sender, asked_receiver) = mpsc::channel(8);
         tasks.spawn(commands::run(commands::CommandsTask {
             commands: command_receiver,
-            control: control_receiver,
+            asked: asked_receiver,
             config: config.clone(),
             engine,
             model_supply,
+            models_coming: removals_watch,
             retry_uploads,
             discards: discard_sender,
             resumed,
@@ -372,7 +386,7 @@ impl Runtime {
         }));
         tasks.spawn(control::serve(
             options.data_dir.clone(),
-            control_sender,
+            asked_sender.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(status_file::run(
@@ -387,6 +401,7 @@ impl Runtime {
                 config,
                 status,
                 commands: command_sender,
+                asked: asked_sender,
                 requests,
             },
             shutdown,

@@ -48,6 +48,18 @@ impl ModelDownload {
     }
 }
 
+/// A catalog model's files on this PC, for the Settings tab's "Delete files".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelOnDisk {
+    pub model_id: String,
+    /// What its files take: the whole model once complete, what a stopped download fetched
+    /// so far otherwise.
+    pub bytes: u64,
+    /// Every file is in place (else a download stopped part way, to resume from).
+    pub complete: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
@@ -89,6 +101,11 @@ pub struct WorkerStatus {
     pub models_refused: Vec<crate::engine::RefusedModel>,
     /// Writer: the downloads task. Catalog models being fetched (or that could not be).
     pub downloads: Vec<ModelDownload>,
+    /// Writers: the downloads task (at start, and when a download ends or stops), the
+    /// commands task (after a removal). The catalog models with files on this PC, in catalog
+    /// order.
+    #[serde(default)]
+    pub models_on_disk: Vec<ModelOnDisk>,
     /// Set at start when the settings file could not be read and was kept aside: where it
     /// went and why, for the person to see (the reason never quotes the file).
     pub settings_recovered: Option<String>,
@@ -127,6 +144,7 @@ impl WorkerStatus {
             models_ready: None,
             models_refused: Vec::new(),
             downloads: Vec::new(),
+            models_on_disk: Vec::new(),
             settings_recovered: None,
             settings_problem: None,
             settings_unsaved: None,

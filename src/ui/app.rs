@@ -6,7 +6,7 @@ use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use super::{jobs_tab, settings_tab, status_tab};
-use crate::runtime::{Command, RuntimeHandle, StopRequest, WorkerStatus};
+use crate::runtime::{Command, CommandOutcome, RuntimeHandle, StopRequest, WorkerStatus};
 use crate::tray::{PauseToggle, Tray, TrayEvent, TrayView};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,12 +17,40 @@ pub enum Tab {
 }
 
 /// A command a tab asks for; the app sends it (and keeps what it means for the view).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum UiAction {
     Send(Command),
+    /// Send a command whose outcome the tab shows: it keeps the receiver and polls it.
+    Ask(Command, tokio::sync::oneshot::Sender<CommandOutcome>),
     ShowTab(Tab),
     /// Show a saved image in the person's default viewer.
     OpenFile(std::path::PathBuf),
+}
+
+/// A command sent with its outcome awaited by a tab: polled each frame, never waited on.
+#[derive(Debug)]
+pub struct PendingOutcome(tokio::sync::oneshot::Receiver<CommandOutcome>);
+
+impl PendingOutcome {
+    /// Sends `command` (through the app) and keeps where its outcome arrives.
+    pub fn ask(command: Command, actions: &mut Vec<UiAction>) -> Self {
+        let (outcome, receiver) = tokio::sync::oneshot::channel();
+        actions.push(UiAction::Ask(command, outcome));
+        Self(receiver)
+    }
+
+    /// The outcome, once the runtime has applied the command. A runtime that dropped it
+    /// (stopped, or too far behind to queue it) says so as a failure.
+    pub fn poll(&mut self) -> Option<CommandOutcome> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        match self.0.try_recv() {
+            Ok(outcome) => Some(outcome),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Closed) => Some(Err(
+                "the worker is not answering; try again in a moment".to_owned(),
+            )),
+        }
+    }
 }
 
 pub struct WorkerApp {
@@ -201,6 +229,7 @@ impl WorkerApp {
         for action in actions {
             match action {
                 UiAction::Send(command) => self.send(command),
+                UiAction::Ask(command, outcome) => self.runtime.ask(command, outcome),
                 UiAction::ShowTab(tab) => self.tab = tab,
                 UiAction::OpenFile(path) => {
                     if let Err(err) = crate::platform::open::open_path(&path) {

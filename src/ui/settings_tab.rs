@@ -1,11 +1,12 @@
 //! The Settings tab: an edit buffer checked before it is saved (through the runtime, which
 //! saves with `config::save`), and the registration reset behind a confirmation.
 
-use super::app::UiAction;
+use super::app::{PendingOutcome, UiAction};
 use super::policy_settings::{PolicyForm, policy_settings_ui};
 use super::status_tab::reset_registration_ui;
 use crate::config::Config;
-use crate::runtime::{Command, SettingsChange};
+use crate::models::catalog::CatalogEntry;
+use crate::runtime::{Command, CommandOutcome, SettingsChange, WorkerStatus};
 use crate::studio::ApiBase;
 use crate::vocab::device::DevicePreference;
 
@@ -35,9 +36,12 @@ pub struct SettingsForm {
         FolderPurpose,
         std::sync::mpsc::Receiver<Option<std::path::PathBuf>>,
     )>,
-    /// A picked model folder being checked by the runtime: `(model id, folder)`, until it is
-    /// listed or a problem is reported.
-    pub adding_model: Option<(String, std::path::PathBuf)>,
+    /// A picked model folder being checked by the runtime, then why it was not added.
+    adding_model: Option<AddingModel>,
+    /// A catalog model's "Delete files": confirming, deleting, or what came of it.
+    removal: Option<ModelRemoval>,
+    /// A save the runtime has not answered yet.
+    saving: Option<Saving>,
     saved_api_base_url: String,
     saved_device: DevicePreference,
     pub error: Option<String>,
@@ -65,6 +69,8 @@ impl SettingsForm {
             policy: PolicyForm::from_settings(&config.policy),
             folder_pick: None,
             adding_model: None,
+            removal: None,
+            saving: None,
             saved_api_base_url: config.api_base_url.clone(),
             error: None,
             saved_note: None,
@@ -102,8 +108,49 @@ impl SettingsForm {
     /// Asks the runtime to check and serve `folder` under an id made from its name.
     pub fn add_local_model(&mut self, folder: std::path::PathBuf, actions: &mut Vec<UiAction>) {
         let model_id = crate::models::local::suggest_model_id(&folder);
-        self.adding_model = Some((model_id.clone(), folder.clone()));
-        actions.push(UiAction::Send(Command::AddLocalModel { model_id, folder }));
+        let command = Command::AddLocalModel {
+            model_id: model_id.clone(),
+            folder: folder.clone(),
+        };
+        self.adding_model = Some(AddingModel {
+            model_id,
+            folder,
+            outcome: PendingOutcome::ask(command, actions),
+            problem: None,
+        });
+    }
+
+    /// Takes the runtime's answer to the last Save, once it came: "Saved." (with what waits
+    /// for a restart) only when the settings file was written, else why not.
+    fn receive_save_outcome(&mut self) {
+        let Some(saving) = &mut self.saving else {
+            return;
+        };
+        let Some(outcome) = saving.outcome.poll() else {
+            return;
+        };
+        let change = &saving.change;
+        match outcome {
+            Ok(note) => {
+                let after_restart: Vec<&str> = [
+                    (change.api_base_url != self.saved_api_base_url, "studio URL"),
+                    (change.device != self.saved_device, "device"),
+                    (
+                        change.send_crash_reports != self.saved_send_crash_reports,
+                        "crash-report choice",
+                    ),
+                ]
+                .into_iter()
+                .filter_map(|(changed, what)| changed.then_some(what))
+                .collect();
+                self.saved_note = Some(note.unwrap_or_else(|| saved_note(&after_restart)));
+                self.saved_api_base_url.clone_from(&change.api_base_url);
+                self.saved_device = change.device;
+                self.saved_send_crash_reports = change.send_crash_reports;
+            }
+            Err(problem) => self.error = Some(crate::human::capitalise(&problem)),
+        }
+        self.saving = None;
     }
 
     /// The change to save, or why it cannot be saved.
@@ -149,6 +196,40 @@ fn saved_note(after_restart: &[&str]) -> String {
     }
 }
 
+/// A change sent to be saved, kept to say what of it waits for a restart once it is.
+#[derive(Debug)]
+struct Saving {
+    outcome: PendingOutcome,
+    change: SettingsChange,
+}
+
+/// A model folder the runtime is checking (or refused: `problem`).
+#[derive(Debug)]
+struct AddingModel {
+    model_id: String,
+    folder: std::path::PathBuf,
+    outcome: PendingOutcome,
+    problem: Option<String>,
+}
+
+/// The "Delete files" of one catalog model, from the confirmation to its outcome.
+#[derive(Debug)]
+struct ModelRemoval {
+    model_id: String,
+    stage: RemovalStage,
+}
+
+#[derive(Debug)]
+enum RemovalStage {
+    /// Asking "Delete …'s files?", with what they take.
+    Confirming {
+        bytes: u64,
+    },
+    Deleting(PendingOutcome),
+    /// What the runtime said (how much was freed, or why not all of it).
+    Done(CommandOutcome),
+}
+
 /// What a folder picked in the Settings tab is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FolderPurpose {
@@ -163,7 +244,6 @@ pub fn settings_tab_ui(
     status: &crate::runtime::WorkerStatus,
     actions: &mut Vec<UiAction>,
 ) {
-    let problem = status.settings_problem.as_deref();
     ui.heading("Settings");
     egui::Grid::new("settings")
         .num_columns(2)
@@ -194,8 +274,8 @@ pub fn settings_tab_ui(
                 .labelled_by(label.id);
             ui.end_row();
         });
-    models_ui(ui, &mut form.enabled_models);
-    local_models_ui(ui, form, local_models, problem);
+    models_ui(ui, form, status, actions);
+    local_models_ui(ui, form, local_models);
     ui.checkbox(
         &mut form.unload_when_paused,
         "Give the GPU memory back while paused",
@@ -248,32 +328,27 @@ pub fn settings_tab_ui(
     policy_settings_ui(ui, &mut form.policy, &status.policy.blind);
 
     ui.add_space(6.0);
-    if ui.button("Save").clicked() {
+    form.receive_save_outcome();
+    let save = egui::Button::new("Save");
+    if ui.add_enabled(form.saving.is_none(), save).clicked() {
         match form.validate() {
             Ok(change) => {
-                let after_restart: Vec<&str> = [
-                    (change.api_base_url != form.saved_api_base_url, "studio URL"),
-                    (change.device != form.saved_device, "device"),
-                    (
-                        change.send_crash_reports != form.saved_send_crash_reports,
-                        "crash-report choice",
-                    ),
-                ]
-                .into_iter()
-                .filter_map(|(changed, what)| changed.then_some(what))
-                .collect();
-                form.saved_api_base_url.clone_from(&change.api_base_url);
-                form.saved_device = change.device;
-                form.saved_send_crash_reports = change.send_crash_reports;
                 form.error = None;
-                form.saved_note = Some(saved_note(&after_restart));
-                actions.push(UiAction::Send(Command::SaveSettings(change)));
+                form.saved_note = None;
+                let command = Command::SaveSettings(change.clone());
+                form.saving = Some(Saving {
+                    outcome: PendingOutcome::ask(command, actions),
+                    change,
+                });
             }
             Err(reason) => {
                 form.saved_note = None;
                 form.error = Some(format!("Not saved: {reason}"));
             }
         }
+    }
+    if form.saving.is_some() {
+        ui.label("Saving…");
     }
     if let Some(error) = &form.error {
         ui.colored_label(ui.visuals().error_fg_color, error.as_str());
@@ -299,30 +374,154 @@ fn device_label(device: DevicePreference) -> &'static str {
 }
 
 /// One checkbox per catalog model: checked models are downloaded (the Status tab shows the
-/// progress) and served; unticked ones stop being served when saved.
-fn models_ui(ui: &mut egui::Ui, enabled: &mut Vec<String>) {
+/// progress) and served; unticked ones stop being served when saved. A model with files on
+/// this PC says how much they take, and they can be deleted from here.
+fn models_ui(
+    ui: &mut egui::Ui,
+    form: &mut SettingsForm,
+    status: &WorkerStatus,
+    actions: &mut Vec<UiAction>,
+) {
+    // Before the rows: a deletion's outcome enables their buttons again in this frame.
+    if let Some(removal) = &mut form.removal
+        && let RemovalStage::Deleting(pending) = &mut removal.stage
+        && let Some(outcome) = pending.poll()
+    {
+        removal.stage = RemovalStage::Done(outcome);
+    }
     ui.label("Models to serve (downloaded when missing):");
     ui.indent("models", |ui| {
         for entry in crate::models::catalog::CATALOG {
-            let mut serve = enabled.iter().any(|id| id == entry.id);
-            let label = format!(
-                "{} (~{} download, {} GB of GPU memory)",
-                entry.display_name,
-                crate::human::bytes(entry.download_bytes),
-                entry.min_gpu_mb / 1024
-            );
-            if ui.checkbox(&mut serve, label).changed() {
-                enabled.retain(|id| id != entry.id);
-                if serve {
-                    enabled.push(entry.id.to_owned());
+            let on_disk = on_this_pc(status, entry);
+            ui.horizontal(|ui| {
+                let mut serve = form.enabled_models.iter().any(|id| id == entry.id);
+                let label = format!(
+                    "{} (~{} download, {} GB of GPU memory)",
+                    entry.display_name,
+                    crate::human::bytes(entry.download_bytes),
+                    entry.min_gpu_mb / 1024
+                );
+                if ui.checkbox(&mut serve, label).changed() {
+                    form.enabled_models.retain(|id| id != entry.id);
+                    if serve {
+                        form.enabled_models.push(entry.id.to_owned());
+                    }
                 }
+                if let Some((bytes, words)) = on_disk {
+                    ui.weak(words);
+                    let busy = form
+                        .removal
+                        .as_ref()
+                        .is_some_and(|removal| !matches!(removal.stage, RemovalStage::Done(_)));
+                    let delete = egui::Button::new("Delete files…").small();
+                    if ui.add_enabled(!busy, delete).clicked() {
+                        form.removal = Some(ModelRemoval {
+                            model_id: entry.id.to_owned(),
+                            stage: RemovalStage::Confirming { bytes },
+                        });
+                    }
+                }
+            });
+            if form
+                .removal
+                .as_ref()
+                .is_some_and(|removal| removal.model_id == entry.id)
+            {
+                ui.indent(("removal", entry.id), |ui| {
+                    removal_ui(ui, form, entry, actions);
+                });
             }
         }
         ui.weak(
-            "A model unticked is no longer served once saved; its files stay on this PC \
-             (`studio-worker models remove <id>` deletes them).",
+            "A model unticked is no longer served once saved; its files stay on this PC until \
+             deleted here.",
         );
     });
+}
+
+/// What a catalog model's files take on this PC, and that in words: "2.59 GB on this PC"
+/// once complete, "1.20 GB of ~6.94 GB on this PC" for a download stopped or under way
+/// (`None`: nothing here).
+fn on_this_pc(status: &WorkerStatus, entry: &CatalogEntry) -> Option<(u64, String)> {
+    let of_download = |bytes: u64| {
+        format!(
+            "{} of ~{} on this PC",
+            crate::human::bytes(bytes),
+            crate::human::bytes(entry.download_bytes)
+        )
+    };
+    // A download that has not fetched anything yet (its listing failed, say) says nothing:
+    // what an earlier one left is listed below.
+    if let Some(download) = status
+        .downloads
+        .iter()
+        .find(|download| download.model_id == entry.id && download.done_bytes > 0)
+    {
+        return Some((download.done_bytes, of_download(download.done_bytes)));
+    }
+    let on_disk = status
+        .models_on_disk
+        .iter()
+        .find(|on_disk| on_disk.model_id == entry.id)?;
+    Some(if on_disk.complete {
+        (
+            on_disk.bytes,
+            format!("{} on this PC", crate::human::bytes(on_disk.bytes)),
+        )
+    } else {
+        (on_disk.bytes, of_download(on_disk.bytes))
+    })
+}
+
+/// The confirmation, then the progress and the outcome, of deleting one model's files.
+fn removal_ui(
+    ui: &mut egui::Ui,
+    form: &mut SettingsForm,
+    entry: &CatalogEntry,
+    actions: &mut Vec<UiAction>,
+) {
+    let Some(removal) = &mut form.removal else {
+        return;
+    };
+    let name = entry.display_name;
+    match &removal.stage {
+        RemovalStage::Confirming { bytes } => {
+            ui.label(format!(
+                "Delete {name}'s files ({})? It is also unticked, so it is not downloaded \
+                 again until you tick it.",
+                crate::human::bytes(*bytes)
+            ));
+            let (delete, keep) = ui
+                .horizontal(|ui| (ui.button("Delete").clicked(), ui.button("Keep").clicked()))
+                .inner;
+            if delete {
+                let command = Command::RemoveModel {
+                    model_id: entry.id.to_owned(),
+                };
+                removal.stage = RemovalStage::Deleting(PendingOutcome::ask(command, actions));
+                // The runtime unticks it; the edit buffer agrees, or the next Save would tick
+                // it again.
+                form.enabled_models.retain(|id| id != entry.id);
+            } else if keep {
+                form.removal = None;
+            }
+        }
+        RemovalStage::Deleting(_) => {
+            ui.label(format!("Deleting {name}'s files…"));
+        }
+        RemovalStage::Done(Ok(note)) => {
+            ui.label(
+                note.clone()
+                    .unwrap_or_else(|| format!("{name}'s files are deleted.")),
+            );
+        }
+        RemovalStage::Done(Err(problem)) => {
+            ui.colored_label(
+                ui.visuals().error_fg_color,
+                format!("Not deleted: {problem}"),
+            );
+        }
+    }
 }
 
 /// The folders served from this PC, and a button to add one (checked by the runtime, then
@@ -331,7 +530,6 @@ fn local_models_ui(
     ui: &mut egui::Ui,
     form: &mut SettingsForm,
     local_models: &std::collections::BTreeMap<String, std::path::PathBuf>,
-    problem: Option<&str>,
 ) {
     ui.horizontal(|ui| {
         ui.label("Model folders on this PC:");
@@ -348,13 +546,30 @@ fn local_models_ui(
             ui.label(format!("{model_id} — {}", folder.display()));
         }
     });
-    if let Some((model_id, folder)) = &form.adding_model {
-        if local_models.contains_key(model_id) {
-            form.adding_model = None;
-        } else if let Some(problem) = problem {
-            ui.colored_label(ui.visuals().error_fg_color, format!("Not added: {problem}"));
-        } else {
-            ui.label(format!("Checking {} as {model_id}…", folder.display()));
+    if let Some(adding) = &mut form.adding_model {
+        if adding.problem.is_none()
+            && let Some(outcome) = adding.outcome.poll()
+        {
+            match outcome {
+                // Listed above from now on.
+                Ok(_) => {
+                    form.adding_model = None;
+                    return;
+                }
+                Err(problem) => adding.problem = Some(problem),
+            }
+        }
+        match &adding.problem {
+            Some(problem) => {
+                ui.colored_label(ui.visuals().error_fg_color, format!("Not added: {problem}"));
+            }
+            None => {
+                ui.label(format!(
+                    "Checking {} as {}…",
+                    adding.folder.display(),
+                    adding.model_id
+                ));
+            }
         }
     }
 }

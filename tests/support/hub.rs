@@ -1,6 +1,7 @@
 //! An in-process Hugging Face hub: the two endpoints the model manager uses (a repository's
 //! file list with sizes and hashes, and file downloads with `Range`), serving real files,
-//! with the faults downloads meet: cut transfers, corrupt bytes, gated repositories.
+//! with the faults downloads meet: cut and stalled transfers, corrupt bytes, gated
+//! repositories.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::StreamExt as _;
 use serde_json::json;
 use sha1::Digest as _;
 
@@ -58,6 +60,9 @@ struct HubState {
     repos: BTreeMap<String, Repo>,
     /// Path → bytes after which the next transfer of that file is cut.
     cut_after: BTreeMap<String, u64>,
+    /// Path → bytes after which the next transfer of that file sends nothing more, and
+    /// keeps the connection open (a transfer under way, for as long as a test needs).
+    stall_after: BTreeMap<String, u64>,
     /// Path → how many more transfers of it arrive corrupt.
     corrupt: BTreeMap<String, u32>,
     downloads: Vec<Download>,
@@ -155,6 +160,15 @@ impl TestHub {
             .lock()
             .unwrap()
             .cut_after
+            .insert(path.to_owned(), after_bytes);
+    }
+
+    /// The next transfer of `path` sends `after_bytes`, then nothing, without closing.
+    pub fn stall_next_transfer(&self, path: &str, after_bytes: u64) {
+        self.state
+            .lock()
+            .unwrap()
+            .stall_after
             .insert(path.to_owned(), after_bytes);
     }
 
@@ -301,7 +315,10 @@ async fn resolve(
     let start = range_start.unwrap_or(0).min(content.len() as u64) as usize;
     let body = content[start..].to_vec();
     let cut = state.cut_after.remove(&path);
-    let sent = cut.map_or(body.len() as u64, |cut| cut.min(body.len() as u64));
+    let stall = state.stall_after.remove(&path);
+    let sent = cut
+        .or(stall)
+        .map_or(body.len() as u64, |cut| cut.min(body.len() as u64));
     state.downloads.push(Download {
         path: path.clone(),
         range_start,
@@ -314,9 +331,16 @@ async fn resolve(
         StatusCode::OK
     };
     let length = body.len();
-    let stream_body = match cut {
-        Some(cut) => {
-            // Send the first bytes, then break the connection.
+    let stream_body = match (cut, stall) {
+        (_, Some(stall)) => {
+            // The first bytes, then silence on an open connection.
+            let head = Bytes::from(body[..(stall as usize).min(length)].to_vec());
+            let stream =
+                futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(head) })
+                    .chain(futures_util::stream::pending());
+            Body::from_stream(stream)
+        }
+        (Some(cut), None) => {
             // Send the first bytes, let them reach the client, then break the connection.
             let head = Bytes::from(body[..(cut as usize).min(length)].to_vec());
             let stream = futures_util::stream::unfold(Some(head), |state| async move {
@@ -336,7 +360,7 @@ async fn resolve(
             });
             Body::from_stream(stream)
         }
-        None => Body::from(body),
+        (None, None) => Body::from(body),
     };
     let mut response = Response::builder()
         .status(status)

@@ -493,6 +493,42 @@ async fn a_damaged_file_that_cannot_be_deleted_leaves_the_model_as_it_was() {
     assert!(setup.store.verify(&ENTRY).unwrap().is_empty());
 }
 
+#[tokio::test]
+async fn removing_a_model_that_is_not_complete_deletes_every_file_it_fetched() {
+    // A download cut part way: the files before the cut are whole blobs, linked into the
+    // snapshot only once every file is here.
+    let setup = setup().await;
+    setup.hub.cut_next_transfer(UNET, 100_000);
+    pull(&setup).await.0.expect_err("cut");
+    assert!(matches!(
+        setup.store.state(&ENTRY),
+        ModelState::Partial { .. }
+    ));
+    let blobs = setup.store.cache().repo_dir(REPO).join("blobs");
+    let fetched: u64 = blob_sizes(&blobs).values().sum();
+    assert!(fetched > 100_000, "{fetched}");
+    assert_eq!(setup.store.remove(&ENTRY).unwrap(), fetched);
+    assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
+    assert!(blob_sizes(&blobs).is_empty());
+
+    // A complete model whose verify took a damaged file out: the rest still goes with it.
+    pull(&setup).await.0.expect("pulls");
+    let ready = setup.store.ready_path(&ENTRY).expect("ready");
+    let unet_blob = std::fs::canonicalize(ready.join(UNET)).unwrap();
+    let mut bytes = std::fs::read(&unet_blob).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&unet_blob, bytes).unwrap();
+    assert_eq!(setup.store.verify(&ENTRY).unwrap().len(), 1);
+    let left: u64 = blob_sizes(&blobs).values().sum();
+    assert_eq!(setup.store.remove(&ENTRY).unwrap(), left);
+    assert_eq!(setup.store.state(&ENTRY), ModelState::Absent);
+    assert!(blob_sizes(&blobs).is_empty());
+    assert!(
+        files_under(&setup.store.cache().repo_dir(REPO).join("snapshots")).is_empty(),
+        "no link left behind"
+    );
+}
+
 /// The files under `folder`, every level down.
 fn files_under(folder: &std::path::Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
@@ -902,6 +938,104 @@ async fn an_unticked_model_is_no_longer_fetched_shown_advertised_or_served() {
     .await;
     assert_eq!(handle.status().models_ready, Some(Vec::new()));
     assert!(home.on_disk().models.enabled.is_empty());
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_removed_mid_download_stops_its_transfer_and_leaves_nothing_behind() {
+    let hub_setup = setup().await;
+    // The UNet's transfer sends 100 KB, then hangs on: a download under way.
+    hub_setup.hub.stall_next_transfer(UNET, 100_000);
+    let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
+    let runtime = start_with_downloads(&home, &hub_setup);
+    let handle = runtime.handle();
+    eventually("the UNet is being fetched", PATIENCE, || {
+        hub_setup
+            .hub
+            .downloads()
+            .iter()
+            .any(|download| download.path == UNET)
+    })
+    .await;
+    eventually("announced as coming", PATIENCE, || {
+        advertised(&studio) == Some(serde_json::json!([{ "id": "tiny", "ready": false }]))
+    })
+    .await;
+
+    // Deleted from the window (or `models remove`): unticked, the transfer stopped, and
+    // every file gone, the half-fetched one included.
+    let (outcome, answer) = tokio::sync::oneshot::channel();
+    handle.ask(
+        Command::RemoveModel {
+            model_id: "tiny".into(),
+        },
+        outcome,
+    );
+    let said = tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("answered in time")
+        .expect("answered");
+    let note = said.expect("removed").expect("says what it freed");
+    assert!(note.starts_with("Removed tiny ("), "{note}");
+    assert_eq!(hub_setup.store.state(&ENTRY), ModelState::Absent);
+    let repo_dir = hub_setup.store.cache().repo_dir(REPO);
+    let left: Vec<PathBuf> = if repo_dir.exists() {
+        files_under(&repo_dir)
+    } else {
+        Vec::new()
+    };
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+    assert!(home.on_disk().models.enabled.is_empty());
+    eventually("neither shown nor announced", PATIENCE, || {
+        let status = handle.status();
+        status.downloads.is_empty()
+            && status.models_on_disk.is_empty()
+            && advertised(&studio) == Some(serde_json::json!([]))
+    })
+    .await;
+
+    // Nothing is fetched again meanwhile, and nothing lands after the removal.
+    let transfers = hub_setup.hub.downloads().len();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(hub_setup.hub.downloads().len(), transfers);
+    assert_eq!(hub_setup.store.state(&ENTRY), ModelState::Absent);
+    runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_models_on_this_pc_are_listed_for_the_window() {
+    let hub_setup = setup().await;
+    let (_studio, home) = studio_and_home_enabling(&["tiny"]).await;
+    let runtime = start_with_downloads(&home, &hub_setup);
+    let handle = runtime.handle();
+    eventually("listed once downloaded", PATIENCE, || {
+        let ModelState::Ready { bytes, .. } = hub_setup.store.state(&ENTRY) else {
+            return false;
+        };
+        handle.status().models_on_disk
+            == vec![studio_worker::runtime::ModelOnDisk {
+                model_id: "tiny".into(),
+                bytes,
+                complete: true,
+            }]
+    })
+    .await;
+    runtime.shutdown().await;
+
+    // A download stopped part way is listed as such at the next start.
+    let manifest = hub_setup.store.ready_path(&ENTRY).unwrap();
+    std::fs::remove_file(manifest.join(UNET)).unwrap();
+    let (_studio, home) = studio_and_home_enabling(&[]).await;
+    let runtime = start_with_downloads(&home, &hub_setup);
+    let handle = runtime.handle();
+    eventually("listed as a stopped download", PATIENCE, || {
+        handle
+            .status()
+            .models_on_disk
+            .iter()
+            .any(|on_disk| on_disk.model_id == "tiny" && !on_disk.complete)
+    })
+    .await;
     runtime.shutdown().await;
 }
 

@@ -7,15 +7,16 @@ use std::sync::mpsc as std_mpsc;
 use chrono::Utc;
 use egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable as _;
+use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use studio_worker::config::{Config, SharedConfig};
 use studio_worker::image_file::encode_png;
 use studio_worker::registration::RegistrationState;
 use studio_worker::runtime::gpu_recovery::Restarted;
 use studio_worker::runtime::signals::HostRequestSender;
 use studio_worker::runtime::{
-    Command, CurrentJob, FinishedJob, JobOutcome, RestartRequest, RuntimeHandle, SettingsChange,
-    StopRequest, WorkerStatus, host_requests,
+    AskedCommand, Command, CommandOutcome, CurrentJob, FinishedJob, JobOutcome, ModelDownload,
+    ModelOnDisk, RestartRequest, RuntimeHandle, SettingsChange, StopRequest, WorkerStatus,
+    host_requests,
 };
 use studio_worker::studio::protocol::FailCode;
 use studio_worker::tray::TrayEvent;
@@ -23,7 +24,7 @@ use studio_worker::ui::{Tab, WorkerApp};
 use studio_worker::vocab::device::DevicePreference;
 use studio_worker::vocab::pause::PauseReason;
 use studio_worker::vocab::progress::Stage;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 struct Window {
     harness: Harness<'static, WorkerApp>,
@@ -31,6 +32,10 @@ struct Window {
     /// The runtime's requests of the window (quit, come forward).
     host: HostRequestSender,
     commands: mpsc::Receiver<Command>,
+    /// The commands whose outcome the window waits for.
+    asked: mpsc::Receiver<AskedCommand>,
+    /// Where the outcomes of the asked commands `sent` read go, oldest first.
+    unanswered: std::collections::VecDeque<oneshot::Sender<CommandOutcome>>,
     tray: std_mpsc::Sender<TrayEvent>,
     _dir: tempfile::TempDir,
 }
@@ -41,9 +46,16 @@ impl Window {
         let config = SharedConfig::new(dir.path().join("config.toml"), Config::default());
         let (status_sender, status_receiver) = watch::channel(status);
         let (command_sender, commands) = mpsc::channel(32);
+        let (asked_sender, asked) = mpsc::channel(8);
         let (tray, tray_events) = std_mpsc::channel();
         let (host, requests) = host_requests();
-        let handle = RuntimeHandle::new(config, status_receiver, command_sender, requests);
+        let handle = RuntimeHandle::new(
+            config,
+            status_receiver,
+            command_sender,
+            asked_sender,
+            requests,
+        );
         let app = WorkerApp::new(handle, None, Some(tray_events), None, false);
         let harness = Harness::builder().with_size([900.0, 800.0]).build_ui_state(
             |ui, app: &mut WorkerApp| {
@@ -57,6 +69,8 @@ impl Window {
             status: status_sender,
             host,
             commands,
+            asked,
+            unanswered: std::collections::VecDeque::new(),
             tray,
             _dir: dir,
         };
@@ -69,8 +83,26 @@ impl Window {
         self.harness.run();
     }
 
+    /// The commands sent since the last call; those waiting for an outcome wait for
+    /// [`Self::answer`].
     fn sent(&mut self) -> Vec<Command> {
-        std::iter::from_fn(|| self.commands.try_recv().ok()).collect()
+        let mut sent: Vec<Command> = std::iter::from_fn(|| self.commands.try_recv().ok()).collect();
+        while let Ok((command, outcome)) = self.asked.try_recv() {
+            sent.push(command);
+            self.unanswered.push_back(outcome);
+        }
+        sent
+    }
+
+    /// Answers the oldest command `sent` read that waits for its outcome, as the runtime
+    /// would, and draws.
+    fn answer(&mut self, outcome: CommandOutcome) {
+        let waiting = self
+            .unanswered
+            .pop_front()
+            .expect("a sent command waiting for its outcome");
+        waiting.send(outcome).expect("the window still waits");
+        self.harness.run();
     }
 
     /// Waits until a job's preview, loaded off the UI thread, is on screen.
@@ -291,9 +323,17 @@ fn settings_refuse_an_insecure_url_and_save_a_good_one() {
     replace_text(&mut window, "Worker name", "Alice's desktop");
     window.harness.get_by_label("Save").click();
     window.harness.run();
+    assert!(window.shows("Saving…"));
+    assert!(
+        !window.shows("Saved."),
+        "saved only once the runtime says the file is written"
+    );
+    let sent = window.sent();
+    window.answer(Ok(None));
     assert!(window.shows("Saved. The new studio URL is used after a restart."));
+    assert!(!window.shows("Saving…"));
     assert_eq!(
-        window.sent(),
+        sent,
         vec![Command::SaveSettings(SettingsChange {
             api_base_url: "https://studio.example.com/api".into(),
             worker_name: "Alice's desktop".into(),
@@ -320,7 +360,6 @@ fn settings_choose_the_device_used_from_the_next_start() {
     window.harness.run();
     window.harness.get_by_label("Save").click();
     window.harness.run();
-    assert!(window.shows("Saved. The new device is used after a restart."));
     match window.sent().as_slice() {
         [Command::SaveSettings(change)] => assert_eq!(change.device, DevicePreference::Cpu),
         other => panic!(
@@ -328,6 +367,40 @@ fn settings_choose_the_device_used_from_the_next_start() {
             window.shows("Not saved")
         ),
     }
+    window.answer(Ok(None));
+    assert!(window.shows("Saved. The new device is used after a restart."));
+}
+
+#[test]
+fn a_save_the_runtime_could_not_write_says_why_not_saved() {
+    let mut window = Window::new(approved());
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    replace_text(&mut window, "Worker name", "Alice's desktop");
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    assert_eq!(window.sent().len(), 1);
+    window.answer(Err(
+        "cannot save settings to /home/alice/.config/studio-worker/config.toml: \
+         No space left on device (os error 28)"
+            .into(),
+    ));
+    assert!(window.shows("Cannot save settings to /home/alice"));
+    assert!(
+        !window.shows("Saved."),
+        "a failed save is never called saved"
+    );
+
+    // Saving again works once the disk has room.
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    assert!(
+        !window.shows("Cannot save settings"),
+        "the old problem goes"
+    );
+    assert_eq!(window.sent().len(), 1);
+    window.answer(Ok(None));
+    assert!(window.shows("Saved."));
 }
 
 #[test]
@@ -356,6 +429,125 @@ fn settings_choose_which_catalog_models_to_serve() {
             window.shows("Not saved")
         ),
     }
+}
+
+#[test]
+fn settings_delete_a_models_files_after_a_confirmation() {
+    let mut on_disk = approved();
+    on_disk.models_on_disk = vec![ModelOnDisk {
+        model_id: "sd-turbo".into(),
+        bytes: 2_590_000_000,
+        complete: true,
+    }];
+    let mut window = Window::new(on_disk);
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    assert!(window.shows("2.59 GB on this PC"));
+
+    // One click only asks; Keep changes nothing.
+    window.harness.get_by_label("Delete files…").click();
+    window.harness.run();
+    assert!(window.shows("Delete SD-Turbo's files (2.59 GB)?"));
+    assert!(window.sent().is_empty(), "one click deletes nothing");
+    window.harness.get_by_label("Keep").click();
+    window.harness.run();
+    assert!(!window.shows("Delete SD-Turbo's files"));
+    assert!(window.sent().is_empty());
+
+    // Delete: the runtime is asked, and the window says so until it answers.
+    window.harness.get_by_label("Delete files…").click();
+    window.harness.run();
+    window.harness.get_by_label("Delete").click();
+    window.harness.run();
+    assert_eq!(
+        window.sent(),
+        vec![Command::RemoveModel {
+            model_id: "sd-turbo".into()
+        }]
+    );
+    assert!(window.shows("Deleting SD-Turbo's files…"));
+    window.answer(Ok(Some(
+        "Removed sd-turbo (2.59 GB freed); it is unticked in Settings, so it is not \
+         downloaded again."
+            .into(),
+    )));
+    window.set_status(|status| status.models_on_disk.clear());
+    assert!(window.shows("Removed sd-turbo (2.59 GB freed)"));
+    assert!(!window.shows("GB on this PC"));
+    assert!(window.harness.query_by_label("Delete files…").is_none());
+
+    // The runtime unticked it: a later Save does not tick it again.
+    window.harness.get_by_label("Save").click();
+    window.harness.run();
+    match window.sent().as_slice() {
+        [Command::SaveSettings(change)] => assert!(change.enabled_models.is_empty()),
+        other => panic!("expected one save, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_download_under_way_can_be_deleted_and_a_failed_deletion_says_why() {
+    let mut downloading = approved();
+    downloading.downloads = vec![ModelDownload {
+        model_id: "sdxl-turbo".into(),
+        done_bytes: 1_200_000_000,
+        total_bytes: 6_940_000_000,
+        ..Default::default()
+    }];
+    // A download that fetched nothing yet (the hub unreachable) says what an earlier one left.
+    downloading.downloads.push(ModelDownload {
+        model_id: "sd-turbo".into(),
+        problem: Some("the hub cannot be reached; resuming soon".into()),
+        ..Default::default()
+    });
+    downloading.models_on_disk = vec![ModelOnDisk {
+        model_id: "sd-turbo".into(),
+        bytes: 310_000_000,
+        complete: false,
+    }];
+    let mut window = Window::new(downloading);
+    window.harness.get_by_label("Settings").click();
+    window.harness.run();
+    assert!(window.shows("310 MB of ~2.59 GB on this PC"));
+    assert!(window.shows("1.20 GB of ~6.94 GB on this PC"));
+    window.set_status(|status| status.models_on_disk.clear());
+    assert_eq!(
+        window.harness.query_all_by_label("Delete files…").count(),
+        1,
+        "nothing of SD-Turbo to delete"
+    );
+    window.harness.get_by_label("Delete files…").click();
+    window.harness.run();
+    window.harness.get_by_label("Delete").click();
+    window.harness.run();
+    assert_eq!(
+        window.sent(),
+        vec![Command::RemoveModel {
+            model_id: "sdxl-turbo".into()
+        }]
+    );
+    assert!(
+        window
+            .harness
+            .get_by_label("Delete files…")
+            .accesskit_node()
+            .is_disabled(),
+        "one deletion at a time"
+    );
+    window.answer(Err(
+        "unet/diffusion_pytorch_model.fp16.safetensors could not be deleted (Access is \
+         denied); another program has it open: once it is closed, remove the model again"
+            .into(),
+    ));
+    assert!(window.shows("Not deleted: unet/diffusion_pytorch_model.fp16.safetensors"));
+    assert!(
+        !window
+            .harness
+            .get_by_label("Delete files…")
+            .accesskit_node()
+            .is_disabled(),
+        "it can be tried again"
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::config::SharedConfig;
 use crate::engine::Engine;
 use crate::models::catalog::CatalogEntry;
 use crate::models::hub::HubClient;
-use crate::models::store::{ModelState, ModelStore, PullError};
+use crate::models::store::{DownloadProgress, ModelState, ModelStore, PullError};
 use crate::timing::Timing;
 
 /// Where catalog models come from and go to.
@@ -133,38 +133,27 @@ impl Downloads {
                     cancel.cancel();
                 }
             });
-            let status = self.status.clone();
-            let mut last_shown = std::time::Instant::now() - Duration::from_secs(1);
+            // The callback only keeps the latest progress; `show_progress` publishes it at
+            // most 4 times a second (the window redraws on each), the last one before a
+            // stalled transfer included.
+            let (progress_sender, progress) = watch::channel(None);
+            let shower = tokio::spawn(show_progress(progress.clone(), self.status.clone()));
             let pulled = self
                 .supply
                 .store
                 .pull(
                     &self.supply.hub,
                     entry,
-                    &mut |progress| {
-                        // At most 4 updates a second: the window redraws on each.
-                        if last_shown.elapsed() < Duration::from_millis(250)
-                            && progress.done_bytes < progress.total_bytes
-                        {
-                            return;
-                        }
-                        last_shown = std::time::Instant::now();
-                        status.send_modify(|status| {
-                            if let Some(download) = status
-                                .downloads
-                                .iter_mut()
-                                .find(|download| download.model_id == progress.model_id)
-                            {
-                                download.done_bytes = progress.done_bytes;
-                                download.total_bytes = progress.total_bytes;
-                                download.bytes_per_second = progress.bytes_per_second;
-                                download.eta = progress.eta;
-                            }
-                        });
+                    &mut |latest| {
+                        progress_sender.send_replace(Some(latest.clone()));
                     },
                     &cancel,
                 )
                 .await;
+            shower.abort();
+            if let Some(last) = progress.borrow().as_ref() {
+                show(&self.status, last);
+            }
             untick_watch.abort();
             if !self.wanted(entry.id) {
                 self.forget_download(entry.id);
@@ -304,6 +293,71 @@ impl Downloads {
             }
         });
     }
+}
+
+/// How long a transfer may go without a byte before its speed and time left are no longer
+/// shown (the speed meter's own window): a stalled download does not claim "18 MB/s".
+const QUIET: Duration = Duration::from_secs(5);
+
+/// Publishes the download's progress as it changes, at most 4 times a second; after
+/// [`QUIET`] without a byte, without its speed and time left.
+async fn show_progress(
+    mut progress: watch::Receiver<Option<DownloadProgress>>,
+    status: StatusSender,
+) {
+    loop {
+        match tokio::time::timeout(QUIET, progress.changed()).await {
+            Ok(Err(_)) => return,
+            Ok(Ok(())) => {
+                let latest = progress.borrow_and_update().clone();
+                if let Some(latest) = latest {
+                    show(&status, &latest);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(_quiet) => {
+                let stalled = progress.borrow().clone().map(|mut stalled| {
+                    stalled.bytes_per_second = 0.0;
+                    stalled.eta = None;
+                    stalled
+                });
+                if let Some(stalled) = stalled {
+                    show(&status, &stalled);
+                }
+            }
+        }
+    }
+}
+
+/// Writes `progress` into its model's row of `WorkerStatus.downloads` (if it still has one
+/// and it says something else).
+fn show(status: &StatusSender, progress: &DownloadProgress) {
+    status.send_if_modified(|status| {
+        let Some(download) = status
+            .downloads
+            .iter_mut()
+            .find(|download| download.model_id == progress.model_id)
+        else {
+            return false;
+        };
+        let shown = (
+            download.done_bytes,
+            download.total_bytes,
+            download.bytes_per_second,
+            download.eta,
+        );
+        download.done_bytes = progress.done_bytes;
+        download.total_bytes = progress.total_bytes;
+        download.bytes_per_second = progress.bytes_per_second;
+        download.eta = progress.eta;
+        shown
+            != (
+                download.done_bytes,
+                download.total_bytes,
+                download.bytes_per_second,
+                download.eta,
+            )
+    });
 }
 
 /// Publishes which catalog models have files on this PC (`WorkerStatus.models_on_disk`),

@@ -961,6 +961,26 @@ async fn a_model_removed_mid_download_stops_its_transfer_and_leaves_nothing_behi
         advertised(&studio) == Some(serde_json::json!([{ "id": "tiny", "ready": false }]))
     })
     .await;
+    // The Status tab shows what arrived before the transfer went quiet, not an older figure.
+    eventually("the progress shown is what arrived", PATIENCE, || {
+        let sent: u64 = hub_setup
+            .hub
+            .downloads()
+            .iter()
+            .map(|download| download.bytes_sent)
+            .sum();
+        handle.status().downloads.first().map(|d| d.done_bytes) == Some(sent)
+    })
+    .await;
+    // Nothing arrives any more, so no speed or time left is claimed after a few seconds.
+    eventually("a quiet transfer claims no speed", 2 * PATIENCE, || {
+        handle
+            .status()
+            .downloads
+            .first()
+            .is_some_and(|d| d.bytes_per_second == 0.0 && d.eta.is_none())
+    })
+    .await;
 
     // Deleted from the window (or `models remove`): unticked, the transfer stopped, and
     // every file gone, the half-fetched one included.

@@ -1043,8 +1043,8 @@ async fn the_models_on_this_pc_are_listed_for_the_window() {
     runtime.shutdown().await;
 
     // A download stopped part way is listed as such at the next start.
-    let manifest = hub_setup.store.ready_path(&ENTRY).unwrap();
-    std::fs::remove_file(manifest.join(UNET)).unwrap();
+    let snapshot = hub_setup.store.ready_path(&ENTRY).unwrap();
+    std::fs::remove_file(snapshot.join(UNET)).unwrap();
     let (_studio, home) = studio_and_home_enabling(&[]).await;
     let runtime = start_with_downloads(&home, &hub_setup);
     let handle = runtime.handle();

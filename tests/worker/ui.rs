@@ -124,6 +124,26 @@ impl Window {
         }
     }
 
+    /// Clicks the widget labelled `label` and draws.
+    fn click(&mut self, label: &str) {
+        self.harness.get_by_label(label).click();
+        self.harness.run();
+    }
+
+    /// Clicks Save and returns the change sent (exactly one save, else the test fails,
+    /// saying whether the tab refused it).
+    fn save(&mut self) -> SettingsChange {
+        self.harness.get_by_label("Save").click();
+        self.harness.run();
+        match self.sent().as_slice() {
+            [Command::SaveSettings(change)] => change.clone(),
+            other => panic!(
+                "expected one save, got {other:?}; refused: {}",
+                self.shows("Not saved")
+            ),
+        }
+    }
+
     fn shows(&self, text: &str) -> bool {
         self.harness.query_by_label_contains(text).is_some()
     }
@@ -358,15 +378,8 @@ fn settings_choose_the_device_used_from_the_next_start() {
     window.harness.run();
     window.harness.get_by_label("CPU only (slow)").click();
     window.harness.run();
-    window.harness.get_by_label("Save").click();
-    window.harness.run();
-    match window.sent().as_slice() {
-        [Command::SaveSettings(change)] => assert_eq!(change.device, DevicePreference::Cpu),
-        other => panic!(
-            "expected one save, got {other:?}; error shown: {}",
-            window.shows("Not saved")
-        ),
-    }
+    let change = window.save();
+    assert_eq!(change.device, DevicePreference::Cpu);
     window.answer(Ok(None));
     assert!(window.shows("Saved. The new device is used after a restart."));
 }
@@ -377,9 +390,7 @@ fn a_save_the_runtime_could_not_write_says_why_not_saved() {
     window.harness.get_by_label("Settings").click();
     window.harness.run();
     replace_text(&mut window, "Worker name", "Alice's desktop");
-    window.harness.get_by_label("Save").click();
-    window.harness.run();
-    assert_eq!(window.sent().len(), 1);
+    assert_eq!(window.save().worker_name, "Alice's desktop");
     window.answer(Err(
         "cannot save settings to /home/alice/.config/studio-worker/config.toml: \
          No space left on device (os error 28)"
@@ -392,13 +403,11 @@ fn a_save_the_runtime_could_not_write_says_why_not_saved() {
     );
 
     // Saving again works once the disk has room.
-    window.harness.get_by_label("Save").click();
-    window.harness.run();
+    window.save();
     assert!(
         !window.shows("Cannot save settings"),
         "the old problem goes"
     );
-    assert_eq!(window.sent().len(), 1);
     window.answer(Ok(None));
     assert!(window.shows("Saved."));
 }
@@ -418,17 +427,8 @@ fn settings_choose_which_catalog_models_to_serve() {
         .get_by_label_contains("SD-Turbo (~2.59 GB download")
         .click();
     window.harness.run();
-    window.harness.get_by_label("Save").click();
-    window.harness.run();
-    match window.sent().as_slice() {
-        [Command::SaveSettings(change)] => {
-            assert_eq!(change.enabled_models, vec!["sdxl-turbo".to_owned()]);
-        }
-        other => panic!(
-            "expected one save, got {other:?}; error shown: {}",
-            window.shows("Not saved")
-        ),
-    }
+    let change = window.save();
+    assert_eq!(change.enabled_models, vec!["sdxl-turbo".to_owned()]);
 }
 
 #[test]
@@ -440,25 +440,20 @@ fn settings_delete_a_models_files_after_a_confirmation() {
         complete: true,
     }];
     let mut window = Window::new(on_disk);
-    window.harness.get_by_label("Settings").click();
-    window.harness.run();
+    window.click("Settings");
     assert!(window.shows("2.59 GB on this PC"));
 
     // One click only asks; Keep changes nothing.
-    window.harness.get_by_label("Delete files…").click();
-    window.harness.run();
+    window.click("Delete files…");
     assert!(window.shows("Delete SD-Turbo's files (2.59 GB)?"));
     assert!(window.sent().is_empty(), "one click deletes nothing");
-    window.harness.get_by_label("Keep").click();
-    window.harness.run();
+    window.click("Keep");
     assert!(!window.shows("Delete SD-Turbo's files"));
     assert!(window.sent().is_empty());
 
     // Delete: the runtime is asked, and the window says so until it answers.
-    window.harness.get_by_label("Delete files…").click();
-    window.harness.run();
-    window.harness.get_by_label("Delete").click();
-    window.harness.run();
+    window.click("Delete files…");
+    window.click("Delete");
     assert_eq!(
         window.sent(),
         vec![Command::RemoveModel {
@@ -477,12 +472,8 @@ fn settings_delete_a_models_files_after_a_confirmation() {
     assert!(window.harness.query_by_label("Delete files…").is_none());
 
     // The runtime unticked it: a later Save does not tick it again.
-    window.harness.get_by_label("Save").click();
-    window.harness.run();
-    match window.sent().as_slice() {
-        [Command::SaveSettings(change)] => assert!(change.enabled_models.is_empty()),
-        other => panic!("expected one save, got {other:?}"),
-    }
+    let change = window.save();
+    assert!(change.enabled_models.is_empty());
 }
 
 #[test]
@@ -506,8 +497,7 @@ fn a_download_under_way_can_be_deleted_and_a_failed_deletion_says_why() {
         complete: false,
     }];
     let mut window = Window::new(downloading);
-    window.harness.get_by_label("Settings").click();
-    window.harness.run();
+    window.click("Settings");
     assert!(window.shows("310 MB of ~2.59 GB on this PC"));
     assert!(window.shows("1.20 GB of ~6.94 GB on this PC"));
     window.set_status(|status| status.models_on_disk.clear());
@@ -516,10 +506,8 @@ fn a_download_under_way_can_be_deleted_and_a_failed_deletion_says_why() {
         1,
         "nothing of SD-Turbo to delete"
     );
-    window.harness.get_by_label("Delete files…").click();
-    window.harness.run();
-    window.harness.get_by_label("Delete").click();
-    window.harness.run();
+    window.click("Delete files…");
+    window.click("Delete");
     assert_eq!(
         window.sent(),
         vec![Command::RemoveModel {
@@ -960,20 +948,10 @@ fn the_policy_settings_save_with_the_rest() {
     window.harness.run();
     window.harness.get_by_label("Save").scroll_to_me();
     window.harness.run();
-    window.harness.get_by_label("Save").click();
-    window.harness.run();
-    match window.sent().as_slice() {
-        [Command::SaveSettings(change)] => {
-            let policy = &change.policy;
-            assert!(policy.only_when_away && policy.use_schedule);
-            assert!(!policy.pause_on_battery);
-            assert_eq!(policy.always_pause_for, vec!["obs64.exe", "resolve"]);
-            assert!(!policy.schedule.allows(6, 3) && policy.schedule.allows(6, 4));
-            assert_eq!(policy.temperature_limit_c, 83, "unchanged: the default");
-        }
-        other => panic!(
-            "expected one save, got {other:?}; error shown: {}",
-            window.shows("Not saved")
-        ),
-    }
+    let policy = window.save().policy;
+    assert!(policy.only_when_away && policy.use_schedule);
+    assert!(!policy.pause_on_battery);
+    assert_eq!(policy.always_pause_for, vec!["obs64.exe", "resolve"]);
+    assert!(!policy.schedule.allows(6, 3) && policy.schedule.allows(6, 4));
+    assert_eq!(policy.temperature_limit_c, 83, "unchanged: the default");
 }

@@ -86,6 +86,14 @@ pub enum ModelState {
     Absent,
 }
 
+/// A catalog model's own files on this PC (see [`ModelStore::own_files`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnFiles {
+    pub bytes: u64,
+    /// Every file is in place (else a download stopped part way or is under way).
+    pub complete: bool,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Manifest {
     repo: String,
@@ -193,6 +201,47 @@ impl ModelStore {
             ModelState::Ready { path, .. } => Some(path),
             _ => None,
         }
+    }
+
+    /// What a removal of the model would delete (the files its manifest, or the list of a
+    /// download under way or stopped, names, and partial files), and whether the model is
+    /// complete; `None` when that is nothing. Another tool's download of the same repository
+    /// is not the worker's to delete, so it is not counted.
+    pub fn own_files(&self, entry: &CatalogEntry) -> Option<OwnFiles> {
+        if let ModelState::Ready { bytes, .. } = self.state(entry) {
+            return Some(OwnFiles {
+                bytes,
+                complete: true,
+            });
+        }
+        let lists = [
+            self.read_manifest(entry.id),
+            Self::read_manifest_at(&self.fetching_path(entry.id)),
+        ];
+        let mut blob_names: Vec<&str> = lists
+            .iter()
+            .flatten()
+            .flat_map(|list| list.files.iter().map(ManifestFile::blob_name))
+            .collect();
+        blob_names.sort_unstable();
+        blob_names.dedup();
+        let size = |path: PathBuf| path.metadata().map_or(0, |metadata| metadata.len());
+        let listed: u64 = blob_names
+            .iter()
+            .map(|name| size(self.cache.blob_path(entry.repo, name)))
+            .sum();
+        let partial: u64 = std::fs::read_dir(self.cache.repo_dir(entry.repo).join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|item| item.file_name().to_string_lossy().ends_with(".incomplete"))
+            .map(|item| size(item.path()))
+            .sum();
+        let bytes = listed + partial;
+        (bytes > 0).then_some(OwnFiles {
+            bytes,
+            complete: false,
+        })
     }
 
     pub fn state(&self, entry: &CatalogEntry) -> ModelState {

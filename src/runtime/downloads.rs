@@ -16,7 +16,7 @@ use crate::config::SharedConfig;
 use crate::engine::Engine;
 use crate::models::catalog::CatalogEntry;
 use crate::models::hub::HubClient;
-use crate::models::store::{DownloadProgress, ModelState, ModelStore, PullError};
+use crate::models::store::{DownloadProgress, ModelStore, PullError};
 use crate::timing::Timing;
 
 /// Where catalog models come from and go to.
@@ -367,18 +367,13 @@ pub(super) async fn publish_models_on_disk(supply: &ModelSupply, status: &Status
     let looked_up = tokio::task::spawn_blocking(move || {
         catalog
             .iter()
-            .filter_map(|entry| match store.state(entry) {
-                ModelState::Ready { bytes, .. } => Some(ModelOnDisk {
+            .filter_map(|entry| {
+                let own = store.own_files(entry)?;
+                Some(ModelOnDisk {
                     model_id: entry.id.to_owned(),
-                    bytes,
-                    complete: true,
-                }),
-                ModelState::Partial { bytes } => Some(ModelOnDisk {
-                    model_id: entry.id.to_owned(),
-                    bytes,
-                    complete: false,
-                }),
-                ModelState::Absent => None,
+                    bytes: own.bytes,
+                    complete: own.complete,
+                })
             })
             .collect::<Vec<_>>()
     })

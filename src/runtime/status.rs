@@ -102,8 +102,8 @@ pub struct WorkerStatus {
     /// Writer: the downloads task. Catalog models being fetched (or that could not be).
     pub downloads: Vec<ModelDownload>,
     /// Writers: the downloads task (at start, and when a download ends or stops), the
-    /// commands task (after a removal). The catalog models with files on this PC, in catalog
-    /// order.
+    /// commands task (after a removal). The catalog models with files of their own on this
+    /// PC (what a removal deletes: not another tool's download), in catalog order.
     #[serde(default)]
     pub models_on_disk: Vec<ModelOnDisk>,
     /// Set at start when the settings file could not be read and was kept aside: where it

@@ -1057,6 +1057,18 @@ async fn the_models_on_this_pc_are_listed_for_the_window() {
     })
     .await;
     runtime.shutdown().await;
+
+    // Another tool's download of the same repository (the cache as it is, without this
+    // worker's lists of its files) is not the worker's to delete: neither listed nor removed.
+    let data_dir = tempfile::tempdir().unwrap();
+    let theirs = ModelStore::new(hub_setup.store.cache().clone(), data_dir.path());
+    assert!(matches!(theirs.state(&ENTRY), ModelState::Partial { .. }));
+    assert_eq!(theirs.own_files(&ENTRY), None);
+    assert_eq!(theirs.remove(&ENTRY).unwrap(), 0);
+    assert!(
+        hub_setup.store.own_files(&ENTRY).is_some(),
+        "all still there"
+    );
 }
 
 /// One runtime thread (the default for `tokio::test`): anything that blocks it stalls every

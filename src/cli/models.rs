@@ -28,7 +28,7 @@ pub enum ModelsCommand {
     /// Download a catalog model (resumes a download that stopped; Ctrl-C stops it).
     Pull { model_id: String },
     /// Delete a catalog model's files (a running worker unticks it and stops serving it
-    /// first).
+    /// first), or stop serving a model folder (its files stay).
     Remove { model_id: String },
     /// Check every file of a downloaded model against the hub's hashes.
     Verify { model_id: String },
@@ -45,31 +45,7 @@ pub fn run(paths: &Paths, command: ModelsCommand) -> anyhow::Result<()> {
     match command {
         ModelsCommand::List { json } => list(paths, &store, json),
         ModelsCommand::Pull { model_id } => pull(&store, entry(&model_id)?),
-        ModelsCommand::Remove { model_id } => {
-            let entry = entry(&model_id)?;
-            // A running worker unticks it, stops serving it, then deletes its files.
-            let command = ControlCommand::RemoveModel {
-                model_id: entry.id.to_owned(),
-            };
-            if let Some(said) = super::ask_running_worker(paths, &command)? {
-                println!(
-                    "{}",
-                    said.unwrap_or_else(|| format!("Removed {}.", entry.id))
-                );
-                return Ok(());
-            }
-            let freed = store.remove(entry)?;
-            println!("Removed {} ({} freed).", entry.id, human::bytes(freed));
-            // Read-only: the settings have one writer, the worker when one runs.
-            if super::read_settings(paths).is_ok_and(|settings| settings.models.enables(entry.id)) {
-                println!(
-                    "{} is still enabled, so the worker downloads it again when it next starts; \
-                     untick it in Settings → Models to keep it off this PC.",
-                    entry.id
-                );
-            }
-            Ok(())
-        }
+        ModelsCommand::Remove { model_id } => remove(paths, &store, &model_id),
         ModelsCommand::Verify { model_id } => {
             let entry = entry(&model_id)?;
             let bad = store.verify(entry)?;
@@ -89,6 +65,77 @@ pub fn run(paths: &Paths, command: ModelsCommand) -> anyhow::Result<()> {
         }
         ModelsCommand::Add { model_id, folder } => add(paths, &model_id, &folder),
     }
+}
+
+/// Deletes a catalog model's files, or leaves a model folder out of `[models.local]` (its
+/// files are the person's). A running worker does either itself: it stops serving the model
+/// first, and it is the settings' one writer.
+fn remove(paths: &Paths, store: &ModelStore, model_id: &str) -> anyhow::Result<()> {
+    let settings = super::read_settings(paths).ok();
+    let local = settings
+        .as_ref()
+        .and_then(|settings| settings.models.local.get(model_id).cloned());
+    // A model folder first: it is what the worker serves under that id.
+    let removing = match (local, catalog::find(model_id)) {
+        (Some(folder), _) => Removing::Folder(folder),
+        (None, Some(entry)) => Removing::Catalog(entry),
+        (None, None) => {
+            let known: Vec<&str> = CATALOG.iter().map(|entry| entry.id).collect();
+            let folders: Vec<String> = settings
+                .map(|settings| settings.models.local.into_keys().collect())
+                .unwrap_or_default();
+            return Err(anyhow::Error::new(UsageError(format!(
+                "no catalog model or model folder is called {model_id:?} (the catalog has: \
+                 {}; the model folders: {})",
+                known.join(", "),
+                if folders.is_empty() {
+                    "none".to_owned()
+                } else {
+                    folders.join(", ")
+                }
+            ))));
+        }
+    };
+    let command = ControlCommand::RemoveModel {
+        model_id: model_id.to_owned(),
+    };
+    if let Some(said) = super::ask_running_worker(paths, &command)? {
+        println!("{}", said.unwrap_or_else(|| format!("Removed {model_id}.")));
+        return Ok(());
+    }
+    match removing {
+        Removing::Folder(folder) => {
+            let mut settings = config::load(&paths.config_file)?.config;
+            settings.models.local.remove(model_id);
+            config::save(&paths.config_file, &settings)?;
+            println!(
+                "Stopped serving {model_id} from the worker's next start; its folder {} stays \
+                 as it is.",
+                folder.display()
+            );
+        }
+        Removing::Catalog(entry) => {
+            let freed = store.remove(entry)?;
+            println!("Removed {} ({} freed).", entry.id, human::bytes(freed));
+            // Read-only: the settings have one writer, the worker when one runs.
+            if super::read_settings(paths).is_ok_and(|settings| settings.models.enables(entry.id)) {
+                println!(
+                    "{} is still enabled, so the worker downloads it again when it next \
+                     starts; untick it in Settings → Models to keep it off this PC.",
+                    entry.id
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `models remove` takes away.
+enum Removing {
+    /// A model folder, left out of `[models.local]` (its files stay).
+    Folder(PathBuf),
+    /// A catalog model's files.
+    Catalog(&'static CatalogEntry),
 }
 
 /// The model store over the standard Hugging Face cache and this worker's data folder.

@@ -39,8 +39,10 @@ pub enum Command {
         model_id: String,
         folder: std::path::PathBuf,
     },
-    /// Delete a catalog model's files (`studio-worker models remove`): unticked and no
-    /// longer served first, so it is neither claimed meanwhile nor downloaded again.
+    /// Delete a catalog model's files (`studio-worker models remove`, Settings' "Delete
+    /// files…"): unticked and no longer served first, so it is neither claimed meanwhile nor
+    /// downloaded again. For a model folder: stop serving it (`[models.local]`); its files
+    /// are the person's and stay.
     RemoveModel { model_id: String },
     /// Another launch wants this instance's window brought forward.
     ShowWindow,
@@ -188,13 +190,7 @@ pub(super) async fn run(task: CommandsTask) {
                 &status,
             )
             .await
-            .map(|freed| {
-                done_note = Some(format!(
-                    "Removed {model_id} ({} freed); it is unticked in Settings, so it is \
-                             not downloaded again.",
-                    crate::human::bytes(freed)
-                ));
-            })
+            .map(|note| done_note = Some(note))
             .map_err(CommandError::from),
             Command::RetryUploads => {
                 retry_uploads.notify_waiters();
@@ -255,14 +251,11 @@ enum CommandError {
     Remove(#[from] RemoveModelError),
 }
 
-/// Why a catalog model's files were not (all) deleted.
+/// Why a catalog model's files were not (all) deleted, or a model folder not left out.
 #[derive(Debug, thiserror::Error)]
 enum RemoveModelError {
-    #[error(
-        "{0} is not a catalog model this worker downloads (a local folder is left out in \
-         Settings; its files are yours)"
-    )]
-    NotCatalog(String),
+    #[error("no catalog model this worker downloads, and no model folder, is called {0}")]
+    Unknown(String),
     #[error(transparent)]
     Files(#[from] PullError),
     #[error("the removal stopped before it finished: {0}")]
@@ -337,8 +330,9 @@ async fn add_local_model(
 /// transfer stops at its next chunk, well within this).
 const DOWNLOAD_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Unticks `model_id`, stops serving it and its download, then deletes its files; returns
-/// the bytes freed.
+/// Unticks a catalog model, stops serving it and its download, then deletes its files; or
+/// leaves a model folder out (its files are the person's, and stay). Returns what was done,
+/// in words.
 async fn remove_model(
     config: &SharedConfig,
     engine: Option<&Arc<dyn Engine>>,
@@ -346,12 +340,32 @@ async fn remove_model(
     mut coming: watch::Receiver<Vec<String>>,
     model_id: &str,
     status: &StatusSender,
-) -> Result<u64, RemoveModelError> {
+) -> Result<String, RemoveModelError> {
+    if let Some(folder) = config.snapshot().models.local.get(model_id).cloned() {
+        let left_out = model_id.to_owned();
+        config
+            .apply(move |c| {
+                c.models.local.remove(&left_out);
+            })
+            .await?;
+        if let Some(engine) = engine {
+            stop_serving_unticked(config, engine, status).await;
+        }
+        // Given to serve no more, so no longer shown as refused either.
+        status.send_modify(|s| {
+            s.models_refused
+                .retain(|refused| refused.model_id != model_id);
+        });
+        return Ok(format!(
+            "Stopped serving {model_id}; its folder {} stays as it is.",
+            folder.display()
+        ));
+    }
     let Some((supply, entry)) = supply.and_then(|supply| {
         let entry = supply.catalog.iter().find(|entry| entry.id == model_id)?;
         Some((supply, *entry))
     }) else {
-        return Err(RemoveModelError::NotCatalog(model_id.to_owned()));
+        return Err(RemoveModelError::Unknown(model_id.to_owned()));
     };
     let unticked = model_id.to_owned();
     config
@@ -382,11 +396,16 @@ async fn remove_model(
         .map_err(RemoveModelError::from);
     // What is left on disk, a removal that stopped part way included.
     super::downloads::publish_models_on_disk(supply, status).await;
-    removed
+    let freed = removed?;
+    Ok(format!(
+        "Removed {model_id} ({} freed); it is unticked in Settings, so it is not downloaded \
+         again.",
+        crate::human::bytes(freed)
+    ))
 }
 
-/// Stops serving what the saved settings no longer ask for (a catalog model unticked; the
-/// local folders stay), so the worker neither advertises nor claims it from now on.
+/// Stops serving what the saved settings no longer ask for (a catalog model unticked, a
+/// model folder left out), so the worker neither advertises nor claims it from now on.
 async fn stop_serving_unticked(
     config: &SharedConfig,
     engine: &Arc<dyn Engine>,
@@ -407,7 +426,9 @@ async fn stop_serving_unticked(
     // Forgetting may wait for a model being loaded: off the async threads.
     let ready = tokio::task::spawn_blocking(move || {
         for model_id in &unticked {
-            tracing::info!("{model_id} is no longer served: unticked in the settings");
+            tracing::info!(
+                "{model_id} is no longer served: unticked (or its folder left out) in the settings"
+            );
             engine.forget(model_id);
         }
         engine.ready_models()

@@ -216,18 +216,28 @@ struct AddingModel {
 #[derive(Debug)]
 struct ModelRemoval {
     model_id: String,
+    /// A model folder left out (its files stay), not a catalog model's files deleted.
+    folder: bool,
     stage: RemovalStage,
 }
 
 #[derive(Debug)]
 enum RemovalStage {
     /// Asking "Delete …'s files?", with what they take.
-    Confirming {
-        bytes: u64,
-    },
-    Deleting(PendingOutcome),
+    Confirming { bytes: u64 },
+    /// Sent; the runtime has not answered yet.
+    Waiting(PendingOutcome),
     /// What the runtime said (how much was freed, or why not all of it).
     Done(CommandOutcome),
+}
+
+impl SettingsForm {
+    /// Whether a removal is being confirmed or carried out (one at a time).
+    fn removing(&self) -> bool {
+        self.removal
+            .as_ref()
+            .is_some_and(|removal| !matches!(removal.stage, RemovalStage::Done(_)))
+    }
 }
 
 /// What a folder picked in the Settings tab is for.
@@ -275,7 +285,7 @@ pub fn settings_tab_ui(
             ui.end_row();
         });
     models_ui(ui, form, status, actions);
-    local_models_ui(ui, form, local_models);
+    local_models_ui(ui, form, local_models, actions);
     ui.checkbox(
         &mut form.unload_when_paused,
         "Give the GPU memory back while paused",
@@ -384,7 +394,7 @@ fn models_ui(
 ) {
     // Before the rows: a deletion's outcome enables their buttons again in this frame.
     if let Some(removal) = &mut form.removal
-        && let RemovalStage::Deleting(pending) = &mut removal.stage
+        && let RemovalStage::Waiting(pending) = &mut removal.stage
         && let Some(outcome) = pending.poll()
     {
         removal.stage = RemovalStage::Done(outcome);
@@ -409,14 +419,11 @@ fn models_ui(
                 }
                 if let Some((bytes, words)) = on_disk {
                     ui.weak(words);
-                    let busy = form
-                        .removal
-                        .as_ref()
-                        .is_some_and(|removal| !matches!(removal.stage, RemovalStage::Done(_)));
                     let delete = egui::Button::new("Delete files…").small();
-                    if ui.add_enabled(!busy, delete).clicked() {
+                    if ui.add_enabled(!form.removing(), delete).clicked() {
                         form.removal = Some(ModelRemoval {
                             model_id: entry.id.to_owned(),
+                            folder: false,
                             stage: RemovalStage::Confirming { bytes },
                         });
                     }
@@ -425,7 +432,7 @@ fn models_ui(
             if form
                 .removal
                 .as_ref()
-                .is_some_and(|removal| removal.model_id == entry.id)
+                .is_some_and(|removal| removal.model_id == entry.id && !removal.folder)
             {
                 ui.indent(("removal", entry.id), |ui| {
                     removal_ui(ui, form, entry, actions);
@@ -498,7 +505,7 @@ fn removal_ui(
                 let command = Command::RemoveModel {
                     model_id: entry.id.to_owned(),
                 };
-                removal.stage = RemovalStage::Deleting(PendingOutcome::ask(command, actions));
+                removal.stage = RemovalStage::Waiting(PendingOutcome::ask(command, actions));
                 // The runtime unticks it; the edit buffer agrees, or the next Save would tick
                 // it again.
                 form.enabled_models.retain(|id| id != entry.id);
@@ -506,7 +513,7 @@ fn removal_ui(
                 form.removal = None;
             }
         }
-        RemovalStage::Deleting(_) => {
+        RemovalStage::Waiting(_) => {
             ui.label(format!("Deleting {name}'s files…"));
         }
         RemovalStage::Done(Ok(note)) => {
@@ -524,12 +531,13 @@ fn removal_ui(
     }
 }
 
-/// The folders served from this PC, and a button to add one (checked by the runtime, then
-/// served at once).
+/// The folders served from this PC, each with a button to stop serving it (its files stay),
+/// and a button to add one (checked by the runtime, then served at once).
 fn local_models_ui(
     ui: &mut egui::Ui,
     form: &mut SettingsForm,
     local_models: &std::collections::BTreeMap<String, std::path::PathBuf>,
+    actions: &mut Vec<UiAction>,
 ) {
     ui.horizontal(|ui| {
         ui.label("Model folders on this PC:");
@@ -543,7 +551,48 @@ fn local_models_ui(
             ui.weak("none");
         }
         for (model_id, folder) in local_models {
-            ui.label(format!("{model_id} — {}", folder.display()));
+            ui.horizontal(|ui| {
+                ui.label(format!("{model_id} — {}", folder.display()));
+                let stop = egui::Button::new("Stop serving").small();
+                if ui
+                    .add_enabled(!form.removing(), stop)
+                    .on_hover_text("The folder and its files stay as they are.")
+                    .clicked()
+                {
+                    let command = Command::RemoveModel {
+                        model_id: model_id.clone(),
+                    };
+                    form.removal = Some(ModelRemoval {
+                        model_id: model_id.clone(),
+                        folder: true,
+                        stage: RemovalStage::Waiting(PendingOutcome::ask(command, actions)),
+                    });
+                }
+            });
+        }
+        // Below the list: a folder left out has no row any more.
+        if let Some(removal) = &form.removal
+            && removal.folder
+        {
+            match &removal.stage {
+                RemovalStage::Confirming { .. } => {}
+                RemovalStage::Waiting(_) => {
+                    ui.label(format!("Leaving {} out…", removal.model_id));
+                }
+                RemovalStage::Done(Ok(note)) => {
+                    ui.label(
+                        note.clone().unwrap_or_else(|| {
+                            format!("{} is no longer served.", removal.model_id)
+                        }),
+                    );
+                }
+                RemovalStage::Done(Err(problem)) => {
+                    ui.colored_label(
+                        ui.visuals().error_fg_color,
+                        format!("Still served: {problem}"),
+                    );
+                }
+            }
         }
     });
     if let Some(adding) = &mut form.adding_model {

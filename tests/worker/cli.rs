@@ -628,6 +628,24 @@ fn models_add_checks_the_folder_tensor_by_tensor_before_serving_it() {
     let turbo = listed_model(&rows, "sd-turbo");
     assert_eq!(turbo["state"], "not downloaded");
     assert!(turbo["size_bytes"].as_u64().unwrap() > 2_000_000_000);
+
+    // Removed again (no worker runs): left out of the settings, its files where they were.
+    let removed = run(worker(&home.config_path()).args(["models", "remove", "mine"]));
+    assert!(removed.status.success(), "{}", text(&removed.stderr));
+    assert!(
+        text(&removed.stdout).contains("Stopped serving mine"),
+        "{}",
+        text(&removed.stdout)
+    );
+    assert!(home.on_disk().models.local.is_empty());
+    assert!(tiny_fixture("tiny-sd1").join("model_index.json").exists());
+    let unknown = run(worker(&home.config_path()).args(["models", "remove", "mine"]));
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown.stderr));
+    assert!(
+        text(&unknown.stderr).contains("no catalog model or model folder is called \"mine\""),
+        "{}",
+        text(&unknown.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -877,6 +877,82 @@ async fn a_model_folder_added_from_the_window_is_checked_then_served_at_once() {
     runtime.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_folder_left_out_is_no_longer_served_and_its_files_stay() {
+    let studio = TestStudio::start().await;
+    studio.set_decision(Decision::ApproveAfterPolls(1));
+    let home = WorkerHome::new();
+    let mut settings: Config = home.write_config(&studio.url());
+    // "mine" serves; "gone" is a folder that is not a model (refused at start).
+    let empty = tempfile::tempdir().unwrap();
+    let local = BTreeMap::from([
+        ("mine".to_owned(), fixture()),
+        ("gone".to_owned(), empty.path().to_owned()),
+    ]);
+    settings.models.local = local.clone();
+    config::save(&home.config_path(), &settings).unwrap();
+    let cpu = device::select(DevicePreference::Cpu).unwrap();
+    let (engine, _) = CandleEngine::new(cpu, &local, 0);
+    let engine = Arc::new(engine);
+    let runtime = home.start_runtime_with(fast_timing(), Some(engine.clone()));
+    let handle = runtime.handle();
+    eventually("mine advertised", PATIENCE, || {
+        advertised(&studio) == Some(serde_json::json!([{ "id": "mine", "ready": true }]))
+    })
+    .await;
+    assert!(
+        handle
+            .status()
+            .models_refused
+            .iter()
+            .any(|refused| refused.model_id == "gone")
+    );
+
+    let ask = |model_id: &str| {
+        let (outcome, answer) = tokio::sync::oneshot::channel();
+        handle.ask(
+            Command::RemoveModel {
+                model_id: model_id.into(),
+            },
+            outcome,
+        );
+        async move {
+            tokio::time::timeout(PATIENCE, answer)
+                .await
+                .expect("answered in time")
+                .expect("answered")
+        }
+    };
+    let said = ask("mine").await.expect("left out").expect("a note");
+    assert!(
+        said.starts_with("Stopped serving mine; its folder "),
+        "{said}"
+    );
+    assert!(engine.ready_models().is_empty(), "no longer served");
+    eventually("no longer advertised", PATIENCE, || {
+        advertised(&studio) == Some(serde_json::json!([]))
+    })
+    .await;
+    assert!(
+        fixture().join("model_index.json").exists(),
+        "its files stay"
+    );
+
+    // A refused folder left out is no longer shown as refused.
+    ask("gone").await.expect("left out");
+    assert!(handle.status().models_refused.is_empty());
+    assert!(home.on_disk().models.local.is_empty());
+
+    let unknown = ask("mine").await.expect_err("nothing called mine any more");
+    assert!(
+        unknown.contains(
+            "no catalog model this worker downloads, and no model folder, is called mine"
+        ),
+        "{unknown}"
+    );
+    runtime.shutdown().await;
+}
+
 /// The models the worker's last heartbeat advertised.
 fn advertised(studio: &TestStudio) -> Option<serde_json::Value> {
     studio.workers().iter().find_map(|worker| {

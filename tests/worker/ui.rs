@@ -42,8 +42,13 @@ struct Window {
 
 impl Window {
     fn new(status: WorkerStatus) -> Self {
+        Self::with_settings(status, Config::default())
+    }
+
+    /// A window over `settings` (what the worker's config holds).
+    fn with_settings(status: WorkerStatus, settings: Config) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = SharedConfig::new(dir.path().join("config.toml"), Config::default());
+        let config = SharedConfig::new(dir.path().join("config.toml"), settings);
         let (status_sender, status_receiver) = watch::channel(status);
         let (command_sender, commands) = mpsc::channel(32);
         let (asked_sender, asked) = mpsc::channel(8);
@@ -536,6 +541,39 @@ fn a_download_under_way_can_be_deleted_and_a_failed_deletion_says_why() {
             .is_disabled(),
         "it can be tried again"
     );
+}
+
+#[test]
+fn settings_stop_serving_a_model_folder_and_leave_its_files() {
+    let mut settings = Config::default();
+    settings.models.local.insert(
+        "my-finetune".into(),
+        "/home/alice/models/my-finetune".into(),
+    );
+    let mut window = Window::with_settings(approved(), settings);
+    window.click("Settings");
+    assert!(window.shows("my-finetune — /home/alice/models/my-finetune"));
+    window.click("Stop serving");
+    assert_eq!(
+        window.sent(),
+        vec![Command::RemoveModel {
+            model_id: "my-finetune".into()
+        }]
+    );
+    assert!(window.shows("Leaving my-finetune out…"));
+    assert!(
+        window
+            .harness
+            .get_by_label("Stop serving")
+            .accesskit_node()
+            .is_disabled(),
+        "one removal at a time"
+    );
+    window.answer(Ok(Some(
+        "Stopped serving my-finetune; its folder /home/alice/models/my-finetune stays as it is."
+            .into(),
+    )));
+    assert!(window.shows("Stopped serving my-finetune; its folder"));
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! A model counts as ready only when its manifest (`<data>/models/<id>.json`, written last,
 //! atomically) exists and every file it lists is in the cache with its size. The manifest
 //! holds each file's hash, so `verify` works offline, and a worker with a complete cache
-//! starts without any network.
+//! starts without any network. A download lists its files first (`<id>.fetching.json`), so
+//! a removal finds what one that stopped part way fetched; and one process at a time
+//! downloads, verifies or removes a model (`<id>.lock`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -58,6 +60,11 @@ pub enum PullError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{0} is being downloaded by another studio-worker (the running worker, or \
+         `studio-worker models pull`); it carries on there"
+    )]
+    Busy(String),
 }
 
 /// Where a download is, for the window and the terminal.
@@ -84,6 +91,12 @@ pub enum ModelState {
         bytes: u64,
     },
     Absent,
+}
+
+/// The right to download or remove one model, until dropped (the OS lets go of the lock
+/// with the file, a crashed process's too).
+struct ModelClaim {
+    _file: Option<std::fs::File>,
 }
 
 /// A catalog model's own files on this PC (see [`ModelStore::own_files`]).
@@ -173,6 +186,28 @@ impl ModelStore {
 
     pub fn cache(&self) -> &HubCache {
         &self.cache
+    }
+
+    /// Held by whoever downloads, verifies or removes the model, one at a time across
+    /// processes: two transfers appending to the same partial file would spoil it for both,
+    /// and a removal under a download would leave its next file behind.
+    fn claim(&self, model_id: &str) -> Result<ModelClaim, PullError> {
+        std::fs::create_dir_all(&self.manifests)?;
+        let path = self.manifests.join(format!("{model_id}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(ModelClaim { _file: Some(file) }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(PullError::Busy(model_id.to_owned())),
+            // A file system without locks: go on unguarded, as before locks were taken.
+            Err(std::fs::TryLockError::Error(error)) => {
+                tracing::debug!("no lock on {}: {error}", path.display());
+                Ok(ModelClaim { _file: None })
+            }
+        }
     }
 
     fn manifest_path(&self, model_id: &str) -> PathBuf {
@@ -281,6 +316,7 @@ impl ModelStore {
         on_progress: &mut (dyn FnMut(&DownloadProgress) + Send),
         cancel: &CancellationToken,
     ) -> Result<PathBuf, PullError> {
+        let _claim = self.claim(entry.id)?;
         let info = hub.repo_info(entry.repo, entry.revision).await?;
         let paths: Vec<&str> = info.files.iter().map(|file| file.path.as_str()).collect();
         let needed_paths = catalog::needed_files(&paths, entry.prefer_fp16);
@@ -511,6 +547,7 @@ impl ModelStore {
     /// model stops counting as ready, so the next pull fetches it again; one that cannot be
     /// deleted is an error, and the model is left as it was.
     pub fn verify(&self, entry: &CatalogEntry) -> Result<Vec<BadFile>, PullError> {
+        let _claim = self.claim(entry.id)?;
         let Some(manifest) = self.read_manifest(entry.id) else {
             return Err(PullError::Unusable(format!(
                 "{} is not downloaded",
@@ -564,6 +601,7 @@ impl ModelStore {
     /// again later finishes it; the model does not count as ready in between. While a worker
     /// runs, it is the one that removes (it stops serving the model first).
     pub fn remove(&self, entry: &CatalogEntry) -> Result<u64, PullError> {
+        let _claim = self.claim(entry.id)?;
         let repo_dir = self.cache.repo_dir(entry.repo);
         let delete = |path: &Path| -> Result<(), PullError> {
             match std::fs::remove_file(path) {

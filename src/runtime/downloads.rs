@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::StatusSender;
 use super::status::{ModelDownload, ModelOnDisk};
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, BackoffPolicy};
 use crate::config::SharedConfig;
 use crate::engine::Engine;
 use crate::models::catalog::CatalogEntry;
@@ -112,6 +112,10 @@ impl Downloads {
     /// Fetches one model until it is served or cannot be; `false` when the worker is stopping.
     async fn fetch(&self, entry: &CatalogEntry) -> bool {
         let mut backoff = Backoff::new(self.timing.backoff);
+        let mut busy = Backoff::new(BackoffPolicy {
+            base: self.timing.backoff.base,
+            cap: self.timing.backoff.base * 10,
+        });
         self.coming.send_modify(|coming| {
             if !coming.iter().any(|model_id| model_id == entry.id) {
                 coming.push(entry.id.to_owned());
@@ -223,6 +227,23 @@ impl Downloads {
                     }
                     self.set_download(entry.id, |download| {
                         download.problem = Some(format!("{error}; resuming soon"));
+                    });
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(wait) => {}
+                        () = unticked(&self.config, entry.id) => {}
+                    }
+                }
+                Err(error @ PullError::Busy(_)) => {
+                    // Another process has it (`models pull`): tried again soon, since trying
+                    // costs only a lock. Once that download is done, this one finds every file
+                    // here and serves the model.
+                    let wait = busy.next_delay(None);
+                    if busy.failures() == 1 {
+                        tracing::info!("{error}; waiting for it");
+                    }
+                    self.set_download(entry.id, |download| {
+                        download.problem = Some(format!("{error}; waiting for it"));
                     });
                     tokio::select! {
                         () = self.shutdown.cancelled() => return false,

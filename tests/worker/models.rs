@@ -953,6 +953,87 @@ async fn a_model_folder_left_out_is_no_longer_served_and_its_files_stay() {
     runtime.shutdown().await;
 }
 
+/// A pull of `ENTRY` started in the background whose UNet transfer stalls: it holds the
+/// model (as another process's `models pull` would) until `cancel` stops it.
+async fn a_stalled_pull(
+    setup: &Setup,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<PathBuf, PullError>> {
+    setup.hub.stall_next_transfer(UNET, 100_000);
+    let first = tokio::spawn({
+        let (store, client, cancel) = (setup.store.clone(), setup.client.clone(), cancel.clone());
+        async move { store.pull(&client, &ENTRY, &mut |_| {}, &cancel).await }
+    });
+    eventually("the stalled pull is fetching the UNet", PATIENCE, || {
+        setup
+            .hub
+            .downloads()
+            .iter()
+            .any(|download| download.path == UNET)
+    })
+    .await;
+    first
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_download_of_a_model_at_a_time_across_processes() {
+    let setup = setup().await;
+    let cancel = CancellationToken::new();
+    let first = a_stalled_pull(&setup, &cancel).await;
+
+    // Another download of it (the lock is per open file, so this process stands in for
+    // another) is refused at once, before it touches a file; so are a removal and a verify.
+    let transfers = setup.hub.downloads().len();
+    let second = pull(&setup).await.0;
+    assert!(
+        matches!(&second, Err(PullError::Busy(model_id)) if model_id == "tiny"),
+        "{second:?}"
+    );
+    assert_eq!(setup.hub.downloads().len(), transfers, "nothing fetched");
+    assert!(matches!(
+        setup.store.remove(&ENTRY),
+        Err(PullError::Busy(_))
+    ));
+    assert!(matches!(
+        setup.store.verify(&ENTRY),
+        Err(PullError::Busy(_))
+    ));
+
+    // Once the first has stopped, the next one carries on from what it fetched.
+    cancel.cancel();
+    first.await.unwrap().expect_err("stopped");
+    pull(&setup).await.0.expect("pulls");
+    assert!(setup.store.ready_path(&ENTRY).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_waits_for_another_download_of_its_model_then_serves_it() {
+    let hub_setup = setup().await;
+    let cancel = CancellationToken::new();
+    let outside = a_stalled_pull(&hub_setup, &cancel).await;
+    let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
+    let runtime = start_with_downloads(&home, &hub_setup);
+    let handle = runtime.handle();
+    eventually("the wait is shown", PATIENCE, || {
+        handle.status().downloads.iter().any(|download| {
+            download.problem.as_deref().is_some_and(|problem| {
+                problem.contains("being downloaded by another studio-worker")
+            })
+        })
+    })
+    .await;
+
+    // `models pull` stopped (Ctrl-C): the worker takes over, and serves the model.
+    cancel.cancel();
+    outside.await.unwrap().expect_err("stopped");
+    eventually("served", PATIENCE, || {
+        advertised(&studio) == Some(serde_json::json!([{ "id": "tiny", "ready": true }]))
+    })
+    .await;
+    assert!(handle.status().downloads.is_empty());
+    runtime.shutdown().await;
+}
+
 /// The models the worker's last heartbeat advertised.
 fn advertised(studio: &TestStudio) -> Option<serde_json::Value> {
     studio.workers().iter().find_map(|worker| {

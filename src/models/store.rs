@@ -61,8 +61,8 @@ pub enum PullError {
         source: std::io::Error,
     },
     #[error(
-        "{0} is being downloaded by another studio-worker (the running worker, or \
-         `studio-worker models pull`); it carries on there"
+        "another studio-worker process (the running worker, or a `models` command) is \
+         downloading, verifying or removing {0} now; try again once it is done"
     )]
     Busy(String),
 }

@@ -225,13 +225,11 @@ impl Downloads {
                             crate::human::duration(wait)
                         );
                     }
-                    self.set_download(entry.id, |download| {
-                        download.problem = Some(format!("{error}; resuming soon"));
-                    });
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return false,
-                        () = tokio::time::sleep(wait) => {}
-                        () = unticked(&self.config, entry.id) => {}
+                    if !self
+                        .retry_after(entry.id, format!("{error}; resuming soon"), wait)
+                        .await
+                    {
+                        return false;
                     }
                 }
                 Err(error @ PullError::Busy(_)) => {
@@ -240,15 +238,13 @@ impl Downloads {
                     // here and serves the model.
                     let wait = busy.next_delay(None);
                     if busy.failures() == 1 {
-                        tracing::info!("{error}; waiting for it");
+                        tracing::info!("{error} (this worker waits for it)");
                     }
-                    self.set_download(entry.id, |download| {
-                        download.problem = Some(format!("{error}; waiting for it"));
-                    });
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return false,
-                        () = tokio::time::sleep(wait) => {}
-                        () = unticked(&self.config, entry.id) => {}
+                    let problem = "another studio-worker process (`models pull`) is \
+                                   downloading it; this download waits for it"
+                        .to_owned();
+                    if !self.retry_after(entry.id, problem, wait).await {
+                        return false;
                     }
                 }
                 Err(error) => {
@@ -261,6 +257,17 @@ impl Downloads {
             }
         }
         true
+    }
+
+    /// Shows why `model_id`'s download waits, then waits `wait`, or less if it is unticked
+    /// meanwhile; `false` when the worker is stopping.
+    async fn retry_after(&self, model_id: &str, problem: String, wait: Duration) -> bool {
+        self.set_download(model_id, |download| download.problem = Some(problem));
+        tokio::select! {
+            () = self.shutdown.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+            () = unticked(&self.config, model_id) => true,
+        }
     }
 
     /// Whether the settings still enable `model_id`.

@@ -908,22 +908,10 @@ async fn a_model_folder_left_out_is_no_longer_served_and_its_files_stay() {
             .any(|refused| refused.model_id == "gone")
     );
 
-    let ask = |model_id: &str| {
-        let (outcome, answer) = tokio::sync::oneshot::channel();
-        handle.ask(
-            Command::RemoveModel {
-                model_id: model_id.into(),
-            },
-            outcome,
-        );
-        async move {
-            tokio::time::timeout(PATIENCE, answer)
-                .await
-                .expect("answered in time")
-                .expect("answered")
-        }
-    };
-    let said = ask("mine").await.expect("left out").expect("a note");
+    let said = remove(&handle, "mine")
+        .await
+        .expect("left out")
+        .expect("a note");
     assert!(
         said.starts_with("Stopped serving mine; its folder "),
         "{said}"
@@ -939,11 +927,13 @@ async fn a_model_folder_left_out_is_no_longer_served_and_its_files_stay() {
     );
 
     // A refused folder left out is no longer shown as refused.
-    ask("gone").await.expect("left out");
+    remove(&handle, "gone").await.expect("left out");
     assert!(handle.status().models_refused.is_empty());
     assert!(home.on_disk().models.local.is_empty());
 
-    let unknown = ask("mine").await.expect_err("nothing called mine any more");
+    let unknown = remove(&handle, "mine")
+        .await
+        .expect_err("nothing called mine any more");
     assert!(
         unknown.contains(
             "no catalog model this worker downloads, and no model folder, is called mine"
@@ -964,7 +954,13 @@ async fn a_stalled_pull(
         let (store, client, cancel) = (setup.store.clone(), setup.client.clone(), cancel.clone());
         async move { store.pull(&client, &ENTRY, &mut |_| {}, &cancel).await }
     });
-    eventually("the stalled pull is fetching the UNet", PATIENCE, || {
+    until_the_unet_is_fetched(setup).await;
+    first
+}
+
+/// Returns once the hub was asked for the UNet (which a test may have it stall).
+async fn until_the_unet_is_fetched(setup: &Setup) {
+    eventually("the UNet is being fetched", PATIENCE, || {
         setup
             .hub
             .downloads()
@@ -972,7 +968,24 @@ async fn a_stalled_pull(
             .any(|download| download.path == UNET)
     })
     .await;
-    first
+}
+
+/// `RemoveModel` through the window's door, and what came of it.
+async fn remove(
+    handle: &studio_worker::runtime::RuntimeHandle,
+    model_id: &str,
+) -> studio_worker::runtime::CommandOutcome {
+    let (outcome, answer) = tokio::sync::oneshot::channel();
+    handle.ask(
+        Command::RemoveModel {
+            model_id: model_id.into(),
+        },
+        outcome,
+    );
+    tokio::time::timeout(PATIENCE, answer)
+        .await
+        .expect("answered in time")
+        .expect("answered")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1017,7 +1030,7 @@ async fn the_worker_waits_for_another_download_of_its_model_then_serves_it() {
     eventually("the wait is shown", PATIENCE, || {
         handle.status().downloads.iter().any(|download| {
             download.problem.as_deref().is_some_and(|problem| {
-                problem.contains("being downloaded by another studio-worker")
+                problem.contains("process (`models pull`) is downloading it")
             })
         })
     })
@@ -1106,14 +1119,7 @@ async fn a_model_removed_mid_download_stops_its_transfer_and_leaves_nothing_behi
     let (studio, home) = studio_and_home_enabling(&["tiny"]).await;
     let runtime = start_with_downloads(&home, &hub_setup);
     let handle = runtime.handle();
-    eventually("the UNet is being fetched", PATIENCE, || {
-        hub_setup
-            .hub
-            .downloads()
-            .iter()
-            .any(|download| download.path == UNET)
-    })
-    .await;
+    until_the_unet_is_fetched(&hub_setup).await;
     eventually("announced as coming", PATIENCE, || {
         advertised(&studio) == Some(serde_json::json!([{ "id": "tiny", "ready": false }]))
     })
@@ -1141,18 +1147,10 @@ async fn a_model_removed_mid_download_stops_its_transfer_and_leaves_nothing_behi
 
     // Deleted from the window (or `models remove`): unticked, the transfer stopped, and
     // every file gone, the half-fetched one included.
-    let (outcome, answer) = tokio::sync::oneshot::channel();
-    handle.ask(
-        Command::RemoveModel {
-            model_id: "tiny".into(),
-        },
-        outcome,
-    );
-    let said = tokio::time::timeout(PATIENCE, answer)
+    let note = remove(&handle, "tiny")
         .await
-        .expect("answered in time")
-        .expect("answered");
-    let note = said.expect("removed").expect("says what it freed");
+        .expect("removed")
+        .expect("says what it freed");
     assert!(note.starts_with("Removed tiny ("), "{note}");
     assert_eq!(hub_setup.store.state(&ENTRY), ModelState::Absent);
     let repo_dir = hub_setup.store.cache().repo_dir(REPO);

@@ -45,6 +45,9 @@ pub struct Timing {
     /// stop it within 2 s), and while it is paused by the person or the studio anyway.
     pub policy_tick: Duration,
     pub policy_paused_tick: Duration,
+    /// How often the models on this PC are looked up again while no download runs (what a
+    /// `models pull` or `models remove` from the terminal changed, for Settings).
+    pub models_on_disk_refresh: Duration,
 }
 
 /// Engine failures in a row after which the worker stops claiming for a while, instead of
@@ -78,6 +81,7 @@ impl Timing {
         give_up_refused_upload_after: Duration::from_secs(7 * 24 * 60 * 60),
         policy_tick: Duration::from_secs(1),
         policy_paused_tick: Duration::from_secs(5),
+        models_on_disk_refresh: Duration::from_secs(60),
     };
 }
 

@@ -96,6 +96,12 @@ pub(super) async fn run(task: Downloads) {
             tokio::select! {
                 () = task.shutdown.cancelled() => return,
                 changed = changes.changed() => if changed.is_err() { return },
+                // What a `models pull` or `models remove` from the terminal changed
+                // meanwhile (a lookup of a few folders).
+                () = tokio::time::sleep(task.timing.models_on_disk_refresh) => {
+                    publish_models_on_disk(&task.supply, &task.status).await;
+                    continue;
+                }
             }
             let now_enabled = changes.borrow().models.enabled.clone();
             for model_id in enabled.iter().filter(|id| !now_enabled.contains(id)) {

@@ -101,8 +101,8 @@ pub struct WorkerStatus {
     pub models_refused: Vec<crate::engine::RefusedModel>,
     /// Writer: the downloads task. Catalog models being fetched (or that could not be).
     pub downloads: Vec<ModelDownload>,
-    /// Writers: the downloads task (at start, and when a download ends or stops), the
-    /// commands task (after a removal). The catalog models with files of their own on this
+    /// Writers: the downloads task (at start, when a download ends or stops, and every
+    /// minute while none runs), the commands task (after a removal). The catalog models with files of their own on this
     /// PC (what a removal deletes: not another tool's download), in catalog order.
     #[serde(default)]
     pub models_on_disk: Vec<ModelOnDisk>,

@@ -49,6 +49,7 @@ pub fn fast_timing() -> Timing {
         give_up_refused_upload_after: Duration::from_secs(3600),
         policy_tick: Duration::from_millis(20),
         policy_paused_tick: Duration::from_millis(50),
+        models_on_disk_refresh: Duration::from_millis(100),
     }
 }
 

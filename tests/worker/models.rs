@@ -1195,6 +1195,18 @@ async fn the_models_on_this_pc_are_listed_for_the_window() {
             }]
     })
     .await;
+    // `models remove` and `models pull` from the terminal (here without the worker's
+    // knowledge): the list follows within a refresh.
+    hub_setup.store.remove(&ENTRY).unwrap();
+    eventually("gone from the list", PATIENCE, || {
+        handle.status().models_on_disk.is_empty()
+    })
+    .await;
+    pull(&hub_setup).await.0.expect("pulls");
+    eventually("back in the list", PATIENCE, || {
+        handle.status().models_on_disk.len() == 1
+    })
+    .await;
     runtime.shutdown().await;
 
     // A download stopped part way is listed as such at the next start.

@@ -219,7 +219,7 @@ impl WorkerApp {
                     settings_tab::settings_tab_ui(
                         ui,
                         &mut self.settings,
-                        &config.models.local,
+                        &config,
                         &self.status,
                         &mut actions,
                     )

@@ -21,6 +21,8 @@ pub struct SettingsForm {
     pub device: DevicePreference,
     /// Catalog ids to serve, in catalog order.
     pub enabled_models: Vec<String>,
+    /// `[models] enabled` as saved when the buffer last looked (see [`Self::follow`]).
+    seen_enabled_models: Vec<String>,
     pub close_to_tray: bool,
     pub start_at_login: bool,
     /// `[crash_reports] send`; offered only when this build has a collector.
@@ -60,6 +62,7 @@ impl SettingsForm {
             device: config.engine.device,
             saved_device: config.engine.device,
             enabled_models: config.models.enabled.clone(),
+            seen_enabled_models: config.models.enabled.clone(),
             close_to_tray: config.ui.close_to_tray,
             send_crash_reports: config.crash_reports.send,
             crash_reports_offered: crate::crash::collector_available(),
@@ -118,6 +121,25 @@ impl SettingsForm {
             outcome: PendingOutcome::ask(command, actions),
             problem: None,
         });
+    }
+
+    /// Takes into the edit buffer what changed in the saved models list since the buffer
+    /// last saw it (a `models remove` from the terminal unticks a model), keeping the
+    /// person's own unsaved ticks: a Save writes the whole list, and would otherwise tick
+    /// the removed model again and download it anew.
+    fn follow(&mut self, settings: &Config) {
+        let saved = &settings.models.enabled;
+        if *saved == self.seen_enabled_models {
+            return;
+        }
+        self.enabled_models
+            .retain(|id| saved.contains(id) || !self.seen_enabled_models.contains(id));
+        for id in saved {
+            if !self.seen_enabled_models.contains(id) && !self.enabled_models.contains(id) {
+                self.enabled_models.push(id.clone());
+            }
+        }
+        self.seen_enabled_models.clone_from(saved);
     }
 
     /// Takes the runtime's answer to the last Save, once it came: "Saved." (with what waits
@@ -247,13 +269,15 @@ pub enum FolderPurpose {
     LocalModel,
 }
 
+/// `settings`: the saved settings as they are now (the runtime's latest).
 pub fn settings_tab_ui(
     ui: &mut egui::Ui,
     form: &mut SettingsForm,
-    local_models: &std::collections::BTreeMap<String, std::path::PathBuf>,
+    settings: &Config,
     status: &crate::runtime::WorkerStatus,
     actions: &mut Vec<UiAction>,
 ) {
+    form.follow(settings);
     ui.heading("Settings");
     egui::Grid::new("settings")
         .num_columns(2)
@@ -285,7 +309,7 @@ pub fn settings_tab_ui(
             ui.end_row();
         });
     models_ui(ui, form, status, actions);
-    local_models_ui(ui, form, local_models, actions);
+    local_models_ui(ui, form, &settings.models.local, actions);
     ui.checkbox(
         &mut form.unload_when_paused,
         "Give the GPU memory back while paused",

@@ -34,6 +34,8 @@ struct Window {
     commands: mpsc::Receiver<Command>,
     /// The commands whose outcome the window waits for.
     asked: mpsc::Receiver<AskedCommand>,
+    /// The saved settings the window reads (the runtime's, played by the test).
+    settings: SharedConfig,
     /// Where the outcomes of the asked commands `sent` read go, oldest first.
     unanswered: std::collections::VecDeque<oneshot::Sender<CommandOutcome>>,
     tray: std_mpsc::Sender<TrayEvent>,
@@ -55,7 +57,7 @@ impl Window {
         let (tray, tray_events) = std_mpsc::channel();
         let (host, requests) = host_requests();
         let handle = RuntimeHandle::new(
-            config,
+            config.clone(),
             status_receiver,
             command_sender,
             asked_sender,
@@ -75,6 +77,7 @@ impl Window {
             host,
             commands,
             asked,
+            settings: config,
             unanswered: std::collections::VecDeque::new(),
             tray,
             _dir: dir,
@@ -434,6 +437,32 @@ fn settings_choose_which_catalog_models_to_serve() {
     window.harness.run();
     let change = window.save();
     assert_eq!(change.enabled_models, vec!["sdxl-turbo".to_owned()]);
+}
+
+#[test]
+fn a_model_unticked_elsewhere_is_not_ticked_again_by_a_later_save() {
+    let mut window = Window::new(approved());
+    window.click("Settings");
+    // The person ticks SDXL-Turbo, unsaved…
+    window
+        .harness
+        .get_by_label_contains("SDXL-Turbo (~6.94 GB download")
+        .click();
+    window.harness.run();
+    // …while `studio-worker models remove sd-turbo` unticks SD-Turbo in the saved settings,
+    // and another change ticks SD 1.5.
+    window
+        .settings
+        .update(|settings| settings.models.enabled = vec!["sd-1.5".into()])
+        .unwrap();
+    window.harness.run();
+    let mut enabled = window.save().enabled_models;
+    enabled.sort();
+    assert_eq!(
+        enabled,
+        vec!["sd-1.5".to_owned(), "sdxl-turbo".to_owned()],
+        "the removal and the other change kept, and the person's own tick too"
+    );
 }
 
 #[test]

@@ -81,9 +81,10 @@ fn remove(paths: &Paths, store: &ModelStore, model_id: &str) -> anyhow::Result<(
         (None, Some(entry)) => Removing::Catalog(entry),
         (None, None) => {
             let known: Vec<&str> = CATALOG.iter().map(|entry| entry.id).collect();
-            let folders: Vec<String> = settings
-                .map(|settings| settings.models.local.into_keys().collect())
-                .unwrap_or_default();
+            let folders: Vec<&str> = settings
+                .iter()
+                .flat_map(|settings| settings.models.local.keys().map(String::as_str))
+                .collect();
             return Err(anyhow::Error::new(UsageError(format!(
                 "no catalog model or model folder is called {model_id:?} (the catalog has: \
                  {}; the model folders: {})",
@@ -118,7 +119,7 @@ fn remove(paths: &Paths, store: &ModelStore, model_id: &str) -> anyhow::Result<(
             let freed = store.remove(entry)?;
             println!("Removed {} ({} freed).", entry.id, human::bytes(freed));
             // Read-only: the settings have one writer, the worker when one runs.
-            if super::read_settings(paths).is_ok_and(|settings| settings.models.enables(entry.id)) {
+            if settings.is_some_and(|settings| settings.models.enables(entry.id)) {
                 println!(
                     "{} is still enabled, so the worker downloads it again when it next \
                      starts; untick it in Settings → Models to keep it off this PC.",

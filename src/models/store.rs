@@ -265,18 +265,31 @@ impl ModelStore {
             .iter()
             .map(|name| size(self.cache.blob_path(entry.repo, name)))
             .sum();
-        let partial: u64 = std::fs::read_dir(self.cache.repo_dir(entry.repo).join("blobs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|item| item.file_name().to_string_lossy().ends_with(".incomplete"))
-            .map(|item| size(item.path()))
+        let partial: u64 = self
+            .partial_files(entry.repo)
+            .iter()
+            .map(|(_, bytes)| bytes)
             .sum();
         let bytes = listed + partial;
         (bytes > 0).then_some(OwnFiles {
             bytes,
             complete: false,
         })
+    }
+
+    /// The repository's partly fetched files (`.incomplete`, as `huggingface_hub` names
+    /// them too) and their sizes.
+    fn partial_files(&self, repo: &str) -> Vec<(PathBuf, u64)> {
+        std::fs::read_dir(self.cache.repo_dir(repo).join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|item| item.file_name().to_string_lossy().ends_with(".incomplete"))
+            .map(|item| {
+                let bytes = item.metadata().map_or(0, |metadata| metadata.len());
+                (item.path(), bytes)
+            })
+            .collect()
     }
 
     pub fn state(&self, entry: &CatalogEntry) -> ModelState {
@@ -655,16 +668,9 @@ impl ModelStore {
             }
         }
         // Partial downloads go too.
-        for item in std::fs::read_dir(repo_dir.join("blobs"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if item.file_name().to_string_lossy().ends_with(".incomplete") {
-                let bytes = item.metadata().map_or(0, |metadata| metadata.len());
-                delete(&item.path())?;
-                freed += bytes;
-            }
+        for (path, bytes) in self.partial_files(entry.repo) {
+            delete(&path)?;
+            freed += bytes;
         }
         // The lists last: a removal stopped by a file it could not delete is finished by the
         // next one, which finds them.

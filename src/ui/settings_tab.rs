@@ -537,20 +537,35 @@ fn removal_ui(
                 form.removal = None;
             }
         }
+        stage => removal_outcome_ui(
+            ui,
+            stage,
+            &format!("Deleting {name}'s files…"),
+            &format!("{name}'s files are deleted."),
+            "Not deleted",
+        ),
+    }
+}
+
+/// A sent removal's progress, then its outcome: `waiting` until the runtime answers, then
+/// its note (else `done`), or why not after `failed`.
+fn removal_outcome_ui(
+    ui: &mut egui::Ui,
+    stage: &RemovalStage,
+    waiting: &str,
+    done: &str,
+    failed: &str,
+) {
+    match stage {
+        RemovalStage::Confirming { .. } => {}
         RemovalStage::Waiting(_) => {
-            ui.label(format!("Deleting {name}'s files…"));
+            ui.label(waiting);
         }
         RemovalStage::Done(Ok(note)) => {
-            ui.label(
-                note.clone()
-                    .unwrap_or_else(|| format!("{name}'s files are deleted.")),
-            );
+            ui.label(note.as_deref().unwrap_or(done));
         }
         RemovalStage::Done(Err(problem)) => {
-            ui.colored_label(
-                ui.visuals().error_fg_color,
-                format!("Not deleted: {problem}"),
-            );
+            ui.colored_label(ui.visuals().error_fg_color, format!("{failed}: {problem}"));
         }
     }
 }
@@ -598,25 +613,13 @@ fn local_models_ui(
         if let Some(removal) = &form.removal
             && removal.folder
         {
-            match &removal.stage {
-                RemovalStage::Confirming { .. } => {}
-                RemovalStage::Waiting(_) => {
-                    ui.label(format!("Leaving {} out…", removal.model_id));
-                }
-                RemovalStage::Done(Ok(note)) => {
-                    ui.label(
-                        note.clone().unwrap_or_else(|| {
-                            format!("{} is no longer served.", removal.model_id)
-                        }),
-                    );
-                }
-                RemovalStage::Done(Err(problem)) => {
-                    ui.colored_label(
-                        ui.visuals().error_fg_color,
-                        format!("Still served: {problem}"),
-                    );
-                }
-            }
+            removal_outcome_ui(
+                ui,
+                &removal.stage,
+                &format!("Leaving {} out…", removal.model_id),
+                &format!("{} is no longer served.", removal.model_id),
+                "Still served",
+            );
         }
     });
     if let Some(adding) = &mut form.adding_model {
